@@ -1,0 +1,270 @@
+//! `tpch`: generate TPC-H data and run the 22 queries on Quiver (an embedded
+//! cluster or a running one) and on single-node DataFusion.
+
+use std::path::PathBuf;
+
+use arrow::util::pretty::pretty_format_batches;
+use clap::{Parser, Subcommand, ValueEnum};
+use quiver_benchmarks::queries::{QUERY_COUNT, query};
+use quiver_benchmarks::runner::{Engine, datafusion_engine};
+use quiver_benchmarks::{datagen, verify};
+use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tpch",
+    version,
+    about = "TPC-H data generation and benchmark runner for Quiver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate the TPC-H tables as Parquet (skips tables already complete).
+    Gen(GenArgs),
+    /// Run the TPC-H queries and print results and timings.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GenArgs {
+    /// Scale factor (1 is about 1 GB of raw data).
+    #[arg(long, default_value_t = 0.1)]
+    sf: f64,
+    /// Files per large table.
+    #[arg(long, default_value_t = 4)]
+    parts: usize,
+    /// Output folder (default: data/tpch-sf<SF>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineChoice {
+    Quiver,
+    Datafusion,
+    Both,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    data: GenArgs,
+    /// Which engine(s) to run.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Both)]
+    engine: EngineChoice,
+    /// A running Quiver cluster; without it an embedded cluster is started.
+    #[arg(long)]
+    url: Option<String>,
+    /// Executors of the embedded cluster.
+    #[arg(long, default_value_t = 2)]
+    executors: usize,
+    /// Task slots per executor of the embedded cluster.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// Shuffle partitions (and DataFusion target partitions).
+    #[arg(long, default_value_t = 2)]
+    partitions: usize,
+    /// Runs of each query.
+    #[arg(long, default_value_t = 1)]
+    iterations: usize,
+    /// Only these queries (default: all 22).
+    #[arg(long = "query", short = 'q')]
+    queries: Vec<usize>,
+    /// Compare every Quiver answer with single-node DataFusion and fail on any difference.
+    #[arg(long)]
+    verify: bool,
+    /// Print the first rows of each result.
+    #[arg(long, default_value_t = 3)]
+    show_rows: usize,
+    /// Write the timings as JSON to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct QueryTiming {
+    query: usize,
+    engine: &'static str,
+    rows: usize,
+    millis: Vec<f64>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Gen(args) => generate(&args).map(|_| ()),
+        Command::Run(args) => run(args).await,
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tpch: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: &GenArgs) -> Result<Vec<(String, PathBuf)>, String> {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("data/tpch-sf{}", args.sf)));
+    eprintln!("TPC-H SF {} in {} ...", args.sf, out.display());
+    let started = std::time::Instant::now();
+    let tables = datagen::generate(args.sf, args.parts, &out).map_err(|e| e.to_string())?;
+    eprintln!("data ready in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(tables)
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let tables = generate(&args.data)?;
+    let mut engines = Vec::new();
+    let mut cluster = None;
+    if args.engine != EngineChoice::Datafusion || args.verify {
+        let context = match &args.url {
+            Some(url) => QuiverContext::connect(url)
+                .await
+                .map_err(|e| e.to_string())?,
+            None => {
+                let options = StandaloneOptions {
+                    executors: args.executors,
+                    slots_per_executor: args.slots,
+                    default_partitions: args.partitions,
+                    ..StandaloneOptions::default()
+                };
+                let started = StandaloneCluster::start(options)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "embedded cluster at {} with {} executors x {} slots",
+                    started.url(),
+                    args.executors,
+                    args.slots
+                );
+                let context = started
+                    .connect(args.executors)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                cluster = Some(started);
+                context
+            }
+        };
+        engines.push(Engine::Quiver(context));
+    }
+    if args.engine != EngineChoice::Quiver || args.verify {
+        engines.push(datafusion_engine(args.partitions));
+    }
+    for engine in &engines {
+        engine.register_tables(&tables).await?;
+    }
+    let numbers: Vec<usize> = if args.queries.is_empty() {
+        (1..=QUERY_COUNT).collect()
+    } else {
+        args.queries.clone()
+    };
+    let mut timings = Vec::new();
+    let mut failures = Vec::new();
+    for &number in &numbers {
+        let sql = query(number).ok_or_else(|| format!("there is no TPC-H query {number}"))?;
+        let mut results = Vec::new();
+        for engine in &engines {
+            let mut millis = Vec::new();
+            let mut batches = Vec::new();
+            for _ in 0..args.iterations.max(1) {
+                let (result, elapsed) = engine
+                    .timed(sql)
+                    .await
+                    .map_err(|e| format!("Q{number} on {}: {e}", engine.name()))?;
+                millis.push(elapsed.as_secs_f64() * 1000.0);
+                batches = result;
+            }
+            let rows = batches.iter().map(|b| b.num_rows()).sum();
+            eprintln!(
+                "Q{number:02} {:<10} {:>6} rows  median {:>9.1} ms",
+                engine.name(),
+                rows,
+                median(&millis)
+            );
+            timings.push(QueryTiming {
+                query: number,
+                engine: engine.name(),
+                rows,
+                millis,
+            });
+            results.push(batches);
+        }
+        if args.show_rows > 0 {
+            if let Some(first) = results.first() {
+                let preview: Vec<_> = first
+                    .iter()
+                    .take(1)
+                    .map(|b| b.slice(0, b.num_rows().min(args.show_rows)))
+                    .collect();
+                if let Ok(table) = pretty_format_batches(&preview) {
+                    println!("Q{number}:\n{table}");
+                }
+            }
+        }
+        if args.verify && results.len() == 2 {
+            if let Err(difference) = verify::compare(&results[1], &results[0]) {
+                eprintln!("Q{number:02} VERIFY FAILED: {difference}");
+                failures.push(number);
+            }
+        }
+    }
+    print_summary(&timings);
+    if let Some(path) = &args.output {
+        let json = serde_json::to_string_pretty(&timings).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
+    }
+    if failures.is_empty() {
+        if args.verify {
+            eprintln!(
+                "verified: all {} answers equal single-node DataFusion",
+                numbers.len()
+            );
+        }
+        Ok(())
+    } else {
+        Err(format!(
+            "answers differ from DataFusion for queries {failures:?}"
+        ))
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+fn print_summary(timings: &[QueryTiming]) {
+    let total = |engine: &str| -> f64 {
+        timings
+            .iter()
+            .filter(|t| t.engine == engine)
+            .map(|t| median(&t.millis))
+            .sum()
+    };
+    let (quiver, datafusion) = (total("quiver"), total("datafusion"));
+    println!("| engine | total of medians |");
+    println!("|---|---|");
+    if quiver > 0.0 {
+        println!("| quiver | {:.1} ms |", quiver);
+    }
+    if datafusion > 0.0 {
+        println!("| datafusion | {:.1} ms |", datafusion);
+    }
+    if quiver > 0.0 && datafusion > 0.0 {
+        println!("quiver / datafusion = {:.2}x", quiver / datafusion);
+    }
+}

@@ -1,0 +1,12 @@
+//! TPC-H for Quiver: data generation, the 22 queries, a runner for Quiver and
+//! single-node DataFusion, and result verification.
+//!
+//! - [`datagen`]: writes the eight tables as Parquet with tpchgen, idempotently.
+//! - [`queries`]: the 22 queries, with the standard validation parameters.
+//! - [`verify`]: compares two results value by value, with a float tolerance.
+//! - [`runner`]: registers the tables on an engine and times the queries.
+
+pub mod datagen;
+pub mod queries;
+pub mod runner;
+pub mod verify;

@@ -1,0 +1,19 @@
+//! Shared setup of the TPC-H integration tests: one data set per test binary,
+//! generated once into the target folder and reused across runs.
+
+use std::path::PathBuf;
+
+use quiver_benchmarks::datagen;
+
+/// Scale factor of the tests: small enough for CI, large enough for several
+/// row groups and non-trivial joins.
+pub const SCALE_FACTOR: f64 = 0.01;
+
+/// The TPC-H tables at [`SCALE_FACTOR`], generated on first use.
+pub fn tpch_tables() -> Vec<(String, PathBuf)> {
+    let dir = std::env::var_os("QUIVER_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("quiver-test-data"))
+        .join(format!("tpch-sf{SCALE_FACTOR}"));
+    datagen::generate(SCALE_FACTOR, 3, &dir).expect("generate TPC-H data")
+}

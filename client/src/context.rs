@@ -1,0 +1,208 @@
+//! [`QuiverContext`]: the entry point of the Rust API, in the style of
+//! DataFusion's `SessionContext`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use quiver_core::config::{default_session_config, settings_to_send};
+use quiver_core::shuffle::FlightClientPool;
+use quiver_proto::scheduler_service_client::SchedulerServiceClient;
+use quiver_proto::{JobStatus, Setting, submit_job_request::Query};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+use crate::job;
+use crate::remote::{DistributedQueryPlanner, RemoteCatalog};
+
+/// Largest gRPC message accepted from the scheduler.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A connection to a Quiver cluster.
+///
+/// DataFrames built from it are planned against the cluster's catalog and run
+/// on the cluster when collected; `SET` changes this session's settings, which
+/// travel with every job.
+#[derive(Clone)]
+pub struct QuiverContext {
+    client: SchedulerServiceClient<Channel>,
+    pool: FlightClientPool,
+    session: SessionContext,
+}
+
+impl std::fmt::Debug for QuiverContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuiverContext").finish_non_exhaustive()
+    }
+}
+
+/// Turns `quiver://host:port` (or `http://host:port`) into a gRPC endpoint address.
+pub fn endpoint_address(url: &str) -> Result<String> {
+    let rest = url
+        .strip_prefix("quiver://")
+        .or_else(|| url.strip_prefix("http://"))
+        .unwrap_or(url);
+    let valid = !rest.is_empty() && !rest.contains('/') && rest.contains(':');
+    if valid {
+        Ok(format!("http://{rest}"))
+    } else {
+        Err(Error::InvalidUrl {
+            url: url.to_owned(),
+        })
+    }
+}
+
+impl QuiverContext {
+    /// Connects to the scheduler at `quiver://host:port`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let address = endpoint_address(url)?;
+        let connect_error = |source| Error::Connect {
+            address: address.trim_start_matches("http://").to_owned(),
+            source,
+        };
+        let channel = Endpoint::from_shared(address.clone())
+            .map_err(connect_error)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(connect_error)?;
+        let client = SchedulerServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let pool = FlightClientPool::default();
+        let state = SessionStateBuilder::new()
+            .with_config(default_session_config())
+            .with_default_features()
+            .with_query_planner(Arc::new(DistributedQueryPlanner::new(
+                client.clone(),
+                pool.clone(),
+            )))
+            .build();
+        let session = SessionContext::new_with_state(state);
+        let catalog = session
+            .state()
+            .config()
+            .options()
+            .catalog
+            .default_catalog
+            .clone();
+        session.register_catalog(catalog, Arc::new(RemoteCatalog::new(client.clone())));
+        Ok(Self {
+            client,
+            pool,
+            session,
+        })
+    }
+
+    /// Plans a SQL statement. Queries return a lazy DataFrame that runs on the
+    /// cluster when collected; DDL (`CREATE EXTERNAL TABLE`, `DROP TABLE`,
+    /// `CREATE VIEW`) runs on the cluster at once, and `SET` changes this session.
+    pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
+        let state = self.session.state();
+        let plan = state.create_logical_plan(sql).await?;
+        match plan {
+            LogicalPlan::Ddl(_) => {
+                self.run_sql(sql).await?;
+                Ok(self.session.read_empty()?)
+            }
+            LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
+            plan => Ok(DataFrame::new(state, plan)),
+        }
+    }
+
+    /// Sends SQL text to the cluster to be planned there, and streams the result.
+    /// This is what the CLI uses; `progress` sees every status update.
+    pub async fn execute_sql(
+        &self,
+        sql: &str,
+        progress: impl FnMut(&JobStatus),
+    ) -> Result<SendableRecordBatchStream> {
+        job::execute(
+            self.client.clone(),
+            self.pool.clone(),
+            Query::Sql(sql.to_owned()),
+            self.settings(),
+            progress,
+        )
+        .await
+    }
+
+    async fn run_sql(&self, sql: &str) -> Result<()> {
+        let mut client = self.client.clone();
+        let submitted =
+            job::submit(&mut client, Query::Sql(sql.to_owned()), self.settings()).await?;
+        job::wait(&mut client, &submitted.job_id, |_| {}).await?;
+        Ok(())
+    }
+
+    /// A DataFrame over a table of the cluster's catalog.
+    pub async fn table(&self, name: &str) -> Result<DataFrame> {
+        Ok(self.session.table(name).await?)
+    }
+
+    /// Registers a Parquet file, folder or hive-partitioned folder as a table.
+    pub async fn register_parquet(&self, name: &str, location: &str) -> Result<()> {
+        self.register_external(name, "PARQUET", location, "").await
+    }
+
+    /// Registers a CSV file or folder as a table.
+    pub async fn register_csv(&self, name: &str, location: &str, has_header: bool) -> Result<()> {
+        let options = format!("OPTIONS ('format.has_header' '{has_header}')");
+        self.register_external(name, "CSV", location, &options)
+            .await
+    }
+
+    async fn register_external(
+        &self,
+        name: &str,
+        format: &str,
+        location: &str,
+        options: &str,
+    ) -> Result<()> {
+        let sql = format!(
+            "CREATE EXTERNAL TABLE {} STORED AS {format} LOCATION '{}' {options}",
+            quote_identifier(name),
+            location.replace('\'', "''")
+        );
+        self.run_sql(&sql).await
+    }
+
+    /// The settings that differ from the defaults, sent with every job.
+    pub fn settings(&self) -> Vec<Setting> {
+        settings_to_send(self.session.state().config().options())
+    }
+
+    /// The local DataFusion session that builds this context's plans.
+    pub fn session(&self) -> &SessionContext {
+        &self.session
+    }
+
+    /// The raw gRPC client of the scheduler.
+    pub fn scheduler(&self) -> SchedulerServiceClient<Channel> {
+        self.client.clone()
+    }
+}
+
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            endpoint_address("quiver://localhost:50050").expect("valid"),
+            "http://localhost:50050"
+        );
+        assert!(endpoint_address("quiver://").is_err());
+        assert!(endpoint_address("localhost").is_err());
+    }
+}

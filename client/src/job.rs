@@ -1,0 +1,143 @@
+//! Runs one job on the cluster: submit, follow its status, then stream the
+//! result partitions from the executors over Arrow Flight.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{StreamExt, TryStreamExt};
+use quiver_core::ipc::schema_from_bytes;
+use quiver_core::shuffle::fetch::{FlightClientPool, PartitionRef, fetch_partition};
+use quiver_proto::scheduler_service_client::SchedulerServiceClient;
+use quiver_proto::{
+    JobRequest, JobState, JobStatus, Setting, SubmitJobRequest, submit_job_request::Query,
+};
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+
+/// A submitted job.
+#[derive(Debug, Clone)]
+pub struct SubmittedJob {
+    pub job_id: String,
+    pub schema: SchemaRef,
+}
+
+pub async fn submit(
+    client: &mut SchedulerServiceClient<Channel>,
+    query: Query,
+    settings: Vec<Setting>,
+) -> Result<SubmittedJob> {
+    let response = client
+        .submit_job(SubmitJobRequest {
+            query: Some(query),
+            settings,
+        })
+        .await?
+        .into_inner();
+    Ok(SubmittedJob {
+        schema: schema_from_bytes(&response.schema)?,
+        job_id: response.job_id,
+    })
+}
+
+/// Follows a job until it reaches a final state; `progress` sees every update.
+pub async fn wait(
+    client: &mut SchedulerServiceClient<Channel>,
+    job_id: &str,
+    mut progress: impl FnMut(&JobStatus),
+) -> Result<JobStatus> {
+    let mut updates = client
+        .watch_job(JobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    while let Some(status) = updates.message().await? {
+        progress(&status);
+        match status.state() {
+            JobState::Succeeded => return Ok(status),
+            JobState::Failed => {
+                return Err(Error::JobFailed {
+                    job_id: job_id.to_owned(),
+                    message: status.error,
+                });
+            }
+            JobState::Cancelled => {
+                return Err(Error::JobCancelled {
+                    job_id: job_id.to_owned(),
+                });
+            }
+            JobState::Queued | JobState::Running | JobState::Unspecified => {}
+        }
+    }
+    Err(Error::StatusLost {
+        job_id: job_id.to_owned(),
+    })
+}
+
+/// Streams a finished job's result, partition after partition, then tells the
+/// scheduler that the result can be freed.
+pub fn result_stream(
+    client: SchedulerServiceClient<Channel>,
+    pool: FlightClientPool,
+    schema: SchemaRef,
+    status: JobStatus,
+) -> SendableRecordBatchStream {
+    let job_id = status.job_id.clone();
+    let stage_id = status.result_stage;
+    let outputs = Arc::new(status.result);
+    let fetch_schema = Arc::clone(&schema);
+    let partitions = futures::stream::iter(0..outputs.len())
+        .then(move |index| {
+            let (job_id, pool, schema, outputs) = (
+                job_id.clone(),
+                pool.clone(),
+                Arc::clone(&fetch_schema),
+                Arc::clone(&outputs),
+            );
+            async move {
+                let location = PartitionRef {
+                    job_id: &job_id,
+                    stage_id,
+                    output: &outputs[index],
+                    partition: 0,
+                };
+                fetch_partition(location, None, &pool, schema)
+                    .await
+                    .map_err(DataFusionError::from)
+            }
+        })
+        .try_flatten();
+    let release_job_id = status.job_id;
+    let release = futures::stream::once(async move {
+        let mut client = client;
+        // Best effort: unreleased results expire on the scheduler anyway.
+        let _ = client
+            .release_job(JobRequest {
+                job_id: release_job_id,
+            })
+            .await;
+        Ok(None)
+    });
+    let batches = partitions
+        .map_ok(Some)
+        .chain(release)
+        .try_filter_map(|batch| async move { Ok(batch) });
+    Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+/// Submits a query, waits for it and streams its result.
+pub async fn execute(
+    mut client: SchedulerServiceClient<Channel>,
+    pool: FlightClientPool,
+    query: Query,
+    settings: Vec<Setting>,
+    progress: impl FnMut(&JobStatus),
+) -> Result<SendableRecordBatchStream> {
+    let job = submit(&mut client, query, settings).await?;
+    let status = wait(&mut client, &job.job_id, progress).await?;
+    Ok(result_stream(client, pool, job.schema, status))
+}

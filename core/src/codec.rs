@@ -1,0 +1,260 @@
+//! datafusion-proto extension codecs.
+//!
+//! - [`QuiverPhysicalCodec`] carries Quiver's shuffle operators inside physical plans
+//!   sent from the scheduler to executors.
+//! - [`RemoteTable`] and [`RemoteTableCodec`] let a client build logical plans over
+//!   tables it only knows by name and schema; the scheduler swaps in the real table.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::TableReference;
+use datafusion::datasource::TableType;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{Expr, Extension, LogicalPlan};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion_proto::logical_plan::LogicalExtensionCodec;
+use datafusion_proto::physical_plan::from_proto::parse_protobuf_partitioning;
+use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
+use datafusion_proto::physical_plan::{
+    PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalProtoConverterExtension,
+};
+use datafusion_proto::protobuf::Partitioning as PartitioningProto;
+use prost::Message;
+use quiver_proto::{
+    QuiverPlanNode, RemoteTableNode, ShuffleReaderNode, ShuffleWriterNode, quiver_plan_node::Node,
+};
+
+use crate::ipc::{schema_from_bytes, schema_to_bytes};
+use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+
+fn decode_error(what: &str, error: impl fmt::Display) -> DataFusionError {
+    DataFusionError::Internal(format!("cannot decode {what}: {error}"))
+}
+
+/// Encodes and decodes [`ShuffleWriterExec`] and [`ShuffleReaderExec`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuiverPhysicalCodec;
+
+impl PhysicalExtensionCodec for QuiverPhysicalCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let node = QuiverPlanNode::decode(buf).map_err(|e| decode_error("Quiver plan node", e))?;
+        match node.node {
+            Some(Node::ShuffleWriter(writer)) => {
+                let [input] = inputs else {
+                    return Err(decode_error("shuffle writer", "expected exactly one input"));
+                };
+                let partitioning = if writer.partitioning.is_empty() {
+                    None
+                } else {
+                    let proto = PartitioningProto::decode(writer.partitioning.as_slice())
+                        .map_err(|e| decode_error("shuffle writer partitioning", e))?;
+                    let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
+                    parse_protobuf_partitioning(
+                        Some(&proto),
+                        &decode_ctx,
+                        input.schema().as_ref(),
+                        proto_converter,
+                    )?
+                };
+                Ok(Arc::new(ShuffleWriterExec::new(
+                    writer.job_id,
+                    writer.stage_id,
+                    Arc::clone(input),
+                    partitioning,
+                )))
+            }
+            Some(Node::ShuffleReader(reader)) => {
+                let mode = match reader.mode() {
+                    quiver_proto::ReadMode::Hash => ReadMode::Hash,
+                    quiver_proto::ReadMode::PerMap => ReadMode::PerMap,
+                    quiver_proto::ReadMode::Unspecified => {
+                        return Err(decode_error("shuffle reader", "read mode is not set"));
+                    }
+                };
+                let schema = schema_from_bytes(&reader.schema)?;
+                Ok(Arc::new(ShuffleReaderExec::new(
+                    reader.job_id,
+                    reader.stage_id,
+                    mode,
+                    reader.partition_count as usize,
+                    EquivalenceProperties::new(schema),
+                )))
+            }
+            None => Err(decode_error("Quiver plan node", "empty node")),
+        }
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        let node = if let Some(writer) = node.downcast_ref::<ShuffleWriterExec>() {
+            let partitioning = match writer.partitioning() {
+                Some(partitioning) => {
+                    serialize_partitioning(partitioning, self, proto_converter)?.encode_to_vec()
+                }
+                None => Vec::new(),
+            };
+            Node::ShuffleWriter(ShuffleWriterNode {
+                job_id: writer.job_id().to_owned(),
+                stage_id: writer.stage_id(),
+                partitioning,
+            })
+        } else if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
+            let mode = match reader.mode() {
+                ReadMode::Hash => quiver_proto::ReadMode::Hash,
+                ReadMode::PerMap => quiver_proto::ReadMode::PerMap,
+            };
+            Node::ShuffleReader(ShuffleReaderNode {
+                job_id: reader.job_id().to_owned(),
+                stage_id: reader.stage_id(),
+                mode: mode.into(),
+                partition_count: reader.partition_count() as u32,
+                schema: schema_to_bytes(&reader.schema()),
+            })
+        } else {
+            return Err(DataFusionError::Internal(format!(
+                "Quiver cannot serialize operator {}",
+                node.name()
+            )));
+        };
+        QuiverPlanNode { node: Some(node) }
+            .encode(buf)
+            .map_err(|e| DataFusionError::Internal(format!("cannot encode plan node: {e}")))
+    }
+}
+
+/// A table the client knows only by name and schema. It cannot be scanned where
+/// it is built; the scheduler replaces it with the table of that name in its catalog.
+#[derive(Debug)]
+pub struct RemoteTable {
+    name: String,
+    schema: SchemaRef,
+}
+
+impl RemoteTable {
+    pub fn new(name: impl Into<String>, schema: SchemaRef) -> Self {
+        Self {
+            name: name.into(),
+            schema,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[async_trait]
+impl TableProvider for RemoteTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Err(DataFusionError::Plan(format!(
+            "table {} lives on the Quiver cluster and can only be scanned there",
+            self.name
+        )))
+    }
+}
+
+/// Resolves a table name to the scheduler's table provider.
+pub trait TableResolver: Send + Sync + fmt::Debug {
+    fn resolve(&self, name: &TableReference) -> Result<Arc<dyn TableProvider>>;
+}
+
+/// Encodes [`RemoteTable`] scans by name; decodes them through a [`TableResolver`].
+#[derive(Debug, Default)]
+pub struct RemoteTableCodec {
+    resolver: Option<Arc<dyn TableResolver>>,
+}
+
+impl RemoteTableCodec {
+    /// The scheduler's codec, which resolves names in its catalog.
+    pub fn with_resolver(resolver: Arc<dyn TableResolver>) -> Self {
+        Self {
+            resolver: Some(resolver),
+        }
+    }
+}
+
+impl LogicalExtensionCodec for RemoteTableCodec {
+    fn try_decode(
+        &self,
+        _buf: &[u8],
+        _inputs: &[LogicalPlan],
+        _ctx: &TaskContext,
+    ) -> Result<Extension> {
+        Err(DataFusionError::NotImplemented(
+            "Quiver plans carry no logical extension nodes".into(),
+        ))
+    }
+
+    fn try_encode(&self, node: &Extension, _buf: &mut Vec<u8>) -> Result<()> {
+        Err(DataFusionError::NotImplemented(format!(
+            "Quiver cannot send logical extension node {}",
+            node.node.name()
+        )))
+    }
+
+    fn try_decode_table_provider(
+        &self,
+        buf: &[u8],
+        table_ref: &TableReference,
+        _schema: SchemaRef,
+        _ctx: &TaskContext,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let node = RemoteTableNode::decode(buf).map_err(|e| decode_error("table reference", e))?;
+        let resolver = self.resolver.as_ref().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "no catalog to resolve table {} ({table_ref})",
+                node.name
+            ))
+        })?;
+        resolver.resolve(&TableReference::from(node.name.as_str()))
+    }
+
+    fn try_encode_table_provider(
+        &self,
+        table_ref: &TableReference,
+        node: Arc<dyn TableProvider>,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let name = match node.downcast_ref::<RemoteTable>() {
+            Some(remote) => remote.name().to_owned(),
+            None => {
+                return Err(DataFusionError::NotImplemented(format!(
+                    "table {table_ref} is local to the client; register it on the cluster instead"
+                )));
+            }
+        };
+        RemoteTableNode { name }
+            .encode(buf)
+            .map_err(|e| DataFusionError::Internal(format!("cannot encode table reference: {e}")))
+    }
+}

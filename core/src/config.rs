@@ -1,0 +1,142 @@
+//! Session settings: Quiver's own `quiver.*` options, the defaults that make a
+//! DataFusion plan distributable, and how settings travel with each job.
+
+use datafusion::common::config::{ConfigEntry, ConfigExtension, ConfigOptions};
+use datafusion::common::extensions_options;
+use datafusion::error::Result;
+use datafusion::prelude::SessionConfig;
+use quiver_proto::Setting;
+
+extensions_options! {
+    /// Quiver's session options, set with `SET quiver.<name> = <value>`.
+    pub struct QuiverOptions {
+        /// How many times a task is attempted before its job fails.
+        pub max_task_attempts: usize, default = 4
+    }
+}
+
+impl ConfigExtension for QuiverOptions {
+    const PREFIX: &'static str = "quiver";
+}
+
+/// Settings that Quiver overrides from DataFusion's defaults, and why:
+/// - round-robin repartitioning inside a stage would make each task compute
+///   every input partition, so exchanges are planned as hash shuffles instead;
+/// - join and aggregate dynamic filters are shared in memory between operators,
+///   which does not work across stages that run in different processes;
+/// - file-scan work stealing lets one partition read its siblings' files, but a
+///   task runs only its own partition, so it would read every file;
+/// - a `ScalarSubqueryExec` feeds its result to expressions elsewhere in the
+///   plan, which may land in another stage; the subquery is planned as a join.
+const DISTRIBUTED_DEFAULTS: &[(&str, &str)] = &[
+    (
+        "datafusion.execution.enable_file_stream_work_stealing",
+        "false",
+    ),
+    (
+        "datafusion.optimizer.enable_physical_uncorrelated_scalar_subquery",
+        "false",
+    ),
+    (
+        "datafusion.optimizer.enable_round_robin_repartition",
+        "false",
+    ),
+    (
+        "datafusion.optimizer.enable_join_dynamic_filter_pushdown",
+        "false",
+    ),
+    (
+        "datafusion.optimizer.enable_aggregate_dynamic_filter_pushdown",
+        "false",
+    ),
+    ("datafusion.catalog.information_schema", "true"),
+];
+
+/// A session config with Quiver's options registered and distributed defaults applied.
+pub fn default_session_config() -> SessionConfig {
+    let mut config = SessionConfig::new().with_option_extension(QuiverOptions::default());
+    for (key, value) in DISTRIBUTED_DEFAULTS {
+        // The keys are DataFusion's own, so setting them cannot fail.
+        let _ = config.options_mut().set(key, value);
+    }
+    config
+}
+
+/// The session config of a job: the defaults, then the job's settings in order.
+/// An unknown key or a bad value is the user's error and is reported as such.
+pub fn session_config_from_settings(settings: &[Setting]) -> Result<SessionConfig> {
+    let mut config = default_session_config();
+    for setting in settings {
+        config.options_mut().set(&setting.key, &setting.value)?;
+    }
+    Ok(config)
+}
+
+/// The entries of `options` that differ from [`default_session_config`]: what a
+/// client sends with each job.
+pub fn settings_to_send(options: &ConfigOptions) -> Vec<Setting> {
+    let defaults = entry_values(default_session_config().options());
+    entry_values(options)
+        .into_iter()
+        .filter(|(key, value)| defaults.iter().all(|(k, v)| k != key || v != value))
+        .filter_map(|(key, value)| {
+            value.map(|value| Setting {
+                key: key.clone(),
+                value,
+            })
+        })
+        .collect()
+}
+
+fn entry_values(options: &ConfigOptions) -> Vec<(String, Option<String>)> {
+    options
+        .entries()
+        .into_iter()
+        .map(|ConfigEntry { key, value, .. }| (key, value))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip() {
+        let mut config = default_session_config();
+        config
+            .options_mut()
+            .set("datafusion.execution.batch_size", "1024")
+            .expect("valid key");
+        config
+            .options_mut()
+            .set("quiver.max_task_attempts", "2")
+            .expect("valid key");
+        let sent = settings_to_send(config.options());
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        let received = session_config_from_settings(&sent).expect("valid settings");
+        assert_eq!(received.batch_size(), 1024);
+        let quiver = received
+            .options()
+            .extensions
+            .get::<QuiverOptions>()
+            .expect("registered");
+        assert_eq!(quiver.max_task_attempts, 2);
+    }
+
+    #[test]
+    fn distributed_defaults_are_real_keys() {
+        let mut options = ConfigOptions::default();
+        for (key, value) in DISTRIBUTED_DEFAULTS {
+            options.set(key, value).expect(key);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let bad = Setting {
+            key: "datafusion.execution.no_such_thing".into(),
+            value: "1".into(),
+        };
+        assert!(session_config_from_settings(&[bad]).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! What both sides of a Quiver cluster share.
+//!
+//! - [`error`]: the crate's error type and how task failures are classified.
+//! - [`config`]: `quiver.*` session settings and how settings travel with a job.
+//! - [`shuffle`]: the shuffle writer and reader operators, the on-disk layout of map
+//!   outputs, and the Arrow Flight client that fetches them.
+//! - [`codec`]: the datafusion-proto extension codecs for Quiver's operators and
+//!   for tables named by a client.
+//! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod ipc;
+pub mod shuffle;
+
+pub use error::{Error, Result};

@@ -1,0 +1,198 @@
+//! Opens one output partition of a map output as a stream of record batches:
+//! straight from disk when this executor holds it, otherwise over Arrow Flight.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamReader;
+use arrow::record_batch::RecordBatch;
+use arrow_flight::Ticket;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use quiver_proto::{ExecutorAddress, MapOutput, ShuffleTicket};
+use tonic::transport::{Channel, Endpoint};
+
+use super::layout::{MapOutputId, Segment, open_segment};
+use crate::error::{Error, Result};
+
+/// Largest Flight message accepted; batches are split well below this by the sender.
+pub const MAX_FLIGHT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+/// What a task needs to read shuffle data; stored as a `SessionConfig` extension.
+#[derive(Debug, Clone)]
+pub struct ShuffleEnv {
+    /// Id of the executor running the task: outputs it holds are read from disk.
+    pub executor_id: String,
+    /// Root of this executor's shuffle files.
+    pub work_dir: PathBuf,
+    pub clients: FlightClientPool,
+}
+
+/// Flight clients by executor address, shared by all tasks of a process.
+/// A tonic channel multiplexes many calls, so one per executor is enough.
+#[derive(Debug, Clone, Default)]
+pub struct FlightClientPool {
+    clients: Arc<Mutex<HashMap<String, FlightServiceClient<Channel>>>>,
+}
+
+impl FlightClientPool {
+    pub async fn client(&self, address: &ExecutorAddress) -> Result<FlightServiceClient<Channel>> {
+        let key = format!("{}:{}", address.host, address.flight_port);
+        if let Some(client) = self.lock().get(&key) {
+            return Ok(client.clone());
+        }
+        let connect_error = |source| Error::Connect {
+            executor_id: address.executor_id.clone(),
+            address: key.clone(),
+            source,
+        };
+        let channel = Endpoint::from_shared(format!("http://{key}"))
+            .map_err(connect_error)?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(connect_error)?;
+        let client = FlightServiceClient::new(channel)
+            .max_decoding_message_size(MAX_FLIGHT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_FLIGHT_MESSAGE_BYTES);
+        self.lock().insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Forgets the client of an executor, e.g. after a failed call.
+    pub fn evict(&self, address: &ExecutorAddress) {
+        self.lock()
+            .remove(&format!("{}:{}", address.host, address.flight_port));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FlightServiceClient<Channel>>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Names one output partition of one map output of a job's stage.
+#[derive(Debug, Clone)]
+pub struct PartitionRef<'a> {
+    pub job_id: &'a str,
+    pub stage_id: u32,
+    pub output: &'a MapOutput,
+    pub partition: usize,
+}
+
+impl PartitionRef<'_> {
+    fn ticket(&self) -> ShuffleTicket {
+        ShuffleTicket {
+            job_id: self.job_id.to_owned(),
+            stage_id: self.stage_id,
+            map_partition: self.output.map_partition,
+            attempt: self.output.attempt,
+            output_partition: self.partition as u32,
+        }
+    }
+}
+
+/// Streams one output partition, from disk when `env` says this executor holds it.
+pub async fn fetch_partition(
+    location: PartitionRef<'_>,
+    env: Option<&ShuffleEnv>,
+    pool: &FlightClientPool,
+    schema: SchemaRef,
+) -> Result<SendableRecordBatchStream> {
+    let address = location.output.executor.clone().unwrap_or_default();
+    if let Some(env) = env.filter(|env| env.executor_id == address.executor_id) {
+        let id = MapOutputId::new(
+            location.job_id,
+            location.stage_id,
+            location.output.map_partition,
+            location.output.attempt,
+        )?;
+        let work_dir = env.work_dir.clone();
+        let partition = location.partition;
+        let segment = tokio::task::spawn_blocking(move || open_segment(&work_dir, &id, partition))
+            .await
+            .map_err(|e| Error::io(&env.work_dir, std::io::Error::other(e)))??;
+        return Ok(segment_stream(segment, schema));
+    }
+    fetch_remote(location, &address, pool, schema).await
+}
+
+async fn fetch_remote(
+    location: PartitionRef<'_>,
+    address: &ExecutorAddress,
+    pool: &FlightClientPool,
+    schema: SchemaRef,
+) -> Result<SendableRecordBatchStream> {
+    let fetch_error = |message: String| Error::Fetch {
+        executor_id: address.executor_id.clone(),
+        address: format!("{}:{}", address.host, address.flight_port),
+        message,
+    };
+    let mut client = pool.client(address).await?;
+    let ticket = Ticket {
+        ticket: location.ticket().encode_to_vec().into(),
+    };
+    let response = match client.do_get(ticket).await {
+        Ok(response) => response,
+        Err(status) => {
+            pool.evict(address);
+            return Err(fetch_error(status.message().to_owned()));
+        }
+    };
+    let executor_id = address.executor_id.clone();
+    let remote = format!("{}:{}", address.host, address.flight_port);
+    let batches = FlightRecordBatchStream::new_from_flight_data(
+        response.into_inner().map_err(FlightError::from),
+    )
+    .map_err(move |e| {
+        DataFusionError::from(Error::Fetch {
+            executor_id: executor_id.clone(),
+            address: remote.clone(),
+            message: e.to_string(),
+        })
+    });
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
+}
+
+/// Streams the batches of an on-disk segment, decoding on a blocking thread.
+pub fn segment_stream(segment: Segment, schema: SchemaRef) -> SendableRecordBatchStream {
+    let batches = segment_batches(segment).map_err(DataFusionError::from);
+    Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+/// Decodes an on-disk segment on a blocking thread, a few batches ahead of the consumer.
+pub fn segment_batches(
+    segment: Segment,
+) -> impl futures::Stream<Item = Result<RecordBatch>> + Send {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
+    if segment.len > 0 {
+        tokio::task::spawn_blocking(move || {
+            let reader = match StreamReader::try_new(segment.into_reader(), None) {
+                Ok(reader) => reader,
+                Err(e) => {
+                    let _ = sender.blocking_send(Err(e.into()));
+                    return;
+                }
+            };
+            for batch in reader {
+                let failed = batch.is_err();
+                if sender.blocking_send(batch.map_err(Error::from)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+    tokio_stream::wrappers::ReceiverStream::new(receiver).boxed()
+}

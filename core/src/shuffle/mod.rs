@@ -1,0 +1,19 @@
+//! Shuffle: how map outputs are written, stored, located and read back.
+//!
+//! - [`layout`]: where a map output lives on an executor's disk, and its offset index.
+//! - [`writer`]: [`ShuffleWriterExec`], the root of every stage; it splits its
+//!   input into output partitions and writes them into one file per map task.
+//! - [`reader`]: [`ShuffleReaderExec`], the leaf that stands for an input stage
+//!   and streams the map outputs it is bound to.
+//! - [`fetch`]: opens one output partition of a map output, from local disk
+//!   or from another executor over Arrow Flight.
+
+pub mod fetch;
+pub mod layout;
+pub mod reader;
+pub mod writer;
+
+pub use fetch::{FlightClientPool, ShuffleEnv};
+pub use layout::MapOutputId;
+pub use reader::{ReadMode, ShuffleReaderExec};
+pub use writer::ShuffleWriterExec;

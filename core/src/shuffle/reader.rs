@@ -1,0 +1,239 @@
+//! [`ShuffleReaderExec`]: the leaf of a stage that stands for one of its input
+//! stages. The scheduler plans it unbound; the executor binds it to the map
+//! outputs of the finished input stage before running the task.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::{StreamExt, TryStreamExt};
+use quiver_proto::MapOutput;
+
+use super::fetch::{FlightClientPool, PartitionRef, ShuffleEnv, fetch_partition};
+
+/// Map outputs fetched at once by one reader partition.
+const FETCH_CONCURRENCY: usize = 4;
+
+/// Which map outputs a reader partition reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Partition `p` reads output partition `p` of every map task (a hash exchange).
+    Hash,
+    /// Partition `p` reads the single output of map task `p`, keeping the input
+    /// stage's partitioning and ordering (below a merge or a coalesce).
+    PerMap,
+}
+
+/// Streams the shuffle output of an input stage.
+#[derive(Debug, Clone)]
+pub struct ShuffleReaderExec {
+    job_id: String,
+    stage_id: u32,
+    mode: ReadMode,
+    partition_count: usize,
+    schema: SchemaRef,
+    /// The input stage's map outputs, in map partition order; `None` until bound.
+    outputs: Option<Arc<[MapOutput]>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl ShuffleReaderExec {
+    /// An unbound reader. `eq_properties` carries the replaced plan's ordering and
+    /// equivalences, so that the planner's view of the stage stays accurate.
+    pub fn new(
+        job_id: impl Into<String>,
+        stage_id: u32,
+        mode: ReadMode,
+        partition_count: usize,
+        eq_properties: EquivalenceProperties,
+    ) -> Self {
+        let schema = Arc::clone(eq_properties.schema());
+        let properties = Arc::new(PlanProperties::new(
+            eq_properties,
+            Partitioning::UnknownPartitioning(partition_count),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Self {
+            job_id: job_id.into(),
+            stage_id,
+            mode,
+            partition_count,
+            schema,
+            outputs: None,
+            properties,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    pub fn stage_id(&self) -> u32 {
+        self.stage_id
+    }
+
+    pub fn mode(&self) -> ReadMode {
+        self.mode
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.partition_count
+    }
+
+    pub fn outputs(&self) -> Option<&[MapOutput]> {
+        self.outputs.as_deref()
+    }
+
+    /// Binds the reader to the map outputs of its input stage.
+    pub fn bind(&self, outputs: Vec<MapOutput>) -> Result<Self> {
+        if self.mode == ReadMode::PerMap && outputs.len() != self.partition_count {
+            return Err(DataFusionError::Plan(format!(
+                "shuffle reader of stage {} expects {} map outputs, got {}",
+                self.stage_id,
+                self.partition_count,
+                outputs.len()
+            )));
+        }
+        let mut bound = self.clone();
+        bound.outputs = Some(outputs.into());
+        Ok(bound)
+    }
+
+    /// The (map output, output partition) pairs that reader partition `partition` reads.
+    fn sources(&self, outputs: &[MapOutput], partition: usize) -> Vec<(MapOutput, usize)> {
+        match self.mode {
+            ReadMode::Hash => outputs
+                .iter()
+                .filter(|output| {
+                    output
+                        .partitions
+                        .get(partition)
+                        .is_none_or(|stats| stats.bytes > 0)
+                })
+                .map(|output| (output.clone(), partition))
+                .collect(),
+            ReadMode::PerMap => outputs
+                .get(partition)
+                .filter(|output| {
+                    output
+                        .partitions
+                        .first()
+                        .is_none_or(|stats| stats.bytes > 0)
+                })
+                .map(|output| vec![(output.clone(), 0)])
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl DisplayAs for ShuffleReaderExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let mode = match self.mode {
+            ReadMode::Hash => "hash",
+            ReadMode::PerMap => "per-map",
+        };
+        write!(
+            f,
+            "ShuffleReaderExec: stage={}, mode={mode}, partitions={}",
+            self.stage_id, self.partition_count
+        )
+    }
+}
+
+impl ExecutionPlan for ShuffleReaderExec {
+    fn name(&self) -> &str {
+        "ShuffleReaderExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "ShuffleReaderExec takes no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let outputs = self.outputs.as_ref().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "shuffle reader of stage {} was not bound to map outputs",
+                self.stage_id
+            ))
+        })?;
+        if partition >= self.partition_count {
+            return Err(DataFusionError::Internal(format!(
+                "shuffle reader of stage {} has {} partitions, asked for {partition}",
+                self.stage_id, self.partition_count
+            )));
+        }
+        let env = context.session_config().get_extension::<ShuffleEnv>();
+        let pool = env
+            .as_ref()
+            .map(|env| env.clients.clone())
+            .unwrap_or_else(FlightClientPool::default);
+        let job_id = self.job_id.clone();
+        let stage_id = self.stage_id;
+        let schema = Arc::clone(&self.schema);
+        let sources = self.sources(outputs, partition);
+        let batches = futures::stream::iter(sources)
+            .map(move |(output, output_partition)| {
+                let (job_id, env, pool, schema) = (
+                    job_id.clone(),
+                    env.clone(),
+                    pool.clone(),
+                    Arc::clone(&schema),
+                );
+                async move {
+                    let location = PartitionRef {
+                        job_id: &job_id,
+                        stage_id,
+                        output: &output,
+                        partition: output_partition,
+                    };
+                    fetch_partition(location, env.as_deref(), &pool, schema)
+                        .await
+                        .map_err(DataFusionError::from)
+                }
+            })
+            .buffered(FETCH_CONCURRENCY)
+            .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            batches,
+        )))
+    }
+}

@@ -1,0 +1,367 @@
+//! [`ShuffleWriterExec`]: the root of every stage. It runs one partition of its
+//! input, splits the rows into output partitions and writes them into one data
+//! file plus an offset index (see [`super::layout`]).
+//!
+//! Output partitions are buffered in memory under a reservation from the task's
+//! memory pool. When the pool says no, the buffers are spilled to per-partition
+//! temporary IPC files, which are concatenated into the data file at the end.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::spill_file::{SpillFile, SpillWriter};
+use datafusion::execution::{DiskManager, SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::metrics::Time;
+use datafusion::physical_plan::repartition::BatchPartitioner;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
+};
+use futures::StreamExt;
+use quiver_proto::PartitionStats;
+
+use super::layout::{MapOutputId, encode_index};
+use crate::error::Error;
+
+/// Writes the output of one stage partition (one map task) as shuffle data.
+#[derive(Debug)]
+pub struct ShuffleWriterExec {
+    job_id: String,
+    stage_id: u32,
+    input: Arc<dyn ExecutionPlan>,
+    /// How rows are split into output partitions; `None` keeps one output partition.
+    partitioning: Option<Partitioning>,
+    properties: Arc<PlanProperties>,
+}
+
+impl ShuffleWriterExec {
+    pub fn new(
+        job_id: impl Into<String>,
+        stage_id: u32,
+        input: Arc<dyn ExecutionPlan>,
+        partitioning: Option<Partitioning>,
+    ) -> Self {
+        let properties = Arc::new(input.properties().as_ref().clone());
+        Self {
+            job_id: job_id.into(),
+            stage_id,
+            input,
+            partitioning,
+            properties,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    pub fn stage_id(&self) -> u32 {
+        self.stage_id
+    }
+
+    pub fn input(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.input
+    }
+
+    pub fn partitioning(&self) -> Option<&Partitioning> {
+        self.partitioning.as_ref()
+    }
+
+    /// Number of map tasks: one per partition of the input.
+    pub fn map_partition_count(&self) -> usize {
+        self.input.output_partitioning().partition_count()
+    }
+
+    /// Number of output partitions each map task writes.
+    pub fn output_partition_count(&self) -> usize {
+        self.partitioning
+            .as_ref()
+            .map_or(1, Partitioning::partition_count)
+    }
+
+    /// Runs map partition `partition` and writes its output under `work_dir`.
+    /// Returns the row and byte count of each output partition.
+    pub async fn write(
+        &self,
+        partition: usize,
+        attempt: u32,
+        context: Arc<TaskContext>,
+        work_dir: &Path,
+    ) -> Result<Vec<PartitionStats>> {
+        let id = MapOutputId::new(&self.job_id, self.stage_id, partition as u32, attempt)?;
+        let schema = self.input.schema();
+        let mut input = self.input.execute(partition, Arc::clone(&context))?;
+        let mut partitioner = self
+            .partitioning
+            .clone()
+            .map(|partitioning| {
+                BatchPartitioner::try_new(
+                    partitioning,
+                    Time::new(),
+                    partition,
+                    self.map_partition_count(),
+                )
+            })
+            .transpose()?;
+        let reservation = MemoryConsumer::new(format!(
+            "ShuffleWriter[stage={}, partition={partition}]",
+            self.stage_id
+        ))
+        .with_can_spill(true)
+        .register(context.memory_pool());
+        let mut buffers = PartitionBuffers::new(
+            schema,
+            self.output_partition_count(),
+            reservation,
+            Arc::clone(&context.runtime_env().disk_manager),
+        );
+
+        let mut split = Vec::new();
+        while let Some(batch) = input.next().await {
+            let batch = batch?;
+            match partitioner.as_mut() {
+                Some(partitioner) => {
+                    partitioner.partition(batch, |output, part| {
+                        split.push((output, part));
+                        Ok(())
+                    })?;
+                    for (output, part) in split.drain(..) {
+                        buffers.push(output, part).await?;
+                    }
+                }
+                None => buffers.push(0, batch).await?,
+            }
+        }
+        let work_dir = work_dir.to_owned();
+        tokio::task::spawn_blocking(move || buffers.write_map_output(&id, &work_dir))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+    }
+}
+
+/// In-memory buffers of the output partitions of one map task, with their spills.
+struct PartitionBuffers {
+    schema: SchemaRef,
+    batches: Vec<Vec<RecordBatch>>,
+    rows: Vec<u64>,
+    spills: Vec<Option<Spill>>,
+    reservation: MemoryReservation,
+    disk_manager: Arc<DiskManager>,
+}
+
+/// Spilled batches of one output partition, as an open IPC stream in a temp file.
+struct Spill {
+    file: Arc<dyn SpillFile>,
+    writer: StreamWriter<BufWriter<Box<dyn SpillWriter>>>,
+}
+
+impl PartitionBuffers {
+    fn new(
+        schema: SchemaRef,
+        partitions: usize,
+        reservation: MemoryReservation,
+        disk_manager: Arc<DiskManager>,
+    ) -> Self {
+        Self {
+            schema,
+            batches: vec![Vec::new(); partitions],
+            rows: vec![0; partitions],
+            spills: (0..partitions).map(|_| None).collect(),
+            reservation,
+            disk_manager,
+        }
+    }
+
+    async fn push(&mut self, partition: usize, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let size = batch.get_array_memory_size();
+        if self.reservation.try_grow(size).is_err() {
+            self.spill().await?;
+            // A single batch larger than the whole pool is still written rather
+            // than failing the task: its memory is already allocated.
+            self.reservation.grow(size);
+        }
+        self.rows[partition] += batch.num_rows() as u64;
+        self.batches[partition].push(batch);
+        Ok(())
+    }
+
+    /// Moves every buffered batch to its partition's spill file.
+    async fn spill(&mut self) -> Result<()> {
+        let batches = std::mem::take(&mut self.batches);
+        let mut spills = std::mem::take(&mut self.spills);
+        let schema = Arc::clone(&self.schema);
+        let disk_manager = Arc::clone(&self.disk_manager);
+        let partitions = batches.len();
+        let spills = tokio::task::spawn_blocking(move || -> Result<Vec<Option<Spill>>> {
+            for (partition, batches) in batches.into_iter().enumerate() {
+                if batches.is_empty() {
+                    continue;
+                }
+                let spill = match &mut spills[partition] {
+                    Some(spill) => spill,
+                    slot => slot.insert(Spill::create(&disk_manager, &schema)?),
+                };
+                for batch in &batches {
+                    spill.writer.write(batch)?;
+                }
+            }
+            Ok(spills)
+        })
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        self.spills = spills;
+        self.batches = vec![Vec::new(); partitions];
+        self.reservation.free();
+        Ok(())
+    }
+
+    /// Writes the data file and its index under their final names.
+    fn write_map_output(
+        mut self,
+        id: &MapOutputId,
+        work_dir: &Path,
+    ) -> Result<Vec<PartitionStats>> {
+        let data_path = id.data_path(work_dir);
+        let index_path = id.index_path(work_dir);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
+        };
+        if let Some(dir) = data_path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let tmp_data = data_path.with_extension("data.tmp");
+        let mut out =
+            BufWriter::with_capacity(1024 * 1024, File::create(&tmp_data).map_err(io(&tmp_data))?);
+        let mut offsets = vec![0u64];
+        for (partition, batches) in self.batches.into_iter().enumerate() {
+            if let Some(Spill { file, mut writer }) = self.spills[partition].take() {
+                for batch in &batches {
+                    writer.write(batch)?;
+                }
+                writer.finish()?;
+                let mut spill_writer = writer
+                    .into_inner()?
+                    .into_inner()
+                    .map_err(|e| DataFusionError::External(Box::new(e.into_error())))?;
+                spill_writer.finish()?;
+                let path = file.path().ok_or_else(|| {
+                    DataFusionError::NotImplemented(
+                        "the shuffle writer needs spill files on a local disk".into(),
+                    )
+                })?;
+                let mut spilled = File::open(path).map_err(io(path))?;
+                std::io::copy(&mut spilled, &mut out).map_err(io(&tmp_data))?;
+            } else if !batches.is_empty() {
+                let mut writer = StreamWriter::try_new(&mut out, &self.schema)?;
+                for batch in &batches {
+                    writer.write(batch)?;
+                }
+                writer.finish()?;
+            }
+            offsets.push(out.stream_position().map_err(io(&tmp_data))?);
+        }
+        out.flush().map_err(io(&tmp_data))?;
+        drop(out);
+        drop(self.reservation);
+
+        let tmp_index = index_path.with_extension("index.tmp");
+        std::fs::write(&tmp_index, encode_index(&offsets)).map_err(io(&tmp_index))?;
+        std::fs::rename(&tmp_data, &data_path).map_err(io(&data_path))?;
+        std::fs::rename(&tmp_index, &index_path).map_err(io(&index_path))?;
+
+        Ok(offsets
+            .windows(2)
+            .zip(self.rows)
+            .map(|(range, rows)| PartitionStats {
+                rows,
+                bytes: range[1] - range[0],
+            })
+            .collect())
+    }
+}
+
+impl Spill {
+    fn create(disk_manager: &Arc<DiskManager>, schema: &SchemaRef) -> Result<Self> {
+        let file = disk_manager.create_tmp_file("shuffle writer spill")?;
+        let writer = StreamWriter::try_new(BufWriter::new(file.open_writer()?), schema)?;
+        Ok(Self { file, writer })
+    }
+}
+
+impl DisplayAs for ShuffleWriterExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "ShuffleWriterExec: stage={}", self.stage_id)?;
+        match &self.partitioning {
+            Some(partitioning) => write!(f, ", partitioning={partitioning}"),
+            None => write!(f, ", partitioning=None"),
+        }
+    }
+}
+
+impl ExecutionPlan for ShuffleWriterExec {
+    fn name(&self) -> &str {
+        "ShuffleWriterExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        if let Some(Partitioning::Hash(exprs, _)) = &self.partitioning {
+            for expr in exprs {
+                if f(expr)? == TreeNodeRecursion::Stop {
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
+            DataFusionError::Internal("ShuffleWriterExec takes exactly one child".into())
+        })?;
+        Ok(Arc::new(Self::new(
+            self.job_id.clone(),
+            self.stage_id,
+            input,
+            self.partitioning.clone(),
+        )))
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        Err(DataFusionError::Internal(
+            "ShuffleWriterExec is run by the executor's task runner through ShuffleWriterExec::write"
+                .into(),
+        ))
+    }
+}

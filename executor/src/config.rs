@@ -1,0 +1,88 @@
+//! Executor settings, from flags or `QUIVER_*` environment variables.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// A Quiver executor: runs tasks for the scheduler and serves their shuffle data.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "quiver-executor", version)]
+pub struct ExecutorConfig {
+    /// Scheduler address to dial, e.g. `http://scheduler:50050`.
+    #[arg(
+        long,
+        env = "QUIVER_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:50050"
+    )]
+    pub scheduler_url: String,
+
+    /// Address to bind the Arrow Flight data plane to.
+    #[arg(long, env = "QUIVER_BIND_HOST", default_value = "127.0.0.1")]
+    pub bind_host: String,
+
+    /// Host name that other executors and clients use to reach this one
+    /// (defaults to the bind host).
+    #[arg(long, env = "QUIVER_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+
+    /// Port of the Arrow Flight data plane (0 picks a free port).
+    #[arg(long, env = "QUIVER_FLIGHT_PORT", default_value_t = 50051)]
+    pub flight_port: u16,
+
+    /// Number of tasks run at once (defaults to the number of cores).
+    #[arg(long, env = "QUIVER_SLOTS")]
+    pub slots: Option<usize>,
+
+    /// Memory pool shared by all running tasks, in bytes; operators spill to
+    /// disk beyond it.
+    #[arg(long, env = "QUIVER_MEMORY_LIMIT", default_value_t = 4 * 1024 * 1024 * 1024)]
+    pub memory_limit: usize,
+
+    /// Folder for shuffle files and spills.
+    #[arg(long, env = "QUIVER_WORK_DIR", default_value_os_t = std::env::temp_dir().join("quiver-executor"))]
+    pub work_dir: PathBuf,
+
+    /// Unique id of this executor (defaults to a random one).
+    #[arg(long, env = "QUIVER_EXECUTOR_ID", default_value_t = default_executor_id())]
+    pub executor_id: String,
+}
+
+fn default_executor_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+impl ExecutorConfig {
+    /// A configuration for tests and the embedded cluster.
+    pub fn local(scheduler_url: impl Into<String>, work_dir: PathBuf) -> Self {
+        Self {
+            scheduler_url: scheduler_url.into(),
+            bind_host: "127.0.0.1".into(),
+            advertise_host: None,
+            flight_port: 0,
+            slots: None,
+            memory_limit: 4 * 1024 * 1024 * 1024,
+            work_dir,
+            executor_id: default_executor_id(),
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        })
+    }
+
+    pub fn advertised_host(&self) -> &str {
+        self.advertise_host.as_deref().unwrap_or(&self.bind_host)
+    }
+
+    /// Where shuffle files live.
+    pub fn shuffle_dir(&self) -> PathBuf {
+        self.work_dir.join("shuffle")
+    }
+
+    /// Where operators spill.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.work_dir.join("spill")
+    }
+}

@@ -1,0 +1,19 @@
+//! Quiver's wire protocol: the gRPC service between clients, the scheduler and
+//! executors, plus the Flight ticket of the shuffle data plane.
+//!
+//! - `proto/quiver.proto` is the single source of truth; `build.rs` compiles it
+//!   with protox, so building needs no system `protoc`.
+//! - [`PROTOCOL_VERSION`] is sent by executors when they register; the scheduler
+//!   refuses a mismatch.
+
+#![allow(clippy::all, missing_docs, unused_qualifications)]
+
+/// Version of the scheduler/executor protocol. Bump it on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Generated messages and services of package `quiver.v1`.
+pub mod v1 {
+    tonic::include_proto!("quiver.v1");
+}
+
+pub use v1::*;

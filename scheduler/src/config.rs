@@ -1,0 +1,57 @@
+//! Scheduler settings, from flags or `QUIVER_*` environment variables.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The Quiver scheduler: plans jobs into stages and runs them on executors.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "quiver-scheduler", version)]
+pub struct SchedulerConfig {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "QUIVER_BIND_HOST", default_value = "127.0.0.1")]
+    pub bind_host: String,
+
+    /// Port to serve gRPC on.
+    #[arg(long, env = "QUIVER_PORT", default_value_t = 50050)]
+    pub port: u16,
+
+    /// Partitions of each shuffle, unless a job sets
+    /// `datafusion.execution.target_partitions`.
+    #[arg(long, env = "QUIVER_DEFAULT_PARTITIONS", default_value_t = 4)]
+    pub default_partitions: usize,
+
+    /// How often executors send a heartbeat, in milliseconds.
+    #[arg(long, env = "QUIVER_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+
+    /// An executor silent for this many milliseconds is considered lost.
+    #[arg(long, env = "QUIVER_EXECUTOR_TIMEOUT_MS", default_value_t = 10_000)]
+    pub executor_timeout_ms: u64,
+
+    /// How long a finished job's result is kept when the client never reads it, in seconds.
+    #[arg(long, env = "QUIVER_RESULT_RETENTION_SECS", default_value_t = 600)]
+    pub result_retention_secs: u64,
+}
+
+impl SchedulerConfig {
+    /// A configuration for tests and the embedded cluster.
+    pub fn local() -> Self {
+        Self {
+            bind_host: "127.0.0.1".into(),
+            port: 0,
+            default_partitions: 4,
+            heartbeat_interval_ms: 1000,
+            executor_timeout_ms: 10_000,
+            result_retention_secs: 600,
+        }
+    }
+
+    pub fn loop_config(&self) -> crate::state::event_loop::LoopConfig {
+        crate::state::event_loop::LoopConfig {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            executor_timeout: Duration::from_millis(self.executor_timeout_ms),
+            result_retention: Duration::from_secs(self.result_retention_secs),
+        }
+    }
+}

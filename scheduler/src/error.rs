@@ -1,0 +1,60 @@
+//! Scheduler errors, and their one mapping to gRPC status codes.
+
+use datafusion::error::DataFusionError;
+use tonic::{Code, Status};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The query cannot be planned: bad SQL, an unknown table or column, a
+    /// missing or unreadable file. Retrying cannot help.
+    #[error("{0}")]
+    Query(#[source] DataFusionError),
+
+    #[error("invalid setting: {0}")]
+    Setting(#[source] DataFusionError),
+
+    #[error("malformed logical plan: {0}")]
+    MalformedPlan(#[source] DataFusionError),
+
+    #[error("the request has no query")]
+    EmptyQuery,
+
+    #[error("cannot encode the plan of stage {stage}: {source}")]
+    EncodePlan {
+        stage: u32,
+        #[source]
+        source: DataFusionError,
+    },
+
+    #[error("unknown job {0}")]
+    UnknownJob(String),
+
+    #[error("the scheduler is shutting down")]
+    ShuttingDown,
+
+    #[error("cannot bind {address}: {source}")]
+    Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::Query(_) | Error::Setting(_) | Error::MalformedPlan(_) | Error::EmptyQuery => {
+                Code::InvalidArgument
+            }
+            Error::UnknownJob(_) => Code::NotFound,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::EncodePlan { .. } | Error::Bind { .. } | Error::Serve(_) => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}

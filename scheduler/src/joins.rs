@@ -1,0 +1,101 @@
+//! Makes joins safe to split across tasks.
+//!
+//! A `CollectLeft` hash join that emits build-side rows (left, full, semi,
+//! anti and mark joins on the left) tracks which build rows matched across
+//! *all* probe partitions of one process, and emits them when the last one
+//! ends. A task runs a single probe partition, so those rows would never be
+//! emitted. Such joins are re-planned as partitioned hash joins: both sides are
+//! hash-repartitioned on the join keys, so each task owns its build rows.
+//!
+//! A null-aware anti join (`NOT IN`) must see every probe row to honour NULLs,
+//! and a nested-loop join has no keys to partition on; those run in a single
+//! task instead, with the probe side coalesced.
+
+use std::sync::Arc;
+
+use datafusion::common::JoinType;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::error::Result;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec, PartitionMode};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
+};
+
+/// Whether a join emits rows of its build (left) side after seeing all probe rows.
+fn emits_build_side(join_type: JoinType) -> bool {
+    matches!(
+        join_type,
+        JoinType::Left
+            | JoinType::Full
+            | JoinType::LeftSemi
+            | JoinType::LeftAnti
+            | JoinType::LeftMark
+    )
+}
+
+/// Rewrites the joins of `plan` that cannot run split across tasks.
+pub fn make_joins_distributable(
+    plan: Arc<dyn ExecutionPlan>,
+    partitions: usize,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        if let Some(join) = node.downcast_ref::<HashJoinExec>() {
+            let collected = *join.partition_mode() == PartitionMode::CollectLeft;
+            if collected && emits_build_side(*join.join_type()) {
+                return if join.null_aware {
+                    single_task_probe(&node, join.left(), join.right())
+                } else {
+                    partition_hash_join(join, partitions).map(Transformed::yes)
+                };
+            }
+        }
+        if let Some(join) = node.downcast_ref::<NestedLoopJoinExec>()
+            && emits_build_side(*join.join_type())
+        {
+            return single_task_probe(&node, join.left(), join.right());
+        }
+        Ok(Transformed::no(node))
+    })
+    .map(|transformed| transformed.data)
+}
+
+fn partition_hash_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn ExecutionPlan>> {
+    let left_keys = join.on().iter().map(|(left, _)| Arc::clone(left)).collect();
+    let right_keys = join
+        .on()
+        .iter()
+        .map(|(_, right)| Arc::clone(right))
+        .collect();
+    // The build side of a CollectLeft join is coalesced; repartition its input instead.
+    let left_input = match join.left().downcast_ref::<CoalescePartitionsExec>() {
+        Some(coalesce) => Arc::clone(coalesce.input()),
+        None => Arc::clone(join.left()),
+    };
+    let left = Arc::new(RepartitionExec::try_new(
+        left_input,
+        Partitioning::Hash(left_keys, partitions),
+    )?);
+    let right = Arc::new(RepartitionExec::try_new(
+        Arc::clone(join.right()),
+        Partitioning::Hash(right_keys, partitions),
+    )?);
+    join.builder()
+        .with_partition_mode(PartitionMode::Partitioned)
+        .with_new_children(vec![left, right])?
+        .build_exec()
+}
+
+fn single_task_probe(
+    node: &Arc<dyn ExecutionPlan>,
+    left: &Arc<dyn ExecutionPlan>,
+    right: &Arc<dyn ExecutionPlan>,
+) -> Result<Transformed<Arc<dyn ExecutionPlan>>> {
+    if right.output_partitioning().partition_count() <= 1 {
+        return Ok(Transformed::no(Arc::clone(node)));
+    }
+    let right: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(Arc::clone(right)));
+    replace_children_if_necessary(Arc::clone(node), vec![Arc::clone(left), right])
+        .map(Transformed::yes)
+}

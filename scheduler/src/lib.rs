@@ -1,0 +1,56 @@
+//! The Quiver scheduler: accepts jobs, plans them into stages and runs their
+//! tasks on executors.
+//!
+//! - [`service`]: the gRPC service, for executors' control streams and clients' calls.
+//! - [`planner`]: SQL or a logical plan to a physical plan, against the shared catalog.
+//! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
+//! - [`joins`]: re-plans joins that cannot run split across tasks.
+//! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
+//! - [`config`]: command-line and environment settings.
+//!
+//! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
+//! `127.0.0.1:0` and stop it cleanly.
+
+pub mod config;
+pub mod error;
+pub mod joins;
+pub mod planner;
+pub mod service;
+pub mod stages;
+pub mod state;
+
+use std::future::Future;
+
+use quiver_proto::scheduler_service_server::SchedulerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use config::SchedulerConfig;
+pub use error::{Error, Result};
+
+/// Largest gRPC message accepted: plans of big queries can be large.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Serves the scheduler on `listener` until `shutdown` completes.
+pub async fn run(
+    config: SchedulerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let address = listener.local_addr().ok();
+    let handle = state::event_loop::spawn(config.loop_config());
+    let planner = planner::Planner::new(config.default_partitions);
+    let service = service::SchedulerGrpc::new(handle, planner);
+    info!(?address, "scheduler serving");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            SchedulerServiceServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(Error::Serve)
+}

@@ -1,0 +1,181 @@
+//! Turns a client's query into stages: SQL or a serialized logical plan is
+//! planned by DataFusion against the shared catalog, then cut into stages.
+//!
+//! Statements that only change the catalog or the session (`CREATE EXTERNAL
+//! TABLE`, `DROP TABLE`, `CREATE VIEW`, `SET`) run here, at once, and need no
+//! executor.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::common::TableReference;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion_proto::bytes::logical_plan_from_bytes_with_extension_codec;
+use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
+use prost::bytes::Bytes;
+use quiver_core::codec::{QuiverPhysicalCodec, RemoteTableCodec, TableResolver};
+use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
+use quiver_proto::{Setting, submit_job_request::Query};
+
+use crate::error::{Error, Result};
+use crate::stages::{StagePlan, split_into_stages};
+
+const TARGET_PARTITIONS_KEY: &str = "datafusion.execution.target_partitions";
+
+/// A planned query.
+#[derive(Debug)]
+pub enum Planned {
+    /// A statement that already ran on the scheduler.
+    Done { schema: SchemaRef },
+    /// A query to run on the executors.
+    Stages {
+        schema: SchemaRef,
+        stages: Vec<StagePlan>,
+        encoded: Vec<Bytes>,
+        max_attempts: u32,
+    },
+}
+
+/// Plans queries against the catalog that all clients share.
+#[derive(Clone)]
+pub struct Planner {
+    catalog: SessionContext,
+    default_partitions: usize,
+}
+
+impl std::fmt::Debug for Planner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Planner")
+            .field("default_partitions", &self.default_partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Planner {
+    pub fn new(default_partitions: usize) -> Self {
+        Self {
+            catalog: SessionContext::new_with_config(default_session_config()),
+            default_partitions: default_partitions.max(1),
+        }
+    }
+
+    /// The session state of a job: the shared catalog with the job's settings.
+    pub fn session_state(&self, settings: &[Setting]) -> Result<SessionState> {
+        let mut config = session_config_from_settings(settings).map_err(Error::Setting)?;
+        if !settings.iter().any(|s| s.key == TARGET_PARTITIONS_KEY) {
+            config = config.with_target_partitions(self.default_partitions);
+        }
+        // The shared catalog exists already; creating the default one again
+        // would replace it with an empty catalog.
+        config
+            .options_mut()
+            .catalog
+            .create_default_catalog_and_schema = false;
+        Ok(SessionStateBuilder::new_from_existing(self.catalog.state())
+            .with_config(config)
+            .build())
+    }
+
+    pub async fn plan(&self, job_id: &str, query: Query, settings: &[Setting]) -> Result<Planned> {
+        let state = self.session_state(settings)?;
+        let logical = match query {
+            Query::Sql(sql) => state
+                .create_logical_plan(&sql)
+                .await
+                .map_err(Error::Query)?,
+            Query::LogicalPlan(bytes) => {
+                let codec = RemoteTableCodec::with_resolver(Arc::new(CatalogResolver {
+                    state: state.clone(),
+                }));
+                logical_plan_from_bytes_with_extension_codec(&bytes, &state.task_ctx(), &codec)
+                    .map_err(Error::MalformedPlan)?
+            }
+        };
+        let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
+        if matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
+            let context = SessionContext::new_with_state(state);
+            context
+                .execute_logical_plan(logical)
+                .await
+                .map_err(Error::Query)?
+                .collect()
+                .await
+                .map_err(Error::Query)?;
+            return Ok(Planned::Done { schema });
+        }
+        let physical = state
+            .create_physical_plan(&logical)
+            .await
+            .map_err(Error::Query)?;
+        let partitions = state.config().target_partitions();
+        let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
+        let encoded = encode_stages(stages.clone()).await?;
+        let max_attempts = state
+            .config()
+            .options()
+            .extensions
+            .get::<QuiverOptions>()
+            .map_or(4, |options| options.max_task_attempts) as u32;
+        Ok(Planned::Stages {
+            schema,
+            stages,
+            encoded,
+            max_attempts,
+        })
+    }
+
+    /// The schema of a table in the shared catalog, if it exists.
+    pub async fn table_schema(&self, name: &str) -> Result<Option<SchemaRef>> {
+        match self.catalog.table_provider(name).await {
+            Ok(table) => Ok(Some(table.schema())),
+            Err(DataFusionError::Plan(_)) => Ok(None),
+            Err(e) => Err(Error::Query(e)),
+        }
+    }
+}
+
+/// Encodes every stage plan off the async threads: large plans take a while.
+async fn encode_stages(stages: Vec<StagePlan>) -> Result<Vec<Bytes>> {
+    tokio::task::spawn_blocking(move || {
+        stages
+            .into_iter()
+            .map(|stage| {
+                physical_plan_to_bytes_with_extension_codec(stage.plan, &QuiverPhysicalCodec)
+                    .map_err(|source| Error::EncodePlan {
+                        stage: stage.stage_id,
+                        source,
+                    })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|_| Error::ShuttingDown)?
+}
+
+/// Resolves table names of client-built plans in a job's session state.
+#[derive(Debug)]
+struct CatalogResolver {
+    state: SessionState,
+}
+
+impl TableResolver for CatalogResolver {
+    fn resolve(&self, name: &TableReference) -> DfResult<Arc<dyn TableProvider>> {
+        let catalog = &self.state.config().options().catalog;
+        let resolved = name
+            .clone()
+            .resolve(&catalog.default_catalog, &catalog.default_schema);
+        let schema = self
+            .state
+            .catalog_list()
+            .catalog(&resolved.catalog)
+            .and_then(|catalog| catalog.schema(&resolved.schema))
+            .ok_or_else(|| DataFusionError::Plan(format!("table '{name}' not found")))?;
+        // The scheduler's catalog is in memory: this future is ready at once.
+        futures::executor::block_on(schema.table(&resolved.table))?
+            .ok_or_else(|| DataFusionError::Plan(format!("table '{name}' not found")))
+    }
+}

@@ -1,0 +1,259 @@
+//! The scheduler's gRPC service: executors' control streams and clients' job calls.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::Stream;
+use quiver_core::ipc::schema_to_bytes;
+use quiver_core::shuffle::layout::validate_identifier;
+use quiver_proto::scheduler_service_server::SchedulerService;
+use quiver_proto::{
+    CancelJobResponse, ExecutorMessage, GetTableRequest, GetTableResponse, JobRequest, JobState,
+    JobStatus, PROTOCOL_VERSION, ReleaseJobResponse, SchedulerMessage, SubmitJobRequest,
+    SubmitJobResponse, executor_message,
+};
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::error::Error;
+use crate::planner::{Planned, Planner};
+use crate::state::{Event, SchedulerHandle, SubmittedJob};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerGrpc {
+    handle: SchedulerHandle,
+    planner: Planner,
+    connections: Arc<AtomicU64>,
+}
+
+impl SchedulerGrpc {
+    pub fn new(handle: SchedulerHandle, planner: Planner) -> Self {
+        Self {
+            handle,
+            planner,
+            connections: Arc::default(),
+        }
+    }
+
+    fn send(&self, event: Event) -> Result<(), Status> {
+        if self.handle.send(event) {
+            Ok(())
+        } else {
+            Err(Error::ShuttingDown.into())
+        }
+    }
+
+    fn job_status(&self, job_id: &str) -> Result<watch::Receiver<JobStatus>, Status> {
+        self.handle
+            .directory
+            .get(job_id)
+            .ok_or_else(|| Error::UnknownJob(job_id.chars().take(80).collect()).into())
+    }
+}
+
+fn new_job_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(
+        JobState::try_from(state),
+        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    )
+}
+
+#[tonic::async_trait]
+impl SchedulerService for SchedulerGrpc {
+    type ExecutorChannelStream = BoxStream<SchedulerMessage>;
+    type WatchJobStream = BoxStream<JobStatus>;
+
+    async fn executor_channel(
+        &self,
+        request: Request<Streaming<ExecutorMessage>>,
+    ) -> Result<Response<Self::ExecutorChannelStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the control stream closed before registering")
+        })?;
+        let Some(executor_message::Kind::Register(register)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message of a control stream must be a registration",
+            ));
+        };
+        if register.protocol_version != PROTOCOL_VERSION {
+            warn!(
+                executor = register.protocol_version,
+                scheduler = PROTOCOL_VERSION,
+                "refusing executor with another protocol version"
+            );
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: the executor speaks version {}, the scheduler speaks version {PROTOCOL_VERSION}",
+                register.protocol_version
+            )));
+        }
+        let address = register
+            .address
+            .ok_or_else(|| Status::invalid_argument("registration without an address"))?;
+        validate_identifier("executor_id", &address.executor_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if register.slots == 0 {
+            return Err(Status::invalid_argument(
+                "an executor needs at least one slot",
+            ));
+        }
+        let executor_id = address.executor_id.clone();
+        let connection = self.connections.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        self.send(Event::ExecutorConnected {
+            address,
+            slots: register.slots as usize,
+            connection,
+            sender,
+        })?;
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(ExecutorMessage {
+                        kind: Some(message),
+                    })) => {
+                        let event = Event::ExecutorMessage {
+                            executor_id: executor_id.clone(),
+                            connection,
+                            message,
+                        };
+                        if !handle.send(event) {
+                            return;
+                        }
+                    }
+                    Ok(Some(ExecutorMessage { kind: None })) => {}
+                    Ok(None) => break,
+                    Err(status) => {
+                        info!(%executor_id, %status, "control stream broke");
+                        break;
+                    }
+                }
+            }
+            handle.send(Event::ExecutorDisconnected {
+                executor_id,
+                connection,
+            });
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            receiver,
+        ))))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let request = request.into_inner();
+        let query = request.query.ok_or(Error::EmptyQuery)?;
+        let job_id = new_job_id();
+        let planned = self.planner.plan(&job_id, query, &request.settings).await?;
+        let schema = match planned {
+            Planned::Done { schema } => {
+                let status = JobStatus {
+                    job_id: job_id.clone(),
+                    state: JobState::Succeeded.into(),
+                    ..JobStatus::default()
+                };
+                self.handle
+                    .directory
+                    .insert(job_id.clone(), watch::channel(status).1);
+                schema
+            }
+            Planned::Stages {
+                schema,
+                stages,
+                encoded,
+                max_attempts,
+            } => {
+                self.send(Event::JobSubmitted(Box::new(SubmittedJob {
+                    job_id: job_id.clone(),
+                    settings: request.settings,
+                    max_attempts,
+                    stages,
+                    encoded,
+                })))?;
+                schema
+            }
+        };
+        Ok(Response::new(SubmitJobResponse {
+            job_id,
+            schema: schema_to_bytes(&schema),
+        }))
+    }
+
+    async fn get_job_status(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<JobStatus>, Status> {
+        let status = self.job_status(&request.into_inner().job_id)?;
+        let current = status.borrow().clone();
+        Ok(Response::new(current))
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let status = self.job_status(&request.into_inner().job_id)?;
+        let stream = futures::stream::unfold(Some(status), |state| async move {
+            let mut receiver = state?;
+            let current = receiver.borrow_and_update().clone();
+            if is_final(current.state) {
+                return Some((Ok(current), None));
+            }
+            // Wait for the next change; a dropped sender means the job state is final.
+            if receiver.changed().await.is_err() {
+                let last = receiver.borrow().clone();
+                return Some((Ok(last), None));
+            }
+            Some((Ok(current), Some(receiver)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<CancelJobResponse>, Status> {
+        let job_id = request.into_inner().job_id;
+        self.job_status(&job_id)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::CancelJob { job_id, reply })?;
+        let cancelled = answer
+            .await
+            .map_err(|_| Status::from(Error::ShuttingDown))?;
+        Ok(Response::new(CancelJobResponse { cancelled }))
+    }
+
+    async fn release_job(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<ReleaseJobResponse>, Status> {
+        let job_id = request.into_inner().job_id;
+        self.job_status(&job_id)?;
+        self.send(Event::ReleaseJob { job_id })?;
+        Ok(Response::new(ReleaseJobResponse {}))
+    }
+
+    async fn get_table(
+        &self,
+        request: Request<GetTableRequest>,
+    ) -> Result<Response<GetTableResponse>, Status> {
+        let name = request.into_inner().name;
+        let schema = self.planner.table_schema(&name).await?;
+        Ok(Response::new(GetTableResponse {
+            found: schema.is_some(),
+            schema: schema.map(|s| schema_to_bytes(&s)).unwrap_or_default(),
+        }))
+    }
+}

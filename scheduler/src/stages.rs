@@ -1,0 +1,173 @@
+//! Cuts a DataFusion physical plan into a DAG of stages at its exchanges.
+//!
+//! - A hash (or round-robin) `RepartitionExec` becomes a shuffle: the input is a
+//!   stage whose writer partitions its rows, and a [`ShuffleReaderExec`] in hash
+//!   mode takes the repartition's place.
+//! - Below a `CoalescePartitionsExec` or a `SortPreservingMergeExec` (this covers
+//!   the build side of `CollectLeft` joins, which DataFusion coalesces) the
+//!   input becomes a stage whose map outputs are read one per reader partition,
+//!   so the merge or coalesce runs in the next stage over all of them.
+//! - What remains above the last cut is the final stage; its map outputs are the
+//!   job's result.
+//!
+//! Every stage plan has a [`ShuffleWriterExec`] at its root. Stage ids start at 1
+//! and inputs always have smaller ids than the stages that read them.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use datafusion::error::Result;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, displayable,
+    replace_children_if_necessary,
+};
+use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+
+use crate::joins::make_joins_distributable;
+
+/// One stage of a job.
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    pub stage_id: u32,
+    /// The stage's plan, with a [`ShuffleWriterExec`] at its root.
+    pub plan: Arc<ShuffleWriterExec>,
+    /// Ids of the stages this one reads.
+    pub inputs: Vec<u32>,
+}
+
+impl StagePlan {
+    /// Number of tasks: one per partition of the writer's input.
+    pub fn partitions(&self) -> usize {
+        self.plan.map_partition_count()
+    }
+}
+
+/// Splits `plan` into stages; the last one is the final stage. `partitions` is
+/// the shuffle width used where a join must be repartitioned.
+pub fn split_into_stages(
+    job_id: &str,
+    plan: Arc<dyn ExecutionPlan>,
+    partitions: usize,
+) -> Result<Vec<StagePlan>> {
+    let plan = make_joins_distributable(plan, partitions)?;
+    let mut splitter = StageSplitter {
+        job_id,
+        stages: Vec::new(),
+    };
+    let root = splitter.cut(plan)?;
+    splitter.add_stage(root, None);
+    Ok(splitter.stages)
+}
+
+/// Renders the stages one after the other, for EXPLAIN and plan snapshots.
+pub fn display_stages(stages: &[StagePlan]) -> String {
+    let mut out = String::new();
+    for stage in stages {
+        let inputs: Vec<String> = stage.inputs.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "Stage {} (tasks={}, inputs=[{}])",
+            stage.stage_id,
+            stage.partitions(),
+            inputs.join(", ")
+        );
+        let plan = displayable(stage.plan.as_ref()).indent(false).to_string();
+        for line in plan.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+struct StageSplitter<'a> {
+    job_id: &'a str,
+    stages: Vec<StagePlan>,
+}
+
+impl StageSplitter<'_> {
+    fn cut(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let children = plan
+            .children()
+            .into_iter()
+            .map(|child| self.cut(Arc::clone(child)))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = if children.is_empty() {
+            plan
+        } else {
+            replace_children_if_necessary(plan, children)?
+        };
+
+        if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
+            let partitioning = repartition.partitioning().clone();
+            if let Partitioning::Hash(_, count) | Partitioning::RoundRobinBatch(count) =
+                partitioning
+            {
+                let stage_id = self.add_stage(Arc::clone(repartition.input()), Some(partitioning));
+                let reader = ShuffleReaderExec::new(
+                    self.job_id,
+                    stage_id,
+                    ReadMode::Hash,
+                    count,
+                    plan.equivalence_properties().clone(),
+                );
+                return Ok(Arc::new(reader));
+            }
+        }
+
+        let merges_partitions =
+            plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>();
+        if merges_partitions {
+            let child = Arc::clone(plan.children()[0]);
+            let count = child.output_partitioning().partition_count();
+            if count > 1 {
+                let eq_properties = child.equivalence_properties().clone();
+                let stage_id = self.add_stage(child, None);
+                let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
+                    self.job_id,
+                    stage_id,
+                    ReadMode::PerMap,
+                    count,
+                    eq_properties,
+                ));
+                return replace_children_if_necessary(plan, vec![reader]);
+            }
+        }
+        Ok(plan)
+    }
+
+    fn add_stage(
+        &mut self,
+        input: Arc<dyn ExecutionPlan>,
+        partitioning: Option<Partitioning>,
+    ) -> u32 {
+        let stage_id = self.stages.len() as u32 + 1;
+        let mut inputs = Vec::new();
+        collect_reader_stages(&input, &mut inputs);
+        self.stages.push(StagePlan {
+            stage_id,
+            plan: Arc::new(ShuffleWriterExec::new(
+                self.job_id,
+                stage_id,
+                input,
+                partitioning,
+            )),
+            inputs,
+        });
+        stage_id
+    }
+}
+
+fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec<u32>) {
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        if !out.contains(&reader.stage_id()) {
+            out.push(reader.stage_id());
+        }
+        return;
+    }
+    for child in plan.children() {
+        collect_reader_stages(child, out);
+    }
+}

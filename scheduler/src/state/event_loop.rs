@@ -1,0 +1,362 @@
+//! The scheduler's event loop. It owns all job and executor state, reacts to
+//! events, and hands pending tasks to free executor slots. It never blocks:
+//! planning and plan encoding happen before a job reaches it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use quiver_proto::{
+    CancelTasks, ExecutorRegistered, FailureKind, JobState, JobStatus, PROTOCOL_VERSION,
+    RemoveJobData, SchedulerMessage, TaskStatus, executor_message, scheduler_message, task_status,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::executors::{ExecutorEntry, ExecutorRegistry};
+use super::job::{Job, Outcome};
+use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob};
+
+/// Timing settings of the loop.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub heartbeat_interval: Duration,
+    /// An executor silent for this long is considered lost.
+    pub executor_timeout: Duration,
+    /// How long a finished job's result stays available if the client never releases it.
+    pub result_retention: Duration,
+}
+
+/// Starts the event loop; it stops when every handle is dropped.
+pub fn spawn(config: LoopConfig) -> SchedulerHandle {
+    let (events, receiver) = mpsc::unbounded_channel();
+    let directory = JobDirectory::default();
+    let state = SchedulerLoop {
+        config,
+        directory: directory.clone(),
+        jobs: HashMap::new(),
+        finished: HashMap::new(),
+        executors: ExecutorRegistry::default(),
+        next_seq: 0,
+    };
+    tokio::spawn(state.run(receiver));
+    SchedulerHandle { events, directory }
+}
+
+struct SchedulerLoop {
+    config: LoopConfig,
+    directory: JobDirectory,
+    /// Running jobs, with the sender of their published status.
+    jobs: HashMap<String, (Job, watch::Sender<JobStatus>)>,
+    /// Succeeded jobs whose result is still held on executors, with its deadline.
+    finished: HashMap<String, (Vec<String>, Instant)>,
+    executors: ExecutorRegistry,
+    next_seq: u64,
+}
+
+impl SchedulerLoop {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+            self.schedule();
+        }
+        info!("scheduler event loop stopped");
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::ExecutorConnected {
+                address,
+                slots,
+                connection,
+                sender,
+            } => self.on_executor_connected(address, slots, connection, sender),
+            Event::ExecutorMessage {
+                executor_id,
+                connection,
+                message,
+            } => self.on_executor_message(&executor_id, connection, message),
+            Event::ExecutorDisconnected {
+                executor_id,
+                connection,
+            } => {
+                if self
+                    .executors
+                    .remove_connection(&executor_id, connection)
+                    .is_some()
+                {
+                    warn!(%executor_id, "executor disconnected");
+                    self.on_executor_lost(&executor_id);
+                }
+            }
+            Event::JobSubmitted(job) => self.on_job_submitted(*job),
+            Event::CancelJob { job_id, reply } => {
+                let _ = reply.send(self.cancel_job(&job_id));
+            }
+            Event::ReleaseJob { job_id } => {
+                if let Some((executors, _)) = self.finished.remove(&job_id) {
+                    self.remove_job_data(&job_id, &executors);
+                }
+            }
+        }
+    }
+
+    fn on_executor_connected(
+        &mut self,
+        address: quiver_proto::ExecutorAddress,
+        slots: usize,
+        connection: u64,
+        sender: super::executors::ExecutorSender,
+    ) {
+        let executor_id = address.executor_id.clone();
+        let entry = ExecutorEntry {
+            address,
+            slots,
+            running: 0,
+            connection,
+            sender,
+            last_seen: Instant::now(),
+        };
+        entry.send(SchedulerMessage {
+            kind: Some(scheduler_message::Kind::Registered(ExecutorRegistered {
+                protocol_version: PROTOCOL_VERSION,
+                heartbeat_interval_millis: self.config.heartbeat_interval.as_millis() as u64,
+            })),
+        });
+        info!(%executor_id, slots, "executor registered");
+        if self.executors.insert(entry).is_some() {
+            // The executor reconnected: whatever ran on its old stream is gone.
+            self.on_executor_lost(&executor_id);
+        }
+    }
+
+    fn on_executor_message(
+        &mut self,
+        executor_id: &str,
+        connection: u64,
+        message: executor_message::Kind,
+    ) {
+        let Some(executor) = self.executors.get_mut(executor_id) else {
+            return;
+        };
+        if executor.connection != connection {
+            return;
+        }
+        executor.last_seen = Instant::now();
+        match message {
+            executor_message::Kind::Heartbeat(_) | executor_message::Kind::Register(_) => {}
+            executor_message::Kind::TaskStatus(status) => {
+                executor.running = executor.running.saturating_sub(1);
+                self.on_task_status(status);
+            }
+        }
+    }
+
+    fn on_task_status(&mut self, status: TaskStatus) {
+        let (Some(task), Some(result)) = (status.task, status.result) else {
+            return;
+        };
+        let Some((job, _)) = self.jobs.get_mut(&task.job_id) else {
+            return;
+        };
+        let outcome = match result {
+            task_status::Result::Succeeded(success) => {
+                debug!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition,
+                    elapsed_us = success.elapsed_micros, "task succeeded");
+                match success.output {
+                    Some(output) => job.on_success(&task, output),
+                    None => job.fail(format!(
+                        "task {}/{} reported no output",
+                        task.stage_id, task.partition
+                    )),
+                }
+            }
+            task_status::Result::Failed(failure) => {
+                let kind = failure.kind();
+                if kind == FailureKind::Cancelled {
+                    Outcome::Continue
+                } else {
+                    job.on_failure(&task, kind, &failure.message, Instant::now())
+                }
+            }
+        };
+        self.after_outcome(&task.job_id, outcome);
+    }
+
+    fn on_job_submitted(&mut self, submitted: SubmittedJob) {
+        let now = Instant::now();
+        let job = Job::new(
+            submitted.job_id.clone(),
+            self.next_seq,
+            submitted.settings,
+            submitted.max_attempts,
+            &submitted.stages,
+            submitted.encoded,
+            now,
+        );
+        self.next_seq += 1;
+        let (sender, receiver) = watch::channel(job.status());
+        self.directory.insert(submitted.job_id.clone(), receiver);
+        info!(job_id = %submitted.job_id, stages = job.stages.len(), "job accepted");
+        self.jobs.insert(submitted.job_id, (job, sender));
+    }
+
+    fn after_outcome(&mut self, job_id: &str, outcome: Outcome) {
+        match outcome {
+            Outcome::Continue => self.publish(job_id),
+            Outcome::Succeeded => {
+                self.publish(job_id);
+                if let Some((job, _)) = self.jobs.remove(job_id) {
+                    info!(%job_id, elapsed_ms = job.started.elapsed().as_millis() as u64, "job succeeded");
+                    let deadline = Instant::now() + self.config.result_retention;
+                    self.finished
+                        .insert(job_id.to_owned(), (job.executors(), deadline));
+                }
+            }
+            Outcome::Failed(message) => {
+                warn!(%job_id, error = %message, "job failed");
+                self.publish(job_id);
+                self.end_job(job_id);
+            }
+        }
+    }
+
+    fn cancel_job(&mut self, job_id: &str) -> bool {
+        let Some((job, _)) = self.jobs.get_mut(job_id) else {
+            return false;
+        };
+        job.cancel();
+        info!(%job_id, "job cancelled");
+        self.publish(job_id);
+        self.end_job(job_id);
+        true
+    }
+
+    /// Stops a failed or cancelled job's tasks and frees its data.
+    fn end_job(&mut self, job_id: &str) {
+        if let Some((job, _)) = self.jobs.remove(job_id) {
+            let executors = job.executors();
+            for executor_id in &executors {
+                if let Some(executor) = self.executors.get_mut(executor_id) {
+                    executor.send(SchedulerMessage {
+                        kind: Some(scheduler_message::Kind::CancelTasks(CancelTasks {
+                            job_id: job_id.to_owned(),
+                        })),
+                    });
+                }
+            }
+            self.remove_job_data(job_id, &executors);
+        }
+    }
+
+    fn remove_job_data(&mut self, job_id: &str, executors: &[String]) {
+        for executor_id in executors {
+            if let Some(executor) = self.executors.get_mut(executor_id) {
+                executor.send(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::RemoveJobData(RemoveJobData {
+                        job_id: job_id.to_owned(),
+                    })),
+                });
+            }
+        }
+    }
+
+    fn publish(&self, job_id: &str) {
+        if let Some((job, sender)) = self.jobs.get(job_id) {
+            sender.send_replace(job.status());
+        }
+    }
+
+    fn on_executor_lost(&mut self, executor_id: &str) {
+        let now = Instant::now();
+        let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for job_id in job_ids {
+            if let Some((job, _)) = self.jobs.get_mut(&job_id) {
+                job.on_executor_lost(executor_id, now);
+            }
+            self.publish(&job_id);
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        for executor_id in self.executors.expired(now, self.config.executor_timeout) {
+            warn!(%executor_id, "executor missed its heartbeats; dropping it");
+            // Dropping the entry closes its control stream.
+            self.executors.remove(&executor_id);
+            self.on_executor_lost(&executor_id);
+        }
+        let expired: Vec<String> = self
+            .finished
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(job_id, _)| job_id.clone())
+            .collect();
+        for job_id in expired {
+            if let Some((executors, _)) = self.finished.remove(&job_id) {
+                self.remove_job_data(&job_id, &executors);
+            }
+        }
+        let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for job_id in job_ids {
+            self.publish(&job_id);
+        }
+    }
+
+    /// Hands runnable tasks to free slots. Each slot goes to the job with the
+    /// fewest running tasks (oldest first on ties), so concurrent jobs share
+    /// the cluster fairly instead of the first one taking it all.
+    fn schedule(&mut self) {
+        let now = Instant::now();
+        while self.executors.has_free_slot() {
+            let candidate = self
+                .jobs
+                .values()
+                .filter(|(job, _)| job.state == JobState::Running)
+                .filter_map(|(job, _)| {
+                    job.next_runnable(now).map(|(stage, partition, avoid)| {
+                        (
+                            job.running,
+                            job.seq,
+                            job.id.clone(),
+                            stage,
+                            partition,
+                            avoid.map(str::to_owned),
+                        )
+                    })
+                })
+                .min_by_key(|(running, seq, ..)| (*running, *seq));
+            let Some((_, _, job_id, stage_id, partition, avoid)) = candidate else {
+                return;
+            };
+            let Some(executor_id) = self.executors.pick(avoid.as_deref()) else {
+                return;
+            };
+            let Some((job, _)) = self.jobs.get_mut(&job_id) else {
+                return;
+            };
+            let Some(launch) = job.launch(stage_id, partition, &executor_id) else {
+                return;
+            };
+            let Some(executor) = self.executors.get_mut(&executor_id) else {
+                return;
+            };
+            executor.running += 1;
+            debug!(%job_id, stage = stage_id, partition, %executor_id, "launching task");
+            let sent = executor.send(SchedulerMessage {
+                kind: Some(scheduler_message::Kind::LaunchTask(launch)),
+            });
+            if !sent {
+                self.executors.remove(&executor_id);
+                self.on_executor_lost(&executor_id);
+            }
+        }
+    }
+}
