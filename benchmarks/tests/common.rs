@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses a different part of this module
 //! Shared setup of the TPC-H integration tests: one data set per test binary,
 //! generated once into the target folder and reused across runs.
 
@@ -16,4 +17,19 @@ pub fn tpch_tables() -> Vec<(String, PathBuf)> {
         .unwrap_or_else(|| std::env::temp_dir().join("quiver-test-data"))
         .join(format!("tpch-sf{SCALE_FACTOR}"));
     datagen::generate(SCALE_FACTOR, 3, &dir).expect("generate TPC-H data")
+}
+
+use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
+
+/// Starts an embedded cluster and connects to it once every executor is up.
+pub async fn start_cluster(options: StandaloneOptions) -> (StandaloneCluster, QuiverContext) {
+    let executors = options.executors;
+    let cluster = StandaloneCluster::start(options)
+        .await
+        .expect("start cluster");
+    let context = cluster
+        .connect(executors)
+        .await
+        .expect("connect to cluster");
+    (cluster, context)
 }

@@ -101,6 +101,9 @@ impl ShuffleWriterExec {
         let id = MapOutputId::new(&self.job_id, self.stage_id, partition as u32, attempt)?;
         let schema = self.input.schema();
         let mut input = self.input.execute(partition, Arc::clone(&context))?;
+        if self.partitioning.is_none() {
+            return write_single_partition(id, schema, input, work_dir.to_owned()).await;
+        }
         let mut partitioner = self
             .partitioning
             .clone()
@@ -147,6 +150,77 @@ impl ShuffleWriterExec {
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?
     }
+}
+
+/// Streams a single output partition straight into the data file: with nothing
+/// to group there is nothing to buffer, so no memory is held between batches.
+/// Batches are written on a blocking thread, a few batches behind the input.
+async fn write_single_partition(
+    id: MapOutputId,
+    schema: SchemaRef,
+    mut input: SendableRecordBatchStream,
+    work_dir: std::path::PathBuf,
+) -> Result<Vec<PartitionStats>> {
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+    let writer = tokio::task::spawn_blocking(move || -> Result<Vec<PartitionStats>> {
+        let data_path = id.data_path(&work_dir);
+        let tmp_data = data_path.with_extension("data.tmp");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
+        };
+        if let Some(dir) = data_path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let file = File::create(&tmp_data).map_err(io(&tmp_data))?;
+        let mut writer =
+            StreamWriter::try_new(BufWriter::with_capacity(1024 * 1024, file), &schema)?;
+        let mut rows = 0u64;
+        while let Some(batch) = receiver.blocking_recv() {
+            rows += batch.num_rows() as u64;
+            writer.write(&batch)?;
+        }
+        writer.finish()?;
+        let mut out = writer.into_inner()?;
+        out.flush().map_err(io(&tmp_data))?;
+        let bytes = if rows == 0 {
+            0
+        } else {
+            out.stream_position().map_err(io(&tmp_data))?
+        };
+        drop(out);
+        if rows == 0 {
+            // An empty partition is an empty segment, as in the partitioned layout.
+            File::create(&tmp_data).map_err(io(&tmp_data))?;
+        }
+        publish(&id, &work_dir, &tmp_data, &[0, bytes])?;
+        Ok(vec![PartitionStats { rows, bytes }])
+    });
+    while let Some(batch) = input.next().await {
+        let batch = batch?;
+        if batch.num_rows() > 0 && sender.send(batch).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
+    }
+    drop(sender);
+    writer
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+}
+
+/// Writes the index of a finished data file and moves both to their final names.
+fn publish(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, offsets: &[u64]) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
+    };
+    let data_path = id.data_path(work_dir);
+    let index_path = id.index_path(work_dir);
+    let tmp_index = index_path.with_extension("index.tmp");
+    std::fs::write(&tmp_index, encode_index(offsets)).map_err(io(&tmp_index))?;
+    std::fs::rename(tmp_data, &data_path).map_err(io(&data_path))?;
+    std::fs::rename(&tmp_index, &index_path).map_err(io(&index_path))?;
+    Ok(())
 }
 
 /// In-memory buffers of the output partitions of one map task, with their spills.
@@ -235,7 +309,6 @@ impl PartitionBuffers {
         work_dir: &Path,
     ) -> Result<Vec<PartitionStats>> {
         let data_path = id.data_path(work_dir);
-        let index_path = id.index_path(work_dir);
         let io = |path: &Path| {
             let path = path.to_owned();
             move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
@@ -277,11 +350,7 @@ impl PartitionBuffers {
         out.flush().map_err(io(&tmp_data))?;
         drop(out);
         drop(self.reservation);
-
-        let tmp_index = index_path.with_extension("index.tmp");
-        std::fs::write(&tmp_index, encode_index(&offsets)).map_err(io(&tmp_index))?;
-        std::fs::rename(&tmp_data, &data_path).map_err(io(&data_path))?;
-        std::fs::rename(&tmp_index, &index_path).map_err(io(&index_path))?;
+        publish(id, work_dir, &tmp_data, &offsets)?;
 
         Ok(offsets
             .windows(2)
