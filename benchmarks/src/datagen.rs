@@ -89,12 +89,11 @@ fn write_table(
     parts: usize,
     dir: &Path,
 ) -> Result<(), Error> {
-    let staging = dir.with_extension("tmp");
+    // Each process stages into its own folder, so concurrent generators (tests
+    // run in parallel) never touch each other's files; the first rename wins.
+    let staging = dir.with_extension(format!("tmp-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io(dir))?;
     }
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     // The tiny tables are not split.
@@ -109,7 +108,16 @@ fn write_table(
         write_parquet(&path, batches)?;
     }
     File::create(staging.join("_SUCCESS")).map_err(io(&staging))?;
-    std::fs::rename(&staging, dir).map_err(io(dir))?;
+    if dir.exists() && !dir.join("_SUCCESS").exists() {
+        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+    }
+    if let Err(e) = std::fs::rename(&staging, dir) {
+        if !dir.join("_SUCCESS").exists() {
+            return Err(io(dir)(e));
+        }
+        // Another process finished the same table first.
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
     Ok(())
 }
 

@@ -37,7 +37,8 @@ async fn tpch_stage_plans() {
         let Planned::Stages { stages, .. } = planned else {
             panic!("Q{number} should run on executors");
         };
-        let rendered = display_stages(&stages).replace(&data_dir, "<data>");
+        // DataFusion prints paths without their leading slash.
+        let rendered = display_stages(&stages).replace(data_dir.trim_start_matches('/'), "<data>");
         insta::assert_snapshot!(format!("q{number:02}"), rendered);
     }
 }

@@ -1,7 +1,7 @@
 //! Session settings: Quiver's own `quiver.*` options, the defaults that make a
 //! DataFusion plan distributable, and how settings travel with each job.
 
-use datafusion::common::config::{ConfigEntry, ConfigExtension, ConfigOptions};
+use datafusion::common::config::{ConfigEntry, ConfigExtension, ConfigOptions, ExtensionOptions};
 use datafusion::common::extensions_options;
 use datafusion::error::Result;
 use datafusion::prelude::SessionConfig;
@@ -88,12 +88,29 @@ pub fn settings_to_send(options: &ConfigOptions) -> Vec<Setting> {
         .collect()
 }
 
+/// Every option with its full key. DataFusion lists extension options without
+/// their prefix, so Quiver's are prefixed here to be settable on the other side.
 fn entry_values(options: &ConfigOptions) -> Vec<(String, Option<String>)> {
-    options
+    let datafusion = options
         .entries()
         .into_iter()
-        .map(|ConfigEntry { key, value, .. }| (key, value))
-        .collect()
+        .filter(|entry| entry.key.starts_with("datafusion."))
+        .map(|ConfigEntry { key, value, .. }| (key, value));
+    let quiver = options
+        .extensions
+        .get::<QuiverOptions>()
+        .map(|quiver| quiver.entries())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|ConfigEntry { key, value, .. }| {
+            let key = if key.starts_with("quiver.") {
+                key
+            } else {
+                format!("quiver.{key}")
+            };
+            (key, value)
+        });
+    datafusion.chain(quiver).collect()
 }
 
 #[cfg(test)]

@@ -6,12 +6,11 @@
 //! - [`PROTOCOL_VERSION`] is sent by executors when they register; the scheduler
 //!   refuses a mismatch.
 
-#![allow(clippy::all, missing_docs, unused_qualifications)]
-
 /// Version of the scheduler/executor protocol. Bump it on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Generated messages and services of package `quiver.v1`.
+#[allow(clippy::all, clippy::clone_on_ref_ptr, unused_qualifications)]
 pub mod v1 {
     tonic::include_proto!("quiver.v1");
 }

@@ -199,23 +199,22 @@ async fn run(args: RunArgs) -> Result<(), String> {
             });
             results.push(batches);
         }
-        if args.show_rows > 0 {
-            if let Some(first) = results.first() {
-                let preview: Vec<_> = first
-                    .iter()
-                    .take(1)
-                    .map(|b| b.slice(0, b.num_rows().min(args.show_rows)))
-                    .collect();
-                if let Ok(table) = pretty_format_batches(&preview) {
-                    println!("Q{number}:\n{table}");
-                }
+        if let Some(first) = results.first().filter(|_| args.show_rows > 0) {
+            let preview: Vec<_> = first
+                .iter()
+                .take(1)
+                .map(|b| b.slice(0, b.num_rows().min(args.show_rows)))
+                .collect();
+            if let Ok(table) = pretty_format_batches(&preview) {
+                println!("Q{number}:\n{table}");
             }
         }
-        if args.verify && results.len() == 2 {
-            if let Err(difference) = verify::compare(&results[1], &results[0]) {
-                eprintln!("Q{number:02} VERIFY FAILED: {difference}");
-                failures.push(number);
-            }
+        if args.verify
+            && results.len() == 2
+            && let Err(difference) = verify::compare(&results[1], &results[0])
+        {
+            eprintln!("Q{number:02} VERIFY FAILED: {difference}");
+            failures.push(number);
         }
     }
     print_summary(&timings);

@@ -18,7 +18,7 @@ use datafusion::physical_plan::{
 use futures::{StreamExt, TryStreamExt};
 use quiver_proto::MapOutput;
 
-use super::fetch::{FlightClientPool, PartitionRef, ShuffleEnv, fetch_partition};
+use super::fetch::{PartitionRef, ShuffleEnv, fetch_partition};
 
 /// Map outputs fetched at once by one reader partition.
 const FETCH_CONCURRENCY: usize = 4;
@@ -204,7 +204,7 @@ impl ExecutionPlan for ShuffleReaderExec {
         let pool = env
             .as_ref()
             .map(|env| env.clients.clone())
-            .unwrap_or_else(FlightClientPool::default);
+            .unwrap_or_default();
         let job_id = self.job_id.clone();
         let stage_id = self.stage_id;
         let schema = Arc::clone(&self.schema);
