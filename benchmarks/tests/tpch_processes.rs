@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -129,7 +130,53 @@ async fn tpch_through_real_processes_and_the_cli() {
             Err(e) => failures.push(format!("Q{number} failed: {e}")),
         }
     }
+    check_cli_inputs(&url, work.path());
     let error = cli(&url, "SELECT * FROM no_such_table").expect_err("unknown table");
     assert!(error.contains("no_such_table"), "{error}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Statements from stdin and from files, JSON output, and an unreachable scheduler.
+fn check_cli_inputs(url: &str, scratch: &std::path::Path) {
+    let mut child = Command::new(binary("quiver"))
+        .args(["--url", url, "--format", "json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cli");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"SELECT 1 AS one;\nSELECT 'a;b' AS s; -- a comment\n")
+        .expect("write stdin");
+    let output = child.wait_with_output().expect("cli output");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "{\"one\":1}\n{\"s\":\"a;b\"}\n"
+    );
+
+    let script = scratch.join("script.sql");
+    std::fs::write(
+        &script,
+        "SELECT count(*) AS n FROM nation;\nSELECT count(*) AS r FROM region;\n",
+    )
+    .expect("script");
+    let output = Command::new(binary("quiver"))
+        .args(["--url", url, "--format", "csv", "-f"])
+        .arg(&script)
+        .output()
+        .expect("cli");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "n\n25\nr\n5\n");
+
+    let error = cli("quiver://127.0.0.1:1", "SELECT 1").expect_err("nothing listens on port 1");
+    assert!(
+        error.contains("127.0.0.1:1"),
+        "the address is named: {error}"
+    );
 }

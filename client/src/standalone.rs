@@ -41,7 +41,7 @@ pub struct StandaloneCluster {
     url: String,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    _work_dir: tempfile::TempDir,
+    work_dir: tempfile::TempDir,
 }
 
 impl StandaloneCluster {
@@ -84,13 +84,18 @@ impl StandaloneCluster {
             url,
             stop,
             tasks,
-            _work_dir: work_dir,
+            work_dir,
         })
     }
 
     /// `quiver://127.0.0.1:<port>` of the scheduler.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The folder holding each executor's work dir (`executor-<n>/`).
+    pub fn work_dir(&self) -> &std::path::Path {
+        self.work_dir.path()
     }
 
     /// Connects a client, once every executor has registered.

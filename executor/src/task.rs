@@ -21,7 +21,7 @@ use quiver_proto::{
     ExecutorAddress, FailureKind, LaunchTask, MapOutput, StageInput, TaskFailed, TaskId,
     TaskStatus, TaskSucceeded, task_status,
 };
-use tokio::task::AbortHandle;
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::Result;
@@ -29,13 +29,17 @@ use crate::config::ExecutorConfig;
 use crate::runtime::build_runtime;
 
 /// Runs tasks and tracks the running ones so that they can be cancelled.
+///
+/// Every launched task reports exactly one status, `Cancelled` included: the
+/// scheduler counts an executor's busy slots by those reports.
 #[derive(Debug)]
 pub struct TaskRunner {
     executor_id: String,
     shuffle_dir: PathBuf,
     runtime: Arc<RuntimeEnv>,
     clients: FlightClientPool,
-    running: Mutex<HashMap<TaskKey, AbortHandle>>,
+    /// Sending on (or dropping) a task's sender cancels it.
+    running: Mutex<HashMap<TaskKey, oneshot::Sender<()>>>,
 }
 
 type TaskKey = (String, u32, u32, u32);
@@ -78,19 +82,22 @@ impl TaskRunner {
         let task = launch.task.clone().unwrap_or_default();
         let key = task_key(&task);
         let runner = Arc::clone(self);
-        // Hold the lock across the spawn so that the task cannot finish and
-        // remove itself before it was inserted.
-        let mut running = self.lock_running();
-        let handle = tokio::spawn(async move {
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        self.lock_running().insert(key, cancel);
+        tokio::spawn(async move {
             let started = Instant::now();
-            let result = runner.run(launch, address).await;
+            // Dropping the run future stops its DataFusion streams.
+            let outcome = tokio::select! {
+                result = runner.run(launch, address) => Some(result),
+                _ = cancelled => None,
+            };
             runner.lock_running().remove(&task_key(&task));
-            let result = match result {
-                Ok(output) => task_status::Result::Succeeded(TaskSucceeded {
+            let result = match outcome {
+                Some(Ok(output)) => task_status::Result::Succeeded(TaskSucceeded {
                     output: Some(output),
                     elapsed_micros: started.elapsed().as_micros() as u64,
                 }),
-                Err(error) => {
+                Some(Err(error)) => {
                     let kind = classify_failure(&error);
                     warn!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition,
                         attempt = task.attempt, ?kind, %error, "task failed");
@@ -99,32 +106,30 @@ impl TaskRunner {
                         message: error.to_string(),
                     })
                 }
+                None => task_status::Result::Failed(TaskFailed {
+                    kind: FailureKind::Cancelled.into(),
+                    message: "task cancelled".into(),
+                }),
             };
             report(TaskStatus {
                 task: Some(task),
                 result: Some(result),
             });
         });
-        running.insert(key, handle.abort_handle());
     }
 
-    /// Aborts every running task of a job. Returns how many were running.
+    /// Cancels every running task of a job. Returns how many were running.
     pub fn cancel_job(&self, job_id: &str) -> usize {
         let mut running = self.lock_running();
-        let keys: Vec<TaskKey> = running.keys().filter(|k| k.0 == job_id).cloned().collect();
-        for key in &keys {
-            if let Some(handle) = running.remove(key) {
-                handle.abort();
-            }
-        }
-        keys.len()
+        let before = running.len();
+        // Dropping a task's sender cancels it.
+        running.retain(|key, _| key.0 != job_id);
+        before - running.len()
     }
 
-    /// Aborts every running task, e.g. when the scheduler connection is lost.
+    /// Cancels every running task, e.g. when the scheduler connection is lost.
     pub fn cancel_all(&self) {
-        for (_, handle) in self.lock_running().drain() {
-            handle.abort();
-        }
+        self.lock_running().clear();
     }
 
     async fn run(&self, launch: LaunchTask, address: ExecutorAddress) -> DfResult<MapOutput> {
@@ -184,7 +189,7 @@ impl TaskRunner {
         Ok(state.task_ctx())
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<TaskKey, AbortHandle>> {
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<TaskKey, oneshot::Sender<()>>> {
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -213,15 +218,4 @@ fn bind_inputs(
         Ok(Transformed::yes(bound))
     })
     .map(|transformed| transformed.data)
-}
-
-/// A failure reported for a task that could not even start.
-pub fn failed_status(task: TaskId, kind: FailureKind, message: String) -> TaskStatus {
-    TaskStatus {
-        task: Some(task),
-        result: Some(task_status::Result::Failed(TaskFailed {
-            kind: kind.into(),
-            message,
-        })),
-    }
 }

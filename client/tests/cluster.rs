@@ -1,0 +1,239 @@
+//! The embedded cluster end to end: the control protocol refuses what it must,
+//! clients share the cluster, tables of every kind work, and a finished job
+//! leaves no shuffle data behind.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::prelude::{SessionContext, col, lit};
+use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
+use quiver_proto::{
+    ExecutorAddress, ExecutorMessage, Heartbeat, JobRequest, PROTOCOL_VERSION, RegisterExecutor,
+    executor_message,
+};
+use tonic::Code;
+
+async fn cluster() -> (StandaloneCluster, QuiverContext) {
+    let cluster = StandaloneCluster::start(StandaloneOptions::default())
+        .await
+        .expect("start");
+    let context = cluster.connect(2).await.expect("connect");
+    (cluster, context)
+}
+
+fn int64s(batches: &[RecordBatch], column: usize) -> Vec<i64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column(column)
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+async fn query(context: &QuiverContext, sql: &str) -> Vec<RecordBatch> {
+    context
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn register_as(context: &QuiverContext, message: executor_message::Kind) -> tonic::Status {
+    let mut client = context.scheduler();
+    let outbound = futures::stream::iter(vec![ExecutorMessage {
+        kind: Some(message),
+    }]);
+    match client.executor_channel(outbound).await {
+        Ok(_) => panic!("the scheduler accepted a bad registration"),
+        Err(status) => status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_protocol_refuses_bad_peers() {
+    let (cluster, context) = cluster().await;
+
+    let status = register_as(
+        &context,
+        executor_message::Kind::Register(RegisterExecutor {
+            protocol_version: 999,
+            address: Some(ExecutorAddress {
+                executor_id: "old-executor".into(),
+                host: "127.0.0.1".into(),
+                flight_port: 1,
+            }),
+            slots: 1,
+        }),
+    )
+    .await;
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("999")
+            && status.message().contains(&PROTOCOL_VERSION.to_string()),
+        "both versions are named: {}",
+        status.message()
+    );
+
+    let status = register_as(
+        &context,
+        executor_message::Kind::Heartbeat(Heartbeat { running_tasks: 0 }),
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+
+    let status = register_as(
+        &context,
+        executor_message::Kind::Register(RegisterExecutor {
+            protocol_version: PROTOCOL_VERSION,
+            address: Some(ExecutorAddress {
+                executor_id: "../../etc".into(),
+                host: "127.0.0.1".into(),
+                flight_port: 1,
+            }),
+            slots: 1,
+        }),
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+
+    let status = context
+        .scheduler()
+        .get_job_status(JobRequest {
+            job_id: "no-such-job".into(),
+        })
+        .await
+        .expect_err("unknown job");
+    assert_eq!(status.code(), Code::NotFound);
+
+    // The cluster still works.
+    assert_eq!(
+        int64s(&query(&context, "SELECT CAST(1 AS BIGINT)").await, 0),
+        vec![1]
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_share_the_cluster() {
+    let (cluster, first) = cluster().await;
+    let second = QuiverContext::connect(cluster.url())
+        .await
+        .expect("second client");
+    let sql = "SELECT sum(CAST(v AS BIGINT)) FROM (SELECT * FROM (VALUES (1),(2),(3),(4)) t(v)) GROUP BY v % 2 ORDER BY 1";
+    let jobs: Vec<_> = (0..8)
+        .map(|i| {
+            let context = if i % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
+            tokio::spawn(async move { query(&context, sql).await })
+        })
+        .collect();
+    for job in jobs {
+        let batches = job.await.expect("job task");
+        assert_eq!(int64s(&batches, 0), vec![4, 6]);
+    }
+    cluster.shutdown().await;
+}
+
+fn shuffle_job_dirs(work_dir: &Path) -> Vec<String> {
+    let mut dirs = Vec::new();
+    for executor in std::fs::read_dir(work_dir).into_iter().flatten().flatten() {
+        let shuffle = executor.path().join("shuffle");
+        for job in std::fs::read_dir(shuffle).into_iter().flatten().flatten() {
+            dirs.push(job.path().display().to_string());
+        }
+    }
+    dirs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_jobs_leave_no_shuffle_data() {
+    let (cluster, context) = cluster().await;
+    let batches = query(
+        &context,
+        "SELECT v % 3 AS k, count(*) AS n FROM (SELECT * FROM (VALUES (1),(2),(3),(4),(5)) t(v)) GROUP BY v % 3 ORDER BY k",
+    )
+    .await;
+    assert_eq!(int64s(&batches, 1), vec![1, 2, 2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = shuffle_job_dirs(cluster.work_dir());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shuffle data left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn csv_files_and_hive_partitioned_parquet_folders() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let csv = dir.path().join("people.csv");
+    std::fs::write(&csv, "id,name\n1,ada\n2,grace\n3,edsger\n").expect("write csv");
+    context
+        .register_csv("people", &csv.display().to_string(), true)
+        .await
+        .expect("register csv");
+    let batches = query(
+        &context,
+        "SELECT id FROM people WHERE name <> 'grace' ORDER BY id",
+    )
+    .await;
+    assert_eq!(int64s(&batches, 0), vec![1, 3]);
+
+    // Written by single-node DataFusion as hive-style folders k=a/ and k=b/.
+    let hive = dir.path().join("hive");
+    let local = SessionContext::new();
+    local
+        .sql(&format!(
+            "COPY (SELECT * FROM (VALUES (CAST(1 AS BIGINT), 'a'), (2, 'b'), (3, 'a')) t(x, k)) \
+             TO '{}' STORED AS PARQUET PARTITIONED BY (k)",
+            hive.display()
+        ))
+        .await
+        .expect("plan copy")
+        .collect()
+        .await
+        .expect("write hive folder");
+    assert!(hive.join("k=a").is_dir(), "hive folders were written");
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE sales STORED AS PARQUET LOCATION '{}/'",
+            hive.display()
+        ),
+    )
+    .await;
+    let batches = query(&context, "SELECT sum(x) FROM sales WHERE k = 'a'").await;
+    assert_eq!(int64s(&batches, 0), vec![4]);
+
+    // The DataFrame API builds the plan on the client and runs it on the cluster.
+    let frame = context
+        .table("sales")
+        .await
+        .expect("table")
+        .filter(col("x").gt(lit(1i64)))
+        .expect("filter")
+        .aggregate(vec![], vec![sum(col("x")).alias("total")])
+        .expect("aggregate");
+    assert_eq!(int64s(&frame.collect().await.expect("collect"), 0), vec![5]);
+
+    cluster.shutdown().await;
+}
