@@ -12,7 +12,8 @@ use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::array::{ArrayRef, AsArray};
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::writer::StreamWriter;
 use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -152,6 +153,32 @@ impl ShuffleWriterExec {
     }
 }
 
+/// Copies the strings of view columns into buffers of their own.
+///
+/// Parquet strings are read as `Utf8View`; a batch taken from a larger one keeps
+/// views into the whole source buffers, which would all be counted against the
+/// memory pool and written to the shuffle file for every output partition.
+pub fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
+    let has_views = batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView));
+    if !has_views {
+        return Ok(batch);
+    }
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|column| match column.data_type() {
+            DataType::Utf8View => Arc::new(column.as_string_view().gc()) as ArrayRef,
+            DataType::BinaryView => Arc::new(column.as_binary_view().gc()) as ArrayRef,
+            _ => Arc::clone(column),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
 /// Streams a single output partition straight into the data file: with nothing
 /// to group there is nothing to buffer, so no memory is held between batches.
 /// Batches are written on a blocking thread, a few batches behind the input.
@@ -198,7 +225,7 @@ async fn write_single_partition(
     });
     while let Some(batch) = input.next().await {
         let batch = batch?;
-        if batch.num_rows() > 0 && sender.send(batch).await.is_err() {
+        if batch.num_rows() > 0 && sender.send(compact_views(batch)?).await.is_err() {
             break; // the writer failed; its error is reported below
         }
     }
@@ -260,6 +287,7 @@ impl PartitionBuffers {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        let batch = compact_views(batch)?;
         let size = batch.get_array_memory_size();
         if self.reservation.try_grow(size).is_err() {
             self.spill().await?;
