@@ -103,8 +103,13 @@ impl QuiverContext {
     /// cluster when collected; DDL (`CREATE EXTERNAL TABLE`, `DROP TABLE`,
     /// `CREATE VIEW`) runs on the cluster at once, and `SET` changes this session.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
+        let started = std::time::Instant::now();
         let state = self.session.state();
         let plan = state.create_logical_plan(sql).await?;
+        tracing::debug!(
+            planning_us = started.elapsed().as_micros() as u64,
+            "statement planned on the client"
+        );
         match plan {
             LogicalPlan::Ddl(_) => {
                 self.run_sql(sql).await?;

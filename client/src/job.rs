@@ -137,7 +137,11 @@ pub async fn execute(
     settings: Vec<Setting>,
     progress: impl FnMut(&JobStatus),
 ) -> Result<SendableRecordBatchStream> {
+    let started = std::time::Instant::now();
     let job = submit(&mut client, query, settings).await?;
+    let submitted = started.elapsed();
     let status = wait(&mut client, &job.job_id, progress).await?;
+    tracing::debug!(job_id = %job.job_id, submit_us = submitted.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64, "job finished on the cluster");
     Ok(result_stream(client, pool, job.schema, status))
 }

@@ -7,11 +7,13 @@
 //! - [`codec`]: the datafusion-proto extension codecs for Quiver's operators and
 //!   for tables named by a client.
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
+//! - [`net`]: accepted connections for servers that take a bound listener.
 
 pub mod codec;
 pub mod config;
 pub mod error;
 pub mod ipc;
+pub mod net;
 pub mod shuffle;
 
 pub use error::{Error, Result};

@@ -23,7 +23,6 @@ use quiver_core::shuffle::fetch::{MAX_FLIGHT_MESSAGE_BYTES, segment_batches};
 use quiver_core::shuffle::layout::open_segment;
 use quiver_proto::ShuffleTicket;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{Error, Result};
@@ -50,13 +49,12 @@ pub async fn serve(
 ) -> Result<()> {
     let service = ShuffleFlightService::new(work_dir.join("shuffle"));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             FlightServiceServer::new(service)
                 .max_decoding_message_size(MAX_FLIGHT_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_FLIGHT_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(quiver_core::net::incoming(listener), shutdown)
         .await
         .map_err(Error::Flight)
 }

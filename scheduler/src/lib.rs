@@ -23,7 +23,6 @@ use std::future::Future;
 
 use quiver_proto::scheduler_service_server::SchedulerServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use config::SchedulerConfig;
@@ -44,13 +43,12 @@ pub async fn run(
     let service = service::SchedulerGrpc::new(handle, planner);
     info!(?address, "scheduler serving");
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             SchedulerServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(quiver_core::net::incoming(listener), shutdown)
         .await
         .map_err(Error::Serve)
 }

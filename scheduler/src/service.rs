@@ -16,7 +16,7 @@ use quiver_proto::{
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::planner::{Planned, Planner};
@@ -156,7 +156,9 @@ impl SchedulerService for SchedulerGrpc {
         let request = request.into_inner();
         let query = request.query.ok_or(Error::EmptyQuery)?;
         let job_id = new_job_id();
+        let started = std::time::Instant::now();
         let planned = self.planner.plan(&job_id, query, &request.settings).await?;
+        debug!(%job_id, planning_us = started.elapsed().as_micros() as u64, "job planned");
         let schema = match planned {
             Planned::Done { schema } => {
                 let status = JobStatus {
