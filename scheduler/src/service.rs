@@ -117,7 +117,7 @@ impl SchedulerService for SchedulerGrpc {
         })?;
         let handle = self.handle.clone();
         tokio::spawn(async move {
-            loop {
+            let clean = loop {
                 match inbound.message().await {
                     Ok(Some(ExecutorMessage {
                         kind: Some(message),
@@ -132,16 +132,17 @@ impl SchedulerService for SchedulerGrpc {
                         }
                     }
                     Ok(Some(ExecutorMessage { kind: None })) => {}
-                    Ok(None) => break,
+                    Ok(None) => break true,
                     Err(status) => {
                         info!(%executor_id, %status, "control stream broke");
-                        break;
+                        break false;
                     }
                 }
-            }
+            };
             handle.send(Event::ExecutorDisconnected {
                 executor_id,
                 connection,
+                clean,
             });
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(

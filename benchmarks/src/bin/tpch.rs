@@ -28,6 +28,23 @@ enum Command {
     Gen(GenArgs),
     /// Run the TPC-H queries and print results and timings.
     Run(RunArgs),
+    /// Measure the end-to-end time of trivial queries through the client.
+    Latency(LatencyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LatencyArgs {
+    #[command(flatten)]
+    data: GenArgs,
+    /// Runs of each query (after 10 warm-up runs).
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// A running Quiver cluster; without it an embedded cluster is started.
+    #[arg(long)]
+    url: Option<String>,
+    /// Executors of the embedded cluster.
+    #[arg(long, default_value_t = 2)]
+    executors: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -107,6 +124,7 @@ async fn main() -> std::process::ExitCode {
     let outcome = match cli.command {
         Command::Gen(args) => generate(&args).map(|_| ()),
         Command::Run(args) => run(args).await,
+        Command::Latency(args) => latency(args).await,
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -245,6 +263,66 @@ async fn run(args: RunArgs) -> Result<(), String> {
             "answers differ from DataFusion for queries {failures:?}"
         ))
     }
+}
+
+async fn latency(args: LatencyArgs) -> Result<(), String> {
+    let tables = generate(&args.data)?;
+    let mut cluster = None;
+    let context = match &args.url {
+        Some(url) => QuiverContext::connect(url)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => {
+            let options = StandaloneOptions {
+                executors: args.executors,
+                slots_per_executor: 1,
+                ..StandaloneOptions::default()
+            };
+            let started = StandaloneCluster::start(options)
+                .await
+                .map_err(|e| e.to_string())?;
+            let context = started
+                .connect(args.executors)
+                .await
+                .map_err(|e| e.to_string())?;
+            cluster = Some(started);
+            context
+        }
+    };
+    let engine = Engine::Quiver(context);
+    let nation: Vec<_> = tables
+        .into_iter()
+        .filter(|(name, _)| name == "nation")
+        .collect();
+    engine.register_tables(&nation).await?;
+    println!("| query | runs | median (ms) | p99 (ms) | max (ms) |");
+    println!("|---|---:|---:|---:|---:|");
+    for sql in [
+        "SELECT 1",
+        "SELECT n_name FROM nation WHERE n_nationkey = 7",
+    ] {
+        for _ in 0..10 {
+            engine.run(sql).await?;
+        }
+        let mut millis = Vec::with_capacity(args.runs);
+        for _ in 0..args.runs.max(1) {
+            let (_, elapsed) = engine.timed(sql).await?;
+            millis.push(elapsed.as_secs_f64() * 1000.0);
+        }
+        millis.sort_by(f64::total_cmp);
+        let p99 = millis[((millis.len() * 99).div_ceil(100)).saturating_sub(1)];
+        println!(
+            "| `{sql}` | {} | {:.2} | {:.2} | {:.2} |",
+            millis.len(),
+            median(&millis),
+            p99,
+            millis[millis.len() - 1]
+        );
+    }
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
+    }
+    Ok(())
 }
 
 fn median(values: &[f64]) -> f64 {

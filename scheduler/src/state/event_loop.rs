@@ -86,13 +86,18 @@ impl SchedulerLoop {
             Event::ExecutorDisconnected {
                 executor_id,
                 connection,
+                clean,
             } => {
                 if self
                     .executors
                     .remove_connection(&executor_id, connection)
                     .is_some()
                 {
-                    warn!(%executor_id, "executor disconnected");
+                    if clean {
+                        info!(%executor_id, "executor signed off");
+                    } else {
+                        warn!(%executor_id, "executor connection lost");
+                    }
                     self.on_executor_lost(&executor_id);
                 }
             }

@@ -34,6 +34,9 @@ pub enum Event {
     ExecutorDisconnected {
         executor_id: String,
         connection: u64,
+        /// The executor closed its stream itself (a shutdown), rather than the
+        /// stream breaking.
+        clean: bool,
     },
     JobSubmitted(Box<SubmittedJob>),
     CancelJob {
