@@ -8,12 +8,14 @@
 //!   for tables named by a client.
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
 //! - [`net`]: accepted connections for servers that take a bound listener.
+//! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
 
 pub mod codec;
 pub mod config;
 pub mod error;
 pub mod ipc;
 pub mod net;
+pub mod process;
 pub mod shuffle;
 
 pub use error::{Error, Result};

@@ -152,34 +152,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let mut engines = Vec::new();
     let mut cluster = None;
     if args.engine != EngineChoice::Datafusion || args.verify {
-        let context = match &args.url {
-            Some(url) => QuiverContext::connect(url)
-                .await
-                .map_err(|e| e.to_string())?,
-            None => {
-                let options = StandaloneOptions {
-                    executors: args.executors,
-                    slots_per_executor: args.slots,
-                    default_partitions: args.partitions,
-                    ..StandaloneOptions::default()
-                };
-                let started = StandaloneCluster::start(options)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                eprintln!(
-                    "embedded cluster at {} with {} executors x {} slots",
-                    started.url(),
-                    args.executors,
-                    args.slots
-                );
-                let context = started
-                    .connect(args.executors)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                cluster = Some(started);
-                context
-            }
+        let options = StandaloneOptions {
+            executors: args.executors,
+            slots_per_executor: args.slots,
+            default_partitions: args.partitions,
+            ..StandaloneOptions::default()
         };
+        let (context, started) = quiver_context(args.url.as_deref(), options).await?;
+        cluster = started;
         engines.push(Engine::Quiver(context));
     }
     if args.engine != EngineChoice::Quiver || args.verify {
@@ -265,30 +245,41 @@ async fn run(args: RunArgs) -> Result<(), String> {
     }
 }
 
+/// Connects to the cluster at `url`, or starts an embedded one shaped by `options`.
+async fn quiver_context(
+    url: Option<&str>,
+    options: StandaloneOptions,
+) -> Result<(QuiverContext, Option<StandaloneCluster>), String> {
+    if let Some(url) = url {
+        let context = QuiverContext::connect(url)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok((context, None));
+    }
+    let executors = options.executors;
+    let slots = options.slots_per_executor;
+    let cluster = StandaloneCluster::start(options)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "embedded cluster at {} with {executors} executors x {slots} slots",
+        cluster.url()
+    );
+    let context = cluster
+        .connect(executors)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((context, Some(cluster)))
+}
+
 async fn latency(args: LatencyArgs) -> Result<(), String> {
     let tables = generate(&args.data)?;
-    let mut cluster = None;
-    let context = match &args.url {
-        Some(url) => QuiverContext::connect(url)
-            .await
-            .map_err(|e| e.to_string())?,
-        None => {
-            let options = StandaloneOptions {
-                executors: args.executors,
-                slots_per_executor: 1,
-                ..StandaloneOptions::default()
-            };
-            let started = StandaloneCluster::start(options)
-                .await
-                .map_err(|e| e.to_string())?;
-            let context = started
-                .connect(args.executors)
-                .await
-                .map_err(|e| e.to_string())?;
-            cluster = Some(started);
-            context
-        }
+    let options = StandaloneOptions {
+        executors: args.executors,
+        slots_per_executor: 1,
+        ..StandaloneOptions::default()
     };
+    let (context, cluster) = quiver_context(args.url.as_deref(), options).await?;
     let engine = Engine::Quiver(context);
     let nation: Vec<_> = tables
         .into_iter()
