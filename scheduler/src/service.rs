@@ -178,12 +178,20 @@ impl SchedulerService for SchedulerGrpc {
                 encoded,
                 max_attempts,
             } => {
+                let (status, watcher) = watch::channel(JobStatus {
+                    job_id: job_id.clone(),
+                    state: JobState::Queued.into(),
+                    stages_total: stages.len() as u32,
+                    ..JobStatus::default()
+                });
+                self.handle.directory.insert(job_id.clone(), watcher);
                 self.send(Event::JobSubmitted(Box::new(SubmittedJob {
                     job_id: job_id.clone(),
                     settings: request.settings,
                     max_attempts,
                     stages,
                     encoded,
+                    status,
                 })))?;
                 schema
             }

@@ -188,7 +188,9 @@ async fn write_single_partition(
     mut input: SendableRecordBatchStream,
     work_dir: std::path::PathBuf,
 ) -> Result<Vec<PartitionStats>> {
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+    // `None` marks the end of the input: without it (the input failed or the
+    // task was cancelled) the partial file is deleted, never published.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Option<RecordBatch>>(2);
     let writer = tokio::task::spawn_blocking(move || -> Result<Vec<PartitionStats>> {
         let data_path = id.data_path(&work_dir);
         let tmp_data = data_path.with_extension("data.tmp");
@@ -203,9 +205,21 @@ async fn write_single_partition(
         let mut writer =
             StreamWriter::try_new(BufWriter::with_capacity(1024 * 1024, file), &schema)?;
         let mut rows = 0u64;
-        while let Some(batch) = receiver.blocking_recv() {
-            rows += batch.num_rows() as u64;
-            writer.write(&batch)?;
+        loop {
+            match receiver.blocking_recv() {
+                Some(Some(batch)) => {
+                    rows += batch.num_rows() as u64;
+                    writer.write(&batch)?;
+                }
+                Some(None) => break,
+                None => {
+                    drop(writer);
+                    let _ = std::fs::remove_file(&tmp_data);
+                    return Err(DataFusionError::Execution(
+                        "the map task stopped before its input ended".into(),
+                    ));
+                }
+            }
         }
         writer.finish()?;
         let mut out = writer.into_inner()?;
@@ -223,11 +237,16 @@ async fn write_single_partition(
         publish(&id, &work_dir, &tmp_data, &[0, bytes])?;
         Ok(vec![PartitionStats { rows, bytes }])
     });
+    let mut complete = true;
     while let Some(batch) = input.next().await {
         let batch = batch?;
-        if batch.num_rows() > 0 && sender.send(compact_views(batch)?).await.is_err() {
-            break; // the writer failed; its error is reported below
+        if batch.num_rows() > 0 && sender.send(Some(compact_views(batch)?)).await.is_err() {
+            complete = false; // the writer failed; its error is reported below
+            break;
         }
+    }
+    if complete {
+        let _ = sender.send(None).await;
     }
     drop(sender);
     writer

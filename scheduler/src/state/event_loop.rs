@@ -10,6 +10,7 @@ use quiver_proto::{
     RemoveJobData, SchedulerMessage, TaskStatus, executor_message, scheduler_message, task_status,
 };
 use tokio::sync::{mpsc, watch};
+
 use tracing::{debug, info, warn};
 
 use super::executors::{ExecutorEntry, ExecutorRegistry};
@@ -32,7 +33,6 @@ pub fn spawn(config: LoopConfig) -> SchedulerHandle {
     let directory = JobDirectory::default();
     let state = SchedulerLoop {
         config,
-        directory: directory.clone(),
         jobs: HashMap::new(),
         finished: HashMap::new(),
         executors: ExecutorRegistry::default(),
@@ -44,7 +44,6 @@ pub fn spawn(config: LoopConfig) -> SchedulerHandle {
 
 struct SchedulerLoop {
     config: LoopConfig,
-    directory: JobDirectory,
     /// Running jobs, with the sender of their published status.
     jobs: HashMap<String, (Job, watch::Sender<JobStatus>)>,
     /// Succeeded jobs whose result is still held on executors, with its deadline.
@@ -207,10 +206,9 @@ impl SchedulerLoop {
             now,
         );
         self.next_seq += 1;
-        let (sender, receiver) = watch::channel(job.status());
-        self.directory.insert(submitted.job_id.clone(), receiver);
+        submitted.status.send_replace(job.status());
         info!(job_id = %submitted.job_id, stages = job.stages.len(), "job accepted");
-        self.jobs.insert(submitted.job_id, (job, sender));
+        self.jobs.insert(submitted.job_id, (job, submitted.status));
     }
 
     fn after_outcome(&mut self, job_id: &str, outcome: Outcome) {
@@ -283,10 +281,11 @@ impl SchedulerLoop {
         let now = Instant::now();
         let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
         for job_id in job_ids {
-            if let Some((job, _)) = self.jobs.get_mut(&job_id) {
-                job.on_executor_lost(executor_id, now);
-            }
-            self.publish(&job_id);
+            let outcome = match self.jobs.get_mut(&job_id) {
+                Some((job, _)) => job.on_executor_lost(executor_id, now),
+                None => continue,
+            };
+            self.after_outcome(&job_id, outcome);
         }
     }
 

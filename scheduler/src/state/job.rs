@@ -1,6 +1,7 @@
 //! The state of one job: its stages, and every task's attempts and output.
 //! Pure state machine, driven by the event loop; it never does I/O.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
@@ -66,6 +67,9 @@ pub struct Job {
     pub started: Instant,
     pub state: JobState,
     pub error: String,
+    /// Every executor a task of this job was launched on: all of them may
+    /// hold files of the job and are told to remove them when it ends.
+    launched_on: BTreeSet<String>,
 }
 
 impl Job {
@@ -106,6 +110,7 @@ impl Job {
             started: now,
             state: JobState::Running,
             error: String::new(),
+            launched_on: BTreeSet::new(),
         }
     }
 
@@ -177,6 +182,7 @@ impl Job {
         };
         let attempt = task.attempt;
         self.running += 1;
+        self.launched_on.insert(executor_id.to_owned());
         Some(LaunchTask {
             task: Some(TaskId {
                 job_id,
@@ -255,9 +261,63 @@ impl Job {
     }
 
     /// Reschedules what was lost with an executor: its running tasks, and the map
-    /// outputs it held that a stage still needs (recomputed from lineage).
-    pub fn on_executor_lost(&mut self, executor_id: &str, now: Instant) {
-        let needed: Vec<bool> = (0..self.stages.len())
+    /// outputs it held that a stage still needs, recomputed from lineage. Resetting
+    /// an output can make an earlier stage's outputs needed again, so this repeats
+    /// until nothing changes. A running task lost this way uses up an attempt; a
+    /// finished output that has to be recomputed does not.
+    pub fn on_executor_lost(&mut self, executor_id: &str, now: Instant) -> Outcome {
+        let max_attempts = self.max_attempts;
+        let mut exhausted = None;
+        loop {
+            let needed = self.needed_stages();
+            let mut changed = false;
+            for (stage, needed) in self.stages.iter_mut().zip(needed) {
+                for (partition, task) in stage.tasks.iter_mut().enumerate() {
+                    let lost = match &task.state {
+                        TaskState::Running { executor_id: e } => e == executor_id,
+                        TaskState::Done => {
+                            needed
+                                && task
+                                    .output
+                                    .as_ref()
+                                    .and_then(|o| o.executor.as_ref())
+                                    .is_some_and(|e| e.executor_id == executor_id)
+                        }
+                        TaskState::Pending => false,
+                    };
+                    if !lost {
+                        continue;
+                    }
+                    if matches!(task.state, TaskState::Running { .. }) {
+                        self.running -= 1;
+                        if task.attempt + 1 >= max_attempts {
+                            exhausted = Some((stage.id, partition));
+                        }
+                    }
+                    task.state = TaskState::Pending;
+                    task.output = None;
+                    task.attempt += 1;
+                    task.not_before = now;
+                    task.avoid = Some(executor_id.to_owned());
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        match exhausted {
+            Some((stage, partition)) => self.fail(format!(
+                "task {stage}/{partition} was lost with its executor {executor_id} on its last attempt"
+            )),
+            None => Outcome::Continue,
+        }
+    }
+
+    /// For each stage, whether its outputs are still needed: it is the final
+    /// stage, or a stage that reads it is not complete.
+    fn needed_stages(&self) -> Vec<bool> {
+        (0..self.stages.len())
             .map(|index| {
                 let stage_id = index as u32 + 1;
                 index + 1 == self.stages.len()
@@ -266,33 +326,7 @@ impl Job {
                         .iter()
                         .any(|s| s.inputs.contains(&stage_id) && !s.is_complete())
             })
-            .collect();
-        for (stage, needed) in self.stages.iter_mut().zip(needed) {
-            for task in &mut stage.tasks {
-                let on_lost = match &task.state {
-                    TaskState::Running { executor_id: e } => e == executor_id,
-                    TaskState::Done => {
-                        needed
-                            && task
-                                .output
-                                .as_ref()
-                                .and_then(|o| o.executor.as_ref())
-                                .is_some_and(|e| e.executor_id == executor_id)
-                    }
-                    TaskState::Pending => false,
-                };
-                if on_lost {
-                    if matches!(task.state, TaskState::Running { .. }) {
-                        self.running -= 1;
-                    }
-                    task.state = TaskState::Pending;
-                    task.output = None;
-                    task.attempt += 1;
-                    task.not_before = now;
-                    task.avoid = Some(executor_id.to_owned());
-                }
-            }
-        }
+            .collect()
     }
 
     pub fn fail(&mut self, message: String) -> Outcome {
@@ -306,24 +340,9 @@ impl Job {
         self.error = "job cancelled".into();
     }
 
-    /// Executors that hold or compute data of this job.
+    /// Executors that may hold or compute data of this job.
     pub fn executors(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .stages
-            .iter()
-            .flat_map(|stage| &stage.tasks)
-            .filter_map(|task| match &task.state {
-                TaskState::Running { executor_id } => Some(executor_id.clone()),
-                _ => task
-                    .output
-                    .as_ref()
-                    .and_then(|o| o.executor.as_ref())
-                    .map(|e| e.executor_id.clone()),
-            })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids
+        self.launched_on.iter().cloned().collect()
     }
 
     pub fn status(&self) -> JobStatus {
@@ -351,5 +370,97 @@ impl Job {
             elapsed_micros: self.started.elapsed().as_micros() as u64,
             result_stage: self.final_stage().map_or(0, |stage| stage.id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_plan::empty::EmptyExec;
+    use quiver_core::shuffle::ShuffleWriterExec;
+    use quiver_proto::ExecutorAddress;
+
+    use super::*;
+
+    /// A chain of `stages` stages of two tasks each, stage `n` reading stage `n - 1`.
+    fn chain(stages: u32) -> Job {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let plans: Vec<StagePlan> = (1..=stages)
+            .map(|id| StagePlan {
+                stage_id: id,
+                plan: Arc::new(ShuffleWriterExec::new(
+                    "job",
+                    id,
+                    Arc::new(EmptyExec::new(Arc::clone(&schema)).with_partitions(2)),
+                    None,
+                )),
+                inputs: if id > 1 { vec![id - 1] } else { vec![] },
+            })
+            .collect();
+        let encoded = vec![Bytes::new(); plans.len()];
+        Job::new("job".into(), 0, vec![], 2, &plans, encoded, Instant::now())
+    }
+
+    fn run_task(job: &mut Job, stage: u32, partition: usize, executor: &str) {
+        let launch = job.launch(stage, partition, executor).expect("launchable");
+        let output = MapOutput {
+            map_partition: partition as u32,
+            executor: Some(ExecutorAddress {
+                executor_id: executor.into(),
+                ..ExecutorAddress::default()
+            }),
+            attempt: launch.task.as_ref().map_or(0, |t| t.attempt),
+            partitions: vec![],
+        };
+        job.on_success(&launch.task.expect("task id"), output);
+    }
+
+    fn state(job: &Job, stage: u32, partition: usize) -> &TaskState {
+        &job.stages[stage as usize - 1].tasks[partition].state
+    }
+
+    #[test]
+    fn executor_loss_recomputes_every_needed_output() {
+        let mut job = chain(3);
+        for stage in 1..=2 {
+            run_task(&mut job, stage, 0, "a");
+            run_task(&mut job, stage, 1, "b");
+        }
+        job.launch(3, 0, "b").expect("final stage runs");
+        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        // Stage 2's output on `a` is needed by stage 3; recomputing it needs
+        // stage 1's output on `a` again, even though stage 2 had been complete.
+        assert_eq!(state(&job, 2, 0), &TaskState::Pending);
+        assert_eq!(state(&job, 1, 0), &TaskState::Pending);
+        assert_eq!(state(&job, 1, 1), &TaskState::Done);
+        assert_eq!(
+            job.next_runnable(Instant::now()).map(|(s, p, _)| (s, p)),
+            Some((1, 0))
+        );
+    }
+
+    #[test]
+    fn a_task_lost_on_its_last_attempt_fails_the_job() {
+        let mut job = chain(1);
+        job.launch(1, 0, "a").expect("runs");
+        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        job.launch(1, 0, "b").expect("runs again");
+        assert!(matches!(
+            job.on_executor_lost("b", Instant::now()),
+            Outcome::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn a_stale_attempt_report_changes_nothing() {
+        let mut job = chain(1);
+        let first = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        job.on_executor_lost("a", Instant::now());
+        job.launch(1, 0, "b").expect("runs again");
+        let output = MapOutput::default();
+        assert_eq!(job.on_success(&first, output), Outcome::Continue);
+        assert!(matches!(state(&job, 1, 0), TaskState::Running { .. }));
     }
 }

@@ -57,6 +57,9 @@ pub struct SubmittedJob {
     pub stages: Vec<StagePlan>,
     /// The datafusion-proto bytes of each stage's plan, in stage order.
     pub encoded: Vec<Bytes>,
+    /// Publishes the job's status; already in the [`JobDirectory`], so that a
+    /// client may watch the job as soon as `SubmitJob` returns.
+    pub status: watch::Sender<JobStatus>,
 }
 
 /// Latest status of every job the scheduler knows, readable from any task.
