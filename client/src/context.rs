@@ -2,7 +2,6 @@
 //! DataFusion's `SessionContext`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
@@ -64,10 +63,8 @@ impl QuiverContext {
             address: address.trim_start_matches("http://").to_owned(),
             source,
         };
-        let channel = Endpoint::from_shared(address.clone())
-            .map_err(connect_error)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let endpoint = Endpoint::from_shared(address.clone()).map_err(connect_error)?;
+        let channel = quiver_core::net::tune_endpoint(endpoint)
             .connect()
             .await
             .map_err(connect_error)?;

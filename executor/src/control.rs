@@ -25,6 +25,7 @@ use crate::config::ExecutorConfig;
 use crate::task::TaskRunner;
 use crate::{Error, Result};
 
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Why a control session ended.
@@ -42,13 +43,13 @@ pub async fn run(
     runner: Arc<TaskRunner>,
     stop: impl Future<Output = ()>,
 ) -> Result<()> {
-    let endpoint = Endpoint::from_shared(config.scheduler_url.clone())
-        .map_err(|source| Error::SchedulerUrl {
+    let endpoint = Endpoint::from_shared(config.scheduler_url.clone()).map_err(|source| {
+        Error::SchedulerUrl {
             url: config.scheduler_url.clone(),
             source,
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        }
+    })?;
+    let endpoint = quiver_core::net::tune_endpoint(endpoint);
     let address = ExecutorAddress {
         executor_id: config.executor_id.clone(),
         host: config.advertised_host().to_owned(),
@@ -56,8 +57,9 @@ pub async fn run(
     };
     let slots = config.slots() as u32;
     tokio::pin!(stop);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = INITIAL_BACKOFF;
     loop {
+        let started = tokio::time::Instant::now();
         let session = serve_session(&endpoint, &address, slots, &runner);
         let end = tokio::select! {
             () = &mut stop => {
@@ -72,6 +74,10 @@ pub async fn run(
             SessionEnd::Lost(reason) => {
                 warn!(scheduler = %config.scheduler_url, %reason, "control stream lost, reconnecting");
             }
+        }
+        // A session that held for a while was healthy: start over with short waits.
+        if started.elapsed() > MAX_BACKOFF * 2 {
+            backoff = INITIAL_BACKOFF;
         }
         tokio::select! {
             () = &mut stop => return Ok(()),

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamReader;
@@ -55,10 +54,8 @@ impl FlightClientPool {
             address: key.clone(),
             source,
         };
-        let channel = Endpoint::from_shared(format!("http://{key}"))
-            .map_err(connect_error)?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
+        let endpoint = Endpoint::from_shared(format!("http://{key}")).map_err(connect_error)?;
+        let channel = crate::net::tune_endpoint(endpoint)
             .connect()
             .await
             .map_err(connect_error)?;
