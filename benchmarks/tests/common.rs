@@ -33,3 +33,17 @@ pub async fn start_cluster(options: StandaloneOptions) -> (StandaloneCluster, Qu
         .expect("connect to cluster");
     (cluster, context)
 }
+
+/// Single-node DataFusion with `partitions` target partitions over `tables`:
+/// the reference every Quiver answer is compared with.
+pub async fn reference_engine(
+    tables: &[(String, PathBuf)],
+    partitions: usize,
+) -> quiver_benchmarks::runner::Engine {
+    let engine = quiver_benchmarks::runner::datafusion_engine(partitions);
+    engine
+        .register_tables(tables)
+        .await
+        .expect("register on datafusion");
+    engine
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use quiver_benchmarks::runner::{Engine, datafusion_engine};
+use quiver_benchmarks::runner::Engine;
 use quiver_benchmarks::verify::compare;
 use quiver_client::StandaloneOptions;
 
@@ -27,9 +27,8 @@ async fn queries_larger_than_the_memory_pool_spill() {
         context.sql(setting).await.expect("set");
     }
     let quiver = Engine::Quiver(context);
-    let datafusion = datafusion_engine(2);
     quiver.register_tables(&tables).await.expect("register");
-    datafusion.register_tables(&tables).await.expect("register");
+    let datafusion = common::reference_engine(&tables, 2).await;
 
     let queries = [
         // A full sort of every row.

@@ -5,7 +5,7 @@
 mod common;
 
 use quiver_benchmarks::queries::{QUERY_COUNT, query};
-use quiver_benchmarks::runner::{Engine, datafusion_engine};
+use quiver_benchmarks::runner::Engine;
 use quiver_benchmarks::verify::compare;
 use quiver_client::StandaloneOptions;
 
@@ -20,15 +20,11 @@ async fn tpch_matches_single_node_datafusion() {
     };
     let (cluster, context) = common::start_cluster(options).await;
     let quiver = Engine::Quiver(context);
-    let datafusion = datafusion_engine(4);
     quiver
         .register_tables(&tables)
         .await
         .expect("register on quiver");
-    datafusion
-        .register_tables(&tables)
-        .await
-        .expect("register on datafusion");
+    let datafusion = common::reference_engine(&tables, 4).await;
 
     let mut failures = Vec::new();
     for number in 1..=QUERY_COUNT {

@@ -14,7 +14,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quiver_benchmarks::queries::{QUERY_COUNT, query};
-use quiver_benchmarks::runner::datafusion_engine;
 use quiver_client::output::{Format, write_batches};
 
 fn binary(name: &str) -> PathBuf {
@@ -109,11 +108,7 @@ async fn tpch_through_real_processes_and_the_cli() {
         .unwrap_or_else(|e| panic!("register {name}: {e}"));
     }
 
-    let datafusion = datafusion_engine(4);
-    datafusion
-        .register_tables(&tables)
-        .await
-        .expect("register on datafusion");
+    let datafusion = common::reference_engine(&tables, 4).await;
     let mut failures = Vec::new();
     for number in 1..=QUERY_COUNT {
         let sql = query(number).expect("query exists");
