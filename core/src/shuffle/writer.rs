@@ -194,10 +194,6 @@ async fn write_single_partition(
     let writer = tokio::task::spawn_blocking(move || -> Result<Vec<PartitionStats>> {
         let data_path = id.data_path(&work_dir);
         let tmp_data = data_path.with_extension("data.tmp");
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
-        };
         if let Some(dir) = data_path.parent() {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
@@ -254,12 +250,14 @@ async fn write_single_partition(
         .map_err(|e| DataFusionError::External(Box::new(e)))?
 }
 
+/// Turns an I/O error on `path` into a task error that names the path.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataFusionError + use<> {
+    let path = path.to_owned();
+    move |e| DataFusionError::from(Error::io(&path, e))
+}
+
 /// Writes the index of a finished data file and moves both to their final names.
 fn publish(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, offsets: &[u64]) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
-    };
     let data_path = id.data_path(work_dir);
     let index_path = id.index_path(work_dir);
     let tmp_index = index_path.with_extension("index.tmp");
@@ -356,10 +354,6 @@ impl PartitionBuffers {
         work_dir: &Path,
     ) -> Result<Vec<PartitionStats>> {
         let data_path = id.data_path(work_dir);
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |e: std::io::Error| DataFusionError::from(Error::io(&path, e))
-        };
         if let Some(dir) = data_path.parent() {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
