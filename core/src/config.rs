@@ -12,6 +12,8 @@ extensions_options! {
     pub struct QuiverOptions {
         /// How many times a task is attempted before its job fails.
         pub max_task_attempts: usize, default = 4
+        /// A job still running after this many seconds fails; 0 means no limit.
+        pub job_timeout_secs: u64, default = 0
     }
 }
 

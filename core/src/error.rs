@@ -1,7 +1,7 @@
 //! Errors of the shared layer and the classification of task failures.
 
 use datafusion::error::DataFusionError;
-use quiver_proto::FailureKind;
+use quiver_proto::{FailureKind, FetchFailure};
 
 /// Result with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -41,13 +41,23 @@ pub enum Error {
         source: tonic::transport::Error,
     },
 
+    /// A map output could not be read, from its executor or from local disk.
+    /// Retrying the reader cannot help: the scheduler recomputes that output.
     #[error(
-        "fetching shuffle partition from executor {executor_id} at {address} failed: {message}"
+        "fetching map output {map_partition} (attempt {attempt}) of stage {stage_id} from executor {executor_id} failed: {message}"
     )]
     Fetch {
         executor_id: String,
-        address: String,
+        stage_id: u32,
+        map_partition: u32,
+        attempt: u32,
         message: String,
+    },
+
+    #[error("executor at {address} answered: {status}")]
+    FlightStatus {
+        address: String,
+        status: Box<tonic::Status>,
     },
 
     #[error("invalid schema bytes: {0}")]
@@ -76,8 +86,8 @@ impl From<Error> for DataFusionError {
 pub fn classify_failure(error: &DataFusionError) -> FailureKind {
     match error.find_root() {
         DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
-            Some(Error::Fetch { .. } | Error::Connect { .. }) => FailureKind::FetchFailed,
-            Some(Error::Io { .. }) => FailureKind::Retryable,
+            Some(Error::Fetch { .. }) => FailureKind::FetchFailed,
+            Some(Error::Io { .. } | Error::Connect { .. }) => FailureKind::Retryable,
             Some(_) => FailureKind::Fatal,
             None => FailureKind::Retryable,
         },
@@ -85,6 +95,28 @@ pub fn classify_failure(error: &DataFusionError) -> FailureKind {
         | DataFusionError::ObjectStore(_)
         | DataFusionError::ResourcesExhausted(_) => FailureKind::Retryable,
         _ => FailureKind::Fatal,
+    }
+}
+
+/// The map output that a fetch failure could not read, for the scheduler to recompute.
+pub fn fetch_failure(error: &DataFusionError) -> Option<FetchFailure> {
+    let DataFusionError::External(inner) = error.find_root() else {
+        return None;
+    };
+    match inner.downcast_ref::<Error>()? {
+        Error::Fetch {
+            executor_id,
+            stage_id,
+            map_partition,
+            attempt,
+            ..
+        } => Some(FetchFailure {
+            stage_id: *stage_id,
+            map_partition: *map_partition,
+            attempt: *attempt,
+            executor_id: executor_id.clone(),
+        }),
+        _ => None,
     }
 }
 
@@ -96,10 +128,20 @@ mod tests {
     fn fetch_failures_are_told_apart() {
         let fetch = DataFusionError::from(Error::Fetch {
             executor_id: "e1".into(),
-            address: "127.0.0.1:1".into(),
+            stage_id: 2,
+            map_partition: 3,
+            attempt: 1,
             message: "connection refused".into(),
         });
-        assert_eq!(classify_failure(&fetch), FailureKind::FetchFailed);
+        // DataFusion wraps errors raised inside its operators; the cause still shows.
+        let wrapped = DataFusionError::Context("reading input".into(), Box::new(fetch));
+        assert_eq!(classify_failure(&wrapped), FailureKind::FetchFailed);
+        let missing = fetch_failure(&wrapped).expect("names the map output");
+        assert_eq!(
+            (missing.stage_id, missing.map_partition, missing.attempt),
+            (2, 3, 1)
+        );
+        assert_eq!(missing.executor_id, "e1");
         let plan = DataFusionError::Plan("no such column".into());
         assert_eq!(classify_failure(&plan), FailureKind::Fatal);
         let oom = DataFusionError::ResourcesExhausted("pool".into());

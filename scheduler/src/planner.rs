@@ -23,6 +23,7 @@ use quiver_proto::{Setting, submit_job_request::Query};
 
 use crate::error::{Error, Result};
 use crate::stages::{StagePlan, split_into_stages};
+use crate::state::JobLimits;
 
 const TARGET_PARTITIONS_KEY: &str = "datafusion.execution.target_partitions";
 
@@ -36,7 +37,7 @@ pub enum Planned {
         schema: SchemaRef,
         stages: Vec<StagePlan>,
         encoded: Vec<Bytes>,
-        max_attempts: u32,
+        limits: JobLimits,
     },
 }
 
@@ -114,17 +115,18 @@ impl Planner {
         let partitions = state.config().target_partitions();
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
         let encoded = encode_stages(stages.clone()).await?;
-        let max_attempts = state
+        let options = state
             .config()
             .options()
             .extensions
             .get::<QuiverOptions>()
-            .map_or(4, |options| options.max_task_attempts) as u32;
+            .cloned()
+            .unwrap_or_default();
         Ok(Planned::Stages {
             schema,
             stages,
             encoded,
-            max_attempts,
+            limits: JobLimits::from_options(&options),
         })
     }
 

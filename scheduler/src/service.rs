@@ -9,9 +9,9 @@ use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
-    CancelJobResponse, ExecutorMessage, GetTableRequest, GetTableResponse, JobRequest, JobState,
-    JobStatus, PROTOCOL_VERSION, ReleaseJobResponse, SchedulerMessage, SubmitJobRequest,
-    SubmitJobResponse, executor_message,
+    CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse,
+    JobRequest, JobState, JobStatus, ListExecutorsRequest, ListExecutorsResponse, PROTOCOL_VERSION,
+    ReleaseJobResponse, SchedulerMessage, SubmitJobRequest, SubmitJobResponse, executor_message,
 };
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -176,7 +176,7 @@ impl SchedulerService for SchedulerGrpc {
                 schema,
                 stages,
                 encoded,
-                max_attempts,
+                limits,
             } => {
                 let (status, watcher) = watch::channel(JobStatus {
                     job_id: job_id.clone(),
@@ -188,7 +188,7 @@ impl SchedulerService for SchedulerGrpc {
                 self.send(Event::JobSubmitted(Box::new(SubmittedJob {
                     job_id: job_id.clone(),
                     settings: request.settings,
-                    max_attempts,
+                    limits,
                     stages,
                     encoded,
                     status,
@@ -254,6 +254,22 @@ impl SchedulerService for SchedulerGrpc {
         self.job_status(&job_id)?;
         self.send(Event::ReleaseJob { job_id })?;
         Ok(Response::new(ReleaseJobResponse {}))
+    }
+
+    async fn list_executors(
+        &self,
+        _request: Request<ListExecutorsRequest>,
+    ) -> Result<Response<ListExecutorsResponse>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::ListExecutors { reply })?;
+        let mut executors = answer
+            .await
+            .map_err(|_| Status::from(Error::ShuttingDown))?;
+        executors.sort_by(|a, b| {
+            let id = |info: &ExecutorInfo| info.address.as_ref().map(|a| a.executor_id.clone());
+            id(a).cmp(&id(b))
+        });
+        Ok(Response::new(ListExecutorsResponse { executors }))
     }
 
     async fn get_table(

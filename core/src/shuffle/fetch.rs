@@ -102,6 +102,10 @@ impl PartitionRef<'_> {
 }
 
 /// Streams one output partition, from disk when `env` says this executor holds it.
+///
+/// Any failure to open or read it, local or remote, is an [`Error::Fetch`] naming
+/// the map output, so that the scheduler recomputes that output instead of
+/// retrying the reader against the same missing data.
 pub async fn fetch_partition(
     location: PartitionRef<'_>,
     env: Option<&ShuffleEnv>,
@@ -109,57 +113,70 @@ pub async fn fetch_partition(
     schema: SchemaRef,
 ) -> Result<SendableRecordBatchStream> {
     let address = location.output.executor.clone().unwrap_or_default();
-    if let Some(env) = env.filter(|env| env.executor_id == address.executor_id) {
-        let id = MapOutputId::new(
-            location.job_id,
-            location.stage_id,
-            location.output.map_partition,
-            location.output.attempt,
-        )?;
-        let work_dir = env.work_dir.clone();
-        let partition = location.partition;
-        let segment = tokio::task::spawn_blocking(move || open_segment(&work_dir, &id, partition))
-            .await
-            .map_err(|e| Error::io(&env.work_dir, std::io::Error::other(e)))??;
-        return Ok(segment_stream(segment, schema));
-    }
-    fetch_remote(location, &address, pool, schema).await
+    let fetch_error = {
+        let executor_id = address.executor_id.clone();
+        let stage_id = location.stage_id;
+        let map_partition = location.output.map_partition;
+        let attempt = location.output.attempt;
+        move |message: String| Error::Fetch {
+            executor_id: executor_id.clone(),
+            stage_id,
+            map_partition,
+            attempt,
+            message,
+        }
+    };
+    let opened = match env.filter(|env| env.executor_id == address.executor_id) {
+        Some(env) => open_local(&location, env, schema).await,
+        None => fetch_remote(&location, &address, pool, schema).await,
+    };
+    let stream = opened.map_err(|e| fetch_error(e.to_string()))?;
+    let schema = stream.schema();
+    let batches = stream.map_err(move |e| fetch_error(e.to_string()).into());
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
+async fn open_local(
+    location: &PartitionRef<'_>,
+    env: &ShuffleEnv,
+    schema: SchemaRef,
+) -> Result<SendableRecordBatchStream> {
+    let id = MapOutputId::new(
+        location.job_id,
+        location.stage_id,
+        location.output.map_partition,
+        location.output.attempt,
+    )?;
+    let work_dir = env.work_dir.clone();
+    let partition = location.partition;
+    let segment = tokio::task::spawn_blocking(move || open_segment(&work_dir, &id, partition))
+        .await
+        .map_err(|e| Error::io(&env.work_dir, std::io::Error::other(e)))??;
+    Ok(segment_stream(segment, schema))
+}
+
+/// Asks the executor holding the output for it over Flight `DoGet`.
 async fn fetch_remote(
-    location: PartitionRef<'_>,
+    location: &PartitionRef<'_>,
     address: &ExecutorAddress,
     pool: &FlightClientPool,
     schema: SchemaRef,
 ) -> Result<SendableRecordBatchStream> {
-    let fetch_error = |message: String| Error::Fetch {
-        executor_id: address.executor_id.clone(),
-        address: format!("{}:{}", address.host, address.flight_port),
-        message,
-    };
     let mut client = pool.client(address).await?;
     let ticket = Ticket {
         ticket: location.ticket().encode_to_vec().into(),
     };
-    let response = match client.do_get(ticket).await {
-        Ok(response) => response,
-        Err(status) => {
-            pool.evict(address);
-            return Err(fetch_error(status.message().to_owned()));
+    let response = client.do_get(ticket).await.map_err(|status| {
+        pool.evict(address);
+        Error::FlightStatus {
+            address: format!("{}:{}", address.host, address.flight_port),
+            status: Box::new(status),
         }
-    };
-    let executor_id = address.executor_id.clone();
-    let remote = format!("{}:{}", address.host, address.flight_port);
+    })?;
     let batches = FlightRecordBatchStream::new_from_flight_data(
         response.into_inner().map_err(FlightError::from),
     )
-    .map_err(move |e| {
-        DataFusionError::from(Error::Fetch {
-            executor_id: executor_id.clone(),
-            address: remote.clone(),
-            message: e.to_string(),
-        })
-    });
+    .map_err(|e| DataFusionError::External(Box::new(e)));
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use quiver_proto::{
-    CancelTasks, ExecutorRegistered, FailureKind, JobState, JobStatus, PROTOCOL_VERSION,
+    CancelTasks, Drained, ExecutorRegistered, FailureKind, JobState, JobStatus, PROTOCOL_VERSION,
     RemoveJobData, SchedulerMessage, TaskStatus, executor_message, scheduler_message, task_status,
 };
 use tokio::sync::{mpsc, watch};
@@ -42,12 +42,22 @@ pub fn spawn(config: LoopConfig) -> SchedulerHandle {
     SchedulerHandle { events, directory }
 }
 
+/// A succeeded job whose result the client has not read yet.
+struct FinishedJob {
+    /// Every executor that may hold files of the job.
+    executors: Vec<String>,
+    /// Executors holding the result itself.
+    result_on: Vec<String>,
+    /// When the result is freed if the client never releases it.
+    deadline: Instant,
+}
+
 struct SchedulerLoop {
     config: LoopConfig,
     /// Running jobs, with the sender of their published status.
     jobs: HashMap<String, (Job, watch::Sender<JobStatus>)>,
-    /// Succeeded jobs whose result is still held on executors, with its deadline.
-    finished: HashMap<String, (Vec<String>, Instant)>,
+    /// Succeeded jobs whose result is still held on executors.
+    finished: HashMap<String, FinishedJob>,
     executors: ExecutorRegistry,
     next_seq: u64,
 }
@@ -65,6 +75,7 @@ impl SchedulerLoop {
                 _ = tick.tick() => self.on_tick(),
             }
             self.schedule();
+            self.release_drained();
         }
         info!("scheduler event loop stopped");
     }
@@ -104,9 +115,12 @@ impl SchedulerLoop {
             Event::CancelJob { job_id, reply } => {
                 let _ = reply.send(self.cancel_job(&job_id));
             }
+            Event::ListExecutors { reply } => {
+                let _ = reply.send(self.executors.iter().map(ExecutorEntry::info).collect());
+            }
             Event::ReleaseJob { job_id } => {
-                if let Some((executors, _)) = self.finished.remove(&job_id) {
-                    self.remove_job_data(&job_id, &executors);
+                if let Some(finished) = self.finished.remove(&job_id) {
+                    self.remove_job_data(&job_id, &finished.executors);
                 }
             }
         }
@@ -127,6 +141,7 @@ impl SchedulerLoop {
             connection,
             sender,
             last_seen: Instant::now(),
+            draining: false,
         };
         entry.send(SchedulerMessage {
             kind: Some(scheduler_message::Kind::Registered(ExecutorRegistered {
@@ -156,6 +171,12 @@ impl SchedulerLoop {
         executor.last_seen = Instant::now();
         match message {
             executor_message::Kind::Heartbeat(_) | executor_message::Kind::Register(_) => {}
+            executor_message::Kind::Draining(_) => {
+                if !executor.draining {
+                    info!(%executor_id, running = executor.running, "executor draining");
+                }
+                executor.draining = true;
+            }
             executor_message::Kind::TaskStatus(status) => {
                 executor.running = executor.running.saturating_sub(1);
                 self.on_task_status(status);
@@ -183,11 +204,10 @@ impl SchedulerLoop {
                 }
             }
             task_status::Result::Failed(failure) => {
-                let kind = failure.kind();
-                if kind == FailureKind::Cancelled {
+                if failure.kind() == FailureKind::Cancelled {
                     Outcome::Continue
                 } else {
-                    job.on_failure(&task, kind, &failure.message, Instant::now())
+                    job.on_failure(&task, &failure, Instant::now())
                 }
             }
         };
@@ -200,7 +220,7 @@ impl SchedulerLoop {
             submitted.job_id.clone(),
             self.next_seq,
             submitted.settings,
-            submitted.max_attempts,
+            submitted.limits,
             &submitted.stages,
             submitted.encoded,
             now,
@@ -218,9 +238,12 @@ impl SchedulerLoop {
                 self.publish(job_id);
                 if let Some((job, _)) = self.jobs.remove(job_id) {
                     info!(%job_id, elapsed_ms = job.started.elapsed().as_millis() as u64, "job succeeded");
-                    let deadline = Instant::now() + self.config.result_retention;
-                    self.finished
-                        .insert(job_id.to_owned(), (job.executors(), deadline));
+                    let finished = FinishedJob {
+                        executors: job.executors(),
+                        result_on: job.result_executors(),
+                        deadline: Instant::now() + self.config.result_retention,
+                    };
+                    self.finished.insert(job_id.to_owned(), finished);
                 }
             }
             Outcome::Failed(message) => {
@@ -300,17 +323,57 @@ impl SchedulerLoop {
         let expired: Vec<String> = self
             .finished
             .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
+            .filter(|(_, finished)| finished.deadline <= now)
             .map(|(job_id, _)| job_id.clone())
             .collect();
         for job_id in expired {
-            if let Some((executors, _)) = self.finished.remove(&job_id) {
-                self.remove_job_data(&job_id, &executors);
+            if let Some(finished) = self.finished.remove(&job_id) {
+                self.remove_job_data(&job_id, &finished.executors);
+            }
+        }
+        let overdue: Vec<(String, Duration)> = self
+            .jobs
+            .values()
+            .filter(|(job, _)| job.deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(job, _)| (job.id.clone(), job.started.elapsed()))
+            .collect();
+        for (job_id, elapsed) in overdue {
+            if let Some((job, _)) = self.jobs.get_mut(&job_id) {
+                let outcome = job.fail(format!(
+                    "job timed out after {:.1} s (quiver.job_timeout_secs)",
+                    elapsed.as_secs_f64()
+                ));
+                self.after_outcome(&job_id, outcome);
             }
         }
         let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
         for job_id in job_ids {
             self.publish(&job_id);
+        }
+    }
+
+    /// Lets each draining executor go once nothing needs it: no task of it is
+    /// running, no running job still needs a map output it holds, and no
+    /// finished job's unread result lives on it.
+    fn release_drained(&mut self) {
+        for executor_id in self.executors.idle_draining() {
+            let needed = self
+                .jobs
+                .values()
+                .any(|(job, _)| job.needs_outputs_on(&executor_id))
+                || self
+                    .finished
+                    .values()
+                    .any(|finished| finished.result_on.contains(&executor_id));
+            if needed {
+                continue;
+            }
+            if let Some(executor) = self.executors.remove(&executor_id) {
+                info!(%executor_id, "executor drained");
+                executor.send(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::Drained(Drained {})),
+                });
+            }
         }
     }
 

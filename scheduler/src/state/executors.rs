@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use quiver_proto::{ExecutorAddress, SchedulerMessage};
+use quiver_proto::{ExecutorAddress, ExecutorInfo, SchedulerMessage};
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
@@ -19,11 +19,27 @@ pub struct ExecutorEntry {
     pub connection: u64,
     pub sender: ExecutorSender,
     pub last_seen: Instant,
+    /// Shutting down gracefully: gets no new tasks.
+    pub draining: bool,
 }
 
 impl ExecutorEntry {
+    /// Slots open to new tasks; none while draining.
     pub fn free_slots(&self) -> usize {
-        self.slots.saturating_sub(self.running)
+        if self.draining {
+            0
+        } else {
+            self.slots.saturating_sub(self.running)
+        }
+    }
+
+    pub fn info(&self) -> ExecutorInfo {
+        ExecutorInfo {
+            address: Some(self.address.clone()),
+            slots: self.slots as u32,
+            running_tasks: self.running as u32,
+            draining: self.draining,
+        }
     }
 
     /// Sends a message; false when the stream is gone.
@@ -109,5 +125,14 @@ impl ExecutorRegistry {
 
     pub fn iter(&self) -> impl Iterator<Item = &ExecutorEntry> {
         self.executors.values()
+    }
+
+    /// Draining executors with no task left running.
+    pub fn idle_draining(&self) -> Vec<String> {
+        self.executors
+            .values()
+            .filter(|e| e.draining && e.running == 0)
+            .map(|e| e.address.executor_id.clone())
+            .collect()
     }
 }

@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
 use quiver_proto::{
-    FailureKind, JobState, JobStatus, LaunchTask, MapOutput, Setting, StageInput, TaskId,
+    FailureKind, FetchFailure, JobState, JobStatus, LaunchTask, MapOutput, Setting, StageInput,
+    TaskFailed, TaskId,
 };
 
+use super::JobLimits;
 use crate::stages::StagePlan;
 
 /// First retry delay; doubled on each further attempt.
@@ -24,8 +26,12 @@ pub enum TaskState {
 #[derive(Debug)]
 pub struct Task {
     pub state: TaskState,
-    /// The current attempt when running; the next one when pending.
+    /// The current attempt when running; the next one when pending. Every
+    /// launch gets a new number, so that a stale attempt's report is ignored.
     pub attempt: u32,
+    /// Failed or lost attempts, counted against the attempt limit. Recomputing
+    /// a finished output that was lost later does not count.
+    pub failures: u32,
     pub output: Option<MapOutput>,
     /// A retry waits until then.
     pub not_before: Instant,
@@ -61,6 +67,8 @@ pub struct Job {
     pub seq: u64,
     pub settings: Vec<Setting>,
     pub max_attempts: u32,
+    /// When the job fails for running too long, if it has a timeout.
+    pub deadline: Option<Instant>,
     /// Indexed by `stage_id - 1`; the last stage is the final one.
     pub stages: Vec<Stage>,
     pub running: usize,
@@ -77,7 +85,7 @@ impl Job {
         id: String,
         seq: u64,
         settings: Vec<Setting>,
-        max_attempts: u32,
+        limits: JobLimits,
         stages: &[StagePlan],
         encoded: Vec<Bytes>,
         now: Instant,
@@ -93,6 +101,7 @@ impl Job {
                     .map(|_| Task {
                         state: TaskState::Pending,
                         attempt: 0,
+                        failures: 0,
                         output: None,
                         not_before: now,
                         avoid: None,
@@ -104,7 +113,8 @@ impl Job {
             id,
             seq,
             settings,
-            max_attempts: max_attempts.max(1),
+            max_attempts: limits.max_attempts.max(1),
+            deadline: limits.timeout.map(|timeout| now + timeout),
             stages,
             running: 0,
             started: now,
@@ -230,33 +240,76 @@ impl Job {
         }
     }
 
-    pub fn on_failure(
+    pub fn on_failure(&mut self, id: &TaskId, failure: &TaskFailed, now: Instant) -> Outcome {
+        let max_attempts = self.max_attempts;
+        let kind = failure.kind();
+        let Some((task, executor_id)) = self.finish_running(id) else {
+            return Outcome::Continue;
+        };
+        task.attempt += 1;
+        if let (FailureKind::FetchFailed, Some(fetch)) = (kind, &failure.fetch) {
+            // The reader is fine; its input is missing. It waits, without using
+            // up an attempt, until the scheduler has recomputed that input.
+            task.not_before = now;
+            return self.recompute_map_output(fetch, &failure.message, now);
+        }
+        task.failures += 1;
+        let retryable = matches!(kind, FailureKind::Retryable | FailureKind::FetchFailed);
+        if !retryable || task.failures >= max_attempts {
+            let message = if retryable {
+                format!(
+                    "task {}/{} failed after {} attempts: {}",
+                    id.stage_id, id.partition, task.failures, failure.message
+                )
+            } else {
+                failure.message.clone()
+            };
+            return self.fail(message);
+        }
+        task.not_before = now + RETRY_BACKOFF * 2u32.saturating_pow(task.failures - 1);
+        task.avoid = Some(executor_id);
+        Outcome::Continue
+    }
+
+    /// Makes the map output that a reader could not fetch pending again, so
+    /// that exactly that output is recomputed. Each recompute counts as a
+    /// failure of the map task, so an output that can never be read fails the
+    /// job instead of looping.
+    fn recompute_map_output(
         &mut self,
-        id: &TaskId,
-        kind: FailureKind,
+        fetch: &FetchFailure,
         message: &str,
         now: Instant,
     ) -> Outcome {
         let max_attempts = self.max_attempts;
-        let Some((task, executor_id)) = self.finish_running(id) else {
-            return Outcome::Continue;
+        let Some(task) = self
+            .stage_mut(fetch.stage_id)
+            .and_then(|stage| stage.tasks.get_mut(fetch.map_partition as usize))
+        else {
+            return self.fail(format!("a task read an unknown map output: {message}"));
         };
-        let retryable = matches!(kind, FailureKind::Retryable | FailureKind::FetchFailed);
-        let next_attempt = id.attempt + 1;
-        if !retryable || next_attempt >= max_attempts {
-            let message = if retryable {
-                format!(
-                    "task {}/{} failed after {next_attempt} attempts: {message}",
-                    id.stage_id, id.partition
-                )
-            } else {
-                message.to_owned()
-            };
-            return self.fail(message);
+        let current = task.state == TaskState::Done
+            && task
+                .output
+                .as_ref()
+                .is_some_and(|output| output.attempt == fetch.attempt);
+        if !current {
+            // Already being recomputed after another reader's report.
+            return Outcome::Continue;
         }
-        task.attempt = next_attempt;
-        task.not_before = now + RETRY_BACKOFF * 2u32.saturating_pow(id.attempt);
-        task.avoid = Some(executor_id);
+        task.failures += 1;
+        if task.failures >= max_attempts {
+            let failures = task.failures;
+            return self.fail(format!(
+                "map output {}/{} could not be read after {failures} attempts: {message}",
+                fetch.stage_id, fetch.map_partition
+            ));
+        }
+        task.state = TaskState::Pending;
+        task.output = None;
+        task.attempt += 1;
+        task.not_before = now;
+        task.avoid = Some(fetch.executor_id.clone());
         Outcome::Continue
     }
 
@@ -275,14 +328,7 @@ impl Job {
                 for (partition, task) in stage.tasks.iter_mut().enumerate() {
                     let lost = match &task.state {
                         TaskState::Running { executor_id: e } => e == executor_id,
-                        TaskState::Done => {
-                            needed
-                                && task
-                                    .output
-                                    .as_ref()
-                                    .and_then(|o| o.executor.as_ref())
-                                    .is_some_and(|e| e.executor_id == executor_id)
-                        }
+                        TaskState::Done => needed && output_on(task, executor_id),
                         TaskState::Pending => false,
                     };
                     if !lost {
@@ -290,7 +336,8 @@ impl Job {
                     }
                     if matches!(task.state, TaskState::Running { .. }) {
                         self.running -= 1;
-                        if task.attempt + 1 >= max_attempts {
+                        task.failures += 1;
+                        if task.failures >= max_attempts {
                             exhausted = Some((stage.id, partition));
                         }
                     }
@@ -312,6 +359,30 @@ impl Job {
             )),
             None => Outcome::Continue,
         }
+    }
+
+    /// Whether a map output on `executor_id` is still needed by this job.
+    pub fn needs_outputs_on(&self, executor_id: &str) -> bool {
+        self.stages
+            .iter()
+            .zip(self.needed_stages())
+            .filter(|(_, needed)| *needed)
+            .flat_map(|(stage, _)| &stage.tasks)
+            .any(|task| task.state == TaskState::Done && output_on(task, executor_id))
+    }
+
+    /// Executors holding the final stage's output.
+    pub fn result_executors(&self) -> Vec<String> {
+        let mut executors: Vec<String> = self
+            .final_stage()
+            .into_iter()
+            .flat_map(|stage| &stage.tasks)
+            .filter_map(|task| task.output.as_ref()?.executor.as_ref())
+            .map(|executor| executor.executor_id.clone())
+            .collect();
+        executors.sort();
+        executors.dedup();
+        executors
     }
 
     /// For each stage, whether its outputs are still needed: it is the final
@@ -373,6 +444,13 @@ impl Job {
     }
 }
 
+fn output_on(task: &Task, executor_id: &str) -> bool {
+    task.output
+        .as_ref()
+        .and_then(|output| output.executor.as_ref())
+        .is_some_and(|executor| executor.executor_id == executor_id)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -400,7 +478,19 @@ mod tests {
             })
             .collect();
         let encoded = vec![Bytes::new(); plans.len()];
-        Job::new("job".into(), 0, vec![], 2, &plans, encoded, Instant::now())
+        let limits = JobLimits {
+            max_attempts: 2,
+            timeout: None,
+        };
+        Job::new(
+            "job".into(),
+            0,
+            vec![],
+            limits,
+            &plans,
+            encoded,
+            Instant::now(),
+        )
     }
 
     fn run_task(job: &mut Job, stage: u32, partition: usize, executor: &str) {
@@ -462,5 +552,107 @@ mod tests {
         let output = MapOutput::default();
         assert_eq!(job.on_success(&first, output), Outcome::Continue);
         assert!(matches!(state(&job, 1, 0), TaskState::Running { .. }));
+    }
+
+    fn fetch_failed(stage: u32, map_partition: u32, attempt: u32, executor: &str) -> TaskFailed {
+        TaskFailed {
+            kind: FailureKind::FetchFailed.into(),
+            message: "connection refused".into(),
+            fetch: Some(FetchFailure {
+                stage_id: stage,
+                map_partition,
+                attempt,
+                executor_id: executor.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_fetch_failure_recomputes_exactly_the_missing_output() {
+        let mut job = chain(2);
+        run_task(&mut job, 1, 0, "a");
+        run_task(&mut job, 1, 1, "b");
+        let reader = job.launch(2, 0, "b").expect("runs").task.expect("id");
+        let outcome = job.on_failure(&reader, &fetch_failed(1, 0, 0, "a"), Instant::now());
+        assert_eq!(outcome, Outcome::Continue);
+        assert_eq!(state(&job, 1, 0), &TaskState::Pending);
+        assert_eq!(state(&job, 1, 1), &TaskState::Done);
+        assert_eq!(state(&job, 2, 0), &TaskState::Pending);
+        // The reader has not used up an attempt, and waits for its input.
+        assert_eq!(job.stages[1].tasks[0].failures, 0);
+        let next = job.next_runnable(Instant::now());
+        assert_eq!(
+            next,
+            Some((1, 0, Some("a")))
+        );
+        // A second reader reporting the same lost output changes nothing more.
+        run_task(&mut job, 1, 0, "b");
+        assert_eq!(job.stages[0].tasks[0].failures, 1);
+        let stale = fetch_failed(1, 0, 0, "a");
+        let other = job.launch(2, 1, "b").expect("runs").task.expect("id");
+        assert_eq!(
+            job.on_failure(&other, &stale, Instant::now()),
+            Outcome::Continue
+        );
+        assert_eq!(state(&job, 1, 0), &TaskState::Done);
+    }
+
+    #[test]
+    fn an_output_that_can_never_be_read_fails_the_job() {
+        let mut job = chain(2);
+        run_task(&mut job, 1, 1, "b");
+        for _ in 0..job.max_attempts {
+            run_task(&mut job, 1, 0, "a");
+            let attempt = job.stages[0].tasks[0].attempt;
+            let reader = job.launch(2, 0, "b").expect("runs").task.expect("id");
+            let outcome =
+                job.on_failure(&reader, &fetch_failed(1, 0, attempt, "a"), Instant::now());
+            if let Outcome::Failed(message) = outcome {
+                assert!(message.contains("could not be read"), "{message}");
+                return;
+            }
+        }
+        panic!("the job kept retrying an unreadable output");
+    }
+
+    #[test]
+    fn retryable_failures_back_off_and_avoid_the_executor_then_fail() {
+        let mut job = chain(1);
+        let now = Instant::now();
+        let failure = TaskFailed {
+            kind: FailureKind::Retryable.into(),
+            message: "disk full".into(),
+            fetch: None,
+        };
+        run_task(&mut job, 1, 1, "b");
+        let first = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        assert_eq!(job.on_failure(&first, &failure, now), Outcome::Continue);
+        assert_eq!(
+            job.next_runnable(now),
+            None,
+            "the retry waits for its backoff"
+        );
+        let later = now + RETRY_BACKOFF;
+        assert_eq!(job.next_runnable(later), Some((1, 0, Some("a"))));
+        let second = job.launch(1, 0, "b").expect("runs").task.expect("id");
+        let Outcome::Failed(message) = job.on_failure(&second, &failure, later) else {
+            panic!("the attempt limit is 2");
+        };
+        assert!(message.contains("after 2 attempts: disk full"), "{message}");
+    }
+
+    #[test]
+    fn a_fatal_failure_fails_the_job_with_the_users_message() {
+        let mut job = chain(1);
+        let failure = TaskFailed {
+            kind: FailureKind::Fatal.into(),
+            message: "Schema error: no field named x".into(),
+            fetch: None,
+        };
+        let task = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        assert_eq!(
+            job.on_failure(&task, &failure, Instant::now()),
+            Outcome::Failed("Schema error: no field named x".into())
+        );
     }
 }

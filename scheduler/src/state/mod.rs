@@ -9,9 +9,11 @@ pub mod job;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prost::bytes::Bytes;
-use quiver_proto::{ExecutorAddress, JobStatus, Setting, executor_message};
+use quiver_core::config::QuiverOptions;
+use quiver_proto::{ExecutorAddress, ExecutorInfo, JobStatus, Setting, executor_message};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::stages::StagePlan;
@@ -46,6 +48,9 @@ pub enum Event {
     ReleaseJob {
         job_id: String,
     },
+    ListExecutors {
+        reply: oneshot::Sender<Vec<ExecutorInfo>>,
+    },
 }
 
 /// A planned job, ready to run.
@@ -53,13 +58,40 @@ pub enum Event {
 pub struct SubmittedJob {
     pub job_id: String,
     pub settings: Vec<Setting>,
-    pub max_attempts: u32,
+    pub limits: JobLimits,
     pub stages: Vec<StagePlan>,
     /// The datafusion-proto bytes of each stage's plan, in stage order.
     pub encoded: Vec<Bytes>,
     /// Publishes the job's status; already in the [`JobDirectory`], so that a
     /// client may watch the job as soon as `SubmitJob` returns.
     pub status: watch::Sender<JobStatus>,
+}
+
+/// The limits a job runs under, from its `quiver.*` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Attempts of a task before the job fails.
+    pub max_attempts: u32,
+    /// Time from acceptance after which the job fails.
+    pub timeout: Option<Duration>,
+}
+
+impl JobLimits {
+    pub fn from_options(options: &QuiverOptions) -> Self {
+        Self {
+            max_attempts: u32::try_from(options.max_task_attempts)
+                .unwrap_or(u32::MAX)
+                .max(1),
+            timeout: (options.job_timeout_secs > 0)
+                .then(|| Duration::from_secs(options.job_timeout_secs)),
+        }
+    }
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self::from_options(&QuiverOptions::default())
+    }
 }
 
 /// Latest status of every job the scheduler knows, readable from any task.
