@@ -42,6 +42,18 @@ pub struct ExecutorConfig {
     #[arg(long, env = "QUIVER_WORK_DIR", default_value_os_t = std::env::temp_dir().join("quiver-executor"))]
     pub work_dir: PathBuf,
 
+    /// On SIGTERM the executor drains: it takes no new tasks, finishes its
+    /// running ones and serves its shuffle data while running jobs need it, for
+    /// at most this many seconds, then exits. Keep Kubernetes'
+    /// `terminationGracePeriodSeconds` above it. 0 stops at once.
+    #[arg(long, env = "QUIVER_DRAIN_GRACE_SECS", default_value_t = 120)]
+    pub drain_grace_secs: u64,
+
+    /// Shuffle folders of jobs untouched for this many seconds are removed,
+    /// in case the scheduler's request to remove them was lost.
+    #[arg(long, env = "QUIVER_SHUFFLE_TTL_SECS", default_value_t = 24 * 3600)]
+    pub shuffle_ttl_secs: u64,
+
     /// Unique id of this executor (defaults to a random one).
     #[arg(long, env = "QUIVER_EXECUTOR_ID", default_value_t = default_executor_id())]
     pub executor_id: String,
@@ -62,8 +74,14 @@ impl ExecutorConfig {
             slots: None,
             memory_limit: 4 * 1024 * 1024 * 1024,
             work_dir,
+            drain_grace_secs: 0,
+            shuffle_ttl_secs: 24 * 3600,
             executor_id: default_executor_id(),
         }
+    }
+
+    pub fn drain_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_grace_secs)
     }
 
     pub fn slots(&self) -> usize {
@@ -72,17 +90,34 @@ impl ExecutorConfig {
         })
     }
 
+    /// Threads of the task pool: the cores, since DataFusion spreads a task's
+    /// work over several threads; never fewer than the slots.
+    pub fn task_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        cores.max(self.slots())
+    }
+
     pub fn advertised_host(&self) -> &str {
         self.advertise_host.as_deref().unwrap_or(&self.bind_host)
     }
 
-    /// Where shuffle files live.
-    pub fn shuffle_dir(&self) -> PathBuf {
+    /// Where the shuffle files of every executor sharing the work dir live.
+    pub fn shuffle_root(&self) -> PathBuf {
         self.work_dir.join("shuffle")
     }
 
-    /// Where operators spill.
+    /// Where this executor's shuffle files live, one folder per job. Executors
+    /// may share a work dir: each has its own folder in it.
+    pub fn shuffle_dir(&self) -> PathBuf {
+        self.shuffle_root().join(&self.executor_id)
+    }
+
+    /// Where this executor's operators spill.
     pub fn spill_dir(&self) -> PathBuf {
-        self.work_dir.join("spill")
+        self.work_dir.join("spill").join(&self.executor_id)
+    }
+
+    pub fn shuffle_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.shuffle_ttl_secs)
     }
 }

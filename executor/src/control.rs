@@ -5,17 +5,16 @@
 //! When the stream breaks, the running tasks are aborted (the scheduler has
 //! already rescheduled them) and the executor dials again with backoff.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quiver_core::shuffle::layout::{job_dir, validate_identifier};
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{
-    ExecutorAddress, ExecutorMessage, Heartbeat, PROTOCOL_VERSION, RegisterExecutor,
+    Draining, ExecutorAddress, ExecutorMessage, Heartbeat, PROTOCOL_VERSION, RegisterExecutor,
     SchedulerMessage, executor_message, scheduler_message,
 };
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 use tonic::transport::Endpoint;
@@ -30,18 +29,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Why a control session ended.
 enum SessionEnd {
+    /// The scheduler released this draining executor.
+    Drained,
     /// The scheduler will never accept this executor (e.g. a protocol mismatch).
     Refused(String),
     /// The connection failed or broke; dial again.
     Lost(String),
 }
 
-/// Keeps the executor connected to the scheduler until `stop` completes.
+/// Keeps the executor connected to the scheduler. Once `draining` turns true,
+/// it tells the scheduler and returns when the scheduler releases it, or when
+/// the connection is lost (no scheduler is left to need this executor).
 pub async fn run(
     config: ExecutorConfig,
     flight_port: u16,
     runner: Arc<TaskRunner>,
-    stop: impl Future<Output = ()>,
+    draining: watch::Receiver<bool>,
 ) -> Result<()> {
     let endpoint = Endpoint::from_shared(config.scheduler_url.clone()).map_err(|source| {
         Error::SchedulerUrl {
@@ -56,22 +59,26 @@ pub async fn run(
         flight_port: u32::from(flight_port),
     };
     let slots = config.slots() as u32;
-    tokio::pin!(stop);
     let mut backoff = INITIAL_BACKOFF;
     loop {
         let started = tokio::time::Instant::now();
-        let session = serve_session(&endpoint, &address, slots, &runner);
-        let end = tokio::select! {
-            () = &mut stop => {
-                runner.cancel_all();
+        let end = serve_session(&endpoint, &address, slots, &runner, draining.clone()).await;
+        match end {
+            SessionEnd::Drained => {
+                info!("released by the scheduler");
                 return Ok(());
             }
-            end = session => end,
-        };
-        runner.cancel_all();
-        match end {
-            SessionEnd::Refused(message) => return Err(Error::Refused(message)),
+            SessionEnd::Refused(message) => {
+                runner.cancel_all();
+                return Err(Error::Refused(message));
+            }
+            SessionEnd::Lost(reason) if *draining.borrow() => {
+                warn!(%reason, "control stream lost while draining; stopping");
+                return Ok(());
+            }
             SessionEnd::Lost(reason) => {
+                // The scheduler has rescheduled these tasks elsewhere.
+                runner.cancel_all();
                 warn!(scheduler = %config.scheduler_url, %reason, "control stream lost, reconnecting");
             }
         }
@@ -79,10 +86,7 @@ pub async fn run(
         if started.elapsed() > MAX_BACKOFF * 2 {
             backoff = INITIAL_BACKOFF;
         }
-        tokio::select! {
-            () = &mut stop => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
-        }
+        tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
@@ -92,6 +96,7 @@ async fn serve_session(
     address: &ExecutorAddress,
     slots: u32,
     runner: &Arc<TaskRunner>,
+    mut draining: watch::Receiver<bool>,
 ) -> SessionEnd {
     let channel = match endpoint.connect().await {
         Ok(channel) => channel,
@@ -123,13 +128,22 @@ async fn serve_session(
     };
     info!(executor_id = %address.executor_id, "registered with scheduler");
     let mut ticker = tokio::time::interval(heartbeat_interval);
+    let mut announced = false;
     loop {
         tokio::select! {
+            // Told once per session, so that a scheduler that comes back learns it too.
+            Ok(_) = draining.wait_for(|draining| *draining), if !announced => {
+                announced = true;
+                send(&outbound, executor_message::Kind::Draining(Draining {}));
+            }
             _ = ticker.tick() => {
                 let running_tasks = runner.running_tasks() as u32;
                 send(&outbound, executor_message::Kind::Heartbeat(Heartbeat { running_tasks }));
             }
             message = inbound.message() => match message {
+                Ok(Some(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::Drained(_)),
+                })) => return SessionEnd::Drained,
                 Ok(Some(SchedulerMessage { kind: Some(kind) })) => {
                     handle(kind, address, runner, &outbound);
                 }
@@ -159,27 +173,10 @@ fn handle(
             info!(job_id = %cancel.job_id, cancelled, "cancelled tasks");
         }
         scheduler_message::Kind::RemoveJobData(remove) => {
-            runner.cancel_job(&remove.job_id);
-            remove_job_data(runner.shuffle_dir().clone(), remove.job_id);
+            runner.remove_job(&remove.job_id);
         }
-        scheduler_message::Kind::Registered(_) => {}
+        scheduler_message::Kind::Registered(_) | scheduler_message::Kind::Drained(_) => {}
     }
-}
-
-/// Deletes a job's shuffle files in the background.
-fn remove_job_data(shuffle_dir: std::path::PathBuf, job_id: String) {
-    if let Err(e) = validate_identifier("job_id", &job_id) {
-        warn!(%e, "refusing to remove job data");
-        return;
-    }
-    tokio::task::spawn_blocking(move || {
-        let dir = job_dir(&shuffle_dir, &job_id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => info!(%job_id, "removed job shuffle data"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(%job_id, dir = %dir.display(), %e, "cannot remove job shuffle data"),
-        }
-    });
 }
 
 fn send(outbound: &UnboundedSender<ExecutorMessage>, kind: executor_message::Kind) {

@@ -44,10 +44,10 @@ impl ShuffleFlightService {
 /// Serves the data plane on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    work_dir: PathBuf,
+    shuffle_dir: PathBuf,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let service = ShuffleFlightService::new(work_dir.join("shuffle"));
+    let service = ShuffleFlightService::new(shuffle_dir);
     tonic::transport::Server::builder()
         .add_service(
             FlightServiceServer::new(service)

@@ -8,6 +8,9 @@
 //!   their map outputs, and writes its output through the shuffle writer.
 //! - [`flight`]: the Arrow Flight data plane that serves shuffle partitions.
 //! - [`runtime`]: the bounded memory pool and spill directory shared by all tasks.
+//! - [`sweeper`]: removes shuffle data that nobody will ask for again.
+//! - [`threads`]: the dedicated thread pool that runs tasks, so that a busy
+//!   task never starves the control stream or the data plane.
 //!
 //! [`run`] starts an executor: it serves Flight on the given listener and keeps
 //! its control stream to the scheduler until `shutdown` completes.
@@ -16,13 +19,15 @@ pub mod config;
 pub mod control;
 pub mod flight;
 pub mod runtime;
+pub mod sweeper;
 pub mod task;
+pub mod threads;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::ExecutorConfig;
 
@@ -38,6 +43,12 @@ pub enum Error {
 
     #[error("cannot build the execution runtime: {0}")]
     Runtime(#[source] datafusion::error::DataFusionError),
+
+    #[error("cannot start the task threads: {source}")]
+    TaskThreads {
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("cannot read the Flight listener address: {0}")]
     ListenerAddress(#[source] std::io::Error),
@@ -58,8 +69,9 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runs an executor until `shutdown` completes. `flight_listener` is the bound
-/// socket of the Flight data plane; its port is advertised to the scheduler.
+/// Runs an executor until `shutdown` completes, then drains it (see
+/// [`ExecutorConfig::drain_grace_secs`]). `flight_listener` is the bound socket
+/// of the Flight data plane; its port is advertised to the scheduler.
 pub async fn run(
     config: ExecutorConfig,
     flight_listener: TcpListener,
@@ -69,7 +81,13 @@ pub async fn run(
         .local_addr()
         .map_err(Error::ListenerAddress)?
         .port();
+    sweeper::clear_previous_run(&[config.shuffle_dir(), config.spill_dir()]);
     let executor = Arc::new(task::TaskRunner::new(&config)?);
+    let sweeper = tokio::spawn(sweeper::run(
+        config.shuffle_root(),
+        config.shuffle_ttl(),
+        Arc::clone(&executor),
+    ));
     info!(
         executor_id = %config.executor_id,
         flight_port,
@@ -77,24 +95,67 @@ pub async fn run(
         work_dir = %config.work_dir.display(),
         "executor starting"
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let flight = tokio::spawn(flight::serve(
         flight_listener,
-        config.work_dir.clone(),
-        wait_for_stop(stop_rx.clone()),
+        config.shuffle_dir(),
+        async move {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        },
     ));
-    let control = control::run(config, flight_port, executor, wait_for_stop(stop_rx));
+    let grace = config.drain_grace();
+    let shuffle_dir = config.shuffle_dir();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let control = control::run(config, flight_port, Arc::clone(&executor), drain_rx);
     tokio::pin!(control);
     let outcome = tokio::select! {
         outcome = &mut control => outcome,
-        () = shutdown => Ok(()),
+        () = shutdown => drain(&mut control, &drain_tx, grace, &executor).await,
     };
+    // Whatever is still running has been given up by now.
+    executor.cancel_all();
+    sweeper.abort();
     let _ = stop_tx.send(true);
     let flight_outcome = flight.await.map_err(|e| Error::Refused(e.to_string()));
+    if outcome.is_ok() {
+        // A drained executor's shuffle data is no longer needed by anyone.
+        if let Err(e) = std::fs::remove_dir_all(&shuffle_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(dir = %shuffle_dir.display(), %e, "cannot remove shuffle data on exit");
+        }
+    }
+    info!("executor stopped");
     outcome?;
     flight_outcome?
 }
 
-async fn wait_for_stop(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
+/// Drains the executor: the control stream tells the scheduler, which stops
+/// sending tasks and answers once no running job needs this executor. Gives up
+/// after `grace`.
+async fn drain(
+    control: &mut (impl Future<Output = Result<()>> + Unpin),
+    drain_tx: &tokio::sync::watch::Sender<bool>,
+    grace: std::time::Duration,
+    executor: &task::TaskRunner,
+) -> Result<()> {
+    if grace.is_zero() {
+        return Ok(());
+    }
+    info!(
+        running_tasks = executor.running_tasks(),
+        grace_secs = grace.as_secs(),
+        "draining"
+    );
+    let _ = drain_tx.send(true);
+    match tokio::time::timeout(grace, control).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            warn!(
+                running_tasks = executor.running_tasks(),
+                "drain grace period over; stopping anyway"
+            );
+            Ok(())
+        }
+    }
 }

@@ -15,18 +15,20 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec;
 use quiver_core::codec::QuiverPhysicalCodec;
 use quiver_core::config::session_config_from_settings;
-use quiver_core::error::classify_failure;
+use quiver_core::error::{classify_failure, fetch_failure};
+use quiver_core::shuffle::layout::{job_dir, validate_identifier};
 use quiver_core::shuffle::{FlightClientPool, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec};
 use quiver_proto::{
     ExecutorAddress, FailureKind, LaunchTask, MapOutput, StageInput, TaskFailed, TaskId,
     TaskStatus, TaskSucceeded, task_status,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::Result;
 use crate::config::ExecutorConfig;
 use crate::runtime::build_runtime;
+use crate::threads::TaskThreads;
 
 /// Runs tasks and tracks the running ones so that they can be cancelled.
 ///
@@ -38,11 +40,31 @@ pub struct TaskRunner {
     shuffle_dir: PathBuf,
     runtime: Arc<RuntimeEnv>,
     clients: FlightClientPool,
+    threads: TaskThreads,
+    /// Jobs with cancelled tasks that have not stopped yet.
+    stopping: Mutex<HashMap<String, StoppingJob>>,
     /// Sending on (or dropping) a task's sender cancels it.
     running: Mutex<HashMap<TaskKey, oneshot::Sender<()>>>,
 }
 
 type TaskKey = (String, u32, u32, u32);
+
+#[derive(Debug, Default)]
+struct StoppingJob {
+    /// Cancelled tasks still running.
+    tasks: usize,
+    /// The job's data must go once they have stopped.
+    remove_data: bool,
+}
+
+/// Deletes a job's shuffle folder in the background.
+fn remove_job_dir(dir: PathBuf, job_id: String) {
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Ok(()) => info!(%job_id, "removed job shuffle data"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(%job_id, dir = %dir.display(), %e, "cannot remove job shuffle data"),
+    });
+}
 
 fn task_key(task: &TaskId) -> TaskKey {
     (
@@ -60,6 +82,9 @@ impl TaskRunner {
             shuffle_dir: config.shuffle_dir(),
             runtime: build_runtime(config)?,
             clients: FlightClientPool::default(),
+            threads: TaskThreads::new(config.task_threads())
+                .map_err(|source| crate::Error::TaskThreads { source })?,
+            stopping: Mutex::default(),
             running: Mutex::default(),
         })
     }
@@ -70,6 +95,14 @@ impl TaskRunner {
 
     pub fn running_tasks(&self) -> usize {
         self.lock_running().len()
+    }
+
+    /// Jobs with a task running here.
+    pub fn running_jobs(&self) -> std::collections::HashSet<String> {
+        self.lock_running()
+            .keys()
+            .map(|(job_id, ..)| job_id.clone())
+            .collect()
     }
 
     /// Starts a task in the background; `report` receives its final status.
@@ -84,14 +117,26 @@ impl TaskRunner {
         let runner = Arc::clone(self);
         let (cancel, cancelled) = oneshot::channel::<()>();
         self.lock_running().insert(key, cancel);
+        let execution = Arc::clone(&runner);
+        let mut running = self
+            .threads
+            .spawn(async move { execution.run(launch, address).await });
         tokio::spawn(async move {
             let started = Instant::now();
-            // Dropping the run future stops its DataFusion streams.
+            let job_id = task.job_id.clone();
             let outcome = tokio::select! {
-                result = runner.run(launch, address) => Some(result),
-                _ = cancelled => None,
+                joined = &mut running => Some(joined.unwrap_or_else(|e| {
+                    Err(DataFusionError::Execution(format!("task panicked: {e}")))
+                })),
+                _ = cancelled => {
+                    // Aborting drops the task's DataFusion streams at its next
+                    // yield; the report goes out now, whatever the task does.
+                    running.abort();
+                    None
+                }
             };
             runner.lock_running().remove(&task_key(&task));
+            let aborted = outcome.is_none();
             let result = match outcome {
                 Some(Ok(output)) => task_status::Result::Succeeded(TaskSucceeded {
                     output: Some(output),
@@ -104,32 +149,96 @@ impl TaskRunner {
                     task_status::Result::Failed(TaskFailed {
                         kind: kind.into(),
                         message: error.to_string(),
+                        fetch: fetch_failure(&error),
                     })
                 }
                 None => task_status::Result::Failed(TaskFailed {
                     kind: FailureKind::Cancelled.into(),
                     message: "task cancelled".into(),
+                    fetch: None,
                 }),
             };
             report(TaskStatus {
                 task: Some(task),
                 result: Some(result),
             });
+            if aborted {
+                // Wait until the task has really stopped: it may still write
+                // shuffle files until then, which must not outlive its job.
+                let _ = running.await;
+                runner.stopped_after_cancel(&job_id);
+            }
         });
+    }
+
+    /// Cancels a job's tasks and deletes its shuffle data, now and again once
+    /// its cancelled tasks have stopped writing.
+    pub fn remove_job(&self, job_id: &str) {
+        if let Err(e) = validate_identifier("job_id", job_id) {
+            warn!(%e, "refusing to remove job data");
+            return;
+        }
+        self.cancel_job(job_id);
+        if let Some(stopping) = self.lock_stopping().get_mut(job_id) {
+            stopping.remove_data = true;
+        }
+        remove_job_dir(job_dir(&self.shuffle_dir, job_id), job_id.to_owned());
+    }
+
+    fn stopped_after_cancel(&self, job_id: &str) {
+        let mut stopping = self.lock_stopping();
+        let Some(job) = stopping.get_mut(job_id) else {
+            return;
+        };
+        job.tasks = job.tasks.saturating_sub(1);
+        if job.tasks == 0 {
+            let remove_data = job.remove_data;
+            stopping.remove(job_id);
+            if remove_data {
+                remove_job_dir(job_dir(&self.shuffle_dir, job_id), job_id.to_owned());
+            }
+        }
+    }
+
+    fn note_cancelled(&self, cancelled: &[TaskKey]) {
+        let mut stopping = self.lock_stopping();
+        for (job_id, ..) in cancelled {
+            stopping.entry(job_id.clone()).or_default().tasks += 1;
+        }
+    }
+
+    fn lock_stopping(&self) -> std::sync::MutexGuard<'_, HashMap<String, StoppingJob>> {
+        self.stopping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Cancels every running task of a job. Returns how many were running.
     pub fn cancel_job(&self, job_id: &str) -> usize {
-        let mut running = self.lock_running();
-        let before = running.len();
-        // Dropping a task's sender cancels it.
-        running.retain(|key, _| key.0 != job_id);
-        before - running.len()
+        self.cancel_where(|key| key.0 == job_id)
     }
 
     /// Cancels every running task, e.g. when the scheduler connection is lost.
     pub fn cancel_all(&self) {
-        self.lock_running().clear();
+        self.cancel_where(|_| true);
+    }
+
+    fn cancel_where(&self, selected: impl Fn(&TaskKey) -> bool) -> usize {
+        let cancelled: Vec<TaskKey> = {
+            let mut running = self.lock_running();
+            let keys: Vec<TaskKey> = running
+                .keys()
+                .filter(|key| selected(key))
+                .cloned()
+                .collect();
+            for key in &keys {
+                // Dropping a task's sender cancels it.
+                running.remove(key);
+            }
+            keys
+        };
+        self.note_cancelled(&cancelled);
+        cancelled.len()
     }
 
     async fn run(&self, launch: LaunchTask, address: ExecutorAddress) -> DfResult<MapOutput> {
