@@ -11,7 +11,9 @@ use datafusion::prelude::SessionContext;
 use quiver_core::config::{default_session_config, settings_to_send};
 use quiver_core::shuffle::FlightClientPool;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
-use quiver_proto::{JobStatus, Setting, submit_job_request::Query};
+use quiver_proto::{
+    ExecutorInfo, JobStatus, ListExecutorsRequest, Setting, submit_job_request::Query,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -115,6 +117,21 @@ impl QuiverContext {
             LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
             plan => Ok(DataFrame::new(state, plan)),
         }
+    }
+
+    /// The executors registered with the scheduler.
+    pub async fn executors(&self) -> Result<Vec<ExecutorInfo>> {
+        let response = self
+            .scheduler()
+            .list_executors(ListExecutorsRequest {})
+            .await?;
+        Ok(response.into_inner().executors)
+    }
+
+    /// Cancels a running job: its tasks stop and its data is freed. Returns
+    /// false when the job had already ended.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<bool> {
+        job::cancel(&mut self.scheduler(), job_id).await
     }
 
     /// Sends SQL text to the cluster to be planned there, and streams the result.

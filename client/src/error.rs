@@ -26,8 +26,16 @@ pub enum Error {
     #[error("job {job_id} was cancelled")]
     JobCancelled { job_id: String },
 
+    #[error(
+        "lost contact with the scheduler while job {job_id} was running ({message}); the job did not finish"
+    )]
+    SchedulerLost { job_id: String, message: String },
+
     #[error("the scheduler stopped reporting on job {job_id}")]
     StatusLost { job_id: String },
+
+    #[error("fewer than {expected} executors registered in time")]
+    ExecutorsMissing { expected: usize },
 
     #[error(transparent)]
     DataFusion(#[from] DataFusionError),

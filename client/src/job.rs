@@ -55,7 +55,11 @@ pub async fn wait(
         })
         .await?
         .into_inner();
-    while let Some(status) = updates.message().await? {
+    let lost = |status: tonic::Status| Error::SchedulerLost {
+        job_id: job_id.to_owned(),
+        message: status.message().to_owned(),
+    };
+    while let Some(status) = updates.message().await.map_err(lost)? {
         progress(&status);
         match status.state() {
             JobState::Succeeded => return Ok(status),
@@ -76,6 +80,42 @@ pub async fn wait(
     Err(Error::StatusLost {
         job_id: job_id.to_owned(),
     })
+}
+
+/// Asks the scheduler to cancel a job; false when it had already ended.
+pub async fn cancel(client: &mut SchedulerServiceClient<Channel>, job_id: &str) -> Result<bool> {
+    let response = client
+        .cancel_job(JobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await?;
+    Ok(response.into_inner().cancelled)
+}
+
+/// Cancels a job on the cluster when dropped while armed: a caller that stops
+/// waiting (a dropped future, Ctrl-C) must not leave the job running there.
+struct CancelOnDrop {
+    client: SchedulerServiceClient<Channel>,
+    job_id: String,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut client = self.client.clone();
+        let job_id = std::mem::take(&mut self.job_id);
+        runtime.spawn(async move {
+            if let Err(error) = cancel(&mut client, &job_id).await {
+                tracing::warn!(%job_id, %error, "could not cancel an abandoned job");
+            }
+        });
+    }
 }
 
 /// Streams a finished job's result, partition after partition, then tells the
@@ -140,7 +180,19 @@ pub async fn execute(
     let started = std::time::Instant::now();
     let job = submit(&mut client, query, settings).await?;
     let submitted = started.elapsed();
-    let status = wait(&mut client, &job.job_id, progress).await?;
+    let mut guard = CancelOnDrop {
+        client: client.clone(),
+        job_id: job.job_id.clone(),
+        armed: true,
+    };
+    let status = wait(&mut client, &job.job_id, progress).await;
+    // A job that ended, well or badly, needs no cancelling; one whose status
+    // was lost may still be running.
+    guard.armed = !matches!(
+        status,
+        Ok(_) | Err(Error::JobFailed { .. } | Error::JobCancelled { .. })
+    );
+    let status = status?;
     tracing::debug!(job_id = %job.job_id, submit_us = submitted.as_micros() as u64,
         total_us = started.elapsed().as_micros() as u64, "job finished on the cluster");
     Ok(result_stream(client, pool, job.schema, status))

@@ -124,27 +124,20 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-/// Waits until the cluster runs a trivial one-task-per-executor job, i.e. until
-/// executors have registered. Gives up after 30 seconds.
+/// Waits until `executors` executors have registered and take tasks. Gives up
+/// after 30 seconds.
 async fn wait_for_executors(context: &QuiverContext, executors: usize) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let probe = format!(
-        "SELECT * FROM (VALUES {}) AS t(x)",
-        vec!["(1)"; executors.max(1)].join(",")
-    );
     loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-            let stream = context.execute_sql(&probe, |_| {}).await?;
-            datafusion::physical_plan::common::collect(stream).await?;
-            Ok::<_, crate::Error>(())
-        })
-        .await;
-        match attempt {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
+        let registered = context.executors().await;
+        match registered {
+            Ok(list) if list.iter().filter(|e| !e.draining).count() >= executors => {
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             _ if tokio::time::Instant::now() >= deadline => {
-                return Err(crate::Error::StatusLost {
-                    job_id: "executor probe".into(),
+                return Err(crate::Error::ExecutorsMissing {
+                    expected: executors,
                 });
             }
             _ => tokio::time::sleep(Duration::from_millis(50)).await,

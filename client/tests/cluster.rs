@@ -149,8 +149,14 @@ fn shuffle_job_dirs(work_dir: &Path) -> Vec<String> {
     let mut dirs = Vec::new();
     for executor in std::fs::read_dir(work_dir).into_iter().flatten().flatten() {
         let shuffle = executor.path().join("shuffle");
-        for job in std::fs::read_dir(shuffle).into_iter().flatten().flatten() {
-            dirs.push(job.path().display().to_string());
+        for owner in std::fs::read_dir(shuffle).into_iter().flatten().flatten() {
+            for job in std::fs::read_dir(owner.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                dirs.push(job.path().display().to_string());
+            }
         }
     }
     dirs
