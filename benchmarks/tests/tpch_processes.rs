@@ -1,54 +1,16 @@
 //! The TPC-H queries through the real binaries: `quiver-scheduler` and two
 //! `quiver-executor` processes on loopback, queried with the `quiver` CLI in
 //! CSV. Each answer must equal single-node DataFusion's, rendered the same way.
-//!
-//! The binaries come from the same target folder as this test; `cargo build
-//! --workspace --bins` (which `.ci/run` does) puts them there.
 
 mod common;
 
 use std::io::Write;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+
+use common::processes::{ClusterArgs, ProcessCluster, binary};
 
 use quiver_benchmarks::queries::{QUERY_COUNT, query};
 use quiver_client::output::{Format, write_batches};
-
-fn binary(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().expect("test path");
-    let dir = deps
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target folder");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Kills the child processes when the test ends, even on failure.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn cli(url: &str, sql: &str) -> Result<String, String> {
     let output = Command::new(binary("quiver"))
@@ -65,38 +27,10 @@ fn cli(url: &str, sql: &str) -> Result<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpch_through_real_processes_and_the_cli() {
     let tables = common::tpch_tables();
-    let work = tempfile::tempdir().expect("work dir");
-    let port = free_port();
-    let url = format!("quiver://127.0.0.1:{port}");
-    let mut processes = Processes(Vec::new());
-    processes.0.push(
-        Command::new(binary("quiver-scheduler"))
-            .args(["--port", &port.to_string(), "--default-partitions", "4"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start scheduler"),
-    );
-    for index in 0..2 {
-        processes.0.push(
-            Command::new(binary("quiver-executor"))
-                .args(["--scheduler-url", &format!("http://127.0.0.1:{port}")])
-                .args(["--flight-port", "0", "--slots", "2"])
-                .arg("--work-dir")
-                .arg(work.path().join(format!("executor-{index}")))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start executor"),
-        );
-    }
-
-    // Wait until the cluster runs a job that needs both executors' slots.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cli(&url, "SELECT count(*) FROM (VALUES (1),(2),(3),(4)) t(x)").is_err() {
-        assert!(Instant::now() < deadline, "the cluster did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let cluster = ProcessCluster::start(2, ClusterArgs::default());
+    let url = cluster.url();
+    // Wait until both executors have registered.
+    drop(cluster.connect(2).await);
     for (name, dir) in &tables {
         cli(
             &url,
@@ -125,7 +59,7 @@ async fn tpch_through_real_processes_and_the_cli() {
             Err(e) => failures.push(format!("Q{number} failed: {e}")),
         }
     }
-    check_cli_inputs(&url, work.path());
+    check_cli_inputs(&url, cluster.work_dir());
     let error = cli(&url, "SELECT * FROM no_such_table").expect_err("unknown table");
     assert!(error.contains("no_such_table"), "{error}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -47,3 +47,5 @@ pub async fn reference_engine(
         .expect("register on datafusion");
     engine
 }
+
+pub mod processes;

@@ -1,0 +1,371 @@
+//! The chaos suite: TPC-H queries on a cluster of real processes while
+//! executors are killed, paused or drained, jobs are cancelled or time out, and
+//! the scheduler restarts. Every result that completes must equal single-node
+//! DataFusion's, and nothing may hang: each scenario has a time bound.
+//!
+//! A fault is injected when the job's status first shows the phase it targets:
+//! the map phase (no stage done yet), shuffle reads (a stage reading another's
+//! output is running) or the final stage. Status updates can skip a phase on a
+//! fast job, so a scenario is repeated until its fault has landed.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use common::processes::{ClusterArgs, ProcessCluster, send_signal};
+use quiver_benchmarks::queries::query;
+use quiver_benchmarks::runner::Engine;
+use quiver_benchmarks::verify::compare;
+use quiver_client::QuiverContext;
+use quiver_proto::{JobState, JobStatus};
+
+const EXECUTORS: usize = 3;
+/// Multi-stage queries: joins across several shuffles, aggregates and sorts.
+const QUERIES: [usize; 3] = [3, 9, 18];
+/// Bound of one query under faults, recovery included.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(90);
+/// Attempts at landing a fault in the phase a scenario targets.
+const INJECTION_ATTEMPTS: usize = 5;
+/// A query that runs for hours: an aggregate over a trillion generated rows.
+/// (Not a nested-loop join: DataFusion's computes for seconds without yielding
+/// when its filter matches nothing, so cancelling it takes that long to land.)
+const LONG_QUERY: &str = "SELECT count(*), sum(value % 7) FROM range(1, 1000000000000)";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Map,
+    ShuffleRead,
+    FinalStage,
+}
+
+impl Phase {
+    fn reached(self, status: &JobStatus) -> bool {
+        let running = status.state() == JobState::Running;
+        match self {
+            Phase::Map => running && status.stages_done == 0 && status.tasks_running > 0,
+            Phase::ShuffleRead => {
+                running && status.stages_done >= 1 && status.stages_done + 1 < status.stages_total
+            }
+            Phase::FinalStage => running && status.stages_done + 1 == status.stages_total,
+        }
+    }
+}
+
+/// Runs `sql`, calling `fault` once when `phase` is reached. Returns the result
+/// and whether the fault was injected.
+async fn run_with_fault(
+    context: &QuiverContext,
+    sql: &str,
+    phase: Phase,
+    fault: impl FnOnce() + Send,
+) -> (Result<Vec<RecordBatch>, String>, bool) {
+    let injected = Arc::new(AtomicBool::new(false));
+    let fault = Mutex::new(Some(fault));
+    let seen = Arc::clone(&injected);
+    let progress = move |status: &JobStatus| {
+        if phase.reached(status)
+            && let Some(fault) = fault.lock().expect("fault lock").take()
+        {
+            fault();
+            seen.store(true, Ordering::SeqCst);
+        }
+    };
+    let run = async {
+        let stream = context
+            .execute_sql(sql, progress)
+            .await
+            .map_err(|e| e.to_string())?;
+        datafusion::physical_plan::common::collect(stream)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let result = tokio::time::timeout(QUERY_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {QUERY_TIMEOUT:?}: the job hung")));
+    (result, injected.load(Ordering::SeqCst))
+}
+
+async fn register_tables(context: &QuiverContext, tables: &[(String, std::path::PathBuf)]) {
+    for (name, dir) in tables {
+        let sql = format!(
+            "CREATE EXTERNAL TABLE IF NOT EXISTS {name} STORED AS PARQUET LOCATION '{}/'",
+            dir.display()
+        );
+        context
+            .execute_sql(&sql, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    }
+}
+
+struct Suite {
+    cluster: ProcessCluster,
+    context: QuiverContext,
+    reference: Engine,
+    passed: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Suite {
+    async fn expected(&self, number: usize) -> Vec<RecordBatch> {
+        let sql = query(number).expect("query exists");
+        self.reference.run(sql).await.expect("datafusion runs it")
+    }
+
+    fn check(
+        &mut self,
+        scenario: String,
+        result: Result<Vec<RecordBatch>, String>,
+        expected: &[RecordBatch],
+    ) {
+        match result.and_then(|actual| compare(expected, &actual)) {
+            Ok(()) => self.passed.push(scenario),
+            Err(e) => self.failures.push(format!("{scenario}: {e}")),
+        }
+    }
+
+    /// Runs `number`, sending `signal` to executor `victim` when `phase` is
+    /// reached, until the signal lands; then checks the answer.
+    async fn signal_in_phase(
+        &mut self,
+        number: usize,
+        phase: Phase,
+        victim: usize,
+        signal: &'static str,
+    ) {
+        let expected = self.expected(number).await;
+        let sql = query(number).expect("query exists");
+        for _ in 0..INJECTION_ATTEMPTS {
+            let pid = self.cluster.executor_pid(victim).expect("victim runs");
+            let (result, injected) =
+                run_with_fault(&self.context, sql, phase, move || send_signal(pid, signal)).await;
+            if !injected {
+                continue;
+            }
+            let scenario = format!("Q{number}: SIG{signal} executor-{victim} in {phase:?}");
+            self.check(scenario, result, &expected);
+            return;
+        }
+        self.failures.push(format!(
+            "Q{number}: could not land SIG{signal} in {phase:?} in {INJECTION_ATTEMPTS} runs"
+        ));
+    }
+
+    /// Replaces a killed executor and waits until the cluster is whole again.
+    async fn replace_executor(&mut self, index: usize) {
+        self.cluster.kill_executor(index);
+        self.cluster.start_executor(index);
+        self.context = self.cluster.connect(EXECUTORS).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_suite() {
+    let tables = common::tpch_tables();
+    let args = ClusterArgs {
+        scheduler: [
+            "--executor-timeout-ms",
+            "3000",
+            "--heartbeat-interval-ms",
+            "300",
+        ]
+        .map(String::from)
+        .to_vec(),
+        executor: ["--drain-grace-secs", "30"].map(String::from).to_vec(),
+    };
+    let cluster = ProcessCluster::start(EXECUTORS, args);
+    let context = cluster.connect(EXECUTORS).await;
+    register_tables(&context, &tables).await;
+    let mut suite = Suite {
+        cluster,
+        context,
+        reference: common::reference_engine(&tables, 4).await,
+        passed: Vec::new(),
+        failures: Vec::new(),
+    };
+    let started = Instant::now();
+
+    // Executors killed with SIGKILL in each phase.
+    let mut victim = 0;
+    for number in QUERIES {
+        for phase in [Phase::Map, Phase::ShuffleRead, Phase::FinalStage] {
+            suite.signal_in_phase(number, phase, victim, "KILL").await;
+            suite.replace_executor(victim).await;
+            victim = (victim + 1) % EXECUTORS;
+        }
+    }
+
+    // An executor that hangs: paused, it misses its heartbeats, and readers'
+    // fetches from it time out. Resumed, it registers again by itself.
+    suite
+        .signal_in_phase(9, Phase::ShuffleRead, 1, "STOP")
+        .await;
+    suite.cluster.signal_executor(1, "CONT");
+    suite.context = suite.cluster.connect(EXECUTORS).await;
+
+    // A graceful drain in the map phase: the job is not disturbed and the
+    // executor exits 0 once no running job needs it.
+    suite.signal_in_phase(18, Phase::Map, 2, "TERM").await;
+    match suite.cluster.wait_executor(2, Duration::from_secs(40)) {
+        Some(status) if status.success() => suite.passed.push("drained executor exited 0".into()),
+        other => suite.failures.push(format!(
+            "drained executor did not exit 0 in time: {other:?}"
+        )),
+    }
+    suite.cluster.start_executor(2);
+    suite.context = suite.cluster.connect(EXECUTORS).await;
+
+    cancel_and_timeout(&mut suite).await;
+    scheduler_restart(&mut suite, &tables).await;
+
+    eprintln!(
+        "chaos suite: {} scenarios passed in {:.1} s:\n  {}",
+        suite.passed.len(),
+        started.elapsed().as_secs_f64(),
+        suite.passed.join("\n  ")
+    );
+    assert!(
+        suite.failures.is_empty(),
+        "{}\n{}",
+        suite.failures.join("\n"),
+        suite.cluster.logs()
+    );
+}
+
+/// A cancelled job and a timed-out job stop their tasks and free their data,
+/// and the cluster then runs the next job normally.
+async fn cancel_and_timeout(suite: &mut Suite) {
+    let context = suite.context.clone();
+    let cancel_context = context.clone();
+    let job_id = Arc::new(Mutex::new(None::<String>));
+    let seen_id = Arc::clone(&job_id);
+    let long = tokio::spawn(async move {
+        let stream = cancel_context
+            .execute_sql(LONG_QUERY, move |status| {
+                if status.tasks_running > 0 {
+                    seen_id
+                        .lock()
+                        .expect("id lock")
+                        .get_or_insert_with(|| status.job_id.clone());
+                }
+            })
+            .await;
+        stream.map(|_| ()).map_err(|e| e.to_string())
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        if let Some(id) = job_id.lock().expect("id lock").clone() {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the long job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cancelled = context.cancel_job(&id).await.expect("cancel call");
+    match tokio::time::timeout(Duration::from_secs(10), long).await {
+        Ok(Ok(Err(message))) if cancelled && message.contains("cancelled") => {
+            suite.passed.push("cancel mid-way".into());
+        }
+        other => suite
+            .failures
+            .push(format!("cancel did not end the job: {cancelled} {other:?}")),
+    }
+    suite.check_no_job_data(&id, "cancel").await;
+
+    context
+        .sql("SET quiver.job_timeout_secs = 1")
+        .await
+        .expect("set timeout");
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        let stream = context.execute_sql(LONG_QUERY, |_| {}).await?;
+        datafusion::physical_plan::common::collect(stream).await?;
+        Ok::<_, quiver_client::Error>(())
+    })
+    .await;
+    match outcome {
+        Ok(Err(e)) if e.to_string().contains("timed out") => suite.passed.push(format!(
+            "job timeout of 1 s ended the job after {:.1} s",
+            started.elapsed().as_secs_f64()
+        )),
+        other => suite
+            .failures
+            .push(format!("the timeout did not fire: {other:?}")),
+    }
+    context
+        .sql("SET quiver.job_timeout_secs = 0")
+        .await
+        .expect("reset timeout");
+    let expected = suite.expected(3).await;
+    let (result, _) = run_with_fault(&context, query(3).expect("Q3"), Phase::Map, || {}).await;
+    suite.check("Q3 after cancel and timeout".into(), result, &expected);
+}
+
+impl Suite {
+    /// Checks that no executor holds files of `job_id` a few seconds after it ended.
+    async fn check_no_job_data(&mut self, job_id: &str, scenario: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<_> = self
+                .cluster
+                .shuffle_job_dirs()
+                .into_iter()
+                .filter(|dir| dir.ends_with(job_id))
+                .collect();
+            if left.is_empty() {
+                self.passed
+                    .push(format!("{scenario}: no shuffle data left"));
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.failures
+                    .push(format!("{scenario}: shuffle data left behind: {left:?}"));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The scheduler is killed while a job runs: the waiting client gets a clear
+/// error, the executors register again by themselves with the new scheduler,
+/// and jobs run again.
+async fn scheduler_restart(suite: &mut Suite, tables: &[(String, std::path::PathBuf)]) {
+    let context = suite.context.clone();
+    let waiting = tokio::spawn(async move {
+        let stream = context
+            .execute_sql(LONG_QUERY, |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        datafusion::physical_plan::common::collect(stream)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    // Let the job start, then kill the scheduler under it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    suite.cluster.kill_scheduler();
+    match tokio::time::timeout(QUERY_TIMEOUT, waiting).await {
+        Ok(Ok(Err(message))) if message.contains("lost contact with the scheduler") => {
+            suite.passed.push(format!(
+                "scheduler killed mid-job: the client got \"{message}\""
+            ))
+        }
+        other => suite.failures.push(format!(
+            "scheduler killed mid-job: expected a clear error, got {other:?}"
+        )),
+    }
+    suite.cluster.start_scheduler();
+    suite.context = suite.cluster.connect(EXECUTORS).await;
+    suite
+        .passed
+        .push("executors registered again with the restarted scheduler".into());
+    // The catalog does not persist yet: register the tables again.
+    register_tables(&suite.context, tables).await;
+    let expected = suite.expected(9).await;
+    let (result, _) =
+        run_with_fault(&suite.context, query(9).expect("Q9"), Phase::Map, || {}).await;
+    suite.check("Q9 after a scheduler restart".into(), result, &expected);
+}
