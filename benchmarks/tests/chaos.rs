@@ -219,7 +219,7 @@ async fn chaos_suite() {
     suite.context = suite.cluster.connect(EXECUTORS).await;
 
     cancel_and_timeout(&mut suite).await;
-    scheduler_restart(&mut suite, &tables).await;
+    scheduler_restart(&mut suite).await;
 
     eprintln!(
         "chaos suite: {} scenarios passed in {:.1} s:\n  {}",
@@ -331,12 +331,20 @@ impl Suite {
 
 /// The scheduler is killed while a job runs: the waiting client gets a clear
 /// error, the executors register again by themselves with the new scheduler,
-/// and jobs run again.
-async fn scheduler_restart(suite: &mut Suite, tables: &[(String, std::path::PathBuf)]) {
+/// the catalog is still there, the interrupted job is recorded as failed, and
+/// jobs run again.
+async fn scheduler_restart(suite: &mut Suite) {
     let context = suite.context.clone();
+    let job_id = Arc::new(Mutex::new(None::<String>));
+    let seen_id = Arc::clone(&job_id);
     let waiting = tokio::spawn(async move {
         let stream = context
-            .execute_sql(LONG_QUERY, |_| {})
+            .execute_sql(LONG_QUERY, move |status| {
+                seen_id
+                    .lock()
+                    .expect("id lock")
+                    .get_or_insert_with(|| status.job_id.clone());
+            })
             .await
             .map_err(|e| e.to_string())?;
         datafusion::physical_plan::common::collect(stream)
@@ -362,10 +370,32 @@ async fn scheduler_restart(suite: &mut Suite, tables: &[(String, std::path::Path
     suite
         .passed
         .push("executors registered again with the restarted scheduler".into());
-    // The catalog does not persist yet: register the tables again.
-    register_tables(&suite.context, tables).await;
+    let interrupted = job_id.lock().expect("id lock").clone();
+    match interrupted {
+        Some(id) => match suite.context.job_status(&id).await {
+            Ok(status)
+                if status.state() == JobState::Failed
+                    && status.error.contains("scheduler restarted") =>
+            {
+                suite
+                    .passed
+                    .push("the interrupted job is recorded as failed".into());
+            }
+            other => suite
+                .failures
+                .push(format!("interrupted job's status after restart: {other:?}")),
+        },
+        None => suite
+            .failures
+            .push("the interrupted job never reported a status".into()),
+    }
+    // The catalog survived the restart: the tables need no registering again.
     let expected = suite.expected(9).await;
     let (result, _) =
         run_with_fault(&suite.context, query(9).expect("Q9"), Phase::Map, || {}).await;
-    suite.check("Q9 after a scheduler restart".into(), result, &expected);
+    suite.check(
+        "Q9 on the persisted catalog after a scheduler restart".into(),
+        result,
+        &expected,
+    );
 }

@@ -12,7 +12,8 @@ use quiver_core::config::{default_session_config, settings_to_send};
 use quiver_core::shuffle::FlightClientPool;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{
-    ExecutorInfo, JobStatus, ListExecutorsRequest, Setting, submit_job_request::Query,
+    ExecutorInfo, JobRecord, JobRequest, JobStatus, ListExecutorsRequest, ListJobsRequest, Setting,
+    submit_job_request::Query,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -126,6 +127,36 @@ impl QuiverContext {
             .list_executors(ListExecutorsRequest {})
             .await?;
         Ok(response.into_inner().executors)
+    }
+
+    /// Submits SQL and returns at once, without waiting for the job.
+    pub async fn submit_sql(&self, sql: &str) -> Result<job::SubmittedJob> {
+        job::submit(
+            &mut self.scheduler(),
+            Query::Sql(sql.to_owned()),
+            self.settings(),
+        )
+        .await
+    }
+
+    /// The current status of a job, running or in the history.
+    pub async fn job_status(&self, job_id: &str) -> Result<JobStatus> {
+        let response = self
+            .scheduler()
+            .get_job_status(JobRequest {
+                job_id: job_id.to_owned(),
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// The newest `limit` jobs of the scheduler's history (0 for all), oldest first.
+    pub async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
+        let response = self
+            .scheduler()
+            .list_jobs(ListJobsRequest { limit })
+            .await?;
+        Ok(response.into_inner().jobs)
     }
 
     /// Cancels a running job: its tasks stop and its data is freed. Returns

@@ -29,6 +29,15 @@ pub struct SchedulerConfig {
     #[arg(long, env = "QUIVER_EXECUTOR_TIMEOUT_MS", default_value_t = 10_000)]
     pub executor_timeout_ms: u64,
 
+    /// Folder of the embedded store that keeps the catalog and the job history
+    /// across restarts. Put it on a persistent volume.
+    #[arg(long, env = "QUIVER_STATE_DIR", default_value_os_t = std::env::temp_dir().join("quiver-scheduler"))]
+    pub state_dir: std::path::PathBuf,
+
+    /// Keep the catalog and job history in memory only (lost on restart).
+    #[arg(long, env = "QUIVER_EPHEMERAL_STATE")]
+    pub ephemeral_state: bool,
+
     /// How long a finished job's result is kept when the client never reads it, in seconds.
     #[arg(long, env = "QUIVER_RESULT_RETENTION_SECS", default_value_t = 600)]
     pub result_retention_secs: u64,
@@ -44,6 +53,17 @@ impl SchedulerConfig {
             heartbeat_interval_ms: 1000,
             executor_timeout_ms: 10_000,
             result_retention_secs: 600,
+            state_dir: std::env::temp_dir().join("quiver-scheduler"),
+            ephemeral_state: true,
+        }
+    }
+
+    /// Opens the embedded store this configuration asks for.
+    pub fn open_store(&self) -> Result<crate::store::StateStore, crate::store::StoreError> {
+        if self.ephemeral_state {
+            crate::store::StateStore::in_memory()
+        } else {
+            crate::store::StateStore::open(&self.state_dir)
         }
     }
 

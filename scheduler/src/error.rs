@@ -43,14 +43,25 @@ pub enum Error {
 
     #[error("the gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
+    #[error(
+        "catalog statements must be sent as SQL text, so that they can be stored; got a {0} plan"
+    )]
+    DdlPlan(String),
 }
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
-            Error::Query(_) | Error::Setting(_) | Error::MalformedPlan(_) | Error::EmptyQuery => {
-                Code::InvalidArgument
-            }
+            Error::Query(_)
+            | Error::Setting(_)
+            | Error::MalformedPlan(_)
+            | Error::EmptyQuery
+            | Error::DdlPlan(_) => Code::InvalidArgument,
+            Error::Store(_) => Code::Unavailable,
             Error::UnknownJob(_) => Code::NotFound,
             Error::ShuttingDown => Code::Unavailable,
             Error::EncodePlan { .. } | Error::Bind { .. } | Error::Serve(_) => Code::Internal,

@@ -6,11 +6,14 @@
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
+//! - [`store`]: the embedded store (redb) of the catalog and the job history.
+//! - [`catalog`]: which DDL statements are stored, and their replay on start.
 //! - [`config`]: command-line and environment settings.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
 
+pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod joins;
@@ -18,12 +21,13 @@ pub mod planner;
 pub mod service;
 pub mod stages;
 pub mod state;
+pub mod store;
 
 use std::future::Future;
 
 use quiver_proto::scheduler_service_server::SchedulerServiceServer;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::SchedulerConfig;
 pub use error::{Error, Result};
@@ -38,8 +42,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let address = listener.local_addr().ok();
-    let handle = state::event_loop::spawn(config.loop_config());
-    let planner = planner::Planner::new(config.default_partitions);
+    let store = config.open_store()?;
+    let planner = planner::Planner::new(config.default_partitions, store.clone());
+    for (name, error) in planner.replay_catalog().await? {
+        warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
+    }
+    let handle = state::event_loop::spawn(config.loop_config(), &store)?;
     let service = service::SchedulerGrpc::new(handle, planner);
     info!(?address, "scheduler serving");
     tonic::transport::Server::builder()

@@ -21,9 +21,11 @@ use quiver_core::codec::{QuiverPhysicalCodec, RemoteTableCodec, TableResolver};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_proto::{Setting, submit_job_request::Query};
 
+use crate::catalog;
 use crate::error::{Error, Result};
 use crate::stages::{StagePlan, split_into_stages};
 use crate::state::JobLimits;
+use crate::store::StateStore;
 
 const TARGET_PARTITIONS_KEY: &str = "datafusion.execution.target_partitions";
 
@@ -46,6 +48,7 @@ pub enum Planned {
 pub struct Planner {
     catalog: SessionContext,
     default_partitions: usize,
+    store: StateStore,
 }
 
 impl std::fmt::Debug for Planner {
@@ -57,11 +60,34 @@ impl std::fmt::Debug for Planner {
 }
 
 impl Planner {
-    pub fn new(default_partitions: usize) -> Self {
+    pub fn new(default_partitions: usize, store: StateStore) -> Self {
         Self {
             catalog: SessionContext::new_with_config(default_session_config()),
             default_partitions: default_partitions.max(1),
+            store,
         }
+    }
+
+    /// The embedded store holding the catalog and the job history.
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    /// Recreates the stored catalog objects, in creation order. An object
+    /// that cannot be recreated (its files are gone, say) stays stored and is
+    /// returned with the error, so that a later start can try again.
+    pub async fn replay_catalog(&self) -> Result<Vec<(String, Error)>> {
+        let entries = self.store.catalog_entries()?;
+        let mut failures = Vec::new();
+        for entry in entries {
+            let replayed = self
+                .plan_statement("catalog-replay", Query::Sql(entry.sql), &[], false)
+                .await;
+            if let Err(e) = replayed {
+                failures.push((entry.name, e));
+            }
+        }
+        Ok(failures)
     }
 
     /// The session state of a job: the shared catalog with the job's settings.
@@ -82,7 +108,22 @@ impl Planner {
     }
 
     pub async fn plan(&self, job_id: &str, query: Query, settings: &[Setting]) -> Result<Planned> {
+        self.plan_statement(job_id, query, settings, true).await
+    }
+
+    /// Plans a query; catalog statements run here and, if `persist`, are stored.
+    async fn plan_statement(
+        &self,
+        job_id: &str,
+        query: Query,
+        settings: &[Setting],
+        persist: bool,
+    ) -> Result<Planned> {
         let state = self.session_state(settings)?;
+        let sql = match &query {
+            Query::Sql(sql) => Some(sql.clone()),
+            Query::LogicalPlan(_) => None,
+        };
         let logical = match query {
             Query::Sql(sql) => state
                 .create_logical_plan(&sql)
@@ -98,7 +139,12 @@ impl Planner {
         };
         let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
         if matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
-            let context = SessionContext::new_with_state(state);
+            let ddl = match (&logical, &sql) {
+                (LogicalPlan::Ddl(ddl), Some(sql)) => Some((ddl.clone(), sql.clone())),
+                (LogicalPlan::Ddl(ddl), None) => return Err(Error::DdlPlan(ddl.name().into())),
+                _ => None,
+            };
+            let context = SessionContext::new_with_state(state.clone());
             context
                 .execute_logical_plan(logical)
                 .await
@@ -106,6 +152,12 @@ impl Planner {
                 .collect()
                 .await
                 .map_err(Error::Query)?;
+            if let Some((ddl, sql)) = ddl.filter(|_| persist) {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || catalog::record(&store, &ddl, &sql, &state))
+                    .await
+                    .map_err(|_| Error::ShuttingDown)??;
+            }
             return Ok(Planned::Done { schema });
         }
         let physical = state

@@ -9,9 +9,10 @@ use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
-    CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse,
-    JobRequest, JobState, JobStatus, ListExecutorsRequest, ListExecutorsResponse, PROTOCOL_VERSION,
-    ReleaseJobResponse, SchedulerMessage, SubmitJobRequest, SubmitJobResponse, executor_message,
+    CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
+    JobRequest, JobState, JobStatus, ListExecutorsRequest, ListExecutorsResponse, ListJobsRequest,
+    ListJobsResponse, PROTOCOL_VERSION, ReleaseJobResponse, SchedulerMessage, SubmitJobRequest,
+    SubmitJobResponse, executor_message, submit_job_request::Query,
 };
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::planner::{Planned, Planner};
+use crate::state::event_loop::unix_millis;
 use crate::state::{Event, SchedulerHandle, SubmittedJob};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -61,10 +63,25 @@ fn new_job_id() -> String {
 }
 
 fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-    )
+    JobState::try_from(state).is_ok_and(crate::state::is_final)
+}
+
+/// Longest query text kept in the job history.
+const MAX_RECORDED_QUERY_BYTES: usize = 16 * 1024;
+
+/// What the job history shows of a query.
+fn describe_query(query: &Query) -> String {
+    match query {
+        Query::Sql(sql) if sql.len() > MAX_RECORDED_QUERY_BYTES => {
+            let mut end = MAX_RECORDED_QUERY_BYTES;
+            while !sql.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}...", &sql[..end])
+        }
+        Query::Sql(sql) => sql.clone(),
+        Query::LogicalPlan(bytes) => format!("a client-built plan of {} bytes", bytes.len()),
+    }
 }
 
 #[tonic::async_trait]
@@ -157,6 +174,7 @@ impl SchedulerService for SchedulerGrpc {
         let request = request.into_inner();
         let query = request.query.ok_or(Error::EmptyQuery)?;
         let job_id = new_job_id();
+        let description = describe_query(&query);
         let started = std::time::Instant::now();
         let planned = self.planner.plan(&job_id, query, &request.settings).await?;
         debug!(%job_id, planning_us = started.elapsed().as_micros() as u64, "job planned");
@@ -165,8 +183,16 @@ impl SchedulerService for SchedulerGrpc {
                 let status = JobStatus {
                     job_id: job_id.clone(),
                     state: JobState::Succeeded.into(),
+                    elapsed_micros: started.elapsed().as_micros() as u64,
                     ..JobStatus::default()
                 };
+                let now = unix_millis();
+                self.handle.recorder.record(JobRecord {
+                    status: Some(status.clone()),
+                    query: description,
+                    submitted_at_unix_ms: now,
+                    finished_at_unix_ms: now,
+                });
                 self.handle
                     .directory
                     .insert(job_id.clone(), watch::channel(status).1);
@@ -187,6 +213,7 @@ impl SchedulerService for SchedulerGrpc {
                 self.handle.directory.insert(job_id.clone(), watcher);
                 self.send(Event::JobSubmitted(Box::new(SubmittedJob {
                     job_id: job_id.clone(),
+                    query: description,
                     settings: request.settings,
                     limits,
                     stages,
@@ -270,6 +297,35 @@ impl SchedulerService for SchedulerGrpc {
             id(a).cmp(&id(b))
         });
         Ok(Response::new(ListExecutorsResponse { executors }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => usize::MAX,
+            limit => limit as usize,
+        };
+        let store = self.planner.store().clone();
+        let mut jobs = tokio::task::spawn_blocking(move || store.jobs())
+            .await
+            .map_err(|_| Status::from(Error::ShuttingDown))?
+            .map_err(Error::from)?;
+        // The store has each job as submitted or finished; the directory has
+        // the progress of running ones.
+        for record in &mut jobs {
+            if let Some(status) = record.status.as_mut()
+                && let Some(current) = self.handle.directory.get(&status.job_id)
+            {
+                *status = current.borrow().clone();
+                status.result.clear();
+            }
+        }
+        let skip = jobs.len().saturating_sub(limit);
+        Ok(Response::new(ListJobsResponse {
+            jobs: jobs.split_off(skip),
+        }))
     }
 
     async fn get_table(

@@ -89,6 +89,8 @@ impl ProcessCluster {
         self.scheduler_starts += 1;
         let log = self.log("scheduler", self.scheduler_starts);
         let child = Command::new(binary("quiver-scheduler"))
+            .arg("--state-dir")
+            .arg(self.work.path().join("scheduler-state"))
             .args([
                 "--port",
                 &self.port.to_string(),

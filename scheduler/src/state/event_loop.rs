@@ -15,7 +15,8 @@ use tracing::{debug, info, warn};
 
 use super::executors::{ExecutorEntry, ExecutorRegistry};
 use super::job::{Job, Outcome};
-use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob};
+use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
+use crate::store::{JobRecorder, StateStore, StoreError};
 
 /// Timing settings of the loop.
 #[derive(Debug, Clone)]
@@ -27,19 +28,52 @@ pub struct LoopConfig {
     pub result_retention: Duration,
 }
 
-/// Starts the event loop; it stops when every handle is dropped.
-pub fn spawn(config: LoopConfig) -> SchedulerHandle {
+/// Starts the event loop; it stops when every handle is dropped. The job
+/// history in `store` is loaded first: jobs that were running when the
+/// previous scheduler stopped are recorded as failed, since their tasks and
+/// shuffle data went with it (see ARCHITECTURE.md, "Scheduler restart").
+pub fn spawn(config: LoopConfig, store: &StateStore) -> Result<SchedulerHandle, StoreError> {
     let (events, receiver) = mpsc::unbounded_channel();
     let directory = JobDirectory::default();
+    let recorder = JobRecorder::start(store.clone());
+    for mut record in store.jobs()? {
+        let Some(status) = record.status.as_mut() else {
+            continue;
+        };
+        if !is_final(status.state()) {
+            status.state = JobState::Failed.into();
+            status.tasks_running = 0;
+            status.error =
+                "the scheduler restarted while this job was running; submit it again".into();
+            record.finished_at_unix_ms = unix_millis();
+            warn!(job_id = %status.job_id, "job was interrupted by a scheduler restart");
+            recorder.record(record.clone());
+        }
+        if let Some(status) = record.status {
+            directory.insert(status.job_id.clone(), watch::channel(status).1);
+        }
+    }
     let state = SchedulerLoop {
         config,
         jobs: HashMap::new(),
         finished: HashMap::new(),
         executors: ExecutorRegistry::default(),
         next_seq: 0,
+        recorder: recorder.clone(),
     };
     tokio::spawn(state.run(receiver));
-    SchedulerHandle { events, directory }
+    Ok(SchedulerHandle {
+        events,
+        directory,
+        recorder,
+    })
+}
+
+/// Milliseconds since the Unix epoch, for job records.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// A succeeded job whose result the client has not read yet.
@@ -60,6 +94,7 @@ struct SchedulerLoop {
     finished: HashMap<String, FinishedJob>,
     executors: ExecutorRegistry,
     next_seq: u64,
+    recorder: JobRecorder,
 }
 
 impl SchedulerLoop {
@@ -226,12 +261,21 @@ impl SchedulerLoop {
             now,
         );
         self.next_seq += 1;
+        let mut job = job;
+        job.query = submitted.query;
+        job.submitted_at_unix_ms = unix_millis();
         submitted.status.send_replace(job.status());
+        self.recorder.record(job.record(0));
         info!(job_id = %submitted.job_id, stages = job.stages.len(), "job accepted");
         self.jobs.insert(submitted.job_id, (job, submitted.status));
     }
 
     fn after_outcome(&mut self, job_id: &str, outcome: Outcome) {
+        if outcome != Outcome::Continue
+            && let Some((job, _)) = self.jobs.get(job_id)
+        {
+            self.recorder.record(job.record(unix_millis()));
+        }
         match outcome {
             Outcome::Continue => self.publish(job_id),
             Outcome::Succeeded => {
@@ -259,6 +303,7 @@ impl SchedulerLoop {
             return false;
         };
         job.cancel();
+        self.recorder.record(job.record(unix_millis()));
         info!(%job_id, "job cancelled");
         self.publish(job_id);
         self.end_job(job_id);

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
 use quiver_proto::{
-    FailureKind, FetchFailure, JobState, JobStatus, LaunchTask, MapOutput, Setting, StageInput,
-    TaskFailed, TaskId,
+    FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput, Setting,
+    StageInput, TaskFailed, TaskId,
 };
 
 use super::JobLimits;
@@ -75,6 +75,9 @@ pub struct Job {
     pub started: Instant,
     pub state: JobState,
     pub error: String,
+    /// The SQL text or plan description, for the job history.
+    pub query: String,
+    pub submitted_at_unix_ms: u64,
     /// Every executor a task of this job was launched on: all of them may
     /// hold files of the job and are told to remove them when it ends.
     launched_on: BTreeSet<String>,
@@ -120,6 +123,8 @@ impl Job {
             started: now,
             state: JobState::Running,
             error: String::new(),
+            query: String::new(),
+            submitted_at_unix_ms: 0,
             launched_on: BTreeSet::new(),
         }
     }
@@ -416,6 +421,19 @@ impl Job {
         self.launched_on.iter().cloned().collect()
     }
 
+    /// The job's entry in the history; `finished_at_unix_ms` is 0 while it runs.
+    pub fn record(&self, finished_at_unix_ms: u64) -> JobRecord {
+        let mut status = self.status();
+        // Result locations mean nothing once the job's data is gone.
+        status.result.clear();
+        JobRecord {
+            status: Some(status),
+            query: self.query.clone(),
+            submitted_at_unix_ms: self.submitted_at_unix_ms,
+            finished_at_unix_ms,
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         let result = if self.state == JobState::Succeeded {
             self.final_stage()
@@ -581,10 +599,7 @@ mod tests {
         // The reader has not used up an attempt, and waits for its input.
         assert_eq!(job.stages[1].tasks[0].failures, 0);
         let next = job.next_runnable(Instant::now());
-        assert_eq!(
-            next,
-            Some((1, 0, Some("a")))
-        );
+        assert_eq!(next, Some((1, 0, Some("a"))));
         // A second reader reporting the same lost output changes nothing more.
         run_task(&mut job, 1, 0, "b");
         assert_eq!(job.stages[0].tasks[0].failures, 1);

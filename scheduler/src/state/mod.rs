@@ -7,16 +7,17 @@ pub mod event_loop;
 pub mod executors;
 pub mod job;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::bytes::Bytes;
 use quiver_core::config::QuiverOptions;
-use quiver_proto::{ExecutorAddress, ExecutorInfo, JobStatus, Setting, executor_message};
+use quiver_proto::{ExecutorAddress, ExecutorInfo, JobState, JobStatus, Setting, executor_message};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::stages::StagePlan;
+use crate::store::{JOB_HISTORY_LIMIT, JobRecorder};
 use executors::ExecutorSender;
 
 /// Inputs of the event loop.
@@ -57,6 +58,8 @@ pub enum Event {
 #[derive(Debug)]
 pub struct SubmittedJob {
     pub job_id: String,
+    /// The SQL text, or a description of a client-built plan, for the history.
+    pub query: String,
     pub settings: Vec<Setting>,
     pub limits: JobLimits,
     pub stages: Vec<StagePlan>,
@@ -95,25 +98,77 @@ impl Default for JobLimits {
 }
 
 /// Latest status of every job the scheduler knows, readable from any task.
+/// It keeps the running jobs and the newest [`JOB_HISTORY_LIMIT`] finished ones.
 #[derive(Debug, Clone, Default)]
 pub struct JobDirectory {
-    jobs: Arc<Mutex<HashMap<String, watch::Receiver<JobStatus>>>>,
+    jobs: Arc<Mutex<DirectoryEntries>>,
+}
+
+#[derive(Debug, Default)]
+struct DirectoryEntries {
+    by_id: HashMap<String, watch::Receiver<JobStatus>>,
+    /// Job ids, oldest first.
+    order: VecDeque<String>,
 }
 
 impl JobDirectory {
     pub fn insert(&self, job_id: String, status: watch::Receiver<JobStatus>) {
-        self.lock().insert(job_id, status);
+        let mut entries = self.lock();
+        if entries.by_id.insert(job_id.clone(), status).is_none() {
+            entries.order.push_back(job_id);
+        }
+        if entries.by_id.len() > 2 * JOB_HISTORY_LIMIT {
+            entries.prune(JOB_HISTORY_LIMIT);
+        }
     }
 
     pub fn get(&self, job_id: &str) -> Option<watch::Receiver<JobStatus>> {
-        self.lock().get(job_id).cloned()
+        self.lock().by_id.get(job_id).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<JobStatus>>> {
+    /// The latest status of every known job, oldest first.
+    pub fn statuses(&self) -> Vec<JobStatus> {
+        let entries = self.lock();
+        entries
+            .order
+            .iter()
+            .filter_map(|job_id| entries.by_id.get(job_id))
+            .map(|status| status.borrow().clone())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DirectoryEntries> {
         self.jobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+impl DirectoryEntries {
+    /// Forgets the oldest finished jobs until at most `keep` finished ones remain.
+    fn prune(&mut self, keep: usize) {
+        let finished = |status: &watch::Receiver<JobStatus>| is_final(status.borrow().state());
+        let finished_count = self.by_id.values().filter(|s| finished(s)).count();
+        let mut excess = finished_count.saturating_sub(keep);
+        let by_id = &mut self.by_id;
+        self.order.retain(|job_id| {
+            if excess > 0 && by_id.get(job_id).is_some_and(&finished) {
+                by_id.remove(job_id);
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// Whether a job in `state` has ended.
+pub fn is_final(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
 }
 
 /// How the rest of the scheduler talks to the event loop.
@@ -121,11 +176,47 @@ impl JobDirectory {
 pub struct SchedulerHandle {
     events: mpsc::UnboundedSender<Event>,
     pub directory: JobDirectory,
+    /// Writes job records to the store.
+    pub recorder: JobRecorder,
 }
 
 impl SchedulerHandle {
     /// Sends an event; false when the loop has stopped.
     pub fn send(&self, event: Event) -> bool {
         self.events.send(event).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(job_id: &str, state: JobState) -> watch::Receiver<JobStatus> {
+        watch::channel(JobStatus {
+            job_id: job_id.into(),
+            state: state.into(),
+            ..JobStatus::default()
+        })
+        .1
+    }
+
+    #[test]
+    fn pruning_forgets_the_oldest_finished_jobs_only() {
+        let mut entries = DirectoryEntries::default();
+        for (job_id, state) in [
+            ("old-running", JobState::Running),
+            ("old-done", JobState::Succeeded),
+            ("mid-failed", JobState::Failed),
+            ("new-done", JobState::Succeeded),
+        ] {
+            entries.by_id.insert(job_id.into(), status(job_id, state));
+            entries.order.push_back(job_id.into());
+        }
+        entries.prune(2);
+        assert_eq!(
+            Vec::from(entries.order.clone()),
+            ["old-running", "mid-failed", "new-done"]
+        );
+        assert!(!entries.by_id.contains_key("old-done"));
     }
 }

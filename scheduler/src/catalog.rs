@@ -1,0 +1,223 @@
+//! The persistent catalog: every catalog object created with DDL (catalogs,
+//! schemas, external tables and views) is stored with the statement that
+//! created it, and replayed in creation order when the scheduler starts.
+//!
+//! Storing statements rather than resolved metadata keeps the store independent
+//! of DataFusion's internal structures across versions; an external table's
+//! schema is inferred again from its files on replay. Tables made by
+//! `CREATE TABLE ... AS SELECT` or `VALUES` live in the scheduler's memory and
+//! are not persisted.
+
+use datafusion::common::TableReference;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::DdlStatement;
+use quiver_proto::CatalogEntry;
+use tracing::warn;
+
+use crate::store::{Result, StateStore};
+
+/// What a DDL statement does to the persistent catalog.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    /// Store `sql` under `key`, unless `if_absent` and the key exists.
+    Put {
+        key: String,
+        kind: &'static str,
+        name: String,
+        if_absent: bool,
+    },
+    /// Remove `key` and, when cascading, every object whose key starts with `prefix`.
+    Remove {
+        key: String,
+        cascade_prefix: Option<String>,
+    },
+    /// Nothing to persist.
+    None,
+}
+
+/// Records the effect of a DDL statement that has just run successfully.
+pub fn record(
+    store: &StateStore,
+    ddl: &DdlStatement,
+    sql: &str,
+    state: &SessionState,
+) -> Result<()> {
+    match change_of(ddl, state) {
+        Change::Put {
+            key,
+            kind,
+            name,
+            if_absent,
+        } => {
+            if if_absent && store.has_catalog_entry(&key)? {
+                return Ok(());
+            }
+            let entry = CatalogEntry {
+                seq: store.next_catalog_seq()?,
+                kind: kind.to_owned(),
+                name,
+                sql: sql.to_owned(),
+            };
+            store.put_catalog_entry(&key, &entry)
+        }
+        Change::Remove {
+            key,
+            cascade_prefix,
+        } => {
+            store.remove_catalog_entries(|stored| {
+                stored == key
+                    || cascade_prefix
+                        .as_deref()
+                        .is_some_and(|prefix| stored.starts_with(prefix))
+            })?;
+            Ok(())
+        }
+        Change::None => Ok(()),
+    }
+}
+
+fn change_of(ddl: &DdlStatement, state: &SessionState) -> Change {
+    let options = state.config().options();
+    let catalog = options.catalog.default_catalog.as_str();
+    let schema = options.catalog.default_schema.as_str();
+    let table_key = |name: &TableReference| {
+        let resolved = name.clone().resolve(catalog, schema);
+        (format!("table:{resolved}"), resolved.to_string())
+    };
+    let schema_key = |name: &str| {
+        let qualified = if name.contains('.') {
+            name.to_owned()
+        } else {
+            format!("{catalog}.{name}")
+        };
+        (format!("schema:{qualified}"), qualified)
+    };
+    match ddl {
+        DdlStatement::CreateExternalTable(create) => {
+            let (key, name) = table_key(&create.name);
+            Change::Put {
+                key,
+                kind: "table",
+                name,
+                if_absent: create.if_not_exists,
+            }
+        }
+        DdlStatement::CreateView(create) => {
+            let (key, name) = table_key(&create.name);
+            Change::Put {
+                key,
+                kind: "table",
+                name,
+                if_absent: false,
+            }
+        }
+        DdlStatement::CreateCatalogSchema(create) => {
+            let (key, name) = schema_key(&create.schema_name);
+            Change::Put {
+                key,
+                kind: "schema",
+                name,
+                if_absent: create.if_not_exists,
+            }
+        }
+        DdlStatement::CreateCatalog(create) => Change::Put {
+            key: format!("catalog:{}", create.catalog_name),
+            kind: "catalog",
+            name: create.catalog_name.clone(),
+            if_absent: create.if_not_exists,
+        },
+        DdlStatement::DropTable(drop) => Change::Remove {
+            key: table_key(&drop.name).0,
+            cascade_prefix: None,
+        },
+        DdlStatement::DropView(drop) => Change::Remove {
+            key: table_key(&drop.name).0,
+            cascade_prefix: None,
+        },
+        DdlStatement::DropCatalogSchema(drop) => {
+            let (key, name) = schema_key(&drop.name.to_string());
+            Change::Remove {
+                key,
+                cascade_prefix: drop.cascade.then(|| format!("table:{name}.")),
+            }
+        }
+        DdlStatement::CreateMemoryTable(create) => {
+            warn!(table = %create.name, "in-memory tables are not persisted: this one is lost when the scheduler restarts");
+            Change::None
+        }
+        DdlStatement::CreateIndex(_)
+        | DdlStatement::CreateFunction(_)
+        | DdlStatement::DropFunction(_) => Change::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::LogicalPlan;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    async fn change(sql: &str) -> Change {
+        let context = SessionContext::new();
+        context
+            .sql("CREATE VIEW existing AS SELECT 1 AS x")
+            .await
+            .expect("setup");
+        let plan = context
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .expect("plans");
+        let LogicalPlan::Ddl(ddl) = plan else {
+            panic!("{sql} is not DDL");
+        };
+        change_of(&ddl, &context.state())
+    }
+
+    #[tokio::test]
+    async fn ddl_maps_to_catalog_changes() {
+        assert_eq!(
+            change("CREATE EXTERNAL TABLE IF NOT EXISTS s.t STORED AS CSV LOCATION '/x.csv'").await,
+            Change::Put {
+                key: "table:datafusion.s.t".into(),
+                kind: "table",
+                name: "datafusion.s.t".into(),
+                if_absent: true,
+            }
+        );
+        assert_eq!(
+            change("CREATE OR REPLACE VIEW v AS SELECT 1").await,
+            Change::Put {
+                key: "table:datafusion.public.v".into(),
+                kind: "table",
+                name: "datafusion.public.v".into(),
+                if_absent: false,
+            }
+        );
+        assert_eq!(
+            change("DROP VIEW existing").await,
+            Change::Remove {
+                key: "table:datafusion.public.existing".into(),
+                cascade_prefix: None,
+            }
+        );
+        assert_eq!(
+            change("CREATE SCHEMA staging").await,
+            Change::Put {
+                key: "schema:datafusion.staging".into(),
+                kind: "schema",
+                name: "datafusion.staging".into(),
+                if_absent: false,
+            }
+        );
+        assert_eq!(
+            change("DROP SCHEMA staging CASCADE").await,
+            Change::Remove {
+                key: "schema:datafusion.staging".into(),
+                cascade_prefix: Some("table:datafusion.staging.".into()),
+            }
+        );
+        assert_eq!(change("CREATE TABLE m AS VALUES (1)").await, Change::None);
+    }
+}

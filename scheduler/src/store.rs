@@ -1,0 +1,341 @@
+//! The scheduler's durable state, in an embedded redb database: the catalog's
+//! definitions and the job history. Both survive a restart; tests and the
+//! embedded cluster use the same code on an in-memory backend.
+//!
+//! Values are the protobuf messages of `quiver.proto` (`CatalogEntry`,
+//! `JobRecord`), so the store needs no format of its own. Writes are
+//! synchronous and small; callers run them off the event loop
+//! ([`JobRecorder`] for the job history).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use quiver_proto::{CatalogEntry, JobRecord};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tracing::warn;
+
+/// Catalog objects by kind and qualified name (`table:datafusion.public.t`).
+const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
+/// Job records by job id.
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+
+/// Finished jobs kept in the history; older ones are pruned.
+pub const JOB_HISTORY_LIMIT: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the state folder {path}: {source}")]
+    Folder {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("state store error: {0}")]
+    Database(#[from] redb::Error),
+
+    #[error("corrupt record in the state store: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+}
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(error: redb::DatabaseError) -> Self {
+        Self::Database(error.into())
+    }
+}
+impl From<redb::TransactionError> for StoreError {
+    fn from(error: redb::TransactionError) -> Self {
+        Self::Database(error.into())
+    }
+}
+impl From<redb::TableError> for StoreError {
+    fn from(error: redb::TableError) -> Self {
+        Self::Database(error.into())
+    }
+}
+impl From<redb::StorageError> for StoreError {
+    fn from(error: redb::StorageError) -> Self {
+        Self::Database(error.into())
+    }
+}
+impl From<redb::CommitError> for StoreError {
+    fn from(error: redb::CommitError) -> Self {
+        Self::Database(error.into())
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The embedded store; cheap to clone.
+#[derive(Clone)]
+pub struct StateStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore").finish_non_exhaustive()
+    }
+}
+
+impl StateStore {
+    /// Opens (or creates) the store in `folder`.
+    pub fn open(folder: &Path) -> Result<Self> {
+        std::fs::create_dir_all(folder).map_err(|source| StoreError::Folder {
+            path: folder.display().to_string(),
+            source,
+        })?;
+        Self::init(Database::create(folder.join("scheduler.redb"))?)
+    }
+
+    /// A store that lives and dies with the process.
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?)
+    }
+
+    fn init(db: Database) -> Result<Self> {
+        let write = db.begin_write()?;
+        write.open_table(CATALOG)?;
+        write.open_table(JOBS)?;
+        write.commit()?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Adds or replaces a catalog object.
+    pub fn put_catalog_entry(&self, key: &str, entry: &CatalogEntry) -> Result<()> {
+        let write = self.db.begin_write()?;
+        write
+            .open_table(CATALOG)?
+            .insert(key, entry.encode_to_vec().as_slice())?;
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Whether a catalog object is stored under `key`.
+    pub fn has_catalog_entry(&self, key: &str) -> Result<bool> {
+        let read = self.db.begin_read()?;
+        Ok(read.open_table(CATALOG)?.get(key)?.is_some())
+    }
+
+    /// Removes the catalog objects whose key `matches`; returns how many.
+    pub fn remove_catalog_entries(&self, matches: impl Fn(&str) -> bool) -> Result<usize> {
+        let write = self.db.begin_write()?;
+        let removed = {
+            let mut table = write.open_table(CATALOG)?;
+            let before = table.len()?;
+            table.retain(|key, _| !matches(key))?;
+            before - table.len()?
+        };
+        write.commit()?;
+        Ok(removed as usize)
+    }
+
+    /// Every catalog object, in creation order.
+    pub fn catalog_entries(&self) -> Result<Vec<CatalogEntry>> {
+        let read = self.db.begin_read()?;
+        let mut entries = read
+            .open_table(CATALOG)?
+            .iter()?
+            .map(|row| Ok(CatalogEntry::decode(row?.1.value())?))
+            .collect::<Result<Vec<_>>>()?;
+        entries.sort_by_key(|entry| entry.seq);
+        Ok(entries)
+    }
+
+    /// The next catalog sequence number.
+    pub fn next_catalog_seq(&self) -> Result<u64> {
+        Ok(self
+            .catalog_entries()?
+            .last()
+            .map_or(1, |entry| entry.seq + 1))
+    }
+
+    /// Writes job records in one transaction.
+    pub fn put_jobs(&self, records: &[JobRecord]) -> Result<()> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(JOBS)?;
+            for record in records {
+                let job_id = record
+                    .status
+                    .as_ref()
+                    .map(|status| status.job_id.as_str())
+                    .unwrap_or_default();
+                table.insert(job_id, record.encode_to_vec().as_slice())?;
+            }
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Every job record, oldest first.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let read = self.db.begin_read()?;
+        let mut records = read
+            .open_table(JOBS)?
+            .iter()?
+            .map(|row| Ok(JobRecord::decode(row?.1.value())?))
+            .collect::<Result<Vec<_>>>()?;
+        records.sort_by_key(|record| record.submitted_at_unix_ms);
+        Ok(records)
+    }
+
+    /// Removes the oldest finished jobs beyond `keep`.
+    pub fn prune_jobs(&self, keep: usize) -> Result<usize> {
+        let finished: Vec<String> = self
+            .jobs()?
+            .into_iter()
+            .filter(|record| record.finished_at_unix_ms > 0)
+            .filter_map(|record| record.status.map(|status| status.job_id))
+            .collect();
+        let excess = finished.len().saturating_sub(keep);
+        if excess == 0 {
+            return Ok(0);
+        }
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(JOBS)?;
+            for job_id in &finished[..excess] {
+                table.remove(job_id.as_str())?;
+            }
+        }
+        write.commit()?;
+        Ok(excess)
+    }
+}
+
+/// Writes job records on a thread of its own, so that the event loop never
+/// waits for the disk. Records sent together are written in one transaction.
+#[derive(Debug, Clone)]
+pub struct JobRecorder {
+    sender: std::sync::mpsc::Sender<JobRecord>,
+}
+
+impl JobRecorder {
+    pub fn start(store: StateStore) -> Self {
+        let (sender, receiver) = std::sync::mpsc::channel::<JobRecord>();
+        std::thread::Builder::new()
+            .name("quiver-job-recorder".into())
+            .spawn(move || {
+                let mut written = 0usize;
+                while let Ok(first) = receiver.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(receiver.try_iter());
+                    if let Err(e) = store.put_jobs(&batch) {
+                        warn!(%e, records = batch.len(), "cannot record jobs");
+                    }
+                    written += batch.len();
+                    if written >= JOB_HISTORY_LIMIT / 10 {
+                        written = 0;
+                        if let Err(e) = store.prune_jobs(JOB_HISTORY_LIMIT) {
+                            warn!(%e, "cannot prune the job history");
+                        }
+                    }
+                }
+            })
+            .map_or_else(
+                |e| warn!(%e, "cannot start the job recorder; job history is not persisted"),
+                drop,
+            );
+        Self { sender }
+    }
+
+    /// Queues a record to be written.
+    pub fn record(&self, record: JobRecord) {
+        // The thread only stops with the process.
+        let _ = self.sender.send(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quiver_proto::{JobState, JobStatus};
+
+    use super::*;
+
+    fn record(job_id: &str, submitted: u64, finished: u64) -> JobRecord {
+        JobRecord {
+            status: Some(JobStatus {
+                job_id: job_id.into(),
+                state: JobState::Succeeded.into(),
+                ..JobStatus::default()
+            }),
+            query: "SELECT 1".into(),
+            submitted_at_unix_ms: submitted,
+            finished_at_unix_ms: finished,
+        }
+    }
+
+    #[test]
+    fn state_survives_reopening_the_store() {
+        let folder = tempfile::tempdir().expect("tempdir");
+        {
+            let store = StateStore::open(folder.path()).expect("open");
+            let entry = |seq: u64, name: &str| CatalogEntry {
+                seq,
+                kind: "table".into(),
+                name: name.into(),
+                sql: format!("CREATE VIEW {name} AS SELECT {seq}"),
+            };
+            store
+                .put_catalog_entry("table:b", &entry(2, "b"))
+                .expect("put");
+            store
+                .put_catalog_entry("table:a", &entry(1, "a"))
+                .expect("put");
+            store
+                .put_catalog_entry("table:c", &entry(3, "c"))
+                .expect("put");
+            assert_eq!(
+                store
+                    .remove_catalog_entries(|key| key == "table:c")
+                    .expect("remove"),
+                1
+            );
+            store
+                .put_jobs(&[record("j1", 10, 20), record("j2", 30, 0)])
+                .expect("jobs");
+        }
+        let store = StateStore::open(folder.path()).expect("reopen");
+        let names: Vec<String> = store
+            .catalog_entries()
+            .expect("entries")
+            .into_iter()
+            .map(|entry| entry.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["a", "b"],
+            "in creation order, without the removed one"
+        );
+        assert_eq!(store.next_catalog_seq().expect("seq"), 3);
+        assert!(store.has_catalog_entry("table:a").expect("lookup"));
+        let jobs = store.jobs().expect("jobs");
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[1].finished_at_unix_ms, 0);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_finished_jobs_and_running_ones() {
+        let store = StateStore::in_memory().expect("store");
+        let records: Vec<JobRecord> = (1..=5)
+            .map(|n| {
+                record(
+                    &format!("j{n}"),
+                    n * 10,
+                    if n == 1 { 0 } else { n * 10 + 1 },
+                )
+            })
+            .collect();
+        store.put_jobs(&records).expect("jobs");
+        assert_eq!(store.prune_jobs(2).expect("prune"), 2);
+        let left: Vec<String> = store
+            .jobs()
+            .expect("jobs")
+            .into_iter()
+            .filter_map(|record| record.status.map(|status| status.job_id))
+            .collect();
+        assert_eq!(left, ["j1", "j4", "j5"]);
+    }
+}
