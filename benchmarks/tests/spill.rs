@@ -16,6 +16,7 @@ async fn queries_larger_than_the_memory_pool_spill() {
         // lineitem at this scale is about 10 MB in memory.
         memory_limit: 6 * 1024 * 1024,
         default_partitions: 2,
+        ..StandaloneOptions::default()
     };
     let (cluster, context) = common::start_cluster(options).await;
     // One task sees the whole table, so it cannot fit; the merge reservation

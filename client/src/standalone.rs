@@ -22,6 +22,8 @@ pub struct StandaloneOptions {
     pub memory_limit: usize,
     /// Shuffle partitions when a job does not set them.
     pub default_partitions: usize,
+    /// Jobs running at once; later ones queue. 0 means no limit.
+    pub max_running_jobs: usize,
 }
 
 impl Default for StandaloneOptions {
@@ -31,6 +33,7 @@ impl Default for StandaloneOptions {
             slots_per_executor: 2,
             memory_limit: 2 * 1024 * 1024 * 1024,
             default_partitions: 4,
+            max_running_jobs: 16,
         }
     }
 }
@@ -56,6 +59,7 @@ impl StandaloneCluster {
         let url = format!("quiver://{}", listener.local_addr()?);
         let scheduler_config = SchedulerConfig {
             default_partitions: options.default_partitions,
+            max_running_jobs: options.max_running_jobs,
             ..SchedulerConfig::local()
         };
         let shutdown = wait_for(stopped.clone());

@@ -11,8 +11,8 @@ use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::prelude::{SessionContext, col, lit};
 use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
 use quiver_proto::{
-    ExecutorAddress, ExecutorMessage, Heartbeat, JobRequest, PROTOCOL_VERSION, RegisterExecutor,
-    executor_message,
+    ExecutorAddress, ExecutorMessage, Heartbeat, JobRequest, JobState, JobStatus, PROTOCOL_VERSION,
+    RegisterExecutor, executor_message,
 };
 use tonic::Code;
 
@@ -241,5 +241,63 @@ async fn csv_files_and_hive_partitioned_parquet_folders() {
         .expect("aggregate");
     assert_eq!(int64s(&frame.collect().await.expect("collect"), 0), vec![5]);
 
+    cluster.shutdown().await;
+}
+
+/// Runs for hours unless cancelled: an aggregate over a trillion generated rows.
+const ENDLESS_QUERY: &str = "SELECT count(*), sum(value % 7) FROM range(1, 1000000000000)";
+
+async fn wait_for_state(context: &QuiverContext, job_id: &str, state: JobState) -> JobStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = context.job_status(job_id).await.expect("status");
+        if status.state() == state {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job_id} never reached {state:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_beyond_the_limit_wait_in_a_visible_queue() {
+    let options = StandaloneOptions {
+        max_running_jobs: 1,
+        ..StandaloneOptions::default()
+    };
+    let cluster = StandaloneCluster::start(options).await.expect("start");
+    let context = cluster.connect(2).await.expect("connect");
+    let endless = context.submit_sql(ENDLESS_QUERY).await.expect("submit");
+    wait_for_state(&context, &endless.job_id, JobState::Running).await;
+    let first = context.submit_sql("SELECT 1 AS one").await.expect("submit");
+    let second = context.submit_sql("SELECT 2 AS two").await.expect("submit");
+    let queued = wait_for_state(&context, &second.job_id, JobState::Queued).await;
+    assert_eq!(queued.queue_position, 1, "one job is ahead of it");
+    let first_status = context.job_status(&first.job_id).await.expect("status");
+    assert_eq!(first_status.state(), JobState::Queued);
+    assert_eq!(first_status.queue_position, 0);
+
+    assert!(context.cancel_job(&endless.job_id).await.expect("cancel"));
+    wait_for_state(&context, &first.job_id, JobState::Succeeded).await;
+    wait_for_state(&context, &second.job_id, JobState::Succeeded).await;
+    let history = context.list_jobs(0).await.expect("list");
+    let states: Vec<(String, JobState)> = history
+        .into_iter()
+        .filter_map(|record| record.status)
+        .map(|status| (status.job_id.clone(), status.state()))
+        .collect();
+    for (job_id, state) in [
+        (&endless.job_id, JobState::Cancelled),
+        (&first.job_id, JobState::Succeeded),
+        (&second.job_id, JobState::Succeeded),
+    ] {
+        assert!(
+            states.contains(&(job_id.clone(), state)),
+            "{job_id} is {state:?} in the history: {states:?}"
+        );
+    }
     cluster.shutdown().await;
 }

@@ -29,6 +29,11 @@ pub struct SchedulerConfig {
     #[arg(long, env = "QUIVER_EXECUTOR_TIMEOUT_MS", default_value_t = 10_000)]
     pub executor_timeout_ms: u64,
 
+    /// Jobs that run at once; later ones wait in a queue, in order, and show
+    /// their place in it. 0 means no limit.
+    #[arg(long, env = "QUIVER_MAX_RUNNING_JOBS", default_value_t = 16)]
+    pub max_running_jobs: usize,
+
     /// Folder of the embedded store that keeps the catalog and the job history
     /// across restarts. Put it on a persistent volume.
     #[arg(long, env = "QUIVER_STATE_DIR", default_value_os_t = std::env::temp_dir().join("quiver-scheduler"))]
@@ -53,6 +58,7 @@ impl SchedulerConfig {
             heartbeat_interval_ms: 1000,
             executor_timeout_ms: 10_000,
             result_retention_secs: 600,
+            max_running_jobs: 16,
             state_dir: std::env::temp_dir().join("quiver-scheduler"),
             ephemeral_state: true,
         }
@@ -72,6 +78,7 @@ impl SchedulerConfig {
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             executor_timeout: Duration::from_millis(self.executor_timeout_ms),
             result_retention: Duration::from_secs(self.result_retention_secs),
+            max_running_jobs: self.max_running_jobs,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! events, and hands pending tasks to free executor slots. It never blocks:
 //! planning and plan encoding happen before a job reaches it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use quiver_proto::{
@@ -26,6 +26,8 @@ pub struct LoopConfig {
     pub executor_timeout: Duration,
     /// How long a finished job's result stays available if the client never releases it.
     pub result_retention: Duration,
+    /// Jobs running at once; later ones wait in a queue. 0 means no limit.
+    pub max_running_jobs: usize,
 }
 
 /// Starts the event loop; it stops when every handle is dropped. The job
@@ -60,6 +62,7 @@ pub fn spawn(config: LoopConfig, store: &StateStore) -> Result<SchedulerHandle, 
         executors: ExecutorRegistry::default(),
         next_seq: 0,
         recorder: recorder.clone(),
+        queue: VecDeque::new(),
     };
     tokio::spawn(state.run(receiver));
     Ok(SchedulerHandle {
@@ -95,6 +98,8 @@ struct SchedulerLoop {
     executors: ExecutorRegistry,
     next_seq: u64,
     recorder: JobRecorder,
+    /// Jobs waiting for admission, oldest first.
+    queue: VecDeque<String>,
 }
 
 impl SchedulerLoop {
@@ -109,6 +114,7 @@ impl SchedulerLoop {
                 },
                 _ = tick.tick() => self.on_tick(),
             }
+            self.admit_queued();
             self.schedule();
             self.release_drained();
         }
@@ -264,9 +270,15 @@ impl SchedulerLoop {
         let mut job = job;
         job.query = submitted.query;
         job.submitted_at_unix_ms = unix_millis();
+        if self.at_job_limit() {
+            job.enqueue(self.queue.len() as u32);
+            self.queue.push_back(submitted.job_id.clone());
+            info!(job_id = %submitted.job_id, position = job.queue_position, "job queued");
+        } else {
+            info!(job_id = %submitted.job_id, stages = job.stages.len(), "job accepted");
+        }
         submitted.status.send_replace(job.status());
         self.recorder.record(job.record(0));
-        info!(job_id = %submitted.job_id, stages = job.stages.len(), "job accepted");
         self.jobs.insert(submitted.job_id, (job, submitted.status));
     }
 
@@ -302,6 +314,9 @@ impl SchedulerLoop {
         let Some((job, _)) = self.jobs.get_mut(job_id) else {
             return false;
         };
+        if job.state == JobState::Queued {
+            self.queue.retain(|queued| queued != job_id);
+        }
         job.cancel();
         self.recorder.record(job.record(unix_millis()));
         info!(%job_id, "job cancelled");
@@ -394,6 +409,41 @@ impl SchedulerLoop {
         let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
         for job_id in job_ids {
             self.publish(&job_id);
+        }
+    }
+
+    fn at_job_limit(&self) -> bool {
+        let running = self
+            .jobs
+            .values()
+            .filter(|(job, _)| job.state == JobState::Running)
+            .count();
+        self.config.max_running_jobs > 0 && running >= self.config.max_running_jobs
+    }
+
+    /// Starts queued jobs, oldest first, while the job limit allows.
+    fn admit_queued(&mut self) {
+        let mut admitted = false;
+        while !self.queue.is_empty() && !self.at_job_limit() {
+            let Some(job_id) = self.queue.pop_front() else {
+                break;
+            };
+            if let Some((job, _)) = self.jobs.get_mut(&job_id) {
+                job.admit(Instant::now());
+                info!(%job_id, "job admitted from the queue");
+                admitted = true;
+            }
+        }
+        if admitted {
+            for (position, job_id) in self.queue.iter().enumerate() {
+                if let Some((job, _)) = self.jobs.get_mut(job_id) {
+                    job.queue_position = position as u32;
+                }
+            }
+            let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
+            for job_id in job_ids {
+                self.publish(&job_id);
+            }
         }
     }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
 use quiver_proto::{
-    FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput, Setting,
-    StageInput, TaskFailed, TaskId,
+    FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput,
+    PartitionStats, Setting, StageInput, TaskFailed, TaskId,
 };
 
 use super::JobLimits;
@@ -69,6 +69,9 @@ pub struct Job {
     pub max_attempts: u32,
     /// When the job fails for running too long, if it has a timeout.
     pub deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    /// Jobs ahead of this one while it waits for admission.
+    pub queue_position: u32,
     /// Indexed by `stage_id - 1`; the last stage is the final one.
     pub stages: Vec<Stage>,
     pub running: usize,
@@ -118,6 +121,8 @@ impl Job {
             settings,
             max_attempts: limits.max_attempts.max(1),
             deadline: limits.timeout.map(|timeout| now + timeout),
+            timeout: limits.timeout,
+            queue_position: 0,
             stages,
             running: 0,
             started: now,
@@ -126,6 +131,24 @@ impl Job {
             query: String::new(),
             submitted_at_unix_ms: 0,
             launched_on: BTreeSet::new(),
+        }
+    }
+
+    /// Holds the job back until the cluster admits it.
+    pub fn enqueue(&mut self, position: u32) {
+        self.state = JobState::Queued;
+        self.queue_position = position;
+        self.deadline = None;
+    }
+
+    /// Lets a queued job run; its clock and timeout start now.
+    pub fn admit(&mut self, now: Instant) {
+        self.state = JobState::Running;
+        self.queue_position = 0;
+        self.started = now;
+        self.deadline = self.timeout.map(|timeout| now + timeout);
+        for task in self.stages.iter_mut().flat_map(|stage| &mut stage.tasks) {
+            task.not_before = now;
         }
     }
 
@@ -448,6 +471,13 @@ impl Job {
         } else {
             Vec::new()
         };
+        let written = self.stages.iter().map(stage_written).fold(
+            PartitionStats::default(),
+            |total, stage| PartitionStats {
+                rows: total.rows + stage.rows,
+                bytes: total.bytes + stage.bytes,
+            },
+        );
         JobStatus {
             job_id: self.id.clone(),
             state: self.state.into(),
@@ -458,8 +488,32 @@ impl Job {
             result,
             elapsed_micros: self.started.elapsed().as_micros() as u64,
             result_stage: self.final_stage().map_or(0, |stage| stage.id),
+            queue_position: self.queue_position,
+            rows_written: written.rows,
+            bytes_written: written.bytes,
+            result_rows: if self.state == JobState::Succeeded {
+                self.final_stage()
+                    .map_or(0, |stage| stage_written(stage).rows)
+            } else {
+                0
+            },
         }
     }
+}
+
+/// Rows and bytes in the finished outputs of a stage.
+fn stage_written(stage: &Stage) -> PartitionStats {
+    let mut total = PartitionStats::default();
+    for partition in stage
+        .tasks
+        .iter()
+        .filter_map(|task| task.output.as_ref())
+        .flat_map(|output| &output.partitions)
+    {
+        total.rows += partition.rows;
+        total.bytes += partition.bytes;
+    }
+    total
 }
 
 fn output_on(task: &Task, executor_id: &str) -> bool {
