@@ -6,6 +6,7 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::processes::{ClusterArgs, ProcessCluster, binary};
 
@@ -60,6 +61,7 @@ async fn tpch_through_real_processes_and_the_cli() {
         }
     }
     check_cli_inputs(&url, cluster.work_dir());
+    check_cli_jobs(&url);
     let error = cli(&url, "SELECT * FROM no_such_table").expect_err("unknown table");
     assert!(error.contains("no_such_table"), "{error}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -107,5 +109,62 @@ fn check_cli_inputs(url: &str, scratch: &std::path::Path) {
     assert!(
         error.contains("127.0.0.1:1"),
         "the address is named: {error}"
+    );
+}
+
+fn quiver(args: &[&str]) -> std::process::Output {
+    Command::new(binary("quiver"))
+        .args(args)
+        .output()
+        .expect("run the cli")
+}
+
+/// `quiver job ...`, and Ctrl-C cancelling the job on the cluster.
+fn check_cli_jobs(url: &str) {
+    let submitted = quiver(&["--url", url, "job", "submit", "SELECT 42 AS answer"]);
+    assert!(submitted.status.success(), "{submitted:?}");
+    let job_id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = quiver(&["--url", url, "--format", "csv", "job", "status", &job_id]);
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        if text.contains("SUCCEEDED") {
+            assert!(text.starts_with("job_id,state,stages"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "job never succeeded: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Ctrl-C while a job runs cancels it on the cluster.
+    let endless = "SELECT count(*), sum(value % 7) FROM range(1, 1000000000000)";
+    let child = Command::new(binary("quiver"))
+        .args(["--url", url, "-c", endless])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cli");
+    std::thread::sleep(Duration::from_millis(1500));
+    common::processes::send_signal(child.id(), "INT");
+    let output = child.wait_with_output().expect("cli output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    let listed = quiver(&[
+        "--url", url, "--format", "csv", "job", "list", "--limit", "3",
+    ]);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|line| line.contains("CANCELLED") && line.contains("range(1, 1000000000000)")),
+        "{listing}"
+    );
+
+    let unknown = quiver(&["--url", url, "job", "cancel", "no-such-job"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("unknown job"),
+        "{unknown:?}"
     );
 }

@@ -1,0 +1,142 @@
+//! `quiver job ...`: submit a job without waiting, follow, cancel and list jobs.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use quiver_client::QuiverContext;
+use quiver_client::output::{Format, write_batches};
+use quiver_proto::{JobRecord, JobStatus};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// Submit SQL and print the job id at once, without waiting for the job.
+    Submit {
+        /// The statement to run.
+        sql: String,
+    },
+    /// Print a job's status, running or finished.
+    Status { job_id: String },
+    /// Cancel a running or queued job.
+    Cancel { job_id: String },
+    /// List the newest jobs of the scheduler's history.
+    List {
+        /// How many jobs (0 for all).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+pub async fn run(
+    context: &QuiverContext,
+    command: JobCommand,
+    format: Format,
+) -> Result<(), String> {
+    match command {
+        JobCommand::Submit { sql } => {
+            let job = context.submit_sql(&sql).await.map_err(|e| e.to_string())?;
+            println!("{}", job.job_id);
+        }
+        JobCommand::Status { job_id } => {
+            let status = context
+                .job_status(&job_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            print_jobs(&[(status, None)], format)?;
+        }
+        JobCommand::Cancel { job_id } => {
+            if context
+                .cancel_job(&job_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                println!("job {job_id} cancelled");
+            } else {
+                return Err(format!("job {job_id} had already ended"));
+            }
+        }
+        JobCommand::List { limit } => {
+            let jobs: Vec<(JobStatus, Option<JobRecord>)> = context
+                .list_jobs(limit)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter_map(|mut record| Some((record.status.take()?, Some(record))))
+                .collect();
+            print_jobs(&jobs, format)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints jobs as a table, CSV or JSON, one row per job.
+fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result<(), String> {
+    let strings = |value: fn(&JobStatus, Option<&JobRecord>) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            jobs.iter()
+                .map(|(status, record)| value(status, record.as_ref())),
+        ))
+    };
+    let numbers = |value: fn(&JobStatus) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from_iter_values(
+            jobs.iter().map(|(status, _)| value(status)),
+        ))
+    };
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("job_id", strings(|s, _| s.job_id.clone())),
+        ("state", strings(|s, _| state_name(s))),
+        (
+            "stages",
+            strings(|s, _| format!("{}/{}", s.stages_done, s.stages_total)),
+        ),
+        ("tasks_running", numbers(|s| u64::from(s.tasks_running))),
+        ("elapsed_ms", numbers(|s| s.elapsed_micros / 1000)),
+        ("result_rows", numbers(|s| s.result_rows)),
+        ("bytes_written", numbers(|s| s.bytes_written)),
+        ("error", strings(|s, _| s.error.clone())),
+        (
+            "query",
+            strings(|_, record| record.map(|r| one_line(&r.query)).unwrap_or_default()),
+        ),
+    ];
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|(name, array)| Field::new(*name, array.data_type().clone(), false))
+            .collect::<Vec<_>>(),
+    ));
+    debug_assert!(
+        schema
+            .fields()
+            .iter()
+            .all(|f| f.data_type() != &DataType::Null)
+    );
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        columns.into_iter().map(|(_, array)| array).collect(),
+    )
+    .map_err(|e| e.to_string())?;
+    write_batches(&mut std::io::stdout().lock(), format, &schema, &[batch])
+        .map_err(|e| e.to_string())
+}
+
+fn state_name(status: &JobStatus) -> String {
+    let name = status
+        .state()
+        .as_str_name()
+        .trim_start_matches("JOB_STATE_");
+    match status.state() {
+        quiver_proto::JobState::Queued => format!("QUEUED ({} ahead)", status.queue_position),
+        _ => name.to_owned(),
+    }
+}
+
+/// A query on one line, shortened for a listing.
+fn one_line(query: &str) -> String {
+    let flat = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > 60 {
+        format!("{}...", flat.chars().take(57).collect::<String>())
+    } else {
+        flat
+    }
+}

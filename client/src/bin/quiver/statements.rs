@@ -1,0 +1,190 @@
+//! Runs SQL statements: splits scripts, shows a progress line on a terminal,
+//! and cancels the job on the cluster when the user presses Ctrl-C.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use quiver_client::QuiverContext;
+use quiver_client::output::{Format, write_batches};
+use quiver_proto::{JobState, JobStatus};
+
+/// How one statement ended, when it did not fail.
+pub enum Outcome {
+    Done,
+    /// The user pressed Ctrl-C and the job was cancelled on the cluster.
+    Interrupted,
+}
+
+/// Runs one statement and prints its result to stdout.
+pub async fn run_statement(
+    context: &QuiverContext,
+    statement: &str,
+    format: Format,
+    timing: bool,
+) -> Result<Outcome, String> {
+    let started = Instant::now();
+    let show_progress = std::io::stderr().is_terminal();
+    let job_id = Arc::new(Mutex::new(None::<String>));
+    let seen_id = Arc::clone(&job_id);
+    let execution = async {
+        let stream = context
+            .execute_sql(statement, move |status| {
+                seen_id
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert_with(|| status.job_id.clone());
+                if show_progress {
+                    print_progress(status, started);
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let schema = stream.schema();
+        let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((schema, batches))
+    };
+    // Kept alive through the Ctrl-C branch: dropping it would cancel the job
+    // in the background, racing the cancellation that is reported below.
+    tokio::pin!(execution);
+    let outcome = tokio::select! {
+        outcome = &mut execution => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            clear_progress(show_progress);
+            let job_id = job_id
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            cancel_on_cluster(context, job_id).await;
+            return Ok(Outcome::Interrupted);
+        }
+    };
+    clear_progress(show_progress);
+    let (schema, batches) = outcome?;
+    let mut stdout = std::io::stdout().lock();
+    write_batches(&mut stdout, format, &schema, &batches).map_err(|e| e.to_string())?;
+    stdout.flush().map_err(|e| e.to_string())?;
+    if timing {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        eprintln!("{rows} rows in {:.3}s", started.elapsed().as_secs_f64());
+    }
+    Ok(Outcome::Done)
+}
+
+async fn cancel_on_cluster(context: &QuiverContext, job_id: Option<String>) {
+    let Some(job_id) = job_id else {
+        eprintln!("interrupted before the job was submitted");
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(5), context.cancel_job(&job_id)).await {
+        Ok(Ok(true)) => eprintln!("job {job_id} cancelled"),
+        Ok(Ok(false)) => eprintln!("job {job_id} had already ended"),
+        Ok(Err(e)) => eprintln!("could not cancel job {job_id}: {e}"),
+        Err(_) => eprintln!("could not cancel job {job_id}: the scheduler did not answer"),
+    }
+}
+
+fn clear_progress(shown: bool) {
+    if shown {
+        eprint!("\r\x1b[2K");
+    }
+}
+
+/// One line, rewritten in place: where the job is and what it has done so far.
+fn print_progress(status: &JobStatus, started: Instant) {
+    if started.elapsed() < Duration::from_millis(500) {
+        return;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if status.state() == JobState::Queued {
+        eprint!(
+            "\r\x1b[2Kqueued: {} jobs ahead, {elapsed:.1}s",
+            status.queue_position
+        );
+        return;
+    }
+    eprint!(
+        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows, {} written, {elapsed:.1}s",
+        status.stages_done,
+        status.stages_total,
+        status.tasks_running,
+        status.rows_written,
+        human_bytes(status.bytes_written),
+    );
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Splits a script into statements at semicolons outside quotes and comments.
+pub fn split_statements(script: &str) -> Vec<String> {
+    let mut statements = Vec::new();
+    let mut current = String::new();
+    let mut chars = script.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                current.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => {
+                    quote = Some(c);
+                    current.push(c);
+                }
+                '-' if chars.peek() == Some(&'-') => {
+                    for skipped in chars.by_ref() {
+                        if skipped == '\n' {
+                            current.push('\n');
+                            break;
+                        }
+                    }
+                }
+                ';' => statements.push(std::mem::take(&mut current)),
+                _ => current.push(c),
+            },
+        }
+    }
+    statements.push(current);
+    statements
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_outside_quotes_and_comments() {
+        let script = "select 'a;b'; -- c; d\nselect \"x;\" from t;\n\n";
+        assert_eq!(
+            split_statements(script),
+            vec!["select 'a;b'", "select \"x;\" from t"]
+        );
+    }
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
+    }
+}
