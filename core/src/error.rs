@@ -60,6 +60,9 @@ pub enum Error {
         status: Box<tonic::Status>,
     },
 
+    #[error("corrupt shuffle data: {0}")]
+    CorruptShuffleData(String),
+
     #[error("invalid schema bytes: {0}")]
     InvalidSchema(String),
 }

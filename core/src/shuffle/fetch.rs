@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::layout::{MapOutputId, Segment, open_segment};
 use crate::error::{Error, Result};
+use crate::guard::catch_decoder_panic;
 
 /// Largest Flight message accepted; batches are split well below this by the sender.
 pub const MAX_FLIGHT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
@@ -180,6 +181,29 @@ async fn fetch_remote(
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
+fn send_segment_batches(
+    mut segment: Segment,
+    sender: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
+) {
+    if let Err(e) = segment.verify() {
+        let _ = sender.blocking_send(Err(e));
+        return;
+    }
+    let reader = match StreamReader::try_new(segment.into_reader(), None) {
+        Ok(reader) => reader,
+        Err(e) => {
+            let _ = sender.blocking_send(Err(e.into()));
+            return;
+        }
+    };
+    for batch in reader {
+        let failed = batch.is_err();
+        if sender.blocking_send(batch.map_err(Error::from)).is_err() || failed {
+            return;
+        }
+    }
+}
+
 /// Streams the batches of an on-disk segment, decoding on a blocking thread.
 pub fn segment_stream(segment: Segment, schema: SchemaRef) -> SendableRecordBatchStream {
     let batches = segment_batches(segment).map_err(DataFusionError::from);
@@ -193,18 +217,9 @@ pub fn segment_batches(
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
     if segment.len > 0 {
         tokio::task::spawn_blocking(move || {
-            let reader = match StreamReader::try_new(segment.into_reader(), None) {
-                Ok(reader) => reader,
-                Err(e) => {
-                    let _ = sender.blocking_send(Err(e.into()));
-                    return;
-                }
-            };
-            for batch in reader {
-                let failed = batch.is_err();
-                if sender.blocking_send(batch.map_err(Error::from)).is_err() || failed {
-                    return;
-                }
+            // Corrupt bytes can make the IPC decoder panic instead of failing.
+            if let Err(reason) = catch_decoder_panic(|| send_segment_batches(segment, &sender)) {
+                let _ = sender.blocking_send(Err(Error::CorruptShuffleData(reason)));
             }
         });
     }

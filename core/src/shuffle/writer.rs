@@ -31,7 +31,7 @@ use datafusion::physical_plan::{
 use futures::StreamExt;
 use quiver_proto::PartitionStats;
 
-use super::layout::{MapOutputId, encode_index};
+use super::layout::{Index, MapOutputId, checksum_ranges, encode_index};
 use crate::error::Error;
 
 /// Writes the output of one stage partition (one map task) as shuffle data.
@@ -261,7 +261,13 @@ fn publish(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, offsets: &[u64]) 
     let data_path = id.data_path(work_dir);
     let index_path = id.index_path(work_dir);
     let tmp_index = index_path.with_extension("index.tmp");
-    std::fs::write(&tmp_index, encode_index(offsets)).map_err(io(&tmp_index))?;
+    let mut data = File::open(tmp_data).map_err(io(tmp_data))?;
+    let checksums = checksum_ranges(&mut data, offsets).map_err(io(tmp_data))?;
+    let index = Index {
+        offsets: offsets.to_vec(),
+        checksums,
+    };
+    std::fs::write(&tmp_index, encode_index(&index)).map_err(io(&tmp_index))?;
     std::fs::rename(tmp_data, &data_path).map_err(io(&data_path))?;
     std::fs::rename(&tmp_index, &index_path).map_err(io(&index_path))?;
     Ok(())
