@@ -30,6 +30,7 @@ use quiver_proto::{
     QuiverPlanNode, RemoteTableNode, ShuffleReaderNode, ShuffleWriterNode, quiver_plan_node::Node,
 };
 
+use crate::guard::catch_decoder_panic;
 use crate::ipc::{schema_from_bytes, schema_to_bytes};
 use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 
@@ -257,4 +258,37 @@ impl LogicalExtensionCodec for RemoteTableCodec {
             .encode(buf)
             .map_err(|e| DataFusionError::Internal(format!("cannot encode table reference: {e}")))
     }
+}
+
+/// Decodes a stage plan from bytes that came over the network. A malformed
+/// plan is an error; so is one that makes the decoder panic, which
+/// datafusion-proto can do on some malformed input.
+pub fn decode_physical_plan(bytes: &[u8], context: &TaskContext) -> Result<Arc<dyn ExecutionPlan>> {
+    without_panics("stage plan", || {
+        datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            bytes,
+            context,
+            &QuiverPhysicalCodec,
+        )
+    })
+}
+
+/// Decodes a client-built logical plan, with the same guarantees as
+/// [`decode_physical_plan`].
+pub fn decode_logical_plan(
+    bytes: &[u8],
+    context: &TaskContext,
+    codec: &RemoteTableCodec,
+) -> Result<LogicalPlan> {
+    without_panics("logical plan", || {
+        datafusion_proto::bytes::logical_plan_from_bytes_with_extension_codec(bytes, context, codec)
+    })
+}
+
+fn without_panics<T>(what: &str, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_decoder_panic(decode).unwrap_or_else(|reason| {
+        Err(DataFusionError::Plan(format!(
+            "malformed {what}: the decoder failed ({reason})"
+        )))
+    })
 }

@@ -7,6 +7,7 @@ use arrow::ipc::convert::try_schema_from_ipc_buffer;
 use arrow::ipc::writer::{IpcDataGenerator, IpcWriteOptions};
 
 use crate::error::{Error, Result};
+use crate::guard::catch_decoder_panic;
 
 /// Encodes a schema as an Arrow IPC schema message (with the continuation prefix).
 pub fn schema_to_bytes(schema: &Schema) -> Vec<u8> {
@@ -25,7 +26,8 @@ pub fn schema_to_bytes(schema: &Schema) -> Vec<u8> {
 
 /// Decodes a schema written by [`schema_to_bytes`].
 pub fn schema_from_bytes(bytes: &[u8]) -> Result<SchemaRef> {
-    try_schema_from_ipc_buffer(bytes)
+    catch_decoder_panic(|| try_schema_from_ipc_buffer(bytes))
+        .map_err(Error::InvalidSchema)?
         .map(Arc::new)
         .map_err(|e| Error::InvalidSchema(e.to_string()))
 }

@@ -7,12 +7,14 @@
 //! - [`codec`]: the datafusion-proto extension codecs for Quiver's operators and
 //!   for tables named by a client.
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
+//! - [`guard`]: decoding untrusted bytes without panicking.
 //! - [`net`]: accepted connections for servers that take a bound listener.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
 
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod ipc;
 pub mod net;
 pub mod process;

@@ -17,11 +17,8 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use futures::{Stream, TryStreamExt};
-use prost::Message;
-use quiver_core::shuffle::MapOutputId;
 use quiver_core::shuffle::fetch::{MAX_FLIGHT_MESSAGE_BYTES, segment_batches};
-use quiver_core::shuffle::layout::open_segment;
-use quiver_proto::ShuffleTicket;
+use quiver_core::shuffle::layout::{PartitionRequest, open_segment, parse_ticket};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -79,17 +76,12 @@ impl FlightService for ShuffleFlightService {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let ticket = ShuffleTicket::decode(request.into_inner().ticket)
-            .map_err(|e| Status::invalid_argument(format!("malformed shuffle ticket: {e}")))?;
-        let id = MapOutputId::new(
-            &ticket.job_id,
-            ticket.stage_id,
-            ticket.map_partition,
-            ticket.attempt,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let PartitionRequest {
+            output: id,
+            partition,
+        } = parse_ticket(&request.into_inner().ticket)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let shuffle_dir = self.shuffle_dir.clone();
-        let partition = ticket.output_partition as usize;
         let segment =
             tokio::task::spawn_blocking(move || open_segment(&shuffle_dir, &id, partition))
                 .await

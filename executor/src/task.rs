@@ -12,8 +12,7 @@ use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec;
-use quiver_core::codec::QuiverPhysicalCodec;
+use quiver_core::codec::decode_physical_plan;
 use quiver_core::config::session_config_from_settings;
 use quiver_core::error::{classify_failure, fetch_failure};
 use quiver_core::shuffle::layout::{job_dir, validate_identifier};
@@ -246,15 +245,10 @@ impl TaskRunner {
         let context = self.task_context(&launch.settings, &task)?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
-        let plan = tokio::task::spawn_blocking(move || {
-            physical_plan_from_bytes_with_extension_codec(
-                &plan_bytes,
-                &decode_context,
-                &QuiverPhysicalCodec,
-            )
-        })
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        let plan =
+            tokio::task::spawn_blocking(move || decode_physical_plan(&plan_bytes, &decode_context))
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))??;
         let plan = bind_inputs(plan, &launch.inputs)?;
         let writer = plan.downcast_ref::<ShuffleWriterExec>().ok_or_else(|| {
             DataFusionError::Internal(format!(

@@ -34,6 +34,11 @@ pub struct SchedulerConfig {
     #[arg(long, env = "QUIVER_MAX_RUNNING_JOBS", default_value_t = 16)]
     pub max_running_jobs: usize,
 
+    /// Largest gRPC message accepted or sent, in bytes: plans of big queries
+    /// can be large, but a bigger message is refused with a clear error.
+    #[arg(long, env = "QUIVER_MAX_MESSAGE_BYTES", default_value_t = crate::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
     /// Folder of the embedded store that keeps the catalog and the job history
     /// across restarts. Put it on a persistent volume.
     #[arg(long, env = "QUIVER_STATE_DIR", default_value_os_t = std::env::temp_dir().join("quiver-scheduler"))]
@@ -59,6 +64,7 @@ impl SchedulerConfig {
             executor_timeout_ms: 10_000,
             result_retention_secs: 600,
             max_running_jobs: 16,
+            max_message_bytes: crate::MAX_MESSAGE_BYTES,
             state_dir: std::env::temp_dir().join("quiver-scheduler"),
             ephemeral_state: true,
         }

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 pub use config::SchedulerConfig;
 pub use error::{Error, Result};
 
-/// Largest gRPC message accepted: plans of big queries can be large.
+/// Default largest gRPC message: plans of big queries can be large.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Serves the scheduler on `listener` until `shutdown` completes.
@@ -53,8 +53,8 @@ pub async fn run(
     tonic::transport::Server::builder()
         .add_service(
             SchedulerServiceServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
         )
         .serve_with_incoming_shutdown(quiver_core::net::incoming(listener), shutdown)
         .await

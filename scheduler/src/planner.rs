@@ -14,10 +14,11 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion_proto::bytes::logical_plan_from_bytes_with_extension_codec;
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
 use prost::bytes::Bytes;
-use quiver_core::codec::{QuiverPhysicalCodec, RemoteTableCodec, TableResolver};
+use quiver_core::codec::{
+    QuiverPhysicalCodec, RemoteTableCodec, TableResolver, decode_logical_plan,
+};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_proto::{Setting, submit_job_request::Query};
 
@@ -133,7 +134,7 @@ impl Planner {
                 let codec = RemoteTableCodec::with_resolver(Arc::new(CatalogResolver {
                     state: state.clone(),
                 }));
-                logical_plan_from_bytes_with_extension_codec(&bytes, &state.task_ctx(), &codec)
+                decode_logical_plan(&bytes, &state.task_ctx(), &codec)
                     .map_err(Error::MalformedPlan)?
             }
         };
