@@ -5,8 +5,10 @@
 //! - [`queries`]: the 22 queries, with the standard validation parameters.
 //! - [`verify`]: compares two results value by value, with a float tolerance.
 //! - [`runner`]: registers the tables on an engine and times the queries.
+//! - [`report`]: timing statistics and the markdown comparison table.
 
 pub mod datagen;
 pub mod queries;
+pub mod report;
 pub mod runner;
 pub mod verify;

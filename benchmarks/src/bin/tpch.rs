@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use arrow::util::pretty::pretty_format_batches;
 use clap::{Parser, Subcommand, ValueEnum};
 use quiver_benchmarks::queries::{QUERY_COUNT, query};
+use quiver_benchmarks::report::{QueryTiming, markdown_table, median};
 use quiver_benchmarks::runner::{Engine, datafusion_engine};
 use quiver_benchmarks::{datagen, verify};
 use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
-use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -101,14 +101,9 @@ struct RunArgs {
     /// Write the timings as JSON to this file.
     #[arg(long)]
     output: Option<PathBuf>,
-}
-
-#[derive(Debug, Serialize)]
-struct QueryTiming {
-    query: usize,
-    engine: &'static str,
-    rows: usize,
-    millis: Vec<f64>,
+    /// Write the comparison table as markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -175,7 +170,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     };
     let mut timings = Vec::new();
     let mut failures = Vec::new();
-    for &number in &numbers {
+    for (done, &number) in numbers.iter().enumerate() {
         let sql = query(number).ok_or_else(|| format!("there is no TPC-H query {number}"))?;
         let mut results = Vec::new();
         for engine in &engines {
@@ -189,19 +184,23 @@ async fn run(args: RunArgs) -> Result<(), String> {
                 millis.push(elapsed.as_secs_f64() * 1000.0);
                 batches = result;
             }
-            let rows = batches.iter().map(|b| b.num_rows()).sum();
-            eprintln!(
-                "Q{number:02} {:<10} {:>6} rows  median {:>9.1} ms",
-                engine.name(),
-                rows,
-                median(&millis)
-            );
-            timings.push(QueryTiming {
+            let timing = QueryTiming {
                 query: number,
                 engine: engine.name(),
-                rows,
+                rows: batches.iter().map(|b| b.num_rows()).sum(),
                 millis,
-            });
+            };
+            eprintln!(
+                "[{:>2}/{}] Q{number:02} {:<10} {:>6} rows  median {:>9.1} ms  (min {:.1}, max {:.1})",
+                done + 1,
+                numbers.len(),
+                engine.name(),
+                timing.rows,
+                timing.median(),
+                timing.min(),
+                timing.max(),
+            );
+            timings.push(timing);
             results.push(batches);
         }
         if let Some(first) = results.first().filter(|_| args.show_rows > 0) {
@@ -222,7 +221,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
             failures.push(number);
         }
     }
-    print_summary(&timings);
+    let table = markdown_table(&timings);
+    println!("{table}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     if let Some(path) = &args.output {
         let json = serde_json::to_string_pretty(&timings).map_err(|e| e.to_string())?;
         std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -314,32 +318,4 @@ async fn latency(args: LatencyArgs) -> Result<(), String> {
         cluster.shutdown().await;
     }
     Ok(())
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
-}
-
-fn print_summary(timings: &[QueryTiming]) {
-    let total = |engine: &str| -> f64 {
-        timings
-            .iter()
-            .filter(|t| t.engine == engine)
-            .map(|t| median(&t.millis))
-            .sum()
-    };
-    let (quiver, datafusion) = (total("quiver"), total("datafusion"));
-    println!("| engine | total of medians |");
-    println!("|---|---|");
-    if quiver > 0.0 {
-        println!("| quiver | {:.1} ms |", quiver);
-    }
-    if datafusion > 0.0 {
-        println!("| datafusion | {:.1} ms |", datafusion);
-    }
-    if quiver > 0.0 && datafusion > 0.0 {
-        println!("quiver / datafusion = {:.2}x", quiver / datafusion);
-    }
 }
