@@ -116,6 +116,14 @@ impl QuiverContext {
                 Ok(self.session.read_empty()?)
             }
             LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
+            // The cluster explains its own plan (the stage DAG); the answer is
+            // a few rows, so it is fetched at once.
+            LogicalPlan::Explain(_) => {
+                let stream = self.execute_sql(sql, |_| {}).await?;
+                let batches = datafusion::physical_plan::common::collect(stream).await?;
+                // A local session: the distributed planner would send the rows back.
+                Ok(SessionContext::new().read_batches(batches)?)
+            }
             plan => Ok(DataFrame::new(state, plan)),
         }
     }

@@ -301,3 +301,24 @@ async fn jobs_beyond_the_limit_wait_in_a_visible_queue() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_shows_the_stage_dag() {
+    let (cluster, context) = cluster().await;
+    let sql = "EXPLAIN SELECT v % 3 AS k, count(*) AS n \
+               FROM (VALUES (1),(2),(3),(4),(5)) t(v) GROUP BY v % 3 ORDER BY k";
+    let batches = query(&context, sql).await;
+    let text = arrow::util::pretty::pretty_format_batches(&batches)
+        .expect("render")
+        .to_string();
+    for expected in [
+        "logical_plan",
+        "distributed_plan",
+        "Stage 1 (tasks=",
+        "ShuffleWriterExec",
+        "ShuffleReaderExec",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from\n{text}");
+    }
+    cluster.shutdown().await;
+}

@@ -7,12 +7,15 @@
 
 use std::sync::Arc;
 
+use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
+use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{Explain, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
 use prost::bytes::Bytes;
@@ -24,7 +27,7 @@ use quiver_proto::{Setting, submit_job_request::Query};
 
 use crate::catalog;
 use crate::error::{Error, Result};
-use crate::stages::{StagePlan, split_into_stages};
+use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
 
@@ -161,11 +164,16 @@ impl Planner {
             }
             return Ok(Planned::Done { schema });
         }
-        let physical = state
-            .create_physical_plan(&logical)
-            .await
-            .map_err(Error::Query)?;
         let partitions = state.config().target_partitions();
+        let physical = match &logical {
+            LogicalPlan::Explain(explain) => explain_stages(job_id, explain, &state, partitions)
+                .await
+                .map_err(Error::Query)?,
+            _ => state
+                .create_physical_plan(&logical)
+                .await
+                .map_err(Error::Query)?,
+        };
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
         let encoded = encode_stages(stages.clone()).await?;
         let options = state
@@ -191,6 +199,33 @@ impl Planner {
             Err(e) => Err(Error::Query(e)),
         }
     }
+}
+
+/// `EXPLAIN` on the cluster: the optimized logical plan and the stage DAG the
+/// query would run as (stages, their tasks and inputs, and the exchanges
+/// between them), returned as a small in-memory result.
+async fn explain_stages(
+    job_id: &str,
+    explain: &Explain,
+    state: &SessionState,
+    partitions: usize,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let optimized = state.optimize(&explain.plan)?;
+    let physical = state.create_physical_plan(&optimized).await?;
+    let stages = split_into_stages(job_id, physical, partitions)?;
+    let schema: SchemaRef = Arc::new(explain.schema.as_arrow().clone());
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from(vec!["logical_plan", "distributed_plan"])),
+            Arc::new(StringArray::from(vec![
+                optimized.display_indent().to_string(),
+                display_stages(&stages),
+            ])),
+        ],
+    )?;
+    let source = MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None)?;
+    Ok(source)
 }
 
 /// Encodes every stage plan off the async threads: large plans take a while.
