@@ -76,6 +76,10 @@ impl StandaloneCluster {
                 work_dir.path().join(format!("executor-{index}")),
             );
             config.slots = Some(options.slots_per_executor);
+            // The executors share this machine's cores: more task threads
+            // than cores would only make them take turns.
+            let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+            config.task_threads = Some((cores / options.executors.max(1)).max(1));
             config.memory_limit = options.memory_limit;
             let shutdown = wait_for(stopped.clone());
             tasks.push(tokio::spawn(async move {

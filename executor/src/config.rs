@@ -33,6 +33,11 @@ pub struct ExecutorConfig {
     #[arg(long, env = "QUIVER_SLOTS")]
     pub slots: Option<usize>,
 
+    /// Threads that run tasks (defaults to the number of cores, and never
+    /// fewer than the slots). Lower it when several executors share a machine.
+    #[arg(long, env = "QUIVER_TASK_THREADS")]
+    pub task_threads: Option<usize>,
+
     /// Memory pool shared by all running tasks, in bytes; operators spill to
     /// disk beyond it.
     #[arg(long, env = "QUIVER_MEMORY_LIMIT", default_value_t = 4 * 1024 * 1024 * 1024)]
@@ -72,6 +77,7 @@ impl ExecutorConfig {
             advertise_host: None,
             flight_port: 0,
             slots: None,
+            task_threads: None,
             memory_limit: 4 * 1024 * 1024 * 1024,
             work_dir,
             drain_grace_secs: 0,
@@ -90,11 +96,11 @@ impl ExecutorConfig {
         })
     }
 
-    /// Threads of the task pool: the cores, since DataFusion spreads a task's
-    /// work over several threads; never fewer than the slots.
+    /// Threads of the task pool: by default the cores, since DataFusion
+    /// spreads a task's work over several threads; never fewer than the slots.
     pub fn task_threads(&self) -> usize {
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-        cores.max(self.slots())
+        self.task_threads.unwrap_or(cores).max(self.slots())
     }
 
     pub fn advertised_host(&self) -> &str {
