@@ -39,31 +39,25 @@ pub enum StoreError {
     Corrupt(#[from] prost::DecodeError),
 }
 
-impl From<redb::DatabaseError> for StoreError {
-    fn from(error: redb::DatabaseError) -> Self {
-        Self::Database(error.into())
-    }
+/// redb reports each kind of failure with a type of its own; here all of them
+/// are database errors.
+macro_rules! database_errors {
+    ($($source:ty),* $(,)?) => {$(
+        impl From<$source> for StoreError {
+            fn from(error: $source) -> Self {
+                Self::Database(error.into())
+            }
+        }
+    )*};
 }
-impl From<redb::TransactionError> for StoreError {
-    fn from(error: redb::TransactionError) -> Self {
-        Self::Database(error.into())
-    }
-}
-impl From<redb::TableError> for StoreError {
-    fn from(error: redb::TableError) -> Self {
-        Self::Database(error.into())
-    }
-}
-impl From<redb::StorageError> for StoreError {
-    fn from(error: redb::StorageError) -> Self {
-        Self::Database(error.into())
-    }
-}
-impl From<redb::CommitError> for StoreError {
-    fn from(error: redb::CommitError) -> Self {
-        Self::Database(error.into())
-    }
-}
+
+database_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+);
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
