@@ -161,6 +161,34 @@ fn check_cli_jobs(url: &str) {
         "{listing}"
     );
 
+    // A result written to Parquet, read back by DataFusion's own reader.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("nations.parquet");
+    let written = Command::new(binary("quiver"))
+        .args([
+            "--url",
+            url,
+            "-c",
+            "SELECT n_nationkey, n_name FROM nation ORDER BY n_nationkey",
+        ])
+        .arg("--parquet")
+        .arg(&file)
+        .output()
+        .expect("cli");
+    assert!(written.status.success(), "{written:?}");
+    assert!(
+        String::from_utf8_lossy(&written.stderr).contains("wrote 25 rows"),
+        "{written:?}"
+    );
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&file).expect("parquet file"),
+    )
+    .expect("a parquet file")
+    .build()
+    .expect("reader");
+    let rows: usize = reader.map(|batch| batch.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 25);
+
     let unknown = quiver(&["--url", url, "job", "cancel", "no-such-job"]);
     assert!(!unknown.status.success());
     assert!(

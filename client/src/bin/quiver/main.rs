@@ -13,7 +13,7 @@ use clap::Parser;
 use quiver_client::QuiverContext;
 use quiver_client::output::Format;
 
-use statements::{Outcome, run_statement, split_statements};
+use statements::{Outcome, Sink, run_statement, split_statements};
 
 /// Run SQL on a Quiver cluster. Statements come from -c, then -f, else stdin.
 #[derive(Debug, Parser)]
@@ -46,6 +46,11 @@ struct Cli {
     /// Print how long each statement took, on stderr.
     #[arg(long)]
     timing: bool,
+
+    /// Write the result of the last statement to this Parquet file (zstd)
+    /// instead of printing it; earlier statements print as usual.
+    #[arg(long, value_name = "FILE")]
+    parquet: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -100,10 +105,16 @@ async fn run_sql(cli: Cli) -> Result<Outcome, String> {
     let context = QuiverContext::connect(&cli.url)
         .await
         .map_err(|e| e.to_string())?;
-    for statement in scripts.iter().flat_map(|script| split_statements(script)) {
-        if let Outcome::Interrupted =
-            run_statement(&context, &statement, cli.format, cli.timing).await?
-        {
+    let statements: Vec<String> = scripts
+        .iter()
+        .flat_map(|script| split_statements(script))
+        .collect();
+    for (index, statement) in statements.iter().enumerate() {
+        let sink = match &cli.parquet {
+            Some(path) if index + 1 == statements.len() => Sink::Parquet(path),
+            _ => Sink::Print(cli.format),
+        };
+        if let Outcome::Interrupted = run_statement(&context, statement, sink, cli.timing).await? {
             return Ok(Outcome::Interrupted);
         }
     }

@@ -2,10 +2,16 @@
 //! and cancels the job on the cluster when the user presses Ctrl-C.
 
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use futures::TryStreamExt;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
 use quiver_client::QuiverContext;
 use quiver_client::output::{Format, write_batches};
 use quiver_proto::{JobState, JobStatus};
@@ -17,11 +23,19 @@ pub enum Outcome {
     Interrupted,
 }
 
-/// Runs one statement and prints its result to stdout.
+/// Where a statement's result goes.
+pub enum Sink<'a> {
+    /// Printed on stdout.
+    Print(Format),
+    /// Written to a Parquet file (zstd), replaced atomically.
+    Parquet(&'a Path),
+}
+
+/// Runs one statement and prints or writes its result.
 pub async fn run_statement(
     context: &QuiverContext,
     statement: &str,
-    format: Format,
+    sink: Sink<'_>,
     timing: bool,
 ) -> Result<Outcome, String> {
     let started = Instant::now();
@@ -62,14 +76,50 @@ pub async fn run_statement(
     };
     clear_progress(show_progress);
     let (schema, batches) = outcome?;
-    let mut stdout = std::io::stdout().lock();
-    write_batches(&mut stdout, format, &schema, &batches).map_err(|e| e.to_string())?;
-    stdout.flush().map_err(|e| e.to_string())?;
+    match sink {
+        Sink::Print(format) => {
+            let mut stdout = std::io::stdout().lock();
+            write_batches(&mut stdout, format, &schema, &batches).map_err(|e| e.to_string())?;
+            stdout.flush().map_err(|e| e.to_string())?;
+        }
+        Sink::Parquet(path) => {
+            let rows = write_parquet(path, &schema, &batches)?;
+            eprintln!("wrote {rows} rows to {}", path.display());
+        }
+    }
     if timing {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         eprintln!("{rows} rows in {:.3}s", started.elapsed().as_secs_f64());
     }
     Ok(Outcome::Done)
+}
+
+/// Writes `batches` to `path` through a temporary file, so that a failed
+/// write never leaves a partial file under the name asked for.
+fn write_parquet(
+    path: &Path,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<usize, String> {
+    let tmp = path.with_extension("parquet.tmp");
+    let failed = |e: &dyn std::fmt::Display| format!("cannot write {}: {e}", path.display());
+    let write = || -> Result<usize, String> {
+        let file = std::fs::File::create(&tmp).map_err(|e| failed(&e))?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let mut writer = ArrowWriter::try_new(file, Arc::clone(schema), Some(properties))
+            .map_err(|e| failed(&e))?;
+        for batch in batches {
+            writer.write(batch).map_err(|e| failed(&e))?;
+        }
+        writer.close().map_err(|e| failed(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| failed(&e))?;
+        Ok(batches.iter().map(RecordBatch::num_rows).sum())
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 async fn cancel_on_cluster(context: &QuiverContext, job_id: Option<String>) {
