@@ -55,6 +55,8 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Print every setting a session can SET, with its default, as markdown.
+    Settings,
     /// Manage jobs.
     Job {
         #[command(subcommand)]
@@ -69,6 +71,10 @@ const INTERRUPTED: u8 = 130;
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Some(Command::Settings) => {
+            print!("{}", quiver_core::config::settings_markdown());
+            Ok(Outcome::Done)
+        }
         Some(Command::Job { command }) => match QuiverContext::connect(&cli.url).await {
             Ok(context) => jobs::run(&context, command, cli.format)
                 .await
