@@ -81,7 +81,10 @@ pub async fn run(
         .local_addr()
         .map_err(Error::ListenerAddress)?
         .port();
-    sweeper::clear_previous_run(&[config.shuffle_dir(), config.spill_dir()]);
+    sweeper::remove_own_dirs(
+        &[config.shuffle_dir(), config.spill_dir()],
+        "files of a previous run",
+    );
     let executor = Arc::new(task::TaskRunner::new(&config)?);
     let sweeper = tokio::spawn(sweeper::run(
         config.shuffle_root(),
@@ -118,12 +121,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let flight_outcome = flight.await.map_err(|e| Error::Refused(e.to_string()));
     if outcome.is_ok() {
-        // A drained executor's shuffle data is no longer needed by anyone.
-        if let Err(e) = std::fs::remove_dir_all(&shuffle_dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(dir = %shuffle_dir.display(), %e, "cannot remove shuffle data on exit");
-        }
+        sweeper::remove_own_dirs(&[shuffle_dir], "shuffle data no one needs after the drain");
     }
     info!("executor stopped");
     outcome?;

@@ -15,14 +15,16 @@ use tracing::{info, warn};
 
 use crate::task::TaskRunner;
 
-/// Empties this executor's own shuffle and spill folders: whatever a previous
-/// process left there belongs to attempts that the scheduler already gave up.
-pub fn clear_previous_run(dirs: &[PathBuf]) {
+/// Removes folders of this executor's own, e.g. at start, where whatever a
+/// previous process left belongs to attempts the scheduler already gave up,
+/// and after a drain, when no one needs the shuffle data any more. `why` is
+/// logged with each.
+pub fn remove_own_dirs(dirs: &[PathBuf], why: &str) {
     for dir in dirs {
         match std::fs::remove_dir_all(dir) {
-            Ok(()) => info!(dir = %dir.display(), "removed files of a previous run"),
+            Ok(()) => info!(dir = %dir.display(), why, "removed folder"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(dir = %dir.display(), %e, "cannot remove files of a previous run"),
+            Err(e) => warn!(dir = %dir.display(), why, %e, "cannot remove folder"),
         }
     }
 }

@@ -134,7 +134,8 @@ impl TaskRunner {
                     None
                 }
             };
-            runner.lock_running().remove(&task_key(&task));
+            // Not in the map any more: the task was cancelled, whichever branch won.
+            let cancelled = runner.lock_running().remove(&task_key(&task)).is_none();
             let aborted = outcome.is_none();
             let result = match outcome {
                 Some(Ok(output)) => task_status::Result::Succeeded(TaskSucceeded {
@@ -165,6 +166,8 @@ impl TaskRunner {
                 // Wait until the task has really stopped: it may still write
                 // shuffle files until then, which must not outlive its job.
                 let _ = running.await;
+            }
+            if cancelled {
                 runner.stopped_after_cancel(&job_id);
             }
         });

@@ -49,16 +49,13 @@ pub fn record(
             name,
             if_absent,
         } => {
-            if if_absent && store.has_catalog_entry(&key)? {
-                return Ok(());
-            }
             let entry = CatalogEntry {
-                seq: store.next_catalog_seq()?,
+                seq: 0,
                 kind: kind.to_owned(),
                 name,
                 sql: sql.to_owned(),
             };
-            store.put_catalog_entry(&key, &entry)
+            store.add_catalog_entry(&key, entry, if_absent)
         }
         Change::Remove {
             key,

@@ -106,6 +106,28 @@ impl StateStore {
         Ok(())
     }
 
+    /// Stores a new catalog object under `key`, numbered after every stored
+    /// one, unless `if_absent` and the key is taken. One transaction, so two
+    /// statements at once never get the same number.
+    pub fn add_catalog_entry(
+        &self,
+        key: &str,
+        mut entry: CatalogEntry,
+        if_absent: bool,
+    ) -> Result<()> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(CATALOG)?;
+            if if_absent && table.get(key)?.is_some() {
+                return Ok(());
+            }
+            entry.seq = next_seq(&table)?;
+            table.insert(key, entry.encode_to_vec().as_slice())?;
+        }
+        write.commit()?;
+        Ok(())
+    }
+
     /// Whether a catalog object is stored under `key`.
     pub fn has_catalog_entry(&self, key: &str) -> Result<bool> {
         let read = self.db.begin_read()?;
@@ -127,22 +149,15 @@ impl StateStore {
 
     /// Every catalog object, in creation order.
     pub fn catalog_entries(&self) -> Result<Vec<CatalogEntry>> {
-        let read = self.db.begin_read()?;
-        let mut entries = read
-            .open_table(CATALOG)?
-            .iter()?
-            .map(|row| Ok(CatalogEntry::decode(row?.1.value())?))
-            .collect::<Result<Vec<_>>>()?;
+        let mut entries: Vec<CatalogEntry> =
+            decode_all(&self.db.begin_read()?.open_table(CATALOG)?)?;
         entries.sort_by_key(|entry| entry.seq);
         Ok(entries)
     }
 
     /// The next catalog sequence number.
     pub fn next_catalog_seq(&self) -> Result<u64> {
-        Ok(self
-            .catalog_entries()?
-            .last()
-            .map_or(1, |entry| entry.seq + 1))
+        next_seq(&self.db.begin_read()?.open_table(CATALOG)?)
     }
 
     /// Writes job records in one transaction.
@@ -165,12 +180,7 @@ impl StateStore {
 
     /// Every job record, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
-        let read = self.db.begin_read()?;
-        let mut records = read
-            .open_table(JOBS)?
-            .iter()?
-            .map(|row| Ok(JobRecord::decode(row?.1.value())?))
-            .collect::<Result<Vec<_>>>()?;
+        let mut records: Vec<JobRecord> = decode_all(&self.db.begin_read()?.open_table(JOBS)?)?;
         records.sort_by_key(|record| record.submitted_at_unix_ms);
         Ok(records)
     }
@@ -197,6 +207,22 @@ impl StateStore {
         write.commit()?;
         Ok(excess)
     }
+}
+
+/// Every value of a table, decoded as the message `M`.
+fn decode_all<M: Message + Default>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<M>> {
+    table
+        .iter()?
+        .map(|row| Ok(M::decode(row?.1.value())?))
+        .collect()
+}
+
+/// The catalog sequence number after every stored one.
+fn next_seq(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64> {
+    let entries: Vec<CatalogEntry> = decode_all(table)?;
+    Ok(entries.iter().map(|entry| entry.seq + 1).max().unwrap_or(1))
 }
 
 /// Writes job records on a thread of its own, so that the event loop never

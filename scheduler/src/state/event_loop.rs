@@ -257,7 +257,7 @@ impl SchedulerLoop {
 
     fn on_job_submitted(&mut self, submitted: SubmittedJob) {
         let now = Instant::now();
-        let job = Job::new(
+        let mut job = Job::new(
             submitted.job_id.clone(),
             self.next_seq,
             submitted.settings,
@@ -267,7 +267,6 @@ impl SchedulerLoop {
             now,
         );
         self.next_seq += 1;
-        let mut job = job;
         job.query = submitted.query;
         job.submitted_at_unix_ms = unix_millis();
         if self.at_job_limit() {

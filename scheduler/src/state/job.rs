@@ -39,6 +39,18 @@ pub struct Task {
     pub avoid: Option<String>,
 }
 
+impl Task {
+    /// Makes the task pending again under a new attempt, with its output (if
+    /// any) gone, preferring an executor other than `lost_on`.
+    fn recompute(&mut self, now: Instant, lost_on: &str) {
+        self.state = TaskState::Pending;
+        self.output = None;
+        self.attempt += 1;
+        self.not_before = now;
+        self.avoid = Some(lost_on.to_owned());
+    }
+}
+
 #[derive(Debug)]
 pub struct Stage {
     pub id: u32,
@@ -333,11 +345,7 @@ impl Job {
                 fetch.stage_id, fetch.map_partition
             ));
         }
-        task.state = TaskState::Pending;
-        task.output = None;
-        task.attempt += 1;
-        task.not_before = now;
-        task.avoid = Some(fetch.executor_id.clone());
+        task.recompute(now, &fetch.executor_id);
         Outcome::Continue
     }
 
@@ -369,11 +377,7 @@ impl Job {
                             exhausted = Some((stage.id, partition));
                         }
                     }
-                    task.state = TaskState::Pending;
-                    task.output = None;
-                    task.attempt += 1;
-                    task.not_before = now;
-                    task.avoid = Some(executor_id.to_owned());
+                    task.recompute(now, executor_id);
                     changed = true;
                 }
             }
