@@ -11,7 +11,7 @@ use quiver_scheduler::stages::display_stages;
 #[tokio::test]
 async fn tpch_stage_plans() {
     let store = quiver_scheduler::store::StateStore::in_memory().expect("store");
-    let planner = Planner::new(4, store);
+    let planner = Planner::new(4, store).expect("planner");
     let tables = common::tpch_tables();
     for (name, dir) in &tables {
         let sql = format!(

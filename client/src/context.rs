@@ -101,7 +101,8 @@ impl QuiverContext {
 
     /// Plans a SQL statement. Queries return a lazy DataFrame that runs on the
     /// cluster when collected; DDL (`CREATE EXTERNAL TABLE`, `DROP TABLE`,
-    /// `CREATE VIEW`) runs on the cluster at once, and `SET` changes this session.
+    /// `CREATE VIEW`) and writes (`COPY ... TO`, `INSERT INTO`) run on the
+    /// cluster at once, and `SET` changes this session.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
         let started = std::time::Instant::now();
         let state = self.session.state();
@@ -116,9 +117,11 @@ impl QuiverContext {
                 Ok(self.session.read_empty()?)
             }
             LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
-            // The cluster explains its own plan (the stage DAG); the answer is
-            // a few rows, so it is fetched at once.
-            LogicalPlan::Explain(_) => {
+            // The cluster explains its own plan (the stage DAG), and plans
+            // writes itself (`COPY`, `INSERT`), so that their files are
+            // written by every task there. Both answer with a few rows, so
+            // they run at once, as DataFusion's DDL does.
+            LogicalPlan::Explain(_) | LogicalPlan::Copy(_) | LogicalPlan::Dml(_) => {
                 let stream = self.execute_sql(sql, |_| {}).await?;
                 let batches = datafusion::physical_plan::common::collect(stream).await?;
                 // A local session: the distributed planner would send the rows back.

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::TableReference;
 use datafusion::datasource::TableType;
+use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{Expr, Extension, LogicalPlan};
@@ -27,18 +28,41 @@ use datafusion_proto::physical_plan::{
 use datafusion_proto::protobuf::Partitioning as PartitioningProto;
 use prost::Message;
 use quiver_proto::{
-    QuiverPlanNode, RemoteTableNode, ShuffleReaderNode, ShuffleWriterNode, quiver_plan_node::Node,
+    ParquetCommitNode, ParquetWriteNode, QuiverPlanNode, RemoteTableNode, ShuffleReaderNode,
+    ShuffleWriterNode, quiver_plan_node::Node,
 };
 
 use crate::guard::catch_decoder_panic;
 use crate::ipc::{schema_from_bytes, schema_to_bytes};
 use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+use crate::write::{ParquetCommitExec, ParquetWriteExec};
 
 fn decode_error(what: &str, error: impl fmt::Display) -> DataFusionError {
     DataFusionError::Internal(format!("cannot decode {what}: {error}"))
 }
 
-/// Encodes and decodes [`ShuffleWriterExec`] and [`ShuffleReaderExec`].
+fn encode_sink(sink: &ParquetSink) -> Result<Vec<u8>> {
+    Ok(datafusion_proto::protobuf::ParquetSink::try_from(sink)?.encode_to_vec())
+}
+
+fn decode_sink(bytes: &[u8]) -> Result<Arc<ParquetSink>> {
+    let proto = datafusion_proto::protobuf::ParquetSink::decode(bytes)
+        .map_err(|e| decode_error("Parquet sink", e))?;
+    Ok(Arc::new(ParquetSink::try_from(&proto)?))
+}
+
+fn single_input<'a>(
+    inputs: &'a [Arc<dyn ExecutionPlan>],
+    what: &str,
+) -> Result<&'a Arc<dyn ExecutionPlan>> {
+    match inputs {
+        [input] => Ok(input),
+        _ => Err(decode_error(what, "expected exactly one input")),
+    }
+}
+
+/// Encodes and decodes Quiver's operators: the shuffle writer and reader, and
+/// the distributed Parquet write and commit.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QuiverPhysicalCodec;
 
@@ -52,10 +76,18 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let node = QuiverPlanNode::decode(buf).map_err(|e| decode_error("Quiver plan node", e))?;
         match node.node {
+            Some(Node::ParquetWrite(write)) => Ok(Arc::new(ParquetWriteExec::new(
+                Arc::clone(single_input(inputs, "Parquet write")?),
+                decode_sink(&write.sink)?,
+                write.job_id,
+            ))),
+            Some(Node::ParquetCommit(commit)) => Ok(Arc::new(ParquetCommitExec::new(
+                Arc::clone(single_input(inputs, "Parquet commit")?),
+                decode_sink(&commit.sink)?,
+                commit.job_id,
+            ))),
             Some(Node::ShuffleWriter(writer)) => {
-                let [input] = inputs else {
-                    return Err(decode_error("shuffle writer", "expected exactly one input"));
-                };
+                let input = single_input(inputs, "shuffle writer")?;
                 let partitioning = if writer.partitioning.is_empty() {
                     None
                 } else {
@@ -114,6 +146,16 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 job_id: writer.job_id().to_owned(),
                 stage_id: writer.stage_id(),
                 partitioning,
+            })
+        } else if let Some(write) = node.downcast_ref::<ParquetWriteExec>() {
+            Node::ParquetWrite(ParquetWriteNode {
+                job_id: write.job_id().to_owned(),
+                sink: encode_sink(write.sink())?,
+            })
+        } else if let Some(commit) = node.downcast_ref::<ParquetCommitExec>() {
+            Node::ParquetCommit(ParquetCommitNode {
+                job_id: commit.job_id().to_owned(),
+                sink: encode_sink(commit.sink())?,
             })
         } else if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
             let mode = match reader.mode() {

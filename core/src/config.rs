@@ -14,6 +14,8 @@ extensions_options! {
         pub max_task_attempts: usize, default = 4
         /// A job still running after this many seconds fails; 0 means no limit.
         pub job_timeout_secs: u64, default = 0
+        /// A Parquet write task starts a new file once its current one reaches this size.
+        pub target_file_bytes: u64, default = 268435456
     }
 }
 

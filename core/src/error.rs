@@ -92,12 +92,31 @@ pub fn classify_failure(error: &DataFusionError) -> FailureKind {
             Some(Error::Fetch { .. }) => FailureKind::FetchFailed,
             Some(Error::Io { .. } | Error::Connect { .. }) => FailureKind::Retryable,
             Some(_) => FailureKind::Fatal,
-            None => FailureKind::Retryable,
+            None if inner.is::<crate::storage::StoreError>() => FailureKind::Fatal,
+            None => match inner.downcast_ref::<object_store::Error>() {
+                Some(error) => classify_store_failure(error),
+                None => FailureKind::Retryable,
+            },
         },
-        DataFusionError::IoError(_)
-        | DataFusionError::ObjectStore(_)
-        | DataFusionError::ResourcesExhausted(_) => FailureKind::Retryable,
+        DataFusionError::ObjectStore(error) => classify_store_failure(error),
+        DataFusionError::IoError(_) | DataFusionError::ResourcesExhausted(_) => {
+            FailureKind::Retryable
+        }
         _ => FailureKind::Fatal,
+    }
+}
+
+/// A missing object, a refused credential or a bad path stays so on retry;
+/// other store errors (timeouts, throttling, 5xx) may pass.
+fn classify_store_failure(error: &object_store::Error) -> FailureKind {
+    match error {
+        object_store::Error::NotFound { .. }
+        | object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. }
+        | object_store::Error::InvalidPath { .. }
+        | object_store::Error::NotSupported { .. }
+        | object_store::Error::UnknownConfigurationKey { .. } => FailureKind::Fatal,
+        _ => FailureKind::Retryable,
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`guard`]: decoding untrusted bytes without panicking.
 //! - [`net`]: accepted connections for servers that take a bound listener.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
+//! - [`storage`]: the object stores behind table and output locations, and their options.
+//! - [`write`]: distributed Parquet writes: per-task files, then one commit.
 
 pub mod codec;
 pub mod config;
@@ -19,5 +21,7 @@ pub mod ipc;
 pub mod net;
 pub mod process;
 pub mod shuffle;
+pub mod storage;
+pub mod write;
 
 pub use error::{Error, Result};

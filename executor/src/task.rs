@@ -17,12 +17,15 @@ use quiver_core::config::session_config_from_settings;
 use quiver_core::error::{classify_failure, fetch_failure};
 use quiver_core::shuffle::layout::{job_dir, validate_identifier};
 use quiver_core::shuffle::{FlightClientPool, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec};
+use quiver_core::storage::{StoreOptions, StoreRegistry};
+use quiver_core::write::TaskAttempt;
 use quiver_proto::{
-    ExecutorAddress, FailureKind, LaunchTask, MapOutput, StageInput, TaskFailed, TaskId,
-    TaskStatus, TaskSucceeded, task_status,
+    ExecutorAddress, FailureKind, LaunchTask, MapOutput, StageInput, StoreConfig, TaskFailed,
+    TaskId, TaskStatus, TaskSucceeded, task_status,
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
+use url::Url;
 
 use crate::Result;
 use crate::config::ExecutorConfig;
@@ -38,6 +41,8 @@ pub struct TaskRunner {
     executor_id: String,
     shuffle_dir: PathBuf,
     runtime: Arc<RuntimeEnv>,
+    /// The runtime's object stores, configured with the options tasks bring.
+    stores: Arc<StoreRegistry>,
     clients: FlightClientPool,
     threads: TaskThreads,
     /// Jobs with cancelled tasks that have not stopped yet.
@@ -76,10 +81,12 @@ fn task_key(task: &TaskId) -> TaskKey {
 
 impl TaskRunner {
     pub fn new(config: &ExecutorConfig) -> Result<Self> {
+        let stores = Arc::new(StoreRegistry::new());
         Ok(Self {
             executor_id: config.executor_id.clone(),
             shuffle_dir: config.shuffle_dir(),
-            runtime: build_runtime(config)?,
+            runtime: build_runtime(config, Arc::clone(&stores))?,
+            stores,
             clients: FlightClientPool::default(),
             threads: TaskThreads::new(config.task_threads())
                 .map_err(|source| crate::Error::TaskThreads { source })?,
@@ -245,6 +252,7 @@ impl TaskRunner {
 
     async fn run(&self, launch: LaunchTask, address: ExecutorAddress) -> DfResult<MapOutput> {
         let task = launch.task.unwrap_or_default();
+        self.configure_stores(&launch.stores)?;
         let context = self.task_context(&launch.settings, &task)?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
@@ -276,16 +284,39 @@ impl TaskRunner {
         })
     }
 
+    /// Sets up the stores of the locations that the task's job configured.
+    fn configure_stores(&self, stores: &[StoreConfig]) -> DfResult<()> {
+        for store in stores {
+            let url = Url::parse(&store.url).map_err(|e| {
+                DataFusionError::Plan(format!("invalid store location '{}': {e}", store.url))
+            })?;
+            let options = StoreOptions::from_pairs(
+                store
+                    .options
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone())),
+            );
+            self.stores
+                .configure(&url, &options)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
     fn task_context(
         &self,
         settings: &[quiver_proto::Setting],
         task: &TaskId,
     ) -> DfResult<Arc<TaskContext>> {
-        let config = session_config_from_settings(settings)?.with_extension(Arc::new(ShuffleEnv {
-            executor_id: self.executor_id.clone(),
-            work_dir: self.shuffle_dir.clone(),
-            clients: self.clients.clone(),
-        }));
+        let config = session_config_from_settings(settings)?
+            .with_extension(Arc::new(ShuffleEnv {
+                executor_id: self.executor_id.clone(),
+                work_dir: self.shuffle_dir.clone(),
+                clients: self.clients.clone(),
+            }))
+            .with_extension(Arc::new(TaskAttempt {
+                attempt: task.attempt,
+            }));
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(Arc::clone(&self.runtime))

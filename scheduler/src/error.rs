@@ -47,6 +47,18 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 
+    /// A table whose files cannot be listed or read when it is created.
+    #[error("cannot read the table at '{location}': {source}")]
+    TableLocation {
+        location: String,
+        #[source]
+        source: DataFusionError,
+    },
+
+    /// A table or output location whose object store cannot be set up.
+    #[error(transparent)]
+    Location(#[from] quiver_core::storage::StoreError),
+
     #[error(
         "catalog statements must be sent as SQL text, so that they can be stored; got a {0} plan"
     )]
@@ -60,7 +72,9 @@ impl From<Error> for Status {
             | Error::Setting(_)
             | Error::MalformedPlan(_)
             | Error::EmptyQuery
-            | Error::DdlPlan(_) => Code::InvalidArgument,
+            | Error::DdlPlan(_)
+            | Error::Location(_)
+            | Error::TableLocation { .. } => Code::InvalidArgument,
             Error::Store(_) => Code::Unavailable,
             Error::UnknownJob(_) => Code::NotFound,
             Error::ShuttingDown => Code::Unavailable,

@@ -5,9 +5,11 @@
 //! - [`planner`]: SQL or a logical plan to a physical plan, against the shared catalog.
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
+//! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
 //! - [`store`]: the embedded store (redb) of the catalog and the job history.
 //! - [`catalog`]: which DDL statements are stored, and their replay on start.
+//! - [`tables`]: the table factory of `CREATE EXTERNAL TABLE ... STORED AS PARQUET`.
 //! - [`config`]: command-line and environment settings.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
@@ -17,11 +19,13 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod joins;
+pub mod locations;
 pub mod planner;
 pub mod service;
 pub mod stages;
 pub mod state;
 pub mod store;
+pub mod tables;
 
 use std::future::Future;
 
@@ -43,7 +47,7 @@ pub async fn run(
 ) -> Result<()> {
     let address = listener.local_addr().ok();
     let store = config.open_store()?;
-    let planner = planner::Planner::new(config.default_partitions, store.clone());
+    let planner = planner::Planner::new(config.default_partitions, store.clone())?;
     for (name, error) in planner.replay_catalog().await? {
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }

@@ -11,10 +11,12 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::{Explain, LogicalPlan};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{DdlStatement, Explain, LogicalPlan, WriteOp};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
@@ -23,10 +25,15 @@ use quiver_core::codec::{
     QuiverPhysicalCodec, RemoteTableCodec, TableResolver, decode_logical_plan,
 };
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
-use quiver_proto::{Setting, submit_job_request::Query};
+use quiver_core::storage::{
+    StoreOptions, StoreRegistry, register_store_option_namespaces, runtime_builder,
+};
+use quiver_core::write::distribute_parquet_writes;
+use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::catalog;
 use crate::error::{Error, Result};
+use crate::locations::store_configs;
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
@@ -44,6 +51,8 @@ pub enum Planned {
         stages: Vec<StagePlan>,
         encoded: Vec<Bytes>,
         limits: JobLimits,
+        /// Options of the configured object stores the job uses.
+        stores: Vec<StoreConfig>,
     },
 }
 
@@ -53,6 +62,7 @@ pub struct Planner {
     catalog: SessionContext,
     default_partitions: usize,
     store: StateStore,
+    object_stores: Arc<StoreRegistry>,
 }
 
 impl std::fmt::Debug for Planner {
@@ -64,12 +74,27 @@ impl std::fmt::Debug for Planner {
 }
 
 impl Planner {
-    pub fn new(default_partitions: usize, store: StateStore) -> Self {
-        Self {
-            catalog: SessionContext::new_with_config(default_session_config()),
+    pub fn new(default_partitions: usize, store: StateStore) -> Result<Self> {
+        let object_stores = Arc::new(StoreRegistry::new());
+        let runtime = runtime_builder(Arc::clone(&object_stores) as _)
+            .build_arc()
+            .map_err(Error::Query)?;
+        let mut state = SessionStateBuilder::new()
+            .with_config(default_session_config())
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .build();
+        register_store_option_namespaces(&mut state);
+        state.table_factories_mut().insert(
+            "PARQUET".to_owned(),
+            Arc::new(crate::tables::ParquetTableFactory::default()),
+        );
+        Ok(Self {
+            catalog: SessionContext::new_with_state(state),
             default_partitions: default_partitions.max(1),
             store,
-        }
+            object_stores,
+        })
     }
 
     /// The embedded store holding the catalog and the job history.
@@ -142,20 +167,31 @@ impl Planner {
             }
         };
         let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
+        self.configure_locations(&logical)?;
         if matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
             let ddl = match (&logical, &sql) {
                 (LogicalPlan::Ddl(ddl), Some(sql)) => Some((ddl.clone(), sql.clone())),
                 (LogicalPlan::Ddl(ddl), None) => return Err(Error::DdlPlan(ddl.name().into())),
                 _ => None,
             };
+            let location = match &logical {
+                LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) => {
+                    Some(table.locations.join(", "))
+                }
+                _ => None,
+            };
             let context = SessionContext::new_with_state(state.clone());
-            context
-                .execute_logical_plan(logical)
-                .await
-                .map_err(Error::Query)?
-                .collect()
-                .await
-                .map_err(Error::Query)?;
+            let executed = match context.execute_logical_plan(logical).await {
+                Ok(frame) => frame.collect().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            executed.map_err(|e| match location {
+                Some(location) if is_storage_error(&e) => Error::TableLocation {
+                    location,
+                    source: e,
+                },
+                _ => Error::Query(e),
+            })?;
             if let Some((ddl, sql)) = ddl.filter(|_| persist) {
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || catalog::record(&store, &ddl, &sql, &state))
@@ -165,6 +201,7 @@ impl Planner {
             return Ok(Planned::Done { schema });
         }
         let partitions = state.config().target_partitions();
+        let (logical, overwrite) = plan_overwrite_as_append(logical);
         let physical = match &logical {
             LogicalPlan::Explain(explain) => explain_stages(job_id, explain, &state, partitions)
                 .await
@@ -174,6 +211,9 @@ impl Planner {
                 .await
                 .map_err(Error::Query)?,
         };
+        let physical =
+            distribute_parquet_writes(physical, job_id, overwrite).map_err(Error::Query)?;
+        let stores = store_configs(&physical, &self.object_stores).map_err(Error::Query)?;
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
         let encoded = encode_stages(stages.clone()).await?;
         let options = state
@@ -188,7 +228,31 @@ impl Planner {
             stages,
             encoded,
             limits: JobLimits::from_options(&options),
+            stores,
         })
+    }
+
+    /// Sets up the store of a location that a statement names with store
+    /// options (`CREATE EXTERNAL TABLE ... OPTIONS ('aws.region' ...)`,
+    /// `COPY ... OPTIONS (...)`), before DataFusion first lists it.
+    fn configure_locations(&self, plan: &LogicalPlan) -> Result<()> {
+        let (locations, options) = match plan {
+            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) => {
+                (table.locations.as_slice(), &table.options)
+            }
+            LogicalPlan::Copy(copy) => (std::slice::from_ref(&copy.output_url), &copy.options),
+            _ => return Ok(()),
+        };
+        let options = StoreOptions::from_statement_options(options).map_err(Error::Query)?;
+        if options.is_empty() {
+            return Ok(());
+        }
+        for location in locations {
+            let url = ListingTableUrl::parse(location).map_err(Error::Query)?;
+            self.object_stores
+                .configure(url.object_store().as_ref(), &options)?;
+        }
+        Ok(())
     }
 
     /// The schema of a table in the shared catalog, if it exists.
@@ -199,6 +263,32 @@ impl Planner {
             Err(e) => Err(Error::Query(e)),
         }
     }
+}
+
+/// `INSERT OVERWRITE` is planned as an append, and the distributed write
+/// then replaces the files (DataFusion's Parquet sink refuses overwrites).
+/// Returns the plan and whether it overwrites.
+fn plan_overwrite_as_append(plan: LogicalPlan) -> (LogicalPlan, bool) {
+    match plan {
+        LogicalPlan::Dml(dml) if dml.op == WriteOp::Insert(InsertOp::Overwrite) => {
+            let mut append = dml;
+            append.op = WriteOp::Insert(InsertOp::Append);
+            (LogicalPlan::Dml(append), true)
+        }
+        plan => (plan, false),
+    }
+}
+
+/// Whether an error came from reading files rather than from the statement.
+fn is_storage_error(error: &DataFusionError) -> bool {
+    matches!(
+        error.find_root(),
+        DataFusionError::ObjectStore(_)
+            | DataFusionError::ParquetError(_)
+            | DataFusionError::IoError(_)
+            | DataFusionError::ArrowError(..)
+            | DataFusionError::External(_)
+    )
 }
 
 /// `EXPLAIN` on the cluster: the optimized logical plan and the stage DAG the

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::layout::validate_identifier;
+use quiver_core::storage::redact_sql;
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
@@ -69,17 +70,17 @@ fn is_final(state: i32) -> bool {
 /// Longest query text kept in the job history.
 const MAX_RECORDED_QUERY_BYTES: usize = 16 * 1024;
 
-/// What the job history shows of a query.
+/// What the job history shows of a query: its text, without secrets.
 fn describe_query(query: &Query) -> String {
     match query {
-        Query::Sql(sql) if sql.len() > MAX_RECORDED_QUERY_BYTES => {
+        Query::Sql(sql) if sql.len() <= MAX_RECORDED_QUERY_BYTES => redact_sql(sql),
+        Query::Sql(sql) => {
             let mut end = MAX_RECORDED_QUERY_BYTES;
             while !sql.is_char_boundary(end) {
                 end -= 1;
             }
-            format!("{}...", &sql[..end])
+            format!("{}...", redact_sql(&sql[..end]))
         }
-        Query::Sql(sql) => sql.clone(),
         Query::LogicalPlan(bytes) => format!("a client-built plan of {} bytes", bytes.len()),
     }
 }
@@ -203,6 +204,7 @@ impl SchedulerService for SchedulerGrpc {
                 stages,
                 encoded,
                 limits,
+                stores,
             } => {
                 let (status, watcher) = watch::channel(JobStatus {
                     job_id: job_id.clone(),
@@ -215,6 +217,7 @@ impl SchedulerService for SchedulerGrpc {
                     job_id: job_id.clone(),
                     query: description,
                     settings: request.settings,
+                    stores,
                     limits,
                     stages,
                     encoded,

@@ -49,3 +49,4 @@ pub async fn reference_engine(
 }
 
 pub mod processes;
+pub mod s3;

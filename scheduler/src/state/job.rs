@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use prost::bytes::Bytes;
 use quiver_proto::{
     FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput,
-    PartitionStats, Setting, StageInput, TaskFailed, TaskId,
+    PartitionStats, Setting, StageInput, StoreConfig, TaskFailed, TaskId,
 };
 
 use super::JobLimits;
@@ -78,6 +78,8 @@ pub struct Job {
     pub id: String,
     pub seq: u64,
     pub settings: Vec<Setting>,
+    /// Options of the object stores the job uses; sent with every task.
+    pub stores: Vec<StoreConfig>,
     pub max_attempts: u32,
     /// When the job fails for running too long, if it has a timeout.
     pub deadline: Option<Instant>,
@@ -131,6 +133,7 @@ impl Job {
             id,
             seq,
             settings,
+            stores: Vec::new(),
             max_attempts: limits.max_attempts.max(1),
             deadline: limits.timeout.map(|timeout| now + timeout),
             timeout: limits.timeout,
@@ -224,6 +227,7 @@ impl Job {
             .collect();
         let job_id = self.id.clone();
         let settings = self.settings.clone();
+        let stores = self.stores.clone();
         let stage = self.stage_mut(stage_id)?;
         let plan = stage.plan.clone();
         let task = stage.tasks.get_mut(partition)?;
@@ -243,6 +247,7 @@ impl Job {
             plan,
             inputs,
             settings,
+            stores,
         })
     }
 

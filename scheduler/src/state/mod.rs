@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use prost::bytes::Bytes;
 use quiver_core::config::QuiverOptions;
-use quiver_proto::{ExecutorAddress, ExecutorInfo, JobState, JobStatus, Setting, executor_message};
+use quiver_proto::{
+    ExecutorAddress, ExecutorInfo, JobState, JobStatus, Setting, StoreConfig, executor_message,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::stages::StagePlan;
@@ -61,6 +63,8 @@ pub struct SubmittedJob {
     /// The SQL text, or a description of a client-built plan, for the history.
     pub query: String,
     pub settings: Vec<Setting>,
+    /// Options of the object stores the job uses, for its tasks.
+    pub stores: Vec<StoreConfig>,
     pub limits: JobLimits,
     pub stages: Vec<StagePlan>,
     /// The datafusion-proto bytes of each stage's plan, in stage order.

@@ -1,0 +1,184 @@
+//! A real S3-compatible server for the tests: `moto` in server mode, on a
+//! free loopback port, stopped when dropped.
+//!
+//! `moto_server` is taken from `QUIVER_MOTO_SERVER`, else from `PATH`, else
+//! installed from PyPI into a virtualenv in the temp folder on first use, so
+//! that the tests run on a fresh machine with only Python.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// Credentials the tests use. moto accepts any; the secret is distinctive so
+/// that tests can check it never shows.
+pub const ACCESS_KEY: &str = "quiver-test-key";
+pub const SECRET_KEY: &str = "quiver-secret-Z9x7Q";
+pub const REGION: &str = "us-east-1";
+
+pub struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+impl S3Server {
+    /// Starts moto and waits until it answers.
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let program = moto_server();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {program} ({e}); install it with: pip install 'moto[server]'")
+            });
+        let server = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket (S3 `CreateBucket`, a bare PUT).
+    pub fn create_bucket(&self, bucket: &str) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to moto");
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("send CreateBucket");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read CreateBucket");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "CreateBucket {bucket} failed: {response}"
+        );
+    }
+
+    /// `OPTIONS (...)` for a table or `COPY` on this server.
+    pub fn sql_options(&self) -> String {
+        format!(
+            "OPTIONS ('aws.access_key_id' '{ACCESS_KEY}', 'aws.secret_access_key' '{SECRET_KEY}', \
+             'aws.region' '{REGION}', 'aws.endpoint' '{}', 'aws.allow_http' 'true')",
+            self.endpoint()
+        )
+    }
+
+    /// A client of `bucket`, for the tests' own uploads and checks.
+    pub fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_access_key_id(ACCESS_KEY)
+                .with_secret_access_key(SECRET_KEY)
+                .with_region(REGION)
+                .with_endpoint(self.endpoint())
+                .with_allow_http(true)
+                .build()
+                .expect("S3 client"),
+        )
+    }
+
+    /// Uploads every file below `dir` to `bucket` under `prefix`.
+    pub async fn upload_dir(&self, bucket: &str, dir: &Path, prefix: &str) {
+        let store = self.store(bucket);
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(folder) = pending.pop() {
+            for entry in std::fs::read_dir(&folder).expect("read data folder") {
+                let path = entry.expect("folder entry").path();
+                if path.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let relative = path
+                    .strip_prefix(dir)
+                    .expect("below the data folder")
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                let bytes = std::fs::read(&path).expect("read data file");
+                store
+                    .put(
+                        &ObjectPath::from(format!("{prefix}/{relative}")),
+                        PutPayload::from(bytes),
+                    )
+                    .await
+                    .expect("upload data file");
+            }
+        }
+    }
+}
+
+/// Where `moto_server` is, installing it if it is nowhere.
+fn moto_server() -> String {
+    if let Ok(program) = std::env::var("QUIVER_MOTO_SERVER")
+        && !program.is_empty()
+    {
+        return program;
+    }
+    let on_path = Command::new("moto_server")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if on_path {
+        return "moto_server".into();
+    }
+    let venv = std::env::temp_dir().join("quiver-moto-venv");
+    let program = venv.join("bin").join("moto_server");
+    let ready = venv.join(".ready");
+    // Tests run in parallel processes: the one that creates the folder
+    // installs, the others wait for it.
+    if std::fs::create_dir(&venv).is_ok() {
+        let run = |command: &mut Command| {
+            let status = command.status().expect("run python3 to install moto");
+            assert!(status.success(), "installing moto failed: {command:?}");
+        };
+        run(Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv));
+        run(Command::new(venv.join("bin").join("pip")).args([
+            "install",
+            "--quiet",
+            "moto[server]>=5,<6",
+        ]));
+        std::fs::write(&ready, b"").expect("mark the moto install ready");
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "moto was not installed into {} in 10 minutes",
+            venv.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    program.display().to_string()
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

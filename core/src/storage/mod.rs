@@ -1,0 +1,28 @@
+//! Object storage: the stores behind table and output locations.
+//!
+//! - [`options`]: `aws.*`/`gcp.*`/`azure.*`/`http.*` options of a location,
+//!   checked when a statement is planned and never shown in clear.
+//! - [`registry`]: builds each location's store from the environment and its
+//!   options, on first use; one registry per scheduler and per executor.
+
+pub mod options;
+pub mod registry;
+
+pub use options::{StoreOptions, redact_sql, register_store_option_namespaces};
+pub use registry::{StoreError, StoreRegistry, build_store, store_key};
+
+use std::sync::Arc;
+
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+
+/// A DataFusion runtime that finds stores through `registry`.
+///
+/// File listings are never cached: a batch engine's tables change under it
+/// (its own writes land from other processes), and DataFusion's listing cache
+/// keeps entries forever by default, so a cached listing would miss them.
+pub fn runtime_builder(registry: Arc<StoreRegistry>) -> RuntimeEnvBuilder {
+    RuntimeEnvBuilder::new()
+        .with_object_store_registry(registry)
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+}

@@ -1,0 +1,325 @@
+//! Per-location store options, as written in `OPTIONS (...)` of `CREATE
+//! EXTERNAL TABLE` or `COPY`: `aws.*`, `gcp.*`, `azure.*` and `http.*` keys.
+//!
+//! The keys are the ones `object_store` understands (`aws.region`,
+//! `aws.endpoint`, `gcp.service_account_key`, `azure.account_name`, ...), with
+//! the `aws_`-style spellings accepted too. Unknown keys are refused when the
+//! statement is planned, so a typo never silently falls back to defaults.
+//!
+//! Values may be secrets. They are stored and sent to executors, but
+//! [`StoreOptions`]'s `Display`, `Debug` and [`redact_sql`] show every value
+//! except a short list of known harmless ones as `***`.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+
+use datafusion::common::config::{ConfigEntry, ConfigExtension, ExtensionOptions};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::session_state::SessionState;
+use object_store::ClientConfigKey;
+use object_store::aws::AmazonS3ConfigKey;
+use object_store::azure::AzureConfigKey;
+use object_store::gcp::GoogleConfigKey;
+
+/// The option prefixes, one per kind of store.
+pub const PROVIDERS: [&str; 4] = ["aws", "gcp", "azure", "http"];
+
+/// Option names whose values are shown as they are; every other value is
+/// treated as a secret.
+const HARMLESS_OPTIONS: &[&str] = &[
+    "region",
+    "aws_region",
+    "default_region",
+    "endpoint",
+    "endpoint_url",
+    "aws_endpoint",
+    "allow_http",
+    "aws_allow_http",
+    "virtual_hosted_style_request",
+    "skip_signature",
+    "bucket",
+    "account_name",
+    "azure_storage_account_name",
+    "container_name",
+    "use_emulator",
+    "timeout",
+    "connect_timeout",
+];
+
+const REDACTED: &str = "***";
+
+/// Checks that `name` (without its prefix) is an option of `provider`.
+pub fn validate_option(provider: &str, name: &str) -> Result<(), String> {
+    let name = name.to_ascii_lowercase();
+    let known = match provider {
+        "aws" => AmazonS3ConfigKey::from_str(&name).is_ok(),
+        "gcp" => GoogleConfigKey::from_str(&name).is_ok(),
+        "azure" => AzureConfigKey::from_str(&name).is_ok(),
+        "http" => false,
+        _ => return Err(format!("unknown store option prefix '{provider}'")),
+    };
+    if known || ClientConfigKey::from_str(&name).is_ok() {
+        Ok(())
+    } else {
+        Err(format!("unknown store option '{provider}.{name}'"))
+    }
+}
+
+/// Whether the value of option `key` (`aws.region`, or just `region`) may be shown.
+pub fn is_harmless(key: &str) -> bool {
+    let name = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    HARMLESS_OPTIONS.contains(&name.as_str())
+}
+
+/// The store options of one location: full keys (`aws.region`) to values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StoreOptions(BTreeMap<String, String>);
+
+impl StoreOptions {
+    /// Picks the store options out of a statement's `OPTIONS`, checking every key.
+    pub fn from_statement_options(options: &HashMap<String, String>) -> DfResult<Self> {
+        let mut picked = BTreeMap::new();
+        for (key, value) in options {
+            let Some((provider, name)) = key.split_once('.') else {
+                continue;
+            };
+            if PROVIDERS.contains(&provider) {
+                validate_option(provider, name).map_err(DataFusionError::Configuration)?;
+                picked.insert(key.to_ascii_lowercase(), value.clone());
+            }
+        }
+        Ok(Self(picked))
+    }
+
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self(pairs.into_iter().collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+
+    /// The options of one provider, without their prefix.
+    pub fn for_provider<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.0.iter().filter_map(move |(key, value)| {
+            let (prefix, name) = key.split_once('.')?;
+            (prefix == provider).then_some((name, value.as_str()))
+        })
+    }
+}
+
+impl fmt::Display for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (key, value) in &self.0 {
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            let shown = if is_harmless(key) { value } else { REDACTED };
+            write!(f, "{key}={shown}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreOptions({self})")
+    }
+}
+
+/// Replaces the values of secret `OPTIONS` in SQL text with `***`, for logs,
+/// job records and error messages. Text that does not parse is redacted by
+/// hiding every quoted string after an `OPTIONS` keyword.
+pub fn redact_sql(sql: &str) -> String {
+    let lower = sql.to_ascii_lowercase();
+    let Some(start) = lower.find("options") else {
+        return sql.to_owned();
+    };
+    let mut redacted = String::with_capacity(sql.len());
+    redacted.push_str(&sql[..start]);
+    let mut rest = &sql[start..];
+    // Walk the quoted strings after OPTIONS: keys and values alternate.
+    let mut last_key: Option<String> = None;
+    while let Some(open) = rest.find('\'') {
+        redacted.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        let close = closing_quote(after).unwrap_or(after.len());
+        let literal = &after[..close];
+        match last_key.take() {
+            None => {
+                redacted.push_str(literal);
+                last_key = Some(literal.to_owned());
+            }
+            Some(key) if is_store_option(&key) && !is_harmless(&key) => {
+                redacted.push_str(REDACTED);
+            }
+            Some(_) => redacted.push_str(literal),
+        }
+        rest = &after[close..];
+        if let Some(stripped) = rest.strip_prefix('\'') {
+            redacted.push('\'');
+            rest = stripped;
+        }
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+/// The end of a single-quoted SQL literal, where `''` is an escaped quote.
+fn closing_quote(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\'' {
+            if bytes.get(i + 1) == Some(&b'\'') {
+                i += 2;
+                continue;
+            }
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+fn is_store_option(key: &str) -> bool {
+    key.split_once('.')
+        .is_some_and(|(prefix, _)| PROVIDERS.contains(&prefix.to_ascii_lowercase().as_str()))
+}
+
+/// Makes DataFusion accept `aws.*`, `gcp.*`, `azure.*` and `http.*` keys in
+/// table and `COPY` options; the values are read from the statement itself.
+pub fn register_store_option_namespaces(state: &mut SessionState) {
+    state.register_table_options_extension(StoreOptionNamespace::<Aws>::default());
+    state.register_table_options_extension(StoreOptionNamespace::<Gcp>::default());
+    state.register_table_options_extension(StoreOptionNamespace::<Azure>::default());
+    state.register_table_options_extension(StoreOptionNamespace::<Http>::default());
+}
+
+/// One kind of store, named by its option prefix.
+pub trait Provider: Send + Sync + fmt::Debug + Default + Clone + 'static {
+    const PREFIX: &'static str;
+}
+
+macro_rules! provider {
+    ($name:ident, $prefix:literal) => {
+        #[derive(Debug, Default, Clone, Copy)]
+        pub struct $name;
+        impl Provider for $name {
+            const PREFIX: &'static str = $prefix;
+        }
+    };
+}
+provider!(Aws, "aws");
+provider!(Gcp, "gcp");
+provider!(Azure, "azure");
+provider!(Http, "http");
+
+/// A table-options namespace that checks its keys and keeps values redacted.
+#[derive(Debug, Default, Clone)]
+pub struct StoreOptionNamespace<P: Provider> {
+    values: BTreeMap<String, String>,
+    provider: std::marker::PhantomData<P>,
+}
+
+impl<P: Provider> ExtensionOptions for StoreOptionNamespace<P> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn cloned(&self) -> Box<dyn ExtensionOptions> {
+        Box::new(self.clone())
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> DfResult<()> {
+        // DataFusion passes table-option keys with their prefix.
+        let key = key
+            .strip_prefix(P::PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(key);
+        validate_option(P::PREFIX, key).map_err(DataFusionError::Configuration)?;
+        self.values
+            .insert(key.to_ascii_lowercase(), value.to_owned());
+        Ok(())
+    }
+
+    fn entries(&self) -> Vec<ConfigEntry> {
+        self.values
+            .iter()
+            .map(|(key, value)| ConfigEntry {
+                key: format!("{}.{key}", P::PREFIX),
+                value: Some(if is_harmless(key) {
+                    value.clone()
+                } else {
+                    REDACTED.to_owned()
+                }),
+                description: "object store option",
+            })
+            .collect()
+    }
+}
+
+impl<P: Provider> ConfigExtension for StoreOptionNamespace<P> {
+    const PREFIX: &'static str = P::PREFIX;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_options_are_picked_checked_and_shown_redacted() {
+        let options = HashMap::from([
+            ("aws.region".to_owned(), "eu-west-1".to_owned()),
+            ("aws.secret_access_key".to_owned(), "s3cr3t".to_owned()),
+            ("aws.allow_http".to_owned(), "true".to_owned()),
+            ("format.compression".to_owned(), "zstd".to_owned()),
+        ]);
+        let picked = StoreOptions::from_statement_options(&options).expect("valid options");
+        assert_eq!(picked.iter().count(), 3);
+        let shown = picked.to_string();
+        assert!(shown.contains("aws.region=eu-west-1"), "{shown}");
+        assert!(shown.contains("aws.secret_access_key=***"), "{shown}");
+        assert!(!format!("{picked:?}").contains("s3cr3t"));
+
+        let typo = HashMap::from([("aws.secret_acces_key".to_owned(), "x".to_owned())]);
+        let error = StoreOptions::from_statement_options(&typo).expect_err("typo refused");
+        assert!(
+            error.to_string().contains("aws.secret_acces_key"),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("'x'"));
+    }
+
+    #[test]
+    fn sql_text_loses_its_secrets() {
+        let sql = "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 's3://b/t/' \
+                   OPTIONS ('aws.region' 'us-east-1', 'aws.secret_access_key' 'it''s-secret', \
+                   'aws.access_key_id' 'AKIA1')";
+        let redacted = redact_sql(sql);
+        assert!(!redacted.contains("secret'"), "{redacted}");
+        assert!(!redacted.contains("AKIA1"), "{redacted}");
+        assert!(redacted.contains("'aws.region' 'us-east-1'"), "{redacted}");
+        assert!(
+            redacted.contains("'aws.secret_access_key' '***'"),
+            "{redacted}"
+        );
+        assert!(redacted.contains("LOCATION 's3://b/t/'"), "{redacted}");
+        assert_eq!(redact_sql("SELECT 'options'"), "SELECT 'options'");
+    }
+}

@@ -1,0 +1,328 @@
+//! Which object store serves a URL.
+//!
+//! A store is built the first time a location is used: from the standard
+//! environment variables and credential chains of its kind (`AWS_*` and the
+//! instance, container and web-identity credentials; `GOOGLE_*`; `AZURE_*`),
+//! overlaid with the options configured for that location, if any. Stores are
+//! keyed by scheme and authority (`s3://bucket`), as DataFusion expects.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::object_store::ObjectStoreRegistry;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::http::HttpBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
+use url::Url;
+
+use super::options::StoreOptions;
+
+/// How long one request to a remote store is retried before the task fails
+/// (and is retried itself, by the scheduler).
+const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+const STORE_MAX_RETRIES: usize = 5;
+
+/// Why a store cannot be built. Never carries option values: they may be secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("'{url}' is not a location Quiver can read or write: {reason}")]
+    UnsupportedLocation { url: String, reason: String },
+    #[error("cannot set up the object store for '{url}': {source}")]
+    Build {
+        url: String,
+        source: object_store::Error,
+    },
+}
+
+struct Registered {
+    store: Arc<dyn ObjectStore>,
+    options: StoreOptions,
+}
+
+/// The object stores of one process, built on first use.
+#[derive(Default)]
+pub struct StoreRegistry {
+    stores: RwLock<HashMap<String, Registered>>,
+}
+
+impl std::fmt::Debug for StoreRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let stores = self.read();
+        let keys: Vec<&String> = stores.keys().collect();
+        f.debug_struct("StoreRegistry")
+            .field("stores", &keys)
+            .finish()
+    }
+}
+
+/// The registry key of a URL: its scheme and authority.
+pub fn store_key(url: &Url) -> String {
+    format!(
+        "{}://{}",
+        url.scheme(),
+        &url[url::Position::BeforeHost..url::Position::AfterPort]
+    )
+}
+
+impl StoreRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `options` for the location of `url` from now on. Does nothing if
+    /// they are the options in use already.
+    pub fn configure(&self, url: &Url, options: &StoreOptions) -> Result<(), StoreError> {
+        let key = store_key(url);
+        if self
+            .read()
+            .get(&key)
+            .is_some_and(|registered| &registered.options == options)
+        {
+            return Ok(());
+        }
+        let store = build_store(url, options)?;
+        self.write().insert(
+            key,
+            Registered {
+                store,
+                options: options.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The options configured for the location of `url`, if any.
+    pub fn options_for(&self, url: &Url) -> Option<StoreOptions> {
+        self.read()
+            .get(&store_key(url))
+            .map(|registered| registered.options.clone())
+            .filter(|options| !options.is_empty())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Registered>> {
+        self.stores
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Registered>> {
+        self.stores
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ObjectStoreRegistry for StoreRegistry {
+    fn register_store(
+        &self,
+        url: &Url,
+        store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        self.write()
+            .insert(
+                store_key(url),
+                Registered {
+                    store,
+                    options: StoreOptions::default(),
+                },
+            )
+            .map(|previous| previous.store)
+    }
+
+    fn deregister_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
+        self.write()
+            .remove(&store_key(url))
+            .map(|registered| registered.store)
+            .ok_or_else(|| {
+                DataFusionError::Execution(format!("no object store is registered for '{url}'"))
+            })
+    }
+
+    fn get_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
+        let key = store_key(url);
+        if let Some(registered) = self.read().get(&key) {
+            return Ok(Arc::clone(&registered.store));
+        }
+        let store = build_store(url, &StoreOptions::default())
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let mut stores = self.write();
+        let registered = stores.entry(key).or_insert(Registered {
+            store,
+            options: StoreOptions::default(),
+        });
+        Ok(Arc::clone(&registered.store))
+    }
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        max_retries: STORE_MAX_RETRIES,
+        retry_timeout: STORE_RETRY_TIMEOUT,
+        ..RetryConfig::default()
+    }
+}
+
+/// Builds the store for `url`: environment first, then `options` on top.
+pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let unsupported = |reason: String| StoreError::UnsupportedLocation {
+        url: url.to_string(),
+        reason,
+    };
+    // `memory://name/` names one of the process's in-memory stores;
+    // object_store knows only the nameless `memory:///`.
+    if url.scheme() == "memory" {
+        return Ok(memory_store(&store_key(url)));
+    }
+    let (scheme, _) = ObjectStoreScheme::parse(url).map_err(|e| unsupported(e.to_string()))?;
+    let built = |result: object_store::Result<Arc<dyn ObjectStore>>| {
+        result.map_err(|source| StoreError::Build {
+            url: store_key(url),
+            source,
+        })
+    };
+    match scheme {
+        ObjectStoreScheme::Local => Ok(local_store()),
+        ObjectStoreScheme::AmazonS3 => {
+            let mut builder = AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config());
+            for (name, value) in options.for_provider("aws") {
+                let config_key = aws_key(name).map_err(|source| StoreError::Build {
+                    url: store_key(url),
+                    source,
+                })?;
+                builder = builder.with_config(config_key, value);
+            }
+            built(builder.build().map(|s| Arc::new(s) as _))
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            let mut builder = GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config());
+            for (name, value) in options.for_provider("gcp") {
+                builder = builder.with_config(parse_key(url, name)?, value);
+            }
+            built(builder.build().map(|s| Arc::new(s) as _))
+        }
+        ObjectStoreScheme::MicrosoftAzure => {
+            let mut builder = MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config());
+            for (name, value) in options.for_provider("azure") {
+                builder = builder.with_config(parse_key(url, name)?, value);
+            }
+            built(builder.build().map(|s| Arc::new(s) as _))
+        }
+        ObjectStoreScheme::Http => {
+            let mut builder = HttpBuilder::new()
+                .with_url(&url[..url::Position::BeforePath])
+                .with_retry(retry_config());
+            for (name, value) in options.for_provider("http") {
+                builder = builder.with_config(parse_key(url, name)?, value);
+            }
+            built(builder.build().map(|s| Arc::new(s) as _))
+        }
+        other => Err(unsupported(format!("{other:?} stores are not supported"))),
+    }
+}
+
+/// Keys were checked when the statement was planned; an unparsable one here
+/// means the options came from somewhere else, so it is an error too.
+fn parse_key<K>(url: &Url, name: &str) -> Result<K, StoreError>
+where
+    K: std::str::FromStr<Err = object_store::Error>,
+{
+    name.to_ascii_lowercase()
+        .parse()
+        .map_err(|source| StoreError::Build {
+            url: store_key(url),
+            source,
+        })
+}
+
+/// `aws.allow_http` and the other client options are spelled without a prefix.
+fn aws_key(name: &str) -> object_store::Result<object_store::aws::AmazonS3ConfigKey> {
+    name.parse().or_else(|_| {
+        name.parse::<object_store::ClientConfigKey>()
+            .map(object_store::aws::AmazonS3ConfigKey::Client)
+    })
+}
+
+fn local_store() -> Arc<dyn ObjectStore> {
+    static LOCAL: OnceLock<Arc<dyn ObjectStore>> = OnceLock::new();
+    Arc::clone(LOCAL.get_or_init(|| Arc::new(LocalFileSystem::new())))
+}
+
+/// `memory://` stores live as long as the process, shared by everything in
+/// it: the embedded cluster's scheduler and executors see the same objects.
+fn memory_store(key: &str) -> Arc<dyn ObjectStore> {
+    static MEMORY: OnceLock<std::sync::Mutex<HashMap<String, Arc<dyn ObjectStore>>>> =
+        OnceLock::new();
+    let mut stores = MEMORY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Arc::clone(
+        stores
+            .entry(key.to_owned())
+            .or_insert_with(|| Arc::new(InMemory::new())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(text: &str) -> Url {
+        Url::parse(text).expect("valid url")
+    }
+
+    #[test]
+    fn stores_are_keyed_by_scheme_and_authority() {
+        assert_eq!(store_key(&url("s3://bucket/a/b.parquet")), "s3://bucket");
+        assert_eq!(store_key(&url("file:///tmp/x")), "file://");
+        assert_eq!(store_key(&url("http://h:8080/x")), "http://h:8080");
+    }
+
+    #[test]
+    fn configured_options_build_a_store_and_travel() {
+        let registry = StoreRegistry::new();
+        let location = url("s3://bucket/table/");
+        assert!(registry.options_for(&location).is_none());
+        let options = StoreOptions::from_pairs([
+            ("aws.region".to_owned(), "us-east-1".to_owned()),
+            ("aws.endpoint".to_owned(), "http://127.0.0.1:1".to_owned()),
+            ("aws.allow_http".to_owned(), "true".to_owned()),
+        ]);
+        registry
+            .configure(&location, &options)
+            .expect("store builds");
+        assert_eq!(registry.options_for(&location), Some(options));
+        registry.get_store(&location).expect("store is registered");
+    }
+
+    #[test]
+    fn memory_stores_are_shared_within_the_process() {
+        let first = StoreRegistry::new()
+            .get_store(&url("memory://shared-test/"))
+            .expect("memory store");
+        let second = StoreRegistry::new()
+            .get_store(&url("memory://shared-test/"))
+            .expect("memory store");
+        assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[test]
+    fn unknown_schemes_get_a_clear_error() {
+        let error = StoreRegistry::new()
+            .get_store(&url("ftp://host/x"))
+            .expect_err("ftp is not a store");
+        assert!(error.to_string().contains("ftp://host/x"), "{error}");
+    }
+}

@@ -1,0 +1,359 @@
+//! [`ParquetCommitExec`]: the one task that makes a write job's files visible.
+//!
+//! Its input is the file list of every write task, read through a shuffle, so
+//! it holds exactly the files of each task's winning attempt. It then:
+//! 1. for `INSERT OVERWRITE`, deletes the table's older files: all of them,
+//!    or only those in the partition folders this job wrote;
+//! 2. moves each staged file to its committed name;
+//! 3. writes the job's manifest, `_manifests/<job>.json`;
+//! 4. deletes the job's staging folder, and with it the files of losing attempts.
+//!
+//! Each step can be repeated, so a retried commit task finishes the work of
+//! one that died midway. Its result is the row count, as DataFusion's sinks return.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arrow::array::{AsArray, RecordBatch, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::physical_plan::FileSink;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tracing::info;
+
+use super::layout::{
+    is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to, written_by,
+};
+
+/// How many objects are moved or deleted at once.
+const CONCURRENT_REQUESTS: usize = 16;
+
+/// The result of a write job: how many rows it wrote.
+pub static COUNT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![Field::new(
+        "count",
+        DataType::UInt64,
+        false,
+    )]))
+});
+
+/// Commits the staged files of a write job.
+#[derive(Debug)]
+pub struct ParquetCommitExec {
+    input: Arc<dyn ExecutionPlan>,
+    sink: Arc<ParquetSink>,
+    job_id: String,
+    properties: Arc<PlanProperties>,
+}
+
+impl ParquetCommitExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, sink: Arc<ParquetSink>, job_id: String) -> Self {
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&COUNT_SCHEMA)),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Self {
+            input,
+            sink,
+            job_id,
+            properties,
+        }
+    }
+
+    pub fn sink(&self) -> &Arc<ParquetSink> {
+        &self.sink
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+}
+
+impl DisplayAs for ParquetCommitExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let config = self.sink.config();
+        write!(
+            f,
+            "ParquetCommitExec: location={}, mode={}",
+            config.original_url, config.insert_op
+        )
+    }
+}
+
+impl ExecutionPlan for ParquetCommitExec {
+    fn name(&self) -> &str {
+        "ParquetCommitExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
+            DataFusionError::Internal("ParquetCommitExec takes exactly one child".into())
+        })?;
+        Ok(Arc::new(Self::new(
+            input,
+            Arc::clone(&self.sink),
+            self.job_id.clone(),
+        )))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "ParquetCommitExec has one partition, asked for {partition}"
+            )));
+        }
+        let config = self.sink.config();
+        let table = config
+            .table_paths
+            .first()
+            .ok_or_else(|| DataFusionError::Internal("a commit has no output location".into()))?
+            .prefix()
+            .clone();
+        let commit = Commit {
+            store: context
+                .runtime_env()
+                .object_store(&config.object_store_url)?,
+            location: config.original_url.clone(),
+            table,
+            job_id: self.job_id.clone(),
+            insert_op: config.insert_op,
+            partitioned: !config.table_partition_cols.is_empty(),
+        };
+        let input = self.input.execute(0, context)?;
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&COUNT_SCHEMA),
+            futures::stream::once(commit.run(input)),
+        )))
+    }
+}
+
+/// A file staged by a winning attempt.
+struct StagedFile {
+    staged: Path,
+    relative: String,
+    rows: u64,
+    bytes: u64,
+}
+
+struct Commit {
+    store: Arc<dyn ObjectStore>,
+    location: String,
+    table: Path,
+    job_id: String,
+    insert_op: InsertOp,
+    partitioned: bool,
+}
+
+impl Commit {
+    async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
+        let files = staged_files(input).await?;
+        match self.insert_op {
+            InsertOp::Append => {}
+            InsertOp::Overwrite => self.delete_replaced(&files).await?,
+            InsertOp::Replace => {
+                return Err(DataFusionError::NotImplemented(
+                    "REPLACE INTO is not supported for Parquet tables; use INSERT OVERWRITE".into(),
+                ));
+            }
+        }
+        self.move_into_place(&files).await?;
+        let rows: u64 = files.iter().map(|file| file.rows).sum();
+        self.write_manifest(&files, rows).await?;
+        self.delete_staging().await?;
+        info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
+            "write committed");
+        Ok(RecordBatch::try_new(
+            Arc::clone(&COUNT_SCHEMA),
+            vec![Arc::new(UInt64Array::from(vec![rows]))],
+        )?)
+    }
+
+    /// Deletes the files that an overwrite replaces: in the folders this job
+    /// wrote for a partitioned table, everywhere otherwise. Files this job
+    /// committed already (in an earlier run of this step) stay.
+    async fn delete_replaced(&self, files: &[StagedFile]) -> Result<()> {
+        let touched: HashSet<&str> = files
+            .iter()
+            .map(|file| {
+                file.relative
+                    .rsplit_once('/')
+                    .map_or("", |(folder, _)| folder)
+            })
+            .collect();
+        let existing: Vec<Path> = self
+            .store
+            .list(Some(&self.table))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await?;
+        let replaced = existing.into_iter().filter(|path| {
+            if is_bookkeeping(&self.table, path) || written_by(path, &self.job_id) {
+                return false;
+            }
+            if !self.partitioned {
+                return true;
+            }
+            let folder = relative_to(&self.table, path)
+                .and_then(|relative| relative.rsplit_once('/').map(|(f, _)| f.to_owned()))
+                .unwrap_or_default();
+            touched.contains(folder.as_str())
+        });
+        self.delete_all(replaced.collect()).await
+    }
+
+    async fn move_into_place(&self, files: &[StagedFile]) -> Result<()> {
+        let moves = files
+            .iter()
+            .map(|file| (file.staged.clone(), join(&self.table, &file.relative)));
+        concurrently(
+            moves,
+            &self.store,
+            |store, (staged, committed)| async move {
+                match store.rename(&staged, &committed).await {
+                    Ok(()) => Ok(()),
+                    // Moved already by an earlier run of this step.
+                    Err(object_store::Error::NotFound { .. })
+                        if store.head(&committed).await.is_ok() =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(DataFusionError::from(e)),
+                }
+            },
+        )
+        .await
+    }
+
+    /// Writes the job's manifest: every file it committed, with its rows and size.
+    async fn write_manifest(&self, files: &[StagedFile], rows: u64) -> Result<()> {
+        let committed_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        let manifest = serde_json::json!({
+            "job_id": self.job_id,
+            "committed_at_unix_secs": committed_at,
+            "mode": self.insert_op.to_string(),
+            "rows": rows,
+            "files": files.iter().map(|file| serde_json::json!({
+                "path": file.relative,
+                "rows": file.rows,
+                "bytes": file.bytes,
+            })).collect::<Vec<_>>(),
+        });
+        self.store
+            .put(
+                &manifest_path(&self.table, &self.job_id),
+                PutPayload::from(manifest.to_string()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the job's staging folder: the winners' files are gone from it
+    /// already, so what remains are the files of failed or losing attempts.
+    async fn delete_staging(&self) -> Result<()> {
+        let staging = job_staging(&self.table, &self.job_id);
+        let leftovers: Vec<Path> = self
+            .store
+            .list(Some(&staging))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await?;
+        self.delete_all(leftovers).await
+    }
+
+    async fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
+        concurrently(paths, &self.store, |store, path| async move {
+            match store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(DataFusionError::from(e)),
+            }
+        })
+        .await
+    }
+}
+
+/// Runs `request` for every item, [`CONCURRENT_REQUESTS`] at a time.
+async fn concurrently<T, F, Fut>(
+    items: impl IntoIterator<Item = T>,
+    store: &Arc<dyn ObjectStore>,
+    request: F,
+) -> Result<()>
+where
+    F: Fn(Arc<dyn ObjectStore>, T) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let requests: Vec<Fut> = items
+        .into_iter()
+        .map(|item| request(Arc::clone(store), item))
+        .collect();
+    futures::stream::iter(requests)
+        .buffer_unordered(CONCURRENT_REQUESTS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Reads the write tasks' file lists.
+async fn staged_files(mut input: SendableRecordBatchStream) -> Result<Vec<StagedFile>> {
+    let mut files = Vec::new();
+    while let Some(batch) = input.next().await {
+        let batch = batch?;
+        let column = |name: &str| {
+            batch.column_by_name(name).ok_or_else(|| {
+                DataFusionError::Internal(format!("write task output has no '{name}' column"))
+            })
+        };
+        let staged = column("staged")?.as_string::<i32>();
+        let relative = column("file")?.as_string::<i32>();
+        let rows = column("rows")?.as_primitive::<UInt64Type>();
+        let bytes = column("bytes")?.as_primitive::<UInt64Type>();
+        for row in 0..batch.num_rows() {
+            files.push(StagedFile {
+                staged: Path::from(staged.value(row)),
+                relative: relative.value(row).to_owned(),
+                rows: rows.value(row),
+                bytes: bytes.value(row),
+            });
+        }
+    }
+    Ok(files)
+}

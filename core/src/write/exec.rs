@@ -1,0 +1,350 @@
+//! [`ParquetWriteExec`]: every task of a write stage writes its own rows into
+//! Parquet files under its attempt's staging folder, rolling over to a new
+//! file at the target size, and returns one row per file it wrote.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::file_options::parquet_writer::ParquetWriterOptions;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::physical_plan::{FileSink, FileSinkConfig};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
+};
+use futures::StreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::arrow_writer::ArrowWriterOptions;
+use parquet::file::properties::WriterProperties;
+
+use super::TaskAttempt;
+use super::layout::{attempt_staging, file_name, join};
+use super::partition::HivePartitioner;
+use crate::config::QuiverOptions;
+
+/// The rows a write task returns: one per file it staged.
+pub static WRITTEN_FILES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("staged", DataType::Utf8, false),
+        Field::new("file", DataType::Utf8, false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+    ]))
+});
+
+/// Writes each input partition into its own staged Parquet files.
+#[derive(Debug)]
+pub struct ParquetWriteExec {
+    input: Arc<dyn ExecutionPlan>,
+    sink: Arc<ParquetSink>,
+    job_id: String,
+    properties: Arc<PlanProperties>,
+}
+
+impl ParquetWriteExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, sink: Arc<ParquetSink>, job_id: String) -> Self {
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&WRITTEN_FILES_SCHEMA)),
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Self {
+            input,
+            sink,
+            job_id,
+            properties,
+        }
+    }
+
+    pub fn sink(&self) -> &Arc<ParquetSink> {
+        &self.sink
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+}
+
+impl DisplayAs for ParquetWriteExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let config = self.sink.config();
+        write!(f, "ParquetWriteExec: location={}", config.original_url)?;
+        if !config.table_partition_cols.is_empty() {
+            let columns: Vec<&str> = config
+                .table_partition_cols
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect();
+            write!(f, ", partitioned_by=[{}]", columns.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+impl ExecutionPlan for ParquetWriteExec {
+    fn name(&self) -> &str {
+        "ParquetWriteExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
+            DataFusionError::Internal("ParquetWriteExec takes exactly one child".into())
+        })?;
+        Ok(Arc::new(Self::new(
+            input,
+            Arc::clone(&self.sink),
+            self.job_id.clone(),
+        )))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let task = WriteTask::new(self, partition, &context)?;
+        let input = self.input.execute(partition, context)?;
+        let written = futures::stream::once(task.run(input));
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&WRITTEN_FILES_SCHEMA),
+            written,
+        )))
+    }
+}
+
+/// One task's write: its open files and what it has written so far.
+struct WriteTask {
+    store: Arc<dyn ObjectStore>,
+    staging: Path,
+    job_id: String,
+    partition: usize,
+    extension: String,
+    partitioner: HivePartitioner,
+    properties: WriterProperties,
+    target_file_bytes: usize,
+    buffer_bytes: usize,
+    reservation: MemoryReservation,
+    open: HashMap<String, OpenFile>,
+    /// Files per partition folder, for numbering.
+    counts: HashMap<String, usize>,
+    written: Vec<WrittenFile>,
+}
+
+struct OpenFile {
+    relative: String,
+    rows: u64,
+    writer: AsyncArrowWriter<BufWriter>,
+}
+
+struct WrittenFile {
+    relative: String,
+    rows: u64,
+    bytes: u64,
+}
+
+impl WriteTask {
+    fn new(exec: &ParquetWriteExec, partition: usize, context: &Arc<TaskContext>) -> Result<Self> {
+        let config: &FileSinkConfig = exec.sink.config();
+        let table_url = config.table_paths.first().ok_or_else(|| {
+            DataFusionError::Internal("a Parquet write has no output location".into())
+        })?;
+        let store = context
+            .runtime_env()
+            .object_store(&config.object_store_url)?;
+        let attempt = context
+            .session_config()
+            .get_extension::<TaskAttempt>()
+            .map_or(0, |task| task.attempt);
+        let options = context
+            .session_config()
+            .options()
+            .extensions
+            .get::<QuiverOptions>()
+            .cloned()
+            .unwrap_or_default();
+        let partitioner = HivePartitioner::new(
+            &exec.input.schema(),
+            &config.table_partition_cols,
+            config.keep_partition_by_columns,
+        )?;
+        let mut parquet_options = exec.sink.parquet_options().clone();
+        if !parquet_options.global.skip_arrow_metadata {
+            parquet_options.arrow_schema(partitioner.file_schema());
+        }
+        let properties = ParquetWriterOptions::try_from(&parquet_options)?
+            .writer_options()
+            .clone();
+        let reservation = MemoryConsumer::new(format!("ParquetWriteExec[{partition}]"))
+            .register(context.memory_pool());
+        Ok(Self {
+            store,
+            staging: attempt_staging(table_url.prefix(), &exec.job_id, partition, attempt),
+            job_id: exec.job_id.clone(),
+            partition,
+            extension: config.file_extension.clone(),
+            partitioner,
+            properties,
+            target_file_bytes: options.target_file_bytes.max(1) as usize,
+            buffer_bytes: context
+                .session_config()
+                .options()
+                .execution
+                .objectstore_writer_buffer_size,
+            reservation,
+            open: HashMap::new(),
+            counts: HashMap::new(),
+            written: Vec::new(),
+        })
+    }
+
+    async fn run(mut self, mut input: SendableRecordBatchStream) -> Result<RecordBatch> {
+        while let Some(batch) = input.next().await {
+            for (folder, rows) in self.partitioner.split(&batch?)? {
+                if rows.num_rows() > 0 {
+                    self.write(folder, &rows).await?;
+                }
+            }
+        }
+        let open: Vec<OpenFile> = self.open.drain().map(|(_, file)| file).collect();
+        for file in open {
+            let closed = self.close(file).await?;
+            self.written.push(closed);
+        }
+        self.reservation.free();
+        self.written_files()
+    }
+
+    async fn write(&mut self, folder: String, rows: &RecordBatch) -> Result<()> {
+        if !self.open.contains_key(&folder) {
+            let file = self.open_file(&folder)?;
+            self.open.insert(folder.clone(), file);
+        }
+        let Some(file) = self.open.get_mut(&folder) else {
+            return Err(DataFusionError::Internal("write file vanished".into()));
+        };
+        file.writer.write(rows).await?;
+        file.rows += rows.num_rows() as u64;
+        let full =
+            file.writer.bytes_written() + file.writer.in_progress_size() >= self.target_file_bytes;
+        if full && let Some(file) = self.open.remove(&folder) {
+            let closed = self.close(file).await?;
+            self.written.push(closed);
+        }
+        self.fit_memory().await
+    }
+
+    /// Keeps the buffered row groups within the memory pool: when they do
+    /// not fit, they are flushed early as smaller row groups.
+    async fn fit_memory(&mut self) -> Result<()> {
+        let buffered: usize = self
+            .open
+            .values()
+            .map(|f| f.writer.in_progress_size())
+            .sum();
+        if self.reservation.try_resize(buffered).is_err() {
+            for file in self.open.values_mut() {
+                file.writer.flush().await?;
+            }
+            let buffered = self
+                .open
+                .values()
+                .map(|f| f.writer.in_progress_size())
+                .sum();
+            self.reservation.resize(buffered);
+        }
+        Ok(())
+    }
+
+    /// Finishes a file and reads back its size, footer included.
+    async fn close(&mut self, file: OpenFile) -> Result<WrittenFile> {
+        file.writer.close().await?;
+        let path = join(&self.staging, &file.relative);
+        let store = Arc::clone(&self.store);
+        let bytes = store.head(&path).await?.size;
+        Ok(WrittenFile {
+            relative: file.relative,
+            rows: file.rows,
+            bytes,
+        })
+    }
+
+    fn open_file(&mut self, folder: &str) -> Result<OpenFile> {
+        let count = self.counts.entry(folder.to_owned()).or_default();
+        let name = file_name(&self.job_id, self.partition, *count, &self.extension);
+        *count += 1;
+        let relative = if folder.is_empty() {
+            name
+        } else {
+            format!("{folder}/{name}")
+        };
+        let path = join(&self.staging, &relative);
+        let sink = BufWriter::with_capacity(Arc::clone(&self.store), path, self.buffer_bytes);
+        let options = ArrowWriterOptions::new().with_properties(self.properties.clone());
+        let writer = AsyncArrowWriter::try_new_with_options(
+            sink,
+            Arc::clone(self.partitioner.file_schema()),
+            options,
+        )?;
+        Ok(OpenFile {
+            relative,
+            rows: 0,
+            writer,
+        })
+    }
+
+    fn written_files(&self) -> Result<RecordBatch> {
+        let staged: StringArray = self
+            .written
+            .iter()
+            .map(|file| Some(join(&self.staging, &file.relative).to_string()))
+            .collect();
+        let files: StringArray = self
+            .written
+            .iter()
+            .map(|file| Some(file.relative.clone()))
+            .collect();
+        let rows: UInt64Array = self.written.iter().map(|file| Some(file.rows)).collect();
+        let bytes: UInt64Array = self.written.iter().map(|file| Some(file.bytes)).collect();
+        Ok(RecordBatch::try_new(
+            Arc::clone(&WRITTEN_FILES_SCHEMA),
+            vec![
+                Arc::new(staged),
+                Arc::new(files),
+                Arc::new(rows),
+                Arc::new(bytes),
+            ],
+        )?)
+    }
+}

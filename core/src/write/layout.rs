@@ -1,0 +1,111 @@
+//! Where a write job's files go, staged and committed.
+//!
+//! ```text
+//! <table>/_temporary/<job>/p<partition>-a<attempt>/<col=value/...>/part-<job>-<partition>-<n>.parquet   staged
+//! <table>/<col=value/...>/part-<job>-<partition>-<n>.parquet                                            committed
+//! <table>/_manifests/<job>.json                                                                          each commit's manifest
+//! ```
+//!
+//! Every attempt writes under its own staging folder, so a retried or killed
+//! attempt never touches another's files. Staged files and manifests live in
+//! sub-folders that are not `col=value` folders, which DataFusion's listing
+//! skips, so readers never see them. (A `_SUCCESS` file next to the data, as
+//! Spark writes, would be read as data by tables declared with their columns,
+//! and breaks DataFusion's partition inference.) Committed names carry the
+//! job id, which makes a repeated commit step idempotent and tells this
+//! job's files from older ones.
+
+use object_store::path::Path;
+
+/// The folder of every write job's staged files.
+pub const STAGING_FOLDER: &str = "_temporary";
+/// The folder of the commits' manifests.
+pub const MANIFEST_FOLDER: &str = "_manifests";
+/// The value of a hive partition folder for a null.
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// The staging folder of one job under `table`.
+pub fn job_staging(table: &Path, job_id: &str) -> Path {
+    table.clone().join(STAGING_FOLDER).join(job_id)
+}
+
+/// The staging folder of one task attempt.
+pub fn attempt_staging(table: &Path, job_id: &str, partition: usize, attempt: u32) -> Path {
+    job_staging(table, job_id).join(format!("p{partition}-a{attempt}"))
+}
+
+/// The manifest of one write job: what it committed.
+pub fn manifest(table: &Path, job_id: &str) -> Path {
+    table
+        .clone()
+        .join(MANIFEST_FOLDER)
+        .join(format!("{job_id}.json"))
+}
+
+/// The name of the `n`th file that `partition` writes into one partition folder.
+pub fn file_name(job_id: &str, partition: usize, n: usize, extension: &str) -> String {
+    let extension = extension.trim_start_matches('.');
+    format!("part-{job_id}-{partition:05}-{n:03}.{extension}")
+}
+
+/// Whether the file at `path` was committed by `job_id`.
+pub fn written_by(path: &Path, job_id: &str) -> bool {
+    path.filename()
+        .is_some_and(|name| name.starts_with(&format!("part-{job_id}-")))
+}
+
+/// Whether `path` (below `table`) is staging or bookkeeping, not table data.
+pub fn is_bookkeeping(table: &Path, path: &Path) -> bool {
+    let Some(mut parts) = path.prefix_match(table) else {
+        return true;
+    };
+    parts.any(|part| {
+        let part = part.as_ref();
+        part == STAGING_FOLDER || part == MANIFEST_FOLDER
+    })
+}
+
+/// `path` relative to `table`, or `None` if it is not below it.
+pub fn relative_to(table: &Path, path: &Path) -> Option<String> {
+    let parts: Vec<String> = path
+        .prefix_match(table)?
+        .map(|part| part.as_ref().to_owned())
+        .collect();
+    Some(parts.join("/"))
+}
+
+/// Appends a relative path (`a=1/part-x.parquet`) to `base`, part by part.
+pub fn join(base: &Path, relative: &str) -> Path {
+    relative
+        .split('/')
+        .filter(|part| !part.is_empty())
+        .fold(base.clone(), |path, part| path.join(part))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_and_committed_paths() {
+        let table = Path::from("warehouse/sales");
+        let staged = attempt_staging(&table, "job-1", 3, 2);
+        assert_eq!(staged.as_ref(), "warehouse/sales/_temporary/job-1/p3-a2");
+        let name = file_name("job-1", 3, 0, ".parquet");
+        assert_eq!(name, "part-job-1-00003-000.parquet");
+        let committed = join(&table, &format!("region=EU/{name}"));
+        assert_eq!(
+            committed.as_ref(),
+            "warehouse/sales/region=EU/part-job-1-00003-000.parquet"
+        );
+        assert!(written_by(&committed, "job-1"));
+        assert!(!written_by(&committed, "job-2"));
+        assert!(is_bookkeeping(&table, &join(&staged, &name)));
+        assert!(is_bookkeeping(&table, &manifest(&table, "job-1")));
+        assert!(!is_bookkeeping(&table, &committed));
+        assert_eq!(
+            relative_to(&table, &committed).as_deref(),
+            Some("region=EU/part-job-1-00003-000.parquet")
+        );
+    }
+}

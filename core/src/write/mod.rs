@@ -1,0 +1,30 @@
+//! Distributed Parquet writes with a commit protocol.
+//!
+//! DataFusion writes `COPY ... TO` and `INSERT INTO` through one sink that
+//! takes a single input partition. Quiver replaces that with two steps:
+//! every task of the last stage writes its own rows ([`ParquetWriteExec`]),
+//! and one commit task then makes the winning attempts' files visible
+//! ([`ParquetCommitExec`]). See [`layout`] for where files go.
+//!
+//! - [`layout`]: staging and committed paths.
+//! - [`partition`]: hive partition folders.
+//! - [`exec`]: the write tasks.
+//! - [`commit`]: the commit step.
+//! - [`plan`]: swapping DataFusion's sink for the two steps.
+
+pub mod commit;
+pub mod exec;
+pub mod layout;
+pub mod partition;
+pub mod plan;
+
+pub use commit::ParquetCommitExec;
+pub use exec::ParquetWriteExec;
+pub use plan::distribute_parquet_writes;
+
+/// The attempt number of the task running a plan, set by the executor, so
+/// that each attempt writes under its own staging folder.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TaskAttempt {
+    pub attempt: u32,
+}

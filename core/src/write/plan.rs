@@ -1,0 +1,78 @@
+//! Swaps DataFusion's single-task Parquet sink for a distributed write.
+
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::physical_plan::FileSink;
+use datafusion::datasource::sink::DataSinkExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+
+use super::{ParquetCommitExec, ParquetWriteExec};
+
+/// Rewrites every Parquet sink that writes a folder into write tasks, one per
+/// input partition, and a commit task over their file lists.
+///
+/// Sinks left as they are: single-file outputs (one writer by definition) and
+/// tables with a declared sort order, whose files must keep it.
+///
+/// `overwrite` makes the writes replace the table's files. DataFusion's
+/// Parquet sink refuses to plan overwrites, so the caller plans an append
+/// and asks for the overwrite here.
+pub fn distribute_parquet_writes(
+    plan: Arc<dyn ExecutionPlan>,
+    job_id: &str,
+    overwrite: bool,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let distributed = plan.transform_down(|node| {
+        let Some(sink_exec) = node.downcast_ref::<DataSinkExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let Some(parquet) = sink_exec.sink().downcast_ref::<ParquetSink>() else {
+            return Ok(Transformed::no(node));
+        };
+        let config = parquet.config();
+        let single_file = config
+            .table_paths
+            .first()
+            .is_none_or(|url| config.file_output_mode.single_file_output(url));
+        if single_file || sink_exec.sort_order().is_some() {
+            if overwrite {
+                return Err(DataFusionError::NotImplemented(
+                    "INSERT OVERWRITE needs a Parquet table on a folder, with no sort order".into(),
+                ));
+            }
+            return Ok(Transformed::no(node));
+        }
+        let mut config = config.clone();
+        if overwrite {
+            config.insert_op = InsertOp::Overwrite;
+        }
+        // The sink asked for one input partition; the write tasks take them all.
+        let input = match sink_exec.input().downcast_ref::<CoalescePartitionsExec>() {
+            Some(coalesce) => Arc::clone(coalesce.input()),
+            None => Arc::clone(sink_exec.input()),
+        };
+        let sink = Arc::new(ParquetSink::new(config, parquet.parquet_options().clone()));
+        let write = Arc::new(ParquetWriteExec::new(
+            input,
+            Arc::clone(&sink),
+            job_id.to_owned(),
+        ));
+        let commit: Arc<dyn ExecutionPlan> = Arc::new(ParquetCommitExec::new(
+            Arc::new(CoalescePartitionsExec::new(write)),
+            sink,
+            job_id.to_owned(),
+        ));
+        Ok(Transformed::new(commit, true, TreeNodeRecursion::Jump))
+    })?;
+    if overwrite && !distributed.transformed {
+        return Err(DataFusionError::NotImplemented(
+            "INSERT OVERWRITE is supported for Parquet tables only".into(),
+        ));
+    }
+    Ok(distributed.data)
+}

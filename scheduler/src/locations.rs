@@ -1,0 +1,76 @@
+//! The object stores a job touches, and the options its tasks need for them.
+//!
+//! A location configured with per-table options (`OPTIONS ('aws.region' ...)`)
+//! is known only to the scheduler's registry; the options travel with each
+//! of the job's tasks so that the executors build the same store. Locations
+//! without options are built from each executor's own environment.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::file_format::csv::CsvSink;
+use datafusion::datasource::file_format::json::JsonSink;
+use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileSink, FileSinkConfig};
+use datafusion::datasource::sink::DataSinkExec;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::Result;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::physical_plan::ExecutionPlan;
+use quiver_core::storage::StoreRegistry;
+use quiver_core::write::{ParquetCommitExec, ParquetWriteExec};
+use quiver_proto::StoreConfig;
+
+/// The store options of every configured location that `plan` reads or writes.
+pub fn store_configs(
+    plan: &Arc<dyn ExecutionPlan>,
+    registry: &StoreRegistry,
+) -> Result<Vec<StoreConfig>> {
+    let mut urls = BTreeSet::new();
+    plan.apply(|node| {
+        if let Some(url) = scanned_location(node) {
+            urls.insert(url);
+        }
+        if let Some(config) = written_location(node) {
+            urls.insert(config.object_store_url.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(urls
+        .into_iter()
+        .filter_map(|url| {
+            let options = registry.options_for(url.as_ref())?;
+            Some(StoreConfig {
+                url: url.as_str().to_owned(),
+                options: options
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect(),
+            })
+        })
+        .collect())
+}
+
+fn scanned_location(node: &Arc<dyn ExecutionPlan>) -> Option<ObjectStoreUrl> {
+    let source = node.downcast_ref::<DataSourceExec>()?;
+    let scan = source.data_source().downcast_ref::<FileScanConfig>()?;
+    Some(scan.object_store_url.clone())
+}
+
+fn written_location(node: &Arc<dyn ExecutionPlan>) -> Option<&FileSinkConfig> {
+    if let Some(write) = node.downcast_ref::<ParquetWriteExec>() {
+        return Some(write.sink().config());
+    }
+    if let Some(commit) = node.downcast_ref::<ParquetCommitExec>() {
+        return Some(commit.sink().config());
+    }
+    let sink = node.downcast_ref::<DataSinkExec>()?.sink();
+    if let Some(parquet) = sink.downcast_ref::<ParquetSink>() {
+        return Some(parquet.config());
+    }
+    if let Some(csv) = sink.downcast_ref::<CsvSink>() {
+        return Some(csv.config());
+    }
+    sink.downcast_ref::<JsonSink>().map(|json| json.config())
+}
