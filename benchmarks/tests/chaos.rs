@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::UInt64Type;
 use common::processes::{ClusterArgs, ProcessCluster, send_signal};
 use quiver_benchmarks::queries::query;
 use quiver_benchmarks::runner::Engine;
@@ -218,6 +219,7 @@ async fn chaos_suite() {
     suite.cluster.start_executor(2);
     suite.context = suite.cluster.connect(EXECUTORS).await;
 
+    writes_under_faults(&mut suite).await;
     cancel_and_timeout(&mut suite).await;
     scheduler_restart(&mut suite).await;
 
@@ -233,6 +235,151 @@ async fn chaos_suite() {
         suite.failures.join("\n"),
         suite.cluster.logs()
     );
+}
+
+/// A distributed write survives an executor killed while the write tasks run
+/// and while the commit runs: the output then holds every row exactly once,
+/// in the files its manifest names and no others.
+async fn writes_under_faults(suite: &mut Suite) {
+    let root = suite.cluster.work_dir().join("writes");
+    let context = suite.context.clone();
+    // Small files: more of them, so the kill lands among rolling writes.
+    context
+        .sql("SET quiver.target_file_bytes = 131072")
+        .await
+        .expect("set target file size");
+    let totals = "SELECT count(*) AS n, sum(l_quantity) AS q FROM {table}";
+    let expected = suite
+        .reference
+        .run(&totals.replace("{table}", "lineitem"))
+        .await
+        .expect("datafusion runs it");
+    let expected_rows = expected[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0) as u64;
+    let mut victim = 1;
+    for (index, phase) in [Phase::Map, Phase::FinalStage].into_iter().enumerate() {
+        let target = root.join(format!("kill-{index}"));
+        let sql = format!(
+            "COPY (SELECT l_orderkey, l_quantity, l_returnflag FROM lineitem) TO '{}/' \
+             STORED AS PARQUET PARTITIONED BY (l_returnflag)",
+            target.display()
+        );
+        let scenario = format!("COPY: SIGKILL executor-{victim} in {phase:?}");
+        let mut landed = false;
+        for _ in 0..INJECTION_ATTEMPTS {
+            let _ = std::fs::remove_dir_all(&target);
+            let pid = suite.cluster.executor_pid(victim).expect("victim runs");
+            let (result, injected) =
+                run_with_fault(&context, &sql, phase, move || send_signal(pid, "KILL")).await;
+            if !injected {
+                continue;
+            }
+            landed = true;
+            let written = result.map(|batches| {
+                batches
+                    .iter()
+                    .map(|b| b.column(0).as_primitive::<UInt64Type>().value(0))
+                    .sum::<u64>()
+            });
+            match written.and_then(|rows| committed_exactly_once(&target, rows, expected_rows)) {
+                Ok(files) => suite.passed.push(format!("{scenario}: {files} files, rows once")),
+                Err(e) => suite.failures.push(format!("{scenario}: {e}")),
+            }
+            break;
+        }
+        if !landed {
+            suite.failures.push(format!(
+                "{scenario}: could not land the kill in {INJECTION_ATTEMPTS} runs"
+            ));
+        }
+        suite.replace_executor(victim).await;
+        victim = (victim + 1) % EXECUTORS;
+        // Read back through the cluster: the same totals as the source.
+        let table = format!("written_{index}");
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{}/'",
+            target.display()
+        );
+        let read_back = async {
+            suite.context.sql(&ddl).await.map_err(|e| e.to_string())?;
+            let frame = suite
+                .context
+                .sql(&totals.replace("{table}", &table))
+                .await
+                .map_err(|e| e.to_string())?;
+            frame.collect().await.map_err(|e| e.to_string())
+        }
+        .await;
+        suite.check(format!("{scenario}: read back"), read_back, &expected);
+    }
+    suite
+        .context
+        .sql("SET quiver.target_file_bytes = 268435456")
+        .await
+        .expect("reset target file size");
+}
+
+/// Checks a written folder: the job reported `expected` rows, and the data
+/// files are exactly those its manifest names, holding that many rows.
+fn committed_exactly_once(
+    target: &std::path::Path,
+    reported: u64,
+    expected: u64,
+) -> Result<usize, String> {
+    if reported != expected {
+        return Err(format!("the job reported {reported} rows, not {expected}"));
+    }
+    let manifests: Vec<_> = std::fs::read_dir(target.join("_manifests"))
+        .map_err(|e| format!("no manifests: {e}"))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .collect();
+    let [manifest] = manifests.as_slice() else {
+        return Err(format!("expected one manifest, found {manifests:?}"));
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(manifest).map_err(|e| format!("read manifest: {e}"))?,
+    )
+    .map_err(|e| format!("manifest is not JSON: {e}"))?;
+    let listed: std::collections::BTreeSet<String> = manifest["files"]
+        .as_array()
+        .ok_or("manifest lists no files")?
+        .iter()
+        .filter_map(|file| file["path"].as_str().map(str::to_owned))
+        .collect();
+    let mut stored = std::collections::BTreeSet::new();
+    let mut pending = vec![target.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            let relative = path
+                .strip_prefix(target)
+                .map_err(|e| e.to_string())?
+                .to_string_lossy()
+                .into_owned();
+            if relative.starts_with("_manifests") {
+                continue;
+            }
+            if relative.starts_with("_temporary") {
+                return Err(format!("staged files left behind: {relative}"));
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                stored.insert(relative);
+            }
+        }
+    }
+    if listed != stored {
+        return Err(format!(
+            "the data files differ from the manifest: stored {stored:?}, listed {listed:?}"
+        ));
+    }
+    if manifest["rows"].as_u64() != Some(expected) {
+        return Err(format!("the manifest counts {} rows", manifest["rows"]));
+    }
+    Ok(stored.len())
 }
 
 /// A cancelled job and a timed-out job stop their tasks and free their data,

@@ -36,7 +36,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
 use super::layout::{
-    is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to, written_by,
+    STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to, written_by,
 };
 
 /// How many objects are moved or deleted at once.
@@ -151,6 +151,7 @@ impl ExecutionPlan for ParquetCommitExec {
             store: context
                 .runtime_env()
                 .object_store(&config.object_store_url)?,
+            local: config.object_store_url.as_str().starts_with("file://"),
             location: config.original_url.clone(),
             table,
             job_id: self.job_id.clone(),
@@ -175,6 +176,9 @@ struct StagedFile {
 
 struct Commit {
     store: Arc<dyn ObjectStore>,
+    /// Whether the table is on the local file system, where deleting objects
+    /// leaves their folders behind.
+    local: bool,
     location: String,
     table: Path,
     job_id: String,
@@ -297,7 +301,11 @@ impl Commit {
             .map_ok(|meta| meta.location)
             .try_collect()
             .await?;
-        self.delete_all(leftovers).await
+        self.delete_all(leftovers).await?;
+        if self.local {
+            remove_local_folders(&self.table, &staging).await?;
+        }
+        Ok(())
     }
 
     async fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
@@ -330,6 +338,26 @@ where
         .try_collect::<Vec<()>>()
         .await?;
     Ok(())
+}
+
+/// Removes a job's local staging folder (with any partial files of killed
+/// attempts, which the store does not list) and `_temporary` once empty.
+async fn remove_local_folders(table: &Path, staging: &Path) -> Result<()> {
+    let root = std::path::Path::new("/");
+    let staging = root.join(staging.as_ref());
+    let temporary = root.join(table.as_ref()).join(STAGING_FOLDER);
+    tokio::task::spawn_blocking(move || {
+        match std::fs::remove_dir_all(&staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DataFusionError::IoError(e)),
+        }
+        // Other jobs may be writing into it: only an empty folder goes.
+        let _ = std::fs::remove_dir(&temporary);
+        Ok(())
+    })
+    .await
+    .map_err(|e| DataFusionError::External(Box::new(e)))?
 }
 
 /// Reads the write tasks' file lists.
