@@ -284,7 +284,9 @@ async fn writes_under_faults(suite: &mut Suite) {
                     .sum::<u64>()
             });
             match written.and_then(|rows| committed_exactly_once(&target, rows, expected_rows)) {
-                Ok(files) => suite.passed.push(format!("{scenario}: {files} files, rows once")),
+                Ok(files) => suite
+                    .passed
+                    .push(format!("{scenario}: {files} files, rows once")),
                 Err(e) => suite.failures.push(format!("{scenario}: {e}")),
             }
             break;

@@ -251,6 +251,42 @@ async fn distributed_writes_commit_every_file_once() {
         "older files survived the overwrite: {remaining:?}"
     );
 
+    // Small target files: each task rolls over to new files.
+    run(&context, "SET quiver.target_file_bytes = 16384")
+        .await
+        .expect("set target size");
+    let rolled = count_of(
+        &context,
+        &format!(
+            "COPY (SELECT * FROM lineitem) TO 's3://lake/rolled/' STORED AS PARQUET {}",
+            s3.sql_options()
+        ),
+    )
+    .await;
+    assert_eq!(rolled, lineitem_rows);
+    let rolled_files = list(&bucket, "rolled").await;
+    assert!(
+        rolled_files.iter().any(|o| o.ends_with("-001.parquet")),
+        "no task rolled over to a second file: {rolled_files:?}"
+    );
+    run(&context, "SET quiver.target_file_bytes = 268435456")
+        .await
+        .expect("reset target size");
+
+    // CREATE TABLE AS SELECT writes a table into the warehouse and registers it.
+    run(
+        &context,
+        "CREATE TABLE flags AS SELECT l_returnflag, count(*) AS n FROM lineitem GROUP BY 1",
+    )
+    .await
+    .expect("create table as select");
+    let summed = count_of(&context, "SELECT sum(n)::bigint unsigned FROM flags").await;
+    assert_eq!(summed, lineitem_rows);
+    let again = run(&context, "CREATE TABLE flags AS SELECT 1 AS x")
+        .await
+        .expect_err("the table exists");
+    assert!(again.contains("already exists"), "{again}");
+
     assert_no_secret_in_history(&context).await;
     cluster.shutdown().await;
 }

@@ -11,7 +11,7 @@ use quiver_scheduler::stages::display_stages;
 #[tokio::test]
 async fn tpch_stage_plans() {
     let store = quiver_scheduler::store::StateStore::in_memory().expect("store");
-    let planner = Planner::new(4, store).expect("planner");
+    let planner = Planner::new(4, store, "/tmp/quiver-warehouse/".into()).expect("planner");
     let tables = common::tpch_tables();
     for (name, dir) in &tables {
         let sql = format!(
@@ -35,11 +35,12 @@ async fn tpch_stage_plans() {
             .plan("job", Query::Sql(sql), &[])
             .await
             .unwrap_or_else(|e| panic!("Q{number} does not plan: {e}"));
-        let Planned::Stages { stages, .. } = planned else {
+        let Planned::Stages(job) = planned else {
             panic!("Q{number} should run on executors");
         };
         // DataFusion prints paths without their leading slash.
-        let rendered = display_stages(&stages).replace(data_dir.trim_start_matches('/'), "<data>");
+        let rendered =
+            display_stages(&job.stages).replace(data_dir.trim_start_matches('/'), "<data>");
         insta::assert_snapshot!(format!("q{number:02}"), rendered);
     }
 }

@@ -99,11 +99,38 @@ pub fn classify_failure(error: &DataFusionError) -> FailureKind {
             },
         },
         DataFusionError::ObjectStore(error) => classify_store_failure(error),
+        // Writes reach the store through the Parquet writer, which wraps its errors.
+        DataFusionError::ParquetError(error) => match error.as_ref() {
+            parquet::errors::ParquetError::External(inner) => {
+                classify_by_cause(inner.as_ref()).unwrap_or(FailureKind::Fatal)
+            }
+            _ => FailureKind::Fatal,
+        },
         DataFusionError::IoError(_) | DataFusionError::ResourcesExhausted(_) => {
             FailureKind::Retryable
         }
         _ => FailureKind::Fatal,
     }
+}
+
+/// Classifies by the first store or I/O error in `error`'s chain of causes.
+fn classify_by_cause(error: &(dyn std::error::Error + 'static)) -> Option<FailureKind> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(store) = current.downcast_ref::<object_store::Error>() {
+            return Some(classify_store_failure(store));
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            // The store's error inside an I/O error, as object_store's
+            // buffered writer reports them.
+            let inner = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<object_store::Error>());
+            return Some(inner.map_or(FailureKind::Retryable, classify_store_failure));
+        }
+        cause = current.source();
+    }
+    None
 }
 
 /// A missing object, a refused credential or a bad path stays so on retry;
@@ -145,6 +172,26 @@ pub fn fetch_failure(error: &DataFusionError) -> Option<FetchFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_errors_inside_parquet_writes_are_classified_by_cause() {
+        let wrapped = |store: object_store::Error| {
+            let io = std::io::Error::other(store);
+            DataFusionError::ParquetError(Box::new(parquet::errors::ParquetError::External(
+                Box::new(io),
+            )))
+        };
+        let missing = wrapped(object_store::Error::NotFound {
+            path: "b/out/x.parquet".into(),
+            source: "no such bucket".into(),
+        });
+        assert_eq!(classify_failure(&missing), FailureKind::Fatal);
+        let throttled = wrapped(object_store::Error::Generic {
+            store: "S3",
+            source: "503 SlowDown".into(),
+        });
+        assert_eq!(classify_failure(&throttled), FailureKind::Retryable);
+    }
 
     #[test]
     fn fetch_failures_are_told_apart() {

@@ -44,6 +44,12 @@ pub struct SchedulerConfig {
     #[arg(long, env = "QUIVER_STATE_DIR", default_value_os_t = std::env::temp_dir().join("quiver-scheduler"))]
     pub state_dir: std::path::PathBuf,
 
+    /// Where `CREATE TABLE ... AS SELECT` writes its tables, one folder per
+    /// table: a local folder or an object store URL (`s3://bucket/warehouse`).
+    /// Default: the `warehouse` folder in the state folder.
+    #[arg(long, env = "QUIVER_WAREHOUSE")]
+    pub warehouse: Option<String>,
+
     /// Keep the catalog and job history in memory only (lost on restart).
     #[arg(long, env = "QUIVER_EPHEMERAL_STATE")]
     pub ephemeral_state: bool,
@@ -66,8 +72,18 @@ impl SchedulerConfig {
             max_running_jobs: 16,
             max_message_bytes: crate::MAX_MESSAGE_BYTES,
             state_dir: std::env::temp_dir().join("quiver-scheduler"),
+            warehouse: None,
             ephemeral_state: true,
         }
+    }
+
+    /// The warehouse location, as a URL or absolute path ending in `/`.
+    pub fn warehouse(&self) -> String {
+        let location = match &self.warehouse {
+            Some(location) => location.clone(),
+            None => self.state_dir.join("warehouse").display().to_string(),
+        };
+        format!("{}/", location.trim_end_matches('/'))
     }
 
     /// Opens the embedded store this configuration asks for.

@@ -47,6 +47,10 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 
+    /// The write of `CREATE TABLE ... AS SELECT` failed; the table was not created.
+    #[error("writing the table failed (job {job_id}): {message}")]
+    TableWrite { job_id: String, message: String },
+
     /// A table whose files cannot be listed or read when it is created.
     #[error("cannot read the table at '{location}': {source}")]
     TableLocation {
@@ -77,6 +81,7 @@ impl From<Error> for Status {
             | Error::TableLocation { .. } => Code::InvalidArgument,
             Error::Store(_) => Code::Unavailable,
             Error::UnknownJob(_) => Code::NotFound,
+            Error::TableWrite { .. } => Code::Aborted,
             Error::ShuttingDown => Code::Unavailable,
             Error::EncodePlan { .. } | Error::Bind { .. } | Error::Serve(_) => Code::Internal,
         };

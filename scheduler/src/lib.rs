@@ -9,7 +9,7 @@
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
 //! - [`store`]: the embedded store (redb) of the catalog and the job history.
 //! - [`catalog`]: which DDL statements are stored, and their replay on start.
-//! - [`tables`]: the table factory of `CREATE EXTERNAL TABLE ... STORED AS PARQUET`.
+//! - [`tables`]: the table factory of `CREATE EXTERNAL TABLE`.
 //! - [`config`]: command-line and environment settings.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
@@ -47,7 +47,8 @@ pub async fn run(
 ) -> Result<()> {
     let address = listener.local_addr().ok();
     let store = config.open_store()?;
-    let planner = planner::Planner::new(config.default_partitions, store.clone())?;
+    let planner =
+        planner::Planner::new(config.default_partitions, store.clone(), config.warehouse())?;
     for (name, error) in planner.replay_catalog().await? {
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }

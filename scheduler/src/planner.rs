@@ -5,18 +5,23 @@
 //! TABLE`, `DROP TABLE`, `CREATE VIEW`, `SET`) run here, at once, and need no
 //! executor.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
+use datafusion::datasource::file_format::format_as_file_type;
+use datafusion::datasource::file_format::parquet::ParquetFormatFactory;
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::dml::InsertOp;
-use datafusion::logical_expr::{DdlStatement, Explain, LogicalPlan, WriteOp};
+use datafusion::logical_expr::{
+    CreateMemoryTable, DdlStatement, Explain, LogicalPlan, LogicalPlanBuilder, WriteOp,
+};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
@@ -46,14 +51,24 @@ pub enum Planned {
     /// A statement that already ran on the scheduler.
     Done { schema: SchemaRef },
     /// A query to run on the executors.
-    Stages {
-        schema: SchemaRef,
-        stages: Vec<StagePlan>,
-        encoded: Vec<Bytes>,
-        limits: JobLimits,
-        /// Options of the configured object stores the job uses.
-        stores: Vec<StoreConfig>,
+    Stages(StagedJob),
+    /// `CREATE TABLE ... AS SELECT`: a job that writes the table's folder in
+    /// the warehouse, then catalog statements that register that folder.
+    CreateTableAs {
+        write: StagedJob,
+        register: Vec<String>,
     },
+}
+
+/// A job cut into stages, ready to run on the executors.
+#[derive(Debug)]
+pub struct StagedJob {
+    pub schema: SchemaRef,
+    pub stages: Vec<StagePlan>,
+    pub encoded: Vec<Bytes>,
+    pub limits: JobLimits,
+    /// Options of the configured object stores the job uses.
+    pub stores: Vec<StoreConfig>,
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -63,6 +78,8 @@ pub struct Planner {
     default_partitions: usize,
     store: StateStore,
     object_stores: Arc<StoreRegistry>,
+    /// Where `CREATE TABLE ... AS SELECT` writes, ending in `/`.
+    warehouse: String,
 }
 
 impl std::fmt::Debug for Planner {
@@ -74,7 +91,7 @@ impl std::fmt::Debug for Planner {
 }
 
 impl Planner {
-    pub fn new(default_partitions: usize, store: StateStore) -> Result<Self> {
+    pub fn new(default_partitions: usize, store: StateStore, warehouse: String) -> Result<Self> {
         let object_stores = Arc::new(StoreRegistry::new());
         let runtime = runtime_builder(Arc::clone(&object_stores) as _)
             .build_arc()
@@ -85,15 +102,18 @@ impl Planner {
             .with_default_features()
             .build();
         register_store_option_namespaces(&mut state);
-        state.table_factories_mut().insert(
-            "PARQUET".to_owned(),
-            Arc::new(crate::tables::ParquetTableFactory::default()),
-        );
+        for format in crate::tables::FORMATS {
+            state.table_factories_mut().insert(
+                format.to_owned(),
+                Arc::new(crate::tables::TableFactory::default()),
+            );
+        }
         Ok(Self {
             catalog: SessionContext::new_with_state(state),
             default_partitions: default_partitions.max(1),
             store,
             object_stores,
+            warehouse,
         })
     }
 
@@ -168,6 +188,9 @@ impl Planner {
         };
         let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
         self.configure_locations(&logical)?;
+        if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
+            return self.plan_create_table_as(job_id, create, &state).await;
+        }
         if matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
             let ddl = match (&logical, &sql) {
                 (LogicalPlan::Ddl(ddl), Some(sql)) => Some((ddl.clone(), sql.clone())),
@@ -200,14 +223,30 @@ impl Planner {
             }
             return Ok(Planned::Done { schema });
         }
-        let partitions = state.config().target_partitions();
         let (logical, overwrite) = plan_overwrite_as_append(logical);
-        let physical = match &logical {
-            LogicalPlan::Explain(explain) => explain_stages(job_id, explain, &state, partitions)
+        let job = self
+            .stage_job(job_id, &logical, &state, schema, overwrite)
+            .await?;
+        Ok(Planned::Stages(job))
+    }
+
+    /// Plans a query into stages. `overwrite` makes its Parquet writes replace
+    /// what their target holds.
+    async fn stage_job(
+        &self,
+        job_id: &str,
+        logical: &LogicalPlan,
+        state: &SessionState,
+        schema: SchemaRef,
+        overwrite: bool,
+    ) -> Result<StagedJob> {
+        let partitions = state.config().target_partitions();
+        let physical = match logical {
+            LogicalPlan::Explain(explain) => explain_stages(job_id, explain, state, partitions)
                 .await
                 .map_err(Error::Query)?,
             _ => state
-                .create_physical_plan(&logical)
+                .create_physical_plan(logical)
                 .await
                 .map_err(Error::Query)?,
         };
@@ -223,13 +262,69 @@ impl Planner {
             .get::<QuiverOptions>()
             .cloned()
             .unwrap_or_default();
-        Ok(Planned::Stages {
+        Ok(StagedJob {
             schema,
             stages,
             encoded,
             limits: JobLimits::from_options(&options),
             stores,
         })
+    }
+
+    /// `CREATE TABLE t AS SELECT ...` writes `t` as Parquet into its own
+    /// warehouse folder (replacing whatever a lost catalog left there), by a
+    /// distributed write, and registers the folder as an external table
+    /// once the write has committed.
+    async fn plan_create_table_as(
+        &self,
+        job_id: &str,
+        create: &CreateMemoryTable,
+        state: &SessionState,
+    ) -> Result<Planned> {
+        let empty = Arc::new(arrow::datatypes::Schema::empty());
+        let exists = self
+            .catalog
+            .table_exist(create.name.clone())
+            .map_err(Error::Query)?;
+        if exists && create.if_not_exists {
+            return Ok(Planned::Done { schema: empty });
+        }
+        if exists && !create.or_replace {
+            return Err(Error::Query(DataFusionError::Plan(format!(
+                "table '{}' already exists",
+                create.name
+            ))));
+        }
+        let catalog = &state.config().options().catalog;
+        let name = create
+            .name
+            .clone()
+            .resolve(&catalog.default_catalog, &catalog.default_schema);
+        let location = format!("{}{}/{}/", self.warehouse, name.schema, name.table);
+        let parquet = format_as_file_type(Arc::new(ParquetFormatFactory::new()));
+        let write = LogicalPlanBuilder::copy_to(
+            create.input.as_ref().clone(),
+            location.clone(),
+            parquet,
+            HashMap::new(),
+            Vec::new(),
+        )
+        .and_then(LogicalPlanBuilder::build)
+        .map_err(Error::Query)?;
+        let schema = Arc::new(write.schema().as_arrow().clone());
+        let write = self.stage_job(job_id, &write, state, schema, true).await?;
+        let quoted = [&name.catalog, &name.schema, &name.table]
+            .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+            .join(".");
+        let mut register = Vec::new();
+        if exists {
+            register.push(format!("DROP TABLE {quoted}"));
+        }
+        register.push(format!(
+            "CREATE EXTERNAL TABLE {quoted} STORED AS PARQUET LOCATION '{}'",
+            location.replace('\'', "''")
+        ));
+        Ok(Planned::CreateTableAs { write, register })
     }
 
     /// Sets up the store of a location that a statement names with store

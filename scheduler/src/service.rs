@@ -12,8 +12,8 @@ use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
     JobRequest, JobState, JobStatus, ListExecutorsRequest, ListExecutorsResponse, ListJobsRequest,
-    ListJobsResponse, PROTOCOL_VERSION, ReleaseJobResponse, SchedulerMessage, SubmitJobRequest,
-    SubmitJobResponse, executor_message, submit_job_request::Query,
+    ListJobsResponse, PROTOCOL_VERSION, ReleaseJobResponse, SchedulerMessage, Setting,
+    SubmitJobRequest, SubmitJobResponse, executor_message, submit_job_request::Query,
 };
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
-use crate::planner::{Planned, Planner};
+use crate::planner::{Planned, Planner, StagedJob};
 use crate::state::event_loop::unix_millis;
 use crate::state::{Event, SchedulerHandle, SubmittedJob};
 
@@ -82,6 +82,39 @@ fn describe_query(query: &Query) -> String {
             format!("{}...", redact_sql(&sql[..end]))
         }
         Query::LogicalPlan(bytes) => format!("a client-built plan of {} bytes", bytes.len()),
+    }
+}
+
+impl SchedulerGrpc {
+    /// Hands a planned job to the event loop; the returned receiver follows
+    /// its status.
+    fn start_job(
+        &self,
+        job_id: String,
+        description: String,
+        settings: Vec<Setting>,
+        job: StagedJob,
+    ) -> Result<watch::Receiver<JobStatus>, Status> {
+        let (status, watcher) = watch::channel(JobStatus {
+            job_id: job_id.clone(),
+            state: JobState::Queued.into(),
+            stages_total: job.stages.len() as u32,
+            ..JobStatus::default()
+        });
+        self.handle
+            .directory
+            .insert(job_id.clone(), watcher.clone());
+        self.send(Event::JobSubmitted(Box::new(SubmittedJob {
+            job_id,
+            query: description,
+            settings,
+            stores: job.stores,
+            limits: job.limits,
+            stages: job.stages,
+            encoded: job.encoded,
+            status,
+        })))?;
+        Ok(watcher)
     }
 }
 
@@ -199,31 +232,40 @@ impl SchedulerService for SchedulerGrpc {
                     .insert(job_id.clone(), watch::channel(status).1);
                 schema
             }
-            Planned::Stages {
-                schema,
-                stages,
-                encoded,
-                limits,
-                stores,
-            } => {
-                let (status, watcher) = watch::channel(JobStatus {
-                    job_id: job_id.clone(),
-                    state: JobState::Queued.into(),
-                    stages_total: stages.len() as u32,
-                    ..JobStatus::default()
-                });
-                self.handle.directory.insert(job_id.clone(), watcher);
-                self.send(Event::JobSubmitted(Box::new(SubmittedJob {
-                    job_id: job_id.clone(),
-                    query: description,
-                    settings: request.settings,
-                    stores,
-                    limits,
-                    stages,
-                    encoded,
-                    status,
-                })))?;
+            Planned::Stages(job) => {
+                let schema = Arc::clone(&job.schema);
+                self.start_job(job_id.clone(), description, request.settings, job)?;
                 schema
+            }
+            Planned::CreateTableAs { write, register } => {
+                let mut watcher =
+                    self.start_job(job_id.clone(), description, request.settings.clone(), write)?;
+                let planner = self.planner.clone();
+                let settings = request.settings;
+                let write_id = job_id.clone();
+                // Detached, so that the table is registered even if the client
+                // goes away while its write runs.
+                let registered = tokio::spawn(async move {
+                    let finished = watcher
+                        .wait_for(|status| is_final(status.state))
+                        .await
+                        .map(|status| status.clone())
+                        .map_err(|_| Error::ShuttingDown)?;
+                    if finished.state() != JobState::Succeeded {
+                        return Err(Error::TableWrite {
+                            job_id: write_id,
+                            message: finished.error,
+                        });
+                    }
+                    for statement in register {
+                        planner
+                            .plan(&write_id, Query::Sql(statement), &settings)
+                            .await?;
+                    }
+                    Ok(())
+                });
+                registered.await.map_err(|_| Error::ShuttingDown)??;
+                Arc::new(arrow::datatypes::Schema::empty())
             }
         };
         Ok(Response::new(SubmitJobResponse {

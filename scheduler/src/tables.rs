@@ -1,10 +1,14 @@
-//! How `CREATE EXTERNAL TABLE ... STORED AS PARQUET` makes its table.
+//! How `CREATE EXTERNAL TABLE` makes its table: DataFusion's listing tables,
+//! with two changes.
 //!
-//! DataFusion's listing tables, with one change: a table on a folder reads
-//! only the folder's `.parquet` files. DataFusion does so already when it
-//! infers the columns, but a table declared with its columns would read every
-//! object in the folder, and so fail on the `_SUCCESS` manifests that
-//! Quiver's (and Spark's) writes leave next to their files.
+//! - The definition kept for `SHOW CREATE TABLE` and `information_schema`
+//!   has its secret store options redacted.
+//! - A Parquet table on a folder reads only the folder's `.parquet` files.
+//!   DataFusion does so already when it infers the columns, but a table
+//!   declared with its columns would read every object in the folder, and
+//!   fail on the `_SUCCESS` and `.crc` files that Spark writes next to its
+//!   data. (Folders of extension-less Parquet files, as Hive writes, need a
+//!   glob in the location, such as `.../*`.)
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,23 +20,34 @@ use datafusion::datasource::listing::{ListingTable, ListingTableConfig};
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
 use datafusion::error::Result;
 use datafusion::logical_expr::CreateExternalTable;
+use quiver_core::storage::redact_sql;
 
 /// The extension of the data files that a Parquet folder table reads.
 const PARQUET_EXTENSION: &str = ".parquet";
 
+/// The table factory of one file format.
 #[derive(Debug, Default)]
-pub struct ParquetTableFactory {
+pub struct TableFactory {
     listing: ListingTableFactory,
 }
 
+/// The file formats that `CREATE EXTERNAL TABLE` takes.
+pub const FORMATS: [&str; 4] = ["PARQUET", "CSV", "JSON", "ARROW"];
+
 #[async_trait]
-impl TableProviderFactory for ParquetTableFactory {
+impl TableProviderFactory for TableFactory {
     async fn create(
         &self,
         state: &dyn Session,
         cmd: &CreateExternalTable,
     ) -> Result<Arc<dyn TableProvider>> {
+        let mut cmd = cmd.clone();
+        cmd.definition = cmd.definition.as_deref().map(redact_sql);
+        let cmd = &cmd;
         let table = self.listing.create(state, cmd).await?;
+        if !cmd.file_type.eq_ignore_ascii_case("parquet") {
+            return Ok(table);
+        }
         let Some(listing) = table.downcast_ref::<ListingTable>() else {
             return Ok(table);
         };
@@ -67,5 +82,43 @@ impl TableProviderFactory for ParquetTableFactory {
             .with_constraints(cmd.constraints.clone())
             .with_column_defaults(cmd.column_defaults.clone());
         Ok(Arc::new(rebuilt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quiver_proto::submit_job_request::Query;
+
+    use crate::planner::Planner;
+    use crate::store::StateStore;
+
+    #[tokio::test]
+    async fn table_definitions_keep_no_secrets() {
+        let store = StateStore::in_memory().expect("store");
+        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
+        let folder = tempfile::tempdir().expect("temp folder");
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE t (a INT) STORED AS PARQUET LOCATION '{}/' \
+             OPTIONS ('aws.secret_access_key' 'S3CRET', 'aws.region' 'eu-west-1')",
+            folder.path().display()
+        );
+        planner
+            .plan("ddl", Query::Sql(ddl), &[])
+            .await
+            .expect("create table");
+        let state = planner.session_state(&[]).expect("state");
+        let table = datafusion::prelude::SessionContext::new_with_state(state)
+            .table_provider("t")
+            .await
+            .expect("table exists");
+        let definition = table.get_table_definition().expect("definition kept");
+        assert!(!definition.contains("S3CRET"), "{definition}");
+        assert!(definition.contains("LOCATION"), "{definition}");
+        assert_eq!(
+            table
+                .downcast_ref::<datafusion::datasource::listing::ListingTable>()
+                .map(|listing| listing.options().file_extension.clone()),
+            Some(".parquet".to_owned())
+        );
     }
 }

@@ -18,6 +18,8 @@ use std::str::FromStr;
 use datafusion::common::config::{ConfigEntry, ConfigExtension, ExtensionOptions};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::SessionState;
+use datafusion::sql::parser::{DFParser, Statement};
+use datafusion::sql::sqlparser::ast::Value;
 use object_store::ClientConfigKey;
 use object_store::aws::AmazonS3ConfigKey;
 use object_store::azure::AzureConfigKey;
@@ -138,59 +140,47 @@ impl fmt::Debug for StoreOptions {
     }
 }
 
-/// Replaces the values of secret `OPTIONS` in SQL text with `***`, for logs,
-/// job records and error messages. Text that does not parse is redacted by
-/// hiding every quoted string after an `OPTIONS` keyword.
+/// Replaces the values of secret store options in SQL text with `***`, for
+/// logs, job records and table definitions. The statement is parsed to find
+/// the secret values, which are then replaced in the text as written; text
+/// that does not parse loses everything after `OPTIONS`.
 pub fn redact_sql(sql: &str) -> String {
     let lower = sql.to_ascii_lowercase();
-    let Some(start) = lower.find("options") else {
+    let Some(options_at) = lower.find("options") else {
         return sql.to_owned();
     };
-    let mut redacted = String::with_capacity(sql.len());
-    redacted.push_str(&sql[..start]);
-    let mut rest = &sql[start..];
-    // Walk the quoted strings after OPTIONS: keys and values alternate.
-    let mut last_key: Option<String> = None;
-    while let Some(open) = rest.find('\'') {
-        redacted.push_str(&rest[..=open]);
-        let after = &rest[open + 1..];
-        let close = closing_quote(after).unwrap_or(after.len());
-        let literal = &after[..close];
-        match last_key.take() {
-            None => {
-                redacted.push_str(literal);
-                last_key = Some(literal.to_owned());
-            }
-            Some(key) if is_store_option(&key) && !is_harmless(&key) => {
-                redacted.push_str(REDACTED);
-            }
-            Some(_) => redacted.push_str(literal),
-        }
-        rest = &after[close..];
-        if let Some(stripped) = rest.strip_prefix('\'') {
-            redacted.push('\'');
-            rest = stripped;
-        }
+    let Ok(statements) = DFParser::parse_sql(sql) else {
+        return format!("{}OPTIONS (***)", &sql[..options_at]);
+    };
+    let mut secrets = Vec::new();
+    for statement in &statements {
+        secret_values(statement, &mut secrets);
     }
-    redacted.push_str(rest);
+    let mut redacted = sql.to_owned();
+    for secret in secrets {
+        let written = match &secret {
+            Value::SingleQuotedString(text) => format!("'{}'", text.replace('\'', "''")),
+            other => other.to_string(),
+        };
+        redacted = redacted.replace(&written, &format!("'{REDACTED}'"));
+    }
     redacted
 }
 
-/// The end of a single-quoted SQL literal, where `''` is an escaped quote.
-fn closing_quote(text: &str) -> Option<usize> {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\'' {
-            if bytes.get(i + 1) == Some(&b'\'') {
-                i += 2;
-                continue;
-            }
-            return Some(i);
-        }
-        i += 1;
-    }
-    None
+/// The values of a statement's secret store options.
+fn secret_values(statement: &Statement, secrets: &mut Vec<Value>) {
+    let options = match statement {
+        Statement::CreateExternalTable(table) => &table.options,
+        Statement::CopyTo(copy) => &copy.options,
+        Statement::Explain(explain) => return secret_values(&explain.statement, secrets),
+        _ => return,
+    };
+    secrets.extend(
+        options
+            .iter()
+            .filter(|(key, _)| is_store_option(key) && !is_harmless(key))
+            .map(|(_, value)| value.clone()),
+    );
 }
 
 fn is_store_option(key: &str) -> bool {

@@ -1,15 +1,20 @@
 //! [`ParquetCommitExec`]: the one task that makes a write job's files visible.
 //!
-//! Its input is the file list of every write task, read through a shuffle, so
-//! it holds exactly the files of each task's winning attempt. It then:
-//! 1. for `INSERT OVERWRITE`, deletes the table's older files: all of them,
-//!    or only those in the partition folders this job wrote;
-//! 2. moves each staged file to its committed name;
-//! 3. writes the job's manifest, `_manifests/<job>.json`;
-//! 4. deletes the job's staging folder, and with it the files of losing attempts.
+//! Its input is the file list of every write task: the map output of each
+//! task's winning attempt (or, for a one-partition write, its own input). It:
+//! 1. moves each staged file to its committed name;
+//! 2. deletes files of this job that an earlier run of the commit moved in
+//!    but the current list does not name;
+//! 3. for `INSERT OVERWRITE`, deletes the table's older data files: all of
+//!    them, or only those in the partition folders this job wrote;
+//! 4. writes the job's manifest, `_manifests/<job>.json`;
+//! 5. deletes the job's staging folder, and with it the files of losing attempts.
 //!
-//! Each step can be repeated, so a retried commit task finishes the work of
-//! one that died midway. Its result is the row count, as DataFusion's sinks return.
+//! New files go in before old ones go, and each step can be repeated, so a
+//! retried commit task finishes the work of one that died midway. Between
+//! steps 1 and 3 a reader may see old and new rows together: object stores
+//! offer no atomic multi-file rename. Its result is the row count, as
+//! DataFusion's sinks return.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -36,7 +41,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
 use super::layout::{
-    STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to, written_by,
+    STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to,
+    written_by,
 };
 
 /// How many objects are moved or deleted at once.
@@ -189,16 +195,18 @@ struct Commit {
 impl Commit {
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
         let files = staged_files(input).await?;
-        match self.insert_op {
-            InsertOp::Append => {}
-            InsertOp::Overwrite => self.delete_replaced(&files).await?,
-            InsertOp::Replace => {
-                return Err(DataFusionError::NotImplemented(
-                    "REPLACE INTO is not supported for Parquet tables; use INSERT OVERWRITE".into(),
-                ));
-            }
+        if self.insert_op == InsertOp::Replace {
+            return Err(DataFusionError::NotImplemented(
+                "REPLACE INTO is not supported for Parquet tables; use INSERT OVERWRITE".into(),
+            ));
         }
+        // New files go in before old ones go: a commit that dies in between
+        // leaves extra rows, never lost ones, and its retry finishes the job.
         self.move_into_place(&files).await?;
+        self.delete_stale_files_of_this_job(&files).await?;
+        if self.insert_op == InsertOp::Overwrite {
+            self.delete_replaced(&files).await?;
+        }
         let rows: u64 = files.iter().map(|file| file.rows).sum();
         self.write_manifest(&files, rows).await?;
         self.delete_staging().await?;
@@ -210,43 +218,70 @@ impl Commit {
         )?)
     }
 
-    /// Deletes the files that an overwrite replaces: in the folders this job
-    /// wrote for a partitioned table, everywhere otherwise. Files this job
-    /// committed already (in an earlier run of this step) stay.
-    async fn delete_replaced(&self, files: &[StagedFile]) -> Result<()> {
-        let touched: HashSet<&str> = files
-            .iter()
-            .map(|file| {
-                file.relative
-                    .rsplit_once('/')
-                    .map_or("", |(folder, _)| folder)
-            })
-            .collect();
-        let existing: Vec<Path> = self
+    /// The table's data files, relative to it: what a scan of it reads.
+    /// Staging, manifests and other sub-folders are not data.
+    async fn data_files(&self) -> Result<Vec<(Path, String)>> {
+        let listed: Vec<Path> = self
             .store
             .list(Some(&self.table))
             .map_ok(|meta| meta.location)
             .try_collect()
             .await?;
-        let replaced = existing.into_iter().filter(|path| {
-            if is_bookkeeping(&self.table, path) || written_by(path, &self.job_id) {
-                return false;
-            }
-            if !self.partitioned {
-                return true;
-            }
-            let folder = relative_to(&self.table, path)
-                .and_then(|relative| relative.rsplit_once('/').map(|(f, _)| f.to_owned()))
-                .unwrap_or_default();
-            touched.contains(folder.as_str())
-        });
-        self.delete_all(replaced.collect()).await
+        Ok(listed
+            .into_iter()
+            .filter(|path| !is_bookkeeping(&self.table, path))
+            .filter_map(|path| {
+                let relative = relative_to(&self.table, &path)?;
+                let in_folder_of_data = relative
+                    .split('/')
+                    .rev()
+                    .skip(1)
+                    .all(|folder| folder.contains('='));
+                in_folder_of_data.then_some((path, relative))
+            })
+            .collect())
+    }
+
+    /// Deletes files that an earlier run of this commit moved in but this
+    /// run's attempts did not write (a recomputed write may split its rows
+    /// into fewer files): the current file list is the truth.
+    async fn delete_stale_files_of_this_job(&self, files: &[StagedFile]) -> Result<()> {
+        let current: HashSet<&str> = files.iter().map(|file| file.relative.as_str()).collect();
+        let stale = self
+            .data_files()
+            .await?
+            .into_iter()
+            .filter(|(path, relative)| {
+                written_by(path, &self.job_id) && !current.contains(relative.as_str())
+            })
+            .map(|(path, _)| path)
+            .collect();
+        self.delete_all(stale).await
+    }
+
+    /// Deletes the files that an overwrite replaces: in the partition
+    /// folders this job wrote for a partitioned table, all of the table's
+    /// data files otherwise. Files of this job stay.
+    async fn delete_replaced(&self, files: &[StagedFile]) -> Result<()> {
+        let touched: HashSet<&str> = files.iter().map(|file| folder_of(&file.relative)).collect();
+        let replaced = self
+            .data_files()
+            .await?
+            .into_iter()
+            .filter(|(path, relative)| {
+                !written_by(path, &self.job_id)
+                    && (!self.partitioned || touched.contains(folder_of(relative)))
+            })
+            .map(|(path, _)| path)
+            .collect();
+        self.delete_all(replaced).await
     }
 
     async fn move_into_place(&self, files: &[StagedFile]) -> Result<()> {
         let moves = files
             .iter()
-            .map(|file| (file.staged.clone(), join(&self.table, &file.relative)));
+            .map(|file| Ok((file.staged.clone(), self.committed_path(&file.relative)?)))
+            .collect::<Result<Vec<_>>>()?;
         concurrently(
             moves,
             &self.store,
@@ -264,6 +299,10 @@ impl Commit {
             },
         )
         .await
+    }
+
+    fn committed_path(&self, relative: &str) -> Result<Path> {
+        join(&self.table, relative).map_err(|e| DataFusionError::External(Box::new(e)))
     }
 
     /// Writes the job's manifest: every file it committed, with its rows and size.
@@ -360,6 +399,11 @@ async fn remove_local_folders(table: &Path, staging: &Path) -> Result<()> {
     .map_err(|e| DataFusionError::External(Box::new(e)))?
 }
 
+/// The folder of a relative path: `a=1/b=2` for `a=1/b=2/part.parquet`.
+fn folder_of(relative: &str) -> &str {
+    relative.rsplit_once('/').map_or("", |(folder, _)| folder)
+}
+
 /// Reads the write tasks' file lists.
 async fn staged_files(mut input: SendableRecordBatchStream) -> Result<Vec<StagedFile>> {
     let mut files = Vec::new();
@@ -376,7 +420,8 @@ async fn staged_files(mut input: SendableRecordBatchStream) -> Result<Vec<Staged
         let bytes = column("bytes")?.as_primitive::<UInt64Type>();
         for row in 0..batch.num_rows() {
             files.push(StagedFile {
-                staged: Path::from(staged.value(row)),
+                staged: Path::parse(staged.value(row))
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?,
                 relative: relative.value(row).to_owned(),
                 rows: rows.value(row),
                 bytes: bytes.value(row),

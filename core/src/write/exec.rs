@@ -290,7 +290,7 @@ impl WriteTask {
     /// Finishes a file and reads back its size, footer included.
     async fn close(&mut self, file: OpenFile) -> Result<WrittenFile> {
         file.writer.close().await?;
-        let path = join(&self.staging, &file.relative);
+        let path = staged_path(&self.staging, &file.relative)?;
         let store = Arc::clone(&self.store);
         let bytes = store.head(&path).await?.size;
         Ok(WrittenFile {
@@ -309,7 +309,7 @@ impl WriteTask {
         } else {
             format!("{folder}/{name}")
         };
-        let path = join(&self.staging, &relative);
+        let path = staged_path(&self.staging, &relative)?;
         let sink = BufWriter::with_capacity(Arc::clone(&self.store), path, self.buffer_bytes);
         let options = ArrowWriterOptions::new().with_properties(self.properties.clone());
         let writer = AsyncArrowWriter::try_new_with_options(
@@ -328,8 +328,8 @@ impl WriteTask {
         let staged: StringArray = self
             .written
             .iter()
-            .map(|file| Some(join(&self.staging, &file.relative).to_string()))
-            .collect();
+            .map(|file| staged_path(&self.staging, &file.relative).map(|p| Some(p.to_string())))
+            .collect::<Result<_>>()?;
         let files: StringArray = self
             .written
             .iter()
@@ -347,4 +347,8 @@ impl WriteTask {
             ],
         )?)
     }
+}
+
+fn staged_path(staging: &Path, relative: &str) -> Result<Path> {
+    join(staging, relative).map_err(|e| DataFusionError::External(Box::new(e)))
 }

@@ -21,8 +21,6 @@ use object_store::path::Path;
 pub const STAGING_FOLDER: &str = "_temporary";
 /// The folder of the commits' manifests.
 pub const MANIFEST_FOLDER: &str = "_manifests";
-/// The value of a hive partition folder for a null.
-pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
 /// The staging folder of one job under `table`.
 pub fn job_staging(table: &Path, job_id: &str) -> Path {
@@ -74,12 +72,12 @@ pub fn relative_to(table: &Path, path: &Path) -> Option<String> {
     Some(parts.join("/"))
 }
 
-/// Appends a relative path (`a=1/part-x.parquet`) to `base`, part by part.
-pub fn join(base: &Path, relative: &str) -> Path {
-    relative
-        .split('/')
-        .filter(|part| !part.is_empty())
-        .fold(base.clone(), |path, part| path.join(part))
+/// Appends an encoded relative path (`a=1/part-x.parquet`) to `base`.
+pub fn join(base: &Path, relative: &str) -> Result<Path, object_store::path::Error> {
+    if relative.is_empty() {
+        return Ok(base.clone());
+    }
+    Path::parse(format!("{base}/{relative}"))
 }
 
 #[cfg(test)]
@@ -93,14 +91,17 @@ mod tests {
         assert_eq!(staged.as_ref(), "warehouse/sales/_temporary/job-1/p3-a2");
         let name = file_name("job-1", 3, 0, ".parquet");
         assert_eq!(name, "part-job-1-00003-000.parquet");
-        let committed = join(&table, &format!("region=EU/{name}"));
+        let committed = join(&table, &format!("region=EU/{name}")).expect("valid path");
         assert_eq!(
             committed.as_ref(),
             "warehouse/sales/region=EU/part-job-1-00003-000.parquet"
         );
         assert!(written_by(&committed, "job-1"));
         assert!(!written_by(&committed, "job-2"));
-        assert!(is_bookkeeping(&table, &join(&staged, &name)));
+        assert!(is_bookkeeping(
+            &table,
+            &join(&staged, &name).expect("valid path")
+        ));
         assert!(is_bookkeeping(&table, &manifest(&table, "job-1")));
         assert!(!is_bookkeeping(&table, &committed));
         assert_eq!(

@@ -7,7 +7,8 @@ use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::error::Result;
 
-use super::layout::NULL_PARTITION;
+use datafusion::error::DataFusionError;
+use object_store::path::{Path, PathPart};
 
 /// Where a batch's rows go: hive folders (`col=value`) of the partition columns.
 #[derive(Debug, Clone)]
@@ -48,8 +49,9 @@ impl HivePartitioner {
         &self.file_schema
     }
 
-    /// Splits `batch` into one batch per partition folder (`a=1/b=x`, or `""`
-    /// when the table is not partitioned), in the order the folders first appear.
+    /// Splits `batch` into one batch per partition folder (`a=1/b=x`, encoded
+    /// as an object store path, or `""` when the table is not partitioned), in
+    /// the order the folders first appear.
     pub fn split(&self, batch: &RecordBatch) -> Result<Vec<(String, RecordBatch)>> {
         if self.partition_columns.is_empty() {
             return Ok(vec![(String::new(), batch.project(&self.data_columns)?)]);
@@ -66,20 +68,20 @@ impl HivePartitioner {
         let mut folders: Vec<String> = Vec::new();
         let mut rows: HashMap<String, Vec<u32>> = HashMap::new();
         for row in 0..batch.num_rows() {
-            let folder = self
-                .partition_columns
-                .iter()
-                .zip(&values)
-                .map(|((_, name), column)| {
-                    let value = if column.is_null(row) {
-                        NULL_PARTITION
-                    } else {
-                        column.value(row)
-                    };
-                    format!("{name}={value}")
-                })
-                .collect::<Vec<_>>()
-                .join("/");
+            let mut parts = Vec::with_capacity(values.len());
+            for ((_, name), column) in self.partition_columns.iter().zip(&values) {
+                // DataFusion reads no marker for null partitions back as null.
+                if column.is_null(row) {
+                    return Err(DataFusionError::Execution(format!(
+                        "partition column '{name}' holds a null, which cannot be written \
+                         as a hive partition folder; filter or coalesce it first"
+                    )));
+                }
+                parts.push(format!("{name}={}", column.value(row)));
+            }
+            // One encoded path part per folder: a '/' in a value stays in it.
+            let folder =
+                Path::from_iter(parts.iter().map(|part| PathPart::from(part.as_str()))).to_string();
             rows.entry(folder.clone())
                 .or_insert_with(|| {
                     folders.push(folder);
@@ -113,13 +115,21 @@ mod tests {
             Field::new("id", DataType::Int64, false),
             Field::new("region", DataType::Utf8, true),
         ]));
+        let nulls = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from(vec![1])),
+                Arc::new(StringArray::from(vec![None::<&str>])),
+            ],
+        )
+        .expect("valid batch");
         let batch = RecordBatch::try_new(
             Arc::clone(&schema),
             vec![
                 Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
                 Arc::new(StringArray::from(vec![
                     Some("EU"),
-                    None,
+                    Some("A/B"),
                     Some("EU"),
                     Some("US"),
                 ])),
@@ -130,6 +140,8 @@ mod tests {
             HivePartitioner::new(&schema, &[("region".into(), DataType::Utf8)], false)
                 .expect("region is a column");
         assert_eq!(partitioner.file_schema().fields().len(), 1);
+        let error = partitioner.split(&nulls).expect_err("nulls are refused");
+        assert!(error.to_string().contains("'region'"), "{error}");
         let split = partitioner.split(&batch).expect("split");
         let folders: Vec<(&str, usize)> = split
             .iter()
@@ -137,11 +149,7 @@ mod tests {
             .collect();
         assert_eq!(
             folders,
-            vec![
-                ("region=EU", 2),
-                ("region=__HIVE_DEFAULT_PARTITION__", 1),
-                ("region=US", 1)
-            ]
+            vec![("region=EU", 2), ("region=A%2FB", 1), ("region=US", 1)]
         );
     }
 }

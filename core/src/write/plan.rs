@@ -51,10 +51,12 @@ pub fn distribute_parquet_writes(
         if overwrite {
             config.insert_op = InsertOp::Overwrite;
         }
-        // The sink asked for one input partition; the write tasks take them all.
+        // The sink asked for one input partition; the write tasks take them
+        // all, unless the merge also applies a LIMIT (`fetch`), which needs
+        // the one partition.
         let input = match sink_exec.input().downcast_ref::<CoalescePartitionsExec>() {
-            Some(coalesce) => Arc::clone(coalesce.input()),
-            None => Arc::clone(sink_exec.input()),
+            Some(coalesce) if coalesce.fetch().is_none() => Arc::clone(coalesce.input()),
+            _ => Arc::clone(sink_exec.input()),
         };
         let sink = Arc::new(ParquetSink::new(config, parquet.parquet_options().clone()));
         let write = Arc::new(ParquetWriteExec::new(
