@@ -14,7 +14,7 @@ extensions_options! {
         pub max_task_attempts: usize, default = 4
         /// A job still running after this many seconds fails; 0 means no limit.
         pub job_timeout_secs: u64, default = 0
-        /// A Parquet write task starts a new file once its current one reaches this size.
+        /// A Parquet write task starts a new file once its current one reaches this size (at most 4 GiB).
         pub target_file_bytes: u64, default = 268435456
     }
 }

@@ -30,6 +30,7 @@ use quiver_core::codec::{
     QuiverPhysicalCodec, RemoteTableCodec, TableResolver, decode_logical_plan,
 };
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
+use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, register_store_option_namespaces, runtime_builder,
 };
@@ -186,8 +187,26 @@ impl Planner {
                     .map_err(Error::MalformedPlan)?
             }
         };
+        let replaced = self.configure_locations(&logical)?;
+        let planned = self
+            .plan_logical(job_id, logical, sql, state, persist)
+            .await;
+        if planned.is_err() {
+            self.restore_locations(replaced);
+        }
+        planned
+    }
+
+    /// Plans a statement whose locations are configured.
+    async fn plan_logical(
+        &self,
+        job_id: &str,
+        logical: LogicalPlan,
+        sql: Option<String>,
+        state: SessionState,
+        persist: bool,
+    ) -> Result<Planned> {
         let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
-        self.configure_locations(&logical)?;
         if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
             return self.plan_create_table_as(job_id, create, &state).await;
         }
@@ -330,24 +349,44 @@ impl Planner {
     /// Sets up the store of a location that a statement names with store
     /// options (`CREATE EXTERNAL TABLE ... OPTIONS ('aws.region' ...)`,
     /// `COPY ... OPTIONS (...)`), before DataFusion first lists it.
-    fn configure_locations(&self, plan: &LogicalPlan) -> Result<()> {
+    fn configure_locations(&self, plan: &LogicalPlan) -> Result<Vec<ReplacedStore>> {
         let (locations, options) = match plan {
             LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) => {
                 (table.locations.as_slice(), &table.options)
             }
             LogicalPlan::Copy(copy) => (std::slice::from_ref(&copy.output_url), &copy.options),
-            _ => return Ok(()),
+            _ => return Ok(Vec::new()),
         };
         let options = StoreOptions::from_statement_options(options).map_err(Error::Query)?;
+        let mut replaced = Vec::new();
         if options.is_empty() {
-            return Ok(());
+            return Ok(replaced);
         }
         for location in locations {
-            let url = ListingTableUrl::parse(location).map_err(Error::Query)?;
-            self.object_stores
-                .configure(url.object_store().as_ref(), &options)?;
+            let configured = ListingTableUrl::parse(location)
+                .map_err(Error::Query)
+                .and_then(|url| {
+                    Ok(self
+                        .object_stores
+                        .configure(url.object_store().as_ref(), &options)?)
+                });
+            match configured {
+                Ok(previous) => replaced.extend(previous),
+                Err(e) => {
+                    self.restore_locations(replaced);
+                    return Err(e);
+                }
+            }
         }
-        Ok(())
+        Ok(replaced)
+    }
+
+    /// Undoes [`Planner::configure_locations`] for a statement that failed,
+    /// so that a bad statement cannot change how a location is reached.
+    fn restore_locations(&self, replaced: Vec<ReplacedStore>) {
+        for store in replaced.into_iter().rev() {
+            self.object_stores.restore(store);
+        }
     }
 
     /// The schema of a table in the shared catalog, if it exists.

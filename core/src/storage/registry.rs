@@ -45,6 +45,12 @@ struct Registered {
     options: StoreOptions,
 }
 
+/// A store that [`StoreRegistry::configure`] replaced (or its absence).
+pub struct ReplacedStore {
+    key: String,
+    previous: Option<Registered>,
+}
+
 /// The object stores of one process, built on first use.
 #[derive(Default)]
 pub struct StoreRegistry {
@@ -76,25 +82,39 @@ impl StoreRegistry {
     }
 
     /// Uses `options` for the location of `url` from now on. Does nothing if
-    /// they are the options in use already.
-    pub fn configure(&self, url: &Url, options: &StoreOptions) -> Result<(), StoreError> {
+    /// they are the options in use already. Returns what it replaced, for
+    /// [`StoreRegistry::restore`] should the statement that set them fail.
+    pub fn configure(
+        &self,
+        url: &Url,
+        options: &StoreOptions,
+    ) -> Result<Option<ReplacedStore>, StoreError> {
         let key = store_key(url);
         if self
             .read()
             .get(&key)
             .is_some_and(|registered| &registered.options == options)
         {
-            return Ok(());
+            return Ok(None);
         }
         let store = build_store(url, options)?;
-        self.write().insert(
-            key,
+        let previous = self.write().insert(
+            key.clone(),
             Registered {
                 store,
                 options: options.clone(),
             },
         );
-        Ok(())
+        Ok(Some(ReplacedStore { key, previous }))
+    }
+
+    /// Puts back the store that [`StoreRegistry::configure`] replaced.
+    pub fn restore(&self, replaced: ReplacedStore) {
+        let mut stores = self.write();
+        match replaced.previous {
+            Some(previous) => stores.insert(replaced.key, previous),
+            None => stores.remove(&replaced.key),
+        };
     }
 
     /// The options configured for the location of `url`, if any.
@@ -303,8 +323,18 @@ mod tests {
         registry
             .configure(&location, &options)
             .expect("store builds");
-        assert_eq!(registry.options_for(&location), Some(options));
+        assert_eq!(registry.options_for(&location), Some(options.clone()));
         registry.get_store(&location).expect("store is registered");
+
+        // A failed statement's options are undone.
+        let other = StoreOptions::from_pairs([("aws.region".to_owned(), "eu-west-1".to_owned())]);
+        let replaced = registry
+            .configure(&location, &other)
+            .expect("store builds")
+            .expect("the first options were replaced");
+        assert_eq!(registry.options_for(&location), Some(other));
+        registry.restore(replaced);
+        assert_eq!(registry.options_for(&location), Some(options));
     }
 
     #[test]

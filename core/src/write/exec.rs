@@ -35,6 +35,14 @@ use super::layout::{attempt_staging, file_name, join};
 use super::partition::HivePartitioner;
 use crate::config::QuiverOptions;
 
+/// Files one write task keeps open at once, across partition folders. Past
+/// it, the least recently written file is finished: a task writing many
+/// partitions then writes more, smaller files instead of running out of memory.
+const MAX_OPEN_FILES: usize = 64;
+
+/// The largest file a task writes: S3 copies (our renames) stop at 5 GiB.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
 /// The rows a write task returns: one per file it staged.
 pub static WRITTEN_FILES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -157,6 +165,8 @@ struct WriteTask {
     buffer_bytes: usize,
     reservation: MemoryReservation,
     open: HashMap<String, OpenFile>,
+    /// Counts writes, to find the least recently written open file.
+    clock: u64,
     /// Files per partition folder, for numbering.
     counts: HashMap<String, usize>,
     written: Vec<WrittenFile>,
@@ -165,6 +175,8 @@ struct WriteTask {
 struct OpenFile {
     relative: String,
     rows: u64,
+    /// When this file was last written to, in [`WriteTask::clock`] ticks.
+    last_write: u64,
     writer: AsyncArrowWriter<BufWriter>,
 }
 
@@ -216,7 +228,7 @@ impl WriteTask {
             extension: config.file_extension.clone(),
             partitioner,
             properties,
-            target_file_bytes: options.target_file_bytes.max(1) as usize,
+            target_file_bytes: options.target_file_bytes.clamp(1, MAX_FILE_BYTES) as usize,
             buffer_bytes: context
                 .session_config()
                 .options()
@@ -224,6 +236,7 @@ impl WriteTask {
                 .objectstore_writer_buffer_size,
             reservation,
             open: HashMap::new(),
+            clock: 0,
             counts: HashMap::new(),
             written: Vec::new(),
         })
@@ -247,13 +260,18 @@ impl WriteTask {
     }
 
     async fn write(&mut self, folder: String, rows: &RecordBatch) -> Result<()> {
+        self.clock += 1;
         if !self.open.contains_key(&folder) {
+            if self.open.len() >= MAX_OPEN_FILES {
+                self.close_least_recent().await?;
+            }
             let file = self.open_file(&folder)?;
             self.open.insert(folder.clone(), file);
         }
         let Some(file) = self.open.get_mut(&folder) else {
             return Err(DataFusionError::Internal("write file vanished".into()));
         };
+        file.last_write = self.clock;
         file.writer.write(rows).await?;
         file.rows += rows.num_rows() as u64;
         let full =
@@ -265,24 +283,42 @@ impl WriteTask {
         self.fit_memory().await
     }
 
-    /// Keeps the buffered row groups within the memory pool: when they do
-    /// not fit, they are flushed early as smaller row groups.
-    async fn fit_memory(&mut self) -> Result<()> {
-        let buffered: usize = self
-            .open
+    /// Memory held by the open files: their row groups being encoded, and
+    /// each one's upload buffer.
+    fn buffered_bytes(&self) -> usize {
+        self.open
             .values()
-            .map(|f| f.writer.in_progress_size())
-            .sum();
-        if self.reservation.try_resize(buffered).is_err() {
-            for file in self.open.values_mut() {
-                file.writer.flush().await?;
-            }
-            let buffered = self
-                .open
-                .values()
-                .map(|f| f.writer.in_progress_size())
-                .sum();
-            self.reservation.resize(buffered);
+            .map(|file| file.writer.memory_size() + self.buffer_bytes)
+            .sum()
+    }
+
+    /// Keeps the open files within the memory pool. When they do not fit,
+    /// their row groups are flushed early (smaller row groups); if that is
+    /// not enough, the least recently written files are finished (more,
+    /// smaller files). One open file is always allowed.
+    async fn fit_memory(&mut self) -> Result<()> {
+        if self.reservation.try_resize(self.buffered_bytes()).is_ok() {
+            return Ok(());
+        }
+        for file in self.open.values_mut() {
+            file.writer.flush().await?;
+        }
+        while self.reservation.try_resize(self.buffered_bytes()).is_err() && self.open.len() > 1 {
+            self.close_least_recent().await?;
+        }
+        self.reservation.resize(self.buffered_bytes());
+        Ok(())
+    }
+
+    async fn close_least_recent(&mut self) -> Result<()> {
+        let oldest = self
+            .open
+            .iter()
+            .min_by_key(|(_, file)| file.last_write)
+            .map(|(folder, _)| folder.clone());
+        if let Some(file) = oldest.and_then(|folder| self.open.remove(&folder)) {
+            let closed = self.close(file).await?;
+            self.written.push(closed);
         }
         Ok(())
     }
@@ -320,6 +356,7 @@ impl WriteTask {
         Ok(OpenFile {
             relative,
             rows: 0,
+            last_write: self.clock,
             writer,
         })
     }
