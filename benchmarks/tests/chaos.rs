@@ -108,6 +108,8 @@ struct Suite {
     reference: Engine,
     passed: Vec<String>,
     failures: Vec<String>,
+    /// Names the session setting under test in scenario names, if any.
+    variant: String,
 }
 
 impl Suite {
@@ -146,7 +148,10 @@ impl Suite {
             if !injected {
                 continue;
             }
-            let scenario = format!("Q{number}: SIG{signal} executor-{victim} in {phase:?}");
+            let scenario = format!(
+                "Q{number}{}: SIG{signal} executor-{victim} in {phase:?}",
+                self.variant
+            );
             self.check(scenario, result, &expected);
             return;
         }
@@ -186,6 +191,7 @@ async fn chaos_suite() {
         reference: common::reference_engine(&tables, 4).await,
         passed: Vec::new(),
         failures: Vec::new(),
+        variant: String::new(),
     };
     let started = Instant::now();
 
@@ -220,6 +226,7 @@ async fn chaos_suite() {
     suite.context = suite.cluster.connect(EXECUTORS).await;
 
     writes_under_faults(&mut suite).await;
+    durable_shuffle(&mut suite).await;
     cancel_and_timeout(&mut suite).await;
     scheduler_restart(&mut suite).await;
 
@@ -235,6 +242,46 @@ async fn chaos_suite() {
         suite.failures.join("\n"),
         suite.cluster.logs()
     );
+}
+
+/// With durable shuffle, map outputs outlive their executor: one killed while
+/// readers run costs no recompute, and the job's copies go when it ends.
+async fn durable_shuffle(suite: &mut Suite) {
+    let folder = suite.cluster.work_dir().join("durable-shuffle");
+    suite
+        .context
+        .sql(&format!(
+            "SET quiver.shuffle_location = 'file://{}'",
+            folder.display()
+        ))
+        .await
+        .expect("set shuffle location");
+    suite.variant = " with durable shuffle".into();
+    suite
+        .signal_in_phase(9, Phase::ShuffleRead, 0, "KILL")
+        .await;
+    suite.variant.clear();
+    // A new connection: the setting goes with the old session.
+    suite.replace_executor(0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&folder)
+            .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            suite
+                .passed
+                .push("durable shuffle: no copies left after the job".into());
+            break;
+        }
+        if Instant::now() > deadline {
+            suite
+                .failures
+                .push(format!("durable shuffle copies left behind: {left:?}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A distributed write survives an executor killed while the write tasks run

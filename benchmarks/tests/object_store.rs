@@ -102,6 +102,41 @@ async fn tpch_reads_from_s3_match_single_node_datafusion() {
             Err(e) => failures.push(format!("Q{number} failed: {e}")),
         }
     }
+
+    // Durable shuffle: map outputs go to the bucket too, readers on other
+    // executors read them from there, and they are gone once the job ends.
+    run(
+        &context,
+        "SET quiver.shuffle_location = 's3://tpch/_shuffle'",
+    )
+    .await
+    .expect("set shuffle location");
+    for number in [3, 9, 18] {
+        let sql = query(number).expect("query exists");
+        let expected = datafusion.run(sql).await.expect("datafusion runs");
+        match quiver.run(sql).await {
+            Ok(actual) => {
+                if let Err(difference) = compare(&expected, &actual) {
+                    failures.push(format!("Q{number} with durable shuffle: {difference}"));
+                }
+            }
+            Err(e) => failures.push(format!("Q{number} with durable shuffle failed: {e}")),
+        }
+    }
+    let bucket = s3.store("tpch");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = list(&bucket, "_shuffle").await;
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            failures.push(format!("durable shuffle data left behind: {left:?}"));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     assert_no_secret_in_history(&context).await;
     cluster.shutdown().await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));

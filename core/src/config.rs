@@ -16,6 +16,8 @@ extensions_options! {
         pub job_timeout_secs: u64, default = 0
         /// A Parquet write task starts a new file once its current one reaches this size (at most 4 GiB).
         pub target_file_bytes: u64, default = 268435456
+        /// Where map outputs are also stored (`s3://bucket/shuffle`), so that they outlive their executors; empty keeps them on the executors only.
+        pub shuffle_location: String, default = String::new()
     }
 }
 

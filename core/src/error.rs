@@ -19,6 +19,10 @@ pub enum Error {
     #[error("arrow error: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 
+    /// A map output could not be copied to or read from durable storage.
+    #[error("durable shuffle data at {location}: {reason}")]
+    DurableShuffle { location: String, reason: String },
+
     #[error(
         "invalid identifier {value:?} in {field}: only letters, digits, '-' and '_' are allowed"
     )]
@@ -90,7 +94,9 @@ pub fn classify_failure(error: &DataFusionError) -> FailureKind {
     match error.find_root() {
         DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
             Some(Error::Fetch { .. }) => FailureKind::FetchFailed,
-            Some(Error::Io { .. } | Error::Connect { .. }) => FailureKind::Retryable,
+            Some(Error::Io { .. } | Error::Connect { .. } | Error::DurableShuffle { .. }) => {
+                FailureKind::Retryable
+            }
             Some(_) => FailureKind::Fatal,
             None if inner.is::<crate::storage::StoreError>() => FailureKind::Fatal,
             None => match inner.downcast_ref::<object_store::Error>() {

@@ -15,7 +15,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use quiver_core::codec::decode_physical_plan;
 use quiver_core::config::session_config_from_settings;
 use quiver_core::error::{classify_failure, fetch_failure};
-use quiver_core::shuffle::layout::{job_dir, validate_identifier};
+use quiver_core::shuffle::durable;
+use quiver_core::shuffle::layout::{MapOutputId, job_dir, validate_identifier};
 use quiver_core::shuffle::{FlightClientPool, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec};
 use quiver_core::storage::{StoreOptions, StoreRegistry};
 use quiver_core::write::TaskAttempt;
@@ -276,12 +277,32 @@ impl TaskRunner {
                 &self.shuffle_dir,
             )
             .await?;
+        let durable_location = if launch.durable_shuffle.is_empty() {
+            String::new()
+        } else {
+            self.upload_output(&launch.durable_shuffle, &task).await?
+        };
         Ok(MapOutput {
             map_partition: task.partition,
             executor: Some(address),
             attempt: task.attempt,
             partitions,
+            durable_location,
         })
+    }
+
+    /// Copies a finished map output to durable storage; returns where it went.
+    async fn upload_output(&self, shuffle_location: &str, task: &TaskId) -> DfResult<String> {
+        let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
+        let location = durable::output_location(shuffle_location, &id);
+        durable::upload(
+            &self.runtime,
+            &location,
+            &id.data_path(&self.shuffle_dir),
+            &id.index_path(&self.shuffle_dir),
+        )
+        .await?;
+        Ok(location)
     }
 
     /// Sets up the stores of the locations that the task's job configured.
@@ -313,6 +334,7 @@ impl TaskRunner {
                 executor_id: self.executor_id.clone(),
                 work_dir: self.shuffle_dir.clone(),
                 clients: self.clients.clone(),
+                runtime: Arc::clone(&self.runtime),
             }))
             .with_extension(Arc::new(TaskAttempt {
                 attempt: task.attempt,

@@ -12,6 +12,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::csv::CsvSink;
 use datafusion::datasource::file_format::json::JsonSink;
 use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileSink, FileSinkConfig};
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::datasource::source::DataSourceExec;
@@ -22,12 +23,18 @@ use quiver_core::storage::StoreRegistry;
 use quiver_core::write::{ParquetCommitExec, ParquetWriteExec};
 use quiver_proto::StoreConfig;
 
-/// The store options of every configured location that `plan` reads or writes.
+/// The store options of every configured location that `plan` reads or
+/// writes, and of the durable shuffle location, if any.
 pub fn store_configs(
     plan: &Arc<dyn ExecutionPlan>,
+    shuffle_location: &str,
     registry: &StoreRegistry,
 ) -> Result<Vec<StoreConfig>> {
     let mut urls = BTreeSet::new();
+    if !shuffle_location.is_empty() {
+        let url = ListingTableUrl::parse(shuffle_location)?;
+        urls.insert(url.object_store());
+    }
     plan.apply(|node| {
         if let Some(url) = scanned_location(node) {
             urls.insert(url);

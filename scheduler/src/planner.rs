@@ -70,6 +70,8 @@ pub struct StagedJob {
     pub limits: JobLimits,
     /// Options of the configured object stores the job uses.
     pub stores: Vec<StoreConfig>,
+    /// `quiver.shuffle_location`, or empty.
+    pub durable_shuffle: String,
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -271,9 +273,6 @@ impl Planner {
         };
         let physical =
             distribute_parquet_writes(physical, job_id, overwrite).map_err(Error::Query)?;
-        let stores = store_configs(&physical, &self.object_stores).map_err(Error::Query)?;
-        let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
-        let encoded = encode_stages(stages.clone()).await?;
         let options = state
             .config()
             .options()
@@ -281,12 +280,18 @@ impl Planner {
             .get::<QuiverOptions>()
             .cloned()
             .unwrap_or_default();
+        let durable_shuffle = options.shuffle_location.trim().to_owned();
+        let stores = store_configs(&physical, &durable_shuffle, &self.object_stores)
+            .map_err(Error::Query)?;
+        let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
+        let encoded = encode_stages(stages.clone()).await?;
         Ok(StagedJob {
             schema,
             stages,
             encoded,
             limits: JobLimits::from_options(&options),
             stores,
+            durable_shuffle,
         })
     }
 
@@ -387,6 +392,11 @@ impl Planner {
         for store in replaced.into_iter().rev() {
             self.object_stores.restore(store);
         }
+    }
+
+    /// The runtime of the shared catalog, with the scheduler's object stores.
+    pub fn runtime_env(&self) -> Arc<datafusion::execution::runtime_env::RuntimeEnv> {
+        self.catalog.runtime_env()
     }
 
     /// The schema of a table in the shared catalog, if it exists.

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
+use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::redact_sql;
 use quiver_proto::scheduler_service_server::SchedulerService;
@@ -104,17 +105,46 @@ impl SchedulerGrpc {
         self.handle
             .directory
             .insert(job_id.clone(), watcher.clone());
+        if !job.durable_shuffle.is_empty() {
+            self.remove_durable_shuffle_when_done(&job_id, &job.durable_shuffle, watcher.clone());
+        }
         self.send(Event::JobSubmitted(Box::new(SubmittedJob {
             job_id,
             query: description,
             settings,
             stores: job.stores,
+            durable_shuffle: job.durable_shuffle,
             limits: job.limits,
             stages: job.stages,
             encoded: job.encoded,
             status,
         })))?;
         Ok(watcher)
+    }
+
+    /// Deletes a job's durable map outputs once it has ended, however it ended.
+    fn remove_durable_shuffle_when_done(
+        &self,
+        job_id: &str,
+        location: &str,
+        mut watcher: watch::Receiver<JobStatus>,
+    ) {
+        let runtime = self.planner.runtime_env();
+        let (job_id, location) = (job_id.to_owned(), location.to_owned());
+        tokio::spawn(async move {
+            // An error means the scheduler is stopping; the data stays.
+            if watcher
+                .wait_for(|status| is_final(status.state))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            match durable::remove_job(&runtime, &location, &job_id).await {
+                Ok(()) => debug!(%job_id, "removed durable shuffle data"),
+                Err(e) => warn!(%job_id, %e, "cannot remove durable shuffle data"),
+            }
+        });
     }
 }
 

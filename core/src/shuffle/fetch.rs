@@ -1,5 +1,6 @@
 //! Opens one output partition of a map output as a stream of record batches:
-//! straight from disk when this executor holds it, otherwise over Arrow Flight.
+//! straight from disk when this executor holds it, from object storage when
+//! the output is durable, otherwise over Arrow Flight.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,12 +15,14 @@ use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use quiver_proto::{ExecutorAddress, MapOutput, ShuffleTicket};
 use tonic::transport::{Channel, Endpoint};
 
+use super::durable;
 use super::layout::{MapOutputId, Segment, open_segment};
 use crate::error::{Error, Result};
 use crate::guard::catch_decoder_panic;
@@ -35,6 +38,8 @@ pub struct ShuffleEnv {
     /// Root of this executor's shuffle files.
     pub work_dir: PathBuf,
     pub clients: FlightClientPool,
+    /// The executor's runtime, whose object stores hold durable map outputs.
+    pub runtime: Arc<RuntimeEnv>,
 }
 
 /// Flight clients by executor address, shared by all tasks of a process.
@@ -127,9 +132,15 @@ pub async fn fetch_partition(
             message,
         }
     };
-    let opened = match env.filter(|env| env.executor_id == address.executor_id) {
-        Some(env) => open_local(&location, env, schema).await,
-        None => fetch_remote(&location, &address, pool, schema).await,
+    let durable = &location.output.durable_location;
+    let opened = match env {
+        Some(env) if env.executor_id == address.executor_id => {
+            open_local(&location, env, schema).await
+        }
+        Some(env) if !durable.is_empty() => {
+            durable::open_partition(&env.runtime, durable, location.partition, schema).await
+        }
+        _ => fetch_remote(&location, &address, pool, schema).await,
     };
     let stream = opened.map_err(|e| fetch_error(e.to_string()))?;
     let schema = stream.schema();

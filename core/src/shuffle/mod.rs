@@ -8,6 +8,7 @@
 //! - [`fetch`]: opens one output partition of a map output, from local disk
 //!   or from another executor over Arrow Flight.
 
+pub mod durable;
 pub mod fetch;
 pub mod layout;
 pub mod reader;

@@ -16,6 +16,18 @@ use std::sync::Arc;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 
+/// Removes the local folder behind `path` of a `file://` store, with
+/// whatever is left in it: deleting objects on a local file system leaves
+/// their folders (and partial files of killed writers, which are not
+/// listed) behind. A missing folder is fine.
+pub async fn remove_local_folder(path: &object_store::path::Path) -> std::io::Result<()> {
+    let folder = std::path::Path::new("/").join(path.as_ref());
+    match tokio::fs::remove_dir_all(&folder).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A DataFusion runtime that finds stores through `registry`.
 ///
 /// File listings are never cached: a batch engine's tables change under it

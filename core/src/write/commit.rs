@@ -40,6 +40,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
+use crate::storage::remove_local_folder;
+
 use super::layout::{
     STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to,
     written_by,
@@ -379,24 +381,17 @@ where
     Ok(())
 }
 
-/// Removes a job's local staging folder (with any partial files of killed
-/// attempts, which the store does not list) and `_temporary` once empty.
+/// Removes a job's local staging folder, and `_temporary` once empty.
 async fn remove_local_folders(table: &Path, staging: &Path) -> Result<()> {
-    let root = std::path::Path::new("/");
-    let staging = root.join(staging.as_ref());
-    let temporary = root.join(table.as_ref()).join(STAGING_FOLDER);
-    tokio::task::spawn_blocking(move || {
-        match std::fs::remove_dir_all(&staging) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(DataFusionError::IoError(e)),
-        }
-        // Other jobs may be writing into it: only an empty folder goes.
-        let _ = std::fs::remove_dir(&temporary);
-        Ok(())
-    })
-    .await
-    .map_err(|e| DataFusionError::External(Box::new(e)))?
+    remove_local_folder(staging)
+        .await
+        .map_err(DataFusionError::IoError)?;
+    // Other jobs may be writing into it: only an empty folder goes.
+    let temporary = std::path::Path::new("/")
+        .join(table.as_ref())
+        .join(STAGING_FOLDER);
+    let _ = tokio::fs::remove_dir(temporary).await;
+    Ok(())
 }
 
 /// The folder of a relative path: `a=1/b=2` for `a=1/b=2/part.parquet`.

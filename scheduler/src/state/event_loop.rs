@@ -269,6 +269,7 @@ impl SchedulerLoop {
         self.next_seq += 1;
         job.query = submitted.query;
         job.stores = submitted.stores;
+        job.durable_shuffle = submitted.durable_shuffle;
         job.submitted_at_unix_ms = unix_millis();
         if self.at_job_limit() {
             job.enqueue(self.queue.len() as u32);

@@ -80,6 +80,9 @@ pub struct Job {
     pub settings: Vec<Setting>,
     /// Options of the object stores the job uses; sent with every task.
     pub stores: Vec<StoreConfig>,
+    /// `quiver.shuffle_location`: where map outputs are copied to outlive
+    /// their executors; empty to keep them on the executors only.
+    pub durable_shuffle: String,
     pub max_attempts: u32,
     /// When the job fails for running too long, if it has a timeout.
     pub deadline: Option<Instant>,
@@ -134,6 +137,7 @@ impl Job {
             seq,
             settings,
             stores: Vec::new(),
+            durable_shuffle: String::new(),
             max_attempts: limits.max_attempts.max(1),
             deadline: limits.timeout.map(|timeout| now + timeout),
             timeout: limits.timeout,
@@ -228,6 +232,13 @@ impl Job {
         let job_id = self.id.clone();
         let settings = self.settings.clone();
         let stores = self.stores.clone();
+        // The client reads the final stage's output from the executors.
+        let is_final = self.final_stage().is_some_and(|stage| stage.id == stage_id);
+        let durable_shuffle = if is_final {
+            String::new()
+        } else {
+            self.durable_shuffle.clone()
+        };
         let stage = self.stage_mut(stage_id)?;
         let plan = stage.plan.clone();
         let task = stage.tasks.get_mut(partition)?;
@@ -248,6 +259,7 @@ impl Job {
             inputs,
             settings,
             stores,
+            durable_shuffle,
         })
     }
 
@@ -525,11 +537,16 @@ fn stage_written(stage: &Stage) -> PartitionStats {
     total
 }
 
+/// Whether the task's output lives only on `executor_id`: a durable copy
+/// outlives the executor.
 fn output_on(task: &Task, executor_id: &str) -> bool {
-    task.output
-        .as_ref()
-        .and_then(|output| output.executor.as_ref())
-        .is_some_and(|executor| executor.executor_id == executor_id)
+    task.output.as_ref().is_some_and(|output| {
+        output.durable_location.is_empty()
+            && output
+                .executor
+                .as_ref()
+                .is_some_and(|executor| executor.executor_id == executor_id)
+    })
 }
 
 #[cfg(test)]
@@ -584,6 +601,11 @@ mod tests {
             }),
             attempt: launch.task.as_ref().map_or(0, |t| t.attempt),
             partitions: vec![],
+            durable_location: if launch.durable_shuffle.is_empty() {
+                String::new()
+            } else {
+                format!("{}/job/{stage}/{partition}", launch.durable_shuffle)
+            },
         };
         job.on_success(&launch.task.expect("task id"), output);
     }
@@ -610,6 +632,28 @@ mod tests {
             job.next_runnable(Instant::now()).map(|(s, p, _)| (s, p)),
             Some((1, 0))
         );
+    }
+
+    #[test]
+    fn durable_outputs_outlive_their_executor() {
+        let mut job = chain(3);
+        job.durable_shuffle = "s3://bucket/shuffle".into();
+        for stage in 1..=2 {
+            run_task(&mut job, stage, 0, "a");
+            run_task(&mut job, stage, 1, "b");
+        }
+        let last = job.launch(3, 0, "b").expect("final stage runs");
+        assert!(
+            last.durable_shuffle.is_empty(),
+            "the client reads final outputs from executors"
+        );
+        assert!(!job.needs_outputs_on("a"), "a may drain at once");
+        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        for stage in 1..=2 {
+            for partition in 0..2 {
+                assert_eq!(state(&job, stage, partition), &TaskState::Done);
+            }
+        }
     }
 
     #[test]

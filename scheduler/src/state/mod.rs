@@ -65,6 +65,8 @@ pub struct SubmittedJob {
     pub settings: Vec<Setting>,
     /// Options of the object stores the job uses, for its tasks.
     pub stores: Vec<StoreConfig>,
+    /// `quiver.shuffle_location`, or empty.
+    pub durable_shuffle: String,
     pub limits: JobLimits,
     pub stages: Vec<StagePlan>,
     /// The datafusion-proto bytes of each stage's plan, in stage order.

@@ -1,0 +1,290 @@
+//! Durable shuffle: map outputs copied to object storage, so that they
+//! outlive the executor that wrote them.
+//!
+//! With `quiver.shuffle_location` set (`s3://bucket/shuffle`, or a shared
+//! folder), a map task still writes its data and index files locally, then
+//! uploads both to `<location>/<job>/<stage>/<map>-a<attempt>.{data,index}`.
+//! Readers on other executors fetch their partition's byte range from the
+//! store instead of asking the writer over Flight, so a lost executor's
+//! outputs need no recompute and executors may come and go between stages.
+//! The scheduler deletes `<location>/<job>/` when the job ends.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamReader;
+use arrow::record_batch::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{StreamExt, TryStreamExt};
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::io::AsyncWriteExt;
+use url::Url;
+
+use super::layout::{MapOutputId, decode_index};
+use crate::error::{Error, Result};
+use crate::guard::catch_decoder_panic;
+use crate::storage::remove_local_folder;
+
+/// Upload buffer of a data file: one multipart part at a time.
+const UPLOAD_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Where one map output lives under `shuffle_location`, without extension.
+pub fn output_location(shuffle_location: &str, id: &MapOutputId) -> String {
+    format!(
+        "{}/{}-a{}",
+        stage_location(shuffle_location, &id.job_id, id.stage_id),
+        id.map_partition,
+        id.attempt
+    )
+}
+
+fn stage_location(shuffle_location: &str, job_id: &str, stage_id: u32) -> String {
+    format!("{}/{stage_id}", job_location(shuffle_location, job_id))
+}
+
+/// The folder of all of a job's durable map outputs.
+pub fn job_location(shuffle_location: &str, job_id: &str) -> String {
+    format!("{}/{job_id}", shuffle_location.trim_end_matches('/'))
+}
+
+/// The store and the path of a location URL (`s3://bucket/a/b`).
+fn resolve(runtime: &RuntimeEnv, location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let invalid = |reason: String| Error::DurableShuffle {
+        location: location.to_owned(),
+        reason,
+    };
+    let url = Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+    let store_url = ObjectStoreUrl::parse(&url[..url::Position::BeforePath])
+        .map_err(|e| invalid(e.to_string()))?;
+    let store = runtime
+        .object_store(&store_url)
+        .map_err(|e| invalid(e.to_string()))?;
+    let path = Path::from_url_path(url.path()).map_err(|e| invalid(e.to_string()))?;
+    Ok((store, path))
+}
+
+fn with_extension(path: &Path, extension: &str) -> Result<Path> {
+    Path::parse(format!("{path}.{extension}")).map_err(|e| Error::DurableShuffle {
+        location: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Uploads a published map output's files to `location`: the data first,
+/// then the index, whose presence marks the output complete.
+pub async fn upload(
+    runtime: &RuntimeEnv,
+    location: &str,
+    data_file: &std::path::Path,
+    index_file: &std::path::Path,
+) -> Result<()> {
+    let failed = |reason: String| Error::DurableShuffle {
+        location: location.to_owned(),
+        reason,
+    };
+    let (store, path) = resolve(runtime, location)?;
+    let mut data = tokio::fs::File::open(data_file)
+        .await
+        .map_err(|e| Error::io(data_file, e))?;
+    let mut upload = BufWriter::with_capacity(
+        Arc::clone(&store),
+        with_extension(&path, "data")?,
+        UPLOAD_BUFFER_BYTES,
+    );
+    let copied = async {
+        tokio::io::copy(&mut data, &mut upload).await?;
+        upload.shutdown().await
+    }
+    .await;
+    if let Err(e) = copied {
+        let _ = upload.abort().await;
+        return Err(failed(e.to_string()));
+    }
+    let index = tokio::fs::read(index_file)
+        .await
+        .map_err(|e| Error::io(index_file, e))?;
+    store
+        .put(&with_extension(&path, "index")?, PutPayload::from(index))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(())
+}
+
+/// Reads one output partition of the map output at `location`: its byte
+/// range of the data file, checked against the index's checksum before a
+/// byte of it is decoded.
+pub async fn open_partition(
+    runtime: &RuntimeEnv,
+    location: &str,
+    partition: usize,
+    schema: SchemaRef,
+) -> Result<SendableRecordBatchStream> {
+    let failed = |reason: String| Error::DurableShuffle {
+        location: location.to_owned(),
+        reason,
+    };
+    let (store, path) = resolve(runtime, location)?;
+    let data_path = with_extension(&path, "data")?;
+    let index_path = with_extension(&path, "index")?;
+    let index_bytes = store
+        .get(&index_path)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .bytes()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let data_len = store
+        .head(&data_path)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .size;
+    let index = decode_index(
+        std::path::Path::new(index_path.as_ref()),
+        &index_bytes,
+        data_len,
+    )?;
+    let count = index.checksums.len();
+    if partition >= count {
+        return Err(Error::PartitionOutOfRange { partition, count });
+    }
+    let (start, end) = (index.offsets[partition], index.offsets[partition + 1]);
+    let batches = if start == end {
+        Vec::new()
+    } else {
+        let bytes = store
+            .get_range(&data_path, start..end)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let actual = crc32fast::hash(&bytes);
+        let expected = index.checksums[partition];
+        if actual != expected {
+            return Err(Error::CorruptShuffleData(format!(
+                "{location}: checksum mismatch (expected {expected:08x}, found {actual:08x})"
+            )));
+        }
+        tokio::task::spawn_blocking(move || decode(bytes))
+            .await
+            .map_err(|e| failed(e.to_string()))??
+    };
+    let stream = futures::stream::iter(batches.into_iter().map(Ok));
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+}
+
+fn decode(bytes: bytes::Bytes) -> Result<Vec<RecordBatch>> {
+    catch_decoder_panic(|| -> Result<Vec<RecordBatch>> {
+        let reader = StreamReader::try_new(Cursor::new(bytes), None)?;
+        Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+    })
+    .map_err(Error::CorruptShuffleData)?
+}
+
+/// Deletes every durable map output of a job.
+pub async fn remove_job(runtime: &RuntimeEnv, shuffle_location: &str, job_id: &str) -> Result<()> {
+    let location = job_location(shuffle_location, job_id);
+    let failed = |reason: String| Error::DurableShuffle {
+        location: location.clone(),
+        reason,
+    };
+    let (store, prefix) = resolve(runtime, &location)?;
+    let paths = store
+        .list(Some(&prefix))
+        .map_ok(|meta| meta.location)
+        .boxed();
+    store
+        .delete_stream(paths)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if location.starts_with("file:") {
+        remove_local_folder(&prefix)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::ipc::writer::StreamWriter;
+    use datafusion::physical_plan::common::collect;
+
+    use super::*;
+    use crate::shuffle::layout::{Index, encode_index};
+    use crate::storage::{StoreRegistry, runtime_builder};
+
+    /// A map output of two partitions: `[1, 2]` and nothing.
+    fn write_output(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![1, 2]))],
+        )
+        .expect("batch");
+        let mut bytes = Vec::new();
+        let mut writer = StreamWriter::try_new(&mut bytes, &schema).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.finish().expect("finish");
+        drop(writer);
+        let len = bytes.len() as u64;
+        let index = Index {
+            offsets: vec![0, len, len],
+            checksums: vec![crc32fast::hash(&bytes), crc32fast::hash(&[])],
+        };
+        let (data, index_file) = (dir.join("m.data"), dir.join("m.index"));
+        std::fs::write(&data, &bytes).expect("data");
+        std::fs::write(&index_file, encode_index(&index)).expect("index");
+        (data, index_file)
+    }
+
+    #[tokio::test]
+    async fn outputs_round_trip_through_the_store_and_corruption_is_caught() {
+        let local = tempfile::tempdir().expect("temp");
+        let remote = tempfile::tempdir().expect("temp");
+        let (data, index) = write_output(local.path());
+        let runtime = runtime_builder(Arc::new(StoreRegistry::new()))
+            .build()
+            .expect("runtime");
+        let shuffle = format!("file://{}", remote.path().display());
+        let id = MapOutputId::new("job1", 2, 0, 1).expect("id");
+        let location = output_location(&shuffle, &id);
+        upload(&runtime, &location, &data, &index)
+            .await
+            .expect("upload");
+
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let read = open_partition(&runtime, &location, 0, Arc::clone(&schema))
+            .await
+            .expect("open");
+        let batches = collect(read).await.expect("read");
+        assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+        let empty = open_partition(&runtime, &location, 1, Arc::clone(&schema))
+            .await
+            .expect("open");
+        assert!(collect(empty).await.expect("read").is_empty());
+
+        // A flipped byte in the stored copy is caught by the checksum.
+        let stored = remote.path().join("job1/2/0-a1.data");
+        let mut bytes = std::fs::read(&stored).expect("stored data");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&stored, bytes).expect("corrupt");
+        let error = open_partition(&runtime, &location, 0, schema)
+            .await
+            .err()
+            .expect("corruption is caught");
+        assert!(error.to_string().contains("checksum"), "{error}");
+
+        remove_job(&runtime, &shuffle, "job1")
+            .await
+            .expect("remove");
+        assert!(!remote.path().join("job1").exists());
+    }
+}
