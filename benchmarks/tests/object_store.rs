@@ -59,6 +59,22 @@ async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
         .expect("list bucket")
 }
 
+/// Bytes the job of `sql` read from object stores.
+async fn bytes_read(context: &QuiverContext, sql: &str) -> u64 {
+    let last = Arc::new(std::sync::Mutex::new(0));
+    let seen = Arc::clone(&last);
+    let stream = context
+        .execute_sql(sql, move |status| {
+            *seen.lock().expect("lock") = status.store_bytes_read;
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    datafusion::physical_plan::common::collect(stream)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    *last.lock().expect("lock")
+}
+
 async fn assert_no_secret_in_history(context: &QuiverContext) {
     let jobs = context.list_jobs(1000).await.expect("list jobs");
     assert!(!jobs.is_empty());
@@ -231,6 +247,20 @@ async fn distributed_writes_commit_every_file_once() {
         .await
         .expect("read back");
     compare(&expected, &actual).expect("written rows equal the source rows");
+
+    // Pruning: what a query reads from the bucket, as its job status counts it.
+    let full = bytes_read(&context, "SELECT sum(l_quantity) FROM copied").await;
+    let one_partition = bytes_read(
+        &context,
+        "SELECT sum(l_quantity) FROM copied WHERE l_returnflag = 'A'",
+    )
+    .await;
+    eprintln!("bytes read: full scan {full}, one partition folder {one_partition}");
+    assert!(full > 0);
+    assert!(
+        one_partition * 2 < full,
+        "partition pruning: {one_partition} of {full} bytes"
+    );
 
     // INSERT INTO appends; INSERT OVERWRITE replaces.
     let slice = "SELECT l_orderkey, l_quantity FROM lineitem WHERE l_orderkey < 1000";

@@ -9,7 +9,7 @@ use std::time::Instant;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::TaskContext;
-use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::physical_plan::ExecutionPlan;
 use quiver_core::codec::decode_physical_plan;
@@ -18,6 +18,7 @@ use quiver_core::error::{classify_failure, fetch_failure};
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::{MapOutputId, job_dir, validate_identifier};
 use quiver_core::shuffle::{FlightClientPool, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec};
+use quiver_core::storage::metered::{MeteredRegistry, ReadMeter};
 use quiver_core::storage::{StoreOptions, StoreRegistry};
 use quiver_core::write::TaskAttempt;
 use quiver_proto::{
@@ -254,7 +255,8 @@ impl TaskRunner {
     async fn run(&self, launch: LaunchTask, address: ExecutorAddress) -> DfResult<MapOutput> {
         let task = launch.task.unwrap_or_default();
         self.configure_stores(&launch.stores)?;
-        let context = self.task_context(&launch.settings, &task)?;
+        let meter = Arc::new(ReadMeter::default());
+        let context = self.task_context(&launch.settings, &task, &meter)?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
         let plan =
@@ -288,6 +290,8 @@ impl TaskRunner {
             attempt: task.attempt,
             partitions,
             durable_location,
+            store_bytes_read: meter.bytes(),
+            store_requests: meter.requests(),
         })
     }
 
@@ -324,24 +328,34 @@ impl TaskRunner {
         Ok(())
     }
 
+    /// The task's context: the executor's runtime, whose object store reads
+    /// are counted into `meter`, and the job's settings.
     fn task_context(
         &self,
         settings: &[quiver_proto::Setting],
         task: &TaskId,
+        meter: &Arc<ReadMeter>,
     ) -> DfResult<Arc<TaskContext>> {
+        let stores = MeteredRegistry::new(
+            Arc::clone(&self.runtime.object_store_registry),
+            Arc::clone(meter),
+        );
+        let runtime = RuntimeEnvBuilder::from_runtime_env(&self.runtime)
+            .with_object_store_registry(Arc::new(stores))
+            .build_arc()?;
         let config = session_config_from_settings(settings)?
             .with_extension(Arc::new(ShuffleEnv {
                 executor_id: self.executor_id.clone(),
                 work_dir: self.shuffle_dir.clone(),
                 clients: self.clients.clone(),
-                runtime: Arc::clone(&self.runtime),
+                runtime: Arc::clone(&runtime),
             }))
             .with_extension(Arc::new(TaskAttempt {
                 attempt: task.attempt,
             }));
         let state = SessionStateBuilder::new()
             .with_config(config)
-            .with_runtime_env(Arc::clone(&self.runtime))
+            .with_runtime_env(runtime)
             .with_default_features()
             .with_session_id(task.job_id.clone())
             .build();

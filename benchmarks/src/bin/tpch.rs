@@ -104,6 +104,10 @@ struct RunArgs {
     /// Write the comparison table as markdown to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// A session setting for the Quiver jobs, as KEY=VALUE (repeatable), e.g.
+    /// `--set quiver.shuffle_location=s3://bucket/shuffle`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
 }
 
 #[tokio::main]
@@ -155,6 +159,16 @@ async fn run(args: RunArgs) -> Result<(), String> {
         };
         let (context, started) = quiver_context(args.url.as_deref(), options).await?;
         cluster = started;
+        for setting in &args.settings {
+            let (key, value) = setting
+                .split_once('=')
+                .ok_or_else(|| format!("--set takes KEY=VALUE, got '{setting}'"))?;
+            let statement = format!("SET {key} = '{}'", value.replace('\'', "''"));
+            context
+                .sql(&statement)
+                .await
+                .map_err(|e| format!("{statement}: {e}"))?;
+        }
         engines.push(Engine::Quiver(context));
     }
     if args.engine != EngineChoice::Quiver || args.verify {

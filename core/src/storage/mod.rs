@@ -4,7 +4,9 @@
 //!   checked when a statement is planned and never shown in clear.
 //! - [`registry`]: builds each location's store from the environment and its
 //!   options, on first use; one registry per scheduler and per executor.
+//! - [`metered`]: counts the bytes each task reads from stores.
 
+pub mod metered;
 pub mod options;
 pub mod registry;
 

@@ -512,6 +512,8 @@ impl Job {
             queue_position: self.queue_position,
             rows_written: written.rows,
             bytes_written: written.bytes,
+            store_bytes_read: self.outputs().map(|output| output.store_bytes_read).sum(),
+            store_requests: self.outputs().map(|output| output.store_requests).sum(),
             result_rows: if self.state == JobState::Succeeded {
                 self.final_stage()
                     .map_or(0, |stage| stage_written(stage).rows)
@@ -519,6 +521,16 @@ impl Job {
                 0
             },
         }
+    }
+}
+
+impl Job {
+    /// The outputs of the finished tasks.
+    fn outputs(&self) -> impl Iterator<Item = &MapOutput> {
+        self.stages
+            .iter()
+            .flat_map(|stage| &stage.tasks)
+            .filter_map(|task| task.output.as_ref())
     }
 }
 
@@ -606,6 +618,7 @@ mod tests {
             } else {
                 format!("{}/job/{stage}/{partition}", launch.durable_shuffle)
             },
+            ..MapOutput::default()
         };
         job.on_success(&launch.task.expect("task id"), output);
     }

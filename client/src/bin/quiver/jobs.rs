@@ -93,6 +93,7 @@ fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result
         ("elapsed_ms", numbers(|s| s.elapsed_micros / 1000)),
         ("result_rows", numbers(|s| s.result_rows)),
         ("bytes_written", numbers(|s| s.bytes_written)),
+        ("store_bytes_read", numbers(|s| s.store_bytes_read)),
         ("error", strings(|s, _| s.error.clone())),
         (
             "query",

@@ -155,12 +155,13 @@ fn print_progress(status: &JobStatus, started: Instant) {
         return;
     }
     eprint!(
-        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows, {} written, {elapsed:.1}s",
+        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows, {} written, {} read from storage, {elapsed:.1}s",
         status.stages_done,
         status.stages_total,
         status.tasks_running,
         status.rows_written,
         human_bytes(status.bytes_written),
+        human_bytes(status.store_bytes_read),
     );
 }
 
