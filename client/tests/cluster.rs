@@ -322,3 +322,46 @@ async fn explain_shows_the_stage_dag() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_to_one_table_run_one_at_a_time() {
+    let (cluster, context) = cluster().await;
+    let folders = tempfile::tempdir().expect("temp folder");
+    for table in ["busy", "other"] {
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {table} (value BIGINT) STORED AS PARQUET LOCATION '{}/{table}/'",
+            folders.path().display()
+        );
+        query(&context, &ddl).await;
+    }
+    // A write that scans for hours and writes nothing, until cancelled.
+    let endless = context
+        .submit_sql("INSERT INTO busy SELECT value FROM range(1, 1000000000000) WHERE value < 0")
+        .await
+        .expect("submit");
+    wait_for_state(&context, &endless.job_id, JobState::Running).await;
+    let same_table = context
+        .submit_sql("INSERT OVERWRITE busy SELECT 1 AS value")
+        .await
+        .expect("submit");
+    let other_table = context
+        .submit_sql("INSERT INTO other SELECT 2 AS value")
+        .await
+        .expect("submit");
+    wait_for_state(&context, &other_table.job_id, JobState::Succeeded).await;
+    let waiting = context
+        .job_status(&same_table.job_id)
+        .await
+        .expect("status");
+    assert_eq!(
+        waiting.state(),
+        JobState::Queued,
+        "a second writer of a table waits for the first"
+    );
+
+    assert!(context.cancel_job(&endless.job_id).await.expect("cancel"));
+    wait_for_state(&context, &same_table.job_id, JobState::Succeeded).await;
+    let rows = query(&context, "SELECT value FROM busy").await;
+    assert_eq!(rows.iter().map(|batch| batch.num_rows()).sum::<usize>(), 1);
+    cluster.shutdown().await;
+}

@@ -59,6 +59,27 @@ pub fn store_configs(
         .collect())
 }
 
+/// The table folder that `plan` commits a distributed write into, if any.
+/// Jobs writing the same folder run one at a time: two commits (an overwrite
+/// and anything else) must not interleave their deletes and moves.
+pub fn write_target(plan: &Arc<dyn ExecutionPlan>) -> Option<String> {
+    let mut target = None;
+    plan.apply(|node| {
+        if let Some(commit) = node.downcast_ref::<ParquetCommitExec>() {
+            target = commit
+                .sink()
+                .config()
+                .table_paths
+                .first()
+                .map(ToString::to_string);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .ok()?;
+    target
+}
+
 fn scanned_location(node: &Arc<dyn ExecutionPlan>) -> Option<ObjectStoreUrl> {
     let source = node.downcast_ref::<DataSourceExec>()?;
     let scan = source.data_source().downcast_ref::<FileScanConfig>()?;

@@ -39,7 +39,7 @@ use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::catalog;
 use crate::error::{Error, Result};
-use crate::locations::store_configs;
+use crate::locations::{store_configs, write_target};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
@@ -72,6 +72,8 @@ pub struct StagedJob {
     pub stores: Vec<StoreConfig>,
     /// `quiver.shuffle_location`, or empty.
     pub durable_shuffle: String,
+    /// The table folder the job writes, if it writes one.
+    pub writes_to: Option<String>,
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -283,6 +285,7 @@ impl Planner {
         let durable_shuffle = options.shuffle_location.trim().to_owned();
         let stores = store_configs(&physical, &durable_shuffle, &self.object_stores)
             .map_err(Error::Query)?;
+        let writes_to = write_target(&physical);
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
         let encoded = encode_stages(stages.clone()).await?;
         Ok(StagedJob {
@@ -292,6 +295,7 @@ impl Planner {
             limits: JobLimits::from_options(&options),
             stores,
             durable_shuffle,
+            writes_to,
         })
     }
 

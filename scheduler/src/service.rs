@@ -114,6 +114,7 @@ impl SchedulerGrpc {
             settings,
             stores: job.stores,
             durable_shuffle: job.durable_shuffle,
+            writes_to: job.writes_to,
             limits: job.limits,
             stages: job.stages,
             encoded: job.encoded,

@@ -270,8 +270,9 @@ impl SchedulerLoop {
         job.query = submitted.query;
         job.stores = submitted.stores;
         job.durable_shuffle = submitted.durable_shuffle;
+        job.writes_to = submitted.writes_to;
         job.submitted_at_unix_ms = unix_millis();
-        if self.at_job_limit() {
+        if self.at_job_limit() || self.target_busy(job.writes_to.as_deref()) {
             job.enqueue(self.queue.len() as u32);
             self.queue.push_back(submitted.job_id.clone());
             info!(job_id = %submitted.job_id, position = job.queue_position, "job queued");
@@ -422,19 +423,41 @@ impl SchedulerLoop {
         self.config.max_running_jobs > 0 && running >= self.config.max_running_jobs
     }
 
-    /// Starts queued jobs, oldest first, while the job limit allows.
+    /// Whether a running job writes into the table folder `target`.
+    fn target_busy(&self, target: Option<&str>) -> bool {
+        target.is_some_and(|target| {
+            self.jobs.values().any(|(job, _)| {
+                job.state == JobState::Running && job.writes_to.as_deref() == Some(target)
+            })
+        })
+    }
+
+    /// Starts queued jobs, oldest first, while the job limit allows. A job
+    /// whose table folder another running job writes stays queued, in its
+    /// place; the jobs behind it may start.
     fn admit_queued(&mut self) {
         let mut admitted = false;
-        while !self.queue.is_empty() && !self.at_job_limit() {
-            let Some(job_id) = self.queue.pop_front() else {
-                break;
-            };
+        let mut waiting = VecDeque::new();
+        while let Some(job_id) = self.queue.pop_front() {
+            if self.at_job_limit() {
+                waiting.push_back(job_id);
+                continue;
+            }
+            let target = self
+                .jobs
+                .get(&job_id)
+                .and_then(|(job, _)| job.writes_to.clone());
+            if self.target_busy(target.as_deref()) {
+                waiting.push_back(job_id);
+                continue;
+            }
             if let Some((job, _)) = self.jobs.get_mut(&job_id) {
                 job.admit(Instant::now());
                 info!(%job_id, "job admitted from the queue");
                 admitted = true;
             }
         }
+        self.queue = waiting;
         if admitted {
             for (position, job_id) in self.queue.iter().enumerate() {
                 if let Some((job, _)) = self.jobs.get_mut(job_id) {

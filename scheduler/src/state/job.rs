@@ -83,6 +83,8 @@ pub struct Job {
     /// `quiver.shuffle_location`: where map outputs are copied to outlive
     /// their executors; empty to keep them on the executors only.
     pub durable_shuffle: String,
+    /// The table folder the job writes, if any: one writer per folder runs.
+    pub writes_to: Option<String>,
     pub max_attempts: u32,
     /// When the job fails for running too long, if it has a timeout.
     pub deadline: Option<Instant>,
@@ -138,6 +140,7 @@ impl Job {
             settings,
             stores: Vec::new(),
             durable_shuffle: String::new(),
+            writes_to: None,
             max_attempts: limits.max_attempts.max(1),
             deadline: limits.timeout.map(|timeout| now + timeout),
             timeout: limits.timeout,

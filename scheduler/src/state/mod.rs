@@ -67,6 +67,8 @@ pub struct SubmittedJob {
     pub stores: Vec<StoreConfig>,
     /// `quiver.shuffle_location`, or empty.
     pub durable_shuffle: String,
+    /// The table folder the job writes: one writer per folder runs at a time.
+    pub writes_to: Option<String>,
     pub limits: JobLimits,
     pub stages: Vec<StagePlan>,
     /// The datafusion-proto bytes of each stage's plan, in stage order.
