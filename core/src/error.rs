@@ -19,6 +19,10 @@ pub enum Error {
     #[error("arrow error: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 
+    /// A durable map output is not where its location says.
+    #[error("durable shuffle data at {location} is missing")]
+    DurableOutputMissing { location: String },
+
     /// A map output could not be copied to or read from durable storage.
     #[error("durable shuffle data at {location}: {reason}")]
     DurableShuffle { location: String, reason: String },

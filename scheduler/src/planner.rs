@@ -282,7 +282,15 @@ impl Planner {
             .get::<QuiverOptions>()
             .cloned()
             .unwrap_or_default();
-        let durable_shuffle = options.shuffle_location.trim().to_owned();
+        let durable_shuffle = match options.shuffle_location.trim() {
+            "" => String::new(),
+            // A plain folder becomes a file:// URL, as executors expect.
+            location => ListingTableUrl::parse(location)
+                .map_err(Error::Query)?
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned(),
+        };
         let stores = store_configs(&physical, &durable_shuffle, &self.object_stores)
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);

@@ -31,8 +31,10 @@ use crate::error::{Error, Result};
 use crate::guard::catch_decoder_panic;
 use crate::storage::remove_local_folder;
 
-/// Upload buffer of a data file: one multipart part at a time.
-const UPLOAD_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+/// Upload buffer of a data file: the size of one multipart part.
+const UPLOAD_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Parts of one upload in flight at once; each holds a buffer.
+const UPLOAD_CONCURRENCY: usize = 2;
 
 /// Where one map output lives under `shuffle_location`, without extension.
 pub fn output_location(shuffle_location: &str, id: &MapOutputId) -> String {
@@ -96,16 +98,15 @@ pub async fn upload(
         Arc::clone(&store),
         with_extension(&path, "data")?,
         UPLOAD_BUFFER_BYTES,
-    );
-    let copied = async {
-        tokio::io::copy(&mut data, &mut upload).await?;
-        upload.shutdown().await
-    }
-    .await;
-    if let Err(e) = copied {
+    )
+    .with_max_concurrency(UPLOAD_CONCURRENCY);
+    if let Err(e) = tokio::io::copy(&mut data, &mut upload).await {
         let _ = upload.abort().await;
         return Err(failed(e.to_string()));
     }
+    // A writer that failed to shut down must not be aborted: it may be
+    // shut down already. What it leaves is an unfinished upload, not a file.
+    upload.shutdown().await.map_err(|e| failed(e.to_string()))?;
     let index = tokio::fs::read(index_file)
         .await
         .map_err(|e| Error::io(index_file, e))?;
@@ -132,17 +133,23 @@ pub async fn open_partition(
     let (store, path) = resolve(runtime, location)?;
     let data_path = with_extension(&path, "data")?;
     let index_path = with_extension(&path, "index")?;
+    let missing_or_failed = |e: object_store::Error| match e {
+        object_store::Error::NotFound { .. } => Error::DurableOutputMissing {
+            location: location.to_owned(),
+        },
+        other => failed(other.to_string()),
+    };
     let index_bytes = store
         .get(&index_path)
         .await
-        .map_err(|e| failed(e.to_string()))?
+        .map_err(missing_or_failed)?
         .bytes()
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(missing_or_failed)?;
     let data_len = store
         .head(&data_path)
         .await
-        .map_err(|e| failed(e.to_string()))?
+        .map_err(missing_or_failed)?
         .size;
     let index = decode_index(
         std::path::Path::new(index_path.as_ref()),
@@ -160,7 +167,7 @@ pub async fn open_partition(
         let bytes = store
             .get_range(&data_path, start..end)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(missing_or_failed)?;
         let actual = crc32fast::hash(&bytes);
         let expected = index.checksums[partition];
         if actual != expected {

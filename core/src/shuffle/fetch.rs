@@ -135,10 +135,20 @@ pub async fn fetch_partition(
     let durable = &location.output.durable_location;
     let opened = match env {
         Some(env) if env.executor_id == address.executor_id => {
-            open_local(&location, env, schema).await
+            match open_local(&location, env, Arc::clone(&schema)).await {
+                Err(_) if !durable.is_empty() => {
+                    durable::open_partition(&env.runtime, durable, location.partition, schema).await
+                }
+                opened => opened,
+            }
         }
         Some(env) if !durable.is_empty() => {
-            durable::open_partition(&env.runtime, durable, location.partition, schema).await
+            match durable::open_partition(&env.runtime, durable, location.partition, schema).await {
+                // The store is slow or throttling, and the copy may be fine:
+                // the reader is retried, nothing is recomputed.
+                Err(transient @ Error::DurableShuffle { .. }) => return Err(transient),
+                opened => opened,
+            }
         }
         _ => fetch_remote(&location, &address, pool, schema).await,
     };

@@ -240,9 +240,14 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
             built(builder.build().map(|s| Arc::new(s) as _))
         }
         ObjectStoreScheme::Http => {
+            // A location written as http:// asks for plain HTTP.
             let mut builder = HttpBuilder::new()
                 .with_url(&url[..url::Position::BeforePath])
-                .with_retry(retry_config());
+                .with_retry(retry_config())
+                .with_config(
+                    object_store::ClientConfigKey::AllowHttp,
+                    (url.scheme() == "http").to_string(),
+                );
             for (name, value) in options.for_provider("http") {
                 builder = builder.with_config(parse_key(url, name)?, value);
             }
