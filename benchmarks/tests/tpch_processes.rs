@@ -161,6 +161,13 @@ fn check_cli_jobs(url: &str) {
         "{listing}"
     );
 
+    // SET in a script changes the session for the statements after it.
+    let started = Instant::now();
+    let timed_out = cli(url, &format!("SET quiver.job_timeout_secs = 1; {endless}"))
+        .expect_err("the job times out");
+    assert!(timed_out.contains("timed out"), "{timed_out}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
     // A result written to Parquet, read back by DataFusion's own reader.
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("nations.parquet");

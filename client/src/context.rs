@@ -8,6 +8,8 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::{DFParser, Statement};
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use quiver_core::config::{default_session_config, settings_to_send};
 use quiver_core::shuffle::FlightClientPool;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
@@ -178,11 +180,19 @@ impl QuiverContext {
 
     /// Sends SQL text to the cluster to be planned there, and streams the result.
     /// This is what the CLI uses; `progress` sees every status update.
+    ///
+    /// `SET` and `RESET` change this session instead: its settings travel
+    /// with every later job.
     pub async fn execute_sql(
         &self,
         sql: &str,
         progress: impl FnMut(&JobStatus),
     ) -> Result<SendableRecordBatchStream> {
+        if changes_session(sql) {
+            let plan = self.session.state().create_logical_plan(sql).await?;
+            let frame = self.session.execute_logical_plan(plan).await?;
+            return Ok(frame.execute_stream().await?);
+        }
         job::execute(
             self.client.clone(),
             self.pool.clone(),
@@ -253,9 +263,34 @@ fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Whether `sql` is one `SET` or `RESET` statement.
+fn changes_session(sql: &str) -> bool {
+    let Ok(statements) = DFParser::parse_sql(sql) else {
+        return false;
+    };
+    match statements.front() {
+        Some(Statement::Reset(_)) => statements.len() == 1,
+        Some(Statement::Statement(inner)) => {
+            statements.len() == 1 && matches!(inner.as_ref(), SqlStatement::Set(_))
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_set_and_reset_change_the_session() {
+        assert!(changes_session(
+            "SET datafusion.execution.parquet.pruning = false"
+        ));
+        assert!(changes_session("reset quiver.job_timeout_secs"));
+        assert!(!changes_session("SELECT 1"));
+        assert!(!changes_session("SET a = 1; SELECT 1"));
+        assert!(!changes_session("not sql at all"));
+    }
 
     #[test]
     fn urls() {
