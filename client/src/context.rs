@@ -7,6 +7,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::EmptyRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -190,8 +191,9 @@ impl QuiverContext {
     ) -> Result<SendableRecordBatchStream> {
         if changes_session(sql) {
             let plan = self.session.state().create_logical_plan(sql).await?;
-            let frame = self.session.execute_logical_plan(plan).await?;
-            return Ok(frame.execute_stream().await?);
+            self.session.execute_logical_plan(plan).await?;
+            let nothing = Arc::new(arrow::datatypes::Schema::empty());
+            return Ok(Box::pin(EmptyRecordBatchStream::new(nothing)));
         }
         job::execute(
             self.client.clone(),
