@@ -9,6 +9,7 @@
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
 //! - [`guard`]: decoding untrusted bytes without panicking.
 //! - [`net`]: accepted connections for servers that take a bound listener.
+//! - [`operators`]: what Quiver's execution plan operators share.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
 //! - [`storage`]: the object stores behind table and output locations, and their options.
 //! - [`write`]: distributed Parquet writes: per-task files, then one commit.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod guard;
 pub mod ipc;
 pub mod net;
+pub mod operators;
 pub mod process;
 pub mod shuffle;
 pub mod storage;

@@ -33,6 +33,7 @@ use quiver_proto::PartitionStats;
 
 use super::layout::{Index, MapOutputId, checksum_ranges, encode_index};
 use crate::error::Error;
+use crate::operators::only_child;
 
 /// Writes the output of one stage partition (one map task) as shuffle data.
 #[derive(Debug)]
@@ -459,13 +460,10 @@ impl ExecutionPlan for ShuffleWriterExec {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
-            DataFusionError::Internal("ShuffleWriterExec takes exactly one child".into())
-        })?;
         Ok(Arc::new(Self::new(
             self.job_id.clone(),
             self.stage_id,
-            input,
+            only_child(children, "ShuffleWriterExec")?,
             self.partitioning.clone(),
         )))
     }

@@ -29,17 +29,15 @@ use datafusion::datasource::physical_plan::FileSink;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
+use crate::operators::{final_output, only_child};
 use crate::storage::remove_local_folder;
 
 use super::layout::{
@@ -70,12 +68,7 @@ pub struct ParquetCommitExec {
 
 impl ParquetCommitExec {
     pub fn new(input: Arc<dyn ExecutionPlan>, sink: Arc<ParquetSink>, job_id: String) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&COUNT_SCHEMA)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
+        let properties = final_output(Arc::clone(&COUNT_SCHEMA), 1);
         Self {
             input,
             sink,
@@ -128,11 +121,8 @@ impl ExecutionPlan for ParquetCommitExec {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
-            DataFusionError::Internal("ParquetCommitExec takes exactly one child".into())
-        })?;
         Ok(Arc::new(Self::new(
-            input,
+            only_child(children, "ParquetCommitExec")?,
             Arc::clone(&self.sink),
             self.job_id.clone(),
         )))

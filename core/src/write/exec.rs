@@ -15,12 +15,10 @@ use datafusion::datasource::physical_plan::{FileSink, FileSinkConfig};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
-    PlanProperties,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
 };
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
@@ -34,6 +32,7 @@ use super::TaskAttempt;
 use super::layout::{attempt_staging, file_name, join};
 use super::partition::HivePartitioner;
 use crate::config::QuiverOptions;
+use crate::operators::{final_output, only_child};
 
 /// Files one write task keeps open at once, across partition folders. Past
 /// it, the least recently written file is finished: a task writing many
@@ -64,12 +63,10 @@ pub struct ParquetWriteExec {
 
 impl ParquetWriteExec {
     pub fn new(input: Arc<dyn ExecutionPlan>, sink: Arc<ParquetSink>, job_id: String) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&WRITTEN_FILES_SCHEMA)),
-            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
+        let properties = final_output(
+            Arc::clone(&WRITTEN_FILES_SCHEMA),
+            input.output_partitioning().partition_count(),
+        );
         Self {
             input,
             sink,
@@ -127,11 +124,8 @@ impl ExecutionPlan for ParquetWriteExec {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
-            DataFusionError::Internal("ParquetWriteExec takes exactly one child".into())
-        })?;
         Ok(Arc::new(Self::new(
-            input,
+            only_child(children, "ParquetWriteExec")?,
             Arc::clone(&self.sink),
             self.job_id.clone(),
         )))
