@@ -334,12 +334,23 @@ async fn writes_to_one_table_run_one_at_a_time() {
         );
         query(&context, &ddl).await;
     }
-    // A write that scans for hours and writes nothing, until cancelled.
+    // A write that would go on for hours, until cancelled, finishing small
+    // files as it goes.
+    query(&context, "SET quiver.target_file_bytes = 65536").await;
     let endless = context
-        .submit_sql("INSERT INTO busy SELECT value FROM range(1, 1000000000000) WHERE value < 0")
+        .submit_sql("INSERT INTO busy SELECT value FROM range(1, 1000000000000)")
         .await
         .expect("submit");
     wait_for_state(&context, &endless.job_id, JobState::Running).await;
+    let staging = folders.path().join("busy/_temporary").join(&endless.job_id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !staging.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the endless write staged nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let same_table = context
         .submit_sql("INSERT OVERWRITE busy SELECT 1 AS value")
         .await
@@ -363,5 +374,16 @@ async fn writes_to_one_table_run_one_at_a_time() {
     wait_for_state(&context, &same_table.job_id, JobState::Succeeded).await;
     let rows = query(&context, "SELECT value FROM busy").await;
     assert_eq!(rows.iter().map(|batch| batch.num_rows()).sum::<usize>(), 1);
+
+    // The cancelled write's staged files are deleted, stragglers included.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while staging.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "a cancelled write left {}",
+            staging.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.shutdown().await;
 }

@@ -9,6 +9,7 @@ use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::redact_sql;
+use quiver_core::write::remove_staging;
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
@@ -86,6 +87,11 @@ fn describe_query(query: &Query) -> String {
     }
 }
 
+/// How long tasks cancelled with a job may go on writing.
+const STRAGGLER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+type JobWatcher = watch::Receiver<JobStatus>;
+
 impl SchedulerGrpc {
     /// Hands a planned job to the event loop; the returned receiver follows
     /// its status.
@@ -105,9 +111,7 @@ impl SchedulerGrpc {
         self.handle
             .directory
             .insert(job_id.clone(), watcher.clone());
-        if !job.durable_shuffle.is_empty() {
-            self.remove_durable_shuffle_when_done(&job_id, &job.durable_shuffle, watcher.clone());
-        }
+        self.clean_up_storage_when_done(&job_id, &job, &watcher);
         self.send(Event::JobSubmitted(Box::new(SubmittedJob {
             job_id,
             query: description,
@@ -123,15 +127,20 @@ impl SchedulerGrpc {
         Ok(watcher)
     }
 
-    /// Deletes a job's durable map outputs once it has ended, however it ended.
-    fn remove_durable_shuffle_when_done(
-        &self,
-        job_id: &str,
-        location: &str,
-        mut watcher: watch::Receiver<JobStatus>,
-    ) {
+    /// Once a job has ended, however it ended, deletes what it left in
+    /// object storage: its durable map outputs, and the staging folder of
+    /// its write (which a failed or cancelled write leaves behind). It does
+    /// so twice: tasks cancelled with the job may still be writing for a
+    /// moment after it ends.
+    fn clean_up_storage_when_done(&self, job_id: &str, job: &StagedJob, watcher: &JobWatcher) {
+        let durable = Some(job.durable_shuffle.clone()).filter(|location| !location.is_empty());
+        let staging = job.writes_to.clone();
+        if durable.is_none() && staging.is_none() {
+            return;
+        }
         let runtime = self.planner.runtime_env();
-        let (job_id, location) = (job_id.to_owned(), location.to_owned());
+        let job_id = job_id.to_owned();
+        let mut watcher = watcher.clone();
         tokio::spawn(async move {
             // An error means the scheduler is stopping; the data stays.
             if watcher
@@ -141,10 +150,22 @@ impl SchedulerGrpc {
             {
                 return;
             }
-            match durable::remove_job(&runtime, &location, &job_id).await {
-                Ok(()) => debug!(%job_id, "removed durable shuffle data"),
-                Err(e) => warn!(%job_id, %e, "cannot remove durable shuffle data"),
+            for pass in 0..2 {
+                if pass > 0 {
+                    tokio::time::sleep(STRAGGLER_GRACE).await;
+                }
+                if let Some(location) = &durable
+                    && let Err(e) = durable::remove_job(&runtime, location, &job_id).await
+                {
+                    warn!(%job_id, %e, "cannot remove durable shuffle data");
+                }
+                if let Some(table) = &staging
+                    && let Err(e) = remove_staging(&runtime, table, &job_id).await
+                {
+                    warn!(%job_id, %e, "cannot remove a write's staged files");
+                }
             }
+            debug!(%job_id, "removed the job's data from object storage");
         });
     }
 }

@@ -22,6 +22,31 @@ pub use commit::ParquetCommitExec;
 pub use exec::ParquetWriteExec;
 pub use plan::distribute_parquet_writes;
 
+use datafusion::datasource::listing::ListingTableUrl;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use futures::{StreamExt, TryStreamExt};
+
+/// Deletes the staging folder of `job_id` under the table at `table_url`:
+/// what its attempts wrote and no commit moved.
+pub async fn remove_staging(
+    runtime: &RuntimeEnv,
+    table_url: &str,
+    job_id: &str,
+) -> datafusion::error::Result<()> {
+    let table = ListingTableUrl::parse(table_url)?;
+    let store = runtime.object_store(table.object_store())?;
+    let staging = layout::job_staging(table.prefix(), job_id);
+    let staged = store
+        .list(Some(&staging))
+        .map_ok(|meta| meta.location)
+        .boxed();
+    store.delete_stream(staged).try_collect::<Vec<_>>().await?;
+    if table.scheme() == "file" {
+        crate::storage::remove_local_folder(&staging).await?;
+    }
+    Ok(())
+}
+
 /// The attempt number of the task running a plan, set by the executor, so
 /// that each attempt writes under its own staging folder.
 #[derive(Debug, Clone, Copy, Default)]
