@@ -387,3 +387,32 @@ async fn writes_to_one_table_run_one_at_a_time() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catalog_queries_run_on_the_scheduler() {
+    let (cluster, context) = cluster().await;
+    let folder = tempfile::tempdir().expect("temp folder");
+    let ddl = format!(
+        "CREATE EXTERNAL TABLE described (id BIGINT, name VARCHAR) STORED AS PARQUET LOCATION '{}/'",
+        folder.path().display()
+    );
+    query(&context, &ddl).await;
+    for (sql, expected) in [
+        ("SHOW TABLES", "described"),
+        ("SHOW COLUMNS FROM described", "name"),
+        (
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+            "described",
+        ),
+    ] {
+        let stream = context.execute_sql(sql, |_| {}).await.expect(sql);
+        let batches = datafusion::physical_plan::common::collect(stream)
+            .await
+            .expect(sql);
+        let text = arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("render")
+            .to_string();
+        assert!(text.contains(expected), "{sql}:\n{text}");
+    }
+    cluster.shutdown().await;
+}

@@ -12,6 +12,7 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::file_format::format_as_file_type;
 use datafusion::datasource::file_format::parquet::ParquetFormatFactory;
 use datafusion::datasource::listing::ListingTableUrl;
@@ -268,6 +269,11 @@ impl Planner {
             LogicalPlan::Explain(explain) => explain_stages(job_id, explain, state, partitions)
                 .await
                 .map_err(Error::Query)?,
+            _ if reads_only_information_schema(logical) => {
+                run_on_scheduler(logical, state, Arc::clone(&schema))
+                    .await
+                    .map_err(Error::Query)?
+            }
             _ => state
                 .create_physical_plan(logical)
                 .await
@@ -433,6 +439,35 @@ fn plan_overwrite_as_append(plan: LogicalPlan) -> (LogicalPlan, bool) {
         }
         plan => (plan, false),
     }
+}
+
+/// Whether every table `plan` reads is in `information_schema`: the shared
+/// catalog's own description, which lives on the scheduler only (`SHOW
+/// TABLES`, `SHOW COLUMNS`, `SHOW CREATE TABLE`, `SHOW ALL`).
+fn reads_only_information_schema(plan: &LogicalPlan) -> bool {
+    let (mut scans, mut catalog_scans) = (0, 0);
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            scans += 1;
+            if scan.table_name.schema() == Some("information_schema") {
+                catalog_scans += 1;
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    scans > 0 && scans == catalog_scans
+}
+
+/// Runs a small query on the scheduler and returns its rows as a one-stage
+/// job, as `EXPLAIN` does.
+async fn run_on_scheduler(
+    plan: &LogicalPlan,
+    state: &SessionState,
+    schema: SchemaRef,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let physical = state.create_physical_plan(plan).await?;
+    let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
+    MemorySourceConfig::try_new_exec(&[batches], schema, None).map(|exec| exec as _)
 }
 
 /// Whether an error came from reading files rather than from the statement.
