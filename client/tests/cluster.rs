@@ -400,6 +400,7 @@ async fn catalog_queries_run_on_the_scheduler() {
     for (sql, expected) in [
         ("SHOW TABLES", "described"),
         ("SHOW COLUMNS FROM described", "name"),
+        ("SHOW CREATE TABLE described", "LOCATION"),
         (
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
             "described",
