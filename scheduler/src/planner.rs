@@ -228,10 +228,8 @@ impl Planner {
                 _ => None,
             };
             let context = SessionContext::new_with_state(state.clone());
-            let executed = match context.execute_logical_plan(logical).await {
-                Ok(frame) => frame.collect().await.map(|_| ()),
-                Err(e) => Err(e),
-            };
+            let executed =
+                async { context.execute_logical_plan(logical).await?.collect().await }.await;
             executed.map_err(|e| match location {
                 Some(location) if is_storage_error(&e) => Error::TableLocation {
                     location,

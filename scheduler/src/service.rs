@@ -90,8 +90,6 @@ fn describe_query(query: &Query) -> String {
 /// How long tasks cancelled with a job may go on writing.
 const STRAGGLER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-type JobWatcher = watch::Receiver<JobStatus>;
-
 impl SchedulerGrpc {
     /// Hands a planned job to the event loop; the returned receiver follows
     /// its status.
@@ -132,7 +130,12 @@ impl SchedulerGrpc {
     /// its write (which a failed or cancelled write leaves behind). It does
     /// so twice: tasks cancelled with the job may still be writing for a
     /// moment after it ends.
-    fn clean_up_storage_when_done(&self, job_id: &str, job: &StagedJob, watcher: &JobWatcher) {
+    fn clean_up_storage_when_done(
+        &self,
+        job_id: &str,
+        job: &StagedJob,
+        watcher: &watch::Receiver<JobStatus>,
+    ) {
         let durable = Some(job.durable_shuffle.clone()).filter(|location| !location.is_empty());
         let staging = job.writes_to.clone();
         if durable.is_none() && staging.is_none() {

@@ -19,7 +19,6 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use futures::{StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -29,7 +28,7 @@ use url::Url;
 use super::layout::{MapOutputId, decode_index};
 use crate::error::{Error, Result};
 use crate::guard::catch_decoder_panic;
-use crate::storage::remove_local_folder;
+use crate::storage::delete_prefix;
 
 /// Upload buffer of a data file: the size of one multipart part.
 const UPLOAD_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -199,21 +198,9 @@ pub async fn remove_job(runtime: &RuntimeEnv, shuffle_location: &str, job_id: &s
         reason,
     };
     let (store, prefix) = resolve(runtime, &location)?;
-    let paths = store
-        .list(Some(&prefix))
-        .map_ok(|meta| meta.location)
-        .boxed();
-    store
-        .delete_stream(paths)
-        .try_collect::<Vec<_>>()
+    delete_prefix(&store, &prefix, location.starts_with("file:"))
         .await
-        .map_err(|e| failed(e.to_string()))?;
-    if location.starts_with("file:") {
-        remove_local_folder(&prefix)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-    }
-    Ok(())
+        .map_err(|e| failed(e.to_string()))
 }
 
 #[cfg(test)]

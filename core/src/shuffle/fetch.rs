@@ -143,15 +143,15 @@ pub async fn fetch_partition(
             }
         }
         Some(env) if !durable.is_empty() => {
-            match durable::open_partition(&env.runtime, durable, location.partition, schema).await {
-                // The store is slow or throttling, and the copy may be fine:
-                // the reader is retried, nothing is recomputed.
-                Err(transient @ Error::DurableShuffle { .. }) => return Err(transient),
-                opened => opened,
-            }
+            durable::open_partition(&env.runtime, durable, location.partition, schema).await
         }
         _ => fetch_remote(&location, &address, pool, schema).await,
     };
+    // A slow or throttling store may hold a good durable copy: the reader is
+    // retried, and nothing is recomputed.
+    if let Err(transient @ Error::DurableShuffle { .. }) = opened {
+        return Err(transient);
+    }
     let stream = opened.map_err(|e| fetch_error(e.to_string()))?;
     let schema = stream.schema();
     let batches = stream.map_err(move |e| fetch_error(e.to_string()).into());

@@ -17,12 +17,50 @@ use std::sync::Arc;
 
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
+use object_store::path::Path;
+
+/// Deletes `paths`, many per request where the store can; a path that is
+/// gone already is fine.
+pub async fn delete_paths(
+    store: &Arc<dyn ObjectStore>,
+    paths: BoxStream<'static, object_store::Result<Path>>,
+) -> object_store::Result<()> {
+    store
+        .delete_stream(paths)
+        .filter(|deleted| {
+            let gone = matches!(deleted, Err(object_store::Error::NotFound { .. }));
+            futures::future::ready(!gone)
+        })
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+/// Deletes everything below `prefix`. On a local file system (`local`) the
+/// folder goes too: deleting objects there leaves their folders (and partial
+/// files of killed writers, which are not listed) behind.
+pub async fn delete_prefix(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    local: bool,
+) -> datafusion::error::Result<()> {
+    let listed = store
+        .list(Some(prefix))
+        .map_ok(|meta| meta.location)
+        .boxed();
+    delete_paths(store, listed).await?;
+    if local {
+        remove_local_folder(prefix).await?;
+    }
+    Ok(())
+}
 
 /// Removes the local folder behind `path` of a `file://` store, with
-/// whatever is left in it: deleting objects on a local file system leaves
-/// their folders (and partial files of killed writers, which are not
-/// listed) behind. A missing folder is fine.
-pub async fn remove_local_folder(path: &object_store::path::Path) -> std::io::Result<()> {
+/// whatever is left in it. A missing folder is fine.
+async fn remove_local_folder(path: &Path) -> std::io::Result<()> {
     let folder = std::path::Path::new("/").join(path.as_ref());
     match tokio::fs::remove_dir_all(&folder).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

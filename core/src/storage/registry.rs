@@ -200,12 +200,8 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
         return Ok(memory_store(&store_key(url)));
     }
     let (scheme, _) = ObjectStoreScheme::parse(url).map_err(|e| unsupported(e.to_string()))?;
-    let built = |result: object_store::Result<Arc<dyn ObjectStore>>| {
-        result.map_err(|source| StoreError::Build {
-            url: store_key(url),
-            source,
-        })
-    };
+    let built =
+        |result: object_store::Result<Arc<dyn ObjectStore>>| result.map_err(build_error(url));
     match scheme {
         ObjectStoreScheme::Local => Ok(local_store()),
         ObjectStoreScheme::AmazonS3 => {
@@ -213,11 +209,7 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
                 .with_url(url.as_str())
                 .with_retry(retry_config());
             for (name, value) in options.for_provider("aws") {
-                let config_key = aws_key(name).map_err(|source| StoreError::Build {
-                    url: store_key(url),
-                    source,
-                })?;
-                builder = builder.with_config(config_key, value);
+                builder = builder.with_config(aws_key(name).map_err(build_error(url))?, value);
             }
             built(builder.build().map(|s| Arc::new(s) as _))
         }
@@ -263,12 +255,15 @@ fn parse_key<K>(url: &Url, name: &str) -> Result<K, StoreError>
 where
     K: std::str::FromStr<Err = object_store::Error>,
 {
-    name.to_ascii_lowercase()
-        .parse()
-        .map_err(|source| StoreError::Build {
-            url: store_key(url),
-            source,
-        })
+    name.to_ascii_lowercase().parse().map_err(build_error(url))
+}
+
+/// Why the store of `url` cannot be built: named by its key, not its options.
+fn build_error(url: &Url) -> impl Fn(object_store::Error) -> StoreError + '_ {
+    move |source| StoreError::Build {
+        url: store_key(url),
+        source,
+    }
 }
 
 /// `aws.allow_http` and the other client options are spelled without a prefix.

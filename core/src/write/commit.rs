@@ -38,7 +38,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
 use crate::operators::{final_output, only_child};
-use crate::storage::remove_local_folder;
+use crate::storage::{delete_paths, delete_prefix};
 
 use super::layout::{
     STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to,
@@ -326,27 +326,20 @@ impl Commit {
     /// already, so what remains are the files of failed or losing attempts.
     async fn delete_staging(&self) -> Result<()> {
         let staging = job_staging(&self.table, &self.job_id);
-        let leftovers: Vec<Path> = self
-            .store
-            .list(Some(&staging))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await?;
-        self.delete_all(leftovers).await?;
+        delete_prefix(&self.store, &staging, self.local).await?;
         if self.local {
-            remove_local_folders(&self.table, &staging).await?;
+            // Other jobs may be writing into it: only an empty folder goes.
+            let temporary = std::path::Path::new("/")
+                .join(self.table.as_ref())
+                .join(STAGING_FOLDER);
+            let _ = tokio::fs::remove_dir(temporary).await;
         }
         Ok(())
     }
 
     async fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
-        concurrently(paths, &self.store, |store, path| async move {
-            match store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(DataFusionError::from(e)),
-            }
-        })
-        .await
+        let paths = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+        Ok(delete_paths(&self.store, paths).await?)
     }
 }
 
@@ -368,19 +361,6 @@ where
         .buffer_unordered(CONCURRENT_REQUESTS)
         .try_collect::<Vec<()>>()
         .await?;
-    Ok(())
-}
-
-/// Removes a job's local staging folder, and `_temporary` once empty.
-async fn remove_local_folders(table: &Path, staging: &Path) -> Result<()> {
-    remove_local_folder(staging)
-        .await
-        .map_err(DataFusionError::IoError)?;
-    // Other jobs may be writing into it: only an empty folder goes.
-    let temporary = std::path::Path::new("/")
-        .join(table.as_ref())
-        .join(STAGING_FOLDER);
-    let _ = tokio::fs::remove_dir(temporary).await;
     Ok(())
 }
 

@@ -246,8 +246,7 @@ impl WriteTask {
         }
         let open: Vec<OpenFile> = self.open.drain().map(|(_, file)| file).collect();
         for file in open {
-            let closed = self.close(file).await?;
-            self.written.push(closed);
+            self.finish(file).await?;
         }
         self.reservation.free();
         self.written_files()
@@ -271,8 +270,7 @@ impl WriteTask {
         let full =
             file.writer.bytes_written() + file.writer.in_progress_size() >= self.target_file_bytes;
         if full && let Some(file) = self.open.remove(&folder) {
-            let closed = self.close(file).await?;
-            self.written.push(closed);
+            self.finish(file).await?;
         }
         self.fit_memory().await
     }
@@ -311,23 +309,23 @@ impl WriteTask {
             .min_by_key(|(_, file)| file.last_write)
             .map(|(folder, _)| folder.clone());
         if let Some(file) = oldest.and_then(|folder| self.open.remove(&folder)) {
-            let closed = self.close(file).await?;
-            self.written.push(closed);
+            self.finish(file).await?;
         }
         Ok(())
     }
 
-    /// Finishes a file and reads back its size, footer included.
-    async fn close(&mut self, file: OpenFile) -> Result<WrittenFile> {
+    /// Finishes a file and records it, with its size read back, footer included.
+    async fn finish(&mut self, file: OpenFile) -> Result<()> {
         file.writer.close().await?;
         let path = staged_path(&self.staging, &file.relative)?;
         let store = Arc::clone(&self.store);
         let bytes = store.head(&path).await?.size;
-        Ok(WrittenFile {
+        self.written.push(WrittenFile {
             relative: file.relative,
             rows: file.rows,
             bytes,
-        })
+        });
+        Ok(())
     }
 
     fn open_file(&mut self, folder: &str) -> Result<OpenFile> {

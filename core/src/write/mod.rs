@@ -24,7 +24,8 @@ pub use plan::distribute_parquet_writes;
 
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use futures::{StreamExt, TryStreamExt};
+
+use crate::storage::delete_prefix;
 
 /// Deletes the staging folder of `job_id` under the table at `table_url`:
 /// what its attempts wrote and no commit moved.
@@ -36,15 +37,7 @@ pub async fn remove_staging(
     let table = ListingTableUrl::parse(table_url)?;
     let store = runtime.object_store(table.object_store())?;
     let staging = layout::job_staging(table.prefix(), job_id);
-    let staged = store
-        .list(Some(&staging))
-        .map_ok(|meta| meta.location)
-        .boxed();
-    store.delete_stream(staged).try_collect::<Vec<_>>().await?;
-    if table.scheme() == "file" {
-        crate::storage::remove_local_folder(&staging).await?;
-    }
-    Ok(())
+    delete_prefix(&store, &staging, table.scheme() == "file").await
 }
 
 /// The attempt number of the task running a plan, set by the executor, so
