@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{StreamExt, TryStreamExt};
 use quiver_core::ipc::schema_from_bytes;
-use quiver_core::shuffle::fetch::{FlightClientPool, PartitionRef, fetch_partition};
+use quiver_core::shuffle::fetch::{FlightClientPool, job_result};
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{
     JobRequest, JobState, JobStatus, Setting, SubmitJobRequest, submit_job_request::Query,
@@ -126,31 +125,13 @@ pub fn result_stream(
     schema: SchemaRef,
     status: JobStatus,
 ) -> SendableRecordBatchStream {
-    let job_id = status.job_id.clone();
-    let stage_id = status.result_stage;
-    let outputs = Arc::new(status.result);
-    let fetch_schema = Arc::clone(&schema);
-    let partitions = futures::stream::iter(0..outputs.len())
-        .then(move |index| {
-            let (job_id, pool, schema, outputs) = (
-                job_id.clone(),
-                pool.clone(),
-                Arc::clone(&fetch_schema),
-                Arc::clone(&outputs),
-            );
-            async move {
-                let location = PartitionRef {
-                    job_id: &job_id,
-                    stage_id,
-                    output: &outputs[index],
-                    partition: 0,
-                };
-                fetch_partition(location, None, &pool, schema)
-                    .await
-                    .map_err(DataFusionError::from)
-            }
-        })
-        .try_flatten();
+    let partitions = job_result(
+        pool,
+        status.job_id.clone(),
+        status.result_stage,
+        status.result,
+        Arc::clone(&schema),
+    );
     let release_job_id = status.job_id;
     let release = futures::stream::once(async move {
         let mut client = client;

@@ -41,6 +41,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot set up Flight SQL: {0}")]
+    FlightSql(#[source] arrow_flight::error::FlightError),
+
     #[error("the gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
 
@@ -83,7 +86,10 @@ impl From<Error> for Status {
             Error::UnknownJob(_) => Code::NotFound,
             Error::TableWrite { .. } => Code::Aborted,
             Error::ShuttingDown => Code::Unavailable,
-            Error::EncodePlan { .. } | Error::Bind { .. } | Error::Serve(_) => Code::Internal,
+            Error::EncodePlan { .. }
+            | Error::Bind { .. }
+            | Error::Serve(_)
+            | Error::FlightSql(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

@@ -2,6 +2,7 @@
 //! tasks on executors.
 //!
 //! - [`service`]: the gRPC service, for executors' control streams and clients' calls.
+//! - [`flight_sql`]: Arrow Flight SQL, on the same port, for ADBC, JDBC and BI tools.
 //! - [`planner`]: SQL or a logical plan to a physical plan, against the shared catalog.
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
@@ -18,6 +19,7 @@
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod flight_sql;
 pub mod joins;
 pub mod locations;
 pub mod planner;
@@ -29,6 +31,7 @@ pub mod tables;
 
 use std::future::Future;
 
+use arrow_flight::flight_service_server::FlightServiceServer;
 use quiver_proto::scheduler_service_server::SchedulerServiceServer;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -54,10 +57,17 @@ pub async fn run(
     }
     let handle = state::event_loop::spawn(config.loop_config(), &store)?;
     let service = service::SchedulerGrpc::new(handle, planner);
+    let flight_sql =
+        flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
     info!(?address, "scheduler serving");
     tonic::transport::Server::builder()
         .add_service(
             SchedulerServiceServer::new(service)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        )
+        .add_service(
+            FlightServiceServer::new(flight_sql)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         )

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{RecordBatch, StringArray};
-use arrow::datatypes::SchemaRef;
-use datafusion::catalog::TableProvider;
-use datafusion::common::TableReference;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{CatalogProviderList, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{ParamValues, TableReference};
 use datafusion::datasource::file_format::format_as_file_type;
 use datafusion::datasource::file_format::parquet::ParquetFormatFactory;
 use datafusion::datasource::listing::ListingTableUrl;
@@ -60,6 +60,16 @@ pub enum Planned {
         write: StagedJob,
         register: Vec<String>,
     },
+}
+
+/// What a statement returns and what it takes, as a prepared statement
+/// describes itself to a client.
+#[derive(Debug, Clone)]
+pub struct StatementShape {
+    pub result: SchemaRef,
+    /// One field per placeholder, named `$1`, `$2`...; `Null` where its type
+    /// cannot be inferred.
+    pub parameters: SchemaRef,
 }
 
 /// A job cut into stages, ready to run on the executors.
@@ -136,7 +146,7 @@ impl Planner {
         let mut failures = Vec::new();
         for entry in entries {
             let replayed = self
-                .plan_statement("catalog-replay", Query::Sql(entry.sql), &[], false)
+                .plan_statement("catalog-replay", Query::Sql(entry.sql), None, &[], false)
                 .await;
             if let Err(e) = replayed {
                 failures.push((entry.name, e));
@@ -163,7 +173,49 @@ impl Planner {
     }
 
     pub async fn plan(&self, job_id: &str, query: Query, settings: &[Setting]) -> Result<Planned> {
-        self.plan_statement(job_id, query, settings, true).await
+        self.plan_statement(job_id, query, None, settings, true)
+            .await
+    }
+
+    /// Plans SQL whose `$1`, `$2`... placeholders take `parameters`: a
+    /// prepared statement with bound values.
+    pub async fn plan_with_parameters(
+        &self,
+        job_id: &str,
+        sql: &str,
+        parameters: ParamValues,
+        settings: &[Setting],
+    ) -> Result<Planned> {
+        let query = Query::Sql(sql.to_owned());
+        self.plan_statement(job_id, query, Some(parameters), settings, true)
+            .await
+    }
+
+    /// What a statement would return, without running it: the schema of its
+    /// result and the types of its placeholders, in order (`$1` first).
+    pub async fn describe(&self, sql: &str, settings: &[Setting]) -> Result<StatementShape> {
+        let state = self.session_state(settings)?;
+        let logical = state.create_logical_plan(sql).await.map_err(Error::Query)?;
+        let result = Arc::new(logical.schema().as_arrow().clone());
+        let mut types: Vec<_> = logical
+            .get_parameter_types()
+            .map_err(Error::Query)?
+            .into_iter()
+            .collect();
+        // Placeholders are `$1`, `$2`...: order them by number, not as text.
+        types.sort_by_key(|(name, _)| {
+            name.trim_start_matches('$')
+                .parse::<usize>()
+                .unwrap_or(usize::MAX)
+        });
+        let fields: Vec<_> = types
+            .into_iter()
+            .map(|(name, data_type)| Field::new(name, data_type.unwrap_or(DataType::Null), true))
+            .collect();
+        Ok(StatementShape {
+            result,
+            parameters: Arc::new(Schema::new(fields)),
+        })
     }
 
     /// Plans a query; catalog statements run here and, if `persist`, are stored.
@@ -171,6 +223,7 @@ impl Planner {
         &self,
         job_id: &str,
         query: Query,
+        parameters: Option<ParamValues>,
         settings: &[Setting],
         persist: bool,
     ) -> Result<Planned> {
@@ -191,6 +244,16 @@ impl Planner {
                 decode_logical_plan(&bytes, &state.task_ctx(), &codec)
                     .map_err(Error::MalformedPlan)?
             }
+        };
+        let logical = match parameters {
+            // A catalog statement is stored as its text, which would lose the values.
+            Some(_) if matches!(logical, LogicalPlan::Ddl(_)) => {
+                return Err(Error::Query(DataFusionError::Plan(
+                    "catalog statements cannot take parameters".into(),
+                )));
+            }
+            Some(values) => logical.with_param_values(values).map_err(Error::Query)?,
+            None => logical,
         };
         let replaced = self.configure_locations(&logical)?;
         let planned = self
@@ -321,7 +384,7 @@ impl Planner {
         create: &CreateMemoryTable,
         state: &SessionState,
     ) -> Result<Planned> {
-        let empty = Arc::new(arrow::datatypes::Schema::empty());
+        let empty = Arc::new(Schema::empty());
         let exists = self
             .catalog
             .table_exist(create.name.clone())
@@ -408,6 +471,11 @@ impl Planner {
         for store in replaced.into_iter().rev() {
             self.object_stores.restore(store);
         }
+    }
+
+    /// The catalogs every job sees.
+    pub fn catalogs(&self) -> Arc<dyn CatalogProviderList> {
+        Arc::clone(self.catalog.state().catalog_list())
     }
 
     /// The runtime of the shared catalog, with the scheduler's object stores.

@@ -4,6 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use arrow::datatypes::SchemaRef;
+use datafusion::common::ParamValues;
+use datafusion::error::DataFusionError;
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
@@ -53,7 +56,30 @@ impl SchedulerGrpc {
         }
     }
 
-    fn job_status(&self, job_id: &str) -> Result<watch::Receiver<JobStatus>, Status> {
+    /// The planner, whose shared catalog every job sees.
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// Cancels a job without waiting for the answer: for a caller that is
+    /// going away.
+    pub fn cancel_in_background(&self, job_id: &str) {
+        let (reply, _) = oneshot::channel();
+        self.handle.send(Event::CancelJob {
+            job_id: job_id.to_owned(),
+            reply,
+        });
+    }
+
+    /// Frees a finished job's result once it has been read.
+    pub fn release(&self, job_id: &str) {
+        self.handle.send(Event::ReleaseJob {
+            job_id: job_id.to_owned(),
+        });
+    }
+
+    /// Follows a job's status, running or finished.
+    pub fn job_status(&self, job_id: &str) -> Result<watch::Receiver<JobStatus>, Status> {
         self.handle
             .directory
             .get(job_id)
@@ -65,7 +91,7 @@ fn new_job_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
 }
 
-fn is_final(state: i32) -> bool {
+pub(crate) fn is_final(state: i32) -> bool {
     JobState::try_from(state).is_ok_and(crate::state::is_final)
 }
 
@@ -99,7 +125,7 @@ impl SchedulerGrpc {
         description: String,
         settings: Vec<Setting>,
         job: StagedJob,
-    ) -> Result<watch::Receiver<JobStatus>, Status> {
+    ) -> Result<watch::Receiver<JobStatus>, Error> {
         let (status, watcher) = watch::channel(JobStatus {
             job_id: job_id.clone(),
             state: JobState::Queued.into(),
@@ -110,7 +136,7 @@ impl SchedulerGrpc {
             .directory
             .insert(job_id.clone(), watcher.clone());
         self.clean_up_storage_when_done(&job_id, &job, &watcher);
-        self.send(Event::JobSubmitted(Box::new(SubmittedJob {
+        let submitted = self.handle.send(Event::JobSubmitted(Box::new(SubmittedJob {
             job_id,
             query: description,
             settings,
@@ -121,8 +147,95 @@ impl SchedulerGrpc {
             stages: job.stages,
             encoded: job.encoded,
             status,
-        })))?;
+        })));
+        if !submitted {
+            return Err(Error::ShuttingDown);
+        }
         Ok(watcher)
+    }
+
+    /// Plans a statement and starts its job; statements that need no
+    /// executor (catalog changes) have run when this returns. Returns the
+    /// job's id and the schema of its result.
+    pub async fn submit(
+        &self,
+        query: Query,
+        parameters: Option<ParamValues>,
+        settings: Vec<Setting>,
+    ) -> Result<(String, SchemaRef), Error> {
+        let job_id = new_job_id();
+        let description = describe_query(&query);
+        let started = std::time::Instant::now();
+        let planned = match parameters {
+            None => self.planner.plan(&job_id, query, &settings).await?,
+            Some(values) => {
+                let Query::Sql(sql) = &query else {
+                    return Err(Error::Query(DataFusionError::Plan(
+                        "parameters need a SQL statement".into(),
+                    )));
+                };
+                self.planner
+                    .plan_with_parameters(&job_id, sql, values, &settings)
+                    .await?
+            }
+        };
+        debug!(%job_id, planning_us = started.elapsed().as_micros() as u64, "job planned");
+        let schema = match planned {
+            Planned::Done { schema } => {
+                let status = JobStatus {
+                    job_id: job_id.clone(),
+                    state: JobState::Succeeded.into(),
+                    elapsed_micros: started.elapsed().as_micros() as u64,
+                    ..JobStatus::default()
+                };
+                let now = unix_millis();
+                self.handle.recorder.record(JobRecord {
+                    status: Some(status.clone()),
+                    query: description,
+                    submitted_at_unix_ms: now,
+                    finished_at_unix_ms: now,
+                });
+                self.handle
+                    .directory
+                    .insert(job_id.clone(), watch::channel(status).1);
+                schema
+            }
+            Planned::Stages(job) => {
+                let schema = Arc::clone(&job.schema);
+                self.start_job(job_id.clone(), description, settings, job)?;
+                schema
+            }
+            Planned::CreateTableAs { write, register } => {
+                let mut watcher =
+                    self.start_job(job_id.clone(), description, settings.clone(), write)?;
+                let planner = self.planner.clone();
+                let write_id = job_id.clone();
+                // Detached, so that the table is registered even if the client
+                // goes away while its write runs.
+                let registered = tokio::spawn(async move {
+                    let finished = watcher
+                        .wait_for(|status| is_final(status.state))
+                        .await
+                        .map(|status| status.clone())
+                        .map_err(|_| Error::ShuttingDown)?;
+                    if finished.state() != JobState::Succeeded {
+                        return Err(Error::TableWrite {
+                            job_id: write_id,
+                            message: finished.error,
+                        });
+                    }
+                    for statement in register {
+                        planner
+                            .plan(&write_id, Query::Sql(statement), &settings)
+                            .await?;
+                    }
+                    Ok(())
+                });
+                registered.await.map_err(|_| Error::ShuttingDown)??;
+                Arc::new(arrow::datatypes::Schema::empty())
+            }
+        };
+        Ok((job_id, schema))
     }
 
     /// Once a job has ended, however it ended, deletes what it left in
@@ -262,67 +375,7 @@ impl SchedulerService for SchedulerGrpc {
     ) -> Result<Response<SubmitJobResponse>, Status> {
         let request = request.into_inner();
         let query = request.query.ok_or(Error::EmptyQuery)?;
-        let job_id = new_job_id();
-        let description = describe_query(&query);
-        let started = std::time::Instant::now();
-        let planned = self.planner.plan(&job_id, query, &request.settings).await?;
-        debug!(%job_id, planning_us = started.elapsed().as_micros() as u64, "job planned");
-        let schema = match planned {
-            Planned::Done { schema } => {
-                let status = JobStatus {
-                    job_id: job_id.clone(),
-                    state: JobState::Succeeded.into(),
-                    elapsed_micros: started.elapsed().as_micros() as u64,
-                    ..JobStatus::default()
-                };
-                let now = unix_millis();
-                self.handle.recorder.record(JobRecord {
-                    status: Some(status.clone()),
-                    query: description,
-                    submitted_at_unix_ms: now,
-                    finished_at_unix_ms: now,
-                });
-                self.handle
-                    .directory
-                    .insert(job_id.clone(), watch::channel(status).1);
-                schema
-            }
-            Planned::Stages(job) => {
-                let schema = Arc::clone(&job.schema);
-                self.start_job(job_id.clone(), description, request.settings, job)?;
-                schema
-            }
-            Planned::CreateTableAs { write, register } => {
-                let mut watcher =
-                    self.start_job(job_id.clone(), description, request.settings.clone(), write)?;
-                let planner = self.planner.clone();
-                let settings = request.settings;
-                let write_id = job_id.clone();
-                // Detached, so that the table is registered even if the client
-                // goes away while its write runs.
-                let registered = tokio::spawn(async move {
-                    let finished = watcher
-                        .wait_for(|status| is_final(status.state))
-                        .await
-                        .map(|status| status.clone())
-                        .map_err(|_| Error::ShuttingDown)?;
-                    if finished.state() != JobState::Succeeded {
-                        return Err(Error::TableWrite {
-                            job_id: write_id,
-                            message: finished.error,
-                        });
-                    }
-                    for statement in register {
-                        planner
-                            .plan(&write_id, Query::Sql(statement), &settings)
-                            .await?;
-                    }
-                    Ok(())
-                });
-                registered.await.map_err(|_| Error::ShuttingDown)??;
-                Arc::new(arrow::datatypes::Schema::empty())
-            }
-        };
+        let (job_id, schema) = self.submit(query, None, request.settings).await?;
         Ok(Response::new(SubmitJobResponse {
             job_id,
             schema: schema_to_bytes(&schema),

@@ -49,4 +49,5 @@ pub async fn reference_engine(
 }
 
 pub mod processes;
+pub mod python;
 pub mod s3;

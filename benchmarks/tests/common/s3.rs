@@ -144,36 +144,8 @@ fn moto_server() -> String {
     if on_path {
         return "moto_server".into();
     }
-    let venv = std::env::temp_dir().join("quiver-moto-venv");
-    let program = venv.join("bin").join("moto_server");
-    let ready = venv.join(".ready");
-    // Tests run in parallel processes: the one that creates the folder
-    // installs, the others wait for it.
-    if std::fs::create_dir(&venv).is_ok() {
-        let run = |command: &mut Command| {
-            let status = command.status().expect("run python3 to install moto");
-            assert!(status.success(), "installing moto failed: {command:?}");
-        };
-        run(Command::new("python3")
-            .args(["-m", "venv", "--clear"])
-            .arg(&venv));
-        run(Command::new(venv.join("bin").join("pip")).args([
-            "install",
-            "--quiet",
-            "moto[server]>=5,<6",
-        ]));
-        std::fs::write(&ready, b"").expect("mark the moto install ready");
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !ready.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "moto was not installed into {} in 10 minutes",
-            venv.display()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    program.display().to_string()
+    let venv = super::python::venv("quiver-moto-venv", &["moto[server]>=5,<6"]);
+    venv.join("bin").join("moto_server").display().to_string()
 }
 
 impl Drop for S3Server {

@@ -158,6 +158,42 @@ pub async fn fetch_partition(
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
+/// Streams a finished job's result: the final stage's outputs, one after the
+/// other, from the executors holding them. Nothing is buffered beyond the
+/// batch in flight, so a result of any size passes through.
+pub fn job_result(
+    pool: FlightClientPool,
+    job_id: String,
+    stage_id: u32,
+    outputs: Vec<MapOutput>,
+    schema: SchemaRef,
+) -> SendableRecordBatchStream {
+    let outputs = Arc::new(outputs);
+    let fetch_schema = Arc::clone(&schema);
+    let batches = futures::stream::iter(0..outputs.len())
+        .then(move |index| {
+            let (job_id, pool, schema, outputs) = (
+                job_id.clone(),
+                pool.clone(),
+                Arc::clone(&fetch_schema),
+                Arc::clone(&outputs),
+            );
+            async move {
+                let location = PartitionRef {
+                    job_id: &job_id,
+                    stage_id,
+                    output: &outputs[index],
+                    partition: 0,
+                };
+                fetch_partition(location, None, &pool, schema)
+                    .await
+                    .map_err(DataFusionError::from)
+            }
+        })
+        .try_flatten();
+    Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
 async fn open_local(
     location: &PartitionRef<'_>,
     env: &ShuffleEnv,
