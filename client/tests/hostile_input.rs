@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
 use arrow_flight::{Criteria, Ticket};
 use prost::Message;
 use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
@@ -58,7 +59,8 @@ async fn the_scheduler_refuses_garbage_and_keeps_serving() {
         .connect()
         .await
         .expect("connect");
-    let mut client = SchedulerServiceClient::new(channel).max_encoding_message_size(usize::MAX);
+    let mut client =
+        SchedulerServiceClient::new(channel.clone()).max_encoding_message_size(usize::MAX);
 
     // Garbage where a client-built logical plan belongs.
     for seed in 0..200 {
@@ -97,6 +99,26 @@ async fn the_scheduler_refuses_garbage_and_keeps_serving() {
             .await
             .expect_err("unknown job");
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+
+    // Garbage and forged tickets on the Flight SQL endpoint.
+    let mut flight_sql = FlightServiceClient::new(channel);
+    let forged = TicketStatementQuery {
+        statement_handle: noise(3, 40).into(),
+    };
+    let cases = [
+        (noise(11, 300), "DecodeError"),
+        (forged.as_any().encode_to_vec(), "malformed ticket"),
+    ];
+    for (bytes, message) in cases {
+        let status = flight_sql
+            .do_get(Ticket {
+                ticket: bytes.into(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(message), "{status:?}");
     }
 
     // After all that, the scheduler serves a normal statement.
