@@ -61,6 +61,7 @@ async fn tpch_through_real_processes_and_the_cli() {
         }
     }
     check_cli_inputs(&url, cluster.work_dir());
+    check_cli_shell(&url, cluster.work_dir());
     check_cli_jobs(&url);
     let error = cli(&url, "SELECT * FROM no_such_table").expect_err("unknown table");
     assert!(error.contains("no_such_table"), "{error}");
@@ -110,6 +111,62 @@ fn check_cli_inputs(url: &str, scratch: &std::path::Path) {
         error.contains("127.0.0.1:1"),
         "the address is named: {error}"
     );
+}
+
+/// The interactive shell, fed through a pipe: backslash commands, a
+/// statement over several lines, errors that do not end it, and history.
+fn check_cli_shell(url: &str, scratch: &std::path::Path) {
+    let history = scratch.join("shell-history");
+    let mut child = Command::new(binary("quiver"))
+        .args(["--url", url, "--shell", "--format", "csv", "--history"])
+        .arg(&history)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the shell");
+    let input = [
+        "\\d",
+        "\\d nation",
+        "SELECT n_name",
+        "  FROM nation",
+        "  WHERE n_nationkey = 7;",
+        "\\timing on",
+        "SELECT 'x;y' AS s; SELEC 1;",
+        "\\d no_such_table",
+        "\\format json",
+        "SELECT 2 AS two;",
+        "\\q",
+        "SELECT 'after quitting' AS never;",
+    ];
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{}\n", input.join("\n")).as_bytes())
+        .expect("write stdin");
+    let output = child.wait_with_output().expect("shell output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "public,nation,BASE TABLE",
+        "n_nationkey,Int64,NO",
+        "n_name\nGERMANY\n",
+        "Timing is on.",
+        "s\nx;y\n",
+        "{\"two\":2}",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
+    }
+    assert!(!stdout.contains("after quitting"), "{stdout}");
+    for expected in ["SELEC", "No table named 'no_such_table'", "1 rows in"] {
+        assert!(stderr.contains(expected), "{expected:?} in\n{stderr}");
+    }
+    let history = std::fs::read_to_string(&history).expect("the history was saved");
+    assert!(history.contains("WHERE n_nationkey = 7;"), "{history}");
 }
 
 fn quiver(args: &[&str]) -> std::process::Output {

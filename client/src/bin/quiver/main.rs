@@ -2,12 +2,14 @@
 //! its jobs (`quiver job submit|status|cancel|list`).
 //!
 //! - [`statements`]: runs statements with a progress line and Ctrl-C cancel.
+//! - [`shell`]: the interactive shell, when no SQL is given and stdin is a terminal.
 //! - [`jobs`]: the `job` subcommands.
 
 mod jobs;
+mod shell;
 mod statements;
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 
 use clap::Parser;
 use quiver_client::QuiverContext;
@@ -15,7 +17,8 @@ use quiver_client::output::Format;
 
 use statements::{Outcome, Sink, run_statement, split_statements};
 
-/// Run SQL on a Quiver cluster. Statements come from -c, then -f, else stdin.
+/// Run SQL on a Quiver cluster. Statements come from -c, then -f, else
+/// stdin; with neither and a terminal, an interactive shell starts.
 #[derive(Debug, Parser)]
 #[command(name = "quiver", version)]
 struct Cli {
@@ -51,6 +54,14 @@ struct Cli {
     /// instead of printing it; earlier statements print as usual.
     #[arg(long, value_name = "FILE")]
     parquet: Option<std::path::PathBuf>,
+
+    /// Start the interactive shell even when stdin is not a terminal.
+    #[arg(long, env = "QUIVER_SHELL")]
+    shell: bool,
+
+    /// The shell's history file [default: ~/.quiver_history].
+    #[arg(long, env = "QUIVER_HISTORY", value_name = "FILE")]
+    history: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -100,6 +111,21 @@ async fn run_sql(cli: Cli) -> Result<Outcome, String> {
             std::fs::read_to_string(file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
         );
+    }
+    if scripts.is_empty() && (cli.shell || std::io::stdin().is_terminal()) {
+        let context = QuiverContext::connect(&cli.url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let history = cli.history.clone().or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::PathBuf::from(home).join(".quiver_history"))
+        });
+        let options = shell::ShellOptions {
+            format: cli.format,
+            timing: cli.timing,
+            history,
+        };
+        return shell::run(&context, options).await.map(|()| Outcome::Done);
     }
     if scripts.is_empty() {
         let mut input = String::new();

@@ -182,6 +182,16 @@ pub fn human_bytes(bytes: u64) -> String {
 
 /// Splits a script into statements at semicolons outside quotes and comments.
 pub fn split_statements(script: &str) -> Vec<String> {
+    let (mut statements, rest) = split_terminated(script);
+    if !rest.is_empty() {
+        statements.push(rest);
+    }
+    statements
+}
+
+/// Splits off the statements of `script` that a semicolon ends (outside
+/// quotes and comments), and returns them with what is left unterminated.
+pub fn split_terminated(script: &str) -> (Vec<String>, String) {
     let mut statements = Vec::new();
     let mut current = String::new();
     let mut chars = script.chars().peekable();
@@ -212,12 +222,18 @@ pub fn split_statements(script: &str) -> Vec<String> {
             },
         }
     }
-    statements.push(current);
-    statements
+    let statements = statements
         .into_iter()
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
-        .collect()
+        .collect();
+    // An open quote keeps its text as typed, trailing newlines included.
+    let rest = if quote.is_some() {
+        current.trim_start().to_owned()
+    } else {
+        current.trim().to_owned()
+    };
+    (statements, rest)
 }
 
 #[cfg(test)]
@@ -231,6 +247,16 @@ mod tests {
             split_statements(script),
             vec!["select 'a;b'", "select \"x;\" from t"]
         );
+    }
+
+    #[test]
+    fn unterminated_text_is_kept_for_the_next_line() {
+        let (done, rest) = split_terminated("select 1; select\n 'a;");
+        assert_eq!(done, vec!["select 1"]);
+        assert_eq!(rest, "select\n 'a;");
+        let (done, rest) = split_terminated("select 'a;\nb'; -- note;\n");
+        assert_eq!(done, vec!["select 'a;\nb'"]);
+        assert_eq!(rest, "");
     }
 
     #[test]
