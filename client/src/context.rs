@@ -120,11 +120,15 @@ impl QuiverContext {
                 Ok(self.session.read_empty()?)
             }
             LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
-            // The cluster explains its own plan (the stage DAG), and plans
+            // The cluster explains its own plan (the stage DAG, and with
+            // ANALYZE what each stage's operators did), and plans
             // writes itself (`COPY`, `INSERT`), so that their files are
             // written by every task there. Both answer with a few rows, so
             // they run at once, as DataFusion's DDL does.
-            LogicalPlan::Explain(_) | LogicalPlan::Copy(_) | LogicalPlan::Dml(_) => {
+            LogicalPlan::Explain(_)
+            | LogicalPlan::Analyze(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Dml(_) => {
                 let stream = self.execute_sql(sql, |_| {}).await?;
                 let batches = datafusion::physical_plan::common::collect(stream).await?;
                 // A local session: the distributed planner would send the rows back.

@@ -324,6 +324,65 @@ async fn explain_shows_the_stage_dag() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_analyze_shows_what_every_stage_did() {
+    let (cluster, context) = cluster().await;
+    let grouped = "SELECT v % 3 AS k, count(*) AS n \
+                   FROM (VALUES (1),(2),(3),(4),(5)) t(v) GROUP BY v % 3 ORDER BY k";
+    let batches = query(&context, &format!("EXPLAIN ANALYZE {grouped}")).await;
+    let rows: Vec<(String, String)> = batches
+        .iter()
+        .flat_map(|batch| {
+            let kinds = batch.column(0).as_string::<i32>();
+            let plans = batch.column(1).as_string::<i32>();
+            (0..batch.num_rows())
+                .map(|row| (kinds.value(row).to_owned(), plans.value(row).to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let kinds: Vec<&str> = rows.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"Job"), "{rows:#?}");
+    assert!(
+        kinds.last().is_some_and(|k| k.ends_with("(final)")),
+        "{rows:#?}"
+    );
+    assert!(rows[0].1.contains("3 result rows"), "{rows:#?}");
+    let final_stage = &rows.last().expect("a final stage").1;
+    // The final stage's writer wrote the three groups; its readers read
+    // what the stages below shuffled.
+    let writer = final_stage.lines().nth(1).expect("the writer's line");
+    assert!(
+        writer.starts_with("ShuffleWriterExec") && writer.contains("output_rows=3"),
+        "{final_stage}"
+    );
+    for expected in [
+        "slowest task: partition",
+        "elapsed_compute=",
+        "shuffle_bytes_read=",
+    ] {
+        let everywhere: String = rows.iter().map(|(_, text)| text.as_str()).collect();
+        assert!(everywhere.contains(expected), "{expected} in {rows:#?}");
+    }
+
+    // VERBOSE shows every metric, not only the summary.
+    let verbose = query(&context, &format!("EXPLAIN ANALYZE VERBOSE {grouped}")).await;
+    let text = arrow::util::pretty::pretty_format_batches(&verbose)
+        .expect("render")
+        .to_string();
+    assert!(text.contains("output_batches="), "{text}");
+
+    // A statement that fails while it runs fails its analysis with its error.
+    let error = context
+        .sql("EXPLAIN ANALYZE SELECT CAST(v AS INT) FROM (VALUES ('1'), ('x')) t(v)")
+        .await
+        .expect_err("the cast fails");
+    assert!(
+        error.to_string().contains("the analyzed job") && error.to_string().contains("'x'"),
+        "{error}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_to_one_table_run_one_at_a_time() {
     let (cluster, context) = cluster().await;
     let folders = tempfile::tempdir().expect("temp folder");

@@ -7,6 +7,7 @@
 //! - [`codec`]: the datafusion-proto extension codecs for Quiver's operators and
 //!   for tables named by a client.
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
+//! - [`metrics`]: operator metrics on the wire, summed over tasks, for `EXPLAIN ANALYZE`.
 //! - [`guard`]: decoding untrusted bytes without panicking.
 //! - [`net`]: accepted connections for servers that take a bound listener.
 //! - [`operators`]: what Quiver's execution plan operators share.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod guard;
 pub mod ipc;
+pub mod metrics;
 pub mod net;
 pub mod operators;
 pub mod process;

@@ -15,6 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use quiver_core::codec::decode_physical_plan;
 use quiver_core::config::session_config_from_settings;
 use quiver_core::error::{classify_failure, fetch_failure};
+use quiver_core::metrics::{add_operator_metrics, operator_metrics};
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::{MapOutputId, job_dir, validate_identifier};
 use quiver_core::shuffle::{FlightClientPool, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec};
@@ -22,8 +23,9 @@ use quiver_core::storage::metered::{MeteredRegistry, ReadMeter};
 use quiver_core::storage::{StoreOptions, StoreRegistry};
 use quiver_core::write::TaskAttempt;
 use quiver_proto::{
-    ExecutorAddress, FailureKind, LaunchTask, MapOutput, StageInput, StoreConfig, TaskFailed,
-    TaskId, TaskStatus, TaskSucceeded, task_status,
+    ExecutorAddress, FailureKind, LaunchTask, MapOutput, Metric, MetricKind, OperatorMetrics,
+    PartitionStats, StageInput, StoreConfig, TaskFailed, TaskId, TaskStatus, TaskSucceeded,
+    task_status,
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -147,9 +149,10 @@ impl TaskRunner {
             let cancelled = runner.lock_running().remove(&task_key(&task)).is_none();
             let aborted = outcome.is_none();
             let result = match outcome {
-                Some(Ok(output)) => task_status::Result::Succeeded(TaskSucceeded {
+                Some(Ok((output, operators))) => task_status::Result::Succeeded(TaskSucceeded {
                     output: Some(output),
                     elapsed_micros: started.elapsed().as_micros() as u64,
+                    operators,
                 }),
                 Some(Err(error)) => {
                     let kind = classify_failure(&error);
@@ -252,7 +255,12 @@ impl TaskRunner {
         cancelled.len()
     }
 
-    async fn run(&self, launch: LaunchTask, address: ExecutorAddress) -> DfResult<MapOutput> {
+    /// Runs a task to its end; returns its map output and what its operators measured.
+    async fn run(
+        &self,
+        launch: LaunchTask,
+        address: ExecutorAddress,
+    ) -> DfResult<(MapOutput, Vec<OperatorMetrics>)> {
         let task = launch.task.unwrap_or_default();
         self.configure_stores(&launch.stores)?;
         let meter = Arc::new(ReadMeter::default());
@@ -284,7 +292,9 @@ impl TaskRunner {
         } else {
             self.upload_output(&launch.durable_shuffle, &task).await?
         };
-        Ok(MapOutput {
+        let mut operators = operator_metrics(&plan);
+        add_operator_metrics(&mut operators, &[writer_metrics(&partitions)]);
+        let output = MapOutput {
             map_partition: task.partition,
             executor: Some(address),
             attempt: task.attempt,
@@ -292,7 +302,8 @@ impl TaskRunner {
             durable_location,
             store_bytes_read: meter.bytes(),
             store_requests: meter.requests(),
-        })
+        };
+        Ok((output, operators))
     }
 
     /// Copies a finished map output to durable storage; returns where it went.
@@ -391,4 +402,24 @@ fn bind_inputs(
         Ok(Transformed::yes(bound))
     })
     .map(|transformed| transformed.data)
+}
+
+/// What the shuffle writer at a stage plan's root wrote, as its metrics.
+fn writer_metrics(partitions: &[PartitionStats]) -> OperatorMetrics {
+    let total = |value: fn(&PartitionStats) -> u64| partitions.iter().map(value).sum();
+    OperatorMetrics {
+        operator: 0,
+        metrics: vec![
+            Metric {
+                name: "output_rows".into(),
+                value: total(|stats| stats.rows),
+                kind: MetricKind::Count.into(),
+            },
+            Metric {
+                name: "shuffle_bytes_written".into(),
+                value: total(|stats| stats.bytes),
+                kind: MetricKind::Bytes.into(),
+            },
+        ],
+    }
 }

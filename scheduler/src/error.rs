@@ -54,6 +54,10 @@ pub enum Error {
     #[error("writing the table failed (job {job_id}): {message}")]
     TableWrite { job_id: String, message: String },
 
+    /// The statement under `EXPLAIN ANALYZE` failed.
+    #[error("the analyzed job {job_id} failed: {message}")]
+    AnalyzedJob { job_id: String, message: String },
+
     /// A table whose files cannot be listed or read when it is created.
     #[error("cannot read the table at '{location}': {source}")]
     TableLocation {
@@ -84,7 +88,7 @@ impl From<Error> for Status {
             | Error::TableLocation { .. } => Code::InvalidArgument,
             Error::Store(_) => Code::Unavailable,
             Error::UnknownJob(_) => Code::NotFound,
-            Error::TableWrite { .. } => Code::Aborted,
+            Error::TableWrite { .. } | Error::AnalyzedJob { .. } => Code::Aborted,
             Error::ShuttingDown => Code::Unavailable,
             Error::EncodePlan { .. }
             | Error::Bind { .. }

@@ -5,6 +5,7 @@
 //! - [`flight_sql`]: Arrow Flight SQL, on the same port, for ADBC, JDBC and BI tools.
 //! - [`planner`]: SQL or a logical plan to a physical plan, against the shared catalog.
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
+//! - [`analyze`]: the report of `EXPLAIN ANALYZE`: stage plans with their metrics.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
@@ -16,6 +17,7 @@
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
 
+pub mod analyze;
 pub mod catalog;
 pub mod config;
 pub mod error;

@@ -60,6 +60,9 @@ pub enum Planned {
         write: StagedJob,
         register: Vec<String>,
     },
+    /// `EXPLAIN ANALYZE`: a job that runs the statement, whose metrics then
+    /// make the answer.
+    Analyze { job: StagedJob, verbose: bool },
 }
 
 /// What a statement returns and what it takes, as a prepared statement
@@ -308,6 +311,17 @@ impl Planner {
             }
             return Ok(Planned::Done { schema });
         }
+        if let LogicalPlan::Analyze(analyze) = logical {
+            let (inner, overwrite) = plan_overwrite_as_append(analyze.input.as_ref().clone());
+            let schema = Arc::new(inner.schema().as_arrow().clone());
+            let job = self
+                .stage_job(job_id, &inner, &state, schema, overwrite)
+                .await?;
+            return Ok(Planned::Analyze {
+                job,
+                verbose: analyze.verbose,
+            });
+        }
         let (logical, overwrite) = plan_overwrite_as_append(logical);
         let job = self
             .stage_job(job_id, &logical, &state, schema, overwrite)
@@ -371,6 +385,25 @@ impl Planner {
             stores,
             durable_shuffle,
             writes_to,
+        })
+    }
+
+    /// A one-stage job whose result is `batch`: for answers the scheduler
+    /// computes itself, such as the report of `EXPLAIN ANALYZE`.
+    pub async fn stage_result(&self, job_id: &str, batch: RecordBatch) -> Result<StagedJob> {
+        let schema = batch.schema();
+        let source = MemorySourceConfig::try_new_exec(&[vec![batch]], Arc::clone(&schema), None)
+            .map_err(Error::Query)?;
+        let stages = split_into_stages(job_id, source, 1).map_err(Error::Query)?;
+        let encoded = encode_stages(stages.clone()).await?;
+        Ok(StagedJob {
+            schema,
+            stages,
+            encoded,
+            limits: JobLimits::from_options(&QuiverOptions::default()),
+            stores: Vec::new(),
+            durable_shuffle: String::new(),
+            writes_to: None,
         })
     }
 

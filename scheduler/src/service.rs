@@ -25,6 +25,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::analyze;
 use crate::error::Error;
 use crate::planner::{Planned, Planner, StagedJob};
 use crate::state::event_loop::unix_millis;
@@ -84,6 +85,39 @@ impl SchedulerGrpc {
             .directory
             .get(job_id)
             .ok_or_else(|| Error::UnknownJob(job_id.chars().take(80).collect()).into())
+    }
+}
+
+/// Cancels a job if dropped before the job finished, and releases its
+/// result if dropped after: for a caller that waits on a job and may go away.
+pub struct JobGuard {
+    jobs: SchedulerGrpc,
+    job_id: String,
+    finished: bool,
+}
+
+impl JobGuard {
+    pub fn new(jobs: SchedulerGrpc, job_id: &str) -> Self {
+        Self {
+            jobs,
+            job_id: job_id.to_owned(),
+            finished: false,
+        }
+    }
+
+    /// The job has ended: from now on, dropping the guard releases its result.
+    pub fn finished(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            self.jobs.release(&self.job_id);
+        } else {
+            self.jobs.cancel_in_background(&self.job_id);
+        }
     }
 }
 
@@ -181,6 +215,11 @@ impl SchedulerGrpc {
         };
         debug!(%job_id, planning_us = started.elapsed().as_micros() as u64, "job planned");
         let schema = match planned {
+            Planned::Analyze { job, verbose } => {
+                return self
+                    .analyze(job_id, description, settings, job, verbose)
+                    .await;
+            }
             Planned::Done { schema } => {
                 let status = JobStatus {
                     job_id: job_id.clone(),
@@ -236,6 +275,43 @@ impl SchedulerGrpc {
             }
         };
         Ok((job_id, schema))
+    }
+
+    /// Runs the job under `EXPLAIN ANALYZE` to its end, then starts a job
+    /// whose result is the report of what its stages did. Returns that job.
+    async fn analyze(
+        &self,
+        job_id: String,
+        description: String,
+        settings: Vec<Setting>,
+        job: StagedJob,
+        verbose: bool,
+    ) -> Result<(String, SchemaRef), Error> {
+        let stages = job.stages.clone();
+        let mut watcher = self.start_job(job_id.clone(), description, settings.clone(), job)?;
+        // The analyzed job's own result is not wanted; a caller that goes
+        // away cancels it.
+        let mut guard = JobGuard::new(self.clone(), &job_id);
+        let finished = watcher
+            .wait_for(|status| is_final(status.state))
+            .await
+            .map(|status| status.clone())
+            .map_err(|_| Error::ShuttingDown)?;
+        guard.finished();
+        if finished.state() != JobState::Succeeded {
+            return Err(Error::AnalyzedJob {
+                job_id,
+                message: finished.error,
+            });
+        }
+        let batch = analyze::report(&stages, &finished, verbose)
+            .map_err(|e| Error::Query(DataFusionError::from(e)))?;
+        let report_id = new_job_id();
+        let report = self.planner.stage_result(&report_id, batch).await?;
+        let schema = Arc::clone(&report.schema);
+        let description = format!("the report of EXPLAIN ANALYZE job {job_id}");
+        self.start_job(report_id.clone(), description, settings, report)?;
+        Ok((report_id, schema))
     }
 
     /// Once a job has ended, however it ended, deletes what it left in
@@ -472,8 +548,12 @@ impl SchedulerService for SchedulerGrpc {
                 && let Some(current) = self.handle.directory.get(&status.job_id)
             {
                 *status = current.borrow().clone();
-                status.result.clear();
             }
+        }
+        // A listing shows jobs, not their result locations or per-stage metrics.
+        for status in jobs.iter_mut().filter_map(|record| record.status.as_mut()) {
+            status.result.clear();
+            status.stages.clear();
         }
         let skip = jobs.len().saturating_sub(limit);
         Ok(Response::new(ListJobsResponse {

@@ -11,6 +11,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
@@ -44,6 +45,7 @@ pub struct ShuffleReaderExec {
     /// The input stage's map outputs, in map partition order; `None` until bound.
     outputs: Option<Arc<[MapOutput]>>,
     properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ShuffleReaderExec {
@@ -71,6 +73,7 @@ impl ShuffleReaderExec {
             schema,
             outputs: None,
             properties,
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 
@@ -106,6 +109,7 @@ impl ShuffleReaderExec {
         }
         let mut bound = self.clone();
         bound.outputs = Some(outputs.into());
+        bound.metrics = ExecutionPlanMetricsSet::new();
         Ok(bound)
     }
 
@@ -163,6 +167,10 @@ impl ExecutionPlan for ShuffleReaderExec {
         vec![]
     }
 
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
     fn apply_expressions(
         &self,
         _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
@@ -209,6 +217,16 @@ impl ExecutionPlan for ShuffleReaderExec {
         let stage_id = self.stage_id;
         let schema = Arc::clone(&self.schema);
         let sources = self.sources(outputs, partition);
+        let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
+        MetricBuilder::new(&self.metrics)
+            .counter("shuffle_bytes_read", partition)
+            .add(
+                sources
+                    .iter()
+                    .filter_map(|(output, part)| output.partitions.get(*part))
+                    .map(|stats| stats.bytes as usize)
+                    .sum(),
+            );
         let batches = futures::stream::iter(sources)
             .map(move |(output, output_partition)| {
                 let (job_id, env, pool, schema) = (
@@ -230,7 +248,8 @@ impl ExecutionPlan for ShuffleReaderExec {
                 }
             })
             .buffered(FETCH_CONCURRENCY)
-            .try_flatten();
+            .try_flatten()
+            .inspect_ok(move |batch| output_rows.add(batch.num_rows()));
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),
             batches,

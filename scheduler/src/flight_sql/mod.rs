@@ -56,7 +56,7 @@ use tonic::metadata::{KeyAndValueRef, MetadataMap};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::service::{SchedulerGrpc, is_final};
+use crate::service::{JobGuard, SchedulerGrpc, is_final};
 use prepared::{PreparedStatements, parameter_rows};
 
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -141,17 +141,13 @@ impl FlightSqlEndpoint {
         schema: SchemaRef,
     ) -> Result<SendableRecordBatchStream, Status> {
         let mut watcher = self.jobs.job_status(job_id)?;
-        let mut guard = JobGuard {
-            jobs: self.jobs.clone(),
-            job_id: job_id.to_owned(),
-            finished: false,
-        };
+        let mut guard = JobGuard::new(self.jobs.clone(), job_id);
         let status = watcher
             .wait_for(|status| is_final(status.state))
             .await
             .map(|status| status.clone())
             .map_err(|_| Status::from(Error::ShuttingDown))?;
-        guard.finished = true;
+        guard.finished();
         match status.state() {
             JobState::Succeeded => {}
             JobState::Cancelled => {
@@ -191,23 +187,6 @@ impl FlightSqlEndpoint {
             .await?;
         let batches = self.job_batches(&job_id, schema).await?;
         affected_rows(batches).await
-    }
-}
-
-/// Cancels the job if dropped before it finished; releases its result after.
-struct JobGuard {
-    jobs: SchedulerGrpc,
-    job_id: String,
-    finished: bool,
-}
-
-impl Drop for JobGuard {
-    fn drop(&mut self) {
-        if self.finished {
-            self.jobs.release(&self.job_id);
-        } else {
-            self.jobs.cancel_in_background(&self.job_id);
-        }
     }
 }
 

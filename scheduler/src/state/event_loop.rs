@@ -233,11 +233,11 @@ impl SchedulerLoop {
             return;
         };
         let outcome = match result {
-            task_status::Result::Succeeded(success) => {
+            task_status::Result::Succeeded(mut success) => {
                 debug!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition,
                     elapsed_us = success.elapsed_micros, "task succeeded");
-                match success.output {
-                    Some(output) => job.on_success(&task, output),
+                match success.output.take() {
+                    Some(output) => job.on_success(&task, output, &success),
                     None => job.fail(format!(
                         "task {}/{} reported no output",
                         task.stage_id, task.partition

@@ -5,9 +5,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
+use quiver_core::metrics::add_operator_metrics;
 use quiver_proto::{
     FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput,
-    PartitionStats, Setting, StageInput, StoreConfig, TaskFailed, TaskId,
+    PartitionStats, Setting, StageInput, StageMetrics, StoreConfig, TaskFailed, TaskId,
+    TaskSucceeded,
 };
 
 use super::JobLimits;
@@ -57,11 +59,25 @@ pub struct Stage {
     pub plan: Bytes,
     pub inputs: Vec<u32>,
     pub tasks: Vec<Task>,
+    /// What its finished task attempts measured.
+    pub metrics: StageMetrics,
 }
 
 impl Stage {
     pub fn is_complete(&self) -> bool {
         self.tasks.iter().all(|task| task.state == TaskState::Done)
+    }
+
+    fn record_metrics(&mut self, partition: u32, executor_id: String, report: &TaskSucceeded) {
+        let metrics = &mut self.metrics;
+        metrics.tasks += 1;
+        metrics.task_micros_total += report.elapsed_micros;
+        if metrics.tasks == 1 || report.elapsed_micros > metrics.slowest_task_micros {
+            metrics.slowest_task_micros = report.elapsed_micros;
+            metrics.slowest_task_partition = partition;
+            metrics.slowest_task_executor = executor_id;
+        }
+        add_operator_metrics(&mut metrics.operators, &report.operators);
     }
 }
 
@@ -122,6 +138,10 @@ impl Job {
                 id: stage.stage_id,
                 plan,
                 inputs: stage.inputs.clone(),
+                metrics: StageMetrics {
+                    stage_id: stage.stage_id,
+                    ..StageMetrics::default()
+                },
                 tasks: (0..stage.partitions())
                     .map(|_| Task {
                         state: TaskState::Pending,
@@ -286,12 +306,22 @@ impl Job {
         Some((task, executor_id))
     }
 
-    pub fn on_success(&mut self, id: &TaskId, output: MapOutput) -> Outcome {
-        let Some((task, _)) = self.finish_running(id) else {
+    /// A task attempt finished: its output is kept and what it measured
+    /// is added to its stage's metrics.
+    pub fn on_success(
+        &mut self,
+        id: &TaskId,
+        output: MapOutput,
+        report: &TaskSucceeded,
+    ) -> Outcome {
+        let Some((task, executor_id)) = self.finish_running(id) else {
             return Outcome::Continue;
         };
         task.state = TaskState::Done;
         task.output = Some(output);
+        if let Some(stage) = self.stage_mut(id.stage_id) {
+            stage.record_metrics(id.partition, executor_id, report);
+        }
         if self.final_stage().is_some_and(Stage::is_complete) {
             self.state = JobState::Succeeded;
             Outcome::Succeeded
@@ -517,6 +547,11 @@ impl Job {
             bytes_written: written.bytes,
             store_bytes_read: self.outputs().map(|output| output.store_bytes_read).sum(),
             store_requests: self.outputs().map(|output| output.store_requests).sum(),
+            stages: self
+                .stages
+                .iter()
+                .map(|stage| stage.metrics.clone())
+                .collect(),
             result_rows: if self.state == JobState::Succeeded {
                 self.final_stage()
                     .map_or(0, |stage| stage_written(stage).rows)
@@ -623,7 +658,11 @@ mod tests {
             },
             ..MapOutput::default()
         };
-        job.on_success(&launch.task.expect("task id"), output);
+        job.on_success(
+            &launch.task.expect("task id"),
+            output,
+            &TaskSucceeded::default(),
+        );
     }
 
     fn state(job: &Job, stage: u32, partition: usize) -> &TaskState {
@@ -691,7 +730,10 @@ mod tests {
         job.on_executor_lost("a", Instant::now());
         job.launch(1, 0, "b").expect("runs again");
         let output = MapOutput::default();
-        assert_eq!(job.on_success(&first, output), Outcome::Continue);
+        assert_eq!(
+            job.on_success(&first, output, &TaskSucceeded::default()),
+            Outcome::Continue
+        );
         assert!(matches!(state(&job, 1, 0), TaskState::Running { .. }));
     }
 

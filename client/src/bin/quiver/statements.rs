@@ -14,6 +14,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use quiver_client::QuiverContext;
 use quiver_client::output::{Format, write_batches};
+use quiver_core::metrics::human_bytes;
 use quiver_proto::{JobState, JobStatus};
 
 /// How one statement ended, when it did not fail.
@@ -165,21 +166,6 @@ fn print_progress(status: &JobStatus, started: Instant) {
     );
 }
 
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 /// Splits a script into statements at semicolons outside quotes and comments.
 pub fn split_statements(script: &str) -> Vec<String> {
     let (mut statements, rest) = split_terminated(script);
@@ -257,11 +243,5 @@ mod tests {
         let (done, rest) = split_terminated("select 'a;\nb'; -- note;\n");
         assert_eq!(done, vec!["select 'a;\nb'"]);
         assert_eq!(rest, "");
-    }
-
-    #[test]
-    fn bytes_read_as_people_write_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
     }
 }

@@ -1,0 +1,191 @@
+//! `EXPLAIN ANALYZE` on the cluster: the statement runs as a job, then its
+//! stage plans are shown with what every operator measured, summed over the
+//! stage's tasks, and the slowest task of each stage.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use datafusion::physical_plan::{ExecutionPlan, displayable};
+use quiver_core::metrics::{format_metrics, human_bytes};
+use quiver_proto::{JobStatus, Metric, OperatorMetrics, StageMetrics};
+
+use crate::stages::StagePlan;
+
+/// Metrics shown without `VERBOSE`: the ones that say where time, rows,
+/// memory and bytes went.
+const SUMMARY_METRICS: [&str; 7] = [
+    "output_rows",
+    "elapsed_compute",
+    "spill_count",
+    "spilled_bytes",
+    "peak_mem_used",
+    "shuffle_bytes_read",
+    "shuffle_bytes_written",
+];
+
+/// The columns of `EXPLAIN ANALYZE`, as DataFusion has them.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("plan_type", DataType::Utf8, false),
+        Field::new("plan", DataType::Utf8, false),
+    ]))
+}
+
+/// One row for the job, then one per stage, final stage last.
+pub fn report(
+    stages: &[StagePlan],
+    status: &JobStatus,
+    verbose: bool,
+) -> Result<RecordBatch, ArrowError> {
+    let mut kinds = vec!["Job".to_owned()];
+    let mut texts = vec![format!(
+        "job {}: {:.3} s, {} result rows, {} stages, {} shuffled, {} read from storage",
+        status.job_id,
+        status.elapsed_micros as f64 / 1e6,
+        status.result_rows,
+        stages.len(),
+        human_bytes(status.bytes_written),
+        human_bytes(status.store_bytes_read),
+    )];
+    let final_stage = stages.last().map(|stage| stage.stage_id);
+    for stage in stages {
+        let metrics = status
+            .stages
+            .iter()
+            .find(|m| m.stage_id == stage.stage_id)
+            .cloned()
+            .unwrap_or_default();
+        let role = if Some(stage.stage_id) == final_stage {
+            " (final)"
+        } else {
+            ""
+        };
+        kinds.push(format!("Stage {}{role}", stage.stage_id));
+        texts.push(stage_text(stage, &metrics, verbose));
+    }
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(StringArray::from(kinds)),
+            Arc::new(StringArray::from(texts)),
+        ],
+    )
+}
+
+fn stage_text(stage: &StagePlan, metrics: &StageMetrics, verbose: bool) -> String {
+    let inputs: Vec<String> = stage.inputs.iter().map(u32::to_string).collect();
+    let mut text = format!(
+        "tasks={}, inputs=[{}], task time={:.3} ms in total",
+        metrics.tasks,
+        inputs.join(", "),
+        metrics.task_micros_total as f64 / 1e3,
+    );
+    if metrics.tasks > 0 {
+        let _ = write!(
+            text,
+            ", slowest task: partition {} on {} in {:.3} ms",
+            metrics.slowest_task_partition,
+            metrics.slowest_task_executor,
+            metrics.slowest_task_micros as f64 / 1e3
+        );
+    }
+    text.push('\n');
+    let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
+    let mut index = 0;
+    write_operator(&mut text, &root, 0, &mut index, &metrics.operators, verbose);
+    text
+}
+
+/// Writes an operator and its subtree, numbering operators in pre-order as
+/// the executors do (`quiver_core::metrics::operators_in_preorder`).
+fn write_operator(
+    out: &mut String,
+    operator: &Arc<dyn ExecutionPlan>,
+    depth: usize,
+    index: &mut u32,
+    measured: &[OperatorMetrics],
+    verbose: bool,
+) {
+    let shown: Vec<Metric> = measured
+        .iter()
+        .find(|m| m.operator == *index)
+        .map(|m| {
+            m.metrics
+                .iter()
+                .filter(|metric| verbose || SUMMARY_METRICS.contains(&metric.name.as_str()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = write!(
+        out,
+        "{:indent$}{}",
+        "",
+        displayable(operator.as_ref())
+            .one_line()
+            .to_string()
+            .trim_end(),
+        indent = depth * 2
+    );
+    if !shown.is_empty() {
+        let _ = write!(out, ", metrics=[{}]", format_metrics(&shown));
+    }
+    out.push('\n');
+    *index += 1;
+    for child in operator.children() {
+        write_operator(out, child, depth + 1, index, measured, verbose);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::SessionContext;
+    use quiver_core::metrics::operators_in_preorder;
+    use quiver_proto::MetricKind;
+
+    use super::*;
+    use crate::stages::split_into_stages;
+
+    #[tokio::test]
+    async fn operators_are_numbered_as_the_executors_number_them() {
+        let context = SessionContext::new();
+        let plan = context
+            .sql("SELECT x, count(*) FROM (VALUES (1), (2)) t(x) GROUP BY x ORDER BY x")
+            .await
+            .expect("plan")
+            .create_physical_plan()
+            .await
+            .expect("physical");
+        let stages = split_into_stages("job", plan, 2).expect("stages");
+        let last = stages.last().expect("a final stage");
+        let operators = operators_in_preorder(&(Arc::clone(&last.plan) as _));
+        let deepest = operators.len() as u32 - 1;
+        let metrics = StageMetrics {
+            stage_id: last.stage_id,
+            tasks: 2,
+            operators: vec![OperatorMetrics {
+                operator: deepest,
+                metrics: vec![Metric {
+                    name: "output_rows".into(),
+                    value: 7,
+                    kind: MetricKind::Count.into(),
+                }],
+            }],
+            slowest_task_executor: "executor-1".into(),
+            ..StageMetrics::default()
+        };
+        let text = stage_text(last, &metrics, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), operators.len() + 1, "{text}");
+        let last_line = lines.last().expect("a line");
+        assert!(
+            last_line.contains(operators[deepest as usize].name())
+                && last_line.ends_with("metrics=[output_rows=7]"),
+            "{text}"
+        );
+        assert!(lines[0].contains("slowest task: partition 0 on executor-1"));
+    }
+}
