@@ -1,7 +1,8 @@
 //! Tables and writes on a real S3-compatible server (moto, on loopback):
 //! the TPC-H queries read from a bucket, distributed Parquet writes with
 //! their commit protocol, and clear errors for bad locations, with the
-//! credentials never showing.
+//! credentials never showing. The same reads and writes on Azure Blob
+//! Storage (Azurite).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::UInt64Type;
+use common::azurite::{ACCOUNT_KEY, AzuriteServer};
 use common::s3::{S3Server, SECRET_KEY};
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -75,12 +77,35 @@ async fn bytes_read(context: &QuiverContext, sql: &str) -> u64 {
     *last.lock().expect("lock")
 }
 
-async fn assert_no_secret_in_history(context: &QuiverContext) {
+/// Runs TPC-H queries on both engines; describes every difference.
+async fn tpch_differences(
+    quiver: &Engine,
+    datafusion: &Engine,
+    numbers: impl IntoIterator<Item = usize>,
+    label: &str,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for number in numbers {
+        let sql = query(number).expect("query exists");
+        let expected = datafusion.run(sql).await.expect("datafusion runs");
+        match quiver.run(sql).await {
+            Ok(actual) => {
+                if let Err(difference) = compare(&expected, &actual) {
+                    failures.push(format!("Q{number}{label}: {difference}"));
+                }
+            }
+            Err(e) => failures.push(format!("Q{number}{label} failed: {e}")),
+        }
+    }
+    failures
+}
+
+async fn assert_no_secret_in_history(context: &QuiverContext, secret: &str) {
     let jobs = context.list_jobs(1000).await.expect("list jobs");
     assert!(!jobs.is_empty());
     for job in jobs {
         assert!(
-            !job.query.contains(SECRET_KEY),
+            !job.query.contains(secret),
             "the job history shows a secret: {}",
             job.query
         );
@@ -105,19 +130,7 @@ async fn tpch_reads_from_s3_match_single_node_datafusion() {
     }
     let datafusion = common::reference_engine(&tables, 4).await;
     let quiver = Engine::Quiver(context.clone());
-    let mut failures = Vec::new();
-    for number in 1..=QUERY_COUNT {
-        let sql = query(number).expect("query exists");
-        let expected = datafusion.run(sql).await.expect("datafusion runs");
-        match quiver.run(sql).await {
-            Ok(actual) => {
-                if let Err(difference) = compare(&expected, &actual) {
-                    failures.push(format!("Q{number}: {difference}"));
-                }
-            }
-            Err(e) => failures.push(format!("Q{number} failed: {e}")),
-        }
-    }
+    let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, "").await;
 
     // Durable shuffle: map outputs go to the bucket too, readers on other
     // executors read them from there, and they are gone once the job ends.
@@ -127,18 +140,8 @@ async fn tpch_reads_from_s3_match_single_node_datafusion() {
     )
     .await
     .expect("set shuffle location");
-    for number in [3, 9, 18] {
-        let sql = query(number).expect("query exists");
-        let expected = datafusion.run(sql).await.expect("datafusion runs");
-        match quiver.run(sql).await {
-            Ok(actual) => {
-                if let Err(difference) = compare(&expected, &actual) {
-                    failures.push(format!("Q{number} with durable shuffle: {difference}"));
-                }
-            }
-            Err(e) => failures.push(format!("Q{number} with durable shuffle failed: {e}")),
-        }
-    }
+    failures
+        .extend(tpch_differences(&quiver, &datafusion, [3, 9, 18], " with durable shuffle").await);
     let bucket = s3.store("tpch");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -153,7 +156,79 @@ async fn tpch_reads_from_s3_match_single_node_datafusion() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
-    assert_no_secret_in_history(&context).await;
+    assert_no_secret_in_history(&context, SECRET_KEY).await;
+    cluster.shutdown().await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_reads_and_writes_on_azure_blob_storage() {
+    let azure = AzuriteServer::start();
+    azure.create_container("lake");
+    let tables = common::tpch_tables();
+    for (name, dir) in &tables {
+        azure.upload_dir("lake", dir, &format!("tpch/{name}")).await;
+    }
+    let (cluster, context) = common::start_cluster(options()).await;
+    let options = azure.sql_options();
+    for (name, _) in &tables {
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION 'az://lake/tpch/{name}/' {options}"
+        );
+        run(&context, &ddl).await.expect("register table on Azure");
+    }
+    let datafusion = common::reference_engine(&tables, 4).await;
+    let quiver = Engine::Quiver(context.clone());
+    let failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, " on Azure").await;
+
+    // A distributed, partitioned write into the container, then read back.
+    run(
+        &context,
+        &format!(
+            "COPY (SELECT l_orderkey, l_quantity, l_returnflag FROM lineitem) \
+             TO 'az://lake/out/' STORED AS PARQUET PARTITIONED BY (l_returnflag) {options}"
+        ),
+    )
+    .await
+    .expect("write to Azure");
+    let written = list(&azure.store("lake"), "out").await;
+    let folders: BTreeSet<&str> = written
+        .iter()
+        .filter(|path| path.ends_with(".parquet"))
+        .filter_map(|path| path.split('/').nth(1))
+        .collect();
+    assert_eq!(
+        folders,
+        BTreeSet::from(["l_returnflag=A", "l_returnflag=N", "l_returnflag=R"]),
+        "{written:?}"
+    );
+    assert!(
+        written
+            .iter()
+            .any(|path| path.starts_with("out/_manifests/")),
+        "the commit wrote a manifest: {written:?}"
+    );
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE copied STORED AS PARQUET LOCATION 'az://lake/out/' {options}"
+        ),
+    )
+    .await
+    .expect("register the copy");
+    let copied = count_of(
+        &context,
+        "SELECT CAST(count(*) AS BIGINT UNSIGNED) FROM copied",
+    )
+    .await;
+    let source = count_of(
+        &context,
+        "SELECT CAST(count(*) AS BIGINT UNSIGNED) FROM lineitem",
+    )
+    .await;
+    assert_eq!(copied, source);
+
+    assert_no_secret_in_history(&context, ACCOUNT_KEY).await;
     cluster.shutdown().await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -352,7 +427,7 @@ async fn distributed_writes_commit_every_file_once() {
         .expect_err("the table exists");
     assert!(again.contains("already exists"), "{again}");
 
-    assert_no_secret_in_history(&context).await;
+    assert_no_secret_in_history(&context, SECRET_KEY).await;
     cluster.shutdown().await;
 }
 
@@ -421,6 +496,6 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     // Nothing partial was left, and the cluster serves the next job.
     assert!(list(&bucket, "out").await.is_empty());
     assert_eq!(count_of(&context, "SELECT 1::bigint unsigned").await, 1);
-    assert_no_secret_in_history(&context).await;
+    assert_no_secret_in_history(&context, SECRET_KEY).await;
     cluster.shutdown().await;
 }

@@ -192,6 +192,22 @@ fn check_cli_jobs(url: &str) {
         assert!(Instant::now() < deadline, "job never succeeded: {text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A finished job keeps what each of its stages did.
+    let stages = quiver(&[
+        "--url", url, "--format", "csv", "job", "status", "--stages", &job_id,
+    ]);
+    let text = String::from_utf8_lossy(&stages.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"stage,tasks,task_ms_total,slowest_task_ms,slowest_task,rows_written,bytes_written"),
+        "{text}"
+    );
+    let fields: Vec<&str> = lines
+        .get(1)
+        .map(|l| l.split(',').collect())
+        .unwrap_or_default();
+    assert_eq!((fields[0], fields[1], fields[5]), ("1", "1", "1"), "{text}");
 
     // Ctrl-C while a job runs cancels it on the cluster.
     let endless = "SELECT count(*), sum(value % 7) FROM range(1, 1000000000000)";

@@ -88,7 +88,8 @@ impl From<Error> for Status {
             | Error::TableLocation { .. } => Code::InvalidArgument,
             Error::Store(_) => Code::Unavailable,
             Error::UnknownJob(_) => Code::NotFound,
-            Error::TableWrite { .. } | Error::AnalyzedJob { .. } => Code::Aborted,
+            // Not ABORTED: clients may retry that, which would run a write again.
+            Error::TableWrite { .. } | Error::AnalyzedJob { .. } => Code::Unknown,
             Error::ShuttingDown => Code::Unavailable,
             Error::EncodePlan { .. }
             | Error::Bind { .. }

@@ -468,6 +468,8 @@ impl Planner {
     /// `COPY ... OPTIONS (...)`), before DataFusion first lists it.
     fn configure_locations(&self, plan: &LogicalPlan) -> Result<Vec<ReplacedStore>> {
         let (locations, options) = match plan {
+            // What runs under EXPLAIN ANALYZE needs its locations as much.
+            LogicalPlan::Analyze(analyze) => return self.configure_locations(&analyze.input),
             LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) => {
                 (table.locations.as_slice(), &table.options)
             }

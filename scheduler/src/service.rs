@@ -62,6 +62,17 @@ impl SchedulerGrpc {
         &self.planner
     }
 
+    /// Cancels a job; false when it had already ended.
+    pub async fn cancel(&self, job_id: &str) -> Result<bool, Status> {
+        self.job_status(job_id)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::CancelJob {
+            job_id: job_id.to_owned(),
+            reply,
+        })?;
+        answer.await.map_err(|_| Status::from(Error::ShuttingDown))
+    }
+
     /// Cancels a job without waiting for the answer: for a caller that is
     /// going away.
     pub fn cancel_in_background(&self, job_id: &str) {
@@ -474,10 +485,13 @@ impl SchedulerService for SchedulerGrpc {
         let status = self.job_status(&request.into_inner().job_id)?;
         let stream = futures::stream::unfold(Some(status), |state| async move {
             let mut receiver = state?;
-            let current = receiver.borrow_and_update().clone();
+            let mut current = receiver.borrow_and_update().clone();
             if is_final(current.state) {
                 return Some((Ok(current), None));
             }
+            // Progress updates go out often; per-stage metrics come with the
+            // final one, and from GetJobStatus at any time.
+            current.stages.clear();
             // Wait for the next change; a dropped sender means the job state is final.
             if receiver.changed().await.is_err() {
                 let last = receiver.borrow().clone();
@@ -492,13 +506,7 @@ impl SchedulerService for SchedulerGrpc {
         &self,
         request: Request<JobRequest>,
     ) -> Result<Response<CancelJobResponse>, Status> {
-        let job_id = request.into_inner().job_id;
-        self.job_status(&job_id)?;
-        let (reply, answer) = oneshot::channel();
-        self.send(Event::CancelJob { job_id, reply })?;
-        let cancelled = answer
-            .await
-            .map_err(|_| Status::from(Error::ShuttingDown))?;
+        let cancelled = self.cancel(&request.into_inner().job_id).await?;
         Ok(Response::new(CancelJobResponse { cancelled }))
     }
 

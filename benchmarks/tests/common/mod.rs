@@ -48,6 +48,39 @@ pub async fn reference_engine(
     engine
 }
 
+/// Uploads every file below `dir` to `store` under `prefix`.
+pub async fn upload_dir(
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    dir: &std::path::Path,
+    prefix: &str,
+) {
+    use object_store::ObjectStoreExt;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).expect("read data folder") {
+            let path = entry.expect("folder entry").path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let relative = path
+                .strip_prefix(dir)
+                .expect("below the data folder")
+                .to_string_lossy()
+                .replace('\\', "/");
+            let bytes = std::fs::read(&path).expect("read data file");
+            store
+                .put(
+                    &object_store::path::Path::from(format!("{prefix}/{relative}")),
+                    object_store::PutPayload::from(bytes),
+                )
+                .await
+                .expect("upload data file");
+        }
+    }
+}
+
+pub mod azurite;
 pub mod processes;
 pub mod python;
 pub mod s3;

@@ -12,9 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 /// Credentials the tests use. moto accepts any; the secret is distinctive so
 /// that tests can check it never shows.
@@ -101,30 +100,7 @@ impl S3Server {
 
     /// Uploads every file below `dir` to `bucket` under `prefix`.
     pub async fn upload_dir(&self, bucket: &str, dir: &Path, prefix: &str) {
-        let store = self.store(bucket);
-        let mut pending = vec![dir.to_path_buf()];
-        while let Some(folder) = pending.pop() {
-            for entry in std::fs::read_dir(&folder).expect("read data folder") {
-                let path = entry.expect("folder entry").path();
-                if path.is_dir() {
-                    pending.push(path);
-                    continue;
-                }
-                let relative = path
-                    .strip_prefix(dir)
-                    .expect("below the data folder")
-                    .to_string_lossy()
-                    .replace('\\', "/");
-                let bytes = std::fs::read(&path).expect("read data file");
-                store
-                    .put(
-                        &ObjectPath::from(format!("{prefix}/{relative}")),
-                        PutPayload::from(bytes),
-                    )
-                    .await
-                    .expect("upload data file");
-            }
-        }
+        super::upload_dir(&self.store(bucket), dir, prefix).await;
     }
 }
 

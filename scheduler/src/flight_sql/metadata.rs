@@ -72,12 +72,16 @@ pub async fn tables(
                 continue;
             };
             for table_name in sorted(schema.table_names()) {
-                let table = schema
-                    .table(&table_name)
-                    .await
-                    .map_err(|e| FlightError::ExternalError(Box::new(e)))?;
-                // A table dropped while listing is no longer there.
-                let Some(table) = table else { continue };
+                let table = match schema.table(&table_name).await {
+                    Ok(Some(table)) => table,
+                    // Dropped while listing.
+                    Ok(None) => continue,
+                    // One unreadable table must not hide the others.
+                    Err(error) => {
+                        tracing::warn!(table = %table_name, %error, "cannot describe a table");
+                        continue;
+                    }
+                };
                 builder.append(
                     &catalog_name,
                     &schema_name,

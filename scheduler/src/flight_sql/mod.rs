@@ -38,8 +38,9 @@ use arrow_flight::sql::{
     SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
-    FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
-    IpcMessage, SchemaAsIpc, Ticket,
+    CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, FlightData, FlightDescriptor,
+    FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage, SchemaAsIpc,
+    Ticket,
 };
 use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
@@ -57,7 +58,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::service::{JobGuard, SchedulerGrpc, is_final};
-use prepared::{PreparedStatements, parameter_rows};
+use prepared::{ParameterRow, PreparedStatements, parameter_rows};
 
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -68,6 +69,9 @@ pub const SETTING_HEADER_PREFIX: &str = "x-quiver-setting-";
 /// does not export.
 const CANCEL_RESULT_CANCELLED: i32 = 1;
 const CANCEL_RESULT_NOT_CANCELLABLE: i32 = 3;
+
+/// The Flight action that cancels the query behind a FlightInfo.
+const CANCEL_FLIGHT_INFO: &str = "CancelFlightInfo";
 
 /// What a statement's ticket holds: the job, and the schema its result has.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -123,9 +127,15 @@ impl FlightSqlEndpoint {
         let ticket = TicketStatementQuery {
             statement_handle: handle.encode_to_vec().into(),
         };
-        let info = FlightInfo::new()
-            .try_with_schema(&schema)
-            .map_err(arrow_status)?
+        let info = match FlightInfo::new().try_with_schema(&schema) {
+            Ok(info) => info,
+            Err(e) => {
+                // Nobody could ever fetch the result.
+                self.jobs.cancel_in_background(&handle.job_id);
+                return Err(arrow_status(e));
+            }
+        };
+        let info = info
             .with_endpoint(FlightEndpoint::new().with_ticket(any_ticket(&ticket)))
             .with_descriptor(descriptor)
             .with_ordered(true);
@@ -154,7 +164,8 @@ impl FlightSqlEndpoint {
                 return Err(Status::cancelled(format!("job {job_id} was cancelled")));
             }
             _ => {
-                return Err(Status::aborted(format!(
+                // Not ABORTED: clients may retry that, running a write again.
+                return Err(Status::unknown(format!(
                     "job {job_id} failed: {}",
                     status.error
                 )));
@@ -174,6 +185,24 @@ impl FlightSqlEndpoint {
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
     }
 
+    /// Cancels the jobs behind a FlightInfo's tickets; true if one was still running.
+    async fn cancel(&self, info: FlightInfo) -> Result<bool, Status> {
+        let malformed = |e: String| Status::invalid_argument(format!("malformed ticket: {e}"));
+        let mut cancelled = false;
+        for ticket in info.endpoint.into_iter().filter_map(|e| e.ticket) {
+            let any = Any::decode(ticket.ticket).map_err(|e| malformed(e.to_string()))?;
+            let Some(statement) = any
+                .unpack::<TicketStatementQuery>()
+                .map_err(|e| malformed(e.to_string()))?
+            else {
+                continue;
+            };
+            let (handle, _) = decode_result_handle(&statement.statement_handle)?;
+            cancelled |= self.jobs.cancel(&handle.job_id).await?;
+        }
+        Ok(cancelled)
+    }
+
     /// Runs an update to its end and returns the rows it changed.
     async fn run_update(
         &self,
@@ -188,6 +217,22 @@ impl FlightSqlEndpoint {
         let batches = self.job_batches(&job_id, schema).await?;
         affected_rows(batches).await
     }
+}
+
+/// Reads the parameter rows a client puts, refusing more than
+/// [`prepared::MAX_PARAMETER_ROWS`] as soon as they arrive.
+async fn read_parameters(stream: PeekableFlightDataStream) -> Result<Vec<ParameterRow>, Status> {
+    // Some clients (arrow-rs) send only a descriptor, with no Arrow message.
+    let messages = stream.try_filter(|data| futures::future::ready(!data.data_header.is_empty()));
+    let mut batches =
+        FlightRecordBatchStream::new_from_flight_data(messages.map_err(FlightError::from));
+    let mut rows = Vec::new();
+    while let Some(batch) = batches.next().await {
+        let batch = batch
+            .map_err(|e| Status::invalid_argument(format!("cannot read the parameters: {e}")))?;
+        rows.extend(parameter_rows(std::slice::from_ref(&batch), rows.len())?);
+    }
+    Ok(rows)
 }
 
 /// The session settings a call carries in its headers.
@@ -219,7 +264,7 @@ async fn affected_rows(batches: SendableRecordBatchStream) -> Result<i64, Status
         && schema.field(0).name() == "count"
         && schema.field(0).data_type() == &DataType::UInt64;
     batches
-        .map_err(|e| Status::aborted(e.to_string()))
+        .map_err(|e| Status::unknown(e.to_string()))
         .try_fold(0_i64, |total, batch| async move {
             let rows = if counted {
                 let counts = batch
@@ -254,7 +299,7 @@ fn flight_data(batches: SendableRecordBatchStream) -> FlightStream<FlightData> {
     let schema = batches.schema();
     let batches = batches.map_err(|e| match e {
         DataFusionError::ArrowError(e, _) => FlightError::Arrow(*e),
-        e => FlightError::Tonic(Box::new(Status::aborted(e.to_string()))),
+        e => FlightError::Tonic(Box::new(Status::unknown(e.to_string()))),
     });
     Box::pin(
         FlightDataEncoderBuilder::new()
@@ -385,13 +430,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
-            request.into_inner().map_err(FlightError::from),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("cannot read the parameters: {e}")))?;
-        let rows = parameter_rows(&batches)?;
+        let rows = read_parameters(request.into_inner()).await?;
         self.prepared.bind(&query.prepared_statement_handle, rows)?;
         // The handle stays the same: the bound values live here.
         Ok(DoPutPreparedStatementResult {
@@ -407,13 +446,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         let settings = settings_from_headers(request.metadata())?;
         let mut statement = self.prepared.get(&query.prepared_statement_handle)?;
         // Values may come with the update itself rather than bound before.
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
-            request.into_inner().map_err(FlightError::from),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("cannot read the parameters: {e}")))?;
-        let sent = parameter_rows(&batches)?;
+        let sent = read_parameters(request.into_inner()).await?;
         if !sent.is_empty() {
             statement.parameters = sent;
         }
@@ -444,26 +477,44 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: ActionCancelQueryRequest,
         _request: Request<arrow_flight::Action>,
     ) -> Result<ActionCancelQueryResult, Status> {
-        let malformed = |e: String| Status::invalid_argument(format!("malformed FlightInfo: {e}"));
-        let info = FlightInfo::decode(query.info).map_err(|e| malformed(e.to_string()))?;
-        let mut result = CANCEL_RESULT_NOT_CANCELLABLE;
-        for endpoint in info.endpoint {
-            let Some(ticket) = endpoint.ticket else {
-                continue;
-            };
-            let any = Any::decode(ticket.ticket).map_err(|e| malformed(e.to_string()))?;
-            let Some(statement) = any
-                .unpack::<TicketStatementQuery>()
-                .map_err(|e| malformed(e.to_string()))?
-            else {
-                continue;
-            };
-            let (handle, _) = decode_result_handle(&statement.statement_handle)?;
-            self.jobs.job_status(&handle.job_id)?;
-            self.jobs.cancel_in_background(&handle.job_id);
-            result = CANCEL_RESULT_CANCELLED;
-        }
+        let info = FlightInfo::decode(query.info)
+            .map_err(|e| Status::invalid_argument(format!("malformed FlightInfo: {e}")))?;
+        let result = if self.cancel(info).await? {
+            CANCEL_RESULT_CANCELLED
+        } else {
+            CANCEL_RESULT_NOT_CANCELLABLE
+        };
         Ok(ActionCancelQueryResult { result })
+    }
+
+    /// `CancelFlightInfo`, the Flight action that replaced `CancelQuery`.
+    async fn do_action_fallback(
+        &self,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        let action = request.into_inner();
+        if action.r#type != CANCEL_FLIGHT_INFO {
+            return Err(Status::invalid_argument(format!(
+                "unknown action '{}'",
+                action.r#type.chars().take(64).collect::<String>()
+            )));
+        }
+        let request = CancelFlightInfoRequest::decode(action.body)
+            .map_err(|e| Status::invalid_argument(format!("malformed CancelFlightInfo: {e}")))?;
+        let info = request
+            .info
+            .ok_or_else(|| Status::invalid_argument("CancelFlightInfo without a FlightInfo"))?;
+        let status = if self.cancel(info).await? {
+            CancelStatus::Cancelled
+        } else {
+            CancelStatus::NotCancellable
+        };
+        let result = arrow_flight::Result {
+            body: CancelFlightInfoResult::new(status).encode_to_vec().into(),
+        };
+        Ok(Response::new(Box::pin(futures::stream::once(async {
+            Ok(result)
+        }))))
     }
 
     async fn get_flight_info_catalogs(

@@ -121,15 +121,16 @@ fn unknown(handle: &[u8]) -> Status {
     ))
 }
 
-/// Splits bound parameter batches into rows of values.
-pub fn parameter_rows(batches: &[RecordBatch]) -> Result<Vec<ParameterRow>, Status> {
-    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+/// Splits bound parameter batches into rows of values; `before` rows were
+/// read already, and count against the limit.
+pub fn parameter_rows(batches: &[RecordBatch], before: usize) -> Result<Vec<ParameterRow>, Status> {
+    let total: usize = before + batches.iter().map(RecordBatch::num_rows).sum::<usize>();
     if total > MAX_PARAMETER_ROWS {
         return Err(Status::invalid_argument(format!(
             "{total} parameter rows are bound, at most {MAX_PARAMETER_ROWS} are allowed: each row runs as a job of its own; load data with COPY or INSERT ... SELECT instead"
         )));
     }
-    let mut rows = Vec::with_capacity(total);
+    let mut rows = Vec::with_capacity(total - before);
     for batch in batches {
         for row in 0..batch.num_rows() {
             let values = batch
@@ -162,7 +163,7 @@ mod tests {
             ("b", Arc::new(StringArray::from(vec!["x", "y"])) as _),
         ])
         .expect("batch");
-        let rows = parameter_rows(&[batch]).expect("rows");
+        let rows = parameter_rows(&[batch], 0).expect("rows");
         assert_eq!(
             rows[1],
             vec![ScalarValue::Int64(Some(2)), ScalarValue::from("y")]
@@ -193,7 +194,7 @@ mod tests {
         let values: Vec<i64> = (0..=MAX_PARAMETER_ROWS as i64).collect();
         let batch = RecordBatch::try_from_iter([("a", Arc::new(Int64Array::from(values)) as _)])
             .expect("batch");
-        let error = parameter_rows(&[batch]).expect_err("too many");
+        let error = parameter_rows(&[batch], 0).expect_err("too many");
         assert!(error.message().contains("COPY"), "{}", error.message());
     }
 }

@@ -6,7 +6,7 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use quiver_client::QuiverContext;
 use quiver_client::output::{Format, write_batches};
-use quiver_proto::{JobRecord, JobStatus};
+use quiver_proto::{JobRecord, JobStatus, StageMetrics};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum JobCommand {
@@ -16,7 +16,13 @@ pub enum JobCommand {
         sql: String,
     },
     /// Print a job's status, running or finished.
-    Status { job_id: String },
+    Status {
+        job_id: String,
+        /// Print one row per stage instead: its tasks, their time and the
+        /// slowest one, and the rows and bytes it wrote.
+        #[arg(long)]
+        stages: bool,
+    },
     /// Cancel a running or queued job.
     Cancel { job_id: String },
     /// List the newest jobs of the scheduler's history.
@@ -37,12 +43,16 @@ pub async fn run(
             let job = context.submit_sql(&sql).await.map_err(|e| e.to_string())?;
             println!("{}", job.job_id);
         }
-        JobCommand::Status { job_id } => {
+        JobCommand::Status { job_id, stages } => {
             let status = context
                 .job_status(&job_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            print_jobs(&[(status, None)], format)?;
+            if stages {
+                print_stages(&status, format)?;
+            } else {
+                print_jobs(&[(status, None)], format)?;
+            }
         }
         JobCommand::Cancel { job_id } => {
             if context
@@ -100,6 +110,51 @@ fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result
             strings(|_, record| record.map(|r| one_line(&r.query)).unwrap_or_default()),
         ),
     ];
+    print_columns(columns, format)
+}
+
+/// Prints a job's stages, one row each, from the metrics its tasks reported.
+fn print_stages(status: &JobStatus, format: Format) -> Result<(), String> {
+    let stages = &status.stages;
+    let numbers = |value: &dyn Fn(&StageMetrics) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from_iter_values(stages.iter().map(value)))
+    };
+    // What the writer at the root of the stage plan (operator 0) wrote.
+    let written = |name: &'static str| {
+        move |stage: &StageMetrics| {
+            stage
+                .operators
+                .iter()
+                .filter(|operator| operator.operator == 0)
+                .flat_map(|operator| &operator.metrics)
+                .find(|metric| metric.name == name)
+                .map_or(0, |metric| metric.value)
+        }
+    };
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("stage", numbers(&|s| u64::from(s.stage_id))),
+        ("tasks", numbers(&|s| u64::from(s.tasks))),
+        ("task_ms_total", numbers(&|s| s.task_micros_total / 1000)),
+        (
+            "slowest_task_ms",
+            numbers(&|s| s.slowest_task_micros / 1000),
+        ),
+        (
+            "slowest_task",
+            Arc::new(StringArray::from_iter_values(stages.iter().map(|s| {
+                format!(
+                    "partition {} on {}",
+                    s.slowest_task_partition, s.slowest_task_executor
+                )
+            }))),
+        ),
+        ("rows_written", numbers(&written("output_rows"))),
+        ("bytes_written", numbers(&written("shuffle_bytes_written"))),
+    ];
+    print_columns(columns, format)
+}
+
+fn print_columns(columns: Vec<(&str, ArrayRef)>, format: Format) -> Result<(), String> {
     let schema = Arc::new(Schema::new(
         columns
             .iter()

@@ -3,8 +3,12 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{Field, Schema};
 use quiver_client::QuiverContext;
-use quiver_client::output::Format;
+use quiver_client::output::{Format, write_batches};
 use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
 
@@ -144,9 +148,11 @@ async fn run_command(
         }
         ("\\d", None) => list_tables_query(),
         ("\\d", Some(name)) => {
-            // Names a missing table clearly, rather than printing no columns.
-            context.table(name).await.map_err(|e| e.to_string())?;
-            describe_query(name)
+            // The table as the catalog resolves the name: case, quotes and
+            // qualifiers follow SQL's rules.
+            let table = context.table(name).await.map_err(|e| e.to_string())?;
+            print_columns(table.schema().as_arrow(), options.format)?;
+            return Ok(Continue::Yes);
         }
         _ => return Err(format!("unknown command {line}; try \\?")),
     };
@@ -161,34 +167,28 @@ fn list_tables_query() -> String {
         .to_owned()
 }
 
-/// The columns of `name`, which may be qualified by its schema.
-fn describe_query(name: &str) -> String {
-    let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
-    let filter = match name.rsplit_once('.') {
-        Some((schema, table)) => format!(
-            "table_schema = {} AND table_name = {}",
-            literal(schema),
-            literal(table)
-        ),
-        None => format!(
-            "table_name = {} AND table_schema <> 'information_schema'",
-            literal(name)
-        ),
+/// Prints a table's columns: name, type and whether it may be null.
+fn print_columns(schema: &Schema, format: Format) -> Result<(), String> {
+    let fields = schema.fields();
+    let text = |value: &dyn Fn(&Field) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            fields.iter().map(|field| value(field)),
+        ))
     };
-    format!(
-        "SELECT column_name, data_type, is_nullable FROM information_schema.columns \
-         WHERE {filter} ORDER BY ordinal_position"
+    let batch = RecordBatch::try_from_iter([
+        ("column_name", text(&|field| field.name().clone())),
+        ("data_type", text(&|field| field.data_type().to_string())),
+        (
+            "is_nullable",
+            text(&|field| if field.is_nullable() { "YES" } else { "NO" }.to_owned()),
+        ),
+    ])
+    .map_err(|e| e.to_string())?;
+    write_batches(
+        &mut std::io::stdout().lock(),
+        format,
+        &batch.schema(),
+        &[batch],
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn describe_quotes_names_and_takes_a_schema() {
-        assert!(describe_query("o'k").contains("table_name = 'o''k'"));
-        let qualified = describe_query("sales.orders");
-        assert!(qualified.contains("table_schema = 'sales' AND table_name = 'orders'"));
-    }
+    .map_err(|e| e.to_string())
 }

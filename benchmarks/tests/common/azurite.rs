@@ -1,0 +1,174 @@
+//! A real Azure Blob Storage server for the tests: Azurite, Microsoft's own
+//! emulator (npm), on a free loopback port, stopped when dropped.
+//!
+//! `azurite-blob` is taken from `QUIVER_AZURITE`, else from `PATH`, else
+//! installed with npm into the temp folder on first use. Containers are
+//! created with Microsoft's Python SDK (`azure-storage-blob`), which signs
+//! the request as Azure requires; it is installed the same way as moto.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+use object_store::azure::MicrosoftAzureBuilder;
+
+/// Azurite's fixed development account, as documented by Microsoft.
+pub const ACCOUNT: &str = "devstoreaccount1";
+pub const ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+pub struct AzuriteServer {
+    child: Child,
+    port: u16,
+    _data: tempfile::TempDir,
+}
+
+impl AzuriteServer {
+    /// Starts Azurite's blob service and waits until it answers.
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let data = tempfile::tempdir().expect("azurite folder");
+        let program = azurite_blob();
+        let child = Command::new(&program)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(data.path())
+            .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}); install it with: npm install -g azurite",
+                    program.display()
+                )
+            });
+        let server = Self {
+            child,
+            port,
+            _data: data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "azurite did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// The account's blob endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+    }
+
+    /// Creates a container with Microsoft's SDK: a signed request.
+    pub fn create_container(&self, container: &str) {
+        let python = super::python::python_importing(
+            &["azure.storage.blob"],
+            "quiver-azure-venv",
+            &["azure-storage-blob>=12"],
+        );
+        let connection = format!(
+            "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};",
+            self.endpoint()
+        );
+        let script = "import sys\n\
+             from azure.storage.blob import BlobServiceClient\n\
+             BlobServiceClient.from_connection_string(sys.argv[1]).create_container(sys.argv[2])\n";
+        let output = Command::new(python)
+            .args(["-c", script, &connection, container])
+            .output()
+            .expect("run python to create a container");
+        assert!(
+            output.status.success(),
+            "creating container {container} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// `OPTIONS (...)` for a table or `COPY` on this server.
+    pub fn sql_options(&self) -> String {
+        format!(
+            "OPTIONS ('azure.account_name' '{ACCOUNT}', 'azure.access_key' '{ACCOUNT_KEY}', \
+             'azure.endpoint' '{}', 'azure.allow_http' 'true')",
+            self.endpoint()
+        )
+    }
+
+    /// A client of `container`, for the tests' own uploads and checks.
+    pub fn store(&self, container: &str) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            MicrosoftAzureBuilder::new()
+                .with_account(ACCOUNT)
+                .with_access_key(ACCOUNT_KEY)
+                .with_container_name(container)
+                .with_endpoint(self.endpoint())
+                .with_allow_http(true)
+                .build()
+                .expect("Azure client"),
+        )
+    }
+
+    /// Uploads every file below `dir` to `container` under `prefix`.
+    pub async fn upload_dir(&self, container: &str, dir: &Path, prefix: &str) {
+        super::upload_dir(&self.store(container), dir, prefix).await;
+    }
+}
+
+impl Drop for AzuriteServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where `azurite-blob` is, installing it with npm if it is nowhere.
+fn azurite_blob() -> PathBuf {
+    if let Ok(program) = std::env::var("QUIVER_AZURITE")
+        && !program.is_empty()
+    {
+        return PathBuf::from(program);
+    }
+    let on_path = Command::new("azurite-blob")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if on_path {
+        return PathBuf::from("azurite-blob");
+    }
+    let prefix = std::env::temp_dir().join("quiver-azurite");
+    let ready = prefix.join(".ready");
+    // Tests run in parallel processes: the one that creates the folder
+    // installs, the others wait for it.
+    if std::fs::create_dir(&prefix).is_ok() {
+        let status = Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .arg("azurite@3")
+            .status()
+            .expect("run npm to install azurite");
+        assert!(status.success(), "installing azurite with npm failed");
+        std::fs::write(&ready, b"").expect("mark the azurite install ready");
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "azurite was not installed into {} in 10 minutes",
+            prefix.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    prefix
+        .join("node_modules")
+        .join(".bin")
+        .join("azurite-blob")
+}
