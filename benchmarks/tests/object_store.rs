@@ -228,7 +228,37 @@ async fn tpch_reads_and_writes_on_azure_blob_storage() {
     .await;
     assert_eq!(copied, source);
 
+    // Wrong credentials: Azurite checks the request signature. The error
+    // names the location, not the key, and the container's good options stay.
+    let wrong_key = "d3Jvbmcta2V5LW9mLXRoZS1yaWdodC1sZW5ndGgtZm9yLWF6dXJl";
+    let error = run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE stolen STORED AS PARQUET LOCATION 'az://lake/tpch/nation/' \
+             OPTIONS ('azure.account_name' 'devstoreaccount1', 'azure.access_key' '{wrong_key}', \
+             'azure.endpoint' '{}', 'azure.allow_http' 'true')",
+            azure.endpoint()
+        ),
+    )
+    .await
+    .expect_err("a wrong key is refused");
+    assert!(
+        error.contains("cannot read the table at 'az://lake/tpch/nation/'")
+            && !error.contains(wrong_key),
+        "{error}"
+    );
+    assert_eq!(
+        count_of(
+            &context,
+            "SELECT CAST(count(*) AS BIGINT UNSIGNED) FROM nation"
+        )
+        .await,
+        25,
+        "the good options still work"
+    );
+
     assert_no_secret_in_history(&context, ACCOUNT_KEY).await;
+    assert_no_secret_in_history(&context, wrong_key).await;
     cluster.shutdown().await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

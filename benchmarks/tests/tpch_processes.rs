@@ -106,6 +106,25 @@ fn check_cli_inputs(url: &str, scratch: &std::path::Path) {
         .expect("cli");
     assert_eq!(String::from_utf8_lossy(&output.stdout), "n\n25\nr\n5\n");
 
+    // Schemas, and DESCRIBE of a table in one.
+    let nation = scratch.join("nation-copy");
+    let described = cli(
+        url,
+        &format!(
+            "CREATE SCHEMA sales; \
+             COPY (SELECT * FROM nation) TO '{}/' STORED AS PARQUET; \
+             CREATE EXTERNAL TABLE sales.nation STORED AS PARQUET LOCATION '{}/'; \
+             DESCRIBE sales.nation",
+            nation.display(),
+            nation.display()
+        ),
+    )
+    .expect("schema, table and DESCRIBE");
+    assert!(
+        described.ends_with("column_name,data_type,is_nullable\nn_nationkey,Int64,NO\nn_name,Utf8View,NO\nn_regionkey,Int64,NO\nn_comment,Utf8View,NO\n"),
+        "{described}"
+    );
+
     let error = cli("quiver://127.0.0.1:1", "SELECT 1").expect_err("nothing listens on port 1");
     assert!(
         error.contains("127.0.0.1:1"),
