@@ -6,11 +6,9 @@
 //! created with Microsoft's Python SDK (`azure-storage-blob`), which signs
 //! the request as Azure requires; it is installed the same way as moto.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use object_store::ObjectStore;
 use object_store::azure::MicrosoftAzureBuilder;
@@ -29,10 +27,7 @@ pub struct AzuriteServer {
 impl AzuriteServer {
     /// Starts Azurite's blob service and waits until it answers.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::processes::free_port();
         let data = tempfile::tempdir().expect("azurite folder");
         let program = azurite_blob();
         let child = Command::new(&program)
@@ -54,11 +49,7 @@ impl AzuriteServer {
             port,
             _data: data,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "azurite did not start in 60 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::wait_for_port(port, "azurite");
         server
     }
 
@@ -145,10 +136,7 @@ fn azurite_blob() -> PathBuf {
         return PathBuf::from("azurite-blob");
     }
     let prefix = std::env::temp_dir().join("quiver-azurite");
-    let ready = prefix.join(".ready");
-    // Tests run in parallel processes: the one that creates the folder
-    // installs, the others wait for it.
-    if std::fs::create_dir(&prefix).is_ok() {
+    super::install_once(&prefix, || {
         let status = Command::new("npm")
             .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
             .arg(&prefix)
@@ -156,17 +144,7 @@ fn azurite_blob() -> PathBuf {
             .status()
             .expect("run npm to install azurite");
         assert!(status.success(), "installing azurite with npm failed");
-        std::fs::write(&ready, b"").expect("mark the azurite install ready");
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !ready.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "azurite was not installed into {} in 10 minutes",
-            prefix.display()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    });
     prefix
         .join("node_modules")
         .join(".bin")

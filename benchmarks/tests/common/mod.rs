@@ -80,6 +80,38 @@ pub async fn upload_dir(
     }
 }
 
+/// Waits until a server listens on `port` of loopback.
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not start in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Runs `install` into `dir` once per machine. Tests run in parallel
+/// processes: the one that creates the folder installs, the others wait for
+/// it to be marked ready.
+pub fn install_once(dir: &std::path::Path, install: impl FnOnce()) {
+    let ready = dir.join(".ready");
+    if std::fs::create_dir(dir).is_ok() {
+        install();
+        std::fs::write(&ready, b"").expect("mark the install ready");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was installed into {} in 10 minutes",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 pub mod azurite;
 pub mod processes;
 pub mod python;

@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A `python3` that can import every one of `modules`, or one of a virtualenv
 /// holding `packages` when the machine's cannot.
@@ -27,10 +26,7 @@ pub fn python_importing(modules: &[&str], venv_name: &str, packages: &[&str]) ->
 /// The folder of a virtualenv holding `packages`, created on first use.
 pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
     let venv = std::env::temp_dir().join(name);
-    let ready = venv.join(".ready");
-    // Tests run in parallel processes: the one that creates the folder
-    // installs, the others wait for it.
-    if std::fs::create_dir(&venv).is_ok() {
+    super::install_once(&venv, || {
         let run = |command: &mut Command| {
             let status = command.status().expect("run python3 to install packages");
             assert!(status.success(), "installing failed: {command:?}");
@@ -41,16 +37,6 @@ pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
         run(Command::new(venv.join("bin").join("pip"))
             .args(["install", "--quiet"])
             .args(packages));
-        std::fs::write(&ready, b"").expect("mark the virtualenv ready");
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !ready.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{packages:?} were not installed into {} in 10 minutes",
-            venv.display()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    });
     venv
 }

@@ -6,11 +6,10 @@
 //! that the tests run on a fresh machine with only Python.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
@@ -29,10 +28,7 @@ pub struct S3Server {
 impl S3Server {
     /// Starts moto and waits until it answers.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::processes::free_port();
         let program = moto_server();
         let child = Command::new(&program)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -43,11 +39,7 @@ impl S3Server {
                 panic!("cannot start {program} ({e}); install it with: pip install 'moto[server]'")
             });
         let server = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start in 60 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::wait_for_port(port, "moto");
         server
     }
 

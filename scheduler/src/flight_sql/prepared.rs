@@ -78,27 +78,28 @@ impl PreparedStatements {
 
     /// The statement behind a handle, as it is now.
     pub fn get(&self, handle: &[u8]) -> Result<PreparedStatement, Status> {
-        let mut inner = self.lock();
-        let now = inner.tick();
-        let statement = inner
-            .statements
-            .get_mut(handle)
-            .ok_or_else(|| unknown(handle))?;
-        statement.last_used = now;
-        Ok(statement.clone())
+        self.touch(handle, |statement| statement.clone())
     }
 
     /// Replaces the parameter rows bound to a statement.
     pub fn bind(&self, handle: &[u8], parameters: Vec<ParameterRow>) -> Result<(), Status> {
+        self.touch(handle, |statement| statement.parameters = parameters)
+    }
+
+    /// Runs `f` on the statement behind a handle, marking it used now.
+    fn touch<T>(
+        &self,
+        handle: &[u8],
+        f: impl FnOnce(&mut PreparedStatement) -> T,
+    ) -> Result<T, Status> {
         let mut inner = self.lock();
         let now = inner.tick();
         let statement = inner
             .statements
             .get_mut(handle)
             .ok_or_else(|| unknown(handle))?;
-        statement.parameters = parameters;
         statement.last_used = now;
-        Ok(())
+        Ok(f(statement))
     }
 
     /// Forgets a statement; closing one twice is not an error.
