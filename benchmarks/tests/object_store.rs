@@ -2,7 +2,8 @@
 //! the TPC-H queries read from a bucket, distributed Parquet writes with
 //! their commit protocol, and clear errors for bad locations, with the
 //! credentials never showing. The same reads and writes on Azure Blob
-//! Storage (Azurite).
+//! Storage (Azurite), and the reads on Google Cloud Storage (fake-gcs-server)
+//! and over HTTP (a WebDAV server).
 
 mod common;
 
@@ -12,7 +13,9 @@ use std::sync::Arc;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::UInt64Type;
 use common::azurite::{ACCOUNT_KEY, AzuriteServer};
+use common::gcs::GcsServer;
 use common::s3::{S3Server, SECRET_KEY};
+use common::webdav::WebDavServer;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -264,6 +267,79 @@ async fn tpch_reads_and_writes_on_azure_blob_storage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_reads_from_google_cloud_storage() {
+    let tables = common::tpch_tables();
+    let seeds: Vec<_> = tables
+        .iter()
+        .map(|(name, dir)| ("lake", format!("tpch/{name}"), dir.as_path()))
+        .collect();
+    let gcs = GcsServer::start(&seeds);
+    let (cluster, context) = common::start_cluster(options()).await;
+    let options = gcs.sql_options();
+    for (name, _) in &tables {
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION 'gs://lake/tpch/{name}/' {options}"
+        );
+        run(&context, &ddl).await.expect("register table on GCS");
+    }
+    let datafusion = common::reference_engine(&tables, 4).await;
+    let quiver = Engine::Quiver(context.clone());
+    let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, " on GCS").await;
+
+    let error = run(
+        &context,
+        &format!("CREATE EXTERNAL TABLE gone STORED AS PARQUET LOCATION 'gs://no-such-bucket/t/' {options}"),
+    )
+    .await
+    .expect_err("a missing bucket is refused");
+    if !error.contains("gs://no-such-bucket/t/") {
+        failures.push(format!(
+            "the missing bucket's error does not name it: {error}"
+        ));
+    }
+    cluster.shutdown().await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_reads_over_http() {
+    let tables = common::tpch_tables();
+    let root = tables[0].1.parent().expect("the tables share a folder");
+    let server = WebDavServer::start(root);
+    let (cluster, context) = common::start_cluster(options()).await;
+    for (name, dir) in &tables {
+        let folder = dir.file_name().expect("table folder").to_string_lossy();
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{}/{folder}/'",
+            server.url()
+        );
+        run(&context, &ddl).await.expect("register table over HTTP");
+    }
+    let datafusion = common::reference_engine(&tables, 4).await;
+    let quiver = Engine::Quiver(context.clone());
+    let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, " over HTTP").await;
+
+    // HTTP is for reading: the read-only share refuses a write, and the error
+    // names the location.
+    let target = format!("{}/out/", server.url());
+    match run(
+        &context,
+        &format!("COPY (SELECT 1 AS x) TO '{target}' STORED AS PARQUET"),
+    )
+    .await
+    {
+        Ok(_) => failures.push("a write to a read-only HTTP share succeeded".to_owned()),
+        Err(error) if !error.contains(&target) => {
+            failures.push(format!("the refused write does not name {target}: {error}"))
+        }
+        Err(_) => {}
+    }
+    assert!(!root.join("out").exists(), "nothing was written");
+    cluster.shutdown().await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn distributed_writes_commit_every_file_once() {
     let s3 = S3Server::start();
     s3.create_bucket("lake");
@@ -458,6 +534,74 @@ async fn distributed_writes_commit_every_file_once() {
     assert!(again.contains("already exists"), "{again}");
 
     assert_no_secret_in_history(&context, SECRET_KEY).await;
+    cluster.shutdown().await;
+}
+
+/// A write task that fails after its upload has begun aborts that upload:
+/// S3 keeps (and bills) the parts of an unfinished multipart upload, where no
+/// listing of the bucket shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_that_fails_midway_leaves_no_upload_behind() {
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let (cluster, context) = common::start_cluster(options()).await;
+    // Row groups of 64 Ki rows go to the store as they fill, and uploads
+    // start at S3's smallest part, so the task uploads parts before it fails.
+    for setting in [
+        "SET datafusion.execution.parquet.max_row_group_size = 65536",
+        "SET datafusion.execution.objectstore_writer_buffer_size = 5242880",
+    ] {
+        run(&context, setting).await.expect("setting");
+    }
+    // An ordered query (`range` is ordered too) is written by one task, in
+    // order, through the same staging and commit as any other write.
+    run(
+        &context,
+        &format!(
+            "COPY (SELECT value FROM range(100000) ORDER BY value DESC) \
+             TO 's3://lake/ordered/' STORED AS PARQUET {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect("ordered write");
+    let bucket = s3.store("lake");
+    let ordered = list(&bucket, "ordered").await;
+    assert!(
+        ordered
+            .iter()
+            .any(|path| path.starts_with("ordered/_manifests/"))
+            && ordered
+                .iter()
+                .filter(|path| path.ends_with(".parquet"))
+                .count()
+                == 1,
+        "{ordered:?}"
+    );
+
+    let error = run(
+        &context,
+        &format!(
+            "COPY (SELECT value, md5(CAST(value AS VARCHAR)) AS digest, \
+                    1 / CASE WHEN value > 1200000 THEN 0 ELSE 1 END AS fails_late \
+                  FROM range(1500000)) \
+             TO 's3://lake/failed/' STORED AS PARQUET {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect_err("the query divides by zero");
+    assert!(error.contains("Divide by zero"), "{error}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s3.unfinished_uploads("lake") > 0 || !list(&bucket, "failed").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {} unfinished uploads, files {:?}",
+            s3.unfinished_uploads("lake"),
+            list(&bucket, "failed").await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     cluster.shutdown().await;
 }
 

@@ -7,7 +7,7 @@
 //! the request as Azure requires; it is installed the same way as moto.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use object_store::ObjectStore;
@@ -19,7 +19,7 @@ pub const ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 pub struct AzuriteServer {
-    child: Child,
+    _server: super::ServerProcess,
     port: u16,
     _data: tempfile::TempDir,
 }
@@ -29,28 +29,23 @@ impl AzuriteServer {
     pub fn start() -> Self {
         let port = super::processes::free_port();
         let data = tempfile::tempdir().expect("azurite folder");
-        let program = azurite_blob();
-        let child = Command::new(&program)
+        let mut command = Command::new(azurite_blob());
+        command
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
             .arg("--location")
             .arg(data.path())
-            .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}); install it with: npm install -g azurite",
-                    program.display()
-                )
-            });
-        let server = Self {
-            child,
+            .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"]);
+        let server = super::ServerProcess::start(
+            command,
+            port,
+            "azurite",
+            "install it with: npm install -g azurite",
+        );
+        Self {
+            _server: server,
             port,
             _data: data,
-        };
-        super::wait_for_port(port, "azurite");
-        server
+        }
     }
 
     /// The account's blob endpoint.
@@ -109,13 +104,6 @@ impl AzuriteServer {
     /// Uploads every file below `dir` to `container` under `prefix`.
     pub async fn upload_dir(&self, container: &str, dir: &Path, prefix: &str) {
         super::upload_dir(&self.store(container), dir, prefix).await;
-    }
-}
-
-impl Drop for AzuriteServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

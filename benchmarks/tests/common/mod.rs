@@ -80,6 +80,34 @@ pub async fn upload_dir(
     }
 }
 
+/// A server the tests start (moto, Azurite, ...), killed when dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Spawns `command`, its output discarded, and waits until it listens on
+    /// `port`. A spawn failure panics with `hint` (how to install it).
+    pub fn start(mut command: std::process::Command, port: u16, what: &str, hint: &str) -> Self {
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({e}); {hint}"));
+        let server = Self { child, port };
+        wait_for_port(port, what);
+        server
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Waits until a server listens on `port` of loopback.
 pub fn wait_for_port(port: u16, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -113,6 +141,8 @@ pub fn install_once(dir: &std::path::Path, install: impl FnOnce()) {
 }
 
 pub mod azurite;
+pub mod gcs;
 pub mod processes;
 pub mod python;
 pub mod s3;
+pub mod webdav;

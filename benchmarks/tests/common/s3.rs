@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use object_store::ObjectStore;
@@ -21,7 +21,7 @@ pub const SECRET_KEY: &str = "quiver-secret-Z9x7Q";
 pub const REGION: &str = "us-east-1";
 
 pub struct S3Server {
-    child: Child,
+    _server: super::ServerProcess,
     port: u16,
 }
 
@@ -29,18 +29,18 @@ impl S3Server {
     /// Starts moto and waits until it answers.
     pub fn start() -> Self {
         let port = super::processes::free_port();
-        let program = moto_server();
-        let child = Command::new(&program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {program} ({e}); install it with: pip install 'moto[server]'")
-            });
-        let server = Self { child, port };
-        super::wait_for_port(port, "moto");
-        server
+        let mut command = Command::new(moto_server());
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let server = super::ServerProcess::start(
+            command,
+            port,
+            "moto",
+            "install it with: pip install 'moto[server]'",
+        );
+        Self {
+            _server: server,
+            port,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -49,21 +49,38 @@ impl S3Server {
 
     /// Creates a bucket (S3 `CreateBucket`, a bare PUT).
     pub fn create_bucket(&self, bucket: &str) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to moto");
-        write!(
-            stream,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .expect("send CreateBucket");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("read CreateBucket");
+        let response = self.unsigned_request("PUT", &format!("/{bucket}"));
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "CreateBucket {bucket} failed: {response}"
         );
+    }
+
+    /// Multipart uploads started in `bucket` and neither completed nor
+    /// aborted (S3 `ListMultipartUploads`).
+    pub fn unfinished_uploads(&self, bucket: &str) -> usize {
+        let response = self.unsigned_request("GET", &format!("/{bucket}?uploads"));
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "ListMultipartUploads {bucket} failed: {response}"
+        );
+        response.matches("<Upload>").count()
+    }
+
+    /// A bare request, which moto accepts without a signature.
+    fn unsigned_request(&self, method: &str, path: &str) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to moto");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("send a request to moto");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read moto's response");
+        response
     }
 
     /// `OPTIONS (...)` for a table or `COPY` on this server.
@@ -114,11 +131,4 @@ fn moto_server() -> String {
     }
     let venv = super::python::venv("quiver-moto-venv", &["moto[server]>=5,<6"]);
     venv.join("bin").join("moto_server").display().to_string()
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

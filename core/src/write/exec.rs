@@ -27,6 +27,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_writer::ArrowWriterOptions;
 use parquet::file::properties::WriterProperties;
+use tracing::warn;
 
 use super::TaskAttempt;
 use super::layout::{attempt_staging, file_name, join};
@@ -149,6 +150,8 @@ impl ExecutionPlan for ParquetWriteExec {
 /// One task's write: its open files and what it has written so far.
 struct WriteTask {
     store: Arc<dyn ObjectStore>,
+    /// The output location as the user wrote it, for error messages.
+    location: String,
     staging: Path,
     job_id: String,
     partition: usize,
@@ -216,6 +219,8 @@ impl WriteTask {
             .register(context.memory_pool());
         Ok(Self {
             store,
+            // The plan's `original_url` does not survive serialization.
+            location: table_url.as_str().to_owned(),
             staging: attempt_staging(table_url.prefix(), &exec.job_id, partition, attempt),
             job_id: exec.job_id.clone(),
             partition,
@@ -237,19 +242,50 @@ impl WriteTask {
     }
 
     async fn run(mut self, mut input: SendableRecordBatchStream) -> Result<RecordBatch> {
+        let written = self.write_all(&mut input).await;
+        if written.is_err() {
+            self.abort_open_files().await;
+        }
+        written
+    }
+
+    /// Writes every input row, then finishes the open files. A failure of the
+    /// store names the output location; a failure of the input is the query's.
+    async fn write_all(&mut self, input: &mut SendableRecordBatchStream) -> Result<RecordBatch> {
         while let Some(batch) = input.next().await {
             for (folder, rows) in self.partitioner.split(&batch?)? {
                 if rows.num_rows() > 0 {
-                    self.write(folder, &rows).await?;
+                    let written = self.write(folder, &rows).await;
+                    written.map_err(|e| self.store_failure(e))?;
                 }
             }
         }
-        let open: Vec<OpenFile> = self.open.drain().map(|(_, file)| file).collect();
-        for file in open {
-            self.finish(file).await?;
+        // One at a time, so that a failure leaves the rest open to abort.
+        loop {
+            let next = self.open.keys().next().cloned();
+            let Some(file) = next.and_then(|folder| self.open.remove(&folder)) else {
+                break;
+            };
+            let finished = self.finish(file).await;
+            finished.map_err(|e| self.store_failure(e))?;
         }
         self.reservation.free();
         self.written_files()
+    }
+
+    fn store_failure(&self, error: DataFusionError) -> DataFusionError {
+        error.context(format!("cannot write to '{}'", self.location))
+    }
+
+    /// Aborts the uploads of the files still open, so that a failed task
+    /// leaves no incomplete multipart upload behind, where the store keeps
+    /// (and bills) the parts until a lifecycle rule removes them.
+    async fn abort_open_files(&mut self) {
+        for (_, file) in self.open.drain() {
+            if let Err(e) = file.writer.into_inner().abort().await {
+                warn!(location = %self.location, error = %e, "cannot abort an upload");
+            }
+        }
     }
 
     async fn write(&mut self, folder: String, rows: &RecordBatch) -> Result<()> {
@@ -375,6 +411,25 @@ impl WriteTask {
                 Arc::new(bytes),
             ],
         )?)
+    }
+}
+
+impl Drop for WriteTask {
+    /// A cancelled task drops its write midway; its uploads are aborted in
+    /// the background, as dropping cannot wait for the store.
+    fn drop(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let open: Vec<OpenFile> = self.open.drain().map(|(_, file)| file).collect();
+        runtime.spawn(async move {
+            for file in open {
+                let _ = file.writer.into_inner().abort().await;
+            }
+        });
     }
 }
 

@@ -16,8 +16,14 @@ use super::{ParquetCommitExec, ParquetWriteExec};
 /// Rewrites every Parquet sink that writes a folder into write tasks, one per
 /// input partition, and a commit task over their file lists.
 ///
-/// Sinks left as they are: single-file outputs (one writer by definition) and
-/// tables with a declared sort order, whose files must keep it.
+/// Single-file outputs (one writer by definition) are left as they are: the
+/// store makes that one file appear whole (a completed multipart upload, or a
+/// rename on local disk).
+///
+/// An ordered write (a table with a declared sort order, or a `COPY` whose
+/// query is ordered: DataFusion then records the order in the files) keeps
+/// the sink's input, merged into one partition, so one task writes the files
+/// in order, under the same staging and commit as every other write.
 ///
 /// `overwrite` makes the writes replace the table's files. DataFusion's
 /// Parquet sink refuses to plan overwrites, so the caller plans an append
@@ -39,10 +45,10 @@ pub fn distribute_parquet_writes(
             .table_paths
             .first()
             .is_none_or(|url| config.file_output_mode.single_file_output(url));
-        if single_file || sink_exec.sort_order().is_some() {
+        if single_file {
             if overwrite {
                 return Err(DataFusionError::NotImplemented(
-                    "INSERT OVERWRITE needs a Parquet table on a folder, with no sort order".into(),
+                    "INSERT OVERWRITE needs a Parquet table on a folder, not a single file".into(),
                 ));
             }
             return Ok(Transformed::no(node));
@@ -53,9 +59,12 @@ pub fn distribute_parquet_writes(
         }
         // The sink asked for one input partition; the write tasks take them
         // all, unless the merge also applies a LIMIT (`fetch`), which needs
-        // the one partition.
+        // the one partition, or the rows must stay in order.
+        let ordered = sink_exec.sort_order().is_some();
         let input = match sink_exec.input().downcast_ref::<CoalescePartitionsExec>() {
-            Some(coalesce) if coalesce.fetch().is_none() => Arc::clone(coalesce.input()),
+            Some(coalesce) if coalesce.fetch().is_none() && !ordered => {
+                Arc::clone(coalesce.input())
+            }
             _ => Arc::clone(sink_exec.input()),
         };
         let sink = Arc::new(ParquetSink::new(config, parquet.parquet_options().clone()));
