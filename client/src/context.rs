@@ -124,11 +124,10 @@ impl QuiverContext {
             // ANALYZE what each stage's operators did), and plans
             // writes itself (`COPY`, `INSERT`), so that their files are
             // written by every task there. Both answer with a few rows, so
-            // they run at once, as DataFusion's DDL does.
-            LogicalPlan::Explain(_)
-            | LogicalPlan::Analyze(_)
-            | LogicalPlan::Copy(_)
-            | LogicalPlan::Dml(_) => {
+            // they run at once, as DataFusion's DDL does. A query on a table
+            // function (`range()`) runs as SQL text too: such a table is not
+            // in the cluster's catalog, so a client-built plan cannot name it.
+            plan if runs_as_sql_text(&plan) => {
                 let stream = self.execute_sql(sql, |_| {}).await?;
                 let batches = datafusion::physical_plan::common::collect(stream).await?;
                 // A local session: the distributed planner would send the rows back.
@@ -281,6 +280,18 @@ fn changes_session(sql: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// Statements that [`QuiverContext::sql`] sends to the cluster as SQL text, to
+/// be planned and run there at once.
+fn runs_as_sql_text(plan: &LogicalPlan) -> bool {
+    matches!(
+        plan,
+        LogicalPlan::Explain(_)
+            | LogicalPlan::Analyze(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Dml(_)
+    ) || crate::remote::scans_client_tables(plan)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, Session, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::source_as_provider;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -27,6 +28,23 @@ use quiver_core::shuffle::FlightClientPool;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{GetTableRequest, Setting, submit_job_request::Query};
 use tonic::transport::Channel;
+
+/// Whether `plan` scans a table that the cluster's catalog does not hold, such
+/// as a table function's (`range()`), which a client-built plan cannot name.
+pub fn scans_client_tables(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && source_as_provider(&scan.source)
+                .is_ok_and(|table| table.downcast_ref::<RemoteTable>().is_none())
+        {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
 
 /// The cluster's catalog, looked up table by table over gRPC.
 #[derive(Debug)]

@@ -47,11 +47,21 @@ pub struct StandaloneCluster {
     work_dir: tempfile::TempDir,
 }
 
+/// Work folders of embedded clusters are named `<prefix><random>` in the
+/// temporary folder.
+const WORK_DIR_PREFIX: &str = "quiver-standalone-";
+
+/// The file in a work folder naming the process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
 impl StandaloneCluster {
     pub async fn start(options: StandaloneOptions) -> std::io::Result<Self> {
-        let work_dir = tempfile::Builder::new()
-            .prefix("quiver-standalone-")
-            .tempdir()?;
+        sweep_abandoned_work_dirs(&std::env::temp_dir());
+        let work_dir = tempfile::Builder::new().prefix(WORK_DIR_PREFIX).tempdir()?;
+        std::fs::write(
+            work_dir.path().join(OWNER_FILE),
+            std::process::id().to_string(),
+        )?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -128,6 +138,40 @@ impl Drop for StandaloneCluster {
     }
 }
 
+/// Removes the work folders of embedded clusters whose process is gone. A
+/// cluster removes its folder when it stops, but a process killed with
+/// SIGKILL cannot, and its shuffle files can take gigabytes. Only folders
+/// that name their owner are considered, and only where `/proc` tells which
+/// processes are alive; a reused process id keeps a folder, never the reverse.
+fn sweep_abandoned_work_dirs(temp: &std::path::Path) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(WORK_DIR_PREFIX) {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(entry.path().join(OWNER_FILE)) else {
+            continue;
+        };
+        let Ok(pid) = owner.trim().parse::<u32>() else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(folder = %entry.path().display(), pid,
+                    "removed the work folder of an embedded cluster whose process is gone"),
+                Err(e) => tracing::warn!(folder = %entry.path().display(), %e,
+                    "cannot remove an abandoned work folder"),
+            }
+        }
+    }
+}
+
 async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
@@ -150,5 +194,39 @@ async fn wait_for_executors(context: &QuiverContext, executors: usize) -> Result
             }
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_folders_of_dead_processes_are_swept() {
+        let temp = tempfile::tempdir().expect("temp folder");
+        let make = |name: &str, owner: Option<String>| {
+            let dir = temp.path().join(name);
+            std::fs::create_dir(&dir).expect("folder");
+            std::fs::write(dir.join("shuffle.data"), b"data").expect("file");
+            if let Some(owner) = owner {
+                std::fs::write(dir.join(OWNER_FILE), owner).expect("owner");
+            }
+            dir
+        };
+        let mut exited = std::process::Command::new("true").spawn().expect("spawn");
+        let dead_pid = exited.id();
+        exited.wait().expect("wait");
+        let dead = make("quiver-standalone-dead", Some(dead_pid.to_string()));
+        let alive = make(
+            "quiver-standalone-alive",
+            Some(std::process::id().to_string()),
+        );
+        let unmarked = make("quiver-standalone-unmarked", None);
+        let other = make("someone-else", Some(dead_pid.to_string()));
+
+        sweep_abandoned_work_dirs(temp.path());
+
+        assert!(!dead.exists(), "the dead process's folder is removed");
+        assert!(alive.exists() && unmarked.exists() && other.exists());
     }
 }

@@ -186,6 +186,23 @@ async fn finished_jobs_leave_no_shuffle_data() {
     cluster.shutdown().await;
 }
 
+/// `range()` and `generate_series()` run on the executors whatever columns a
+/// query reads from them: none at all for `count(*)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn series_functions_run_on_the_cluster() {
+    let (cluster, context) = cluster().await;
+    let counted = query(&context, "SELECT count(*) AS n FROM range(10)").await;
+    assert_eq!(int64s(&counted, 0), vec![10]);
+    let summed = query(
+        &context,
+        "SELECT sum(value) AS total, count(*) AS n FROM generate_series(1, 100)",
+    )
+    .await;
+    assert_eq!(int64s(&summed, 0), vec![5050]);
+    assert_eq!(int64s(&summed, 1), vec![100]);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn csv_files_and_hive_partitioned_parquet_folders() {
     let (cluster, context) = cluster().await;

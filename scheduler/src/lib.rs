@@ -7,6 +7,7 @@
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
 //! - [`analyze`]: the report of `EXPLAIN ANALYZE`: stage plans with their metrics.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
+//! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
 //! - [`store`]: the embedded store (redb) of the catalog and the job history.
@@ -25,6 +26,7 @@ pub mod flight_sql;
 pub mod joins;
 pub mod locations;
 pub mod planner;
+pub mod series;
 pub mod service;
 pub mod stages;
 pub mod state;

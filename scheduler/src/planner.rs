@@ -121,6 +121,7 @@ impl Planner {
             .with_default_features()
             .build();
         register_store_option_namespaces(&mut state);
+        crate::series::register_whole_row_series(&mut state);
         for format in crate::tables::FORMATS {
             state.table_factories_mut().insert(
                 format.to_owned(),
