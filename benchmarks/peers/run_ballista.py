@@ -90,11 +90,45 @@ class Cluster:
                 process.kill()
 
 
-def executor(cursor):
+def varint(value: int) -> bytes:
+    encoded = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        encoded.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(encoded)
+
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """One protobuf field of wire type 2 (bytes, strings, messages)."""
+    return bytes([field << 3 | 2]) + varint(len(payload)) + payload
+
+
+def statement_query(sql: str) -> bytes:
+    """Flight SQL's `CommandStatementQuery`, packed in a protobuf `Any`."""
+    command = length_delimited(1, sql.encode())
+    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    return length_delimited(1, type_url) + length_delimited(2, command)
+
+
+def executor(flight, port: int):
     """A function that runs one statement to the end and returns its row count."""
+    scheduler = flight.FlightClient(f"grpc://127.0.0.1:{port}")
+    clients = {}
+
+    def client_for(endpoint):
+        if not endpoint.locations:
+            return scheduler
+        location = endpoint.locations[0].uri.decode()
+        if location not in clients:
+            clients[location] = flight.FlightClient(location)
+        return clients[location]
+
     def execute(sql: str) -> int:
-        cursor.execute(sql)
-        return cursor.fetch_arrow_table().num_rows
+        descriptor = flight.FlightDescriptor.for_command(statement_query(sql))
+        info = scheduler.get_flight_info(descriptor)
+        return sum(client_for(endpoint).do_get(endpoint.ticket).read_all().num_rows
+                   for endpoint in info.endpoints)
     return execute
 
 
@@ -110,7 +144,7 @@ def main() -> int:
                         help=f"where install_ballista.sh put bin/ (default: {DEFAULT_HOME})")
     args = parser.parse_args()
 
-    import adbc_driver_flightsql.dbapi as flight_sql
+    import pyarrow.flight as flight
 
     binaries = args.ballista_home / "bin"
     if not (binaries / "ballista-scheduler").exists():
@@ -120,20 +154,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ballista-") as work:
         cluster = Cluster(binaries, args.executors, args.slots, Path(work))
         try:
-            with flight_sql.connect(f"grpc://127.0.0.1:{cluster.port}") as connection:
-                cursor = connection.cursor()
-                cursor.execute(
-                    f"SET datafusion.execution.target_partitions = {int(args.partitions)}")
-                for name, folder in tables.items():
-                    location = str(folder).replace("'", "''")
-                    cursor.execute(f"CREATE EXTERNAL TABLE {name} STORED AS PARQUET "
-                                   f"LOCATION '{location}/'")
-                version = subprocess.run([binaries / "ballista-scheduler", "--version"],
-                                         capture_output=True, text=True).stdout.strip()
-                log(f"{version}, {args.executors} executors x {args.slots} slots, "
-                    f"{args.partitions} partitions, data {args.data}")
-                timings, failures = run_all("ballista", queries, args.iterations,
-                                            executor(cursor))
+            execute = executor(flight, cluster.port)
+            execute(f"SET datafusion.execution.target_partitions = {int(args.partitions)}")
+            for name, folder in tables.items():
+                location = str(folder).replace("'", "''")
+                execute(f"CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{location}/'")
+            version = subprocess.run([binaries / "ballista-scheduler", "--version"],
+                                     capture_output=True, text=True).stdout.strip()
+            log(f"{version}, {args.executors} executors x {args.slots} slots, "
+                f"{args.partitions} partitions, data {args.data}")
+            timings, failures = run_all("ballista", queries, args.iterations, execute)
         finally:
             cluster.stop()
     write_json(args.output, timings)
