@@ -103,6 +103,23 @@ async fn tpch_differences(
     failures
 }
 
+/// Registers every TPC-H table at `{prefix}{name}/` with `options`.
+async fn register_tpch(
+    context: &QuiverContext,
+    tables: &[(String, std::path::PathBuf)],
+    prefix: &str,
+    options: &str,
+) {
+    for (name, _) in tables {
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{prefix}{name}/' {options}"
+        );
+        run(context, &ddl)
+            .await
+            .unwrap_or_else(|e| panic!("register {name} at {prefix}: {e}"));
+    }
+}
+
 async fn assert_no_secret_in_history(context: &QuiverContext, secret: &str) {
     let jobs = context.list_jobs(1000).await.expect("list jobs");
     assert!(!jobs.is_empty());
@@ -124,13 +141,7 @@ async fn tpch_reads_from_s3_match_single_node_datafusion() {
         s3.upload_dir("tpch", dir, name).await;
     }
     let (cluster, context) = common::start_cluster(options()).await;
-    for (name, _) in &tables {
-        let ddl = format!(
-            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION 's3://tpch/{name}/' {}",
-            s3.sql_options()
-        );
-        run(&context, &ddl).await.expect("register table on S3");
-    }
+    register_tpch(&context, &tables, "s3://tpch/", &s3.sql_options()).await;
     let datafusion = common::reference_engine(&tables, 4).await;
     let quiver = Engine::Quiver(context.clone());
     let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, "").await;
@@ -174,12 +185,7 @@ async fn tpch_reads_and_writes_on_azure_blob_storage() {
     }
     let (cluster, context) = common::start_cluster(options()).await;
     let options = azure.sql_options();
-    for (name, _) in &tables {
-        let ddl = format!(
-            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION 'az://lake/tpch/{name}/' {options}"
-        );
-        run(&context, &ddl).await.expect("register table on Azure");
-    }
+    register_tpch(&context, &tables, "az://lake/tpch/", &options).await;
     let datafusion = common::reference_engine(&tables, 4).await;
     let quiver = Engine::Quiver(context.clone());
     let failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, " on Azure").await;
@@ -276,12 +282,7 @@ async fn tpch_reads_from_google_cloud_storage() {
     let gcs = GcsServer::start(&seeds);
     let (cluster, context) = common::start_cluster(options()).await;
     let options = gcs.sql_options();
-    for (name, _) in &tables {
-        let ddl = format!(
-            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION 'gs://lake/tpch/{name}/' {options}"
-        );
-        run(&context, &ddl).await.expect("register table on GCS");
-    }
+    register_tpch(&context, &tables, "gs://lake/tpch/", &options).await;
     let datafusion = common::reference_engine(&tables, 4).await;
     let quiver = Engine::Quiver(context.clone());
     let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, " on GCS").await;
@@ -307,14 +308,7 @@ async fn tpch_reads_over_http() {
     let root = tables[0].1.parent().expect("the tables share a folder");
     let server = WebDavServer::start(root);
     let (cluster, context) = common::start_cluster(options()).await;
-    for (name, dir) in &tables {
-        let folder = dir.file_name().expect("table folder").to_string_lossy();
-        let ddl = format!(
-            "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{}/{folder}/'",
-            server.url()
-        );
-        run(&context, &ddl).await.expect("register table over HTTP");
-    }
+    register_tpch(&context, &tables, &format!("{}/", server.url()), "").await;
     let datafusion = common::reference_engine(&tables, 4).await;
     let quiver = Engine::Quiver(context.clone());
     let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, " over HTTP").await;

@@ -56,7 +56,9 @@ const OWNER_FILE: &str = "owner.pid";
 
 impl StandaloneCluster {
     pub async fn start(options: StandaloneOptions) -> std::io::Result<Self> {
-        sweep_abandoned_work_dirs(&std::env::temp_dir());
+        // Removing gigabytes of files must not hold up this runtime's threads,
+        // and the new cluster does not wait for it.
+        tokio::task::spawn_blocking(|| sweep_abandoned_work_dirs(&std::env::temp_dir()));
         let work_dir = tempfile::Builder::new().prefix(WORK_DIR_PREFIX).tempdir()?;
         std::fs::write(
             work_dir.path().join(OWNER_FILE),

@@ -281,11 +281,11 @@ impl WriteTask {
     /// leaves no incomplete multipart upload behind, where the store keeps
     /// (and bills) the parts until a lifecycle rule removes them.
     async fn abort_open_files(&mut self) {
-        for (_, file) in self.open.drain() {
-            if let Err(e) = file.writer.into_inner().abort().await {
-                warn!(location = %self.location, error = %e, "cannot abort an upload");
-            }
-        }
+        abort_uploads(
+            self.open.drain().map(|(_, file)| file).collect(),
+            &self.location,
+        )
+        .await;
     }
 
     async fn write(&mut self, folder: String, rows: &RecordBatch) -> Result<()> {
@@ -425,11 +425,16 @@ impl Drop for WriteTask {
             return;
         };
         let open: Vec<OpenFile> = self.open.drain().map(|(_, file)| file).collect();
-        runtime.spawn(async move {
-            for file in open {
-                let _ = file.writer.into_inner().abort().await;
-            }
-        });
+        let location = self.location.clone();
+        runtime.spawn(async move { abort_uploads(open, &location).await });
+    }
+}
+
+async fn abort_uploads(files: Vec<OpenFile>, location: &str) {
+    for file in files {
+        if let Err(e) = file.writer.into_inner().abort().await {
+            warn!(%location, error = %e, "cannot abort an upload");
+        }
     }
 }
 
