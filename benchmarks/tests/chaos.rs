@@ -528,14 +528,30 @@ impl Suite {
 /// The scheduler is killed while a job runs: the waiting client gets a clear
 /// error, the executors register again by themselves with the new scheduler,
 /// the catalog is still there, the interrupted job is recorded as failed, and
-/// jobs run again.
+/// jobs run again. The job was a write with durable shuffle; what such a job
+/// leaves in storage when its scheduler dies (durable map outputs, staged
+/// files, files of a commit that did not finish) is planted while it runs,
+/// and the restarted scheduler must remove it before it takes jobs.
 async fn scheduler_restart(suite: &mut Suite) {
+    let storage = suite.cluster.work_dir().join("restart");
+    let (shuffle, target) = (storage.join("shuffle"), storage.join("out"));
     let context = suite.context.clone();
+    context
+        .sql(&format!(
+            "SET quiver.shuffle_location = 'file://{}'",
+            shuffle.display()
+        ))
+        .await
+        .expect("set the shuffle location");
+    let write = format!(
+        "COPY ({LONG_QUERY}) TO '{}/' STORED AS PARQUET",
+        target.display()
+    );
     let job_id = Arc::new(Mutex::new(None::<String>));
     let seen_id = Arc::clone(&job_id);
     let waiting = tokio::spawn(async move {
         let stream = context
-            .execute_sql(LONG_QUERY, move |status| {
+            .execute_sql(&write, move |status| {
                 seen_id
                     .lock()
                     .expect("id lock")
@@ -550,6 +566,11 @@ async fn scheduler_restart(suite: &mut Suite) {
     });
     // Let the job start, then kill the scheduler under it.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let interrupted = job_id.lock().expect("id lock").clone();
+    let leftovers = interrupted
+        .as_deref()
+        .map(|id| plant_leftovers(&shuffle, &target, id))
+        .unwrap_or_default();
     suite.cluster.kill_scheduler();
     match tokio::time::timeout(QUERY_TIMEOUT, waiting).await {
         Ok(Ok(Err(message))) if message.contains("lost contact with the scheduler") => {
@@ -566,7 +587,21 @@ async fn scheduler_restart(suite: &mut Suite) {
     suite
         .passed
         .push("executors registered again with the restarted scheduler".into());
-    let interrupted = job_id.lock().expect("id lock").clone();
+    let left: Vec<_> = leftovers.iter().filter(|path| path.exists()).collect();
+    let others = target.join("part-earlier-00000-000.parquet");
+    if leftovers.is_empty() || !left.is_empty() || !others.exists() {
+        suite.failures.push(format!(
+            "the restarted scheduler left an interrupted job's storage: {left:?} of \
+             {leftovers:?} remain; another job's file remains: {}",
+            others.exists()
+        ));
+    } else {
+        suite.passed.push(
+            "the restarted scheduler removed the interrupted job's durable shuffle, \
+             staged files and half-committed files"
+                .into(),
+        );
+    }
     match interrupted {
         Some(id) => match suite.context.job_status(&id).await {
             Ok(status)
@@ -594,4 +629,30 @@ async fn scheduler_restart(suite: &mut Suite) {
         result,
         &expected,
     );
+}
+
+/// Writes what a write job with durable shuffle may leave behind when its
+/// scheduler dies, and another job's committed file; returns the paths that
+/// must go.
+fn plant_leftovers(
+    shuffle: &std::path::Path,
+    target: &std::path::Path,
+    job_id: &str,
+) -> Vec<std::path::PathBuf> {
+    let leftovers = vec![
+        shuffle.join(format!("{job_id}/1/0-a0.data")),
+        shuffle.join(format!("{job_id}/1/0-a0.index")),
+        target.join(format!(
+            "_temporary/{job_id}/p0-a0/part-{job_id}-00000-000.parquet"
+        )),
+        target.join(format!("part-{job_id}-00001-000.parquet")),
+    ];
+    for path in leftovers
+        .iter()
+        .chain([&target.join("part-earlier-00000-000.parquet")])
+    {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("folder");
+        std::fs::write(path, b"leftover").expect("plant");
+    }
+    leftovers
 }

@@ -59,8 +59,9 @@ pub async fn run(
     for (name, error) in planner.replay_catalog().await? {
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }
-    let handle = state::event_loop::spawn(config.loop_config(), &store)?;
+    let (handle, interrupted) = state::event_loop::spawn(config.loop_config(), &store)?;
     let service = service::SchedulerGrpc::new(handle, planner);
+    service.clean_up_interrupted_jobs(interrupted).await;
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
     info!(?address, "scheduler serving");

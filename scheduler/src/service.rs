@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::redact_sql;
-use quiver_core::write::remove_staging;
+use quiver_core::write::{FinishOverwrite, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
@@ -244,6 +245,7 @@ impl SchedulerGrpc {
                     query: description,
                     submitted_at_unix_ms: now,
                     finished_at_unix_ms: now,
+                    ..JobRecord::default()
                 });
                 self.handle
                     .directory
@@ -326,23 +328,22 @@ impl SchedulerGrpc {
     }
 
     /// Once a job has ended, however it ended, deletes what it left in
-    /// object storage: its durable map outputs, and the staging folder of
-    /// its write (which a failed or cancelled write leaves behind). It does
-    /// so twice: tasks cancelled with the job may still be writing for a
-    /// moment after it ends.
+    /// object storage (see [`clean_up_job_storage`]). It does so twice:
+    /// tasks cancelled with the job may still be writing for a moment after
+    /// it ends.
     fn clean_up_storage_when_done(
         &self,
         job_id: &str,
         job: &StagedJob,
         watcher: &watch::Receiver<JobStatus>,
     ) {
-        let durable = Some(job.durable_shuffle.clone()).filter(|location| !location.is_empty());
-        let staging = job.writes_to.clone();
-        if durable.is_none() && staging.is_none() {
+        if job.durable_shuffle.is_empty() && job.writes_to.is_none() {
             return;
         }
         let runtime = self.planner.runtime_env();
         let job_id = job_id.to_owned();
+        let durable = job.durable_shuffle.clone();
+        let writes_to = job.writes_to.clone().unwrap_or_default();
         let mut watcher = watcher.clone();
         tokio::spawn(async move {
             // An error means the scheduler is stopping; the data stays.
@@ -357,19 +358,72 @@ impl SchedulerGrpc {
                 if pass > 0 {
                     tokio::time::sleep(STRAGGLER_GRACE).await;
                 }
-                if let Some(location) = &durable
-                    && let Err(e) = durable::remove_job(&runtime, location, &job_id).await
-                {
-                    warn!(%job_id, %e, "cannot remove durable shuffle data");
-                }
-                if let Some(table) = &staging
-                    && let Err(e) = remove_staging(&runtime, table, &job_id).await
-                {
-                    warn!(%job_id, %e, "cannot remove a write's staged files");
-                }
+                // Another writer of the table may start as soon as this job
+                // ends, so an overwrite's deletions are left to its commit.
+                clean_up_job_storage(&runtime, &job_id, &durable, &writes_to, FinishOverwrite::No)
+                    .await;
             }
-            debug!(%job_id, "removed the job's data from object storage");
         });
+    }
+
+    /// Cleans up after the jobs that a scheduler restart interrupted (see
+    /// [`crate::state::event_loop::spawn`]): their durable map outputs, and their
+    /// writes, rolled back or, when their manifest was written, finished.
+    /// Runs before the scheduler takes jobs, so no other job writes their
+    /// tables meanwhile; a store that does not answer within
+    /// [`RESTART_CLEAN_UP_TIMEOUT`] leaves the rest behind, with a warning.
+    pub async fn clean_up_interrupted_jobs(&self, interrupted: Vec<JobRecord>) {
+        let runtime = self.planner.runtime_env();
+        let clean_ups = interrupted.iter().filter_map(|record| {
+            let job_id = &record.status.as_ref()?.job_id;
+            let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
+            has_data.then(|| {
+                clean_up_job_storage(
+                    &runtime,
+                    job_id,
+                    &record.durable_shuffle,
+                    &record.writes_to,
+                    FinishOverwrite::Yes,
+                )
+            })
+        });
+        let all = futures::future::join_all(clean_ups);
+        if tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, all)
+            .await
+            .is_err()
+        {
+            warn!(
+                timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
+                "cleaning up after interrupted jobs timed out; some of their data stays"
+            );
+        }
+    }
+}
+
+/// Longest wait for object storage when cleaning up after a restart.
+const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes what an ended job left in object storage: its durable map
+/// outputs (`durable`, if not empty), and for a write into `writes_to` (if
+/// not empty) its staging folder, rolling back a commit that did not write
+/// its manifest ([`settle_write`]). Failures are logged: the data stays.
+async fn clean_up_job_storage(
+    runtime: &RuntimeEnv,
+    job_id: &str,
+    durable: &str,
+    writes_to: &str,
+    finish: FinishOverwrite,
+) {
+    if !durable.is_empty()
+        && let Err(e) = durable::remove_job(runtime, durable, job_id).await
+    {
+        warn!(%job_id, %e, "cannot remove durable shuffle data");
+    }
+    if !writes_to.is_empty() {
+        match settle_write(runtime, writes_to, job_id, finish).await {
+            Ok(settled) => debug!(%job_id, ?settled, "settled the job's write"),
+            Err(e) => warn!(%job_id, %e, "cannot settle a write's files"),
+        }
     }
 }
 

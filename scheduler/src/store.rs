@@ -284,6 +284,7 @@ mod tests {
             query: "SELECT 1".into(),
             submitted_at_unix_ms: submitted,
             finished_at_unix_ms: finished,
+            ..JobRecord::default()
         }
     }
 

@@ -5,16 +5,21 @@
 //! 1. moves each staged file to its committed name;
 //! 2. deletes files of this job that an earlier run of the commit moved in
 //!    but the current list does not name;
-//! 3. for `INSERT OVERWRITE`, deletes the table's older data files: all of
+//! 3. writes the job's manifest, `_manifests/<job>.json`: the commit point;
+//! 4. for `INSERT OVERWRITE`, deletes the table's older data files: all of
 //!    them, or only those in the partition folders this job wrote;
-//! 4. writes the job's manifest, `_manifests/<job>.json`;
 //! 5. deletes the job's staging folder, and with it the files of losing attempts.
 //!
 //! New files go in before old ones go, and each step can be repeated, so a
 //! retried commit task finishes the work of one that died midway. Between
-//! steps 1 and 3 a reader may see old and new rows together: object stores
+//! steps 1 and 4 a reader may see old and new rows together: object stores
 //! offer no atomic multi-file rename. Its result is the row count, as
 //! DataFusion's sinks return.
+//!
+//! A commit that is never retried (its job failed, or its scheduler
+//! restarted) is settled by [`settle_write`] once the job has ended: without
+//! a manifest the files it moved in are deleted again, so readers never keep
+//! part of a write; with one, an interrupted overwrite's deletions are finished.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -25,8 +30,10 @@ use arrow::array::{AsArray, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::FileSink;
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::physical_expr::PhysicalExpr;
@@ -196,11 +203,14 @@ impl Commit {
         // leaves extra rows, never lost ones, and its retry finishes the job.
         self.move_into_place(&files).await?;
         self.delete_stale_files_of_this_job(&files).await?;
-        if self.insert_op == InsertOp::Overwrite {
-            self.delete_replaced(&files).await?;
-        }
         let rows: u64 = files.iter().map(|file| file.rows).sum();
+        // Once the manifest is there the write counts as done: recovery
+        // finishes the deletions below rather than undoing the moves above.
         self.write_manifest(&files, rows).await?;
+        if self.insert_op == InsertOp::Overwrite {
+            self.delete_replaced(files.iter().map(|file| file.relative.as_str()))
+                .await?;
+        }
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
@@ -254,8 +264,8 @@ impl Commit {
     /// Deletes the files that an overwrite replaces: in the partition
     /// folders this job wrote for a partitioned table, all of the table's
     /// data files otherwise. Files of this job stay.
-    async fn delete_replaced(&self, files: &[StagedFile]) -> Result<()> {
-        let touched: HashSet<&str> = files.iter().map(|file| folder_of(&file.relative)).collect();
+    async fn delete_replaced<'a>(&self, written: impl Iterator<Item = &'a str>) -> Result<()> {
+        let touched: HashSet<&str> = written.map(folder_of).collect();
         let replaced = self
             .data_files()
             .await?
@@ -306,6 +316,7 @@ impl Commit {
             "job_id": self.job_id,
             "committed_at_unix_secs": committed_at,
             "mode": self.insert_op.to_string(),
+            "partitioned": self.partitioned,
             "rows": rows,
             "files": files.iter().map(|file| serde_json::json!({
                 "path": file.relative,
@@ -340,6 +351,113 @@ impl Commit {
     async fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
         let paths = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
         Ok(delete_paths(&self.store, paths).await?)
+    }
+}
+
+/// How [`settle_write`] left a write job that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The job's manifest exists: its write stands.
+    Committed,
+    /// No manifest: the job's files that were moved in (`files` of them) are gone.
+    RolledBack { files: usize },
+}
+
+/// Whether [`settle_write`] may finish a committed overwrite's deletions.
+/// Only safe while no other job can write the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishOverwrite {
+    Yes,
+    No,
+}
+
+/// Settles the write of job `job_id` into the table at `table_url` after the
+/// job ended, however it ended, and deletes its staging folder. Repeatable.
+///
+/// A job whose commit never wrote its manifest is rolled back: files it moved
+/// into the table are deleted, so a commit that died midway and was not
+/// retried leaves nothing visible. A committed overwrite that stopped before
+/// deleting the replaced files has them deleted when `finish` says so.
+pub async fn settle_write(
+    runtime: &RuntimeEnv,
+    table_url: &str,
+    job_id: &str,
+    finish: FinishOverwrite,
+) -> Result<Settled> {
+    let table = ListingTableUrl::parse(table_url)?;
+    let mut commit = Commit {
+        store: runtime.object_store(table.object_store())?,
+        local: table.scheme() == "file",
+        location: table_url.to_owned(),
+        table: table.prefix().clone(),
+        job_id: job_id.to_owned(),
+        insert_op: InsertOp::Append,
+        partitioned: false,
+    };
+    let settled = match commit.read_manifest().await? {
+        Some(manifest) => {
+            // Manifests from before the commit point moved carry no
+            // `partitioned`: their deletions had finished when they were written.
+            if finish == FinishOverwrite::Yes
+                && manifest.mode == InsertOp::Overwrite.to_string()
+                && let Some(partitioned) = manifest.partitioned
+            {
+                commit.insert_op = InsertOp::Overwrite;
+                commit.partitioned = partitioned;
+                commit
+                    .delete_replaced(manifest.files.iter().map(|file| file.path.as_str()))
+                    .await?;
+            }
+            Settled::Committed
+        }
+        None => {
+            let moved_in: Vec<Path> = commit
+                .data_files()
+                .await?
+                .into_iter()
+                .filter(|(path, _)| written_by(path, job_id))
+                .map(|(path, _)| path)
+                .collect();
+            let files = moved_in.len();
+            commit.delete_all(moved_in).await?;
+            if files > 0 {
+                info!(%job_id, location = %commit.location, files,
+                    "rolled back the files of a commit that did not finish");
+            }
+            Settled::RolledBack { files }
+        }
+    };
+    commit.delete_staging().await?;
+    Ok(settled)
+}
+
+/// The parts of a manifest that settling a write reads.
+#[derive(serde::Deserialize)]
+struct Manifest {
+    mode: String,
+    partitioned: Option<bool>,
+    files: Vec<ManifestFile>,
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestFile {
+    path: String,
+}
+
+impl Commit {
+    async fn read_manifest(&self) -> Result<Option<Manifest>> {
+        let path = manifest_path(&self.table, &self.job_id);
+        let bytes = match self.store.get(&path).await {
+            Ok(found) => found.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            DataFusionError::Execution(format!(
+                "the manifest of job {} at '{}' is not valid: {e}",
+                self.job_id, self.location
+            ))
+        })
     }
 }
 
@@ -394,4 +512,122 @@ async fn staged_files(mut input: SendableRecordBatchStream) -> Result<Vec<Staged
         }
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path as LocalPath;
+
+    use super::*;
+    use crate::storage::{StoreRegistry, runtime_builder};
+
+    fn touch(table: &LocalPath, relative: &str) {
+        let path = table.join(relative);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("folder");
+        std::fs::write(path, b"rows").expect("file");
+    }
+
+    /// Files below `table`, relative to it, sorted.
+    fn files(table: &LocalPath) -> Vec<String> {
+        fn walk(dir: &LocalPath, root: &LocalPath, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).expect("listing") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    walk(&path, root, found);
+                } else {
+                    let relative = path.strip_prefix(root).expect("below the root");
+                    found.push(relative.display().to_string());
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(table, table, &mut found);
+        found.sort();
+        found
+    }
+
+    fn manifest(job_id: &str, mode: InsertOp, files: &[&str]) -> String {
+        serde_json::json!({
+            "job_id": job_id,
+            "mode": mode.to_string(),
+            "partitioned": true,
+            "rows": 1,
+            "files": files.iter().map(|path| serde_json::json!({
+                "path": path, "rows": 1, "bytes": 4,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_commit_is_rolled_back_and_a_committed_one_stands() {
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let url = format!("file://{}/", table.display());
+        let runtime = runtime_builder(Arc::new(StoreRegistry::new()))
+            .build()
+            .expect("runtime");
+        touch(table, "region=EU/part-old-00000-000.parquet");
+        // Job 1 died midway through moving its files in: one made it.
+        touch(table, "region=EU/part-job1-00000-000.parquet");
+        touch(
+            table,
+            "_temporary/job1/p1-a0/region=US/part-job1-00001-000.parquet",
+        );
+
+        let settled = settle_write(&runtime, &url, "job1", FinishOverwrite::Yes)
+            .await
+            .expect("settle");
+        assert_eq!(settled, Settled::RolledBack { files: 1 });
+        assert_eq!(files(table), vec!["region=EU/part-old-00000-000.parquet"]);
+
+        // Job 2, an overwrite of region=EU, wrote its manifest and stopped
+        // before deleting the files it replaces.
+        touch(table, "region=US/part-old-00001-000.parquet");
+        touch(table, "region=EU/part-job2-00000-000.parquet");
+        let written = ["region=EU/part-job2-00000-000.parquet"];
+        std::fs::create_dir_all(table.join("_manifests")).expect("folder");
+        std::fs::write(
+            table.join("_manifests/job2.json"),
+            manifest("job2", InsertOp::Overwrite, &written),
+        )
+        .expect("manifest");
+        touch(
+            table,
+            "_temporary/job2/p0-a1/region=EU/part-job2-00000-000.parquet",
+        );
+
+        // While other writers may run, the replaced files are left alone.
+        let settled = settle_write(&runtime, &url, "job2", FinishOverwrite::No)
+            .await
+            .expect("settle");
+        assert_eq!(settled, Settled::Committed);
+        assert_eq!(files(table).len(), 4, "{:?}", files(table));
+        assert!(!table.join("_temporary/job2").exists());
+
+        let settled = settle_write(&runtime, &url, "job2", FinishOverwrite::Yes)
+            .await
+            .expect("settle");
+        assert_eq!(settled, Settled::Committed);
+        assert_eq!(
+            files(table),
+            vec![
+                "_manifests/job2.json",
+                "region=EU/part-job2-00000-000.parquet",
+                "region=US/part-old-00001-000.parquet",
+            ]
+        );
+        // Settling is repeatable.
+        let again = settle_write(&runtime, &url, "job2", FinishOverwrite::Yes)
+            .await
+            .expect("settle");
+        assert_eq!(again, Settled::Committed);
+        assert_eq!(files(table).len(), 3);
+
+        std::fs::write(table.join("_manifests/job3.json"), b"{").expect("manifest");
+        let error = settle_write(&runtime, &url, "job3", FinishOverwrite::Yes)
+            .await
+            .expect_err("a broken manifest is an error");
+        assert!(error.to_string().contains("job3"), "{error}");
+    }
 }

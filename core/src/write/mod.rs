@@ -18,27 +18,9 @@ pub mod layout;
 pub mod partition;
 pub mod plan;
 
-pub use commit::ParquetCommitExec;
+pub use commit::{FinishOverwrite, ParquetCommitExec, Settled, settle_write};
 pub use exec::ParquetWriteExec;
 pub use plan::distribute_parquet_writes;
-
-use datafusion::datasource::listing::ListingTableUrl;
-use datafusion::execution::runtime_env::RuntimeEnv;
-
-use crate::storage::delete_prefix;
-
-/// Deletes the staging folder of `job_id` under the table at `table_url`:
-/// what its attempts wrote and no commit moved.
-pub async fn remove_staging(
-    runtime: &RuntimeEnv,
-    table_url: &str,
-    job_id: &str,
-) -> datafusion::error::Result<()> {
-    let table = ListingTableUrl::parse(table_url)?;
-    let store = runtime.object_store(table.object_store())?;
-    let staging = layout::job_staging(table.prefix(), job_id);
-    delete_prefix(&store, &staging, table.scheme() == "file").await
-}
 
 /// The attempt number of the task running a plan, set by the executor, so
 /// that each attempt writes under its own staging folder.

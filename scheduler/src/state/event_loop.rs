@@ -6,8 +6,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use quiver_proto::{
-    CancelTasks, Drained, ExecutorRegistered, FailureKind, JobState, JobStatus, PROTOCOL_VERSION,
-    RemoveJobData, SchedulerMessage, TaskStatus, executor_message, scheduler_message, task_status,
+    CancelTasks, Drained, ExecutorRegistered, FailureKind, JobRecord, JobState, JobStatus,
+    PROTOCOL_VERSION, RemoveJobData, SchedulerMessage, TaskStatus, executor_message,
+    scheduler_message, task_status,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -34,10 +35,16 @@ pub struct LoopConfig {
 /// history in `store` is loaded first: jobs that were running when the
 /// previous scheduler stopped are recorded as failed, since their tasks and
 /// shuffle data went with it (see ARCHITECTURE.md, "Scheduler restart").
-pub fn spawn(config: LoopConfig, store: &StateStore) -> Result<SchedulerHandle, StoreError> {
+/// Their records are returned, so that what they left in object storage can
+/// be cleaned up.
+pub fn spawn(
+    config: LoopConfig,
+    store: &StateStore,
+) -> Result<(SchedulerHandle, Vec<JobRecord>), StoreError> {
     let (events, receiver) = mpsc::unbounded_channel();
     let directory = JobDirectory::default();
     let recorder = JobRecorder::start(store.clone());
+    let mut interrupted = Vec::new();
     for mut record in store.jobs()? {
         let Some(status) = record.status.as_mut() else {
             continue;
@@ -50,6 +57,7 @@ pub fn spawn(config: LoopConfig, store: &StateStore) -> Result<SchedulerHandle, 
             record.finished_at_unix_ms = unix_millis();
             warn!(job_id = %status.job_id, "job was interrupted by a scheduler restart");
             recorder.record(record.clone());
+            interrupted.push(record.clone());
         }
         if let Some(status) = record.status {
             directory.insert(status.job_id.clone(), watch::channel(status).1);
@@ -65,11 +73,12 @@ pub fn spawn(config: LoopConfig, store: &StateStore) -> Result<SchedulerHandle, 
         queue: VecDeque::new(),
     };
     tokio::spawn(state.run(receiver));
-    Ok(SchedulerHandle {
+    let handle = SchedulerHandle {
         events,
         directory,
         recorder,
-    })
+    };
+    Ok((handle, interrupted))
 }
 
 /// Milliseconds since the Unix epoch, for job records.

@@ -508,6 +508,8 @@ impl Job {
             query: self.query.clone(),
             submitted_at_unix_ms: self.submitted_at_unix_ms,
             finished_at_unix_ms,
+            durable_shuffle: self.durable_shuffle.clone(),
+            writes_to: self.writes_to.clone().unwrap_or_default(),
         }
     }
 
