@@ -9,31 +9,33 @@
 //! outputs need no recompute and executors may come and go between stages.
 //! The scheduler deletes `<location>/<job>/` when the job ends.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use arrow::ipc::reader::StreamReader;
-use arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::SpillFile;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use tokio::io::AsyncWriteExt;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use url::Url;
 
-use super::layout::{MapOutputId, decode_index};
+use super::fetch::segment_batches;
+use super::layout::{MapOutputId, Segment, decode_index};
 use crate::error::{Error, Result};
-use crate::guard::catch_decoder_panic;
 use crate::storage::delete_prefix;
 
 /// Upload buffer of a data file: the size of one multipart part.
 const UPLOAD_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// Parts of one upload in flight at once; each holds a buffer.
 const UPLOAD_CONCURRENCY: usize = 2;
+/// Write buffer of a partition being copied to local disk to be read.
+const SPOOL_BUFFER_BYTES: usize = 1024 * 1024;
 
 /// Where one map output lives under `shuffle_location`, without extension.
 pub fn output_location(shuffle_location: &str, id: &MapOutputId) -> String {
@@ -117,8 +119,8 @@ pub async fn upload(
 }
 
 /// Reads one output partition of the map output at `location`: its byte
-/// range of the data file, checked against the index's checksum before a
-/// byte of it is decoded.
+/// range of the data file is copied to local spill space, then checked
+/// against the index's checksum before a byte of it is decoded.
 pub async fn open_partition(
     runtime: &RuntimeEnv,
     location: &str,
@@ -160,34 +162,96 @@ pub async fn open_partition(
         return Err(Error::PartitionOutOfRange { partition, count });
     }
     let (start, end) = (index.offsets[partition], index.offsets[partition + 1]);
-    let batches = if start == end {
-        Vec::new()
-    } else {
-        let bytes = store
-            .get_range(&data_path, start..end)
-            .await
-            .map_err(missing_or_failed)?;
-        let actual = crc32fast::hash(&bytes);
-        let expected = index.checksums[partition];
-        if actual != expected {
-            return Err(Error::CorruptShuffleData(format!(
-                "{location}: checksum mismatch (expected {expected:08x}, found {actual:08x})"
-            )));
-        }
-        tokio::task::spawn_blocking(move || decode(bytes))
-            .await
-            .map_err(|e| failed(e.to_string()))??
+    if start == end {
+        return Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::empty(),
+        )));
+    }
+    let spooled = spool(runtime, &store, &data_path, start..end)
+        .await
+        .map_err(|e| match e {
+            SpoolError::Store(e) => missing_or_failed(e),
+            SpoolError::Local(reason) => failed(reason),
+        })?;
+    let segment = Segment {
+        file: spooled.file,
+        start: 0,
+        len: end - start,
+        checksum: index.checksums[partition],
     };
-    let stream = futures::stream::iter(batches.into_iter().map(Ok));
-    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    // The spooled copy is deleted once the stream is dropped.
+    let spooled_copy = spooled.temp;
+    let location = location.to_owned();
+    let batches = segment_batches(segment).map(move |batch| {
+        let _keep = &spooled_copy;
+        batch.map_err(|e| match e {
+            Error::CorruptShuffleData(reason) => {
+                DataFusionError::from(Error::CorruptShuffleData(format!("{location}: {reason}")))
+            }
+            other => DataFusionError::from(other),
+        })
+    });
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
-fn decode(bytes: bytes::Bytes) -> Result<Vec<RecordBatch>> {
-    catch_decoder_panic(|| -> Result<Vec<RecordBatch>> {
-        let reader = StreamReader::try_new(Cursor::new(bytes), None)?;
-        Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+/// A partition's bytes, copied to a temporary file of the runtime's disk manager.
+struct Spooled {
+    file: std::fs::File,
+    temp: Arc<dyn SpillFile>,
+}
+
+enum SpoolError {
+    Store(object_store::Error),
+    Local(String),
+}
+
+/// Streams a byte range of a stored file into a temporary file in the
+/// executor's spill space, so that a partition of any size is read through a
+/// bounded buffer instead of being held in memory, outside the memory pool.
+async fn spool(
+    runtime: &RuntimeEnv,
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+    range: std::ops::Range<u64>,
+) -> std::result::Result<Spooled, SpoolError> {
+    let local = |e: &dyn std::fmt::Display| SpoolError::Local(e.to_string());
+    let temp = runtime
+        .disk_manager
+        .create_tmp_file("reading a durable shuffle partition")
+        .map_err(|e| local(&e))?;
+    let temp_path = temp
+        .path()
+        .ok_or_else(|| SpoolError::Local("the spill space has no local files".into()))?;
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(temp_path)
+        .await
+        .map_err(|e| local(&e))?;
+    let mut writer = tokio::io::BufWriter::with_capacity(SPOOL_BUFFER_BYTES, file);
+    let options = GetOptions {
+        range: Some(GetRange::Bounded(range)),
+        ..GetOptions::default()
+    };
+    let mut chunks = store
+        .get_opts(path, options)
+        .await
+        .map_err(SpoolError::Store)?
+        .into_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(SpoolError::Store)?;
+        writer.write_all(&chunk).await.map_err(|e| local(&e))?;
+    }
+    writer.flush().await.map_err(|e| local(&e))?;
+    let mut file = writer.into_inner();
+    file.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(|e| local(&e))?;
+    Ok(Spooled {
+        file: file.into_std().await,
+        temp,
     })
-    .map_err(Error::CorruptShuffleData)?
 }
 
 /// Deletes every durable map output of a job.
@@ -208,6 +272,7 @@ mod tests {
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
     use arrow::ipc::writer::StreamWriter;
+    use arrow::record_batch::RecordBatch;
     use datafusion::physical_plan::common::collect;
 
     use super::*;
@@ -270,11 +335,20 @@ mod tests {
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0xff;
         std::fs::write(&stored, bytes).expect("corrupt");
-        let error = open_partition(&runtime, &location, 0, schema)
+        let corrupt = open_partition(&runtime, &location, 0, schema)
             .await
-            .err()
-            .expect("corruption is caught");
+            .expect("open");
+        let error = collect(corrupt).await.expect_err("corruption is caught");
         assert!(error.to_string().contains("checksum"), "{error}");
+        // The spooled copies are gone once their streams are.
+        assert!(
+            runtime
+                .disk_manager
+                .temp_dir_paths()
+                .iter()
+                .all(|dir| std::fs::read_dir(dir).map_or(true, |mut files| files.next().is_none())),
+            "spooled partitions left behind"
+        );
 
         remove_job(&runtime, &shuffle, "job1")
             .await
