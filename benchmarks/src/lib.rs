@@ -6,8 +6,10 @@
 //! - [`verify`]: compares two results value by value, with a float tolerance.
 //! - [`runner`]: registers the tables on an engine and times the queries.
 //! - [`report`]: timing statistics and the markdown comparison table.
+//! - [`profile`]: splits a query's time on Quiver, from the job's metrics.
 
 pub mod datagen;
+pub mod profile;
 pub mod queries;
 pub mod report;
 pub mod runner;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -261,6 +261,7 @@ impl TaskRunner {
         launch: LaunchTask,
         address: ExecutorAddress,
     ) -> DfResult<(MapOutput, Vec<OperatorMetrics>)> {
+        let launched = Instant::now();
         let task = launch.task.unwrap_or_default();
         self.configure_stores(&launch.stores)?;
         let meter = Arc::new(ReadMeter::default());
@@ -279,6 +280,7 @@ impl TaskRunner {
             ))
         })?;
         debug!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition, "task running");
+        let launch_time = launched.elapsed();
         let partitions = writer
             .write(
                 task.partition as usize,
@@ -287,13 +289,19 @@ impl TaskRunner {
                 &self.shuffle_dir,
             )
             .await?;
-        let durable_location = if launch.durable_shuffle.is_empty() {
-            String::new()
+        let (durable_location, upload) = if launch.durable_shuffle.is_empty() {
+            (String::new(), None)
         } else {
-            self.upload_output(&launch.durable_shuffle, &task).await?
+            let started = Instant::now();
+            let location = self.upload_output(&launch.durable_shuffle, &task).await?;
+            (location, Some(started.elapsed()))
+        };
+        let times = TaskTimes {
+            launch: launch_time,
+            upload,
         };
         let mut operators = operator_metrics(&plan);
-        add_operator_metrics(&mut operators, &[writer_metrics(&partitions)]);
+        add_operator_metrics(&mut operators, &[writer_metrics(&partitions, &times)]);
         let output = MapOutput {
             map_partition: task.partition,
             executor: Some(address),
@@ -405,21 +413,44 @@ fn bind_inputs(
 }
 
 /// What the shuffle writer at a stage plan's root wrote, as its metrics.
-fn writer_metrics(partitions: &[PartitionStats]) -> OperatorMetrics {
+/// Parts of a task's time outside its operators.
+struct TaskTimes {
+    /// From the launch message to running: decoding and binding the plan.
+    launch: Duration,
+    /// Copying the map output to durable storage, if it was.
+    upload: Option<Duration>,
+}
+
+fn writer_metrics(partitions: &[PartitionStats], times: &TaskTimes) -> OperatorMetrics {
     let total = |value: fn(&PartitionStats) -> u64| partitions.iter().map(value).sum();
+    let metric = |name: &str, value: u64, kind: MetricKind| Metric {
+        name: name.into(),
+        value,
+        kind: kind.into(),
+    };
+    let nanos = |duration: Duration| duration.as_nanos() as u64;
+    let mut metrics = vec![
+        metric("output_rows", total(|stats| stats.rows), MetricKind::Count),
+        metric(
+            "shuffle_bytes_written",
+            total(|stats| stats.bytes),
+            MetricKind::Bytes,
+        ),
+        metric(
+            "task_launch_time",
+            nanos(times.launch),
+            MetricKind::TimeNanos,
+        ),
+    ];
+    if let Some(upload) = times.upload {
+        metrics.push(metric(
+            "durable_upload_time",
+            nanos(upload),
+            MetricKind::TimeNanos,
+        ));
+    }
     OperatorMetrics {
         operator: 0,
-        metrics: vec![
-            Metric {
-                name: "output_rows".into(),
-                value: total(|stats| stats.rows),
-                kind: MetricKind::Count.into(),
-            },
-            Metric {
-                name: "shuffle_bytes_written".into(),
-                value: total(|stats| stats.bytes),
-                kind: MetricKind::Bytes.into(),
-            },
-        ],
+        metrics,
     }
 }

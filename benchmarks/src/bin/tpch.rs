@@ -30,6 +30,49 @@ enum Command {
     Run(RunArgs),
     /// Measure the end-to-end time of trivial queries through the client.
     Latency(LatencyArgs),
+    /// Split each query's time on Quiver: submission, tasks, shuffle, result.
+    Profile(ProfileArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProfileArgs {
+    #[command(flatten)]
+    data: GenArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Only these queries (default: all 22).
+    #[arg(long = "query", short = 'q')]
+    queries: Vec<usize>,
+    /// Runs of each query before the profiled one (warm caches, as in `run`).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Write the profiles as JSON to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Write the table as markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+/// Where the Quiver jobs run.
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// A running Quiver cluster; without it an embedded cluster is started.
+    #[arg(long)]
+    url: Option<String>,
+    /// Executors of the embedded cluster.
+    #[arg(long, default_value_t = 2)]
+    executors: usize,
+    /// Task slots per executor of the embedded cluster.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// Shuffle partitions (and DataFusion target partitions).
+    #[arg(long, default_value_t = 2)]
+    partitions: usize,
+    /// A session setting for the Quiver jobs, as KEY=VALUE (repeatable), e.g.
+    /// `--set quiver.shuffle_location=s3://bucket/shuffle`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,18 +117,8 @@ struct RunArgs {
     /// Which engine(s) to run.
     #[arg(long, value_enum, default_value_t = EngineChoice::Both)]
     engine: EngineChoice,
-    /// A running Quiver cluster; without it an embedded cluster is started.
-    #[arg(long)]
-    url: Option<String>,
-    /// Executors of the embedded cluster.
-    #[arg(long, default_value_t = 2)]
-    executors: usize,
-    /// Task slots per executor of the embedded cluster.
-    #[arg(long, default_value_t = 1)]
-    slots: usize,
-    /// Shuffle partitions (and DataFusion target partitions).
-    #[arg(long, default_value_t = 2)]
-    partitions: usize,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Runs of each query.
     #[arg(long, default_value_t = 1)]
     iterations: usize,
@@ -104,10 +137,6 @@ struct RunArgs {
     /// Write the comparison table as markdown to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// A session setting for the Quiver jobs, as KEY=VALUE (repeatable), e.g.
-    /// `--set quiver.shuffle_location=s3://bucket/shuffle`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    settings: Vec<String>,
 }
 
 #[tokio::main]
@@ -124,6 +153,7 @@ async fn main() -> std::process::ExitCode {
         Command::Gen(args) => generate(&args).map(|_| ()),
         Command::Run(args) => run(args).await,
         Command::Latency(args) => latency(args).await,
+        Command::Profile(args) => profile(args).await,
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -151,37 +181,17 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let mut engines = Vec::new();
     let mut cluster = None;
     if args.engine != EngineChoice::Datafusion || args.verify {
-        let options = StandaloneOptions {
-            executors: args.executors,
-            slots_per_executor: args.slots,
-            default_partitions: args.partitions,
-            ..StandaloneOptions::default()
-        };
-        let (context, started) = quiver_context(args.url.as_deref(), options).await?;
+        let (context, started) = configured_cluster(&args.cluster).await?;
         cluster = started;
-        for setting in &args.settings {
-            let (key, value) = setting
-                .split_once('=')
-                .ok_or_else(|| format!("--set takes KEY=VALUE, got '{setting}'"))?;
-            let statement = format!("SET {key} = '{}'", value.replace('\'', "''"));
-            context
-                .sql(&statement)
-                .await
-                .map_err(|e| format!("{statement}: {e}"))?;
-        }
         engines.push(Engine::Quiver(context));
     }
     if args.engine != EngineChoice::Quiver || args.verify {
-        engines.push(datafusion_engine(args.partitions));
+        engines.push(datafusion_engine(args.cluster.partitions));
     }
     for engine in &engines {
         engine.register_tables(&tables).await?;
     }
-    let numbers: Vec<usize> = if args.queries.is_empty() {
-        (1..=QUERY_COUNT).collect()
-    } else {
-        args.queries.clone()
-    };
+    let numbers = query_numbers(&args.queries);
     let mut timings = Vec::new();
     let mut failures = Vec::new();
     for (done, &number) in numbers.iter().enumerate() {
@@ -236,15 +246,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
     }
     let table = markdown_table(&timings);
-    println!("{table}");
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, &table)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    if let Some(path) = &args.output {
-        let json = serde_json::to_string_pretty(&timings).map_err(|e| e.to_string())?;
-        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
+    report(
+        &table,
+        args.markdown.as_deref(),
+        &timings,
+        args.output.as_deref(),
+    )?;
     if let Some(cluster) = cluster {
         cluster.shutdown().await;
     }
@@ -261,6 +268,99 @@ async fn run(args: RunArgs) -> Result<(), String> {
             "answers differ from DataFusion for queries {failures:?}"
         ))
     }
+}
+
+/// Prints `table`, and writes it to `markdown` and `results` as JSON to `json`, if given.
+fn report(
+    table: &str,
+    markdown: Option<&std::path::Path>,
+    results: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+) -> Result<(), String> {
+    println!("{table}");
+    let write = |path: &std::path::Path, contents: &str| {
+        std::fs::write(path, contents).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    if let Some(path) = markdown {
+        write(path, table)?;
+    }
+    if let Some(path) = json {
+        write(
+            path,
+            &serde_json::to_string_pretty(results).map_err(|e| e.to_string())?,
+        )?;
+    }
+    Ok(())
+}
+
+/// The cluster of `args` (connected to, or embedded and started), with the
+/// session settings applied.
+async fn configured_cluster(
+    args: &ClusterArgs,
+) -> Result<(QuiverContext, Option<StandaloneCluster>), String> {
+    let options = StandaloneOptions {
+        executors: args.executors,
+        slots_per_executor: args.slots,
+        default_partitions: args.partitions,
+        ..StandaloneOptions::default()
+    };
+    let (context, cluster) = quiver_context(args.url.as_deref(), options).await?;
+    for setting in &args.settings {
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("--set takes KEY=VALUE, got '{setting}'"))?;
+        let statement = format!("SET {key} = '{}'", value.replace('\'', "''"));
+        context
+            .sql(&statement)
+            .await
+            .map_err(|e| format!("{statement}: {e}"))?;
+    }
+    Ok((context, cluster))
+}
+
+/// The query numbers asked for, or all 22.
+fn query_numbers(asked: &[usize]) -> Vec<usize> {
+    if asked.is_empty() {
+        (1..=QUERY_COUNT).collect()
+    } else {
+        asked.to_vec()
+    }
+}
+
+async fn profile(args: ProfileArgs) -> Result<(), String> {
+    let tables = generate(&args.data)?;
+    let (context, cluster) = configured_cluster(&args.cluster).await?;
+    let engine = Engine::Quiver(context.clone());
+    engine.register_tables(&tables).await?;
+    let numbers = query_numbers(&args.queries);
+    let mut profiles = Vec::new();
+    for (done, &number) in numbers.iter().enumerate() {
+        let sql = query(number).ok_or_else(|| format!("there is no TPC-H query {number}"))?;
+        for _ in 0..args.warmup {
+            engine.run(sql).await?;
+        }
+        let profiled = quiver_benchmarks::profile::profile(&context, number, sql).await?;
+        eprintln!(
+            "[{:>2}/{}] Q{number:02} job {:>8.1} ms, {} stages, {} tasks",
+            done + 1,
+            numbers.len(),
+            profiled.job_ms,
+            profiled.stages,
+            profiled.tasks
+        );
+        profiles.push(profiled);
+    }
+    let table = quiver_benchmarks::profile::markdown(&profiles);
+    report(
+        &table,
+        args.markdown.as_deref(),
+        &profiles,
+        args.output.as_deref(),
+    )?;
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
+    }
+    Ok(())
 }
 
 /// Connects to the cluster at `url`, or starts an embedded one shaped by `options`.

@@ -107,7 +107,19 @@ impl PartitionRef<'_> {
     }
 }
 
-/// Streams one output partition, from disk when `env` says this executor holds it.
+/// Where an opened partition is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// This executor's disk.
+    Local,
+    /// The durable copy in object storage.
+    Durable,
+    /// The executor holding it, over Arrow Flight.
+    Flight,
+}
+
+/// Streams one output partition, from disk when `env` says this executor holds it,
+/// and says where from.
 ///
 /// Any failure to open or read it, local or remote, is an [`Error::Fetch`] naming
 /// the map output, so that the scheduler recomputes that output instead of
@@ -117,7 +129,7 @@ pub async fn fetch_partition(
     env: Option<&ShuffleEnv>,
     pool: &FlightClientPool,
     schema: SchemaRef,
-) -> Result<SendableRecordBatchStream> {
+) -> Result<(SendableRecordBatchStream, Source)> {
     let address = location.output.executor.clone().unwrap_or_default();
     let fetch_error = {
         let executor_id = address.executor_id.clone();
@@ -133,29 +145,33 @@ pub async fn fetch_partition(
         }
     };
     let durable = &location.output.durable_location;
+    let partition = location.partition;
     let opened = match env {
         Some(env) if env.executor_id == address.executor_id => {
             match open_local(&location, env, Arc::clone(&schema)).await {
                 Err(_) if !durable.is_empty() => {
-                    durable::open_partition(&env.runtime, durable, location.partition, schema).await
+                    open_durable(env, durable, partition, schema).await
                 }
-                opened => opened,
+                opened => opened.map(|stream| (stream, Source::Local)),
             }
         }
-        Some(env) if !durable.is_empty() => {
-            durable::open_partition(&env.runtime, durable, location.partition, schema).await
-        }
-        _ => fetch_remote(&location, &address, pool, schema).await,
+        Some(env) if !durable.is_empty() => open_durable(env, durable, partition, schema).await,
+        _ => fetch_remote(&location, &address, pool, schema)
+            .await
+            .map(|stream| (stream, Source::Flight)),
     };
     // A slow or throttling store may hold a good durable copy: the reader is
     // retried, and nothing is recomputed.
     if let Err(transient @ Error::DurableShuffle { .. }) = opened {
         return Err(transient);
     }
-    let stream = opened.map_err(|e| fetch_error(e.to_string()))?;
+    let (stream, source) = opened.map_err(|e| fetch_error(e.to_string()))?;
     let schema = stream.schema();
     let batches = stream.map_err(move |e| fetch_error(e.to_string()).into());
-    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
+    Ok((
+        Box::pin(RecordBatchStreamAdapter::new(schema, batches)),
+        source,
+    ))
 }
 
 /// Streams a finished job's result: the final stage's outputs, one after the
@@ -187,11 +203,22 @@ pub fn job_result(
                 };
                 fetch_partition(location, None, &pool, schema)
                     .await
+                    .map(|(stream, _)| stream)
                     .map_err(DataFusionError::from)
             }
         })
         .try_flatten();
     Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+async fn open_durable(
+    env: &ShuffleEnv,
+    location: &str,
+    partition: usize,
+    schema: SchemaRef,
+) -> Result<(SendableRecordBatchStream, Source)> {
+    let stream = durable::open_partition(&env.runtime, location, partition, schema).await?;
+    Ok((stream, Source::Durable))
 }
 
 async fn open_local(

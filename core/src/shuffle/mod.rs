@@ -7,11 +7,14 @@
 //!   and streams the map outputs it is bound to.
 //! - [`fetch`]: opens one output partition of a map output, from local disk
 //!   or from another executor over Arrow Flight.
+//! - [`durable`]: map outputs copied to object storage.
+//! - [`wait_time`]: the wait-time metrics of shuffle writes and reads.
 
 pub mod durable;
 pub mod fetch;
 pub mod layout;
 pub mod reader;
+pub mod wait_time;
 pub mod writer;
 
 pub use fetch::{FlightClientPool, ShuffleEnv};

@@ -19,7 +19,8 @@ use datafusion::physical_plan::{
 use futures::{StreamExt, TryStreamExt};
 use quiver_proto::MapOutput;
 
-use super::fetch::{PartitionRef, ShuffleEnv, fetch_partition};
+use super::fetch::{PartitionRef, ShuffleEnv, Source, fetch_partition};
+use super::wait_time::time_waits;
 
 /// Map outputs fetched at once by one reader partition.
 const FETCH_CONCURRENCY: usize = 4;
@@ -227,6 +228,16 @@ impl ExecutionPlan for ShuffleReaderExec {
                     .map(|stats| stats.bytes as usize)
                     .sum(),
             );
+        // Wait times: of the whole read, and of the part read over Flight or
+        // from object storage (opening the streams is in the first only).
+        let read_time =
+            MetricBuilder::new(&self.metrics).subset_time("shuffle_read_time", partition);
+        let flight_time =
+            MetricBuilder::new(&self.metrics).subset_time("flight_read_time", partition);
+        let durable_time =
+            MetricBuilder::new(&self.metrics).subset_time("durable_read_time", partition);
+        let flight_bytes =
+            MetricBuilder::new(&self.metrics).counter("flight_bytes_read", partition);
         let batches = futures::stream::iter(sources)
             .map(move |(output, output_partition)| {
                 let (job_id, env, pool, schema) = (
@@ -235,6 +246,11 @@ impl ExecutionPlan for ShuffleReaderExec {
                     pool.clone(),
                     Arc::clone(&schema),
                 );
+                let (flight_time, durable_time, flight_bytes) = (
+                    flight_time.clone(),
+                    durable_time.clone(),
+                    flight_bytes.clone(),
+                );
                 async move {
                     let location = PartitionRef {
                         job_id: &job_id,
@@ -242,17 +258,29 @@ impl ExecutionPlan for ShuffleReaderExec {
                         output: &output,
                         partition: output_partition,
                     };
-                    fetch_partition(location, env.as_deref(), &pool, schema)
+                    let (stream, source) = fetch_partition(location, env.as_deref(), &pool, schema)
                         .await
-                        .map_err(DataFusionError::from)
+                        .map_err(DataFusionError::from)?;
+                    Ok::<_, DataFusionError>(match source {
+                        Source::Local => stream,
+                        Source::Durable => time_waits(stream, durable_time),
+                        Source::Flight => {
+                            let bytes = output.partitions.get(output_partition);
+                            flight_bytes.add(bytes.map_or(0, |stats| stats.bytes as usize));
+                            time_waits(stream, flight_time)
+                        }
+                    })
                 }
             })
             .buffered(FETCH_CONCURRENCY)
             .try_flatten()
             .inspect_ok(move |batch| output_rows.add(batch.num_rows()));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            batches,
-        )))
+        Ok(time_waits(
+            Box::pin(RecordBatchStreamAdapter::new(
+                Arc::clone(&self.schema),
+                batches,
+            )),
+            read_time,
+        ))
     }
 }

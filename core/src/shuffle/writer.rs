@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, AsArray};
 use arrow::datatypes::{DataType, SchemaRef};
@@ -22,7 +23,9 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::spill_file::{SpillFile, SpillWriter};
 use datafusion::execution::{DiskManager, SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::metrics::Time;
+use datafusion::physical_plan::metrics::{
+    ExecutionPlanMetricsSet, MetricBuilder, MetricsSet, Time,
+};
 use datafusion::physical_plan::repartition::BatchPartitioner;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
@@ -32,6 +35,7 @@ use futures::StreamExt;
 use quiver_proto::PartitionStats;
 
 use super::layout::{Index, MapOutputId, checksum_ranges, encode_index};
+use super::wait_time::time_waits;
 use crate::error::Error;
 use crate::operators::only_child;
 
@@ -44,6 +48,7 @@ pub struct ShuffleWriterExec {
     /// How rows are split into output partitions; `None` keeps one output partition.
     partitioning: Option<Partitioning>,
     properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ShuffleWriterExec {
@@ -60,6 +65,7 @@ impl ShuffleWriterExec {
             input,
             partitioning,
             properties,
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 
@@ -93,6 +99,9 @@ impl ShuffleWriterExec {
 
     /// Runs map partition `partition` and writes its output under `work_dir`.
     /// Returns the row and byte count of each output partition.
+    ///
+    /// Its `shuffle_write_time` metric is the task's time not spent waiting
+    /// for its input: splitting, buffering, spilling and writing the rows.
     pub async fn write(
         &self,
         partition: usize,
@@ -100,24 +109,42 @@ impl ShuffleWriterExec {
         context: Arc<TaskContext>,
         work_dir: &Path,
     ) -> Result<Vec<PartitionStats>> {
+        let started = Instant::now();
+        let input_wait = Time::new();
         let id = MapOutputId::new(&self.job_id, self.stage_id, partition as u32, attempt)?;
-        let schema = self.input.schema();
-        let mut input = self.input.execute(partition, Arc::clone(&context))?;
-        if self.partitioning.is_none() {
-            return write_single_partition(id, schema, input, work_dir.to_owned()).await;
-        }
-        let mut partitioner = self
-            .partitioning
-            .clone()
-            .map(|partitioning| {
-                BatchPartitioner::try_new(
-                    partitioning,
-                    Time::new(),
-                    partition,
-                    self.map_partition_count(),
-                )
-            })
-            .transpose()?;
+        let input = time_waits(
+            self.input.execute(partition, Arc::clone(&context))?,
+            input_wait.clone(),
+        );
+        let written = match &self.partitioning {
+            None => write_single_partition(id, input, work_dir.to_owned()).await,
+            Some(partitioning) => {
+                self.write_partitioned(id, partitioning, input, context, work_dir)
+                    .await
+            }
+        };
+        let waited = Duration::from_nanos(input_wait.value() as u64);
+        MetricBuilder::new(&self.metrics)
+            .subset_time("shuffle_write_time", partition)
+            .add_duration(started.elapsed().saturating_sub(waited));
+        written
+    }
+
+    async fn write_partitioned(
+        &self,
+        id: MapOutputId,
+        partitioning: &Partitioning,
+        mut input: SendableRecordBatchStream,
+        context: Arc<TaskContext>,
+        work_dir: &Path,
+    ) -> Result<Vec<PartitionStats>> {
+        let partition = id.map_partition as usize;
+        let mut partitioner = BatchPartitioner::try_new(
+            partitioning.clone(),
+            Time::new(),
+            partition,
+            self.map_partition_count(),
+        )?;
         let reservation = MemoryConsumer::new(format!(
             "ShuffleWriter[stage={}, partition={partition}]",
             self.stage_id
@@ -125,7 +152,7 @@ impl ShuffleWriterExec {
         .with_can_spill(true)
         .register(context.memory_pool());
         let mut buffers = PartitionBuffers::new(
-            schema,
+            input.schema(),
             self.output_partition_count(),
             reservation,
             Arc::clone(&context.runtime_env().disk_manager),
@@ -133,18 +160,12 @@ impl ShuffleWriterExec {
 
         let mut split = Vec::new();
         while let Some(batch) = input.next().await {
-            let batch = batch?;
-            match partitioner.as_mut() {
-                Some(partitioner) => {
-                    partitioner.partition(batch, |output, part| {
-                        split.push((output, part));
-                        Ok(())
-                    })?;
-                    for (output, part) in split.drain(..) {
-                        buffers.push(output, part).await?;
-                    }
-                }
-                None => buffers.push(0, batch).await?,
+            partitioner.partition(batch?, |output, part| {
+                split.push((output, part));
+                Ok(())
+            })?;
+            for (output, part) in split.drain(..) {
+                buffers.push(output, part).await?;
             }
         }
         let work_dir = work_dir.to_owned();
@@ -185,13 +206,13 @@ pub fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
 /// Batches are written on a blocking thread, a few batches behind the input.
 async fn write_single_partition(
     id: MapOutputId,
-    schema: SchemaRef,
     mut input: SendableRecordBatchStream,
     work_dir: std::path::PathBuf,
 ) -> Result<Vec<PartitionStats>> {
     // `None` marks the end of the input: without it (the input failed or the
     // task was cancelled) the partial file is deleted, never published.
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<Option<RecordBatch>>(2);
+    let schema = input.schema();
     let writer = tokio::task::spawn_blocking(move || -> Result<Vec<PartitionStats>> {
         let data_path = id.data_path(&work_dir);
         let tmp_data = data_path.with_extension("data.tmp");
@@ -466,6 +487,10 @@ impl ExecutionPlan for ShuffleWriterExec {
             only_child(children, "ShuffleWriterExec")?,
             self.partitioning.clone(),
         )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
     }
 
     fn execute(
