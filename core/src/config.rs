@@ -18,6 +18,8 @@ extensions_options! {
         pub target_file_bytes: u64, default = 268435456
         /// Where map outputs are also stored (`s3://bucket/shuffle`), so that they outlive their executors; empty keeps them on the executors only.
         pub shuffle_location: String, default = String::new()
+        /// Largest estimated build side that a hash join broadcasts to every probe task when that ships fewer bytes than shuffling both sides; 0 turns the cost-based choice off (build sides under `datafusion.optimizer.hash_join_single_partition_threshold` are broadcast regardless).
+        pub broadcast_join_max_bytes: u64, default = 134217728
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
 //! - [`analyze`]: the report of `EXPLAIN ANALYZE`: stage plans with their metrics.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
+//! - [`broadcast`]: broadcasts hash joins' build sides when that ships fewer bytes.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
@@ -19,6 +20,7 @@
 //! `127.0.0.1:0` and stop it cleanly.
 
 pub mod analyze;
+pub mod broadcast;
 pub mod catalog;
 pub mod config;
 pub mod error;

@@ -23,6 +23,8 @@ use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{
     CreateMemoryTable, DdlStatement, Explain, LogicalPlan, LogicalPlanBuilder, WriteOp,
 };
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
@@ -109,6 +111,18 @@ impl std::fmt::Debug for Planner {
     }
 }
 
+/// DataFusion's physical optimizer rules, with Quiver's cost-based choice
+/// of broadcast joins ahead of DataFusion's own join selection.
+fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+    let mut rules = PhysicalOptimizer::new().rules;
+    let position = rules
+        .iter()
+        .position(|rule| rule.name() == crate::broadcast::JOIN_SELECTION)
+        .unwrap_or(0);
+    rules.insert(position, Arc::new(crate::broadcast::BroadcastJoinSelection));
+    rules
+}
+
 impl Planner {
     pub fn new(default_partitions: usize, store: StateStore, warehouse: String) -> Result<Self> {
         let object_stores = Arc::new(StoreRegistry::new());
@@ -119,6 +133,7 @@ impl Planner {
             .with_config(default_session_config())
             .with_runtime_env(runtime)
             .with_default_features()
+            .with_physical_optimizer_rules(physical_optimizer_rules())
             .build();
         register_store_option_namespaces(&mut state);
         crate::series::register_whole_row_series(&mut state);
