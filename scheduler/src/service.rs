@@ -537,21 +537,22 @@ impl SchedulerService for SchedulerGrpc {
         request: Request<JobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let status = self.job_status(&request.into_inner().job_id)?;
-        let stream = futures::stream::unfold(Some(status), |state| async move {
+        // The current status goes out at once, then each change as it happens.
+        let stream = futures::stream::unfold((Some(status), true), |(state, first)| async move {
             let mut receiver = state?;
+            // A dropped sender means the job state is final.
+            if !first && receiver.changed().await.is_err() {
+                let last = receiver.borrow().clone();
+                return Some((Ok(last), (None, false)));
+            }
             let mut current = receiver.borrow_and_update().clone();
             if is_final(current.state) {
-                return Some((Ok(current), None));
+                return Some((Ok(current), (None, false)));
             }
             // Progress updates go out often; per-stage metrics come with the
             // final one, and from GetJobStatus at any time.
             current.stages.clear();
-            // Wait for the next change; a dropped sender means the job state is final.
-            if receiver.changed().await.is_err() {
-                let last = receiver.borrow().clone();
-                return Some((Ok(last), None));
-            }
-            Some((Ok(current), Some(receiver)))
+            Some((Ok(current), (Some(receiver), false)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
