@@ -9,16 +9,15 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use futures::{Stream, TryStreamExt};
-use quiver_core::shuffle::fetch::{MAX_FLIGHT_MESSAGE_BYTES, segment_batches};
+use quiver_core::shuffle::fetch::MAX_FLIGHT_MESSAGE_BYTES;
 use quiver_core::shuffle::layout::{PartitionRequest, open_segment, parse_ticket};
+use quiver_core::shuffle::serve::segment_flight_data;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -97,10 +96,11 @@ impl FlightService for ShuffleFlightService {
                     }
                     _ => Status::internal(e.to_string()),
                 })?;
-        let batches = segment_batches(segment).map_err(|e| FlightError::ExternalError(Box::new(e)));
-        let stream = FlightDataEncoderBuilder::new()
-            .build(batches)
-            .map_err(Status::from);
+        // The stored IPC messages go out as they are: the reader decodes them.
+        let stream = segment_flight_data(segment).map_err(|e| match e {
+            quiver_core::Error::CorruptShuffleData(_) => Status::data_loss(e.to_string()),
+            _ => Status::internal(e.to_string()),
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

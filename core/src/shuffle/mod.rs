@@ -8,12 +8,14 @@
 //! - [`fetch`]: opens one output partition of a map output, from local disk
 //!   or from another executor over Arrow Flight.
 //! - [`durable`]: map outputs copied to object storage.
+//! - [`serve`]: an on-disk partition as Flight data, without decoding it.
 //! - [`wait_time`]: the wait-time metrics of shuffle writes and reads.
 
 pub mod durable;
 pub mod fetch;
 pub mod layout;
 pub mod reader;
+pub mod serve;
 pub mod wait_time;
 pub mod writer;
 
