@@ -302,6 +302,9 @@ impl TaskRunner {
         };
         let mut operators = operator_metrics(&plan);
         add_operator_metrics(&mut operators, &[writer_metrics(&partitions, &times)]);
+        let inline_result = self
+            .small_result(&task, &partitions, launch.inline_result_max_bytes)
+            .await?;
         let output = MapOutput {
             map_partition: task.partition,
             executor: Some(address),
@@ -310,8 +313,33 @@ impl TaskRunner {
             durable_location,
             store_bytes_read: meter.bytes(),
             store_requests: meter.requests(),
+            inline_result,
         };
         Ok((output, operators))
+    }
+
+    /// The data file of a final-stage output of one partition and at most
+    /// `max_bytes`, to return with the task's status; empty otherwise.
+    async fn small_result(
+        &self,
+        task: &TaskId,
+        partitions: &[PartitionStats],
+        max_bytes: u64,
+    ) -> DfResult<Vec<u8>> {
+        let [partition] = partitions else {
+            return Ok(Vec::new());
+        };
+        if partition.bytes == 0 || partition.bytes > max_bytes {
+            return Ok(Vec::new());
+        }
+        let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
+        let path = id.data_path(&self.shuffle_dir);
+        tokio::fs::read(&path).await.map_err(|source| {
+            DataFusionError::from(quiver_core::Error::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        })
     }
 
     /// Copies a finished map output to durable storage; returns where it went.

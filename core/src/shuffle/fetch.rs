@@ -176,7 +176,9 @@ pub async fn fetch_partition(
 
 /// Streams a finished job's result: the final stage's outputs, one after the
 /// other, from the executors holding them. Nothing is buffered beyond the
-/// batch in flight, so a result of any size passes through.
+/// batch in flight, so a result of any size passes through. Outputs that
+/// came back with their task's status (`MapOutput.inline_result`) and empty
+/// ones need no call to an executor.
 pub fn job_result(
     pool: FlightClientPool,
     job_id: String,
@@ -195,10 +197,19 @@ pub fn job_result(
                 Arc::clone(&outputs),
             );
             async move {
+                let output = &outputs[index];
+                if !output.inline_result.is_empty() {
+                    let bytes = bytes::Bytes::from(output.inline_result.clone());
+                    return inline_batches(bytes, schema).map_err(DataFusionError::from);
+                }
+                if output.partitions.iter().all(|stats| stats.rows == 0) {
+                    let nothing = futures::stream::empty();
+                    return Ok(Box::pin(RecordBatchStreamAdapter::new(schema, nothing)) as _);
+                }
                 let location = PartitionRef {
                     job_id: &job_id,
                     stage_id,
-                    output: &outputs[index],
+                    output,
                     partition: 0,
                 };
                 fetch_partition(location, None, &pool, schema)
@@ -209,6 +220,18 @@ pub fn job_result(
         })
         .try_flatten();
     Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+/// Decodes a result that came back inline: a complete IPC stream.
+fn inline_batches(bytes: bytes::Bytes, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
+    let batches = catch_decoder_panic(|| {
+        StreamReader::try_new(std::io::Cursor::new(bytes), None)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+    })
+    .map_err(Error::CorruptShuffleData)?
+    .map_err(|e| Error::CorruptShuffleData(format!("an inline result: {e}")))?;
+    let batches = futures::stream::iter(batches.into_iter().map(Ok));
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
 async fn open_durable(
@@ -308,4 +331,71 @@ pub fn segment_batches(
         });
     }
     tokio_stream::wrappers::ReceiverStream::new(receiver).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::ipc::writer::StreamWriter;
+    use datafusion::physical_plan::common::collect;
+    use quiver_proto::PartitionStats;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn inline_and_empty_outputs_are_read_without_an_executor() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![7, 8]))],
+        )
+        .expect("batch");
+        let mut bytes = Vec::new();
+        let mut writer = StreamWriter::try_new(&mut bytes, &schema).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.finish().expect("finish");
+        drop(writer);
+        let stats = |rows: u64, bytes: u64| vec![PartitionStats { rows, bytes }];
+        // No executor is named: a Flight call would fail.
+        let outputs = vec![
+            MapOutput {
+                partitions: stats(2, bytes.len() as u64),
+                inline_result: bytes,
+                ..MapOutput::default()
+            },
+            MapOutput {
+                map_partition: 1,
+                partitions: stats(0, 0),
+                ..MapOutput::default()
+            },
+        ];
+        let result = job_result(
+            FlightClientPool::default(),
+            "job1".into(),
+            3,
+            outputs,
+            Arc::clone(&schema),
+        );
+        let batches = collect(result).await.expect("read");
+        assert_eq!(batches, vec![batch]);
+
+        let corrupt = vec![MapOutput {
+            partitions: stats(2, 3),
+            inline_result: vec![1, 2, 3],
+            ..MapOutput::default()
+        }];
+        let result = job_result(
+            FlightClientPool::default(),
+            "job1".into(),
+            3,
+            corrupt,
+            schema,
+        );
+        let error = collect(result).await.expect_err("not an IPC stream");
+        assert!(
+            error.to_string().contains("corrupt") || error.to_string().contains("IPC"),
+            "{error}"
+        );
+    }
 }

@@ -18,6 +18,10 @@ use crate::stages::StagePlan;
 /// First retry delay; doubled on each further attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Largest final-stage output that comes back with its task's status, so
+/// that a small result (a point lookup, a count) needs no Flight call.
+pub const INLINE_RESULT_MAX_BYTES: u64 = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskState {
     Pending,
@@ -262,6 +266,7 @@ impl Job {
         } else {
             self.durable_shuffle.clone()
         };
+        let inline_result_max_bytes = if is_final { INLINE_RESULT_MAX_BYTES } else { 0 };
         let stage = self.stage_mut(stage_id)?;
         let plan = stage.plan.clone();
         let task = stage.tasks.get_mut(partition)?;
@@ -283,6 +288,7 @@ impl Job {
             settings,
             stores,
             durable_shuffle,
+            inline_result_max_bytes,
         })
     }
 
