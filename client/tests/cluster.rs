@@ -493,3 +493,39 @@ async fn catalog_queries_run_on_the_scheduler() {
     }
     cluster.shutdown().await;
 }
+
+/// A small result comes back with the final task's status, and a large one
+/// stays on the executor to be streamed over Flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_results_come_back_inline() {
+    let (cluster, context) = cluster().await;
+    for (sql, rows, inline) in [
+        ("SELECT 1 AS one", 1, true),
+        // About 2.4 MB of IPC: above the 64 KiB inline limit.
+        ("SELECT value * 7 AS x FROM range(300000)", 300000, false),
+    ] {
+        let job_id = std::sync::Mutex::new(String::new());
+        let stream = context
+            .execute_sql(sql, |status| {
+                *job_id.lock().expect("id lock") = status.job_id.clone();
+            })
+            .await
+            .expect(sql);
+        let batches = datafusion::physical_plan::common::collect(stream)
+            .await
+            .expect(sql);
+        assert_eq!(
+            batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            rows
+        );
+        let job_id = job_id.lock().expect("id lock").clone();
+        let status = context.job_status(&job_id).await.expect("status");
+        assert!(!status.result.is_empty(), "{sql}: no result outputs");
+        let inlined = status
+            .result
+            .iter()
+            .any(|output| !output.inline_result.is_empty());
+        assert_eq!(inlined, inline, "{sql}");
+    }
+    cluster.shutdown().await;
+}
