@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(["proto/quiver.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .bytes(".quiver.v1.LaunchTask.plan")
+        // Held in job statuses, which are cloned on every update.
+        .bytes(".quiver.v1.MapOutput.inline_result")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -325,21 +325,22 @@ impl TaskRunner {
         task: &TaskId,
         partitions: &[PartitionStats],
         max_bytes: u64,
-    ) -> DfResult<Vec<u8>> {
+    ) -> DfResult<bytes::Bytes> {
         let [partition] = partitions else {
-            return Ok(Vec::new());
+            return Ok(bytes::Bytes::new());
         };
         if partition.bytes == 0 || partition.bytes > max_bytes {
-            return Ok(Vec::new());
+            return Ok(bytes::Bytes::new());
         }
         let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
         let path = id.data_path(&self.shuffle_dir);
-        tokio::fs::read(&path).await.map_err(|source| {
+        let data = tokio::fs::read(&path).await.map_err(|source| {
             DataFusionError::from(quiver_core::Error::Io {
                 path: path.display().to_string(),
                 source,
             })
-        })
+        })?;
+        Ok(data.into())
     }
 
     /// Copies a finished map output to durable storage; returns where it went.

@@ -271,12 +271,12 @@ pub async fn remove_job(runtime: &RuntimeEnv, shuffle_location: &str, job_id: &s
 mod tests {
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
-    use arrow::ipc::writer::StreamWriter;
     use arrow::record_batch::RecordBatch;
     use datafusion::physical_plan::common::collect;
 
     use super::*;
     use crate::shuffle::layout::{Index, encode_index};
+    use crate::shuffle::test_support::ipc_stream;
     use crate::storage::{StoreRegistry, runtime_builder};
 
     /// A map output of two partitions: `[1, 2]` and nothing.
@@ -287,11 +287,7 @@ mod tests {
             vec![Arc::new(Int64Array::from(vec![1, 2]))],
         )
         .expect("batch");
-        let mut bytes = Vec::new();
-        let mut writer = StreamWriter::try_new(&mut bytes, &schema).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.finish().expect("finish");
-        drop(writer);
+        let bytes = ipc_stream(&[batch]);
         let len = bytes.len() as u64;
         let index = Index {
             offsets: vec![0, len, len],

@@ -199,8 +199,8 @@ pub fn job_result(
             async move {
                 let output = &outputs[index];
                 if !output.inline_result.is_empty() {
-                    let bytes = bytes::Bytes::from(output.inline_result.clone());
-                    return inline_batches(bytes, schema).map_err(DataFusionError::from);
+                    return inline_batches(output.inline_result.clone(), schema)
+                        .map_err(DataFusionError::from);
                 }
                 if output.partitions.iter().all(|stats| stats.rows == 0) {
                     let nothing = futures::stream::empty();
@@ -337,11 +337,11 @@ pub fn segment_batches(
 mod tests {
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
-    use arrow::ipc::writer::StreamWriter;
     use datafusion::physical_plan::common::collect;
     use quiver_proto::PartitionStats;
 
     use super::*;
+    use crate::shuffle::test_support::ipc_stream;
 
     #[tokio::test]
     async fn inline_and_empty_outputs_are_read_without_an_executor() {
@@ -351,17 +351,13 @@ mod tests {
             vec![Arc::new(Int64Array::from(vec![7, 8]))],
         )
         .expect("batch");
-        let mut bytes = Vec::new();
-        let mut writer = StreamWriter::try_new(&mut bytes, &schema).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.finish().expect("finish");
-        drop(writer);
+        let bytes = ipc_stream(std::slice::from_ref(&batch));
         let stats = |rows: u64, bytes: u64| vec![PartitionStats { rows, bytes }];
         // No executor is named: a Flight call would fail.
         let outputs = vec![
             MapOutput {
                 partitions: stats(2, bytes.len() as u64),
-                inline_result: bytes,
+                inline_result: bytes.into(),
                 ..MapOutput::default()
             },
             MapOutput {
@@ -382,7 +378,7 @@ mod tests {
 
         let corrupt = vec![MapOutput {
             partitions: stats(2, 3),
-            inline_result: vec![1, 2, 3],
+            inline_result: vec![1, 2, 3].into(),
             ..MapOutput::default()
         }];
         let result = job_result(

@@ -23,3 +23,22 @@ pub use fetch::{FlightClientPool, ShuffleEnv};
 pub use layout::MapOutputId;
 pub use reader::{ReadMode, ShuffleReaderExec};
 pub use writer::ShuffleWriterExec;
+
+/// Helpers shared by the shuffle modules' tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use arrow::ipc::writer::StreamWriter;
+    use arrow::record_batch::RecordBatch;
+
+    /// `batches` (at least one) as the bytes of one Arrow IPC stream.
+    pub fn ipc_stream(batches: &[RecordBatch]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut writer = StreamWriter::try_new(&mut bytes, &batches[0].schema()).expect("writer");
+        for batch in batches {
+            writer.write(batch).expect("write");
+        }
+        writer.finish().expect("finish");
+        drop(writer);
+        bytes
+    }
+}

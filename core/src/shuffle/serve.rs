@@ -103,21 +103,15 @@ mod tests {
 
     use arrow::array::{DictionaryArray, Int64Array, RecordBatch, StringArray};
     use arrow::datatypes::{DataType, Field, Int32Type, Schema};
-    use arrow::ipc::writer::StreamWriter;
     use arrow_flight::decode::FlightRecordBatchStream;
     use futures::{StreamExt, TryStreamExt};
 
     use super::*;
+    use crate::shuffle::test_support::ipc_stream;
 
     /// A segment holding `batches` as an IPC stream, after 3 bytes of another partition.
     fn segment(batches: &[RecordBatch]) -> Segment {
-        let mut bytes = Vec::new();
-        let mut writer = StreamWriter::try_new(&mut bytes, &batches[0].schema()).expect("writer");
-        for batch in batches {
-            writer.write(batch).expect("write");
-        }
-        writer.finish().expect("finish");
-        drop(writer);
+        let bytes = ipc_stream(batches);
         let mut file = tempfile::tempfile().expect("temp file");
         file.write_all(b"xyz").expect("prefix");
         file.write_all(&bytes).expect("segment");
