@@ -308,11 +308,7 @@ async fn writes_under_faults(suite: &mut Suite) {
     let mut victim = 1;
     for (index, phase) in [Phase::Map, Phase::FinalStage].into_iter().enumerate() {
         let target = root.join(format!("kill-{index}"));
-        let sql = format!(
-            "COPY (SELECT l_orderkey, l_quantity, l_returnflag FROM lineitem) TO '{}/' \
-             STORED AS PARQUET PARTITIONED BY (l_returnflag)",
-            target.display()
-        );
+        let sql = copy_lineitem_to(&target);
         let scenario = format!("COPY: SIGKILL executor-{victim} in {phase:?}");
         let mut landed = false;
         for _ in 0..INJECTION_ATTEMPTS {
@@ -363,11 +359,92 @@ async fn writes_under_faults(suite: &mut Suite) {
         .await;
         suite.check(format!("{scenario}: read back"), read_back, &expected);
     }
+    write_with_paused_executor(suite, &root, expected_rows, victim).await;
     suite
         .context
         .sql("SET quiver.target_file_bytes = 268435456")
         .await
         .expect("reset target file size");
+}
+
+fn copy_lineitem_to(target: &std::path::Path) -> String {
+    format!(
+        "COPY (SELECT l_orderkey, l_quantity, l_returnflag FROM lineitem) TO '{}/' \
+         STORED AS PARQUET PARTITIONED BY (l_returnflag)",
+        target.display()
+    )
+}
+
+/// An executor paused during the last stage of a write is declared lost and
+/// its tasks (the commit, if it had it) run again elsewhere. Resumed after
+/// the job committed, it must find its lease run out and stop its tasks
+/// before they touch the output: the folder still holds every row once.
+async fn write_with_paused_executor(
+    suite: &mut Suite,
+    root: &std::path::Path,
+    expected_rows: u64,
+    victim: usize,
+) {
+    /// Longer than the lease (3/4 of the 3 s executor timeout): however
+    /// fast the job, the paused executor's lease runs out.
+    const PAUSE: Duration = Duration::from_secs(4);
+    const LEASE_RAN_OUT: &str = "no heartbeat was acknowledged in time";
+    let target = root.join("paused");
+    let sql = copy_lineitem_to(&target);
+    let scenario = format!("COPY: SIGSTOP executor-{victim} in FinalStage, resumed after");
+    for _ in 0..INJECTION_ATTEMPTS {
+        let _ = std::fs::remove_dir_all(&target);
+        let pid = suite.cluster.executor_pid(victim).expect("victim runs");
+        let lease_ran_out_before = suite
+            .cluster
+            .executor_log(victim)
+            .matches(LEASE_RAN_OUT)
+            .count();
+        let paused_at = Arc::new(Mutex::new(None::<Instant>));
+        let pause = Arc::clone(&paused_at);
+        let (result, injected) =
+            run_with_fault(&suite.context, &sql, Phase::FinalStage, move || {
+                send_signal(pid, "STOP");
+                *pause.lock().expect("pause lock") = Some(Instant::now());
+            })
+            .await;
+        let paused_at = *paused_at.lock().expect("pause lock");
+        let Some(paused_at) = paused_at.filter(|_| injected) else {
+            continue;
+        };
+        tokio::time::sleep(PAUSE.saturating_sub(paused_at.elapsed())).await;
+        send_signal(pid, "CONT");
+        // Back in the cluster: it has noticed its lease and registered again.
+        suite.context = suite.cluster.connect(EXECUTORS).await;
+        let outcome = result
+            .map(|batches| {
+                batches
+                    .iter()
+                    .map(|b| b.column(0).as_primitive::<UInt64Type>().value(0))
+                    .sum::<u64>()
+            })
+            .and_then(|rows| committed_exactly_once(&target, rows, expected_rows))
+            .and_then(|files| {
+                let log = suite.cluster.executor_log(victim);
+                if log.matches(LEASE_RAN_OUT).count() > lease_ran_out_before {
+                    Ok(files)
+                } else {
+                    Err(format!(
+                        "the resumed executor did not report its lease running out:\n{log}"
+                    ))
+                }
+            });
+        match outcome {
+            Ok(files) => suite.passed.push(format!(
+                "{scenario}: {files} files, rows once, lease ran out"
+            )),
+            Err(e) => suite.failures.push(format!("{scenario}: {e}")),
+        }
+        return;
+    }
+    suite.failures.push(format!(
+        "{scenario}: could not land the pause in {INJECTION_ATTEMPTS} runs"
+    ));
 }
 
 /// Checks a written folder: the job reported `expected` rows, and the data

@@ -84,7 +84,10 @@ async fn control_protocol_refuses_bad_peers() {
 
     let status = register_as(
         &context,
-        executor_message::Kind::Heartbeat(Heartbeat { running_tasks: 0 }),
+        executor_message::Kind::Heartbeat(Heartbeat {
+            running_tasks: 0,
+            sequence: 0,
+        }),
     )
     .await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");

@@ -9,6 +9,7 @@
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
 //! - [`metrics`]: operator metrics on the wire, summed over tasks, for `EXPLAIN ANALYZE`.
 //! - [`guard`]: decoding untrusted bytes without panicking.
+//! - [`lease`]: how an executor that may have been declared lost stops its tasks.
 //! - [`net`]: accepted connections for servers that take a bound listener.
 //! - [`operators`]: what Quiver's execution plan operators share.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod guard;
 pub mod ipc;
+pub mod lease;
 pub mod metrics;
 pub mod net;
 pub mod operators;

@@ -4,10 +4,17 @@
 //!
 //! When the stream breaks, the running tasks are aborted (the scheduler has
 //! already rescheduled them) and the executor dials again with backoff.
+//!
+//! Each session holds a [`Lease`] that every heartbeat the scheduler
+//! acknowledges extends. When it runs out (the scheduler is unreachable, or
+//! this process was paused), the session ends as lost, and its tasks stop,
+//! before the scheduler's own timeout declares this executor lost.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use quiver_core::lease::Lease;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{
     Draining, ExecutorAddress, ExecutorMessage, Heartbeat, PROTOCOL_VERSION, RegisterExecutor,
@@ -17,6 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
+use tonic::Streaming;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
@@ -26,6 +34,9 @@ use crate::{Error, Result};
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The lease under a scheduler that grants none (and so never times out an
+/// executor that stays connected): only the session's end revokes it.
+const NO_LEASE_LIMIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Why a control session ended.
 enum SessionEnd {
@@ -96,7 +107,7 @@ async fn serve_session(
     address: &ExecutorAddress,
     slots: u32,
     runner: &Arc<TaskRunner>,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) -> SessionEnd {
     let channel = match endpoint.connect().await {
         Ok(channel) => channel,
@@ -104,6 +115,7 @@ async fn serve_session(
     };
     let mut client = SchedulerServiceClient::new(channel);
     let (outbound, outbound_rx) = tokio::sync::mpsc::unbounded_channel();
+    let registered_at = Instant::now();
     send(
         &outbound,
         executor_message::Kind::Register(RegisterExecutor {
@@ -119,63 +131,148 @@ async fn serve_session(
         Ok(response) => response.into_inner(),
         Err(status) => return end_from_status(status),
     };
-    let heartbeat_interval = match inbound.message().await {
+    let (heartbeat_interval, lease_length) = match inbound.message().await {
         Ok(Some(SchedulerMessage {
             kind: Some(scheduler_message::Kind::Registered(registered)),
-        })) => Duration::from_millis(registered.heartbeat_interval_millis.max(50)),
+        })) => (
+            Duration::from_millis(registered.heartbeat_interval_millis.max(50)),
+            (registered.lease_millis > 0).then(|| Duration::from_millis(registered.lease_millis)),
+        ),
         Ok(_) => return SessionEnd::Lost("scheduler did not acknowledge registration".into()),
         Err(status) => return end_from_status(status),
     };
-    info!(executor_id = %address.executor_id, "registered with scheduler");
-    let mut ticker = tokio::time::interval(heartbeat_interval);
-    let mut announced = false;
-    loop {
-        tokio::select! {
-            // Told once per session, so that a scheduler that comes back learns it too.
-            Ok(_) = draining.wait_for(|draining| *draining), if !announced => {
-                announced = true;
-                send(&outbound, executor_message::Kind::Draining(Draining {}));
-            }
-            _ = ticker.tick() => {
-                let running_tasks = runner.running_tasks() as u32;
-                send(&outbound, executor_message::Kind::Heartbeat(Heartbeat { running_tasks }));
-            }
-            message = inbound.message() => match message {
-                Ok(Some(SchedulerMessage {
-                    kind: Some(scheduler_message::Kind::Drained(_)),
-                })) => return SessionEnd::Drained,
-                Ok(Some(SchedulerMessage { kind: Some(kind) })) => {
-                    handle(kind, address, runner, &outbound);
+    info!(executor_id = %address.executor_id, lease_millis = lease_length.map(|l| l.as_millis()),
+        "registered with scheduler");
+    let lease = Lease::until(registered_at + lease_length.unwrap_or(NO_LEASE_LIMIT));
+    let mut session = Session {
+        address,
+        runner,
+        outbound,
+        lease: Arc::clone(&lease),
+        lease_length,
+        unacknowledged: VecDeque::new(),
+        next_sequence: 0,
+    };
+    let end = session
+        .serve(&mut inbound, heartbeat_interval, draining)
+        .await;
+    // The session's tasks must not act once it is over, even before they
+    // notice that they were cancelled.
+    lease.revoke();
+    end
+}
+
+/// One registered control session.
+struct Session<'a> {
+    address: &'a ExecutorAddress,
+    runner: &'a Arc<TaskRunner>,
+    outbound: UnboundedSender<ExecutorMessage>,
+    /// Held by every task launched in this session.
+    lease: Arc<Lease>,
+    /// How far past its send time an acknowledged heartbeat extends the
+    /// lease; none when the scheduler grants no lease.
+    lease_length: Option<Duration>,
+    /// Heartbeats sent and not yet acknowledged: sequence and send time.
+    unacknowledged: VecDeque<(u64, Instant)>,
+    next_sequence: u64,
+}
+
+impl Session<'_> {
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<SchedulerMessage>,
+        heartbeat_interval: Duration,
+        mut draining: watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let mut ticker = tokio::time::interval(heartbeat_interval);
+        let mut announced = false;
+        loop {
+            // Revoked only once the session is over: then it ends at once.
+            let lease_ends = self.lease.expires().unwrap_or_else(Instant::now);
+            let lease_ends = tokio::time::Instant::from_std(lease_ends);
+            tokio::select! {
+                // Checked first: a process resumed after a pause must stop
+                // its tasks before it does anything else on the scheduler's behalf.
+                biased;
+                () = tokio::time::sleep_until(lease_ends) => {
+                    if let Err(expired) = self.lease.check() {
+                        return SessionEnd::Lost(format!(
+                            "no heartbeat was acknowledged in time: {expired}"
+                        ));
+                    }
                 }
-                Ok(Some(SchedulerMessage { kind: None })) => {}
-                Ok(None) => return SessionEnd::Lost("scheduler closed the stream".into()),
-                Err(status) => return end_from_status(status),
+                // Told once per session, so that a scheduler that comes back learns it too.
+                Ok(_) = draining.wait_for(|draining| *draining), if !announced => {
+                    announced = true;
+                    send(&self.outbound, executor_message::Kind::Draining(Draining {}));
+                }
+                _ = ticker.tick() => self.heartbeat(),
+                message = inbound.message() => match message {
+                    Ok(Some(SchedulerMessage {
+                        kind: Some(scheduler_message::Kind::Drained(_)),
+                    })) => return SessionEnd::Drained,
+                    Ok(Some(SchedulerMessage { kind: Some(kind) })) => self.handle(kind),
+                    Ok(Some(SchedulerMessage { kind: None })) => {}
+                    Ok(None) => return SessionEnd::Lost("scheduler closed the stream".into()),
+                    Err(status) => return end_from_status(status),
+                }
             }
         }
     }
-}
 
-fn handle(
-    message: scheduler_message::Kind,
-    address: &ExecutorAddress,
-    runner: &Arc<TaskRunner>,
-    outbound: &UnboundedSender<ExecutorMessage>,
-) {
-    match message {
-        scheduler_message::Kind::LaunchTask(launch) => {
-            let outbound = outbound.clone();
-            runner.launch(launch, address.clone(), move |status| {
-                send(&outbound, executor_message::Kind::TaskStatus(status));
-            });
+    fn heartbeat(&mut self) {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        if self.lease_length.is_some() {
+            self.unacknowledged.push_back((sequence, Instant::now()));
         }
-        scheduler_message::Kind::CancelTasks(cancel) => {
-            let cancelled = runner.cancel_job(&cancel.job_id);
-            info!(job_id = %cancel.job_id, cancelled, "cancelled tasks");
+        send(
+            &self.outbound,
+            executor_message::Kind::Heartbeat(Heartbeat {
+                running_tasks: self.runner.running_tasks() as u32,
+                sequence,
+            }),
+        );
+    }
+
+    /// Heartbeat `sequence` was heard: the lease now runs from its send time.
+    fn acknowledged(&mut self, sequence: u64) {
+        while let Some(&(sent, sent_at)) = self.unacknowledged.front() {
+            if sent > sequence {
+                break;
+            }
+            self.unacknowledged.pop_front();
+            if sent == sequence
+                && let Some(length) = self.lease_length
+            {
+                self.lease.extend_to(sent_at + length);
+            }
         }
-        scheduler_message::Kind::RemoveJobData(remove) => {
-            runner.remove_job(&remove.job_id);
+    }
+
+    fn handle(&mut self, message: scheduler_message::Kind) {
+        match message {
+            scheduler_message::Kind::LaunchTask(launch) => {
+                let outbound = self.outbound.clone();
+                self.runner.launch(
+                    launch,
+                    self.address.clone(),
+                    Arc::clone(&self.lease),
+                    move |status| {
+                        send(&outbound, executor_message::Kind::TaskStatus(status));
+                    },
+                );
+            }
+            scheduler_message::Kind::CancelTasks(cancel) => {
+                let cancelled = self.runner.cancel_job(&cancel.job_id);
+                info!(job_id = %cancel.job_id, cancelled, "cancelled tasks");
+            }
+            scheduler_message::Kind::RemoveJobData(remove) => {
+                self.runner.remove_job(&remove.job_id);
+            }
+            scheduler_message::Kind::HeartbeatAck(ack) => self.acknowledged(ack.sequence),
+            scheduler_message::Kind::Registered(_) | scheduler_message::Kind::Drained(_) => {}
         }
-        scheduler_message::Kind::Registered(_) | scheduler_message::Kind::Drained(_) => {}
     }
 }
 

@@ -15,6 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use quiver_core::codec::decode_physical_plan;
 use quiver_core::config::session_config_from_settings;
 use quiver_core::error::{classify_failure, fetch_failure};
+use quiver_core::lease::Lease;
 use quiver_core::metrics::{add_operator_metrics, operator_metrics};
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::{MapOutputId, job_dir, validate_identifier};
@@ -115,11 +116,13 @@ impl TaskRunner {
             .collect()
     }
 
-    /// Starts a task in the background; `report` receives its final status.
+    /// Starts a task in the background under `lease`, the lease of the
+    /// control session that launched it; `report` receives its final status.
     pub fn launch(
         self: &Arc<Self>,
         launch: LaunchTask,
         address: ExecutorAddress,
+        lease: Arc<Lease>,
         report: impl FnOnce(TaskStatus) + Send + 'static,
     ) {
         let task = launch.task.clone().unwrap_or_default();
@@ -130,7 +133,7 @@ impl TaskRunner {
         let execution = Arc::clone(&runner);
         let mut running = self
             .threads
-            .spawn(async move { execution.run(launch, address).await });
+            .spawn(async move { execution.run(launch, address, lease).await });
         tokio::spawn(async move {
             let started = Instant::now();
             let job_id = task.job_id.clone();
@@ -260,12 +263,13 @@ impl TaskRunner {
         &self,
         launch: LaunchTask,
         address: ExecutorAddress,
+        lease: Arc<Lease>,
     ) -> DfResult<(MapOutput, Vec<OperatorMetrics>)> {
         let launched = Instant::now();
         let task = launch.task.unwrap_or_default();
         self.configure_stores(&launch.stores)?;
         let meter = Arc::new(ReadMeter::default());
-        let context = self.task_context(&launch.settings, &task, &meter)?;
+        let context = self.task_context(&launch.settings, &task, &meter, lease)?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
         let plan =
@@ -377,12 +381,13 @@ impl TaskRunner {
     }
 
     /// The task's context: the executor's runtime, whose object store reads
-    /// are counted into `meter`, and the job's settings.
+    /// are counted into `meter`, the job's settings, and the session's lease.
     fn task_context(
         &self,
         settings: &[quiver_proto::Setting],
         task: &TaskId,
         meter: &Arc<ReadMeter>,
+        lease: Arc<Lease>,
     ) -> DfResult<Arc<TaskContext>> {
         let stores = MeteredRegistry::new(
             Arc::clone(&self.runtime.object_store_registry),
@@ -400,7 +405,8 @@ impl TaskRunner {
             }))
             .with_extension(Arc::new(TaskAttempt {
                 attempt: task.attempt,
-            }));
+            }))
+            .with_extension(lease);
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)

@@ -28,6 +28,14 @@ pub enum Error {
         source: DataFusionError,
     },
 
+    /// Timing settings that would make executors stop their own tasks.
+    #[error(
+        "--executor-timeout-ms ({timeout_ms}) must be at least 3 times \
+         --heartbeat-interval-ms ({heartbeat_ms}): executors stop their tasks when \
+         no heartbeat is acknowledged within three quarters of the timeout"
+    )]
+    HeartbeatTiming { timeout_ms: u64, heartbeat_ms: u64 },
+
     #[error("unknown job {0}")]
     UnknownJob(String),
 
@@ -93,6 +101,7 @@ impl From<Error> for Status {
             Error::ShuttingDown => Code::Unavailable,
             Error::EncodePlan { .. }
             | Error::Bind { .. }
+            | Error::HeartbeatTiming { .. }
             | Error::Serve(_)
             | Error::FlightSql(_) => Code::Internal,
         };

@@ -55,15 +55,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let address = listener.local_addr().ok();
+    if config.executor_timeout_ms < 3 * config.heartbeat_interval_ms {
+        return Err(Error::HeartbeatTiming {
+            timeout_ms: config.executor_timeout_ms,
+            heartbeat_ms: config.heartbeat_interval_ms,
+        });
+    }
     let store = config.open_store()?;
     let planner =
         planner::Planner::new(config.default_partitions, store.clone(), config.warehouse())?;
     for (name, error) in planner.replay_catalog().await? {
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }
-    let (handle, interrupted) = state::event_loop::spawn(config.loop_config(), &store)?;
+    let loop_config = config.loop_config();
+    let (handle, interrupted) = state::event_loop::spawn(loop_config.clone(), &store)?;
     let service = service::SchedulerGrpc::new(handle, planner);
-    service.clean_up_interrupted_jobs(interrupted).await;
+    service
+        .clean_up_interrupted_jobs(interrupted, loop_config.executor_timeout)
+        .await;
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
     info!(?address, "scheduler serving");

@@ -372,8 +372,27 @@ impl SchedulerGrpc {
     /// Runs before the scheduler takes jobs, so no other job writes their
     /// tables meanwhile; a store that does not answer within
     /// [`RESTART_CLEAN_UP_TIMEOUT`] leaves the rest behind, with a warning.
-    pub async fn clean_up_interrupted_jobs(&self, interrupted: Vec<JobRecord>) {
+    ///
+    /// Writes are settled only once `executor_timeout` has passed: by then
+    /// every executor of the previous scheduler has seen its lease run out
+    /// and stopped its tasks, so no commit still moves files in.
+    pub async fn clean_up_interrupted_jobs(
+        &self,
+        interrupted: Vec<JobRecord>,
+        executor_timeout: std::time::Duration,
+    ) {
         let runtime = self.planner.runtime_env();
+        if interrupted
+            .iter()
+            .any(|record| !record.writes_to.is_empty())
+        {
+            info!(
+                wait_millis = executor_timeout.as_millis() as u64,
+                "waiting for the previous scheduler's executors to stop their tasks \
+                 before settling interrupted writes"
+            );
+            tokio::time::sleep(executor_timeout).await;
+        }
         let clean_ups = interrupted.iter().filter_map(|record| {
             let job_id = &record.status.as_ref()?.job_id;
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();

@@ -84,6 +84,12 @@ impl ProcessCluster {
         std::fs::File::create(dir.join(format!("{name}.{start}.log"))).expect("log file")
     }
 
+    /// The whole log of executor `index` since its last start.
+    pub fn executor_log(&self, index: usize) -> String {
+        let name = format!("executor-{index}.{}.log", self.executor_starts[index]);
+        std::fs::read_to_string(self.work.path().join("logs").join(name)).unwrap_or_default()
+    }
+
     pub fn start_scheduler(&mut self) {
         assert!(self.scheduler.is_none(), "the scheduler is running");
         self.scheduler_starts += 1;

@@ -16,6 +16,9 @@
 //! offer no atomic multi-file rename. Its result is the row count, as
 //! DataFusion's sinks return.
 //!
+//! Each step first checks the executor's [`Lease`]: an executor the scheduler
+//! may have declared lost must not move files in after the job was settled.
+//!
 //! A commit that is never retried (its job failed, or its scheduler
 //! restarted) is settled by [`settle_write`] once the job has ended: without
 //! a manifest the files it moved in are deleted again, so readers never keep
@@ -44,6 +47,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
+use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
 use crate::storage::{delete_paths, delete_prefix};
 
@@ -162,6 +166,7 @@ impl ExecutionPlan for ParquetCommitExec {
             job_id: self.job_id.clone(),
             insert_op: config.insert_op,
             partitioned: !config.table_partition_cols.is_empty(),
+            lease: task_lease(&context),
         };
         let input = self.input.execute(0, context)?;
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -189,9 +194,21 @@ struct Commit {
     job_id: String,
     insert_op: InsertOp,
     partitioned: bool,
+    /// The lease of the executor running the commit; none when the scheduler
+    /// settles a write.
+    lease: Option<Arc<Lease>>,
 }
 
 impl Commit {
+    /// Fails once the executor's lease has run out: checked right before
+    /// every change to the store.
+    fn check_lease(&self) -> Result<()> {
+        match &self.lease {
+            Some(lease) => Ok(lease.check()?),
+            None => Ok(()),
+        }
+    }
+
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
         let files = staged_files(input).await?;
         if self.insert_op == InsertOp::Replace {
@@ -288,6 +305,7 @@ impl Commit {
             moves,
             &self.store,
             |store, (staged, committed)| async move {
+                self.check_lease()?;
                 match store.rename(&staged, &committed).await {
                     Ok(()) => Ok(()),
                     // Moved already by an earlier run of this step.
@@ -309,6 +327,7 @@ impl Commit {
 
     /// Writes the job's manifest: every file it committed, with its rows and size.
     async fn write_manifest(&self, files: &[StagedFile], rows: u64) -> Result<()> {
+        self.check_lease()?;
         let committed_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_secs());
@@ -336,6 +355,7 @@ impl Commit {
     /// Deletes the job's staging folder: the winners' files are gone from it
     /// already, so what remains are the files of failed or losing attempts.
     async fn delete_staging(&self) -> Result<()> {
+        self.check_lease()?;
         let staging = job_staging(&self.table, &self.job_id);
         delete_prefix(&self.store, &staging, self.local).await?;
         if self.local {
@@ -349,6 +369,7 @@ impl Commit {
     }
 
     async fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
+        self.check_lease()?;
         let paths = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
         Ok(delete_paths(&self.store, paths).await?)
     }
@@ -393,6 +414,7 @@ pub async fn settle_write(
         job_id: job_id.to_owned(),
         insert_op: InsertOp::Append,
         partitioned: false,
+        lease: None,
     };
     let settled = match commit.read_manifest().await? {
         Some(manifest) => {
@@ -629,5 +651,69 @@ mod tests {
             .await
             .expect_err("a broken manifest is an error");
         assert!(error.to_string().contains("job3"), "{error}");
+    }
+
+    /// A commit on an executor whose lease ran out (it may have been declared
+    /// lost, and its commit given to another executor) changes nothing.
+    #[tokio::test]
+    async fn a_commit_whose_lease_ran_out_changes_nothing() {
+        use arrow::array::{StringArray, UInt64Array};
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let staged = "_temporary/job1/p0-a0/region=EU/part-job1-00000-000.parquet";
+        touch(table, staged);
+        let table_path = Path::from_filesystem_path(table).expect("path");
+        let commit = |lease| Commit {
+            store: Arc::new(object_store::local::LocalFileSystem::new()),
+            local: true,
+            location: table.display().to_string(),
+            table: table_path.clone(),
+            job_id: "job1".into(),
+            insert_op: InsertOp::Append,
+            partitioned: true,
+            lease: Some(lease),
+        };
+        let file_list = || {
+            let batch = RecordBatch::try_new(
+                Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
+                vec![
+                    Arc::new(StringArray::from(vec![
+                        join(&table_path, staged).expect("path").to_string(),
+                    ])),
+                    Arc::new(StringArray::from(vec![
+                        "region=EU/part-job1-00000-000.parquet",
+                    ])),
+                    Arc::new(UInt64Array::from(vec![1])),
+                    Arc::new(UInt64Array::from(vec![4])),
+                ],
+            )
+            .expect("batch");
+            Box::pin(RecordBatchStreamAdapter::new(
+                batch.schema(),
+                futures::stream::iter([Ok(batch)]),
+            )) as SendableRecordBatchStream
+        };
+
+        let error = commit(Lease::until(Instant::now()))
+            .run(file_list())
+            .await
+            .expect_err("an expired lease stops the commit");
+        assert!(error.to_string().contains("lease"), "{error}");
+        assert_eq!(files(table), vec![staged]);
+
+        let rows = commit(Lease::until(Instant::now() + Duration::from_secs(60)))
+            .run(file_list())
+            .await
+            .expect("a commit under a valid lease");
+        assert_eq!(rows.num_rows(), 1);
+        assert_eq!(
+            files(table),
+            vec![
+                "_manifests/job1.json",
+                "region=EU/part-job1-00000-000.parquet"
+            ]
+        );
     }
 }

@@ -6,8 +6,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use quiver_proto::{
-    CancelTasks, Drained, ExecutorRegistered, FailureKind, JobRecord, JobState, JobStatus,
-    PROTOCOL_VERSION, RemoveJobData, SchedulerMessage, TaskStatus, executor_message,
+    CancelTasks, Drained, ExecutorRegistered, FailureKind, HeartbeatAck, JobRecord, JobState,
+    JobStatus, PROTOCOL_VERSION, RemoveJobData, SchedulerMessage, TaskStatus, executor_message,
     scheduler_message, task_status,
 };
 use tokio::sync::{mpsc, watch};
@@ -29,6 +29,17 @@ pub struct LoopConfig {
     pub result_retention: Duration,
     /// Jobs running at once; later ones wait in a queue. 0 means no limit.
     pub max_running_jobs: usize,
+}
+
+impl LoopConfig {
+    /// How long an executor may run tasks after sending its last heartbeat
+    /// that this scheduler acknowledged (see `quiver_core::lease`). A quarter
+    /// of the executor timeout is left as the margin for the executor's
+    /// cancellations, and any request already in flight, to land before the
+    /// tasks run again elsewhere.
+    pub fn executor_lease(&self) -> Duration {
+        self.executor_timeout - self.executor_timeout / 4
+    }
 }
 
 /// Starts the event loop; it stops when every handle is dropped. The job
@@ -197,6 +208,7 @@ impl SchedulerLoop {
             kind: Some(scheduler_message::Kind::Registered(ExecutorRegistered {
                 protocol_version: PROTOCOL_VERSION,
                 heartbeat_interval_millis: self.config.heartbeat_interval.as_millis() as u64,
+                lease_millis: self.config.executor_lease().as_millis() as u64,
             })),
         });
         info!(%executor_id, slots, "executor registered");
@@ -220,7 +232,14 @@ impl SchedulerLoop {
         }
         executor.last_seen = Instant::now();
         match message {
-            executor_message::Kind::Heartbeat(_) | executor_message::Kind::Register(_) => {}
+            executor_message::Kind::Heartbeat(heartbeat) => {
+                executor.send(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::HeartbeatAck(HeartbeatAck {
+                        sequence: heartbeat.sequence,
+                    })),
+                });
+            }
+            executor_message::Kind::Register(_) => {}
             executor_message::Kind::Draining(_) => {
                 if !executor.draining {
                     info!(%executor_id, running = executor.running, "executor draining");
