@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::datatypes::Int64Type;
+use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::prelude::{SessionContext, col, lit};
 use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
@@ -261,6 +261,100 @@ async fn csv_files_and_hive_partitioned_parquet_folders() {
         .expect("aggregate");
     assert_eq!(int64s(&frame.collect().await.expect("collect"), 0), vec![5]);
 
+    cluster.shutdown().await;
+}
+
+/// Null partition values go to `col=__HIVE_DEFAULT_PARTITION__` folders, as
+/// Hive and Spark write them, and are read back as nulls in the column's
+/// declared type, by filters (which prune by them) and by inserts alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn null_partition_values_are_written_and_read_back_as_nulls() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("events");
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT * FROM (VALUES (1, CAST(2024 AS INT), 'EU'), (2, NULL, 'EU'), \
+             (3, 2025, NULL), (4, NULL, NULL), (5, 2024, 'US')) t(id, year, region)) \
+             TO '{}/' STORED AS PARQUET PARTITIONED BY (year, region)",
+            out.display()
+        ),
+    )
+    .await;
+    assert!(
+        out.join("year=__HIVE_DEFAULT_PARTITION__/region=EU")
+            .is_dir(),
+        "a null is written as the marker folder"
+    );
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE events (id BIGINT, year INT, region VARCHAR) \
+             STORED AS PARQUET PARTITIONED BY (year, region) LOCATION '{}/'",
+            out.display()
+        ),
+    )
+    .await;
+    let ids = |filter: &'static str| {
+        let context = context.clone();
+        async move {
+            let sql = format!("SELECT id FROM events WHERE {filter} ORDER BY id");
+            int64s(&query(&context, &sql).await, 0)
+        }
+    };
+    assert_eq!(ids("year IS NULL").await, vec![2, 4]);
+    assert_eq!(ids("year = 2024").await, vec![1, 5]);
+    assert_eq!(ids("year > 2024").await, vec![3]);
+    assert_eq!(ids("region IS NULL").await, vec![3, 4]);
+    assert_eq!(ids("region = 'EU'").await, vec![1, 2]);
+    // A null is not unequal to 'EU' either.
+    assert_eq!(ids("region <> 'EU'").await, vec![5]);
+    assert_eq!(ids("year IS NULL AND region IS NOT NULL").await, vec![2]);
+
+    let grouped = query(
+        &context,
+        "SELECT year, count(*) AS n FROM events GROUP BY year ORDER BY year NULLS FIRST",
+    )
+    .await;
+    assert_eq!(
+        grouped[0].schema().field(0).data_type(),
+        &DataType::Int32,
+        "the partition column has its declared type"
+    );
+    let years: Vec<Option<i32>> = grouped
+        .iter()
+        .flat_map(|batch| {
+            batch
+                .column(0)
+                .as_primitive::<Int32Type>()
+                .iter()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(years, vec![None, Some(2024), Some(2025)]);
+    assert_eq!(int64s(&grouped, 1), vec![2, 2, 1]);
+
+    query(&context, "INSERT INTO events VALUES (6, NULL, 'US')").await;
+    assert_eq!(ids("year IS NULL").await, vec![2, 4, 6]);
+    assert_eq!(ids("year IS NULL AND region = 'US'").await, vec![6]);
+
+    // Without declared types the partition columns are strings, nulls still null.
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE events_inferred STORED AS PARQUET \
+             PARTITIONED BY (year, region) LOCATION '{}/'",
+            out.display()
+        ),
+    )
+    .await;
+    let nulls = query(
+        &context,
+        "SELECT count(*) AS n FROM events_inferred WHERE year IS NULL",
+    )
+    .await;
+    assert_eq!(int64s(&nulls, 0), vec![3]);
     cluster.shutdown().await;
 }
 

@@ -14,6 +14,7 @@
 //! - [`store`]: the embedded store (redb) of the catalog and the job history.
 //! - [`catalog`]: which DDL statements are stored, and their replay on start.
 //! - [`tables`]: the table factory of `CREATE EXTERNAL TABLE`.
+//! - [`hive`]: hive-partitioned tables whose partition columns may hold nulls.
 //! - [`config`]: command-line and environment settings.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
@@ -25,6 +26,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod flight_sql;
+pub mod hive;
 pub mod joins;
 pub mod locations;
 pub mod planner;

@@ -1,5 +1,5 @@
 //! How `CREATE EXTERNAL TABLE` makes its table: DataFusion's listing tables,
-//! with two changes.
+//! with three changes.
 //!
 //! - The definition kept for `SHOW CREATE TABLE` and `information_schema`
 //!   has its secret store options redacted.
@@ -9,11 +9,12 @@
 //!   fail on the `_SUCCESS` and `.crc` files that Spark writes next to its
 //!   data. (Folders of extension-less Parquet files, as Hive writes, need a
 //!   glob in the location, such as `.../*`.)
+//! - A hive-partitioned table reads null partition values
+//!   (`col=__HIVE_DEFAULT_PARTITION__`) as nulls: see [`crate::hive`].
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::datasource::listing::{ListingTable, ListingTableConfig};
@@ -21,6 +22,8 @@ use datafusion::datasource::listing_table_factory::ListingTableFactory;
 use datafusion::error::Result;
 use datafusion::logical_expr::CreateExternalTable;
 use quiver_core::storage::redact_sql;
+
+use crate::hive::HivePartitionedTable;
 
 /// The extension of the data files that a Parquet folder table reads.
 const PARQUET_EXTENSION: &str = ".parquet";
@@ -45,34 +48,39 @@ impl TableProviderFactory for TableFactory {
         cmd.definition = cmd.definition.as_deref().map(redact_sql);
         let cmd = &cmd;
         let table = self.listing.create(state, cmd).await?;
-        if !cmd.file_type.eq_ignore_ascii_case("parquet") {
-            return Ok(table);
-        }
         let Some(listing) = table.downcast_ref::<ListingTable>() else {
             return Ok(table);
         };
-        if !listing.options().file_extension.is_empty() {
+        let partition_columns = listing.options().table_partition_cols.clone();
+        let parquet_folder = cmd.file_type.eq_ignore_ascii_case("parquet")
+            && listing.options().file_extension.is_empty();
+        if partition_columns.is_empty() && !parquet_folder {
             return Ok(table);
         }
-        let partition_columns: HashSet<&str> = listing
-            .options()
-            .table_partition_cols
-            .iter()
-            .map(|(name, _)| name.as_str())
-            .collect();
+        let mut options = listing.options().clone();
+        if parquet_folder {
+            options = options.with_file_extension(PARQUET_EXTENSION);
+        }
+        // The listing reads the raw folder values; see `crate::hive`.
+        let options = options.with_table_partition_cols(
+            partition_columns
+                .iter()
+                .map(|(name, _)| (name.clone(), DataType::Utf8))
+                .collect(),
+        );
         let table_schema = table.schema();
         let file_schema = Schema::new(
             table_schema
                 .fields()
                 .iter()
-                .filter(|field| !partition_columns.contains(field.name().as_str()))
+                .filter(|field| {
+                    !partition_columns
+                        .iter()
+                        .any(|(name, _)| name == field.name())
+                })
                 .cloned()
                 .collect::<Vec<_>>(),
         );
-        let options = listing
-            .options()
-            .clone()
-            .with_file_extension(PARQUET_EXTENSION);
         let config = ListingTableConfig::new_with_multi_paths(listing.table_paths().clone())
             .with_listing_options(options)
             .with_schema(Arc::new(file_schema));
@@ -81,7 +89,14 @@ impl TableProviderFactory for TableFactory {
             .with_definition(cmd.definition.clone())
             .with_constraints(cmd.constraints.clone())
             .with_column_defaults(cmd.column_defaults.clone());
-        Ok(Arc::new(rebuilt))
+        if partition_columns.is_empty() {
+            Ok(Arc::new(rebuilt))
+        } else {
+            Ok(Arc::new(HivePartitionedTable::new(
+                rebuilt,
+                &partition_columns,
+            )))
+        }
     }
 }
 

@@ -7,8 +7,11 @@ use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::error::Result;
 
-use datafusion::error::DataFusionError;
 use object_store::path::{Path, PathPart};
+
+/// The folder value of a null partition value, as Hive and Spark write it.
+/// The scheduler's partitioned tables read it back as null.
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
 /// Where a batch's rows go: hive folders (`col=value`) of the partition columns.
 #[derive(Debug, Clone)]
@@ -70,14 +73,12 @@ impl HivePartitioner {
         for row in 0..batch.num_rows() {
             let mut parts = Vec::with_capacity(values.len());
             for ((_, name), column) in self.partition_columns.iter().zip(&values) {
-                // DataFusion reads no marker for null partitions back as null.
-                if column.is_null(row) {
-                    return Err(DataFusionError::Execution(format!(
-                        "partition column '{name}' holds a null, which cannot be written \
-                         as a hive partition folder; filter or coalesce it first"
-                    )));
-                }
-                parts.push(format!("{name}={}", column.value(row)));
+                let value = if column.is_null(row) {
+                    NULL_PARTITION
+                } else {
+                    column.value(row)
+                };
+                parts.push(format!("{name}={value}"));
             }
             // One encoded path part per folder: a '/' in a value stays in it.
             let folder =
@@ -118,8 +119,8 @@ mod tests {
         let nulls = RecordBatch::try_new(
             Arc::clone(&schema),
             vec![
-                Arc::new(Int64Array::from(vec![1])),
-                Arc::new(StringArray::from(vec![None::<&str>])),
+                Arc::new(Int64Array::from(vec![1, 2])),
+                Arc::new(StringArray::from(vec![None, Some("EU")])),
             ],
         )
         .expect("valid batch");
@@ -140,8 +141,12 @@ mod tests {
             HivePartitioner::new(&schema, &[("region".into(), DataType::Utf8)], false)
                 .expect("region is a column");
         assert_eq!(partitioner.file_schema().fields().len(), 1);
-        let error = partitioner.split(&nulls).expect_err("nulls are refused");
-        assert!(error.to_string().contains("'region'"), "{error}");
+        let split = partitioner.split(&nulls).expect("split");
+        let folders: Vec<&str> = split.iter().map(|(folder, _)| folder.as_str()).collect();
+        assert_eq!(
+            folders,
+            vec!["region=__HIVE_DEFAULT_PARTITION__", "region=EU"]
+        );
         let split = partitioner.split(&batch).expect("split");
         let folders: Vec<(&str, usize)> = split
             .iter()
