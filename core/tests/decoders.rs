@@ -31,7 +31,8 @@ use quiver_core::codec::{
 use quiver_core::ipc::{schema_from_bytes, schema_to_bytes};
 use quiver_core::shuffle::fetch::segment_batches;
 use quiver_core::shuffle::layout::{
-    Index as ShuffleIndex, MapOutputId, decode_index, encode_index, open_segment, parse_ticket,
+    ChecksummingWriter, Index as ShuffleIndex, MapOutputId, decode_index, encode_index,
+    open_segment, parse_ticket,
 };
 use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 use quiver_proto::{ExecutorMessage, LaunchTask, SchedulerMessage, ShuffleTicket};
@@ -186,23 +187,21 @@ struct StoredOutput {
 }
 
 fn stored_output() -> StoredOutput {
-    let mut data = Vec::new();
-    let mut offsets = vec![0u64];
-    let mut checksums = Vec::new();
+    // Small blocks, so that a mutation can hit any of several in a partition.
+    let mut out = ChecksummingWriter::new(Vec::new(), 128);
     for _ in 0..3 {
-        let start = data.len();
         let mut writer =
-            arrow::ipc::writer::StreamWriter::try_new(&mut data, &schema()).expect("writer");
+            arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema()).expect("writer");
         writer.write(&batch()).expect("write");
         writer.finish().expect("finish");
         drop(writer);
-        offsets.push(data.len() as u64);
-        checksums.push(crc32fast::hash(&data[start..]));
+        out.end_partition();
     }
+    let (data, index) = out.finish();
     StoredOutput {
         dir: tempfile::tempdir().expect("tempdir"),
         id: MapOutputId::new("job-1", 1, 0, 0).expect("id"),
-        index: encode_index(&ShuffleIndex { offsets, checksums }),
+        index: encode_index(&index),
         data,
     }
 }
@@ -253,7 +252,8 @@ proptest! {
     fn offset_indexes(
         bytes in prop_oneof![mutated(encode_index(&ShuffleIndex {
             offsets: vec![0, 10, 25, 40],
-            checksums: vec![7, 8, 9],
+            block_size: 10,
+            checksums: vec![vec![7], vec![8, 9], vec![10, 11]],
         })), garbage()],
         len in 0u64..100,
     ) {
@@ -261,6 +261,10 @@ proptest! {
             prop_assert!(index.offsets.windows(2).all(|w| w[0] <= w[1]));
             prop_assert!(index.offsets.last().is_some_and(|last| *last == len));
             prop_assert_eq!(index.offsets.len(), index.checksums.len() + 1);
+            for (range, checksums) in index.offsets.windows(2).zip(&index.checksums) {
+                let blocks = (range[1] - range[0]).div_ceil(u64::from(index.block_size));
+                prop_assert_eq!(blocks, checksums.len() as u64);
+            }
         }
     }
 

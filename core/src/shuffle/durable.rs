@@ -152,12 +152,12 @@ pub async fn open_partition(
         .await
         .map_err(missing_or_failed)?
         .size;
-    let index = decode_index(
+    let mut index = decode_index(
         std::path::Path::new(index_path.as_ref()),
         &index_bytes,
         data_len,
     )?;
-    let count = index.checksums.len();
+    let count = index.partitions();
     if partition >= count {
         return Err(Error::PartitionOutOfRange { partition, count });
     }
@@ -178,7 +178,8 @@ pub async fn open_partition(
         file: spooled.file,
         start: 0,
         len: end - start,
-        checksum: index.checksums[partition],
+        block_size: index.block_size,
+        checksums: std::mem::take(&mut index.checksums[partition]),
     };
     // The spooled copy is deleted once the stream is dropped.
     let spooled_copy = spooled.temp;
@@ -275,7 +276,7 @@ mod tests {
     use datafusion::physical_plan::common::collect;
 
     use super::*;
-    use crate::shuffle::layout::{Index, encode_index};
+    use crate::shuffle::layout::{Index, block_checksums, encode_index};
     use crate::shuffle::test_support::ipc_stream;
     use crate::storage::{StoreRegistry, runtime_builder};
 
@@ -289,9 +290,11 @@ mod tests {
         .expect("batch");
         let bytes = ipc_stream(&[batch]);
         let len = bytes.len() as u64;
+        // Blocks of 64 bytes: the partition spans several.
         let index = Index {
             offsets: vec![0, len, len],
-            checksums: vec![crc32fast::hash(&bytes), crc32fast::hash(&[])],
+            block_size: 64,
+            checksums: vec![block_checksums(&bytes, 64), Vec::new()],
         };
         let (data, index_file) = (dir.join("m.data"), dir.join("m.index"));
         std::fs::write(&data, &bytes).expect("data");

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use arrow::buffer::Buffer;
 use arrow::datatypes::SchemaRef;
-use arrow::ipc::reader::StreamReader;
+use arrow::ipc::reader::{StreamDecoder, StreamReader};
 use arrow::record_batch::RecordBatch;
 use arrow_flight::Ticket;
 use arrow_flight::decode::FlightRecordBatchStream;
@@ -288,27 +289,27 @@ async fn fetch_remote(
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
-fn send_segment_batches(
-    mut segment: Segment,
-    sender: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
-) {
-    if let Err(e) = segment.verify() {
+fn send_segment_batches(segment: Segment, sender: &tokio::sync::mpsc::Sender<Result<RecordBatch>>) {
+    if let Err(e) = decode_segment(segment, |batch| sender.blocking_send(Ok(batch)).is_ok()) {
         let _ = sender.blocking_send(Err(e));
-        return;
     }
-    let reader = match StreamReader::try_new(segment.into_reader(), None) {
-        Ok(reader) => reader,
-        Err(e) => {
-            let _ = sender.blocking_send(Err(e.into()));
-            return;
-        }
-    };
-    for batch in reader {
-        let failed = batch.is_err();
-        if sender.blocking_send(batch.map_err(Error::from)).is_err() || failed {
-            return;
+}
+
+/// Decodes `segment` in one pass, block by block, each checked before it
+/// reaches the decoder; hands each batch to `send` until it returns false.
+fn decode_segment(segment: Segment, mut send: impl FnMut(RecordBatch) -> bool) -> Result<()> {
+    let mut decoder = StreamDecoder::new();
+    for block in segment.blocks()? {
+        // Batches whole within a block share its memory; the decoder copies
+        // the ones that span two.
+        let mut block = Buffer::from_vec(block?);
+        while let Some(batch) = decoder.decode(&mut block)? {
+            if !send(batch) {
+                return Ok(());
+            }
         }
     }
+    Ok(decoder.finish()?)
 }
 
 /// Streams the batches of an on-disk segment, decoding on a blocking thread.

@@ -9,25 +9,34 @@
 //! {work_dir}/{job_id}/stage-{stage}/map-{partition}-attempt-{attempt}.index
 //! ```
 //!
-//! Index format: the magic `QVX2`, a little-endian `u32` partition count `n`,
-//! then `n + 1` little-endian `u64` offsets, then `n` little-endian `u32`
-//! CRC-32 checksums; partition `p` spans `offsets[p]..offsets[p + 1]`, the
-//! last offset is the data file length, and checksum `p` covers partition `p`.
-//! A reader verifies a partition's checksum before decoding it: corrupt bytes
-//! must never reach the Arrow decoder, which would return wrong values for a
-//! flipped data bit, and can abort the process on a corrupted length.
+//! Index format: the magic `QVX3`, a little-endian `u32` partition count `n`,
+//! a little-endian `u32` block size `b`, then `n + 1` little-endian `u64`
+//! offsets, then the little-endian `u32` CRC-32 checksums of every block of
+//! every partition in order; partition `p` spans `offsets[p]..offsets[p + 1]`,
+//! the last offset is the data file length, and its blocks are its
+//! consecutive `b` bytes (the last may be shorter).
+//!
+//! A reader checks each block against its checksum before decoding it: corrupt
+//! bytes must never reach the Arrow decoder, which would return wrong values
+//! for a flipped data bit, and can abort the process on a corrupted length.
+//! Checksums per block, rather than per partition, let the reader do so in
+//! one pass over the file, holding one block at a time; the writer computes
+//! them as the bytes go out.
 //! Both files are written under a temporary name and renamed into place, so a
 //! killed attempt never leaves a partial file under a final name.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
 
 use crate::error::{Error, Result};
 
-const INDEX_MAGIC: &[u8; 4] = b"QVX2";
+const INDEX_MAGIC: &[u8; 4] = b"QVX3";
+
+/// Bytes per checksummed block of a partition: what a reader holds at once.
+pub const CHECKSUM_BLOCK_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Identifies one map task attempt's output. Every field that reaches a path is
 /// validated, so a ticket from the network can never point outside the work dir.
@@ -95,20 +104,43 @@ pub fn validate_identifier(field: &'static str, value: &str) -> Result<()> {
 pub struct Index {
     /// `n + 1` ascending offsets, from 0 to the data file length.
     pub offsets: Vec<u64>,
-    /// The CRC-32 of each of the `n` partitions.
-    pub checksums: Vec<u32>,
+    /// Bytes per checksummed block.
+    pub block_size: u32,
+    /// For each of the `n` partitions, the CRC-32 of each of its blocks.
+    pub checksums: Vec<Vec<u32>>,
+}
+
+impl Index {
+    pub fn partitions(&self) -> usize {
+        self.checksums.len()
+    }
+}
+
+/// How many blocks of `block_size` bytes hold `len` bytes.
+fn block_count(len: u64, block_size: u32) -> u64 {
+    len.div_ceil(u64::from(block_size))
+}
+
+/// The CRC-32 of each block of `bytes`.
+pub fn block_checksums(bytes: &[u8], block_size: u32) -> Vec<u32> {
+    bytes
+        .chunks(block_size as usize)
+        .map(crc32fast::hash)
+        .collect()
 }
 
 /// Encodes the index of a data file.
 pub fn encode_index(index: &Index) -> Vec<u8> {
-    let count = index.checksums.len() as u32;
-    let mut out = Vec::with_capacity(8 + index.offsets.len() * 8 + index.checksums.len() * 4);
+    let count = index.partitions() as u32;
+    let blocks: usize = index.checksums.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(12 + index.offsets.len() * 8 + blocks * 4);
     out.extend_from_slice(INDEX_MAGIC);
     out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&index.block_size.to_le_bytes());
     for offset in &index.offsets {
         out.extend_from_slice(&offset.to_le_bytes());
     }
-    for checksum in &index.checksums {
+    for checksum in index.checksums.iter().flatten() {
         out.extend_from_slice(&checksum.to_le_bytes());
     }
     out
@@ -120,32 +152,34 @@ pub fn decode_index(path: &Path, bytes: &[u8], data_len: u64) -> Result<Index> {
         path: path.display().to_string(),
         reason,
     };
-    if bytes.len() < 8 || &bytes[..4] != INDEX_MAGIC {
+    if bytes.len() < 12 || &bytes[..4] != INDEX_MAGIC {
         return Err(corrupt("missing magic header".into()));
     }
-    let count = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
-    let expected = count
-        .checked_mul(12)
-        .and_then(|size| size.checked_add(16))
-        .ok_or_else(|| corrupt(format!("impossible partition count {count}")))?;
-    if bytes.len() != expected {
-        return Err(corrupt(format!(
-            "expected {expected} bytes for {count} partitions, found {}",
-            bytes.len()
-        )));
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let count = word(4) as usize;
+    let block_size = word(8);
+    if block_size == 0 {
+        return Err(corrupt("a block size of 0".into()));
     }
-    let (offset_bytes, checksum_bytes) = bytes[8..].split_at((count + 1) * 8);
-    let offsets: Vec<u64> = offset_bytes
+    let offsets_end = count
+        .checked_add(1)
+        .and_then(|offsets| offsets.checked_mul(8))
+        .and_then(|size| size.checked_add(12))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "{} bytes cannot hold the offsets of {count} partitions",
+                bytes.len()
+            ))
+        })?;
+    let offsets: Vec<u64> = bytes[12..offsets_end]
         .chunks_exact(8)
         .map(|chunk| {
             let mut word = [0u8; 8];
             word.copy_from_slice(chunk);
             u64::from_le_bytes(word)
         })
-        .collect();
-    let checksums = checksum_bytes
-        .chunks_exact(4)
-        .map(|chunk| u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
         .collect();
     if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[0] > w[1]) {
         return Err(corrupt("offsets are not ascending from zero".into()));
@@ -156,41 +190,115 @@ pub fn decode_index(path: &Path, bytes: &[u8], data_len: u64) -> Result<Index> {
             offsets.last().copied().unwrap_or_default()
         )));
     }
-    Ok(Index { offsets, checksums })
-}
-
-/// The CRC-32 of each range `offsets[p]..offsets[p + 1]` of `file`.
-pub fn checksum_ranges(file: &mut File, offsets: &[u64]) -> std::io::Result<Vec<u32>> {
-    offsets
+    let blocks: Vec<u64> = offsets
         .windows(2)
-        .map(|range| {
-            file.seek(SeekFrom::Start(range[0]))?;
-            checksum_of(&mut *file, range[1] - range[0])
-        })
-        .collect()
+        .map(|range| block_count(range[1] - range[0], block_size))
+        .collect();
+    let expected = blocks
+        .iter()
+        .sum::<u64>()
+        .checked_mul(4)
+        .and_then(|size| size.checked_add(offsets_end as u64));
+    if expected != Some(bytes.len() as u64) {
+        return Err(corrupt(format!(
+            "expected {expected:?} bytes for {count} partitions, found {}",
+            bytes.len()
+        )));
+    }
+    let mut words = bytes[offsets_end..]
+        .chunks_exact(4)
+        .map(|chunk| u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
+    let checksums = blocks
+        .iter()
+        .map(|&n| words.by_ref().take(n as usize).collect())
+        .collect();
+    Ok(Index {
+        offsets,
+        block_size,
+        checksums,
+    })
 }
 
-/// The CRC-32 of the next `len` bytes of `reader`.
-fn checksum_of(reader: impl Read, len: u64) -> std::io::Result<u32> {
-    let mut hasher = crc32fast::Hasher::new();
-    let mut reader = reader.take(len);
-    let mut buffer = vec![0u8; 256 * 1024];
-    let mut read = 0u64;
-    loop {
-        let n = reader.read(&mut buffer)?;
-        if n == 0 {
-            break;
+/// Passes writes through to `inner`, counting them and checksumming them in
+/// blocks of each partition: the writer's half of the index.
+pub struct ChecksummingWriter<W> {
+    inner: W,
+    block_size: u32,
+    /// Bytes written so far.
+    position: u64,
+    /// Bytes of the current block so far.
+    in_block: u32,
+    hasher: crc32fast::Hasher,
+    /// Checksums of the current partition's finished blocks.
+    current: Vec<u32>,
+    offsets: Vec<u64>,
+    checksums: Vec<Vec<u32>>,
+}
+
+impl<W: Write> ChecksummingWriter<W> {
+    pub fn new(inner: W, block_size: u32) -> Self {
+        Self {
+            inner,
+            block_size,
+            position: 0,
+            in_block: 0,
+            hasher: crc32fast::Hasher::new(),
+            current: Vec::new(),
+            offsets: vec![0],
+            checksums: Vec::new(),
         }
-        hasher.update(&buffer[..n]);
-        read += n as u64;
     }
-    if read != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("expected {len} bytes, found {read}"),
-        ));
+
+    /// Ends the current partition at the current position.
+    pub fn end_partition(&mut self) {
+        if self.in_block > 0 {
+            self.end_block();
+        }
+        self.checksums.push(std::mem::take(&mut self.current));
+        self.offsets.push(self.position);
     }
-    Ok(hasher.finalize())
+
+    /// The inner writer and the index of the partitions ended so far.
+    pub fn finish(self) -> (W, Index) {
+        let index = Index {
+            offsets: self.offsets,
+            block_size: self.block_size,
+            checksums: self.checksums,
+        };
+        (self.inner, index)
+    }
+
+    fn end_block(&mut self) {
+        let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
+        self.current.push(hasher.finalize());
+        self.in_block = 0;
+    }
+
+    fn checksum(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = (self.block_size - self.in_block) as usize;
+            let (head, rest) = bytes.split_at(room.min(bytes.len()));
+            self.hasher.update(head);
+            self.in_block += head.len() as u32;
+            self.position += head.len() as u64;
+            if self.in_block == self.block_size {
+                self.end_block();
+            }
+            bytes = rest;
+        }
+    }
+}
+
+impl<W: Write> Write for ChecksummingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.checksum(&buf[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A byte range of a data file that holds one output partition.
@@ -200,33 +308,66 @@ pub struct Segment {
     /// Where the partition starts in the file.
     pub start: u64,
     pub len: u64,
-    /// The partition's CRC-32, from the index.
-    pub checksum: u32,
+    /// Bytes per checksummed block.
+    pub block_size: u32,
+    /// The CRC-32 of each of the partition's blocks, from the index.
+    pub checksums: Vec<u32>,
 }
 
 impl Segment {
-    /// Reads the partition once to check its checksum, then rewinds to its
-    /// start. Costs a second read, from the page cache in practice.
-    pub fn verify(&mut self) -> Result<()> {
-        let actual = checksum_of(&mut self.file, self.len)
-            .and_then(|checksum| {
-                self.file.seek(SeekFrom::Start(self.start))?;
-                Ok(checksum)
-            })
-            .map_err(|e| Error::io("shuffle data", e))?;
-        if actual == self.checksum {
-            Ok(())
-        } else {
-            Err(Error::CorruptShuffleData(format!(
-                "checksum mismatch (expected {:08x}, found {actual:08x})",
-                self.checksum
-            )))
+    /// The partition's bytes, one block at a time, each checked against its
+    /// checksum before it is returned.
+    pub fn blocks(mut self) -> Result<VerifiedBlocks> {
+        if self.block_size == 0
+            || block_count(self.len, self.block_size) != self.checksums.len() as u64
+        {
+            return Err(Error::CorruptShuffleData(format!(
+                "{} checksums for {} bytes in blocks of {}",
+                self.checksums.len(),
+                self.len,
+                self.block_size
+            )));
         }
+        self.file
+            .seek(SeekFrom::Start(self.start))
+            .map_err(|e| Error::io("shuffle data", e))?;
+        Ok(VerifiedBlocks {
+            file: self.file,
+            remaining: self.len,
+            block_size: self.block_size,
+            checksums: self.checksums.into_iter(),
+        })
     }
+}
 
-    /// A reader positioned at the partition's first byte that stops at its last.
-    pub fn into_reader(self) -> std::io::Take<BufReader<File>> {
-        BufReader::with_capacity(256 * 1024, self.file).take(self.len)
+/// The blocks of a [`Segment`], verified.
+pub struct VerifiedBlocks {
+    file: File,
+    remaining: u64,
+    block_size: u32,
+    checksums: std::vec::IntoIter<u32>,
+}
+
+impl Iterator for VerifiedBlocks {
+    type Item = Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let expected = self.checksums.next()?;
+        let len = self.remaining.min(u64::from(self.block_size));
+        self.remaining -= len;
+        let mut block = vec![0u8; len as usize];
+        if let Err(e) = self.file.read_exact(&mut block) {
+            self.checksums = Vec::new().into_iter();
+            return Some(Err(Error::io("shuffle data", e)));
+        }
+        let actual = crc32fast::hash(&block);
+        if actual != expected {
+            self.checksums = Vec::new().into_iter();
+            return Some(Err(Error::CorruptShuffleData(format!(
+                "checksum mismatch (expected {expected:08x}, found {actual:08x})"
+            ))));
+        }
+        Some(Ok(block))
     }
 }
 
@@ -257,21 +398,20 @@ pub fn open_segment(work_dir: &Path, id: &MapOutputId, partition: usize) -> Resu
     let index_path = id.index_path(work_dir);
     let data_path = id.data_path(work_dir);
     let index = std::fs::read(&index_path).map_err(|e| Error::io(&index_path, e))?;
-    let mut file = File::open(&data_path).map_err(|e| Error::io(&data_path, e))?;
+    let file = File::open(&data_path).map_err(|e| Error::io(&data_path, e))?;
     let data_len = file.metadata().map_err(|e| Error::io(&data_path, e))?.len();
-    let index = decode_index(&index_path, &index, data_len)?;
-    let count = index.checksums.len();
+    let mut index = decode_index(&index_path, &index, data_len)?;
+    let count = index.partitions();
     if partition >= count {
         return Err(Error::PartitionOutOfRange { partition, count });
     }
     let (start, end) = (index.offsets[partition], index.offsets[partition + 1]);
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| Error::io(&data_path, e))?;
     Ok(Segment {
         file,
         start,
         len: end - start,
-        checksum: index.checksums[partition],
+        block_size: index.block_size,
+        checksums: std::mem::take(&mut index.checksums[partition]),
     })
 }
 
@@ -279,10 +419,24 @@ pub fn open_segment(work_dir: &Path, id: &MapOutputId, partition: usize) -> Resu
 mod tests {
     use super::*;
 
+    /// An index with blocks of 10 bytes and made-up checksums.
     fn index(offsets: &[u64]) -> Index {
+        let mut next = 0;
+        let checksums = offsets
+            .windows(2)
+            .map(|range| {
+                (0..block_count(range[1].saturating_sub(range[0]), 10))
+                    .map(|_| {
+                        next += 1;
+                        next
+                    })
+                    .collect()
+            })
+            .collect();
         Index {
             offsets: offsets.to_vec(),
-            checksums: (1..offsets.len() as u32).collect(),
+            block_size: 10,
+            checksums,
         }
     }
 
@@ -291,6 +445,7 @@ mod tests {
         let bytes = encode_index(&index(&[0, 10, 10, 25]));
         let decoded = decode_index(Path::new("x"), &bytes, 25).expect("valid");
         assert_eq!(decoded, index(&[0, 10, 10, 25]));
+        assert_eq!(decoded.checksums, vec![vec![1], vec![], vec![2, 3]]);
     }
 
     #[test]
@@ -307,24 +462,71 @@ mod tests {
         let mut huge = bytes.clone();
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_index(Path::new("x"), &huge, 25).is_err());
+        let mut no_blocks = bytes.clone();
+        no_blocks[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(decode_index(Path::new("x"), &no_blocks, 25).is_err());
+        let mut tiny_blocks = bytes;
+        tiny_blocks[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(decode_index(Path::new("x"), &tiny_blocks, 25).is_err());
     }
 
     #[test]
-    fn a_changed_byte_fails_the_checksum() {
+    fn the_writer_checksums_what_it_writes_block_by_block() {
+        let mut writer = ChecksummingWriter::new(Vec::new(), 4);
+        writer.write_all(b"hello").expect("write");
+        writer.write_all(b" shuffle").expect("write");
+        writer.end_partition();
+        writer.end_partition();
+        writer.write_all(b"world").expect("write");
+        writer.end_partition();
+        let (data, index) = writer.finish();
+        assert_eq!(data, b"hello shuffleworld");
+        assert_eq!(index.offsets, vec![0, 13, 13, 18]);
+        assert_eq!(
+            index.checksums,
+            vec![
+                block_checksums(b"hello shuffle", 4),
+                vec![],
+                block_checksums(b"world", 4)
+            ]
+        );
+        assert_eq!(index.checksums[0].len(), 4);
+        let encoded = encode_index(&index);
+        assert_eq!(
+            decode_index(Path::new("x"), &encoded, 18).expect("valid"),
+            index
+        );
+    }
+
+    #[test]
+    fn a_changed_byte_fails_its_block() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("data");
-        std::fs::write(&path, b"hello shuffle world").expect("write");
-        let offsets = [0, 5, 19];
-        let checksums =
-            checksum_ranges(&mut File::open(&path).expect("open"), &offsets).expect("sums");
-        let segment = |checksum| Segment {
+        let data = b"hello shuffle world";
+        std::fs::write(&path, data).expect("write");
+        let segment = |checksums| Segment {
             file: File::open(&path).expect("open"),
-            start: 0,
-            len: 5,
-            checksum,
+            start: 6,
+            len: 13,
+            block_size: 4,
+            checksums,
         };
-        segment(checksums[0]).verify().expect("intact");
-        assert!(segment(checksums[0] ^ 1).verify().is_err());
+        let intact = block_checksums(&data[6..], 4);
+        let blocks: Vec<Vec<u8>> = segment(intact.clone())
+            .blocks()
+            .expect("blocks")
+            .collect::<Result<_>>()
+            .expect("intact");
+        assert_eq!(blocks.concat(), b"shuffle world");
+        let mut changed = intact.clone();
+        changed[2] ^= 1;
+        let read: Vec<Result<Vec<u8>>> = segment(changed).blocks().expect("blocks").collect();
+        assert_eq!(read.len(), 3, "the bad block ends the stream");
+        assert!(read[0].is_ok() && read[1].is_ok() && read[2].is_err());
+        assert!(
+            segment(intact[..3].to_vec()).blocks().is_err(),
+            "a block short"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ use datafusion::physical_plan::{
 use futures::StreamExt;
 use quiver_proto::PartitionStats;
 
-use super::layout::{Index, MapOutputId, checksum_ranges, encode_index};
+use super::layout::{CHECKSUM_BLOCK_BYTES, ChecksummingWriter, Index, MapOutputId, encode_index};
 use super::wait_time::time_waits;
 use crate::error::Error;
 use crate::operators::only_child;
@@ -220,8 +220,11 @@ async fn write_single_partition(
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let file = File::create(&tmp_data).map_err(io(&tmp_data))?;
-        let mut writer =
-            StreamWriter::try_new(BufWriter::with_capacity(1024 * 1024, file), &schema)?;
+        let out = ChecksummingWriter::new(
+            BufWriter::with_capacity(1024 * 1024, file),
+            CHECKSUM_BLOCK_BYTES,
+        );
+        let mut writer = StreamWriter::try_new(out, &schema)?;
         let mut rows = 0u64;
         loop {
             match receiver.blocking_recv() {
@@ -241,19 +244,21 @@ async fn write_single_partition(
         }
         writer.finish()?;
         let mut out = writer.into_inner()?;
-        out.flush().map_err(io(&tmp_data))?;
-        let bytes = if rows == 0 {
-            0
-        } else {
-            out.stream_position().map_err(io(&tmp_data))?
-        };
-        drop(out);
+        out.end_partition();
+        let (mut file, mut index) = out.finish();
+        file.flush().map_err(io(&tmp_data))?;
+        drop(file);
         if rows == 0 {
             // An empty partition is an empty segment, as in the partitioned layout.
             File::create(&tmp_data).map_err(io(&tmp_data))?;
+            index.offsets = vec![0, 0];
+            index.checksums = vec![Vec::new()];
         }
-        publish(&id, &work_dir, &tmp_data, &[0, bytes])?;
-        Ok(vec![PartitionStats { rows, bytes }])
+        publish(&id, &work_dir, &tmp_data, &index)?;
+        Ok(vec![PartitionStats {
+            rows,
+            bytes: index.offsets[1],
+        }])
     });
     let mut complete = true;
     while let Some(batch) = input.next().await {
@@ -279,17 +284,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataFusionError + use<> {
 }
 
 /// Writes the index of a finished data file and moves both to their final names.
-fn publish(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, offsets: &[u64]) -> Result<()> {
+fn publish(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, index: &Index) -> Result<()> {
     let data_path = id.data_path(work_dir);
     let index_path = id.index_path(work_dir);
     let tmp_index = index_path.with_extension("index.tmp");
-    let mut data = File::open(tmp_data).map_err(io(tmp_data))?;
-    let checksums = checksum_ranges(&mut data, offsets).map_err(io(tmp_data))?;
-    let index = Index {
-        offsets: offsets.to_vec(),
-        checksums,
-    };
-    std::fs::write(&tmp_index, encode_index(&index)).map_err(io(&tmp_index))?;
+    std::fs::write(&tmp_index, encode_index(index)).map_err(io(&tmp_index))?;
     std::fs::rename(tmp_data, &data_path).map_err(io(&data_path))?;
     std::fs::rename(&tmp_index, &index_path).map_err(io(&index_path))?;
     Ok(())
@@ -386,9 +385,10 @@ impl PartitionBuffers {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let tmp_data = data_path.with_extension("data.tmp");
-        let mut out =
-            BufWriter::with_capacity(1024 * 1024, File::create(&tmp_data).map_err(io(&tmp_data))?);
-        let mut offsets = vec![0u64];
+        let mut out = ChecksummingWriter::new(
+            BufWriter::with_capacity(1024 * 1024, File::create(&tmp_data).map_err(io(&tmp_data))?),
+            CHECKSUM_BLOCK_BYTES,
+        );
         for (partition, batches) in self.batches.into_iter().enumerate() {
             if let Some(Spill { file, mut writer }) = self.spills[partition].take() {
                 for batch in &batches {
@@ -414,14 +414,16 @@ impl PartitionBuffers {
                 }
                 writer.finish()?;
             }
-            offsets.push(out.stream_position().map_err(io(&tmp_data))?);
+            out.end_partition();
         }
-        out.flush().map_err(io(&tmp_data))?;
-        drop(out);
+        let (mut file, index) = out.finish();
+        file.flush().map_err(io(&tmp_data))?;
+        drop(file);
         drop(self.reservation);
-        publish(id, work_dir, &tmp_data, &offsets)?;
+        publish(id, work_dir, &tmp_data, &index)?;
 
-        Ok(offsets
+        Ok(index
+            .offsets
             .windows(2)
             .zip(self.rows)
             .map(|(range, rows)| PartitionStats {
