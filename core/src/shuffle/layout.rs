@@ -355,8 +355,16 @@ impl Iterator for VerifiedBlocks {
         let expected = self.checksums.next()?;
         let len = self.remaining.min(u64::from(self.block_size));
         self.remaining -= len;
-        let mut block = vec![0u8; len as usize];
-        if let Err(e) = self.file.read_exact(&mut block) {
+        // Read into spare capacity: zeroing the block first would cost a pass.
+        let mut block = Vec::with_capacity(len as usize);
+        let read = (&mut self.file).take(len).read_to_end(&mut block);
+        if let Err(e) = read.and_then(|read| {
+            if read as u64 == len {
+                Ok(())
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            }
+        }) {
             self.checksums = Vec::new().into_iter();
             return Some(Err(Error::io("shuffle data", e)));
         }
