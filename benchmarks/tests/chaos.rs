@@ -402,14 +402,13 @@ async fn write_with_paused_executor(
             .count();
         let paused_at = Arc::new(Mutex::new(None::<Instant>));
         let pause = Arc::clone(&paused_at);
-        let (result, injected) =
-            run_with_fault(&suite.context, &sql, Phase::FinalStage, move || {
-                send_signal(pid, "STOP");
-                *pause.lock().expect("pause lock") = Some(Instant::now());
-            })
-            .await;
-        let paused_at = *paused_at.lock().expect("pause lock");
-        let Some(paused_at) = paused_at.filter(|_| injected) else {
+        // Set only if the pause landed.
+        let (result, _) = run_with_fault(&suite.context, &sql, Phase::FinalStage, move || {
+            send_signal(pid, "STOP");
+            *pause.lock().expect("pause lock") = Some(Instant::now());
+        })
+        .await;
+        let Some(paused_at) = *paused_at.lock().expect("pause lock") else {
             continue;
         };
         tokio::time::sleep(PAUSE.saturating_sub(paused_at.elapsed())).await;

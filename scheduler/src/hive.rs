@@ -86,7 +86,8 @@ impl HivePartitionedTable {
         .otherwise(converted)
     }
 
-    /// `plan` with each partition column `c` replaced by `convert(c, declared type)`.
+    /// `plan` with each partition column `c` replaced by `convert(c, declared
+    /// type)`; `plan` itself when it has none.
     fn convert_partition_columns(
         &self,
         state: &dyn Session,
@@ -94,6 +95,13 @@ impl HivePartitionedTable {
         convert: impl Fn(Expr, &DataType) -> Result<Expr>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let schema = plan.schema();
+        let touched = schema
+            .fields()
+            .iter()
+            .any(|field| self.partition_types.contains_key(field.name()));
+        if !touched {
+            return Ok(plan);
+        }
         let df_schema = DFSchema::try_from(Arc::clone(&schema))?;
         let expressions = schema
             .fields()

@@ -276,8 +276,8 @@ mod tests {
     use datafusion::physical_plan::common::collect;
 
     use super::*;
-    use crate::shuffle::layout::{Index, block_checksums, encode_index};
-    use crate::shuffle::test_support::ipc_stream;
+    use crate::shuffle::layout::{Index, encode_index};
+    use crate::shuffle::test_support::{block_checksums, ipc_stream};
     use crate::storage::{StoreRegistry, runtime_builder};
 
     /// A map output of two partitions: `[1, 2]` and nothing.

@@ -121,14 +121,6 @@ fn block_count(len: u64, block_size: u32) -> u64 {
     len.div_ceil(u64::from(block_size))
 }
 
-/// The CRC-32 of each block of `bytes`.
-pub fn block_checksums(bytes: &[u8], block_size: u32) -> Vec<u32> {
-    bytes
-        .chunks(block_size as usize)
-        .map(crc32fast::hash)
-        .collect()
-}
-
 /// Encodes the index of a data file.
 pub fn encode_index(index: &Index) -> Vec<u8> {
     let count = index.partitions() as u32;
@@ -426,6 +418,7 @@ pub fn open_segment(work_dir: &Path, id: &MapOutputId, partition: usize) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shuffle::test_support::block_checksums;
 
     /// An index with blocks of 10 bytes and made-up checksums.
     fn index(offsets: &[u64]) -> Index {

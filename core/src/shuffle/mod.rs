@@ -41,4 +41,12 @@ pub(crate) mod test_support {
         drop(writer);
         bytes
     }
+
+    /// The CRC-32 of each block of `bytes`, as the shuffle index holds them.
+    pub fn block_checksums(bytes: &[u8], block_size: u32) -> Vec<u32> {
+        bytes
+            .chunks(block_size as usize)
+            .map(crc32fast::hash)
+            .collect()
+    }
 }

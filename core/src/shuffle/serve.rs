@@ -188,8 +188,7 @@ mod tests {
     use futures::{StreamExt, TryStreamExt};
 
     use super::*;
-    use crate::shuffle::layout::block_checksums;
-    use crate::shuffle::test_support::ipc_stream;
+    use crate::shuffle::test_support::{block_checksums, ipc_stream};
 
     /// A segment holding `batches` as an IPC stream, after 3 bytes of another
     /// partition, in blocks of `block_size` bytes.
