@@ -93,3 +93,28 @@ pub async fn run(
         .await
         .map_err(Error::Serve)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Executors stop their tasks when no heartbeat is acknowledged within
+    /// 3/4 of the timeout: a timeout that leaves no room for heartbeats is refused.
+    #[tokio::test]
+    async fn a_timeout_shorter_than_three_heartbeats_is_refused() {
+        let config = SchedulerConfig {
+            heartbeat_interval_ms: 1000,
+            executor_timeout_ms: 2000,
+            ..SchedulerConfig::local()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let error = run(config, listener, std::future::ready(()))
+            .await
+            .expect_err("refused");
+        assert!(matches!(error, Error::HeartbeatTiming { .. }), "{error}");
+        assert!(
+            error.to_string().contains("--executor-timeout-ms (2000)"),
+            "{error}"
+        );
+    }
+}
