@@ -22,7 +22,10 @@ use quiver_proto::MapOutput;
 use super::fetch::{PartitionRef, ShuffleEnv, Source, fetch_partition};
 use super::wait_time::time_waits;
 
-/// Map outputs fetched at once by one reader partition.
+/// Map outputs read at once by one reader partition. All of them are read
+/// as their batches arrive: a stream opened ahead and left unread holds its
+/// share of the HTTP/2 connection it shares with the others, and enough of
+/// them would stall the stream being read for good.
 const FETCH_CONCURRENCY: usize = 4;
 
 /// Which map outputs a reader partition reads.
@@ -251,7 +254,7 @@ impl ExecutionPlan for ShuffleReaderExec {
                     durable_time.clone(),
                     flight_bytes.clone(),
                 );
-                async move {
+                let opened = async move {
                     let location = PartitionRef {
                         job_id: &job_id,
                         stage_id,
@@ -270,10 +273,11 @@ impl ExecutionPlan for ShuffleReaderExec {
                             time_waits(stream, flight_time)
                         }
                     })
-                }
+                };
+                // Opened only when it is read, so that no stream waits unread.
+                Ok::<_, DataFusionError>(Box::pin(futures::stream::once(opened).try_flatten()))
             })
-            .buffered(FETCH_CONCURRENCY)
-            .try_flatten()
+            .try_flatten_unordered(FETCH_CONCURRENCY)
             .inspect_ok(move |batch| output_rows.add(batch.num_rows()));
         Ok(time_waits(
             Box::pin(RecordBatchStreamAdapter::new(
