@@ -496,6 +496,80 @@ async fn explain_analyze_shows_what_every_stage_did() {
     cluster.shutdown().await;
 }
 
+/// A join that DataFusion plans partitioned, because it cannot tell that a
+/// filter leaves two rows of its build side, becomes a broadcast join once
+/// the build side has run: the probe side is then scanned in the join's stage
+/// instead of being shuffled, and the answer stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_side_found_small_at_run_time_is_broadcast() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = SessionContext::new();
+    for table in ["facts", "dims"] {
+        // Two files each, so that each scan has two partitions.
+        for part in 0..2 {
+            let (from, to) = (part * 50_000, (part + 1) * 50_000);
+            let path = dir.path().join(table).join(format!("part-{part}.parquet"));
+            local
+                .sql(&format!(
+                    "COPY (SELECT value AS k FROM range({from}, {to})) TO '{}' STORED AS PARQUET",
+                    path.display()
+                ))
+                .await
+                .expect("plan copy")
+                .collect()
+                .await
+                .expect("write a file");
+        }
+        let location = dir.path().join(table);
+        query(
+            &context,
+            &format!(
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{}/'",
+                location.display()
+            ),
+        )
+        .await;
+    }
+    // The filtered side is estimated at a fifth of its 100 000 rows, far
+    // above this threshold, so the planner joins partitioned.
+    for setting in [
+        "SET datafusion.optimizer.hash_join_single_partition_threshold = 65536",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 10",
+        "SET quiver.broadcast_join_max_bytes = 0",
+    ] {
+        query(&context, setting).await;
+    }
+    let join = "SELECT count(*) AS n, sum(f.k) AS total FROM facts f JOIN dims d ON f.k = d.k \
+                WHERE d.k % 50000 = 0";
+    let analyzed = |context: QuiverContext| async move {
+        let batches = query(&context, &format!("EXPLAIN ANALYZE {join}")).await;
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("render")
+            .to_string()
+    };
+
+    let report = analyzed(context.clone()).await;
+    assert!(
+        report.contains("merged into stage") && report.contains("HashJoinExec: mode=CollectLeft"),
+        "{report}"
+    );
+    assert_eq!(int64s(&query(&context, join).await, 1), vec![50_000]);
+
+    query(&context, "SET quiver.adaptive_joins = false").await;
+    let report = analyzed(context.clone()).await;
+    assert!(
+        !report.contains("merged into stage") && report.contains("HashJoinExec: mode=Partitioned"),
+        "{report}"
+    );
+    let batches = query(&context, join).await;
+    assert_eq!(
+        (int64s(&batches, 0), int64s(&batches, 1)),
+        (vec![2], vec![50_000])
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_to_one_table_run_one_at_a_time() {
     let (cluster, context) = cluster().await;

@@ -20,6 +20,8 @@ extensions_options! {
         pub shuffle_location: String, default = String::new()
         /// Largest estimated build side that a hash join broadcasts to every probe task when that ships fewer bytes than shuffling both sides; 0 turns the cost-based choice off (build sides under `datafusion.optimizer.hash_join_single_partition_threshold` are broadcast regardless).
         pub broadcast_join_max_bytes: u64, default = 134217728
+        /// Decide partitioned hash joins again once their build side has run: the probe side's stage waits for it, and when the build side turns out small enough to broadcast (by the two settings above), the probe side runs inside the join's stage instead of being shuffled.
+        pub adaptive_joins: bool, default = true
     }
 }
 

@@ -12,6 +12,7 @@ use datafusion::physical_plan::{ExecutionPlan, displayable};
 use quiver_core::metrics::{format_metrics, human_bytes};
 use quiver_proto::{JobStatus, Metric, OperatorMetrics, StageMetrics};
 
+use crate::adaptive::{self, AdaptiveJoin};
 use crate::stages::StagePlan;
 
 /// Metrics shown without `VERBOSE`: the ones that say where time, rows,
@@ -34,12 +35,16 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-/// One row for the job, then one per stage, final stage last.
+/// One row for the job, then one per stage, final stage last. `stages` are
+/// the stages as planned; joins that became broadcast joins at run time are
+/// shown as they ran.
 pub fn report(
     stages: &[StagePlan],
     status: &JobStatus,
     verbose: bool,
 ) -> Result<RecordBatch, ArrowError> {
+    let stages = &adaptive::replay(stages, &broadcast_joins(stages, status))
+        .map_err(|error| ArrowError::ExternalError(Box::new(error)))?;
     let mut kinds = vec!["Job".to_owned()];
     let mut texts = vec![format!(
         "job {}: {:.3} s, {} result rows, {} stages, {} shuffled, {} read from storage",
@@ -75,7 +80,29 @@ pub fn report(
     )
 }
 
+/// The adaptive joins that became broadcast joins, in the order they were
+/// decided: a stage's own join before the join its plan moved into.
+fn broadcast_joins(stages: &[StagePlan], status: &JobStatus) -> Vec<AdaptiveJoin> {
+    let mut joins: Vec<AdaptiveJoin> = adaptive::adaptive_joins(stages)
+        .into_iter()
+        .filter(|join| {
+            status.stages.iter().any(|metrics| {
+                metrics.stage_id == join.probe_stage && metrics.merged_into == join.join_stage
+            })
+        })
+        .collect();
+    joins.sort_by_key(|join| join.join_stage);
+    joins
+}
+
 fn stage_text(stage: &StagePlan, metrics: &StageMetrics, verbose: bool) -> String {
+    if metrics.merged_into != 0 {
+        return format!(
+            "merged into stage {}, whose join broadcast its build side instead of \
+             shuffling this stage's rows\n",
+            metrics.merged_into
+        );
+    }
     let inputs: Vec<String> = stage.inputs.iter().map(u32::to_string).collect();
     let mut text = format!(
         "tasks={}, inputs=[{}], task time={:.3} ms in total",

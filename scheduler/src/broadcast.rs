@@ -81,13 +81,6 @@ impl PhysicalOptimizerRule for BroadcastJoinSelection {
 /// Whether broadcasting `join`'s build (left) side ships fewer bytes than
 /// shuffling both sides, within `max_bytes`.
 fn ships_less_broadcast(join: &HashJoinExec, max_bytes: u64) -> Result<bool> {
-    let estimated_bytes = |plan: &Arc<dyn ExecutionPlan>| -> Result<Option<u64>> {
-        let statistics = StatisticsContext::new().compute(plan.as_ref(), &StatisticsArgs::new())?;
-        Ok(statistics
-            .total_byte_size
-            .get_value()
-            .map(|&bytes| bytes as u64))
-    };
     let (Some(build), Some(probe)) = (
         estimated_bytes(join.left())?,
         estimated_bytes(join.right())?,
@@ -104,6 +97,15 @@ fn ships_less_broadcast(join: &HashJoinExec, max_bytes: u64) -> Result<bool> {
         );
     }
     Ok(broadcast)
+}
+
+/// DataFusion's estimate of the bytes that `plan` produces, if it has one.
+pub(crate) fn estimated_bytes(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<u64>> {
+    let statistics = StatisticsContext::new().compute(plan.as_ref(), &StatisticsArgs::new())?;
+    Ok(statistics
+        .total_byte_size
+        .get_value()
+        .map(|&bytes| bytes as u64))
 }
 
 #[cfg(test)]

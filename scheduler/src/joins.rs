@@ -24,7 +24,7 @@ use datafusion::physical_plan::{
 };
 
 /// Whether a join emits rows of its build (left) side after seeing all probe rows.
-fn emits_build_side(join_type: JoinType) -> bool {
+pub(crate) fn emits_build_side(join_type: JoinType) -> bool {
     matches!(
         join_type,
         JoinType::Left

@@ -8,6 +8,7 @@
 //! - [`analyze`]: the report of `EXPLAIN ANALYZE`: stage plans with their metrics.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`broadcast`]: broadcasts hash joins' build sides when that ships fewer bytes.
+//! - [`adaptive`]: turns partitioned joins into broadcasts once a build side has run.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
@@ -20,6 +21,7 @@
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
 
+pub mod adaptive;
 pub mod analyze;
 pub mod broadcast;
 pub mod catalog;

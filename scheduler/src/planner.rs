@@ -27,11 +27,8 @@ use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
-use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
 use prost::bytes::Bytes;
-use quiver_core::codec::{
-    QuiverPhysicalCodec, RemoteTableCodec, TableResolver, decode_logical_plan,
-};
+use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
@@ -40,6 +37,7 @@ use quiver_core::storage::{
 use quiver_core::write::distribute_parquet_writes;
 use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
+use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::error::{Error, Result};
 use crate::locations::{store_configs, write_target};
@@ -90,6 +88,8 @@ pub struct StagedJob {
     pub durable_shuffle: String,
     /// The table folder the job writes, if it writes one.
     pub writes_to: Option<String>,
+    /// Joins to decide again once their build side has run.
+    pub adaptive: PendingJoins,
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -392,6 +392,10 @@ impl Planner {
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
+        let adaptive = PendingJoins::new(
+            &stages,
+            AdaptivePolicy::from_config(state.config().options()),
+        );
         let encoded = encode_stages(stages.clone()).await?;
         Ok(StagedJob {
             schema,
@@ -401,6 +405,7 @@ impl Planner {
             stores,
             durable_shuffle,
             writes_to,
+            adaptive,
         })
     }
 
@@ -420,6 +425,7 @@ impl Planner {
             stores: Vec::new(),
             durable_shuffle: String::new(),
             writes_to: None,
+            adaptive: PendingJoins::default(),
         })
     }
 
@@ -628,20 +634,9 @@ async fn explain_stages(
 
 /// Encodes every stage plan off the async threads: large plans take a while.
 async fn encode_stages(stages: Vec<StagePlan>) -> Result<Vec<Bytes>> {
-    tokio::task::spawn_blocking(move || {
-        stages
-            .into_iter()
-            .map(|stage| {
-                physical_plan_to_bytes_with_extension_codec(stage.plan, &QuiverPhysicalCodec)
-                    .map_err(|source| Error::EncodePlan {
-                        stage: stage.stage_id,
-                        source,
-                    })
-            })
-            .collect()
-    })
-    .await
-    .map_err(|_| Error::ShuttingDown)?
+    tokio::task::spawn_blocking(move || stages.iter().map(StagePlan::encode).collect())
+        .await
+        .map_err(|_| Error::ShuttingDown)?
 }
 
 /// Resolves table names of client-built plans in a job's session state.

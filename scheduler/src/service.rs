@@ -192,6 +192,7 @@ impl SchedulerGrpc {
             limits: job.limits,
             stages: job.stages,
             encoded: job.encoded,
+            adaptive: job.adaptive,
             status,
         })));
         if !submitted {

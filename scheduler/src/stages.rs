@@ -24,6 +24,9 @@ use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, displayable,
     replace_children_if_necessary,
 };
+use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
+use prost::bytes::Bytes;
+use quiver_core::codec::QuiverPhysicalCodec;
 use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 
 use crate::joins::make_joins_distributable;
@@ -42,6 +45,17 @@ impl StagePlan {
     /// Number of tasks: one per partition of the writer's input.
     pub fn partitions(&self) -> usize {
         self.plan.map_partition_count()
+    }
+
+    /// The plan as executors receive it: datafusion-proto bytes.
+    pub fn encode(&self) -> crate::Result<Bytes> {
+        let plan: Arc<dyn ExecutionPlan> = Arc::clone(&self.plan) as _;
+        physical_plan_to_bytes_with_extension_codec(plan, &QuiverPhysicalCodec).map_err(|source| {
+            crate::Error::EncodePlan {
+                stage: self.stage_id,
+                source,
+            }
+        })
     }
 }
 
@@ -160,7 +174,7 @@ impl StageSplitter<'_> {
     }
 }
 
-fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec<u32>) {
+pub(crate) fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec<u32>) {
     if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
         if !out.contains(&reader.stage_id()) {
             out.push(reader.stage_id());

@@ -299,6 +299,7 @@ impl SchedulerLoop {
         job.stores = submitted.stores;
         job.durable_shuffle = submitted.durable_shuffle;
         job.writes_to = submitted.writes_to;
+        job.adaptive = submitted.adaptive;
         job.submitted_at_unix_ms = unix_millis();
         if self.at_job_limit() || self.target_busy(job.writes_to.as_deref()) {
             job.enqueue(self.queue.len() as u32);

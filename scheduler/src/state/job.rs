@@ -12,7 +12,10 @@ use quiver_proto::{
     TaskSucceeded,
 };
 
+use tracing::{info, warn};
+
 use super::JobLimits;
+use crate::adaptive::{self, AdaptiveJoin, PendingJoins};
 use crate::stages::StagePlan;
 
 /// First retry delay; doubled on each further attempt.
@@ -113,6 +116,10 @@ pub struct Job {
     pub queue_position: u32,
     /// Indexed by `stage_id - 1`; the last stage is the final one.
     pub stages: Vec<Stage>,
+    /// The stages' plans as they run now, in the same order.
+    plans: Vec<StagePlan>,
+    /// Joins that become broadcast joins if their build side is small.
+    pub adaptive: PendingJoins,
     pub running: usize,
     pub started: Instant,
     pub state: JobState,
@@ -131,11 +138,11 @@ impl Job {
         seq: u64,
         settings: Vec<Setting>,
         limits: JobLimits,
-        stages: &[StagePlan],
+        plans: &[StagePlan],
         encoded: Vec<Bytes>,
         now: Instant,
     ) -> Self {
-        let stages = stages
+        let stages = plans
             .iter()
             .zip(encoded)
             .map(|(stage, plan)| Stage {
@@ -146,16 +153,7 @@ impl Job {
                     stage_id: stage.stage_id,
                     ..StageMetrics::default()
                 },
-                tasks: (0..stage.partitions())
-                    .map(|_| Task {
-                        state: TaskState::Pending,
-                        attempt: 0,
-                        failures: 0,
-                        output: None,
-                        not_before: now,
-                        avoid: None,
-                    })
-                    .collect(),
+                tasks: pending_tasks(stage.partitions(), now),
             })
             .collect();
         Self {
@@ -170,6 +168,8 @@ impl Job {
             timeout: limits.timeout,
             queue_position: 0,
             stages,
+            plans: plans.to_vec(),
+            adaptive: PendingJoins::default(),
             running: 0,
             started: now,
             state: JobState::Running,
@@ -217,12 +217,13 @@ impl Job {
             .all(|input| self.stage(*input).is_some_and(Stage::is_complete))
     }
 
-    /// A pending task whose inputs are all available, earliest stage first.
-    /// Returns it with the executor its last attempt failed on.
+    /// A pending task whose inputs are all available, earliest stage first;
+    /// the probe side of an undecided adaptive join waits. Returns it with the
+    /// executor its last attempt failed on.
     pub fn next_runnable(&self, now: Instant) -> Option<(u32, usize, Option<&str>)> {
         self.stages
             .iter()
-            .filter(|stage| self.inputs_complete(stage))
+            .filter(|stage| self.inputs_complete(stage) && !self.adaptive.holds(stage.id))
             .find_map(|stage| {
                 stage
                     .tasks
@@ -328,6 +329,7 @@ impl Job {
         if let Some(stage) = self.stage_mut(id.stage_id) {
             stage.record_metrics(id.partition, executor_id, report);
         }
+        self.decide_adaptive_joins();
         if self.final_stage().is_some_and(Stage::is_complete) {
             self.state = JobState::Succeeded;
             Outcome::Succeeded
@@ -365,6 +367,86 @@ impl Job {
         task.not_before = now + RETRY_BACKOFF * 2u32.saturating_pow(task.failures - 1);
         task.avoid = Some(executor_id);
         Outcome::Continue
+    }
+
+    /// Decides the adaptive joins whose build stage is now complete.
+    fn decide_adaptive_joins(&mut self) {
+        let Some(policy) = self.adaptive.policy() else {
+            return;
+        };
+        let stages = &self.stages;
+        let complete = |id: u32| {
+            id.checked_sub(1)
+                .and_then(|index| stages.get(index as usize))
+                .is_some_and(Stage::is_complete)
+        };
+        for join in self.adaptive.take_ready(complete) {
+            let Some(build_bytes) = self.stage(join.build_stage).map(|s| stage_written(s).bytes)
+            else {
+                continue;
+            };
+            let probe_tasks = self
+                .stage(join.probe_stage)
+                .map_or(0, |stage| stage.tasks.len()) as u64;
+            let probe_bytes = adaptive::probe_estimate(&self.plans, &join);
+            if policy.broadcasts(build_bytes, probe_tasks, probe_bytes) {
+                self.broadcast_join(join, build_bytes);
+            }
+        }
+    }
+
+    /// Rewrites `join`'s stage to broadcast its build side and run its probe
+    /// stage's plan, which then runs no task of its own. A plan that cannot
+    /// be rewritten leaves the join partitioned, as planned.
+    fn broadcast_join(&mut self, join: AdaptiveJoin, build_bytes: u64) {
+        let not_started = self
+            .stage(join.join_stage)
+            .is_some_and(|stage| stage.tasks.iter().all(|t| t.state == TaskState::Pending))
+            && self
+                .stage(join.probe_stage)
+                .is_some_and(|stage| stage.tasks.iter().all(|t| t.state == TaskState::Pending));
+        if !not_started {
+            return;
+        }
+        let rewritten = adaptive::broadcast_join(&self.plans, &join)
+            .map_err(crate::Error::Query)
+            .and_then(|plan| plan.encode().map(|bytes| (plan, bytes)));
+        let (plan, bytes) = match rewritten {
+            Ok(rewritten) => rewritten,
+            Err(error) => {
+                warn!(job_id = %self.id, stage = join.join_stage, %error, "the join stays partitioned: its broadcast plan failed");
+                return;
+            }
+        };
+        info!(
+            job_id = %self.id,
+            join_stage = join.join_stage,
+            build_stage = join.build_stage,
+            probe_stage = join.probe_stage,
+            build_bytes,
+            "broadcasting a join's build side, measured after it ran"
+        );
+        let now = Instant::now();
+        if let Some(probe) = self.stage_mut(join.probe_stage) {
+            probe.tasks.clear();
+            probe.inputs.clear();
+            probe.metrics.merged_into = join.join_stage;
+        }
+        let partitions = plan.partitions();
+        let inputs = plan.inputs.clone();
+        if let Some(stage) = self.stage_mut(join.join_stage) {
+            stage.plan = bytes;
+            stage.inputs = inputs;
+            stage.tasks = pending_tasks(partitions, now);
+        }
+        self.adaptive.forget_join_stage(join.probe_stage);
+        if let Some(slot) = self
+            .plans
+            .iter_mut()
+            .find(|stage| stage.stage_id == join.join_stage)
+        {
+            *slot = plan;
+        }
     }
 
     /// Makes the map output that a reader could not fetch pending again, so
@@ -580,6 +662,20 @@ impl Job {
     }
 }
 
+/// `count` tasks that have not run yet.
+fn pending_tasks(count: usize, now: Instant) -> Vec<Task> {
+    (0..count)
+        .map(|_| Task {
+            state: TaskState::Pending,
+            attempt: 0,
+            failures: 0,
+            output: None,
+            not_before: now,
+            avoid: None,
+        })
+        .collect()
+}
+
 /// Rows and bytes in the finished outputs of a stage.
 fn stage_written(stage: &Stage) -> PartitionStats {
     let mut total = PartitionStats::default();
@@ -617,6 +713,7 @@ mod tests {
     use quiver_proto::ExecutorAddress;
 
     use super::*;
+    use crate::adaptive::AdaptivePolicy;
 
     /// A chain of `stages` stages of two tasks each, stage `n` reading stage `n - 1`.
     fn chain(stages: u32) -> Job {
@@ -633,6 +730,11 @@ mod tests {
                 inputs: if id > 1 { vec![id - 1] } else { vec![] },
             })
             .collect();
+        job_of(&plans)
+    }
+
+    /// A job of `plans`, allowed two attempts per task.
+    fn job_of(plans: &[StagePlan]) -> Job {
         let encoded = vec![Bytes::new(); plans.len()];
         let limits = JobLimits {
             max_attempts: 2,
@@ -643,7 +745,7 @@ mod tests {
             0,
             vec![],
             limits,
-            &plans,
+            plans,
             encoded,
             Instant::now(),
         )
@@ -743,6 +845,86 @@ mod tests {
             Outcome::Continue
         );
         assert!(matches!(state(&job, 1, 0), TaskState::Running { .. }));
+    }
+
+    /// Reports a launched task as finished with `bytes` in one partition.
+    fn finish_writing(job: &mut Job, launch: LaunchTask, bytes: u64) {
+        let id = launch.task.expect("task id");
+        let output = MapOutput {
+            map_partition: id.partition,
+            attempt: id.attempt,
+            partitions: vec![PartitionStats { rows: 1, bytes }],
+            ..MapOutput::default()
+        };
+        job.on_success(&id, output, &TaskSucceeded::default());
+    }
+
+    fn run_task_writing(job: &mut Job, stage: u32, partition: usize, bytes: u64) {
+        let launch = job.launch(stage, partition, "a").expect("launchable");
+        finish_writing(job, launch, bytes);
+    }
+
+    /// The job of [`crate::adaptive::tests::FILTERED_JOIN`]: stage 3 joins
+    /// the build side of stage 1 with the probe side of stage 2.
+    async fn adaptive_job() -> Job {
+        let plans = adaptive::tests::stages_of(adaptive::tests::FILTERED_JOIN).await;
+        let mut job = job_of(&plans);
+        let policy = AdaptivePolicy {
+            always_bytes: 1024,
+            max_bytes: 1024,
+        };
+        job.adaptive = PendingJoins::new(&plans, Some(policy));
+        let expected = AdaptiveJoin {
+            join_stage: 3,
+            build_stage: 1,
+            probe_stage: 2,
+        };
+        assert_eq!(
+            adaptive::adaptive_joins(&plans),
+            vec![expected],
+            "{}",
+            crate::stages::display_stages(&plans)
+        );
+        job
+    }
+
+    fn runnable_stage(job: &Job) -> Option<u32> {
+        job.next_runnable(Instant::now()).map(|(stage, ..)| stage)
+    }
+
+    #[tokio::test]
+    async fn a_small_build_side_moves_the_probe_stage_into_a_broadcast_join() {
+        let mut job = adaptive_job().await;
+        run_task_writing(&mut job, 1, 0, 100);
+        let last = job.launch(1, 1, "b").expect("build side first");
+        assert_eq!(runnable_stage(&job), None, "the probe side waits");
+        finish_writing(&mut job, last, 100);
+        let probe = &job.stages[1];
+        assert!(probe.tasks.is_empty(), "the probe stage runs no task");
+        assert_eq!(probe.metrics.merged_into, 3);
+        assert!(probe.is_complete());
+        assert_eq!(job.stages[2].inputs, vec![1]);
+        assert_eq!(job.stages[2].tasks.len(), 2);
+        assert!(
+            !job.stages[2].plan.is_empty(),
+            "the join stage was encoded again"
+        );
+        assert_eq!(runnable_stage(&job), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_large_build_side_releases_the_probe_stage() {
+        let mut job = adaptive_job().await;
+        run_task_writing(&mut job, 1, 0, 1000);
+        assert_eq!(runnable_stage(&job), Some(1));
+        run_task_writing(&mut job, 1, 1, 1000);
+        assert_eq!(runnable_stage(&job), Some(2), "2000 bytes: no broadcast");
+        assert_eq!(job.stages[1].tasks.len(), 2);
+        assert_eq!(job.stages[2].inputs, vec![1, 2]);
+        assert!(
+            job.stages[2].plan.is_empty(),
+            "the join stage is as planned"
+        );
     }
 
     fn fetch_failed(stage: u32, map_partition: u32, attempt: u32, executor: &str) -> TaskFailed {

@@ -18,6 +18,7 @@ use quiver_proto::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::adaptive::PendingJoins;
 use crate::stages::StagePlan;
 use crate::store::{JOB_HISTORY_LIMIT, JobRecorder};
 use executors::ExecutorSender;
@@ -73,6 +74,8 @@ pub struct SubmittedJob {
     pub stages: Vec<StagePlan>,
     /// The datafusion-proto bytes of each stage's plan, in stage order.
     pub encoded: Vec<Bytes>,
+    /// Joins to decide again once their build side has run.
+    pub adaptive: PendingJoins,
     /// Publishes the job's status; already in the [`JobDirectory`], so that a
     /// client may watch the job as soon as `SubmitJob` returns.
     pub status: watch::Sender<JobStatus>,

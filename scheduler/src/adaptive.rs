@@ -1,0 +1,419 @@
+//! Adaptive broadcast joins: a partitioned hash join decided again once its
+//! build side has run.
+//!
+//! DataFusion picks a join's mode from size estimates, and a filter or an
+//! aggregate below the join often leaves those unknown or far too large: in
+//! TPC-H Q12 the filtered `lineitem` side is estimated at the size of the
+//! table but writes 730 KiB. When both inputs of a partitioned hash join are
+//! shuffles, the scheduler runs the build side's stage first and holds the
+//! probe side's stage back. Then the build side's size is known exactly:
+//!
+//! - if broadcasting it is cheap ([`AdaptivePolicy::broadcasts`]), the join
+//!   becomes a `CollectLeft` join whose every task reads the whole build side,
+//!   and the probe side's plan moves into the join's stage. The probe rows,
+//!   usually the larger side, are then never written to a shuffle nor sent
+//!   between executors, and one stage boundary is gone;
+//! - otherwise the probe stage is released and the join runs as planned.
+//!
+//! The rewrite is made only where it cannot change an answer: for join types
+//! that emit no unmatched build rows (see [`crate::joins`]), and where nothing
+//! above the join in its stage relies on the join's hash partitioning.
+
+use std::sync::Arc;
+
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::error::Result;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::{Distribution, ExecutionPlan};
+use quiver_core::config::QuiverOptions;
+use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+
+use crate::broadcast::estimated_bytes;
+use crate::joins::emits_build_side;
+use crate::stages::{StagePlan, collect_reader_stages};
+
+/// A partitioned hash join whose two inputs are whole stages, so that it can
+/// still become a broadcast join once the build stage has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptiveJoin {
+    /// The stage that runs the join.
+    pub join_stage: u32,
+    /// The stage of the join's build (left) side: it runs first.
+    pub build_stage: u32,
+    /// The stage of the probe (right) side: held until the decision.
+    pub probe_stage: u32,
+}
+
+/// When a build side that has run is broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptivePolicy {
+    /// At or below this, always (DataFusion's `hash_join_single_partition_threshold`).
+    pub always_bytes: u64,
+    /// Up to this, when broadcasting ships fewer bytes than shuffling both
+    /// sides (`quiver.broadcast_join_max_bytes`).
+    pub max_bytes: u64,
+}
+
+impl AdaptivePolicy {
+    /// The policy of a job's settings; `None` when `quiver.adaptive_joins` is off.
+    pub fn from_config(config: &ConfigOptions) -> Option<Self> {
+        let options = config
+            .extensions
+            .get::<QuiverOptions>()
+            .cloned()
+            .unwrap_or_default();
+        options.adaptive_joins.then_some(Self {
+            always_bytes: config.optimizer.hash_join_single_partition_threshold as u64,
+            max_bytes: options.broadcast_join_max_bytes,
+        })
+    }
+
+    /// Whether a build side of `build_bytes`, sent to each of `probe_tasks`
+    /// tasks, is worth broadcasting against a probe side estimated at
+    /// `probe_bytes`. The same rule as the planner's ([`crate::broadcast`]),
+    /// with the build side measured instead of estimated.
+    pub fn broadcasts(&self, build_bytes: u64, probe_tasks: u64, probe_bytes: Option<u64>) -> bool {
+        let ships_less = probe_bytes.is_some_and(|probe| {
+            build_bytes.saturating_mul(probe_tasks.max(1)) <= build_bytes.saturating_add(probe)
+        });
+        build_bytes <= self.always_bytes || (build_bytes <= self.max_bytes && ships_less)
+    }
+}
+
+/// A job's joins that still wait for their build side, and the policy that
+/// decides them.
+#[derive(Debug, Clone, Default)]
+pub struct PendingJoins {
+    policy: Option<AdaptivePolicy>,
+    joins: Vec<AdaptiveJoin>,
+}
+
+impl PendingJoins {
+    /// The adaptive joins of `stages`; none when `policy` is `None` (turned off).
+    pub fn new(stages: &[StagePlan], policy: Option<AdaptivePolicy>) -> Self {
+        let joins = match policy {
+            Some(_) => adaptive_joins(stages),
+            None => Vec::new(),
+        };
+        Self { policy, joins }
+    }
+
+    pub fn policy(&self) -> Option<AdaptivePolicy> {
+        self.policy
+    }
+
+    /// Whether `stage_id` waits for a decision: it is a pending join's probe side.
+    pub fn holds(&self, stage_id: u32) -> bool {
+        self.joins.iter().any(|join| join.probe_stage == stage_id)
+    }
+
+    /// Takes out the pending joins whose build stage is `complete`.
+    pub fn take_ready(&mut self, complete: impl Fn(u32) -> bool) -> Vec<AdaptiveJoin> {
+        let (ready, waiting) = self
+            .joins
+            .drain(..)
+            .partition(|join| complete(join.build_stage));
+        self.joins = waiting;
+        ready
+    }
+
+    /// Forgets the join run by `stage_id`, whose plan moved into another stage;
+    /// its probe stage is released and the join stays partitioned.
+    pub fn forget_join_stage(&mut self, stage_id: u32) {
+        self.joins.retain(|join| join.join_stage != stage_id);
+    }
+}
+
+/// The joins of a job's stages that can still become broadcast joins.
+pub fn adaptive_joins(stages: &[StagePlan]) -> Vec<AdaptiveJoin> {
+    stages
+        .iter()
+        .filter_map(|stage| {
+            let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
+            let (build_stage, probe_stage) = find_join(&root, true)?;
+            let candidate = AdaptiveJoin {
+                join_stage: stage.stage_id,
+                build_stage,
+                probe_stage,
+            };
+            keeps_partitions_valid(stages, &candidate).then_some(candidate)
+        })
+        .collect()
+}
+
+/// The build and probe stages of a partitioned hash join under `plan` that
+/// reads two whole shuffles, where every operator from the stage's root down
+/// to the join (`any_partitioning`) accepts input partitioned any way.
+fn find_join(plan: &Arc<dyn ExecutionPlan>, any_partitioning: bool) -> Option<(u32, u32)> {
+    if any_partitioning
+        && let Some(join) = plan.downcast_ref::<HashJoinExec>()
+        && let Some(stages) = broadcastable(join)
+    {
+        return Some(stages);
+    }
+    let required = plan.input_distribution_requirements();
+    plan.children()
+        .into_iter()
+        .enumerate()
+        .find_map(|(index, child)| {
+            let unspecified = matches!(
+                required.child_distribution(index),
+                None | Some(Distribution::UnspecifiedDistribution)
+            );
+            find_join(child, any_partitioning && unspecified)
+        })
+}
+
+/// The (build, probe) stages of a join that may become a broadcast join.
+fn broadcastable(join: &HashJoinExec) -> Option<(u32, u32)> {
+    if *join.partition_mode() != PartitionMode::Partitioned
+        || join.null_aware
+        || emits_build_side(*join.join_type())
+    {
+        return None;
+    }
+    let shuffled = |plan: &Arc<dyn ExecutionPlan>| {
+        plan.downcast_ref::<ShuffleReaderExec>()
+            .filter(|reader| reader.mode() == ReadMode::Hash)
+            .map(ShuffleReaderExec::stage_id)
+    };
+    let build = shuffled(join.left())?;
+    let probe = shuffled(join.right())?;
+    (build != probe).then_some((build, probe))
+}
+
+/// Whether moving the probe plan into the join stage keeps the job's task
+/// counts consistent. The join stage's tasks become the probe plan's
+/// partitions, which must not be fewer (that would lose parallelism), and a
+/// stage whose map outputs are read one per reader partition must keep its count.
+fn keeps_partitions_valid(stages: &[StagePlan], join: &AdaptiveJoin) -> bool {
+    let stage = |id: u32| stages.iter().find(|stage| stage.stage_id == id);
+    let (Some(join_stage), Some(probe_stage)) = (stage(join.join_stage), stage(join.probe_stage))
+    else {
+        return false;
+    };
+    let read_only_by_join = stages
+        .iter()
+        .filter(|stage| stage.inputs.contains(&join.probe_stage))
+        .count()
+        == 1;
+    let is_final = stages.last().map(|stage| stage.stage_id) == Some(join.join_stage);
+    let (before, after) = (join_stage.partitions(), probe_stage.partitions());
+    read_only_by_join
+        && after >= before
+        && (after == before || is_final || join_stage.plan.partitioning().is_some())
+}
+
+/// The estimated bytes of the probe stage's rows, for [`AdaptivePolicy::broadcasts`].
+pub fn probe_estimate(stages: &[StagePlan], join: &AdaptiveJoin) -> Option<u64> {
+    let probe = stages
+        .iter()
+        .find(|stage| stage.stage_id == join.probe_stage)?;
+    estimated_bytes(probe.plan.input()).ok().flatten()
+}
+
+/// The join stage's plan with the join broadcasting its build side and
+/// running the probe stage's plan in place of reading its shuffle.
+pub fn broadcast_join(stages: &[StagePlan], join: &AdaptiveJoin) -> Result<StagePlan> {
+    let find = |id: u32| {
+        stages
+            .iter()
+            .find(|stage| stage.stage_id == id)
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(format!("no stage {id} in the job"))
+            })
+    };
+    let join_stage = find(join.join_stage)?;
+    let probe_plan = Arc::clone(find(join.probe_stage)?.plan.input());
+    let input = Arc::clone(join_stage.plan.input())
+        .transform_up(|node| {
+            let Some(hash_join) = node.downcast_ref::<HashJoinExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            if broadcastable(hash_join) != Some((join.build_stage, join.probe_stage)) {
+                return Ok(Transformed::no(node));
+            }
+            let build: Arc<dyn ExecutionPlan> =
+                Arc::new(CoalescePartitionsExec::new(Arc::clone(hash_join.left())));
+            let broadcast = hash_join
+                .builder()
+                .with_partition_mode(PartitionMode::CollectLeft)
+                .with_new_children(vec![build, Arc::clone(&probe_plan)])?
+                .build_exec()?;
+            Ok(Transformed::yes(broadcast))
+        })?
+        .data;
+    let writer = &join_stage.plan;
+    let plan = Arc::new(ShuffleWriterExec::new(
+        writer.job_id(),
+        writer.stage_id(),
+        input,
+        writer.partitioning().cloned(),
+    ));
+    let mut inputs = Vec::new();
+    collect_reader_stages(plan.input(), &mut inputs);
+    Ok(StagePlan {
+        stage_id: join_stage.stage_id,
+        plan,
+        inputs,
+    })
+}
+
+/// The stages as they ran, given the joins that became broadcast joins:
+/// each join stage replaced by its rewritten plan. For `EXPLAIN ANALYZE`.
+pub fn replay(stages: &[StagePlan], broadcast: &[AdaptiveJoin]) -> Result<Vec<StagePlan>> {
+    let mut stages = stages.to_vec();
+    for join in broadcast {
+        let rewritten = broadcast_join(&stages, join)?;
+        if let Some(stage) = stages
+            .iter_mut()
+            .find(|stage| stage.stage_id == join.join_stage)
+        {
+            *stage = rewritten;
+        }
+    }
+    Ok(stages)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+    use quiver_core::config::default_session_config;
+
+    use super::*;
+    use crate::stages::{display_stages, split_into_stages};
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn broadcasts_small_build_sides_and_those_that_ship_less() {
+        let policy = AdaptivePolicy {
+            always_bytes: 32 * MIB,
+            max_bytes: 128 * MIB,
+        };
+        assert!(policy.broadcasts(MIB, 2, None));
+        assert!(policy.broadcasts(64 * MIB, 2, Some(1024 * MIB)));
+        assert!(!policy.broadcasts(64 * MIB, 2, Some(32 * MIB)));
+        assert!(!policy.broadcasts(64 * MIB, 2, None), "no estimate: no bet");
+        assert!(!policy.broadcasts(256 * MIB, 2, Some(100_000 * MIB)));
+    }
+
+    #[test]
+    fn the_setting_turns_adaptive_joins_off() {
+        let config: SessionConfig = default_session_config();
+        let policy = AdaptivePolicy::from_config(config.options()).expect("on by default");
+        assert_eq!(policy.always_bytes, 32 * MIB);
+        let mut config = config;
+        config
+            .options_mut()
+            .set("quiver.adaptive_joins", "false")
+            .expect("a known setting");
+        assert_eq!(AdaptivePolicy::from_config(config.options()), None);
+    }
+
+    /// Plans `sql` over two tables without statistics, so that DataFusion
+    /// cannot tell the build side is small and joins partitioned.
+    pub(crate) async fn stages_of(sql: &str) -> Vec<StagePlan> {
+        let mut config = default_session_config().with_target_partitions(2);
+        // No estimate can make the join a broadcast at planning time.
+        config
+            .options_mut()
+            .optimizer
+            .hash_join_single_partition_threshold = 0;
+        config
+            .options_mut()
+            .optimizer
+            .hash_join_single_partition_threshold_rows = 0;
+        let context = SessionContext::new_with_config(config);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        // Two partitions each, as two files would give.
+        let batch = |keys: [i64; 2]| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(Int64Array::from(keys.to_vec())),
+                    Arc::new(Int64Array::from(keys.map(|k| k * 10).to_vec())),
+                ],
+            )
+            .expect("batch")
+        };
+        for table in ["facts", "dims"] {
+            let partitions = vec![vec![batch([1, 2])], vec![batch([3, 4])]];
+            let provider = MemTable::try_new(Arc::clone(&schema), partitions).expect("table");
+            context
+                .register_table(table, Arc::new(provider))
+                .expect("register");
+        }
+        let plan = context
+            .sql(sql)
+            .await
+            .expect("plan")
+            .create_physical_plan()
+            .await
+            .expect("physical");
+        split_into_stages("job", plan, 2).expect("stages")
+    }
+
+    fn rendered(stage: &StagePlan) -> String {
+        datafusion::physical_plan::displayable(stage.plan.as_ref())
+            .indent(false)
+            .to_string()
+    }
+
+    /// An inner join whose build side is filtered, then grouped by another column.
+    pub(crate) const FILTERED_JOIN: &str =
+        "SELECT d.v, sum(f.v) FROM dims d JOIN facts f ON d.k = f.k WHERE d.v > 10 GROUP BY d.v";
+
+    #[tokio::test]
+    async fn an_inner_join_of_two_shuffles_becomes_a_broadcast_of_its_build_stage() {
+        let stages = stages_of(FILTERED_JOIN).await;
+        let joins = adaptive_joins(&stages);
+        let [join] = joins.as_slice() else {
+            panic!("one adaptive join expected in\n{}", display_stages(&stages));
+        };
+        let rewritten = broadcast_join(&stages, join).expect("rewrite");
+        let text = rendered(&rewritten);
+        assert!(text.contains("mode=CollectLeft"), "{text}");
+        assert!(
+            !rewritten.inputs.contains(&join.probe_stage),
+            "the probe stage runs inside the join stage: {text}"
+        );
+        assert!(rewritten.inputs.contains(&join.build_stage), "{text}");
+        assert!(text.contains("CoalescePartitionsExec"), "{text}");
+        let replayed = replay(&stages, &[*join]).expect("replay");
+        assert_eq!(rendered(&replayed[join.join_stage as usize - 1]), text);
+    }
+
+    /// Asserts that `sql` plans a join shown as `shown` that stays as planned.
+    async fn assert_not_adaptive(sql: &str, shown: &str) {
+        let stages = stages_of(sql).await;
+        let text = display_stages(&stages);
+        assert!(text.contains(shown), "{text}");
+        assert_eq!(adaptive_joins(&stages), vec![], "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_join_whose_partitioning_is_relied_on_stays_partitioned() {
+        // The aggregate above groups by the join key, so it reuses the join's
+        // hash partitioning instead of shuffling again.
+        assert_not_adaptive(
+            "SELECT f.k, sum(d.v) FROM dims d JOIN facts f ON d.k = f.k GROUP BY f.k",
+            "HashJoinExec: mode=Partitioned",
+        )
+        .await;
+        // A left join emits unmatched build rows: each task would emit them.
+        assert_not_adaptive(
+            "SELECT * FROM dims d LEFT JOIN facts f ON d.k = f.k",
+            "join_type=Left",
+        )
+        .await;
+    }
+}
