@@ -189,9 +189,10 @@ fn broadcastable(join: &HashJoinExec) -> Option<(u32, u32)> {
 /// partitions, which must not be fewer (that would lose parallelism), and a
 /// stage whose map outputs are read one per reader partition must keep its count.
 fn keeps_partitions_valid(stages: &[StagePlan], join: &AdaptiveJoin) -> bool {
-    let stage = |id: u32| stages.iter().find(|stage| stage.stage_id == id);
-    let (Some(join_stage), Some(probe_stage)) = (stage(join.join_stage), stage(join.probe_stage))
-    else {
+    let (Some(join_stage), Some(probe_stage)) = (
+        stage(stages, join.join_stage),
+        stage(stages, join.probe_stage),
+    ) else {
         return false;
     };
     let read_only_by_join = stages
@@ -206,11 +207,16 @@ fn keeps_partitions_valid(stages: &[StagePlan], join: &AdaptiveJoin) -> bool {
         && (after == before || is_final || join_stage.plan.partitioning().is_some())
 }
 
+/// The stage `id` of a job's stages.
+fn stage(stages: &[StagePlan], id: u32) -> Option<&StagePlan> {
+    stages.iter().find(|stage| stage.stage_id == id)
+}
+
 /// The estimated bytes of the probe stage's rows, for [`AdaptivePolicy::broadcasts`].
+/// An estimate that DataFusion cannot compute counts as none: the build side
+/// is then broadcast only under the always-broadcast threshold.
 pub fn probe_estimate(stages: &[StagePlan], join: &AdaptiveJoin) -> Option<u64> {
-    let probe = stages
-        .iter()
-        .find(|stage| stage.stage_id == join.probe_stage)?;
+    let probe = stage(stages, join.probe_stage)?;
     estimated_bytes(probe.plan.input()).ok().flatten()
 }
 
@@ -218,12 +224,9 @@ pub fn probe_estimate(stages: &[StagePlan], join: &AdaptiveJoin) -> Option<u64> 
 /// running the probe stage's plan in place of reading its shuffle.
 pub fn broadcast_join(stages: &[StagePlan], join: &AdaptiveJoin) -> Result<StagePlan> {
     let find = |id: u32| {
-        stages
-            .iter()
-            .find(|stage| stage.stage_id == id)
-            .ok_or_else(|| {
-                datafusion::error::DataFusionError::Internal(format!("no stage {id} in the job"))
-            })
+        stage(stages, id).ok_or_else(|| {
+            datafusion::error::DataFusionError::Internal(format!("no stage {id} in the job"))
+        })
     };
     let join_stage = find(join.join_stage)?;
     let probe_plan = Arc::clone(find(join.probe_stage)?.plan.input());

@@ -11,7 +11,6 @@ use quiver_proto::{
     PartitionStats, Setting, StageInput, StageMetrics, StoreConfig, TaskFailed, TaskId,
     TaskSucceeded,
 };
-
 use tracing::{info, warn};
 
 use super::JobLimits;
@@ -374,13 +373,10 @@ impl Job {
         let Some(policy) = self.adaptive.policy() else {
             return;
         };
-        let stages = &self.stages;
-        let complete = |id: u32| {
-            id.checked_sub(1)
-                .and_then(|index| stages.get(index as usize))
-                .is_some_and(Stage::is_complete)
-        };
-        for join in self.adaptive.take_ready(complete) {
+        let mut pending = std::mem::take(&mut self.adaptive);
+        let ready = pending.take_ready(|id| self.stage(id).is_some_and(Stage::is_complete));
+        self.adaptive = pending;
+        for join in ready {
             let Some(build_bytes) = self.stage(join.build_stage).map(|s| stage_written(s).bytes)
             else {
                 continue;
