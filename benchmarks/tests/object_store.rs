@@ -14,6 +14,7 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::UInt64Type;
 use common::azurite::{ACCOUNT_KEY, AzuriteServer};
 use common::gcs::GcsServer;
+use common::processes::{ClusterArgs, ProcessCluster};
 use common::s3::{S3Server, SECRET_KEY};
 use common::webdav::WebDavServer;
 use futures::TryStreamExt;
@@ -597,6 +598,80 @@ async fn a_write_that_fails_midway_leaves_no_upload_behind() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     cluster.shutdown().await;
+}
+
+/// An executor killed while it uploads a file cannot abort the upload, and
+/// S3 lists no unfinished upload among the bucket's objects. The write task
+/// records each upload's id in the job's staging folder before the first
+/// part, so the commit of the retried task aborts the one the kill left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_left_by_a_killed_executor_is_aborted() {
+    const ROWS: u64 = 2_000_000;
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
+    let context = cluster.connect(1).await;
+    // Parts of S3's smallest size, so that uploads begin early and last.
+    for setting in [
+        "SET datafusion.execution.parquet.max_row_group_size = 65536",
+        "SET datafusion.execution.objectstore_writer_buffer_size = 5242880",
+    ] {
+        run(&context, setting).await.expect("setting");
+    }
+    let copy = format!(
+        "COPY (SELECT value, md5(CAST(value AS VARCHAR)) AS digest FROM range({ROWS})) \
+         TO 's3://lake/killed/' STORED AS PARQUET {}",
+        s3.sql_options()
+    );
+    let writing = tokio::spawn({
+        let context = context.clone();
+        async move { count_of(&context, &copy).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s3.unfinished_uploads("lake") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline && !writing.is_finished(),
+            "no upload began\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cluster.kill_executor(0);
+    cluster.start_executor(0);
+
+    let written = tokio::time::timeout(std::time::Duration::from_secs(180), writing)
+        .await
+        .unwrap_or_else(|_| panic!("the write did not finish\n{}", cluster.logs()))
+        .expect("the write task");
+    assert_eq!(written, ROWS);
+    let bucket = s3.store("lake");
+    let objects = list(&bucket, "killed").await;
+    assert!(
+        objects.iter().all(|o| !o.contains("_temporary")),
+        "staging left behind: {objects:?}"
+    );
+    assert_eq!(
+        s3.unfinished_uploads("lake"),
+        0,
+        "the killed attempt's upload is still open\n{}",
+        cluster.logs()
+    );
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE killed STORED AS PARQUET LOCATION 's3://lake/killed/' {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect("register the written folder");
+    let distinct = count_of(
+        &context,
+        "SELECT count(DISTINCT value)::bigint unsigned FROM killed",
+    )
+    .await;
+    let total = count_of(&context, "SELECT count(*)::bigint unsigned FROM killed").await;
+    assert_eq!((distinct, total), (ROWS, ROWS), "every row once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

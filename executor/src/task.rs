@@ -406,6 +406,7 @@ impl TaskRunner {
             .with_extension(Arc::new(TaskAttempt {
                 attempt: task.attempt,
             }))
+            .with_extension(Arc::clone(&self.stores))
             .with_extension(lease);
         let state = SessionStateBuilder::new()
             .with_config(config)

@@ -535,6 +535,11 @@ impl Planner {
         Arc::clone(self.catalog.state().catalog_list())
     }
 
+    /// The scheduler's object stores.
+    pub fn object_stores(&self) -> Arc<StoreRegistry> {
+        Arc::clone(&self.object_stores)
+    }
+
     /// The runtime of the shared catalog, with the scheduler's object stores.
     pub fn runtime_env(&self) -> Arc<datafusion::execution::runtime_env::RuntimeEnv> {
         self.catalog.runtime_env()

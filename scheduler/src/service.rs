@@ -12,7 +12,7 @@ use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
-use quiver_core::storage::redact_sql;
+use quiver_core::storage::{StoreRegistry, redact_sql};
 use quiver_core::write::{FinishOverwrite, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
@@ -342,6 +342,7 @@ impl SchedulerGrpc {
             return;
         }
         let runtime = self.planner.runtime_env();
+        let stores = self.planner.object_stores();
         let job_id = job_id.to_owned();
         let durable = job.durable_shuffle.clone();
         let writes_to = job.writes_to.clone().unwrap_or_default();
@@ -361,7 +362,8 @@ impl SchedulerGrpc {
                 }
                 // Another writer of the table may start as soon as this job
                 // ends, so an overwrite's deletions are left to its commit.
-                clean_up_job_storage(&runtime, &job_id, &durable, &writes_to, FinishOverwrite::No)
+                let finish = FinishOverwrite::No;
+                clean_up_job_storage(&runtime, &stores, &job_id, &durable, &writes_to, finish)
                     .await;
             }
         });
@@ -383,6 +385,7 @@ impl SchedulerGrpc {
         executor_timeout: std::time::Duration,
     ) {
         let runtime = self.planner.runtime_env();
+        let stores = self.planner.object_stores();
         if interrupted
             .iter()
             .any(|record| !record.writes_to.is_empty())
@@ -400,6 +403,7 @@ impl SchedulerGrpc {
             has_data.then(|| {
                 clean_up_job_storage(
                     &runtime,
+                    &stores,
                     job_id,
                     &record.durable_shuffle,
                     &record.writes_to,
@@ -429,6 +433,7 @@ const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// its manifest ([`settle_write`]). Failures are logged: the data stays.
 async fn clean_up_job_storage(
     runtime: &RuntimeEnv,
+    stores: &StoreRegistry,
     job_id: &str,
     durable: &str,
     writes_to: &str,
@@ -440,7 +445,7 @@ async fn clean_up_job_storage(
         warn!(%job_id, %e, "cannot remove durable shuffle data");
     }
     if !writes_to.is_empty() {
-        match settle_write(runtime, writes_to, job_id, finish).await {
+        match settle_write(stores, writes_to, job_id, finish).await {
             Ok(settled) => debug!(%job_id, ?settled, "settled the job's write"),
             Err(e) => warn!(%job_id, %e, "cannot settle a write's files"),
         }

@@ -11,7 +11,7 @@ pub mod options;
 pub mod registry;
 
 pub use options::{StoreOptions, redact_sql, register_store_option_namespaces};
-pub use registry::{StoreError, StoreRegistry, build_store, store_key};
+pub use registry::{Store, StoreError, StoreRegistry, build_store, store_key};
 
 use std::sync::Arc;
 

@@ -18,6 +18,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
 use url::Url;
 
@@ -40,8 +41,27 @@ pub enum StoreError {
     },
 }
 
+/// A built store: the interface DataFusion reads and writes through, and,
+/// where the store has one, its multipart upload API. Writes use that to
+/// record each upload's id, so that an upload a killed task left unfinished
+/// can be found and aborted (see [`crate::write::upload`]).
+#[derive(Clone)]
+pub struct Store {
+    pub objects: Arc<dyn ObjectStore>,
+    pub multipart: Option<Arc<dyn MultipartStore>>,
+}
+
+impl Store {
+    fn with_multipart<S: ObjectStore + MultipartStore>(store: Arc<S>) -> Self {
+        Self {
+            objects: Arc::clone(&store) as _,
+            multipart: Some(store as _),
+        }
+    }
+}
+
 struct Registered {
-    store: Arc<dyn ObjectStore>,
+    store: Store,
     options: StoreOptions,
 }
 
@@ -117,6 +137,29 @@ impl StoreRegistry {
         };
     }
 
+    /// The multipart upload API of the store of `url`, if it has one. Local
+    /// files have none: a killed writer's partial file lies in the staging
+    /// folder, which settling the write deletes.
+    pub fn multipart_store(&self, url: &Url) -> DfResult<Option<Arc<dyn MultipartStore>>> {
+        Ok(self.registered(url)?.multipart)
+    }
+
+    /// The store of `url`, built with no options on first use.
+    fn registered(&self, url: &Url) -> DfResult<Store> {
+        let key = store_key(url);
+        if let Some(registered) = self.read().get(&key) {
+            return Ok(registered.store.clone());
+        }
+        let store = build_store(url, &StoreOptions::default())
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let mut stores = self.write();
+        let registered = stores.entry(key).or_insert(Registered {
+            store,
+            options: StoreOptions::default(),
+        });
+        Ok(registered.store.clone())
+    }
+
     /// The options configured for the location of `url`, if any.
     pub fn options_for(&self, url: &Url) -> Option<StoreOptions> {
         self.read()
@@ -148,35 +191,27 @@ impl ObjectStoreRegistry for StoreRegistry {
             .insert(
                 store_key(url),
                 Registered {
-                    store,
+                    store: Store {
+                        objects: store,
+                        multipart: None,
+                    },
                     options: StoreOptions::default(),
                 },
             )
-            .map(|previous| previous.store)
+            .map(|previous| previous.store.objects)
     }
 
     fn deregister_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
         self.write()
             .remove(&store_key(url))
-            .map(|registered| registered.store)
+            .map(|registered| registered.store.objects)
             .ok_or_else(|| {
                 DataFusionError::Execution(format!("no object store is registered for '{url}'"))
             })
     }
 
     fn get_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
-        let key = store_key(url);
-        if let Some(registered) = self.read().get(&key) {
-            return Ok(Arc::clone(&registered.store));
-        }
-        let store = build_store(url, &StoreOptions::default())
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let mut stores = self.write();
-        let registered = stores.entry(key).or_insert(Registered {
-            store,
-            options: StoreOptions::default(),
-        });
-        Ok(Arc::clone(&registered.store))
+        Ok(self.registered(url)?.objects)
     }
 }
 
@@ -189,7 +224,7 @@ fn retry_config() -> RetryConfig {
 }
 
 /// Builds the store for `url`: environment first, then `options` on top.
-pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectStore>, StoreError> {
+pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreError> {
     let unsupported = |reason: String| StoreError::UnsupportedLocation {
         url: url.to_string(),
         reason,
@@ -200,10 +235,11 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
         return Ok(memory_store(&store_key(url)));
     }
     let (scheme, _) = ObjectStoreScheme::parse(url).map_err(|e| unsupported(e.to_string()))?;
-    let built =
-        |result: object_store::Result<Arc<dyn ObjectStore>>| result.map_err(build_error(url));
     match scheme {
-        ObjectStoreScheme::Local => Ok(local_store()),
+        ObjectStoreScheme::Local => Ok(Store {
+            objects: local_store(),
+            multipart: None,
+        }),
         ObjectStoreScheme::AmazonS3 => {
             let mut builder = AmazonS3Builder::from_env()
                 .with_url(url.as_str())
@@ -211,7 +247,8 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
             for (name, value) in options.for_provider("aws") {
                 builder = builder.with_config(aws_key(name).map_err(build_error(url))?, value);
             }
-            built(builder.build().map(|s| Arc::new(s) as _))
+            let store = builder.build().map_err(build_error(url))?;
+            Ok(Store::with_multipart(Arc::new(store)))
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             let mut builder = GoogleCloudStorageBuilder::from_env()
@@ -220,7 +257,8 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
             for (name, value) in options.for_provider("gcp") {
                 builder = builder.with_config(parse_key(url, name)?, value);
             }
-            built(builder.build().map(|s| Arc::new(s) as _))
+            let store = builder.build().map_err(build_error(url))?;
+            Ok(Store::with_multipart(Arc::new(store)))
         }
         ObjectStoreScheme::MicrosoftAzure => {
             let mut builder = MicrosoftAzureBuilder::from_env()
@@ -229,7 +267,8 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
             for (name, value) in options.for_provider("azure") {
                 builder = builder.with_config(parse_key(url, name)?, value);
             }
-            built(builder.build().map(|s| Arc::new(s) as _))
+            let store = builder.build().map_err(build_error(url))?;
+            Ok(Store::with_multipart(Arc::new(store)))
         }
         ObjectStoreScheme::Http => {
             // A location written as http:// asks for plain HTTP.
@@ -243,7 +282,10 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Arc<dyn ObjectSt
             for (name, value) in options.for_provider("http") {
                 builder = builder.with_config(parse_key(url, name)?, value);
             }
-            built(builder.build().map(|s| Arc::new(s) as _))
+            Ok(Store {
+                objects: Arc::new(builder.build().map_err(build_error(url))?),
+                multipart: None,
+            })
         }
         other => Err(unsupported(format!("{other:?} stores are not supported"))),
     }
@@ -281,18 +323,17 @@ fn local_store() -> Arc<dyn ObjectStore> {
 
 /// `memory://` stores live as long as the process, shared by everything in
 /// it: the embedded cluster's scheduler and executors see the same objects.
-fn memory_store(key: &str) -> Arc<dyn ObjectStore> {
-    static MEMORY: OnceLock<std::sync::Mutex<HashMap<String, Arc<dyn ObjectStore>>>> =
-        OnceLock::new();
+fn memory_store(key: &str) -> Store {
+    static MEMORY: OnceLock<std::sync::Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
     let mut stores = MEMORY
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    Arc::clone(
+    Store::with_multipart(Arc::clone(
         stores
             .entry(key.to_owned())
             .or_insert_with(|| Arc::new(InMemory::new())),
-    )
+    ))
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! 3. writes the job's manifest, `_manifests/<job>.json`: the commit point;
 //! 4. for `INSERT OVERWRITE`, deletes the table's older data files: all of
 //!    them, or only those in the partition folders this job wrote;
-//! 5. deletes the job's staging folder, and with it the files of losing attempts.
+//! 5. aborts the uploads that killed attempts left unfinished, and deletes the
+//!    job's staging folder, and with it the files of losing attempts.
 //!
 //! New files go in before old ones go, and each step can be repeated, so a
 //! retried commit task finishes the work of one that died midway. Between
@@ -36,25 +37,27 @@ use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::FileSink;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::info;
 
 use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
-use crate::storage::{delete_paths, delete_prefix};
+use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 
 use super::layout::{
     STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to,
-    written_by,
+    upload_records, written_by,
 };
+use super::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
 const CONCURRENT_REQUESTS: usize = 16;
@@ -160,6 +163,7 @@ impl ExecutionPlan for ParquetCommitExec {
             store: context
                 .runtime_env()
                 .object_store(&config.object_store_url)?,
+            multipart: multipart_store(&context, &config.object_store_url)?,
             local: config.object_store_url.as_str().starts_with("file://"),
             location: config.original_url.clone(),
             table,
@@ -186,6 +190,8 @@ struct StagedFile {
 
 struct Commit {
     store: Arc<dyn ObjectStore>,
+    /// The store's multipart API, to abort the uploads killed tasks left.
+    multipart: Option<Arc<dyn MultipartStore>>,
     /// Whether the table is on the local file system, where deleting objects
     /// leaves their folders behind.
     local: bool,
@@ -354,8 +360,18 @@ impl Commit {
 
     /// Deletes the job's staging folder: the winners' files are gone from it
     /// already, so what remains are the files of failed or losing attempts.
+    /// The uploads that killed attempts left unfinished are aborted first:
+    /// their records are in this folder.
     async fn delete_staging(&self) -> Result<()> {
         self.check_lease()?;
+        if let Some(multipart) = &self.multipart {
+            let records = upload_records(&self.table, &self.job_id);
+            let aborted = abort_recorded_uploads(&self.store, multipart.as_ref(), &records).await?;
+            if aborted > 0 {
+                info!(job_id = %self.job_id, location = %self.location, aborted,
+                    "aborted uploads that tasks left unfinished");
+            }
+        }
         let staging = job_staging(&self.table, &self.job_id);
         delete_prefix(&self.store, &staging, self.local).await?;
         if self.local {
@@ -400,14 +416,16 @@ pub enum FinishOverwrite {
 /// retried leaves nothing visible. A committed overwrite that stopped before
 /// deleting the replaced files has them deleted when `finish` says so.
 pub async fn settle_write(
-    runtime: &RuntimeEnv,
+    stores: &StoreRegistry,
     table_url: &str,
     job_id: &str,
     finish: FinishOverwrite,
 ) -> Result<Settled> {
     let table = ListingTableUrl::parse(table_url)?;
+    let store_url = table.object_store();
     let mut commit = Commit {
-        store: runtime.object_store(table.object_store())?,
+        store: stores.get_store(store_url.as_ref())?,
+        multipart: stores.multipart_store(store_url.as_ref())?,
         local: table.scheme() == "file",
         location: table_url.to_owned(),
         table: table.prefix().clone(),
@@ -541,7 +559,6 @@ mod tests {
     use std::path::Path as LocalPath;
 
     use super::*;
-    use crate::storage::{StoreRegistry, runtime_builder};
 
     fn touch(table: &LocalPath, relative: &str) {
         let path = table.join(relative);
@@ -586,9 +603,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp");
         let table = dir.path();
         let url = format!("file://{}/", table.display());
-        let runtime = runtime_builder(Arc::new(StoreRegistry::new()))
-            .build()
-            .expect("runtime");
+        let stores = StoreRegistry::new();
         touch(table, "region=EU/part-old-00000-000.parquet");
         // Job 1 died midway through moving its files in: one made it.
         touch(table, "region=EU/part-job1-00000-000.parquet");
@@ -597,7 +612,7 @@ mod tests {
             "_temporary/job1/p1-a0/region=US/part-job1-00001-000.parquet",
         );
 
-        let settled = settle_write(&runtime, &url, "job1", FinishOverwrite::Yes)
+        let settled = settle_write(&stores, &url, "job1", FinishOverwrite::Yes)
             .await
             .expect("settle");
         assert_eq!(settled, Settled::RolledBack { files: 1 });
@@ -620,14 +635,14 @@ mod tests {
         );
 
         // While other writers may run, the replaced files are left alone.
-        let settled = settle_write(&runtime, &url, "job2", FinishOverwrite::No)
+        let settled = settle_write(&stores, &url, "job2", FinishOverwrite::No)
             .await
             .expect("settle");
         assert_eq!(settled, Settled::Committed);
         assert_eq!(files(table).len(), 4, "{:?}", files(table));
         assert!(!table.join("_temporary/job2").exists());
 
-        let settled = settle_write(&runtime, &url, "job2", FinishOverwrite::Yes)
+        let settled = settle_write(&stores, &url, "job2", FinishOverwrite::Yes)
             .await
             .expect("settle");
         assert_eq!(settled, Settled::Committed);
@@ -640,14 +655,14 @@ mod tests {
             ]
         );
         // Settling is repeatable.
-        let again = settle_write(&runtime, &url, "job2", FinishOverwrite::Yes)
+        let again = settle_write(&stores, &url, "job2", FinishOverwrite::Yes)
             .await
             .expect("settle");
         assert_eq!(again, Settled::Committed);
         assert_eq!(files(table).len(), 3);
 
         std::fs::write(table.join("_manifests/job3.json"), b"{").expect("manifest");
-        let error = settle_write(&runtime, &url, "job3", FinishOverwrite::Yes)
+        let error = settle_write(&stores, &url, "job3", FinishOverwrite::Yes)
             .await
             .expect_err("a broken manifest is an error");
         assert!(error.to_string().contains("job3"), "{error}");
@@ -667,6 +682,7 @@ mod tests {
         let table_path = Path::from_filesystem_path(table).expect("path");
         let commit = |lease| Commit {
             store: Arc::new(object_store::local::LocalFileSystem::new()),
+            multipart: None,
             local: true,
             location: table.display().to_string(),
             table: table_path.clone(),

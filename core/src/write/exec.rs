@@ -22,6 +22,7 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::AsyncArrowWriter;
@@ -30,9 +31,11 @@ use parquet::file::properties::WriterProperties;
 use tracing::warn;
 
 use super::TaskAttempt;
-use super::layout::{attempt_staging, file_name, join};
+use super::layout::{attempt_staging, file_name, join, upload_record};
 use super::partition::HivePartitioner;
+use super::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, multipart_store};
 use crate::config::QuiverOptions;
+use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
 
 /// Files one write task keeps open at once, across partition folders. Past
@@ -150,11 +153,18 @@ impl ExecutionPlan for ParquetWriteExec {
 /// One task's write: its open files and what it has written so far.
 struct WriteTask {
     store: Arc<dyn ObjectStore>,
+    /// The store's multipart API, through which uploads are recorded.
+    multipart: Option<Arc<dyn MultipartStore>>,
+    lease: Option<Arc<Lease>>,
     /// The output location as the user wrote it, for error messages.
     location: String,
+    table: Path,
     staging: Path,
     job_id: String,
     partition: usize,
+    attempt: u32,
+    /// Uploads started, for naming their records.
+    uploads: usize,
     extension: String,
     partitioner: HivePartitioner,
     properties: WriterProperties,
@@ -174,7 +184,7 @@ struct OpenFile {
     rows: u64,
     /// When this file was last written to, in [`WriteTask::clock`] ticks.
     last_write: u64,
-    writer: AsyncArrowWriter<BufWriter>,
+    writer: AsyncArrowWriter<FileUpload>,
 }
 
 struct WrittenFile {
@@ -219,11 +229,16 @@ impl WriteTask {
             .register(context.memory_pool());
         Ok(Self {
             store,
+            multipart: multipart_store(context, &config.object_store_url)?,
+            lease: task_lease(context),
             // The plan's `original_url` does not survive serialization.
             location: table_url.as_str().to_owned(),
+            table: table_url.prefix().clone(),
             staging: attempt_staging(table_url.prefix(), &exec.job_id, partition, attempt),
             job_id: exec.job_id.clone(),
             partition,
+            attempt,
+            uploads: 0,
             extension: config.file_extension.clone(),
             partitioner,
             properties,
@@ -312,11 +327,12 @@ impl WriteTask {
     }
 
     /// Memory held by the open files: their row groups being encoded, and
-    /// each one's upload buffer.
+    /// each one's upload buffer and parts in flight.
     fn buffered_bytes(&self) -> usize {
+        let upload_bytes = self.buffer_bytes * (1 + PARTS_IN_FLIGHT);
         self.open
             .values()
-            .map(|file| file.writer.memory_size() + self.buffer_bytes)
+            .map(|file| file.writer.memory_size() + upload_bytes)
             .sum()
     }
 
@@ -374,7 +390,7 @@ impl WriteTask {
             format!("{folder}/{name}")
         };
         let path = staged_path(&self.staging, &relative)?;
-        let sink = BufWriter::with_capacity(Arc::clone(&self.store), path, self.buffer_bytes);
+        let sink = self.upload(path);
         let options = ArrowWriterOptions::new().with_properties(self.properties.clone());
         let writer = AsyncArrowWriter::try_new_with_options(
             sink,
@@ -387,6 +403,32 @@ impl WriteTask {
             last_write: self.clock,
             writer,
         })
+    }
+
+    /// The upload of a new file at `path`: recorded where the store can
+    /// list nothing of an unfinished upload, buffered otherwise.
+    fn upload(&mut self, path: Path) -> FileUpload {
+        let Some(multipart) = &self.multipart else {
+            let writer = BufWriter::with_capacity(Arc::clone(&self.store), path, self.buffer_bytes)
+                .with_max_concurrency(PARTS_IN_FLIGHT);
+            return FileUpload::Buffered(writer);
+        };
+        let record = upload_record(
+            &self.table,
+            &self.job_id,
+            self.partition,
+            self.attempt,
+            self.uploads,
+        );
+        self.uploads += 1;
+        FileUpload::Recorded(RecordedUpload::new(
+            Arc::clone(multipart),
+            Arc::clone(&self.store),
+            path,
+            record,
+            self.lease.clone(),
+            self.buffer_bytes,
+        ))
     }
 
     fn written_files(&self) -> Result<RecordBatch> {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <table>/_temporary/<job>/p<partition>-a<attempt>/<col=value/...>/part-<job>-<partition>-<n>.parquet   staged
+//! <table>/_temporary/<job>/_uploads/p<partition>-a<attempt>-<n>.json                                      an upload in progress
 //! <table>/<col=value/...>/part-<job>-<partition>-<n>.parquet                                            committed
 //! <table>/_manifests/<job>.json                                                                          each commit's manifest
 //! ```
@@ -19,6 +20,8 @@ use object_store::path::Path;
 
 /// The folder of every write job's staged files.
 pub const STAGING_FOLDER: &str = "_temporary";
+/// The folder, inside a job's staging folder, of its uploads in progress.
+pub const UPLOADS_FOLDER: &str = "_uploads";
 /// The folder of the commits' manifests.
 pub const MANIFEST_FOLDER: &str = "_manifests";
 
@@ -30,6 +33,16 @@ pub fn job_staging(table: &Path, job_id: &str) -> Path {
 /// The staging folder of one task attempt.
 pub fn attempt_staging(table: &Path, job_id: &str, partition: usize, attempt: u32) -> Path {
     job_staging(table, job_id).join(format!("p{partition}-a{attempt}"))
+}
+
+/// The records of one job's uploads in progress (see [`super::upload`]).
+pub fn upload_records(table: &Path, job_id: &str) -> Path {
+    job_staging(table, job_id).join(UPLOADS_FOLDER)
+}
+
+/// The record of the `n`th upload of one task attempt.
+pub fn upload_record(table: &Path, job_id: &str, partition: usize, attempt: u32, n: usize) -> Path {
+    upload_records(table, job_id).join(format!("p{partition}-a{attempt}-{n}.json"))
 }
 
 /// The manifest of one write job: what it committed.
@@ -103,6 +116,13 @@ mod tests {
             &join(&staged, &name).expect("valid path")
         ));
         assert!(is_bookkeeping(&table, &manifest(&table, "job-1")));
+        let record = upload_record(&table, "job-1", 3, 2, 7);
+        assert_eq!(
+            record.as_ref(),
+            "warehouse/sales/_temporary/job-1/_uploads/p3-a2-7.json"
+        );
+        assert!(record.prefix_matches(&upload_records(&table, "job-1")));
+        assert!(is_bookkeeping(&table, &record));
         assert!(!is_bookkeeping(&table, &committed));
         assert_eq!(
             relative_to(&table, &committed).as_deref(),
