@@ -12,8 +12,10 @@
 //!   NULL ELSE CAST(raw AS type) END`;
 //! - filters on partition columns are rewritten onto the raw columns with the
 //!   same expression, so the listing still prunes files by them exactly, null
-//!   semantics included. An equality on a string column stays a plain
-//!   equality, so that the listing lists only that folder;
+//!   semantics included. An equality with a value whose folder name is one
+//!   canonical text (a string, integer, date or boolean) becomes a plain
+//!   equality on the raw column, so that the listing lists only that folder,
+//!   as DataFusion's own listing does for typed partition columns;
 //! - an insert casts the partition columns to strings, which the write path
 //!   turns into folders (nulls into the marker).
 
@@ -121,49 +123,74 @@ impl HivePartitionedTable {
 
     /// `filter` over the raw columns.
     fn raw_filter(&self, filter: &Expr) -> Result<Expr> {
-        if let Some(plain) = self.plain_string_equality(filter) {
-            return Ok(plain);
-        }
-        filter
-            .clone()
-            .transform(|expr| match &expr {
-                Expr::Column(column) => match self.partition_types.get(column.name()) {
-                    Some(declared) => Ok(Transformed::yes(Self::typed(expr.clone(), declared)?)),
-                    None => Ok(Transformed::no(expr)),
-                },
-                _ => Ok(Transformed::no(expr)),
-            })
-            .map(|rewritten| rewritten.data)
+        raw_filter(&self.partition_types, filter)
     }
+}
 
-    /// `column = 'value'` on a string partition column, for a value other
-    /// than the marker, means the same on the raw column; kept plain, it lets
-    /// the listing list only that folder.
-    fn plain_string_equality(&self, filter: &Expr) -> Option<Expr> {
-        let Expr::BinaryExpr(binary) = filter else {
-            return None;
-        };
-        if binary.op != Operator::Eq {
-            return None;
-        }
-        let (column, value) = match (binary.left.as_ref(), binary.right.as_ref()) {
-            (Expr::Column(column), Expr::Literal(value, _))
-            | (Expr::Literal(value, _), Expr::Column(column)) => (column, value),
-            _ => return None,
-        };
-        let is_string_column = matches!(
-            self.partition_types.get(column.name()),
-            Some(DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
-        );
-        match value.try_as_str() {
-            Some(Some(text)) if is_string_column && text != NULL_PARTITION => Some(binary_expr(
-                Expr::Column(column.clone()),
-                Operator::Eq,
-                lit(text),
-            )),
-            _ => None,
-        }
+/// `filter` over the raw (string) partition columns, given the declared
+/// type of each partition column.
+fn raw_filter(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Result<Expr> {
+    if let Some(plain) = folder_equality(partition_types, filter) {
+        return Ok(plain);
     }
+    filter
+        .clone()
+        .transform(|expr| match &expr {
+            Expr::Column(column) => match partition_types.get(column.name()) {
+                Some(declared) => Ok(Transformed::yes(HivePartitionedTable::typed(
+                    expr.clone(),
+                    declared,
+                )?)),
+                None => Ok(Transformed::no(expr)),
+            },
+            _ => Ok(Transformed::no(expr)),
+        })
+        .map(|rewritten| rewritten.data)
+}
+
+/// `column = value` on a partition column, for a value that is written as
+/// one canonical folder name, means `raw = 'name'`. Kept a plain equality,
+/// it lets the listing list only that folder. Strings, integers, dates and
+/// booleans have one text each (`2024`, `2024-01-31`, `true`), the one that
+/// Quiver, DataFusion, Hive and Spark write; folders spelled otherwise (say
+/// `year=02024`) are then not found, as with DataFusion's typed listing.
+/// Other types (floats, decimals, timestamps) have several spellings of one
+/// value, so their filters stay on the converted value, over every folder.
+fn folder_equality(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Option<Expr> {
+    let Expr::BinaryExpr(binary) = filter else {
+        return None;
+    };
+    if binary.op != Operator::Eq {
+        return None;
+    }
+    let (column, value) = match (binary.left.as_ref(), binary.right.as_ref()) {
+        (Expr::Column(column), Expr::Literal(value, _))
+        | (Expr::Literal(value, _), Expr::Column(column)) => (column, value),
+        _ => return None,
+    };
+    let declared = partition_types.get(column.name())?;
+    let name = match declared {
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
+            value.try_as_str().flatten()?.to_owned()
+        }
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32
+        | DataType::UInt64
+        | DataType::Date32
+        | DataType::Boolean
+            if &value.data_type() == declared && !value.is_null() =>
+        {
+            value.to_string()
+        }
+        _ => return None,
+    };
+    (name != NULL_PARTITION)
+        .then(|| binary_expr(Expr::Column(column.clone()), Operator::Eq, lit(name)))
 }
 
 #[async_trait]
@@ -225,5 +252,65 @@ impl TableProvider for HivePartitionedTable {
             Ok(cast(column, DataType::Utf8))
         })?;
         self.raw.insert_into(state, input, insert_op).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::col;
+
+    use super::*;
+
+    fn types() -> HashMap<String, DataType> {
+        HashMap::from([
+            ("region".to_owned(), DataType::Utf8),
+            ("year".to_owned(), DataType::Int32),
+            ("day".to_owned(), DataType::Date32),
+            ("price".to_owned(), DataType::Float64),
+        ])
+    }
+
+    fn raw(filter: Expr) -> Expr {
+        raw_filter(&types(), &filter).expect("rewrites")
+    }
+
+    #[test]
+    fn an_equality_with_one_folder_name_stays_a_plain_equality() {
+        assert_eq!(
+            raw(col("region").eq(lit("EU"))),
+            col("region").eq(lit("EU"))
+        );
+        assert_eq!(
+            raw(lit(2024i32).eq(col("year"))),
+            col("year").eq(lit("2024"))
+        );
+        let day = ScalarValue::Date32(Some(19_753));
+        assert_eq!(
+            raw(col("day").eq(lit(day))),
+            col("day").eq(lit("2024-01-31"))
+        );
+    }
+
+    #[test]
+    fn other_filters_are_evaluated_on_the_typed_value() {
+        let typed_year = HivePartitionedTable::typed(col("year"), &DataType::Int32).expect("typed");
+        // Not an equality, the marker, or a literal of another type.
+        assert_eq!(
+            raw(col("year").gt(lit(2024i32))),
+            typed_year.clone().gt(lit(2024i32))
+        );
+        assert_eq!(
+            raw(col("year").eq(lit(2024i64))),
+            typed_year.eq(lit(2024i64))
+        );
+        let marker = raw(col("region").eq(lit(NULL_PARTITION)));
+        assert_ne!(marker, col("region").eq(lit(NULL_PARTITION)));
+        // A float has several spellings of one value: `1.5`, `1.50`.
+        let typed_price =
+            HivePartitionedTable::typed(col("price"), &DataType::Float64).expect("typed");
+        assert_eq!(
+            raw(col("price").eq(lit(1.5f64))),
+            typed_price.eq(lit(1.5f64))
+        );
     }
 }
