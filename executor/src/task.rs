@@ -381,7 +381,8 @@ impl TaskRunner {
     }
 
     /// The task's context: the executor's runtime, whose object store reads
-    /// are counted into `meter`, the job's settings, and the session's lease.
+    /// are counted into `meter`, the job's settings, the session's lease, and
+    /// the executor's stores, whose multipart APIs writes record uploads through.
     fn task_context(
         &self,
         settings: &[quiver_proto::Setting],
