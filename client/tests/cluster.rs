@@ -504,33 +504,7 @@ async fn explain_analyze_shows_what_every_stage_did() {
 async fn a_build_side_found_small_at_run_time_is_broadcast() {
     let (cluster, context) = cluster().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let local = SessionContext::new();
-    for table in ["facts", "dims"] {
-        // Two files each, so that each scan has two partitions.
-        for part in 0..2 {
-            let (from, to) = (part * 50_000, (part + 1) * 50_000);
-            let path = dir.path().join(table).join(format!("part-{part}.parquet"));
-            local
-                .sql(&format!(
-                    "COPY (SELECT value AS k FROM range({from}, {to})) TO '{}' STORED AS PARQUET",
-                    path.display()
-                ))
-                .await
-                .expect("plan copy")
-                .collect()
-                .await
-                .expect("write a file");
-        }
-        let location = dir.path().join(table);
-        query(
-            &context,
-            &format!(
-                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{}/'",
-                location.display()
-            ),
-        )
-        .await;
-    }
+    create_facts_and_dims(&context, dir.path()).await;
     // The filtered side is estimated at a fifth of its 100 000 rows, far
     // above this threshold, so the planner joins partitioned.
     for setting in [
@@ -542,14 +516,7 @@ async fn a_build_side_found_small_at_run_time_is_broadcast() {
     }
     let join = "SELECT count(*) AS n, sum(f.k) AS total FROM facts f JOIN dims d ON f.k = d.k \
                 WHERE d.k % 50000 = 0";
-    let analyzed = |context: QuiverContext| async move {
-        let batches = query(&context, &format!("EXPLAIN ANALYZE {join}")).await;
-        arrow::util::pretty::pretty_format_batches(&batches)
-            .expect("render")
-            .to_string()
-    };
-
-    let report = analyzed(context.clone()).await;
+    let report = explain_analyze(&context, join).await;
     assert!(
         report.contains("merged into stage") && report.contains("HashJoinExec: mode=CollectLeft"),
         "{report}"
@@ -557,7 +524,7 @@ async fn a_build_side_found_small_at_run_time_is_broadcast() {
     assert_eq!(int64s(&query(&context, join).await, 1), vec![50_000]);
 
     query(&context, "SET quiver.adaptive_joins = false").await;
-    let report = analyzed(context.clone()).await;
+    let report = explain_analyze(&context, join).await;
     assert!(
         !report.contains("merged into stage") && report.contains("HashJoinExec: mode=Partitioned"),
         "{report}"
@@ -568,6 +535,74 @@ async fn a_build_side_found_small_at_run_time_is_broadcast() {
         (vec![2], vec![50_000])
     );
     cluster.shutdown().await;
+}
+
+/// TPC-H Q17's shape: two rows of `dims` compared with an aggregate of all
+/// of `facts` grouped by the key. Once the `dims` side has run, its keys
+/// filter the `facts` scan below the aggregate, and the answer stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_build_side_filters_the_scan_under_an_aggregate() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    let compared = "SELECT count(*) AS n, sum(d.k) AS total FROM dims d \
+                    WHERE d.k % 50000 = 0 \
+                    AND d.k <= (SELECT max(f.k) FROM facts f WHERE f.k = d.k)";
+    let report = explain_analyze(&context, compared).await;
+    assert!(
+        report.contains("join_type=RightSemi") && report.contains("AggregateExec: mode=Partial"),
+        "{report}"
+    );
+    let expected = (vec![2], vec![50_000]);
+    let batches = query(&context, compared).await;
+    assert_eq!((int64s(&batches, 0), int64s(&batches, 1)), expected);
+
+    query(&context, "SET quiver.semi_join_reduction = false").await;
+    let report = explain_analyze(&context, compared).await;
+    assert!(!report.contains("join_type=RightSemi"), "{report}");
+    let batches = query(&context, compared).await;
+    assert_eq!((int64s(&batches, 0), int64s(&batches, 1)), expected);
+    cluster.shutdown().await;
+}
+
+/// The report of `EXPLAIN ANALYZE sql`, as text.
+async fn explain_analyze(context: &QuiverContext, sql: &str) -> String {
+    let batches = query(context, &format!("EXPLAIN ANALYZE {sql}")).await;
+    arrow::util::pretty::pretty_format_batches(&batches)
+        .expect("render")
+        .to_string()
+}
+
+/// Tables `facts` and `dims`, each of the keys 0 to 99 999 in two Parquet
+/// files, so that each scan has two partitions.
+async fn create_facts_and_dims(context: &QuiverContext, dir: &Path) {
+    let local = SessionContext::new();
+    for table in ["facts", "dims"] {
+        // Two files each, so that each scan has two partitions.
+        for part in 0..2 {
+            let (from, to) = (part * 50_000, (part + 1) * 50_000);
+            let path = dir.join(table).join(format!("part-{part}.parquet"));
+            local
+                .sql(&format!(
+                    "COPY (SELECT value AS k FROM range({from}, {to})) TO '{}' STORED AS PARQUET",
+                    path.display()
+                ))
+                .await
+                .expect("plan copy")
+                .collect()
+                .await
+                .expect("write a file");
+        }
+        let location = dir.join(table);
+        query(
+            context,
+            &format!(
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{}/'",
+                location.display()
+            ),
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -22,6 +22,8 @@ extensions_options! {
         pub broadcast_join_max_bytes: u64, default = 134217728
         /// Decide partitioned hash joins again once their build side has run: the probe side's stage waits for it, and when the build side turns out small enough to broadcast (by the two settings above), the probe side runs inside the join's stage instead of being shuffled.
         pub adaptive_joins: bool, default = true
+        /// Filter a scan by the keys of a join's build side once that has run: when a hash join's probe key comes unchanged from a file scan in a stage that has not run (through projections, filters, inner joins, aggregate groups and shuffles), the scan's stage waits for the build stage, and if that wrote at most `datafusion.optimizer.hash_join_single_partition_threshold` bytes, only scan rows whose key it holds go on.
+        pub semi_join_reduction: bool, default = true
     }
 }
 
@@ -119,6 +121,15 @@ fn entry_values(options: &ConfigOptions) -> Vec<(String, Option<String>)> {
         .into_iter()
         .map(|ConfigEntry { key, value, .. }| (key, value))
         .collect()
+}
+
+/// Quiver's options in `config`, or their defaults where none are registered.
+pub fn quiver_options(config: &ConfigOptions) -> QuiverOptions {
+    config
+        .extensions
+        .get::<QuiverOptions>()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Every option, Quiver's first. DataFusion lists extension options without

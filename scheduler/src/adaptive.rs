@@ -27,11 +27,12 @@ use datafusion::error::Result;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::{Distribution, ExecutionPlan};
-use quiver_core::config::QuiverOptions;
+use quiver_core::config::quiver_options;
 use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 
 use crate::broadcast::estimated_bytes;
 use crate::joins::emits_build_side;
+use crate::reduction::{self, Reduction};
 use crate::stages::{StagePlan, collect_reader_stages};
 
 /// A partitioned hash join whose two inputs are whole stages, so that it can
@@ -59,11 +60,7 @@ pub struct AdaptivePolicy {
 impl AdaptivePolicy {
     /// The policy of a job's settings; `None` when `quiver.adaptive_joins` is off.
     pub fn from_config(config: &ConfigOptions) -> Option<Self> {
-        let options = config
-            .extensions
-            .get::<QuiverOptions>()
-            .cloned()
-            .unwrap_or_default();
+        let options = quiver_options(config);
         options.adaptive_joins.then_some(Self {
             always_bytes: config.optimizer.hash_join_single_partition_threshold as u64,
             max_bytes: options.broadcast_join_max_bytes,
@@ -82,41 +79,67 @@ impl AdaptivePolicy {
     }
 }
 
-/// A job's joins that still wait for their build side, and the policy that
-/// decides them.
+/// A job's decisions that wait for a build side to run: its adaptive joins
+/// and its semi-join reductions ([`crate::reduction`]), with the settings
+/// that decide them.
 #[derive(Debug, Clone, Default)]
 pub struct PendingJoins {
     policy: Option<AdaptivePolicy>,
     joins: Vec<AdaptiveJoin>,
+    /// The largest build side a reduction reads; `None` when turned off.
+    reduction_bytes: Option<u64>,
+    reductions: Vec<Reduction>,
 }
 
 impl PendingJoins {
-    /// The adaptive joins of `stages`; none when `policy` is `None` (turned off).
-    pub fn new(stages: &[StagePlan], policy: Option<AdaptivePolicy>) -> Self {
+    /// The adaptive joins of `stages`, none when `policy` is `None` (turned
+    /// off), and their reductions, none when `reduction_bytes` is `None`.
+    pub fn new(
+        stages: &[StagePlan],
+        policy: Option<AdaptivePolicy>,
+        reduction_bytes: Option<u64>,
+    ) -> Self {
         let joins = match policy {
             Some(_) => adaptive_joins(stages),
             None => Vec::new(),
         };
-        Self { policy, joins }
+        let reductions = match reduction_bytes {
+            Some(_) => reduction::reductions(stages, &joins),
+            None => Vec::new(),
+        };
+        Self {
+            policy,
+            joins,
+            reduction_bytes,
+            reductions,
+        }
     }
 
     pub fn policy(&self) -> Option<AdaptivePolicy> {
         self.policy
     }
 
-    /// Whether `stage_id` waits for a decision: it is a pending join's probe side.
+    pub fn reduction_bytes(&self) -> Option<u64> {
+        self.reduction_bytes
+    }
+
+    /// Whether `stage_id` waits for a decision: it is a pending join's probe
+    /// side, or the scan stage of a pending reduction.
     pub fn holds(&self, stage_id: u32) -> bool {
         self.joins.iter().any(|join| join.probe_stage == stage_id)
+            || self.reductions.iter().any(|r| r.scan_stage == stage_id)
+    }
+
+    /// Takes out the pending reductions whose build stage is `complete`.
+    pub fn take_ready_reductions(&mut self, complete: impl Fn(u32) -> bool) -> Vec<Reduction> {
+        take_where(&mut self.reductions, |reduction| {
+            complete(reduction.build_stage)
+        })
     }
 
     /// Takes out the pending joins whose build stage is `complete`.
     pub fn take_ready(&mut self, complete: impl Fn(u32) -> bool) -> Vec<AdaptiveJoin> {
-        let (ready, waiting) = self
-            .joins
-            .drain(..)
-            .partition(|join| complete(join.build_stage));
-        self.joins = waiting;
-        ready
+        take_where(&mut self.joins, |join| complete(join.build_stage))
     }
 
     /// Forgets the join run by `stage_id`, whose plan moved into another stage;
@@ -124,6 +147,13 @@ impl PendingJoins {
     pub fn forget_join_stage(&mut self, stage_id: u32) {
         self.joins.retain(|join| join.join_stage != stage_id);
     }
+}
+
+/// Removes from `items` and returns those for which `taken` holds.
+fn take_where<T>(items: &mut Vec<T>, taken: impl Fn(&T) -> bool) -> Vec<T> {
+    let (ready, waiting) = items.drain(..).partition(|item| taken(item));
+    *items = waiting;
+    ready
 }
 
 /// The joins of a job's stages that can still become broadcast joins.
@@ -322,6 +352,12 @@ pub(crate) mod tests {
     /// Plans `sql` over two tables without statistics, so that DataFusion
     /// cannot tell the build side is small and joins partitioned.
     pub(crate) async fn stages_of(sql: &str) -> Vec<StagePlan> {
+        stages_of_tables(sql, 1).await
+    }
+
+    /// [`stages_of`] with `facts` holding `facts_copies` copies of the rows
+    /// of `dims`, in two partitions each.
+    pub(crate) async fn stages_of_tables(sql: &str, facts_copies: usize) -> Vec<StagePlan> {
         let mut config = default_session_config().with_target_partitions(2);
         // No estimate can make the join a broadcast at planning time.
         config
@@ -348,8 +384,8 @@ pub(crate) mod tests {
             )
             .expect("batch")
         };
-        for table in ["facts", "dims"] {
-            let partitions = vec![vec![batch([1, 2])], vec![batch([3, 4])]];
+        for (table, copies) in [("facts", facts_copies), ("dims", 1)] {
+            let partitions = vec![vec![batch([1, 2]); copies], vec![batch([3, 4]); copies]];
             let provider = MemTable::try_new(Arc::clone(&schema), partitions).expect("table");
             context
                 .register_table(table, Arc::new(provider))

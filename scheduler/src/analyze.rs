@@ -13,6 +13,7 @@ use quiver_core::metrics::{format_metrics, human_bytes};
 use quiver_proto::{JobStatus, Metric, OperatorMetrics, StageMetrics};
 
 use crate::adaptive::{self, AdaptiveJoin};
+use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
 /// Metrics shown without `VERBOSE`: the ones that say where time, rows,
@@ -36,14 +37,17 @@ pub fn schema() -> SchemaRef {
 }
 
 /// One row for the job, then one per stage, final stage last. `stages` are
-/// the stages as planned; joins that became broadcast joins at run time are
-/// shown as they ran.
+/// the stages as planned; joins that became broadcast joins and scans that
+/// semi-join reductions filtered at run time are shown as they ran.
 pub fn report(
     stages: &[StagePlan],
     status: &JobStatus,
     verbose: bool,
 ) -> Result<RecordBatch, ArrowError> {
-    let stages = &adaptive::replay(stages, &broadcast_joins(stages, status))
+    let broadcast = broadcast_joins(stages, status);
+    let reduced = reductions(stages, status);
+    let stages = &adaptive::replay(stages, &broadcast)
+        .and_then(|stages| reduction::replay(&stages, &reduced))
         .map_err(|error| ArrowError::ExternalError(Box::new(error)))?;
     let mut kinds = vec!["Job".to_owned()];
     let mut texts = vec![format!(
@@ -93,6 +97,19 @@ fn broadcast_joins(stages: &[StagePlan], status: &JobStatus) -> Vec<AdaptiveJoin
         .collect();
     joins.sort_by_key(|join| join.join_stage);
     joins
+}
+
+/// The semi-join reductions that filtered a scan, as the job decided them.
+fn reductions(stages: &[StagePlan], status: &JobStatus) -> Vec<Reduction> {
+    reduction::reductions(stages, &adaptive::adaptive_joins(stages))
+        .into_iter()
+        .filter(|reduction| {
+            status.stages.iter().any(|metrics| {
+                metrics.stage_id == reduction.scan_stage
+                    && metrics.reduced_by == reduction.build_stage
+            })
+        })
+        .collect()
 }
 
 fn stage_text(stage: &StagePlan, metrics: &StageMetrics, verbose: bool) -> String {

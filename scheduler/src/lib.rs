@@ -9,6 +9,7 @@
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`broadcast`]: broadcasts hash joins' build sides when that ships fewer bytes.
 //! - [`adaptive`]: turns partitioned joins into broadcasts once a build side has run.
+//! - [`reduction`]: filters a scan by the keys of a small join side that has run.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
@@ -32,6 +33,7 @@ pub mod hive;
 pub mod joins;
 pub mod locations;
 pub mod planner;
+pub mod reduction;
 pub mod series;
 pub mod service;
 pub mod stages;

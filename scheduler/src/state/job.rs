@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::JobLimits;
 use crate::adaptive::{self, AdaptiveJoin, PendingJoins};
+use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
 /// First retry delay; doubled on each further attempt.
@@ -329,6 +330,7 @@ impl Job {
             stage.record_metrics(id.partition, executor_id, report);
         }
         self.decide_adaptive_joins();
+        self.decide_reductions();
         if self.final_stage().is_some_and(Stage::is_complete) {
             self.state = JobState::Succeeded;
             Outcome::Succeeded
@@ -440,6 +442,68 @@ impl Job {
             .plans
             .iter_mut()
             .find(|stage| stage.stage_id == join.join_stage)
+        {
+            *slot = plan;
+        }
+    }
+
+    /// Decides the semi-join reductions whose build stage is now complete:
+    /// a build side small enough filters the scan of a stage not yet started.
+    fn decide_reductions(&mut self) {
+        let Some(limit) = self.adaptive.reduction_bytes() else {
+            return;
+        };
+        let mut pending = std::mem::take(&mut self.adaptive);
+        let ready =
+            pending.take_ready_reductions(|id| self.stage(id).is_some_and(Stage::is_complete));
+        self.adaptive = pending;
+        for reduction in ready {
+            let build_bytes = self
+                .stage(reduction.build_stage)
+                .map(|s| stage_written(s).bytes);
+            let scan_waiting = self.stage(reduction.scan_stage).is_some_and(|stage| {
+                !stage.tasks.is_empty() && stage.tasks.iter().all(|t| t.state == TaskState::Pending)
+            });
+            if build_bytes.is_some_and(|bytes| bytes <= limit) && scan_waiting {
+                self.reduce(reduction);
+            }
+        }
+    }
+
+    /// Rewrites the scan stage of `reduction` to keep only rows whose key its
+    /// build stage holds. A plan that cannot be rewritten runs as planned.
+    fn reduce(&mut self, reduction: Reduction) {
+        let rewritten = reduction::reduce(&self.plans, &reduction)
+            .map_err(crate::Error::Query)
+            .and_then(|plan| {
+                plan.map(|plan| plan.encode().map(|bytes| (plan, bytes)))
+                    .transpose()
+            });
+        let (plan, bytes) = match rewritten {
+            Ok(Some(rewritten)) => rewritten,
+            Ok(None) => return,
+            Err(error) => {
+                warn!(job_id = %self.id, stage = reduction.scan_stage, %error, "the scan stays unfiltered: its reduced plan failed");
+                return;
+            }
+        };
+        info!(
+            job_id = %self.id,
+            scan_stage = reduction.scan_stage,
+            build_stage = reduction.build_stage,
+            join_stage = reduction.join_stage,
+            "filtering a scan by the keys of a join's build side, measured after it ran"
+        );
+        let inputs = plan.inputs.clone();
+        if let Some(stage) = self.stage_mut(reduction.scan_stage) {
+            stage.plan = bytes;
+            stage.inputs = inputs;
+            stage.metrics.reduced_by = reduction.build_stage;
+        }
+        if let Some(slot) = self
+            .plans
+            .iter_mut()
+            .find(|stage| stage.stage_id == reduction.scan_stage)
         {
             *slot = plan;
         }
@@ -869,7 +933,7 @@ mod tests {
             always_bytes: 1024,
             max_bytes: 1024,
         };
-        job.adaptive = PendingJoins::new(&plans, Some(policy));
+        job.adaptive = PendingJoins::new(&plans, Some(policy), None);
         let expected = AdaptiveJoin {
             join_stage: 3,
             build_stage: 1,
