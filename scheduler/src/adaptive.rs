@@ -370,7 +370,8 @@ pub(crate) mod tests {
             .hash_join_single_partition_threshold_rows = 0;
         let context = SessionContext::new_with_config(config);
         let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
+            // Nullable, as most columns are: `NOT IN` is then null-aware.
+            Field::new("k", DataType::Int64, true),
             Field::new("v", DataType::Int64, false),
         ]));
         // Two partitions each, as two files would give.

@@ -19,8 +19,9 @@
 //!
 //! This cannot change an answer: rows are removed only for key values that
 //! the join drops anyway. That holds for join types that drop unmatched probe
-//! rows (not right, full or right anti/mark joins), with null keys matching
-//! nothing, and when every operator on the way keeps the key column's values:
+//! rows (not right, full, mark or right anti joins, nor `NOT IN` anti joins,
+//! which a null probe key changes), with null keys matching nothing, and when
+//! every operator on the way keeps the key column's values:
 //! the path stops at anything else (a limit, a window, a union, an outer join).
 //! Each stage on the way must feed only the next one, so that no other reader
 //! loses rows.
@@ -152,16 +153,20 @@ fn reducible_join(
     join: &HashJoinExec,
     path: &[usize],
 ) -> Option<(u32, ScanColumn)> {
+    // Not a mark join, nor an anti join with `NOT IN` semantics: a null
+    // probe key changes their answer, and the filter would drop it.
     let drops_unmatched_probe_rows = matches!(
         join.join_type(),
         JoinType::Inner
             | JoinType::Left
             | JoinType::LeftSemi
             | JoinType::LeftAnti
-            | JoinType::LeftMark
             | JoinType::RightSemi
     );
-    if !drops_unmatched_probe_rows || join.null_equality() != NullEquality::NullEqualsNothing {
+    if !drops_unmatched_probe_rows
+        || join.null_aware
+        || join.null_equality() != NullEquality::NullEqualsNothing
+    {
         return None;
     }
     let build_stage = whole_stage(join.left())?;
@@ -460,6 +465,10 @@ mod tests {
             // An anti join keeps the aggregate's unmatched rows.
             "SELECT f.k FROM (SELECT k, sum(v) AS total FROM facts GROUP BY k) f \
              WHERE f.k NOT IN (SELECT k FROM dims WHERE v > 10)",
+            // `NOT IN`: a null in the subquery empties the answer, and the
+            // filter would drop that null.
+            "SELECT sum(d.v) FROM dims d WHERE d.v > 10 \
+             AND d.k NOT IN (SELECT k FROM facts GROUP BY k)",
             // A limit under the join: filtering first would change its rows.
             "SELECT sum(a.total) FROM (SELECT k, sum(v) AS total FROM facts GROUP BY k LIMIT 3) a \
              WHERE a.k IN (SELECT k FROM dims WHERE v > 10)",
