@@ -183,7 +183,12 @@ fn reducible_join(
 }
 
 /// The stage that `plan` reads whole: a shuffle reader, maybe coalesced.
+/// Not a coalesce with a limit: which rows it keeps depends on which arrive
+/// first, so another read of the stage could keep others.
 fn whole_stage(plan: &Arc<dyn ExecutionPlan>) -> Option<u32> {
+    if plan.fetch().is_some() {
+        return None;
+    }
     let reader = match plan.downcast_ref::<CoalescePartitionsExec>() {
         Some(coalesce) => coalesce.input(),
         None => plan,
@@ -457,6 +462,28 @@ mod tests {
         );
         let replayed = replay(&stages, &[*reduction]).expect("replay");
         assert_eq!(rendered(&replayed[reduction.scan_stage as usize - 1]), text);
+    }
+
+    #[test]
+    fn a_build_side_limited_as_it_is_read_is_not_a_whole_stage() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::physical_expr::EquivalenceProperties;
+        use quiver_core::shuffle::ReadMode;
+
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
+            "job",
+            7,
+            ReadMode::PerMap,
+            2,
+            EquivalenceProperties::new(schema),
+        ));
+        let coalesced = CoalescePartitionsExec::new(Arc::clone(&reader));
+        assert_eq!(whole_stage(&reader), Some(7));
+        assert_eq!(whole_stage(&(Arc::new(coalesced.clone()) as _)), Some(7));
+        // Which row a limit keeps depends on which arrives first.
+        let limited: Arc<dyn ExecutionPlan> = Arc::new(coalesced.with_fetch(Some(1)));
+        assert_eq!(whole_stage(&limited), None);
     }
 
     #[tokio::test]
