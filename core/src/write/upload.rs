@@ -154,8 +154,7 @@ impl RecordedUpload {
 
     async fn finish(&mut self) -> object_store::Result<()> {
         let Some(id) = self.id.clone() else {
-            let payload = PutPayload::from_iter(std::mem::take(&mut self.pending));
-            self.pending_bytes = 0;
+            let payload = self.take_pending();
             self.objects.put(&self.path, payload).await?;
             return Ok(());
         };
@@ -183,8 +182,7 @@ impl RecordedUpload {
         while self.uploading.len() >= PARTS_IN_FLIGHT {
             self.collect_one_part().await?;
         }
-        let payload = PutPayload::from_iter(std::mem::take(&mut self.pending));
-        self.pending_bytes = 0;
+        let payload = self.take_pending();
         let index = self.sent_parts;
         self.sent_parts += 1;
         let multipart = Arc::clone(&self.multipart);
@@ -196,14 +194,17 @@ impl RecordedUpload {
         Ok(())
     }
 
+    /// The bytes not yet sent, as one payload (their chunks are not copied).
+    fn take_pending(&mut self) -> PutPayload {
+        self.pending_bytes = 0;
+        PutPayload::from_iter(std::mem::take(&mut self.pending))
+    }
+
     /// Creates the upload and records its id, so that it can be aborted
     /// even if this process dies before it completes.
     async fn start(&mut self) -> object_store::Result<MultipartId> {
         if let Some(lease) = &self.lease {
-            lease.check().map_err(|e| object_store::Error::Generic {
-                store: "upload",
-                source: Box::new(e),
-            })?;
+            lease.check().map_err(upload_error)?;
         }
         let id = self.multipart.create_multipart(&self.path).await?;
         self.id = Some(id.clone());
@@ -211,10 +212,7 @@ impl RecordedUpload {
             path: self.path.to_string(),
             upload_id: id.clone(),
         };
-        let record = serde_json::to_vec(&record).map_err(|e| object_store::Error::Generic {
-            store: "upload",
-            source: Box::new(e),
-        })?;
+        let record = serde_json::to_vec(&record).map_err(upload_error)?;
         self.objects.put(&self.record, record.into()).await?;
         Ok(id)
     }
@@ -246,10 +244,15 @@ impl RecordedUpload {
 fn joined_part(
     joined: std::result::Result<object_store::Result<(usize, PartId)>, tokio::task::JoinError>,
 ) -> object_store::Result<(usize, PartId)> {
-    joined.map_err(|e| object_store::Error::Generic {
+    joined.map_err(upload_error)?
+}
+
+/// A failure of the upload itself rather than of the store's API.
+fn upload_error(error: impl std::error::Error + Send + Sync + 'static) -> object_store::Error {
+    object_store::Error::Generic {
         store: "upload",
-        source: Box::new(e),
-    })?
+        source: Box::new(error),
+    }
 }
 
 fn parquet_error(error: object_store::Error) -> ParquetError {
@@ -262,14 +265,15 @@ async fn abort_upload(
     path: &Path,
     id: &MultipartId,
 ) -> object_store::Result<()> {
-    match multipart.abort_multipart(path, id).await {
-        Err(object_store::Error::NotFound { .. }) => Ok(()),
-        other => other,
-    }
+    gone_is_fine(multipart.abort_multipart(path, id).await)
 }
 
 async fn delete_record(objects: &Arc<dyn ObjectStore>, record: &Path) -> object_store::Result<()> {
-    match objects.delete(record).await {
+    gone_is_fine(objects.delete(record).await)
+}
+
+fn gone_is_fine(result: object_store::Result<()>) -> object_store::Result<()> {
+    match result {
         Err(object_store::Error::NotFound { .. }) => Ok(()),
         other => other,
     }
@@ -277,7 +281,8 @@ async fn delete_record(objects: &Arc<dyn ObjectStore>, record: &Path) -> object_
 
 /// Aborts every upload recorded under `records` and deletes the records.
 /// Returns how many it aborted. An upload that cannot be aborted is logged
-/// and its record kept, for the next settling to try again.
+/// and its record left in place; deleting the staging folder then takes it,
+/// and the bucket's lifecycle rule is what removes that upload.
 pub async fn abort_recorded_uploads(
     objects: &Arc<dyn ObjectStore>,
     multipart: &dyn MultipartStore,
