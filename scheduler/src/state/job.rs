@@ -1,7 +1,7 @@
 //! The state of one job: its stages, and every task's attempts and output.
 //! Pure state machine, driven by the event loop; it never does I/O.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
@@ -375,10 +375,8 @@ impl Job {
         let Some(policy) = self.adaptive.policy() else {
             return;
         };
-        let mut pending = std::mem::take(&mut self.adaptive);
-        let ready = pending.take_ready(|id| self.stage(id).is_some_and(Stage::is_complete));
-        self.adaptive = pending;
-        for join in ready {
+        let complete = self.complete_stages();
+        for join in self.adaptive.take_ready(|id| complete.contains(&id)) {
             let Some(build_bytes) = self.stage(join.build_stage).map(|s| stage_written(s).bytes)
             else {
                 continue;
@@ -397,13 +395,7 @@ impl Job {
     /// stage's plan, which then runs no task of its own. A plan that cannot
     /// be rewritten leaves the join partitioned, as planned.
     fn broadcast_join(&mut self, join: AdaptiveJoin, build_bytes: u64) {
-        let not_started = self
-            .stage(join.join_stage)
-            .is_some_and(|stage| stage.tasks.iter().all(|t| t.state == TaskState::Pending))
-            && self
-                .stage(join.probe_stage)
-                .is_some_and(|stage| stage.tasks.iter().all(|t| t.state == TaskState::Pending));
-        if !not_started {
+        if !self.not_started(join.join_stage) || !self.not_started(join.probe_stage) {
             return;
         }
         let rewritten = adaptive::broadcast_join(&self.plans, &join)
@@ -431,20 +423,10 @@ impl Job {
             probe.metrics.merged_into = join.join_stage;
         }
         let partitions = plan.partitions();
-        let inputs = plan.inputs.clone();
-        if let Some(stage) = self.stage_mut(join.join_stage) {
-            stage.plan = bytes;
-            stage.inputs = inputs;
+        if let Some(stage) = self.install_plan(plan, bytes) {
             stage.tasks = pending_tasks(partitions, now);
         }
         self.adaptive.forget_join_stage(join.probe_stage);
-        if let Some(slot) = self
-            .plans
-            .iter_mut()
-            .find(|stage| stage.stage_id == join.join_stage)
-        {
-            *slot = plan;
-        }
     }
 
     /// Decides the semi-join reductions whose build stage is now complete:
@@ -453,18 +435,17 @@ impl Job {
         let Some(limit) = self.adaptive.reduction_bytes() else {
             return;
         };
-        let mut pending = std::mem::take(&mut self.adaptive);
-        let ready =
-            pending.take_ready_reductions(|id| self.stage(id).is_some_and(Stage::is_complete));
-        self.adaptive = pending;
-        for reduction in ready {
+        let complete = self.complete_stages();
+        for reduction in self
+            .adaptive
+            .take_ready_reductions(|id| complete.contains(&id))
+        {
             let build_bytes = self
                 .stage(reduction.build_stage)
                 .map(|s| stage_written(s).bytes);
-            let scan_waiting = self.stage(reduction.scan_stage).is_some_and(|stage| {
-                !stage.tasks.is_empty() && stage.tasks.iter().all(|t| t.state == TaskState::Pending)
-            });
-            if build_bytes.is_some_and(|bytes| bytes <= limit) && scan_waiting {
+            if build_bytes.is_some_and(|bytes| bytes <= limit)
+                && self.not_started(reduction.scan_stage)
+            {
                 self.reduce(reduction);
             }
         }
@@ -494,19 +475,38 @@ impl Job {
             join_stage = reduction.join_stage,
             "filtering a scan by the keys of a join's build side, measured after it ran"
         );
-        let inputs = plan.inputs.clone();
-        if let Some(stage) = self.stage_mut(reduction.scan_stage) {
-            stage.plan = bytes;
-            stage.inputs = inputs;
+        if let Some(stage) = self.install_plan(plan, bytes) {
             stage.metrics.reduced_by = reduction.build_stage;
         }
-        if let Some(slot) = self
-            .plans
-            .iter_mut()
-            .find(|stage| stage.stage_id == reduction.scan_stage)
-        {
+    }
+
+    /// Ids of the stages whose every task is done.
+    fn complete_stages(&self) -> HashSet<u32> {
+        self.stages
+            .iter()
+            .filter(|stage| stage.is_complete())
+            .map(|stage| stage.id)
+            .collect()
+    }
+
+    /// Whether stage `id` has tasks and none of them has started.
+    fn not_started(&self, id: u32) -> bool {
+        self.stage(id).is_some_and(|stage| {
+            !stage.tasks.is_empty() && stage.tasks.iter().all(|t| t.state == TaskState::Pending)
+        })
+    }
+
+    /// Makes `plan` (encoded as `bytes`) the plan its stage runs from now on.
+    fn install_plan(&mut self, plan: StagePlan, bytes: Bytes) -> Option<&mut Stage> {
+        let id = plan.stage_id;
+        let inputs = plan.inputs.clone();
+        if let Some(slot) = self.plans.iter_mut().find(|stage| stage.stage_id == id) {
             *slot = plan;
         }
+        let stage = self.stage_mut(id)?;
+        stage.plan = bytes;
+        stage.inputs = inputs;
+        Some(stage)
     }
 
     /// Makes the map output that a reader could not fetch pending again, so
