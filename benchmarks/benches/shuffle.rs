@@ -20,7 +20,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::TryStreamExt;
 use quiver_core::shuffle::layout::job_dir;
 use quiver_core::shuffle::{
-    FlightClientPool, ReadMode, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
+    FlightClientPool, LocalOutputs, ReadMode, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
 };
 use quiver_proto::{ExecutorAddress, MapOutput};
 use tpchgen::generators::LineItemGenerator;
@@ -39,11 +39,11 @@ fn lineitem(scale_factor: f64) -> Vec<RecordBatch> {
         .expect("generate lineitem")
 }
 
-fn task_context(work_dir: &std::path::Path) -> Arc<TaskContext> {
+fn task_context(outputs: &Arc<LocalOutputs>) -> Arc<TaskContext> {
     let runtime = RuntimeEnvBuilder::new().build_arc().expect("runtime");
     let config = SessionConfig::new().with_extension(Arc::new(ShuffleEnv {
         executor_id: EXECUTOR_ID.into(),
-        work_dir: work_dir.to_owned(),
+        outputs: Arc::clone(outputs),
         clients: FlightClientPool::default(),
         runtime: Arc::clone(&runtime),
     }));
@@ -57,7 +57,7 @@ async fn write(
     partitions: usize,
     map: u32,
     context: &Arc<TaskContext>,
-    work_dir: &std::path::Path,
+    outputs: &Arc<LocalOutputs>,
 ) -> MapOutput {
     let schema = batches[0].schema();
     let source = MemorySourceConfig::try_new_exec(&[batches.to_vec()], Arc::clone(&schema), None)
@@ -70,7 +70,7 @@ async fn write(
         Some(Partitioning::Hash(vec![key], partitions)),
     );
     let stats = writer
-        .write(0, map, Arc::clone(context), work_dir)
+        .write(0, map, Arc::clone(context), outputs)
         .await
         .expect("write");
     MapOutput {
@@ -124,7 +124,9 @@ fn shuffle(c: &mut Criterion) {
     let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
     let work_dir = tempfile::tempdir().expect("work dir");
-    let context = task_context(work_dir.path());
+    // Files, as large map outputs are: the bench measures the file format.
+    let outputs = Arc::new(LocalOutputs::on_disk(work_dir.path().to_owned()));
+    let context = task_context(&outputs);
 
     let mut group = c.benchmark_group(format!("shuffle lineitem sf{scale_factor} ({rows} rows)"));
     group.sample_size(10);
@@ -137,27 +139,14 @@ fn shuffle(c: &mut Criterion) {
             |b, &n| {
                 b.iter(|| {
                     attempt += 1;
-                    let output = runtime.block_on(write(
-                        WRITE_JOB,
-                        &batches,
-                        n,
-                        attempt,
-                        &context,
-                        work_dir.path(),
-                    ));
+                    let output = runtime
+                        .block_on(write(WRITE_JOB, &batches, n, attempt, &context, &outputs));
                     std::fs::remove_dir_all(job_dir(work_dir.path(), WRITE_JOB)).expect("clean up");
                     output
                 })
             },
         );
-        let output = runtime.block_on(write(
-            READ_JOB,
-            &batches,
-            partitions,
-            0,
-            &context,
-            work_dir.path(),
-        ));
+        let output = runtime.block_on(write(READ_JOB, &batches, partitions, 0, &context, &outputs));
         let schema = batches[0].schema();
         group.bench_with_input(
             BenchmarkId::new("read", partitions),

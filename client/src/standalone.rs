@@ -20,6 +20,9 @@ pub struct StandaloneOptions {
     pub slots_per_executor: usize,
     /// Memory pool of each executor, in bytes.
     pub memory_limit: usize,
+    /// Bytes of small map outputs each executor holds in memory instead of
+    /// files; 0 writes them all to files.
+    pub shuffle_memory_limit: u64,
     /// Shuffle partitions when a job does not set them.
     pub default_partitions: usize,
     /// Jobs running at once; later ones queue. 0 means no limit.
@@ -32,6 +35,7 @@ impl Default for StandaloneOptions {
             executors: 2,
             slots_per_executor: 2,
             memory_limit: 2 * 1024 * 1024 * 1024,
+            shuffle_memory_limit: quiver_executor::config::DEFAULT_SHUFFLE_MEMORY_LIMIT,
             default_partitions: 4,
             max_running_jobs: 16,
         }
@@ -93,6 +97,7 @@ impl StandaloneCluster {
             let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
             config.task_threads = Some((cores / options.executors.max(1)).max(1));
             config.memory_limit = options.memory_limit;
+            config.shuffle_memory_limit = options.shuffle_memory_limit;
             let shutdown = wait_for(stopped.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = quiver_executor::run(config, listener, shutdown).await {

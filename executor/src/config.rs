@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// Default bytes of small map outputs an executor holds in memory.
+pub const DEFAULT_SHUFFLE_MEMORY_LIMIT: u64 = 256 * 1024 * 1024;
+
 /// A Quiver executor: runs tasks for the scheduler and serves their shuffle data.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "quiver-executor", version)]
@@ -43,6 +46,11 @@ pub struct ExecutorConfig {
     #[arg(long, env = "QUIVER_MEMORY_LIMIT", default_value_t = 4 * 1024 * 1024 * 1024)]
     pub memory_limit: usize,
 
+    /// Bytes of small map outputs held in memory rather than in files
+    /// (counted in the memory limit); 0 writes every output to a file.
+    #[arg(long, env = "QUIVER_SHUFFLE_MEMORY_LIMIT", default_value_t = DEFAULT_SHUFFLE_MEMORY_LIMIT)]
+    pub shuffle_memory_limit: u64,
+
     /// Folder for shuffle files and spills.
     #[arg(long, env = "QUIVER_WORK_DIR", default_value_os_t = std::env::temp_dir().join("quiver-executor"))]
     pub work_dir: PathBuf,
@@ -79,6 +87,7 @@ impl ExecutorConfig {
             slots: None,
             task_threads: None,
             memory_limit: 4 * 1024 * 1024 * 1024,
+            shuffle_memory_limit: DEFAULT_SHUFFLE_MEMORY_LIMIT,
             work_dir,
             drain_grace_secs: 0,
             shuffle_ttl_secs: 24 * 3600,

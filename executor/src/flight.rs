@@ -6,8 +6,8 @@
 //! derived on this side, so a crafted ticket cannot read outside the work dir.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
@@ -15,8 +15,9 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use futures::{Stream, TryStreamExt};
+use quiver_core::shuffle::LocalOutputs;
 use quiver_core::shuffle::fetch::MAX_FLIGHT_MESSAGE_BYTES;
-use quiver_core::shuffle::layout::{PartitionRequest, open_segment, parse_ticket};
+use quiver_core::shuffle::layout::{PartitionRequest, parse_ticket};
 use quiver_core::shuffle::serve::segment_flight_data;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,25 +26,25 @@ use crate::{Error, Result};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Serves shuffle partitions stored under `shuffle_dir`.
+/// Serves the partitions of this executor's map outputs.
 #[derive(Debug, Clone)]
 pub struct ShuffleFlightService {
-    shuffle_dir: PathBuf,
+    outputs: Arc<LocalOutputs>,
 }
 
 impl ShuffleFlightService {
-    pub fn new(shuffle_dir: PathBuf) -> Self {
-        Self { shuffle_dir }
+    pub fn new(outputs: Arc<LocalOutputs>) -> Self {
+        Self { outputs }
     }
 }
 
 /// Serves the data plane on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    shuffle_dir: PathBuf,
+    outputs: Arc<LocalOutputs>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let service = ShuffleFlightService::new(shuffle_dir);
+    let service = ShuffleFlightService::new(outputs);
     tonic::transport::Server::builder()
         .add_service(
             FlightServiceServer::new(service)
@@ -80,22 +81,21 @@ impl FlightService for ShuffleFlightService {
             partition,
         } = parse_ticket(&request.into_inner().ticket)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let shuffle_dir = self.shuffle_dir.clone();
-        let segment =
-            tokio::task::spawn_blocking(move || open_segment(&shuffle_dir, &id, partition))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| match &e {
-                    quiver_core::Error::Io { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        Status::not_found(e.to_string())
-                    }
-                    quiver_core::Error::PartitionOutOfRange { .. } => {
-                        Status::invalid_argument(e.to_string())
-                    }
-                    _ => Status::internal(e.to_string()),
-                })?;
+        let outputs = Arc::clone(&self.outputs);
+        let segment = tokio::task::spawn_blocking(move || outputs.open_segment(&id, partition))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match &e {
+                quiver_core::Error::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Status::not_found(e.to_string())
+                }
+                quiver_core::Error::PartitionOutOfRange { .. } => {
+                    Status::invalid_argument(e.to_string())
+                }
+                _ => Status::internal(e.to_string()),
+            })?;
         // The stored IPC messages go out as they are: the reader decodes them.
         let stream = segment_flight_data(segment).map_err(|e| match e {
             quiver_core::Error::CorruptShuffleData(_) => Status::data_loss(e.to_string()),

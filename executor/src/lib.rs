@@ -101,7 +101,7 @@ pub async fn run(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let flight = tokio::spawn(flight::serve(
         flight_listener,
-        config.shuffle_dir(),
+        Arc::clone(executor.outputs()),
         async move {
             let _ = stop_rx.wait_for(|stopped| *stopped).await;
         },

@@ -4,12 +4,13 @@
 //! that message can be lost: the scheduler may crash, or an executor may die
 //! with files on disk. So an executor also starts from a clean work dir, and a
 //! sweeper removes job folders untouched for longer than a time to live, as
-//! long as none of this executor's tasks is still running for that job.
+//! long as none of this executor's tasks is still running for that job. Map
+//! outputs held in memory are swept by the same rule.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
@@ -36,6 +37,9 @@ pub async fn run(shuffle_root: PathBuf, ttl: Duration, runner: Arc<TaskRunner>) 
     loop {
         ticker.tick().await;
         let running = runner.running_jobs();
+        for job_id in runner.outputs().sweep(ttl, &running, Instant::now()) {
+            info!(%job_id, ttl_secs = ttl.as_secs(), "dropped orphaned shuffle data held in memory");
+        }
         let root = shuffle_root.clone();
         let swept =
             tokio::task::spawn_blocking(move || sweep(&root, ttl, &running, SystemTime::now()))

@@ -19,7 +19,9 @@ use quiver_core::lease::Lease;
 use quiver_core::metrics::{add_operator_metrics, operator_metrics};
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::{MapOutputId, job_dir, validate_identifier};
-use quiver_core::shuffle::{FlightClientPool, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec};
+use quiver_core::shuffle::{
+    FlightClientPool, LocalOutputs, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
+};
 use quiver_core::storage::metered::{MeteredRegistry, ReadMeter};
 use quiver_core::storage::{StoreOptions, StoreRegistry};
 use quiver_core::write::TaskAttempt;
@@ -44,7 +46,8 @@ use crate::threads::TaskThreads;
 #[derive(Debug)]
 pub struct TaskRunner {
     executor_id: String,
-    shuffle_dir: PathBuf,
+    /// This executor's map outputs: small ones in memory, the rest in files.
+    outputs: Arc<LocalOutputs>,
     runtime: Arc<RuntimeEnv>,
     /// The runtime's object stores, configured with the options tasks bring.
     stores: Arc<StoreRegistry>,
@@ -87,10 +90,16 @@ fn task_key(task: &TaskId) -> TaskKey {
 impl TaskRunner {
     pub fn new(config: &ExecutorConfig) -> Result<Self> {
         let stores = Arc::new(StoreRegistry::new());
+        let runtime = build_runtime(config, Arc::clone(&stores))?;
+        let outputs = LocalOutputs::new(
+            config.shuffle_dir(),
+            config.shuffle_memory_limit,
+            Some(&runtime.memory_pool),
+        );
         Ok(Self {
             executor_id: config.executor_id.clone(),
-            shuffle_dir: config.shuffle_dir(),
-            runtime: build_runtime(config, Arc::clone(&stores))?,
+            outputs: Arc::new(outputs),
+            runtime,
             stores,
             clients: FlightClientPool::default(),
             threads: TaskThreads::new(config.task_threads())
@@ -100,8 +109,8 @@ impl TaskRunner {
         })
     }
 
-    pub fn shuffle_dir(&self) -> &PathBuf {
-        &self.shuffle_dir
+    pub fn outputs(&self) -> &Arc<LocalOutputs> {
+        &self.outputs
     }
 
     pub fn running_tasks(&self) -> usize {
@@ -199,7 +208,8 @@ impl TaskRunner {
         if let Some(stopping) = self.lock_stopping().get_mut(job_id) {
             stopping.remove_data = true;
         }
-        remove_job_dir(job_dir(&self.shuffle_dir, job_id), job_id.to_owned());
+        self.outputs.remove_job(job_id);
+        remove_job_dir(job_dir(self.outputs.work_dir(), job_id), job_id.to_owned());
     }
 
     fn stopped_after_cancel(&self, job_id: &str) {
@@ -212,7 +222,8 @@ impl TaskRunner {
             let remove_data = job.remove_data;
             stopping.remove(job_id);
             if remove_data {
-                remove_job_dir(job_dir(&self.shuffle_dir, job_id), job_id.to_owned());
+                self.outputs.remove_job(job_id);
+                remove_job_dir(job_dir(self.outputs.work_dir(), job_id), job_id.to_owned());
             }
         }
     }
@@ -285,13 +296,14 @@ impl TaskRunner {
         })?;
         debug!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition, "task running");
         let launch_time = launched.elapsed();
+        // A durable copy is uploaded from the output's files.
+        let outputs = if launch.durable_shuffle.is_empty() {
+            Arc::clone(&self.outputs)
+        } else {
+            Arc::new(LocalOutputs::on_disk(self.outputs.work_dir().to_owned()))
+        };
         let partitions = writer
-            .write(
-                task.partition as usize,
-                task.attempt,
-                context,
-                &self.shuffle_dir,
-            )
+            .write(task.partition as usize, task.attempt, context, &outputs)
             .await?;
         let (durable_location, upload) = if launch.durable_shuffle.is_empty() {
             (String::new(), None)
@@ -337,14 +349,11 @@ impl TaskRunner {
             return Ok(bytes::Bytes::new());
         }
         let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
-        let path = id.data_path(&self.shuffle_dir);
-        let data = tokio::fs::read(&path).await.map_err(|source| {
-            DataFusionError::from(quiver_core::Error::Io {
-                path: path.display().to_string(),
-                source,
-            })
-        })?;
-        Ok(data.into())
+        let outputs = Arc::clone(&self.outputs);
+        let data = tokio::task::spawn_blocking(move || outputs.data(&id))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        Ok(data)
     }
 
     /// Copies a finished map output to durable storage; returns where it went.
@@ -354,8 +363,8 @@ impl TaskRunner {
         durable::upload(
             &self.runtime,
             &location,
-            &id.data_path(&self.shuffle_dir),
-            &id.index_path(&self.shuffle_dir),
+            &id.data_path(self.outputs.work_dir()),
+            &id.index_path(self.outputs.work_dir()),
         )
         .await?;
         Ok(location)
@@ -400,7 +409,7 @@ impl TaskRunner {
         let config = session_config_from_settings(settings)?
             .with_extension(Arc::new(ShuffleEnv {
                 executor_id: self.executor_id.clone(),
-                work_dir: self.shuffle_dir.clone(),
+                outputs: Arc::clone(&self.outputs),
                 clients: self.clients.clone(),
                 runtime: Arc::clone(&runtime),
             }))

@@ -20,7 +20,7 @@ use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning, collect};
 use datafusion::prelude::SessionConfig;
 use quiver_core::shuffle::{
-    FlightClientPool, ReadMode, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
+    FlightClientPool, LocalOutputs, ReadMode, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
 };
 use quiver_proto::{ExecutorAddress, MapOutput};
 use tokio::net::TcpListener;
@@ -67,9 +67,11 @@ async fn many_large_streams_from_one_executor_are_read_at_once() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let flight_port = listener.local_addr().expect("address").port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Files, not memory: the outputs are as large as the streams should be.
+    let serving = Arc::new(LocalOutputs::on_disk(serving_dir.path().to_path_buf()));
     let server = tokio::spawn(quiver_executor::flight::serve(
         listener,
-        serving_dir.path().to_path_buf(),
+        Arc::clone(&serving),
         async {
             let _ = stopped.await;
         },
@@ -91,7 +93,7 @@ async fn many_large_streams_from_one_executor_are_read_at_once() {
     for map in 0..MAPS {
         let context = Arc::new(TaskContext::default());
         let partitions = writer
-            .write(map, 0, context, serving_dir.path())
+            .write(map, 0, context, &serving)
             .await
             .expect("write a map output");
         outputs.push(MapOutput {
@@ -116,7 +118,7 @@ async fn many_large_streams_from_one_executor_are_read_at_once() {
     .expect("bind");
     let env = ShuffleEnv {
         executor_id: "reading".into(),
-        work_dir: reading_dir.path().to_path_buf(),
+        outputs: Arc::new(LocalOutputs::on_disk(reading_dir.path().to_path_buf())),
         clients: FlightClientPool::default(),
         runtime: Arc::new(RuntimeEnv::default()),
     };

@@ -69,6 +69,10 @@ struct ClusterArgs {
     /// Shuffle partitions (and DataFusion target partitions).
     #[arg(long, default_value_t = 2)]
     partitions: usize,
+    /// Bytes of small map outputs each embedded executor holds in memory
+    /// instead of files (0: every output is a file).
+    #[arg(long, default_value_t = StandaloneOptions::default().shuffle_memory_limit)]
+    shuffle_memory_limit: u64,
     /// A session setting for the Quiver jobs, as KEY=VALUE (repeatable), e.g.
     /// `--set quiver.shuffle_location=s3://bucket/shuffle`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -302,6 +306,7 @@ async fn configured_cluster(
         executors: args.executors,
         slots_per_executor: args.slots,
         default_partitions: args.partitions,
+        shuffle_memory_limit: args.shuffle_memory_limit,
         ..StandaloneOptions::default()
     };
     let (context, cluster) = quiver_context(args.url.as_deref(), options).await?;

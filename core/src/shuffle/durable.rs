@@ -26,7 +26,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use url::Url;
 
 use super::fetch::segment_batches;
-use super::layout::{MapOutputId, Segment, decode_index};
+use super::layout::{MapOutputId, Segment, SegmentSource, decode_index};
 use crate::error::{Error, Result};
 use crate::storage::delete_prefix;
 
@@ -175,7 +175,7 @@ pub async fn open_partition(
             SpoolError::Local(reason) => failed(reason),
         })?;
     let segment = Segment {
-        file: spooled.file,
+        source: SegmentSource::File(spooled.file),
         start: 0,
         len: end - start,
         block_size: index.block_size,

@@ -3,7 +3,6 @@
 //! the output is durable, otherwise over Arrow Flight.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arrow::buffer::Buffer;
@@ -24,7 +23,8 @@ use quiver_proto::{ExecutorAddress, MapOutput, ShuffleTicket};
 use tonic::transport::{Channel, Endpoint};
 
 use super::durable;
-use super::layout::{MapOutputId, Segment, open_segment};
+use super::layout::{MapOutputId, Segment};
+use super::local::LocalOutputs;
 use crate::error::{Error, Result};
 use crate::guard::catch_decoder_panic;
 
@@ -34,10 +34,10 @@ pub const MAX_FLIGHT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 /// What a task needs to read shuffle data; stored as a `SessionConfig` extension.
 #[derive(Debug, Clone)]
 pub struct ShuffleEnv {
-    /// Id of the executor running the task: outputs it holds are read from disk.
+    /// Id of the executor running the task: outputs it holds are read directly.
     pub executor_id: String,
-    /// Root of this executor's shuffle files.
-    pub work_dir: PathBuf,
+    /// This executor's map outputs.
+    pub outputs: Arc<LocalOutputs>,
     pub clients: FlightClientPool,
     /// The executor's runtime, whose object stores hold durable map outputs.
     pub runtime: Arc<RuntimeEnv>,
@@ -256,11 +256,11 @@ async fn open_local(
         location.output.map_partition,
         location.output.attempt,
     )?;
-    let work_dir = env.work_dir.clone();
+    let outputs = Arc::clone(&env.outputs);
     let partition = location.partition;
-    let segment = tokio::task::spawn_blocking(move || open_segment(&work_dir, &id, partition))
+    let segment = tokio::task::spawn_blocking(move || outputs.open_segment(&id, partition))
         .await
-        .map_err(|e| Error::io(&env.work_dir, std::io::Error::other(e)))??;
+        .map_err(|e| Error::io(env.outputs.work_dir(), std::io::Error::other(e)))??;
     Ok(segment_stream(segment, schema))
 }
 
@@ -302,7 +302,7 @@ fn decode_segment(segment: Segment, mut send: impl FnMut(RecordBatch) -> bool) -
     for block in segment.blocks()? {
         // Batches whole within a block share its memory; the decoder copies
         // the ones that span two.
-        let mut block = Buffer::from_vec(block?);
+        let mut block = Buffer::from(block?);
         while let Some(batch) = decoder.decode(&mut block)? {
             if !send(batch) {
                 return Ok(());
@@ -312,13 +312,13 @@ fn decode_segment(segment: Segment, mut send: impl FnMut(RecordBatch) -> bool) -
     Ok(decoder.finish()?)
 }
 
-/// Streams the batches of an on-disk segment, decoding on a blocking thread.
+/// Streams the batches of a local segment, decoding on a blocking thread.
 pub fn segment_stream(segment: Segment, schema: SchemaRef) -> SendableRecordBatchStream {
     let batches = segment_batches(segment).map_err(DataFusionError::from);
     Box::pin(RecordBatchStreamAdapter::new(schema, batches))
 }
 
-/// Decodes an on-disk segment on a blocking thread, a few batches ahead of the consumer.
+/// Decodes a local segment on a blocking thread, a few batches ahead of the consumer.
 pub fn segment_batches(
     segment: Segment,
 ) -> impl futures::Stream<Item = Result<RecordBatch>> + Send {

@@ -29,6 +29,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use prost::Message;
 
 use crate::error::{Error, Result};
@@ -40,7 +41,7 @@ pub const CHECKSUM_BLOCK_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Identifies one map task attempt's output. Every field that reaches a path is
 /// validated, so a ticket from the network can never point outside the work dir.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MapOutputId {
     pub job_id: String,
     pub stage_id: u32,
@@ -293,11 +294,19 @@ impl<W: Write> Write for ChecksummingWriter<W> {
     }
 }
 
-/// A byte range of a data file that holds one output partition.
+/// Where a segment's bytes are: an open data file, or a map output held in
+/// memory (see [`super::local`]).
+#[derive(Debug)]
+pub enum SegmentSource {
+    File(File),
+    Memory(Bytes),
+}
+
+/// A byte range of a map output that holds one output partition.
 #[derive(Debug)]
 pub struct Segment {
-    pub file: File,
-    /// Where the partition starts in the file.
+    pub source: SegmentSource,
+    /// Where the partition starts in the map output.
     pub start: u64,
     pub len: u64,
     /// Bytes per checksummed block.
@@ -307,9 +316,29 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// Output partition `partition` of a map output with `index`, read from `source`.
+    pub fn of_partition(
+        source: SegmentSource,
+        index: &mut Index,
+        partition: usize,
+    ) -> Result<Self> {
+        let count = index.partitions();
+        if partition >= count {
+            return Err(Error::PartitionOutOfRange { partition, count });
+        }
+        let (start, end) = (index.offsets[partition], index.offsets[partition + 1]);
+        Ok(Self {
+            source,
+            start,
+            len: end - start,
+            block_size: index.block_size,
+            checksums: std::mem::take(&mut index.checksums[partition]),
+        })
+    }
+
     /// The partition's bytes, one block at a time, each checked against its
     /// checksum before it is returned.
-    pub fn blocks(mut self) -> Result<VerifiedBlocks> {
+    pub fn blocks(self) -> Result<VerifiedBlocks> {
         if self.block_size == 0
             || block_count(self.len, self.block_size) != self.checksums.len() as u64
         {
@@ -320,11 +349,25 @@ impl Segment {
                 self.block_size
             )));
         }
-        self.file
-            .seek(SeekFrom::Start(self.start))
-            .map_err(|e| Error::io("shuffle data", e))?;
+        let source = match self.source {
+            SegmentSource::File(mut file) => {
+                file.seek(SeekFrom::Start(self.start))
+                    .map_err(|e| Error::io("shuffle data", e))?;
+                SegmentSource::File(file)
+            }
+            SegmentSource::Memory(bytes) => {
+                let end = self.start.saturating_add(self.len);
+                if end > bytes.len() as u64 {
+                    return Err(Error::CorruptShuffleData(format!(
+                        "a segment ends at {end}, past the {} bytes held",
+                        bytes.len()
+                    )));
+                }
+                SegmentSource::Memory(bytes.slice(self.start as usize..end as usize))
+            }
+        };
         Ok(VerifiedBlocks {
-            file: self.file,
+            source,
             remaining: self.len,
             block_size: self.block_size,
             checksums: self.checksums.into_iter(),
@@ -334,32 +377,45 @@ impl Segment {
 
 /// The blocks of a [`Segment`], verified.
 pub struct VerifiedBlocks {
-    file: File,
+    /// A file positioned at the next block, or the bytes from the next block on.
+    source: SegmentSource,
     remaining: u64,
     block_size: u32,
     checksums: std::vec::IntoIter<u32>,
 }
 
+impl VerifiedBlocks {
+    fn read_block(&mut self, len: u64) -> std::io::Result<Bytes> {
+        match &mut self.source {
+            SegmentSource::File(file) => {
+                // Read into spare capacity: zeroing the block first would cost a pass.
+                let mut block = Vec::with_capacity(len as usize);
+                let read = file.take(len).read_to_end(&mut block)?;
+                if read as u64 == len {
+                    Ok(block.into())
+                } else {
+                    Err(std::io::ErrorKind::UnexpectedEof.into())
+                }
+            }
+            SegmentSource::Memory(bytes) => Ok(bytes.split_to(len as usize)),
+        }
+    }
+}
+
 impl Iterator for VerifiedBlocks {
-    type Item = Result<Vec<u8>>;
+    type Item = Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let expected = self.checksums.next()?;
         let len = self.remaining.min(u64::from(self.block_size));
         self.remaining -= len;
-        // Read into spare capacity: zeroing the block first would cost a pass.
-        let mut block = Vec::with_capacity(len as usize);
-        let read = (&mut self.file).take(len).read_to_end(&mut block);
-        if let Err(e) = read.and_then(|read| {
-            if read as u64 == len {
-                Ok(())
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
+        let block = match self.read_block(len) {
+            Ok(block) => block,
+            Err(e) => {
+                self.checksums = Vec::new().into_iter();
+                return Some(Err(Error::io("shuffle data", e)));
             }
-        }) {
-            self.checksums = Vec::new().into_iter();
-            return Some(Err(Error::io("shuffle data", e)));
-        }
+        };
         let actual = crc32fast::hash(&block);
         if actual != expected {
             self.checksums = Vec::new().into_iter();
@@ -401,18 +457,7 @@ pub fn open_segment(work_dir: &Path, id: &MapOutputId, partition: usize) -> Resu
     let file = File::open(&data_path).map_err(|e| Error::io(&data_path, e))?;
     let data_len = file.metadata().map_err(|e| Error::io(&data_path, e))?.len();
     let mut index = decode_index(&index_path, &index, data_len)?;
-    let count = index.partitions();
-    if partition >= count {
-        return Err(Error::PartitionOutOfRange { partition, count });
-    }
-    let (start, end) = (index.offsets[partition], index.offsets[partition + 1]);
-    Ok(Segment {
-        file,
-        start,
-        len: end - start,
-        block_size: index.block_size,
-        checksums: std::mem::take(&mut index.checksums[partition]),
-    })
+    Segment::of_partition(SegmentSource::File(file), &mut index, partition)
 }
 
 #[cfg(test)]
@@ -506,14 +551,14 @@ mod tests {
         let data = b"hello shuffle world";
         std::fs::write(&path, data).expect("write");
         let segment = |checksums| Segment {
-            file: File::open(&path).expect("open"),
+            source: SegmentSource::File(File::open(&path).expect("open")),
             start: 6,
             len: 13,
             block_size: 4,
             checksums,
         };
         let intact = block_checksums(&data[6..], 4);
-        let blocks: Vec<Vec<u8>> = segment(intact.clone())
+        let blocks: Vec<Bytes> = segment(intact.clone())
             .blocks()
             .expect("blocks")
             .collect::<Result<_>>()
@@ -521,7 +566,7 @@ mod tests {
         assert_eq!(blocks.concat(), b"shuffle world");
         let mut changed = intact.clone();
         changed[2] ^= 1;
-        let read: Vec<Result<Vec<u8>>> = segment(changed).blocks().expect("blocks").collect();
+        let read: Vec<Result<Bytes>> = segment(changed).blocks().expect("blocks").collect();
         assert_eq!(read.len(), 3, "the bad block ends the stream");
         assert!(read[0].is_ok() && read[1].is_ok() && read[2].is_err());
         assert!(

@@ -2,7 +2,9 @@
 //!
 //! - [`layout`]: where a map output lives on an executor's disk, and its offset index.
 //! - [`writer`]: [`ShuffleWriterExec`], the root of every stage; it splits its
-//!   input into output partitions and writes them into one file per map task.
+//!   input into output partitions and writes them into one map output per task.
+//! - [`local`]: an executor's own map outputs, small ones held in memory,
+//!   the rest in files.
 //! - [`reader`]: [`ShuffleReaderExec`], the leaf that stands for an input stage
 //!   and streams the map outputs it is bound to.
 //! - [`fetch`]: opens one output partition of a map output, from local disk
@@ -14,6 +16,7 @@
 pub mod durable;
 pub mod fetch;
 pub mod layout;
+pub mod local;
 pub mod reader;
 pub mod serve;
 pub mod wait_time;
@@ -21,6 +24,7 @@ pub mod writer;
 
 pub use fetch::{FlightClientPool, ShuffleEnv};
 pub use layout::MapOutputId;
+pub use local::LocalOutputs;
 pub use reader::{ReadMode, ShuffleReaderExec};
 pub use writer::ShuffleWriterExec;
 

@@ -105,7 +105,7 @@ impl Messages {
     fn gather(&mut self, needed: usize) -> Result<()> {
         if self.upcoming.is_empty() {
             self.upcoming = match self.blocks.next() {
-                Some(block) => Bytes::from(block?),
+                Some(block) => block?,
                 None if self.pending.is_empty() => {
                     return Err(Error::CorruptShuffleData(
                         "the stream has no end-of-stream marker".into(),
@@ -188,6 +188,7 @@ mod tests {
     use futures::{StreamExt, TryStreamExt};
 
     use super::*;
+    use crate::shuffle::layout::SegmentSource;
     use crate::shuffle::test_support::{block_checksums, ipc_stream};
 
     /// A segment holding `batches` as an IPC stream, after 3 bytes of another
@@ -198,7 +199,7 @@ mod tests {
         file.write_all(b"xyz").expect("prefix");
         file.write_all(&bytes).expect("segment");
         Segment {
-            file,
+            source: SegmentSource::File(file),
             start: 3,
             len: bytes.len() as u64,
             block_size,

@@ -1,6 +1,7 @@
 //! [`ShuffleWriterExec`]: the root of every stage. It runs one partition of its
-//! input, splits the rows into output partitions and writes them into one data
-//! file plus an offset index (see [`super::layout`]).
+//! input, splits the rows into output partitions and writes them as one map
+//! output: held in memory when it is small, otherwise one data file plus an
+//! offset index (see [`super::local`] and [`super::layout`]).
 //!
 //! Output partitions are buffered in memory under a reservation from the task's
 //! memory pool. When the pool says no, the buffers are spilled to per-partition
@@ -9,7 +10,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,7 @@ use futures::StreamExt;
 use quiver_proto::PartitionStats;
 
 use super::layout::{CHECKSUM_BLOCK_BYTES, ChecksummingWriter, Index, MapOutputId, encode_index};
+use super::local::{LocalOutputs, Refused};
 use super::wait_time::time_waits;
 use crate::error::Error;
 use crate::operators::only_child;
@@ -97,7 +99,7 @@ impl ShuffleWriterExec {
             .map_or(1, Partitioning::partition_count)
     }
 
-    /// Runs map partition `partition` and writes its output under `work_dir`.
+    /// Runs map partition `partition` and stores its output in `outputs`.
     /// Returns the row and byte count of each output partition.
     ///
     /// Its `shuffle_write_time` metric is the task's time not spent waiting
@@ -107,7 +109,7 @@ impl ShuffleWriterExec {
         partition: usize,
         attempt: u32,
         context: Arc<TaskContext>,
-        work_dir: &Path,
+        outputs: &Arc<LocalOutputs>,
     ) -> Result<Vec<PartitionStats>> {
         let started = Instant::now();
         let input_wait = Time::new();
@@ -117,9 +119,9 @@ impl ShuffleWriterExec {
             input_wait.clone(),
         );
         let written = match &self.partitioning {
-            None => write_single_partition(id, input, work_dir.to_owned()).await,
+            None => write_single_partition(id, input, Arc::clone(outputs)).await,
             Some(partitioning) => {
-                self.write_partitioned(id, partitioning, input, context, work_dir)
+                self.write_partitioned(id, partitioning, input, context, outputs)
                     .await
             }
         };
@@ -136,7 +138,7 @@ impl ShuffleWriterExec {
         partitioning: &Partitioning,
         mut input: SendableRecordBatchStream,
         context: Arc<TaskContext>,
-        work_dir: &Path,
+        outputs: &Arc<LocalOutputs>,
     ) -> Result<Vec<PartitionStats>> {
         let partition = id.map_partition as usize;
         let mut partitioner = BatchPartitioner::try_new(
@@ -168,8 +170,8 @@ impl ShuffleWriterExec {
                 buffers.push(output, part).await?;
             }
         }
-        let work_dir = work_dir.to_owned();
-        tokio::task::spawn_blocking(move || buffers.write_map_output(&id, &work_dir))
+        let outputs = Arc::clone(outputs);
+        tokio::task::spawn_blocking(move || buffers.write_map_output(&id, &outputs))
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?
     }
@@ -201,29 +203,20 @@ pub fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
-/// Streams a single output partition straight into the data file: with nothing
-/// to group there is nothing to buffer, so no memory is held between batches.
-/// Batches are written on a blocking thread, a few batches behind the input.
+/// Streams a single output partition straight into the map output: with
+/// nothing to group there is nothing to buffer, so no memory is held between
+/// batches. Batches are written on a blocking thread, a few behind the input.
 async fn write_single_partition(
     id: MapOutputId,
     mut input: SendableRecordBatchStream,
-    work_dir: std::path::PathBuf,
+    outputs: Arc<LocalOutputs>,
 ) -> Result<Vec<PartitionStats>> {
     // `None` marks the end of the input: without it (the input failed or the
-    // task was cancelled) the partial file is deleted, never published.
+    // task was cancelled) the partial output is dropped, never published.
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<Option<RecordBatch>>(2);
     let schema = input.schema();
     let writer = tokio::task::spawn_blocking(move || -> Result<Vec<PartitionStats>> {
-        let data_path = id.data_path(&work_dir);
-        let tmp_data = data_path.with_extension("data.tmp");
-        if let Some(dir) = data_path.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
-        }
-        let file = File::create(&tmp_data).map_err(io(&tmp_data))?;
-        let out = ChecksummingWriter::new(
-            BufWriter::with_capacity(1024 * 1024, file),
-            CHECKSUM_BLOCK_BYTES,
-        );
+        let out = ChecksummingWriter::new(OutputSink::new(&id, &outputs), CHECKSUM_BLOCK_BYTES);
         let mut writer = StreamWriter::try_new(out, &schema)?;
         let mut rows = 0u64;
         loop {
@@ -234,8 +227,9 @@ async fn write_single_partition(
                 }
                 Some(None) => break,
                 None => {
-                    drop(writer);
-                    let _ = std::fs::remove_file(&tmp_data);
+                    if let Ok(out) = writer.into_inner() {
+                        out.finish().0.discard();
+                    }
                     return Err(DataFusionError::Execution(
                         "the map task stopped before its input ended".into(),
                     ));
@@ -245,16 +239,15 @@ async fn write_single_partition(
         writer.finish()?;
         let mut out = writer.into_inner()?;
         out.end_partition();
-        let (mut file, mut index) = out.finish();
-        file.flush().map_err(io(&tmp_data))?;
-        drop(file);
+        let (mut sink, mut index) = out.finish();
         if rows == 0 {
             // An empty partition is an empty segment, as in the partitioned layout.
-            File::create(&tmp_data).map_err(io(&tmp_data))?;
+            sink.discard();
+            sink = OutputSink::new(&id, &outputs);
             index.offsets = vec![0, 0];
             index.checksums = vec![Vec::new()];
         }
-        publish(&id, &work_dir, &tmp_data, &index)?;
+        sink.publish(&id, &outputs, index.clone())?;
         Ok(vec![PartitionStats {
             rows,
             bytes: index.offsets[1],
@@ -277,6 +270,105 @@ async fn write_single_partition(
         .map_err(|e| DataFusionError::External(Box::new(e)))?
 }
 
+/// Where a map output's bytes go as they are written: into memory while they
+/// fit in what the executor may still hold, then into a temporary data file.
+enum OutputSink {
+    Memory {
+        buffer: Vec<u8>,
+        room: usize,
+        tmp: PathBuf,
+    },
+    File {
+        file: BufWriter<File>,
+        tmp: PathBuf,
+    },
+}
+
+impl OutputSink {
+    fn new(id: &MapOutputId, outputs: &LocalOutputs) -> Self {
+        Self::Memory {
+            buffer: Vec::new(),
+            room: outputs.room(),
+            tmp: id.data_path(outputs.work_dir()).with_extension("data.tmp"),
+        }
+    }
+
+    /// Moves what is buffered into a new temporary data file.
+    fn move_to_file(&mut self) -> std::io::Result<()> {
+        let Self::Memory { buffer, tmp, .. } = self else {
+            return Ok(());
+        };
+        let file = create_data_file(tmp)?;
+        let mut file = BufWriter::with_capacity(1024 * 1024, file);
+        file.write_all(buffer)?;
+        *self = Self::File {
+            file,
+            tmp: std::mem::take(tmp),
+        };
+        Ok(())
+    }
+
+    /// Makes the output visible to readers: held in memory if it may be,
+    /// otherwise as files under their final names.
+    fn publish(self, id: &MapOutputId, outputs: &LocalOutputs, index: Index) -> Result<()> {
+        match self {
+            Self::Memory { buffer, tmp, .. } => match outputs.hold(id, buffer, index) {
+                Ok(()) => Ok(()),
+                Err(Refused { data, index }) => {
+                    let mut file = create_data_file(&tmp).map_err(io(&tmp))?;
+                    file.write_all(&data).map_err(io(&tmp))?;
+                    drop(file);
+                    publish_files(id, outputs.work_dir(), &tmp, &index)
+                }
+            },
+            Self::File { mut file, tmp } => {
+                file.flush().map_err(io(&tmp))?;
+                drop(file);
+                publish_files(id, outputs.work_dir(), &tmp, &index)
+            }
+        }
+    }
+
+    /// Drops what was written, deleting the temporary file if there is one.
+    fn discard(self) {
+        if let Self::File { file, tmp } = self {
+            drop(file);
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+impl Write for OutputSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Self::Memory { buffer, room, .. } = self {
+            if buffer.len() + bytes.len() <= *room {
+                buffer.extend_from_slice(bytes);
+                return Ok(bytes.len());
+            }
+            self.move_to_file()?;
+        }
+        match self {
+            Self::File { file, .. } => file.write(bytes),
+            Self::Memory { .. } => unreachable!("moved to a file above"),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::File { file, .. } => file.flush(),
+            Self::Memory { .. } => Ok(()),
+        }
+    }
+}
+
+/// Creates a temporary data file, and the stage folder it goes in.
+fn create_data_file(tmp: &Path) -> std::io::Result<File> {
+    if let Some(dir) = tmp.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    File::create(tmp)
+}
+
 /// Turns an I/O error on `path` into a task error that names the path.
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataFusionError + use<> {
     let path = path.to_owned();
@@ -284,7 +376,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataFusionError + use<> {
 }
 
 /// Writes the index of a finished data file and moves both to their final names.
-fn publish(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, index: &Index) -> Result<()> {
+fn publish_files(id: &MapOutputId, work_dir: &Path, tmp_data: &Path, index: &Index) -> Result<()> {
     let data_path = id.data_path(work_dir);
     let index_path = id.index_path(work_dir);
     let tmp_index = index_path.with_extension("index.tmp");
@@ -374,21 +466,16 @@ impl PartitionBuffers {
         Ok(())
     }
 
-    /// Writes the data file and its index under their final names.
+    /// Writes the map output and makes it visible to readers.
     fn write_map_output(
         mut self,
         id: &MapOutputId,
-        work_dir: &Path,
+        outputs: &LocalOutputs,
     ) -> Result<Vec<PartitionStats>> {
-        let data_path = id.data_path(work_dir);
-        if let Some(dir) = data_path.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
-        }
-        let tmp_data = data_path.with_extension("data.tmp");
-        let mut out = ChecksummingWriter::new(
-            BufWriter::with_capacity(1024 * 1024, File::create(&tmp_data).map_err(io(&tmp_data))?),
-            CHECKSUM_BLOCK_BYTES,
-        );
+        let mut out = ChecksummingWriter::new(OutputSink::new(id, outputs), CHECKSUM_BLOCK_BYTES);
+        let sink_error = |e: std::io::Error| {
+            DataFusionError::from(Error::io(id.data_path(outputs.work_dir()), e))
+        };
         for (partition, batches) in self.batches.into_iter().enumerate() {
             if let Some(Spill { file, mut writer }) = self.spills[partition].take() {
                 for batch in &batches {
@@ -406,7 +493,7 @@ impl PartitionBuffers {
                     )
                 })?;
                 let mut spilled = File::open(path).map_err(io(path))?;
-                std::io::copy(&mut spilled, &mut out).map_err(io(&tmp_data))?;
+                std::io::copy(&mut spilled, &mut out).map_err(sink_error)?;
             } else if !batches.is_empty() {
                 let mut writer = StreamWriter::try_new(&mut out, &self.schema)?;
                 for batch in &batches {
@@ -416,13 +503,9 @@ impl PartitionBuffers {
             }
             out.end_partition();
         }
-        let (mut file, index) = out.finish();
-        file.flush().map_err(io(&tmp_data))?;
-        drop(file);
+        let (sink, index) = out.finish();
         drop(self.reservation);
-        publish(id, work_dir, &tmp_data, &index)?;
-
-        Ok(index
+        let stats = index
             .offsets
             .windows(2)
             .zip(self.rows)
@@ -430,7 +513,9 @@ impl PartitionBuffers {
                 rows,
                 bytes: range[1] - range[0],
             })
-            .collect())
+            .collect();
+        sink.publish(id, outputs, index)?;
+        Ok(stats)
     }
 }
 
@@ -504,5 +589,127 @@ impl ExecutionPlan for ShuffleWriterExec {
             "ShuffleWriterExec is run by the executor's task runner through ShuffleWriterExec::write"
                 .into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::physical_expr::expressions::col;
+    use datafusion::physical_plan::common::collect;
+
+    use super::*;
+    use crate::shuffle::fetch::segment_stream;
+
+    fn input(rows: i64) -> Arc<dyn ExecutionPlan> {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let batches: Vec<RecordBatch> = (0..rows)
+            .step_by(1000)
+            .map(|start| {
+                let keys: Vec<i64> = (start..(start + 1000).min(rows)).collect();
+                RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(keys))])
+                    .expect("batch")
+            })
+            .collect();
+        MemorySourceConfig::try_new_exec(&[batches], schema, None).expect("source")
+    }
+
+    /// Writes `rows` keys hashed into `partitions` (or kept whole with
+    /// `None`), then reads every partition back: the stats and the keys.
+    async fn round_trip(
+        outputs: &Arc<LocalOutputs>,
+        rows: i64,
+        partitions: Option<usize>,
+    ) -> (Vec<PartitionStats>, Vec<i64>) {
+        let source = input(rows);
+        let partitioning = partitions.map(|count| {
+            Partitioning::Hash(vec![col("k", &source.schema()).expect("column")], count)
+        });
+        let schema = source.schema();
+        let writer = ShuffleWriterExec::new("job", 1, source, partitioning);
+        let stats = writer
+            .write(0, 0, Arc::new(TaskContext::default()), outputs)
+            .await
+            .expect("write");
+        let id = MapOutputId::new("job", 1, 0, 0).expect("id");
+        let mut keys = Vec::new();
+        for partition in 0..stats.len() {
+            let segment = outputs.open_segment(&id, partition).expect("segment");
+            for batch in collect(segment_stream(segment, Arc::clone(&schema)))
+                .await
+                .expect("read")
+            {
+                let column = batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                keys.extend(column.values().iter().copied());
+            }
+        }
+        keys.sort_unstable();
+        (stats, keys)
+    }
+
+    fn files_under(dir: &Path) -> usize {
+        walk(dir).len()
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .flat_map(|entry| {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path)
+                } else {
+                    vec![path]
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn small_outputs_are_held_and_large_ones_go_to_files() {
+        let id = MapOutputId::new("job", 1, 0, 0).expect("id");
+        for partitions in [Some(3), None] {
+            let dir = tempfile::tempdir().expect("dir");
+            let roomy = Arc::new(LocalOutputs::new(dir.path().to_owned(), 1 << 20, None));
+            let (stats, keys) = round_trip(&roomy, 100, partitions).await;
+            assert_eq!(keys, (0..100).collect::<Vec<_>>());
+            assert_eq!(stats.iter().map(|s| s.rows).sum::<u64>(), 100);
+            assert!(roomy.is_held(&id), "{partitions:?}");
+            assert_eq!(files_under(dir.path()), 0, "{partitions:?}");
+
+            // Past the room, the bytes already buffered go to a file too.
+            let dir = tempfile::tempdir().expect("dir");
+            let tight = Arc::new(LocalOutputs::new(dir.path().to_owned(), 4096, None));
+            let (stats, keys) = round_trip(&tight, 20_000, partitions).await;
+            assert_eq!(keys, (0..20_000).collect::<Vec<_>>());
+            assert_eq!(stats.iter().map(|s| s.rows).sum::<u64>(), 20_000);
+            assert!(!tight.is_held(&id));
+            assert_eq!(tight.held_bytes(), 0);
+            let files = walk(dir.path());
+            assert_eq!(files.len(), 2, "a data file and its index: {files:?}");
+            let data = std::fs::metadata(id.data_path(dir.path())).expect("data file");
+            assert_eq!(data.len(), stats.iter().map(|s| s.bytes).sum::<u64>());
+        }
+    }
+
+    #[tokio::test]
+    async fn empty_outputs_are_held_or_written_empty() {
+        for limit in [1 << 20, 0] {
+            let dir = tempfile::tempdir().expect("dir");
+            let outputs = Arc::new(LocalOutputs::new(dir.path().to_owned(), limit, None));
+            let (stats, keys) = round_trip(&outputs, 0, None).await;
+            assert!(keys.is_empty());
+            assert_eq!(stats, vec![PartitionStats { rows: 0, bytes: 0 }]);
+            // Held in memory, or two files (an empty data file and its index).
+            let expected_files = if limit == 0 { 2 } else { 0 };
+            assert_eq!(files_under(dir.path()), expected_files, "limit {limit}");
+        }
     }
 }
