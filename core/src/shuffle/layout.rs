@@ -1,4 +1,5 @@
-//! On-disk layout of map outputs.
+//! Layout of map outputs, and where they lie on an executor's disk. (Small
+//! ones are held in memory instead, in the same layout: see [`super::local`].)
 //!
 //! Each map task attempt writes one data file holding every output partition,
 //! one after the other, each as a complete Arrow IPC stream, and an index file

@@ -99,7 +99,7 @@ impl LocalOutputs {
     pub fn hold(
         &self,
         id: &MapOutputId,
-        data: Vec<u8>,
+        mut data: Vec<u8>,
         index: Index,
     ) -> std::result::Result<(), Refused> {
         let size = data.len() as u64;
@@ -116,6 +116,8 @@ impl LocalOutputs {
             return Err(Refused { data, index });
         }
         held.bytes += size;
+        // What is counted is what stays allocated.
+        data.shrink_to_fit();
         let output = HeldOutput {
             data: data.into(),
             index,
