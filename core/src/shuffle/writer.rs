@@ -227,9 +227,8 @@ async fn write_single_partition(
                 }
                 Some(None) => break,
                 None => {
-                    if let Ok(out) = writer.into_inner() {
-                        out.finish().0.discard();
-                    }
+                    drop(writer);
+                    let _ = std::fs::remove_file(tmp_data_path(&id, outputs.work_dir()));
                     return Err(DataFusionError::Execution(
                         "the map task stopped before its input ended".into(),
                     ));
@@ -247,11 +246,9 @@ async fn write_single_partition(
             index.offsets = vec![0, 0];
             index.checksums = vec![Vec::new()];
         }
-        sink.publish(&id, &outputs, index.clone())?;
-        Ok(vec![PartitionStats {
-            rows,
-            bytes: index.offsets[1],
-        }])
+        let bytes = index.offsets[1];
+        sink.publish(&id, &outputs, index)?;
+        Ok(vec![PartitionStats { rows, bytes }])
     });
     let mut complete = true;
     while let Some(batch) = input.next().await {
@@ -289,23 +286,25 @@ impl OutputSink {
         Self::Memory {
             buffer: Vec::new(),
             room: outputs.room(),
-            tmp: id.data_path(outputs.work_dir()).with_extension("data.tmp"),
+            tmp: tmp_data_path(id, outputs.work_dir()),
         }
     }
 
-    /// Moves what is buffered into a new temporary data file.
-    fn move_to_file(&mut self) -> std::io::Result<()> {
-        let Self::Memory { buffer, tmp, .. } = self else {
-            return Ok(());
-        };
-        let file = create_data_file(tmp)?;
-        let mut file = BufWriter::with_capacity(1024 * 1024, file);
-        file.write_all(buffer)?;
-        *self = Self::File {
-            file,
-            tmp: std::mem::take(tmp),
-        };
-        Ok(())
+    /// The temporary data file, made first if the bytes are still in memory
+    /// (what is buffered goes into it).
+    fn file(&mut self) -> std::io::Result<&mut BufWriter<File>> {
+        if let Self::Memory { buffer, tmp, .. } = self {
+            let mut file = BufWriter::with_capacity(1024 * 1024, create_data_file(tmp)?);
+            file.write_all(buffer)?;
+            *self = Self::File {
+                file,
+                tmp: std::mem::take(tmp),
+            };
+        }
+        match self {
+            Self::File { file, .. } => Ok(file),
+            Self::Memory { .. } => unreachable!("replaced by a file above"),
+        }
     }
 
     /// Makes the output visible to readers: held in memory if it may be,
@@ -340,17 +339,13 @@ impl OutputSink {
 
 impl Write for OutputSink {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if let Self::Memory { buffer, room, .. } = self {
-            if buffer.len() + bytes.len() <= *room {
-                buffer.extend_from_slice(bytes);
-                return Ok(bytes.len());
-            }
-            self.move_to_file()?;
+        if let Self::Memory { buffer, room, .. } = self
+            && buffer.len() + bytes.len() <= *room
+        {
+            buffer.extend_from_slice(bytes);
+            return Ok(bytes.len());
         }
-        match self {
-            Self::File { file, .. } => file.write(bytes),
-            Self::Memory { .. } => unreachable!("moved to a file above"),
-        }
+        self.file()?.write(bytes)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -359,6 +354,11 @@ impl Write for OutputSink {
             Self::Memory { .. } => Ok(()),
         }
     }
+}
+
+/// Where a map output's data file is written before it is published.
+fn tmp_data_path(id: &MapOutputId, work_dir: &Path) -> PathBuf {
+    id.data_path(work_dir).with_extension("data.tmp")
 }
 
 /// Creates a temporary data file, and the stage folder it goes in.
