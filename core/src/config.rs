@@ -212,9 +212,15 @@ mod tests {
     fn the_settings_document_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/settings.md");
         let stored = std::fs::read_to_string(path).unwrap_or_default();
+        let current = settings_markdown();
+        let first_difference = stored
+            .lines()
+            .zip(current.lines())
+            .find(|(stored, current)| stored != current);
         assert!(
-            stored == settings_markdown(),
-            "docs/settings.md is out of date: run `cargo run -p quiver-client --bin quiver -- settings > docs/settings.md`"
+            stored == current,
+            "docs/settings.md is out of date: run `cargo run -p quiver-client --bin quiver -- settings > docs/settings.md`; \
+             first difference (stored, current): {first_difference:?}"
         );
     }
 
