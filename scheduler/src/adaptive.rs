@@ -147,6 +147,17 @@ impl PendingJoins {
     pub fn forget_join_stage(&mut self, stage_id: u32) {
         self.joins.retain(|join| join.join_stage != stage_id);
     }
+
+    /// Moves the pending reductions of the scans of stage `from` to stage
+    /// `to`, whose broadcast join now runs `from`'s plan: `to` then waits for
+    /// their build stages as `from` did.
+    pub fn move_reductions(&mut self, from: u32, to: u32) {
+        for reduction in &mut self.reductions {
+            if reduction.scan_stage == from {
+                reduction.scan_stage = to;
+            }
+        }
+    }
 }
 
 /// Removes from `items` and returns those for which `taken` holds.
@@ -315,6 +326,9 @@ pub(crate) mod tests {
     use arrow::array::{Int64Array, RecordBatch};
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::datasource::MemTable;
+    use datafusion::execution::SessionStateBuilder;
+    use datafusion::physical_optimizer::PhysicalOptimizerRule;
+    use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
     use datafusion::prelude::{SessionConfig, SessionContext};
     use quiver_core::config::default_session_config;
 
@@ -334,6 +348,32 @@ pub(crate) mod tests {
         assert!(!policy.broadcasts(64 * MIB, 2, Some(32 * MIB)));
         assert!(!policy.broadcasts(64 * MIB, 2, None), "no estimate: no bet");
         assert!(!policy.broadcasts(256 * MIB, 2, Some(100_000 * MIB)));
+    }
+
+    #[test]
+    fn a_reduction_follows_its_scan_into_the_broadcast_join_stage() {
+        let reduction = Reduction {
+            join_stage: 7,
+            build_stage: 2,
+            scan_stage: 4,
+        };
+        let mut pending = PendingJoins {
+            policy: None,
+            joins: Vec::new(),
+            reduction_bytes: Some(MIB),
+            reductions: vec![reduction],
+        };
+        assert!(pending.holds(4) && !pending.holds(5));
+        // Stage 5's join broadcast its build side and now runs stage 4's plan.
+        pending.move_reductions(4, 5);
+        assert!(!pending.holds(4), "stage 4 runs no task of its own");
+        assert!(
+            pending.holds(5),
+            "stage 5 waits for the build stage instead"
+        );
+        let ready = pending.take_ready_reductions(|stage| stage == 2);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].scan_stage, 5);
     }
 
     #[test]
@@ -358,17 +398,45 @@ pub(crate) mod tests {
     /// [`stages_of`] with `facts` holding `facts_copies` copies of the rows
     /// of `dims`, in two partitions each.
     pub(crate) async fn stages_of_tables(sql: &str, facts_copies: usize) -> Vec<StagePlan> {
-        let mut config = default_session_config().with_target_partitions(2);
         // No estimate can make the join a broadcast at planning time.
+        stages_with_broadcast_rows(sql, facts_copies, 0).await
+    }
+
+    /// The stages of `sql`, where a join side estimated at most
+    /// `broadcast_rows` rows (or 100 bytes a row) is broadcast at planning time.
+    pub(crate) async fn stages_with_broadcast_rows(
+        sql: &str,
+        facts_copies: usize,
+        broadcast_rows: usize,
+    ) -> Vec<StagePlan> {
+        stages_planned(sql, facts_copies, broadcast_rows, Vec::new()).await
+    }
+
+    /// [`stages_with_broadcast_rows`], with `rules` run after DataFusion's
+    /// physical optimizer rules.
+    pub(crate) async fn stages_planned(
+        sql: &str,
+        facts_copies: usize,
+        broadcast_rows: usize,
+        rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>>,
+    ) -> Vec<StagePlan> {
+        let mut config = default_session_config().with_target_partitions(2);
         config
             .options_mut()
             .optimizer
-            .hash_join_single_partition_threshold = 0;
+            .hash_join_single_partition_threshold = broadcast_rows * 100;
         config
             .options_mut()
             .optimizer
-            .hash_join_single_partition_threshold_rows = 0;
-        let context = SessionContext::new_with_config(config);
+            .hash_join_single_partition_threshold_rows = broadcast_rows;
+        let mut physical_rules = PhysicalOptimizer::new().rules;
+        physical_rules.extend(rules);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .with_physical_optimizer_rules(physical_rules)
+            .build();
+        let context = SessionContext::new_with_state(state);
         let schema = Arc::new(Schema::new(vec![
             // Nullable, as most columns are: `NOT IN` is then null-aware.
             Field::new("k", DataType::Int64, true),

@@ -8,6 +8,7 @@
 //! - [`analyze`]: the report of `EXPLAIN ANALYZE`: stage plans with their metrics.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`broadcast`]: broadcasts hash joins' build sides when that ships fewer bytes.
+//! - [`build_stage`]: gives a join's `HAVING`-filtered build side a stage of its own.
 //! - [`adaptive`]: turns partitioned joins into broadcasts once a build side has run.
 //! - [`reduction`]: filters a scan by the keys of a small join side that has run.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
@@ -25,6 +26,7 @@
 pub mod adaptive;
 pub mod analyze;
 pub mod broadcast;
+pub mod build_stage;
 pub mod catalog;
 pub mod config;
 pub mod error;

@@ -112,7 +112,8 @@ impl std::fmt::Debug for Planner {
 }
 
 /// DataFusion's physical optimizer rules, with Quiver's cost-based choice
-/// of broadcast joins ahead of DataFusion's own join selection.
+/// of broadcast joins ahead of DataFusion's own join selection, and its
+/// staged build sides once the plan's exchanges are in place.
 fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let position = rules
@@ -120,8 +121,20 @@ fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync
         .position(|rule| rule.name() == crate::broadcast::JOIN_SELECTION)
         .unwrap_or(0);
     rules.insert(position, Arc::new(crate::broadcast::BroadcastJoinSelection));
+    let position = rules
+        .iter()
+        .position(|rule| rule.name() == SANITY_CHECK)
+        .unwrap_or(rules.len());
+    rules.insert(
+        position,
+        Arc::new(crate::build_stage::StagedBuildSides) as Arc<_>,
+    );
     rules
 }
+
+/// DataFusion's last physical rule, which checks every operator's
+/// distribution and ordering requirements.
+const SANITY_CHECK: &str = "SanityCheckPlan";
 
 impl Planner {
     pub fn new(default_partitions: usize, store: StateStore, warehouse: String) -> Result<Self> {

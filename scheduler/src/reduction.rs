@@ -23,6 +23,10 @@
 //! which a null probe key changes), with null keys matching nothing, and when
 //! every operator on the way keeps the key column's values:
 //! the path stops at anything else (a limit, a window, a union, an outer join).
+//! An inner join on the key is followed into both its sides: every row it
+//! outputs has the same value on both, so in Q18 the 624 (SF10) order keys
+//! over the quantity threshold filter `lineitem` as well as `orders` before
+//! they are shuffled to be joined.
 //! Each stage on the way must feed only the next one, so that no other reader
 //! loses rows.
 
@@ -100,7 +104,14 @@ pub fn reductions(stages: &[StagePlan], adaptive: &[AdaptiveJoin]) -> Vec<Reduct
             };
             let cycle = waits_for(&waits, build_stage, scan.stage);
             let repeated = found.iter().any(|r: &Reduction| r.scan_stage == scan.stage);
-            if !cycle && !repeated && !merged(build_stage) {
+            // An adaptive join between the same stages broadcasts a build side
+            // this small, and that join then filters the scan's rows itself.
+            let adaptive_twin = adaptive.iter().any(|join| {
+                join.join_stage == stage.stage_id
+                    && join.build_stage == build_stage
+                    && join.probe_stage == scan.stage
+            });
+            if !cycle && !repeated && !adaptive_twin && !merged(build_stage) {
                 waits.entry(scan.stage).or_default().push(build_stage);
                 found.push(reduction);
             }
@@ -134,9 +145,8 @@ fn reducible_joins(
 ) -> Vec<(u32, ScanColumn)> {
     let mut found: Vec<(u32, ScanColumn)> = plan
         .downcast_ref::<HashJoinExec>()
-        .and_then(|join| reducible_join(stages, stage_id, join, &path))
-        .into_iter()
-        .collect();
+        .map(|join| reducible_join(stages, stage_id, join, &path))
+        .unwrap_or_default();
     for (index, child) in plan.children().into_iter().enumerate() {
         let mut child_path = path.clone();
         child_path.push(index);
@@ -145,14 +155,24 @@ fn reducible_joins(
     found
 }
 
-/// The build stage of `join` and the scan its probe key comes from, if the
-/// build stage's keys can filter that scan.
+/// The build stage of `join` with each scan whose rows its keys can filter:
+/// the scans the probe key comes from, and those of the keys it is joined
+/// with on the way.
 fn reducible_join(
     stages: &[StagePlan],
     stage_id: u32,
     join: &HashJoinExec,
     path: &[usize],
-) -> Option<(u32, ScanColumn)> {
+) -> Vec<(u32, ScanColumn)> {
+    reducible_scans(stages, stage_id, join, path).unwrap_or_default()
+}
+
+fn reducible_scans(
+    stages: &[StagePlan],
+    stage_id: u32,
+    join: &HashJoinExec,
+    path: &[usize],
+) -> Option<Vec<(u32, ScanColumn)>> {
     // Not a mark join, nor an anti join with `NOT IN` semantics: a null
     // probe key changes their answer, and the filter would drop it.
     let drops_unmatched_probe_rows = matches!(
@@ -174,12 +194,17 @@ fn reducible_join(
     let probe_column = probe_key.downcast_ref::<Column>()?.index();
     let mut probe_path = path.to_vec();
     probe_path.push(1);
-    let scan = trace(stages, stage_id, join.right(), probe_column, probe_path)?;
-    let single_consumer = scan
-        .crossed
-        .iter()
-        .all(|id| stages.iter().filter(|s| s.inputs.contains(id)).count() == 1);
-    (scan.saves_work && single_consumer && scan.stage != build_stage).then_some((build_stage, scan))
+    let single_consumer = |scan: &ScanColumn| {
+        scan.crossed
+            .iter()
+            .all(|id| stages.iter().filter(|s| s.inputs.contains(id)).count() == 1)
+    };
+    let scans = trace(stages, stage_id, join.right(), probe_column, probe_path)
+        .into_iter()
+        .filter(|scan| scan.saves_work && single_consumer(scan) && scan.stage != build_stage)
+        .map(|scan| (build_stage, scan))
+        .collect();
+    Some(scans)
 }
 
 /// The stage that `plan` reads whole: a shuffle reader, maybe coalesced.
@@ -199,43 +224,53 @@ fn whole_stage(plan: &Arc<dyn ExecutionPlan>) -> Option<u32> {
 }
 
 /// Follows column `column` of `plan` (at `path` in stage `stage_id`) down to
-/// the file scan it comes from unchanged, across stage boundaries.
+/// the file scans it comes from unchanged, across stage boundaries. At an
+/// inner join on that column, the other side's key holds the same value in
+/// every row the join outputs, so the scan it comes from is followed too.
 fn trace(
     stages: &[StagePlan],
     stage_id: u32,
     plan: &Arc<dyn ExecutionPlan>,
     column: usize,
     path: Vec<usize>,
-) -> Option<ScanColumn> {
+) -> Vec<ScanColumn> {
     let down = |child: usize, column: usize, saves_work: bool| {
         let mut child_path = path.clone();
         child_path.push(child);
         let input = Arc::clone(plan.children()[child]);
-        trace(stages, stage_id, &input, column, child_path).map(|mut scan| {
+        let mut scans = trace(stages, stage_id, &input, column, child_path);
+        for scan in &mut scans {
             scan.saves_work |= saves_work;
-            scan
-        })
+        }
+        scans
     };
     // A limit keeps some rows: filtering below it would change which.
     if plan.fetch().is_some() {
-        return None;
+        return Vec::new();
     }
     if plan.downcast_ref::<DataSourceExec>().is_some() {
-        return Some(ScanColumn {
+        return vec![ScanColumn {
             stage: stage_id,
             path,
             column,
             crossed: Vec::new(),
             saves_work: false,
-        });
+        }];
     }
     if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
-        let expr = &projection.expr().get(column)?.expr;
-        return down(0, column_index(expr)?, false);
+        return projection
+            .expr()
+            .get(column)
+            .and_then(|projected| column_index(&projected.expr))
+            .map(|input_column| down(0, input_column, false))
+            .unwrap_or_default();
     }
     if let Some(filter) = plan.downcast_ref::<FilterExec>() {
         let column = match filter.projection() {
-            Some(projection) => *projection.get(column)?,
+            Some(projection) => match projection.get(column) {
+                Some(column) => *column,
+                None => return Vec::new(),
+            },
             None => column,
         };
         return down(0, column, false);
@@ -243,33 +278,32 @@ fn trace(
     if let Some(aggregate) = plan.downcast_ref::<AggregateExec>() {
         let groups = aggregate.group_expr();
         if !groups.is_single() {
-            return None;
+            return Vec::new();
         }
-        let (expr, _) = groups.expr().get(column)?;
-        return down(0, column_index(expr)?, true);
+        return groups
+            .expr()
+            .get(column)
+            .and_then(|(expr, _)| column_index(expr))
+            .map(|input_column| down(0, input_column, true))
+            .unwrap_or_default();
     }
     if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
-        if join.join_type() != &JoinType::Inner {
-            return None;
-        }
-        let column = match &join.projection {
-            Some(projection) => *projection.get(column)?,
-            None => column,
-        };
-        let left_width = join.left().schema().fields().len();
-        return if column < left_width {
-            down(0, column, false)
-        } else {
-            down(1, column - left_width, false)
-        };
+        return trace_inner_join(join, column)
+            .into_iter()
+            .flat_map(|(child, column)| down(child, column, false))
+            .collect();
     }
     if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
-        let input = stages.iter().find(|s| s.stage_id == reader.stage_id())?;
+        let Some(input) = stages.iter().find(|s| s.stage_id == reader.stage_id()) else {
+            return Vec::new();
+        };
         let root: Arc<dyn ExecutionPlan> = Arc::clone(&input.plan) as _;
-        let mut scan = trace(stages, input.stage_id, &root, column, Vec::new())?;
-        scan.crossed.push(input.stage_id);
-        scan.saves_work = true;
-        return Some(scan);
+        let mut scans = trace(stages, input.stage_id, &root, column, Vec::new());
+        for scan in &mut scans {
+            scan.crossed.push(input.stage_id);
+            scan.saves_work = true;
+        }
+        return scans;
     }
     let keeps_rows = plan.downcast_ref::<CoalescePartitionsExec>().is_some()
         || plan.downcast_ref::<RepartitionExec>().is_some()
@@ -278,7 +312,50 @@ fn trace(
     if keeps_rows {
         return down(0, column, false);
     }
-    None
+    Vec::new()
+}
+
+/// Where output column `column` of an inner join comes from, as (child,
+/// column) pairs: its own side's column and, when that is an equi-join key,
+/// the key it is joined with on the other side (same type, nulls matching
+/// nothing, so both hold the same value in every output row).
+fn trace_inner_join(join: &HashJoinExec, column: usize) -> Vec<(usize, usize)> {
+    if join.join_type() != &JoinType::Inner {
+        return Vec::new();
+    }
+    let column = match &join.projection {
+        Some(projection) => match projection.get(column) {
+            Some(column) => *column,
+            None => return Vec::new(),
+        },
+        None => column,
+    };
+    let left_width = join.left().schema().fields().len();
+    let (side, side_column) = if column < left_width {
+        (0, column)
+    } else {
+        (1, column - left_width)
+    };
+    let mut sources = vec![(side, side_column)];
+    if join.null_equality() != NullEquality::NullEqualsNothing {
+        return sources;
+    }
+    let schemas = [join.left().schema(), join.right().schema()];
+    for (left_key, right_key) in join.on() {
+        let (Some(left), Some(right)) = (column_index(left_key), column_index(right_key)) else {
+            continue;
+        };
+        let (own, other) = if side == 0 {
+            (left, right)
+        } else {
+            (right, left)
+        };
+        let same_type = schemas[0].field(left).data_type() == schemas[1].field(right).data_type();
+        if own == side_column && same_type {
+            sources.push((1 - side, other));
+        }
+    }
+    sources
 }
 
 fn column_index(expr: &Arc<dyn PhysicalExpr>) -> Option<usize> {
@@ -363,9 +440,11 @@ fn find_reduction(
     path: Vec<usize>,
 ) -> Option<(BuildSide, ScanColumn)> {
     if let Some(join) = plan.downcast_ref::<HashJoinExec>()
-        && let Some((build_stage, scan)) = reducible_join(stages, reduction.join_stage, join, &path)
-        && build_stage == reduction.build_stage
-        && scan.stage == reduction.scan_stage
+        && let Some((_, scan)) = reducible_join(stages, reduction.join_stage, join, &path)
+            .into_iter()
+            .find(|(build_stage, scan)| {
+                *build_stage == reduction.build_stage && scan.stage == reduction.scan_stage
+            })
     {
         let build = BuildSide {
             plan: Arc::clone(join.left()),
@@ -420,7 +499,8 @@ pub fn replay(stages: &[StagePlan], applied: &[Reduction]) -> Result<Vec<StagePl
 mod tests {
     use super::*;
     use crate::adaptive::adaptive_joins;
-    use crate::adaptive::tests::stages_of_tables;
+    use crate::adaptive::tests::{stages_of_tables, stages_planned, stages_with_broadcast_rows};
+    use crate::build_stage::StagedBuildSides;
     use crate::stages::display_stages;
 
     /// Q17's shape: a filtered side compared with an aggregate of the other
@@ -462,6 +542,74 @@ mod tests {
         );
         let replayed = replay(&stages, &[*reduction]).expect("replay");
         assert_eq!(rendered(&replayed[reduction.scan_stage as usize - 1]), text);
+    }
+
+    /// Q18's shape: the keys of a small aggregate filter a join of two large
+    /// sides on `join_on`; the subquery's keys are compared with `a.k`.
+    fn filtered_join(join_on: &str) -> String {
+        format!(
+            "SELECT a.k, sum(b.v) FROM facts a JOIN facts b ON {join_on} \
+             WHERE a.k IN (SELECT k FROM dims GROUP BY k HAVING sum(v) > 25) GROUP BY a.k"
+        )
+    }
+
+    #[tokio::test]
+    async fn both_sides_of_an_inner_join_on_the_key_are_filtered() {
+        let sql = filtered_join("a.k = b.k");
+        // The subquery broadcast, or partitioned with a stage of its own.
+        let broadcast = stages_with_broadcast_rows(&sql, 50, 10).await;
+        let staged = stages_planned(&sql, 50, 0, vec![Arc::new(StagedBuildSides)]).await;
+        for stages in [broadcast, staged] {
+            both_sides_filtered(&stages);
+        }
+    }
+
+    fn both_sides_filtered(stages: &[StagePlan]) {
+        let shown = display_stages(stages);
+        let found = reductions(stages, &adaptive_joins(stages));
+        let scan_stages: HashSet<u32> = found.iter().map(|r| r.scan_stage).collect();
+        assert_eq!(found.len(), 2, "{found:?} in\n{shown}");
+        assert_eq!(scan_stages.len(), 2, "{found:?} in\n{shown}");
+        assert_eq!(found[0].build_stage, found[1].build_stage, "{shown}");
+        for reduction in &found {
+            let reduced = reduce(stages, reduction)
+                .expect("rewrite")
+                .expect("the join still leads to the scan");
+            assert!(
+                rendered(&reduced).contains("join_type=RightSemi"),
+                "{shown}"
+            );
+        }
+        let replayed = replay(stages, &found).expect("replay");
+        for reduction in &found {
+            let text = rendered(&replayed[reduction.scan_stage as usize - 1]);
+            assert!(text.contains("join_type=RightSemi"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_that_can_broadcast_its_build_side_is_not_also_a_reduction() {
+        // The join reads two whole stages: the adaptive join decides it, and
+        // a reduction between the same stages would only hold the scan.
+        let sql = "SELECT a.k, b.v FROM dims a JOIN facts b ON a.k = b.k";
+        let stages = stages_of_tables(sql, 50).await;
+        let adaptive = adaptive_joins(&stages);
+        assert_eq!(adaptive.len(), 1, "{}", display_stages(&stages));
+        assert_eq!(reductions(&stages, &adaptive), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_join_on_another_column_does_not_lead_to_the_other_side() {
+        // `b` is joined on `a.v`, not on the key the subquery filters: only
+        // `a`'s scan can be filtered by the subquery's keys.
+        let stages = stages_with_broadcast_rows(&filtered_join("a.v = b.k"), 50, 10).await;
+        let shown = display_stages(&stages);
+        let found = reductions(&stages, &adaptive_joins(&stages));
+        let by_subquery: Vec<_> = found
+            .iter()
+            .filter(|r| rendered(&stages[r.build_stage as usize - 1]).contains("sum(dims.v)"))
+            .collect();
+        assert_eq!(by_subquery.len(), 1, "{found:?} in\n{shown}");
     }
 
     #[test]

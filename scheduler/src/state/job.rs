@@ -427,6 +427,8 @@ impl Job {
             stage.tasks = pending_tasks(partitions, now);
         }
         self.adaptive.forget_join_stage(join.probe_stage);
+        self.adaptive
+            .move_reductions(join.probe_stage, join.join_stage);
     }
 
     /// Decides the semi-join reductions whose build stage is now complete:
