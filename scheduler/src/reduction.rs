@@ -167,6 +167,8 @@ fn reducible_join(
     reducible_scans(stages, stage_id, join, path).unwrap_or_default()
 }
 
+/// [`reducible_join`], with `None` where the join itself cannot filter
+/// anything (its type, its null handling, or a build side that is not a stage).
 fn reducible_scans(
     stages: &[StagePlan],
     stage_id: u32,
