@@ -22,7 +22,7 @@ extensions_options! {
         pub broadcast_join_max_bytes: u64, default = 134217728
         /// Decide partitioned hash joins again once their build side has run: the probe side's stage waits for it, and when the build side turns out small enough to broadcast (by the two settings above), the probe side runs inside the join's stage instead of being shuffled.
         pub adaptive_joins: bool, default = true
-        /// Filter a scan by the keys of a join's build side once that has run: when a hash join's probe key comes unchanged from a file scan in a stage that has not run (through projections, filters, inner joins, aggregate groups and shuffles), the scan's stage waits for the build stage, and if that wrote at most `datafusion.optimizer.hash_join_single_partition_threshold` bytes, only scan rows whose key it holds go on.
+        /// Filter a scan by the keys of a join's build side once that has run: when a hash join's probe key comes unchanged from a file scan in a stage that has not run (through projections, filters, inner joins, into both their sides when they join on that key, aggregate groups and shuffles), the scan's stage waits for the build stage, and if that wrote at most `datafusion.optimizer.hash_join_single_partition_threshold` bytes, only scan rows whose key it holds go on. With this setting or `adaptive_joins` on, a partitioned join's build side that filters an aggregate (a `HAVING`) runs as a stage of its own, so that its size is known first.
         pub semi_join_reduction: bool, default = true
     }
 }
