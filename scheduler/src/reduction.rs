@@ -164,17 +164,27 @@ fn reducible_join(
     join: &HashJoinExec,
     path: &[usize],
 ) -> Vec<(u32, ScanColumn)> {
-    reducible_scans(stages, stage_id, join, path).unwrap_or_default()
+    let Some((build_stage, probe_column)) = filtering_build_side(join) else {
+        return Vec::new();
+    };
+    let mut probe_path = path.to_vec();
+    probe_path.push(1);
+    let single_consumer = |scan: &ScanColumn| {
+        scan.crossed
+            .iter()
+            .all(|id| stages.iter().filter(|s| s.inputs.contains(id)).count() == 1)
+    };
+    trace(stages, stage_id, join.right(), probe_column, probe_path)
+        .into_iter()
+        .filter(|scan| scan.saves_work && single_consumer(scan) && scan.stage != build_stage)
+        .map(|scan| (build_stage, scan))
+        .collect()
 }
 
-/// [`reducible_join`], with `None` where the join itself cannot filter
-/// anything (its type, its null handling, or a build side that is not a stage).
-fn reducible_scans(
-    stages: &[StagePlan],
-    stage_id: u32,
-    join: &HashJoinExec,
-    path: &[usize],
-) -> Option<Vec<(u32, ScanColumn)>> {
+/// The build stage of `join` and the column of its first probe key, if the
+/// build side's keys may filter the probe side: its type and null handling
+/// drop unmatched probe rows, and its build side is a whole stage.
+fn filtering_build_side(join: &HashJoinExec) -> Option<(u32, usize)> {
     // Not a mark join, nor an anti join with `NOT IN` semantics: a null
     // probe key changes their answer, and the filter would drop it.
     let drops_unmatched_probe_rows = matches!(
@@ -194,19 +204,7 @@ fn reducible_scans(
     let build_stage = whole_stage(join.left())?;
     let (_, probe_key) = join.on().first()?;
     let probe_column = probe_key.downcast_ref::<Column>()?.index();
-    let mut probe_path = path.to_vec();
-    probe_path.push(1);
-    let single_consumer = |scan: &ScanColumn| {
-        scan.crossed
-            .iter()
-            .all(|id| stages.iter().filter(|s| s.inputs.contains(id)).count() == 1)
-    };
-    let scans = trace(stages, stage_id, join.right(), probe_column, probe_path)
-        .into_iter()
-        .filter(|scan| scan.saves_work && single_consumer(scan) && scan.stage != build_stage)
-        .map(|scan| (build_stage, scan))
-        .collect();
-    Some(scans)
+    Some((build_stage, probe_column))
 }
 
 /// The stage that `plan` reads whole: a shuffle reader, maybe coalesced.
