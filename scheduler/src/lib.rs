@@ -32,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod flight_sql;
 pub mod hive;
+pub mod join_order;
 pub mod joins;
 pub mod locations;
 pub mod planner;

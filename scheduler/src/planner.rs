@@ -378,10 +378,7 @@ impl Planner {
                     .await
                     .map_err(Error::Query)?
             }
-            _ => state
-                .create_physical_plan(logical)
-                .await
-                .map_err(Error::Query)?,
+            _ => physical_plan(logical, state).await.map_err(Error::Query)?.1,
         };
         let physical =
             distribute_parquet_writes(physical, job_id, overwrite).map_err(Error::Query)?;
@@ -633,8 +630,7 @@ async fn explain_stages(
     state: &SessionState,
     partitions: usize,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
-    let optimized = state.optimize(&explain.plan)?;
-    let physical = state.create_physical_plan(&optimized).await?;
+    let (optimized, physical) = physical_plan(&explain.plan, state).await?;
     let stages = split_into_stages(job_id, physical, partitions)?;
     let schema: SchemaRef = Arc::new(explain.schema.as_arrow().clone());
     let batch = RecordBatch::try_new(
@@ -649,6 +645,21 @@ async fn explain_stages(
     )?;
     let source = MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None)?;
     Ok(source)
+}
+
+/// `logical` optimized by DataFusion, with its joins reordered by Quiver,
+/// and the physical plan of that.
+async fn physical_plan(
+    logical: &LogicalPlan,
+    state: &SessionState,
+) -> DfResult<(LogicalPlan, Arc<dyn ExecutionPlan>)> {
+    let optimized = state.optimize(logical)?;
+    let ordered = crate::join_order::reorder_joins(optimized, state).await?;
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&ordered, state)
+        .await?;
+    Ok((ordered, physical))
 }
 
 /// Encodes every stage plan off the async threads: large plans take a while.
