@@ -24,7 +24,7 @@ extensions_options! {
         pub adaptive_joins: bool, default = true
         /// Filter a scan by the keys of a join's build side once that has run: when a hash join's probe key comes unchanged from a file scan in a stage that has not run (through projections, filters, inner joins, into both their sides when they join on that key, aggregate groups and shuffles), the scan's stage waits for the build stage, and if that wrote at most `datafusion.optimizer.hash_join_single_partition_threshold` bytes, only scan rows whose key it holds go on. With this setting or `adaptive_joins` on, a partitioned join's build side that filters an aggregate (a `HAVING`) runs as a stage of its own, so that its size is known first.
         pub semi_join_reduction: bool, default = true
-        /// Join a filtered input of a tree of inner joins with the one other input it has join keys with before the rest, when DataFusion estimates it the smaller of the two and small enough to broadcast (`quiver.broadcast_join_max_bytes`, or `datafusion.optimizer.hash_join_single_partition_threshold` if larger): a nation filtered by name then filters its suppliers before they meet `lineitem`. Other joins keep the query's order.
+        /// Join a filtered input of a tree of inner joins with the one other input it has join keys with before the rest, when DataFusion estimates it the smaller of the two and small enough to broadcast (`quiver.broadcast_join_max_bytes`, or `datafusion.optimizer.hash_join_single_partition_threshold` if larger): a nation filtered by name then filters its suppliers before they meet `lineitem`. Nothing moves onto the largest input, and other joins keep the query's order.
         pub reorder_joins: bool, default = true
     }
 }

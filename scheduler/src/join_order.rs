@@ -12,11 +12,13 @@
 //! suppliers (Q5, Q8). The other joins keep their order, conditions that
 //! read several inputs (Q7's pair of nations) go to the lowest join that has
 //! them all, and the tree gives its parent the same columns as before.
+//! Nothing moves onto the tree's largest input: its joins keep the query's
+//! order.
 //!
 //! The filtered input becomes a join's build side, so its estimate must be
 //! within what a join may broadcast (`quiver.broadcast_join_max_bytes`, or
-//! DataFusion's `hash_join_single_partition_threshold` if larger). An input without estimates
-//! stays where it is. Inner joins commute, so the answer cannot change: every
+//! DataFusion's `hash_join_single_partition_threshold` if larger). An input
+//! without estimates stays where it is. Inner joins commute, so the answer cannot change: every
 //! condition is still applied, each to the same rows.
 
 use std::sync::Arc;
@@ -150,7 +152,6 @@ enum Shape {
 }
 
 /// A join condition and the inputs it reads.
-#[derive(Clone)]
 enum Condition {
     /// A pair of join keys, `left = right`.
     Keys {
@@ -326,13 +327,6 @@ impl JoinTree {
         placed: &[bool],
         context: &Context<'_>,
     ) -> Option<(usize, usize)> {
-        let owner = |input: usize| {
-            groups.iter().position(|group| {
-                group
-                    .as_ref()
-                    .is_some_and(|g| g.members & (1 << input) != 0)
-            })
-        };
         let largest = groups
             .iter()
             .enumerate()
@@ -345,25 +339,7 @@ impl JoinTree {
             if estimate.selectivity >= 1.0 || estimate.bytes > context.max_build_bytes {
                 return None;
             }
-            let mut neighbour = None;
-            for (condition, _) in self
-                .conditions
-                .iter()
-                .zip(placed)
-                .filter(|(condition, placed)| !**placed && condition.inputs() & group.members != 0)
-            {
-                let Condition::Keys { .. } = condition else {
-                    continue;
-                };
-                let other = condition.keys_to(group.members)?;
-                let other_group = owner(other.trailing_zeros() as usize)?;
-                let other_members = groups[other_group].as_ref()?.members;
-                if !is_subset(other, other_members) || neighbour.is_some_and(|n| n != other_group) {
-                    return None;
-                }
-                neighbour = Some(other_group);
-            }
-            let neighbour = neighbour?;
+            let neighbour = self.only_neighbour(groups, placed, group.members)?;
             let host = groups[neighbour].as_ref()?;
             (Some(neighbour) != largest && estimate.rows < host.estimate.rows).then_some((
                 estimate.selectivity,
@@ -374,6 +350,42 @@ impl JoinTree {
         moves
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, number, neighbour)| (number, neighbour))
+    }
+
+    /// The one group that the group of `members` has pairs of keys with,
+    /// among the conditions not yet placed. `None` when there is none, or
+    /// more than one, or a pair reads several groups on a side.
+    fn only_neighbour(
+        &self,
+        groups: &[Option<Group>],
+        placed: &[bool],
+        members: Inputs,
+    ) -> Option<usize> {
+        let owner = |inputs: Inputs| {
+            groups.iter().position(|group| {
+                group
+                    .as_ref()
+                    .is_some_and(|group| is_subset(inputs, group.members))
+            })
+        };
+        let mut neighbour = None;
+        for (condition, _) in self
+            .conditions
+            .iter()
+            .zip(placed)
+            .filter(|(condition, placed)| {
+                !**placed
+                    && matches!(condition, Condition::Keys { .. })
+                    && condition.inputs() & members != 0
+            })
+        {
+            let other = owner(condition.keys_to(members)?)?;
+            if neighbour.is_some_and(|neighbour| neighbour != other) {
+                return None;
+            }
+            neighbour = Some(other);
+        }
+        neighbour
     }
 
     /// `filtered` joined with `host`, on every condition that reads only
