@@ -60,11 +60,17 @@ pub struct AdaptivePolicy {
 impl AdaptivePolicy {
     /// The policy of a job's settings; `None` when `quiver.adaptive_joins` is off.
     pub fn from_config(config: &ConfigOptions) -> Option<Self> {
-        let options = quiver_options(config);
-        options.adaptive_joins.then_some(Self {
+        quiver_options(config)
+            .adaptive_joins
+            .then(|| Self::of(config))
+    }
+
+    /// The thresholds of a job's settings.
+    pub fn of(config: &ConfigOptions) -> Self {
+        Self {
             always_bytes: config.optimizer.hash_join_single_partition_threshold as u64,
-            max_bytes: options.broadcast_join_max_bytes,
-        })
+            max_bytes: quiver_options(config).broadcast_join_max_bytes,
+        }
     }
 
     /// Whether a build side of `build_bytes`, sent to each of `probe_tasks`
@@ -86,31 +92,31 @@ impl AdaptivePolicy {
 pub struct PendingJoins {
     policy: Option<AdaptivePolicy>,
     joins: Vec<AdaptiveJoin>,
-    /// The largest build side a reduction reads; `None` when turned off.
-    reduction_bytes: Option<u64>,
+    /// When a key stage filters a scan; `None` when reductions are off.
+    reduction_policy: Option<AdaptivePolicy>,
     reductions: Vec<Reduction>,
 }
 
 impl PendingJoins {
     /// The adaptive joins of `stages`, none when `policy` is `None` (turned
-    /// off), and their reductions, none when `reduction_bytes` is `None`.
+    /// off), and their reductions, none when `reduction_policy` is `None`.
     pub fn new(
         stages: &[StagePlan],
         policy: Option<AdaptivePolicy>,
-        reduction_bytes: Option<u64>,
+        reduction_policy: Option<AdaptivePolicy>,
     ) -> Self {
         let joins = match policy {
             Some(_) => adaptive_joins(stages),
             None => Vec::new(),
         };
-        let reductions = match reduction_bytes {
+        let reductions = match reduction_policy {
             Some(_) => reduction::reductions(stages, &joins),
             None => Vec::new(),
         };
         Self {
             policy,
             joins,
-            reduction_bytes,
+            reduction_policy,
             reductions,
         }
     }
@@ -119,8 +125,8 @@ impl PendingJoins {
         self.policy
     }
 
-    pub fn reduction_bytes(&self) -> Option<u64> {
-        self.reduction_bytes
+    pub fn reduction_policy(&self) -> Option<AdaptivePolicy> {
+        self.reduction_policy
     }
 
     /// Whether `stage_id` waits for a decision: it is a pending join's probe
@@ -130,10 +136,10 @@ impl PendingJoins {
             || self.reductions.iter().any(|r| r.scan_stage == stage_id)
     }
 
-    /// Takes out the pending reductions whose build stage is `complete`.
+    /// Takes out the pending reductions whose key stage is `complete`.
     pub fn take_ready_reductions(&mut self, complete: impl Fn(u32) -> bool) -> Vec<Reduction> {
         take_where(&mut self.reductions, |reduction| {
-            complete(reduction.build_stage)
+            complete(reduction.key_stage)
         })
     }
 
@@ -354,13 +360,13 @@ pub(crate) mod tests {
     fn a_reduction_follows_its_scan_into_the_broadcast_join_stage() {
         let reduction = Reduction {
             join_stage: 7,
-            build_stage: 2,
+            key_stage: 2,
             scan_stage: 4,
         };
         let mut pending = PendingJoins {
             policy: None,
             joins: Vec::new(),
-            reduction_bytes: Some(MIB),
+            reduction_policy: None,
             reductions: vec![reduction],
         };
         assert!(pending.holds(4) && !pending.holds(5));

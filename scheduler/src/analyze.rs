@@ -106,7 +106,7 @@ fn reductions(stages: &[StagePlan], status: &JobStatus) -> Vec<Reduction> {
         .filter(|reduction| {
             status.stages.iter().any(|metrics| {
                 metrics.stage_id == reduction.scan_stage
-                    && metrics.reduced_by == reduction.build_stage
+                    && metrics.reduced_by == reduction.key_stage
             })
         })
         .collect()

@@ -405,7 +405,7 @@ impl Planner {
         let adaptive = PendingJoins::new(
             &stages,
             AdaptivePolicy::from_config(state.config().options()),
-            crate::reduction::threshold_bytes(state.config().options()),
+            crate::reduction::policy(state.config().options()),
         );
         let encoded = encode_stages(stages.clone()).await?;
         Ok(StagedJob {

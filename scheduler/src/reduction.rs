@@ -5,30 +5,43 @@
 //! In TPC-H Q17 the join that decides the answer has, on one side, the 2,044
 //! parts of one brand and container (SF10), and on the other an aggregate of
 //! all 60 M `lineitem` rows grouped by part. The aggregate does not know that
-//! only those parts' groups will be kept. When a hash join's build (left)
-//! side is a whole stage, and its probe key, followed down the probe side
-//! through projections, filters, inner joins, aggregate groups and shuffles,
-//! comes straight from a column of a file scan in a stage that has not run,
-//! with an aggregate or a shuffle in between (the work to save), then that
-//! scan stage waits for the build stage. Once the build stage has
-//! run and wrote at most `hash_join_single_partition_threshold` bytes, the
-//! scan is wrapped in a `RightSemi` hash join against the build stage's
-//! output, read whole by every task: only rows whose key the build side has
-//! go on. The plan above is unchanged, since a semi join keeps the scan's
-//! columns.
+//! only those parts' groups will be kept. So, for each side of a hash join
+//! whose rows without a key on the other side the join drops:
+//!
+//! - its key is followed down through projections, filters, inner joins,
+//!   aggregate groups and shuffles to a column of a file scan in a stage that
+//!   has not run, with an aggregate or a shuffle in between (the work to
+//!   save);
+//! - the other side's key is followed down through operators whose output
+//!   values are some of their input's (projections, filters, any join, group
+//!   columns, limits) to a column of another stage's output: every key the
+//!   join can match is in it.
+//!
+//! The scan stage then waits for that key stage. Once it has run and is small
+//! enough to read in every task of the scan's stage (the rule of broadcast
+//! joins, [`crate::adaptive::AdaptivePolicy`]), the scan is wrapped in a
+//! `RightSemi` hash join against the key column of its whole output: only
+//! rows whose key it holds go on. The plan above is unchanged, since a semi
+//! join keeps the scan's columns. In Q21 the late lines of the orders of one
+//! nation's suppliers (735 k rows at SF10) filter both `lineitem` scans of
+//! its `EXISTS` and its `NOT EXISTS`: the anti join's side is filtered by the
+//! keys that its other side, a semi join, took from them.
 //!
 //! This cannot change an answer: rows are removed only for key values that
-//! the join drops anyway. That holds for join types that drop unmatched probe
-//! rows (not right, full, mark or right anti joins, nor `NOT IN` anti joins,
-//! which a null probe key changes), with null keys matching nothing, and when
-//! every operator on the way keeps the key column's values:
-//! the path stops at anything else (a limit, a window, a union, an outer join).
-//! An inner join on the key is followed into both its sides: every row it
-//! outputs has the same value on both, so in Q18 the 624 (SF10) order keys
-//! over the quantity threshold filter `lineitem` as well as `orders` before
-//! they are shuffled to be joined.
-//! Each stage on the way must feed only the next one, so that no other reader
-//! loses rows.
+//! the join drops anyway. That holds for the sides that a join drops
+//! unmatched (both of inner and semi joins, the probe side of left and left
+//! anti joins, the build side of right and right anti joins; never a full or
+//! mark join, nor a `NOT IN` anti join, which a null key changes), with null
+//! keys matching nothing, and when every operator between the join and the
+//! scan keeps the key column's values: the path stops at anything else (a
+//! limit, a window, a union, an outer join). An inner join on the key is
+//! followed into both its sides: every row it outputs has the same value on
+//! both, so in Q18 the 624 (SF10) order keys over the quantity threshold
+//! filter `lineitem` as well as `orders` before they are shuffled to be
+//! joined. Each stage on the way must feed only the next one, so that no
+//! other reader loses rows. Where both sides of one join could be filtered
+//! by the other's stage, the probe side is (DataFusion makes the smaller
+//! side the build side), and the other would wait in a circle.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -43,24 +56,28 @@ use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, replace_children_if_necessary};
 use quiver_core::config::quiver_options;
 use quiver_core::shuffle::{ShuffleReaderExec, ShuffleWriterExec};
 
-use crate::adaptive::AdaptiveJoin;
+use crate::adaptive::{AdaptiveJoin, AdaptivePolicy};
+use crate::broadcast::estimated_bytes;
 use crate::stages::{StagePlan, collect_reader_stages};
 
-/// A scan that a join's build stage can filter once it has run.
+/// A scan that the keys of a join's other side can filter once the stage
+/// they come from has run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reduction {
-    /// The stage of the join whose build side filters.
+    /// The stage of the join.
     pub join_stage: u32,
-    /// The join's build stage: its output holds the keys.
-    pub build_stage: u32,
-    /// The stage of the scan: it waits for the build stage.
+    /// The stage whose output holds the keys.
+    pub key_stage: u32,
+    /// The stage of the scan: it waits for the key stage.
     pub scan_stage: u32,
 }
 
@@ -96,23 +113,24 @@ pub fn reductions(stages: &[StagePlan], adaptive: &[AdaptiveJoin]) -> Vec<Reduct
     let mut found = Vec::new();
     for stage in stages {
         let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
-        for (build_stage, scan) in reducible_joins(stages, stage.stage_id, &root, Vec::new()) {
+        for (keys, scan) in reducible_joins(stages, stage.stage_id, &root, Vec::new()) {
+            let key_stage = keys.stage;
             let reduction = Reduction {
                 join_stage: stage.stage_id,
-                build_stage,
+                key_stage,
                 scan_stage: scan.stage,
             };
-            let cycle = waits_for(&waits, build_stage, scan.stage);
+            let cycle = waits_for(&waits, key_stage, scan.stage);
             let repeated = found.iter().any(|r: &Reduction| r.scan_stage == scan.stage);
             // An adaptive join between the same stages broadcasts a build side
             // this small, and that join then filters the scan's rows itself.
             let adaptive_twin = adaptive.iter().any(|join| {
                 join.join_stage == stage.stage_id
-                    && join.build_stage == build_stage
+                    && join.build_stage == key_stage
                     && join.probe_stage == scan.stage
             });
-            if !cycle && !repeated && !adaptive_twin && !merged(build_stage) {
-                waits.entry(scan.stage).or_default().push(build_stage);
+            if !cycle && !repeated && !adaptive_twin && !merged(key_stage) {
+                waits.entry(scan.stage).or_default().push(key_stage);
                 found.push(reduction);
             }
         }
@@ -135,15 +153,15 @@ fn waits_for(waits: &HashMap<u32, Vec<u32>>, from: u32, to: u32) -> bool {
     false
 }
 
-/// The joins under `plan` (at `path` in stage `stage_id`) whose build stage
-/// can filter a scan, with that scan.
+/// The joins under `plan` (at `path` in stage `stage_id`) whose keys can
+/// filter a scan, with where the keys come from and that scan.
 fn reducible_joins(
     stages: &[StagePlan],
     stage_id: u32,
     plan: &Arc<dyn ExecutionPlan>,
     path: Vec<usize>,
-) -> Vec<(u32, ScanColumn)> {
-    let mut found: Vec<(u32, ScanColumn)> = plan
+) -> Vec<(KeySource, ScanColumn)> {
+    let mut found: Vec<(KeySource, ScanColumn)> = plan
         .downcast_ref::<HashJoinExec>()
         .map(|join| reducible_join(stages, stage_id, join, &path))
         .unwrap_or_default();
@@ -155,72 +173,149 @@ fn reducible_joins(
     found
 }
 
-/// The build stage of `join` with each scan whose rows its keys can filter:
-/// the scans the probe key comes from, and those of the keys it is joined
-/// with on the way.
+/// Each scan that one side of `join` leads to, whose rows the keys of the
+/// other side can filter, with the stage those keys come from.
 fn reducible_join(
     stages: &[StagePlan],
     stage_id: u32,
     join: &HashJoinExec,
     path: &[usize],
-) -> Vec<(u32, ScanColumn)> {
-    let Some((build_stage, probe_column)) = filtering_build_side(join) else {
-        return Vec::new();
-    };
-    let mut probe_path = path.to_vec();
-    probe_path.push(1);
+) -> Vec<(KeySource, ScanColumn)> {
     let single_consumer = |scan: &ScanColumn| {
         scan.crossed
             .iter()
             .all(|id| stages.iter().filter(|s| s.inputs.contains(id)).count() == 1)
     };
-    trace(stages, stage_id, join.right(), probe_column, probe_path)
+    let mut found = Vec::new();
+    for side in filtering_sides(join) {
+        let mut side_path = path.to_vec();
+        side_path.push(side.filtered_child);
+        let filtered = Arc::clone(join.children()[side.filtered_child]);
+        for scan in trace(stages, stage_id, &filtered, side.filtered_column, side_path) {
+            if scan.saves_work && single_consumer(&scan) && scan.stage != side.keys.stage {
+                found.push((side.keys.clone(), scan));
+            }
+        }
+    }
+    found
+}
+
+/// One side of a join whose rows can be filtered by the other side's keys.
+struct FilteringSide {
+    /// Where the other side's keys come from.
+    keys: KeySource,
+    /// The child (0 left, 1 right) whose rows the keys filter.
+    filtered_child: usize,
+    /// Its column of the join's first key.
+    filtered_column: usize,
+}
+
+/// The sides of `join` whose rows without a key on the other side the join
+/// drops (never a mark join, nor an anti join with `NOT IN` semantics: a
+/// null there changes the answer, and the filter would drop it), where the
+/// other side's keys come from another stage's output.
+fn filtering_sides(join: &HashJoinExec) -> Vec<FilteringSide> {
+    if join.null_aware || join.null_equality() != NullEquality::NullEqualsNothing {
+        return Vec::new();
+    }
+    let Some((left_key, right_key)) = join.on().first() else {
+        return Vec::new();
+    };
+    let (Some(left_column), Some(right_column)) = (column_index(left_key), column_index(right_key))
+    else {
+        return Vec::new();
+    };
+    let columns = [left_column, right_column];
+    // The probe side first: DataFusion makes the smaller side the build
+    // side, and a scan filtered by the other direction waits instead.
+    [1, 0]
         .into_iter()
-        .filter(|scan| scan.saves_work && single_consumer(scan) && scan.stage != build_stage)
-        .map(|scan| (build_stage, scan))
+        .filter(|&filtered| drops_unmatched(join.join_type(), filtered))
+        .filter_map(|filtered| {
+            let other = 1 - filtered;
+            Some(FilteringSide {
+                keys: key_source(join.children()[other], columns[other])?,
+                filtered_child: filtered,
+                filtered_column: columns[filtered],
+            })
+        })
         .collect()
 }
 
-/// The build stage of `join` and the column of its first probe key, if the
-/// build side's keys may filter the probe side: its type and null handling
-/// drop unmatched probe rows, and its build side is a whole stage.
-fn filtering_build_side(join: &HashJoinExec) -> Option<(u32, usize)> {
-    // Not a mark join, nor an anti join with `NOT IN` semantics: a null
-    // probe key changes their answer, and the filter would drop it.
-    let drops_unmatched_probe_rows = matches!(
-        join.join_type(),
-        JoinType::Inner
-            | JoinType::Left
-            | JoinType::LeftSemi
-            | JoinType::LeftAnti
-            | JoinType::RightSemi
-    );
-    if !drops_unmatched_probe_rows
-        || join.null_aware
-        || join.null_equality() != NullEquality::NullEqualsNothing
-    {
-        return None;
+/// Whether a join of `join_type` drops the rows of child `side` (0 left,
+/// 1 right) whose key the other side does not hold.
+fn drops_unmatched(join_type: &JoinType, side: usize) -> bool {
+    use JoinType::*;
+    match side {
+        0 => matches!(join_type, Inner | Right | LeftSemi | RightSemi | RightAnti),
+        _ => matches!(join_type, Inner | Left | LeftSemi | RightSemi | LeftAnti),
     }
-    let build_stage = whole_stage(join.left())?;
-    let (_, probe_key) = join.on().first()?;
-    let probe_column = probe_key.downcast_ref::<Column>()?.index();
-    Some((build_stage, probe_column))
 }
 
-/// The stage that `plan` reads whole: a shuffle reader, maybe coalesced.
-/// Not a coalesce with a limit: which rows it keeps depends on which arrive
-/// first, so another read of the stage could keep others.
-fn whole_stage(plan: &Arc<dyn ExecutionPlan>) -> Option<u32> {
-    if plan.fetch().is_some() {
-        return None;
+/// A column of a stage's output that holds every value (but nulls) that a
+/// join key can take: a filter on it keeps every row the join can match.
+#[derive(Clone)]
+struct KeySource {
+    stage: u32,
+    /// A reader of that stage, as the join's stage has it.
+    reader: Arc<dyn ExecutionPlan>,
+    column: usize,
+}
+
+/// Follows column `column` of `plan` down through operators whose output
+/// values come from their input (each a subset of it, nulls aside) to the
+/// shuffle reader it is read from.
+fn key_source(plan: &Arc<dyn ExecutionPlan>, column: usize) -> Option<KeySource> {
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        return Some(KeySource {
+            stage: reader.stage_id(),
+            reader: Arc::clone(plan),
+            column,
+        });
     }
-    let reader = match plan.downcast_ref::<CoalescePartitionsExec>() {
-        Some(coalesce) => coalesce.input(),
-        None => plan,
+    let (child, child_column) = if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
+        (0, column_index(&projection.expr().get(column)?.expr)?)
+    } else if let Some(filter) = plan.downcast_ref::<FilterExec>() {
+        let column = match filter.projection() {
+            Some(projection) => *projection.get(column)?,
+            None => column,
+        };
+        (0, column)
+    } else if let Some(aggregate) = plan.downcast_ref::<AggregateExec>() {
+        let (expr, _) = aggregate.group_expr().expr().get(column)?;
+        (0, column_index(expr)?)
+    } else if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        join_output_source(join, column)?
+    } else if plan.downcast_ref::<CoalescePartitionsExec>().is_some()
+        || plan.downcast_ref::<RepartitionExec>().is_some()
+        || plan.downcast_ref::<SortExec>().is_some()
+        || plan.downcast_ref::<SortPreservingMergeExec>().is_some()
+        || plan.downcast_ref::<GlobalLimitExec>().is_some()
+        || plan.downcast_ref::<LocalLimitExec>().is_some()
+    {
+        (0, column)
+    } else {
+        return None;
     };
-    reader
-        .downcast_ref::<ShuffleReaderExec>()
-        .map(ShuffleReaderExec::stage_id)
+    key_source(plan.children()[child], child_column)
+}
+
+/// The child (0 left, 1 right) and its column that output column `column`
+/// of `join` is taken from; `None` for a mark join's mark.
+fn join_output_source(join: &HashJoinExec, column: usize) -> Option<(usize, usize)> {
+    let column = match &join.projection {
+        Some(projection) => *projection.get(column)?,
+        None => column,
+    };
+    let left_width = join.left().schema().fields().len();
+    let right_width = join.right().schema().fields().len();
+    use JoinType::*;
+    match join.join_type() {
+        Inner | Left | Right | Full if column < left_width => Some((0, column)),
+        Inner | Left | Right | Full => Some((1, column - left_width)),
+        LeftSemi | LeftAnti | LeftMark => (column < left_width).then_some((0, column)),
+        RightSemi | RightAnti | RightMark => (column < right_width).then_some((1, column)),
+    }
 }
 
 /// Follows column `column` of `plan` (at `path` in stage `stage_id`) down to
@@ -323,18 +418,8 @@ fn trace_inner_join(join: &HashJoinExec, column: usize) -> Vec<(usize, usize)> {
     if join.join_type() != &JoinType::Inner {
         return Vec::new();
     }
-    let column = match &join.projection {
-        Some(projection) => match projection.get(column) {
-            Some(column) => *column,
-            None => return Vec::new(),
-        },
-        None => column,
-    };
-    let left_width = join.left().schema().fields().len();
-    let (side, side_column) = if column < left_width {
-        (0, column)
-    } else {
-        (1, column - left_width)
+    let Some((side, side_column)) = join_output_source(join, column) else {
+        return Vec::new();
     };
     let mut sources = vec![(side, side_column)];
     if join.null_equality() != NullEquality::NullEqualsNothing {
@@ -362,12 +447,20 @@ fn column_index(expr: &Arc<dyn PhysicalExpr>) -> Option<usize> {
     expr.downcast_ref::<Column>().map(Column::index)
 }
 
-/// Whether semi-join reduction is on for a job's settings, and the largest
-/// build side it reads into every task of the scan stage.
-pub fn threshold_bytes(config: &ConfigOptions) -> Option<u64> {
+/// When a key stage that has run filters a scan, for a job's settings:
+/// by the same rule as a broadcast join's build side, since every task of
+/// the scan's stage reads it whole. `None` when reduction is turned off.
+pub fn policy(config: &ConfigOptions) -> Option<AdaptivePolicy> {
     quiver_options(config)
         .semi_join_reduction
-        .then_some(config.optimizer.hash_join_single_partition_threshold as u64)
+        .then(|| AdaptivePolicy::of(config))
+}
+
+/// DataFusion's estimate of the bytes that the scan stage of `reduction`
+/// writes unfiltered.
+pub fn scan_estimate(stages: &[StagePlan], reduction: &Reduction) -> Option<u64> {
+    let scan = stages.iter().find(|s| s.stage_id == reduction.scan_stage)?;
+    estimated_bytes(scan.plan.input()).ok().flatten()
 }
 
 /// The scan stage of `reduction` with its scan filtered by the build stage's
@@ -378,17 +471,20 @@ pub fn reduce(stages: &[StagePlan], reduction: &Reduction) -> Result<Option<Stag
         return Ok(None);
     };
     let root: Arc<dyn ExecutionPlan> = Arc::clone(&join_stage.plan) as _;
-    let Some((build, scan)) = find_reduction(stages, reduction, &root, Vec::new()) else {
+    let Some((keys, scan)) = find_reduction(stages, reduction, &root, Vec::new()) else {
         return Ok(None);
     };
     let Some(scan_stage) = stages.iter().find(|s| s.stage_id == scan.stage) else {
         return Ok(None);
     };
-    let build_key = build.key;
-    let build: Arc<dyn ExecutionPlan> = match build.plan.downcast_ref::<CoalescePartitionsExec>() {
-        Some(_) => build.plan,
-        None => Arc::new(CoalescePartitionsExec::new(build.plan)),
-    };
+    // Every partition of the key stage, and of its columns only the key.
+    let key_name = keys.reader.schema().field(keys.column).name().clone();
+    let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&key_name, keys.column));
+    let build: Arc<dyn ExecutionPlan> = Arc::new(ProjectionExec::try_new(
+        [(key, key_name.clone())],
+        Arc::new(CoalescePartitionsExec::new(keys.reader)),
+    )?);
+    let build_key: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&key_name, 0));
     let root: Arc<dyn ExecutionPlan> = Arc::clone(&scan_stage.plan) as _;
     let filtered = replace_at(&root, &scan.path, &|scan_plan| {
         let scan_key = Column::new(scan_plan.schema().field(scan.column).name(), scan.column);
@@ -425,32 +521,22 @@ pub fn reduce(stages: &[StagePlan], reduction: &Reduction) -> Result<Option<Stag
     }))
 }
 
-/// What a reduction needs of its join: the build side and its key.
-struct BuildSide {
-    plan: Arc<dyn ExecutionPlan>,
-    key: Arc<dyn PhysicalExpr>,
-}
-
-/// The build side of the join of `reduction` under `plan`, and the scan it
-/// leads to.
+/// Where the keys of the join of `reduction` under `plan` come from, and
+/// the scan they filter.
 fn find_reduction(
     stages: &[StagePlan],
     reduction: &Reduction,
     plan: &Arc<dyn ExecutionPlan>,
     path: Vec<usize>,
-) -> Option<(BuildSide, ScanColumn)> {
+) -> Option<(KeySource, ScanColumn)> {
     if let Some(join) = plan.downcast_ref::<HashJoinExec>()
-        && let Some((_, scan)) = reducible_join(stages, reduction.join_stage, join, &path)
+        && let Some(found) = reducible_join(stages, reduction.join_stage, join, &path)
             .into_iter()
-            .find(|(build_stage, scan)| {
-                *build_stage == reduction.build_stage && scan.stage == reduction.scan_stage
+            .find(|(keys, scan)| {
+                keys.stage == reduction.key_stage && scan.stage == reduction.scan_stage
             })
     {
-        let build = BuildSide {
-            plan: Arc::clone(join.left()),
-            key: Arc::clone(&join.on()[0].0),
-        };
-        return Some((build, scan));
+        return Some(found);
     }
     plan.children()
         .into_iter()
@@ -534,7 +620,7 @@ mod tests {
         let text = rendered(&reduced);
         assert!(text.contains("join_type=RightSemi"), "{text}");
         assert!(text.contains("mode=CollectLeft"), "{text}");
-        assert!(reduced.inputs.contains(&reduction.build_stage), "{text}");
+        assert!(reduced.inputs.contains(&reduction.key_stage), "{text}");
         assert_eq!(
             reduced.plan.input().schema(),
             scan_stage.plan.input().schema(),
@@ -570,7 +656,7 @@ mod tests {
         let scan_stages: HashSet<u32> = found.iter().map(|r| r.scan_stage).collect();
         assert_eq!(found.len(), 2, "{found:?} in\n{shown}");
         assert_eq!(scan_stages.len(), 2, "{found:?} in\n{shown}");
-        assert_eq!(found[0].build_stage, found[1].build_stage, "{shown}");
+        assert_eq!(found[0].key_stage, found[1].key_stage, "{shown}");
         for reduction in &found {
             let reduced = reduce(stages, reduction)
                 .expect("rewrite")
@@ -607,18 +693,86 @@ mod tests {
         let found = reductions(&stages, &adaptive_joins(&stages));
         let by_subquery: Vec<_> = found
             .iter()
-            .filter(|r| rendered(&stages[r.build_stage as usize - 1]).contains("sum(dims.v)"))
+            .filter(|r| rendered(&stages[r.key_stage as usize - 1]).contains("sum(dims.v)"))
             .collect();
         assert_eq!(by_subquery.len(), 1, "{found:?} in\n{shown}");
     }
 
+    /// Q21's shape: orders with a late line (`a`) that have another line
+    /// (`b`) and no other late line (`c`).
+    const EXISTS_AND_NOT_EXISTS: &str = "SELECT a.k, count(*) FROM facts a \
+         WHERE a.v > 20 \
+         AND EXISTS (SELECT 1 FROM facts b WHERE b.k = a.k AND b.v <> a.v) \
+         AND NOT EXISTS (SELECT 1 FROM facts c WHERE c.k = a.k AND c.v < a.v) \
+         GROUP BY a.k";
+
+    #[tokio::test]
+    async fn the_keys_a_semi_join_keeps_filter_the_side_of_an_anti_join() {
+        let stages = stages_of_tables(EXISTS_AND_NOT_EXISTS, 50).await;
+        let shown = display_stages(&stages);
+        let found = reductions(&stages, &adaptive_joins(&stages));
+        // Both subqueries' scans wait for the filtered `a`: the semi join's
+        // other side, and the anti join's side that only matters where it
+        // matches the semi join's output, whose keys all come from `a`.
+        assert_eq!(found.len(), 2, "{found:?} in\n{shown}");
+        let key_stage = &stages[found[0].key_stage as usize - 1];
+        assert!(
+            rendered(key_stage).contains("v@1 > 20"),
+            "{found:?} in\n{shown}"
+        );
+        assert_eq!(found[0].key_stage, found[1].key_stage, "{shown}");
+        assert_ne!(found[0].scan_stage, found[1].scan_stage, "{shown}");
+        for reduction in &found {
+            let reduced = reduce(&stages, reduction)
+                .expect("rewrite")
+                .expect("the join still leads to the scan");
+            let text = rendered(&reduced);
+            assert!(text.contains("join_type=RightSemi"), "{text}");
+            assert!(reduced.inputs.contains(&reduction.key_stage), "{text}");
+        }
+    }
+
     #[test]
-    fn a_build_side_limited_as_it_is_read_is_not_a_whole_stage() {
+    fn only_rows_a_join_drops_unmatched_are_filtered() {
+        use JoinType::*;
+        let filtered = |join_type| {
+            [0, 1]
+                .into_iter()
+                .filter(|&side| drops_unmatched(&join_type, side))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(filtered(Inner), [0, 1]);
+        assert_eq!(filtered(LeftSemi), [0, 1]);
+        assert_eq!(filtered(RightSemi), [0, 1]);
+        assert_eq!(filtered(Left), [1]);
+        assert_eq!(
+            filtered(LeftAnti),
+            [1],
+            "unmatched left rows are the answer"
+        );
+        assert_eq!(filtered(Right), [0]);
+        assert_eq!(
+            filtered(RightAnti),
+            [0],
+            "unmatched right rows are the answer"
+        );
+        assert_eq!(filtered(Full), Vec::<usize>::new());
+        assert_eq!(filtered(LeftMark), Vec::<usize>::new());
+        assert_eq!(filtered(RightMark), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn keys_come_from_the_reader_under_operators_that_keep_their_values() {
         use arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::logical_expr::Operator;
         use datafusion::physical_expr::EquivalenceProperties;
+        use datafusion::physical_plan::expressions::{BinaryExpr, lit};
         use quiver_core::shuffle::ReadMode;
 
-        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Int64, true),
+            Field::new("k", DataType::Int64, true),
+        ]));
         let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
             "job",
             7,
@@ -626,12 +780,24 @@ mod tests {
             2,
             EquivalenceProperties::new(schema),
         ));
-        let coalesced = CoalescePartitionsExec::new(Arc::clone(&reader));
-        assert_eq!(whole_stage(&reader), Some(7));
-        assert_eq!(whole_stage(&(Arc::new(coalesced.clone()) as _)), Some(7));
-        // Which row a limit keeps depends on which arrives first.
-        let limited: Arc<dyn ExecutionPlan> = Arc::new(coalesced.with_fetch(Some(1)));
-        assert_eq!(whole_stage(&limited), None);
+        let source = |plan: Arc<dyn ExecutionPlan>, column| {
+            key_source(&plan, column).map(|keys| (keys.stage, keys.column))
+        };
+        assert_eq!(source(Arc::clone(&reader), 1), Some((7, 1)));
+        // A limit keeps some of the values: all of them still filter.
+        let limited = CoalescePartitionsExec::new(Arc::clone(&reader)).with_fetch(Some(1));
+        assert_eq!(source(Arc::new(limited), 1), Some((7, 1)));
+        let k: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 1));
+        let k_plus_one: Arc<dyn PhysicalExpr> =
+            Arc::new(BinaryExpr::new(Arc::clone(&k), Operator::Plus, lit(1i64)));
+        let projection = |expr| {
+            Arc::new(
+                ProjectionExec::try_new([(expr, "key".to_owned())], Arc::clone(&reader))
+                    .expect("projection"),
+            ) as Arc<dyn ExecutionPlan>
+        };
+        assert_eq!(source(projection(k), 0), Some((7, 1)));
+        assert_eq!(source(projection(k_plus_one), 0), None, "a computed key");
     }
 
     #[tokio::test]
@@ -653,7 +819,18 @@ mod tests {
         ] {
             let stages = stages_of_tables(sql, 50).await;
             let found = reductions(&stages, &adaptive_joins(&stages));
-            assert_eq!(found, vec![], "{sql}\n{}", display_stages(&stages));
+            // `dims` may be filtered by the keys of the other side (with the
+            // limit, its three); the rows of `facts` must all go on.
+            let facts_filtered: Vec<_> = found
+                .iter()
+                .filter(|r| rendered(&stages[r.scan_stage as usize - 1]).contains("[50, 50]"))
+                .collect();
+            assert_eq!(
+                facts_filtered,
+                Vec::<&Reduction>::new(),
+                "{sql}\n{}",
+                display_stages(&stages)
+            );
         }
     }
 }

@@ -431,10 +431,11 @@ impl Job {
             .move_reductions(join.probe_stage, join.join_stage);
     }
 
-    /// Decides the semi-join reductions whose build stage is now complete:
-    /// a build side small enough filters the scan of a stage not yet started.
+    /// Decides the semi-join reductions whose key stage is now complete: a
+    /// key stage small enough, by the rule of broadcast joins, filters the
+    /// scan of a stage not yet started.
     fn decide_reductions(&mut self) {
-        let Some(limit) = self.adaptive.reduction_bytes() else {
+        let Some(policy) = self.adaptive.reduction_policy() else {
             return;
         };
         let complete = self.complete_stages();
@@ -442,10 +443,17 @@ impl Job {
             .adaptive
             .take_ready_reductions(|id| complete.contains(&id))
         {
-            let build_bytes = self
-                .stage(reduction.build_stage)
-                .map(|s| stage_written(s).bytes);
-            if build_bytes.is_some_and(|bytes| bytes <= limit)
+            let Some(key_bytes) = self
+                .stage(reduction.key_stage)
+                .map(|s| stage_written(s).bytes)
+            else {
+                continue;
+            };
+            let scan_tasks = self
+                .stage(reduction.scan_stage)
+                .map_or(0, |stage| stage.tasks.len()) as u64;
+            let scan_bytes = reduction::scan_estimate(&self.plans, &reduction);
+            if policy.broadcasts(key_bytes, scan_tasks, scan_bytes)
                 && self.not_started(reduction.scan_stage)
             {
                 self.reduce(reduction);
@@ -473,12 +481,12 @@ impl Job {
         info!(
             job_id = %self.id,
             scan_stage = reduction.scan_stage,
-            build_stage = reduction.build_stage,
+            key_stage = reduction.key_stage,
             join_stage = reduction.join_stage,
-            "filtering a scan by the keys of a join's build side, measured after it ran"
+            "filtering a scan by the keys of a join's other side, measured after they ran"
         );
         if let Some(stage) = self.install_plan(plan, bytes) {
-            stage.metrics.reduced_by = reduction.build_stage;
+            stage.metrics.reduced_by = reduction.key_stage;
         }
     }
 
