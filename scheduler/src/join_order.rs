@@ -13,7 +13,11 @@
 //! read several inputs (Q7's pair of nations) go to the lowest join that has
 //! them all, and the tree gives its parent the same columns as before.
 //! Nothing moves onto the tree's largest input: its joins keep the query's
-//! order.
+//! order. A filtered input whose one join is with the largest input, on a
+//! key that the largest joins one other input on, also filters that input
+//! with a semi join: in Q9 the parts of one colour keep only their
+//! `partsupp` rows (both join `lineitem` on `l_partkey`), which are then few
+//! enough to broadcast instead of shuffling all of `partsupp`.
 //!
 //! The filtered input becomes a join's build side, so its estimate must be
 //! within what a join may broadcast (`quiver.broadcast_join_max_bytes`, or
@@ -185,21 +189,55 @@ impl Condition {
         }
     }
 
+    /// The two sides of a pair of keys, each with the inputs it reads.
+    fn key_sides(&self) -> Option<[(&Expr, Inputs); 2]> {
+        match self {
+            Condition::Keys {
+                left,
+                right,
+                left_inputs,
+                right_inputs,
+            } => Some([(left, *left_inputs), (right, *right_inputs)]),
+            Condition::Filter { .. } => None,
+        }
+    }
+
+    /// The sides of a pair of keys of which one reads only `inputs` and the
+    /// other none of them: that one first.
+    fn sides_from(&self, inputs: Inputs) -> Option<[(&Expr, Inputs); 2]> {
+        let [left, right] = self.key_sides()?;
+        let reads_only_inputs =
+            |own: Inputs, other: Inputs| is_subset(own, inputs) && other & inputs == 0;
+        if reads_only_inputs(left.1, right.1) {
+            Some([left, right])
+        } else if reads_only_inputs(right.1, left.1) {
+            Some([right, left])
+        } else {
+            None
+        }
+    }
+
+    /// The two keys of a pair of which one side reads only `inputs` and
+    /// the other none of them: that side's first.
+    fn keys_from(&self, inputs: Inputs) -> Option<(&Expr, &Expr)> {
+        let [own, other] = self.sides_from(inputs)?;
+        Some((own.0, other.0))
+    }
+
     /// The other side of a pair of keys of which one side reads only
     /// `inputs` and the other none of them.
     fn keys_to(&self, inputs: Inputs) -> Option<Inputs> {
-        let Condition::Keys {
-            left_inputs,
-            right_inputs,
-            ..
-        } = self
-        else {
-            return None;
-        };
-        if is_subset(*left_inputs, inputs) && right_inputs & inputs == 0 {
-            Some(*right_inputs)
-        } else if is_subset(*right_inputs, inputs) && left_inputs & inputs == 0 {
-            Some(*left_inputs)
+        let [_, other] = self.sides_from(inputs)?;
+        Some(other.1)
+    }
+
+    /// The key paired with `key` in a pair of keys, and the inputs it reads.
+    fn paired_with(&self, key: &Expr) -> Option<(&Expr, Inputs)> {
+        let [left, right] = self.key_sides()?;
+        if left.0 == key {
+            Some(right)
+        } else if right.0 == key {
+            Some(left)
         } else {
             None
         }
@@ -300,6 +338,29 @@ impl JoinTree {
             groups[into] = Some(joined);
             moved = true;
         }
+        for semi in self.semi_filters(&groups, &placed, context) {
+            let filter = groups[semi.filter].as_ref().map(|group| group.plan.clone());
+            let (Some(filter), Some(host)) = (filter, groups[semi.host].as_mut()) else {
+                continue;
+            };
+            debug!(
+                filter = semi.filter,
+                host = semi.host,
+                "filtering an input by the keys of a filtered input"
+            );
+            let join = Join::try_new(
+                Arc::new(host.plan.clone()),
+                Arc::new(filter),
+                vec![(semi.host_key, semi.filter_key)],
+                None,
+                JoinType::LeftSemi,
+                JoinConstraint::On,
+                NullEquality::NullEqualsNothing,
+                false,
+            )?;
+            host.plan = LogicalPlan::Join(join);
+            moved = true;
+        }
         if !moved {
             return Ok(None);
         }
@@ -315,6 +376,98 @@ impl JoinTree {
         ))
     }
 
+    /// The filtered inputs that stay where they are but whose keys filter
+    /// another group (a semi join): those whose one pair of keys joins them
+    /// with the largest group, on a key that the largest joins exactly one
+    /// other group on, larger than they are. In Q9 `part` and `partsupp`
+    /// both join `lineitem` on `l_partkey`, so only the `partsupp` rows of
+    /// parts of the colour asked for can meet a `lineitem` row: they are
+    /// then few enough to broadcast, instead of all of `partsupp` and the
+    /// joined `lineitem` rows being shuffled to meet. A semi join adds no
+    /// rows, whatever the keys, and the filter keeps its own join.
+    fn semi_filters(
+        &self,
+        groups: &[Option<Group>],
+        placed: &[bool],
+        context: &Context<'_>,
+    ) -> Vec<SemiFilter> {
+        let Some(largest) = largest_group(groups) else {
+            return Vec::new();
+        };
+        let unplaced_keys = || {
+            self.conditions
+                .iter()
+                .zip(placed)
+                .filter(|(condition, placed)| {
+                    !**placed && matches!(condition, Condition::Keys { .. })
+                })
+                .map(|(condition, _)| condition)
+        };
+        let mut found = Vec::new();
+        for (number, group) in groups.iter().enumerate() {
+            let Some(group) = group else {
+                continue;
+            };
+            let estimate = &group.estimate;
+            // A group of several inputs would be joined a second time.
+            if number == largest
+                || group.members.count_ones() != 1
+                || estimate.selectivity >= 1.0
+                || estimate.bytes > context.max_build_bytes
+            {
+                continue;
+            }
+            let mut own =
+                unplaced_keys().filter(|condition| condition.inputs() & group.members != 0);
+            let (Some(own_keys), None) = (own.next(), own.next()) else {
+                continue;
+            };
+            let Some((filter_key, largest_key)) = own_keys.keys_from(group.members) else {
+                continue;
+            };
+            if own_keys
+                .keys_to(group.members)
+                .and_then(|inputs| self.owner(groups, inputs))
+                != Some(largest)
+            {
+                continue;
+            }
+            let hosts: Vec<(usize, &Expr)> = unplaced_keys()
+                .filter(|condition| condition.inputs() & group.members == 0)
+                .filter_map(|condition| {
+                    let (host_key, host_inputs) = condition.paired_with(largest_key)?;
+                    let host = self.owner(groups, host_inputs)?;
+                    (host != largest).then_some((host, host_key))
+                })
+                .collect();
+            let Some(&(host, host_key)) = hosts.first() else {
+                continue;
+            };
+            let one_host = hosts.iter().all(|(other, _)| *other == host);
+            let larger = groups[host]
+                .as_ref()
+                .is_some_and(|host| host.estimate.rows > estimate.rows);
+            if one_host && larger {
+                found.push(SemiFilter {
+                    filter: number,
+                    host,
+                    filter_key: filter_key.clone(),
+                    host_key: host_key.clone(),
+                });
+            }
+        }
+        found
+    }
+
+    /// The group that holds all of `inputs`, if one does.
+    fn owner(&self, groups: &[Option<Group>], inputs: Inputs) -> Option<usize> {
+        groups.iter().position(|group| {
+            group
+                .as_ref()
+                .is_some_and(|group| is_subset(inputs, group.members))
+        })
+    }
+
     /// The next filtered group to join with its only neighbour, and that
     /// neighbour: of those that may move, the one that keeps the smallest
     /// share of its rows. Nothing moves onto the largest group (the facts,
@@ -327,12 +480,7 @@ impl JoinTree {
         placed: &[bool],
         context: &Context<'_>,
     ) -> Option<(usize, usize)> {
-        let largest = groups
-            .iter()
-            .enumerate()
-            .filter_map(|(number, group)| Some((number, group.as_ref()?.estimate.rows)))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(number, _)| number);
+        let largest = largest_group(groups);
         let moves = groups.iter().enumerate().filter_map(|(number, group)| {
             let group = group.as_ref()?;
             let estimate = &group.estimate;
@@ -361,13 +509,6 @@ impl JoinTree {
         placed: &[bool],
         members: Inputs,
     ) -> Option<usize> {
-        let owner = |inputs: Inputs| {
-            groups.iter().position(|group| {
-                group
-                    .as_ref()
-                    .is_some_and(|group| is_subset(inputs, group.members))
-            })
-        };
         let mut neighbour = None;
         for (condition, _) in self
             .conditions
@@ -379,7 +520,7 @@ impl JoinTree {
                     && condition.inputs() & members != 0
             })
         {
-            let other = owner(condition.keys_to(members)?)?;
+            let other = self.owner(groups, condition.keys_to(members)?)?;
             if neighbour.is_some_and(|neighbour| neighbour != other) {
                 return None;
             }
@@ -537,6 +678,25 @@ fn walk(
             Shape::Input(inputs.len() - 1)
         }
     }
+}
+
+/// The group with the most rows by its estimate.
+fn largest_group(groups: &[Option<Group>]) -> Option<usize> {
+    groups
+        .iter()
+        .enumerate()
+        .filter_map(|(number, group)| Some((number, group.as_ref()?.estimate.rows)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(number, _)| number)
+}
+
+/// A group whose keys filter another: the host's rows are semi-joined with
+/// the filter's on `host_key = filter_key`.
+struct SemiFilter {
+    filter: usize,
+    host: usize,
+    filter_key: Expr,
+    host_key: Expr,
 }
 
 /// Inputs joined so far: one, or one with the filtered inputs moved onto it.
@@ -787,6 +947,48 @@ mod tests {
             ["dims", "subs"],
             "{ordered}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_filtered_input_filters_another_joined_on_the_largest_inputs_key() {
+        let context = snowflake(true).await;
+        // As in TPC-H Q9: `subs` (filtered) and `others` each join `facts`
+        // on `facts.ref` only, so `subs.id = others.id` in every row.
+        let sql = "select count(*), sum(facts.id), sum(others.ref) from subs, facts, others \
+            where subs.id = facts.ref and others.id = facts.ref and subs.name = 'subs1'";
+        let (optimized, ordered, answer) = reordered(&context, sql).await;
+        let semi_joins = |plan: &LogicalPlan| {
+            let mut found = Vec::new();
+            plan.apply(|node| {
+                if let LogicalPlan::Join(join) = node
+                    && join.join_type == JoinType::LeftSemi
+                {
+                    found.push((scanned_tables(&join.left), scanned_tables(&join.right)));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .expect("walk");
+            found
+        };
+        assert_eq!(semi_joins(&optimized), vec![], "{optimized}");
+        assert_eq!(
+            semi_joins(&ordered),
+            vec![(vec!["others".to_owned()], vec!["subs".to_owned()])],
+            "{ordered}"
+        );
+        // `subs` still filters `facts` where the query joins them.
+        assert_eq!(
+            tables_joined_with(&ordered, &["facts", "subs"]),
+            ["facts", "subs"],
+            "{ordered}"
+        );
+        assert!(answer.contains("330"), "{answer}");
+        // Two such inputs: neither is filtered.
+        let ambiguous = "select count(*) from subs, facts, others, dims \
+            where subs.id = facts.ref and others.id = facts.ref and dims.id = facts.ref \
+            and subs.name = 'subs1'";
+        let (optimized, ordered, _) = reordered(&context, ambiguous).await;
+        assert_eq!(ordered, optimized);
     }
 
     #[tokio::test]
