@@ -997,6 +997,58 @@ mod tests {
         );
     }
 
+    /// TPC-H Q17's shape: stage 1 is the filtered `dims` (the keys), stage 2
+    /// aggregates `facts` (the scan they filter), and stage 3 joins them.
+    async fn reduction_job() -> Job {
+        let sql = "SELECT sum(d.v) FROM dims d WHERE d.v > 10 \
+             AND d.v < (SELECT sum(f.v) FROM facts f WHERE f.k = d.k)";
+        let plans = adaptive::tests::stages_of_tables(sql, 50).await;
+        let mut job = job_of(&plans);
+        let policy = AdaptivePolicy {
+            always_bytes: 1024,
+            max_bytes: 4096,
+        };
+        job.adaptive = PendingJoins::new(&plans, None, Some(policy));
+        let expected = Reduction {
+            join_stage: 3,
+            key_stage: 1,
+            scan_stage: 2,
+        };
+        assert_eq!(
+            reduction::reductions(&plans, &[]),
+            vec![expected],
+            "{}",
+            crate::stages::display_stages(&plans)
+        );
+        job
+    }
+
+    #[tokio::test]
+    async fn a_small_key_stage_filters_the_scan_that_waited_for_it() {
+        let mut job = reduction_job().await;
+        run_task_writing(&mut job, 1, 0, 100);
+        let last = job.launch(1, 1, "b").expect("the key stage first");
+        assert_eq!(runnable_stage(&job), None, "the scan stage waits");
+        finish_writing(&mut job, last, 100);
+        let scan = &job.stages[1];
+        assert_eq!(scan.metrics.reduced_by, 1);
+        assert_eq!(scan.inputs, vec![1], "it reads the key stage");
+        assert!(!scan.plan.is_empty(), "the scan stage was encoded again");
+        assert_eq!(runnable_stage(&job), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_key_stage_too_large_to_read_in_every_task_releases_the_scan() {
+        let mut job = reduction_job().await;
+        run_task_writing(&mut job, 1, 0, 3000);
+        run_task_writing(&mut job, 1, 1, 3000);
+        let scan = &job.stages[1];
+        assert_eq!(scan.metrics.reduced_by, 0, "6000 bytes: over the limit");
+        assert!(scan.inputs.is_empty());
+        assert!(scan.plan.is_empty(), "the scan stage is as planned");
+        assert_eq!(runnable_stage(&job), Some(2));
+    }
+
     fn fetch_failed(stage: u32, map_partition: u32, attempt: u32, executor: &str) -> TaskFailed {
         TaskFailed {
             kind: FailureKind::FetchFailed.into(),
