@@ -259,12 +259,15 @@ fn stage(stages: &[StagePlan], id: u32) -> Option<&StagePlan> {
     stages.iter().find(|stage| stage.stage_id == id)
 }
 
-/// The estimated bytes of the probe stage's rows, for [`AdaptivePolicy::broadcasts`].
-/// An estimate that DataFusion cannot compute counts as none: the build side
-/// is then broadcast only under the always-broadcast threshold.
-pub fn probe_estimate(stages: &[StagePlan], join: &AdaptiveJoin) -> Option<u64> {
-    let probe = stage(stages, join.probe_stage)?;
-    estimated_bytes(probe.plan.input()).ok().flatten()
+/// DataFusion's estimate of the bytes stage `id` writes, for
+/// [`AdaptivePolicy::broadcasts`]: a probe stage, or the scan stage of a
+/// reduction, unfiltered. An estimate that DataFusion cannot compute counts
+/// as none: the build side is then read whole only under the
+/// always-broadcast threshold.
+pub fn output_estimate(stages: &[StagePlan], id: u32) -> Option<u64> {
+    estimated_bytes(stage(stages, id)?.plan.input())
+        .ok()
+        .flatten()
 }
 
 /// The join stage's plan with the join broadcasting its build side and

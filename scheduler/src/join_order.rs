@@ -217,13 +217,6 @@ impl Condition {
         }
     }
 
-    /// The two keys of a pair of which one side reads only `inputs` and
-    /// the other none of them: that side's first.
-    fn keys_from(&self, inputs: Inputs) -> Option<(&Expr, &Expr)> {
-        let [own, other] = self.sides_from(inputs)?;
-        Some((own.0, other.0))
-    }
-
     /// The other side of a pair of keys of which one side reads only
     /// `inputs` and the other none of them.
     fn keys_to(&self, inputs: Inputs) -> Option<Inputs> {
@@ -348,17 +341,13 @@ impl JoinTree {
                 host = semi.host,
                 "filtering an input by the keys of a filtered input"
             );
-            let join = Join::try_new(
-                Arc::new(host.plan.clone()),
-                Arc::new(filter),
+            host.plan = equi_join(
+                host.plan.clone(),
+                filter,
                 vec![(semi.host_key, semi.filter_key)],
                 None,
                 JoinType::LeftSemi,
-                JoinConstraint::On,
-                NullEquality::NullEqualsNothing,
-                false,
             )?;
-            host.plan = LogicalPlan::Join(join);
             moved = true;
         }
         if !moved {
@@ -394,15 +383,6 @@ impl JoinTree {
         let Some(largest) = largest_group(groups) else {
             return Vec::new();
         };
-        let unplaced_keys = || {
-            self.conditions
-                .iter()
-                .zip(placed)
-                .filter(|(condition, placed)| {
-                    !**placed && matches!(condition, Condition::Keys { .. })
-                })
-                .map(|(condition, _)| condition)
-        };
         let mut found = Vec::new();
         for (number, group) in groups.iter().enumerate() {
             let Some(group) = group else {
@@ -417,26 +397,26 @@ impl JoinTree {
             {
                 continue;
             }
-            let mut own =
-                unplaced_keys().filter(|condition| condition.inputs() & group.members != 0);
+            let mut own = self
+                .unplaced_keys(placed)
+                .filter(|condition| condition.inputs() & group.members != 0);
             let (Some(own_keys), None) = (own.next(), own.next()) else {
                 continue;
             };
-            let Some((filter_key, largest_key)) = own_keys.keys_from(group.members) else {
+            let Some([(filter_key, _), (largest_key, largest_inputs)]) =
+                own_keys.sides_from(group.members)
+            else {
                 continue;
             };
-            if own_keys
-                .keys_to(group.members)
-                .and_then(|inputs| self.owner(groups, inputs))
-                != Some(largest)
-            {
+            if owner(groups, largest_inputs) != Some(largest) {
                 continue;
             }
-            let hosts: Vec<(usize, &Expr)> = unplaced_keys()
+            let hosts: Vec<(usize, &Expr)> = self
+                .unplaced_keys(placed)
                 .filter(|condition| condition.inputs() & group.members == 0)
                 .filter_map(|condition| {
                     let (host_key, host_inputs) = condition.paired_with(largest_key)?;
-                    let host = self.owner(groups, host_inputs)?;
+                    let host = owner(groups, host_inputs)?;
                     (host != largest).then_some((host, host_key))
                 })
                 .collect();
@@ -459,13 +439,13 @@ impl JoinTree {
         found
     }
 
-    /// The group that holds all of `inputs`, if one does.
-    fn owner(&self, groups: &[Option<Group>], inputs: Inputs) -> Option<usize> {
-        groups.iter().position(|group| {
-            group
-                .as_ref()
-                .is_some_and(|group| is_subset(inputs, group.members))
-        })
+    /// The pairs of keys not yet placed.
+    fn unplaced_keys<'a>(&'a self, placed: &'a [bool]) -> impl Iterator<Item = &'a Condition> {
+        self.conditions
+            .iter()
+            .zip(placed)
+            .filter(|(condition, placed)| !**placed && matches!(condition, Condition::Keys { .. }))
+            .map(|(condition, _)| condition)
     }
 
     /// The next filtered group to join with its only neighbour, and that
@@ -510,17 +490,11 @@ impl JoinTree {
         members: Inputs,
     ) -> Option<usize> {
         let mut neighbour = None;
-        for (condition, _) in self
-            .conditions
-            .iter()
-            .zip(placed)
-            .filter(|(condition, placed)| {
-                !**placed
-                    && matches!(condition, Condition::Keys { .. })
-                    && condition.inputs() & members != 0
-            })
+        for condition in self
+            .unplaced_keys(placed)
+            .filter(|condition| condition.inputs() & members != 0)
         {
-            let other = self.owner(groups, condition.keys_to(members)?)?;
+            let other = owner(groups, condition.keys_to(members)?)?;
             if neighbour.is_some_and(|neighbour| neighbour != other) {
                 return None;
             }
@@ -627,18 +601,35 @@ impl JoinTree {
         for number in placing {
             placed[number] = true;
         }
-        let join = Join::try_new(
-            Arc::new(left),
-            Arc::new(right),
+        Ok(Some(equi_join(
+            left,
+            right,
             on,
             conjunction(filters),
             JoinType::Inner,
-            JoinConstraint::On,
-            NullEquality::NullEqualsNothing,
-            false,
-        )?;
-        Ok(Some(LogicalPlan::Join(join)))
+        )?))
     }
+}
+
+/// A join of `left` and `right` on the pairs of keys `on`, nulls matching
+/// nothing, as the tree's joins are.
+fn equi_join(
+    left: LogicalPlan,
+    right: LogicalPlan,
+    on: Vec<(Expr, Expr)>,
+    filter: Option<Expr>,
+    join_type: JoinType,
+) -> Result<LogicalPlan> {
+    Ok(LogicalPlan::Join(Join::try_new(
+        Arc::new(left),
+        Arc::new(right),
+        on,
+        filter,
+        join_type,
+        JoinConstraint::On,
+        NullEquality::NullEqualsNothing,
+        false,
+    )?))
 }
 
 /// Conditions as a tree's joins hold them, before they are matched to inputs.
@@ -678,6 +669,15 @@ fn walk(
             Shape::Input(inputs.len() - 1)
         }
     }
+}
+
+/// The group that holds all of `inputs`, if one does.
+fn owner(groups: &[Option<Group>], inputs: Inputs) -> Option<usize> {
+    groups.iter().position(|group| {
+        group
+            .as_ref()
+            .is_some_and(|group| is_subset(inputs, group.members))
+    })
 }
 
 /// The group with the most rows by its estimate.

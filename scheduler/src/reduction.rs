@@ -66,7 +66,6 @@ use quiver_core::config::quiver_options;
 use quiver_core::shuffle::{ShuffleReaderExec, ShuffleWriterExec};
 
 use crate::adaptive::{AdaptiveJoin, AdaptivePolicy};
-use crate::broadcast::estimated_bytes;
 use crate::stages::{StagePlan, collect_reader_stages};
 
 /// A scan that the keys of a join's other side can filter once the stage
@@ -95,7 +94,7 @@ struct ScanColumn {
 }
 
 /// The reductions of a job's stages that cannot deadlock: a scan stage never
-/// waits for a build stage that waits for it, through inputs, `held` stages
+/// waits for a key stage that waits for it, through inputs, `held` stages
 /// (the probe sides of adaptive joins) or other reductions.
 pub fn reductions(stages: &[StagePlan], adaptive: &[AdaptiveJoin]) -> Vec<Reduction> {
     let mut waits: HashMap<u32, Vec<u32>> = stages
@@ -456,14 +455,7 @@ pub fn policy(config: &ConfigOptions) -> Option<AdaptivePolicy> {
         .then(|| AdaptivePolicy::of(config))
 }
 
-/// DataFusion's estimate of the bytes that the scan stage of `reduction`
-/// writes unfiltered.
-pub fn scan_estimate(stages: &[StagePlan], reduction: &Reduction) -> Option<u64> {
-    let scan = stages.iter().find(|s| s.stage_id == reduction.scan_stage)?;
-    estimated_bytes(scan.plan.input()).ok().flatten()
-}
-
-/// The scan stage of `reduction` with its scan filtered by the build stage's
+/// The scan stage of `reduction` with its scan filtered by the key stage's
 /// keys, from the stages as they are now. `None` when the join no longer
 /// leads to that scan (an adaptive join rewrote the plans).
 pub fn reduce(stages: &[StagePlan], reduction: &Reduction) -> Result<Option<StagePlan>> {

@@ -384,7 +384,7 @@ impl Job {
             let probe_tasks = self
                 .stage(join.probe_stage)
                 .map_or(0, |stage| stage.tasks.len()) as u64;
-            let probe_bytes = adaptive::probe_estimate(&self.plans, &join);
+            let probe_bytes = adaptive::output_estimate(&self.plans, join.probe_stage);
             if policy.broadcasts(build_bytes, probe_tasks, probe_bytes) {
                 self.broadcast_join(join, build_bytes);
             }
@@ -452,7 +452,7 @@ impl Job {
             let scan_tasks = self
                 .stage(reduction.scan_stage)
                 .map_or(0, |stage| stage.tasks.len()) as u64;
-            let scan_bytes = reduction::scan_estimate(&self.plans, &reduction);
+            let scan_bytes = adaptive::output_estimate(&self.plans, reduction.scan_stage);
             if policy.broadcasts(key_bytes, scan_tasks, scan_bytes)
                 && self.not_started(reduction.scan_stage)
             {
