@@ -735,3 +735,73 @@ async fn small_results_come_back_inline() {
     }
     cluster.shutdown().await;
 }
+
+/// A table stored sorted by its key, in two files of disjoint key ranges,
+/// declared `WITH ORDER`: the scan's aggregate streams, yet a query that
+/// orders by the key gets its rows in order, though the shuffle between
+/// the two aggregates does not keep the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sorted_tables_keep_their_order_across_shuffles() {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::parquet::arrow::ArrowWriter;
+
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("v", DataType::Int64, false),
+    ]));
+    for (file, keys) in [(1, 0..1000_i64), (2, 1000..2000)] {
+        // Three rows per key, so the partial aggregate has groups to merge.
+        let keys: Vec<i64> = keys.flat_map(|k| [k, k, k]).collect();
+        let values: Vec<i64> = keys.iter().map(|k| k % 7).collect();
+        let batch = RecordBatch::try_new(
+            std::sync::Arc::clone(&schema),
+            vec![
+                std::sync::Arc::new(Int64Array::from(keys)),
+                std::sync::Arc::new(Int64Array::from(values)),
+            ],
+        )
+        .expect("batch");
+        let path = dir.path().join(format!("part-{file}.parquet"));
+        let mut writer = ArrowWriter::try_new(
+            std::fs::File::create(&path).expect("create"),
+            batch.schema(),
+            None,
+        )
+        .expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE sorted_facts STORED AS PARQUET WITH ORDER (k ASC) LOCATION '{}/'",
+            dir.path().display()
+        ),
+    )
+    .await;
+
+    let sql = "SELECT k, sum(v) AS total FROM sorted_facts GROUP BY k ORDER BY k";
+    let plan = explain_analyze(&context, sql).await;
+    assert!(
+        plan.contains("mode=Partial") && plan.contains("ordering_mode=Sorted"),
+        "the scan's aggregate streams over the sorted files: {plan}"
+    );
+    let batches = query(&context, sql).await;
+    assert_eq!(int64s(&batches, 0), (0..2000).collect::<Vec<_>>());
+    let totals = int64s(&batches, 1);
+    assert!(
+        (0..2000).all(|k| totals[k as usize] == 3 * (k % 7)),
+        "every key's three rows are summed once"
+    );
+
+    let first = query(
+        &context,
+        "SELECT k FROM (SELECT k, count(*) AS n FROM sorted_facts GROUP BY k) ORDER BY k LIMIT 5",
+    )
+    .await;
+    assert_eq!(int64s(&first, 0), vec![0, 1, 2, 3, 4]);
+    cluster.shutdown().await;
+}

@@ -9,6 +9,7 @@
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`broadcast`]: broadcasts hash joins' build sides when that ships fewer bytes.
 //! - [`build_stage`]: gives a join's `HAVING`-filtered build side a stage of its own.
+//! - [`exchange_order`]: exchanges that keep no order, as shuffles keep none.
 //! - [`adaptive`]: turns partitioned joins into broadcasts once a build side has run.
 //! - [`reduction`]: filters a scan by the keys of a small join side that has run.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
@@ -30,6 +31,7 @@ pub mod build_stage;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod exchange_order;
 pub mod flight_sql;
 pub mod hive;
 pub mod join_order;

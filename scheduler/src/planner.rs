@@ -112,15 +112,24 @@ impl std::fmt::Debug for Planner {
 }
 
 /// DataFusion's physical optimizer rules, with Quiver's cost-based choice
-/// of broadcast joins ahead of DataFusion's own join selection, and its
-/// staged build sides once the plan's exchanges are in place.
-fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+/// of broadcast joins ahead of DataFusion's own join selection, exchanges
+/// that do not claim to keep their input's order (a shuffle does not) once
+/// they are placed, and staged build sides before the final check.
+pub(crate) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let position = rules
         .iter()
         .position(|rule| rule.name() == crate::broadcast::JOIN_SELECTION)
         .unwrap_or(0);
     rules.insert(position, Arc::new(crate::broadcast::BroadcastJoinSelection));
+    let position = rules
+        .iter()
+        .position(|rule| rule.name() == crate::exchange_order::PLACES_EXCHANGES)
+        .map_or(rules.len(), |position| position + 1);
+    rules.insert(
+        position,
+        Arc::new(crate::exchange_order::UnorderedExchanges) as Arc<_>,
+    );
     let position = rules
         .iter()
         .position(|rule| rule.name() == SANITY_CHECK)
