@@ -10,6 +10,8 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 
 use super::{ParquetCommitExec, ParquetWriteExec};
 
@@ -21,9 +23,17 @@ use super::{ParquetCommitExec, ParquetWriteExec};
 /// rename on local disk).
 ///
 /// An ordered write (a table with a declared sort order, or a `COPY` whose
-/// query is ordered: DataFusion then records the order in the files) keeps
-/// the sink's input, merged into one partition, so one task writes the files
-/// in order, under the same staging and commit as every other write.
+/// rows come in order: DataFusion then records the order in the files)
+/// depends on where the order comes from:
+///
+/// - A query that sorts its rows (`ORDER BY`) keeps the sink's input, merged
+///   into one partition, so one task writes the files in that order.
+/// - Rows that are only sorted within each partition, as a sorted table's
+///   scan is, are written by a task per partition, each in its partition's
+///   order: every file is sorted, as its metadata says, and the files of
+///   a table stored in key ranges keep their ranges.
+///
+/// Both go through the same staging and commit as every other write.
 ///
 /// `overwrite` makes the writes replace the table's files. DataFusion's
 /// Parquet sink refuses to plan overwrites, so the caller plans an append
@@ -57,16 +67,7 @@ pub fn distribute_parquet_writes(
         if overwrite {
             config.insert_op = InsertOp::Overwrite;
         }
-        // The sink asked for one input partition; the write tasks take them
-        // all, unless the merge also applies a LIMIT (`fetch`), which needs
-        // the one partition, or the rows must stay in order.
-        let ordered = sink_exec.sort_order().is_some();
-        let input = match sink_exec.input().downcast_ref::<CoalescePartitionsExec>() {
-            Some(coalesce) if coalesce.fetch().is_none() && !ordered => {
-                Arc::clone(coalesce.input())
-            }
-            _ => Arc::clone(sink_exec.input()),
-        };
+        let input = write_tasks_input(sink_exec);
         let sink = Arc::new(ParquetSink::new(config, parquet.parquet_options().clone()));
         let write = Arc::new(ParquetWriteExec::new(
             input,
@@ -86,4 +87,40 @@ pub fn distribute_parquet_writes(
         ));
     }
     Ok(distributed.data)
+}
+
+/// The plan whose partitions the write tasks write. The sink asked for one
+/// input partition; the write tasks take them all, unless the merge also
+/// applies a LIMIT (`fetch`), which needs the one partition, or the query
+/// sorted its rows, which must stay in one order.
+fn write_tasks_input(sink_exec: &DataSinkExec) -> Arc<dyn ExecutionPlan> {
+    let input = sink_exec.input();
+    let ordered = sink_exec.sort_order().is_some();
+    if let Some(coalesce) = input.downcast_ref::<CoalescePartitionsExec>()
+        && coalesce.fetch().is_none()
+        && !ordered
+    {
+        return Arc::clone(coalesce.input());
+    }
+    if let Some(merge) = input.downcast_ref::<SortPreservingMergeExec>()
+        && merge.fetch().is_none()
+        && !sorted_by_the_query(merge.input())
+    {
+        return Arc::clone(merge.input());
+    }
+    Arc::clone(input)
+}
+
+/// Whether the order of `plan`'s partitions comes from a sort in the query,
+/// rather than from its inputs (a table stored sorted).
+fn sorted_by_the_query(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    if plan.is::<SortExec>() {
+        return true;
+    }
+    match plan.children().as_slice() {
+        [child] if plan.maintains_input_order().first() == Some(&true) => {
+            sorted_by_the_query(child)
+        }
+        _ => false,
+    }
 }
