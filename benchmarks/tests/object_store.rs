@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{AsArray, Int64Array, RecordBatch};
 use arrow::datatypes::UInt64Type;
 use common::azurite::{ACCOUNT_KEY, AzuriteServer};
 use common::gcs::GcsServer;
@@ -20,6 +20,7 @@ use common::webdav::WebDavServer;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
 use quiver_benchmarks::queries::{QUERY_COUNT, query};
 use quiver_benchmarks::runner::Engine;
 use quiver_benchmarks::verify::compare;
@@ -687,6 +688,38 @@ async fn bad_locations_get_clear_errors_without_secrets() {
         .await
         .expect("upload");
     let (cluster, context) = common::start_cluster(options()).await;
+
+    // A folder of Parquet data with markers and checksums beside it, as
+    // Hadoop and other writers leave them, registers without its columns.
+    let mut data = Vec::new();
+    let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])
+        .expect("batch");
+    let mut writer = ArrowWriter::try_new(&mut data, batch.schema(), None).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+    for (name, bytes) in [
+        ("marked/part-1.parquet", data),
+        ("marked/_SUCCESS", b"{\"committed\": true}".to_vec()),
+        ("marked/.part-1.parquet.crc", b"crc32 of part-1".to_vec()),
+    ] {
+        bucket
+            .put(&Path::from(name), PutPayload::from(bytes))
+            .await
+            .expect("upload");
+    }
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE marked STORED AS PARQUET LOCATION 's3://lake/marked/' {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect("a folder with markers registers");
+    assert_eq!(
+        count_of(&context, "SELECT count(*)::bigint unsigned FROM marked").await,
+        3
+    );
 
     let cases = [
         (

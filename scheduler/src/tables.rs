@@ -9,6 +9,11 @@
 //!   fail on the `_SUCCESS` and `.crc` files that Spark writes next to its
 //!   data. (Folders of extension-less Parquet files, as Hive writes, need a
 //!   glob in the location, such as `.../*`.)
+//! - A Parquet table on a flat folder in an object store, declared without
+//!   columns, infers them from the folder's `.parquet` files only. DataFusion
+//!   limits its inference to them for local folders alone, and reads every
+//!   other object too: a non-empty `_SUCCESS`, or Hadoop's `.crc` files,
+//!   would fail the statement.
 //! - A hive-partitioned table reads null partition values
 //!   (`col=__HIVE_DEFAULT_PARTITION__`) as nulls: see [`crate::hive`].
 
@@ -17,7 +22,11 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Schema};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
-use datafusion::datasource::listing::{ListingTable, ListingTableConfig};
+use datafusion::common::DFSchema;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
 use datafusion::error::Result;
 use datafusion::logical_expr::CreateExternalTable;
@@ -46,6 +55,7 @@ impl TableProviderFactory for TableFactory {
     ) -> Result<Arc<dyn TableProvider>> {
         let mut cmd = cmd.clone();
         cmd.definition = cmd.definition.as_deref().map(redact_sql);
+        declare_parquet_columns(state, &mut cmd).await?;
         let cmd = &cmd;
         let table = self.listing.create(state, cmd).await?;
         let Some(listing) = table.downcast_ref::<ListingTable>() else {
@@ -98,6 +108,43 @@ impl TableProviderFactory for TableFactory {
             )))
         }
     }
+}
+
+/// Declares the columns of a Parquet table on a flat folder in an object
+/// store, declared without them, as its `.parquet` files have them. A folder
+/// with subfolders is left to DataFusion, which infers hive partitions from
+/// them only when no columns are declared; so is a folder without any
+/// `.parquet` file, so that its error names what is there.
+async fn declare_parquet_columns(state: &dyn Session, cmd: &mut CreateExternalTable) -> Result<()> {
+    let [location] = cmd.locations.as_slice() else {
+        return Ok(());
+    };
+    if !cmd.file_type.eq_ignore_ascii_case("parquet")
+        || !cmd.schema.fields().is_empty()
+        || !cmd.table_partition_cols.is_empty()
+    {
+        return Ok(());
+    }
+    let url = ListingTableUrl::parse(location)?;
+    if url.scheme() == "file" || !url.is_collection() {
+        return Ok(());
+    }
+    let store = state.runtime_env().object_store(&url)?;
+    let listing = store.list_with_delimiter(Some(url.prefix())).await?;
+    let has_parquet = listing
+        .objects
+        .iter()
+        .any(|object| object.location.as_ref().ends_with(PARQUET_EXTENSION));
+    if !listing.common_prefixes.is_empty() || !has_parquet {
+        return Ok(());
+    }
+    let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
+    let options = ListingOptions::new(Arc::new(format)).with_file_extension(PARQUET_EXTENSION);
+    let schema = options.infer_schema(state, &url).await?;
+    if !schema.fields().is_empty() {
+        cmd.schema = Arc::new(DFSchema::try_from(schema.as_ref().clone())?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
