@@ -537,6 +537,49 @@ async fn a_build_side_found_small_at_run_time_is_broadcast() {
     cluster.shutdown().await;
 }
 
+/// A partitioned join whose build side, estimated smaller, wrote more rows
+/// than its probe side builds from the probe side once both have run, and
+/// the answer stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_builds_from_the_side_that_ran_smaller() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    for setting in [
+        "SET datafusion.optimizer.hash_join_single_partition_threshold = 65536",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 10",
+        "SET quiver.broadcast_join_max_bytes = 0",
+    ] {
+        query(&context, setting).await;
+    }
+    // DataFusion estimates the `dims` side, under a predicate it cannot
+    // analyse, at a fifth of its 100 000 rows, and the `facts` side, from
+    // its statistics, at 30 000: `dims` builds. Yet every `dims` row passes.
+    let join = "SELECT count(*) AS n, count(f.k) AS matched, sum(f.k) AS total \
+                FROM (SELECT k FROM dims WHERE k % 7 <> 7) d \
+                LEFT JOIN (SELECT k FROM facts WHERE k < 30000) f ON d.k = f.k";
+    let expected = (vec![100_000], vec![30_000], vec![449_985_000]);
+    let answer =
+        |batches: &[RecordBatch]| (int64s(batches, 0), int64s(batches, 1), int64s(batches, 2));
+    let report = explain_analyze(&context, join).await;
+    assert!(
+        report.contains("build side swapped at run time")
+            && report.contains("join_type=Right")
+            && report.contains("HashJoinExec: mode=Partitioned"),
+        "{report}"
+    );
+    assert_eq!(answer(&query(&context, join).await), expected);
+
+    query(&context, "SET quiver.adaptive_joins = false").await;
+    let report = explain_analyze(&context, join).await;
+    assert!(
+        !report.contains("build side swapped") && report.contains("join_type=Left"),
+        "{report}"
+    );
+    assert_eq!(answer(&query(&context, join).await), expected);
+    cluster.shutdown().await;
+}
+
 /// TPC-H Q17's shape: two rows of `dims` compared with an aggregate of all
 /// of `facts` grouped by the key. Once the `dims` side has run, its keys
 /// filter the `facts` scan below the aggregate, and the answer stays the same.

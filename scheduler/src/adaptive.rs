@@ -28,12 +28,12 @@ use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::{Distribution, ExecutionPlan};
 use quiver_core::config::quiver_options;
-use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+use quiver_core::shuffle::{ReadMode, ShuffleReaderExec};
 
 use crate::broadcast::estimated_bytes;
 use crate::joins::emits_build_side;
 use crate::reduction::{self, Reduction};
-use crate::stages::{StagePlan, collect_reader_stages};
+use crate::stages::StagePlan;
 
 /// A partitioned hash join whose two inputs are whole stages, so that it can
 /// still become a broadcast join once the build stage has run.
@@ -55,6 +55,10 @@ pub struct AdaptivePolicy {
     /// Up to this, when broadcasting ships fewer bytes than shuffling both
     /// sides (`quiver.broadcast_join_max_bytes`).
     pub max_bytes: u64,
+    /// Whether a partitioned join whose two sides have run builds from the
+    /// smaller one (`datafusion.optimizer.join_reordering`; see
+    /// [`crate::join_swap`]).
+    pub swaps_build_sides: bool,
 }
 
 impl AdaptivePolicy {
@@ -70,6 +74,7 @@ impl AdaptivePolicy {
         Self {
             always_bytes: config.optimizer.hash_join_single_partition_threshold as u64,
             max_bytes: quiver_options(config).broadcast_join_max_bytes,
+            swaps_build_sides: config.optimizer.join_reordering,
         }
     }
 
@@ -123,6 +128,11 @@ impl PendingJoins {
 
     pub fn policy(&self) -> Option<AdaptivePolicy> {
         self.policy
+    }
+
+    /// Whether partitioned joins choose their build side once both sides ran.
+    pub fn swaps_build_sides(&self) -> bool {
+        self.policy.is_some_and(|policy| policy.swaps_build_sides)
     }
 
     pub fn reduction_policy(&self) -> Option<AdaptivePolicy> {
@@ -298,20 +308,7 @@ pub fn broadcast_join(stages: &[StagePlan], join: &AdaptiveJoin) -> Result<Stage
             Ok(Transformed::yes(broadcast))
         })?
         .data;
-    let writer = &join_stage.plan;
-    let plan = Arc::new(ShuffleWriterExec::new(
-        writer.job_id(),
-        writer.stage_id(),
-        input,
-        writer.partitioning().cloned(),
-    ));
-    let mut inputs = Vec::new();
-    collect_reader_stages(plan.input(), &mut inputs);
-    Ok(StagePlan {
-        stage_id: join_stage.stage_id,
-        plan,
-        inputs,
-    })
+    Ok(join_stage.with_input(input))
 }
 
 /// The stages as they ran, given the joins that became broadcast joins:
@@ -351,6 +348,7 @@ pub(crate) mod tests {
         let policy = AdaptivePolicy {
             always_bytes: 32 * MIB,
             max_bytes: 128 * MIB,
+            swaps_build_sides: true,
         };
         assert!(policy.broadcasts(MIB, 2, None));
         assert!(policy.broadcasts(64 * MIB, 2, Some(1024 * MIB)));

@@ -8,11 +8,13 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
+use datafusion::error::Result as DataFusionResult;
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 use quiver_core::metrics::{format_metrics, human_bytes};
 use quiver_proto::{JobStatus, Metric, OperatorMetrics, StageMetrics};
 
 use crate::adaptive::{self, AdaptiveJoin};
+use crate::join_swap;
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
@@ -37,8 +39,9 @@ pub fn schema() -> SchemaRef {
 }
 
 /// One row for the job, then one per stage, final stage last. `stages` are
-/// the stages as planned; joins that became broadcast joins and scans that
-/// semi-join reductions filtered at run time are shown as they ran.
+/// the stages as planned; joins that became broadcast joins, scans that
+/// semi-join reductions filtered and joins that swapped their build side at
+/// run time are shown as they ran, in the order the job decided them.
 pub fn report(
     stages: &[StagePlan],
     status: &JobStatus,
@@ -48,6 +51,7 @@ pub fn report(
     let reduced = reductions(stages, status);
     let stages = &adaptive::replay(stages, &broadcast)
         .and_then(|stages| reduction::replay(&stages, &reduced))
+        .and_then(|stages| swapped_joins(stages, status))
         .map_err(|error| ArrowError::ExternalError(Box::new(error)))?;
     let mut kinds = vec!["Job".to_owned()];
     let mut texts = vec![format!(
@@ -112,6 +116,25 @@ fn reductions(stages: &[StagePlan], status: &JobStatus) -> Vec<Reduction> {
         .collect()
 }
 
+/// `stages` with the joins that built from their other side swapped.
+fn swapped_joins(stages: Vec<StagePlan>, status: &JobStatus) -> DataFusionResult<Vec<StagePlan>> {
+    stages
+        .into_iter()
+        .map(|stage| {
+            let swapped = status
+                .stages
+                .iter()
+                .find(|metrics| metrics.stage_id == stage.stage_id)
+                .map_or(&[][..], |metrics| &metrics.swapped_builds[..]);
+            if swapped.is_empty() {
+                Ok(stage)
+            } else {
+                join_swap::swap_joins(&stage, swapped)
+            }
+        })
+        .collect()
+}
+
 fn stage_text(stage: &StagePlan, metrics: &StageMetrics, verbose: bool) -> String {
     if metrics.merged_into != 0 {
         return format!(
@@ -134,6 +157,14 @@ fn stage_text(stage: &StagePlan, metrics: &StageMetrics, verbose: bool) -> Strin
             metrics.slowest_task_partition,
             metrics.slowest_task_executor,
             metrics.slowest_task_micros as f64 / 1e3
+        );
+    }
+    if !metrics.swapped_builds.is_empty() {
+        let probes: Vec<String> = metrics.swapped_builds.iter().map(u32::to_string).collect();
+        let _ = write!(
+            text,
+            ", build side swapped at run time: stage {} probes, as it wrote more rows",
+            probes.join(", ")
         );
     }
     text.push('\n');

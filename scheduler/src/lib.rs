@@ -35,6 +35,7 @@ pub mod exchange_order;
 pub mod flight_sql;
 pub mod hive;
 pub mod join_order;
+pub mod join_swap;
 pub mod joins;
 pub mod locations;
 pub mod planner;

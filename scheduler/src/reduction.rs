@@ -66,7 +66,7 @@ use quiver_core::config::quiver_options;
 use quiver_core::shuffle::{ShuffleReaderExec, ShuffleWriterExec};
 
 use crate::adaptive::{AdaptiveJoin, AdaptivePolicy};
-use crate::stages::{StagePlan, collect_reader_stages};
+use crate::stages::StagePlan;
 
 /// A scan that the keys of a join's other side can filter once the stage
 /// they come from has run.
@@ -498,19 +498,7 @@ pub fn reduce(stages: &[StagePlan], reduction: &Reduction) -> Result<Option<Stag
         .ok_or_else(|| {
             DataFusionError::Internal(format!("stage {} has no writer at its root", scan.stage))
         })?;
-    let plan = Arc::new(ShuffleWriterExec::new(
-        writer.job_id(),
-        writer.stage_id(),
-        Arc::clone(writer.input()),
-        writer.partitioning().cloned(),
-    ));
-    let mut inputs = Vec::new();
-    collect_reader_stages(plan.input(), &mut inputs);
-    Ok(Some(StagePlan {
-        stage_id: scan.stage,
-        plan,
-        inputs,
-    }))
+    Ok(Some(scan_stage.with_input(Arc::clone(writer.input()))))
 }
 
 /// Where the keys of the join of `reduction` under `plan` come from, and

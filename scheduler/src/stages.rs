@@ -47,6 +47,25 @@ impl StagePlan {
         self.plan.map_partition_count()
     }
 
+    /// This stage running `input` under its writer: a plan that the scheduler
+    /// rewrote once a stage it waited for had run.
+    pub fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> StagePlan {
+        let writer = &self.plan;
+        let plan = Arc::new(ShuffleWriterExec::new(
+            writer.job_id(),
+            writer.stage_id(),
+            input,
+            writer.partitioning().cloned(),
+        ));
+        let mut inputs = Vec::new();
+        collect_reader_stages(plan.input(), &mut inputs);
+        StagePlan {
+            stage_id: self.stage_id,
+            plan,
+            inputs,
+        }
+    }
+
     /// The plan as executors receive it: datafusion-proto bytes.
     pub fn encode(&self) -> crate::Result<Bytes> {
         let plan: Arc<dyn ExecutionPlan> = Arc::clone(&self.plan) as _;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::JobLimits;
 use crate::adaptive::{self, AdaptiveJoin, PendingJoins};
+use crate::join_swap;
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
@@ -120,6 +121,8 @@ pub struct Job {
     plans: Vec<StagePlan>,
     /// Joins that become broadcast joins if their build side is small.
     pub adaptive: PendingJoins,
+    /// Stages whose joins' build sides were chosen once their inputs ran.
+    build_sides_chosen: HashSet<u32>,
     pub running: usize,
     pub started: Instant,
     pub state: JobState,
@@ -170,6 +173,7 @@ impl Job {
             stages,
             plans: plans.to_vec(),
             adaptive: PendingJoins::default(),
+            build_sides_chosen: HashSet::new(),
             running: 0,
             started: now,
             state: JobState::Running,
@@ -331,6 +335,7 @@ impl Job {
         }
         self.decide_adaptive_joins();
         self.decide_reductions();
+        self.choose_build_sides();
         if self.final_stage().is_some_and(Stage::is_complete) {
             self.state = JobState::Succeeded;
             Outcome::Succeeded
@@ -487,6 +492,62 @@ impl Job {
         );
         if let Some(stage) = self.install_plan(plan, bytes) {
             stage.metrics.reduced_by = reduction.key_stage;
+        }
+    }
+
+    /// Lets each stage about to run build its partitioned joins that read two
+    /// complete shuffles from the side that wrote fewer rows
+    /// ([`join_swap`]). A stage is decided once: when its inputs are all
+    /// complete and no pending decision holds it.
+    fn choose_build_sides(&mut self) {
+        if !self.adaptive.swaps_build_sides() {
+            return;
+        }
+        let ready: Vec<u32> = self
+            .stages
+            .iter()
+            .filter(|stage| {
+                !self.build_sides_chosen.contains(&stage.id)
+                    && !self.adaptive.holds(stage.id)
+                    && self.inputs_complete(stage)
+                    && self.not_started(stage.id)
+            })
+            .map(|stage| stage.id)
+            .collect();
+        for id in ready {
+            self.build_sides_chosen.insert(id);
+            let Some(plan) = self.plans.iter().find(|plan| plan.stage_id == id) else {
+                continue;
+            };
+            let written = |input: u32| {
+                self.stage(input)
+                    .filter(|stage| stage.is_complete())
+                    .map(stage_written)
+            };
+            let chosen = join_swap::choose_build_sides(plan, written)
+                .map_err(crate::Error::Query)
+                .and_then(|chosen| {
+                    chosen
+                        .map(|(plan, builds)| plan.encode().map(|bytes| (plan, bytes, builds)))
+                        .transpose()
+                });
+            let (plan, bytes, builds) = match chosen {
+                Ok(Some(chosen)) => chosen,
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!(job_id = %self.id, stage = id, %error, "the joins keep their build sides: the swapped plan failed");
+                    continue;
+                }
+            };
+            info!(
+                job_id = %self.id,
+                stage = id,
+                ?builds,
+                "building joins from their smaller side, measured after both ran"
+            );
+            if let Some(stage) = self.install_plan(plan, bytes) {
+                stage.metrics.swapped_builds = builds;
+            }
         }
     }
 
@@ -919,19 +980,27 @@ mod tests {
 
     /// Reports a launched task as finished with `bytes` in one partition.
     fn finish_writing(job: &mut Job, launch: LaunchTask, bytes: u64) {
+        finish_writing_rows(job, launch, PartitionStats { rows: 1, bytes });
+    }
+
+    fn finish_writing_rows(job: &mut Job, launch: LaunchTask, written: PartitionStats) {
         let id = launch.task.expect("task id");
         let output = MapOutput {
             map_partition: id.partition,
             attempt: id.attempt,
-            partitions: vec![PartitionStats { rows: 1, bytes }],
+            partitions: vec![written],
             ..MapOutput::default()
         };
         job.on_success(&id, output, &TaskSucceeded::default());
     }
 
     fn run_task_writing(job: &mut Job, stage: u32, partition: usize, bytes: u64) {
+        run_task_writing_rows(job, stage, partition, PartitionStats { rows: 1, bytes });
+    }
+
+    fn run_task_writing_rows(job: &mut Job, stage: u32, partition: usize, written: PartitionStats) {
         let launch = job.launch(stage, partition, "a").expect("launchable");
-        finish_writing(job, launch, bytes);
+        finish_writing_rows(job, launch, written);
     }
 
     /// The job of [`crate::adaptive::tests::FILTERED_JOIN`]: stage 3 joins
@@ -942,6 +1011,7 @@ mod tests {
         let policy = AdaptivePolicy {
             always_bytes: 1024,
             max_bytes: 1024,
+            swaps_build_sides: true,
         };
         job.adaptive = PendingJoins::new(&plans, Some(policy), None);
         let expected = AdaptiveJoin {
@@ -997,6 +1067,58 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_join_builds_from_the_side_that_wrote_fewer_rows() {
+        let mut job = adaptive_job().await;
+        let wide = PartitionStats {
+            rows: 1000,
+            bytes: 5000,
+        };
+        run_task_writing_rows(&mut job, 1, 0, wide);
+        run_task_writing_rows(&mut job, 1, 1, wide);
+        let narrow = PartitionStats {
+            rows: 10,
+            bytes: 5000,
+        };
+        run_task_writing_rows(&mut job, 2, 0, narrow);
+        assert!(job.stages[2].plan.is_empty(), "one probe task still runs");
+        run_task_writing_rows(&mut job, 2, 1, narrow);
+        let join = &job.stages[2];
+        assert_eq!(join.metrics.swapped_builds, vec![1]);
+        assert!(!join.plan.is_empty(), "the join stage was encoded again");
+        assert_eq!(join.inputs.len(), 2);
+        assert_eq!(runnable_stage(&job), Some(3));
+        let plan = job
+            .plans
+            .iter()
+            .find(|plan| plan.stage_id == 3)
+            .expect("stage 3");
+        let text = datafusion::physical_plan::displayable(plan.plan.as_ref())
+            .indent(false)
+            .to_string();
+        let (build, probe) = (
+            text.find("ShuffleReaderExec: stage=2")
+                .expect("reads stage 2"),
+            text.find("ShuffleReaderExec: stage=1")
+                .expect("reads stage 1"),
+        );
+        assert!(build < probe, "stage 2 now builds:\n{text}");
+    }
+
+    #[tokio::test]
+    async fn a_join_keeps_its_build_side_when_that_wrote_fewer_rows() {
+        let mut job = adaptive_job().await;
+        run_task_writing(&mut job, 1, 0, 1000);
+        run_task_writing(&mut job, 1, 1, 1000);
+        run_task_writing_rows(&mut job, 2, 0, PartitionStats { rows: 5, bytes: 10 });
+        run_task_writing_rows(&mut job, 2, 1, PartitionStats { rows: 5, bytes: 10 });
+        assert!(job.stages[2].metrics.swapped_builds.is_empty());
+        assert!(
+            job.stages[2].plan.is_empty(),
+            "the join stage is as planned"
+        );
+    }
+
     /// TPC-H Q17's shape: stage 1 is the filtered `dims` (the keys), stage 2
     /// aggregates `facts` (the scan they filter), and stage 3 joins them.
     async fn reduction_job() -> Job {
@@ -1007,6 +1129,7 @@ mod tests {
         let policy = AdaptivePolicy {
             always_bytes: 1024,
             max_bytes: 4096,
+            swaps_build_sides: true,
         };
         job.adaptive = PendingJoins::new(&plans, None, Some(policy));
         let expected = Reduction {
