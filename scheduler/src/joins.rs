@@ -10,12 +10,19 @@
 //! A null-aware anti join (`NOT IN`) must see every probe row to honour NULLs,
 //! and a nested-loop join has no keys to partition on; those run in a single
 //! task instead, with the probe side coalesced.
+//!
+//! A re-planned join's output is hash-partitioned on its keys, where the
+//! broadcast join's was not. The exchange between a partial and a final
+//! aggregate above it that DataFusion planned on those same keys (TPC-H Q13
+//! groups by the join key) then moves no row to another partition, so it is
+//! dropped rather than shuffled.
 
 use std::sync::Arc;
 
 use datafusion::common::JoinType;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec, PartitionMode};
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -51,6 +58,11 @@ pub fn make_joins_distributable(
                 };
             }
         }
+        if let Some(repartition) = node.downcast_ref::<RepartitionExec>()
+            && is_redundant(repartition)
+        {
+            return Ok(Transformed::yes(Arc::clone(repartition.input())));
+        }
         if let Some(join) = node.downcast_ref::<NestedLoopJoinExec>()
             && emits_build_side(*join.join_type())
         {
@@ -59,6 +71,21 @@ pub fn make_joins_distributable(
         Ok(Transformed::no(node))
     })
     .map(|transformed| transformed.data)
+}
+
+/// Whether `repartition` is the exchange between a partial aggregate and its
+/// final one that hashes rows on the keys and into the partitions that its
+/// input is already hash-partitioned by. Other repartitions stay: one that
+/// looks redundant may be there to cut a stage ([`crate::build_stage`]).
+fn is_redundant(repartition: &RepartitionExec) -> bool {
+    let partial_aggregate = repartition
+        .input()
+        .downcast_ref::<AggregateExec>()
+        .is_some_and(|aggregate| *aggregate.mode() == AggregateMode::Partial);
+    partial_aggregate
+        && matches!(repartition.partitioning(), Partitioning::Hash(..))
+        && !repartition.preserve_order()
+        && repartition.input().output_partitioning() == repartition.partitioning()
 }
 
 fn partition_hash_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn ExecutionPlan>> {
@@ -98,4 +125,30 @@ fn single_task_probe(
     let right: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(Arc::clone(right)));
     replace_children_if_necessary(Arc::clone(node), vec![Arc::clone(left), right])
         .map(Transformed::yes)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::adaptive::tests::stages_with_broadcast_rows;
+    use crate::stages::display_stages;
+
+    #[tokio::test]
+    async fn a_group_by_the_key_of_a_re_planned_join_runs_in_the_join_stage() {
+        // `dims` is small enough to broadcast, but a left join emits its
+        // unmatched rows, so the join is re-planned partitioned on `d.k`.
+        let sql = "SELECT d.k, count(f.v) FROM dims d LEFT JOIN facts f ON d.k = f.k GROUP BY d.k";
+        let stages = stages_with_broadcast_rows(sql, 1, 1000).await;
+        let text = display_stages(&stages);
+        let join_stage = text
+            .split("Stage ")
+            .find(|stage| stage.contains("HashJoinExec: mode=Partitioned"))
+            .unwrap_or_else(|| panic!("a partitioned join in\n{text}"));
+        assert!(
+            join_stage.contains("join_type=Left")
+                && join_stage.contains("AggregateExec: mode=FinalPartitioned"),
+            "the aggregate reads the join's partitions without a shuffle:\n{text}"
+        );
+        // The two sides of the join, then the join with its aggregate.
+        assert_eq!(stages.len(), 3, "{text}");
+    }
 }

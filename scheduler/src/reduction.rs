@@ -17,7 +17,8 @@
 //!   columns, limits) to a column of another stage's output: every key the
 //!   join can match is in it.
 //!
-//! The scan stage then waits for that key stage. Once it has run and is small
+//! The scan stage then waits for that key stage, unless the key stage is a
+//! plain scan of a whole table, whose keys a foreign key always matches. Once it has run and is small
 //! enough to read in every task of the scan's stage (the rule of broadcast
 //! joins, [`crate::adaptive::AdaptivePolicy`]), the scan is wrapped in a
 //! `RightSemi` hash join against the key column of its whole output: only
@@ -48,6 +49,7 @@ use std::sync::Arc;
 
 use datafusion::common::NullEquality;
 use datafusion::common::config::ConfigOptions;
+use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::JoinType;
@@ -128,7 +130,11 @@ pub fn reductions(stages: &[StagePlan], adaptive: &[AdaptiveJoin]) -> Vec<Reduct
                     && join.build_stage == key_stage
                     && join.probe_stage == scan.stage
             });
-            if !cycle && !repeated && !adaptive_twin && !merged(key_stage) {
+            let whole_table = stages
+                .iter()
+                .find(|stage| stage.stage_id == key_stage)
+                .is_some_and(writes_a_whole_table);
+            if !cycle && !repeated && !adaptive_twin && !merged(key_stage) && !whole_table {
                 waits.entry(scan.stage).or_default().push(key_stage);
                 found.push(reduction);
             }
@@ -138,6 +144,21 @@ pub fn reductions(stages: &[StagePlan], adaptive: &[AdaptiveJoin]) -> Vec<Reduct
 }
 
 /// Whether `from` waits, directly or through others, for `to` (or is it).
+/// Whether `stage` writes every row of the one table it reads: a file scan
+/// with no predicate and no limit, under projections only. Its keys are then
+/// all of that table's, and a scan joined to it by a foreign key (TPC-H Q13's
+/// `orders` by `customer`) has no row that they would drop: the reduction
+/// would make the scan wait and hash every row for nothing.
+fn writes_a_whole_table(stage: &StagePlan) -> bool {
+    let mut plan = stage.plan.input();
+    while let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
+        plan = projection.input();
+    }
+    plan.downcast_ref::<DataSourceExec>()
+        .and_then(|source| source.data_source().downcast_ref::<FileScanConfig>())
+        .is_some_and(|scan| scan.limit.is_none() && scan.file_source().filter().is_none())
+}
+
 fn waits_for(waits: &HashMap<u32, Vec<u32>>, from: u32, to: u32) -> bool {
     let mut seen = HashSet::new();
     let mut next = vec![from];
