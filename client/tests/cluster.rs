@@ -502,18 +502,9 @@ async fn explain_analyze_shows_what_every_stage_did() {
 /// instead of being shuffled, and the answer stays the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_build_side_found_small_at_run_time_is_broadcast() {
-    let (cluster, context) = cluster().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    create_facts_and_dims(&context, dir.path()).await;
     // The filtered side is estimated at a fifth of its 100 000 rows, far
-    // above this threshold, so the planner joins partitioned.
-    for setting in [
-        "SET datafusion.optimizer.hash_join_single_partition_threshold = 65536",
-        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 10",
-        "SET quiver.broadcast_join_max_bytes = 0",
-    ] {
-        query(&context, setting).await;
-    }
+    // above the broadcast threshold, so the planner joins partitioned.
+    let (cluster, context, _dir) = cluster_joining_partitioned().await;
     let join = "SELECT count(*) AS n, sum(f.k) AS total FROM facts f JOIN dims d ON f.k = d.k \
                 WHERE d.k % 50000 = 0";
     let report = explain_analyze(&context, join).await;
@@ -542,16 +533,7 @@ async fn a_build_side_found_small_at_run_time_is_broadcast() {
 /// the answer stays the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_join_builds_from_the_side_that_ran_smaller() {
-    let (cluster, context) = cluster().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    create_facts_and_dims(&context, dir.path()).await;
-    for setting in [
-        "SET datafusion.optimizer.hash_join_single_partition_threshold = 65536",
-        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 10",
-        "SET quiver.broadcast_join_max_bytes = 0",
-    ] {
-        query(&context, setting).await;
-    }
+    let (cluster, context, _dir) = cluster_joining_partitioned().await;
     // DataFusion estimates the `dims` side, under a predicate it cannot
     // analyse, at a fifth of its 100 000 rows, and the `facts` side, from
     // its statistics, at 30 000: `dims` builds. Yet every `dims` row passes.
@@ -606,6 +588,23 @@ async fn a_small_build_side_filters_the_scan_under_an_aggregate() {
     let batches = query(&context, compared).await;
     assert_eq!((int64s(&batches, 0), int64s(&batches, 1)), expected);
     cluster.shutdown().await;
+}
+
+/// A cluster with `facts` and `dims` (in the returned folder) whose
+/// session broadcasts no join side estimated over 64 KiB, at planning time
+/// or at run time.
+async fn cluster_joining_partitioned() -> (StandaloneCluster, QuiverContext, tempfile::TempDir) {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    for setting in [
+        "SET datafusion.optimizer.hash_join_single_partition_threshold = 65536",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 10",
+        "SET quiver.broadcast_join_max_bytes = 0",
+    ] {
+        query(&context, setting).await;
+    }
+    (cluster, context, dir)
 }
 
 /// The report of `EXPLAIN ANALYZE sql`, as text.
