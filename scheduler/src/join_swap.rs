@@ -24,7 +24,6 @@ use datafusion::error::Result;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use quiver_core::shuffle::{ReadMode, ShuffleReaderExec};
-
 use quiver_proto::PartitionStats;
 
 use crate::stages::StagePlan;
@@ -37,31 +36,49 @@ pub fn swaps(build: PartitionStats, probe: PartitionStats) -> bool {
     probe.rows < build.rows && probe.bytes <= build.bytes.saturating_mul(2)
 }
 
-/// `stage` with the inputs of its swappable joins swapped where
-/// [`swaps`] says so, given what each complete stage wrote, summed over its
-/// map outputs (`written` answers `None` for a stage that has not finished). Returns the new plan
-/// and the build stages, before the swap, of the joins it swapped; `None`
-/// when no join changes.
+/// `stage` with the inputs of its swappable joins swapped where [`swaps`]
+/// says so, given what each complete stage wrote, summed over its map
+/// outputs (`written` answers `None` for a stage that has not finished).
+/// Returns the new plan and the build stages, before the swap, of the joins
+/// it swapped; `None` when no join changes.
 pub fn choose_build_sides(
     stage: &StagePlan,
     written: impl Fn(u32) -> Option<PartitionStats>,
 ) -> Result<Option<(StagePlan, Vec<u32>)>> {
-    let mut builds = Vec::new();
+    // Each swappable join's build stage, and whether it should swap.
+    let mut decisions = Vec::new();
     let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
     root.apply(|node| {
         if let Some(join) = node.downcast_ref::<HashJoinExec>()
             && let Some((build, probe)) = swappable(join)
-            && let (Some(build_written), Some(probe_written)) = (written(build), written(probe))
-            && swaps(build_written, probe_written)
         {
-            builds.push(build);
+            let swap = match (written(build), written(probe)) {
+                (Some(build_written), Some(probe_written)) => swaps(build_written, probe_written),
+                _ => false,
+            };
+            decisions.push((build, swap));
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
+    let builds = agreed_builds(&decisions);
     if builds.is_empty() {
         return Ok(None);
     }
     Ok(Some((swap_joins(stage, &builds)?, builds)))
+}
+
+/// The build stages whose every join should swap, given each join's build
+/// stage and decision. A swap is recorded by build stage, so a build stage
+/// that two joins of one stage read swaps only when both should.
+fn agreed_builds(decisions: &[(u32, bool)]) -> Vec<u32> {
+    let mut builds: Vec<u32> = decisions
+        .iter()
+        .filter(|(build, _)| decisions.iter().all(|(b, swap)| b != build || *swap))
+        .map(|(build, _)| *build)
+        .collect();
+    builds.sort_unstable();
+    builds.dedup();
+    builds
 }
 
 /// `stage` with the swappable joins that build from a stage in `builds`
@@ -124,6 +141,16 @@ mod tests {
         assert!(
             !swaps(written(1_000, 100), written(900, 201)),
             "twice the memory"
+        );
+    }
+
+    #[test]
+    fn a_build_stage_read_by_two_joins_swaps_only_when_both_should() {
+        assert_eq!(agreed_builds(&[(1, true), (3, false)]), vec![1]);
+        assert_eq!(agreed_builds(&[(1, true), (1, false)]), Vec::<u32>::new());
+        assert_eq!(
+            agreed_builds(&[(2, true), (1, true), (2, true)]),
+            vec![1, 2]
         );
     }
 
