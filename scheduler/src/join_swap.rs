@@ -46,20 +46,16 @@ pub fn choose_build_sides(
     written: impl Fn(u32) -> Option<PartitionStats>,
 ) -> Result<Option<(StagePlan, Vec<u32>)>> {
     // Each swappable join's build stage, and whether it should swap.
-    let mut decisions = Vec::new();
-    let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
-    root.apply(|node| {
-        if let Some(join) = node.downcast_ref::<HashJoinExec>()
-            && let Some((build, probe)) = swappable(join)
-        {
+    let decisions: Vec<(u32, bool)> = swappable_joins(stage)?
+        .into_iter()
+        .map(|(build, probe)| {
             let swap = match (written(build), written(probe)) {
                 (Some(build_written), Some(probe_written)) => swaps(build_written, probe_written),
                 _ => false,
             };
-            decisions.push((build, swap));
-        }
-        Ok(TreeNodeRecursion::Continue)
-    })?;
+            (build, swap)
+        })
+        .collect();
     let builds = agreed_builds(&decisions);
     if builds.is_empty() {
         return Ok(None);
@@ -99,6 +95,21 @@ pub fn swap_joins(stage: &StagePlan, builds: &[u32]) -> Result<StagePlan> {
         })?
         .data;
     Ok(stage.with_input(input))
+}
+
+/// The (build, probe) stages of every swappable join in `stage`, top down.
+fn swappable_joins(stage: &StagePlan) -> Result<Vec<(u32, u32)>> {
+    let mut joins = Vec::new();
+    let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
+    root.apply(|node| {
+        if let Some(join) = node.downcast_ref::<HashJoinExec>()
+            && let Some(sides) = swappable(join)
+        {
+            joins.push(sides);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(joins)
 }
 
 /// The (build, probe) stages of a partitioned hash join that reads two whole
@@ -156,16 +167,7 @@ mod tests {
 
     /// The (build, probe) stages of the first swappable join in `stage`.
     fn first_join(stage: &StagePlan) -> Option<(u32, u32)> {
-        let root: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as _;
-        let mut found = None;
-        root.apply(|node| {
-            if let Some(join) = node.downcast_ref::<HashJoinExec>() {
-                found = found.or(swappable(join));
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })
-        .expect("walk");
-        found
+        swappable_joins(stage).expect("walk").first().copied()
     }
 
     /// The join stage of `sql` and its (build, probe) stages.

@@ -18,15 +18,16 @@
 //!   join can match is in it.
 //!
 //! The scan stage then waits for that key stage, unless the key stage is a
-//! plain scan of a whole table, whose keys a foreign key always matches. Once it has run and is small
-//! enough to read in every task of the scan's stage (the rule of broadcast
-//! joins, [`crate::adaptive::AdaptivePolicy`]), the scan is wrapped in a
-//! `RightSemi` hash join against the key column of its whole output: only
-//! rows whose key it holds go on. The plan above is unchanged, since a semi
-//! join keeps the scan's columns. In Q21 the late lines of the orders of one
-//! nation's suppliers (735 k rows at SF10) filter both `lineitem` scans of
-//! its `EXISTS` and its `NOT EXISTS`: the anti join's side is filtered by the
-//! keys that its other side, a semi join, took from them.
+//! plain scan of a whole table, whose keys a foreign key always matches.
+//! Once it has run and is small enough to read in every task of the scan's
+//! stage (the rule of broadcast joins, [`crate::adaptive::AdaptivePolicy`]),
+//! the scan is wrapped in a `RightSemi` hash join against the key column of
+//! its whole output: only rows whose key it holds go on. The plan above is
+//! unchanged, since a semi join keeps the scan's columns. In Q21 the late
+//! lines of the orders of one nation's suppliers (735 k rows at SF10) filter
+//! both `lineitem` scans of its `EXISTS` and its `NOT EXISTS`: the anti
+//! join's side is filtered by the keys that its other side, a semi join,
+//! took from them.
 //!
 //! This cannot change an answer: rows are removed only for key values that
 //! the join drops anyway. That holds for the sides that a join drops
@@ -143,7 +144,6 @@ pub fn reductions(stages: &[StagePlan], adaptive: &[AdaptiveJoin]) -> Vec<Reduct
     found
 }
 
-/// Whether `from` waits, directly or through others, for `to` (or is it).
 /// Whether `stage` writes every row of the one table it reads: a file scan
 /// with no predicate and no limit, under projections only. Its keys are then
 /// all of that table's, and a scan joined to it by a foreign key (TPC-H Q13's
@@ -159,6 +159,7 @@ fn writes_a_whole_table(stage: &StagePlan) -> bool {
         .is_some_and(|scan| scan.limit.is_none() && scan.file_source().filter().is_none())
 }
 
+/// Whether `from` waits, directly or through others, for `to` (or is it).
 fn waits_for(waits: &HashMap<u32, Vec<u32>>, from: u32, to: u32) -> bool {
     let mut seen = HashSet::new();
     let mut next = vec![from];
