@@ -26,6 +26,8 @@ extensions_options! {
         pub semi_join_reduction: bool, default = true
         /// Join a filtered input of a tree of inner joins with the one other input it has join keys with before the rest, when DataFusion estimates it the smaller of the two and small enough to broadcast (`quiver.broadcast_join_max_bytes`, or `datafusion.optimizer.hash_join_single_partition_threshold` if larger): a nation filtered by name then filters its suppliers before they meet `lineitem`. Nothing moves onto the largest input, and other joins keep the query's order. A filtered input whose one join is with the largest input, on a key that the largest joins one other input on, also filters that input by a semi join (in TPC-H Q9, `part` filters `partsupp`).
         pub reorder_joins: bool, default = true
+        /// Aggregate the many side of a tree of inner joins before it meets the side the query groups by, when the query groups by every key that side joins on, that side's tables are scanned unfiltered, and the aggregated side holds the input with the most estimated rows: in TPC-H Q10, `lineitem` is summed per `o_custkey` before the customers' names and addresses are joined. Only `sum`, `min`, `max` and `count`, without `DISTINCT`, `FILTER` or `ORDER BY`.
+        pub eager_aggregation: bool, default = true
     }
 }
 

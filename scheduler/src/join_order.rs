@@ -29,14 +29,9 @@ use std::sync::Arc;
 
 use arrow::datatypes::Schema;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchemaRef, NullEquality};
 use datafusion::error::Result;
 use datafusion::execution::session_state::SessionState;
-use datafusion::logical_expr::utils::{conjunction, split_conjunction};
-use datafusion::logical_expr::{
-    Expr, Join, JoinConstraint, JoinType, LogicalPlan, LogicalPlanBuilder, Operator, Projection,
-    binary_expr,
-};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder};
 use datafusion::optimizer::OptimizerRule;
 use datafusion::optimizer::optimize_projections::OptimizeProjections;
 use datafusion::physical_plan::ExecutionPlan;
@@ -45,8 +40,9 @@ use futures::future::BoxFuture;
 use quiver_core::config::quiver_options;
 use tracing::debug;
 
-/// The most inputs one tree is reordered with: sets of inputs are bit masks.
-const MAX_INPUTS: usize = 64;
+use crate::join_tree::{
+    Condition, Inputs, JoinTree, equi_join, is_column_selection, is_inner_equi_join, is_subset,
+};
 
 /// Reorders the inner join trees of an optimized plan; see the module
 /// documentation. The plan is returned unchanged when `quiver.reorder_joins`
@@ -114,7 +110,7 @@ fn rewrite<'a>(
         if within_tree || !is_inner_equi_join(join) {
             return Ok(plan);
         }
-        let Some(tree) = JoinTree::collect(&plan.data) else {
+        let Some(tree) = JoinTree::collect(&plan.data, 3) else {
             return Ok(plan);
         };
         Ok(match tree.reorder(context).await? {
@@ -124,181 +120,7 @@ fn rewrite<'a>(
     })
 }
 
-/// A join that belongs to a tree: inner, on keys, with nulls matching nothing.
-fn is_inner_equi_join(join: &Join) -> bool {
-    join.join_type == JoinType::Inner
-        && join.join_constraint == JoinConstraint::On
-        && join.null_equality == NullEquality::NullEqualsNothing
-        && !join.null_aware
-        && !join.on.is_empty()
-}
-
-/// A projection that only selects columns, as the optimizer puts between
-/// joins to drop the ones no longer needed.
-fn is_column_selection(projection: &Projection) -> bool {
-    projection
-        .expr
-        .iter()
-        .all(|expr| matches!(expr, Expr::Column(_)))
-}
-
-/// A set of a tree's inputs, one bit each.
-type Inputs = u64;
-
-fn is_subset(inputs: Inputs, of: Inputs) -> bool {
-    inputs & !of == 0
-}
-
-/// How the original joins nest, over input numbers.
-enum Shape {
-    Input(usize),
-    Join(Box<Shape>, Box<Shape>),
-}
-
-/// A join condition and the inputs it reads.
-enum Condition {
-    /// A pair of join keys, `left = right`.
-    Keys {
-        left: Expr,
-        right: Expr,
-        left_inputs: Inputs,
-        right_inputs: Inputs,
-    },
-    /// One conjunct of a join's filter.
-    Filter { expr: Expr, inputs: Inputs },
-}
-
-impl Condition {
-    fn inputs(&self) -> Inputs {
-        match self {
-            Condition::Keys {
-                left_inputs,
-                right_inputs,
-                ..
-            } => left_inputs | right_inputs,
-            Condition::Filter { inputs, .. } => *inputs,
-        }
-    }
-
-    fn expr(&self) -> Expr {
-        match self {
-            Condition::Keys { left, right, .. } => {
-                binary_expr(left.clone(), Operator::Eq, right.clone())
-            }
-            Condition::Filter { expr, .. } => expr.clone(),
-        }
-    }
-
-    /// The two sides of a pair of keys, each with the inputs it reads.
-    fn key_sides(&self) -> Option<[(&Expr, Inputs); 2]> {
-        match self {
-            Condition::Keys {
-                left,
-                right,
-                left_inputs,
-                right_inputs,
-            } => Some([(left, *left_inputs), (right, *right_inputs)]),
-            Condition::Filter { .. } => None,
-        }
-    }
-
-    /// The sides of a pair of keys of which one reads only `inputs` and the
-    /// other none of them: that one first.
-    fn sides_from(&self, inputs: Inputs) -> Option<[(&Expr, Inputs); 2]> {
-        let [left, right] = self.key_sides()?;
-        let reads_only_inputs =
-            |own: Inputs, other: Inputs| is_subset(own, inputs) && other & inputs == 0;
-        if reads_only_inputs(left.1, right.1) {
-            Some([left, right])
-        } else if reads_only_inputs(right.1, left.1) {
-            Some([right, left])
-        } else {
-            None
-        }
-    }
-
-    /// The other side of a pair of keys of which one side reads only
-    /// `inputs` and the other none of them.
-    fn keys_to(&self, inputs: Inputs) -> Option<Inputs> {
-        let [_, other] = self.sides_from(inputs)?;
-        Some(other.1)
-    }
-
-    /// The key paired with `key` in a pair of keys, and the inputs it reads.
-    fn paired_with(&self, key: &Expr) -> Option<(&Expr, Inputs)> {
-        let [left, right] = self.key_sides()?;
-        if left.0 == key {
-            Some(right)
-        } else if right.0 == key {
-            Some(left)
-        } else {
-            None
-        }
-    }
-}
-
-/// A tree of inner equi-joins, flattened into its inputs and conditions.
-struct JoinTree {
-    inputs: Vec<LogicalPlan>,
-    shape: Shape,
-    conditions: Vec<Condition>,
-    /// The columns the tree gives its parent, in order.
-    output: DFSchemaRef,
-}
-
 impl JoinTree {
-    /// The tree rooted at `plan`, if its conditions each read known inputs.
-    fn collect(plan: &LogicalPlan) -> Option<Self> {
-        let mut inputs = Vec::new();
-        let mut raw_conditions = Vec::new();
-        let shape = walk(plan, &mut inputs, &mut raw_conditions);
-        if inputs.len() < 3 || inputs.len() > MAX_INPUTS {
-            return None;
-        }
-        let read_by = |expr: &Expr| -> Option<Inputs> {
-            let mut read = 0;
-            for column in expr.column_refs() {
-                let mut owners = inputs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, input)| input.schema().has_column(column));
-                let (owner, _) = owners.next()?;
-                if owners.next().is_some() {
-                    return None;
-                }
-                read |= 1 << owner;
-            }
-            Some(read)
-        };
-        let mut conditions = Vec::new();
-        for raw in raw_conditions {
-            conditions.push(match raw {
-                RawCondition::Keys(left, right) => {
-                    let (left_inputs, right_inputs) = (read_by(&left)?, read_by(&right)?);
-                    if left_inputs == 0 || right_inputs == 0 {
-                        return None;
-                    }
-                    Condition::Keys {
-                        left,
-                        right,
-                        left_inputs,
-                        right_inputs,
-                    }
-                }
-                RawCondition::Filter(expr) => Condition::Filter {
-                    inputs: read_by(&expr)?,
-                    expr,
-                },
-            });
-        }
-        Some(Self {
-            inputs,
-            shape,
-            conditions,
-            output: Arc::clone(plan.schema()),
-        })
-    }
-
     /// The tree with filtered inputs joined first, or `None` when none moves.
     async fn reorder(self, context: &Context<'_>) -> Result<Option<LogicalPlan>> {
         let mut groups = Vec::with_capacity(self.inputs.len());
@@ -353,7 +175,16 @@ impl JoinTree {
         if !moved {
             return Ok(None);
         }
-        let Some((plan, _)) = self.rebuild(&self.shape, &mut groups, &mut placed)? else {
+        let Some((plan, _)) = self.rebuild(
+            &self.shape,
+            &mut |number| {
+                groups[number]
+                    .take()
+                    .map(|group| (group.plan, group.members))
+            },
+            &mut placed,
+        )?
+        else {
             return Ok(None);
         };
         if placed.contains(&false) {
@@ -528,147 +359,6 @@ impl JoinTree {
             },
         }))
     }
-
-    /// The original nesting over what is left of the inputs: a moved input's
-    /// place is gone, and its host's holds the pair.
-    fn rebuild(
-        &self,
-        shape: &Shape,
-        groups: &mut [Option<Group>],
-        placed: &mut [bool],
-    ) -> Result<Option<(LogicalPlan, Inputs)>> {
-        match shape {
-            Shape::Input(number) => Ok(groups[*number]
-                .take()
-                .map(|group| (group.plan, group.members))),
-            Shape::Join(left, right) => {
-                let left = self.rebuild(left, groups, placed)?;
-                let right = self.rebuild(right, groups, placed)?;
-                match (left, right) {
-                    (Some(left), Some(right)) => {
-                        let members = left.1 | right.1;
-                        Ok(self
-                            .join_plans(left, right, placed)?
-                            .map(|plan| (plan, members)))
-                    }
-                    (side, None) | (None, side) => Ok(side),
-                }
-            }
-        }
-    }
-
-    /// An inner join of two plans over disjoint inputs, on the conditions not
-    /// yet placed that read only those inputs. `None` when no pair of keys
-    /// spans the two.
-    fn join_plans(
-        &self,
-        (left, left_inputs): (LogicalPlan, Inputs),
-        (right, right_inputs): (LogicalPlan, Inputs),
-        placed: &mut [bool],
-    ) -> Result<Option<LogicalPlan>> {
-        let both = left_inputs | right_inputs;
-        let mut on = Vec::new();
-        let mut filters = Vec::new();
-        let mut placing = Vec::new();
-        for (number, condition) in self.conditions.iter().enumerate() {
-            if placed[number] || !is_subset(condition.inputs(), both) {
-                continue;
-            }
-            placing.push(number);
-            match condition {
-                Condition::Keys {
-                    left: l,
-                    right: r,
-                    left_inputs: li,
-                    right_inputs: ri,
-                } if is_subset(*li, left_inputs) && is_subset(*ri, right_inputs) => {
-                    on.push((l.clone(), r.clone()));
-                }
-                Condition::Keys {
-                    left: l,
-                    right: r,
-                    left_inputs: li,
-                    right_inputs: ri,
-                } if is_subset(*li, right_inputs) && is_subset(*ri, left_inputs) => {
-                    on.push((r.clone(), l.clone()));
-                }
-                other => filters.push(other.expr()),
-            }
-        }
-        if on.is_empty() {
-            return Ok(None);
-        }
-        for number in placing {
-            placed[number] = true;
-        }
-        Ok(Some(equi_join(
-            left,
-            right,
-            on,
-            conjunction(filters),
-            JoinType::Inner,
-        )?))
-    }
-}
-
-/// A join of `left` and `right` on the pairs of keys `on`, nulls matching
-/// nothing, as the tree's joins are.
-fn equi_join(
-    left: LogicalPlan,
-    right: LogicalPlan,
-    on: Vec<(Expr, Expr)>,
-    filter: Option<Expr>,
-    join_type: JoinType,
-) -> Result<LogicalPlan> {
-    Ok(LogicalPlan::Join(Join::try_new(
-        Arc::new(left),
-        Arc::new(right),
-        on,
-        filter,
-        join_type,
-        JoinConstraint::On,
-        NullEquality::NullEqualsNothing,
-        false,
-    )?))
-}
-
-/// Conditions as a tree's joins hold them, before they are matched to inputs.
-enum RawCondition {
-    Keys(Expr, Expr),
-    Filter(Expr),
-}
-
-/// Flattens the tree under `plan` into `inputs` and `conditions`.
-fn walk(
-    plan: &LogicalPlan,
-    inputs: &mut Vec<LogicalPlan>,
-    conditions: &mut Vec<RawCondition>,
-) -> Shape {
-    match plan {
-        LogicalPlan::Join(join) if is_inner_equi_join(join) => {
-            let left = walk(&join.left, inputs, conditions);
-            let right = walk(&join.right, inputs, conditions);
-            for (left, right) in &join.on {
-                conditions.push(RawCondition::Keys(left.clone(), right.clone()));
-            }
-            if let Some(filter) = &join.filter {
-                for conjunct in split_conjunction(filter) {
-                    conditions.push(RawCondition::Filter(conjunct.clone()));
-                }
-            }
-            Shape::Join(Box::new(left), Box::new(right))
-        }
-        LogicalPlan::Projection(projection)
-            if is_column_selection(projection)
-                && matches!(projection.input.as_ref(), LogicalPlan::Join(join) if is_inner_equi_join(join)) =>
-        {
-            walk(&projection.input, inputs, conditions)
-        }
-        _ => {
-            inputs.push(plan.clone());
-            Shape::Input(inputs.len() - 1)
-        }
-    }
 }
 
 /// The group that holds all of `inputs`, if one does.
@@ -708,15 +398,18 @@ struct Group {
 
 /// DataFusion's estimate of an input.
 #[derive(Debug, Clone, Copy)]
-struct Estimate {
-    rows: f64,
+pub(crate) struct Estimate {
+    pub(crate) rows: f64,
     bytes: f64,
     /// The share of the rows read from its sources that it keeps.
     selectivity: f64,
 }
 
 /// Estimates `input` from its physical plan, if DataFusion can.
-async fn estimate(input: &LogicalPlan, state: &SessionState) -> Result<Option<Estimate>> {
+pub(crate) async fn estimate(
+    input: &LogicalPlan,
+    state: &SessionState,
+) -> Result<Option<Estimate>> {
     let physical = state
         .query_planner()
         .create_physical_plan(input, state)
@@ -781,13 +474,11 @@ const VARIABLE_WIDTH: usize = 32;
 #[cfg(test)]
 mod tests {
     use arrow::array::{Int64Array, RecordBatch, StringArray};
-    use arrow::util::pretty::pretty_format_batches;
-    use datafusion::execution::TaskContext;
-    use datafusion::physical_plan::collect;
     use datafusion::prelude::{SessionConfig, SessionContext};
     use quiver_core::config::QuiverOptions;
 
     use super::*;
+    use crate::join_tree::tests::{answer, scanned_tables};
 
     /// A snowflake: `facts` refer to `dims`, which refer to `subs`, which
     /// refer to `regions`; `others` is a second dimension of `facts`. Each
@@ -828,22 +519,8 @@ mod tests {
         let ordered = reorder_joins(optimized.clone(), &state)
             .await
             .expect("reorder");
-        let run = |plan: LogicalPlan| {
-            let state = state.clone();
-            async move {
-                let physical = state
-                    .query_planner()
-                    .create_physical_plan(&plan, &state)
-                    .await
-                    .expect("physical plan");
-                let batches = collect(physical, Arc::new(TaskContext::from(&state)))
-                    .await
-                    .expect("run");
-                pretty_format_batches(&batches).expect("format").to_string()
-            }
-        };
-        let expected = run(optimized.clone()).await;
-        let answer = run(ordered.clone()).await;
+        let expected = answer(&state, optimized.clone()).await;
+        let answer = answer(&state, ordered.clone()).await;
         assert_eq!(answer, expected, "the reordered plan answers differently");
         (optimized, ordered, answer)
     }
@@ -864,19 +541,6 @@ mod tests {
         })
         .expect("walk");
         smallest.expect("a join of those tables")
-    }
-
-    fn scanned_tables(plan: &LogicalPlan) -> Vec<String> {
-        let mut tables = Vec::new();
-        plan.apply(|node| {
-            if let LogicalPlan::TableScan(scan) = node {
-                tables.push(scan.table_name.table().to_owned());
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })
-        .expect("walk");
-        tables.sort();
-        tables
     }
 
     const SNOWFLAKE: &str = "select count(*), sum(facts.id) from facts, dims, subs \

@@ -6,11 +6,14 @@
 //! - [`planner`]: SQL or a logical plan to a physical plan, against the shared catalog.
 //! - [`stages`]: cuts a physical plan into a DAG of stages at its exchanges.
 //! - [`analyze`]: the report of `EXPLAIN ANALYZE`: stage plans with their metrics.
+//! - [`join_order`]: joins filtered dimensions first in trees of inner joins ([`join_tree`]).
+//! - [`eager_aggregation`]: aggregates a join tree's many side before the joins.
 //! - [`joins`]: re-plans joins that cannot run split across tasks.
 //! - [`broadcast`]: broadcasts hash joins' build sides when that ships fewer bytes.
 //! - [`build_stage`]: gives a join's `HAVING`-filtered build side a stage of its own.
 //! - [`exchange_order`]: exchanges that keep no order, as shuffles keep none.
 //! - [`adaptive`]: turns partitioned joins into broadcasts once a build side has run.
+//! - [`join_swap`]: builds a join's hash table from the side that ran smaller.
 //! - [`reduction`]: filters a scan by the keys of a small join side that has run.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
@@ -30,12 +33,14 @@ pub mod broadcast;
 pub mod build_stage;
 pub mod catalog;
 pub mod config;
+pub mod eager_aggregation;
 pub mod error;
 pub mod exchange_order;
 pub mod flight_sql;
 pub mod hive;
 pub mod join_order;
 pub mod join_swap;
+pub mod join_tree;
 pub mod joins;
 pub mod locations;
 pub mod planner;

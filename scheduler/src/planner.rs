@@ -656,14 +656,15 @@ async fn explain_stages(
     Ok(source)
 }
 
-/// `logical` optimized by DataFusion, with its joins reordered by Quiver,
-/// and the physical plan of that.
+/// `logical` optimized by DataFusion, with its joins reordered and
+/// aggregates moved below joins by Quiver, and the physical plan of that.
 async fn physical_plan(
     logical: &LogicalPlan,
     state: &SessionState,
 ) -> DfResult<(LogicalPlan, Arc<dyn ExecutionPlan>)> {
     let optimized = state.optimize(logical)?;
     let ordered = crate::join_order::reorder_joins(optimized, state).await?;
+    let ordered = crate::eager_aggregation::aggregate_before_joins(ordered, state).await?;
     let physical = state
         .query_planner()
         .create_physical_plan(&ordered, state)
