@@ -13,9 +13,12 @@
 //! - the *grouping side*: the rest (`customer`, `nation`).
 //!
 //! The aggregated side is then aggregated first, by its join keys to the
-//! grouping side and its own grouping columns (`o_custkey`), and only that
-//! joins the grouping side; the query's aggregate combines the partial
-//! results (a sum of sums, a sum of counts, a min of mins).
+//! grouping side (`o_custkey`), and only that joins the grouping side; the
+//! query's aggregate combines the partial results (a sum of sums, a sum of
+//! counts, a min of mins). A left or right join is split the same way when
+//! the aggregates read only columns of its null-supplying side: in Q13,
+//! `orders` is counted per `o_custkey` before `customer` left-joins it, and
+//! a customer without orders still counts 0.
 //!
 //! The answer cannot change: each joined row is an aggregated-side row
 //! paired with a grouping-side row that matches its keys, and the partial
@@ -36,12 +39,12 @@
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, ScalarValue};
+use datafusion::common::{Column, NullEquality, ScalarValue};
 use datafusion::error::Result;
 use datafusion::execution::session_state::SessionState;
 use datafusion::functions_aggregate::expr_fn::{max, min, sum};
 use datafusion::logical_expr::{
-    Aggregate, Expr, JoinType, LogicalPlan, Projection, cast, lit, when,
+    Aggregate, Expr, Join, JoinConstraint, JoinType, LogicalPlan, Projection, cast, lit, when,
 };
 use datafusion::optimizer::OptimizerRule;
 use datafusion::optimizer::optimize_projections::OptimizeProjections;
@@ -140,17 +143,34 @@ impl Combine {
     }
 }
 
-/// An aggregate over a tree of inner joins, split into its aggregated and
-/// grouping sides, that passes every test but the estimates.
+/// An aggregate over joins, split into its aggregated and grouping sides,
+/// that passes every test but the estimates.
 struct Candidate {
     aggregate: Aggregate,
-    tree: JoinTree,
     combines: Vec<Combine>,
-    /// The inputs aggregated first.
-    aggregated: Inputs,
-    /// The pairs of keys between the sides: the aggregated side's column,
-    /// and the grouping side's.
-    cut: Vec<(Column, Expr)>,
+    split: Split,
+}
+
+/// Where an aggregate's joins are cut, and how the early aggregate joins the
+/// grouping side again.
+enum Split {
+    /// A tree of inner joins.
+    Inner {
+        tree: JoinTree,
+        /// The inputs aggregated first.
+        aggregated: Inputs,
+        /// The pairs of keys between the sides: the aggregated side's
+        /// column, and the grouping side's.
+        cut: Vec<(Column, Expr)>,
+    },
+    /// One left or right join, whose null-supplying side is aggregated: a
+    /// grouping-side row without a match still meets one row, of nulls.
+    Outer {
+        join: Join,
+        /// The pairs of keys: the null-supplying side's column, and the
+        /// preserved side's.
+        keys: Vec<(Column, Expr)>,
+    },
 }
 
 impl Candidate {
@@ -177,142 +197,66 @@ impl Candidate {
         let LogicalPlan::Join(join) = input else {
             return None;
         };
-        if !is_inner_equi_join(join) {
-            return None;
-        }
-        let tree = JoinTree::collect(input, 2)?;
-        let mut grouped = 0;
-        for column in &grouping {
-            grouped |= tree.read_by(&Expr::Column((*column).clone()))?;
-        }
-        let mut argued = 0;
-        for expr in &aggregate.aggr_expr {
-            argued |= tree.read_by(expr)?;
-        }
-        let all: Inputs = if tree.inputs.len() == 64 {
-            Inputs::MAX
+        let split = if is_inner_equi_join(join) {
+            Split::inner(input, aggregate, &grouping)?
         } else {
-            (1 << tree.inputs.len()) - 1
+            Split::outer(join, aggregate, &grouping)?
         };
-        let aggregated = tree.component(argued, all & !grouped)?;
-        let grouping_side = all & !aggregated;
-        if grouping_side == 0 || !is_subset(argued, aggregated) {
-            return None;
-        }
-        let unfiltered = (0..tree.inputs.len())
-            .filter(|number| grouping_side & (1 << number) != 0)
-            .all(|number| is_unfiltered_scan(&tree.inputs[number]));
-        if !unfiltered {
-            return None;
-        }
-        let mut cut = Vec::new();
-        for condition in &tree.conditions {
-            let inputs = condition.inputs();
-            if is_subset(inputs, aggregated) || is_subset(inputs, grouping_side) {
-                continue;
-            }
-            let [(Expr::Column(own), _), (other, _)] = condition.sides_from(aggregated)? else {
-                return None;
-            };
-            let Expr::Column(other_column) = other else {
-                return None;
-            };
-            if !grouping.contains(&other_column) {
-                return None;
-            }
-            cut.push((own.clone(), other.clone()));
-        }
         Some(Self {
             aggregate: aggregate.clone(),
-            tree,
             combines,
-            aggregated,
-            cut,
+            split,
         })
     }
 
     /// Whether the aggregated side holds the input with the most rows by
     /// DataFusion's estimates: `false` when one has no estimate.
     async fn aggregates_the_largest_input(&self, state: &SessionState) -> Result<bool> {
-        let mut largest: Option<(f64, usize)> = None;
-        for (number, input) in self.tree.inputs.iter().enumerate() {
+        let mut largest: Option<(f64, bool)> = None;
+        for (input, aggregated) in self.split.inputs() {
             let Some(estimate) = estimate(input, state).await? else {
-                debug!(
-                    input = number,
-                    "no estimate: the aggregate stays above its joins"
-                );
+                debug!("no estimate of a join input: the aggregate stays above its joins");
                 return Ok(false);
             };
             if largest.is_none_or(|(rows, _)| estimate.rows > rows) {
-                largest = Some((estimate.rows, number));
+                largest = Some((estimate.rows, aggregated));
             }
         }
-        Ok(largest.is_some_and(|(_, number)| self.aggregated & (1 << number) != 0))
+        Ok(largest.is_some_and(|(_, aggregated)| aggregated))
     }
 
     /// The aggregate with its aggregated side aggregated first, giving the
     /// same columns; `None` when the two sides do not each join up.
     fn rewrite(&self) -> Result<Option<LogicalPlan>> {
-        let tree = &self.tree;
-        let aggregated = self.aggregated;
-        let mut placed: Vec<bool> = tree
-            .conditions
-            .iter()
-            .map(|condition| {
-                let inputs = condition.inputs();
-                !is_subset(inputs, aggregated) && inputs & aggregated != 0
-            })
-            .collect();
-        let side = |members: Inputs, placed: &mut Vec<bool>| {
-            tree.rebuild(
-                &tree.shape,
-                &mut |number| {
-                    (members & (1 << number) != 0)
-                        .then(|| (tree.inputs[number].clone(), 1 << number))
-                },
-                placed,
-            )
-        };
-        let Some((aggregated_plan, _)) = side(aggregated, &mut placed)? else {
-            return Ok(None);
-        };
-        let Some((grouping_plan, _)) = side(!aggregated, &mut placed)? else {
-            return Ok(None);
-        };
-        if placed.contains(&false) {
-            return Ok(None);
-        }
-
-        // The early aggregate: by the aggregated side's keys (no grouping
-        // column comes from that side), each aggregate under a name of its own.
-        let mut early_groups: Vec<Expr> = Vec::new();
-        for (own, _) in &self.cut {
-            let key = Expr::Column(own.clone());
-            if !early_groups.contains(&key) {
-                early_groups.push(key);
-            }
-        }
         let partial_names: Vec<String> = (0..self.combines.len())
             .map(|number| format!("__quiver_partial_{number}"))
             .collect();
-        let partials = self
-            .aggregate
-            .aggr_expr
-            .iter()
-            .zip(&partial_names)
-            .map(|(expr, name)| expr.clone().unalias().alias(name))
-            .collect();
-        let early = LogicalPlan::Aggregate(Aggregate::try_new(
-            Arc::new(aggregated_plan),
-            early_groups,
-            partials,
-        )?);
-        let on = self
-            .cut
-            .iter()
-            .map(|(own, other)| (Expr::Column(own.clone()), other.clone()))
-            .collect();
-        let joined = equi_join(early, grouping_plan, on, None, JoinType::Inner)?;
+        // The early aggregate: by the aggregated side's keys (no grouping
+        // column comes from that side), each aggregate under a name of its own.
+        let early = |aggregated: LogicalPlan, keys: &[(Column, Expr)]| -> Result<LogicalPlan> {
+            let mut groups: Vec<Expr> = Vec::new();
+            for (own, _) in keys {
+                let key = Expr::Column(own.clone());
+                if !groups.contains(&key) {
+                    groups.push(key);
+                }
+            }
+            let partials = self
+                .aggregate
+                .aggr_expr
+                .iter()
+                .zip(&partial_names)
+                .map(|(expr, name)| expr.clone().unalias().alias(name))
+                .collect();
+            Ok(LogicalPlan::Aggregate(Aggregate::try_new(
+                Arc::new(aggregated),
+                groups,
+                partials,
+            )?))
+        };
+        let Some(joined) = self.split.join_early(early)? else {
+            return Ok(None);
+        };
 
         // The query's aggregate, combining the partial results, and its
         // columns under their names and types.
@@ -349,7 +293,8 @@ impl Candidate {
                 cast(column, field.data_type().clone())
             };
             if let Combine::Count = self.combines[number - groups] {
-                // A count is never null: a sum of counts is, over no rows.
+                // A count is never null; a sum of counts is over no partial
+                // count, or over an outer join's row of nulls.
                 let zero = lit(ScalarValue::new_zero(field.data_type())?);
                 value = when(value.clone().is_not_null(), value).otherwise(zero)?;
             }
@@ -365,11 +310,218 @@ impl Candidate {
             );
             return Ok(None);
         }
-        debug!(
-            keys = ?self.cut.iter().map(|(own, _)| own.to_string()).collect::<Vec<_>>(),
-            "aggregating before joins"
-        );
+        debug!(plan = %rewritten.display_indent(), "aggregating before joins");
         Ok(Some(rewritten))
+    }
+}
+
+impl Split {
+    /// A tree of inner joins under `aggregate`, if it splits.
+    fn inner(tree_root: &LogicalPlan, aggregate: &Aggregate, grouping: &[&Column]) -> Option<Self> {
+        let tree = JoinTree::collect(tree_root, 2)?;
+        let mut grouped = 0;
+        for column in grouping {
+            grouped |= tree.read_by(&Expr::Column((*column).clone()))?;
+        }
+        let mut argued = 0;
+        for expr in &aggregate.aggr_expr {
+            argued |= tree.read_by(expr)?;
+        }
+        let all: Inputs = if tree.inputs.len() == 64 {
+            Inputs::MAX
+        } else {
+            (1 << tree.inputs.len()) - 1
+        };
+        let aggregated = tree.component(argued, all & !grouped)?;
+        let grouping_side = all & !aggregated;
+        if grouping_side == 0 || !is_subset(argued, aggregated) {
+            return None;
+        }
+        let unfiltered = (0..tree.inputs.len())
+            .filter(|number| grouping_side & (1 << number) != 0)
+            .all(|number| is_unfiltered_scan(&tree.inputs[number]));
+        if !unfiltered {
+            return None;
+        }
+        let mut cut = Vec::new();
+        for condition in &tree.conditions {
+            let inputs = condition.inputs();
+            if is_subset(inputs, aggregated) || is_subset(inputs, grouping_side) {
+                continue;
+            }
+            let [(Expr::Column(own), _), (other, _)] = condition.sides_from(aggregated)? else {
+                return None;
+            };
+            cut.push((own.clone(), grouping_key(other, grouping)?));
+        }
+        Some(Self::Inner {
+            tree,
+            aggregated,
+            cut,
+        })
+    }
+
+    /// A left or right join under `aggregate`, if it splits. The aggregates
+    /// read columns of the null-supplying side only, as they are: an
+    /// expression such as `coalesce(o_id, 0)` is not null on the row of
+    /// nulls that an unmatched row meets, which the early aggregate never
+    /// sees.
+    fn outer(join: &Join, aggregate: &Aggregate, grouping: &[&Column]) -> Option<Self> {
+        let (preserved, nullable) = match join.join_type {
+            JoinType::Left => (&join.left, &join.right),
+            JoinType::Right => (&join.right, &join.left),
+            _ => return None,
+        };
+        if join.join_constraint != JoinConstraint::On
+            || join.null_equality != NullEquality::NullEqualsNothing
+            || join.null_aware
+            || join.filter.is_some()
+            || join.on.is_empty()
+            || !is_unfiltered_scan(preserved)
+        {
+            return None;
+        }
+        let reads_nullable_columns = |expr: &Expr| {
+            let Expr::AggregateFunction(function) = expr.clone().unalias() else {
+                return false;
+            };
+            !function.params.args.is_empty()
+                && function.params.args.iter().all(|arg| {
+                    matches!(arg, Expr::Column(column) if nullable.schema().has_column(column))
+                })
+        };
+        let groups_preserved = grouping
+            .iter()
+            .all(|column| preserved.schema().has_column(column));
+        if !groups_preserved || !aggregate.aggr_expr.iter().all(reads_nullable_columns) {
+            return None;
+        }
+        let mut keys = Vec::new();
+        for (left, right) in &join.on {
+            let (preserved_key, nullable_key) = match join.join_type {
+                JoinType::Left => (left, right),
+                _ => (right, left),
+            };
+            let Expr::Column(own) = nullable_key else {
+                return None;
+            };
+            keys.push((own.clone(), grouping_key(preserved_key, grouping)?));
+        }
+        Some(Self::Outer {
+            join: join.clone(),
+            keys,
+        })
+    }
+
+    /// The join's inputs, each with whether it is on the aggregated side.
+    fn inputs(&self) -> Vec<(&LogicalPlan, bool)> {
+        match self {
+            Self::Inner {
+                tree, aggregated, ..
+            } => tree
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(number, input)| (input, aggregated & (1 << number) != 0))
+                .collect(),
+            Self::Outer { join, .. } => vec![
+                (join.left.as_ref(), join.join_type == JoinType::Right),
+                (join.right.as_ref(), join.join_type == JoinType::Left),
+            ],
+        }
+    }
+
+    /// The joins with the aggregated side replaced by `early` of it and the
+    /// keys it joins on; `None` when the sides do not each join up.
+    fn join_early(
+        &self,
+        early: impl Fn(LogicalPlan, &[(Column, Expr)]) -> Result<LogicalPlan>,
+    ) -> Result<Option<LogicalPlan>> {
+        let on = |keys: &[(Column, Expr)]| -> Vec<(Expr, Expr)> {
+            keys.iter()
+                .map(|(own, other)| (Expr::Column(own.clone()), other.clone()))
+                .collect()
+        };
+        match self {
+            Self::Inner {
+                tree,
+                aggregated,
+                cut,
+            } => {
+                let aggregated = *aggregated;
+                // The pairs of keys between the sides are placed last.
+                let mut placed: Vec<bool> = tree
+                    .conditions
+                    .iter()
+                    .map(|condition| {
+                        let inputs = condition.inputs();
+                        !is_subset(inputs, aggregated) && inputs & aggregated != 0
+                    })
+                    .collect();
+                let mut side = |members: Inputs| {
+                    tree.rebuild(
+                        &tree.shape,
+                        &mut |number| {
+                            (members & (1 << number) != 0)
+                                .then(|| (tree.inputs[number].clone(), 1 << number))
+                        },
+                        &mut placed,
+                    )
+                };
+                let (Some((aggregated_plan, _)), Some((grouping_plan, _))) =
+                    (side(aggregated)?, side(!aggregated)?)
+                else {
+                    return Ok(None);
+                };
+                if placed.contains(&false) {
+                    return Ok(None);
+                }
+                // The early aggregate is the build side: it is the smaller.
+                let early = early(aggregated_plan, cut)?;
+                Ok(Some(equi_join(
+                    early,
+                    grouping_plan,
+                    on(cut),
+                    None,
+                    JoinType::Inner,
+                )?))
+            }
+            Self::Outer { join, keys } => {
+                let joined = match join.join_type {
+                    JoinType::Left => {
+                        let early = early(join.right.as_ref().clone(), keys)?;
+                        let on = on(keys).into_iter().map(|(own, other)| (other, own));
+                        equi_join(
+                            join.left.as_ref().clone(),
+                            early,
+                            on.collect(),
+                            None,
+                            JoinType::Left,
+                        )?
+                    }
+                    _ => {
+                        let early = early(join.left.as_ref().clone(), keys)?;
+                        equi_join(
+                            early,
+                            join.right.as_ref().clone(),
+                            on(keys),
+                            None,
+                            JoinType::Right,
+                        )?
+                    }
+                };
+                Ok(Some(joined))
+            }
+        }
+    }
+}
+
+/// `key` as a grouping column of the query, if it is one: then grouping by
+/// the key it is joined with makes no more groups than the query does.
+fn grouping_key(key: &Expr, grouping: &[&Column]) -> Option<Expr> {
+    match key {
+        Expr::Column(column) if grouping.contains(&column) => Some(key.clone()),
+        _ => None,
     }
 }
 
@@ -452,7 +604,10 @@ mod tests {
                 (
                     "customer",
                     Arc::new(Int64Array::from_iter(
-                        ids(400).iter().map(|id| (id % 13 != 0).then_some(id % 60)),
+                        // Customers 0 to 4 have no orders.
+                        ids(400)
+                            .iter()
+                            .map(|id| (id % 13 != 0).then_some(id % 60 + 5)),
                     )) as _,
                 ),
                 ("amount", Arc::new(amounts) as _),
@@ -563,6 +718,39 @@ mod tests {
             // The side that would be aggregated is the smaller one.
             "select i.order_id, max(c.name) from items i, orders o, customers c \
                 where i.order_id = o.id and o.customer = c.id group by i.order_id",
+        ] {
+            let (optimized, rewritten) = rewritten(&context, sql).await;
+            assert_eq!(rewritten, optimized, "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outer_joins_null_supplying_side_is_aggregated_first() {
+        let context = shop(true);
+        for sql in [
+            // As TPC-H Q13; customers 0 to 4 count 0 orders, and sum null.
+            "select c.id, count(o.id), sum(o.amount), max(o.id) from customers c \
+                left join orders o on c.id = o.customer group by c.id",
+            "select c.id, count(o.id) from orders o right join customers c \
+                on o.customer = c.id and o.amount > 100 group by c.id",
+        ] {
+            let (_, rewritten) = rewritten(&context, sql).await;
+            assert_eq!(
+                aggregated_tables(&rewritten),
+                [vec!["customers", "orders"], vec!["orders"]],
+                "{sql}\n{rewritten}"
+            );
+        }
+        for sql in [
+            // An unmatched customer's row counts once.
+            "select c.id, count(*) from customers c left join orders o \
+                on c.id = o.customer group by c.id",
+            // ... and so does its order id, made 0.
+            "select c.id, count(coalesce(o.id, 0)) from customers c left join orders o \
+                on c.id = o.customer group by c.id",
+            // The side to aggregate first is the smaller.
+            "select o.customer, count(c.id) from orders o left join customers c \
+                on c.id = o.customer group by o.customer",
         ] {
             let (optimized, rewritten) = rewritten(&context, sql).await;
             assert_eq!(rewritten, optimized, "{sql}");
