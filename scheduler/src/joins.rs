@@ -15,7 +15,9 @@
 //! broadcast join's was not. The exchange between a partial and a final
 //! aggregate above it that DataFusion planned on those same keys (TPC-H Q13
 //! groups by the join key) then moves no row to another partition, so it is
-//! dropped rather than shuffled.
+//! dropped rather than shuffled. Likewise a side of the join that is already
+//! hash-partitioned on its keys (an aggregate grouped by them) is not
+//! repartitioned.
 
 use std::sync::Arc;
 
@@ -27,7 +29,8 @@ use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec, PartitionMode};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{
-    ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, PhysicalExpr,
+    replace_children_if_necessary,
 };
 
 /// Whether a join emits rows of its build (left) side after seeing all probe rows.
@@ -100,18 +103,27 @@ fn partition_hash_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn
         Some(coalesce) => Arc::clone(coalesce.input()),
         None => Arc::clone(join.left()),
     };
-    let left = Arc::new(RepartitionExec::try_new(
-        left_input,
-        Partitioning::Hash(left_keys, partitions),
-    )?);
-    let right = Arc::new(RepartitionExec::try_new(
-        Arc::clone(join.right()),
-        Partitioning::Hash(right_keys, partitions),
-    )?);
+    let left = hash_partitioned(left_input, left_keys, partitions)?;
+    let right = hash_partitioned(Arc::clone(join.right()), right_keys, partitions)?;
     join.builder()
         .with_partition_mode(PartitionMode::Partitioned)
         .with_new_children(vec![left, right])?
         .build_exec()
+}
+
+/// `input` hash-partitioned on `keys` into `partitions`: as it is when it
+/// already is (an aggregate grouped by the join key, as the eager
+/// aggregation of Q13 plans), through a repartition otherwise.
+fn hash_partitioned(
+    input: Arc<dyn ExecutionPlan>,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    partitions: usize,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let wanted = Partitioning::Hash(keys, partitions);
+    if *input.output_partitioning() == wanted {
+        return Ok(input);
+    }
+    Ok(Arc::new(RepartitionExec::try_new(input, wanted)?))
 }
 
 fn single_task_probe(
@@ -130,25 +142,55 @@ fn single_task_probe(
 #[cfg(test)]
 mod tests {
     use crate::adaptive::tests::stages_with_broadcast_rows;
-    use crate::stages::display_stages;
+    use crate::stages::{StagePlan, display_stages};
+
+    /// The stages of `sql` (see [`stages_with_broadcast_rows`]), their text,
+    /// and the text of the stage with a partitioned hash join.
+    async fn partitioned_join_stage(
+        sql: &str,
+        facts_copies: usize,
+        broadcast_rows: usize,
+    ) -> (Vec<StagePlan>, String, String) {
+        let stages = stages_with_broadcast_rows(sql, facts_copies, broadcast_rows).await;
+        let text = display_stages(&stages);
+        let join_stage = text
+            .split("Stage ")
+            .find(|stage| stage.contains("HashJoinExec: mode=Partitioned"))
+            .unwrap_or_else(|| panic!("a partitioned join in\n{text}"))
+            .to_owned();
+        (stages, text, join_stage)
+    }
 
     #[tokio::test]
     async fn a_group_by_the_key_of_a_re_planned_join_runs_in_the_join_stage() {
         // `dims` is small enough to broadcast, but a left join emits its
         // unmatched rows, so the join is re-planned partitioned on `d.k`.
         let sql = "SELECT d.k, count(f.v) FROM dims d LEFT JOIN facts f ON d.k = f.k GROUP BY d.k";
-        let stages = stages_with_broadcast_rows(sql, 1, 1000).await;
-        let text = display_stages(&stages);
-        let join_stage = text
-            .split("Stage ")
-            .find(|stage| stage.contains("HashJoinExec: mode=Partitioned"))
-            .unwrap_or_else(|| panic!("a partitioned join in\n{text}"));
+        let (stages, text, join_stage) = partitioned_join_stage(sql, 1, 1000).await;
         assert!(
             join_stage.contains("join_type=Left")
                 && join_stage.contains("AggregateExec: mode=FinalPartitioned"),
             "the aggregate reads the join's partitions without a shuffle:\n{text}"
         );
         // The two sides of the join, then the join with its aggregate.
+        assert_eq!(stages.len(), 3, "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_join_side_grouped_by_the_key_is_not_shuffled_again() {
+        // `dims` (4 rows) is broadcast and the counts per `f.k` of 40 rows
+        // are not; the left join is re-planned partitioned on `f.k`, which
+        // the counts are hash-partitioned on already.
+        let sql = "SELECT d.k, sum(f.c) FROM dims d \
+            LEFT JOIN (SELECT k, count(v) AS c FROM facts GROUP BY k) f ON d.k = f.k GROUP BY d.k";
+        let (stages, text, join_stage) = partitioned_join_stage(sql, 10, 5).await;
+        assert!(
+            join_stage.contains(
+                "AggregateExec: mode=FinalPartitioned, gby=[k@0 as k], aggr=[count(facts.v)]"
+            ),
+            "the counts are final in the join's stage:\n{text}"
+        );
+        // `dims`, the partial counts, then the join with both aggregates.
         assert_eq!(stages.len(), 3, "{text}");
     }
 }
