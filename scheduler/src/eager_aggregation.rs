@@ -34,7 +34,8 @@
 //! - the aggregated side holds the input with the most rows by DataFusion's
 //!   estimates, so it is the many rows that are grouped;
 //! - the aggregates are `sum`, `min`, `max` and `count`, without
-//!   `DISTINCT`, `FILTER` or `ORDER BY`.
+//!   `DISTINCT`, `FILTER` or `ORDER BY`. A `count(*)` alone reads no input:
+//!   the aggregated side is then every input no grouping column comes from.
 
 use std::sync::Arc;
 
@@ -332,7 +333,14 @@ impl Split {
         } else {
             (1 << tree.inputs.len()) - 1
         };
-        let aggregated = tree.component(argued, all & !grouped)?;
+        // `count(*)` alone reads no input: the inputs no grouping column
+        // comes from are then aggregated, if they join up.
+        let ungrouped = all & !grouped;
+        let seed = if argued == 0 { ungrouped } else { argued };
+        let aggregated = tree.component(seed, ungrouped)?;
+        if argued == 0 && aggregated != ungrouped {
+            return None;
+        }
         let grouping_side = all & !aggregated;
         if grouping_side == 0 || !is_subset(argued, aggregated) {
             return None;
@@ -692,6 +700,22 @@ mod tests {
             aggregated_tables(&rewritten),
             [
                 vec!["customers", "items", "nations", "orders"],
+                vec!["items", "orders"]
+            ],
+            "{rewritten}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_count_of_rows_is_a_sum_of_counts() {
+        let context = shop(true);
+        let sql = "select c.id, c.name, count(*) from customers c, orders o, items i \
+            where c.id = o.customer and o.id = i.order_id group by c.id, c.name";
+        let (_, rewritten) = rewritten(&context, sql).await;
+        assert_eq!(
+            aggregated_tables(&rewritten),
+            [
+                vec!["customers", "items", "orders"],
                 vec!["items", "orders"]
             ],
             "{rewritten}"
