@@ -34,8 +34,11 @@
 //! - the aggregated side holds the input with the most rows by DataFusion's
 //!   estimates, so it is the many rows that are grouped;
 //! - the aggregates are `sum`, `min`, `max` and `count`, without
-//!   `DISTINCT`, `FILTER` or `ORDER BY`. A `count(*)` alone reads no input:
-//!   the aggregated side is then every input no grouping column comes from.
+//!   `DISTINCT`, `FILTER` or `ORDER BY`, over columns, literals, `+`, `-`
+//!   and `*`: early, they are computed on rows that a join would have
+//!   dropped first, where a division or a cast could fail. A `count(*)`
+//!   alone reads no input: the aggregated side is then every input no
+//!   grouping column comes from.
 
 use std::sync::Arc;
 
@@ -45,7 +48,8 @@ use datafusion::error::Result;
 use datafusion::execution::session_state::SessionState;
 use datafusion::functions_aggregate::expr_fn::{max, min, sum};
 use datafusion::logical_expr::{
-    Aggregate, Expr, Join, JoinConstraint, JoinType, LogicalPlan, Projection, cast, lit, when,
+    Aggregate, Expr, Join, JoinConstraint, JoinType, LogicalPlan, Operator, Projection, cast, lit,
+    when,
 };
 use datafusion::optimizer::OptimizerRule;
 use datafusion::optimizer::optimize_projections::OptimizeProjections;
@@ -326,13 +330,12 @@ impl Split {
         }
         let mut argued = 0;
         for expr in &aggregate.aggr_expr {
+            if !reads_infallibly(expr) {
+                return None;
+            }
             argued |= tree.read_by(expr)?;
         }
-        let all: Inputs = if tree.inputs.len() == 64 {
-            Inputs::MAX
-        } else {
-            (1 << tree.inputs.len()) - 1
-        };
+        let all = tree.all_inputs();
         // `count(*)` alone reads no input: the inputs no grouping column
         // comes from are then aggregated, if they join up.
         let ungrouped = all & !grouped;
@@ -476,12 +479,15 @@ impl Split {
                         &mut placed,
                     )
                 };
-                let (Some((aggregated_plan, _)), Some((grouping_plan, _))) =
-                    (side(aggregated)?, side(!aggregated)?)
+                let grouping = tree.all_inputs() & !aggregated;
+                // Each side must join up on its own: in a star grouped by
+                // its dimensions' keys, only the facts join the dimensions.
+                let (Some((aggregated_plan, joined)), Some((grouping_plan, grouped))) =
+                    (side(aggregated)?, side(grouping)?)
                 else {
                     return Ok(None);
                 };
-                if placed.contains(&false) {
+                if joined != aggregated || grouped != grouping || placed.contains(&false) {
                     return Ok(None);
                 }
                 // The early aggregate is the build side: it is the smaller.
@@ -521,6 +527,31 @@ impl Split {
                 Ok(Some(joined))
             }
         }
+    }
+}
+
+/// Whether the arguments of the aggregate `expr` cannot fail: columns,
+/// literals and `+`, `-`, `*` (which wrap, as DataFusion computes them).
+/// Early, they are computed on rows that a join would have dropped first,
+/// where `a / b` or a cast might fail.
+fn reads_infallibly(expr: &Expr) -> bool {
+    fn infallible(expr: &Expr) -> bool {
+        match expr {
+            Expr::Column(_) | Expr::Literal(..) => true,
+            Expr::BinaryExpr(binary) => {
+                matches!(
+                    binary.op,
+                    Operator::Plus | Operator::Minus | Operator::Multiply
+                ) && infallible(&binary.left)
+                    && infallible(&binary.right)
+            }
+            Expr::Negative(inner) => infallible(inner),
+            _ => false,
+        }
+    }
+    match expr.clone().unalias() {
+        Expr::AggregateFunction(function) => function.params.args.iter().all(infallible),
+        _ => false,
     }
 }
 
@@ -645,6 +676,12 @@ mod tests {
                         ids(2000).iter().map(|id| id % 50),
                     )) as _,
                 ),
+                (
+                    "nation",
+                    Arc::new(Int64Array::from_iter_values(
+                        ids(2000).iter().map(|id| id % 5),
+                    )) as _,
+                ),
             ])
             .expect("items"),
         );
@@ -736,6 +773,15 @@ mod tests {
             // The aggregate reads the grouping side.
             "select c.id, sum(i.price + c.nation) from customers c, orders o, items i \
                 where c.id = o.customer and o.id = i.order_id group by c.id",
+            // A division is computed on items whose orders no customer
+            // has, where it may fail.
+            "select c.id, sum(i.price / (i.quantity + 1)) from customers c, orders o, items i \
+                where c.id = o.customer and o.id = i.order_id group by c.id",
+            // A star grouped by its dimensions' keys: they join only the
+            // aggregated side, not each other.
+            "select o.id, c.id, n.id, sum(i.price) from items i, orders o, customers c, nations n \
+                where i.order_id = o.id and i.quantity = c.id and i.nation = n.id \
+                group by o.id, c.id, n.id",
             // A distinct count cannot be combined from partial counts.
             "select c.id, count(distinct i.quantity) from customers c, orders o, items i \
                 where c.id = o.customer and o.id = i.order_id group by c.id",

@@ -182,6 +182,14 @@ impl JoinTree {
         }
     }
 
+    /// Every input of the tree.
+    pub(crate) fn all_inputs(&self) -> Inputs {
+        match self.inputs.len() {
+            MAX_INPUTS => Inputs::MAX,
+            count => (1 << count) - 1,
+        }
+    }
+
     /// The inputs `expr` reads, if each of its columns is one input's.
     pub(crate) fn read_by(&self, expr: &Expr) -> Option<Inputs> {
         inputs_read(&self.inputs, expr)

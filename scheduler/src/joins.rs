@@ -111,19 +111,38 @@ fn partition_hash_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn
         .build_exec()
 }
 
-/// `input` hash-partitioned on `keys` into `partitions`: as it is when it
-/// already is (an aggregate grouped by the join key, as the eager
-/// aggregation of Q13 plans), through a repartition otherwise.
+/// `input` hash-partitioned on `keys` into `partitions`: as it is when an
+/// exchange below already hashed it so (an aggregate grouped by the join
+/// key, as the eager aggregation of Q13 plans), through a repartition
+/// otherwise. A scan that only declares a hash partitioning (of files
+/// grouped by a partition column) did not hash its rows as a shuffle does,
+/// so it is repartitioned.
 fn hash_partitioned(
     input: Arc<dyn ExecutionPlan>,
     keys: Vec<Arc<dyn PhysicalExpr>>,
     partitions: usize,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let wanted = Partitioning::Hash(keys, partitions);
-    if *input.output_partitioning() == wanted {
+    if *input.output_partitioning() == wanted && hashed_by_an_exchange(&input) {
         return Ok(input);
     }
     Ok(Arc::new(RepartitionExec::try_new(input, wanted)?))
+}
+
+/// Whether the partitioning of `plan` comes from a hash repartition below
+/// it, through operators of one input each.
+fn hashed_by_an_exchange(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut node = plan;
+    loop {
+        if let Some(repartition) = node.downcast_ref::<RepartitionExec>() {
+            return matches!(repartition.partitioning(), Partitioning::Hash(..));
+        }
+        let children = node.children();
+        if children.len() != 1 {
+            return false;
+        }
+        node = children[0];
+    }
 }
 
 fn single_task_probe(
