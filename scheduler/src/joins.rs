@@ -160,6 +160,11 @@ fn single_task_probe(
 
 #[cfg(test)]
 mod tests {
+    use arrow::array::{Int64Array, RecordBatch};
+    use datafusion::physical_plan::displayable;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    use super::*;
     use crate::adaptive::tests::stages_with_broadcast_rows;
     use crate::stages::{StagePlan, display_stages};
 
@@ -193,6 +198,34 @@ mod tests {
         );
         // The two sides of the join, then the join with its aggregate.
         assert_eq!(stages.len(), 3, "{text}");
+    }
+
+    #[tokio::test]
+    async fn only_an_exchange_makes_a_hash_partitioning_trusted() {
+        let context =
+            SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+        let batch = RecordBatch::try_from_iter(vec![
+            ("k", Arc::new(Int64Array::from(vec![1, 2, 3])) as _),
+            ("v", Arc::new(Int64Array::from(vec![10, 20, 30])) as _),
+        ])
+        .expect("batch");
+        context.register_batch("t", batch).expect("register");
+        let plan = |sql: &'static str| {
+            let context = context.clone();
+            async move {
+                let frame = context.sql(sql).await.expect("plan");
+                frame.create_physical_plan().await.expect("physical plan")
+            }
+        };
+        let grouped = plan("SELECT k, count(v) FROM t GROUP BY k").await;
+        assert!(
+            matches!(grouped.output_partitioning(), Partitioning::Hash(..)),
+            "{}",
+            displayable(grouped.as_ref()).indent(false)
+        );
+        assert!(hashed_by_an_exchange(&grouped));
+        let scanned = plan("SELECT k, v FROM t WHERE v > 10").await;
+        assert!(!hashed_by_an_exchange(&scanned));
     }
 
     #[tokio::test]
