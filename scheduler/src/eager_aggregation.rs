@@ -47,6 +47,7 @@ use datafusion::common::{Column, NullEquality, ScalarValue};
 use datafusion::error::Result;
 use datafusion::execution::session_state::SessionState;
 use datafusion::functions_aggregate::expr_fn::{max, min, sum};
+use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, Expr, Join, JoinConstraint, JoinType, LogicalPlan, Operator, Projection, cast, lit,
     when,
@@ -83,8 +84,9 @@ pub async fn aggregate_before_joins(
     })?;
     let mut rewrites = Vec::new();
     for candidate in candidates {
-        if candidate.aggregates_the_largest_input(state).await?
-            && let Some(rewritten) = candidate.rewrite()?
+        // The rewrite is cheap; the estimates plan every input physically.
+        if let Some(rewritten) = candidate.rewrite()?
+            && candidate.aggregates_the_largest_input(state).await?
         {
             rewrites.push((candidate.aggregate, rewritten));
         }
@@ -123,9 +125,7 @@ enum Combine {
 
 impl Combine {
     fn of(expr: &Expr) -> Option<Self> {
-        let Expr::AggregateFunction(function) = expr.clone().unalias() else {
-            return None;
-        };
+        let function = aggregate_function(expr)?;
         let params = &function.params;
         if params.distinct || params.filter.is_some() || !params.order_by.is_empty() {
             return None;
@@ -393,13 +393,13 @@ impl Split {
             return None;
         }
         let reads_nullable_columns = |expr: &Expr| {
-            let Expr::AggregateFunction(function) = expr.clone().unalias() else {
-                return false;
-            };
-            !function.params.args.is_empty()
-                && function.params.args.iter().all(|arg| {
-                    matches!(arg, Expr::Column(column) if nullable.schema().has_column(column))
-                })
+            aggregate_function(expr).is_some_and(|function| {
+                let args = &function.params.args;
+                !args.is_empty()
+                    && args.iter().all(|arg| {
+                        matches!(arg, Expr::Column(column) if nullable.schema().has_column(column))
+                    })
+            })
         };
         let groups_preserved = grouping
             .iter()
@@ -504,14 +504,11 @@ impl Split {
                 let joined = match join.join_type {
                     JoinType::Left => {
                         let early = early(join.right.as_ref().clone(), keys)?;
-                        let on = on(keys).into_iter().map(|(own, other)| (other, own));
-                        equi_join(
-                            join.left.as_ref().clone(),
-                            early,
-                            on.collect(),
-                            None,
-                            JoinType::Left,
-                        )?
+                        let on = on(keys)
+                            .into_iter()
+                            .map(|(own, other)| (other, own))
+                            .collect();
+                        equi_join(join.left.as_ref().clone(), early, on, None, JoinType::Left)?
                     }
                     _ => {
                         let early = early(join.left.as_ref().clone(), keys)?;
@@ -549,9 +546,16 @@ fn reads_infallibly(expr: &Expr) -> bool {
             _ => false,
         }
     }
-    match expr.clone().unalias() {
-        Expr::AggregateFunction(function) => function.params.args.iter().all(infallible),
-        _ => false,
+    aggregate_function(expr).is_some_and(|function| function.params.args.iter().all(infallible))
+}
+
+/// The aggregate function of one of an aggregate's expressions, under its
+/// aliases.
+fn aggregate_function(expr: &Expr) -> Option<&AggregateFunction> {
+    match expr {
+        Expr::Alias(alias) => aggregate_function(&alias.expr),
+        Expr::AggregateFunction(function) => Some(function),
+        _ => None,
     }
 }
 

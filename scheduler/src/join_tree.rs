@@ -240,24 +240,13 @@ impl JoinTree {
                 continue;
             }
             placing.push(number);
-            match condition {
-                Condition::Keys {
-                    left: l,
-                    right: r,
-                    left_inputs: li,
-                    right_inputs: ri,
-                } if is_subset(*li, left_inputs) && is_subset(*ri, right_inputs) => {
-                    on.push((l.clone(), r.clone()));
+            // A pair of keys whose one side reads only the left plan reads
+            // only the right one on its other side: the condition is within both.
+            match condition.sides_from(left_inputs) {
+                Some([(left_key, _), (right_key, _)]) => {
+                    on.push((left_key.clone(), right_key.clone()));
                 }
-                Condition::Keys {
-                    left: l,
-                    right: r,
-                    left_inputs: li,
-                    right_inputs: ri,
-                } if is_subset(*li, right_inputs) && is_subset(*ri, left_inputs) => {
-                    on.push((r.clone(), l.clone()));
-                }
-                other => filters.push(other.expr()),
+                None => filters.push(condition.expr()),
             }
         }
         if on.is_empty() {
