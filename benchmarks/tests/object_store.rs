@@ -698,9 +698,16 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     writer.write(&batch).expect("write");
     writer.close().expect("close");
     for (name, bytes) in [
-        ("marked/part-1.parquet", data),
+        ("marked/part-1.parquet", data.clone()),
         ("marked/_SUCCESS", b"{\"committed\": true}".to_vec()),
         ("marked/.part-1.parquet.crc", b"crc32 of part-1".to_vec()),
+        ("marked_hive/_SUCCESS", b"{\"committed\": true}".to_vec()),
+        ("marked_hive/year=2024/part-1.parquet", data.clone()),
+        (
+            "marked_hive/year=2024/.part-1.parquet.crc",
+            b"crc32".to_vec(),
+        ),
+        ("marked_hive/year=2025/part-1.parquet", data),
     ] {
         bucket
             .put(&Path::from(name), PutPayload::from(bytes))
@@ -718,6 +725,24 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     .expect("a folder with markers registers");
     assert_eq!(
         count_of(&context, "SELECT count(*)::bigint unsigned FROM marked").await,
+        3
+    );
+    // So does a hive-partitioned one, with its partition column.
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE marked_hive STORED AS PARQUET LOCATION 's3://lake/marked_hive/' {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect("a partitioned folder with markers registers");
+    assert_eq!(
+        count_of(
+            &context,
+            "SELECT count(*)::bigint unsigned FROM marked_hive WHERE year = '2025'"
+        )
+        .await,
         3
     );
 

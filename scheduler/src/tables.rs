@@ -1,5 +1,5 @@
 //! How `CREATE EXTERNAL TABLE` makes its table: DataFusion's listing tables,
-//! with three changes.
+//! with these changes.
 //!
 //! - The definition kept for `SHOW CREATE TABLE` and `information_schema`
 //!   has its secret store options redacted.
@@ -9,27 +9,33 @@
 //!   fail on the `_SUCCESS` and `.crc` files that Spark writes next to its
 //!   data. (Folders of extension-less Parquet files, as Hive writes, need a
 //!   glob in the location, such as `.../*`.)
-//! - A Parquet table on a flat folder in an object store, declared without
-//!   columns, infers them from the folder's `.parquet` files only. DataFusion
-//!   limits its inference to them for local folders alone, and reads every
-//!   other object too: a non-empty `_SUCCESS`, or Hadoop's `.crc` files,
-//!   would fail the statement.
+//! - A Parquet table on a folder, declared without columns, infers its
+//!   columns from the `.parquet` files that it will read, and its partition
+//!   columns from their `col=value` folders; declared partition columns are
+//!   checked against those files too. DataFusion looks at every file: the
+//!   `_SUCCESS` marker that Spark and Hadoop write at the top of a
+//!   partitioned folder made it report "mixed partition values", and on an
+//!   object store a non-empty marker or Hadoop's `.crc` files were read as
+//!   Parquet and failed the statement.
 //! - A hive-partitioned table reads null partition values
 //!   (`col=__HIVE_DEFAULT_PARTITION__`) as nulls: see [`crate::hive`].
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Schema};
+use arrow::datatypes::{DataType, Field, Schema};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
-use datafusion::common::DFSchema;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::common::{DFSchema, internal_err, plan_err};
+use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
 use datafusion::error::Result;
+use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::CreateExternalTable;
+use futures::TryStreamExt;
+use object_store::ObjectMeta;
 use quiver_core::storage::redact_sql;
 
 use crate::hive::HivePartitionedTable;
@@ -46,6 +52,43 @@ pub struct TableFactory {
 /// The file formats that `CREATE EXTERNAL TABLE` takes.
 pub const FORMATS: [&str; 4] = ["PARQUET", "CSV", "JSON", "ARROW"];
 
+impl TableFactory {
+    /// DataFusion's listing table for a partitioned Parquet folder with
+    /// declared columns, and its partition columns. DataFusion's factory
+    /// checks the partition folders against a sample of every file below the
+    /// folder, so the `_SUCCESS` marker at its top failed it with "mixed
+    /// partition values". The factory therefore sees the partition columns as
+    /// plain columns, and they are checked here against the data files.
+    async fn partitioned_parquet_folder(
+        &self,
+        state: &dyn Session,
+        cmd: &CreateExternalTable,
+        folder: &ListingTableUrl,
+    ) -> Result<(Arc<dyn TableProvider>, Vec<(String, DataType)>)> {
+        let partition_columns = cmd
+            .table_partition_cols
+            .iter()
+            .map(|name| {
+                let field = cmd.schema.field_with_unqualified_name(name)?;
+                Ok((name.clone(), field.data_type().clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut unpartitioned = cmd.clone();
+        unpartitioned.table_partition_cols.clear();
+        let table = self.listing.create(state, &unpartitioned).await?;
+        let format = match table.downcast_ref::<ListingTable>() {
+            Some(listing) => Arc::clone(&listing.options().format),
+            None => return internal_err!("a Parquet folder table is not a listing table"),
+        };
+        ListingOptions::new(format)
+            .with_file_extension(PARQUET_EXTENSION)
+            .with_table_partition_cols(partition_columns.clone())
+            .validate_partitions(state, folder)
+            .await?;
+        Ok((table, partition_columns))
+    }
+}
+
 #[async_trait]
 impl TableProviderFactory for TableFactory {
     async fn create(
@@ -55,13 +98,29 @@ impl TableProviderFactory for TableFactory {
     ) -> Result<Arc<dyn TableProvider>> {
         let mut cmd = cmd.clone();
         cmd.definition = cmd.definition.as_deref().map(redact_sql);
-        declare_parquet_columns(state, &mut cmd).await?;
+        let folder = parquet_folder(&cmd)?;
+        if let Some(folder) = &folder {
+            declare_parquet_columns(state, &mut cmd, folder).await?;
+        }
         let cmd = &cmd;
-        let table = self.listing.create(state, cmd).await?;
+        let (table, partition_columns) = match &folder {
+            Some(folder)
+                if !cmd.table_partition_cols.is_empty() && !cmd.schema.fields().is_empty() =>
+            {
+                self.partitioned_parquet_folder(state, cmd, folder).await?
+            }
+            _ => {
+                let table = self.listing.create(state, cmd).await?;
+                let columns = table
+                    .downcast_ref::<ListingTable>()
+                    .map(|listing| listing.options().table_partition_cols.clone())
+                    .unwrap_or_default();
+                (table, columns)
+            }
+        };
         let Some(listing) = table.downcast_ref::<ListingTable>() else {
             return Ok(table);
         };
-        let partition_columns = listing.options().table_partition_cols.clone();
         let parquet_folder = cmd.file_type.eq_ignore_ascii_case("parquet")
             && listing.options().file_extension.is_empty();
         if partition_columns.is_empty() && !parquet_folder {
@@ -110,49 +169,258 @@ impl TableProviderFactory for TableFactory {
     }
 }
 
-/// Declares the columns of a Parquet table on a flat folder in an object
-/// store, declared without them, as its `.parquet` files have them. A folder
-/// with subfolders is left to DataFusion, which infers hive partitions from
-/// them only when no columns are declared; so is a folder without any
-/// `.parquet` file, so that its error names what is there.
-async fn declare_parquet_columns(state: &dyn Session, cmd: &mut CreateExternalTable) -> Result<()> {
-    let [location] = cmd.locations.as_slice() else {
+/// Declares the columns of a Parquet table on a folder, declared without
+/// them, as the folder's data files have them, and its partition columns as
+/// their `col=value` folders name them, unless `PARTITIONED BY` names them.
+/// The data files are those the table will read: `.parquet` files in the
+/// folder and in its `col=value` folders (other subfolders, such as
+/// `_temporary/` and `_manifests/`, are skipped unless
+/// `datafusion.execution.listing_table_ignore_subdirectory` is off). A
+/// folder without any data file is left to DataFusion, so that its error
+/// names what is there.
+async fn declare_parquet_columns(
+    state: &dyn Session,
+    cmd: &mut CreateExternalTable,
+    url: &ListingTableUrl,
+) -> Result<()> {
+    if !cmd.schema.fields().is_empty() {
         return Ok(());
-    };
-    if !cmd.file_type.eq_ignore_ascii_case("parquet")
-        || !cmd.schema.fields().is_empty()
-        || !cmd.table_partition_cols.is_empty()
+    }
+    let store = state.runtime_env().object_store(url)?;
+    let files: Vec<ObjectMeta> = url
+        .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
+        .await?
+        .try_collect()
+        .await?;
+    if files.is_empty() {
+        return Ok(());
+    }
+    let partition_columns = if !cmd.table_partition_cols.is_empty() {
+        cmd.table_partition_cols.clone()
+    } else if state
+        .config_options()
+        .execution
+        .listing_table_factory_infer_partitions
     {
+        folder_partition_columns(url, &files)?
+    } else {
+        Vec::new()
+    };
+    // Empty files hold no schema, and their footers cannot be read.
+    let files: Vec<ObjectMeta> = files.into_iter().filter(|file| file.size > 0).collect();
+    let file_schema = parquet_format(state, cmd)?
+        .infer_schema(state, &store, &files)
+        .await?;
+    if file_schema.fields().is_empty() {
         return Ok(());
+    }
+    let mut fields: Vec<Field> = file_schema
+        .fields()
+        .iter()
+        .map(|field| field.as_ref().clone())
+        .collect();
+    for name in &partition_columns {
+        if file_schema.field_with_name(name).is_ok() {
+            return plan_err!(
+                "column '{name}' of the table at {url} is both in its Parquet files \
+                 and a partition folder ('{name}=...'); declare the table's columns"
+            );
+        }
+        // The type DataFusion gives the partition columns it infers.
+        let dictionary = DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8));
+        fields.push(Field::new(name, dictionary, true));
+    }
+    cmd.schema = Arc::new(DFSchema::try_from(Schema::new(fields))?);
+    cmd.table_partition_cols = partition_columns;
+    Ok(())
+}
+
+/// The location of a Parquet table on one folder, if the table is one.
+fn parquet_folder(cmd: &CreateExternalTable) -> Result<Option<ListingTableUrl>> {
+    let [location] = cmd.locations.as_slice() else {
+        return Ok(None);
+    };
+    if !cmd.file_type.eq_ignore_ascii_case("parquet") {
+        return Ok(None);
     }
     let url = ListingTableUrl::parse(location)?;
-    if url.scheme() == "file" || !url.is_collection() {
-        return Ok(());
+    Ok((url.is_collection() && url.get_glob().is_none()).then_some(url))
+}
+
+/// The partition columns that the `col=value` folders of `files` name, in
+/// their order in a path. Every file must lie in folders of the same
+/// columns.
+fn folder_partition_columns(url: &ListingTableUrl, files: &[ObjectMeta]) -> Result<Vec<String>> {
+    let mut columns: Option<(Vec<String>, &ObjectMeta)> = None;
+    for file in files {
+        let Some(segments) = url.strip_prefix(&file.location) else {
+            continue;
+        };
+        let mut segments: Vec<&str> = segments.collect();
+        segments.pop(); // the file's own name
+        let names: Vec<String> = segments
+            .iter()
+            .filter_map(|segment| segment.split_once('='))
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        match &columns {
+            None => columns = Some((names, file)),
+            Some((first, first_file)) if *first != names => {
+                return plan_err!(
+                    "the Parquet files of {url} are partitioned by different columns: \
+                     {} by {first:?} and {} by {names:?}",
+                    first_file.location,
+                    file.location
+                );
+            }
+            Some(_) => {}
+        }
     }
-    let store = state.runtime_env().object_store(&url)?;
-    let listing = store.list_with_delimiter(Some(url.prefix())).await?;
-    let has_parquet = listing
-        .objects
-        .iter()
-        .any(|object| object.location.as_ref().ends_with(PARQUET_EXTENSION));
-    if !listing.common_prefixes.is_empty() || !has_parquet {
-        return Ok(());
-    }
-    let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
-    let options = ListingOptions::new(Arc::new(format)).with_file_extension(PARQUET_EXTENSION);
-    let schema = options.infer_schema(state, &url).await?;
-    if !schema.fields().is_empty() {
-        cmd.schema = Arc::new(DFSchema::try_from(schema.as_ref().clone())?);
-    }
-    Ok(())
+    Ok(columns.map(|(names, _)| names).unwrap_or_default())
+}
+
+/// The Parquet format with the statement's `format.*` options, as
+/// DataFusion's listing factory makes it.
+fn parquet_format(state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn FileFormat>> {
+    let Some(state) = state.as_any().downcast_ref::<SessionState>() else {
+        return internal_err!("a table factory needs a SessionState");
+    };
+    let Some(factory) = state.get_file_format_factory("parquet") else {
+        return internal_err!("the Parquet format is not registered");
+    };
+    factory.create(state, &cmd.options)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::prelude::SessionContext;
     use quiver_proto::submit_job_request::Query;
 
     use crate::planner::Planner;
     use crate::store::StateStore;
+
+    /// Writes a Parquet file of one `Int64` column `x` holding `values`.
+    fn write_parquet(path: &Path, values: Vec<i64>) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("folders");
+        let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(values)) as _)])
+            .expect("batch");
+        let file = std::fs::File::create(path).expect("file");
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+
+    /// Registers a Parquet table `t` on `folder`, declared by `declaration`
+    /// (what stands between the name and `LOCATION`), then runs `sql`.
+    async fn register_and_query(
+        folder: &Path,
+        declaration: &str,
+        sql: &str,
+    ) -> Result<String, String> {
+        let store = StateStore::in_memory().expect("store");
+        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE t {declaration} LOCATION '{}/'",
+            folder.display()
+        );
+        planner
+            .plan("ddl", Query::Sql(ddl), &[])
+            .await
+            .map_err(|error| error.to_string())?;
+        let context = SessionContext::new_with_state(planner.session_state(&[]).expect("state"));
+        let batches = context
+            .sql(sql)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run");
+        Ok(pretty_format_batches(&batches).expect("format").to_string())
+    }
+
+    #[tokio::test]
+    async fn a_partitioned_folder_with_markers_infers_its_columns_from_the_data() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let root = folder.path();
+        write_parquet(&root.join("year=2024/part-0.parquet"), vec![1, 2, 3]);
+        write_parquet(&root.join("year=2025/part-0.parquet"), vec![4, 5]);
+        // What Spark, Hadoop and Quiver leave beside the data: an empty and a
+        // non-empty marker, a checksum, a manifest, and a killed writer's
+        // partial file in its staging folder.
+        std::fs::write(root.join("_SUCCESS"), b"").expect("marker");
+        std::fs::write(root.join("year=2024/_SUCCESS"), b"{\"ok\": true}").expect("marker");
+        std::fs::write(root.join("year=2024/.part-0.parquet.crc"), b"crc").expect("crc");
+        std::fs::create_dir_all(root.join("_manifests")).expect("folder");
+        std::fs::write(root.join("_manifests/job.json"), b"{}").expect("manifest");
+        std::fs::create_dir_all(root.join("_temporary/job/p0-a0/year=2026")).expect("folder");
+        std::fs::write(
+            root.join("_temporary/job/p0-a0/year=2026/part.parquet"),
+            b"PAR1 cut short",
+        )
+        .expect("partial file");
+
+        let sql = "SELECT CAST(year AS VARCHAR) AS year, count(*) AS n, sum(x) AS total \
+                   FROM t GROUP BY 1 ORDER BY 1";
+        let expected = [
+            "+------+---+-------+",
+            "| year | n | total |",
+            "+------+---+-------+",
+            "| 2024 | 3 | 6     |",
+            "| 2025 | 2 | 9     |",
+            "+------+---+-------+",
+        ]
+        .join("\n");
+        // Inferred, named, and declared with their types.
+        for declaration in [
+            "STORED AS PARQUET",
+            "STORED AS PARQUET PARTITIONED BY (year)",
+            "(x BIGINT, year INT) STORED AS PARQUET PARTITIONED BY (year)",
+        ] {
+            let answer = register_and_query(root, declaration, sql)
+                .await
+                .unwrap_or_else(|error| panic!("{declaration}: {error}"));
+            assert_eq!(answer, expected, "{declaration}");
+        }
+        // The declared partition columns are still checked against the folders.
+        let error = register_and_query(
+            root,
+            "(x BIGINT, month INT) STORED AS PARQUET PARTITIONED BY (month)",
+            "SELECT 1",
+        )
+        .await
+        .expect_err("a partition column without folders must fail");
+        assert!(error.contains("month"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn inconsistent_partition_folders_are_named_in_the_error() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let root = folder.path();
+        write_parquet(&root.join("year=2024/part-0.parquet"), vec![1]);
+        write_parquet(&root.join("month=1/part-0.parquet"), vec![2]);
+        let error = register_and_query(root, "STORED AS PARQUET", "SELECT * FROM t")
+            .await
+            .expect_err("mixed partitioning must fail");
+        assert!(
+            error.contains("partitioned by different columns"),
+            "{error}"
+        );
+        assert!(error.contains("year=2024/part-0.parquet"), "{error}");
+        assert!(error.contains("month=1/part-0.parquet"), "{error}");
+
+        let folder = tempfile::tempdir().expect("temp folder");
+        write_parquet(&folder.path().join("x=1/part-0.parquet"), vec![1]);
+        let error = register_and_query(folder.path(), "STORED AS PARQUET", "SELECT * FROM t")
+            .await
+            .expect_err("a column in both the files and a folder must fail");
+        assert!(error.contains("column 'x'"), "{error}");
+    }
 
     #[tokio::test]
     async fn table_definitions_keep_no_secrets() {
@@ -169,7 +437,7 @@ mod tests {
             .await
             .expect("create table");
         let state = planner.session_state(&[]).expect("state");
-        let table = datafusion::prelude::SessionContext::new_with_state(state)
+        let table = SessionContext::new_with_state(state)
             .table_provider("t")
             .await
             .expect("table exists");
