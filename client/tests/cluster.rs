@@ -847,3 +847,171 @@ async fn sorted_tables_keep_their_order_across_shuffles() {
     assert_eq!(int64s(&first, 0), vec![0, 1, 2, 3, 4]);
     cluster.shutdown().await;
 }
+
+async fn failure(context: &QuiverContext, sql: &str) -> String {
+    match context.sql(sql).await {
+        Err(error) => error.to_string(),
+        Ok(frame) => frame
+            .collect()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{sql}: must fail"))
+            .to_string(),
+    }
+}
+
+async fn count(context: &QuiverContext, sql: &str) -> i64 {
+    int64s(&query(context, sql).await, 0)[0]
+}
+
+/// Writes whose files readers would miss, or that would touch files outside
+/// their table, are refused, and every partition folder is read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_keep_every_row_readable() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+
+    // Partition names and values as Spark writes them: a non-ASCII name and
+    // value kept as they are, a ':' escaped.
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE spelled (id BIGINT, ü VARCHAR) STORED AS PARQUET \
+             PARTITIONED BY (ü) LOCATION '{}/spelled/'",
+            root.display()
+        ),
+    )
+    .await;
+    query(
+        &context,
+        "INSERT INTO spelled VALUES (1, 'ünï'), (2, 'a:b'), (3, 'plain')",
+    )
+    .await;
+    assert!(root.join("spelled/ü=ünï").is_dir());
+    assert!(root.join("spelled/ü=a%3Ab").is_dir());
+    assert_eq!(count(&context, "SELECT count(*) FROM spelled").await, 3);
+    for value in ["ünï", "a:b", "plain"] {
+        let sql = format!("SELECT count(*) FROM spelled WHERE ü = '{value}'");
+        assert_eq!(count(&context, &sql).await, 1, "{sql}");
+    }
+    // A folder another writer spelled otherwise is read, filtered and
+    // replaced by an overwrite of the same value.
+    std::fs::create_dir_all(root.join("spelled/ü=x%2Dy")).expect("folder");
+    std::fs::copy(
+        std::fs::read_dir(root.join("spelled/ü=plain"))
+            .expect("folder")
+            .next()
+            .expect("a file")
+            .expect("entry")
+            .path(),
+        root.join("spelled/ü=x%2Dy/part-0.parquet"),
+    )
+    .expect("copy");
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM spelled WHERE ü = 'x-y'").await,
+        1
+    );
+    query(&context, "INSERT OVERWRITE spelled VALUES (4, 'x-y')").await;
+    assert_eq!(
+        int64s(
+            &query(&context, "SELECT id FROM spelled WHERE ü = 'x-y'").await,
+            0
+        ),
+        vec![4]
+    );
+    assert_eq!(count(&context, "SELECT count(*) FROM spelled").await, 4);
+
+    // A binary value that is not text fails the write, and leaves nothing.
+    let error = failure(
+        &context,
+        &format!(
+            "COPY (SELECT * FROM (VALUES (1, X'FF00')) t(id, p)) TO '{}/binary/' \
+             STORED AS PARQUET PARTITIONED BY (p)",
+            root.display()
+        ),
+    )
+    .await;
+    assert!(error.contains("partition column 'p'"), "{error}");
+    assert!(!root.join("binary/p=__HIVE_DEFAULT_PARTITION__").exists());
+
+    // A glob table reads the files it matches and is never written to.
+    // Hive names its files without an extension.
+    query(
+        &context,
+        &format!("COPY (SELECT 7 AS a) TO '{}/one.parquet'", root.display()),
+    )
+    .await;
+    std::fs::create_dir_all(root.join("hive")).expect("folder");
+    std::fs::rename(root.join("one.parquet"), root.join("hive/000000_0")).expect("move");
+    std::fs::write(root.join("hive/notes.txt"), "keep me").expect("notes");
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE globbed STORED AS PARQUET LOCATION '{}/hive/0*'",
+            root.display()
+        ),
+    )
+    .await;
+    assert_eq!(count(&context, "SELECT a FROM globbed").await, 7);
+    for write in [
+        "INSERT INTO globbed VALUES (8)",
+        "INSERT OVERWRITE globbed VALUES (8)",
+    ] {
+        let error = failure(&context, write).await;
+        assert!(error.contains("glob"), "{write}: {error}");
+    }
+    assert!(root.join("hive/notes.txt").exists());
+    assert_eq!(count(&context, "SELECT a FROM globbed").await, 7);
+
+    // An overwrite of a table on two folders would replace only the first.
+    for folder in ["one", "two"] {
+        query(
+            &context,
+            &format!(
+                "COPY (SELECT 1 AS a) TO '{}/{folder}/' STORED AS PARQUET",
+                root.display()
+            ),
+        )
+        .await;
+    }
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE both_folders STORED AS PARQUET \
+             LOCATION ('{0}/one/', '{0}/two/')",
+            root.display()
+        ),
+    )
+    .await;
+    let error = failure(&context, "INSERT OVERWRITE both_folders VALUES (2)").await;
+    assert!(error.contains("one folder"), "{error}");
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM both_folders WHERE a = 1").await,
+        2
+    );
+
+    // A table name cannot lead its folder out of the warehouse.
+    for name in ["\"../victim\"", "\"a/b\""] {
+        let error = failure(&context, &format!("CREATE TABLE {name} AS SELECT 1 AS a")).await;
+        assert!(error.contains("warehouse folder"), "{name}: {error}");
+    }
+
+    // An empty result still makes a table, with its columns.
+    query(&context, "CREATE TABLE kept AS SELECT 1 AS a").await;
+    query(
+        &context,
+        "CREATE OR REPLACE TABLE kept AS SELECT 2 AS a WHERE false",
+    )
+    .await;
+    assert_eq!(count(&context, "SELECT count(*) FROM kept").await, 0);
+    query(&context, "INSERT INTO kept VALUES (3)").await;
+    assert_eq!(count(&context, "SELECT sum(a) FROM kept").await, 3);
+    query(
+        &context,
+        "INSERT OVERWRITE kept SELECT a FROM kept WHERE a > 5",
+    )
+    .await;
+    assert_eq!(count(&context, "SELECT count(*) FROM kept").await, 0);
+    cluster.shutdown().await;
+}

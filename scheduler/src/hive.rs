@@ -35,7 +35,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
-use quiver_core::write::partition::NULL_PARTITION;
+use quiver_core::write::partition::{NULL_PARTITION, has_one_folder_spelling};
 
 /// A listing table with string partition columns, shown in their declared types.
 #[derive(Debug)]
@@ -153,7 +153,9 @@ fn raw_filter(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Res
 /// it lets the listing list only that folder. Strings, integers, dates and
 /// booleans have one text each (`2024`, `2024-01-31`, `true`), the one that
 /// Quiver, DataFusion, Hive and Spark write; folders spelled otherwise (say
-/// `year=02024`) are then not found, as with DataFusion's typed listing.
+/// `year=02024`) are then not found, as with DataFusion's typed listing. A
+/// string that some writer escapes has several folder names, so it is not
+/// looked up by one.
 /// Other types (floats, decimals, timestamps) have several spellings of one
 /// value, so their filters stay on the converted value, over every folder.
 fn folder_equality(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Option<Expr> {
@@ -169,9 +171,20 @@ fn folder_equality(partition_types: &HashMap<String, DataType>, filter: &Expr) -
         _ => return None,
     };
     let declared = partition_types.get(column.name())?;
+    // The listing spells the folder's name as an object store path, which
+    // escapes a non-ASCII column name that writers keep as it is.
+    if !has_one_folder_spelling(column.name()) {
+        return None;
+    }
     let name = match declared {
         DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
-            value.try_as_str().flatten()?.to_owned()
+            let text = value.try_as_str().flatten()?;
+            // `a:b` may lie in `p=a:b` or `p=a%3Ab`, `ü` in `p=ü` or
+            // `p=%C3%BC`: such values are compared on every folder.
+            if !has_one_folder_spelling(text) {
+                return None;
+            }
+            text.to_owned()
         }
         DataType::Int8
         | DataType::Int16

@@ -478,6 +478,9 @@ impl Planner {
             .name
             .clone()
             .resolve(&catalog.default_catalog, &catalog.default_schema);
+        for part in [&name.schema, &name.table] {
+            check_folder_name(part)?;
+        }
         let location = format!("{}{}/{}/", self.warehouse, name.schema, name.table);
         let parquet = format_as_file_type(Arc::new(ParquetFormatFactory::new()));
         let write = LogicalPlanBuilder::copy_to(
@@ -701,4 +704,20 @@ impl TableResolver for CatalogResolver {
         futures::executor::block_on(schema.table(&resolved.table))?
             .ok_or_else(|| DataFusionError::Plan(format!("table '{name}' not found")))
     }
+}
+
+/// Refuses a schema or table name that cannot be its own warehouse folder:
+/// one that would climb out of the warehouse (`..`), reach into another
+/// table's folder (`/`), or be read as part of a URL (`#`, `?`, `%`).
+fn check_folder_name(name: &str) -> Result<()> {
+    let unsafe_character = name
+        .chars()
+        .find(|character| character.is_control() || "/\\#?%".contains(*character));
+    if name.is_empty() || name == "." || name == ".." || unsafe_character.is_some() {
+        return Err(Error::Query(DataFusionError::Plan(format!(
+            "'{name}' cannot name a table's warehouse folder: a name must not be empty, \
+             '.' or '..', nor hold '/', '\\', '#', '?', '%' or control characters"
+        ))));
+    }
+    Ok(())
 }

@@ -121,8 +121,13 @@ impl TableProviderFactory for TableFactory {
         let Some(listing) = table.downcast_ref::<ListingTable>() else {
             return Ok(table);
         };
+        // A glob chooses its own files (`.../*` for Hive's extension-less ones).
         let parquet_folder = cmd.file_type.eq_ignore_ascii_case("parquet")
-            && listing.options().file_extension.is_empty();
+            && listing.options().file_extension.is_empty()
+            && listing
+                .table_paths()
+                .iter()
+                .all(|url| url.get_glob().is_none());
         if partition_columns.is_empty() && !parquet_folder {
             return Ok(table);
         }

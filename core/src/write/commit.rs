@@ -40,6 +40,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
+use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
@@ -54,9 +55,10 @@ use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 
 use super::layout::{
-    STAGING_FOLDER, is_bookkeeping, job_staging, join, manifest as manifest_path, relative_to,
-    upload_records, written_by,
+    STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join, manifest as manifest_path,
+    relative_to, upload_records, written_by,
 };
+use super::partition::folder_values;
 use super::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
@@ -170,6 +172,7 @@ impl ExecutionPlan for ParquetCommitExec {
             job_id: self.job_id.clone(),
             insert_op: config.insert_op,
             partitioned: !config.table_partition_cols.is_empty(),
+            file_schema: Some(Arc::clone(config.output_schema())),
             lease: task_lease(&context),
         };
         let input = self.input.execute(0, context)?;
@@ -200,6 +203,10 @@ struct Commit {
     job_id: String,
     insert_op: InsertOp,
     partitioned: bool,
+    /// The schema of the files, to write an empty file that keeps it when a
+    /// write leaves an unpartitioned table without data; none when the
+    /// scheduler settles a write.
+    file_schema: Option<SchemaRef>,
     /// The lease of the executor running the commit; none when the scheduler
     /// settles a write.
     lease: Option<Arc<Lease>>,
@@ -216,11 +223,14 @@ impl Commit {
     }
 
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
-        let files = staged_files(input).await?;
+        let mut files = staged_files(input).await?;
         if self.insert_op == InsertOp::Replace {
             return Err(DataFusionError::NotImplemented(
                 "REPLACE INTO is not supported for Parquet tables; use INSERT OVERWRITE".into(),
             ));
+        }
+        if files.is_empty() {
+            files.extend(self.stage_schema_file().await?);
         }
         // New files go in before old ones go: a commit that dies in between
         // leaves extra rows, never lost ones, and its retry finishes the job.
@@ -241,6 +251,43 @@ impl Commit {
             Arc::clone(&COUNT_SCHEMA),
             vec![Arc::new(UInt64Array::from(vec![rows]))],
         )?)
+    }
+
+    /// An empty Parquet file with the table's columns, staged, when this write
+    /// committed no rows to an unpartitioned table that would then hold no
+    /// data file: a table declared without columns needs one file to infer
+    /// them from (a `CREATE TABLE AS` of an empty result, an overwrite with
+    /// nothing, or a catalog replayed after either), as Spark writes one.
+    async fn stage_schema_file(&self) -> Result<Option<StagedFile>> {
+        let Some(schema) = &self.file_schema else {
+            return Ok(None);
+        };
+        let keeps_data = self.insert_op == InsertOp::Append
+            && self
+                .data_files()
+                .await?
+                .iter()
+                .any(|(path, _)| !written_by(path, &self.job_id));
+        if self.partitioned || keeps_data {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut bytes, Arc::clone(schema), None)?;
+        writer.finish()?;
+        drop(writer);
+        let relative = file_name(&self.job_id, 0, 0, "parquet");
+        let staged = job_staging(&self.table, &self.job_id)
+            .join("schema")
+            .join(relative.as_str());
+        self.check_lease()?;
+        let size = bytes.len() as u64;
+        self.store.put(&staged, PutPayload::from(bytes)).await?;
+        Ok(Some(StagedFile {
+            staged,
+            relative,
+            rows: 0,
+            bytes: size,
+        }))
     }
 
     /// The table's data files, relative to it: what a scan of it reads.
@@ -287,15 +334,19 @@ impl Commit {
     /// Deletes the files that an overwrite replaces: in the partition
     /// folders this job wrote for a partitioned table, all of the table's
     /// data files otherwise. Files of this job stay.
+    /// Folders are compared by the values they name, decoded, so that a
+    /// folder that another engine spelled otherwise (`p=%C3%BC` for `p=ü`)
+    /// is replaced too.
     async fn delete_replaced<'a>(&self, written: impl Iterator<Item = &'a str>) -> Result<()> {
-        let touched: HashSet<&str> = written.map(folder_of).collect();
+        let touched: HashSet<Vec<(&str, String)>> =
+            written.map(|file| folder_values(folder_of(file))).collect();
         let replaced = self
             .data_files()
             .await?
             .into_iter()
             .filter(|(path, relative)| {
                 !written_by(path, &self.job_id)
-                    && (!self.partitioned || touched.contains(folder_of(relative)))
+                    && (!self.partitioned || touched.contains(&folder_values(folder_of(relative))))
             })
             .map(|(path, _)| path)
             .collect();
@@ -432,6 +483,7 @@ pub async fn settle_write(
         job_id: job_id.to_owned(),
         insert_op: InsertOp::Append,
         partitioned: false,
+        file_schema: None,
         lease: None,
     };
     let settled = match commit.read_manifest().await? {
@@ -689,6 +741,7 @@ mod tests {
             job_id: "job1".into(),
             insert_op: InsertOp::Append,
             partitioned: true,
+            file_schema: None,
             lease: Some(lease),
         };
         let file_list = || {

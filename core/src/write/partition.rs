@@ -1,13 +1,20 @@
-//! Splits batches by the values of hive partition columns.
+//! Splits batches by the values of hive partition columns, and spells their
+//! folders as Hive and Spark do.
+//!
+//! A folder is `name=value`. The name is written as it is (a name that cannot
+//! be a folder name is refused), since DataFusion's listing compares it as
+//! written. The value escapes the characters that Hive and Spark escape as
+//! `%XX` and keeps every other character, non-ASCII included, so Quiver,
+//! Spark and Hive spell a value's folder alike, and an overwrite finds the
+//! folders that other engines wrote. Readers decode the `%XX` escapes.
 
 use std::collections::HashMap;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{cast, take_record_batch};
+use arrow::compute::{CastOptions, cast_with_options, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::error::Result;
-
-use object_store::path::{Path, PathPart};
+use datafusion::error::{DataFusionError, Result};
+use percent_encoding::percent_decode_str;
 
 /// The folder value of a null partition value, as Hive and Spark write it.
 /// The scheduler's partitioned tables read it back as null.
@@ -32,13 +39,29 @@ impl HivePartitioner {
     ) -> Result<Self> {
         let partition_columns = partition_columns
             .iter()
-            .map(|(name, _)| Ok((input.index_of(name)?, name.clone())))
+            .map(|(name, _)| {
+                if name.is_empty()
+                    || name.contains(['/', '='])
+                    || name.chars().any(char::is_control)
+                {
+                    return Err(DataFusionError::Plan(format!(
+                        "cannot partition by column '{name}': a hive folder name cannot be \
+                         empty or hold '/', '=' or control characters"
+                    )));
+                }
+                Ok((input.index_of(name)?, name.clone()))
+            })
             .collect::<Result<Vec<_>>>()?;
         let data_columns: Vec<usize> = (0..input.fields().len())
             .filter(|index| {
                 keep_partition_columns || !partition_columns.iter().any(|(p, _)| p == index)
             })
             .collect();
+        if data_columns.is_empty() {
+            return Err(DataFusionError::Plan(
+                "cannot partition by every column: the files would hold none".into(),
+            ));
+        }
         let file_schema = SchemaRef::new(input.project(&data_columns)?);
         Ok(Self {
             partition_columns,
@@ -59,11 +82,24 @@ impl HivePartitioner {
         if self.partition_columns.is_empty() {
             return Ok(vec![(String::new(), batch.project(&self.data_columns)?)]);
         }
+        // A value that is not text (binary that is not UTF-8) must fail the
+        // write: the default cast would make it null, and its rows would go
+        // to the null folder.
+        let strict = CastOptions {
+            safe: false,
+            ..CastOptions::default()
+        };
         let values = self
             .partition_columns
             .iter()
-            .map(|(index, _)| cast(batch.column(*index), &DataType::Utf8))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+            .map(|(index, name)| {
+                cast_with_options(batch.column(*index), &DataType::Utf8, &strict).map_err(|error| {
+                    DataFusionError::Execution(format!(
+                        "partition column '{name}' has a value that cannot be a folder name: {error}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let values: Vec<_> = values
             .iter()
             .map(|array| array.as_string::<i32>())
@@ -71,18 +107,19 @@ impl HivePartitioner {
         let mut folders: Vec<String> = Vec::new();
         let mut rows: HashMap<String, Vec<u32>> = HashMap::new();
         for row in 0..batch.num_rows() {
-            let mut parts = Vec::with_capacity(values.len());
+            let mut folder = String::new();
             for ((_, name), column) in self.partition_columns.iter().zip(&values) {
-                let value = if column.is_null(row) {
-                    NULL_PARTITION
+                if !folder.is_empty() {
+                    folder.push('/');
+                }
+                folder.push_str(name);
+                folder.push('=');
+                if column.is_null(row) {
+                    folder.push_str(NULL_PARTITION);
                 } else {
-                    column.value(row)
-                };
-                parts.push(format!("{name}={value}"));
+                    escape_value(column.value(row), &mut folder);
+                }
             }
-            // One encoded path part per folder: a '/' in a value stays in it.
-            let folder =
-                Path::from_iter(parts.iter().map(|part| PathPart::from(part.as_str()))).to_string();
             rows.entry(folder.clone())
                 .or_insert_with(|| {
                     folders.push(folder);
@@ -99,6 +136,48 @@ impl HivePartitioner {
             })
             .collect()
     }
+}
+
+/// Whether Hive and Spark write `byte` of a partition value as `%XX`.
+fn hive_escapes(byte: u8) -> bool {
+    byte.is_ascii_control() || b"\"#%'*/:=?\\{[]^".contains(&byte)
+}
+
+/// Appends `value` to `folder`, escaped as Hive and Spark escape a partition
+/// value.
+fn escape_value(value: &str, folder: &mut String) {
+    for character in value.chars() {
+        match u8::try_from(character) {
+            Ok(byte) if hive_escapes(byte) => folder.push_str(&format!("%{byte:02X}")),
+            _ => folder.push(character),
+        }
+    }
+}
+
+/// Whether every writer spells `value`'s folder the same: it is ASCII, and
+/// holds nothing that Hive, Spark, DataFusion or object stores escape. Only
+/// such a value can be looked up by its folder's name; other values may lie in
+/// folders spelled in several ways.
+pub fn has_one_folder_spelling(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && !hive_escapes(byte) && !b"%<>|`~}".contains(&byte))
+}
+
+/// The partition values that a relative folder (`a=1/b=x%3Ay`) names,
+/// decoded, as readers decode them: two spellings of the same values are
+/// equal.
+pub fn folder_values(folder: &str) -> Vec<(&str, String)> {
+    folder
+        .split('/')
+        .filter_map(|segment| segment.split_once('='))
+        .map(|(name, value)| {
+            let decoded = percent_decode_str(value)
+                .decode_utf8()
+                .map_or_else(|_| value.to_owned(), |text| text.into_owned());
+            (name, decoded)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -156,5 +235,108 @@ mod tests {
             folders,
             vec![("region=EU", 2), ("region=A%2FB", 1), ("region=US", 1)]
         );
+    }
+
+    /// The folders of `values`, partitioned by column `p`.
+    fn folders_of(values: Vec<Option<&str>>) -> Vec<String> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("p", DataType::Utf8, true),
+        ]));
+        let ids = Int64Array::from_iter_values(0..values.len() as i64);
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(ids), Arc::new(StringArray::from(values))],
+        )
+        .expect("valid batch");
+        HivePartitioner::new(&schema, &[("p".into(), DataType::Utf8)], false)
+            .expect("p is a column")
+            .split(&batch)
+            .expect("split")
+            .into_iter()
+            .map(|(folder, _)| folder)
+            .collect()
+    }
+
+    #[test]
+    fn values_are_escaped_as_hive_and_spark_escape_them() {
+        assert_eq!(
+            folders_of(vec![
+                Some("a:b"),
+                Some("ünï"),
+                Some("x=1/y"),
+                Some("50% off"),
+                Some("")
+            ]),
+            vec!["p=a%3Ab", "p=ünï", "p=x%3D1%2Fy", "p=50%25 off", "p="]
+        );
+        // Two spellings of one value name the same folder values.
+        assert_eq!(
+            folder_values("p=ünï/q=a%3Ab"),
+            folder_values("p=%C3%BC%6E%C3%AF/q=a:b")
+        );
+        assert_eq!(folder_values("p=ünï"), vec![("p", "ünï".to_owned())]);
+        assert_ne!(folder_values("p=a"), folder_values("p=b"));
+        assert!(has_one_folder_spelling("EU-2024_v1.5"));
+        for value in ["a:b", "ünï", "a b", "50%", "a~b", ""] {
+            assert_eq!(
+                has_one_folder_spelling(value),
+                value.is_empty(),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_value_or_name_that_cannot_be_a_folder_is_refused() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("p", DataType::Binary, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2])),
+                Arc::new(arrow::array::BinaryArray::from(vec![
+                    &b"ok"[..],
+                    &[0xFF, 0x00][..],
+                ])),
+            ],
+        )
+        .expect("valid batch");
+        let partitioner = HivePartitioner::new(&schema, &[("p".into(), DataType::Binary)], false)
+            .expect("p is a column");
+        let error = partitioner
+            .split(&batch)
+            .expect_err("invalid UTF-8 must fail")
+            .to_string();
+        assert!(error.contains("partition column 'p'"), "{error}");
+
+        for name in ["a/b", "a=b", "", "tab\t"] {
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new(name, DataType::Utf8, true),
+            ]));
+            let error = HivePartitioner::new(&schema, &[(name.into(), DataType::Utf8)], false)
+                .expect_err("the name must be refused")
+                .to_string();
+            assert!(
+                error.contains("cannot partition by column"),
+                "{name:?}: {error}"
+            );
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("ü", DataType::Utf8, true),
+        ]));
+        assert!(HivePartitioner::new(&schema, &[("ü".into(), DataType::Utf8)], false).is_ok());
+        let error = HivePartitioner::new(
+            &schema,
+            &[("id".into(), DataType::Int64), ("ü".into(), DataType::Utf8)],
+            false,
+        )
+        .expect_err("partitioning by every column must be refused")
+        .to_string();
+        assert!(error.contains("every column"), "{error}");
     }
 }

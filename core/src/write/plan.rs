@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::FileSink;
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::error::{DataFusionError, Result};
@@ -51,6 +52,7 @@ pub fn distribute_parquet_writes(
             return Ok(Transformed::no(node));
         };
         let config = parquet.config();
+        check_write_target(&config.table_paths, overwrite)?;
         let single_file = config
             .table_paths
             .first()
@@ -87,6 +89,26 @@ pub fn distribute_parquet_writes(
         ));
     }
     Ok(distributed.data)
+}
+
+/// Refuses writes whose files readers of the table would not see as they
+/// should: any write to a table on a glob (its files need not match the
+/// glob, and an overwrite would delete the glob's whole folder), and an
+/// overwrite of a table on several locations (only the first is written).
+fn check_write_target(table_paths: &[ListingTableUrl], overwrite: bool) -> Result<()> {
+    if let Some(glob) = table_paths.iter().find(|url| url.get_glob().is_some()) {
+        return Err(DataFusionError::Plan(format!(
+            "cannot write to the table at {}: it is a glob, and a write needs a table on one folder",
+            glob.as_str()
+        )));
+    }
+    if overwrite && table_paths.len() > 1 {
+        return Err(DataFusionError::Plan(format!(
+            "INSERT OVERWRITE needs a table on one folder, not {} locations",
+            table_paths.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The plan whose partitions the write tasks write. The sink asked for one
