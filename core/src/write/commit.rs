@@ -155,20 +155,19 @@ impl ExecutionPlan for ParquetCommitExec {
             )));
         }
         let config = self.sink.config();
-        let table = config
+        let table_url = config
             .table_paths
             .first()
-            .ok_or_else(|| DataFusionError::Internal("a commit has no output location".into()))?
-            .prefix()
-            .clone();
+            .ok_or_else(|| DataFusionError::Internal("a commit has no output location".into()))?;
         let commit = Commit {
             store: context
                 .runtime_env()
                 .object_store(&config.object_store_url)?,
             multipart: multipart_store(&context, &config.object_store_url)?,
             local: config.object_store_url.as_str().starts_with("file://"),
-            location: config.original_url.clone(),
-            table,
+            // The plan's `original_url` does not survive serialization.
+            location: table_url.as_str().to_owned(),
+            table: table_url.prefix().clone(),
             job_id: self.job_id.clone(),
             insert_op: config.insert_op,
             partitioned: !config.table_partition_cols.is_empty(),
