@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DFSchema, internal_err, plan_err};
@@ -31,11 +31,11 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::CreateExternalTable;
-use futures::TryStreamExt;
-use object_store::ObjectMeta;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectMeta, ObjectStore};
 use quiver_core::storage::redact_sql;
 
 use crate::hive::HivePartitionedTable;
@@ -213,9 +213,7 @@ async fn declare_parquet_columns(
     };
     // Empty files hold no schema, and their footers cannot be read.
     let files: Vec<ObjectMeta> = files.into_iter().filter(|file| file.size > 0).collect();
-    let file_schema = parquet_format(state, cmd)?
-        .infer_schema(state, &store, &files)
-        .await?;
+    let file_schema = merged_file_schema(state, cmd, &store, &files).await?;
     if file_schema.fields().is_empty() {
         return Ok(());
     }
@@ -250,6 +248,50 @@ fn parquet_folder(cmd: &CreateExternalTable) -> Result<Option<ListingTableUrl>> 
     }
     let url = ListingTableUrl::parse(location)?;
     Ok((url.is_collection() && url.get_glob().is_none()).then_some(url))
+}
+
+/// The columns of `files`: every file's, merged in the order of their paths,
+/// as DataFusion merges them. A column that some file lacks reads as null
+/// there, so it is nullable even where the files that hold it say it is
+/// not: kept non-null, a filter `IS NULL` would find none of those rows, and
+/// the scan would fail on them.
+async fn merged_file_schema(
+    state: &dyn Session,
+    cmd: &CreateExternalTable,
+    store: &Arc<dyn ObjectStore>,
+    files: &[ObjectMeta],
+) -> Result<Schema> {
+    let format = parquet_format(state, cmd)?;
+    let concurrency = state.config_options().execution.meta_fetch_concurrency;
+    let mut schemas: Vec<(ObjectMeta, SchemaRef)> = futures::stream::iter(files.to_vec())
+        .map(|file| {
+            let format = Arc::clone(&format);
+            async move {
+                let schema = format
+                    .infer_schema(state, store, std::slice::from_ref(&file))
+                    .await?;
+                Ok::<_, DataFusionError>((file, schema))
+            }
+        })
+        .buffer_unordered(usize::from(concurrency))
+        .try_collect()
+        .await?;
+    schemas.sort_by(|(left, _), (right, _)| left.location.cmp(&right.location));
+    let merged = Schema::try_merge(schemas.iter().map(|(_, schema)| schema.as_ref().clone()))?;
+    let fields: Vec<Field> = merged
+        .fields()
+        .iter()
+        .map(|field| {
+            let in_every_file = schemas
+                .iter()
+                .all(|(_, schema)| schema.field_with_name(field.name()).is_ok());
+            field
+                .as_ref()
+                .clone()
+                .with_nullable(field.is_nullable() || !in_every_file)
+        })
+        .collect();
+    Ok(Schema::new_with_metadata(fields, merged.metadata().clone()))
 }
 
 /// The partition columns that the `col=value` folders of `files` name, in
@@ -401,6 +443,58 @@ mod tests {
         .await
         .expect_err("a partition column without folders must fail");
         assert!(error.contains("month"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_column_that_some_files_lack_is_nullable() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let root = folder.path();
+        let write = |name: &str, batch: RecordBatch| {
+            let file = std::fs::File::create(root.join(name)).expect("file");
+            let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+            writer.write(&batch).expect("write");
+            writer.close().expect("close");
+        };
+        // Both files declare their columns non-null; the second adds `b`.
+        write(
+            "part-0.parquet",
+            RecordBatch::try_from_iter_with_nullable([(
+                "a",
+                Arc::new(Int64Array::from(vec![1])) as _,
+                false,
+            )])
+            .expect("batch"),
+        );
+        write(
+            "part-1.parquet",
+            RecordBatch::try_from_iter_with_nullable([
+                ("a", Arc::new(Int64Array::from(vec![2])) as _, false),
+                ("b", Arc::new(Int64Array::from(vec![20])) as _, false),
+            ])
+            .expect("batch"),
+        );
+        let answer = register_and_query(
+            root,
+            "STORED AS PARQUET",
+            "SELECT a, b IS NULL AS missing FROM t ORDER BY a",
+        )
+        .await
+        .expect("the folder registers");
+        let expected = [
+            "+---+---------+",
+            "| a | missing |",
+            "+---+---------+",
+            "| 1 | true    |",
+            "| 2 | false   |",
+            "+---+---------+",
+        ]
+        .join("\n");
+        assert_eq!(answer, expected);
+        let answer =
+            register_and_query(root, "STORED AS PARQUET", "SELECT a FROM t WHERE b IS NULL")
+                .await
+                .expect("the folder registers");
+        assert!(answer.contains("| 1 |"), "{answer}");
     }
 
     #[tokio::test]
