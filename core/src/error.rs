@@ -136,7 +136,7 @@ fn classify_by_cause(error: &(dyn std::error::Error + 'static)) -> Option<Failur
             let inner = io
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<object_store::Error>());
-            return Some(inner.map_or(FailureKind::Retryable, classify_store_failure));
+            return Some(inner.map_or_else(|| classify_io_failure(io), classify_store_failure));
         }
         cause = current.source();
     }
@@ -153,6 +153,30 @@ fn classify_store_failure(error: &object_store::Error) -> FailureKind {
         | object_store::Error::InvalidPath { .. }
         | object_store::Error::NotSupported { .. }
         | object_store::Error::UnknownConfigurationKey { .. } => FailureKind::Fatal,
+        // Local files report the file system's error inside a generic one.
+        object_store::Error::Generic { source, .. } => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+            while let Some(current) = cause {
+                if let Some(io) = current.downcast_ref::<std::io::Error>() {
+                    return classify_io_failure(io);
+                }
+                cause = current.source();
+            }
+            FailureKind::Retryable
+        }
+        _ => FailureKind::Retryable,
+    }
+}
+
+/// A name the file system refuses (too long, invalid), a denied permission
+/// or a read-only file system stays so on retry; other I/O errors may pass.
+fn classify_io_failure(error: &std::io::Error) -> FailureKind {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidFilename
+        | ErrorKind::PermissionDenied
+        | ErrorKind::ReadOnlyFilesystem
+        | ErrorKind::FileTooLarge => FailureKind::Fatal,
         _ => FailureKind::Retryable,
     }
 }
@@ -182,6 +206,28 @@ pub fn fetch_failure(error: &DataFusionError) -> Option<FetchFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_system_errors_that_stay_are_not_retried() {
+        let local = |kind: std::io::ErrorKind| {
+            DataFusionError::ObjectStore(Box::new(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(std::io::Error::new(kind, "from the file system")),
+            }))
+        };
+        assert_eq!(
+            classify_failure(&local(std::io::ErrorKind::InvalidFilename)),
+            FailureKind::Fatal
+        );
+        assert_eq!(
+            classify_failure(&local(std::io::ErrorKind::ReadOnlyFilesystem)),
+            FailureKind::Fatal
+        );
+        assert_eq!(
+            classify_failure(&local(std::io::ErrorKind::Interrupted)),
+            FailureKind::Retryable
+        );
+    }
 
     #[test]
     fn store_errors_inside_parquet_writes_are_classified_by_cause() {
