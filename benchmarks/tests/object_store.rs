@@ -746,6 +746,36 @@ async fn bad_locations_get_clear_errors_without_secrets() {
         3
     );
 
+    // A secret shows neither in EXPLAIN nor, however it is quoted, in the
+    // job history (checked at the end).
+    let explained = run(
+        &context,
+        &format!(
+            "EXPLAIN VERBOSE COPY (SELECT 1 AS x) TO 's3://lake/explained/' STORED AS PARQUET {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect("explain");
+    let explained = arrow::util::pretty::pretty_format_batches(&explained)
+        .expect("format")
+        .to_string();
+    assert!(explained.contains("CopyTo"), "{explained}");
+    assert!(
+        !explained.contains(SECRET_KEY),
+        "EXPLAIN shows the secret: {explained}"
+    );
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE double_quoted STORED AS PARQUET LOCATION 's3://lake/marked/' {}",
+            s3.sql_options()
+                .replace(&format!("'{SECRET_KEY}'"), &format!("\"{SECRET_KEY}\""))
+        ),
+    )
+    .await
+    .expect("a double-quoted secret works");
+
     let cases = [
         (
             "missing bucket",

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{CatalogProviderList, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{ParamValues, TableReference};
 use datafusion::datasource::file_format::format_as_file_type;
 use datafusion::datasource::file_format::parquet::ParquetFormatFactory;
@@ -21,7 +21,8 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{
-    CreateMemoryTable, DdlStatement, Explain, LogicalPlan, LogicalPlanBuilder, WriteOp,
+    CreateMemoryTable, DdlStatement, Explain, LogicalPlan, LogicalPlanBuilder, PlanType,
+    ToStringifiedPlan, WriteOp,
 };
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
@@ -32,7 +33,7 @@ use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
-    StoreOptions, StoreRegistry, register_store_option_namespaces, runtime_builder,
+    StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
 };
 use quiver_core::write::distribute_parquet_writes;
 use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
@@ -297,6 +298,7 @@ impl Planner {
             None => logical,
         };
         let replaced = self.configure_locations(&logical)?;
+        let logical = without_store_options(logical)?;
         let planned = self
             .plan_logical(job_id, logical, sql, state, persist)
             .await;
@@ -720,4 +722,28 @@ fn check_folder_name(name: &str) -> Result<()> {
         ))));
     }
     Ok(())
+}
+
+/// `plan` without the store options of its `COPY`s. The stores have taken
+/// them already (`configure_locations`), and the plan is printed by EXPLAIN
+/// and logged by DataFusion's optimizer, where secrets must not show.
+fn without_store_options(plan: LogicalPlan) -> Result<LogicalPlan> {
+    plan.transform_up(|node| match node {
+        LogicalPlan::Copy(mut copy) if copy.options.keys().any(|key| is_store_option(key)) => {
+            copy.options.retain(|key, _| !is_store_option(key));
+            Ok(Transformed::yes(LogicalPlan::Copy(copy)))
+        }
+        // EXPLAIN VERBOSE prints the plan as first planned, kept as text.
+        LogicalPlan::Explain(mut explain) => {
+            for stringified in &mut explain.stringified_plans {
+                if stringified.plan_type == PlanType::InitialLogicalPlan {
+                    *stringified = explain.plan.to_stringified(PlanType::InitialLogicalPlan);
+                }
+            }
+            Ok(Transformed::yes(LogicalPlan::Explain(explain)))
+        }
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|transformed| transformed.data)
+    .map_err(Error::Query)
 }

@@ -10,7 +10,7 @@ pub mod metered;
 pub mod options;
 pub mod registry;
 
-pub use options::{StoreOptions, redact_sql, register_store_option_namespaces};
+pub use options::{StoreOptions, is_store_option, redact_sql, register_store_option_namespaces};
 pub use registry::{Store, StoreError, StoreRegistry, build_store, store_key};
 
 use std::sync::Arc;

@@ -18,8 +18,8 @@ use std::str::FromStr;
 use datafusion::common::config::{ConfigEntry, ConfigExtension, ExtensionOptions};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::SessionState;
-use datafusion::sql::parser::{DFParser, Statement};
-use datafusion::sql::sqlparser::ast::Value;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
 use object_store::ClientConfigKey;
 use object_store::aws::AmazonS3ConfigKey;
 use object_store::azure::AzureConfigKey;
@@ -140,50 +140,119 @@ impl fmt::Debug for StoreOptions {
     }
 }
 
-/// Replaces the values of secret store options in SQL text with `***`, for
-/// logs, job records and table definitions. The statement is parsed to find
-/// the secret values, which are then replaced in the text as written; text
-/// that does not parse loses everything after `OPTIONS`.
+/// `sql` with the values of its secret store options replaced by `'***'`, for
+/// logs, job records and table definitions. Each `OPTIONS (...)` clause is
+/// read token by token, so a value is found however it is written (quoted,
+/// double-quoted, a bare word or a number); text that cannot be read loses
+/// everything after `OPTIONS`.
 pub fn redact_sql(sql: &str) -> String {
     let lower = sql.to_ascii_lowercase();
     let Some(options_at) = lower.find("options") else {
         return sql.to_owned();
     };
-    let Ok(statements) = DFParser::parse_sql(sql) else {
-        return format!("{}OPTIONS (***)", &sql[..options_at]);
-    };
-    let mut secrets = Vec::new();
-    for statement in &statements {
-        secret_values(statement, &mut secrets);
+    match secret_value_spans(sql) {
+        Some(mut spans) => {
+            let mut redacted = sql.to_owned();
+            // From the end, so that earlier offsets stay valid.
+            spans.sort_unstable_by_key(|span| std::cmp::Reverse(span.0));
+            for (start, end) in spans {
+                redacted.replace_range(start..end, &format!("'{REDACTED}'"));
+            }
+            redacted
+        }
+        None => format!("{}OPTIONS (***)", &sql[..options_at]),
     }
-    let mut redacted = sql.to_owned();
-    for secret in secrets {
-        let written = match &secret {
-            Value::SingleQuotedString(text) => format!("'{}'", text.replace('\'', "''")),
-            other => other.to_string(),
-        };
-        redacted = redacted.replace(&written, &format!("'{REDACTED}'"));
-    }
-    redacted
 }
 
-/// The values of a statement's secret store options.
-fn secret_values(statement: &Statement, secrets: &mut Vec<Value>) {
-    let options = match statement {
-        Statement::CreateExternalTable(table) => &table.options,
-        Statement::CopyTo(copy) => &copy.options,
-        Statement::Explain(explain) => return secret_values(&explain.statement, secrets),
-        _ => return,
-    };
-    secrets.extend(
-        options
-            .iter()
-            .filter(|(key, _)| is_store_option(key) && !is_harmless(key))
-            .map(|(_, value)| value.clone()),
-    );
+/// The byte ranges of the secret values in every `OPTIONS (key value, ...)`
+/// clause of `sql`, or `None` if a clause cannot be read.
+fn secret_value_spans(sql: &str) -> Option<Vec<(usize, usize)>> {
+    let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .ok()?;
+    let tokens: Vec<&TokenWithSpan> = tokens
+        .iter()
+        .filter(|token| !matches!(token.token, Token::Whitespace(_)))
+        .collect();
+    let offsets = LineOffsets::new(sql);
+    let mut spans = Vec::new();
+    let mut index = 0;
+    while index < tokens.len() {
+        let opens_options = matches!(&tokens[index].token, Token::Word(word) if word.value.eq_ignore_ascii_case("options"))
+            && matches!(
+                tokens.get(index + 1).map(|token| &token.token),
+                Some(Token::LParen)
+            );
+        if !opens_options {
+            index += 1;
+            continue;
+        }
+        index += 2;
+        // Pairs of a key (a quoted string, or words joined by dots) and a value.
+        loop {
+            let mut key = String::new();
+            loop {
+                match &tokens.get(index)?.token {
+                    Token::Word(word) => key.push_str(&word.value),
+                    Token::SingleQuotedString(text) | Token::DoubleQuotedString(text) => {
+                        key.push_str(text)
+                    }
+                    Token::Period => key.push('.'),
+                    _ => return None,
+                }
+                index += 1;
+                if !matches!(tokens.get(index)?.token, Token::Period) && !key.ends_with('.') {
+                    break;
+                }
+            }
+            let value = tokens.get(index)?;
+            if is_store_option(&key) && !is_harmless(&key) {
+                spans.push((
+                    offsets.byte(sql, value.span.start)?,
+                    offsets.byte(sql, value.span.end)?,
+                ));
+            }
+            index += 1;
+            match tokens.get(index)?.token {
+                Token::Comma => index += 1,
+                Token::RParen => break,
+                _ => return None,
+            }
+        }
+    }
+    Some(spans)
 }
 
-fn is_store_option(key: &str) -> bool {
+/// Turns the tokenizer's line and column locations into byte offsets.
+struct LineOffsets(Vec<usize>);
+
+impl LineOffsets {
+    fn new(sql: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(sql.match_indices('\n').map(|(at, _)| at + 1))
+            .collect();
+        Self(starts)
+    }
+
+    /// The byte offset of a 1-based line and character column.
+    fn byte(&self, sql: &str, location: Location) -> Option<usize> {
+        let line_start = *self
+            .0
+            .get(usize::try_from(location.line).ok()?.checked_sub(1)?)?;
+        let column = usize::try_from(location.column).ok()?.checked_sub(1)?;
+        let line = &sql[line_start..];
+        let within = line
+            .char_indices()
+            .map(|(at, _)| at)
+            .chain(std::iter::once(line.len()))
+            .nth(column)?;
+        Some(line_start + within)
+    }
+}
+
+/// Whether `key` is a store option (`aws.*`, `gcp.*`, `azure.*`, `http.*`).
+pub fn is_store_option(key: &str) -> bool {
     key.split_once('.')
         .is_some_and(|(prefix, _)| PROVIDERS.contains(&prefix.to_ascii_lowercase().as_str()))
 }
@@ -311,5 +380,23 @@ mod tests {
         );
         assert!(redacted.contains("LOCATION 's3://b/t/'"), "{redacted}");
         assert_eq!(redact_sql("SELECT 'options'"), "SELECT 'options'");
+
+        // However a value is written, over several lines, in COPY and EXPLAIN.
+        let sql = "EXPLAIN COPY (SELECT 'é' AS a) TO 's3://b/out/' STORED AS PARQUET\n\
+                   OPTIONS (aws.token TokWord, 'aws.secret_access_key' \"TokDQ\",\n  \
+                   \"aws.access_key_id\" 12345, 'aws.region' 'eu-west-1', 'format.compression' zstd)";
+        let redacted = redact_sql(sql);
+        for secret in ["TokWord", "TokDQ", "12345"] {
+            assert!(!redacted.contains(secret), "{secret}: {redacted}");
+        }
+        assert!(redacted.contains("aws.token '***'"), "{redacted}");
+        assert!(redacted.contains("'aws.region' 'eu-west-1'"), "{redacted}");
+        assert!(redacted.contains("'format.compression' zstd"), "{redacted}");
+        assert!(redacted.contains("SELECT 'é' AS a"), "{redacted}");
+        // Text that cannot be read loses everything after OPTIONS.
+        assert_eq!(
+            redact_sql("COPY t TO 'x' OPTIONS ('aws.token' 'abc'"),
+            "COPY t TO 'x' OPTIONS (***)"
+        );
     }
 }
