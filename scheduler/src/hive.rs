@@ -177,14 +177,10 @@ fn folder_equality(partition_types: &HashMap<String, DataType>, filter: &Expr) -
         return None;
     }
     let name = match declared {
-        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
-            let text = value.try_as_str().flatten()?;
-            // `a:b` may lie in `p=a:b` or `p=a%3Ab`, `ü` in `p=ü` or
-            // `p=%C3%BC`: such values are compared on every folder.
-            if !has_one_folder_spelling(text) {
-                return None;
-            }
-            text.to_owned()
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => string_folder(value)?,
+        // The type of the partition columns that a table infers.
+        DataType::Dictionary(_, values) if values.as_ref() == &DataType::Utf8 => {
+            string_folder(value)?
         }
         DataType::Int8
         | DataType::Int16
@@ -204,6 +200,14 @@ fn folder_equality(partition_types: &HashMap<String, DataType>, filter: &Expr) -
     };
     (name != NULL_PARTITION)
         .then(|| binary_expr(Expr::Column(column.clone()), Operator::Eq, lit(name)))
+}
+
+/// The folder text of a string literal, if every writer spells it one way.
+/// `a:b` may lie in `p=a:b` or `p=a%3Ab`, `ü` in `p=ü` or `p=%C3%BC`: such
+/// values are compared on every folder.
+fn string_folder(value: &ScalarValue) -> Option<String> {
+    let text = value.try_as_str().flatten()?;
+    has_one_folder_spelling(text).then(|| text.to_owned())
 }
 
 #[async_trait]
@@ -280,6 +284,11 @@ mod tests {
             ("year".to_owned(), DataType::Int32),
             ("day".to_owned(), DataType::Date32),
             ("price".to_owned(), DataType::Float64),
+            (
+                "inferred".to_owned(),
+                DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8)),
+            ),
+            ("ü".to_owned(), DataType::Utf8),
         ])
     }
 
@@ -302,6 +311,27 @@ mod tests {
             raw(col("day").eq(lit(day))),
             col("day").eq(lit("2024-01-31"))
         );
+        // An inferred partition column, compared with a dictionary literal.
+        let dictionary = ScalarValue::Dictionary(
+            Box::new(DataType::UInt16),
+            Box::new(ScalarValue::from("2021")),
+        );
+        assert_eq!(
+            raw(col("inferred").eq(lit(dictionary))),
+            col("inferred").eq(lit("2021"))
+        );
+    }
+
+    #[test]
+    fn a_value_or_name_spelled_several_ways_is_compared_on_every_folder() {
+        for filter in [
+            col("region").eq(lit("a:b")),
+            col("region").eq(lit("ünï")),
+            col("ü").eq(lit("EU")),
+        ] {
+            let rewritten = raw(filter.clone());
+            assert_ne!(rewritten, filter, "{filter} must not list one folder");
+        }
     }
 
     #[test]
