@@ -484,6 +484,45 @@ async fn explain_analyze_shows_what_every_stage_did() {
         .to_string();
     assert!(text.contains("output_batches="), "{text}");
 
+    // A Parquet scan shows what it read and how many row groups statistics
+    // pruned: nine of ten here.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("ids.parquet");
+    query(
+        &context,
+        "SET datafusion.execution.parquet.max_row_group_size = 1000",
+    )
+    .await;
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT value AS id FROM range(0, 10000)) TO '{}'",
+            file.display()
+        ),
+    )
+    .await;
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE ids STORED AS PARQUET LOCATION '{}'",
+            file.display()
+        ),
+    )
+    .await;
+    let pruned = query(
+        &context,
+        "EXPLAIN ANALYZE SELECT count(*) FROM ids WHERE id BETWEEN 1000 AND 1500",
+    )
+    .await;
+    let text = arrow::util::pretty::pretty_format_batches(&pruned)
+        .expect("render")
+        .to_string();
+    assert!(
+        text.contains("row_groups_pruned_statistics_pruned=9"),
+        "{text}"
+    );
+    assert!(text.contains("bytes_scanned="), "{text}");
+
     // A statement that fails while it runs fails its analysis with its error.
     let error = context
         .sql("EXPLAIN ANALYZE SELECT CAST(v AS INT) FROM (VALUES ('1'), ('x')) t(v)")

@@ -34,7 +34,7 @@ pub fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<OperatorMetrics> {
                 .metrics()?
                 .aggregate_by_name()
                 .iter()
-                .filter_map(|metric| wire_metric(metric.value()))
+                .flat_map(|metric| wire_metrics(metric.value()))
                 .collect();
             // A stable order, so that reports read the same from run to run.
             metrics.sort_by(|a, b| a.name.cmp(&b.name));
@@ -46,7 +46,14 @@ pub fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<OperatorMetrics> {
         .collect()
 }
 
-fn wire_metric(value: &MetricValue) -> Option<Metric> {
+/// The wire form of one DataFusion metric: none for those that do not add up
+/// over tasks, two for a pruning count (what was pruned, what was kept).
+fn wire_metrics(value: &MetricValue) -> Vec<Metric> {
+    let count = |name: String, value: usize| Metric {
+        name,
+        value: value as u64,
+        kind: MetricKind::Count.into(),
+    };
     let kind = match value {
         MetricValue::ElapsedCompute(_) | MetricValue::Time { .. } => MetricKind::TimeNanos,
         MetricValue::SpilledBytes(_) | MetricValue::OutputBytes(_) => MetricKind::Bytes,
@@ -60,18 +67,28 @@ fn wire_metric(value: &MetricValue) -> Option<Metric> {
         | MetricValue::SpilledRows(_)
         | MetricValue::Count { .. } => MetricKind::Count,
         MetricValue::Gauge { .. } => MetricKind::Gauge,
-        // Points in time, ratios and pruning breakdowns do not add up over tasks.
+        // Row groups, pages and files pruned by statistics, page indexes and
+        // bloom filters: the counts add up over tasks.
+        MetricValue::PruningMetrics {
+            name,
+            pruning_metrics,
+        } => {
+            return vec![
+                count(format!("{name}_pruned"), pruning_metrics.pruned()),
+                count(format!("{name}_matched"), pruning_metrics.matched()),
+            ];
+        }
+        // Points in time and ratios do not add up over tasks.
         MetricValue::StartTimestamp(_)
         | MetricValue::EndTimestamp(_)
-        | MetricValue::PruningMetrics { .. }
         | MetricValue::Ratio { .. }
-        | MetricValue::Custom { .. } => return None,
+        | MetricValue::Custom { .. } => return Vec::new(),
     };
-    Some(Metric {
+    vec![Metric {
         name: value.name().to_owned(),
         value: value.as_usize() as u64,
         kind: kind.into(),
-    })
+    }]
 }
 
 /// Adds one task's operator metrics into a stage's totals.

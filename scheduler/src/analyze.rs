@@ -19,8 +19,8 @@ use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
 /// Metrics shown without `VERBOSE`: the ones that say where time, rows,
-/// memory and bytes went.
-const SUMMARY_METRICS: [&str; 7] = [
+/// memory and bytes went, and how many Parquet row groups statistics pruned.
+const SUMMARY_METRICS: [&str; 9] = [
     "output_rows",
     "elapsed_compute",
     "spill_count",
@@ -28,6 +28,8 @@ const SUMMARY_METRICS: [&str; 7] = [
     "peak_mem_used",
     "shuffle_bytes_read",
     "shuffle_bytes_written",
+    "bytes_scanned",
+    "row_groups_pruned_statistics_pruned",
 ];
 
 /// The columns of `EXPLAIN ANALYZE`, as DataFusion has them.
