@@ -830,3 +830,51 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     assert_no_secret_in_history(&context, SECRET_KEY).await;
     cluster.shutdown().await;
 }
+
+/// A durable shuffle upload whose task is cancelled midway aborts its
+/// multipart upload, which S3 would otherwise keep and bill unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
+    use datafusion::execution::object_store::ObjectStoreUrl;
+    use datafusion::execution::runtime_env::RuntimeEnv;
+
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let runtime = Arc::new(RuntimeEnv::default());
+    runtime.register_object_store(
+        ObjectStoreUrl::parse("s3://lake").expect("url").as_ref(),
+        s3.store("lake"),
+    );
+    // Large enough that its upload is still going when it is cancelled.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("0.data");
+    let index = dir.path().join("0.index");
+    std::fs::write(&data, vec![7u8; 256 * 1024 * 1024]).expect("data file");
+    std::fs::write(&index, b"index").expect("index file");
+    let task = tokio::spawn(async move {
+        quiver_core::shuffle::durable::upload(&runtime, "s3://lake/sh/job/1/0-a0", &data, &index)
+            .await
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while s3.unfinished_uploads("lake") == 0 {
+        assert!(
+            !task.is_finished(),
+            "the upload finished before it could be cancelled"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s3.unfinished_uploads("lake") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a cancelled upload was left unfinished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(list(&s3.store("lake"), "sh").await.is_empty());
+}

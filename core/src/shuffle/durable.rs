@@ -95,19 +95,25 @@ pub async fn upload(
     let mut data = tokio::fs::File::open(data_file)
         .await
         .map_err(|e| Error::io(data_file, e))?;
-    let mut upload = BufWriter::with_capacity(
-        Arc::clone(&store),
-        with_extension(&path, "data")?,
-        UPLOAD_BUFFER_BYTES,
-    )
-    .with_max_concurrency(UPLOAD_CONCURRENCY);
-    if let Err(e) = tokio::io::copy(&mut data, &mut upload).await {
-        let _ = upload.abort().await;
+    let mut upload = AbortOnDrop(Some(
+        BufWriter::with_capacity(
+            Arc::clone(&store),
+            with_extension(&path, "data")?,
+            UPLOAD_BUFFER_BYTES,
+        )
+        .with_max_concurrency(UPLOAD_CONCURRENCY),
+    ));
+    let writer = upload.writer();
+    if let Err(e) = tokio::io::copy(&mut data, writer).await {
+        let _ = writer.abort().await;
+        upload.disarm();
         return Err(failed(e.to_string()));
     }
     // A writer that failed to shut down must not be aborted: it may be
     // shut down already. What it leaves is an unfinished upload, not a file.
-    upload.shutdown().await.map_err(|e| failed(e.to_string()))?;
+    let shut_down = writer.shutdown().await;
+    upload.disarm();
+    shut_down.map_err(|e| failed(e.to_string()))?;
     let index = tokio::fs::read(index_file)
         .await
         .map_err(|e| Error::io(index_file, e))?;
@@ -116,6 +122,39 @@ pub async fn upload(
         .await
         .map_err(|e| failed(e.to_string()))?;
     Ok(())
+}
+
+/// A data upload that aborts itself when dropped unfinished: a task that is
+/// cancelled stops in the middle of [`upload`], and its multipart upload
+/// would otherwise keep its parts (which S3 bills, and no listing shows).
+/// An executor killed outright cannot abort; a bucket lifecycle rule
+/// removes what it leaves.
+struct AbortOnDrop(Option<BufWriter>);
+
+impl AbortOnDrop {
+    fn writer(&mut self) -> &mut BufWriter {
+        self.0.as_mut().expect("the upload is not finished yet")
+    }
+
+    /// The upload has finished or been aborted: nothing is left to abort.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(mut writer) = self.0.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = writer.abort().await {
+                    tracing::warn!(%error, "could not abort a cancelled shuffle upload");
+                }
+            });
+        }
+    }
 }
 
 /// Reads one output partition of the map output at `location`: its byte
