@@ -824,6 +824,31 @@ async fn bad_locations_get_clear_errors_without_secrets() {
             "{case}: the error shows the secret: {error}"
         );
     }
+    // A COPY whose job fails puts its bucket's options back: the table on
+    // that bucket still reads, although the COPY named a dead endpoint.
+    let dead_endpoint = s3
+        .sql_options()
+        .replace(&s3.endpoint(), "http://127.0.0.1:1");
+    let error = run(
+        &context,
+        &format!(
+            "COPY (SELECT 1 / (value - value) AS x FROM range(1)) TO 's3://lake/failed_copy/' \
+             STORED AS PARQUET {dead_endpoint}"
+        ),
+    )
+    .await
+    .expect_err("the COPY divides by zero");
+    assert!(error.contains("Divide by zero"), "{error}");
+    // The options are put back once the job's end is seen.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let still_reads = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        count_of(&context, "SELECT count(*)::bigint unsigned FROM marked"),
+    )
+    .await
+    .expect("the table reads: its bucket must not keep the failed COPY's endpoint");
+    assert_eq!(still_reads, 3);
+
     // Nothing partial was left, and the cluster serves the next job.
     assert!(list(&bucket, "out").await.is_empty());
     assert_eq!(count_of(&context, "SELECT 1::bigint unsigned").await, 1);

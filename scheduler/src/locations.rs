@@ -23,8 +23,9 @@ use quiver_core::storage::StoreRegistry;
 use quiver_core::write::{ParquetCommitExec, ParquetWriteExec};
 use quiver_proto::StoreConfig;
 
-/// The store options of every configured location that `plan` reads or
-/// writes, and of the durable shuffle location, if any.
+/// The store options of every location that `plan` reads or writes, and of
+/// the durable shuffle location, if any: empty for a location configured by
+/// no statement.
 pub fn store_configs(
     plan: &Arc<dyn ExecutionPlan>,
     shuffle_location: &str,
@@ -46,15 +47,17 @@ pub fn store_configs(
     })?;
     Ok(urls
         .into_iter()
-        .filter_map(|url| {
-            let options = registry.options_for(url.as_ref())?;
-            Some(StoreConfig {
+        .map(|url| {
+            // A location without options is sent too, so that an executor
+            // drops options that the scheduler has since put back.
+            let options = registry.options_for(url.as_ref()).unwrap_or_default();
+            StoreConfig {
                 url: url.as_str().to_owned(),
                 options: options
                     .iter()
                     .map(|(key, value)| (key.clone(), value.clone()))
                     .collect(),
-            })
+            }
         })
         .collect())
 }

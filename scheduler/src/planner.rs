@@ -91,6 +91,9 @@ pub struct StagedJob {
     pub writes_to: Option<String>,
     /// Joins to decide again once their build side has run.
     pub adaptive: PendingJoins,
+    /// The stores that the statement's options configured: put back if the
+    /// job does not succeed, as for a statement that fails to plan.
+    pub configured_stores: Vec<ReplacedStore>,
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -299,11 +302,18 @@ impl Planner {
         };
         let replaced = self.configure_locations(&logical)?;
         let logical = without_store_options(logical)?;
-        let planned = self
+        let mut planned = self
             .plan_logical(job_id, logical, sql, state, persist)
             .await;
-        if planned.is_err() {
-            self.restore_locations(replaced);
+        match &mut planned {
+            Err(_) => self.restore_locations(replaced),
+            // A job that then fails puts them back too (see the service).
+            Ok(
+                Planned::Stages(job)
+                | Planned::Analyze { job, .. }
+                | Planned::CreateTableAs { write: job, .. },
+            ) => job.configured_stores = replaced,
+            Ok(Planned::Done { .. }) => {}
         }
         planned
     }
@@ -428,6 +438,7 @@ impl Planner {
             durable_shuffle,
             writes_to,
             adaptive,
+            configured_stores: Vec::new(),
         })
     }
 
@@ -448,6 +459,7 @@ impl Planner {
             durable_shuffle: String::new(),
             writes_to: None,
             adaptive: PendingJoins::default(),
+            configured_stores: Vec::new(),
         })
     }
 

@@ -12,6 +12,7 @@ use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
+use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{StoreRegistry, redact_sql};
 use quiver_core::write::{FinishOverwrite, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
@@ -170,7 +171,7 @@ impl SchedulerGrpc {
         job_id: String,
         description: String,
         settings: Vec<Setting>,
-        job: StagedJob,
+        mut job: StagedJob,
     ) -> Result<watch::Receiver<JobStatus>, Error> {
         let (status, watcher) = watch::channel(JobStatus {
             job_id: job_id.clone(),
@@ -182,6 +183,7 @@ impl SchedulerGrpc {
             .directory
             .insert(job_id.clone(), watcher.clone());
         self.clean_up_storage_when_done(&job_id, &job, &watcher);
+        self.restore_stores_unless_done(std::mem::take(&mut job.configured_stores), &watcher);
         let submitted = self.handle.send(Event::JobSubmitted(Box::new(SubmittedJob {
             job_id,
             query: description,
@@ -365,6 +367,32 @@ impl SchedulerGrpc {
                 let finish = FinishOverwrite::No;
                 clean_up_job_storage(&runtime, &stores, &job_id, &durable, &writes_to, finish)
                     .await;
+            }
+        });
+    }
+
+    /// Puts back the stores that a job's statement configured once the job
+    /// has failed or been cancelled, as for a statement that fails to plan:
+    /// a `COPY` with wrong credentials must not leave them to every later
+    /// job on that bucket. A location configured again since stays as it is.
+    fn restore_stores_unless_done(
+        &self,
+        configured: Vec<ReplacedStore>,
+        watcher: &watch::Receiver<JobStatus>,
+    ) {
+        if configured.is_empty() {
+            return;
+        }
+        let stores = self.planner.object_stores();
+        let mut watcher = watcher.clone();
+        tokio::spawn(async move {
+            let Ok(status) = watcher.wait_for(|status| is_final(status.state)).await else {
+                return;
+            };
+            if status.state() != JobState::Succeeded {
+                for replaced in configured.into_iter().rev() {
+                    stores.restore_if_current(replaced);
+                }
             }
         });
     }

@@ -65,10 +65,20 @@ struct Registered {
     options: StoreOptions,
 }
 
-/// A store that [`StoreRegistry::configure`] replaced (or its absence).
+/// A store that [`StoreRegistry::configure`] replaced (or its absence), and
+/// the options that replaced it.
 pub struct ReplacedStore {
     key: String,
     previous: Option<Registered>,
+    installed: StoreOptions,
+}
+
+impl std::fmt::Debug for ReplacedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplacedStore")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The object stores of one process, built on first use.
@@ -125,7 +135,11 @@ impl StoreRegistry {
                 options: options.clone(),
             },
         );
-        Ok(Some(ReplacedStore { key, previous }))
+        Ok(Some(ReplacedStore {
+            key,
+            previous,
+            installed: options.clone(),
+        }))
     }
 
     /// Puts back the store that [`StoreRegistry::configure`] replaced.
@@ -135,6 +149,18 @@ impl StoreRegistry {
             Some(previous) => stores.insert(replaced.key, previous),
             None => stores.remove(&replaced.key),
         };
+    }
+
+    /// Puts back the store that [`StoreRegistry::configure`] replaced, unless
+    /// a later statement has configured the location again since.
+    pub fn restore_if_current(&self, replaced: ReplacedStore) {
+        let current = self
+            .read()
+            .get(&replaced.key)
+            .is_some_and(|registered| registered.options == replaced.installed);
+        if current {
+            self.restore(replaced);
+        }
     }
 
     /// The multipart upload API of the store of `url`, if it has one. Local
