@@ -154,16 +154,12 @@ fn classify_store_failure(error: &object_store::Error) -> FailureKind {
         | object_store::Error::NotSupported { .. }
         | object_store::Error::UnknownConfigurationKey { .. } => FailureKind::Fatal,
         // Local files report the file system's error inside a generic one.
-        object_store::Error::Generic { source, .. } => {
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
-            while let Some(current) = cause {
-                if let Some(io) = current.downcast_ref::<std::io::Error>() {
-                    return classify_io_failure(io);
-                }
-                cause = current.source();
-            }
-            FailureKind::Retryable
-        }
+        object_store::Error::Generic { source, .. } => std::iter::successors(
+            Some(source.as_ref() as &(dyn std::error::Error + 'static)),
+            |cause| cause.source(),
+        )
+        .find_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .map_or(FailureKind::Retryable, classify_io_failure),
         _ => FailureKind::Retryable,
     }
 }

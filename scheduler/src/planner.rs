@@ -726,8 +726,8 @@ impl TableResolver for CatalogResolver {
 fn check_folder_name(name: &str) -> Result<()> {
     let unsafe_character = name
         .chars()
-        .find(|character| character.is_control() || "/\\#?%".contains(*character));
-    if name.is_empty() || name == "." || name == ".." || unsafe_character.is_some() {
+        .any(|character| character.is_control() || "/\\#?%".contains(character));
+    if name.is_empty() || name == "." || name == ".." || unsafe_character {
         return Err(Error::Query(DataFusionError::Plan(format!(
             "'{name}' cannot name a table's warehouse folder: a name must not be empty, \
              '.' or '..', nor hold '/', '\\', '#', '?', '%' or control characters"

@@ -183,7 +183,7 @@ impl SchedulerGrpc {
             .directory
             .insert(job_id.clone(), watcher.clone());
         self.clean_up_storage_when_done(&job_id, &job, &watcher);
-        self.restore_stores_unless_done(std::mem::take(&mut job.configured_stores), &watcher);
+        self.restore_stores_if_the_job_fails(std::mem::take(&mut job.configured_stores), &watcher);
         let submitted = self.handle.send(Event::JobSubmitted(Box::new(SubmittedJob {
             job_id,
             query: description,
@@ -375,7 +375,7 @@ impl SchedulerGrpc {
     /// has failed or been cancelled, as for a statement that fails to plan:
     /// a `COPY` with wrong credentials must not leave them to every later
     /// job on that bucket. A location configured again since stays as it is.
-    fn restore_stores_unless_done(
+    fn restore_stores_if_the_job_fails(
         &self,
         configured: Vec<ReplacedStore>,
         watcher: &watch::Receiver<JobStatus>,

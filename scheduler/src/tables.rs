@@ -37,6 +37,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectMeta, ObjectStore};
 use quiver_core::storage::redact_sql;
+use quiver_core::write::partition::folder_values;
 
 use crate::hive::HivePartitionedTable;
 
@@ -305,9 +306,8 @@ fn folder_partition_columns(url: &ListingTableUrl, files: &[ObjectMeta]) -> Resu
         };
         let mut segments: Vec<&str> = segments.collect();
         segments.pop(); // the file's own name
-        let names: Vec<String> = segments
-            .iter()
-            .filter_map(|segment| segment.split_once('='))
+        let names: Vec<String> = folder_values(&segments.join("/"))
+            .into_iter()
             .map(|(name, _)| name.to_owned())
             .collect();
         match &columns {

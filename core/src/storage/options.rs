@@ -191,20 +191,12 @@ fn secret_value_spans(sql: &str) -> Option<Vec<(usize, usize)>> {
         index += 2;
         // Pairs of a key (a quoted string, or words joined by dots) and a value.
         loop {
-            let mut key = String::new();
-            loop {
-                match &tokens.get(index)?.token {
-                    Token::Word(word) => key.push_str(&word.value),
-                    Token::SingleQuotedString(text) | Token::DoubleQuotedString(text) => {
-                        key.push_str(text)
-                    }
-                    Token::Period => key.push('.'),
-                    _ => return None,
-                }
-                index += 1;
-                if !matches!(tokens.get(index)?.token, Token::Period) && !key.ends_with('.') {
-                    break;
-                }
+            let mut key = key_part(&tokens.get(index)?.token)?;
+            index += 1;
+            while matches!(tokens.get(index)?.token, Token::Period) {
+                key.push('.');
+                key.push_str(&key_part(&tokens.get(index + 1)?.token)?);
+                index += 2;
             }
             let value = tokens.get(index)?;
             if is_store_option(&key) && !is_harmless(&key) {
@@ -222,6 +214,15 @@ fn secret_value_spans(sql: &str) -> Option<Vec<(usize, usize)>> {
         }
     }
     Some(spans)
+}
+
+/// One dot-separated part of an option key: a word or a quoted string.
+fn key_part(token: &Token) -> Option<String> {
+    match token {
+        Token::Word(word) => Some(word.value.clone()),
+        Token::SingleQuotedString(text) | Token::DoubleQuotedString(text) => Some(text.clone()),
+        _ => None,
+    }
 }
 
 /// Turns the tokenizer's line and column locations into byte offsets.

@@ -271,9 +271,7 @@ impl Commit {
             return Ok(None);
         }
         let mut bytes = Vec::new();
-        let mut writer = ArrowWriter::try_new(&mut bytes, Arc::clone(schema), None)?;
-        writer.finish()?;
-        drop(writer);
+        ArrowWriter::try_new(&mut bytes, Arc::clone(schema), None)?.close()?;
         let relative = file_name(&self.job_id, 0, 0, "parquet");
         let staged = job_staging(&self.table, &self.job_id)
             .join("schema")

@@ -9,6 +9,7 @@
 //! folders that other engines wrote. Readers decode the `%XX` escapes.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{CastOptions, cast_with_options, take_record_batch};
@@ -148,7 +149,10 @@ fn hive_escapes(byte: u8) -> bool {
 fn escape_value(value: &str, folder: &mut String) {
     for character in value.chars() {
         match u8::try_from(character) {
-            Ok(byte) if hive_escapes(byte) => folder.push_str(&format!("%{byte:02X}")),
+            Ok(byte) if hive_escapes(byte) => {
+                // Writing to a String cannot fail.
+                let _ = write!(folder, "%{byte:02X}");
+            }
             _ => folder.push(character),
         }
     }
@@ -161,7 +165,7 @@ fn escape_value(value: &str, folder: &mut String) {
 pub fn has_one_folder_spelling(value: &str) -> bool {
     value
         .bytes()
-        .all(|byte| byte.is_ascii_graphic() && !hive_escapes(byte) && !b"%<>|`~}".contains(&byte))
+        .all(|byte| byte.is_ascii_graphic() && !hive_escapes(byte) && !b"<>|`~}".contains(&byte))
 }
 
 /// The partition values that a relative folder (`a=1/b=x%3Ay`) names,
