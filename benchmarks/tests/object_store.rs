@@ -860,16 +860,20 @@ async fn bad_locations_get_clear_errors_without_secrets() {
 /// multipart upload, which S3 would otherwise keep and bill unseen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
-    use datafusion::execution::object_store::ObjectStoreUrl;
-    use datafusion::execution::runtime_env::RuntimeEnv;
+    use quiver_core::shuffle::MapOutputId;
+    use quiver_core::shuffle::durable;
+    use quiver_core::storage::{StoreOptions, StoreRegistry, runtime_builder};
 
     let s3 = S3Server::start();
     s3.create_bucket("lake");
-    let runtime = Arc::new(RuntimeEnv::default());
-    runtime.register_object_store(
-        ObjectStoreUrl::parse("s3://lake").expect("url").as_ref(),
-        s3.store("lake"),
-    );
+    let stores = Arc::new(StoreRegistry::new());
+    let lake = url::Url::parse("s3://lake").expect("url");
+    stores
+        .configure(&lake, &StoreOptions::from_pairs(s3.options()))
+        .expect("configure the bucket");
+    let runtime = runtime_builder(Arc::clone(&stores))
+        .build()
+        .expect("runtime");
     // Large enough that its upload is still going when it is cancelled.
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("0.data");
@@ -877,14 +881,15 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     std::fs::write(&data, vec![7u8; 256 * 1024 * 1024]).expect("data file");
     std::fs::write(&index, b"index").expect("index file");
     let task = tokio::spawn(async move {
-        quiver_core::shuffle::durable::upload(&runtime, "s3://lake/sh/job/1/0-a0", &data, &index)
-            .await
+        let id = MapOutputId::new("job", 1, 0, 0).expect("output id");
+        durable::upload(&runtime, &stores, &id, "s3://lake/sh", &data, &index).await
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while s3.unfinished_uploads("lake") == 0 {
         assert!(
             !task.is_finished(),
-            "the upload finished before it could be cancelled"
+            "the upload finished before it could be cancelled: {:?}",
+            task.await
         );
         assert!(
             std::time::Instant::now() < deadline,
@@ -901,5 +906,74 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(list(&s3.store("lake"), "sh").await.is_empty());
+    let left = list(&s3.store("lake"), "sh").await;
+    assert!(
+        left.iter().all(|path| path.contains("/_uploads/")),
+        "a cancelled upload left data: {left:?}"
+    );
+}
+
+/// An executor killed while it uploads a durable map output cannot abort the
+/// upload. The upload's id is recorded in the job's shuffle folder before its
+/// first part, so the scheduler aborts it when the job ends, and the job's
+/// answer is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shuffle_upload_left_by_a_killed_executor_is_aborted() {
+    const ROWS: u64 = 8_000_000;
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
+    let context = cluster.connect(1).await;
+    // The write configures the bucket for the session's later statements.
+    let seed = format!(
+        "COPY (SELECT 1 AS one) TO 's3://lake/seed/' STORED AS PARQUET {}",
+        s3.sql_options()
+    );
+    run(&context, &seed).await.expect("configure the bucket");
+    run(&context, "SET quiver.shuffle_location = 's3://lake/_shuffle'")
+        .await
+        .expect("set shuffle location");
+    // Distinct digests: the shuffle carries every row, tens of MiB per map.
+    let query = format!(
+        "SELECT count(*)::bigint unsigned FROM (SELECT digest FROM \
+         (SELECT md5(CAST(value AS VARCHAR)) AS digest FROM range({ROWS})) GROUP BY digest)"
+    );
+    let querying = tokio::spawn({
+        let context = context.clone();
+        async move { count_of(&context, &query).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s3.unfinished_uploads("lake") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline && !querying.is_finished(),
+            "no shuffle upload began\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cluster.kill_executor(0);
+    cluster.start_executor(0);
+
+    let groups = tokio::time::timeout(std::time::Duration::from_secs(180), querying)
+        .await
+        .unwrap_or_else(|_| panic!("the query did not finish\n{}", cluster.logs()))
+        .expect("the query task");
+    assert_eq!(groups, ROWS, "every row once");
+    let bucket = s3.store("lake");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (unfinished, left) = (
+            s3.unfinished_uploads("lake"),
+            list(&bucket, "_shuffle").await,
+        );
+        if unfinished == 0 && left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{unfinished} unfinished uploads and {left:?} left behind\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -24,8 +24,13 @@ pub enum Error {
     DurableOutputMissing { location: String },
 
     /// A map output could not be copied to or read from durable storage.
-    #[error("durable shuffle data at {location}: {reason}")]
-    DurableShuffle { location: String, reason: String },
+    /// Whether another attempt can succeed depends on the `source`.
+    #[error("durable shuffle data at {location}: {source}")]
+    DurableShuffle {
+        location: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     #[error(
         "invalid identifier {value:?} in {field}: only letters, digits, '-' and '_' are allowed"
@@ -98,8 +103,12 @@ pub fn classify_failure(error: &DataFusionError) -> FailureKind {
     match error.find_root() {
         DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
             Some(Error::Fetch { .. }) => FailureKind::FetchFailed,
-            Some(Error::Io { .. } | Error::Connect { .. } | Error::DurableShuffle { .. }) => {
-                FailureKind::Retryable
+            Some(Error::Io { .. } | Error::Connect { .. }) => FailureKind::Retryable,
+            // A store that throttles or times out may answer the next
+            // attempt; a missing bucket or a refused key will not. Neither
+            // will a location that is not a valid URL.
+            Some(Error::DurableShuffle { source, .. }) => {
+                classify_by_cause(source.as_ref()).unwrap_or(FailureKind::Fatal)
             }
             Some(_) => FailureKind::Fatal,
             None if inner.is::<crate::storage::StoreError>() => FailureKind::Fatal,
@@ -243,6 +252,43 @@ mod tests {
             source: "503 SlowDown".into(),
         });
         assert_eq!(classify_failure(&throttled), FailureKind::Retryable);
+    }
+
+    #[test]
+    fn durable_shuffle_failures_are_retried_only_when_they_may_pass() {
+        let durable = |source: Box<dyn std::error::Error + Send + Sync>| {
+            DataFusionError::from(Error::DurableShuffle {
+                location: "s3://lake/_shuffle/job/1/0-a0".into(),
+                source,
+            })
+        };
+        // As the upload reports a store error: inside the Parquet writer's.
+        let uploading = |store: object_store::Error| {
+            durable(Box::new(parquet::errors::ParquetError::External(Box::new(
+                store,
+            ))))
+        };
+        let no_bucket = uploading(object_store::Error::NotFound {
+            path: "_shuffle/job/1/0-a0.data".into(),
+            source: "NoSuchBucket".into(),
+        });
+        assert_eq!(classify_failure(&no_bucket), FailureKind::Fatal);
+        let refused = uploading(object_store::Error::PermissionDenied {
+            path: "_shuffle/job/1/0-a0.data".into(),
+            source: "AccessDenied".into(),
+        });
+        assert_eq!(classify_failure(&refused), FailureKind::Fatal);
+        let throttled = durable(Box::new(object_store::Error::Generic {
+            store: "S3",
+            source: "503 SlowDown".into(),
+        }));
+        assert_eq!(classify_failure(&throttled), FailureKind::Retryable);
+        let bad_url = durable(Box::new(url::Url::parse("no scheme").expect_err("not a URL")));
+        assert_eq!(classify_failure(&bad_url), FailureKind::Fatal);
+        assert!(
+            no_bucket.to_string().contains("s3://lake/_shuffle/job/1/0-a0"),
+            "{no_bucket}"
+        );
     }
 
     #[test]

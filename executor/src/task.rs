@@ -359,10 +359,11 @@ impl TaskRunner {
     /// Copies a finished map output to durable storage; returns where it went.
     async fn upload_output(&self, shuffle_location: &str, task: &TaskId) -> DfResult<String> {
         let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
-        let location = durable::output_location(shuffle_location, &id);
-        durable::upload(
+        let location = durable::upload(
             &self.runtime,
-            &location,
+            &self.stores,
+            &id,
+            shuffle_location,
             &id.data_path(self.outputs.work_dir()),
             &id.index_path(self.outputs.work_dir()),
         )

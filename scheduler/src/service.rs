@@ -468,7 +468,7 @@ async fn clean_up_job_storage(
     finish: FinishOverwrite,
 ) {
     if !durable.is_empty()
-        && let Err(e) = durable::remove_job(runtime, durable, job_id).await
+        && let Err(e) = durable::remove_job(runtime, stores, durable, job_id).await
     {
         warn!(%job_id, %e, "cannot remove durable shuffle data");
     }

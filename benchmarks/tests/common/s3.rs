@@ -83,13 +83,28 @@ impl S3Server {
         response
     }
 
+    /// The store options that reach this server, as a statement names them.
+    pub fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws.access_key_id", ACCESS_KEY.to_owned()),
+            ("aws.secret_access_key", SECRET_KEY.to_owned()),
+            ("aws.region", REGION.to_owned()),
+            ("aws.endpoint", self.endpoint()),
+            ("aws.allow_http", "true".to_owned()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+    }
+
     /// `OPTIONS (...)` for a table or `COPY` on this server.
     pub fn sql_options(&self) -> String {
-        format!(
-            "OPTIONS ('aws.access_key_id' '{ACCESS_KEY}', 'aws.secret_access_key' '{SECRET_KEY}', \
-             'aws.region' '{REGION}', 'aws.endpoint' '{}', 'aws.allow_http' 'true')",
-            self.endpoint()
-        )
+        let pairs: Vec<String> = self
+            .options()
+            .iter()
+            .map(|(key, value)| format!("'{key}' '{value}'"))
+            .collect();
+        format!("OPTIONS ({})", pairs.join(", "))
     }
 
     /// A client of `bucket`, for the tests' own uploads and checks.

@@ -3,11 +3,13 @@
 //!
 //! With `quiver.shuffle_location` set (`s3://bucket/shuffle`, or a shared
 //! folder), a map task still writes its data and index files locally, then
-//! uploads both to `<location>/<job>/<stage>/<map>-a<attempt>.{data,index}`.
+//! uploads both to `<location>/<job>/<stage>/<map>-a<attempt>.{data,index}`,
+//! recording the data file's multipart upload under `<location>/<job>/_uploads/`.
 //! Readers on other executors fetch their partition's byte range from the
 //! store instead of asking the writer over Flight, so a lost executor's
 //! outputs need no recompute and executors may come and go between stages.
-//! The scheduler deletes `<location>/<job>/` when the job ends.
+//! The scheduler deletes `<location>/<job>/` when the job ends, aborting
+//! first the uploads that killed executors left unfinished.
 
 use std::sync::Arc;
 
@@ -18,22 +20,26 @@ use datafusion::execution::SpillFile;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use bytes::BytesMut;
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
+use object_store::multipart::MultipartStore;
+use parquet::arrow::async_writer::AsyncFileWriter;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use url::Url;
 
 use super::fetch::segment_batches;
 use super::layout::{MapOutputId, Segment, SegmentSource, decode_index};
 use crate::error::{Error, Result};
-use crate::storage::delete_prefix;
+use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, abort_recorded_uploads};
+use crate::storage::{StoreRegistry, delete_prefix};
 
-/// Upload buffer of a data file: the size of one multipart part.
-const UPLOAD_BUFFER_BYTES: usize = 8 * 1024 * 1024;
-/// Parts of one upload in flight at once; each holds a buffer.
-const UPLOAD_CONCURRENCY: usize = 2;
+/// The size of one multipart part of a data file's upload.
+const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes read from a local data file at once.
+const READ_BUFFER_BYTES: usize = 1024 * 1024;
 /// Write buffer of a partition being copied to local disk to be read.
 const SPOOL_BUFFER_BYTES: usize = 1024 * 1024;
 
@@ -56,100 +62,161 @@ pub fn job_location(shuffle_location: &str, job_id: &str) -> String {
     format!("{}/{job_id}", shuffle_location.trim_end_matches('/'))
 }
 
+/// A failure of durable storage at `location`, classified by its cause.
+fn failure(
+    location: &str,
+) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error + '_ {
+    move |source| Error::DurableShuffle {
+        location: location.to_owned(),
+        source,
+    }
+}
+
 /// The store and the path of a location URL (`s3://bucket/a/b`).
 fn resolve(runtime: &RuntimeEnv, location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
-    let invalid = |reason: String| Error::DurableShuffle {
-        location: location.to_owned(),
-        reason,
-    };
-    let url = Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+    let invalid = failure(location);
+    let url = Url::parse(location).map_err(|e| invalid(e.into()))?;
     let store_url = ObjectStoreUrl::parse(&url[..url::Position::BeforePath])
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| invalid(e.into()))?;
     let store = runtime
         .object_store(&store_url)
-        .map_err(|e| invalid(e.to_string()))?;
-    let path = Path::from_url_path(url.path()).map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| invalid(e.into()))?;
+    let path = Path::from_url_path(url.path()).map_err(|e| invalid(e.into()))?;
     Ok((store, path))
 }
 
 fn with_extension(path: &Path, extension: &str) -> Result<Path> {
-    Path::parse(format!("{path}.{extension}")).map_err(|e| Error::DurableShuffle {
-        location: path.to_string(),
-        reason: e.to_string(),
-    })
+    Path::parse(format!("{path}.{extension}")).map_err(|e| failure(path.as_ref())(e.into()))
+}
+
+/// The multipart API of the store at `location`, if it has one.
+fn multipart_store(stores: &StoreRegistry, location: &str) -> Result<Option<Arc<dyn MultipartStore>>> {
+    let url = Url::parse(location).map_err(|e| failure(location)(e.into()))?;
+    stores
+        .multipart_store(&url)
+        .map_err(|e| failure(location)(e.into()))
+}
+
+/// The records of a job's uploads in progress (see [`crate::storage::upload`]).
+fn upload_records(job_path: &Path) -> Path {
+    job_path.clone().join("_uploads")
 }
 
 /// Uploads a published map output's files to `location`: the data first,
-/// then the index, whose presence marks the output complete.
+/// then the index, whose presence marks the output complete. The data goes
+/// up as a multipart upload recorded in the job's folder, so that
+/// [`remove_job`] aborts it should this executor be killed midway.
 pub async fn upload(
     runtime: &RuntimeEnv,
-    location: &str,
+    stores: &StoreRegistry,
+    id: &MapOutputId,
+    shuffle_location: &str,
     data_file: &std::path::Path,
     index_file: &std::path::Path,
-) -> Result<()> {
-    let failed = |reason: String| Error::DurableShuffle {
-        location: location.to_owned(),
-        reason,
+) -> Result<String> {
+    let location = output_location(shuffle_location, id);
+    let failed = failure(&location);
+    let (store, path) = resolve(runtime, &location)?;
+    let data_path = with_extension(&path, "data")?;
+    let data_upload = match multipart_store(stores, &location)? {
+        Some(multipart) => {
+            let (_, job_path) = resolve(runtime, &job_location(shuffle_location, &id.job_id))?;
+            let record = upload_records(&job_path).join(format!(
+                "{}-{}-a{}.json",
+                id.stage_id, id.map_partition, id.attempt
+            ));
+            FileUpload::Recorded(RecordedUpload::new(
+                multipart,
+                Arc::clone(&store),
+                data_path,
+                record,
+                None,
+                UPLOAD_PART_BYTES,
+            ))
+        }
+        None => FileUpload::Buffered(
+            BufWriter::with_capacity(Arc::clone(&store), data_path, UPLOAD_PART_BYTES)
+                .with_max_concurrency(PARTS_IN_FLIGHT),
+        ),
     };
-    let (store, path) = resolve(runtime, location)?;
-    let mut data = tokio::fs::File::open(data_file)
-        .await
-        .map_err(|e| Error::io(data_file, e))?;
-    let mut upload = AbortOnDrop(Some(
-        BufWriter::with_capacity(
-            Arc::clone(&store),
-            with_extension(&path, "data")?,
-            UPLOAD_BUFFER_BYTES,
-        )
-        .with_max_concurrency(UPLOAD_CONCURRENCY),
-    ));
-    let writer = upload.writer();
-    if let Err(e) = tokio::io::copy(&mut data, writer).await {
-        let _ = writer.abort().await;
-        upload.disarm();
-        return Err(failed(e.to_string()));
+    let mut upload = AbortOnDrop(Some(data_upload));
+    if let Err(e) = send_file(data_file, upload.file(), &location).await {
+        upload.abort_now().await;
+        return Err(e);
     }
-    // A writer that failed to shut down must not be aborted: it may be
-    // shut down already. What it leaves is an unfinished upload, not a file.
-    let shut_down = writer.shutdown().await;
+    // An upload that failed to complete is not aborted: a buffered writer may
+    // be shut down already. What it leaves is an unfinished upload (recorded,
+    // for [`remove_job`]) or a partial local file, never a visible output.
+    let completed = upload.file().complete().await;
     upload.disarm();
-    shut_down.map_err(|e| failed(e.to_string()))?;
+    completed.map_err(|e| failed(e.into()))?;
     let index = tokio::fs::read(index_file)
         .await
         .map_err(|e| Error::io(index_file, e))?;
     store
         .put(&with_extension(&path, "index")?, PutPayload::from(index))
         .await
-        .map_err(|e| failed(e.to_string()))?;
-    Ok(())
+        .map_err(|e| failed(e.into()))?;
+    drop(failed);
+    Ok(location)
+}
+
+/// Sends the local file at `path` to `upload` of `location`, one read
+/// buffer at a time.
+async fn send_file(path: &std::path::Path, upload: &mut FileUpload, location: &str) -> Result<()> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::io(path, e))?;
+    loop {
+        let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        let read = file
+            .read_buf(&mut buffer)
+            .await
+            .map_err(|e| Error::io(path, e))?;
+        if read == 0 {
+            return Ok(());
+        }
+        upload
+            .write(buffer.freeze())
+            .await
+            .map_err(|e| failure(location)(e.into()))?;
+    }
 }
 
 /// A data upload that aborts itself when dropped unfinished: a task that is
 /// cancelled stops in the middle of [`upload`], and its multipart upload
-/// would otherwise keep its parts (which S3 bills, and no listing shows).
-/// An executor killed outright cannot abort; a bucket lifecycle rule
-/// removes what it leaves.
-struct AbortOnDrop(Option<BufWriter>);
+/// would otherwise keep its parts (which S3 bills, and no listing shows)
+/// until [`remove_job`] aborts what the job's records name.
+struct AbortOnDrop(Option<FileUpload>);
 
 impl AbortOnDrop {
-    fn writer(&mut self) -> &mut BufWriter {
+    fn file(&mut self) -> &mut FileUpload {
         self.0.as_mut().expect("the upload is not finished yet")
     }
 
-    /// The upload has finished or been aborted: nothing is left to abort.
+    /// The upload has finished, or will not be aborted: nothing is left to do.
     fn disarm(&mut self) {
         self.0 = None;
+    }
+
+    /// Gives up on the upload now, rather than when it is dropped.
+    async fn abort_now(&mut self) {
+        if let Some(upload) = self.0.take()
+            && let Err(error) = upload.abort().await
+        {
+            tracing::warn!(%error, "could not abort a failed shuffle upload");
+        }
     }
 }
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        let Some(mut writer) = self.0.take() else {
+        let Some(upload) = self.0.take() else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(error) = writer.abort().await {
+                if let Err(error) = upload.abort().await {
                     tracing::warn!(%error, "could not abort a cancelled shuffle upload");
                 }
             });
@@ -166,10 +233,7 @@ pub async fn open_partition(
     partition: usize,
     schema: SchemaRef,
 ) -> Result<SendableRecordBatchStream> {
-    let failed = |reason: String| Error::DurableShuffle {
-        location: location.to_owned(),
-        reason,
-    };
+    let failed = failure(location);
     let (store, path) = resolve(runtime, location)?;
     let data_path = with_extension(&path, "data")?;
     let index_path = with_extension(&path, "index")?;
@@ -177,7 +241,7 @@ pub async fn open_partition(
         object_store::Error::NotFound { .. } => Error::DurableOutputMissing {
             location: location.to_owned(),
         },
-        other => failed(other.to_string()),
+        other => failed(other.into()),
     };
     let index_bytes = store
         .get(&index_path)
@@ -211,7 +275,7 @@ pub async fn open_partition(
         .await
         .map_err(|e| match e {
             SpoolError::Store(e) => missing_or_failed(e),
-            SpoolError::Local(reason) => failed(reason),
+            SpoolError::Local(cause) => failed(cause),
         })?;
     let segment = Segment {
         source: SegmentSource::File(spooled.file),
@@ -243,7 +307,7 @@ struct Spooled {
 
 enum SpoolError {
     Store(object_store::Error),
-    Local(String),
+    Local(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Streams a byte range of a stored file into a temporary file in the
@@ -255,11 +319,11 @@ async fn spool(
     path: &Path,
     range: std::ops::Range<u64>,
 ) -> std::result::Result<Spooled, SpoolError> {
-    let local = |e: &dyn std::fmt::Display| SpoolError::Local(e.to_string());
+    let local = |e: std::io::Error| SpoolError::Local(e.into());
     let temp = runtime
         .disk_manager
         .create_tmp_file("reading a durable shuffle partition")
-        .map_err(|e| local(&e))?;
+        .map_err(|e| SpoolError::Local(e.into()))?;
     let temp_path = temp
         .path()
         .ok_or_else(|| SpoolError::Local("the spill space has no local files".into()))?;
@@ -268,7 +332,7 @@ async fn spool(
         .write(true)
         .open(temp_path)
         .await
-        .map_err(|e| local(&e))?;
+        .map_err(local)?;
     let mut writer = tokio::io::BufWriter::with_capacity(SPOOL_BUFFER_BYTES, file);
     let options = GetOptions {
         range: Some(GetRange::Bounded(range)),
@@ -281,30 +345,41 @@ async fn spool(
         .into_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(SpoolError::Store)?;
-        writer.write_all(&chunk).await.map_err(|e| local(&e))?;
+        writer.write_all(&chunk).await.map_err(local)?;
     }
-    writer.flush().await.map_err(|e| local(&e))?;
+    writer.flush().await.map_err(local)?;
     let mut file = writer.into_inner();
     file.seek(std::io::SeekFrom::Start(0))
         .await
-        .map_err(|e| local(&e))?;
+        .map_err(local)?;
     Ok(Spooled {
         file: file.into_std().await,
         temp,
     })
 }
 
-/// Deletes every durable map output of a job.
-pub async fn remove_job(runtime: &RuntimeEnv, shuffle_location: &str, job_id: &str) -> Result<()> {
+/// Deletes every durable map output of a job, once the uploads that its
+/// killed executors left unfinished are aborted.
+pub async fn remove_job(
+    runtime: &RuntimeEnv,
+    stores: &StoreRegistry,
+    shuffle_location: &str,
+    job_id: &str,
+) -> Result<()> {
     let location = job_location(shuffle_location, job_id);
-    let failed = |reason: String| Error::DurableShuffle {
-        location: location.clone(),
-        reason,
-    };
+    let failed = failure(&location);
     let (store, prefix) = resolve(runtime, &location)?;
+    if let Some(multipart) = multipart_store(stores, &location)? {
+        let aborted = abort_recorded_uploads(&store, multipart.as_ref(), &upload_records(&prefix))
+            .await
+            .map_err(|e| failed(e.into()))?;
+        if aborted > 0 {
+            tracing::info!(%location, aborted, "aborted shuffle uploads that killed tasks left");
+        }
+    }
     delete_prefix(&store, &prefix, location.starts_with("file:"))
         .await
-        .map_err(|e| failed(e.to_string()))
+        .map_err(|e| failed(e.into()))
 }
 
 #[cfg(test)]
@@ -346,15 +421,16 @@ mod tests {
         let local = tempfile::tempdir().expect("temp");
         let remote = tempfile::tempdir().expect("temp");
         let (data, index) = write_output(local.path());
-        let runtime = runtime_builder(Arc::new(StoreRegistry::new()))
+        let stores = Arc::new(StoreRegistry::new());
+        let runtime = runtime_builder(Arc::clone(&stores))
             .build()
             .expect("runtime");
         let shuffle = format!("file://{}", remote.path().display());
         let id = MapOutputId::new("job1", 2, 0, 1).expect("id");
-        let location = output_location(&shuffle, &id);
-        upload(&runtime, &location, &data, &index)
+        let location = upload(&runtime, &stores, &id, &shuffle, &data, &index)
             .await
             .expect("upload");
+        assert_eq!(location, output_location(&shuffle, &id));
 
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
         let read = open_partition(&runtime, &location, 0, Arc::clone(&schema))
@@ -388,7 +464,7 @@ mod tests {
             "spooled partitions left behind"
         );
 
-        remove_job(&runtime, &shuffle, "job1")
+        remove_job(&runtime, &stores, &shuffle, "job1")
             .await
             .expect("remove");
         assert!(!remote.path().join("job1").exists());

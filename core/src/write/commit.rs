@@ -59,7 +59,7 @@ use super::layout::{
     relative_to, upload_records, written_by,
 };
 use super::partition::folder_values;
-use super::upload::{abort_recorded_uploads, multipart_store};
+use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
 const CONCURRENT_REQUESTS: usize = 16;

@@ -33,7 +33,7 @@ use tracing::warn;
 use super::TaskAttempt;
 use super::layout::{attempt_staging, file_name, join, upload_record};
 use super::partition::HivePartitioner;
-use super::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, multipart_store};
+use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, multipart_store};
 use crate::config::QuiverOptions;
 use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};

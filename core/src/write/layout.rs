@@ -35,7 +35,7 @@ pub fn attempt_staging(table: &Path, job_id: &str, partition: usize, attempt: u3
     job_staging(table, job_id).join(format!("p{partition}-a{attempt}"))
 }
 
-/// The records of one job's uploads in progress (see [`super::upload`]).
+/// The records of one job's uploads in progress (see [`crate::storage::upload`]).
 pub fn upload_records(table: &Path, job_id: &str) -> Path {
     job_staging(table, job_id).join(UPLOADS_FOLDER)
 }

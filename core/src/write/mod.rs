@@ -9,8 +9,6 @@
 //! - [`layout`]: staging and committed paths.
 //! - [`partition`]: hive partition folders.
 //! - [`exec`]: the write tasks.
-//! - [`upload`]: file uploads whose ids are recorded, so that a killed
-//!   task's unfinished uploads can be aborted.
 //! - [`commit`]: the commit step.
 //! - [`plan`]: swapping DataFusion's sink for the two steps.
 
@@ -19,7 +17,6 @@ pub mod exec;
 pub mod layout;
 pub mod partition;
 pub mod plan;
-pub mod upload;
 
 pub use commit::{FinishOverwrite, ParquetCommitExec, Settled, settle_write};
 pub use exec::ParquetWriteExec;

@@ -1,20 +1,22 @@
 //! File uploads that a killed task cannot leave behind unnoticed.
 //!
-//! A write task sends each file to a remote store in parts, as a multipart
-//! upload. The store keeps (and bills) the parts of an upload that is never
-//! completed or aborted, and no listing of the bucket shows them. A task that
-//! fails or is cancelled aborts its uploads itself; a task whose process is
-//! killed cannot. So before a file's first part goes up, the task records the
-//! upload's id next to its staged files ([`upload_record`]), and deletes the
-//! record once the upload is completed or aborted. Whoever finishes the job
-//! (its commit, or the scheduler settling it) aborts every upload still
-//! recorded ([`abort_recorded_uploads`]) before deleting the staging folder.
+//! A task sends each file it puts in a remote store (a written Parquet file,
+//! a durable shuffle output) in parts, as a multipart upload. The store
+//! keeps (and bills) the parts of an upload that is never completed or
+//! aborted, and no listing of the bucket shows them. A task that fails or is
+//! cancelled aborts its uploads itself; a task whose process is killed
+//! cannot. So before a file's first part goes up, the task records the
+//! upload's id in its job's records folder, and deletes the record once the
+//! upload is completed or aborted. Whoever finishes the job (a write's
+//! commit, the scheduler settling a write or removing a job's durable
+//! shuffle data) aborts every upload still recorded
+//! ([`abort_recorded_uploads`]) before deleting the folder.
 //!
 //! What is left: an upload created in the moment before its record was
 //! written. It holds no parts yet; an abort-incomplete-uploads lifecycle rule
 //! removes it. Stores without a multipart API (local files) write through
 //! object_store's `BufWriter`: a killed writer's partial file lies in the
-//! staging folder, which the same settling deletes.
+//! job's folder, which the same clean-up deletes.
 
 use std::sync::Arc;
 
