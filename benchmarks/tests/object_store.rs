@@ -930,9 +930,12 @@ async fn a_shuffle_upload_left_by_a_killed_executor_is_aborted() {
         s3.sql_options()
     );
     run(&context, &seed).await.expect("configure the bucket");
-    run(&context, "SET quiver.shuffle_location = 's3://lake/_shuffle'")
-        .await
-        .expect("set shuffle location");
+    run(
+        &context,
+        "SET quiver.shuffle_location = 's3://lake/_shuffle'",
+    )
+    .await
+    .expect("set shuffle location");
     // Distinct digests: the shuffle carries every row, tens of MiB per map.
     let query = format!(
         "SELECT count(*)::bigint unsigned FROM (SELECT digest FROM \

@@ -283,10 +283,14 @@ mod tests {
             source: "503 SlowDown".into(),
         }));
         assert_eq!(classify_failure(&throttled), FailureKind::Retryable);
-        let bad_url = durable(Box::new(url::Url::parse("no scheme").expect_err("not a URL")));
+        let bad_url = durable(Box::new(
+            url::Url::parse("no scheme").expect_err("not a URL"),
+        ));
         assert_eq!(classify_failure(&bad_url), FailureKind::Fatal);
         assert!(
-            no_bucket.to_string().contains("s3://lake/_shuffle/job/1/0-a0"),
+            no_bucket
+                .to_string()
+                .contains("s3://lake/_shuffle/job/1/0-a0"),
             "{no_bucket}"
         );
     }

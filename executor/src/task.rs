@@ -23,7 +23,7 @@ use quiver_core::shuffle::{
     FlightClientPool, LocalOutputs, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
 };
 use quiver_core::storage::metered::{MeteredRegistry, ReadMeter};
-use quiver_core::storage::{StoreOptions, StoreRegistry};
+use quiver_core::storage::{StoreOptions, StoreRegistry, redact_store_echoes};
 use quiver_core::write::TaskAttempt;
 use quiver_proto::{
     ExecutorAddress, FailureKind, LaunchTask, MapOutput, Metric, MetricKind, OperatorMetrics,
@@ -168,11 +168,12 @@ impl TaskRunner {
                 }),
                 Some(Err(error)) => {
                     let kind = classify_failure(&error);
+                    let message = redact_store_echoes(&error.to_string()).into_owned();
                     warn!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition,
-                        attempt = task.attempt, ?kind, %error, "task failed");
+                        attempt = task.attempt, ?kind, error = %message, "task failed");
                     task_status::Result::Failed(TaskFailed {
                         kind: kind.into(),
-                        message: error.to_string(),
+                        message,
                         fetch: fetch_failure(&error),
                     })
                 }

@@ -1,6 +1,7 @@
 //! Scheduler errors, and their one mapping to gRPC status codes.
 
 use datafusion::error::DataFusionError;
+use quiver_core::storage::redact_store_echoes;
 use tonic::{Code, Status};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -105,6 +106,7 @@ impl From<Error> for Status {
             | Error::Serve(_)
             | Error::FlightSql(_) => Code::Internal,
         };
-        Status::new(code, error.to_string())
+        // A store's refusal may echo the request's credentials.
+        Status::new(code, redact_store_echoes(&error.to_string()))
     }
 }

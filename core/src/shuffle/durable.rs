@@ -14,19 +14,19 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use bytes::BytesMut;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SpillFile;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use bytes::BytesMut;
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::multipart::MultipartStore;
-use parquet::arrow::async_writer::AsyncFileWriter;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::async_writer::AsyncFileWriter;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use url::Url;
 
@@ -63,9 +63,7 @@ pub fn job_location(shuffle_location: &str, job_id: &str) -> String {
 }
 
 /// A failure of durable storage at `location`, classified by its cause.
-fn failure(
-    location: &str,
-) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error + '_ {
+fn failure(location: &str) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error + '_ {
     move |source| Error::DurableShuffle {
         location: location.to_owned(),
         source,
@@ -76,8 +74,8 @@ fn failure(
 fn resolve(runtime: &RuntimeEnv, location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let invalid = failure(location);
     let url = Url::parse(location).map_err(|e| invalid(e.into()))?;
-    let store_url = ObjectStoreUrl::parse(&url[..url::Position::BeforePath])
-        .map_err(|e| invalid(e.into()))?;
+    let store_url =
+        ObjectStoreUrl::parse(&url[..url::Position::BeforePath]).map_err(|e| invalid(e.into()))?;
     let store = runtime
         .object_store(&store_url)
         .map_err(|e| invalid(e.into()))?;
@@ -90,7 +88,10 @@ fn with_extension(path: &Path, extension: &str) -> Result<Path> {
 }
 
 /// The multipart API of the store at `location`, if it has one.
-fn multipart_store(stores: &StoreRegistry, location: &str) -> Result<Option<Arc<dyn MultipartStore>>> {
+fn multipart_store(
+    stores: &StoreRegistry,
+    location: &str,
+) -> Result<Option<Arc<dyn MultipartStore>>> {
     let url = Url::parse(location).map_err(|e| failure(location)(e.into()))?;
     stores
         .multipart_store(&url)

@@ -5,14 +5,17 @@
 //! - [`registry`]: builds each location's store from the environment and its
 //!   options, on first use; one registry per scheduler and per executor.
 //! - [`metered`]: counts the bytes each task reads from stores.
+//! - [`echoes`]: blanks what stores echo of credentials in their errors.
 //! - [`upload`]: file uploads whose ids are recorded, so that the unfinished
 //!   uploads of a killed task can be aborted (writes and durable shuffle).
 
+pub mod echoes;
 pub mod metered;
 pub mod options;
 pub mod registry;
 pub mod upload;
 
+pub use echoes::redact_store_echoes;
 pub use options::{StoreOptions, is_store_option, redact_sql, register_store_option_namespaces};
 pub use registry::{Store, StoreError, StoreRegistry, build_store, store_key};
 

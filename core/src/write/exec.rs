@@ -33,10 +33,10 @@ use tracing::warn;
 use super::TaskAttempt;
 use super::layout::{attempt_staging, file_name, join, upload_record};
 use super::partition::HivePartitioner;
-use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, multipart_store};
 use crate::config::QuiverOptions;
 use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
+use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, multipart_store};
 
 /// Files one write task keeps open at once, across partition folders. Past
 /// it, the least recently written file is finished: a task writing many

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
 use quiver_core::metrics::add_operator_metrics;
+use quiver_core::storage::redact_store_echoes;
 use quiver_proto::{
     FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput,
     PartitionStats, Setting, StageInput, StageMetrics, StoreConfig, TaskFailed, TaskId,
@@ -702,6 +703,9 @@ impl Job {
     }
 
     pub fn fail(&mut self, message: String) -> Outcome {
+        // Kept in the job history and shown to clients: a store's refusal
+        // may echo the request's credentials.
+        let message = redact_store_echoes(&message).into_owned();
         self.state = JobState::Failed;
         self.error.clone_from(&message);
         Outcome::Failed(message)
@@ -976,6 +980,30 @@ mod tests {
             Outcome::Continue
         );
         assert!(matches!(state(&job, 1, 0), TaskState::Running { .. }));
+    }
+
+    #[test]
+    fn a_failed_job_keeps_no_credentials_that_a_store_echoed() {
+        let mut job = chain(1);
+        let id = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        let refused = TaskFailed {
+            kind: FailureKind::Fatal.into(),
+            message: "cannot write to 's3://lake/out/': 403 Forbidden: <Error>\
+                      <Code>SignatureDoesNotMatch</Code><AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId>\
+                      <CanonicalRequest>x-amz-security-token:SESSIONTOKEN</CanonicalRequest></Error>"
+                .into(),
+            fetch: None,
+        };
+        let Outcome::Failed(message) = job.on_failure(&id, &refused, Instant::now()) else {
+            panic!("a fatal failure fails the job");
+        };
+        for shown in [&message, &job.error] {
+            assert!(shown.contains("SignatureDoesNotMatch"), "{shown}");
+            assert!(
+                !shown.contains("AKIAEXAMPLE") && !shown.contains("SESSIONTOKEN"),
+                "{shown}"
+            );
+        }
     }
 
     /// Reports a launched task as finished with `bytes` in one partition.

@@ -1,0 +1,183 @@
+//! Store error texts without what a store echoes of a request's credentials.
+//!
+//! S3, and GCS's XML API, answer a signature they refuse with the request as
+//! they saw it: the access key id, the string to sign, the canonical request
+//! (whose headers include `x-amz-security-token`, a session token) and the
+//! signature. object_store puts that body in its error message, which would
+//! then reach logs, the job history and clients. A signed URL in a message
+//! carries the same things as query parameters. [`redact_store_echoes`]
+//! blanks them wherever an error becomes text that leaves the process.
+
+use std::borrow::Cow;
+
+/// XML elements of an error body that echo the request's credentials.
+const ECHOED_ELEMENTS: &[&str] = &[
+    "AWSAccessKeyId",
+    "StringToSign",
+    "StringToSignBytes",
+    "SignatureProvided",
+    "CanonicalRequest",
+    "CanonicalRequestBytes",
+    "GoogleAccessId",
+];
+
+/// Query parameters of a signed URL that carry credentials, compared
+/// without regard to case.
+const SIGNED_QUERY_PARAMETERS: &[&str] = &[
+    "x-amz-credential",
+    "x-amz-signature",
+    "x-amz-security-token",
+    "x-goog-credential",
+    "x-goog-signature",
+    "awsaccesskeyid",
+    "signature",
+    "sig",
+];
+
+const REDACTED: &str = "***";
+
+/// `text` with the content of every echoed credential element and the value
+/// of every signed query parameter replaced by `***`. Borrowed when there
+/// is nothing to blank, which is nearly always.
+pub fn redact_store_echoes(text: &str) -> Cow<'_, str> {
+    let mut spans: Vec<(usize, usize)> = echoed_element_spans(text)
+        .chain(signed_parameter_spans(text))
+        .filter(|(start, end)| start < end)
+        .collect();
+    if spans.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    spans.sort_unstable();
+    let mut redacted = String::with_capacity(text.len());
+    let mut copied = 0;
+    for (start, end) in spans {
+        // Spans may nest (a signed URL inside a canonical request).
+        if end <= copied {
+            continue;
+        }
+        let start = start.max(copied);
+        redacted.push_str(&text[copied..start]);
+        redacted.push_str(REDACTED);
+        copied = end;
+    }
+    redacted.push_str(&text[copied..]);
+    Cow::Owned(redacted)
+}
+
+/// Byte ranges of the contents of [`ECHOED_ELEMENTS`]; an element left
+/// open runs to the end of the text.
+fn echoed_element_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    ECHOED_ELEMENTS.iter().flat_map(move |name| {
+        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+        text.match_indices(&open)
+            .map(|(at, _)| at + open.len())
+            .map(|start| {
+                let end = text[start..]
+                    .find(&close)
+                    .map_or(text.len(), |offset| start + offset);
+                (start, end)
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+/// Byte ranges of the values of [`SIGNED_QUERY_PARAMETERS`] after a `?` or `&`.
+fn signed_parameter_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    text.char_indices()
+        .filter(|&(_, c)| c == '?' || c == '&')
+        .filter_map(move |(at, _)| {
+            let rest = &text[at + 1..];
+            let name_len = rest.find('=')?;
+            let name = &rest[..name_len];
+            if !SIGNED_QUERY_PARAMETERS
+                .iter()
+                .any(|known| name.eq_ignore_ascii_case(known))
+            {
+                return None;
+            }
+            let start = at + 1 + name_len + 1;
+            let len = text[start..]
+                .find(|c: char| matches!(c, '&' | '<' | '"' | '\'' | ')') || c.is_whitespace())
+                .unwrap_or(text.len() - start);
+            Some((start, start + len))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body that S3 documents for a refused signature, as object_store
+    /// puts it in its error message.
+    const REFUSED_SIGNATURE: &str = "Error performing PUT https://lake.s3.amazonaws.com/out/part-0.parquet \
+        in 41ms - Server returned non-2xx status code: 403 Forbidden: \
+        <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SignatureDoesNotMatch</Code>\
+        <Message>The request signature we calculated does not match the signature you provided.</Message>\
+        <AWSAccessKeyId>AKIAIOSFODNN7EXAMPLE</AWSAccessKeyId>\
+        <StringToSign>AWS4-HMAC-SHA256\n20261205T010203Z\n20261205/us-east-1/s3/aws4_request\nabc</StringToSign>\
+        <SignatureProvided>fe5f80f77d5fa3beca038a248ff027</SignatureProvided>\
+        <StringToSignBytes>41 57 53 34</StringToSignBytes>\
+        <CanonicalRequest>PUT\n/out/part-0.parquet\n\nhost:lake.s3.amazonaws.com\n\
+        x-amz-security-token:FwoGZXIvYXdzEXAMPLETOKEN\n\nhost;x-amz-security-token\nUNSIGNED-PAYLOAD</CanonicalRequest>\
+        <CanonicalRequestBytes>50 55 54</CanonicalRequestBytes>\
+        <RequestId>4442587FB7D0A2F9</RequestId></Error>";
+
+    #[test]
+    fn echoed_credentials_are_blanked_and_the_rest_kept() {
+        let redacted = redact_store_echoes(REFUSED_SIGNATURE);
+        for echoed in [
+            "AKIAIOSFODNN7EXAMPLE",
+            "FwoGZXIvYXdzEXAMPLETOKEN",
+            "fe5f80f77d5fa3beca038a248ff027",
+            "aws4_request",
+            "41 57 53 34",
+        ] {
+            assert!(!redacted.contains(echoed), "{echoed} shows in {redacted}");
+        }
+        for kept in [
+            "SignatureDoesNotMatch",
+            "https://lake.s3.amazonaws.com/out/part-0.parquet",
+            "403 Forbidden",
+            "<AWSAccessKeyId>***</AWSAccessKeyId>",
+            "<RequestId>4442587FB7D0A2F9</RequestId>",
+        ] {
+            assert!(redacted.contains(kept), "{kept} is missing from {redacted}");
+        }
+    }
+
+    #[test]
+    fn signed_url_parameters_are_blanked() {
+        let text = "error sending request for url (https://acct.blob.core.windows.net/box/a.parquet\
+            ?sv=2022-11-02&sig=c2VjcmV0%3D&se=2027) and \
+            https://lake.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F20261205&X-Amz-Security-Token=tok \
+            then";
+        let redacted = redact_store_echoes(text);
+        assert_eq!(
+            redacted,
+            "error sending request for url (https://acct.blob.core.windows.net/box/a.parquet\
+            ?sv=2022-11-02&sig=***&se=2027) and \
+            https://lake.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Security-Token=*** \
+            then"
+        );
+    }
+
+    #[test]
+    fn plain_messages_pass_unchanged() {
+        for text in [
+            "Object at location out/x.parquet not found",
+            "the value a&b=c is fine, and so is ?x=1",
+            "<Error><Code>NoSuchBucket</Code></Error>",
+            "",
+        ] {
+            assert!(
+                matches!(redact_store_echoes(text), Cow::Borrowed(_)),
+                "{text}"
+            );
+        }
+        // An element cut off by a truncated message is blanked to the end.
+        assert_eq!(
+            redact_store_echoes("<StringToSign>AWS4-HMAC"),
+            "<StringToSign>***"
+        );
+    }
+}
