@@ -1,6 +1,6 @@
 //! An embedded cluster: one scheduler and N executors in this process, talking
-//! real gRPC and Arrow Flight over loopback. Used by the README's first command,
-//! by `quiver --standalone` and by the integration tests.
+//! real gRPC and Arrow Flight over loopback. Used by the README's first command
+//! (the TPC-H runner) and by the integration tests.
 
 use std::time::Duration;
 
@@ -27,6 +27,10 @@ pub struct StandaloneOptions {
     pub default_partitions: usize,
     /// Jobs running at once; later ones queue. 0 means no limit.
     pub max_running_jobs: usize,
+    /// Where `CREATE TABLE ... AS` writes its tables: a folder or an object
+    /// store URL. By default a folder in the cluster's work folder, which
+    /// goes when the cluster stops, as its catalog does (it is not stored).
+    pub warehouse: Option<String>,
 }
 
 impl Default for StandaloneOptions {
@@ -38,6 +42,7 @@ impl Default for StandaloneOptions {
             shuffle_memory_limit: quiver_executor::config::DEFAULT_SHUFFLE_MEMORY_LIMIT,
             default_partitions: 4,
             max_running_jobs: 16,
+            warehouse: None,
         }
     }
 }
@@ -76,6 +81,8 @@ impl StandaloneCluster {
         let scheduler_config = SchedulerConfig {
             default_partitions: options.default_partitions,
             max_running_jobs: options.max_running_jobs,
+            state_dir: work_dir.path().join("scheduler"),
+            warehouse: options.warehouse.clone(),
             ..SchedulerConfig::local()
         };
         let shutdown = wait_for(stopped.clone());

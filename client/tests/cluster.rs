@@ -646,6 +646,67 @@ async fn cluster_joining_partitioned() -> (StandaloneCluster, QuiverContext, tem
     (cluster, context, dir)
 }
 
+/// A table made by `CREATE TABLE ... AS` owns its warehouse folder:
+/// dropping it (or its schema, cascading) deletes the folder, replacing it
+/// keeps the new data, and an external table's files stay when it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_a_created_table_deletes_its_folder() {
+    let warehouse = tempfile::tempdir().expect("warehouse");
+    let options = StandaloneOptions {
+        warehouse: Some(warehouse.path().display().to_string()),
+        ..StandaloneOptions::default()
+    };
+    let cluster = StandaloneCluster::start(options).await.expect("start");
+    let context = cluster.connect(2).await.expect("connect");
+    let folder = |schema: &str, table: &str| warehouse.path().join(schema).join(table);
+
+    query(&context, "CREATE TABLE made AS SELECT 1 AS a").await;
+    query(&context, "CREATE OR REPLACE TABLE made AS SELECT 2 AS a").await;
+    assert_eq!(count(&context, "SELECT sum(a) FROM made").await, 2);
+    assert!(folder("public", "made").is_dir());
+    query(&context, "DROP TABLE made").await;
+    assert!(
+        !folder("public", "made").exists(),
+        "the dropped table's folder stays"
+    );
+    query(&context, "CREATE TABLE made AS SELECT 3 AS a").await;
+    assert_eq!(count(&context, "SELECT sum(a) FROM made").await, 3);
+
+    query(&context, "CREATE SCHEMA staging").await;
+    query(&context, "CREATE TABLE staging.one AS SELECT 1 AS a").await;
+    query(&context, "CREATE TABLE staging.two AS SELECT 2 AS a").await;
+    query(&context, "DROP SCHEMA staging CASCADE").await;
+    assert!(!folder("staging", "one").exists() && !folder("staging", "two").exists());
+
+    let outside = tempfile::tempdir().expect("external folder");
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT 1 AS a) TO '{}/' STORED AS PARQUET",
+            outside.path().display()
+        ),
+    )
+    .await;
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE declared STORED AS PARQUET LOCATION '{}/'",
+            outside.path().display()
+        ),
+    )
+    .await;
+    query(&context, "DROP TABLE declared").await;
+    let kept = std::fs::read_dir(outside.path())
+        .expect("external folder")
+        .count();
+    assert!(kept > 0, "an external table's files were deleted");
+    assert!(
+        folder("public", "made").is_dir(),
+        "another table's folder went"
+    );
+    cluster.shutdown().await;
+}
+
 /// The report of `EXPLAIN ANALYZE sql`, as text.
 async fn explain_analyze(context: &QuiverContext, sql: &str) -> String {
     let batches = query(context, &format!("EXPLAIN ANALYZE {sql}")).await;

@@ -4,9 +4,9 @@
 //!
 //! Storing statements rather than resolved metadata keeps the store independent
 //! of DataFusion's internal structures across versions; an external table's
-//! schema is inferred again from its files on replay. Tables made by
-//! `CREATE TABLE ... AS SELECT` or `VALUES` live in the scheduler's memory and
-//! are not persisted.
+//! schema is inferred again from its files on replay. A table made by
+//! `CREATE TABLE ... AS` is written to the warehouse first and stored as the
+//! external table of its folder.
 
 use datafusion::common::TableReference;
 use datafusion::execution::SessionState;

@@ -74,6 +74,11 @@ impl HivePartitionedTable {
         }
     }
 
+    /// The listing underneath, whose partition columns are strings.
+    pub fn listing(&self) -> &ListingTable {
+        &self.raw
+    }
+
     /// The declared-type value of the raw partition column `raw`.
     fn typed(raw: Expr, declared: &DataType) -> Result<Expr> {
         let converted = if declared == &DataType::Utf8 {

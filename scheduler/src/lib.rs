@@ -22,6 +22,7 @@
 //! - [`catalog`]: which DDL statements are stored, and their replay on start.
 //! - [`tables`]: the table factory of `CREATE EXTERNAL TABLE`.
 //! - [`hive`]: hive-partitioned tables whose partition columns may hold nulls.
+//! - [`managed`]: the warehouse folders of `CREATE TABLE AS` tables, deleted on `DROP`.
 //! - [`config`]: command-line and environment settings.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
@@ -43,6 +44,7 @@ pub mod join_swap;
 pub mod join_tree;
 pub mod joins;
 pub mod locations;
+pub mod managed;
 pub mod planner;
 pub mod reduction;
 pub mod series;

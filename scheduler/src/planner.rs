@@ -42,6 +42,7 @@ use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::error::{Error, Result};
 use crate::locations::{store_configs, write_target};
+use crate::managed::{self, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
@@ -343,6 +344,12 @@ impl Planner {
                 }
                 _ => None,
             };
+            let dropped = match &logical {
+                LogicalPlan::Ddl(ddl) if persist => {
+                    managed::dropped_folders(ddl, &state, &self.warehouse).await
+                }
+                _ => Vec::new(),
+            };
             let context = SessionContext::new_with_state(state.clone());
             let executed =
                 async { context.execute_logical_plan(logical).await?.collect().await }.await;
@@ -359,6 +366,7 @@ impl Planner {
                     .await
                     .map_err(|_| Error::ShuttingDown)??;
             }
+            managed::delete_folders(&self.catalog.runtime_env(), dropped).await;
             return Ok(Planned::Done { schema });
         }
         if let LogicalPlan::Analyze(analyze) = logical {
@@ -466,7 +474,8 @@ impl Planner {
     /// `CREATE TABLE t AS SELECT ...` writes `t` as Parquet into its own
     /// warehouse folder (replacing whatever a lost catalog left there), by a
     /// distributed write, and registers the folder as an external table
-    /// once the write has committed.
+    /// once the write has committed. The table owns the folder
+    /// ([`managed`]): dropping it deletes the folder.
     async fn plan_create_table_as(
         &self,
         job_id: &str,
@@ -495,7 +504,7 @@ impl Planner {
         for part in [&name.schema, &name.table] {
             check_folder_name(part)?;
         }
-        let location = format!("{}{}/{}/", self.warehouse, name.schema, name.table);
+        let location = warehouse_folder(&self.warehouse, &name.schema, &name.table);
         let parquet = format_as_file_type(Arc::new(ParquetFormatFactory::new()));
         let write = LogicalPlanBuilder::copy_to(
             create.input.as_ref().clone(),
@@ -511,14 +520,13 @@ impl Planner {
         let quoted = [&name.catalog, &name.schema, &name.table]
             .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
             .join(".");
-        let mut register = Vec::new();
-        if exists {
-            register.push(format!("DROP TABLE {quoted}"));
-        }
-        register.push(format!(
-            "CREATE EXTERNAL TABLE {quoted} STORED AS PARQUET LOCATION '{}'",
+        // Replaced in one statement: a `DROP TABLE` would delete the folder
+        // just written, which the table owns.
+        let register = vec![format!(
+            "CREATE {}EXTERNAL TABLE {quoted} STORED AS PARQUET LOCATION '{}'",
+            if exists { "OR REPLACE " } else { "" },
             location.replace('\'', "''")
-        ));
+        )];
         Ok(Planned::CreateTableAs { write, register })
     }
 
