@@ -332,6 +332,7 @@ mod tests {
         for filter in [
             col("region").eq(lit("a:b")),
             col("region").eq(lit("ünï")),
+            col("region").eq(lit("a+b")),
             col("ü").eq(lit("EU")),
         ] {
             let rewritten = raw(filter.clone());
