@@ -14,8 +14,9 @@ use datafusion::execution::object_store::ObjectStoreRegistry;
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, OBJECT_STORE_COALESCE_DEFAULT,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult, RenameOptions, Result, coalesce_ranges,
 };
 use url::Url;
 
@@ -66,6 +67,7 @@ impl ObjectStoreRegistry for MeteredRegistry {
         Ok(Arc::new(MeteredStore {
             inner: self.inner.get_store(url)?,
             meter: Arc::clone(&self.meter),
+            reads_ranges_in_place: matches!(url.scheme(), "file" | "memory"),
         }))
     }
 }
@@ -75,6 +77,9 @@ impl ObjectStoreRegistry for MeteredRegistry {
 struct MeteredStore {
     inner: Arc<dyn ObjectStore>,
     meter: Arc<ReadMeter>,
+    /// Local files and memory read several ranges exactly, in place. Remote
+    /// stores fetch them in merged requests, gaps included.
+    reads_ranges_in_place: bool,
 }
 
 impl fmt::Display for MeteredStore {
@@ -115,14 +120,25 @@ impl ObjectStore for MeteredStore {
         Ok(result)
     }
 
-    // Forwarded, so that a store's own way of reading several ranges (one
-    // open file, merged requests) is kept; counted as one request.
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        let read = self.inner.get_ranges(location, ranges).await?;
-        self.meter.requests.fetch_add(1, Ordering::Relaxed);
-        let bytes: u64 = ranges.iter().map(|range| range.end - range.start).sum();
-        self.meter.bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok(read)
+        if self.reads_ranges_in_place {
+            // Forwarded, so that one open file serves every range; what it
+            // reads is exactly the ranges asked for.
+            let read = self.inner.get_ranges(location, ranges).await?;
+            self.meter.requests.fetch_add(1, Ordering::Relaxed);
+            let bytes: u64 = ranges.iter().map(|range| range.end - range.start).sum();
+            self.meter.bytes.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(read);
+        }
+        // A remote store merges ranges less than a MiB apart into one request
+        // and fetches the gaps too: merged here, as object_store does, so that
+        // each request and all the bytes it fetches pass through `get_opts`.
+        coalesce_ranges(
+            ranges,
+            |range| self.get_range(location, range),
+            OBJECT_STORE_COALESCE_DEFAULT,
+        )
+        .await
     }
 
     fn delete_stream(
@@ -159,18 +175,23 @@ impl ObjectStore for MeteredStore {
 
 #[cfg(test)]
 mod tests {
-    use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
     use super::*;
 
-    #[tokio::test]
-    async fn reads_are_counted_and_writes_are_not() {
+    fn metered(reads_ranges_in_place: bool) -> (MeteredStore, Arc<ReadMeter>) {
         let meter = Arc::new(ReadMeter::default());
         let store = MeteredStore {
             inner: Arc::new(InMemory::new()),
             meter: Arc::clone(&meter),
+            reads_ranges_in_place,
         };
+        (store, meter)
+    }
+
+    #[tokio::test]
+    async fn reads_are_counted_and_writes_are_not() {
+        let (store, meter) = metered(true);
         let path = Path::from("a/b");
         store
             .put(&path, PutPayload::from(vec![7u8; 1000]))
@@ -186,5 +207,29 @@ mod tests {
             .expect("ranges");
         assert_eq!(meter.bytes(), 230);
         assert_eq!(meter.requests(), 3);
+    }
+
+    /// A remote store fetches nearby ranges in one request, gaps included:
+    /// those are the bytes that cross the network.
+    #[tokio::test]
+    async fn merged_remote_reads_count_the_bytes_fetched() {
+        let (store, meter) = metered(false);
+        let path = Path::from("a/b");
+        let far = 3 * OBJECT_STORE_COALESCE_DEFAULT;
+        store
+            .put(&path, PutPayload::from(vec![7u8; far as usize + 100]))
+            .await
+            .expect("put");
+        let read = store
+            .get_ranges(&path, &[0..10, 500..520, far..far + 100])
+            .await
+            .expect("ranges");
+        assert_eq!(
+            read.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [10, 20, 100]
+        );
+        // Two requests: 0..520 merged, and the far range on its own.
+        assert_eq!(meter.requests(), 2);
+        assert_eq!(meter.bytes(), 520 + 100);
     }
 }
