@@ -707,7 +707,11 @@ async fn bad_locations_get_clear_errors_without_secrets() {
             "marked_hive/year=2024/.part-1.parquet.crc",
             b"crc32".to_vec(),
         ),
-        ("marked_hive/year=2025/part-1.parquet", data),
+        ("marked_hive/year=2025/part-1.parquet", data.clone()),
+        // Hive's extension-less data file, and a console's folder marker.
+        ("hive_named/000000_0", data),
+        ("only_markers/_SUCCESS", Vec::new()),
+        ("only_markers/year=2024/empty.parquet", Vec::new()),
     ] {
         bucket
             .put(&Path::from(name), PutPayload::from(bytes))
@@ -745,6 +749,24 @@ async fn bad_locations_get_clear_errors_without_secrets() {
         .await,
         3
     );
+    // A folder the table would read nothing of is refused, rather than
+    // registered to answer with no rows (or no columns).
+    for (folder, expected) in [
+        ("hive_named", "would read none of its files"),
+        ("only_markers", "no Parquet data file"),
+    ] {
+        let error = run(
+            &context,
+            &format!(
+                "CREATE EXTERNAL TABLE {folder} STORED AS PARQUET LOCATION 's3://lake/{folder}/' {}",
+                s3.sql_options()
+            ),
+        )
+        .await
+        .expect_err("a folder without data files must be refused");
+        assert!(error.contains(expected), "{folder}: {error}");
+        assert!(!error.contains(SECRET_KEY), "{error}");
+    }
 
     // A secret shows neither in EXPLAIN nor, however it is quoted, in the
     // job history (checked at the end).
@@ -791,7 +813,7 @@ async fn bad_locations_get_clear_errors_without_secrets() {
                 "CREATE EXTERNAL TABLE t2 STORED AS PARQUET LOCATION 's3://lake/text/' {}",
                 s3.sql_options()
             ),
-            "s3://lake/text/",
+            "text/notes.parquet",
         ),
         (
             "misspelt option",

@@ -178,27 +178,37 @@ impl TableProviderFactory for TableFactory {
 /// Declares the columns of a Parquet table on a folder, declared without
 /// them, as the folder's data files have them, and its partition columns as
 /// their `col=value` folders name them, unless `PARTITIONED BY` names them.
-/// The data files are those the table will read: `.parquet` files in the
-/// folder and in its `col=value` folders (other subfolders, such as
+/// The data files are those the table will read: non-empty `.parquet` files
+/// in the folder and in its `col=value` folders (other subfolders, such as
 /// `_temporary/` and `_manifests/`, are skipped unless
-/// `datafusion.execution.listing_table_ignore_subdirectory` is off). A
-/// folder without any data file is left to DataFusion, so that its error
-/// names what is there.
+/// `datafusion.execution.listing_table_ignore_subdirectory` is off).
+///
+/// A folder without any data file is refused if it holds other files, which
+/// the table would silently never read, and, declared without columns, if
+/// it holds nothing at all (markers and empty objects have no columns).
 async fn declare_parquet_columns(
     state: &dyn Session,
     cmd: &mut CreateExternalTable,
     url: &ListingTableUrl,
 ) -> Result<()> {
-    if !cmd.schema.fields().is_empty() {
-        return Ok(());
-    }
     let store = state.runtime_env().object_store(url)?;
     let files: Vec<ObjectMeta> = url
         .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
         .await?
         .try_collect()
         .await?;
-    if files.is_empty() {
+    let declared = !cmd.schema.fields().is_empty();
+    if !files.iter().any(|file| file.size > 0) {
+        refuse_unread_files(state, &store, url).await?;
+        if !declared {
+            return plan_err!(
+                "cannot infer the columns of the table at {url}: it holds no Parquet data \
+                 file; declare the table's columns"
+            );
+        }
+        return Ok(());
+    }
+    if declared {
         return Ok(());
     }
     let partition_columns = if !cmd.table_partition_cols.is_empty() {
@@ -215,9 +225,6 @@ async fn declare_parquet_columns(
     // Empty files hold no schema, and their footers cannot be read.
     let files: Vec<ObjectMeta> = files.into_iter().filter(|file| file.size > 0).collect();
     let file_schema = merged_file_schema(state, cmd, &store, &files).await?;
-    if file_schema.fields().is_empty() {
-        return Ok(());
-    }
     let mut fields: Vec<Field> = file_schema
         .fields()
         .iter()
@@ -237,6 +244,43 @@ async fn declare_parquet_columns(
     cmd.schema = Arc::new(DFSchema::try_from(Schema::new(fields))?);
     cmd.table_partition_cols = partition_columns;
     Ok(())
+}
+
+/// Refuses a folder whose files the table would not read: it has no
+/// `.parquet` data file (checked by the caller), but holds files that are
+/// neither hidden (`_SUCCESS`, `.part-0.crc`, as Hadoop names its own) nor
+/// empty, such as Hive's extension-less `000000_0`.
+async fn refuse_unread_files(
+    state: &dyn Session,
+    store: &Arc<dyn ObjectStore>,
+    url: &ListingTableUrl,
+) -> Result<()> {
+    let unread: Vec<ObjectMeta> = url
+        .list_all_files(state, store.as_ref(), "")
+        .await?
+        .try_filter(|file| {
+            let hidden = file
+                .location
+                .filename()
+                .is_none_or(|name| name.starts_with('_') || name.starts_with('.'));
+            futures::future::ready(file.size > 0 && !hidden)
+        })
+        .take(3)
+        .try_collect()
+        .await?;
+    if unread.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = unread
+        .iter()
+        .map(|file| format!("'{}'", file.location))
+        .collect();
+    plan_err!(
+        "the table at {url} would read none of its files: a Parquet folder table reads \
+         the '.parquet' files in it, and it has none, but holds {}; give the files the \
+         '.parquet' extension, or name them in the location (a file, or a glob on local files)",
+        names.join(", ")
+    )
 }
 
 /// The location of a Parquet table on one folder, if the table is one.
@@ -268,9 +312,13 @@ async fn merged_file_schema(
         .map(|file| {
             let format = Arc::clone(&format);
             async move {
+                // Name the file: a folder's error would not say which one.
                 let schema = format
                     .infer_schema(state, store, std::slice::from_ref(&file))
-                    .await?;
+                    .await
+                    .map_err(|e| {
+                        e.context(format!("cannot read the footer of '{}'", file.location))
+                    })?;
                 Ok::<_, DataFusionError>((file, schema))
             }
         })
@@ -495,6 +543,37 @@ mod tests {
                 .await
                 .expect("the folder registers");
         assert!(answer.contains("| 1 |"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_folder_without_parquet_data_files_is_refused_or_empty() {
+        // Only markers and empty files: no columns to infer, an empty table
+        // where they are declared.
+        let folder = tempfile::tempdir().expect("temp folder");
+        let root = folder.path();
+        std::fs::write(root.join("_SUCCESS"), b"").expect("marker");
+        std::fs::create_dir_all(root.join("year=2024")).expect("folder");
+        std::fs::write(root.join("year=2024/empty.parquet"), b"").expect("empty file");
+        let error = register_and_query(root, "STORED AS PARQUET", "SELECT * FROM t")
+            .await
+            .expect_err("nothing to infer columns from");
+        assert!(error.contains("no Parquet data file"), "{error}");
+        let answer = register_and_query(root, "(x BIGINT) STORED AS PARQUET", "SELECT * FROM t")
+            .await
+            .expect("a declared table on an empty folder");
+        assert!(!answer.contains("| 1"), "{answer}");
+
+        // Data files the table would never read, as Hive names them.
+        write_parquet(&root.join("000000_0"), vec![1, 2]);
+        for declaration in ["STORED AS PARQUET", "(x BIGINT) STORED AS PARQUET"] {
+            let error = register_and_query(root, declaration, "SELECT * FROM t")
+                .await
+                .expect_err("unread files must be refused");
+            assert!(
+                error.contains("would read none of its files") && error.contains("000000_0"),
+                "{declaration}: {error}"
+            );
+        }
     }
 
     #[tokio::test]
