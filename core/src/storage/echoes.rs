@@ -5,8 +5,11 @@
 //! (whose headers include `x-amz-security-token`, a session token) and the
 //! signature. object_store puts that body in its error message, which would
 //! then reach logs, the job history and clients. A signed URL in a message
-//! carries the same things as query parameters. [`redact_store_echoes`]
-//! blanks them wherever an error becomes text that leaves the process.
+//! carries the same things as query parameters, and a location may be
+//! written with a password (`http://user:password@host/`), which Quiver
+//! refuses but the statement's text still holds. [`redact_store_echoes`]
+//! blanks them wherever an error or a statement becomes text that leaves
+//! the process.
 
 use std::borrow::Cow;
 
@@ -36,12 +39,13 @@ const SIGNED_QUERY_PARAMETERS: &[&str] = &[
 
 const REDACTED: &str = "***";
 
-/// `text` with the content of every echoed credential element and the value
-/// of every signed query parameter replaced by `***`. Borrowed when there
+/// `text` with the content of every echoed credential element, the value
+/// of every signed query parameter and every URL's password replaced by `***`. Borrowed when there
 /// is nothing to blank, which is nearly always.
 pub fn redact_store_echoes(text: &str) -> Cow<'_, str> {
     let mut spans: Vec<(usize, usize)> = echoed_element_spans(text)
         .chain(signed_parameter_spans(text))
+        .chain(url_password_spans(text))
         .filter(|(start, end)| start < end)
         .collect();
     if spans.is_empty() {
@@ -103,6 +107,23 @@ fn signed_parameter_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + 
         })
 }
 
+/// Byte ranges of the passwords in URLs (`scheme://user:password@host`).
+fn url_password_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    text.match_indices("://")
+        .filter_map(move |(at, separator)| {
+            let start = at + separator.len();
+            let authority_len = text[start..]
+                .find(|c: char| {
+                    matches!(c, '/' | '\'' | '"' | ')' | '<' | '>') || c.is_whitespace()
+                })
+                .unwrap_or(text.len() - start);
+            let authority = &text[start..start + authority_len];
+            let user_info = &authority[..authority.rfind('@')?];
+            let colon = user_info.find(':')?;
+            Some((start + colon + 1, start + user_info.len()))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +180,19 @@ mod tests {
             https://lake.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Security-Token=*** \
             then"
         );
+    }
+
+    #[test]
+    fn url_passwords_are_blanked() {
+        assert_eq!(
+            redact_store_echoes(
+                "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 'http://alice:Top:S3cret@host:8080/x/'"
+            ),
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 'http://alice:***@host:8080/x/'"
+        );
+        // A user name alone (Azure's container) is kept.
+        let container = "abfss://lake@acct.dfs.core.windows.net/x/ and http://host:80/a@b";
+        assert!(matches!(redact_store_echoes(container), Cow::Borrowed(_)));
     }
 
     #[test]

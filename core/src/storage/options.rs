@@ -25,6 +25,8 @@ use object_store::aws::AmazonS3ConfigKey;
 use object_store::azure::AzureConfigKey;
 use object_store::gcp::GoogleConfigKey;
 
+use super::echoes::redact_store_echoes;
+
 /// The option prefixes, one per kind of store.
 pub const PROVIDERS: [&str; 4] = ["aws", "gcp", "azure", "http"];
 
@@ -140,12 +142,16 @@ impl fmt::Debug for StoreOptions {
     }
 }
 
-/// `sql` with the values of its secret store options replaced by `'***'`, for
+/// `sql` with the values of its secret store options (and any password in a
+/// location) replaced by `'***'`, for
 /// logs, job records and table definitions. Each `OPTIONS (...)` clause is
 /// read token by token, so a value is found however it is written (quoted,
 /// double-quoted, a bare word or a number); text that cannot be read loses
 /// everything after `OPTIONS`.
 pub fn redact_sql(sql: &str) -> String {
+    // A location's password, which Quiver refuses, is blanked too.
+    let without_passwords = redact_store_echoes(sql);
+    let sql: &str = &without_passwords;
     let lower = sql.to_ascii_lowercase();
     let Some(options_at) = lower.find("options") else {
         return sql.to_owned();

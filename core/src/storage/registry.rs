@@ -13,13 +13,16 @@ use std::time::Duration;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
+use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::multipart::MultipartStore;
-use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{
+    MultipartId, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, PutResult, RetryConfig,
+};
 use url::Url;
 
 use super::options::StoreOptions;
@@ -44,7 +47,7 @@ pub enum StoreError {
 /// A built store: the interface DataFusion reads and writes through, and,
 /// where the store has one, its multipart upload API. Writes use that to
 /// record each upload's id, so that an upload a killed task left unfinished
-/// can be found and aborted (see [`crate::write::upload`]).
+/// can be found and aborted (see [`super::upload`]).
 #[derive(Clone)]
 pub struct Store {
     pub objects: Arc<dyn ObjectStore>,
@@ -56,6 +59,48 @@ impl Store {
         Self {
             objects: Arc::clone(&store) as _,
             multipart: Some(store as _),
+        }
+    }
+}
+
+/// Azure's multipart API, with an abort that does abort. An upload there is
+/// blocks staged under the blob's name, and object_store's abort does
+/// nothing: Azure keeps uncommitted blocks for a week. Committing an empty
+/// block list discards them; the empty blob that leaves is then deleted.
+/// Only uploads that were never completed are aborted, so no data is lost.
+#[derive(Debug)]
+struct AzureUploads(Arc<MicrosoftAzure>);
+
+#[async_trait::async_trait]
+impl MultipartStore for AzureUploads {
+    async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
+        self.0.create_multipart(path).await
+    }
+
+    async fn put_part(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> object_store::Result<PartId> {
+        self.0.put_part(path, id, part_idx, data).await
+    }
+
+    async fn complete_multipart(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+    ) -> object_store::Result<PutResult> {
+        self.0.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
+        self.0.complete_multipart(path, id, Vec::new()).await?;
+        match self.0.delete(path).await {
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            deleted => deleted,
         }
     }
 }
@@ -97,10 +142,16 @@ impl std::fmt::Debug for StoreRegistry {
     }
 }
 
-/// The registry key of a URL: its scheme and authority.
+/// The registry key of a URL: its scheme and authority, with the user name,
+/// which names the container in Azure's `abfss://<container>@<account>...`.
+/// (A password is refused by [`build_store`].)
 pub fn store_key(url: &Url) -> String {
+    let user = match url.username() {
+        "" => String::new(),
+        user => format!("{user}@"),
+    };
     format!(
-        "{}://{}",
+        "{}://{user}{}",
         url.scheme(),
         &url[url::Position::BeforeHost..url::Position::AfterPort]
     )
@@ -252,9 +303,17 @@ fn retry_config() -> RetryConfig {
 /// Builds the store for `url`: environment first, then `options` on top.
 pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreError> {
     let unsupported = |reason: String| StoreError::UnsupportedLocation {
-        url: url.to_string(),
+        url: store_key(url),
         reason,
     };
+    // Never used, and shown wherever the location is: refused.
+    if url.password().is_some() {
+        return Err(unsupported(
+            "a location must not hold a password; give credentials in OPTIONS (...) \
+             or the environment"
+                .into(),
+        ));
+    }
     // `memory://name/` names one of the process's in-memory stores;
     // object_store knows only the nameless `memory:///`.
     if url.scheme() == "memory" {
@@ -266,6 +325,20 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
             objects: local_store(),
             multipart: None,
         }),
+        // A cloud store's web address may hold the bucket or container in
+        // its path, which DataFusion keeps as the table's path in the store.
+        ObjectStoreScheme::AmazonS3
+        | ObjectStoreScheme::GoogleCloudStorage
+        | ObjectStoreScheme::MicrosoftAzure
+            if matches!(url.scheme(), "http" | "https") =>
+        {
+            Err(unsupported(
+                "write a cloud store's location with its own scheme: s3://<bucket>/<path>, \
+                 gs://<bucket>/<path>, az://<container>/<path> or \
+                 abfss://<container>@<account>.dfs.core.windows.net/<path>"
+                    .into(),
+            ))
+        }
         ObjectStoreScheme::AmazonS3 => {
             let mut builder = AmazonS3Builder::from_env()
                 .with_url(url.as_str())
@@ -293,9 +366,15 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
             for (name, value) in options.for_provider("azure") {
                 builder = builder.with_config(parse_key(url, name)?, value);
             }
-            let store = builder.build().map_err(build_error(url))?;
-            Ok(Store::with_multipart(Arc::new(store)))
+            let store = Arc::new(builder.build().map_err(build_error(url))?);
+            Ok(Store {
+                objects: Arc::clone(&store) as _,
+                multipart: Some(Arc::new(AzureUploads(store))),
+            })
         }
+        ObjectStoreScheme::Http if !url.username().is_empty() => Err(unsupported(
+            "an HTTP location must not hold a user name; give credentials in OPTIONS (...)".into(),
+        )),
         ObjectStoreScheme::Http => {
             // A location written as http:// asks for plain HTTP.
             let mut builder = HttpBuilder::new()
@@ -373,8 +452,37 @@ mod tests {
     #[test]
     fn stores_are_keyed_by_scheme_and_authority() {
         assert_eq!(store_key(&url("s3://bucket/a/b.parquet")), "s3://bucket");
+        // Two containers of one account are two stores.
+        assert_eq!(
+            store_key(&url("abfss://lake@acct.dfs.core.windows.net/a/")),
+            "abfss://lake@acct.dfs.core.windows.net"
+        );
         assert_eq!(store_key(&url("file:///tmp/x")), "file://");
         assert_eq!(store_key(&url("http://h:8080/x")), "http://h:8080");
+    }
+
+    #[test]
+    fn locations_that_cannot_work_are_refused_clearly() {
+        let none = StoreOptions::default();
+        for (location, expected) in [
+            ("http://alice:s3cret@host/x/", "must not hold a password"),
+            ("http://alice@host/x/", "must not hold a user name"),
+            (
+                "https://acct.blob.core.windows.net/lake/x/",
+                "az://<container>",
+            ),
+            (
+                "https://s3.us-east-1.amazonaws.com/bucket/x/",
+                "s3://<bucket>",
+            ),
+        ] {
+            let Err(error) = build_store(&url(location), &none) else {
+                panic!("{location} must be refused");
+            };
+            let error = error.to_string();
+            assert!(error.contains(expected), "{location}: {error}");
+            assert!(!error.contains("s3cret"), "{error}");
+        }
     }
 
     #[test]
