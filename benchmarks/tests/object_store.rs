@@ -268,6 +268,42 @@ async fn tpch_reads_and_writes_on_azure_blob_storage() {
         "the good options still work"
     );
 
+    // A write task that fails after it has staged blocks discards them:
+    // Azure would keep uncommitted blocks, unlisted, for a week.
+    for setting in [
+        "SET datafusion.execution.parquet.max_row_group_size = 65536",
+        "SET datafusion.execution.objectstore_writer_buffer_size = 5242880",
+    ] {
+        run(&context, setting).await.expect("setting");
+    }
+    let error = run(
+        &context,
+        &format!(
+            "COPY (SELECT value, md5(CAST(value AS VARCHAR)) AS digest, \
+                    1 / CASE WHEN value > 1200000 THEN 0 ELSE 1 END AS fails_late \
+                  FROM range(1500000)) \
+             TO 'az://lake/failed/' STORED AS PARQUET {options}"
+        ),
+    )
+    .await
+    .expect_err("the query divides by zero");
+    assert!(error.contains("Divide by zero"), "{error}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (uncommitted, left) = (
+            azure.blobs_with_uncommitted_blocks("lake"),
+            list(&azure.store("lake"), "failed").await,
+        );
+        if uncommitted == 0 && left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {uncommitted} blobs with uncommitted blocks, files {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
     assert_no_secret_in_history(&context, ACCOUNT_KEY).await;
     assert_no_secret_in_history(&context, wrong_key).await;
     cluster.shutdown().await;

@@ -83,6 +83,44 @@ pub fn write_target(plan: &Arc<dyn ExecutionPlan>) -> Option<String> {
     target
 }
 
+/// Whether two write targets may hold the same files: one folder is the
+/// other or lies inside it, however its URL is written. Azure's `az://c/`,
+/// `abfs://c/` and `abfss://c@account.dfs.core.windows.net/` name one
+/// container; `s3a://` is `s3://`, `gcs://` is `gs://`. An account is not
+/// compared (`az://` takes it from options), which can only make two
+/// writes wait for each other needlessly.
+pub fn targets_overlap(left: &str, right: &str) -> bool {
+    let (left, right) = (folder_key(left), folder_key(right));
+    left.starts_with(&right) || right.starts_with(&left)
+}
+
+/// A folder's location as `<store kind>://<bucket>/<path>/`, the same for
+/// every way of writing it; the text itself where it is not a URL.
+fn folder_key(target: &str) -> String {
+    let Ok(url) = url::Url::parse(target) else {
+        return format!("{}/", target.trim_end_matches('/'));
+    };
+    let host = url.host_str().unwrap_or_default();
+    let (kind, bucket) = match url.scheme() {
+        "az" | "azure" | "abfs" | "abfss" | "adl" => {
+            let container = match url.username() {
+                "" => host,
+                container => container,
+            };
+            ("azure", container)
+        }
+        "s3" | "s3a" => ("s3", host),
+        "gs" | "gcs" => ("gs", host),
+        other => (other, host),
+    };
+    let path = url.path().trim_matches('/');
+    if path.is_empty() {
+        format!("{kind}://{bucket}/")
+    } else {
+        format!("{kind}://{bucket}/{path}/")
+    }
+}
+
 fn scanned_location(node: &Arc<dyn ExecutionPlan>) -> Option<ObjectStoreUrl> {
     let source = node.downcast_ref::<DataSourceExec>()?;
     let scan = source.data_source().downcast_ref::<FileScanConfig>()?;
@@ -104,4 +142,36 @@ fn written_location(node: &Arc<dyn ExecutionPlan>) -> Option<&FileSinkConfig> {
         return Some(csv.config());
     }
     sink.downcast_ref::<JsonSink>().map(|json| json.config())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_folder_written_several_ways_is_one_target() {
+        for (left, right) in [
+            ("az://lake/t/", "abfss://lake@acct.dfs.core.windows.net/t"),
+            ("abfs://lake/t/", "azure://lake/t/"),
+            ("s3://b/t/", "s3a://b/t"),
+            ("gs://b/t/", "gcs://b/t/"),
+            ("file:///w/t/", "file:///w/t"),
+            // A folder inside another shares its files.
+            ("s3://b/t/", "s3://b/t/year=2024/"),
+        ] {
+            assert!(targets_overlap(left, right), "{left} and {right}");
+            assert!(targets_overlap(right, left), "{right} and {left}");
+        }
+        for (left, right) in [
+            ("az://lake/t/", "az://lake2/t/"),
+            (
+                "abfss://lake@acct.dfs.core.windows.net/t/",
+                "abfss://lake2@acct.dfs.core.windows.net/t/",
+            ),
+            ("s3://b/t/", "s3://b/t2/"),
+            ("s3://b/t/", "gs://b/t/"),
+        ] {
+            assert!(!targets_overlap(left, right), "{left} and {right}");
+        }
+    }
 }

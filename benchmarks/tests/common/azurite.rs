@@ -55,6 +55,29 @@ impl AzuriteServer {
 
     /// Creates a container with Microsoft's SDK: a signed request.
     pub fn create_container(&self, container: &str) {
+        self.run_sdk(
+            "service.create_container(sys.argv[2])",
+            container,
+            &format!("creating container {container}"),
+        );
+    }
+
+    /// Blobs of `container` that hold uncommitted blocks: uploads neither
+    /// completed nor aborted, which no plain listing shows.
+    pub fn blobs_with_uncommitted_blocks(&self, container: &str) -> usize {
+        let output = self.run_sdk(
+            "client = service.get_container_client(sys.argv[2])\n\
+             print(sum(1 for blob in client.list_blobs(include=['uncommittedblobs'])\n\
+                 if client.get_blob_client(blob.name).get_block_list('uncommitted')[1]))",
+            container,
+            &format!("listing the uncommitted blocks of {container}"),
+        );
+        output.trim().parse().expect("a count of blobs")
+    }
+
+    /// Runs `code` with Microsoft's Python SDK, `service` a client of the
+    /// account and `sys.argv[2]` the container; returns what it printed.
+    fn run_sdk(&self, code: &str, container: &str, what: &str) -> String {
         let python = super::python::python_importing(
             &["azure.storage.blob"],
             "quiver-azure-venv",
@@ -64,18 +87,22 @@ impl AzuriteServer {
             "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};",
             self.endpoint()
         );
-        let script = "import sys\n\
+        let script = format!(
+            "import sys\n\
              from azure.storage.blob import BlobServiceClient\n\
-             BlobServiceClient.from_connection_string(sys.argv[1]).create_container(sys.argv[2])\n";
+             service = BlobServiceClient.from_connection_string(sys.argv[1])\n\
+             {code}\n"
+        );
         let output = Command::new(python)
-            .args(["-c", script, &connection, container])
+            .args(["-c", &script, &connection, container])
             .output()
-            .expect("run python to create a container");
+            .expect("run python with the Azure SDK");
         assert!(
             output.status.success(),
-            "creating container {container} failed: {}",
+            "{what} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// `OPTIONS (...)` for a table or `COPY` on this server.

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::executors::{ExecutorEntry, ExecutorRegistry};
 use super::job::{Job, Outcome};
 use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
+use crate::locations::targets_overlap;
 use crate::store::{JobRecorder, StateStore, StoreError};
 
 /// Timing settings of the loop.
@@ -452,11 +453,16 @@ impl SchedulerLoop {
         self.config.max_running_jobs > 0 && running >= self.config.max_running_jobs
     }
 
-    /// Whether a running job writes into the table folder `target`.
+    /// Whether a running job writes into the table folder `target`, or into
+    /// a folder inside it or around it.
     fn target_busy(&self, target: Option<&str>) -> bool {
         target.is_some_and(|target| {
             self.jobs.values().any(|(job, _)| {
-                job.state == JobState::Running && job.writes_to.as_deref() == Some(target)
+                job.state == JobState::Running
+                    && job
+                        .writes_to
+                        .as_deref()
+                        .is_some_and(|running| targets_overlap(running, target))
             })
         })
     }
