@@ -434,6 +434,43 @@ async fn explain_shows_the_stage_dag() {
     ] {
         assert!(text.contains(expected), "{expected} missing from\n{text}");
     }
+
+    // A write shows the steps that run: write tasks, then the commit, into
+    // the table's location, and an overwrite as one.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let location = format!("{}/explained/", dir.path().display());
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE explained (v BIGINT) STORED AS PARQUET LOCATION '{location}'"
+        ),
+    )
+    .await;
+    for (sql, mode) in [
+        (
+            "EXPLAIN INSERT INTO explained SELECT value FROM range(10)",
+            "Insert Into",
+        ),
+        (
+            "EXPLAIN INSERT OVERWRITE explained SELECT value FROM range(10)",
+            "Insert Overwrite",
+        ),
+    ] {
+        let batches = query(&context, sql).await;
+        let text = arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("render")
+            .to_string();
+        for expected in [
+            format!("ParquetCommitExec: location=file://{location}, mode={mode}"),
+            format!("ParquetWriteExec: location=file://{location}"),
+        ] {
+            assert!(
+                text.contains(&expected),
+                "{sql}: {expected} missing from\n{text}"
+            );
+        }
+        assert!(!text.contains("DataSinkExec"), "{text}");
+    }
     cluster.shutdown().await;
 }
 

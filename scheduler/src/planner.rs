@@ -664,7 +664,11 @@ async fn explain_stages(
     state: &SessionState,
     partitions: usize,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
-    let (optimized, physical) = physical_plan(&explain.plan, state).await?;
+    // The plan that would run: an overwrite planned as an append, and
+    // Parquet writes as write tasks and a commit.
+    let (plan, overwrite) = plan_overwrite_as_append(explain.plan.as_ref().clone());
+    let (optimized, physical) = physical_plan(&plan, state).await?;
+    let physical = distribute_parquet_writes(physical, job_id, overwrite)?;
     let stages = split_into_stages(job_id, physical, partitions)?;
     let schema: SchemaRef = Arc::new(explain.schema.as_arrow().clone());
     let batch = RecordBatch::try_new(

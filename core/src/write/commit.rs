@@ -108,7 +108,8 @@ impl DisplayAs for ParquetCommitExec {
         write!(
             f,
             "ParquetCommitExec: location={}, mode={}",
-            config.original_url, config.insert_op
+            super::shown_location(config),
+            config.insert_op
         )
     }
 }

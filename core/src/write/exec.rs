@@ -91,7 +91,11 @@ impl ParquetWriteExec {
 impl DisplayAs for ParquetWriteExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let config = self.sink.config();
-        write!(f, "ParquetWriteExec: location={}", config.original_url)?;
+        write!(
+            f,
+            "ParquetWriteExec: location={}",
+            super::shown_location(config)
+        )?;
         if !config.table_partition_cols.is_empty() {
             let columns: Vec<&str> = config
                 .table_partition_cols

@@ -22,6 +22,16 @@ pub use commit::{FinishOverwrite, ParquetCommitExec, Settled, settle_write};
 pub use exec::ParquetWriteExec;
 pub use plan::distribute_parquet_writes;
 
+/// Where a write goes, as plans show it: the table's location. The sink's
+/// `original_url` is empty for an `INSERT` and does not survive
+/// serialization.
+pub fn shown_location(config: &datafusion::datasource::physical_plan::FileSinkConfig) -> String {
+    config
+        .table_paths
+        .first()
+        .map_or_else(|| config.original_url.clone(), ToString::to_string)
+}
+
 /// The attempt number of the task running a plan, set by the executor, so
 /// that each attempt writes under its own staging folder.
 #[derive(Debug, Clone, Copy, Default)]
