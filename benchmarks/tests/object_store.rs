@@ -637,6 +637,35 @@ async fn a_write_that_fails_midway_leaves_no_upload_behind() {
     cluster.shutdown().await;
 }
 
+/// Runs the count `sql` on `cluster`, killing (and restarting) its executor
+/// as soon as an upload to the bucket `lake` is under way; returns the count.
+async fn count_killing_an_uploader(
+    s3: &S3Server,
+    cluster: &mut ProcessCluster,
+    context: &QuiverContext,
+    sql: String,
+) -> u64 {
+    let running = tokio::spawn({
+        let context = context.clone();
+        async move { count_of(&context, &sql).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s3.unfinished_uploads("lake") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline && !running.is_finished(),
+            "no upload began\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cluster.kill_executor(0);
+    cluster.start_executor(0);
+    tokio::time::timeout(std::time::Duration::from_secs(180), running)
+        .await
+        .unwrap_or_else(|_| panic!("the job did not finish\n{}", cluster.logs()))
+        .expect("the job's task")
+}
+
 /// An executor killed while it uploads a file cannot abort the upload, and
 /// S3 lists no unfinished upload among the bucket's objects. The write task
 /// records each upload's id in the job's staging folder before the first
@@ -660,26 +689,7 @@ async fn an_upload_left_by_a_killed_executor_is_aborted() {
          TO 's3://lake/killed/' STORED AS PARQUET {}",
         s3.sql_options()
     );
-    let writing = tokio::spawn({
-        let context = context.clone();
-        async move { count_of(&context, &copy).await }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while s3.unfinished_uploads("lake") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline && !writing.is_finished(),
-            "no upload began\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    cluster.kill_executor(0);
-    cluster.start_executor(0);
-
-    let written = tokio::time::timeout(std::time::Duration::from_secs(180), writing)
-        .await
-        .unwrap_or_else(|_| panic!("the write did not finish\n{}", cluster.logs()))
-        .expect("the write task");
+    let written = count_killing_an_uploader(&s3, &mut cluster, &context, copy).await;
     assert_eq!(written, ROWS);
     let bucket = s3.store("lake");
     let objects = list(&bucket, "killed").await;
@@ -999,26 +1009,7 @@ async fn a_shuffle_upload_left_by_a_killed_executor_is_aborted() {
         "SELECT count(*)::bigint unsigned FROM (SELECT digest FROM \
          (SELECT md5(CAST(value AS VARCHAR)) AS digest FROM range({ROWS})) GROUP BY digest)"
     );
-    let querying = tokio::spawn({
-        let context = context.clone();
-        async move { count_of(&context, &query).await }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while s3.unfinished_uploads("lake") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline && !querying.is_finished(),
-            "no shuffle upload began\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    cluster.kill_executor(0);
-    cluster.start_executor(0);
-
-    let groups = tokio::time::timeout(std::time::Duration::from_secs(180), querying)
-        .await
-        .unwrap_or_else(|_| panic!("the query did not finish\n{}", cluster.logs()))
-        .expect("the query task");
+    let groups = count_killing_an_uploader(&s3, &mut cluster, &context, query).await;
     assert_eq!(groups, ROWS, "every row once");
     let bucket = s3.store("lake");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
