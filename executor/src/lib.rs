@@ -8,6 +8,7 @@
 //!   their map outputs, and writes its output through the shuffle writer.
 //! - [`flight`]: the Arrow Flight data plane that serves shuffle partitions.
 //! - [`runtime`]: the bounded memory pool and spill directory shared by all tasks.
+//! - [`scan_errors`]: names the files a task read when one cannot be decoded.
 //! - [`sweeper`]: removes shuffle data that nobody will ask for again.
 //! - [`threads`]: the dedicated thread pool that runs tasks, so that a busy
 //!   task never starves the control stream or the data plane.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod flight;
 pub mod runtime;
+pub mod scan_errors;
 pub mod sweeper;
 pub mod task;
 pub mod threads;

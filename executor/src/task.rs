@@ -37,6 +37,7 @@ use url::Url;
 use crate::Result;
 use crate::config::ExecutorConfig;
 use crate::runtime::build_runtime;
+use crate::scan_errors::name_scanned_files;
 use crate::threads::TaskThreads;
 
 /// Runs tasks and tracks the running ones so that they can be cancelled.
@@ -305,7 +306,8 @@ impl TaskRunner {
         };
         let partitions = writer
             .write(task.partition as usize, task.attempt, context, &outputs)
-            .await?;
+            .await
+            .map_err(|e| name_scanned_files(e, &plan, task.partition as usize))?;
         let (durable_location, upload) = if launch.durable_shuffle.is_empty() {
             (String::new(), None)
         } else {
