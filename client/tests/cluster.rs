@@ -1001,6 +1001,70 @@ async fn count(context: &QuiverContext, sql: &str) -> i64 {
     int64s(&query(context, sql).await, 0)[0]
 }
 
+/// A write planned while another write to its table runs waits for it, and
+/// must not then replace rows it never read: a second `CREATE TABLE AS` of
+/// one name, or an overwrite computed from the table, fails instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_planned_before_another_commits_does_not_replace_its_rows() {
+    let (cluster, context) = cluster().await;
+    const ROWS: i64 = 3_000_000;
+    let first = tokio::spawn({
+        let context = context.clone();
+        async move {
+            query(
+                &context,
+                &format!("CREATE TABLE raced AS SELECT value AS id FROM range({ROWS})"),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let error = failure(&context, "CREATE TABLE raced AS SELECT 1 AS id").await;
+    first.await.expect("the first CREATE TABLE AS");
+    // Refused when planned (the first had registered the table) or when
+    // committed (it had not yet): never written over the first's rows.
+    assert!(
+        error.contains("already exists") || error.contains("changed while this statement waited"),
+        "{error}"
+    );
+    assert_eq!(count(&context, "SELECT count(*) FROM raced").await, ROWS);
+
+    // An overwrite computed from the table, queued behind an append.
+    let append = tokio::spawn({
+        let context = context.clone();
+        async move {
+            query(
+                &context,
+                &format!("INSERT INTO raced SELECT value FROM range({ROWS})"),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let compacted = match context
+        .sql("INSERT OVERWRITE raced SELECT id FROM raced WHERE id < 10")
+        .await
+    {
+        Ok(frame) => frame.collect().await.map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    append.await.expect("the append");
+    let total = count(&context, "SELECT count(*) FROM raced").await;
+    match compacted {
+        // It ran after the append had committed: it saw the appended rows.
+        Ok(_) => assert_eq!(total, 20),
+        Err(error) => {
+            let error = error.to_string();
+            assert!(
+                error.contains("changed while this statement waited"),
+                "{error}"
+            );
+            assert_eq!(total, 2 * ROWS, "the appended rows are kept");
+        }
+    }
+    cluster.shutdown().await;
+}
+
 /// Writes whose files readers would miss, or that would touch files outside
 /// their table, are refused, and every partition folder is read back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -81,11 +81,18 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 decode_sink(&write.sink)?,
                 write.job_id,
             ))),
-            Some(Node::ParquetCommit(commit)) => Ok(Arc::new(ParquetCommitExec::new(
-                Arc::clone(single_input(inputs, "Parquet commit")?),
-                decode_sink(&commit.sink)?,
-                commit.job_id,
-            ))),
+            Some(Node::ParquetCommit(commit)) => {
+                let exec = ParquetCommitExec::new(
+                    Arc::clone(single_input(inputs, "Parquet commit")?),
+                    decode_sink(&commit.sink)?,
+                    commit.job_id,
+                );
+                Ok(Arc::new(if commit.guarded {
+                    exec.with_known_commits(commit.known_commits)
+                } else {
+                    exec
+                }))
+            }
             Some(Node::ShuffleWriter(writer)) => {
                 let input = single_input(inputs, "shuffle writer")?;
                 let partitioning = if writer.partitioning.is_empty() {
@@ -156,6 +163,8 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
             Node::ParquetCommit(ParquetCommitNode {
                 job_id: commit.job_id().to_owned(),
                 sink: encode_sink(commit.sink())?,
+                guarded: commit.known_commits().is_some(),
+                known_commits: commit.known_commits().unwrap_or_default().to_vec(),
             })
         } else if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
             let mode = match reader.mode() {

@@ -16,12 +16,16 @@ use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileSink, FileSinkConfig};
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::source_as_provider;
 use datafusion::error::Result;
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
 use quiver_core::storage::StoreRegistry;
 use quiver_core::write::{ParquetCommitExec, ParquetWriteExec};
 use quiver_proto::StoreConfig;
+
+use crate::managed::table_folders;
 
 /// The store options of every location that `plan` reads or writes, and of
 /// the durable shuffle location, if any: empty for a location configured by
@@ -81,6 +85,27 @@ pub fn write_target(plan: &Arc<dyn ExecutionPlan>) -> Option<String> {
     })
     .ok()?;
     target
+}
+
+/// Whether `plan` reads a table whose files lie in the folder `target`
+/// (or around it), subqueries included.
+pub fn reads_target(plan: &LogicalPlan, target: &str) -> bool {
+    let mut reads = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(table) = source_as_provider(&scan.source)
+            && table_folders(&table).is_some_and(|folders| {
+                folders
+                    .iter()
+                    .any(|folder| targets_overlap(folder.as_str(), target))
+            })
+        {
+            reads = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    reads
 }
 
 /// Whether two write targets may hold the same files: one folder is the

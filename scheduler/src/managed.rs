@@ -87,7 +87,7 @@ pub async fn dropped_folders(
 }
 
 /// The locations a table reads, if it is a table of files.
-fn table_folders(table: &Arc<dyn TableProvider>) -> Option<&[ListingTableUrl]> {
+pub(crate) fn table_folders(table: &Arc<dyn TableProvider>) -> Option<&[ListingTableUrl]> {
     let listing = table.downcast_ref::<ListingTable>().or_else(|| {
         table
             .downcast_ref::<HivePartitionedTable>()

@@ -35,13 +35,14 @@ use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
 };
-use quiver_core::write::distribute_parquet_writes;
+use quiver_core::write::commit::committed_jobs;
+use quiver_core::write::{ParquetCommitExec, distribute_parquet_writes};
 use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::error::{Error, Result};
-use crate::locations::{store_configs, write_target};
+use crate::locations::{reads_target, store_configs, write_target};
 use crate::managed::{self, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
@@ -373,7 +374,7 @@ impl Planner {
             let (inner, overwrite) = plan_overwrite_as_append(analyze.input.as_ref().clone());
             let schema = Arc::new(inner.schema().as_arrow().clone());
             let job = self
-                .stage_job(job_id, &inner, &state, schema, overwrite)
+                .stage_job(job_id, &inner, &state, schema, overwrite, false)
                 .await?;
             return Ok(Planned::Analyze {
                 job,
@@ -382,13 +383,14 @@ impl Planner {
         }
         let (logical, overwrite) = plan_overwrite_as_append(logical);
         let job = self
-            .stage_job(job_id, &logical, &state, schema, overwrite)
+            .stage_job(job_id, &logical, &state, schema, overwrite, false)
             .await?;
         Ok(Planned::Stages(job))
     }
 
     /// Plans a query into stages. `overwrite` makes its Parquet writes replace
-    /// what their target holds.
+    /// what their target holds. `creates` marks a `CREATE TABLE AS`, whose
+    /// commit fails if another job committed to its folder in the meantime.
     async fn stage_job(
         &self,
         job_id: &str,
@@ -396,6 +398,7 @@ impl Planner {
         state: &SessionState,
         schema: SchemaRef,
         overwrite: bool,
+        creates: bool,
     ) -> Result<StagedJob> {
         let partitions = state.config().target_partitions();
         let physical = match logical {
@@ -430,6 +433,12 @@ impl Planner {
         let stores = store_configs(&physical, &durable_shuffle, &self.object_stores)
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);
+        let physical = match &writes_to {
+            Some(target) if creates || reads_target(logical, target) => {
+                self.guard_commit(physical, target).await?
+            }
+            _ => physical,
+        };
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
         let adaptive = PendingJoins::new(
             &stages,
@@ -448,6 +457,48 @@ impl Planner {
             adaptive,
             configured_stores: Vec::new(),
         })
+    }
+
+    /// The write plan `physical` with its commit told which jobs have
+    /// committed to `target` so far, so that it fails rather than replace
+    /// rows committed after this statement was planned (see
+    /// [`ParquetCommitExec::with_known_commits`]).
+    async fn guard_commit(
+        &self,
+        physical: Arc<dyn ExecutionPlan>,
+        target: &str,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let table = ListingTableUrl::parse(target).map_err(Error::Query)?;
+        let store = self
+            .catalog
+            .runtime_env()
+            .object_store(table.object_store())
+            .map_err(Error::Query)?;
+        let known =
+            committed_jobs(&store, table.prefix())
+                .await
+                .map_err(|e| Error::TableLocation {
+                    location: target.to_owned(),
+                    source: e,
+                })?;
+        physical
+            .transform_up(|node| match node.downcast_ref::<ParquetCommitExec>() {
+                Some(commit) => {
+                    let [input] = commit.children()[..] else {
+                        return Err(DataFusionError::Internal("a commit has one input".into()));
+                    };
+                    let guarded = ParquetCommitExec::new(
+                        Arc::clone(input),
+                        Arc::clone(commit.sink()),
+                        commit.job_id().to_owned(),
+                    )
+                    .with_known_commits(known.clone());
+                    Ok(Transformed::yes(Arc::new(guarded) as Arc<dyn ExecutionPlan>))
+                }
+                None => Ok(Transformed::no(node)),
+            })
+            .map(|transformed| transformed.data)
+            .map_err(Error::Query)
     }
 
     /// A one-stage job whose result is `batch`: for answers the scheduler
@@ -516,7 +567,9 @@ impl Planner {
         .and_then(LogicalPlanBuilder::build)
         .map_err(Error::Query)?;
         let schema = Arc::new(write.schema().as_arrow().clone());
-        let write = self.stage_job(job_id, &write, state, schema, true).await?;
+        let write = self
+            .stage_job(job_id, &write, state, schema, true, true)
+            .await?;
         let quoted = [&name.catalog, &name.schema, &name.table]
             .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
             .join(".");

@@ -55,8 +55,8 @@ use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 
 use super::layout::{
-    STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join, manifest as manifest_path,
-    relative_to, upload_records, written_by,
+    MANIFEST_FOLDER, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
+    manifest as manifest_path, relative_to, upload_records, written_by,
 };
 use super::partition::folder_values;
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
@@ -79,6 +79,9 @@ pub struct ParquetCommitExec {
     input: Arc<dyn ExecutionPlan>,
     sink: Arc<ParquetSink>,
     job_id: String,
+    /// The jobs that had committed to the table when the statement was
+    /// planned, if the commit must check that no other has since.
+    known_commits: Option<Arc<Vec<String>>>,
     properties: Arc<PlanProperties>,
 }
 
@@ -89,8 +92,24 @@ impl ParquetCommitExec {
             input,
             sink,
             job_id,
+            known_commits: None,
             properties,
         }
+    }
+
+    /// Makes the commit fail, before it moves a file, if a job other than
+    /// those in `known_commits` has committed to the table since then. A
+    /// write whose rows were computed from the table's earlier contents (an
+    /// `INSERT OVERWRITE t SELECT ... FROM t` queued behind an append), or
+    /// that expects to create it (`CREATE TABLE AS`), would otherwise
+    /// silently replace rows it never saw.
+    pub fn with_known_commits(mut self, known_commits: Vec<String>) -> Self {
+        self.known_commits = Some(Arc::new(known_commits));
+        self
+    }
+
+    pub fn known_commits(&self) -> Option<&[String]> {
+        self.known_commits.as_deref().map(Vec::as_slice)
     }
 
     pub fn sink(&self) -> &Arc<ParquetSink> {
@@ -138,11 +157,13 @@ impl ExecutionPlan for ParquetCommitExec {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self::new(
+        let mut commit = Self::new(
             only_child(children, "ParquetCommitExec")?,
             Arc::clone(&self.sink),
             self.job_id.clone(),
-        )))
+        );
+        commit.known_commits = self.known_commits.clone();
+        Ok(Arc::new(commit))
     }
 
     fn execute(
@@ -174,6 +195,7 @@ impl ExecutionPlan for ParquetCommitExec {
             partitioned: !config.table_partition_cols.is_empty(),
             file_schema: Some(Arc::clone(config.output_schema())),
             lease: task_lease(&context),
+            known_commits: self.known_commits.clone(),
         };
         let input = self.input.execute(0, context)?;
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -181,6 +203,21 @@ impl ExecutionPlan for ParquetCommitExec {
             futures::stream::once(commit.run(input)),
         )))
     }
+}
+
+/// The jobs that have committed to the table at `table`: those whose
+/// manifest is in its `_manifests/` folder.
+pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Vec<String>> {
+    let manifests = table.clone().join(MANIFEST_FOLDER);
+    let listed: Vec<Path> = store
+        .list(Some(&manifests))
+        .map_ok(|meta| meta.location)
+        .try_collect()
+        .await?;
+    Ok(listed
+        .iter()
+        .filter_map(|path| path.filename()?.strip_suffix(".json").map(str::to_owned))
+        .collect())
 }
 
 /// A file staged by a winning attempt.
@@ -210,6 +247,8 @@ struct Commit {
     /// The lease of the executor running the commit; none when the scheduler
     /// settles a write.
     lease: Option<Arc<Lease>>,
+    /// See [`ParquetCommitExec::with_known_commits`].
+    known_commits: Option<Arc<Vec<String>>>,
 }
 
 impl Commit {
@@ -229,6 +268,7 @@ impl Commit {
                 "REPLACE INTO is not supported for Parquet tables; use INSERT OVERWRITE".into(),
             ));
         }
+        self.check_no_commit_since_planning().await?;
         if files.is_empty() {
             files.extend(self.stage_schema_file().await?);
         }
@@ -251,6 +291,29 @@ impl Commit {
             Arc::clone(&COUNT_SCHEMA),
             vec![Arc::new(UInt64Array::from(vec![rows]))],
         )?)
+    }
+
+    /// Fails if a job other than this one and those known when the
+    /// statement was planned has committed to the table. Writes to one
+    /// table run one at a time, so none can commit between this check and
+    /// this job's manifest.
+    async fn check_no_commit_since_planning(&self) -> Result<()> {
+        let Some(known) = &self.known_commits else {
+            return Ok(());
+        };
+        let committed = committed_jobs(&self.store, &self.table).await?;
+        let since = committed
+            .iter()
+            .find(|job| **job != self.job_id && !known.contains(job));
+        match since {
+            Some(job) => Err(DataFusionError::Execution(format!(
+                "the table at '{}' changed while this statement waited to run: job {job} \
+                 committed to it after the statement was planned, and this write would \
+                 replace rows it never read; nothing was written, run the statement again",
+                self.location
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// An empty Parquet file with the table's columns, staged, when this write
@@ -483,6 +546,7 @@ pub async fn settle_write(
         partitioned: false,
         file_schema: None,
         lease: None,
+        known_commits: None,
     };
     let settled = match commit.read_manifest().await? {
         Some(manifest) => {
@@ -741,6 +805,7 @@ mod tests {
             partitioned: true,
             file_schema: None,
             lease: Some(lease),
+            known_commits: None,
         };
         let file_list = || {
             let batch = RecordBatch::try_new(
