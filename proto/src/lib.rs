@@ -7,7 +7,10 @@
 //!   refuses a mismatch.
 
 /// Version of the scheduler/executor protocol. Bump it on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: a commit may carry the table's known commits (`ParquetCommitNode`),
+/// which an executor of version 1 would ignore, committing unchecked.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Generated messages and services of package `quiver.v1`.
 #[allow(clippy::all, clippy::clone_on_ref_ptr, unused_qualifications)]
