@@ -737,6 +737,36 @@ async fn dropping_a_created_table_deletes_its_folder() {
         .expect("external folder")
         .count();
     assert!(kept > 0, "an external table's files were deleted");
+    // An external table is not managed even on its name's warehouse folder,
+    // as a lake whose layout the warehouse follows would have it.
+    let lake = folder("public", "lake");
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT 1 AS a) TO '{}/' STORED AS PARQUET",
+            lake.display()
+        ),
+    )
+    .await;
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE lake STORED AS PARQUET LOCATION '{}/'",
+            lake.display()
+        ),
+    )
+    .await;
+    query(&context, "DROP TABLE lake").await;
+    assert!(
+        lake.is_dir(),
+        "an external table's files in the warehouse were deleted"
+    );
+    // Another catalog's table of the same name has a folder of its own.
+    query(&context, "CREATE DATABASE other").await;
+    query(&context, "CREATE SCHEMA other.public").await;
+    query(&context, "CREATE TABLE other.public.made AS SELECT 9 AS a").await;
+    query(&context, "DROP TABLE other.public.made").await;
+    assert_eq!(count(&context, "SELECT sum(a) FROM made").await, 3);
     assert!(
         folder("public", "made").is_dir(),
         "another table's folder went"

@@ -73,14 +73,33 @@ pub fn record(
     }
 }
 
+/// The kind of the catalog entry of a table that `CREATE TABLE AS` made,
+/// which owns its warehouse folder (see [`crate::managed`]).
+pub const MANAGED_TABLE: &str = "managed table";
+
+/// The key of a table's catalog entry, and its resolved name.
+pub fn table_key(name: &TableReference, state: &SessionState) -> (String, String) {
+    let options = state.config().options();
+    let resolved = name.clone().resolve(
+        &options.catalog.default_catalog,
+        &options.catalog.default_schema,
+    );
+    (format!("table:{resolved}"), resolved.to_string())
+}
+
+/// Marks the stored table under `key` as made by `CREATE TABLE AS`.
+pub fn mark_managed(store: &StateStore, key: &str) -> Result<()> {
+    if let Some(mut entry) = store.catalog_entry(key)? {
+        MANAGED_TABLE.clone_into(&mut entry.kind);
+        store.put_catalog_entry(key, &entry)?;
+    }
+    Ok(())
+}
+
 fn change_of(ddl: &DdlStatement, state: &SessionState) -> Change {
     let options = state.config().options();
     let catalog = options.catalog.default_catalog.as_str();
-    let schema = options.catalog.default_schema.as_str();
-    let table_key = |name: &TableReference| {
-        let resolved = name.clone().resolve(catalog, schema);
-        (format!("table:{resolved}"), resolved.to_string())
-    };
+    let table_key = |name: &TableReference| table_key(name, state);
     let schema_key = |name: &str| {
         let qualified = if name.contains('.') {
             name.to_owned()

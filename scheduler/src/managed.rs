@@ -1,89 +1,142 @@
 //! Tables that own their data: `CREATE TABLE ... AS` writes a table into its
-//! own warehouse folder (`<warehouse><schema>/<table>/`), and dropping the
-//! table deletes that folder, as Spark and Hive do for managed tables.
+//! own warehouse folder, and dropping the table deletes what the folder held,
+//! as Spark and Hive do for managed tables.
 //!
-//! A table is managed when its one location is its name's warehouse folder,
-//! which only `CREATE TABLE ... AS` writes (and replaces whatever it finds
-//! there). An external table declared on any other location keeps its files.
+//! A table is managed when its catalog entry says so ([`MANAGED_TABLE`],
+//! set once `CREATE TABLE ... AS` has registered it) and its one location is
+//! still its name's warehouse folder. An external table keeps its files,
+//! wherever they are, the warehouse included.
+//!
+//! The files are listed before the table is dropped and only those are
+//! deleted: a `CREATE TABLE ... AS` of the same name that starts meanwhile
+//! writes files of other names, which stay.
 
 use std::sync::Arc;
 
 use datafusion::catalog::TableProvider;
-use datafusion::common::{SchemaReference, TableReference};
+use datafusion::common::{ResolvedTableReference, SchemaReference, TableReference};
 use datafusion::datasource::listing::{ListingTable, ListingTableUrl};
 use datafusion::execution::SessionState;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::DdlStatement;
-use quiver_core::storage::{delete_prefix, redact_store_echoes};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use quiver_core::storage::{delete_paths, redact_store_echoes};
 use tracing::{info, warn};
 
+use crate::catalog::{MANAGED_TABLE, table_key};
 use crate::hive::HivePartitionedTable;
+use crate::store::StateStore;
 
-/// The warehouse folder of table `table` in schema `schema`.
-pub fn warehouse_folder(warehouse: &str, schema: &str, table: &str) -> String {
-    format!("{warehouse}{schema}/{table}/")
+/// The folder under the warehouse that holds the non-default catalogs'
+/// tables; no schema of the default catalog may take its name.
+pub const CATALOGS_FOLDER: &str = "_catalogs";
+
+/// The warehouse folder of a table: `<warehouse><schema>/<table>/` in the
+/// default catalog, `<warehouse>_catalogs/<catalog>/<schema>/<table>/` in
+/// any other, so that two catalogs' tables of one name never share a folder.
+pub fn warehouse_folder(
+    warehouse: &str,
+    name: &ResolvedTableReference,
+    default_catalog: &str,
+) -> String {
+    let (schema, table) = (&name.schema, &name.table);
+    if name.catalog.as_ref() == default_catalog {
+        format!("{warehouse}{schema}/{table}/")
+    } else {
+        let catalog = &name.catalog;
+        format!("{warehouse}{CATALOGS_FOLDER}/{catalog}/{schema}/{table}/")
+    }
 }
 
-/// The folders of the managed tables that `ddl` drops: the table of a
-/// `DROP TABLE`, every table of a `DROP SCHEMA ... CASCADE`. Looked up
-/// before the statement runs, while the tables are still in the catalog.
+/// A dropped managed table's folder, and the files it held when dropped.
+pub struct DroppedFolder {
+    folder: ListingTableUrl,
+    files: Vec<Path>,
+}
+
+/// The folders and files of the managed tables that `ddl` drops: the table
+/// of a `DROP TABLE`, every table of a `DROP SCHEMA ... CASCADE`. Looked up
+/// before the statement runs, while the tables are in the catalog.
 pub async fn dropped_folders(
     ddl: &DdlStatement,
     state: &SessionState,
+    store: &StateStore,
     warehouse: &str,
-) -> Vec<ListingTableUrl> {
-    let catalog = &state.config().options().catalog;
-    let names: Vec<TableReference> = match ddl {
+) -> Vec<DroppedFolder> {
+    let mut dropped = Vec::new();
+    for name in dropped_tables(ddl, state) {
+        let Some(folder) = managed_folder(&name, state, store, warehouse).await else {
+            continue;
+        };
+        match list_files(state.runtime_env(), &folder).await {
+            Ok(files) => dropped.push(DroppedFolder { folder, files }),
+            Err(e) => {
+                let error = redact_store_echoes(&e.to_string()).into_owned();
+                warn!(%folder, %error, "cannot list the folder of a dropped table; it stays");
+            }
+        }
+    }
+    dropped
+}
+
+/// The tables that `ddl` drops.
+fn dropped_tables(ddl: &DdlStatement, state: &SessionState) -> Vec<TableReference> {
+    match ddl {
         DdlStatement::DropTable(drop) => vec![drop.name.clone()],
         DdlStatement::DropCatalogSchema(drop) if drop.cascade => {
-            let (catalog_name, schema_name) = match &drop.name {
-                SchemaReference::Bare { schema } => {
-                    (catalog.default_catalog.clone(), schema.to_string())
-                }
+            let default_catalog = &state.config().options().catalog.default_catalog;
+            let (catalog, schema) = match &drop.name {
+                SchemaReference::Bare { schema } => (default_catalog.clone(), schema.to_string()),
                 SchemaReference::Full { schema, catalog } => {
                     (catalog.to_string(), schema.to_string())
                 }
             };
-            let Some(schema) = state
+            state
                 .catalog_list()
-                .catalog(&catalog_name)
-                .and_then(|found| found.schema(&schema_name))
-            else {
-                return Vec::new();
-            };
-            schema
-                .table_names()
+                .catalog(&catalog)
+                .and_then(|found| found.schema(&schema))
+                .map(|found| found.table_names())
+                .unwrap_or_default()
                 .into_iter()
-                .map(|table| {
-                    TableReference::full(catalog_name.as_str(), schema_name.as_str(), table)
-                })
+                .map(|table| TableReference::full(catalog.as_str(), schema.as_str(), table))
                 .collect()
         }
-        _ => return Vec::new(),
-    };
-    let mut folders = Vec::new();
-    for name in names {
-        let resolved = name.resolve(&catalog.default_catalog, &catalog.default_schema);
-        let Some(schema) = state
-            .catalog_list()
-            .catalog(&resolved.catalog)
-            .and_then(|found| found.schema(&resolved.schema))
-        else {
-            continue;
-        };
-        let Ok(Some(table)) = schema.table(&resolved.table).await else {
-            continue;
-        };
-        let own = warehouse_folder(warehouse, &resolved.schema, &resolved.table);
-        let Ok(own) = ListingTableUrl::parse(&own) else {
-            continue;
-        };
-        let owns = |folders: &[ListingTableUrl]| matches!(folders, [only] if only.as_str() == own.as_str());
-        if table_folders(&table).is_some_and(owns) {
-            folders.push(own);
-        }
+        _ => Vec::new(),
     }
-    folders
+}
+
+/// The warehouse folder of the table `name`, if it is a managed table.
+async fn managed_folder(
+    name: &TableReference,
+    state: &SessionState,
+    store: &StateStore,
+    warehouse: &str,
+) -> Option<ListingTableUrl> {
+    let (key, _) = table_key(name, state);
+    let entry = store.catalog_entry(&key).ok()??;
+    if entry.kind != MANAGED_TABLE {
+        return None;
+    }
+    let options = &state.config().options().catalog;
+    let resolved = name
+        .clone()
+        .resolve(&options.default_catalog, &options.default_schema);
+    let table = state
+        .catalog_list()
+        .catalog(&resolved.catalog)?
+        .schema(&resolved.schema)?
+        .table(&resolved.table)
+        .await
+        .ok()??;
+    let own = ListingTableUrl::parse(warehouse_folder(
+        warehouse,
+        &resolved,
+        &options.default_catalog,
+    ))
+    .ok()?;
+    let owns = matches!(table_folders(&table)?, [only] if only.as_str() == own.as_str());
+    owns.then_some(own)
 }
 
 /// The locations a table reads, if it is a table of files.
@@ -96,22 +149,57 @@ pub(crate) fn table_folders(table: &Arc<dyn TableProvider>) -> Option<&[ListingT
     Some(listing.table_paths())
 }
 
-/// Deletes the folders of dropped managed tables. The tables are gone from
-/// the catalog already, so a folder that cannot be deleted is logged rather
+async fn list_files(
+    runtime: &Arc<RuntimeEnv>,
+    folder: &ListingTableUrl,
+) -> datafusion::error::Result<Vec<Path>> {
+    let store = runtime.object_store(folder.object_store())?;
+    Ok(store
+        .list(Some(folder.prefix()))
+        .map_ok(|meta| meta.location)
+        .try_collect()
+        .await?)
+}
+
+/// Deletes the files of dropped managed tables. The tables are gone from
+/// the catalog already, so a file that cannot be deleted is logged rather
 /// than failing the statement; the next `CREATE TABLE ... AS` of that name
-/// replaces what is left.
-pub async fn delete_folders(runtime: &Arc<RuntimeEnv>, folders: Vec<ListingTableUrl>) {
-    for folder in folders {
+/// replaces what is left. On local disk, the folders left empty go too.
+pub async fn delete_folders(runtime: &Arc<RuntimeEnv>, dropped: Vec<DroppedFolder>) {
+    for DroppedFolder { folder, files } in dropped {
+        let count = files.len();
         let deleted = match runtime.object_store(folder.object_store()) {
-            Ok(store) => delete_prefix(&store, folder.prefix(), folder.scheme() == "file").await,
+            Ok(store) => {
+                let paths = futures::stream::iter(files.into_iter().map(Ok)).boxed();
+                delete_paths(&store, paths).await.map_err(Into::into)
+            }
             Err(e) => Err(e),
         };
         match deleted {
-            Ok(()) => info!(%folder, "deleted the folder of a dropped table"),
+            Ok(()) => {
+                if folder.scheme() == "file" {
+                    let root = std::path::Path::new("/").join(folder.prefix().as_ref());
+                    let _ = tokio::task::spawn_blocking(move || remove_empty_folders(&root)).await;
+                }
+                info!(%folder, files = count, "deleted the files of a dropped table");
+            }
             Err(e) => {
                 let error = redact_store_echoes(&e.to_string()).into_owned();
-                warn!(%folder, %error, "cannot delete the folder of a dropped table");
+                warn!(%folder, %error, "cannot delete the files of a dropped table");
             }
         }
     }
+}
+
+/// Removes `folder` and the folders below it that hold nothing, deepest
+/// first; a folder with a file in it stays.
+fn remove_empty_folders(folder: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(folder) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_empty_folders(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(folder);
 }

@@ -43,7 +43,7 @@ use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::error::{Error, Result};
 use crate::locations::{reads_target, store_configs, write_target};
-use crate::managed::{self, warehouse_folder};
+use crate::managed::{self, CATALOGS_FOLDER, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
@@ -62,6 +62,8 @@ pub enum Planned {
     CreateTableAs {
         write: StagedJob,
         register: Vec<String>,
+        /// The catalog key of the table, to mark it managed once registered.
+        managed_key: String,
     },
     /// `EXPLAIN ANALYZE`: a job that runs the statement, whose metrics then
     /// make the answer.
@@ -347,7 +349,7 @@ impl Planner {
             };
             let dropped = match &logical {
                 LogicalPlan::Ddl(ddl) if persist => {
-                    managed::dropped_folders(ddl, &state, &self.warehouse).await
+                    managed::dropped_folders(ddl, &state, &self.store, &self.warehouse).await
                 }
                 _ => Vec::new(),
             };
@@ -555,7 +557,15 @@ impl Planner {
         for part in [&name.schema, &name.table] {
             check_folder_name(part)?;
         }
-        let location = warehouse_folder(&self.warehouse, &name.schema, &name.table);
+        if name.catalog.as_ref() == catalog.default_catalog
+            && name.schema.as_ref() == CATALOGS_FOLDER
+        {
+            return Err(Error::Query(DataFusionError::Plan(format!(
+                "the schema '{CATALOGS_FOLDER}' of the default catalog cannot hold tables made by \
+                 CREATE TABLE AS: its warehouse folder holds the other catalogs' tables"
+            ))));
+        }
+        let location = warehouse_folder(&self.warehouse, &name, &catalog.default_catalog);
         let parquet = format_as_file_type(Arc::new(ParquetFormatFactory::new()));
         let write = LogicalPlanBuilder::copy_to(
             create.input.as_ref().clone(),
@@ -580,7 +590,22 @@ impl Planner {
             if exists { "OR REPLACE " } else { "" },
             location.replace('\'', "''")
         )];
-        Ok(Planned::CreateTableAs { write, register })
+        let managed_key = catalog::table_key(&create.name, state).0;
+        Ok(Planned::CreateTableAs {
+            write,
+            register,
+            managed_key,
+        })
+    }
+
+    /// Marks the table stored under `key` as made by `CREATE TABLE AS`: it
+    /// owns its warehouse folder, which dropping it deletes.
+    pub async fn mark_managed(&self, key: String) -> Result<()> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || catalog::mark_managed(&store, &key))
+            .await
+            .map_err(|_| Error::ShuttingDown)??;
+        Ok(())
     }
 
     /// Sets up the store of a location that a statement names with store

@@ -260,7 +260,11 @@ impl SchedulerGrpc {
                 self.start_job(job_id.clone(), description, settings, job)?;
                 schema
             }
-            Planned::CreateTableAs { write, register } => {
+            Planned::CreateTableAs {
+                write,
+                register,
+                managed_key,
+            } => {
                 let mut watcher =
                     self.start_job(job_id.clone(), description, settings.clone(), write)?;
                 let planner = self.planner.clone();
@@ -284,7 +288,7 @@ impl SchedulerGrpc {
                             .plan(&write_id, Query::Sql(statement), &settings)
                             .await?;
                     }
-                    Ok(())
+                    planner.mark_managed(managed_key).await
                 });
                 registered.await.map_err(|_| Error::ShuttingDown)??;
                 Arc::new(arrow::datatypes::Schema::empty())

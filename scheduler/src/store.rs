@@ -128,6 +128,16 @@ impl StateStore {
         Ok(())
     }
 
+    /// The catalog object stored under `key`, if any.
+    pub fn catalog_entry(&self, key: &str) -> Result<Option<CatalogEntry>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(CATALOG)?;
+        let Some(bytes) = table.get(key)? else {
+            return Ok(None);
+        };
+        Ok(Some(CatalogEntry::decode(bytes.value())?))
+    }
+
     /// Whether a catalog object is stored under `key`.
     pub fn has_catalog_entry(&self, key: &str) -> Result<bool> {
         let read = self.db.begin_read()?;
