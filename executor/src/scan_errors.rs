@@ -75,31 +75,37 @@ fn is_decoding_failure(error: &DataFusionError) -> bool {
 }
 
 /// The files (`<store><path>`) that the scans of `plan` read for
-/// `partition`: its file group, or every group where the scan has fewer.
+/// `partition`: the scan's file group of that number where the plan has one
+/// scan; every file where it has several (a union numbers its inputs'
+/// partitions one after the other) or the scan has fewer groups.
 fn scanned_files(plan: &Arc<dyn ExecutionPlan>, partition: usize) -> Vec<String> {
-    let mut files = Vec::new();
+    let mut scans: Vec<&FileScanConfig> = Vec::new();
     let _ = plan.apply(|node| {
-        let scan = node
+        if let Some(scan) = node
             .downcast_ref::<DataSourceExec>()
-            .and_then(|source| source.data_source().downcast_ref::<FileScanConfig>());
-        if let Some(scan) = scan {
+            .and_then(|source| source.data_source().downcast_ref::<FileScanConfig>())
+        {
+            scans.push(scan);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    let one_scan = scans.len() == 1;
+    scans
+        .into_iter()
+        .flat_map(|scan| {
             let groups = match scan.file_groups.get(partition) {
-                Some(group) => std::slice::from_ref(group),
-                None => scan.file_groups.as_slice(),
+                Some(group) if one_scan => std::slice::from_ref(group),
+                _ => scan.file_groups.as_slice(),
             };
             // `s3://lake/` and `np3/f.parquet`, or `file:///` and `tmp/f.parquet`.
             let store = scan.object_store_url.as_str();
             let separator = if store.ends_with('/') { "" } else { "/" };
-            files.extend(
-                groups
-                    .iter()
-                    .flat_map(|group| group.files())
-                    .map(|file| format!("{store}{separator}{}", file.object_meta.location)),
-            );
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    files
+            groups
+                .iter()
+                .flat_map(|group| group.files())
+                .map(move |file| format!("{store}{separator}{}", file.object_meta.location))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ pub async fn run(
     let planner =
         planner::Planner::new(config.default_partitions, store.clone(), config.warehouse())?;
     for (name, error) in planner.replay_catalog().await? {
+        let error = quiver_core::storage::redact_store_echoes(&error.to_string()).into_owned();
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }
     let loop_config = config.loop_config();

@@ -192,24 +192,30 @@ async fn declare_parquet_columns(
     url: &ListingTableUrl,
 ) -> Result<()> {
     let store = state.runtime_env().object_store(url)?;
+    if !cmd.schema.fields().is_empty() {
+        // Declared: one data file is enough to know the folder is read.
+        let any_data = url
+            .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
+            .await?
+            .try_filter(|file| futures::future::ready(file.size > 0))
+            .try_next()
+            .await?;
+        if any_data.is_none() {
+            refuse_unread_files(state, &store, url).await?;
+        }
+        return Ok(());
+    }
     let files: Vec<ObjectMeta> = url
         .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
         .await?
         .try_collect()
         .await?;
-    let declared = !cmd.schema.fields().is_empty();
     if !files.iter().any(|file| file.size > 0) {
         refuse_unread_files(state, &store, url).await?;
-        if !declared {
-            return plan_err!(
-                "cannot infer the columns of the table at {url}: it holds no Parquet data \
-                 file; declare the table's columns"
-            );
-        }
-        return Ok(());
-    }
-    if declared {
-        return Ok(());
+        return plan_err!(
+            "cannot infer the columns of the table at {url}: it holds no Parquet data \
+             file; declare the table's columns"
+        );
     }
     let partition_columns = if !cmd.table_partition_cols.is_empty() {
         cmd.table_partition_cols.clone()

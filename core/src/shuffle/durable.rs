@@ -34,7 +34,7 @@ use super::fetch::segment_batches;
 use super::layout::{MapOutputId, Segment, SegmentSource, decode_index};
 use crate::error::{Error, Result};
 use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, abort_recorded_uploads};
-use crate::storage::{StoreRegistry, delete_prefix};
+use crate::storage::{StoreRegistry, delete_prefix, redact_store_echoes};
 
 /// The size of one multipart part of a data file's upload.
 const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;
@@ -205,6 +205,7 @@ impl AbortOnDrop {
         if let Some(upload) = self.0.take()
             && let Err(error) = upload.abort().await
         {
+            let error = redact_store_echoes(&error.to_string()).into_owned();
             tracing::warn!(%error, "could not abort a failed shuffle upload");
         }
     }
@@ -218,6 +219,7 @@ impl Drop for AbortOnDrop {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(error) = upload.abort().await {
+                    let error = redact_store_echoes(&error.to_string()).into_owned();
                     tracing::warn!(%error, "could not abort a cancelled shuffle upload");
                 }
             });
@@ -370,12 +372,18 @@ pub async fn remove_job(
     let location = job_location(shuffle_location, job_id);
     let failed = failure(&location);
     let (store, prefix) = resolve(runtime, &location)?;
+    // The folder goes even if an upload cannot be aborted (a lifecycle rule
+    // removes such an upload): that is logged.
     if let Some(multipart) = multipart_store(stores, &location)? {
-        let aborted = abort_recorded_uploads(&store, multipart.as_ref(), &upload_records(&prefix))
-            .await
-            .map_err(|e| failed(e.into()))?;
-        if aborted > 0 {
-            tracing::info!(%location, aborted, "aborted shuffle uploads that killed tasks left");
+        match abort_recorded_uploads(&store, multipart.as_ref(), &upload_records(&prefix)).await {
+            Ok(0) => {}
+            Ok(aborted) => {
+                tracing::info!(%location, aborted, "aborted shuffle uploads that killed tasks left");
+            }
+            Err(e) => {
+                let error = redact_store_echoes(&e.to_string()).into_owned();
+                tracing::warn!(%location, %error, "cannot abort the shuffle uploads that killed tasks left");
+            }
         }
     }
     delete_prefix(&store, &prefix, location.starts_with("file:"))

@@ -22,6 +22,10 @@ const ECHOED_ELEMENTS: &[&str] = &[
     "CanonicalRequest",
     "CanonicalRequestBytes",
     "GoogleAccessId",
+    // S3's ExpiredToken and InvalidToken answers: the session token.
+    "Token-0",
+    // Azure's refused signature: the signature and the string signed.
+    "AuthenticationErrorDetail",
 ];
 
 /// Query parameters of a signed URL that carry credentials, compared

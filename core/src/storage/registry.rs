@@ -327,10 +327,12 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
         }),
         // A cloud store's web address may hold the bucket or container in
         // its path, which DataFusion keeps as the table's path in the store.
+        // S3's virtual-hosted form (`https://<bucket>.s3.<region>.amazonaws.com`)
+        // names the bucket in the host, and works.
         ObjectStoreScheme::AmazonS3
         | ObjectStoreScheme::GoogleCloudStorage
         | ObjectStoreScheme::MicrosoftAzure
-            if matches!(url.scheme(), "http" | "https") =>
+            if matches!(url.scheme(), "http" | "https") && !is_virtual_hosted_s3(url) =>
         {
             Err(unsupported(
                 "write a cloud store's location with its own scheme: s3://<bucket>/<path>, \
@@ -394,6 +396,14 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
         }
         other => Err(unsupported(format!("{other:?} stores are not supported"))),
     }
+}
+
+/// Whether `url` is an S3 web address with the bucket in its host name
+/// (`<bucket>.s3.<region>.amazonaws.com`), not in its path (`s3.<region>...`,
+/// Cloudflare R2's `<account>.r2.cloudflarestorage.com`).
+fn is_virtual_hosted_s3(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host.ends_with(".amazonaws.com") && !host.starts_with("s3.") && !host.starts_with("s3-")
 }
 
 /// Keys were checked when the statement was planned; an unparsable one here
@@ -483,6 +493,15 @@ mod tests {
             assert!(error.contains(expected), "{location}: {error}");
             assert!(!error.contains("s3cret"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_virtual_hosted_s3_address_names_its_bucket() {
+        let store = build_store(
+            &url("https://lake.s3.eu-west-1.amazonaws.com"),
+            &StoreOptions::default(),
+        );
+        assert!(store.is_ok(), "{:?}", store.err());
     }
 
     #[test]

@@ -311,7 +311,10 @@ pub async fn abort_recorded_uploads(
                 delete_record(objects, &record).await?;
                 aborted += 1;
             }
-            Err(e) => warn!(%path, error = %e, "cannot abort an unfinished upload"),
+            Err(e) => {
+                let error = super::redact_store_echoes(&e.to_string()).into_owned();
+                warn!(%path, %error, "cannot abort an unfinished upload");
+            }
         }
     }
     Ok(aborted)

@@ -479,7 +479,8 @@ impl Drop for WriteTask {
 async fn abort_uploads(files: Vec<OpenFile>, location: &str) {
     for file in files {
         if let Err(e) = file.writer.into_inner().abort().await {
-            warn!(%location, error = %e, "cannot abort an upload");
+            let error = crate::storage::redact_store_echoes(&e.to_string()).into_owned();
+            warn!(%location, %error, "cannot abort an upload");
         }
     }
 }

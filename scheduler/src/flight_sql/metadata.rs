@@ -78,6 +78,8 @@ pub async fn tables(
                     Ok(None) => continue,
                     // One unreadable table must not hide the others.
                     Err(error) => {
+                        let error = quiver_core::storage::redact_store_echoes(&error.to_string())
+                            .into_owned();
                         tracing::warn!(table = %table_name, %error, "cannot describe a table");
                         continue;
                     }
