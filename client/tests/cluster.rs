@@ -1031,6 +1031,54 @@ async fn count(context: &QuiverContext, sql: &str) -> i64 {
     int64s(&query(context, sql).await, 0)[0]
 }
 
+/// A write into more partition folders than a task keeps files open writes
+/// each folder once per task, not a small file each time a folder comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wide_partitioned_write_makes_one_file_per_folder_and_task() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Every batch holds rows of all 200 folders.
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT value AS v, value % 200 AS p FROM range(200000)) TO '{}/' \
+             STORED AS PARQUET PARTITIONED BY (p)",
+            dir.path().display()
+        ),
+    )
+    .await;
+    let folders: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .expect("table folder")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("p="))
+        })
+        .collect();
+    assert_eq!(folders.len(), 200);
+    let most = folders
+        .iter()
+        .map(|folder| std::fs::read_dir(folder).expect("folder").count())
+        .max()
+        .unwrap_or_default();
+    // One file per write task at most (the cluster plans 4 partitions).
+    assert!(most <= 4, "a folder holds {most} files");
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE wide STORED AS PARQUET LOCATION '{}/'",
+            dir.path().display()
+        ),
+    )
+    .await;
+    assert_eq!(count(&context, "SELECT count(*) FROM wide").await, 200_000);
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM wide WHERE p = 7").await,
+        1_000
+    );
+    cluster.shutdown().await;
+}
+
 /// A write planned while another write to its table runs waits for it, and
 /// must not then replace rows it never read: a second `CREATE TABLE AS` of
 /// one name, or an overwrite computed from the table, fails instead.

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::listing::ListingTableUrl;
-use datafusion::datasource::physical_plan::FileSink;
+use datafusion::datasource::physical_plan::{FileSink, FileSinkConfig};
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::dml::InsertOp;
+use datafusion::physical_expr::expressions::col;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
@@ -69,7 +71,7 @@ pub fn distribute_parquet_writes(
         if overwrite {
             config.insert_op = InsertOp::Overwrite;
         }
-        let input = write_tasks_input(sink_exec);
+        let input = grouped_by_partition_folder(write_tasks_input(sink_exec), sink_exec, &config)?;
         let sink = Arc::new(ParquetSink::new(config, parquet.parquet_options().clone()));
         let write = Arc::new(ParquetWriteExec::new(
             input,
@@ -131,6 +133,40 @@ fn write_tasks_input(sink_exec: &DataSinkExec) -> Arc<dyn ExecutionPlan> {
         return Arc::clone(merge.input());
     }
     Arc::clone(input)
+}
+
+/// `input` sorted by the partition columns within each partition, as Spark
+/// sorts a partitioned write, so that each write task meets each partition
+/// folder once: it finishes a folder's file before the next folder begins.
+/// Unsorted, a task writing more folders than it keeps files open (64)
+/// closes and reopens them over and over, and a write into 300 folders made
+/// 11,100 small files. The order that the write asks for, if any (an
+/// `ORDER BY`, a sorted table, rows that come in order: DataFusion records
+/// it in the files), follows the partition columns, so that every file
+/// keeps it. An unpartitioned write is left as it is.
+fn grouped_by_partition_folder(
+    input: Arc<dyn ExecutionPlan>,
+    sink_exec: &DataSinkExec,
+    config: &FileSinkConfig,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if config.table_partition_cols.is_empty() {
+        return Ok(input);
+    }
+    let schema = input.schema();
+    let mut keys: Vec<PhysicalSortExpr> = config
+        .table_partition_cols
+        .iter()
+        .map(|(name, _)| Ok(PhysicalSortExpr::new_default(col(name, &schema)?)))
+        .collect::<Result<_>>()?;
+    if let Some(order) = sink_exec.sort_order() {
+        keys.extend(order.iter().cloned().map(PhysicalSortExpr::from));
+    }
+    let Some(ordering) = LexOrdering::new(keys) else {
+        return Ok(input);
+    };
+    Ok(Arc::new(
+        SortExec::new(ordering, input).with_preserve_partitioning(true),
+    ))
 }
 
 /// Whether the order of `plan`'s partitions comes from a sort in the query,
