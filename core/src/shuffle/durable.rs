@@ -27,6 +27,7 @@ use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::async_writer::AsyncFileWriter;
+use parquet::errors::ParquetError;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use url::Url;
 
@@ -150,7 +151,7 @@ pub async fn upload(
     // for [`remove_job`]) or a partial local file, never a visible output.
     let completed = upload.file().complete().await;
     upload.disarm();
-    completed.map_err(|e| failed(e.into()))?;
+    completed.map_err(|e| failed(completion_failure(e)))?;
     let index = tokio::fs::read(index_file)
         .await
         .map_err(|e| Error::io(index_file, e))?;
@@ -160,6 +161,33 @@ pub async fn upload(
         .map_err(|e| failed(e.into()))?;
     drop(failed);
     Ok(location)
+}
+
+/// Why completing a data file's upload failed, as the task's failure. The
+/// store answers "no such upload" when a completion whose answer was lost is
+/// retried (it had succeeded), or when the upload was aborted meanwhile;
+/// either way another attempt of the task uploads the file again, so that
+/// answer is not taken for a missing bucket, which fails at once.
+fn completion_failure(error: ParquetError) -> Box<dyn std::error::Error + Send + Sync> {
+    let upload_gone = std::iter::successors(
+        Some(&error as &(dyn std::error::Error + 'static)),
+        |cause| cause.source(),
+    )
+    .any(|cause| {
+        matches!(
+            cause.downcast_ref(),
+            Some(object_store::Error::NotFound { .. })
+        )
+    });
+    if upload_gone {
+        // A generic store error: retried.
+        Box::new(object_store::Error::Generic {
+            store: "upload",
+            source: format!("the upload ended unfinished: {error}").into(),
+        })
+    } else {
+        error.into()
+    }
 }
 
 /// Sends the local file at `path` to `upload` of `location`, one read
@@ -423,6 +451,30 @@ mod tests {
         std::fs::write(&data, &bytes).expect("data");
         std::fs::write(&index_file, encode_index(&index)).expect("index");
         (data, index_file)
+    }
+
+    #[test]
+    fn an_upload_gone_at_completion_is_retried() {
+        use crate::error::classify_failure;
+        use quiver_proto::FailureKind;
+
+        let classified = |store: object_store::Error| {
+            let error = Error::DurableShuffle {
+                location: "s3://lake/_shuffle/job/1/0-a0".into(),
+                source: completion_failure(ParquetError::External(Box::new(store))),
+            };
+            classify_failure(&DataFusionError::from(error))
+        };
+        let gone = object_store::Error::NotFound {
+            path: "_shuffle/job/1/0-a0.data".into(),
+            source: "NoSuchUpload".into(),
+        };
+        assert_eq!(classified(gone), FailureKind::Retryable);
+        let refused = object_store::Error::PermissionDenied {
+            path: "_shuffle/job/1/0-a0.data".into(),
+            source: "AccessDenied".into(),
+        };
+        assert_eq!(classified(refused), FailureKind::Fatal);
     }
 
     #[tokio::test]
