@@ -23,7 +23,7 @@ use quiver_core::shuffle::{
     FlightClientPool, LocalOutputs, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
 };
 use quiver_core::storage::metered::{MeteredRegistry, ReadMeter};
-use quiver_core::storage::{StoreOptions, StoreRegistry, redact_store_echoes};
+use quiver_core::storage::{StoreOptions, StoreRegistry, redacted_error};
 use quiver_core::write::TaskAttempt;
 use quiver_proto::{
     ExecutorAddress, FailureKind, LaunchTask, MapOutput, Metric, MetricKind, OperatorMetrics,
@@ -169,7 +169,7 @@ impl TaskRunner {
                 }),
                 Some(Err(error)) => {
                     let kind = classify_failure(&error);
-                    let message = redact_store_echoes(&error.to_string()).into_owned();
+                    let message = redacted_error(&error);
                     warn!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition,
                         attempt = task.attempt, ?kind, error = %message, "task failed");
                     task_status::Result::Failed(TaskFailed {

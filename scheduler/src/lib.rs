@@ -57,6 +57,7 @@ pub mod tables;
 use std::future::Future;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
+use quiver_core::storage::redacted_error;
 use quiver_proto::scheduler_service_server::SchedulerServiceServer;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -84,7 +85,7 @@ pub async fn run(
     let planner =
         planner::Planner::new(config.default_partitions, store.clone(), config.warehouse())?;
     for (name, error) in planner.replay_catalog().await? {
-        let error = quiver_core::storage::redact_store_echoes(&error.to_string()).into_owned();
+        let error = redacted_error(&error);
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }
     let loop_config = config.loop_config();

@@ -21,7 +21,7 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::DdlStatement;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use quiver_core::storage::{delete_paths, redact_store_echoes};
+use quiver_core::storage::{delete_paths, redacted_error};
 use tracing::{info, warn};
 
 use crate::catalog::{MANAGED_TABLE, table_key};
@@ -72,7 +72,7 @@ pub async fn dropped_folders(
         match list_files(state.runtime_env(), &folder).await {
             Ok(files) => dropped.push(DroppedFolder { folder, files }),
             Err(e) => {
-                let error = redact_store_echoes(&e.to_string()).into_owned();
+                let error = redacted_error(&e);
                 warn!(%folder, %error, "cannot list the folder of a dropped table; it stays");
             }
         }
@@ -114,7 +114,12 @@ async fn managed_folder(
     warehouse: &str,
 ) -> Option<ListingTableUrl> {
     let (key, _) = table_key(name, state);
-    let entry = store.catalog_entry(&key).ok()??;
+    // The embedded store reads from disk: not on the async threads.
+    let store = store.clone();
+    let entry = tokio::task::spawn_blocking(move || store.catalog_entry(&key))
+        .await
+        .ok()?
+        .ok()??;
     if entry.kind != MANAGED_TABLE {
         return None;
     }
@@ -184,7 +189,7 @@ pub async fn delete_folders(runtime: &Arc<RuntimeEnv>, dropped: Vec<DroppedFolde
                 info!(%folder, files = count, "deleted the files of a dropped table");
             }
             Err(e) => {
-                let error = redact_store_echoes(&e.to_string()).into_owned();
+                let error = redacted_error(&e);
                 warn!(%folder, %error, "cannot delete the files of a dropped table");
             }
         }

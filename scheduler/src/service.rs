@@ -13,7 +13,7 @@ use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::registry::ReplacedStore;
-use quiver_core::storage::{StoreRegistry, redact_sql, redact_store_echoes};
+use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error};
 use quiver_core::write::{FinishOverwrite, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
@@ -474,14 +474,14 @@ async fn clean_up_job_storage(
     if !durable.is_empty()
         && let Err(e) = durable::remove_job(runtime, stores, durable, job_id).await
     {
-        let e = redact_store_echoes(&e.to_string()).into_owned();
+        let e = redacted_error(&e);
         warn!(%job_id, %e, "cannot remove durable shuffle data");
     }
     if !writes_to.is_empty() {
         match settle_write(stores, writes_to, job_id, finish).await {
             Ok(settled) => debug!(%job_id, ?settled, "settled the job's write"),
             Err(e) => {
-                let e = redact_store_echoes(&e.to_string()).into_owned();
+                let e = redacted_error(&e);
                 warn!(%job_id, %e, "cannot settle a write's files");
             }
         }

@@ -35,7 +35,7 @@ use super::fetch::segment_batches;
 use super::layout::{MapOutputId, Segment, SegmentSource, decode_index};
 use crate::error::{Error, Result};
 use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, abort_recorded_uploads};
-use crate::storage::{StoreRegistry, delete_prefix, redact_store_echoes};
+use crate::storage::{StoreRegistry, delete_prefix, redacted_error};
 
 /// The size of one multipart part of a data file's upload.
 const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;
@@ -159,8 +159,7 @@ pub async fn upload(
         .put(&with_extension(&path, "index")?, PutPayload::from(index))
         .await
         .map_err(|e| failed(e.into()))?;
-    drop(failed);
-    Ok(location)
+    Ok(location.clone())
 }
 
 /// Why completing a data file's upload failed, as the task's failure. The
@@ -233,7 +232,7 @@ impl AbortOnDrop {
         if let Some(upload) = self.0.take()
             && let Err(error) = upload.abort().await
         {
-            let error = redact_store_echoes(&error.to_string()).into_owned();
+            let error = redacted_error(&error);
             tracing::warn!(%error, "could not abort a failed shuffle upload");
         }
     }
@@ -247,7 +246,7 @@ impl Drop for AbortOnDrop {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(error) = upload.abort().await {
-                    let error = redact_store_echoes(&error.to_string()).into_owned();
+                    let error = redacted_error(&error);
                     tracing::warn!(%error, "could not abort a cancelled shuffle upload");
                 }
             });
@@ -409,7 +408,7 @@ pub async fn remove_job(
                 tracing::info!(%location, aborted, "aborted shuffle uploads that killed tasks left");
             }
             Err(e) => {
-                let error = redact_store_echoes(&e.to_string()).into_owned();
+                let error = redacted_error(&e);
                 tracing::warn!(%location, %error, "cannot abort the shuffle uploads that killed tasks left");
             }
         }

@@ -72,6 +72,11 @@ pub fn redact_store_echoes(text: &str) -> Cow<'_, str> {
     Cow::Owned(redacted)
 }
 
+/// An error's text for a log line or a report, echoes blanked.
+pub fn redacted_error(error: &dyn std::fmt::Display) -> String {
+    redact_store_echoes(&error.to_string()).into_owned()
+}
+
 /// Byte ranges of the contents of [`ECHOED_ELEMENTS`]; an element left
 /// open runs to the end of the text.
 fn echoed_element_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {

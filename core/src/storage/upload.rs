@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tracing::warn;
 
 use crate::lease::Lease;
-use crate::storage::StoreRegistry;
+use crate::storage::{StoreRegistry, redacted_error};
 
 /// Parts of one file uploading at once while the next one fills.
 pub const PARTS_IN_FLIGHT: usize = 2;
@@ -312,7 +312,7 @@ pub async fn abort_recorded_uploads(
                 aborted += 1;
             }
             Err(e) => {
-                let error = super::redact_store_echoes(&e.to_string()).into_owned();
+                let error = redacted_error(&e);
                 warn!(%path, %error, "cannot abort an unfinished upload");
             }
         }

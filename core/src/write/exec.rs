@@ -36,6 +36,7 @@ use super::partition::HivePartitioner;
 use crate::config::QuiverOptions;
 use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
+use crate::storage::redacted_error;
 use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, multipart_store};
 
 /// Files one write task keeps open at once, across partition folders. Past
@@ -479,7 +480,7 @@ impl Drop for WriteTask {
 async fn abort_uploads(files: Vec<OpenFile>, location: &str) {
     for file in files {
         if let Err(e) = file.writer.into_inner().abort().await {
-            let error = crate::storage::redact_store_echoes(&e.to_string()).into_owned();
+            let error = redacted_error(&e);
             warn!(%location, %error, "cannot abort an upload");
         }
     }

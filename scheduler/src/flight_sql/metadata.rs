@@ -10,6 +10,7 @@ use arrow_flight::sql::{
 };
 use datafusion::catalog::CatalogProviderList;
 use datafusion::datasource::TableType;
+use quiver_core::storage::redacted_error;
 
 /// Every table type the catalog can hold, as Flight SQL names them.
 const TABLE_TYPES: [&str; 3] = ["TABLE", "VIEW", "LOCAL TEMPORARY"];
@@ -78,8 +79,7 @@ pub async fn tables(
                     Ok(None) => continue,
                     // One unreadable table must not hide the others.
                     Err(error) => {
-                        let error = quiver_core::storage::redact_store_echoes(&error.to_string())
-                            .into_owned();
+                        let error = redacted_error(&error);
                         tracing::warn!(table = %table_name, %error, "cannot describe a table");
                         continue;
                     }
