@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -226,6 +227,7 @@ async fn chaos_suite() {
     suite.context = suite.cluster.connect(EXECUTORS).await;
 
     writes_under_faults(&mut suite).await;
+    overwrite_lost_after_its_manifest(&mut suite).await;
     durable_shuffle(&mut suite).await;
     cancel_and_timeout(&mut suite).await;
     scheduler_restart(&mut suite).await;
@@ -446,6 +448,206 @@ async fn write_with_paused_executor(
     ));
 }
 
+/// An `INSERT OVERWRITE` of a table from itself whose commit task is lost,
+/// with every executor, once it wrote its manifest and began to delete the
+/// files it replaces: the write has committed, and files it read are gone. The
+/// retried commit must finish from its manifest rather than recompute the
+/// write tasks, so the job succeeds and every row is changed exactly once.
+async fn overwrite_lost_after_its_manifest(suite: &mut Suite) {
+    const FINISHED_FROM_MANIFEST: &str = "an earlier attempt of its commit had committed";
+    let scenario = "INSERT OVERWRITE from itself: SIGKILL every executor after its manifest";
+    for attempt in 0..INJECTION_ATTEMPTS {
+        let target = suite
+            .cluster
+            .work_dir()
+            .join(format!("self-overwrite-{attempt}"));
+        let table = format!("self_overwrite_{attempt}");
+        // 100 partition folders: the overwrite has hundreds of files to
+        // delete after its manifest, a window for the kill.
+        let setup = [
+            format!(
+                "CREATE EXTERNAL TABLE {table} (k BIGINT, q BIGINT, bucket BIGINT) \
+                 STORED AS PARQUET PARTITIONED BY (bucket) LOCATION '{}/'",
+                target.display()
+            ),
+            format!(
+                "INSERT INTO {table} SELECT l_orderkey, CAST(l_quantity AS BIGINT), \
+                 l_orderkey % 100 FROM lineitem"
+            ),
+        ];
+        for sql in &setup {
+            suite.context.sql(sql).await.expect("set up the table");
+        }
+        let totals = format!("SELECT count(*), sum(q) FROM {table}");
+        let (rows, sum_before) = totals_of(&suite.context, &totals).await;
+
+        let manifests = target.join("_manifests");
+        let before = manifests_in(&manifests);
+        let pids: Vec<u32> = (0..EXECUTORS)
+            .filter_map(|index| suite.cluster.executor_pid(index))
+            .collect();
+        let context = suite.context.clone();
+        let overwrite = format!("INSERT OVERWRITE {table} SELECT k, q + 1, bucket FROM {table}");
+        let job = tokio::spawn(async move {
+            let stream = context
+                .execute_sql(&overwrite, |_| {})
+                .await
+                .map_err(|e| e.to_string())?;
+            datafusion::physical_plan::common::collect(stream)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        let finished = job.abort_handle();
+        let watched = manifests.clone();
+        let count = before.len() + 1;
+        let replaced = data_files_below(&target);
+        let killed = tokio::task::spawn_blocking(move || {
+            kill_once_replacing(&watched, count, &replaced, &pids, || finished.is_finished())
+        })
+        .await
+        .expect("watcher");
+        if killed {
+            for index in 0..EXECUTORS {
+                suite.cluster.kill_executor(index);
+                suite.cluster.start_executor(index);
+            }
+        }
+        let result = tokio::time::timeout(QUERY_TIMEOUT, job)
+            .await
+            .map_err(|_| format!("no answer within {QUERY_TIMEOUT:?}: the job hung"))
+            .and_then(|joined| joined.map_err(|e| e.to_string())?);
+        suite.context = suite.cluster.connect(EXECUTORS).await;
+        let landed = killed
+            && (0..EXECUTORS).any(|index| {
+                suite
+                    .cluster
+                    .executor_log(index)
+                    .contains(FINISHED_FROM_MANIFEST)
+            });
+        if !landed && result.is_ok() {
+            continue;
+        }
+        let outcome = async {
+            let reported: u64 = result?
+                .iter()
+                .map(|b| b.column(0).as_primitive::<UInt64Type>().value(0))
+                .sum();
+            let written: Vec<_> = manifests_in(&manifests)
+                .difference(&before)
+                .cloned()
+                .collect();
+            let [manifest] = written.as_slice() else {
+                return Err(format!("expected one new manifest, found {written:?}"));
+            };
+            let files = files_named_by(&target, manifest, rows)?;
+            let (rows_after, sum_after) = totals_of(&suite.context, &totals).await;
+            if reported != rows || rows_after != rows || sum_after != sum_before + rows {
+                return Err(format!(
+                    "{rows} rows summing to {sum_before} became {rows_after} summing to \
+                     {sum_after}, reported {reported}: each should have grown by one"
+                ));
+            }
+            Ok(files)
+        }
+        .await;
+        match outcome {
+            Ok(files) => suite.passed.push(format!(
+                "{scenario}: finished from the manifest, {files} files, rows changed once \
+                 (kill landed on run {})",
+                attempt + 1
+            )),
+            Err(e) => suite.failures.push(format!("{scenario}: {e}")),
+        }
+        return;
+    }
+    suite.failures.push(format!(
+        "{scenario}: could not land the kill in {INJECTION_ATTEMPTS} runs"
+    ));
+}
+
+/// Row count and sum of a `SELECT count(*), sum(..)`.
+async fn totals_of(context: &QuiverContext, sql: &str) -> (u64, u64) {
+    let batches = context
+        .sql(sql)
+        .await
+        .expect("plan totals")
+        .collect()
+        .await
+        .expect("run totals");
+    let batch = &batches[0];
+    let value = |column: usize| {
+        batch
+            .column(column)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0) as u64
+    };
+    (value(0), value(1))
+}
+
+/// Watches `manifests` until it holds `count` files and one of `replaced`
+/// is gone, or `done` says the job ended, and then kills `pids` at once (one
+/// `kill` for all, to be quick). Returns whether it killed them.
+fn kill_once_replacing(
+    manifests: &std::path::Path,
+    count: usize,
+    replaced: &[std::path::PathBuf],
+    pids: &[u32],
+    done: impl Fn() -> bool,
+) -> bool {
+    let deadline = Instant::now() + QUERY_TIMEOUT;
+    while !done() && Instant::now() < deadline {
+        if manifests_in(manifests).len() >= count && replaced.iter().any(|file| !file.exists()) {
+            let status = std::process::Command::new("kill")
+                .arg("-KILL")
+                .args(pids.iter().map(u32::to_string))
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -KILL {pids:?} failed");
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// The data files below `table`: what is not in a `_` folder.
+fn data_files_below(table: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![table.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for path in std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+        {
+            if path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with('_'))
+            {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// The manifests in the folder `manifests`.
+fn manifests_in(manifests: &std::path::Path) -> BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir(manifests)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .collect()
+}
+
 /// Checks a written folder: the job reported `expected` rows, and the data
 /// files are exactly those its manifest names, holding that many rows.
 fn committed_exactly_once(
@@ -463,17 +665,27 @@ fn committed_exactly_once(
     let [manifest] = manifests.as_slice() else {
         return Err(format!("expected one manifest, found {manifests:?}"));
     };
+    files_named_by(target, manifest, expected)
+}
+
+/// Checks that the data files below `target` are exactly those `manifest`
+/// names, and that it counts `expected` rows; returns how many there are.
+fn files_named_by(
+    target: &std::path::Path,
+    manifest: &std::path::Path,
+    expected: u64,
+) -> Result<usize, String> {
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(manifest).map_err(|e| format!("read manifest: {e}"))?,
     )
     .map_err(|e| format!("manifest is not JSON: {e}"))?;
-    let listed: std::collections::BTreeSet<String> = manifest["files"]
+    let listed: BTreeSet<String> = manifest["files"]
         .as_array()
         .ok_or("manifest lists no files")?
         .iter()
         .filter_map(|file| file["path"].as_str().map(str::to_owned))
         .collect();
-    let mut stored = std::collections::BTreeSet::new();
+    let mut stored = BTreeSet::new();
     let mut pending = vec![target.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {

@@ -1,6 +1,7 @@
 //! Opens one output partition of a map output as a stream of record batches:
-//! straight from disk when this executor holds it, from object storage when
-//! the output is durable, otherwise over Arrow Flight.
+//! from the task's launch when it came back inline with its map task's
+//! status, straight from disk when this executor holds it, from object
+//! storage when the output is durable, otherwise over Arrow Flight.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -117,6 +118,9 @@ pub enum Source {
     Durable,
     /// The executor holding it, over Arrow Flight.
     Flight,
+    /// The task's launch: a small output that came back with its map task's
+    /// status (`MapOutput.inline_result`).
+    Inline,
 }
 
 /// Streams one output partition, from disk when `env` says this executor holds it,
@@ -147,7 +151,12 @@ pub async fn fetch_partition(
     };
     let durable = &location.output.durable_location;
     let partition = location.partition;
+    let inline = &location.output.inline_result;
     let opened = match env {
+        // An inline output holds the map output's only partition.
+        _ if !inline.is_empty() && partition == 0 => {
+            inline_batches(inline.clone(), schema).map(|stream| (stream, Source::Inline))
+        }
         Some(env) if env.executor_id == address.executor_id => {
             match open_local(&location, env, Arc::clone(&schema)).await {
                 Err(_) if !durable.is_empty() => {
@@ -199,10 +208,6 @@ pub fn job_result(
             );
             async move {
                 let output = &outputs[index];
-                if !output.inline_result.is_empty() {
-                    return inline_batches(output.inline_result.clone(), schema)
-                        .map_err(DataFusionError::from);
-                }
                 if output.partitions.iter().all(|stats| stats.rows == 0) {
                     let nothing = futures::stream::empty();
                     return Ok(Box::pin(RecordBatchStreamAdapter::new(schema, nothing)) as _);

@@ -265,7 +265,7 @@ impl ExecutionPlan for ShuffleReaderExec {
                         .await
                         .map_err(DataFusionError::from)?;
                     Ok::<_, DataFusionError>(match source {
-                        Source::Local => stream,
+                        Source::Local | Source::Inline => stream,
                         Source::Durable => time_waits(stream, durable_time),
                         Source::Flight => {
                             let bytes = output.partitions.get(output_partition);

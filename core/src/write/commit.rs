@@ -12,9 +12,10 @@
 //!    job's staging folder, and with it the files of losing attempts.
 //!
 //! New files go in before old ones go, and each step can be repeated, so a
-//! retried commit task finishes the work of one that died midway. Between
-//! steps 1 and 4 a reader may see old and new rows together: object stores
-//! offer no atomic multi-file rename. Its result is the row count, as
+//! retried commit task finishes the work of one that died midway; a retry
+//! that finds its job's manifest finishes from it, without reading its input.
+//! Between steps 1 and 4 a reader may see old and new rows together: object
+//! stores offer no atomic multi-file rename. Its result is the row count, as
 //! DataFusion's sinks return.
 //!
 //! Each step first checks the executor's [`Lease`]: an executor the scheduler
@@ -54,6 +55,7 @@ use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 
+use super::TaskAttempt;
 use super::layout::{
     MANIFEST_FOLDER, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
     manifest as manifest_path, relative_to, upload_records, written_by,
@@ -196,6 +198,10 @@ impl ExecutionPlan for ParquetCommitExec {
             file_schema: Some(Arc::clone(config.output_schema())),
             lease: task_lease(&context),
             known_commits: self.known_commits.clone(),
+            retry: context
+                .session_config()
+                .get_extension::<TaskAttempt>()
+                .is_some_and(|task| task.attempt > 0),
         };
         let input = self.input.execute(0, context)?;
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -249,6 +255,9 @@ struct Commit {
     lease: Option<Arc<Lease>>,
     /// See [`ParquetCommitExec::with_known_commits`].
     known_commits: Option<Arc<Vec<String>>>,
+    /// Whether an earlier attempt of this commit task ran: it may have
+    /// written the job's manifest.
+    retry: bool,
 }
 
 impl Commit {
@@ -262,12 +271,17 @@ impl Commit {
     }
 
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
-        let mut files = staged_files(input).await?;
         if self.insert_op == InsertOp::Replace {
             return Err(DataFusionError::NotImplemented(
                 "REPLACE INTO is not supported for Parquet tables; use INSERT OVERWRITE".into(),
             ));
         }
+        if self.retry
+            && let Some(manifest) = self.read_manifest().await?
+        {
+            return self.finish_committed(&manifest).await;
+        }
+        let mut files = staged_files(input).await?;
         self.check_no_commit_since_planning().await?;
         if files.is_empty() {
             files.extend(self.stage_schema_file().await?);
@@ -281,16 +295,43 @@ impl Commit {
         // finishes the deletions below rather than undoing the moves above.
         self.write_manifest(&files, rows).await?;
         if self.insert_op == InsertOp::Overwrite {
-            self.delete_replaced(files.iter().map(|file| file.relative.as_str()))
-                .await?;
+            self.delete_replaced(
+                self.partitioned,
+                files.iter().map(|file| file.relative.as_str()),
+            )
+            .await?;
         }
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
-        Ok(RecordBatch::try_new(
-            Arc::clone(&COUNT_SCHEMA),
-            vec![Arc::new(UInt64Array::from(vec![rows]))],
-        )?)
+        count_batch(rows)
+    }
+
+    /// Finishes a commit that an earlier attempt of this task took past its
+    /// manifest before it was lost: the write stands, so its input is not
+    /// read (recomputing it could read the files the overwrite deleted), and
+    /// the overwrite's deletions and the staging folder are finished from
+    /// the manifest. The result is the row count the manifest records.
+    async fn finish_committed(&self, manifest: &Manifest) -> Result<RecordBatch> {
+        self.finish_replacing(manifest).await?;
+        self.delete_staging().await?;
+        info!(job_id = %self.job_id, location = %self.location, rows = manifest.rows,
+            "finished a write that an earlier attempt of its commit had committed");
+        count_batch(manifest.rows)
+    }
+
+    /// Deletes the files that a committed overwrite replaces and that are
+    /// still there; nothing for an append.
+    async fn finish_replacing(&self, manifest: &Manifest) -> Result<()> {
+        // Manifests from before the commit point moved carry no
+        // `partitioned`: their deletions had finished when they were written.
+        if manifest.mode == InsertOp::Overwrite.to_string()
+            && let Some(partitioned) = manifest.partitioned
+        {
+            let written = manifest.files.iter().map(|file| file.path.as_str());
+            self.delete_replaced(partitioned, written).await?;
+        }
+        Ok(())
     }
 
     /// Fails if a job other than this one and those known when the
@@ -398,7 +439,11 @@ impl Commit {
     /// Folders are compared by the values they name, decoded, so that a
     /// folder that another engine spelled otherwise (`p=%C3%BC` for `p=ü`)
     /// is replaced too.
-    async fn delete_replaced<'a>(&self, written: impl Iterator<Item = &'a str>) -> Result<()> {
+    async fn delete_replaced<'a>(
+        &self,
+        partitioned: bool,
+        written: impl Iterator<Item = &'a str>,
+    ) -> Result<()> {
         let touched: HashSet<Vec<(&str, String)>> =
             written.map(|file| folder_values(folder_of(file))).collect();
         let replaced = self
@@ -407,7 +452,7 @@ impl Commit {
             .into_iter()
             .filter(|(path, relative)| {
                 !written_by(path, &self.job_id)
-                    && (!self.partitioned || touched.contains(&folder_values(folder_of(relative))))
+                    && (!partitioned || touched.contains(&folder_values(folder_of(relative))))
             })
             .map(|(path, _)| path)
             .collect();
@@ -535,7 +580,7 @@ pub async fn settle_write(
 ) -> Result<Settled> {
     let table = ListingTableUrl::parse(table_url)?;
     let store_url = table.object_store();
-    let mut commit = Commit {
+    let commit = Commit {
         store: stores.get_store(store_url.as_ref())?,
         multipart: stores.multipart_store(store_url.as_ref())?,
         local: table.scheme() == "file",
@@ -547,20 +592,12 @@ pub async fn settle_write(
         file_schema: None,
         lease: None,
         known_commits: None,
+        retry: false,
     };
     let settled = match commit.read_manifest().await? {
         Some(manifest) => {
-            // Manifests from before the commit point moved carry no
-            // `partitioned`: their deletions had finished when they were written.
-            if finish == FinishOverwrite::Yes
-                && manifest.mode == InsertOp::Overwrite.to_string()
-                && let Some(partitioned) = manifest.partitioned
-            {
-                commit.insert_op = InsertOp::Overwrite;
-                commit.partitioned = partitioned;
-                commit
-                    .delete_replaced(manifest.files.iter().map(|file| file.path.as_str()))
-                    .await?;
+            if finish == FinishOverwrite::Yes {
+                commit.finish_replacing(&manifest).await?;
             }
             Settled::Committed
         }
@@ -585,11 +622,12 @@ pub async fn settle_write(
     Ok(settled)
 }
 
-/// The parts of a manifest that settling a write reads.
+/// The parts of a manifest that settling or finishing a write reads.
 #[derive(serde::Deserialize)]
 struct Manifest {
     mode: String,
     partitioned: Option<bool>,
+    rows: u64,
     files: Vec<ManifestFile>,
 }
 
@@ -613,6 +651,14 @@ impl Commit {
             ))
         })
     }
+}
+
+/// The result of a write job: one row, its row count.
+fn count_batch(rows: u64) -> Result<RecordBatch> {
+    Ok(RecordBatch::try_new(
+        Arc::clone(&COUNT_SCHEMA),
+        vec![Arc::new(UInt64Array::from(vec![rows]))],
+    )?)
 }
 
 /// Runs `request` for every item, [`CONCURRENT_REQUESTS`] at a time.
@@ -782,6 +828,68 @@ mod tests {
         assert!(error.to_string().contains("job3"), "{error}");
     }
 
+    /// A commit task lost after its manifest is retried: the retry neither
+    /// reads its input (the write tasks would be recomputed from files the
+    /// overwrite deleted) nor fails, but finishes the deletions and returns
+    /// the rows the manifest records.
+    #[tokio::test]
+    async fn a_retried_commit_finishes_from_its_manifest_without_reading_its_input() {
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        touch(table, "region=EU/part-old-00000-000.parquet");
+        touch(table, "region=US/part-old-00001-000.parquet");
+        touch(table, "region=EU/part-job1-00000-000.parquet");
+        touch(
+            table,
+            "_temporary/job1/p0-a0/region=EU/part-job1-00000-001.parquet",
+        );
+        std::fs::create_dir_all(table.join("_manifests")).expect("folder");
+        std::fs::write(
+            table.join("_manifests/job1.json"),
+            manifest(
+                "job1",
+                InsertOp::Overwrite,
+                &["region=EU/part-job1-00000-000.parquet"],
+            ),
+        )
+        .expect("manifest");
+        let commit = Commit {
+            store: Arc::new(object_store::local::LocalFileSystem::new()),
+            multipart: None,
+            local: true,
+            location: table.display().to_string(),
+            table: Path::from_filesystem_path(table).expect("path"),
+            job_id: "job1".into(),
+            insert_op: InsertOp::Overwrite,
+            partitioned: true,
+            file_schema: None,
+            lease: None,
+            known_commits: Some(Arc::new(Vec::new())),
+            retry: true,
+        };
+        let unreadable = futures::stream::once(async {
+            Err(DataFusionError::Execution(
+                "the commit read its input".into(),
+            ))
+        });
+        let input = Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
+            unreadable,
+        ));
+
+        let result = commit.run(input).await.expect("the write had committed");
+        let rows = result.column(0).as_primitive::<UInt64Type>().value(0);
+        assert_eq!(rows, 1, "the manifest's row count");
+        assert_eq!(
+            files(table),
+            vec![
+                "_manifests/job1.json",
+                "region=EU/part-job1-00000-000.parquet",
+                "region=US/part-old-00001-000.parquet",
+            ]
+        );
+    }
+
     /// A commit on an executor whose lease ran out (it may have been declared
     /// lost, and its commit given to another executor) changes nothing.
     #[tokio::test]
@@ -806,6 +914,7 @@ mod tests {
             file_schema: None,
             lease: Some(lease),
             known_commits: None,
+            retry: false,
         };
         let file_list = || {
             let batch = RecordBatch::try_new(

@@ -27,6 +27,13 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// that a small result (a point lookup, a count) needs no Flight call.
 pub const INLINE_RESULT_MAX_BYTES: u64 = 64 * 1024;
 
+/// Largest file list of a write task that comes back with its status. Kept
+/// by the scheduler, such a list outlives its executor: the commit task can
+/// be retried without recomputing the write tasks, which would read the
+/// table again, after an overwrite may have deleted its files. A list is
+/// about 200 bytes per file.
+pub const INLINE_FILE_LIST_MAX_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskState {
     Pending,
@@ -215,6 +222,15 @@ impl Job {
         self.stages.last()
     }
 
+    /// Whether the stage's tasks write a table's files: in a write job, the
+    /// stages that its final stage, the commit, reads.
+    fn writes_files(&self, stage_id: u32) -> bool {
+        self.writes_to.is_some()
+            && self
+                .final_stage()
+                .is_some_and(|commit| commit.inputs.contains(&stage_id))
+    }
+
     fn inputs_complete(&self, stage: &Stage) -> bool {
         stage
             .inputs
@@ -272,7 +288,13 @@ impl Job {
         } else {
             self.durable_shuffle.clone()
         };
-        let inline_result_max_bytes = if is_final { INLINE_RESULT_MAX_BYTES } else { 0 };
+        let inline_result_max_bytes = if is_final {
+            INLINE_RESULT_MAX_BYTES
+        } else if self.writes_files(stage_id) {
+            INLINE_FILE_LIST_MAX_BYTES
+        } else {
+            0
+        };
         let stage = self.stage_mut(stage_id)?;
         let plan = stage.plan.clone();
         let task = stage.tasks.get_mut(partition)?;
@@ -826,16 +848,23 @@ fn stage_written(stage: &Stage) -> PartitionStats {
     total
 }
 
-/// Whether the task's output lives only on `executor_id`: a durable copy
-/// outlives the executor.
+/// Whether the task's output lives only on `executor_id`: a durable copy,
+/// an output that came back inline, and an empty one outlive the executor.
 fn output_on(task: &Task, executor_id: &str) -> bool {
     task.output.as_ref().is_some_and(|output| {
         output.durable_location.is_empty()
+            && output.inline_result.is_empty()
+            && !is_empty(output)
             && output
                 .executor
                 .as_ref()
                 .is_some_and(|executor| executor.executor_id == executor_id)
     })
+}
+
+/// Whether a map output holds no data: readers skip it.
+fn is_empty(output: &MapOutput) -> bool {
+    !output.partitions.is_empty() && output.partitions.iter().all(|stats| stats.bytes == 0)
 }
 
 #[cfg(test)]
@@ -954,6 +983,54 @@ mod tests {
                 assert_eq!(state(&job, stage, partition), &TaskState::Done);
             }
         }
+    }
+
+    /// The commit task of a write lost with its executor is retried without
+    /// recomputing the write tasks whose file lists came back inline (or
+    /// that wrote nothing): they would read the table again, and an
+    /// overwrite that got past its manifest deleted its files.
+    #[test]
+    fn write_tasks_file_lists_outlive_their_executor() {
+        let mut job = chain(2);
+        job.writes_to = Some("s3://bucket/table/".into());
+        let outputs = [
+            MapOutput {
+                partitions: vec![PartitionStats {
+                    rows: 1,
+                    bytes: 300,
+                }],
+                inline_result: vec![1; 300].into(),
+                ..MapOutput::default()
+            },
+            MapOutput {
+                map_partition: 1,
+                partitions: vec![PartitionStats { rows: 0, bytes: 0 }],
+                ..MapOutput::default()
+            },
+        ];
+        for (partition, mut output) in outputs.into_iter().enumerate() {
+            let launch = job.launch(1, partition, "a").expect("write task runs");
+            assert_eq!(launch.inline_result_max_bytes, INLINE_FILE_LIST_MAX_BYTES);
+            output.executor = Some(ExecutorAddress {
+                executor_id: "a".into(),
+                ..ExecutorAddress::default()
+            });
+            let id = launch.task.expect("task id");
+            output.attempt = id.attempt;
+            job.on_success(&id, output, &TaskSucceeded::default());
+        }
+        let commit = job.launch(2, 0, "a").expect("commit runs");
+        assert_eq!(commit.inputs[0].outputs[0].inline_result.len(), 300);
+        assert!(!job.needs_outputs_on("a"));
+        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        assert_eq!(state(&job, 1, 0), &TaskState::Done);
+        assert_eq!(state(&job, 1, 1), &TaskState::Done);
+        assert_eq!(state(&job, 2, 0), &TaskState::Pending);
+
+        // Other jobs' map outputs stay on their executors.
+        let mut query = chain(2);
+        let launch = query.launch(1, 0, "a").expect("map task runs");
+        assert_eq!(launch.inline_result_max_bytes, 0);
     }
 
     #[test]
