@@ -1033,20 +1033,27 @@ async fn count(context: &QuiverContext, sql: &str) -> i64 {
 
 /// A write into more partition folders than a task keeps files open writes
 /// each folder once per task, not a small file each time a folder comes back.
+/// The job's status counts the files and bytes it wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wide_partitioned_write_makes_one_file_per_folder_and_task() {
     let (cluster, context) = cluster().await;
     let dir = tempfile::tempdir().expect("temp dir");
     // Every batch holds rows of all 200 folders.
-    query(
-        &context,
-        &format!(
-            "COPY (SELECT value AS v, value % 200 AS p FROM range(200000)) TO '{}/' \
-             STORED AS PARQUET PARTITIONED BY (p)",
-            dir.path().display()
-        ),
-    )
-    .await;
+    let copy = format!(
+        "COPY (SELECT value AS v, value % 200 AS p FROM range(200000)) TO '{}/' \
+         STORED AS PARQUET PARTITIONED BY (p)",
+        dir.path().display()
+    );
+    let mut last_status = None;
+    let stream = context
+        .execute_sql(&copy, |status| last_status = Some(status.clone()))
+        .await
+        .expect("submit the COPY");
+    datafusion::physical_plan::common::collect(stream)
+        .await
+        .expect("run the COPY");
+    let status = last_status.expect("a status");
+    assert_eq!(status.state(), JobState::Succeeded);
     let folders: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
         .expect("table folder")
         .map(|entry| entry.expect("entry").path())
@@ -1063,6 +1070,16 @@ async fn a_wide_partitioned_write_makes_one_file_per_folder_and_task() {
         .unwrap_or_default();
     // One file per write task at most (the cluster plans 4 partitions).
     assert!(most <= 4, "a folder holds {most} files");
+    let files: Vec<std::fs::Metadata> = folders
+        .iter()
+        .flat_map(|folder| std::fs::read_dir(folder).expect("folder"))
+        .map(|entry| entry.expect("entry").metadata().expect("metadata"))
+        .collect();
+    assert_eq!(status.table_files_written, files.len() as u64);
+    assert_eq!(
+        status.table_bytes_written,
+        files.iter().map(std::fs::Metadata::len).sum::<u64>()
+    );
     query(
         &context,
         &format!(

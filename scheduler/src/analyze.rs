@@ -19,8 +19,9 @@ use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
 /// Metrics shown without `VERBOSE`: the ones that say where time, rows,
-/// memory and bytes went, and how many Parquet row groups statistics pruned.
-const SUMMARY_METRICS: [&str; 9] = [
+/// memory and bytes went, how many Parquet row groups statistics pruned, and
+/// what a write wrote and committed.
+const SUMMARY_METRICS: [&str; 14] = [
     "output_rows",
     "elapsed_compute",
     "spill_count",
@@ -30,6 +31,11 @@ const SUMMARY_METRICS: [&str; 9] = [
     "shuffle_bytes_written",
     "bytes_scanned",
     "row_groups_pruned_statistics_pruned",
+    "rows_written",
+    "files_written",
+    "bytes_written",
+    "files_committed",
+    "files_replaced",
 ];
 
 /// The columns of `EXPLAIN ANALYZE`, as DataFusion has them.
@@ -56,7 +62,7 @@ pub fn report(
         .and_then(|stages| swapped_joins(stages, status))
         .map_err(|error| ArrowError::ExternalError(Box::new(error)))?;
     let mut kinds = vec!["Job".to_owned()];
-    let mut texts = vec![format!(
+    let mut job_line = format!(
         "job {}: {:.3} s, {} result rows, {} stages, {} shuffled, {} read from storage",
         status.job_id,
         status.elapsed_micros as f64 / 1e6,
@@ -64,7 +70,15 @@ pub fn report(
         stages.len(),
         human_bytes(status.bytes_written),
         human_bytes(status.store_bytes_read),
-    )];
+    );
+    if status.table_files_written > 0 {
+        job_line.push_str(&format!(
+            ", {} files of {} written to tables",
+            status.table_files_written,
+            human_bytes(status.table_bytes_written)
+        ));
+    }
+    let mut texts = vec![job_line];
     let final_stage = stages.last().map(|stage| stage.stage_id);
     for stage in stages {
         let metrics = status

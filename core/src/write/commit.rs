@@ -18,6 +18,9 @@
 //! stores offer no atomic multi-file rename. Its result is the row count, as
 //! DataFusion's sinks return.
 //!
+//! Its metrics count the files it committed (`files_committed`) and the
+//! older files an overwrite deleted (`files_replaced`).
+//!
 //! Each step first checks the executor's [`Lease`]: an executor the scheduler
 //! may have declared lost must not move files in after the job was settled.
 //!
@@ -43,6 +46,9 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::metrics::{
+    Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::{StreamExt, TryStreamExt};
@@ -85,6 +91,7 @@ pub struct ParquetCommitExec {
     /// planned, if the commit must check that no other has since.
     known_commits: Option<Arc<Vec<String>>>,
     properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ParquetCommitExec {
@@ -96,6 +103,7 @@ impl ParquetCommitExec {
             job_id,
             known_commits: None,
             properties,
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 
@@ -168,6 +176,10 @@ impl ExecutionPlan for ParquetCommitExec {
         Ok(Arc::new(commit))
     }
 
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
     fn execute(
         &self,
         partition: usize,
@@ -202,6 +214,10 @@ impl ExecutionPlan for ParquetCommitExec {
                 .session_config()
                 .get_extension::<TaskAttempt>()
                 .is_some_and(|task| task.attempt > 0),
+            counts: CommitCounts {
+                committed: MetricBuilder::new(&self.metrics).counter("files_committed", 0),
+                replaced: MetricBuilder::new(&self.metrics).counter("files_replaced", 0),
+            },
         };
         let input = self.input.execute(0, context)?;
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -258,6 +274,14 @@ struct Commit {
     /// Whether an earlier attempt of this commit task ran: it may have
     /// written the job's manifest.
     retry: bool,
+    counts: CommitCounts,
+}
+
+/// What a commit did, for its operator's metrics.
+#[derive(Default)]
+struct CommitCounts {
+    committed: Count,
+    replaced: Count,
 }
 
 impl Commit {
@@ -289,6 +313,7 @@ impl Commit {
         // New files go in before old ones go: a commit that dies in between
         // leaves extra rows, never lost ones, and its retry finishes the job.
         self.move_into_place(&files).await?;
+        self.counts.committed.add(files.len());
         self.delete_stale_files_of_this_job(&files).await?;
         let rows: u64 = files.iter().map(|file| file.rows).sum();
         // Once the manifest is there the write counts as done: recovery
@@ -313,6 +338,7 @@ impl Commit {
     /// the overwrite's deletions and the staging folder are finished from
     /// the manifest. The result is the row count the manifest records.
     async fn finish_committed(&self, manifest: &Manifest) -> Result<RecordBatch> {
+        self.counts.committed.add(manifest.files.len());
         self.finish_replacing(manifest).await?;
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, rows = manifest.rows,
@@ -455,8 +481,11 @@ impl Commit {
                     && (!partitioned || touched.contains(&folder_values(folder_of(relative))))
             })
             .map(|(path, _)| path)
-            .collect();
-        self.delete_all(replaced).await
+            .collect::<Vec<_>>();
+        let count = replaced.len();
+        self.delete_all(replaced).await?;
+        self.counts.replaced.add(count);
+        Ok(())
     }
 
     async fn move_into_place(&self, files: &[StagedFile]) -> Result<()> {
@@ -593,6 +622,7 @@ pub async fn settle_write(
         lease: None,
         known_commits: None,
         retry: false,
+        counts: CommitCounts::default(),
     };
     let settled = match commit.read_manifest().await? {
         Some(manifest) => {
@@ -866,6 +896,7 @@ mod tests {
             lease: None,
             known_commits: Some(Arc::new(Vec::new())),
             retry: true,
+            counts: CommitCounts::default(),
         };
         let unreadable = futures::stream::once(async {
             Err(DataFusionError::Execution(
@@ -915,6 +946,7 @@ mod tests {
             lease: Some(lease),
             known_commits: None,
             retry: false,
+            counts: CommitCounts::default(),
         };
         let file_list = || {
             let batch = RecordBatch::try_new(

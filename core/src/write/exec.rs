@@ -1,6 +1,8 @@
 //! [`ParquetWriteExec`]: every task of a write stage writes its own rows into
 //! Parquet files under its attempt's staging folder, rolling over to a new
-//! file at the target size, and returns one row per file it wrote.
+//! file at the target size, and returns one row per file it wrote. Its
+//! metrics, named as DataFusion's Parquet sink names them, count the rows,
+//! files and bytes (footers included) that it wrote.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,6 +18,9 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::metrics::{
+    Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
@@ -64,6 +69,7 @@ pub struct ParquetWriteExec {
     sink: Arc<ParquetSink>,
     job_id: String,
     properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ParquetWriteExec {
@@ -77,6 +83,7 @@ impl ParquetWriteExec {
             sink,
             job_id,
             properties,
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 
@@ -140,6 +147,10 @@ impl ExecutionPlan for ParquetWriteExec {
         )))
     }
 
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
     fn execute(
         &self,
         partition: usize,
@@ -180,8 +191,27 @@ struct WriteTask {
     /// Counts writes, to find the least recently written open file.
     clock: u64,
     /// Files per partition folder, for numbering.
-    counts: HashMap<String, usize>,
+    files_per_folder: HashMap<String, usize>,
     written: Vec<WrittenFile>,
+    counts: WriteCounts,
+}
+
+/// What a write task has finished, for its operator's metrics.
+struct WriteCounts {
+    rows: Count,
+    files: Count,
+    bytes: Count,
+}
+
+impl WriteCounts {
+    fn new(metrics: &ExecutionPlanMetricsSet, partition: usize) -> Self {
+        let counter = |name: &'static str| MetricBuilder::new(metrics).counter(name, partition);
+        Self {
+            rows: counter("rows_written"),
+            files: counter("files_written"),
+            bytes: counter("bytes_written"),
+        }
+    }
 }
 
 struct OpenFile {
@@ -256,8 +286,9 @@ impl WriteTask {
             reservation,
             open: HashMap::new(),
             clock: 0,
-            counts: HashMap::new(),
+            files_per_folder: HashMap::new(),
             written: Vec::new(),
+            counts: WriteCounts::new(&exec.metrics, partition),
         })
     }
 
@@ -377,6 +408,9 @@ impl WriteTask {
         let path = staged_path(&self.staging, &file.relative)?;
         let store = Arc::clone(&self.store);
         let bytes = store.head(&path).await?.size;
+        self.counts.rows.add(file.rows as usize);
+        self.counts.files.add(1);
+        self.counts.bytes.add(bytes as usize);
         self.written.push(WrittenFile {
             relative: file.relative,
             rows: file.rows,
@@ -386,7 +420,7 @@ impl WriteTask {
     }
 
     fn open_file(&mut self, folder: &str) -> Result<OpenFile> {
-        let count = self.counts.entry(folder.to_owned()).or_default();
+        let count = self.files_per_folder.entry(folder.to_owned()).or_default();
         let name = file_name(&self.job_id, self.partition, *count, &self.extension);
         *count += 1;
         let relative = if folder.is_empty() {

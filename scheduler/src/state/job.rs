@@ -799,6 +799,8 @@ impl Job {
                 .iter()
                 .map(|stage| stage.metrics.clone())
                 .collect(),
+            table_files_written: self.metric_total("files_written"),
+            table_bytes_written: self.metric_total("bytes_written"),
             result_rows: if self.state == JobState::Succeeded {
                 self.final_stage()
                     .map_or(0, |stage| stage_written(stage).rows)
@@ -810,6 +812,18 @@ impl Job {
 }
 
 impl Job {
+    /// The sum of the operator metric `name` over every stage: what its
+    /// successful task attempts reported.
+    fn metric_total(&self, name: &str) -> u64 {
+        self.stages
+            .iter()
+            .flat_map(|stage| &stage.metrics.operators)
+            .flat_map(|operator| &operator.metrics)
+            .filter(|metric| metric.name == name)
+            .map(|metric| metric.value)
+            .sum()
+    }
+
     /// The outputs of the finished tasks.
     fn outputs(&self) -> impl Iterator<Item = &MapOutput> {
         self.stages

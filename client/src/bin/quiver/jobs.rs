@@ -102,8 +102,10 @@ fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result
         ("tasks_running", numbers(|s| u64::from(s.tasks_running))),
         ("elapsed_ms", numbers(|s| s.elapsed_micros / 1000)),
         ("result_rows", numbers(|s| s.result_rows)),
-        ("bytes_written", numbers(|s| s.bytes_written)),
+        ("shuffle_bytes_written", numbers(|s| s.bytes_written)),
         ("store_bytes_read", numbers(|s| s.store_bytes_read)),
+        ("table_files_written", numbers(|s| s.table_files_written)),
+        ("table_bytes_written", numbers(|s| s.table_bytes_written)),
         ("error", strings(|s, _| s.error.clone())),
         (
             "query",

@@ -155,8 +155,17 @@ fn print_progress(status: &JobStatus, started: Instant) {
         );
         return;
     }
+    let into_tables = if status.table_files_written > 0 {
+        format!(
+            ", {} files of {} written to tables",
+            status.table_files_written,
+            human_bytes(status.table_bytes_written)
+        )
+    } else {
+        String::new()
+    };
     eprint!(
-        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows, {} written, {} read from storage, {elapsed:.1}s",
+        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows and {} shuffled, {} read from storage{into_tables}, {elapsed:.1}s",
         status.stages_done,
         status.stages_total,
         status.tasks_running,
