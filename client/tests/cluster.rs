@@ -1096,6 +1096,117 @@ async fn a_wide_partitioned_write_makes_one_file_per_folder_and_task() {
     cluster.shutdown().await;
 }
 
+/// Readers see a write from its manifest on, whole, and not the files an
+/// overwrite replaces, although it deletes them afterwards: the states a
+/// commit passes through are planted on disk, then the real thing runs
+/// under readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_see_committed_writes_whole() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let table = dir.path();
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE snap (k BIGINT, p BIGINT) STORED AS PARQUET \
+             PARTITIONED BY (p) LOCATION '{}/'",
+            table.display()
+        ),
+    )
+    .await;
+    query(
+        &context,
+        "INSERT INTO snap SELECT value, value % 20 FROM range(200000)",
+    )
+    .await;
+    let totals = "SELECT count(*), sum(k) FROM snap";
+    let read = |context: QuiverContext| async move {
+        let batches = query(&context, totals).await;
+        (int64s(&batches, 0)[0], int64s(&batches, 1)[0])
+    };
+    let old = (200_000, (0..200_000).sum::<i64>());
+    assert_eq!(read(context.clone()).await, old);
+    let folder = table.join("p=0");
+    let committed: Vec<std::path::PathBuf> = std::fs::read_dir(&folder)
+        .expect("folder")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    let rows_in_folder = count(&context, "SELECT count(*) FROM snap WHERE p = 0").await;
+
+    // A commit moving its files in: they are not read before its manifest.
+    let job = "00000000000000ab";
+    let moved = folder.join(format!("part-{job}-00000-000.parquet"));
+    std::fs::copy(&committed[0], &moved).expect("copy");
+    assert_eq!(read(context.clone()).await, old);
+    let manifests = table.join("_manifests");
+    std::fs::write(manifests.join(format!("{job}.json")), "{}").expect("manifest");
+    let with_copy = read(context.clone()).await;
+    assert!(
+        with_copy.0 > old.0,
+        "a committed write is read: {with_copy:?}"
+    );
+    // An overwrite of p=0 that committed and has not deleted what it
+    // replaces yet: those files are no longer read.
+    let replaced: Vec<String> = committed
+        .iter()
+        .map(|path| format!("p=0/{}", path.file_name().expect("name").to_string_lossy()))
+        .collect();
+    std::fs::write(
+        manifests.join(format!("{job}.replaces")),
+        serde_json::to_string(&replaced).expect("list"),
+    )
+    .expect("list of replaced files");
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM snap WHERE p = 0").await,
+        with_copy.0 - old.0,
+        "only the overwrite's own file in p=0"
+    );
+    std::fs::remove_file(manifests.join(format!("{job}.replaces"))).expect("remove");
+    std::fs::remove_file(manifests.join(format!("{job}.json"))).expect("remove");
+    std::fs::remove_file(&moved).expect("remove");
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM snap WHERE p = 0").await,
+        rows_in_folder
+    );
+
+    // Readers during a real overwrite see the old rows or the new ones. A
+    // reader still reading replaced files when the overwrite deletes them
+    // fails, naming the file.
+    let new = (old.0, old.1 + old.0);
+    let overwrite = tokio::spawn({
+        let context = context.clone();
+        async move { query(&context, "INSERT OVERWRITE snap SELECT k + 1, p FROM snap").await }
+    });
+    let try_read = |context: QuiverContext| async move {
+        let batches = context.sql(totals).await?.collect().await?;
+        Ok::<_, quiver_client::Error>((int64s(&batches, 0)[0], int64s(&batches, 1)[0]))
+    };
+    let mut seen = Vec::new();
+    while !overwrite.is_finished() {
+        match try_read(context.clone()).await {
+            Ok(totals) => seen.push(totals),
+            Err(error) => assert!(
+                error.to_string().contains("not found") && error.to_string().contains("p="),
+                "{error}"
+            ),
+        }
+    }
+    overwrite.await.expect("overwrite");
+    seen.push(read(context.clone()).await);
+    for totals in &seen {
+        assert!(*totals == old || *totals == new, "a reader saw {totals:?}");
+    }
+    assert_eq!(seen.last(), Some(&new));
+    assert!(!manifests.read_dir().expect("manifests").any(|entry| {
+        entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".replaces")
+    }));
+    cluster.shutdown().await;
+}
+
 /// A write planned while another write to its table runs waits for it, and
 /// must not then replace rows it never read: a second `CREATE TABLE AS` of
 /// one name, or an overwrite computed from the table, fails instead.

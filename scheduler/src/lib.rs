@@ -15,6 +15,7 @@
 //! - [`adaptive`]: turns partitioned joins into broadcasts once a build side has run.
 //! - [`join_swap`]: builds a join's hash table from the side that ran smaller.
 //! - [`reduction`]: filters a scan by the keys of a small join side that has run.
+//! - [`committed_scans`]: scans that read the files of committed writes only.
 //! - [`series`]: `range()` and `generate_series()` scans that survive serialization.
 //! - [`locations`]: the object stores a job uses, and the options its tasks need.
 //! - [`state`]: the event loop that owns jobs, stages, tasks and executors.
@@ -33,6 +34,7 @@ pub mod analyze;
 pub mod broadcast;
 pub mod build_stage;
 pub mod catalog;
+pub mod committed_scans;
 pub mod config;
 pub mod eager_aggregation;
 pub mod error;

@@ -41,6 +41,7 @@ use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
+use crate::committed_scans::scan_committed_files;
 use crate::error::{Error, Result};
 use crate::locations::{reads_target, store_configs, write_target};
 use crate::managed::{self, CATALOGS_FOLDER, warehouse_folder};
@@ -764,7 +765,8 @@ async fn explain_stages(
 }
 
 /// `logical` optimized by DataFusion, with its joins reordered and
-/// aggregates moved below joins by Quiver, and the physical plan of that.
+/// aggregates moved below joins by Quiver, and the physical plan of that,
+/// whose scans read committed files only.
 async fn physical_plan(
     logical: &LogicalPlan,
     state: &SessionState,
@@ -772,9 +774,10 @@ async fn physical_plan(
     let optimized = state.optimize(logical)?;
     let ordered = crate::join_order::reorder_joins(optimized, state).await?;
     let ordered = crate::eager_aggregation::aggregate_before_joins(ordered, state).await?;
+    let committed = scan_committed_files(ordered.clone(), state.runtime_env()).await?;
     let physical = state
         .query_planner()
-        .create_physical_plan(&ordered, state)
+        .create_physical_plan(&committed, state)
         .await?;
     Ok((ordered, physical))
 }

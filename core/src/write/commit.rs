@@ -5,17 +5,23 @@
 //! 1. moves each staged file to its committed name;
 //! 2. deletes files of this job that an earlier run of the commit moved in
 //!    but the current list does not name;
-//! 3. writes the job's manifest, `_manifests/<job>.json`: the commit point;
-//! 4. for `INSERT OVERWRITE`, deletes the table's older data files: all of
-//!    them, or only those in the partition folders this job wrote;
-//! 5. aborts the uploads that killed attempts left unfinished, and deletes the
+//! 3. for `INSERT OVERWRITE`, lists the table's older data files that it
+//!    replaces (all of them, or only those in the partition folders this job
+//!    wrote) in `_manifests/<job>.replaces`;
+//! 4. writes the job's manifest, `_manifests/<job>.json`: the commit point,
+//!    from which readers see this write whole and not what it replaces
+//!    ([`super::snapshot`]);
+//! 5. for `INSERT OVERWRITE`, deletes the files it replaces, then their list;
+//! 6. aborts the uploads that killed attempts left unfinished, and deletes the
 //!    job's staging folder, and with it the files of losing attempts.
 //!
 //! New files go in before old ones go, and each step can be repeated, so a
 //! retried commit task finishes the work of one that died midway; a retry
 //! that finds its job's manifest finishes from it, without reading its input.
-//! Between steps 1 and 4 a reader may see old and new rows together: object
-//! stores offer no atomic multi-file rename. Its result is the row count, as
+//! Object stores offer no atomic multi-file rename: a reader that only
+//! lists the folder may see part of the new files between steps 1 and 4,
+//! and old and new rows together until step 5 ends. Quiver's readers read
+//! the manifests too, and see neither. Its result is the row count, as
 //! DataFusion's sinks return.
 //!
 //! Its metrics count the files it committed (`files_committed`) and the
@@ -63,10 +69,11 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 
 use super::TaskAttempt;
 use super::layout::{
-    MANIFEST_FOLDER, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
-    manifest as manifest_path, relative_to, upload_records, written_by,
+    STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join, manifest as manifest_path,
+    relative_to, replaced_list, upload_records, written_by,
 };
 use super::partition::folder_values;
+use super::snapshot::manifest_folder_names;
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
@@ -230,15 +237,10 @@ impl ExecutionPlan for ParquetCommitExec {
 /// The jobs that have committed to the table at `table`: those whose
 /// manifest is in its `_manifests/` folder.
 pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Vec<String>> {
-    let manifests = table.clone().join(MANIFEST_FOLDER);
-    let listed: Vec<Path> = store
-        .list(Some(&manifests))
-        .map_ok(|meta| meta.location)
-        .try_collect()
-        .await?;
-    Ok(listed
+    Ok(manifest_folder_names(store, table)
+        .await?
         .iter()
-        .filter_map(|path| path.filename()?.strip_suffix(".json").map(str::to_owned))
+        .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
         .collect())
 }
 
@@ -316,16 +318,19 @@ impl Commit {
         self.counts.committed.add(files.len());
         self.delete_stale_files_of_this_job(&files).await?;
         let rows: u64 = files.iter().map(|file| file.rows).sum();
-        // Once the manifest is there the write counts as done: recovery
-        // finishes the deletions below rather than undoing the moves above.
+        let replaced = if self.insert_op == InsertOp::Overwrite {
+            let written = files.iter().map(|file| file.relative.as_str());
+            let replaced = self.replaced_files(self.partitioned, written).await?;
+            self.write_replaced_list(&replaced).await?;
+            replaced
+        } else {
+            Vec::new()
+        };
+        // Once the manifest is there the write counts as done: readers see
+        // it, and not what it replaces, and recovery finishes the deletions
+        // below rather than undoing the moves above.
         self.write_manifest(&files, rows).await?;
-        if self.insert_op == InsertOp::Overwrite {
-            self.delete_replaced(
-                self.partitioned,
-                files.iter().map(|file| file.relative.as_str()),
-            )
-            .await?;
-        }
+        self.delete_replaced(replaced).await?;
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
@@ -355,7 +360,8 @@ impl Commit {
             && let Some(partitioned) = manifest.partitioned
         {
             let written = manifest.files.iter().map(|file| file.path.as_str());
-            self.delete_replaced(partitioned, written).await?;
+            let replaced = self.replaced_files(partitioned, written).await?;
+            self.delete_replaced(replaced).await?;
         }
         Ok(())
     }
@@ -459,20 +465,20 @@ impl Commit {
         self.delete_all(stale).await
     }
 
-    /// Deletes the files that an overwrite replaces: in the partition
-    /// folders this job wrote for a partitioned table, all of the table's
+    /// The files that an overwrite replaces: in the partition folders this
+    /// job wrote (`written`) for a partitioned table, all of the table's
     /// data files otherwise. Files of this job stay.
     /// Folders are compared by the values they name, decoded, so that a
     /// folder that another engine spelled otherwise (`p=%C3%BC` for `p=ü`)
     /// is replaced too.
-    async fn delete_replaced<'a>(
+    async fn replaced_files<'a>(
         &self,
         partitioned: bool,
         written: impl Iterator<Item = &'a str>,
-    ) -> Result<()> {
+    ) -> Result<Vec<(Path, String)>> {
         let touched: HashSet<Vec<(&str, String)>> =
             written.map(|file| folder_values(folder_of(file))).collect();
-        let replaced = self
+        Ok(self
             .data_files()
             .await?
             .into_iter()
@@ -480,12 +486,51 @@ impl Commit {
                 !written_by(path, &self.job_id)
                     && (!partitioned || touched.contains(&folder_values(folder_of(relative))))
             })
-            .map(|(path, _)| path)
-            .collect::<Vec<_>>();
-        let count = replaced.len();
-        self.delete_all(replaced).await?;
-        self.counts.replaced.add(count);
+            .collect())
+    }
+
+    /// Lists the files this overwrite replaces where readers find it
+    /// ([`replaced_list`]), before the manifest makes the write visible:
+    /// from then on readers skip them, although they are deleted after.
+    async fn write_replaced_list(&self, replaced: &[(Path, String)]) -> Result<()> {
+        if replaced.is_empty() {
+            return Ok(());
+        }
+        let relatives: Vec<&str> = replaced
+            .iter()
+            .map(|(_, relative)| relative.as_str())
+            .collect();
+        let list =
+            serde_json::to_vec(&relatives).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        self.check_lease()?;
+        self.store
+            .put(
+                &replaced_list(&self.table, &self.job_id),
+                PutPayload::from(list),
+            )
+            .await?;
         Ok(())
+    }
+
+    /// Deletes the files that an overwrite replaced, then their list.
+    async fn delete_replaced(&self, replaced: Vec<(Path, String)>) -> Result<()> {
+        let count = replaced.len();
+        self.delete_all(replaced.into_iter().map(|(path, _)| path).collect())
+            .await?;
+        self.counts.replaced.add(count);
+        self.delete_replaced_list().await
+    }
+
+    async fn delete_replaced_list(&self) -> Result<()> {
+        self.check_lease()?;
+        match self
+            .store
+            .delete(&replaced_list(&self.table, &self.job_id))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn move_into_place(&self, files: &[StagedFile]) -> Result<()> {
@@ -641,6 +686,7 @@ pub async fn settle_write(
                 .collect();
             let files = moved_in.len();
             commit.delete_all(moved_in).await?;
+            commit.delete_replaced_list().await?;
             if files > 0 {
                 info!(%job_id, location = %commit.location, files,
                     "rolled back the files of a commit that did not finish");
@@ -883,6 +929,11 @@ mod tests {
             ),
         )
         .expect("manifest");
+        std::fs::write(
+            table.join("_manifests/job1.replaces"),
+            r#"["region=EU/part-old-00000-000.parquet"]"#,
+        )
+        .expect("list of replaced files");
         let commit = Commit {
             store: Arc::new(object_store::local::LocalFileSystem::new()),
             multipart: None,

@@ -5,6 +5,7 @@
 //! <table>/_temporary/<job>/_uploads/p<partition>-a<attempt>-<n>.json                                      an upload in progress
 //! <table>/<col=value/...>/part-<job>-<partition>-<n>.parquet                                            committed
 //! <table>/_manifests/<job>.json                                                                          each commit's manifest
+//! <table>/_manifests/<job>.replaces                                                                      the files an overwrite replaces, until they are gone
 //! ```
 //!
 //! Every attempt writes under its own staging folder, so a retried or killed
@@ -51,6 +52,41 @@ pub fn manifest(table: &Path, job_id: &str) -> Path {
         .clone()
         .join(MANIFEST_FOLDER)
         .join(format!("{job_id}.json"))
+}
+
+/// The files that the overwrite of one job replaces, listed before its
+/// manifest is written and deleted once they are gone, so that readers
+/// stop reading them at the commit point (see [`super::snapshot`]). Not a
+/// `.json` name: it is not a manifest.
+pub fn replaced_list(table: &Path, job_id: &str) -> Path {
+    table
+        .clone()
+        .join(MANIFEST_FOLDER)
+        .join(format!("{job_id}{REPLACED_LIST_SUFFIX}"))
+}
+
+/// The ending of [`replaced_list`] names.
+pub const REPLACED_LIST_SUFFIX: &str = ".replaces";
+
+/// Length of the job ids that the scheduler hands out: 16 hex digits.
+const JOB_ID_LENGTH: usize = 16;
+
+/// The job whose commit named the data file `name`, if it has the name that
+/// [`file_name`] gives (`part-<16 hex digits>-<partition>-<n>.<ext>`), and
+/// not another writer's name that looks alike.
+pub fn committing_job(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("part-")?;
+    let job_id = rest.get(..JOB_ID_LENGTH)?;
+    let rest = rest[JOB_ID_LENGTH..].strip_prefix('-')?;
+    let (numbers, extension) = rest.split_once('.')?;
+    let (partition, n) = numbers.split_once('-')?;
+    let digits = |text: &str, least: usize| {
+        text.len() >= least && text.bytes().all(|byte| byte.is_ascii_digit())
+    };
+    let is_job_id = job_id
+        .bytes()
+        .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
+    (is_job_id && digits(partition, 5) && digits(n, 3) && !extension.is_empty()).then_some(job_id)
 }
 
 /// The name of the `n`th file that `partition` writes into one partition folder.
@@ -128,5 +164,28 @@ mod tests {
             relative_to(&table, &committed).as_deref(),
             Some("region=EU/part-job-1-00003-000.parquet")
         );
+    }
+
+    #[test]
+    fn committing_jobs_are_read_from_quiver_names_only() {
+        let job = "15f2f92419f04bdb";
+        assert_eq!(committing_job(&file_name(job, 3, 0, "parquet")), Some(job));
+        assert_eq!(
+            committing_job(&file_name(job, 123_456, 1_000, ".parquet")),
+            Some(job)
+        );
+        for other in [
+            // Spark, Hive, DuckDB and hand-made names.
+            "part-00000-5a1c7d0e-8f4b-4c1e-9a0b-1d2e3f4a5b6c-c000.snappy.parquet",
+            "000000_0",
+            "data_0.parquet",
+            "part-15f2f92419f04bdb.parquet",
+            "part-15F2F92419F04BDB-00000-000.parquet",
+            "part-15f2f92419f04bdb-0000-000.parquet",
+            "part-15f2f92419f04bdb-00000-000",
+            "part-ü5f2f92419f04bd-00000-000.parquet",
+        ] {
+            assert_eq!(committing_job(other), None, "{other}");
+        }
     }
 }

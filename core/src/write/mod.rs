@@ -10,6 +10,7 @@
 //! - [`partition`]: hive partition folders.
 //! - [`exec`]: the write tasks.
 //! - [`commit`]: the commit step.
+//! - [`snapshot`]: what readers see of a table: committed writes only.
 //! - [`plan`]: swapping DataFusion's sink for the two steps.
 
 pub mod commit;
@@ -17,6 +18,7 @@ pub mod exec;
 pub mod layout;
 pub mod partition;
 pub mod plan;
+pub mod snapshot;
 
 pub use commit::{FinishOverwrite, ParquetCommitExec, Settled, settle_write};
 pub use exec::ParquetWriteExec;

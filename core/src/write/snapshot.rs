@@ -1,0 +1,181 @@
+//! What a reader of a table sees: the data files of committed writes only.
+//!
+//! A commit moves its files in one by one and an overwrite deletes the old
+//! ones afterwards, since no store renames or deletes a set of files at
+//! once. A reader that only listed the folder would see part of a write
+//! while its commit runs, and old and new rows together while an overwrite
+//! deletes. The job's manifest is the commit point, so a reader that knows
+//! the manifests sees each write whole, or not at all:
+//!
+//! - a file that Quiver named for a job ([`committing_job`]) is shown only
+//!   once that job's manifest exists;
+//! - a file that a committed overwrite replaces is hidden from its manifest
+//!   on, although it is deleted later: the overwrite lists the files it
+//!   replaces ([`replaced_list`]) before it writes its manifest.
+//!
+//! Both need one listing of the table's `_manifests/` folder. A table
+//! without manifests (written by other engines) is read as listed, and so
+//! are other writers' files in a table that has them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::error::{DataFusionError, Result};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use super::layout::{MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, committing_job, join, replaced_list};
+
+/// The committed state of one table, as its manifests tell it.
+#[derive(Debug, Default)]
+pub struct CommittedFiles {
+    /// Jobs whose manifest exists.
+    committed: HashSet<String>,
+    /// Files that committed overwrites replace and have not deleted yet.
+    replaced: HashSet<Path>,
+}
+
+impl CommittedFiles {
+    /// Reads the committed state of the table at `table`: a listing of its
+    /// manifests, and the lists of files that committed overwrites are still
+    /// deleting (there are none once they finish).
+    pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
+        let names = manifest_folder_names(store, table).await?;
+        let committed: HashSet<String> = names
+            .iter()
+            .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
+            .collect();
+        let mut replaced = HashSet::new();
+        for job_id in names
+            .iter()
+            .filter_map(|name| name.strip_suffix(REPLACED_LIST_SUFFIX))
+            .filter(|job_id| committed.contains(*job_id))
+        {
+            let list = match store.get(&replaced_list(table, job_id)).await {
+                Ok(found) => found.bytes().await?,
+                // Its overwrite has just finished deleting.
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let relatives: Vec<String> = serde_json::from_slice(&list).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "the list of files that job {job_id} replaces in '{table}' is not valid: {e}"
+                ))
+            })?;
+            for relative in relatives {
+                replaced.insert(
+                    join(table, &relative).map_err(|e| DataFusionError::External(Box::new(e)))?,
+                );
+            }
+        }
+        Ok(Self {
+            committed,
+            replaced,
+        })
+    }
+
+    /// Whether the table has no manifests: readers see what they list.
+    pub fn is_empty(&self) -> bool {
+        self.committed.is_empty()
+    }
+
+    /// Whether a reader of the table sees the data file at `path`.
+    pub fn shows(&self, path: &Path) -> bool {
+        if self.replaced.contains(path) {
+            return false;
+        }
+        // A table without manifests was not written by Quiver: a name that
+        // looks like Quiver's says nothing there.
+        if self.committed.is_empty() {
+            return true;
+        }
+        let job = path.filename().and_then(committing_job);
+        job.is_none_or(|job_id| self.committed.contains(job_id))
+    }
+}
+
+/// The names of the files in the `_manifests/` folder of the table at
+/// `table`: the manifests of committed jobs and the lists of files that
+/// overwrites replace.
+pub(super) async fn manifest_folder_names(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+) -> Result<Vec<String>> {
+    let folder = table.clone().join(MANIFEST_FOLDER);
+    match store
+        .list(Some(&folder))
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().to_owned())
+        .try_collect()
+        .await
+    {
+        Ok(names) => Ok(names),
+        Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::PutPayload;
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    const OLD: &str = "0000000000000001";
+    const NEW: &str = "0000000000000002";
+    const RUNNING: &str = "0000000000000003";
+
+    fn file(job: &str, folder: &str) -> Path {
+        Path::from(format!("t/{folder}/part-{job}-00000-000.parquet"))
+    }
+
+    async fn put(store: &Arc<dyn ObjectStore>, path: &str, body: &str) {
+        store
+            .put(&Path::from(path), PutPayload::from(body.to_owned()))
+            .await
+            .expect("put");
+    }
+
+    #[tokio::test]
+    async fn readers_see_committed_writes_only() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let table = Path::from("t");
+        let spark = Path::from("t/p=1/part-00000-5a1c7d0e-c000.snappy.parquet");
+
+        // Files of a table without manifests are all shown.
+        let none = CommittedFiles::read(&store, &table).await.expect("read");
+        assert!(none.shows(&file(RUNNING, "p=1")));
+        assert!(none.shows(&spark));
+
+        // The old job committed; the new one, an overwrite of p=1, has
+        // committed and is deleting what it replaces; a third is moving its
+        // files in.
+        put(&store, &format!("t/_manifests/{OLD}.json"), "{}").await;
+        put(&store, &format!("t/_manifests/{NEW}.json"), "{}").await;
+        let replaced = format!(
+            "[\"p=1/part-{OLD}-00000-000.parquet\", \"p=1/part-00000-5a1c7d0e-c000.snappy.parquet\"]"
+        );
+        put(&store, &format!("t/_manifests/{NEW}.replaces"), &replaced).await;
+        // An uncommitted job's list hides nothing.
+        put(
+            &store,
+            &format!("t/_manifests/{RUNNING}.replaces"),
+            &format!("[\"p=2/part-{OLD}-00000-000.parquet\"]"),
+        )
+        .await;
+        let view = CommittedFiles::read(&store, &table).await.expect("read");
+        assert!(view.shows(&file(NEW, "p=1")));
+        assert!(!view.shows(&file(OLD, "p=1")), "replaced");
+        assert!(!view.shows(&spark), "replaced");
+        assert!(view.shows(&file(OLD, "p=2")));
+        assert!(!view.shows(&file(RUNNING, "p=2")), "not committed");
+        assert!(view.shows(&Path::from("t/p=2/data.parquet")));
+
+        put(&store, &format!("t/_manifests/{NEW}.replaces"), "{").await;
+        let error = CommittedFiles::read(&store, &table)
+            .await
+            .expect_err("a broken list");
+        assert!(error.to_string().contains(NEW), "{error}");
+    }
+}
