@@ -528,6 +528,15 @@ async fn distributed_writes_commit_every_file_once() {
         1,
         "older files survived the overwrite: {remaining:?}"
     );
+    let manifests: Vec<&String> = remaining
+        .iter()
+        .filter(|o| o.starts_with("appended/_manifests/"))
+        .collect();
+    assert_eq!(
+        manifests.len(),
+        1,
+        "the overwrite retires the manifests of the writes it replaced: {manifests:?}"
+    );
 
     // Small target files: each task rolls over to new files.
     run(&context, "SET quiver.target_file_bytes = 16384")

@@ -1197,13 +1197,53 @@ async fn readers_see_committed_writes_whole() {
         assert!(*totals == old || *totals == new, "a reader saw {totals:?}");
     }
     assert_eq!(seen.last(), Some(&new));
-    assert!(!manifests.read_dir().expect("manifests").any(|entry| {
-        entry
-            .expect("entry")
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".replaces")
-    }));
+    // The overwrite rewrote every folder, so the first write's manifest,
+    // and the list of replaced files, went with its files.
+    assert_eq!(
+        manifests.read_dir().expect("manifests").count(),
+        1,
+        "{:?}",
+        manifests.read_dir().expect("manifests").collect::<Vec<_>>()
+    );
+
+    // The first Quiver write into a folder that another engine wrote, and
+    // that so has no manifests, is not read while its job stages.
+    let foreign = tempfile::tempdir().expect("temp dir");
+    let spark_file = foreign
+        .path()
+        .join("part-00000-5a1c7d0e-c000.snappy.parquet");
+    let current = std::fs::read_dir(&folder)
+        .expect("folder")
+        .next()
+        .expect("a file")
+        .expect("entry")
+        .path();
+    std::fs::copy(current, &spark_file).expect("copy");
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE foreign_t (k BIGINT) STORED AS PARQUET LOCATION '{}/'",
+            foreign.path().display()
+        ),
+    )
+    .await;
+    let spark_rows = count(&context, "SELECT count(*) FROM foreign_t").await;
+    std::fs::copy(
+        &spark_file,
+        foreign.path().join(format!("part-{job}-00000-000.parquet")),
+    )
+    .expect("copy");
+    let staging = foreign.path().join(format!("_temporary/{job}/p0-a0"));
+    std::fs::create_dir_all(&staging).expect("staging");
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM foreign_t").await,
+        spark_rows
+    );
+    std::fs::remove_dir_all(foreign.path().join("_temporary")).expect("remove");
+    assert_eq!(
+        count(&context, "SELECT count(*) FROM foreign_t").await,
+        2 * spark_rows
+    );
     cluster.shutdown().await;
 }
 

@@ -3,13 +3,16 @@
 //! `quiver_core::write::snapshot`).
 //!
 //! DataFusion lists a table's folder when it plans a scan. Before a
-//! statement's physical plan is made, each scan of a table of files whose
-//! folder holds manifests is pointed at a [`CommittedTable`], which drops
-//! from the listed files what a commit in progress, or an overwrite still
-//! deleting, would otherwise show. It does so inside the scan, before
-//! DataFusion's physical optimizer answers `count(*)` from the files'
-//! statistics. Each table folder costs one listing of its `_manifests/`
-//! folder per statement.
+//! statement's physical plan is made, the state of each table of files it
+//! reads is read, and each scan of a table whose state hides files is
+//! pointed at a [`CommittedTable`], which drops from the listed files what a
+//! commit in progress, or an overwrite still deleting, would otherwise show.
+//! It does so inside the scan, before DataFusion's physical optimizer
+//! answers `count(*)` from the files' statistics. Once the scans have listed
+//! their files, the states are read again: a write that committed in between
+//! may have deleted listed files, so the statement is planned again.
+//! Each table folder costs two listings of its `_manifests/` folder per
+//! statement.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -18,108 +21,180 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Constraints;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::SessionState;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
+use object_store::ObjectStore;
 use object_store::path::Path;
 use quiver_core::write::snapshot::CommittedFiles;
+use tracing::debug;
 
 use crate::managed::table_folders;
 
+/// How many times a statement is planned while writes keep committing to
+/// the tables it reads, before it fails.
+const PLANNING_TRIES: usize = 4;
+
+/// The physical plan of `logical` with every scan of a table of files limited
+/// to the table's committed files, as they were when the scans listed them.
+pub async fn plan_committed_scans(
+    logical: &LogicalPlan,
+    state: &SessionState,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let mut changed = String::new();
+    for _ in 0..PLANNING_TRIES {
+        let (limited, states) = scan_committed_files(logical.clone(), state.runtime_env()).await?;
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&limited, state)
+            .await?;
+        match states.changed_folder().await? {
+            None => return Ok(physical),
+            Some(folder) => {
+                debug!(%folder, "a write committed while the statement was planned; planning again");
+                changed = folder;
+            }
+        }
+    }
+    Err(DataFusionError::Execution(format!(
+        "writes kept committing to the table at '{changed}' while this statement was \
+         planned ({PLANNING_TRIES} times in a row); run it again"
+    )))
+}
+
 /// `plan` with every scan of a table written by Quiver limited to the
-/// table's committed files.
-pub async fn scan_committed_files(plan: LogicalPlan, runtime: &RuntimeEnv) -> Result<LogicalPlan> {
-    let mut scans = Vec::new();
+/// table's committed files, and the states of the tables it reads.
+async fn scan_committed_files(
+    plan: LogicalPlan,
+    runtime: &RuntimeEnv,
+) -> Result<(LogicalPlan, TableStates)> {
+    let mut tables: Vec<Arc<dyn TableProvider>> = Vec::new();
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node
             && let Ok(provider) = source_as_provider(&scan.source)
             && table_folders(&provider).is_some()
+            && !tables.iter().any(|seen| Arc::ptr_eq(seen, &provider))
         {
-            scans.push(provider);
-        }
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    })?;
-    if scans.is_empty() {
-        return Ok(plan);
-    }
-    let mut tables: Vec<Arc<dyn TableProvider>> = Vec::new();
-    for provider in scans {
-        if !tables.iter().any(|seen| Arc::ptr_eq(seen, &provider)) {
             tables.push(provider);
         }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if tables.is_empty() {
+        return Ok((plan, TableStates::default()));
     }
-    // The tables' manifests are listed at once: on object storage each
-    // listing is a round trip.
-    let committed: Vec<_> =
+    // The tables' states are read at once: on object storage each listing
+    // is a round trip.
+    let read: Vec<_> =
         futures::future::try_join_all(tables.into_iter().map(|provider| async move {
-            let tables = read_committed(&provider, runtime).await?;
-            Ok::<_, datafusion::error::DataFusionError>((provider, tables))
+            let states = read_states(&provider, runtime).await?;
+            Ok::<_, DataFusionError>((provider, states))
         }))
         .await?;
-    plan.transform_up_with_subqueries(|node| {
-        let LogicalPlan::TableScan(scan) = &node else {
-            return Ok(Transformed::no(node));
-        };
-        let Ok(provider) = source_as_provider(&scan.source) else {
-            return Ok(Transformed::no(node));
-        };
-        let Some((_, tables)) = committed
-            .iter()
-            .find(|(seen, _)| Arc::ptr_eq(seen, &provider))
-        else {
-            return Ok(Transformed::no(node));
-        };
-        if tables.is_empty() {
-            return Ok(Transformed::no(node));
-        }
-        let limited = CommittedTable {
-            inner: provider,
-            tables: Arc::clone(tables),
-        };
-        let mut scan = scan.clone();
-        scan.source = provider_as_source(Arc::new(limited));
-        Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
-    })
-    .map(|transformed| transformed.data)
+    let plan = plan
+        .transform_up_with_subqueries(|node| {
+            let LogicalPlan::TableScan(scan) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            let Ok(provider) = source_as_provider(&scan.source) else {
+                return Ok(Transformed::no(node));
+            };
+            let Some((_, states)) = read.iter().find(|(seen, _)| Arc::ptr_eq(seen, &provider))
+            else {
+                return Ok(Transformed::no(node));
+            };
+            if states.iter().all(|state| state.committed.hides_nothing()) {
+                return Ok(Transformed::no(node));
+            }
+            let limited = CommittedTable {
+                inner: provider,
+                folders: states.clone(),
+            };
+            let mut scan = scan.clone();
+            scan.source = provider_as_source(Arc::new(limited));
+            Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+        })?
+        .data;
+    let states = TableStates {
+        folders: read.into_iter().flat_map(|(_, states)| states).collect(),
+    };
+    Ok((plan, states))
 }
 
-/// The committed state of each folder of `provider` that holds manifests.
-async fn read_committed(
+/// The committed state of each folder of `provider`.
+async fn read_states(
     provider: &Arc<dyn TableProvider>,
     runtime: &RuntimeEnv,
-) -> Result<Arc<Vec<(Path, CommittedFiles)>>> {
-    let mut tables = Vec::new();
+) -> Result<Vec<Arc<FolderState>>> {
+    let mut states = Vec::new();
     // A table on one file has no manifests.
     let folders = table_folders(provider).unwrap_or_default();
     for folder in folders.iter().filter(|url| url.is_collection()) {
         let store = runtime.object_store(folder.object_store())?;
         let committed = CommittedFiles::read(&store, folder.prefix()).await?;
-        if !committed.is_empty() {
-            tables.push((folder.prefix().clone(), committed));
-        }
+        states.push(Arc::new(FolderState {
+            url: folder.clone(),
+            store,
+            committed,
+        }));
     }
-    Ok(Arc::new(tables))
+    Ok(states)
+}
+
+/// The committed state of one table folder, as read before a statement's
+/// scans listed it.
+#[derive(Debug)]
+struct FolderState {
+    url: ListingTableUrl,
+    store: Arc<dyn ObjectStore>,
+    committed: CommittedFiles,
+}
+
+/// The states of the table folders one statement reads.
+#[derive(Debug, Default)]
+struct TableStates {
+    folders: Vec<Arc<FolderState>>,
+}
+
+impl TableStates {
+    /// A folder to which a write has committed since its state was read.
+    async fn changed_folder(&self) -> Result<Option<String>> {
+        let current = futures::future::try_join_all(self.folders.iter().map(|folder| async {
+            folder
+                .committed
+                .is_current(&folder.store, folder.url.prefix())
+                .await
+        }))
+        .await?;
+        Ok(self
+            .folders
+            .iter()
+            .zip(current)
+            .find(|(_, current)| !current)
+            .map(|(folder, _)| folder.url.to_string()))
+    }
 }
 
 /// A table of files whose scans read its committed files only.
 #[derive(Debug)]
-pub struct CommittedTable {
+struct CommittedTable {
     inner: Arc<dyn TableProvider>,
-    /// The folders of the table that hold manifests, with what they say.
-    tables: Arc<Vec<(Path, CommittedFiles)>>,
+    /// The states of the table's folders.
+    folders: Vec<Arc<FolderState>>,
 }
 
 impl CommittedTable {
     fn shows(&self, file: &Path) -> bool {
-        self.tables
+        self.folders
             .iter()
-            .find(|(folder, _)| file.prefix_matches(folder))
-            .is_none_or(|(_, committed)| committed.shows(file))
+            .find(|folder| file.prefix_matches(folder.url.prefix()))
+            .is_none_or(|folder| folder.committed.shows(file))
     }
 
     /// `scan` without the files that this table does not show. When it drops
@@ -208,5 +283,217 @@ impl TableProvider for CommittedTable {
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
         self.inner.supports_filters_pushdown(filters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt;
+    use std::ops::Range;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use datafusion::physical_plan::collect;
+    use datafusion::prelude::SessionContext;
+    use futures::stream::BoxStream;
+    use object_store::local::LocalFileSystem;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    };
+
+    use super::*;
+
+    /// Local files, on which `commit` runs once, as the first listing of
+    /// `table` starts: a write committing while a statement is planned.
+    struct CommitDuringListing {
+        inner: LocalFileSystem,
+        table: Path,
+        commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl fmt::Display for CommitDuringListing {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "CommitDuringListing({})", self.inner)
+        }
+    }
+
+    impl fmt::Debug for CommitDuringListing {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Display::fmt(self, f)
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for CommitDuringListing {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        async fn get_ranges(
+            &self,
+            location: &Path,
+            ranges: &[Range<u64>],
+        ) -> object_store::Result<Vec<Bytes>> {
+            self.inner.get_ranges(location, ranges).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            if prefix == Some(&self.table)
+                && let Some(commit) = self.commit.lock().expect("lock").take()
+            {
+                commit();
+            }
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+
+        async fn rename_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: RenameOptions,
+        ) -> object_store::Result<()> {
+            self.inner.rename_opts(from, to, options).await
+        }
+    }
+
+    async fn write_one_row(context: &SessionContext, file: &std::path::Path, k: i64) {
+        context
+            .sql(&format!(
+                "COPY (SELECT CAST({k} AS BIGINT) AS k) TO '{}' STORED AS PARQUET",
+                file.display()
+            ))
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("write");
+    }
+
+    /// An overwrite that commits between the read of the table's state and
+    /// the listing of its files would leave the statement with neither the
+    /// old rows (deleted) nor the new ones (not committed in the state it
+    /// read): the statement is planned again, and reads the new rows.
+    #[tokio::test]
+    async fn a_write_committed_while_a_statement_is_planned_is_read_whole() {
+        const OLD: &str = "00000000000000a1";
+        const NEW: &str = "00000000000000b2";
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path().join("t");
+        let staged = dir.path().join(format!("part-{NEW}-00000-000.parquet"));
+        // As Quiver's runtime: file listings are not cached.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_cache_manager(
+                datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+                    .with_list_files_cache_limit(0),
+            )
+            .build_arc()
+            .expect("runtime");
+        let context = SessionContext::new_with_config_rt(Default::default(), runtime);
+        write_one_row(
+            &context,
+            &table.join(format!("part-{OLD}-00000-000.parquet")),
+            1,
+        )
+        .await;
+        write_one_row(&context, &staged, 2).await;
+        std::fs::create_dir_all(table.join("_manifests")).expect("folder");
+        std::fs::write(table.join(format!("_manifests/{OLD}.json")), "{}").expect("manifest");
+        context
+            .sql(&format!(
+                "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+                table.display()
+            ))
+            .await
+            .expect("table");
+
+        let commit = {
+            let table = table.clone();
+            move || {
+                std::fs::rename(&staged, table.join(staged.file_name().expect("name")))
+                    .expect("move in");
+                std::fs::write(table.join(format!("_manifests/{NEW}.json")), "{}")
+                    .expect("manifest");
+                std::fs::remove_file(table.join(format!("part-{OLD}-00000-000.parquet")))
+                    .expect("delete the replaced file");
+            }
+        };
+        let store = CommitDuringListing {
+            inner: LocalFileSystem::new(),
+            table: Path::from_filesystem_path(&table).expect("path"),
+            commit: Mutex::new(Some(Box::new(commit))),
+        };
+        context.register_object_store(&url::Url::parse("file://").expect("url"), Arc::new(store));
+
+        let plan = context
+            .sql("SELECT k FROM t")
+            .await
+            .expect("plan")
+            .into_optimized_plan()
+            .expect("optimized");
+        let physical = plan_committed_scans(&plan, &context.state())
+            .await
+            .expect("physical plan");
+        let batches = collect(physical, context.task_ctx()).await.expect("rows");
+        let rows: Vec<i64> = batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .expect("k")
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(rows, vec![2], "the overwrite's row, and only it");
     }
 }

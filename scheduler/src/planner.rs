@@ -41,7 +41,7 @@ use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
-use crate::committed_scans::scan_committed_files;
+use crate::committed_scans::plan_committed_scans;
 use crate::error::{Error, Result};
 use crate::locations::{reads_target, store_configs, write_target};
 use crate::managed::{self, CATALOGS_FOLDER, warehouse_folder};
@@ -774,11 +774,7 @@ async fn physical_plan(
     let optimized = state.optimize(logical)?;
     let ordered = crate::join_order::reorder_joins(optimized, state).await?;
     let ordered = crate::eager_aggregation::aggregate_before_joins(ordered, state).await?;
-    let committed = scan_committed_files(ordered.clone(), state.runtime_env()).await?;
-    let physical = state
-        .query_planner()
-        .create_physical_plan(&committed, state)
-        .await?;
+    let physical = plan_committed_scans(&ordered, state).await?;
     Ok((ordered, physical))
 }
 

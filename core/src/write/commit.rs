@@ -11,7 +11,8 @@
 //! 4. writes the job's manifest, `_manifests/<job>.json`: the commit point,
 //!    from which readers see this write whole and not what it replaces
 //!    ([`super::snapshot`]);
-//! 5. for `INSERT OVERWRITE`, deletes the files it replaces, then their list;
+//! 5. for `INSERT OVERWRITE`, deletes the files it replaces, the manifests
+//!    of jobs left without a file, then the list of replaced files;
 //! 6. aborts the uploads that killed attempts left unfinished, and deletes the
 //!    job's staging folder, and with it the files of losing attempts.
 //!
@@ -70,10 +71,10 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 use super::TaskAttempt;
 use super::layout::{
     STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join, manifest as manifest_path,
-    relative_to, replaced_list, upload_records, written_by,
+    named_job, relative_to, replaced_list, upload_records, written_by,
 };
 use super::partition::folder_values;
-use super::snapshot::manifest_folder_names;
+use super::snapshot::{manifest_folder_names, manifest_jobs};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
@@ -237,11 +238,16 @@ impl ExecutionPlan for ParquetCommitExec {
 /// The jobs that have committed to the table at `table`: those whose
 /// manifest is in its `_manifests/` folder.
 pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Vec<String>> {
-    Ok(manifest_folder_names(store, table)
-        .await?
-        .iter()
-        .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
-        .collect())
+    let names = manifest_folder_names(store, table).await?;
+    Ok(manifest_jobs(&names).into_iter().collect())
+}
+
+/// What an overwrite replaces: the files it deletes, and the jobs whose
+/// files it keeps.
+#[derive(Default)]
+struct Replacement {
+    files: Vec<(Path, String)>,
+    kept_jobs: HashSet<String>,
 }
 
 /// A file staged by a winning attempt.
@@ -322,15 +328,17 @@ impl Commit {
             let written = files.iter().map(|file| file.relative.as_str());
             let replaced = self.replaced_files(self.partitioned, written).await?;
             self.write_replaced_list(&replaced).await?;
-            replaced
+            Some(replaced)
         } else {
-            Vec::new()
+            None
         };
         // Once the manifest is there the write counts as done: readers see
         // it, and not what it replaces, and recovery finishes the deletions
         // below rather than undoing the moves above.
         self.write_manifest(&files, rows).await?;
-        self.delete_replaced(replaced).await?;
+        if let Some(replaced) = replaced {
+            self.delete_replaced(replaced).await?;
+        }
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
@@ -475,28 +483,31 @@ impl Commit {
         &self,
         partitioned: bool,
         written: impl Iterator<Item = &'a str>,
-    ) -> Result<Vec<(Path, String)>> {
+    ) -> Result<Replacement> {
         let touched: HashSet<Vec<(&str, String)>> =
             written.map(|file| folder_values(folder_of(file))).collect();
-        Ok(self
-            .data_files()
-            .await?
-            .into_iter()
-            .filter(|(path, relative)| {
-                !written_by(path, &self.job_id)
-                    && (!partitioned || touched.contains(&folder_values(folder_of(relative))))
-            })
-            .collect())
+        let mut replacement = Replacement::default();
+        for (path, relative) in self.data_files().await? {
+            let replaced = !written_by(&path, &self.job_id)
+                && (!partitioned || touched.contains(&folder_values(folder_of(&relative))));
+            if replaced {
+                replacement.files.push((path, relative));
+            } else if let Some(job) = path.filename().and_then(named_job) {
+                replacement.kept_jobs.insert(job.to_owned());
+            }
+        }
+        Ok(replacement)
     }
 
     /// Lists the files this overwrite replaces where readers find it
     /// ([`replaced_list`]), before the manifest makes the write visible:
     /// from then on readers skip them, although they are deleted after.
-    async fn write_replaced_list(&self, replaced: &[(Path, String)]) -> Result<()> {
-        if replaced.is_empty() {
+    async fn write_replaced_list(&self, replaced: &Replacement) -> Result<()> {
+        if replaced.files.is_empty() {
             return Ok(());
         }
         let relatives: Vec<&str> = replaced
+            .files
             .iter()
             .map(|(_, relative)| relative.as_str())
             .collect();
@@ -512,13 +523,35 @@ impl Commit {
         Ok(())
     }
 
-    /// Deletes the files that an overwrite replaced, then their list.
-    async fn delete_replaced(&self, replaced: Vec<(Path, String)>) -> Result<()> {
-        let count = replaced.len();
-        self.delete_all(replaced.into_iter().map(|(path, _)| path).collect())
+    /// Deletes the files that an overwrite replaced, then the manifests of
+    /// the jobs it left without a file, then the list of replaced files.
+    async fn delete_replaced(&self, replaced: Replacement) -> Result<()> {
+        let count = replaced.files.len();
+        self.delete_all(replaced.files.into_iter().map(|(path, _)| path).collect())
             .await?;
         self.counts.replaced.add(count);
+        self.retire_manifests(&replaced.kept_jobs).await?;
         self.delete_replaced_list().await
+    }
+
+    /// Deletes the manifests of other jobs that have no data file left
+    /// (`kept_jobs` are those that have): readers need a manifest only to
+    /// show its job's files, and every statement lists the manifests, so
+    /// they grow with the table's surviving writes, not with its history.
+    async fn retire_manifests(&self, kept_jobs: &HashSet<String>) -> Result<()> {
+        let names = manifest_folder_names(&self.store, &self.table).await?;
+        let retired: Vec<Path> = manifest_jobs(&names)
+            .into_iter()
+            .filter(|job| *job != self.job_id && !kept_jobs.contains(job))
+            .map(|job| manifest_path(&self.table, &job))
+            .collect();
+        let count = retired.len();
+        self.delete_all(retired).await?;
+        if count > 0 {
+            info!(job_id = %self.job_id, location = %self.location, manifests = count,
+                "retired the manifests of writes that this overwrite replaced whole");
+        }
+        Ok(())
     }
 
     async fn delete_replaced_list(&self) -> Result<()> {
@@ -907,19 +940,38 @@ mod tests {
     /// A commit task lost after its manifest is retried: the retry neither
     /// reads its input (the write tasks would be recomputed from files the
     /// overwrite deleted) nor fails, but finishes the deletions and returns
-    /// the rows the manifest records.
+    /// the rows the manifest records. The manifests of writes it replaced
+    /// whole go too.
     #[tokio::test]
     async fn a_retried_commit_finishes_from_its_manifest_without_reading_its_input() {
         let dir = tempfile::tempdir().expect("temp");
         let table = dir.path();
         touch(table, "region=EU/part-old-00000-000.parquet");
         touch(table, "region=US/part-old-00001-000.parquet");
+        // Job two wrote to region=EU only: the overwrite leaves it no file.
+        touch(table, "region=EU/part-two-00000-000.parquet");
         touch(table, "region=EU/part-job1-00000-000.parquet");
         touch(
             table,
             "_temporary/job1/p0-a0/region=EU/part-job1-00000-001.parquet",
         );
         std::fs::create_dir_all(table.join("_manifests")).expect("folder");
+        for (job, files) in [
+            (
+                "old",
+                &[
+                    "region=EU/part-old-00000-000.parquet",
+                    "region=US/part-old-00001-000.parquet",
+                ][..],
+            ),
+            ("two", &["region=EU/part-two-00000-000.parquet"][..]),
+        ] {
+            std::fs::write(
+                table.join(format!("_manifests/{job}.json")),
+                manifest(job, InsertOp::Append, files),
+            )
+            .expect("manifest");
+        }
         std::fs::write(
             table.join("_manifests/job1.json"),
             manifest(
@@ -931,7 +983,7 @@ mod tests {
         .expect("manifest");
         std::fs::write(
             table.join("_manifests/job1.replaces"),
-            r#"["region=EU/part-old-00000-000.parquet"]"#,
+            r#"["region=EU/part-old-00000-000.parquet", "region=EU/part-two-00000-000.parquet"]"#,
         )
         .expect("list of replaced files");
         let commit = Commit {
@@ -966,9 +1018,11 @@ mod tests {
             files(table),
             vec![
                 "_manifests/job1.json",
+                "_manifests/old.json",
                 "region=EU/part-job1-00000-000.parquet",
                 "region=US/part-old-00001-000.parquet",
-            ]
+            ],
+            "the replaced files, their list and the manifest of job two are gone"
         );
     }
 

@@ -89,6 +89,14 @@ pub fn committing_job(name: &str) -> Option<&str> {
     (is_job_id && digits(partition, 5) && digits(n, 3) && !extension.is_empty()).then_some(job_id)
 }
 
+/// The job that the data file `name` says wrote it, if it is named
+/// `part-<job>-...` as [`file_name`] names files. Looser than
+/// [`committing_job`]: whatever may be a job's file keeps its manifest.
+pub fn named_job(name: &str) -> Option<&str> {
+    let (job, _) = name.strip_prefix("part-")?.split_once('-')?;
+    Some(job)
+}
+
 /// The name of the `n`th file that `partition` writes into one partition folder.
 pub fn file_name(job_id: &str, partition: usize, n: usize, extension: &str) -> String {
     let extension = extension.trim_start_matches('.');

@@ -13,9 +13,15 @@
 //!   on, although it is deleted later: the overwrite lists the files it
 //!   replaces ([`replaced_list`]) before it writes its manifest.
 //!
-//! Both need one listing of the table's `_manifests/` folder. A table
-//! without manifests (written by other engines) is read as listed, and so
-//! are other writers' files in a table that has them.
+//! Both need one listing of the table's `_manifests/` folder. The first
+//! Quiver write into a folder without manifests (a new folder, or a table
+//! that other engines wrote) is hidden while its job's staging folder is
+//! there instead. Other writers' files are read as listed.
+//!
+//! The state is read before the reader lists the table's files, and must
+//! still hold once it has ([`CommittedFiles::is_current`]): an overwrite
+//! committed in between would have deleted files that the older state
+//! still shows, and the reader would miss them and not see the new ones.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,7 +31,9 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use super::layout::{MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, committing_job, join, replaced_list};
+use super::layout::{
+    MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, replaced_list,
+};
 
 /// The committed state of one table, as its manifests tell it.
 #[derive(Debug, Default)]
@@ -34,18 +42,19 @@ pub struct CommittedFiles {
     committed: HashSet<String>,
     /// Files that committed overwrites replace and have not deleted yet.
     replaced: HashSet<Path>,
+    /// Jobs with a staging folder, when no job has committed yet: one of
+    /// them may be moving its files in.
+    staging: HashSet<String>,
 }
 
 impl CommittedFiles {
     /// Reads the committed state of the table at `table`: a listing of its
     /// manifests, and the lists of files that committed overwrites are still
-    /// deleting (there are none once they finish).
+    /// deleting (there are none once they finish). Without manifests, the
+    /// listing of its staging folder too.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
         let names = manifest_folder_names(store, table).await?;
-        let committed: HashSet<String> = names
-            .iter()
-            .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
-            .collect();
+        let committed = manifest_jobs(&names);
         let mut replaced = HashSet::new();
         for job_id in names
             .iter()
@@ -69,15 +78,21 @@ impl CommittedFiles {
                 );
             }
         }
+        let staging = if committed.is_empty() {
+            staging_jobs(store, table).await?
+        } else {
+            HashSet::new()
+        };
         Ok(Self {
             committed,
             replaced,
+            staging,
         })
     }
 
-    /// Whether the table has no manifests: readers see what they list.
-    pub fn is_empty(&self) -> bool {
-        self.committed.is_empty()
+    /// Whether readers of the table see every file they list.
+    pub fn hides_nothing(&self) -> bool {
+        self.committed.is_empty() && self.staging.is_empty()
     }
 
     /// Whether a reader of the table sees the data file at `path`.
@@ -85,13 +100,49 @@ impl CommittedFiles {
         if self.replaced.contains(path) {
             return false;
         }
-        // A table without manifests was not written by Quiver: a name that
-        // looks like Quiver's says nothing there.
-        if self.committed.is_empty() {
+        let Some(job) = path.filename().and_then(committing_job) else {
             return true;
+        };
+        if self.committed.is_empty() {
+            // A folder that Quiver has not committed to: a name that looks
+            // like Quiver's is another writer's unless its job is staging.
+            !self.staging.contains(job)
+        } else {
+            self.committed.contains(job)
         }
-        let job = path.filename().and_then(committing_job);
-        job.is_none_or(|job_id| self.committed.contains(job_id))
+    }
+
+    /// Whether no job has committed to the table at `table` since this state
+    /// was read, so that a listing of its files made since shows what this
+    /// state expects: each committed job's files, and those that overwrites
+    /// replaced gone or hidden.
+    pub async fn is_current(&self, store: &Arc<dyn ObjectStore>, table: &Path) -> Result<bool> {
+        let names = manifest_folder_names(store, table).await?;
+        Ok(manifest_jobs(&names)
+            .iter()
+            .all(|job| self.committed.contains(job)))
+    }
+}
+
+/// The jobs whose manifests are among `names`.
+pub(super) fn manifest_jobs(names: &[String]) -> HashSet<String> {
+    names
+        .iter()
+        .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
+        .collect()
+}
+
+/// The jobs that have a staging folder in the table at `table`.
+async fn staging_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<HashSet<String>> {
+    let folder = table.clone().join(STAGING_FOLDER);
+    match store.list_with_delimiter(Some(&folder)).await {
+        Ok(listing) => Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|prefix| prefix.filename().map(str::to_owned))
+            .collect()),
+        Err(object_store::Error::NotFound { .. }) => Ok(HashSet::new()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -143,10 +194,23 @@ mod tests {
         let table = Path::from("t");
         let spark = Path::from("t/p=1/part-00000-5a1c7d0e-c000.snappy.parquet");
 
-        // Files of a table without manifests are all shown.
+        // Files of a table without manifests are all shown...
         let none = CommittedFiles::read(&store, &table).await.expect("read");
+        assert!(none.hides_nothing());
         assert!(none.shows(&file(RUNNING, "p=1")));
         assert!(none.shows(&spark));
+        // ...but those of a first write, while it stages.
+        put(
+            &store,
+            &format!("t/_temporary/{RUNNING}/p0-a0/p=1/part-{RUNNING}-00000-000.parquet"),
+            "rows",
+        )
+        .await;
+        let first = CommittedFiles::read(&store, &table).await.expect("read");
+        assert!(!first.hides_nothing());
+        assert!(!first.shows(&file(RUNNING, "p=1")), "staging");
+        assert!(first.shows(&file(OLD, "p=1")));
+        assert!(first.shows(&spark));
 
         // The old job committed; the new one, an overwrite of p=1, has
         // committed and is deleting what it replaces; a third is moving its
@@ -177,5 +241,25 @@ mod tests {
             .await
             .expect_err("a broken list");
         assert!(error.to_string().contains(NEW), "{error}");
+    }
+
+    /// A state read before a commit is out of date once the commit's
+    /// manifest is there: an overwrite may have deleted what it shows.
+    #[tokio::test]
+    async fn a_state_is_current_until_a_job_commits() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let table = Path::from("t");
+        let empty = CommittedFiles::read(&store, &table).await.expect("read");
+        assert!(empty.is_current(&store, &table).await.expect("check"));
+
+        put(&store, &format!("t/_manifests/{OLD}.json"), "{}").await;
+        assert!(!empty.is_current(&store, &table).await.expect("check"));
+        let one = CommittedFiles::read(&store, &table).await.expect("read");
+        // A list of replaced files is written before its job's manifest,
+        // which is what marks the commit.
+        put(&store, &format!("t/_manifests/{NEW}.replaces"), "[]").await;
+        assert!(one.is_current(&store, &table).await.expect("check"));
+        put(&store, &format!("t/_manifests/{NEW}.json"), "{}").await;
+        assert!(!one.is_current(&store, &table).await.expect("check"));
     }
 }
