@@ -1171,7 +1171,7 @@ async fn readers_see_committed_writes_whole() {
 
     // Readers during a real overwrite see the old rows or the new ones. A
     // reader still reading replaced files when the overwrite deletes them
-    // fails, naming the file.
+    // fails, naming the file and saying why.
     let new = (old.0, old.1 + old.0);
     let overwrite = tokio::spawn({
         let context = context.clone();
@@ -1182,16 +1182,27 @@ async fn readers_see_committed_writes_whole() {
         Ok::<_, quiver_client::Error>((int64s(&batches, 0)[0], int64s(&batches, 1)[0]))
     };
     let mut seen = Vec::new();
+    let mut failed = 0;
     while !overwrite.is_finished() {
         match try_read(context.clone()).await {
             Ok(totals) => seen.push(totals),
-            Err(error) => assert!(
-                error.to_string().contains("not found") && error.to_string().contains("p="),
-                "{error}"
-            ),
+            Err(error) => {
+                failed += 1;
+                assert!(
+                    error
+                        .to_string()
+                        .contains("was deleted after this statement was planned")
+                        && error.to_string().contains("p="),
+                    "{error}"
+                );
+            }
         }
     }
     overwrite.await.expect("overwrite");
+    eprintln!(
+        "during the overwrite {} reads succeeded and {failed} lost their files",
+        seen.len()
+    );
     seen.push(read(context.clone()).await);
     for totals in &seen {
         assert!(*totals == old || *totals == new, "a reader saw {totals:?}");

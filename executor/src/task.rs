@@ -37,7 +37,7 @@ use url::Url;
 use crate::Result;
 use crate::config::ExecutorConfig;
 use crate::runtime::build_runtime;
-use crate::scan_errors::name_scanned_files;
+use crate::scan_errors::explain_scan_failure;
 use crate::threads::TaskThreads;
 
 /// Runs tasks and tracks the running ones so that they can be cancelled.
@@ -304,10 +304,18 @@ impl TaskRunner {
         } else {
             Arc::new(LocalOutputs::on_disk(self.outputs.work_dir().to_owned()))
         };
-        let partitions = writer
+        let runtime = context.runtime_env();
+        let partitions = match writer
             .write(task.partition as usize, task.attempt, context, &outputs)
             .await
-            .map_err(|e| name_scanned_files(e, &plan, task.partition as usize))?;
+        {
+            Ok(partitions) => partitions,
+            Err(e) => {
+                return Err(
+                    explain_scan_failure(e, &plan, task.partition as usize, &runtime).await,
+                );
+            }
+        };
         let (durable_location, upload) = if launch.durable_shuffle.is_empty() {
             (String::new(), None)
         } else {

@@ -49,16 +49,18 @@ pub async fn plan_committed_scans(
     state: &SessionState,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let mut changed = String::new();
-    for _ in 0..PLANNING_TRIES {
+    for attempt in 1..=PLANNING_TRIES {
         let (limited, states) = scan_committed_files(logical.clone(), state.runtime_env()).await?;
-        let physical = state
+        // Planned again if a write committed meanwhile, also when planning
+        // failed: a file it listed may have gone since.
+        let planned = state
             .query_planner()
             .create_physical_plan(&limited, state)
-            .await?;
+            .await;
         match states.changed_folder().await? {
-            None => return Ok(physical),
+            None => return planned,
             Some(folder) => {
-                debug!(%folder, "a write committed while the statement was planned; planning again");
+                debug!(attempt, %folder, "a write committed while the statement was planned; planning again");
                 changed = folder;
             }
         }
@@ -304,28 +306,47 @@ mod tests {
 
     use super::*;
 
-    /// Local files, on which `commit` runs once, as the first listing of
-    /// `table` starts: a write committing while a statement is planned.
-    struct CommitDuringListing {
+    /// Local files, on which `action` runs once, as the first listing or
+    /// read of `at` starts: a write committing, or deleting what it
+    /// replaced, while a statement is planned.
+    struct ActionDuringPlanning {
         inner: LocalFileSystem,
-        table: Path,
-        commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+        at: Path,
+        action: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     }
 
-    impl fmt::Display for CommitDuringListing {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "CommitDuringListing({})", self.inner)
+    impl ActionDuringPlanning {
+        fn new(at: &std::path::Path, action: impl FnOnce() + Send + 'static) -> Self {
+            Self {
+                inner: LocalFileSystem::new(),
+                at: Path::from_filesystem_path(at).expect("path"),
+                action: Mutex::new(Some(Box::new(action))),
+            }
+        }
+
+        fn act_once_at(&self, location: &Path) {
+            if location == &self.at
+                && let Some(action) = self.action.lock().expect("lock").take()
+            {
+                action();
+            }
         }
     }
 
-    impl fmt::Debug for CommitDuringListing {
+    impl fmt::Display for ActionDuringPlanning {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "ActionDuringPlanning({})", self.inner)
+        }
+    }
+
+    impl fmt::Debug for ActionDuringPlanning {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             fmt::Display::fmt(self, f)
         }
     }
 
     #[async_trait]
-    impl ObjectStore for CommitDuringListing {
+    impl ObjectStore for ActionDuringPlanning {
         async fn put_opts(
             &self,
             location: &Path,
@@ -348,6 +369,7 @@ mod tests {
             location: &Path,
             options: GetOptions,
         ) -> object_store::Result<GetResult> {
+            self.act_once_at(location);
             self.inner.get_opts(location, options).await
         }
 
@@ -356,6 +378,7 @@ mod tests {
             location: &Path,
             ranges: &[Range<u64>],
         ) -> object_store::Result<Vec<Bytes>> {
+            self.act_once_at(location);
             self.inner.get_ranges(location, ranges).await
         }
 
@@ -370,10 +393,8 @@ mod tests {
             &self,
             prefix: Option<&Path>,
         ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-            if prefix == Some(&self.table)
-                && let Some(commit) = self.commit.lock().expect("lock").take()
-            {
-                commit();
+            if let Some(prefix) = prefix {
+                self.act_once_at(prefix);
             }
             self.inner.list(prefix)
         }
@@ -404,6 +425,40 @@ mod tests {
         }
     }
 
+    /// `k` of table `t`, as `plan_committed_scans` plans it.
+    async fn planned_rows(context: &SessionContext) -> Result<Vec<i64>> {
+        let plan = context
+            .sql("SELECT k FROM t")
+            .await?
+            .into_optimized_plan()?;
+        let physical = plan_committed_scans(&plan, &context.state()).await?;
+        let batches = collect(physical, context.task_ctx()).await?;
+        Ok(batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .expect("k")
+                    .values()
+                    .to_vec()
+            })
+            .collect())
+    }
+
+    /// A context whose runtime does not cache file listings, as Quiver's.
+    fn uncached_context() -> SessionContext {
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_cache_manager(
+                datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+                    .with_list_files_cache_limit(0),
+            )
+            .build_arc()
+            .expect("runtime");
+        SessionContext::new_with_config_rt(Default::default(), runtime)
+    }
+
     async fn write_one_row(context: &SessionContext, file: &std::path::Path, k: i64) {
         context
             .sql(&format!(
@@ -428,15 +483,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp");
         let table = dir.path().join("t");
         let staged = dir.path().join(format!("part-{NEW}-00000-000.parquet"));
-        // As Quiver's runtime: file listings are not cached.
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_cache_manager(
-                datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
-                    .with_list_files_cache_limit(0),
-            )
-            .build_arc()
-            .expect("runtime");
-        let context = SessionContext::new_with_config_rt(Default::default(), runtime);
+        let context = uncached_context();
         write_one_row(
             &context,
             &table.join(format!("part-{OLD}-00000-000.parquet")),
@@ -465,35 +512,55 @@ mod tests {
                     .expect("delete the replaced file");
             }
         };
-        let store = CommitDuringListing {
-            inner: LocalFileSystem::new(),
-            table: Path::from_filesystem_path(&table).expect("path"),
-            commit: Mutex::new(Some(Box::new(commit))),
-        };
+        let store = ActionDuringPlanning::new(&table, commit);
         context.register_object_store(&url::Url::parse("file://").expect("url"), Arc::new(store));
 
-        let plan = context
-            .sql("SELECT k FROM t")
-            .await
-            .expect("plan")
-            .into_optimized_plan()
-            .expect("optimized");
-        let physical = plan_committed_scans(&plan, &context.state())
-            .await
-            .expect("physical plan");
-        let batches = collect(physical, context.task_ctx()).await.expect("rows");
-        let rows: Vec<i64> = batches
-            .iter()
-            .flat_map(|batch| {
-                batch
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<arrow::array::Int64Array>()
-                    .expect("k")
-                    .values()
-                    .to_vec()
-            })
-            .collect();
+        let rows = planned_rows(&context).await.expect("rows");
         assert_eq!(rows, vec![2], "the overwrite's row, and only it");
+    }
+
+    /// A file that a committed overwrite replaced, and may delete at any
+    /// moment, is listed but never read while the statement is planned:
+    /// neither for its statistics nor for its footer.
+    #[tokio::test]
+    async fn planning_reads_nothing_of_replaced_files() {
+        const OLD: &str = "00000000000000a1";
+        const NEW: &str = "00000000000000b2";
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path().join("t");
+        let replaced = table.join(format!("part-{OLD}-00000-000.parquet"));
+        let context = uncached_context();
+        write_one_row(&context, &replaced, 1).await;
+        write_one_row(
+            &context,
+            &table.join(format!("part-{NEW}-00000-000.parquet")),
+            2,
+        )
+        .await;
+        std::fs::create_dir_all(table.join("_manifests")).expect("folder");
+        for job in [OLD, NEW] {
+            std::fs::write(table.join(format!("_manifests/{job}.json")), "{}").expect("manifest");
+        }
+        std::fs::write(
+            table.join(format!("_manifests/{NEW}.replaces")),
+            format!("[\"part-{OLD}-00000-000.parquet\"]"),
+        )
+        .expect("list of replaced files");
+        context
+            .sql(&format!(
+                // Declared, so that the first footers read are the scan's.
+                "CREATE EXTERNAL TABLE t (k BIGINT) STORED AS PARQUET LOCATION '{}/'",
+                table.display()
+            ))
+            .await
+            .expect("table");
+
+        let store = ActionDuringPlanning::new(&replaced, {
+            let replaced = replaced.clone();
+            move || std::fs::remove_file(&replaced).expect("delete the replaced file")
+        });
+        context.register_object_store(&url::Url::parse("file://").expect("url"), Arc::new(store));
+        assert_eq!(planned_rows(&context).await.expect("rows"), vec![2]);
+        assert!(replaced.exists(), "the replaced file was read");
     }
 }
