@@ -22,7 +22,7 @@ use quiver_core::shuffle::layout::{MapOutputId, job_dir, validate_identifier};
 use quiver_core::shuffle::{
     FlightClientPool, LocalOutputs, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
 };
-use quiver_core::storage::metered::{MeteredRegistry, ReadMeter};
+use quiver_core::storage::metered::{ReadMeter, metered_registry};
 use quiver_core::storage::{StoreOptions, StoreRegistry, redacted_error};
 use quiver_core::write::TaskAttempt;
 use quiver_proto::{
@@ -411,7 +411,7 @@ impl TaskRunner {
         meter: &Arc<ReadMeter>,
         lease: Arc<Lease>,
     ) -> DfResult<Arc<TaskContext>> {
-        let stores = MeteredRegistry::new(
+        let stores = metered_registry(
             Arc::clone(&self.runtime.object_store_registry),
             Arc::clone(meter),
         );

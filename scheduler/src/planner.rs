@@ -41,7 +41,7 @@ use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
-use crate::committed_scans::plan_committed_scans;
+use crate::committed_scans::{TableStates, plan_committed_scans};
 use crate::error::{Error, Result};
 use crate::locations::{reads_target, store_configs, write_target};
 use crate::managed::{self, CATALOGS_FOLDER, warehouse_folder};
@@ -404,6 +404,7 @@ impl Planner {
         creates: bool,
     ) -> Result<StagedJob> {
         let partitions = state.config().target_partitions();
+        let mut read = TableStates::default();
         let physical = match logical {
             LogicalPlan::Explain(explain) => explain_stages(job_id, explain, state, partitions)
                 .await
@@ -413,7 +414,12 @@ impl Planner {
                     .await
                     .map_err(Error::Query)?
             }
-            _ => physical_plan(logical, state).await.map_err(Error::Query)?.1,
+            _ => {
+                let (_, physical, states) =
+                    physical_plan(logical, state).await.map_err(Error::Query)?;
+                read = states;
+                physical
+            }
         };
         let physical =
             distribute_parquet_writes(physical, job_id, overwrite).map_err(Error::Query)?;
@@ -438,7 +444,7 @@ impl Planner {
         let writes_to = write_target(&physical);
         let physical = match &writes_to {
             Some(target) if creates || reads_target(logical, target) => {
-                self.guard_commit(physical, target).await?
+                self.guard_commit(physical, target, &read).await?
             }
             _ => physical,
         };
@@ -465,25 +471,32 @@ impl Planner {
     /// The write plan `physical` with its commit told which jobs have
     /// committed to `target` so far, so that it fails rather than replace
     /// rows committed after this statement was planned (see
-    /// [`ParquetCommitExec::with_known_commits`]).
+    /// [`ParquetCommitExec::with_known_commits`]): those of the state its
+    /// scans read (`read`) when it reads `target`, for a job that committed
+    /// once they had listed it was not read.
     async fn guard_commit(
         &self,
         physical: Arc<dyn ExecutionPlan>,
         target: &str,
+        read: &TableStates,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let table = ListingTableUrl::parse(target).map_err(Error::Query)?;
-        let store = self
-            .catalog
-            .runtime_env()
-            .object_store(table.object_store())
-            .map_err(Error::Query)?;
-        let known =
-            committed_jobs(&store, table.prefix())
-                .await
-                .map_err(|e| Error::TableLocation {
-                    location: target.to_owned(),
-                    source: e,
-                })?;
+        let known = match read.committed_jobs(&table) {
+            Some(known) => known,
+            None => {
+                let store = self
+                    .catalog
+                    .runtime_env()
+                    .object_store(table.object_store())
+                    .map_err(Error::Query)?;
+                committed_jobs(&store, table.prefix())
+                    .await
+                    .map_err(|e| Error::TableLocation {
+                        location: target.to_owned(),
+                        source: e,
+                    })?
+            }
+        };
         physical
             .transform_up(|node| match node.downcast_ref::<ParquetCommitExec>() {
                 Some(commit) => {
@@ -746,7 +759,7 @@ async fn explain_stages(
     // The plan that would run: an overwrite planned as an append, and
     // Parquet writes as write tasks and a commit.
     let (plan, overwrite) = plan_overwrite_as_append(explain.plan.as_ref().clone());
-    let (optimized, physical) = physical_plan(&plan, state).await?;
+    let (optimized, physical, _) = physical_plan(&plan, state).await?;
     let physical = distribute_parquet_writes(physical, job_id, overwrite)?;
     let stages = split_into_stages(job_id, physical, partitions)?;
     let schema: SchemaRef = Arc::new(explain.schema.as_arrow().clone());
@@ -770,12 +783,12 @@ async fn explain_stages(
 async fn physical_plan(
     logical: &LogicalPlan,
     state: &SessionState,
-) -> DfResult<(LogicalPlan, Arc<dyn ExecutionPlan>)> {
+) -> DfResult<(LogicalPlan, Arc<dyn ExecutionPlan>, TableStates)> {
     let optimized = state.optimize(logical)?;
     let ordered = crate::join_order::reorder_joins(optimized, state).await?;
     let ordered = crate::eager_aggregation::aggregate_before_joins(ordered, state).await?;
-    let physical = plan_committed_scans(&ordered, state).await?;
-    Ok((ordered, physical))
+    let (physical, read) = plan_committed_scans(&ordered, state).await?;
+    Ok((ordered, physical, read))
 }
 
 /// Encodes every stage plan off the async threads: large plans take a while.

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use datafusion::error::Result as DfResult;
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use futures::stream::BoxStream;
 use object_store::path::Path;
@@ -20,7 +19,9 @@ use object_store::{
 };
 use url::Url;
 
-/// Bytes and requests read through a [`MeteredRegistry`].
+use super::forwarding::WrappingRegistry;
+
+/// Bytes and requests read through a [`metered_registry`].
 #[derive(Debug, Default)]
 pub struct ReadMeter {
     bytes: AtomicU64,
@@ -37,39 +38,18 @@ impl ReadMeter {
     }
 }
 
-/// Hands out the stores of `inner`, each wrapped to count into one meter.
-#[derive(Debug)]
-pub struct MeteredRegistry {
+/// The stores of `inner`, each wrapped to count what it reads into `meter`.
+pub fn metered_registry(
     inner: Arc<dyn ObjectStoreRegistry>,
     meter: Arc<ReadMeter>,
-}
-
-impl MeteredRegistry {
-    pub fn new(inner: Arc<dyn ObjectStoreRegistry>, meter: Arc<ReadMeter>) -> Self {
-        Self { inner, meter }
-    }
-}
-
-impl ObjectStoreRegistry for MeteredRegistry {
-    fn register_store(
-        &self,
-        url: &Url,
-        store: Arc<dyn ObjectStore>,
-    ) -> Option<Arc<dyn ObjectStore>> {
-        self.inner.register_store(url, store)
-    }
-
-    fn deregister_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
-        self.inner.deregister_store(url)
-    }
-
-    fn get_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
-        Ok(Arc::new(MeteredStore {
-            inner: self.inner.get_store(url)?,
-            meter: Arc::clone(&self.meter),
+) -> impl ObjectStoreRegistry {
+    WrappingRegistry::new(inner, move |url: &Url, store| {
+        Arc::new(MeteredStore {
+            inner: store,
+            meter: Arc::clone(&meter),
             reads_ranges_in_place: matches!(url.scheme(), "file" | "memory"),
-        }))
-    }
+        }) as Arc<dyn ObjectStore>
+    })
 }
 
 /// A store that counts the bytes its reads return.

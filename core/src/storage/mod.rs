@@ -10,6 +10,7 @@
 //!   uploads of a killed task can be aborted (writes and durable shuffle).
 
 pub mod echoes;
+pub mod forwarding;
 pub mod metered;
 pub mod options;
 pub mod registry;

@@ -70,11 +70,11 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
 
 use super::TaskAttempt;
 use super::layout::{
-    STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join, manifest as manifest_path,
-    named_job, relative_to, replaced_list, upload_records, written_by,
+    REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
+    manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
 };
 use super::partition::folder_values;
-use super::snapshot::{manifest_folder_names, manifest_jobs};
+use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
@@ -364,14 +364,49 @@ impl Commit {
     async fn finish_replacing(&self, manifest: &Manifest) -> Result<()> {
         // Manifests from before the commit point moved carry no
         // `partitioned`: their deletions had finished when they were written.
-        if manifest.mode == InsertOp::Overwrite.to_string()
-            && let Some(partitioned) = manifest.partitioned
-        {
-            let written = manifest.files.iter().map(|file| file.path.as_str());
-            let replaced = self.replaced_files(partitioned, written).await?;
-            self.delete_replaced(replaced).await?;
+        if manifest.mode != InsertOp::Overwrite.to_string() {
+            return Ok(());
         }
-        Ok(())
+        let Some(partitioned) = manifest.partitioned else {
+            return Ok(());
+        };
+        if manifest.replaced_list {
+            // Exactly the files listed, however long ago it committed: the
+            // folder may hold files that others wrote since. No list: the
+            // deletions had finished.
+            if let Some(replaced) = self.replacement_from_list().await? {
+                self.delete_replaced(replaced).await?;
+            }
+            return Ok(());
+        }
+        // Written before overwrites listed what they replace.
+        let written = manifest.files.iter().map(|file| file.path.as_str());
+        let replaced = self.replaced_files(partitioned, written).await?;
+        self.delete_replaced(replaced).await
+    }
+
+    /// What this job's overwrite listed as replaced, with the jobs of the
+    /// table's other data files; none once its list is gone.
+    async fn replacement_from_list(&self) -> Result<Option<Replacement>> {
+        let Some(files) = read_replaced_list(&self.store, &self.table, &self.job_id).await? else {
+            return Ok(None);
+        };
+        let listed: HashSet<&Path> = files.iter().collect();
+        let kept_jobs = self
+            .data_files()
+            .await?
+            .iter()
+            .filter(|(path, _)| !listed.contains(path))
+            .filter_map(|(path, _)| path.filename().and_then(named_job).map(str::to_owned))
+            .collect();
+        let files = files
+            .into_iter()
+            .map(|path| {
+                let relative = relative_to(&self.table, &path).unwrap_or_default();
+                (path, relative)
+            })
+            .collect();
+        Ok(Some(Replacement { files, kept_jobs }))
     }
 
     /// Fails if a job other than this one and those known when the
@@ -540,13 +575,25 @@ impl Commit {
     /// they grow with the table's surviving writes, not with its history.
     async fn retire_manifests(&self, kept_jobs: &HashSet<String>) -> Result<()> {
         let names = manifest_folder_names(&self.store, &self.table).await?;
-        let retired: Vec<Path> = manifest_jobs(&names)
+        let retired: Vec<String> = manifest_jobs(&names)
             .into_iter()
             .filter(|job| *job != self.job_id && !kept_jobs.contains(job))
-            .map(|job| manifest_path(&self.table, &job))
             .collect();
         let count = retired.len();
-        self.delete_all(retired).await?;
+        // With a list of replaced files that a cancelled overwrite left: all
+        // of them lay in folders that this overwrite replaced too.
+        let paths = retired
+            .iter()
+            .flat_map(|job| {
+                let list = format!("{job}{REPLACED_LIST_SUFFIX}");
+                let manifest = Some(manifest_path(&self.table, job));
+                let list = names
+                    .contains(&list)
+                    .then(|| replaced_list(&self.table, job));
+                manifest.into_iter().chain(list)
+            })
+            .collect();
+        self.delete_all(paths).await?;
         if count > 0 {
             info!(job_id = %self.job_id, location = %self.location, manifests = count,
                 "retired the manifests of writes that this overwrite replaced whole");
@@ -606,6 +653,7 @@ impl Commit {
             "committed_at_unix_secs": committed_at,
             "mode": self.insert_op.to_string(),
             "partitioned": self.partitioned,
+            "replaced_list": self.insert_op == InsertOp::Overwrite,
             "rows": rows,
             "files": files.iter().map(|file| serde_json::json!({
                 "path": file.relative,
@@ -736,6 +784,10 @@ pub async fn settle_write(
 struct Manifest {
     mode: String,
     partitioned: Option<bool>,
+    /// Whether the overwrite listed the files it replaces before this
+    /// manifest; older manifests do not say.
+    #[serde(default)]
+    replaced_list: bool,
     rows: u64,
     files: Vec<ManifestFile>,
 }
@@ -972,15 +1024,18 @@ mod tests {
             )
             .expect("manifest");
         }
-        std::fs::write(
-            table.join("_manifests/job1.json"),
-            manifest(
-                "job1",
-                InsertOp::Overwrite,
-                &["region=EU/part-job1-00000-000.parquet"],
-            ),
+        // A list that job two, cancelled after its manifest, left behind.
+        std::fs::write(table.join("_manifests/two.replaces"), "[]").expect("list");
+        // It listed what it replaces; another engine has written to
+        // region=EU since, and that file stays.
+        touch(table, "region=EU/part-00000-later-c000.parquet");
+        let listed = manifest(
+            "job1",
+            InsertOp::Overwrite,
+            &["region=EU/part-job1-00000-000.parquet"],
         )
-        .expect("manifest");
+        .replacen('{', r#"{"replaced_list": true, "#, 1);
+        std::fs::write(table.join("_manifests/job1.json"), listed).expect("manifest");
         std::fs::write(
             table.join("_manifests/job1.replaces"),
             r#"["region=EU/part-old-00000-000.parquet", "region=EU/part-two-00000-000.parquet"]"#,
@@ -1019,10 +1074,11 @@ mod tests {
             vec![
                 "_manifests/job1.json",
                 "_manifests/old.json",
+                "region=EU/part-00000-later-c000.parquet",
                 "region=EU/part-job1-00000-000.parquet",
                 "region=US/part-old-00001-000.parquet",
             ],
-            "the replaced files, their list and the manifest of job two are gone"
+            "the replaced files, their list, and the manifest and list of job two are gone"
         );
     }
 

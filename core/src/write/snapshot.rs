@@ -61,21 +61,12 @@ impl CommittedFiles {
             .filter_map(|name| name.strip_suffix(REPLACED_LIST_SUFFIX))
             .filter(|job_id| committed.contains(*job_id))
         {
-            let list = match store.get(&replaced_list(table, job_id)).await {
-                Ok(found) => found.bytes().await?,
-                // Its overwrite has just finished deleting.
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let relatives: Vec<String> = serde_json::from_slice(&list).map_err(|e| {
-                DataFusionError::Execution(format!(
-                    "the list of files that job {job_id} replaces in '{table}' is not valid: {e}"
-                ))
-            })?;
-            for relative in relatives {
-                replaced.insert(
-                    join(table, &relative).map_err(|e| DataFusionError::External(Box::new(e)))?,
-                );
+            // None: its overwrite has just finished deleting.
+            for path in read_replaced_list(store, table, job_id)
+                .await?
+                .unwrap_or_default()
+            {
+                replaced.insert(path);
             }
         }
         let staging = if committed.is_empty() {
@@ -88,6 +79,11 @@ impl CommittedFiles {
             replaced,
             staging,
         })
+    }
+
+    /// The jobs whose manifests this state found.
+    pub fn committed_jobs(&self) -> Vec<String> {
+        self.committed.iter().cloned().collect()
     }
 
     /// Whether readers of the table see every file they list.
@@ -122,6 +118,30 @@ impl CommittedFiles {
             .iter()
             .all(|job| self.committed.contains(job)))
     }
+}
+
+/// The files that the overwrite of `job_id` listed as replaced in the table
+/// at `table`; none once it has deleted them (it deletes the list last).
+pub(super) async fn read_replaced_list(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+    job_id: &str,
+) -> Result<Option<Vec<Path>>> {
+    let list = match store.get(&replaced_list(table, job_id)).await {
+        Ok(found) => found.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let relatives: Vec<String> = serde_json::from_slice(&list).map_err(|e| {
+        DataFusionError::Execution(format!(
+            "the list of files that job {job_id} replaces in '{table}' is not valid: {e}"
+        ))
+    })?;
+    relatives
+        .iter()
+        .map(|relative| join(table, relative).map_err(|e| DataFusionError::External(Box::new(e))))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// The jobs whose manifests are among `names`.
