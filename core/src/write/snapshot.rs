@@ -31,8 +31,11 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
+use datafusion::logical_expr::dml::InsertOp;
+
 use super::layout::{
-    MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, replaced_list,
+    MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, manifest,
+    replaced_list,
 };
 
 /// The committed state of one table, as its manifests tell it.
@@ -108,16 +111,35 @@ impl CommittedFiles {
         }
     }
 
-    /// Whether no job has committed to the table at `table` since this state
-    /// was read, so that a listing of its files made since shows what this
-    /// state expects: each committed job's files, and those that overwrites
-    /// replaced gone or hidden.
+    /// Whether no overwrite has committed to the table at `table` since this
+    /// state was read, so that a listing of its files made since shows what
+    /// this state expects: each committed job's files, and those that
+    /// overwrites replaced gone or hidden. An append that committed since
+    /// changes neither: its files stay hidden, as in this state.
     pub async fn is_current(&self, store: &Arc<dyn ObjectStore>, table: &Path) -> Result<bool> {
         let names = manifest_folder_names(store, table).await?;
-        Ok(manifest_jobs(&names)
-            .iter()
-            .all(|job| self.committed.contains(job)))
+        for job_id in manifest_jobs(&names) {
+            if !self.committed.contains(&job_id) && !appended(store, table, &job_id).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
+}
+
+/// Whether the manifest of `job_id` records an append, which deletes
+/// nothing. A manifest gone since it was listed was retired by an
+/// overwrite; one that cannot be read is not taken for an append.
+async fn appended(store: &Arc<dyn ObjectStore>, table: &Path, job_id: &str) -> Result<bool> {
+    let bytes = match store.get(&manifest(table, job_id)).await {
+        Ok(found) => found.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let mode = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|manifest| manifest.get("mode")?.as_str().map(str::to_owned));
+    Ok(mode.as_deref() == Some(InsertOp::Append.name()))
 }
 
 /// The files that the overwrite of `job_id` listed as replaced in the table
@@ -263,23 +285,27 @@ mod tests {
         assert!(error.to_string().contains(NEW), "{error}");
     }
 
-    /// A state read before a commit is out of date once the commit's
-    /// manifest is there: an overwrite may have deleted what it shows.
+    /// A state read before an overwrite commits is out of date once its
+    /// manifest is there: it may have deleted what the state shows.
     #[tokio::test]
-    async fn a_state_is_current_until_a_job_commits() {
+    async fn a_state_is_current_until_an_overwrite_commits() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let table = Path::from("t");
         let empty = CommittedFiles::read(&store, &table).await.expect("read");
         assert!(empty.is_current(&store, &table).await.expect("check"));
 
-        put(&store, &format!("t/_manifests/{OLD}.json"), "{}").await;
-        assert!(!empty.is_current(&store, &table).await.expect("check"));
+        // An append deletes nothing: the files it committed stay hidden.
+        let append = r#"{"mode": "Insert Into"}"#;
+        put(&store, &format!("t/_manifests/{OLD}.json"), append).await;
+        assert!(empty.is_current(&store, &table).await.expect("check"));
         let one = CommittedFiles::read(&store, &table).await.expect("read");
         // A list of replaced files is written before its job's manifest,
         // which is what marks the commit.
         put(&store, &format!("t/_manifests/{NEW}.replaces"), "[]").await;
         assert!(one.is_current(&store, &table).await.expect("check"));
-        put(&store, &format!("t/_manifests/{NEW}.json"), "{}").await;
+        let overwrite = r#"{"mode": "Insert Overwrite"}"#;
+        put(&store, &format!("t/_manifests/{NEW}.json"), overwrite).await;
         assert!(!one.is_current(&store, &table).await.expect("check"));
+        assert!(!empty.is_current(&store, &table).await.expect("check"));
     }
 }
