@@ -9,9 +9,10 @@
 //! a view of the stores whose listings leave those files out
 //! ([`CommittedView`]), so that DataFusion never sees them: not for the
 //! scan's files, nor its statistics, nor a `LIMIT` counted from them. Once
-//! planned, the states are read again: a write that committed in between may
-//! have deleted listed files, so the statement is planned again. Each table
-//! folder costs two listings of its `_manifests/` folder per statement.
+//! planned, the states are read again: an overwrite that committed in
+//! between may have deleted listed files, so the statement is planned again.
+//! Each table folder costs two listings of its `_manifests/` folder per
+//! statement.
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use quiver_core::storage::forwarding::{Forwarding, StoreHooks, WrappingRegistry};
+use quiver_core::storage::store_key;
 use quiver_core::write::snapshot::CommittedFiles;
 use tracing::debug;
 use url::Url;
@@ -194,13 +196,6 @@ fn committed_view(
         return store;
     }
     Arc::new(Forwarding::new(store, CommittedView { folders: hiding }))
-}
-
-/// The part of `url` that names its store, as registries key stores:
-/// scheme and authority (`s3://bucket`, `file://`), without the path that
-/// DataFusion's listing passes along.
-fn store_key(url: &Url) -> &str {
-    &url[..url::Position::AfterPort]
 }
 
 /// Listings that show, of the table folders of `folders`, only the files

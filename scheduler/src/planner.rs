@@ -404,21 +404,24 @@ impl Planner {
         creates: bool,
     ) -> Result<StagedJob> {
         let partitions = state.config().target_partitions();
-        let mut read = TableStates::default();
-        let physical = match logical {
-            LogicalPlan::Explain(explain) => explain_stages(job_id, explain, state, partitions)
-                .await
-                .map_err(Error::Query)?,
-            _ if reads_only_information_schema(logical) => {
+        // The states of the tables its scans read, for a write's guard.
+        let (physical, read) = match logical {
+            LogicalPlan::Explain(explain) => (
+                explain_stages(job_id, explain, state, partitions)
+                    .await
+                    .map_err(Error::Query)?,
+                TableStates::default(),
+            ),
+            _ if reads_only_information_schema(logical) => (
                 run_on_scheduler(logical, state, Arc::clone(&schema))
                     .await
-                    .map_err(Error::Query)?
-            }
+                    .map_err(Error::Query)?,
+                TableStates::default(),
+            ),
             _ => {
-                let (_, physical, states) =
+                let (_, physical, read) =
                     physical_plan(logical, state).await.map_err(Error::Query)?;
-                read = states;
-                physical
+                (physical, read)
             }
         };
         let physical =

@@ -26,8 +26,21 @@ use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStore;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+/// The contents of the object at `path`, or none if there is no such
+/// object.
+pub async fn get_if_exists(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+) -> object_store::Result<Option<bytes::Bytes>> {
+    match store.get(path).await {
+        Ok(found) => found.bytes().await.map(Some),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 /// Deletes `paths`, many per request where the store can; a path that is
 /// gone already is fine.

@@ -66,7 +66,7 @@ use tracing::info;
 
 use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
-use crate::storage::{StoreRegistry, delete_paths, delete_prefix};
+use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 
 use super::TaskAttempt;
 use super::layout::{
@@ -602,15 +602,8 @@ impl Commit {
     }
 
     async fn delete_replaced_list(&self) -> Result<()> {
-        self.check_lease()?;
-        match self
-            .store
-            .delete(&replaced_list(&self.table, &self.job_id))
+        self.delete_all(vec![replaced_list(&self.table, &self.job_id)])
             .await
-        {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
     }
 
     async fn move_into_place(&self, files: &[StagedFile]) -> Result<()> {
@@ -800,10 +793,8 @@ struct ManifestFile {
 impl Commit {
     async fn read_manifest(&self) -> Result<Option<Manifest>> {
         let path = manifest_path(&self.table, &self.job_id);
-        let bytes = match self.store.get(&path).await {
-            Ok(found) => found.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(bytes) = get_if_exists(&self.store, &path).await? else {
+            return Ok(None);
         };
         serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             DataFusionError::Execution(format!(

@@ -27,16 +27,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result};
-use futures::TryStreamExt;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
-
 use datafusion::logical_expr::dml::InsertOp;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path;
 
 use super::layout::{
     MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, manifest,
     replaced_list,
 };
+use crate::storage::get_if_exists;
 
 /// The committed state of one table, as its manifests tell it.
 #[derive(Debug, Default)]
@@ -131,10 +131,8 @@ impl CommittedFiles {
 /// nothing. A manifest gone since it was listed was retired by an
 /// overwrite; one that cannot be read is not taken for an append.
 async fn appended(store: &Arc<dyn ObjectStore>, table: &Path, job_id: &str) -> Result<bool> {
-    let bytes = match store.get(&manifest(table, job_id)).await {
-        Ok(found) => found.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(false),
-        Err(e) => return Err(e.into()),
+    let Some(bytes) = get_if_exists(store, &manifest(table, job_id)).await? else {
+        return Ok(false);
     };
     let mode = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
@@ -149,10 +147,8 @@ pub(super) async fn read_replaced_list(
     table: &Path,
     job_id: &str,
 ) -> Result<Option<Vec<Path>>> {
-    let list = match store.get(&replaced_list(table, job_id)).await {
-        Ok(found) => found.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some(list) = get_if_exists(store, &replaced_list(table, job_id)).await? else {
+        return Ok(None);
     };
     let relatives: Vec<String> = serde_json::from_slice(&list).map_err(|e| {
         DataFusionError::Execution(format!(
@@ -210,8 +206,8 @@ pub(super) async fn manifest_folder_names(
 
 #[cfg(test)]
 mod tests {
-    use object_store::PutPayload;
     use object_store::memory::InMemory;
+    use object_store::{ObjectStoreExt, PutPayload};
 
     use super::*;
 
