@@ -1171,38 +1171,18 @@ async fn readers_see_committed_writes_whole() {
 
     // Readers during a real overwrite see the old rows or the new ones. A
     // reader still reading replaced files when the overwrite deletes them
-    // fails, naming the file and saying why.
+    // is planned again, and reads the new ones.
     let new = (old.0, old.1 + old.0);
     let overwrite = tokio::spawn({
         let context = context.clone();
         async move { query(&context, "INSERT OVERWRITE snap SELECT k + 1, p FROM snap").await }
     });
-    let try_read = |context: QuiverContext| async move {
-        let batches = context.sql(totals).await?.collect().await?;
-        Ok::<_, quiver_client::Error>((int64s(&batches, 0)[0], int64s(&batches, 1)[0]))
-    };
     let mut seen = Vec::new();
-    let mut failed = 0;
     while !overwrite.is_finished() {
-        match try_read(context.clone()).await {
-            Ok(totals) => seen.push(totals),
-            Err(error) => {
-                failed += 1;
-                assert!(
-                    error
-                        .to_string()
-                        .contains("was deleted after this statement was planned")
-                        && error.to_string().contains("p="),
-                    "{error}"
-                );
-            }
-        }
+        seen.push(read(context.clone()).await);
     }
     overwrite.await.expect("overwrite");
-    eprintln!(
-        "during the overwrite {} reads succeeded and {failed} lost their files",
-        seen.len()
-    );
+    eprintln!("{} reads ran during the overwrite", seen.len());
     seen.push(read(context.clone()).await);
     for totals in &seen {
         assert!(*totals == old || *totals == new, "a reader saw {totals:?}");
@@ -1255,6 +1235,124 @@ async fn readers_see_committed_writes_whole() {
         count(&context, "SELECT count(*) FROM foreign_t").await,
         2 * spark_rows
     );
+    cluster.shutdown().await;
+}
+
+/// Runs `sql` on the cluster in the background; returns its job's id once
+/// it is planned, and the task that ends with its result and final status.
+async fn run_in_background(
+    context: &QuiverContext,
+    sql: &'static str,
+) -> (
+    String,
+    tokio::task::JoinHandle<(Vec<RecordBatch>, JobStatus)>,
+) {
+    let (planned, mut job_id) = tokio::sync::mpsc::unbounded_channel();
+    let context = context.clone();
+    let running = tokio::spawn(async move {
+        let mut last = JobStatus::default();
+        let stream = context
+            .execute_sql(sql, |status| {
+                let _ = planned.send(status.job_id.clone());
+                last = status.clone();
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let batches = datafusion::physical_plan::common::collect(stream)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        (batches, last)
+    });
+    let job_id = job_id.recv().await.expect("the job was planned");
+    (job_id, running)
+}
+
+/// A query or a write planned before another engine replaced the files of
+/// a table it reads is planned again when its scan finds a file gone, and
+/// reads the table as it is now: the query answers from the new files, the
+/// write commits the new rows once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_that_lose_their_files_to_a_write_run_again_from_a_new_plan() {
+    let options = StandaloneOptions {
+        max_running_jobs: 1,
+        ..StandaloneOptions::default()
+    };
+    let cluster = StandaloneCluster::start(options).await.expect("start");
+    let context = cluster.connect(2).await.expect("connect");
+    let source = tempfile::tempdir().expect("temp dir");
+    let target = tempfile::tempdir().expect("temp dir");
+    let write_file = |name: &str, rows: i64| {
+        let file = source.path().join(name);
+        async move {
+            SessionContext::new()
+                .sql(&format!(
+                    "COPY (SELECT value AS x FROM range(1, {})) TO '{}'",
+                    rows + 1,
+                    file.display()
+                ))
+                .await
+                .expect("copy")
+                .collect()
+                .await
+                .expect("written");
+            file
+        }
+    };
+    let old_file = write_file("old.parquet", 1000).await;
+    for ddl in [
+        format!(
+            "CREATE EXTERNAL TABLE src STORED AS PARQUET LOCATION '{}/'",
+            source.path().display()
+        ),
+        format!(
+            "CREATE EXTERNAL TABLE dst (x BIGINT) STORED AS PARQUET LOCATION '{}/'",
+            target.path().display()
+        ),
+    ] {
+        query(&context, &ddl).await;
+    }
+
+    // Both jobs are planned while the cluster is busy, and wait.
+    let endless = context.submit_sql(ENDLESS_QUERY).await.expect("submit");
+    wait_for_state(&context, &endless.job_id, JobState::Running).await;
+    let (reader_id, reader) = run_in_background(&context, "SELECT count(*), sum(x) FROM src").await;
+    let (writer_id, writer) =
+        run_in_background(&context, "INSERT INTO dst SELECT x FROM src").await;
+    wait_for_state(&context, &writer_id, JobState::Queued).await;
+    // Another engine rewrites the table meanwhile.
+    write_file("new.parquet", 2000).await;
+    std::fs::remove_file(&old_file).expect("remove the old file");
+    assert!(context.cancel_job(&endless.job_id).await.expect("cancel"));
+
+    let new_totals = (2000, (1..=2000).sum::<i64>());
+    let (batches, status) = reader.await.expect("reader");
+    assert_eq!(
+        (int64s(&batches, 0)[0], int64s(&batches, 1)[0]),
+        new_totals,
+        "{reader_id}"
+    );
+    assert_eq!(status.replans, 1, "{status:?}");
+    let (_, status) = writer.await.expect("writer");
+    assert_eq!(status.state(), JobState::Succeeded);
+    assert_eq!(status.replans, 1, "{status:?}");
+    let written = query(&context, "SELECT count(*), sum(x) FROM dst").await;
+    assert_eq!(
+        (int64s(&written, 0)[0], int64s(&written, 1)[0]),
+        new_totals,
+        "the new rows, once"
+    );
+    let left: Vec<String> = std::fs::read_dir(target.path())
+        .expect("target")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.starts_with("_temporary"))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
     cluster.shutdown().await;
 }
 

@@ -78,6 +78,15 @@ pub enum Error {
 
     #[error("invalid schema bytes: {0}")]
     InvalidSchema(String),
+
+    /// A file that a task's plan reads is gone from its store, most likely
+    /// replaced by a write after the statement was planned. Retrying the
+    /// task cannot help; planning the statement again can.
+    #[error(
+        "'{file}' was deleted after this statement was planned, most likely replaced by a \
+         write to its table; run the statement again to read the table as it is now: {message}"
+    )]
+    PlannedFileDeleted { file: String, message: String },
 }
 
 impl Error {
@@ -103,6 +112,7 @@ pub fn classify_failure(error: &DataFusionError) -> FailureKind {
     match error.find_root() {
         DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
             Some(Error::Fetch { .. }) => FailureKind::FetchFailed,
+            Some(Error::PlannedFileDeleted { .. }) => FailureKind::InputReplaced,
             Some(Error::Io { .. } | Error::Connect { .. }) => FailureKind::Retryable,
             // A store that throttles or times out may answer the next
             // attempt; a missing bucket or a refused key will not. Neither

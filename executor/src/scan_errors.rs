@@ -8,7 +8,8 @@
 //! failure is given them as context. Store errors name their object
 //! already, but a planned file that the store no longer has was most likely
 //! replaced by a write to its table after the statement was planned: the
-//! error says so, and that running the statement again reads the new files.
+//! error says so, typed, so that the scheduler plans the statement again
+//! and it reads the new files.
 
 use std::sync::Arc;
 
@@ -39,12 +40,12 @@ pub async fn explain_scan_failure(
 ) -> DataFusionError {
     let files = scanned_files(plan, partition);
     if let Some(gone) = deleted_file(&error, &files, runtime).await {
-        let context = format!(
-            "'{}' was deleted after this statement was planned, most likely replaced by \
-             a write to its table; run the statement again to read the table as it is now",
-            gone.name
-        );
-        return error.context(context);
+        // Typed, so that the scheduler plans the statement again.
+        return quiver_core::Error::PlannedFileDeleted {
+            file: gone.name.clone(),
+            message: error.to_string(),
+        }
+        .into();
     }
     if !is_decoding_failure(&error) {
         return error;
@@ -234,9 +235,12 @@ mod tests {
         let error = datafusion::physical_plan::common::collect(stream)
             .await
             .expect_err("gone");
-        let explained = explain_scan_failure(error, &plan, 0, &runtime)
-            .await
-            .to_string();
+        let explained = explain_scan_failure(error, &plan, 0, &runtime).await;
+        assert_eq!(
+            quiver_core::error::classify_failure(&explained),
+            quiver_proto::FailureKind::InputReplaced
+        );
+        let explained = explained.to_string();
         assert!(
             explained.contains(&format!(
                 "'file://{}' was deleted after this statement was planned",

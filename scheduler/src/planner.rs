@@ -99,6 +99,53 @@ pub struct StagedJob {
     /// The stores that the statement's options configured: put back if the
     /// job does not succeed, as for a statement that fails to plan.
     pub configured_stores: Vec<ReplacedStore>,
+    /// Plans the job again if a file it reads is replaced while it runs;
+    /// `None` for jobs that cannot simply run again (see [`Replanner`]).
+    pub replanner: Option<Replanner>,
+}
+
+/// Plans a running job's statement again, from its logical plan, against
+/// the tables as they are now: for a job that lost a file it reads to a
+/// write that replaced it after the job was planned. Only the physical
+/// planning is done again, so the statement itself (its store options, its
+/// catalog lookups) does not run twice.
+///
+/// `CREATE TABLE ... AS SELECT` and `EXPLAIN ANALYZE` jobs get none: the
+/// first fails if its folder gained commits since it was planned, which a
+/// new plan would forget, and the second reports on the stages it planned.
+#[derive(Clone)]
+pub struct Replanner {
+    planner: Planner,
+    job_id: String,
+    logical: LogicalPlan,
+    state: SessionState,
+    schema: SchemaRef,
+    overwrite: bool,
+}
+
+impl std::fmt::Debug for Replanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replanner")
+            .field("job_id", &self.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replanner {
+    /// The job's stages as planned now.
+    pub async fn plan(&self) -> Result<StagedJob> {
+        let schema = Arc::clone(&self.schema);
+        self.planner
+            .stage_job(
+                &self.job_id,
+                &self.logical,
+                &self.state,
+                schema,
+                self.overwrite,
+                false,
+            )
+            .await
+    }
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -385,9 +432,24 @@ impl Planner {
             });
         }
         let (logical, overwrite) = plan_overwrite_as_append(logical);
-        let job = self
-            .stage_job(job_id, &logical, &state, schema, overwrite, false)
+        let mut job = self
+            .stage_job(
+                job_id,
+                &logical,
+                &state,
+                Arc::clone(&schema),
+                overwrite,
+                false,
+            )
             .await?;
+        job.replanner = Some(Replanner {
+            planner: self.clone(),
+            job_id: job_id.to_owned(),
+            logical,
+            state,
+            schema,
+            overwrite,
+        });
         Ok(Planned::Stages(job))
     }
 
@@ -468,6 +530,7 @@ impl Planner {
             writes_to,
             adaptive,
             configured_stores: Vec::new(),
+            replanner: None,
         })
     }
 
@@ -538,6 +601,7 @@ impl Planner {
             writes_to: None,
             adaptive: PendingJoins::default(),
             configured_stores: Vec::new(),
+            replanner: None,
         })
     }
 

@@ -196,6 +196,7 @@ impl SchedulerGrpc {
             encoded: job.encoded,
             adaptive: job.adaptive,
             status,
+            replanner: job.replanner,
         })));
         if !submitted {
             return Err(Error::ShuttingDown);

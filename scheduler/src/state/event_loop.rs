@@ -18,6 +18,7 @@ use super::executors::{ExecutorEntry, ExecutorRegistry};
 use super::job::{Job, Outcome};
 use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
 use crate::locations::targets_overlap;
+use crate::planner::StagedJob;
 use crate::store::{JobRecorder, StateStore, StoreError};
 
 /// Timing settings of the loop.
@@ -83,6 +84,7 @@ pub fn spawn(
         next_seq: 0,
         recorder: recorder.clone(),
         queue: VecDeque::new(),
+        events: events.downgrade(),
     };
     tokio::spawn(state.run(receiver));
     let handle = SchedulerHandle {
@@ -121,6 +123,9 @@ struct SchedulerLoop {
     recorder: JobRecorder,
     /// Jobs waiting for admission, oldest first.
     queue: VecDeque<String>,
+    /// For the results of work done off the loop (planning a job again);
+    /// weak, so that the loop still stops when every handle is dropped.
+    events: mpsc::WeakUnboundedSender<Event>,
 }
 
 impl SchedulerLoop {
@@ -185,6 +190,7 @@ impl SchedulerLoop {
                     self.remove_job_data(&job_id, &finished.executors);
                 }
             }
+            Event::JobReplanned { job_id, planned } => self.on_job_replanned(&job_id, *planned),
         }
     }
 
@@ -301,6 +307,7 @@ impl SchedulerLoop {
         job.durable_shuffle = submitted.durable_shuffle;
         job.writes_to = submitted.writes_to;
         job.adaptive = submitted.adaptive;
+        job.replanner = submitted.replanner;
         job.submitted_at_unix_ms = unix_millis();
         if self.at_job_limit() || self.target_busy(job.writes_to.as_deref()) {
             job.enqueue(self.queue.len() as u32);
@@ -339,7 +346,57 @@ impl SchedulerLoop {
                 self.publish(job_id);
                 self.end_job(job_id);
             }
+            Outcome::Replan(reason) => self.replan(job_id, &reason),
         }
+    }
+
+    /// Stops the tasks of a job that lost a file it reads, and plans it
+    /// again off the loop; [`Self::on_job_replanned`] runs the new plan.
+    fn replan(&mut self, job_id: &str, reason: &str) {
+        let Some((job, _)) = self.jobs.get(job_id) else {
+            return;
+        };
+        let Some(replanner) = job.replanner.clone() else {
+            return;
+        };
+        info!(%job_id, replans = job.replans + 1, %reason,
+            "a file the job reads was replaced after it was planned; planning it again");
+        let executors = job.executors();
+        self.cancel_tasks(job_id, &executors);
+        self.publish(job_id);
+        let events = self.events.clone();
+        let job_id = job_id.to_owned();
+        tokio::spawn(async move {
+            let planned = replanner.plan().await;
+            if let Some(events) = events.upgrade() {
+                let planned = Box::new(planned);
+                let _ = events.send(Event::JobReplanned { job_id, planned });
+            }
+        });
+    }
+
+    /// Runs a job from its new plan, or fails it if it could not be planned.
+    /// A job cancelled meanwhile is gone, and its plan is dropped.
+    fn on_job_replanned(&mut self, job_id: &str, planned: Result<StagedJob, crate::Error>) {
+        let Some((job, _)) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if !job.is_replanning() {
+            return;
+        }
+        let outcome = match planned {
+            Ok(planned) => {
+                info!(%job_id, stages = planned.stages.len(), replans = job.replans + 1,
+                    "job planned again");
+                job.install_replan(planned, Instant::now());
+                Outcome::Continue
+            }
+            Err(error) => job.fail(format!(
+                "a file the job reads was replaced while it ran, and planning it again \
+                 failed: {error}"
+            )),
+        };
+        self.after_outcome(job_id, outcome);
     }
 
     fn cancel_job(&mut self, job_id: &str) -> bool {
@@ -361,16 +418,21 @@ impl SchedulerLoop {
     fn end_job(&mut self, job_id: &str) {
         if let Some((job, _)) = self.jobs.remove(job_id) {
             let executors = job.executors();
-            for executor_id in &executors {
-                if let Some(executor) = self.executors.get_mut(executor_id) {
-                    executor.send(SchedulerMessage {
-                        kind: Some(scheduler_message::Kind::CancelTasks(CancelTasks {
-                            job_id: job_id.to_owned(),
-                        })),
-                    });
-                }
-            }
+            self.cancel_tasks(job_id, &executors);
             self.remove_job_data(job_id, &executors);
+        }
+    }
+
+    /// Stops every running task of a job on `executors`.
+    fn cancel_tasks(&mut self, job_id: &str, executors: &[String]) {
+        for executor_id in executors {
+            if let Some(executor) = self.executors.get_mut(executor_id) {
+                executor.send(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::CancelTasks(CancelTasks {
+                        job_id: job_id.to_owned(),
+                    })),
+                });
+            }
         }
     }
 

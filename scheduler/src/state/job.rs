@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::JobLimits;
 use crate::adaptive::{self, AdaptiveJoin, PendingJoins};
 use crate::join_swap;
+use crate::planner::{Replanner, StagedJob};
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
 
@@ -33,6 +34,11 @@ pub const INLINE_RESULT_MAX_BYTES: u64 = 64 * 1024;
 /// table again, after an overwrite may have deleted its files. A list is
 /// about 200 bytes per file.
 pub const INLINE_FILE_LIST_MAX_BYTES: u64 = 1024 * 1024;
+
+/// Times a job is planned again because files it reads were replaced while
+/// it ran, before it fails: a table rewritten faster than the job can read
+/// it would otherwise keep it running for ever.
+pub const MAX_REPLANS: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskState {
@@ -77,6 +83,8 @@ pub struct Stage {
     pub tasks: Vec<Task>,
     /// What its finished task attempts measured.
     pub metrics: StageMetrics,
+    /// Whether a task of it was ever launched.
+    launched: bool,
 }
 
 impl Stage {
@@ -103,6 +111,9 @@ pub enum Outcome {
     Continue,
     Succeeded,
     Failed(String),
+    /// A file the job reads was replaced after it was planned: its tasks are
+    /// abandoned, and it waits to be planned again ([`Job::install_replan`]).
+    Replan(String),
 }
 
 #[derive(Debug)]
@@ -141,6 +152,15 @@ pub struct Job {
     /// Every executor a task of this job was launched on: all of them may
     /// hold files of the job and are told to remove them when it ends.
     launched_on: BTreeSet<String>,
+    /// Plans the job again when a file it reads is replaced; `None` for a
+    /// job that cannot run again from a new plan.
+    pub replanner: Option<Replanner>,
+    /// Times the job was planned again.
+    pub replans: u32,
+    /// Waiting for a new plan: nothing of the current one runs.
+    replanning: bool,
+    /// The attempt number that the current plan's tasks start from.
+    first_attempt: u32,
 }
 
 impl Job {
@@ -153,20 +173,7 @@ impl Job {
         encoded: Vec<Bytes>,
         now: Instant,
     ) -> Self {
-        let stages = plans
-            .iter()
-            .zip(encoded)
-            .map(|(stage, plan)| Stage {
-                id: stage.stage_id,
-                plan,
-                inputs: stage.inputs.clone(),
-                metrics: StageMetrics {
-                    stage_id: stage.stage_id,
-                    ..StageMetrics::default()
-                },
-                tasks: pending_tasks(stage.partitions(), now),
-            })
-            .collect();
+        let stages = new_stages(plans, encoded, now, 0);
         Self {
             id,
             seq,
@@ -189,7 +196,71 @@ impl Job {
             query: String::new(),
             submitted_at_unix_ms: 0,
             launched_on: BTreeSet::new(),
+            replanner: None,
+            replans: 0,
+            replanning: false,
+            first_attempt: 0,
         }
+    }
+
+    /// Whether the job may be planned again after `failed` lost a file it
+    /// reads: it has a replanner, has not used up its replans, and, if it
+    /// writes a table, no attempt of its commit may have committed. The
+    /// write tasks only stage files, which the new plan's commit ignores; a
+    /// commit may have made its write visible. So the commit stage must not
+    /// have started, unless `failed` is the first attempt of that stage's one
+    /// task (a commit that scans in its own stage): it failed reading, before
+    /// it could commit, and no other attempt of it ran.
+    fn may_replan(&self, failed: &TaskId) -> bool {
+        let commit_untouched = match self.final_stage() {
+            Some(commit) if self.writes_to.is_some() && commit.launched => {
+                failed.stage_id == commit.id
+                    && failed.attempt == self.first_attempt
+                    && commit.tasks.len() == 1
+            }
+            _ => true,
+        };
+        self.replanner.is_some() && self.replans < MAX_REPLANS && commit_untouched
+    }
+
+    /// Abandons the current plan: every running task is forgotten (the event
+    /// loop cancels them), and nothing runs until [`Job::install_replan`].
+    fn abandon_plan(&mut self) {
+        self.replanning = true;
+        for task in self.stages.iter_mut().flat_map(|stage| &mut stage.tasks) {
+            if matches!(task.state, TaskState::Running { .. }) {
+                task.state = TaskState::Pending;
+            }
+        }
+        self.running = 0;
+    }
+
+    /// Whether the job waits for a new plan.
+    pub fn is_replanning(&self) -> bool {
+        self.replanning
+    }
+
+    /// Runs the job from `planned`, its statement planned again, instead of
+    /// the plan it abandoned. Every task of the new plan starts at an attempt
+    /// above any of the old one, so that no report, map output or staged
+    /// file of an abandoned attempt is taken for one of the new plan's.
+    pub fn install_replan(&mut self, planned: StagedJob, now: Instant) {
+        let first_attempt = self
+            .stages
+            .iter()
+            .flat_map(|stage| &stage.tasks)
+            .map(|task| task.attempt)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.stages = new_stages(&planned.stages, planned.encoded, now, first_attempt);
+        self.first_attempt = first_attempt;
+        self.plans = planned.stages;
+        self.adaptive = planned.adaptive;
+        self.build_sides_chosen.clear();
+        self.stores = planned.stores;
+        self.replans += 1;
+        self.replanning = false;
     }
 
     /// Holds the job back until the cluster admits it.
@@ -242,6 +313,9 @@ impl Job {
     /// the probe side of an undecided adaptive join waits. Returns it with the
     /// executor its last attempt failed on.
     pub fn next_runnable(&self, now: Instant) -> Option<(u32, usize, Option<&str>)> {
+        if self.replanning {
+            return None;
+        }
         self.stages
             .iter()
             .filter(|stage| self.inputs_complete(stage) && !self.adaptive.holds(stage.id))
@@ -296,6 +370,7 @@ impl Job {
             0
         };
         let stage = self.stage_mut(stage_id)?;
+        stage.launched = true;
         let plan = stage.plan.clone();
         let task = stage.tasks.get_mut(partition)?;
         task.state = TaskState::Running {
@@ -380,6 +455,22 @@ impl Job {
             task.not_before = now;
             return self.recompute_map_output(fetch, &failure.message, now);
         }
+        if kind == FailureKind::InputReplaced {
+            if self.may_replan(id) {
+                self.abandon_plan();
+                return Outcome::Replan(failure.message.clone());
+            }
+            let message = match self.replans {
+                0 => failure.message.clone(),
+                replans => format!(
+                    "the tables this job reads kept being replaced while it ran (it was \
+                     planned {} times): {}",
+                    replans + 1,
+                    failure.message
+                ),
+            };
+            return self.fail(message);
+        }
         task.failures += 1;
         let retryable = matches!(kind, FailureKind::Retryable | FailureKind::FetchFailed);
         if !retryable || task.failures >= max_attempts {
@@ -451,8 +542,9 @@ impl Job {
             probe.metrics.merged_into = join.join_stage;
         }
         let partitions = plan.partitions();
+        let first_attempt = self.first_attempt;
         if let Some(stage) = self.install_plan(plan, bytes) {
-            stage.tasks = pending_tasks(partitions, now);
+            stage.tasks = pending_tasks(partitions, now, first_attempt);
         }
         self.adaptive.forget_join_stage(join.probe_stage);
         self.adaptive
@@ -647,6 +739,10 @@ impl Job {
     /// until nothing changes. A running task lost this way uses up an attempt; a
     /// finished output that has to be recomputed does not.
     pub fn on_executor_lost(&mut self, executor_id: &str, now: Instant) -> Outcome {
+        if self.replanning {
+            // Nothing of the abandoned plan is needed any more.
+            return Outcome::Continue;
+        }
         let max_attempts = self.max_attempts;
         let mut exhausted = None;
         loop {
@@ -687,12 +783,14 @@ impl Job {
 
     /// Whether a map output on `executor_id` is still needed by this job.
     pub fn needs_outputs_on(&self, executor_id: &str) -> bool {
-        self.stages
-            .iter()
-            .zip(self.needed_stages())
-            .filter(|(_, needed)| *needed)
-            .flat_map(|(stage, _)| &stage.tasks)
-            .any(|task| task.state == TaskState::Done && output_on(task, executor_id))
+        !self.replanning
+            && self
+                .stages
+                .iter()
+                .zip(self.needed_stages())
+                .filter(|(_, needed)| *needed)
+                .flat_map(|(stage, _)| &stage.tasks)
+                .any(|task| task.state == TaskState::Done && output_on(task, executor_id))
     }
 
     /// Executors holding the final stage's output.
@@ -801,6 +899,7 @@ impl Job {
                 .collect(),
             table_files_written: self.metric_total("files_written"),
             table_bytes_written: self.metric_total("bytes_written"),
+            replans: self.replans,
             result_rows: if self.state == JobState::Succeeded {
                 self.final_stage()
                     .map_or(0, |stage| stage_written(stage).rows)
@@ -834,11 +933,36 @@ impl Job {
 }
 
 /// `count` tasks that have not run yet.
-fn pending_tasks(count: usize, now: Instant) -> Vec<Task> {
+/// The stages of `plans`, encoded as `encoded`, none of them started; their
+/// tasks' first attempts are numbered `first_attempt`.
+fn new_stages(
+    plans: &[StagePlan],
+    encoded: Vec<Bytes>,
+    now: Instant,
+    first_attempt: u32,
+) -> Vec<Stage> {
+    plans
+        .iter()
+        .zip(encoded)
+        .map(|(stage, plan)| Stage {
+            id: stage.stage_id,
+            plan,
+            inputs: stage.inputs.clone(),
+            metrics: StageMetrics {
+                stage_id: stage.stage_id,
+                ..StageMetrics::default()
+            },
+            tasks: pending_tasks(stage.partitions(), now, first_attempt),
+            launched: false,
+        })
+        .collect()
+}
+
+fn pending_tasks(count: usize, now: Instant, attempt: u32) -> Vec<Task> {
     (0..count)
         .map(|_| Task {
             state: TaskState::Pending,
-            attempt: 0,
+            attempt,
             failures: 0,
             output: None,
             not_before: now,
@@ -889,9 +1013,12 @@ mod tests {
     use datafusion::physical_plan::empty::EmptyExec;
     use quiver_core::shuffle::ShuffleWriterExec;
     use quiver_proto::ExecutorAddress;
+    use quiver_proto::submit_job_request::Query;
 
     use super::*;
     use crate::adaptive::AdaptivePolicy;
+    use crate::planner::{Planned, Planner};
+    use crate::store::StateStore;
 
     /// A chain of `stages` stages of two tasks each, stage `n` reading stage `n - 1`.
     fn chain(stages: u32) -> Job {
@@ -1388,5 +1515,173 @@ mod tests {
             job.on_failure(&task, &failure, Instant::now()),
             Outcome::Failed("Schema error: no field named x".into())
         );
+    }
+
+    /// A job of a grouped count over a Parquet folder of two files, planned
+    /// by a real planner, which can plan it again; the folder goes with it.
+    async fn counting_job() -> (Job, tempfile::TempDir) {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let table = folder.path().display().to_string();
+        let context = datafusion::prelude::SessionContext::new();
+        for file in ["a", "b"] {
+            context
+                .sql(&format!("COPY (SELECT 1 AS x) TO '{table}/{file}.parquet'"))
+                .await
+                .expect("copy")
+                .collect()
+                .await
+                .expect("write");
+        }
+        let store = StateStore::in_memory().expect("store");
+        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
+        let ddl = format!("CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{table}/'");
+        planner
+            .plan("ddl", Query::Sql(ddl), &[])
+            .await
+            .expect("table");
+        let sql = Query::Sql("SELECT x, count(*) FROM t GROUP BY x".into());
+        let Planned::Stages(planned) = planner.plan("job", sql, &[]).await.expect("plan") else {
+            panic!("a query runs on the executors");
+        };
+        let mut job = job_of(&planned.stages);
+        job.stages
+            .iter_mut()
+            .zip(planned.encoded)
+            .for_each(|(stage, encoded)| stage.plan = encoded);
+        job.replanner = planned.replanner;
+        (job, folder)
+    }
+
+    fn input_replaced() -> TaskFailed {
+        TaskFailed {
+            kind: FailureKind::InputReplaced.into(),
+            message: "'file:///t/a.parquet' was deleted after this statement was planned".into(),
+            fetch: None,
+        }
+    }
+
+    /// The job's new plan, as the event loop gets it.
+    async fn plan_again(job: &Job) -> StagedJob {
+        let replanner = job.replanner.clone().expect("a query can be planned again");
+        replanner.plan().await.expect("plan again")
+    }
+
+    #[tokio::test]
+    async fn a_job_that_lost_a_file_runs_again_from_a_new_plan() {
+        let (mut job, _folder) = counting_job().await;
+        assert!(job.stages.len() >= 2, "a scan stage and the final counts");
+        let now = Instant::now();
+        let first = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        let other = job.launch(1, 1, "b").expect("runs").task.expect("id");
+        assert_eq!(
+            job.on_failure(&first, &input_replaced(), now),
+            Outcome::Replan(input_replaced().message)
+        );
+        // Nothing of the abandoned plan runs, or counts once it reports.
+        assert_eq!(job.running, 0);
+        assert_eq!(job.next_runnable(now), None);
+        assert!(!job.needs_outputs_on("b"));
+        let output = MapOutput {
+            attempt: other.attempt,
+            ..MapOutput::default()
+        };
+        assert_eq!(
+            job.on_success(&other, output, &TaskSucceeded::default()),
+            Outcome::Continue
+        );
+        assert_eq!(state(&job, 1, 1), &TaskState::Pending);
+        assert_eq!(job.on_executor_lost("b", now), Outcome::Continue);
+
+        job.install_replan(plan_again(&job).await, now);
+        assert_eq!(job.replans, 1);
+        assert_eq!(job.status().replans, 1);
+        let (stage, partition, _) = job.next_runnable(now).expect("the new plan runs");
+        let relaunched = job.launch(stage, partition, "b").expect("runs");
+        let attempt = relaunched.task.expect("id").attempt;
+        assert!(
+            attempt > first.attempt && attempt > other.attempt,
+            "attempt {attempt} repeats one of the abandoned plan"
+        );
+        // A late report of the abandoned attempt is not taken for the new one.
+        assert_eq!(
+            job.on_failure(&first, &input_replaced(), now),
+            Outcome::Continue
+        );
+        assert_eq!(job.running, 1);
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_files_keep_being_replaced_fails_saying_so() {
+        let (mut job, _folder) = counting_job().await;
+        let now = Instant::now();
+        for _ in 0..MAX_REPLANS {
+            let task = job.launch(1, 0, "a").expect("runs").task.expect("id");
+            let outcome = job.on_failure(&task, &input_replaced(), now);
+            assert!(matches!(outcome, Outcome::Replan(_)), "{outcome:?}");
+            job.install_replan(plan_again(&job).await, now);
+        }
+        let task = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        let Outcome::Failed(message) = job.on_failure(&task, &input_replaced(), now) else {
+            panic!("planned again without end");
+        };
+        assert!(
+            message.contains("kept being replaced while it ran (it was planned 4 times)")
+                && message.contains("was deleted after this statement was planned"),
+            "{message}"
+        );
+    }
+
+    /// A write whose commit started may have made its files visible: it
+    /// fails rather than write again from a new plan; unless it is the
+    /// commit's own first attempt that failed reading.
+    #[tokio::test]
+    async fn a_write_is_not_planned_again_once_its_commit_started() {
+        let (mut job, _folder) = counting_job().await;
+        job.writes_to = Some("file:///tmp/target/".into());
+        let last = job.stages.len() as u32;
+        for stage in 1..last {
+            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
+                run_task(&mut job, stage, partition, "a");
+            }
+        }
+        let commit = job.launch(last, 0, "a").expect("runs").task.expect("id");
+        assert_eq!(
+            job.on_failure(&commit, &input_replaced(), Instant::now()),
+            Outcome::Failed(input_replaced().message)
+        );
+
+        // One task scans, writes and commits.
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let single = StagePlan {
+            stage_id: 1,
+            plan: Arc::new(ShuffleWriterExec::new(
+                "job",
+                1,
+                Arc::new(EmptyExec::new(schema)),
+                None,
+            )),
+            inputs: vec![],
+        };
+        let mut write = job_of(&[single]);
+        write.writes_to = job.writes_to.clone();
+        write.replanner = job.replanner.clone();
+        let now = Instant::now();
+        let lost = write.launch(1, 0, "a").expect("runs").task.expect("id");
+        assert_eq!(write.on_executor_lost("a", now), Outcome::Continue);
+        let retried = write.launch(1, 0, "b").expect("runs").task.expect("id");
+        assert!(retried.attempt > lost.attempt);
+        assert_eq!(
+            write.on_failure(&retried, &input_replaced(), now),
+            Outcome::Failed(input_replaced().message),
+            "the lost attempt may have committed"
+        );
+        let mut write = job_of(&write.plans.clone());
+        write.writes_to = job.writes_to.clone();
+        write.replanner = job.replanner.clone();
+        let first = write.launch(1, 0, "a").expect("runs").task.expect("id");
+        assert!(matches!(
+            write.on_failure(&first, &input_replaced(), now),
+            Outcome::Replan(_)
+        ));
     }
 }

@@ -19,6 +19,7 @@ use quiver_proto::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::adaptive::PendingJoins;
+use crate::planner::{Replanner, StagedJob};
 use crate::stages::StagePlan;
 use crate::store::{JOB_HISTORY_LIMIT, JobRecorder};
 use executors::ExecutorSender;
@@ -55,6 +56,12 @@ pub enum Event {
     ListExecutors {
         reply: oneshot::Sender<Vec<ExecutorInfo>>,
     },
+    /// A job that lost a file it reads was planned again (see
+    /// [`Replanner`]).
+    JobReplanned {
+        job_id: String,
+        planned: Box<Result<StagedJob, crate::Error>>,
+    },
 }
 
 /// A planned job, ready to run.
@@ -79,6 +86,8 @@ pub struct SubmittedJob {
     /// Publishes the job's status; already in the [`JobDirectory`], so that a
     /// client may watch the job as soon as `SubmitJob` returns.
     pub status: watch::Sender<JobStatus>,
+    /// Plans the job again if a file it reads is replaced while it runs.
+    pub replanner: Option<Replanner>,
 }
 
 /// The limits a job runs under, from its `quiver.*` settings.

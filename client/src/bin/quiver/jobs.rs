@@ -106,6 +106,7 @@ fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result
         ("store_bytes_read", numbers(|s| s.store_bytes_read)),
         ("table_files_written", numbers(|s| s.table_files_written)),
         ("table_bytes_written", numbers(|s| s.table_bytes_written)),
+        ("replans", numbers(|s| u64::from(s.replans))),
         ("error", strings(|s, _| s.error.clone())),
         (
             "query",

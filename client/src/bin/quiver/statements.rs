@@ -164,8 +164,13 @@ fn print_progress(status: &JobStatus, started: Instant) {
     } else {
         String::new()
     };
+    let replanned = match status.replans {
+        0 => String::new(),
+        1 => ", planned again once: a table it reads was rewritten".to_owned(),
+        n => format!(", planned again {n} times: tables it reads were rewritten"),
+    };
     eprint!(
-        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows and {} shuffled, {} read from storage{into_tables}, {elapsed:.1}s",
+        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows and {} shuffled, {} read from storage{into_tables}{replanned}, {elapsed:.1}s",
         status.stages_done,
         status.stages_total,
         status.tasks_running,
