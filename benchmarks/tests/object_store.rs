@@ -538,6 +538,34 @@ async fn distributed_writes_commit_every_file_once() {
         "the overwrite retires the manifests of the writes it replaced: {manifests:?}"
     );
 
+    // Many appends: their finished manifests are folded into one file, so
+    // that every statement's listing of `_manifests/` stays short.
+    let appends: u64 = 40;
+    for n in 0..appends {
+        run(&context, &format!("INSERT INTO appended VALUES ({n}, 1)"))
+            .await
+            .expect("append");
+    }
+    let total = count_of(&context, "SELECT count(*)::bigint unsigned FROM appended").await;
+    assert_eq!(total, smaller_rows + appends);
+    let manifests: Vec<String> = list(&bucket, "appended/_manifests")
+        .await
+        .into_iter()
+        .collect();
+    assert!(
+        manifests.iter().any(|o| o.ends_with("/_folded.json")) && manifests.len() < 20,
+        "{manifests:?}"
+    );
+    count_of(&context, &format!("INSERT OVERWRITE appended {smaller}")).await;
+    let total = count_of(&context, "SELECT count(*)::bigint unsigned FROM appended").await;
+    assert_eq!(total, smaller_rows);
+    let manifests = list(&bucket, "appended/_manifests").await;
+    assert_eq!(
+        manifests.len(),
+        1,
+        "every folded job was retired: {manifests:?}"
+    );
+
     // Small target files: each task rolls over to new files.
     run(&context, "SET quiver.target_file_bytes = 16384")
         .await

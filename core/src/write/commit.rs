@@ -14,7 +14,9 @@
 //! 5. for `INSERT OVERWRITE`, deletes the files it replaces, the manifests
 //!    of jobs left without a file, then the list of replaced files;
 //! 6. aborts the uploads that killed attempts left unfinished, and deletes the
-//!    job's staging folder, and with it the files of losing attempts.
+//!    job's staging folder, and with it the files of losing attempts;
+//! 7. folds the finished manifests of other jobs into one file once there
+//!    are many ([`super::fold`]).
 //!
 //! New files go in before old ones go, and each step can be repeated, so a
 //! retried commit task finishes the work of one that died midway; a retry
@@ -62,13 +64,14 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::lease::{Lease, task_lease};
 use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 
 use super::TaskAttempt;
+use super::fold::{FoldedManifests, foldable, folded_path, manifest_mode};
 use super::layout::{
     REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
     manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
@@ -236,10 +239,13 @@ impl ExecutionPlan for ParquetCommitExec {
 }
 
 /// The jobs that have committed to the table at `table`: those whose
-/// manifest is in its `_manifests/` folder.
+/// manifest is in its `_manifests/` folder, or was folded.
 pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Vec<String>> {
     let names = manifest_folder_names(store, table).await?;
-    Ok(manifest_jobs(&names).into_iter().collect())
+    let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
+    let mut jobs = manifest_jobs(&names);
+    jobs.extend(folded.jobs.into_keys());
+    Ok(jobs.into_iter().collect())
 }
 
 /// What an overwrite replaces: the files it deletes, and the jobs whose
@@ -342,7 +348,44 @@ impl Commit {
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
+        // The write stands whatever happens here: a fold is only a saving,
+        // and the next commit tries again.
+        if let Err(error) = self.fold_manifests().await {
+            let error = crate::storage::redacted_error(&error);
+            warn!(job_id = %self.job_id, location = %self.location, %error,
+                "could not fold the table's manifests");
+        }
         count_batch(rows)
+    }
+
+    /// Folds the finished manifests of other jobs into the table's folded
+    /// file and deletes them, once there are [`super::fold::FOLD_AT`] of
+    /// them. A manifest that cannot be read, or records no mode, stays.
+    async fn fold_manifests(&self) -> Result<()> {
+        let names = manifest_folder_names(&self.store, &self.table).await?;
+        let Some(jobs) = foldable(&names, &self.job_id) else {
+            return Ok(());
+        };
+        let mut folded = FoldedManifests::read_if_listed(&self.store, &self.table, &names).await?;
+        let modes = concurrently(jobs, &self.store, |store, job| async move {
+            let bytes = get_if_exists(&store, &manifest_path(&self.table, &job)).await?;
+            Ok((job, bytes.as_deref().and_then(manifest_mode)))
+        })
+        .await?;
+        let mut manifests = Vec::new();
+        for (job, mode) in modes {
+            if let Some(mode) = mode {
+                manifests.push(manifest_path(&self.table, &job));
+                folded.jobs.insert(job, mode);
+            }
+        }
+        self.check_lease()?;
+        folded.write(&self.store, &self.table).await?;
+        let count = manifests.len();
+        self.delete_all(manifests).await?;
+        info!(job_id = %self.job_id, location = %self.location, manifests = count,
+            folded = folded.jobs.len(), "folded the manifests of finished writes");
+        Ok(())
     }
 
     /// Finishes a commit that an earlier attempt of this task took past its
@@ -594,6 +637,22 @@ impl Commit {
             })
             .collect();
         self.delete_all(paths).await?;
+        let folded = FoldedManifests::read_if_listed(&self.store, &self.table, &names).await?;
+        let retired_folded = folded.without(|job| job != self.job_id && !kept_jobs.contains(job));
+        let count = count
+            + retired_folded
+                .as_ref()
+                .map_or(0, |kept| folded.jobs.len() - kept.jobs.len());
+        match retired_folded {
+            Some(kept) if kept.jobs.is_empty() => {
+                self.delete_all(vec![folded_path(&self.table)]).await?;
+            }
+            Some(kept) => {
+                self.check_lease()?;
+                kept.write(&self.store, &self.table).await?;
+            }
+            None => {}
+        }
         if count > 0 {
             info!(job_id = %self.job_id, location = %self.location, manifests = count,
                 "retired the manifests of writes that this overwrite replaced whole");
@@ -628,7 +687,8 @@ impl Commit {
                 }
             },
         )
-        .await
+        .await?;
+        Ok(())
     }
 
     fn committed_path(&self, relative: &str) -> Result<Path> {
@@ -750,6 +810,13 @@ pub async fn settle_write(
             }
             Settled::Committed
         }
+        // A later write folded its manifest: it had finished.
+        None if FoldedManifests::read(&commit.store, &commit.table)
+            .await?
+            .contains(job_id) =>
+        {
+            Settled::Committed
+        }
         None => {
             let moved_in: Vec<Path> = commit
                 .data_files()
@@ -814,14 +881,14 @@ fn count_batch(rows: u64) -> Result<RecordBatch> {
 }
 
 /// Runs `request` for every item, [`CONCURRENT_REQUESTS`] at a time.
-async fn concurrently<T, F, Fut>(
+async fn concurrently<T, R, F, Fut>(
     items: impl IntoIterator<Item = T>,
     store: &Arc<dyn ObjectStore>,
     request: F,
-) -> Result<()>
+) -> Result<Vec<R>>
 where
     F: Fn(Arc<dyn ObjectStore>, T) -> Fut,
-    Fut: Future<Output = Result<()>>,
+    Fut: Future<Output = Result<R>>,
 {
     let requests: Vec<Fut> = items
         .into_iter()
@@ -829,9 +896,8 @@ where
         .collect();
     futures::stream::iter(requests)
         .buffer_unordered(CONCURRENT_REQUESTS)
-        .try_collect::<Vec<()>>()
-        .await?;
-    Ok(())
+        .try_collect()
+        .await
 }
 
 /// The folder of a relative path: `a=1/b=2` for `a=1/b=2/part.parquet`.
@@ -1139,6 +1205,157 @@ mod tests {
                 "_manifests/job1.json",
                 "region=EU/part-job1-00000-000.parquet"
             ]
+        );
+    }
+
+    /// Commits `staged` (relative to `table`, under this job's staging
+    /// folder) as job `job_id`, as its commit task would.
+    async fn commit_staged(table: &LocalPath, job_id: &str, op: InsertOp, staged: &[&str]) {
+        use arrow::array::{StringArray, UInt64Array};
+
+        let table_path = Path::from_filesystem_path(table).expect("path");
+        let mut paths = Vec::new();
+        let mut relatives = Vec::new();
+        for relative in staged {
+            let staged = format!("_temporary/{job_id}/p0-a0/{relative}");
+            touch(table, &staged);
+            paths.push(join(&table_path, &staged).expect("path").to_string());
+            relatives.push(relative.to_string());
+        }
+        let batch = RecordBatch::try_new(
+            Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
+            vec![
+                Arc::new(StringArray::from(paths)),
+                Arc::new(StringArray::from(relatives)),
+                Arc::new(UInt64Array::from(vec![1; staged.len()])),
+                Arc::new(UInt64Array::from(vec![4; staged.len()])),
+            ],
+        )
+        .expect("batch");
+        let input = Box::pin(RecordBatchStreamAdapter::new(
+            batch.schema(),
+            futures::stream::iter([Ok(batch)]),
+        ));
+        let commit = Commit {
+            store: Arc::new(object_store::local::LocalFileSystem::new()),
+            multipart: None,
+            local: true,
+            location: table.display().to_string(),
+            table: table_path,
+            job_id: job_id.into(),
+            insert_op: op,
+            partitioned: true,
+            file_schema: None,
+            lease: None,
+            known_commits: None,
+            retry: false,
+            counts: CommitCounts::default(),
+        };
+        commit.run(input).await.expect("commit");
+    }
+
+    /// Appends leave a manifest each; once enough of them are finished, a
+    /// commit folds them into one file. Their writes stay committed for
+    /// readers, for guards and for settling; an overwrite that leaves
+    /// folded jobs without a file takes them out of the folded file.
+    #[tokio::test]
+    async fn finished_manifests_are_folded_and_their_writes_stay_committed() {
+        use super::super::fold::{FOLD_AT, FOLDED_NAME, FoldedManifests};
+        use super::super::snapshot::CommittedFiles;
+
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let table_path = Path::from_filesystem_path(table).expect("path");
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+        let appends: Vec<String> = (0..FOLD_AT).map(|n| format!("{n:016x}")).collect();
+        let data = |job: &str| {
+            let region = if job.ends_with(['0', '2', '4', '6', '8']) {
+                "EU"
+            } else {
+                "US"
+            };
+            format!("region={region}/part-{job}-00000-000.parquet")
+        };
+        for job in &appends {
+            commit_staged(table, job, InsertOp::Append, &[&data(job)]).await;
+        }
+        let manifests = |table: &LocalPath| -> Vec<String> {
+            files(table)
+                .into_iter()
+                .filter_map(|file| file.strip_prefix("_manifests/").map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(manifests(table).len(), FOLD_AT, "one short of a fold");
+        let before = CommittedFiles::read(&store, &table_path)
+            .await
+            .expect("read");
+
+        // The next commit folds every other finished manifest.
+        let last = "00000000000000ff";
+        commit_staged(table, last, InsertOp::Append, &[&data(last)]).await;
+        assert_eq!(
+            manifests(table),
+            vec![format!("{last}.json"), FOLDED_NAME.to_owned()]
+        );
+        let folded = FoldedManifests::read(&store, &table_path)
+            .await
+            .expect("folded");
+        assert_eq!(folded.jobs.len(), FOLD_AT);
+        assert!(appends.iter().all(|job| folded.appended(job) == Some(true)));
+        let after = CommittedFiles::read(&store, &table_path)
+            .await
+            .expect("read");
+        for job in appends.iter().map(String::as_str).chain([last]) {
+            let file = join(&table_path, &data(job)).expect("path");
+            assert!(after.shows(&file), "{job}");
+        }
+        assert_eq!(after.committed_jobs().len(), FOLD_AT + 1);
+        assert_eq!(
+            committed_jobs(&store, &table_path)
+                .await
+                .expect("jobs")
+                .len(),
+            FOLD_AT + 1
+        );
+        assert!(
+            before.is_current(&store, &table_path).await.expect("check"),
+            "a fold and an append change nothing a reader relied on"
+        );
+        // Settling a folded job (its clean-up may run after a later write
+        // folded it) keeps its write.
+        let url = format!("file://{}/", table.display());
+        let settled = settle_write(
+            &StoreRegistry::new(),
+            &url,
+            &appends[0],
+            FinishOverwrite::No,
+        )
+        .await
+        .expect("settle");
+        assert_eq!(settled, Settled::Committed);
+        assert!(table.join(data(&appends[0])).exists());
+
+        // An overwrite of region=EU leaves the jobs that wrote only there
+        // without a file: they leave the folded file.
+        let overwrite = "0000000000000abc";
+        commit_staged(
+            table,
+            overwrite,
+            InsertOp::Overwrite,
+            &[&format!("region=EU/part-{overwrite}-00000-000.parquet")],
+        )
+        .await;
+        let folded = FoldedManifests::read(&store, &table_path)
+            .await
+            .expect("folded");
+        let us: Vec<&String> = appends
+            .iter()
+            .filter(|job| data(job).contains("US"))
+            .collect();
+        assert_eq!(folded.jobs.keys().collect::<Vec<_>>(), us);
+        assert!(
+            !before.is_current(&store, &table_path).await.expect("check"),
+            "the overwrite deleted files the old state shows"
         );
     }
 }

@@ -11,10 +11,12 @@
 //! - [`exec`]: the write tasks.
 //! - [`commit`]: the commit step.
 //! - [`snapshot`]: what readers see of a table: committed writes only.
+//! - [`fold`]: many finished manifests kept as one file.
 //! - [`plan`]: swapping DataFusion's sink for the two steps.
 
 pub mod commit;
 pub mod exec;
+pub mod fold;
 pub mod layout;
 pub mod partition;
 pub mod plan;

@@ -13,7 +13,8 @@
 //!   on, although it is deleted later: the overwrite lists the files it
 //!   replaces ([`replaced_list`]) before it writes its manifest.
 //!
-//! Both need one listing of the table's `_manifests/` folder. The first
+//! Both need one listing of the table's `_manifests/` folder, and a read of
+//! its folded manifests when there are some ([`super::fold`]). The first
 //! Quiver write into a folder without manifests (a new folder, or a table
 //! that other engines wrote) is hidden while its job's staging folder is
 //! there instead. Other writers' files are read as listed.
@@ -32,6 +33,7 @@ use futures::TryStreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path;
 
+use super::fold::{FoldedManifests, manifest_mode};
 use super::layout::{
     MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, manifest,
     replaced_list,
@@ -41,7 +43,7 @@ use crate::storage::get_if_exists;
 /// The committed state of one table, as its manifests tell it.
 #[derive(Debug, Default)]
 pub struct CommittedFiles {
-    /// Jobs whose manifest exists.
+    /// Jobs whose manifest exists, or was folded.
     committed: HashSet<String>,
     /// Files that committed overwrites replace and have not deleted yet.
     replaced: HashSet<Path>,
@@ -57,7 +59,9 @@ impl CommittedFiles {
     /// listing of its staging folder too.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
         let names = manifest_folder_names(store, table).await?;
-        let committed = manifest_jobs(&names);
+        let mut committed = manifest_jobs(&names);
+        let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
+        committed.extend(folded.jobs.into_keys());
         let mut replaced = HashSet::new();
         for job_id in names
             .iter()
@@ -118,8 +122,25 @@ impl CommittedFiles {
     /// changes neither: its files stay hidden, as in this state.
     pub async fn is_current(&self, store: &Arc<dyn ObjectStore>, table: &Path) -> Result<bool> {
         let names = manifest_folder_names(store, table).await?;
-        for job_id in manifest_jobs(&names) {
-            if !self.committed.contains(&job_id) && !appended(store, table, &job_id).await? {
+        let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
+        for (job_id, folded_append) in folded
+            .jobs
+            .keys()
+            .map(|job_id| (job_id.clone(), folded.appended(job_id)))
+            .chain(
+                manifest_jobs(&names)
+                    .into_iter()
+                    .map(|job_id| (job_id, None)),
+            )
+        {
+            if self.committed.contains(&job_id) {
+                continue;
+            }
+            let append = match folded_append {
+                Some(append) => append,
+                None => appended(store, table, &job_id).await?,
+            };
+            if !append {
                 return Ok(false);
             }
         }
@@ -128,16 +149,15 @@ impl CommittedFiles {
 }
 
 /// Whether the manifest of `job_id` records an append, which deletes
-/// nothing. A manifest gone since it was listed was retired by an
-/// overwrite; one that cannot be read is not taken for an append.
+/// nothing. A manifest gone since it was listed was folded, and the folded
+/// file says, or retired by an overwrite; one that cannot be read is not
+/// taken for an append.
 async fn appended(store: &Arc<dyn ObjectStore>, table: &Path, job_id: &str) -> Result<bool> {
     let Some(bytes) = get_if_exists(store, &manifest(table, job_id)).await? else {
-        return Ok(false);
+        let folded = FoldedManifests::read(store, table).await?;
+        return Ok(folded.appended(job_id).unwrap_or(false));
     };
-    let mode = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|manifest| manifest.get("mode")?.as_str().map(str::to_owned));
-    Ok(mode.as_deref() == Some(InsertOp::Append.name()))
+    Ok(manifest_mode(&bytes).as_deref() == Some(InsertOp::Append.name()))
 }
 
 /// The files that the overwrite of `job_id` listed as replaced in the table
@@ -162,10 +182,12 @@ pub(super) async fn read_replaced_list(
         .map(Some)
 }
 
-/// The jobs whose manifests are among `names`.
+/// The jobs whose manifests are among `names`; not the folded file, whose
+/// name starts with `_` as no job id does.
 pub(super) fn manifest_jobs(names: &[String]) -> HashSet<String> {
     names
         .iter()
+        .filter(|name| !name.starts_with('_'))
         .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
         .collect()
 }
@@ -303,5 +325,24 @@ mod tests {
         put(&store, &format!("t/_manifests/{NEW}.json"), overwrite).await;
         assert!(!one.is_current(&store, &table).await.expect("check"));
         assert!(!empty.is_current(&store, &table).await.expect("check"));
+
+        // Folded manifests keep their mode: a folded append changes nothing,
+        // a folded overwrite does.
+        let two = CommittedFiles::read(&store, &table).await.expect("read");
+        let folded = |mode: &str| format!(r#"{{"jobs": {{"{RUNNING}": "{mode}"}}}}"#);
+        put(&store, "t/_manifests/_folded.json", &folded("Insert Into")).await;
+        assert!(two.is_current(&store, &table).await.expect("check"));
+        put(
+            &store,
+            "t/_manifests/_folded.json",
+            &folded("Insert Overwrite"),
+        )
+        .await;
+        assert!(!two.is_current(&store, &table).await.expect("check"));
+        let three = CommittedFiles::read(&store, &table).await.expect("read");
+        assert!(
+            three.shows(&file(RUNNING, "p=3")),
+            "a folded job is committed"
+        );
     }
 }
