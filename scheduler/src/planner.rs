@@ -17,6 +17,7 @@ use datafusion::datasource::file_format::format_as_file_type;
 use datafusion::datasource::file_format::parquet::ParquetFormatFactory;
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source_as_provider;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::dml::InsertOp;
@@ -44,7 +45,7 @@ use crate::catalog;
 use crate::committed_scans::{TableStates, plan_committed_scans};
 use crate::error::{Error, Result};
 use crate::locations::{reads_target, store_configs, write_target};
-use crate::managed::{self, CATALOGS_FOLDER, warehouse_folder};
+use crate::managed::{self, CATALOGS_FOLDER, table_folders, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
@@ -105,14 +106,18 @@ pub struct StagedJob {
 }
 
 /// Plans a running job's statement again, from its logical plan, against
-/// the tables as they are now: for a job that lost a file it reads to a
+/// the files its tables hold now: for a job that lost a file it reads to a
 /// write that replaced it after the job was planned. Only the physical
 /// planning is done again, so the statement itself (its store options, its
-/// catalog lookups) does not run twice.
+/// catalog lookups) does not run twice; a table that was dropped or
+/// defined anew meanwhile fails the job instead, rather than be read with
+/// its old definition.
 ///
 /// `CREATE TABLE ... AS SELECT` and `EXPLAIN ANALYZE` jobs get none: the
 /// first fails if its folder gained commits since it was planned, which a
 /// new plan would forget, and the second reports on the stages it planned.
+/// Nor do writes through sinks that stage nothing (CSV, JSON, a single
+/// Parquet file): a new plan would write again what finished tasks wrote.
 #[derive(Clone)]
 pub struct Replanner {
     planner: Planner,
@@ -134,6 +139,7 @@ impl std::fmt::Debug for Replanner {
 impl Replanner {
     /// The job's stages as planned now.
     pub async fn plan(&self) -> Result<StagedJob> {
+        self.check_tables_unchanged().await?;
         let schema = Arc::clone(&self.schema);
         self.planner
             .stage_job(
@@ -145,6 +151,42 @@ impl Replanner {
                 false,
             )
             .await
+    }
+
+    /// Fails if a table on files that the job reads is no longer in the
+    /// catalog as it was planned: dropped (a managed table's files go with
+    /// it), or defined anew, possibly on other files or columns.
+    async fn check_tables_unchanged(&self) -> Result<()> {
+        let mut scans: Vec<(TableReference, Arc<dyn TableProvider>)> = Vec::new();
+        self.logical
+            .apply_with_subqueries(|node| {
+                if let LogicalPlan::TableScan(scan) = node
+                    && let Ok(provider) = source_as_provider(&scan.source)
+                    && table_folders(&provider).is_some()
+                {
+                    scans.push((scan.table_name.clone(), provider));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(Error::Query)?;
+        for (name, planned) in scans {
+            let current = match self.state.schema_for_ref(name.clone()) {
+                Ok(schema) => schema.table(name.table()).await.map_err(Error::Query)?,
+                Err(_) => None,
+            };
+            let unchanged = current.is_some_and(|current| {
+                Arc::ptr_eq(&current, &planned)
+                    || (current.schema() == planned.schema()
+                        && table_folders(&current) == table_folders(&planned))
+            });
+            if !unchanged {
+                return Err(Error::Query(DataFusionError::Plan(format!(
+                    "table '{name}' was dropped or defined anew while this job ran; run the \
+                     statement again"
+                ))));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -442,7 +484,9 @@ impl Planner {
                 false,
             )
             .await?;
-        job.replanner = Some(Replanner {
+        let writes_unstaged = matches!(logical, LogicalPlan::Dml(_) | LogicalPlan::Copy(_))
+            && job.writes_to.is_none();
+        job.replanner = (!writes_unstaged).then(|| Replanner {
             planner: self.clone(),
             job_id: job_id.to_owned(),
             logical,

@@ -285,8 +285,9 @@ struct Commit {
     lease: Option<Arc<Lease>>,
     /// See [`ParquetCommitExec::with_known_commits`].
     known_commits: Option<Arc<Vec<String>>>,
-    /// Whether an earlier attempt of this commit task ran: it may have
-    /// written the job's manifest.
+    /// Whether an earlier attempt of this commit task may have run (its
+    /// attempt number is above 0; after the scheduler planned the job
+    /// again, every attempt is): it may have written the job's manifest.
     retry: bool,
     counts: CommitCounts,
 }

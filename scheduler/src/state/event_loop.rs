@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use datafusion::error::DataFusionError;
 use quiver_proto::{
     CancelTasks, Drained, ExecutorRegistered, FailureKind, HeartbeatAck, JobRecord, JobState,
     JobStatus, PROTOCOL_VERSION, RemoveJobData, SchedulerMessage, TaskStatus, executor_message,
@@ -20,6 +21,10 @@ use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
 use crate::locations::targets_overlap;
 use crate::planner::StagedJob;
 use crate::store::{JobRecorder, StateStore, StoreError};
+
+/// Longest time a job may take to be planned again (see
+/// [`SchedulerLoop::replan`]) before it fails.
+const REPLAN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Timing settings of the loop.
 #[derive(Debug, Clone)]
@@ -325,7 +330,12 @@ impl SchedulerLoop {
         if outcome != Outcome::Continue
             && let Some((job, _)) = self.jobs.get(job_id)
         {
-            self.recorder.record(job.record(unix_millis()));
+            // A job planned again is still running: no finish time.
+            let finished_at = match outcome {
+                Outcome::Replan(_) => 0,
+                _ => unix_millis(),
+            };
+            self.recorder.record(job.record(finished_at));
         }
         match outcome {
             Outcome::Continue => self.publish(job_id),
@@ -367,7 +377,22 @@ impl SchedulerLoop {
         let events = self.events.clone();
         let job_id = job_id.to_owned();
         tokio::spawn(async move {
-            let planned = replanner.plan().await;
+            // Its own task, so that a panic fails the job rather than leave
+            // it waiting for ever; so does a store that never answers.
+            let mut planning = tokio::spawn(async move { replanner.plan().await });
+            let planned = match tokio::time::timeout(REPLAN_TIMEOUT, &mut planning).await {
+                Ok(Ok(planned)) => planned,
+                Ok(Err(panicked)) => Err(crate::Error::Query(DataFusionError::Internal(format!(
+                    "planning the job again panicked: {panicked}"
+                )))),
+                Err(_) => {
+                    planning.abort();
+                    Err(crate::Error::Query(DataFusionError::Execution(format!(
+                        "planning the job again took longer than {} s",
+                        REPLAN_TIMEOUT.as_secs()
+                    ))))
+                }
+            };
             if let Some(events) = events.upgrade() {
                 let planned = Box::new(planned);
                 let _ = events.send(Event::JobReplanned { job_id, planned });

@@ -209,8 +209,12 @@ impl Job {
     /// write tasks only stage files, which the new plan's commit ignores; a
     /// commit may have made its write visible. So the commit stage must not
     /// have started, unless `failed` is the first attempt of that stage's one
-    /// task (a commit that scans in its own stage): it failed reading, before
-    /// it could commit, and no other attempt of it ran.
+    /// task (a commit that scans in its own stage), so that no other attempt
+    /// of it ran: it failed reading, most likely, before it could commit. Were
+    /// it a failure after its manifest that named a file it had just
+    /// deleted, the new plan's commit would still not write twice: its
+    /// attempt number is above 0, so it looks for the job's manifest first
+    /// and finishes from it (`ParquetCommitExec`'s retry).
     fn may_replan(&self, failed: &TaskId) -> bool {
         let commit_untouched = match self.final_stage() {
             Some(commit) if self.writes_to.is_some() && commit.launched => {
@@ -1520,6 +1524,12 @@ mod tests {
     /// A job of a grouped count over a Parquet folder of two files, planned
     /// by a real planner, which can plan it again; the folder goes with it.
     async fn counting_job() -> (Job, tempfile::TempDir) {
+        let (job, folder, _) = counting_job_and_planner().await;
+        (job, folder)
+    }
+
+    /// [`counting_job`], with the planner that planned it.
+    async fn counting_job_and_planner() -> (Job, tempfile::TempDir, Planner) {
         let folder = tempfile::tempdir().expect("temp folder");
         let table = folder.path().display().to_string();
         let context = datafusion::prelude::SessionContext::new();
@@ -1549,7 +1559,7 @@ mod tests {
             .zip(planned.encoded)
             .for_each(|(stage, encoded)| stage.plan = encoded);
         job.replanner = planned.replanner;
-        (job, folder)
+        (job, folder, planner)
     }
 
     fn input_replaced() -> TaskFailed {
@@ -1683,5 +1693,50 @@ mod tests {
             write.on_failure(&first, &input_replaced(), now),
             Outcome::Replan(_)
         ));
+    }
+
+    /// A new plan reads the tables' files as they are now, but not a table
+    /// dropped or defined anew meanwhile with its old definition.
+    #[tokio::test]
+    async fn a_table_dropped_or_defined_anew_is_not_planned_again() {
+        let (job, folder, planner) = counting_job_and_planner().await;
+        let replanner = job.replanner.clone().expect("a query can be planned again");
+        let run = |sql: String| {
+            let planner = planner.clone();
+            async move { planner.plan("ddl", Query::Sql(sql), &[]).await.map(|_| ()) }
+        };
+        replanner.plan().await.expect("the table is unchanged");
+        let table = folder.path().display();
+        run("DROP TABLE t".into()).await.expect("drop");
+        let error = replanner.plan().await.expect_err("dropped");
+        assert!(
+            error
+                .to_string()
+                .contains("table 't' was dropped or defined anew"),
+            "{error}"
+        );
+        // Declared again alike: the same table.
+        let same = format!("CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{table}/'");
+        run(same).await.expect("create");
+        replanner.plan().await.expect("defined alike");
+        run("DROP TABLE t".into()).await.expect("drop");
+        let other = tempfile::tempdir().expect("temp folder");
+        let elsewhere = format!(
+            "CREATE EXTERNAL TABLE t (x BIGINT) STORED AS PARQUET LOCATION '{}/'",
+            other.path().display()
+        );
+        run(elsewhere).await.expect("create");
+        assert!(replanner.plan().await.is_err(), "another folder");
+
+        // A write through a sink that stages nothing is not planned again.
+        let copy = format!("COPY (SELECT 1 AS x) TO '{}/out.csv' STORED AS CSV", table);
+        let Planned::Stages(copy) = planner
+            .plan("copy", Query::Sql(copy), &[])
+            .await
+            .expect("plan")
+        else {
+            panic!("a copy runs on the executors");
+        };
+        assert!(copy.replanner.is_none());
     }
 }
