@@ -30,10 +30,10 @@ use std::sync::Arc;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::dml::InsertOp;
 use futures::TryStreamExt;
-use object_store::ObjectStore;
 use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore};
 
-use super::fold::{FoldedManifests, manifest_mode};
+use super::fold::{FOLDED_NAME, FoldedManifests, manifest_mode};
 use super::layout::{
     MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, manifest,
     replaced_list,
@@ -50,6 +50,9 @@ pub struct CommittedFiles {
     /// Jobs with a staging folder, when no job has committed yet: one of
     /// them may be moving its files in.
     staging: HashSet<String>,
+    /// The version of the folded manifests read, if there were some: a
+    /// later listing that shows it unchanged needs not read them again.
+    folded_version: Option<String>,
 }
 
 impl CommittedFiles {
@@ -58,7 +61,7 @@ impl CommittedFiles {
     /// deleting (there are none once they finish). Without manifests, the
     /// listing of its staging folder too.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
-        let names = manifest_folder_names(store, table).await?;
+        let (names, folded_version) = manifest_folder(store, table).await?;
         let mut committed = manifest_jobs(&names);
         let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
         committed.extend(folded.jobs.into_keys());
@@ -85,6 +88,7 @@ impl CommittedFiles {
             committed,
             replaced,
             staging,
+            folded_version,
         })
     }
 
@@ -121,8 +125,13 @@ impl CommittedFiles {
     /// overwrites replaced gone or hidden. An append that committed since
     /// changes neither: its files stay hidden, as in this state.
     pub async fn is_current(&self, store: &Arc<dyn ObjectStore>, table: &Path) -> Result<bool> {
-        let names = manifest_folder_names(store, table).await?;
-        let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
+        let (names, folded_version) = manifest_folder(store, table).await?;
+        let folded = if folded_version.is_some() && folded_version == self.folded_version {
+            // Unchanged: its jobs are all in this state.
+            FoldedManifests::default()
+        } else {
+            FoldedManifests::read_if_listed(store, table, &names).await?
+        };
         for (job_id, folded_append) in folded
             .jobs
             .keys()
@@ -213,17 +222,35 @@ pub(super) async fn manifest_folder_names(
     store: &Arc<dyn ObjectStore>,
     table: &Path,
 ) -> Result<Vec<String>> {
+    Ok(manifest_folder(store, table).await?.0)
+}
+
+/// [`manifest_folder_names`], and the version of the folded manifests
+/// among them (their e-tag, or else their time and size), if there are.
+async fn manifest_folder(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+) -> Result<(Vec<String>, Option<String>)> {
     let folder = table.clone().join(MANIFEST_FOLDER);
-    match store
-        .list(Some(&folder))
-        .map_ok(|meta| meta.location.filename().unwrap_or_default().to_owned())
-        .try_collect()
-        .await
-    {
-        Ok(names) => Ok(names),
-        Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    }
+    let listed: Vec<ObjectMeta> = match store.list(Some(&folder)).try_collect().await {
+        Ok(listed) => listed,
+        Err(object_store::Error::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut folded_version = None;
+    let names = listed
+        .into_iter()
+        .map(|meta| {
+            let name = meta.location.filename().unwrap_or_default().to_owned();
+            if name == FOLDED_NAME {
+                folded_version = Some(meta.e_tag.clone().unwrap_or_else(|| {
+                    format!("{}-{}", meta.last_modified.timestamp_micros(), meta.size)
+                }));
+            }
+            name
+        })
+        .collect();
+    Ok((names, folded_version))
 }
 
 #[cfg(test)]
@@ -344,5 +371,6 @@ mod tests {
             three.shows(&file(RUNNING, "p=3")),
             "a folded job is committed"
         );
+        assert!(three.is_current(&store, &table).await.expect("check"));
     }
 }
