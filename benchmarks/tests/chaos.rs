@@ -227,7 +227,8 @@ async fn chaos_suite() {
     suite.context = suite.cluster.connect(EXECUTORS).await;
 
     writes_under_faults(&mut suite).await;
-    overwrite_lost_after_its_manifest(&mut suite).await;
+    overwrite_lost_after_its_manifest(&mut suite, FileLists::Inline).await;
+    overwrite_lost_after_its_manifest(&mut suite, FileLists::InStagingFolder).await;
     durable_shuffle(&mut suite).await;
     cancel_and_timeout(&mut suite).await;
     scheduler_restart(&mut suite).await;
@@ -453,15 +454,29 @@ async fn write_with_paused_executor(
 /// files it replaces: the write has committed, and files it read are gone. The
 /// retried commit must finish from its manifest rather than recompute the
 /// write tasks, so the job succeeds and every row is changed exactly once.
-async fn overwrite_lost_after_its_manifest(suite: &mut Suite) {
+async fn overwrite_lost_after_its_manifest(suite: &mut Suite, lists: FileLists) {
     const FINISHED_FROM_MANIFEST: &str = "an earlier attempt of its commit had committed";
-    let scenario = "INSERT OVERWRITE from itself: SIGKILL every executor after its manifest";
+    let scenario = match lists {
+        FileLists::Inline => {
+            "INSERT OVERWRITE from itself: SIGKILL every executor after its manifest"
+        }
+        FileLists::InStagingFolder => {
+            "INSERT OVERWRITE from itself, file lists in the staging folder: SIGKILL every \
+             executor after its manifest"
+        }
+    };
     for attempt in 0..INJECTION_ATTEMPTS {
-        let target = suite
-            .cluster
-            .work_dir()
-            .join(format!("self-overwrite-{attempt}"));
-        let table = format!("self_overwrite_{attempt}");
+        if lists == FileLists::InStagingFolder {
+            // Each attempt connects anew, without the last session's settings.
+            suite
+                .context
+                .sql("SET quiver.inline_file_list_max_bytes = 0")
+                .await
+                .expect("set the inline limit");
+        }
+        let name = format!("self_overwrite_{}_{attempt}", lists as u8);
+        let target = suite.cluster.work_dir().join(&name);
+        let table = name;
         // 100 partition folders: the overwrite has hundreds of files to
         // delete after its manifest, a window for the kill.
         let setup = [
@@ -563,6 +578,16 @@ async fn overwrite_lost_after_its_manifest(suite: &mut Suite) {
     suite.failures.push(format!(
         "{scenario}: could not land the kill in {INJECTION_ATTEMPTS} runs"
     ));
+}
+
+/// Where the write tasks' file lists outlive their executors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileLists {
+    /// With their task's status, in the scheduler.
+    Inline,
+    /// Copied into the table's staging folder (the inline limit set to 0),
+    /// as lists too large to come back inline are.
+    InStagingFolder,
 }
 
 /// Row count and sum of a `SELECT count(*), sum(..)`.

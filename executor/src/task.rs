@@ -298,12 +298,15 @@ impl TaskRunner {
         })?;
         debug!(job_id = %task.job_id, stage = task.stage_id, partition = task.partition, "task running");
         let launch_time = launched.elapsed();
-        // A durable copy is uploaded from the output's files.
-        let outputs = if launch.durable_shuffle.is_empty() {
-            Arc::clone(&self.outputs)
-        } else {
-            Arc::new(LocalOutputs::on_disk(self.outputs.work_dir().to_owned()))
-        };
+        // A durable copy is uploaded from the output's files: any output
+        // copied to the durable shuffle, and a write task's file list that
+        // may turn out too large to come back inline.
+        let outputs =
+            if launch.durable_shuffle.is_empty() && launch.large_output_location.is_empty() {
+                Arc::clone(&self.outputs)
+            } else {
+                Arc::new(LocalOutputs::on_disk(self.outputs.work_dir().to_owned()))
+            };
         let runtime = context.runtime_env();
         let partitions = match writer
             .write(task.partition as usize, task.attempt, context, &outputs)
@@ -316,12 +319,22 @@ impl TaskRunner {
                 );
             }
         };
-        let (durable_location, upload) = if launch.durable_shuffle.is_empty() {
-            (String::new(), None)
-        } else {
-            let started = Instant::now();
-            let location = self.upload_output(&launch.durable_shuffle, &task).await?;
-            (location, Some(started.elapsed()))
+        let inline_result = self
+            .small_result(&task, &partitions, launch.inline_result_max_bytes)
+            .await?;
+        let copy_to = durable_copy_target(
+            &launch.durable_shuffle,
+            &launch.large_output_location,
+            &partitions,
+            &inline_result,
+        );
+        let (durable_location, upload) = match copy_to {
+            None => (String::new(), None),
+            Some(location) => {
+                let started = Instant::now();
+                let location = self.upload_output(location, &task).await?;
+                (location, Some(started.elapsed()))
+            }
         };
         let times = TaskTimes {
             launch: launch_time,
@@ -329,9 +342,6 @@ impl TaskRunner {
         };
         let mut operators = operator_metrics(&plan);
         add_operator_metrics(&mut operators, &[writer_metrics(&partitions, &times)]);
-        let inline_result = self
-            .small_result(&task, &partitions, launch.inline_result_max_bytes)
-            .await?;
         let output = MapOutput {
             map_partition: task.partition,
             executor: Some(address),
@@ -510,5 +520,60 @@ fn writer_metrics(partitions: &[PartitionStats], times: &TaskTimes) -> OperatorM
     OperatorMetrics {
         operator: 0,
         metrics,
+    }
+}
+
+/// Where a task's output is copied to outlive its executor: the job's
+/// durable shuffle location (`shuffle_location`) if it has one; else, for a
+/// write task's file list that did not come back inline, the table's
+/// staging folder (`large_output_location`). None for an output that holds
+/// nothing: readers skip it.
+fn durable_copy_target<'a>(
+    shuffle_location: &'a str,
+    large_output_location: &'a str,
+    partitions: &[PartitionStats],
+    inline_result: &[u8],
+) -> Option<&'a str> {
+    if !shuffle_location.is_empty() {
+        return Some(shuffle_location);
+    }
+    let holds_data = partitions.iter().any(|partition| partition.bytes > 0);
+    (!large_output_location.is_empty() && inline_result.is_empty() && holds_data)
+        .then_some(large_output_location)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_are_copied_where_they_must_outlive_the_executor() {
+        let written = [PartitionStats {
+            rows: 5_000,
+            bytes: 2 << 20,
+        }];
+        let empty = [PartitionStats { rows: 0, bytes: 0 }];
+        let staging = "s3://lake/t/_temporary";
+        let shuffle = "s3://lake/shuffle";
+        assert_eq!(
+            durable_copy_target(shuffle, "", &written, &[]),
+            Some(shuffle)
+        );
+        assert_eq!(
+            durable_copy_target("", staging, &written, &[]),
+            Some(staging),
+            "a file list too large to come back inline"
+        );
+        assert_eq!(
+            durable_copy_target("", staging, &written, &[1, 2]),
+            None,
+            "inline"
+        );
+        assert_eq!(
+            durable_copy_target("", staging, &empty, &[]),
+            None,
+            "nothing to read"
+        );
+        assert_eq!(durable_copy_target("", "", &written, &[]), None);
     }
 }

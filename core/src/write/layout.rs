@@ -47,6 +47,16 @@ pub fn upload_record(table: &Path, job_id: &str, partition: usize, attempt: u32,
     upload_records(table, job_id).join(format!("p{partition}-a{attempt}-{n}.json"))
 }
 
+/// Where write tasks copy file lists too large to come back with their
+/// status: the staging folder of the table at `table_url`, as a durable
+/// shuffle location (see [`crate::shuffle::durable`]). A job's copies so
+/// land in its own staging folder (`_temporary/<job>/<stage>/...`), their
+/// uploads are recorded beside its files' (`_temporary/<job>/_uploads/`),
+/// and both go with that folder when the commit or settling deletes it.
+pub fn file_lists_location(table_url: &str) -> String {
+    format!("{}/{STAGING_FOLDER}", table_url.trim_end_matches('/'))
+}
+
 /// The manifest of one write job: what it committed.
 pub fn manifest(table: &Path, job_id: &str) -> Path {
     table

@@ -20,6 +20,7 @@ use crate::join_swap;
 use crate::planner::{Replanner, StagedJob};
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
+use quiver_core::write::layout::file_lists_location;
 
 /// First retry delay; doubled on each further attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
@@ -27,13 +28,6 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest final-stage output that comes back with its task's status, so
 /// that a small result (a point lookup, a count) needs no Flight call.
 pub const INLINE_RESULT_MAX_BYTES: u64 = 64 * 1024;
-
-/// Largest file list of a write task that comes back with its status. Kept
-/// by the scheduler, such a list outlives its executor: the commit task can
-/// be retried without recomputing the write tasks, which would read the
-/// table again, after an overwrite may have deleted its files. A list is
-/// about 200 bytes per file.
-pub const INLINE_FILE_LIST_MAX_BYTES: u64 = 1024 * 1024;
 
 /// Times a job is planned again because files it reads were replaced while
 /// it ran, before it fails: a table rewritten faster than the job can read
@@ -129,6 +123,13 @@ pub struct Job {
     /// The table folder the job writes, if any: one writer per folder runs.
     pub writes_to: Option<String>,
     pub max_attempts: u32,
+    /// Largest file list of a write task that comes back with its status.
+    /// Kept by the scheduler, such a list outlives its executor, and so
+    /// does a larger one, copied into the table's staging folder: the
+    /// commit task can be retried without recomputing the write tasks,
+    /// which would read the table again, after an overwrite may have
+    /// deleted its files. A list is about 200 bytes per file.
+    inline_file_list_max_bytes: u64,
     /// When the job fails for running too long, if it has a timeout.
     pub deadline: Option<Instant>,
     timeout: Option<Duration>,
@@ -182,6 +183,7 @@ impl Job {
             durable_shuffle: String::new(),
             writes_to: None,
             max_attempts: limits.max_attempts.max(1),
+            inline_file_list_max_bytes: limits.inline_file_list_max_bytes,
             deadline: limits.timeout.map(|timeout| now + timeout),
             timeout: limits.timeout,
             queue_position: 0,
@@ -366,12 +368,19 @@ impl Job {
         } else {
             self.durable_shuffle.clone()
         };
+        let writes_files = self.writes_files(stage_id);
         let inline_result_max_bytes = if is_final {
             INLINE_RESULT_MAX_BYTES
-        } else if self.writes_files(stage_id) {
-            INLINE_FILE_LIST_MAX_BYTES
+        } else if writes_files {
+            self.inline_file_list_max_bytes
         } else {
             0
+        };
+        // A file list too large to come back inline outlives its executor
+        // in the table's staging folder, unless it is copied anyway.
+        let large_output_location = match &self.writes_to {
+            Some(table) if writes_files && durable_shuffle.is_empty() => file_lists_location(table),
+            _ => String::new(),
         };
         let stage = self.stage_mut(stage_id)?;
         stage.launched = true;
@@ -396,6 +405,7 @@ impl Job {
             stores,
             durable_shuffle,
             inline_result_max_bytes,
+            large_output_location,
         })
     }
 
@@ -1047,7 +1057,7 @@ mod tests {
         let encoded = vec![Bytes::new(); plans.len()];
         let limits = JobLimits {
             max_attempts: 2,
-            timeout: None,
+            ..JobLimits::default()
         };
         Job::new(
             "job".into(),
@@ -1155,7 +1165,8 @@ mod tests {
         ];
         for (partition, mut output) in outputs.into_iter().enumerate() {
             let launch = job.launch(1, partition, "a").expect("write task runs");
-            assert_eq!(launch.inline_result_max_bytes, INLINE_FILE_LIST_MAX_BYTES);
+            assert_eq!(launch.inline_result_max_bytes, 1024 * 1024);
+            assert_eq!(launch.large_output_location, "s3://bucket/table/_temporary");
             output.executor = Some(ExecutorAddress {
                 executor_id: "a".into(),
                 ..ExecutorAddress::default()

@@ -97,6 +97,9 @@ pub struct JobLimits {
     pub max_attempts: u32,
     /// Time from acceptance after which the job fails.
     pub timeout: Option<Duration>,
+    /// Largest file list of a write task that comes back with its status;
+    /// a larger one is copied into the table's staging folder.
+    pub inline_file_list_max_bytes: u64,
 }
 
 impl JobLimits {
@@ -107,6 +110,7 @@ impl JobLimits {
                 .max(1),
             timeout: (options.job_timeout_secs > 0)
                 .then(|| Duration::from_secs(options.job_timeout_secs)),
+            inline_file_list_max_bytes: options.inline_file_list_max_bytes,
         }
     }
 }
