@@ -282,7 +282,7 @@ impl TaskRunner {
         let task = launch.task.unwrap_or_default();
         self.configure_stores(&launch.stores)?;
         let meter = Arc::new(ReadMeter::default());
-        let context = self.task_context(&launch.settings, &task, &meter, lease)?;
+        let context = self.task_context(&launch.settings, &task, &meter, Arc::clone(&lease))?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
         let plan =
@@ -332,7 +332,7 @@ impl TaskRunner {
             None => (String::new(), None),
             Some(location) => {
                 let started = Instant::now();
-                let location = self.upload_output(location, &task).await?;
+                let location = self.upload_output(location, &task, lease).await?;
                 (location, Some(started.elapsed()))
             }
         };
@@ -378,7 +378,12 @@ impl TaskRunner {
     }
 
     /// Copies a finished map output to durable storage; returns where it went.
-    async fn upload_output(&self, shuffle_location: &str, task: &TaskId) -> DfResult<String> {
+    async fn upload_output(
+        &self,
+        shuffle_location: &str,
+        task: &TaskId,
+        lease: Arc<Lease>,
+    ) -> DfResult<String> {
         let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
         let location = durable::upload(
             &self.runtime,
@@ -387,6 +392,7 @@ impl TaskRunner {
             shuffle_location,
             &id.data_path(self.outputs.work_dir()),
             &id.index_path(self.outputs.work_dir()),
+            Some(lease),
         )
         .await?;
         Ok(location)

@@ -10,7 +10,15 @@
 ///
 /// 2: a commit may carry the table's known commits (`ParquetCommitNode`),
 /// which an executor of version 1 would ignore, committing unchecked.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: commits fold finished manifests into folded files
+/// (`quiver_core::write::fold`), which a scheduler or executor of version 2
+/// does not read: it would hide the folded writes from readers, and its
+/// settling would roll back a write whose manifest a newer commit folded.
+/// Write tasks may be told to copy their file lists into the table's
+/// staging folder (`LaunchTask.large_output_location`), which version 2
+/// ignores.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Generated messages and services of package `quiver.v1`.
 #[allow(clippy::all, clippy::clone_on_ref_ptr, unused_qualifications)]

@@ -34,6 +34,7 @@ use url::Url;
 use super::fetch::segment_batches;
 use super::layout::{MapOutputId, Segment, SegmentSource, decode_index};
 use crate::error::{Error, Result};
+use crate::lease::Lease;
 use crate::storage::upload::{FileUpload, PARTS_IN_FLIGHT, RecordedUpload, abort_recorded_uploads};
 use crate::storage::{StoreRegistry, delete_prefix, redacted_error};
 
@@ -115,6 +116,7 @@ pub async fn upload(
     shuffle_location: &str,
     data_file: &std::path::Path,
     index_file: &std::path::Path,
+    lease: Option<Arc<Lease>>,
 ) -> Result<String> {
     let location = output_location(shuffle_location, id);
     let failed = failure(&location);
@@ -132,7 +134,7 @@ pub async fn upload(
                 Arc::clone(&store),
                 data_path,
                 record,
-                None,
+                lease.clone(),
                 UPLOAD_PART_BYTES,
             ))
         }
@@ -155,6 +157,11 @@ pub async fn upload(
     let index = tokio::fs::read(index_file)
         .await
         .map_err(|e| Error::io(index_file, e))?;
+    // An executor that may have been declared lost must not publish an
+    // output into a folder its job's clean-up may have deleted.
+    if let Some(lease) = &lease {
+        lease.check().map_err(|e| failed(e.into()))?;
+    }
     store
         .put(&with_extension(&path, "index")?, PutPayload::from(index))
         .await
@@ -487,7 +494,7 @@ mod tests {
             .expect("runtime");
         let shuffle = format!("file://{}", remote.path().display());
         let id = MapOutputId::new("job1", 2, 0, 1).expect("id");
-        let location = upload(&runtime, &stores, &id, &shuffle, &data, &index)
+        let location = upload(&runtime, &stores, &id, &shuffle, &data, &index, None)
             .await
             .expect("upload");
         assert_eq!(location, output_location(&shuffle, &id));

@@ -71,7 +71,7 @@ use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 
 use super::TaskAttempt;
-use super::fold::{FoldedManifests, foldable, folded_path, manifest_mode};
+use super::fold::{FoldedManifests, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
     REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
     manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
@@ -241,8 +241,7 @@ impl ExecutionPlan for ParquetCommitExec {
 /// The jobs that have committed to the table at `table`: those whose
 /// manifest is in its `_manifests/` folder, or was folded.
 pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Vec<String>> {
-    let names = manifest_folder_names(store, table).await?;
-    let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
+    let (names, folded) = FoldedManifests::list_and_read(store, table).await?;
     let mut jobs = manifest_jobs(&names);
     jobs.extend(folded.jobs.into_keys());
     Ok(jobs.into_iter().collect())
@@ -359,15 +358,21 @@ impl Commit {
         count_batch(rows)
     }
 
-    /// Folds the finished manifests of other jobs into the table's folded
-    /// file and deletes them, once there are [`super::fold::FOLD_AT`] of
-    /// them. A manifest that cannot be read, or records no mode, stays.
+    /// Folds the finished manifests of other jobs, with the folded files
+    /// there, into a new folded file, then deletes them, once there are
+    /// [`super::fold::FOLD_AT`] of them. A manifest that cannot be read, or
+    /// records no mode, stays; so does everything if another fold replaced
+    /// a folded file meanwhile (the next commit folds).
     async fn fold_manifests(&self) -> Result<()> {
         let names = manifest_folder_names(&self.store, &self.table).await?;
         let Some(jobs) = foldable(&names, &self.job_id) else {
             return Ok(());
         };
-        let mut folded = FoldedManifests::read_if_listed(&self.store, &self.table, &names).await?;
+        let Some(mut folded) =
+            FoldedManifests::read_listed(&self.store, &self.table, &names).await?
+        else {
+            return Ok(());
+        };
         let modes = concurrently(jobs, &self.store, |store, job| async move {
             let bytes = get_if_exists(&store, &manifest_path(&self.table, &job)).await?;
             Ok((job, bytes.as_deref().and_then(manifest_mode)))
@@ -381,8 +386,11 @@ impl Commit {
             }
         }
         self.check_lease()?;
-        folded.write(&self.store, &self.table).await?;
+        folded
+            .write_new(&self.store, &self.table, &self.job_id)
+            .await?;
         let count = manifests.len();
+        manifests.extend(self.folded_files(&names));
         self.delete_all(manifests).await?;
         info!(job_id = %self.job_id, location = %self.location, manifests = count,
             folded = folded.jobs.len(), "folded the manifests of finished writes");
@@ -638,27 +646,36 @@ impl Commit {
             })
             .collect();
         self.delete_all(paths).await?;
-        let folded = FoldedManifests::read_if_listed(&self.store, &self.table, &names).await?;
-        let retired_folded = folded.without(|job| job != self.job_id && !kept_jobs.contains(job));
-        let count = count
-            + retired_folded
-                .as_ref()
-                .map_or(0, |kept| folded.jobs.len() - kept.jobs.len());
-        match retired_folded {
-            Some(kept) if kept.jobs.is_empty() => {
-                self.delete_all(vec![folded_path(&self.table)]).await?;
-            }
-            Some(kept) => {
+        // Folded jobs left without a file go too: into a new folded file
+        // without them, unless none is left. Skipped if another fold
+        // replaced a folded file meanwhile; they are only kept longer.
+        let folded = FoldedManifests::read_listed(&self.store, &self.table, &names).await?;
+        let retired_folded = folded.as_ref().and_then(|folded| {
+            let kept = folded.without(|job| job != self.job_id && !kept_jobs.contains(job))?;
+            Some((folded.jobs.len() - kept.jobs.len(), kept))
+        });
+        let count = count + retired_folded.as_ref().map_or(0, |(retired, _)| *retired);
+        if let Some((_, kept)) = retired_folded {
+            if !kept.jobs.is_empty() {
                 self.check_lease()?;
-                kept.write(&self.store, &self.table).await?;
+                kept.write_new(&self.store, &self.table, &self.job_id)
+                    .await?;
             }
-            None => {}
+            self.delete_all(self.folded_files(&names)).await?;
         }
         if count > 0 {
             info!(job_id = %self.job_id, location = %self.location, manifests = count,
                 "retired the manifests of writes that this overwrite replaced whole");
         }
         Ok(())
+    }
+
+    /// The paths of the folded files among `names`.
+    fn folded_files(&self, names: &[String]) -> Vec<Path> {
+        folded_names(names)
+            .iter()
+            .map(|name| folded_path(&self.table, name))
+            .collect()
     }
 
     async fn delete_replaced_list(&self) -> Result<()> {
@@ -760,7 +777,8 @@ impl Commit {
 /// How [`settle_write`] left a write job that ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
-    /// The job's manifest exists: its write stands.
+    /// The job's manifest exists, or a later write folded it: its write
+    /// stands.
     Committed,
     /// No manifest: the job's files that were moved in (`files` of them) are gone.
     RolledBack { files: usize },
@@ -1261,7 +1279,7 @@ mod tests {
     /// folded jobs without a file takes them out of the folded file.
     #[tokio::test]
     async fn finished_manifests_are_folded_and_their_writes_stay_committed() {
-        use super::super::fold::{FOLD_AT, FOLDED_NAME, FoldedManifests};
+        use super::super::fold::{FOLD_AT, FOLDED_PREFIX, FoldedManifests};
         use super::super::snapshot::CommittedFiles;
 
         let dir = tempfile::tempdir().expect("temp");
@@ -1294,9 +1312,12 @@ mod tests {
         // The next commit folds every other finished manifest.
         let last = "00000000000000ff";
         commit_staged(table, last, InsertOp::Append, &[&data(last)]).await;
-        assert_eq!(
-            manifests(table),
-            vec![format!("{last}.json"), FOLDED_NAME.to_owned()]
+        let left = manifests(table);
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left[0], format!("{last}.json"));
+        assert!(
+            left[1].starts_with(&format!("{FOLDED_PREFIX}{last}-")),
+            "{left:?}"
         );
         let folded = FoldedManifests::read(&store, &table_path)
             .await

@@ -6,25 +6,32 @@
 //! every minute would hold tens of thousands of manifests within a month,
 //! and every statement would page through them (1,000 names per request on
 //! S3). So a commit that finds [`FOLD_AT`] finished manifests of other jobs
-//! folds them: it writes their jobs, and the mode of each, into
-//! `_manifests/_folded.json`, then deletes them. A manifest is finished when
-//! its job has ended and its overwrite, if it is one, has deleted what it
-//! replaced (its list of replaced files is gone).
+//! folds them (at most 1,000 at once): it writes their jobs, and the mode of
+//! each, with those of the folded files already there, into a new folded
+//! file (`_manifests/z_folded-<job>-<unique>.json`), then deletes the
+//! manifests and the older folded files. A manifest is finished when its job has ended and
+//! its overwrite, if it is one, has deleted what it replaced (its list of
+//! replaced files is gone).
 //!
 //! Readers take the folded jobs as committed, as if their manifests were
-//! there. The folded file is replaced whole (a single `PUT`, atomic on every
-//! store) and only gains jobs, but for jobs that an overwrite left without a
-//! file ([`FoldedManifests::without`]), which readers need no more. It is
-//! written before the manifests it folds are deleted, so a reader that lists
-//! the folder while a fold runs, then reads the folded file, finds every
-//! committed job in one or the other; a fold that dies in between leaves
-//! jobs in both, which is the same state.
+//! there. A folded file is never written twice: every fold writes a new one,
+//! holding all that it read, before it deletes what it read. So a job is in
+//! a manifest or a folded file at every moment, also when writers of two
+//! clusters fold one table at once (each writes its own file; neither can
+//! overwrite the other's), and a fold that dies midway leaves jobs in two
+//! places, which is the same state. A reader that lists the folder, then
+//! finds a listed folded file gone, lists again: a newer one holds its
+//! jobs. A listing in pages reaches the folded files last (see
+//! [`FOLDED_PREFIX`]), so one that missed folded manifests finds the new
+//! folded file. Folded files only gain jobs, but for jobs that an overwrite left
+//! without a file ([`FoldedManifests::without`]), which readers need no
+//! more; and since a name is never reused, a listing that shows the same
+//! folded names shows the same jobs.
 //!
-//! Only the writer of a table folds it (writes to one table run one at a
-//! time), and never its own manifest: a retry of its commit task, and the
-//! settling of its write once the job has ended, read that manifest. A
-//! manifest that a later write folded before the settling ran is found in
-//! the folded file.
+//! A commit never folds its own manifest: a retry of its commit task, and
+//! the settling of its write once the job has ended, read that manifest. A
+//! manifest that a later write folded before the settling ran is found in a
+//! folded file.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -35,7 +42,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::layout::{MANIFEST_FOLDER, REPLACED_LIST_SUFFIX};
-use super::snapshot::manifest_jobs;
+use super::snapshot::{manifest_folder_names, manifest_jobs};
 use crate::storage::get_if_exists;
 
 /// Finished manifests of other jobs that make a commit fold them. A table
@@ -43,13 +50,36 @@ use crate::storage::get_if_exists;
 /// manifests of writes still replacing files.
 pub const FOLD_AT: usize = 32;
 
-/// The name of the folded file in `_manifests/`. It starts with `_`, which
-/// no job id does, so it is never taken for a job's manifest.
-pub const FOLDED_NAME: &str = "_folded.json";
+/// How the names of folded files in `_manifests/` start. With `z`, which no
+/// job id does, so that one is never taken for a job's manifest, and which
+/// sorts after every job id (hex digits): a listing that comes in pages, in
+/// key order (S3's), reaches the folded files after the manifests. A reader
+/// that found manifests gone, because a fold deleted them, so finds the
+/// folded file that the fold wrote before deleting them.
+pub const FOLDED_PREFIX: &str = "z_folded-";
 
-/// The folded file of the table at `table`.
-pub fn folded_path(table: &Path) -> Path {
-    table.clone().join(MANIFEST_FOLDER).join(FOLDED_NAME)
+/// Manifests that one fold takes at most: the first fold of a table that an
+/// older version appended to many times must not hold its commit task up.
+const FOLD_MAX: usize = 1000;
+
+/// Listings of `_manifests/` a reader makes while folds keep replacing the
+/// folded files it lists, before it fails.
+const READ_TRIES: usize = 4;
+
+/// The folded files among `names` (the `_manifests/` folder's), sorted.
+pub fn folded_names(names: &[String]) -> Vec<String> {
+    let mut folded: Vec<String> = names
+        .iter()
+        .filter(|name| name.starts_with(FOLDED_PREFIX) && name.ends_with(".json"))
+        .cloned()
+        .collect();
+    folded.sort();
+    folded
+}
+
+/// The folded file `name` of the table at `table`.
+pub fn folded_path(table: &Path, name: &str) -> Path {
+    table.clone().join(MANIFEST_FOLDER).join(name)
 }
 
 /// The jobs whose manifests were folded, with the mode of each write.
@@ -61,37 +91,74 @@ pub struct FoldedManifests {
 }
 
 impl FoldedManifests {
-    /// The folded file of the table at `table`; empty when there is none.
-    pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
-        let path = folded_path(table);
-        let Some(bytes) = get_if_exists(store, &path).await? else {
-            return Ok(Self::default());
-        };
-        serde_json::from_slice(&bytes).map_err(|e| {
-            DataFusionError::Execution(format!(
-                "the folded manifests of the table at '{table}' ('{path}') are not valid: {e}"
-            ))
-        })
+    /// The folded jobs of the table at `table`, from a listing of its
+    /// `_manifests/` folder, listed again while folds replace the files.
+    /// Returns the listing's names too.
+    pub async fn list_and_read(
+        store: &Arc<dyn ObjectStore>,
+        table: &Path,
+    ) -> Result<(Vec<String>, Self)> {
+        for _ in 0..READ_TRIES {
+            let names = manifest_folder_names(store, table).await?;
+            if let Some(folded) = Self::read_listed(store, table, &names).await? {
+                return Ok((names, folded));
+            }
+        }
+        Err(DataFusionError::Execution(format!(
+            "the manifests of the table at '{table}' kept being folded while they were read \
+             ({READ_TRIES} times in a row); run the statement again"
+        )))
     }
 
-    /// The folded file, if `names` (the `_manifests/` folder's) has one.
-    pub async fn read_if_listed(
+    /// The folded jobs of the table at `table`.
+    pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
+        Ok(Self::list_and_read(store, table).await?.1)
+    }
+
+    /// The jobs of the folded files named among `names`; `None` if one of
+    /// them is gone, replaced by a newer fold since the listing: list again.
+    pub async fn read_listed(
         store: &Arc<dyn ObjectStore>,
         table: &Path,
         names: &[String],
-    ) -> Result<Self> {
-        if names.iter().any(|name| name == FOLDED_NAME) {
-            Self::read(store, table).await
-        } else {
-            Ok(Self::default())
+    ) -> Result<Option<Self>> {
+        let reads = folded_names(names).into_iter().map(|name| async move {
+            let path = folded_path(table, &name);
+            let Some(bytes) = get_if_exists(store, &path).await? else {
+                return Ok(None);
+            };
+            serde_json::from_slice::<Self>(&bytes).map(Some).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "the folded manifests of the table at '{table}' ('{path}') are not valid: {e}"
+                ))
+            })
+        });
+        let files = futures::future::try_join_all(reads).await?;
+        let mut folded = Self::default();
+        for file in files {
+            let Some(file) = file else {
+                return Ok(None);
+            };
+            folded.jobs.extend(file.jobs);
         }
+        Ok(Some(folded))
     }
 
-    /// Replaces the table's folded file with this one.
-    pub async fn write(&self, store: &Arc<dyn ObjectStore>, table: &Path) -> Result<()> {
+    /// Writes these jobs into a new folded file of the table at `table`,
+    /// named for `job_id` and unique.
+    pub async fn write_new(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        table: &Path,
+        job_id: &str,
+    ) -> Result<()> {
+        let name = format!(
+            "{FOLDED_PREFIX}{job_id}-{}.json",
+            uuid::Uuid::new_v4().simple()
+        );
         let body = serde_json::to_vec(self).map_err(|e| DataFusionError::External(Box::new(e)))?;
         store
-            .put(&folded_path(table), PutPayload::from(body))
+            .put(&folded_path(table, &name), PutPayload::from(body))
             .await?;
         Ok(())
     }
@@ -134,6 +201,7 @@ pub fn foldable(names: &[String], own_job: &str) -> Option<Vec<String>> {
         .filter(|job| job != own_job && !replacing.contains(job.as_str()))
         .collect();
     jobs.sort();
+    jobs.truncate(FOLD_MAX);
     (jobs.len() >= FOLD_AT).then_some(jobs)
 }
 
@@ -151,14 +219,19 @@ mod tests {
     #[test]
     fn only_finished_manifests_of_other_jobs_are_folded() {
         let mut names: Vec<String> = (0..FOLD_AT).map(|n| format!("{n:016x}.json")).collect();
-        names.push(FOLDED_NAME.to_owned());
+        names.push(format!("{FOLDED_PREFIX}{:016x}-1.json", 7));
+        assert_eq!(folded_names(&names).len(), 1);
         let own = format!("{:016x}", 0);
         assert_eq!(foldable(&names, &own), None, "one short: its own is kept");
         names.push(format!("{:016x}.json", FOLD_AT));
         let jobs = foldable(&names, &own).expect("enough to fold");
         assert_eq!(jobs.len(), FOLD_AT);
         assert!(!jobs.contains(&own));
-        assert!(!jobs.iter().any(|job| job.starts_with('_')));
+        assert!(!jobs.iter().any(|job| job.starts_with('z')));
+        let many: Vec<String> = (0..2 * FOLD_MAX)
+            .map(|n| format!("{n:016x}.json"))
+            .collect();
+        assert_eq!(foldable(&many, &own).map(|jobs| jobs.len()), Some(FOLD_MAX));
         // An overwrite still deleting what it replaced is not finished.
         names.push(format!("{:016x}.replaces", 1));
         assert_eq!(foldable(&names, &own), None);
@@ -178,5 +251,64 @@ mod tests {
         assert_eq!(folded.without(|_| false), None);
         let kept = folded.without(|job| job == "a").expect("one retired");
         assert_eq!(kept.jobs.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// Two writers that fold one table at once (of two clusters) each write
+    /// a folded file of their own and delete what they read: no job is lost,
+    /// whichever deletes first. A reader holding a listing from before a
+    /// fold lists again.
+    #[tokio::test]
+    async fn folds_at_once_keep_every_job() {
+        use object_store::memory::InMemory;
+
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let table = Path::from("t");
+        let first = FoldedManifests {
+            jobs: [("a".to_owned(), "Insert Into".to_owned())].into(),
+        };
+        first.write_new(&store, &table, "0").await.expect("write");
+        let manifest = table.clone().join(MANIFEST_FOLDER).join("b.json");
+        let body = PutPayload::from(r#"{"mode": "Insert Into"}"#);
+        store.put(&manifest, body).await.expect("manifest");
+
+        let names = manifest_folder_names(&store, &table).await.expect("list");
+        let mut folds = Vec::new();
+        for writer in ["1", "2"] {
+            let mut folded = FoldedManifests::read_listed(&store, &table, &names)
+                .await
+                .expect("read")
+                .expect("nothing folded since the listing");
+            folded.jobs.insert("b".into(), "Insert Into".into());
+            folds.push((writer, folded));
+        }
+        for (writer, folded) in folds {
+            folded
+                .write_new(&store, &table, writer)
+                .await
+                .expect("write");
+            let mut read = folded_names(&names)
+                .iter()
+                .map(|name| folded_path(&table, name))
+                .collect::<Vec<_>>();
+            read.push(manifest.clone());
+            for path in read {
+                match store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => panic!("delete: {e}"),
+                }
+            }
+        }
+        assert_eq!(
+            FoldedManifests::read_listed(&store, &table, &names)
+                .await
+                .expect("read"),
+            None,
+            "a listing from before the folds is stale"
+        );
+        let (names, folded) = FoldedManifests::list_and_read(&store, &table)
+            .await
+            .expect("read");
+        assert_eq!(folded_names(&names).len(), 2, "{names:?}");
+        assert_eq!(folded.jobs.keys().collect::<Vec<_>>(), ["a", "b"]);
     }
 }

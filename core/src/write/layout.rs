@@ -6,7 +6,7 @@
 //! <table>/<col=value/...>/part-<job>-<partition>-<n>.parquet                                            committed
 //! <table>/_manifests/<job>.json                                                                          each commit's manifest
 //! <table>/_manifests/<job>.replaces                                                                      the files an overwrite replaces, until they are gone
-//! <table>/_manifests/_folded.json                                                                       finished manifests, folded into one (see super::fold)
+//! <table>/_manifests/z_folded-<job>-<unique>.json                                                        finished manifests, folded into one (see super::fold)
 //! ```
 //!
 //! Every attempt writes under its own staging folder, so a retried or killed

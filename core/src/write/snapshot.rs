@@ -14,7 +14,7 @@
 //!   replaces ([`replaced_list`]) before it writes its manifest.
 //!
 //! Both need one listing of the table's `_manifests/` folder, and a read of
-//! its folded manifests when there are some ([`super::fold`]). The first
+//! its folded files when there are some ([`super::fold`]). The first
 //! Quiver write into a folder without manifests (a new folder, or a table
 //! that other engines wrote) is hidden while its job's staging folder is
 //! there instead. Other writers' files are read as listed.
@@ -30,10 +30,10 @@ use std::sync::Arc;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::dml::InsertOp;
 use futures::TryStreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore};
 
-use super::fold::{FOLDED_NAME, FoldedManifests, manifest_mode};
+use super::fold::{FOLDED_PREFIX, FoldedManifests, folded_names, manifest_mode};
 use super::layout::{
     MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, manifest,
     replaced_list,
@@ -50,9 +50,9 @@ pub struct CommittedFiles {
     /// Jobs with a staging folder, when no job has committed yet: one of
     /// them may be moving its files in.
     staging: HashSet<String>,
-    /// The version of the folded manifests read, if there were some: a
-    /// later listing that shows it unchanged needs not read them again.
-    folded_version: Option<String>,
+    /// The folded files read (see [`super::fold`]): a later listing that
+    /// shows the same names shows the same jobs, and needs not read them.
+    folded_files: Vec<String>,
 }
 
 impl CommittedFiles {
@@ -61,10 +61,10 @@ impl CommittedFiles {
     /// deleting (there are none once they finish). Without manifests, the
     /// listing of its staging folder too.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
-        let (names, folded_version) = manifest_folder(store, table).await?;
+        let (names, folded) = FoldedManifests::list_and_read(store, table).await?;
         let mut committed = manifest_jobs(&names);
-        let folded = FoldedManifests::read_if_listed(store, table, &names).await?;
         committed.extend(folded.jobs.into_keys());
+        let folded_files = folded_names(&names);
         let mut replaced = HashSet::new();
         for job_id in names
             .iter()
@@ -88,11 +88,11 @@ impl CommittedFiles {
             committed,
             replaced,
             staging,
-            folded_version,
+            folded_files,
         })
     }
 
-    /// The jobs whose manifests this state found.
+    /// The jobs whose manifests this state found, folded ones included.
     pub fn committed_jobs(&self) -> Vec<String> {
         self.committed.iter().cloned().collect()
     }
@@ -125,12 +125,16 @@ impl CommittedFiles {
     /// overwrites replaced gone or hidden. An append that committed since
     /// changes neither: its files stay hidden, as in this state.
     pub async fn is_current(&self, store: &Arc<dyn ObjectStore>, table: &Path) -> Result<bool> {
-        let (names, folded_version) = manifest_folder(store, table).await?;
-        let folded = if folded_version.is_some() && folded_version == self.folded_version {
-            // Unchanged: its jobs are all in this state.
+        let names = manifest_folder_names(store, table).await?;
+        let folded = if folded_names(&names) == self.folded_files {
+            // The same folded files: their jobs are all in this state.
             FoldedManifests::default()
         } else {
-            FoldedManifests::read_if_listed(store, table, &names).await?
+            match FoldedManifests::read_listed(store, table, &names).await? {
+                Some(folded) => folded,
+                // Folded again since the listing: the state may be older.
+                None => return Ok(false),
+            }
         };
         for (job_id, folded_append) in folded
             .jobs
@@ -191,12 +195,12 @@ pub(super) async fn read_replaced_list(
         .map(Some)
 }
 
-/// The jobs whose manifests are among `names`; not the folded file, whose
-/// name starts with `_` as no job id does.
+/// The jobs whose manifests are among `names`; not the folded files, whose
+/// names start as no job id does.
 pub(super) fn manifest_jobs(names: &[String]) -> HashSet<String> {
     names
         .iter()
-        .filter(|name| !name.starts_with('_'))
+        .filter(|name| !name.starts_with(FOLDED_PREFIX))
         .filter_map(|name| name.strip_suffix(".json").map(str::to_owned))
         .collect()
 }
@@ -218,39 +222,21 @@ async fn staging_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Hash
 /// The names of the files in the `_manifests/` folder of the table at
 /// `table`: the manifests of committed jobs and the lists of files that
 /// overwrites replace.
-pub(super) async fn manifest_folder_names(
+pub(crate) async fn manifest_folder_names(
     store: &Arc<dyn ObjectStore>,
     table: &Path,
 ) -> Result<Vec<String>> {
-    Ok(manifest_folder(store, table).await?.0)
-}
-
-/// [`manifest_folder_names`], and the version of the folded manifests
-/// among them (their e-tag, or else their time and size), if there are.
-async fn manifest_folder(
-    store: &Arc<dyn ObjectStore>,
-    table: &Path,
-) -> Result<(Vec<String>, Option<String>)> {
     let folder = table.clone().join(MANIFEST_FOLDER);
-    let listed: Vec<ObjectMeta> = match store.list(Some(&folder)).try_collect().await {
-        Ok(listed) => listed,
-        Err(object_store::Error::NotFound { .. }) => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
-    let mut folded_version = None;
-    let names = listed
-        .into_iter()
-        .map(|meta| {
-            let name = meta.location.filename().unwrap_or_default().to_owned();
-            if name == FOLDED_NAME {
-                folded_version = Some(meta.e_tag.clone().unwrap_or_else(|| {
-                    format!("{}-{}", meta.last_modified.timestamp_micros(), meta.size)
-                }));
-            }
-            name
-        })
-        .collect();
-    Ok((names, folded_version))
+    match store
+        .list(Some(&folder))
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().to_owned())
+        .try_collect()
+        .await
+    {
+        Ok(names) => Ok(names),
+        Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -357,11 +343,19 @@ mod tests {
         // a folded overwrite does.
         let two = CommittedFiles::read(&store, &table).await.expect("read");
         let folded = |mode: &str| format!(r#"{{"jobs": {{"{RUNNING}": "{mode}"}}}}"#);
-        put(&store, "t/_manifests/_folded.json", &folded("Insert Into")).await;
-        assert!(two.is_current(&store, &table).await.expect("check"));
         put(
             &store,
-            "t/_manifests/_folded.json",
+            "t/_manifests/z_folded-a-1.json",
+            &folded("Insert Into"),
+        )
+        .await;
+        assert!(two.is_current(&store, &table).await.expect("check"));
+        // A later fold replaces that file with its own.
+        let first_fold = Path::from("t/_manifests/z_folded-a-1.json");
+        store.delete(&first_fold).await.expect("delete");
+        put(
+            &store,
+            "t/_manifests/z_folded-b-2.json",
             &folded("Insert Overwrite"),
         )
         .await;

@@ -2,6 +2,7 @@
 //! Pure state machine, driven by the event loop; it never does I/O.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
@@ -20,6 +21,9 @@ use crate::join_swap;
 use crate::planner::{Replanner, StagedJob};
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
+use datafusion::common::tree_node::TreeNode;
+use datafusion::physical_plan::ExecutionPlan;
+use quiver_core::write::ParquetWriteExec;
 use quiver_core::write::layout::file_lists_location;
 
 /// First retry delay; doubled on each further attempt.
@@ -308,6 +312,18 @@ impl Job {
                 .is_some_and(|commit| commit.inputs.contains(&stage_id))
     }
 
+    /// Whether the stage's plan writes a table's Parquet files.
+    fn writes_parquet(&self, stage_id: u32) -> bool {
+        self.plans
+            .iter()
+            .find(|plan| plan.stage_id == stage_id)
+            .is_some_and(|plan| {
+                let root: Arc<dyn ExecutionPlan> = Arc::clone(&plan.plan) as _;
+                root.exists(|node| Ok(node.downcast_ref::<ParquetWriteExec>().is_some()))
+                    .unwrap_or(false)
+            })
+    }
+
     fn inputs_complete(&self, stage: &Stage) -> bool {
         stage
             .inputs
@@ -377,9 +393,13 @@ impl Job {
             0
         };
         // A file list too large to come back inline outlives its executor
-        // in the table's staging folder, unless it is copied anyway.
+        // in the table's staging folder, unless it is copied anyway. Only a
+        // stage that writes the files: the commit may read query rows (a
+        // sort before an ordered write), which must not go to the table.
         let large_output_location = match &self.writes_to {
-            Some(table) if writes_files && durable_shuffle.is_empty() => file_lists_location(table),
+            Some(table) if durable_shuffle.is_empty() && self.writes_parquet(stage_id) => {
+                file_lists_location(table)
+            }
             _ => String::new(),
         };
         let stage = self.stage_mut(stage_id)?;
@@ -1166,7 +1186,10 @@ mod tests {
         for (partition, mut output) in outputs.into_iter().enumerate() {
             let launch = job.launch(1, partition, "a").expect("write task runs");
             assert_eq!(launch.inline_result_max_bytes, 1024 * 1024);
-            assert_eq!(launch.large_output_location, "s3://bucket/table/_temporary");
+            assert_eq!(
+                launch.large_output_location, "",
+                "its plan writes no Parquet: its output is not a file list"
+            );
             output.executor = Some(ExecutorAddress {
                 executor_id: "a".into(),
                 ..ExecutorAddress::default()
@@ -1749,5 +1772,48 @@ mod tests {
             panic!("a copy runs on the executors");
         };
         assert!(copy.replanner.is_none());
+    }
+
+    /// The write tasks of an `INSERT`, and only they, are told where to copy
+    /// a file list too large to come back inline.
+    #[tokio::test]
+    async fn write_tasks_copy_large_file_lists_into_the_staging_folder() {
+        let (_, folder, planner) = counting_job_and_planner().await;
+        let insert = Query::Sql("INSERT INTO t SELECT x + 1 FROM t ORDER BY x".into());
+        let Planned::Stages(planned) = planner.plan("job", insert, &[]).await.expect("plan") else {
+            panic!("an insert runs on the executors");
+        };
+        let mut job = job_of(&planned.stages);
+        job.writes_to = planned.writes_to.clone();
+        let staging = format!("file://{}/_temporary", folder.path().display());
+        let mut told = Vec::new();
+        for stage in &planned.stages {
+            let launch = job.launch(stage.stage_id, 0, "a").expect("runs");
+            told.push((
+                job.writes_parquet(stage.stage_id),
+                launch.large_output_location,
+            ));
+        }
+        assert!(
+            told.iter().any(|(writes, _)| *writes),
+            "{}",
+            planned.stages.len()
+        );
+        for (writes, location) in told {
+            assert_eq!(
+                location,
+                if writes {
+                    staging.clone()
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let writers = planned
+            .stages
+            .iter()
+            .filter(|stage| job.writes_parquet(stage.stage_id))
+            .count();
+        assert_eq!(writers, 1, "{}", planned.stages.len());
     }
 }
