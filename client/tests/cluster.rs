@@ -1238,6 +1238,34 @@ async fn readers_see_committed_writes_whole() {
     cluster.shutdown().await;
 }
 
+/// A statement whose plan is larger than gRPC's default message limit (4
+/// MiB) runs: its tasks' launches carry the plan to the executors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_larger_than_4_mib_reaches_the_executors() {
+    let (cluster, context) = cluster().await;
+    let literal = "x".repeat(5 << 20);
+    let sql = format!("SELECT length(v) FROM (VALUES ('{literal}'), ('y')) AS t(v) ORDER BY 1");
+    let stream = context
+        .execute_sql(&sql, |_| {})
+        .await
+        .expect("the statement runs");
+    let batches = datafusion::physical_plan::common::collect(stream)
+        .await
+        .expect("its result");
+    let lengths: Vec<i32> = batches
+        .iter()
+        .flat_map(|batch| {
+            batch
+                .column(0)
+                .as_primitive::<Int32Type>()
+                .values()
+                .to_vec()
+        })
+        .collect();
+    assert_eq!(lengths, [1, 5 << 20]);
+    cluster.shutdown().await;
+}
+
 /// Runs `sql` on the cluster in the background; returns its job's id once
 /// it is planned, and the task that ends with its result and final status.
 async fn run_in_background(

@@ -18,7 +18,7 @@ extensions_options! {
         pub target_file_bytes: u64, default = 268435456
         /// Where map outputs are also stored (`s3://bucket/shuffle`), so that they outlive their executors; empty keeps them on the executors only.
         pub shuffle_location: String, default = String::new()
-        /// A write task's list of the files it wrote comes back to the scheduler with its status when it is at most this many bytes (about 200 per file), and is copied into the table's staging folder otherwise. Either way it outlives the executor, so that a commit retried after its executor was lost needs no write task recomputed: that would read the table again, whose files an overwrite may have deleted.
+        /// A write task's list of the files it wrote comes back to the scheduler with its status when it is at most this many bytes (about 200 per file), and at most 64 MiB divided by the tasks of its stage (the commit task receives them all), and is copied into the table's staging folder otherwise. Either way it outlives the executor, so that a commit retried after its executor was lost needs no write task recomputed: that would read the table again, whose files an overwrite may have deleted.
         pub inline_file_list_max_bytes: u64, default = 1048576
         /// Largest estimated build side that a hash join broadcasts to every probe task when that ships fewer bytes than shuffling both sides; 0 turns the cost-based choice off (build sides under `datafusion.optimizer.hash_join_single_partition_threshold` are broadcast regardless).
         pub broadcast_join_max_bytes: u64, default = 134217728

@@ -102,6 +102,10 @@ pub async fn run(
     }
 }
 
+/// Largest message on the control stream, either way: the scheduler's
+/// default `--max-message-bytes`.
+const MAX_CONTROL_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
 async fn serve_session(
     endpoint: &Endpoint,
     address: &ExecutorAddress,
@@ -113,7 +117,12 @@ async fn serve_session(
         Ok(channel) => channel,
         Err(e) => return SessionEnd::Lost(format!("cannot connect: {e}")),
     };
-    let mut client = SchedulerServiceClient::new(channel);
+    // tonic's default refuses messages over 4 MiB: a task whose plan holds a
+    // large literal, or a commit given many write tasks' file lists, would
+    // break the stream.
+    let mut client = SchedulerServiceClient::new(channel)
+        .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_CONTROL_MESSAGE_BYTES);
     let (outbound, outbound_rx) = tokio::sync::mpsc::unbounded_channel();
     let registered_at = Instant::now();
     send(

@@ -33,6 +33,14 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// that a small result (a point lookup, a count) needs no Flight call.
 pub const INLINE_RESULT_MAX_BYTES: u64 = 64 * 1024;
 
+/// Largest sum of the file lists of one stage's write tasks that come back
+/// inline: the commit task's launch carries them all, and must stay well
+/// under the control stream's message limit (256 MiB). Each task's share
+/// is this divided by the stage's tasks, at most
+/// `quiver.inline_file_list_max_bytes`; a longer list goes to the table's
+/// staging folder.
+const INLINE_FILE_LISTS_BUDGET: u64 = 64 * 1024 * 1024;
+
 /// Times a job is planned again because files it reads were replaced while
 /// it ran, before it fails: a table rewritten faster than the job can read
 /// it would otherwise keep it running for ever.
@@ -388,7 +396,12 @@ impl Job {
         let inline_result_max_bytes = if is_final {
             INLINE_RESULT_MAX_BYTES
         } else if writes_files {
+            // The commit's launch carries every inline list of the stage.
+            let tasks = self
+                .stage(stage_id)
+                .map_or(1, |stage| stage.tasks.len().max(1));
             self.inline_file_list_max_bytes
+                .min(INLINE_FILE_LISTS_BUDGET / tasks as u64)
         } else {
             0
         };
@@ -1815,5 +1828,29 @@ mod tests {
             .filter(|stage| job.writes_parquet(stage.stage_id))
             .count();
         assert_eq!(writers, 1, "{}", planned.stages.len());
+    }
+
+    /// The inline file lists of a wide write share one budget: the commit
+    /// task's launch carries them all.
+    #[test]
+    fn a_wide_writes_inline_file_lists_share_one_budget() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let stage = |id: u32, partitions: usize| StagePlan {
+            stage_id: id,
+            plan: Arc::new(ShuffleWriterExec::new(
+                "job",
+                id,
+                Arc::new(EmptyExec::new(Arc::clone(&schema)).with_partitions(partitions)),
+                None,
+            )),
+            inputs: if id > 1 { vec![id - 1] } else { vec![] },
+        };
+        let mut job = job_of(&[stage(1, 200), stage(2, 1)]);
+        job.writes_to = Some("s3://bucket/table/".into());
+        let launch = job.launch(1, 0, "a").expect("write task runs");
+        assert_eq!(
+            launch.inline_result_max_bytes,
+            INLINE_FILE_LISTS_BUDGET / 200
+        );
     }
 }
