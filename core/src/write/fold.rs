@@ -6,12 +6,12 @@
 //! every minute would hold tens of thousands of manifests within a month,
 //! and every statement would page through them (1,000 names per request on
 //! S3). So a commit that finds [`FOLD_AT`] finished manifests of other jobs
-//! folds them (at most 1,000 at once): it writes their jobs, and the mode of
-//! each, with those of the folded files already there, into a new folded
+//! folds them (at most 1,000 at once): it writes their jobs, and the mode
+//! of each, with those of the folded files already there, into a new folded
 //! file (`_manifests/z_folded-<job>-<unique>.json`), then deletes the
-//! manifests and the older folded files. A manifest is finished when its job has ended and
-//! its overwrite, if it is one, has deleted what it replaced (its list of
-//! replaced files is gone).
+//! manifests and the older folded files. A manifest is finished when its
+//! job has ended and its overwrite, if it is one, has deleted what it
+//! replaced (its list of replaced files is gone).
 //!
 //! Readers take the folded jobs as committed, as if their manifests were
 //! there. A folded file is never written twice: every fold writes a new one,
@@ -23,9 +23,9 @@
 //! finds a listed folded file gone, lists again: a newer one holds its
 //! jobs. A listing in pages reaches the folded files last (see
 //! [`FOLDED_PREFIX`]), so one that missed folded manifests finds the new
-//! folded file. Folded files only gain jobs, but for jobs that an overwrite left
-//! without a file ([`FoldedManifests::without`]), which readers need no
-//! more; and since a name is never reused, a listing that shows the same
+//! folded file. Folded files only gain jobs, but for jobs that an overwrite
+//! left without a file ([`FoldedManifests::without`]), which readers need
+//! no more; and since a name is never reused, a listing that shows the same
 //! folded names shows the same jobs.
 //!
 //! A commit never folds its own manifest: a retry of its commit task, and
@@ -46,7 +46,7 @@ use super::snapshot::{manifest_folder_names, manifest_jobs};
 use crate::storage::get_if_exists;
 
 /// Finished manifests of other jobs that make a commit fold them. A table
-/// so keeps at most this many manifests, besides the folded file and the
+/// so keeps at most this many manifests, besides its folded files and the
 /// manifests of writes still replacing files.
 pub const FOLD_AT: usize = 32;
 
