@@ -367,6 +367,12 @@ impl SchedulerLoop {
             return;
         };
         let Some(replanner) = job.replanner.clone() else {
+            // Not reached (only a job with a replanner is planned again),
+            // but a job must never wait for a plan that nothing makes.
+            if let Some((job, _)) = self.jobs.get_mut(job_id) {
+                let outcome = job.fail(reason.to_owned());
+                self.after_outcome(job_id, outcome);
+            }
             return;
         };
         info!(%job_id, replans = job.replans + 1, %reason,

@@ -5,9 +5,13 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use datafusion::common::tree_node::TreeNode;
+use datafusion::physical_plan::ExecutionPlan;
 use prost::bytes::Bytes;
 use quiver_core::metrics::add_operator_metrics;
 use quiver_core::storage::redact_store_echoes;
+use quiver_core::write::ParquetWriteExec;
+use quiver_core::write::layout::file_lists_location;
 use quiver_proto::{
     FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput,
     PartitionStats, Setting, StageInput, StageMetrics, StoreConfig, TaskFailed, TaskId,
@@ -21,10 +25,6 @@ use crate::join_swap;
 use crate::planner::{Replanner, StagedJob};
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
-use datafusion::common::tree_node::TreeNode;
-use datafusion::physical_plan::ExecutionPlan;
-use quiver_core::write::ParquetWriteExec;
-use quiver_core::write::layout::file_lists_location;
 
 /// First retry delay; doubled on each further attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
