@@ -136,24 +136,14 @@ impl CommittedFiles {
                 None => return Ok(false),
             }
         };
-        for (job_id, folded_append) in folded
-            .jobs
-            .keys()
-            .map(|job_id| (job_id.clone(), folded.appended(job_id)))
-            .chain(
-                manifest_jobs(&names)
-                    .into_iter()
-                    .map(|job_id| (job_id, None)),
-            )
-        {
-            if self.committed.contains(&job_id) {
-                continue;
-            }
-            let append = match folded_append {
-                Some(append) => append,
-                None => appended(store, table, &job_id).await?,
-            };
-            if !append {
+        let folded_overwrite = folded.jobs.keys().any(|job_id| {
+            !self.committed.contains(job_id) && folded.appended(job_id) == Some(false)
+        });
+        if folded_overwrite {
+            return Ok(false);
+        }
+        for job_id in manifest_jobs(&names) {
+            if !self.committed.contains(&job_id) && !appended(store, table, &job_id).await? {
                 return Ok(false);
             }
         }
@@ -222,7 +212,7 @@ async fn staging_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Hash
 /// The names of the files in the `_manifests/` folder of the table at
 /// `table`: the manifests of committed jobs and the lists of files that
 /// overwrites replace.
-pub(crate) async fn manifest_folder_names(
+pub(super) async fn manifest_folder_names(
     store: &Arc<dyn ObjectStore>,
     table: &Path,
 ) -> Result<Vec<String>> {

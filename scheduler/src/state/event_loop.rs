@@ -456,24 +456,25 @@ impl SchedulerLoop {
 
     /// Stops every running task of a job on `executors`.
     fn cancel_tasks(&mut self, job_id: &str, executors: &[String]) {
-        for executor_id in executors {
-            if let Some(executor) = self.executors.get_mut(executor_id) {
-                executor.send(SchedulerMessage {
-                    kind: Some(scheduler_message::Kind::CancelTasks(CancelTasks {
-                        job_id: job_id.to_owned(),
-                    })),
-                });
-            }
-        }
+        let cancel = CancelTasks {
+            job_id: job_id.to_owned(),
+        };
+        self.send_to(executors, scheduler_message::Kind::CancelTasks(cancel));
     }
 
     fn remove_job_data(&mut self, job_id: &str, executors: &[String]) {
+        let remove = RemoveJobData {
+            job_id: job_id.to_owned(),
+        };
+        self.send_to(executors, scheduler_message::Kind::RemoveJobData(remove));
+    }
+
+    /// Sends `message` to each of `executors` still registered.
+    fn send_to(&mut self, executors: &[String], message: scheduler_message::Kind) {
         for executor_id in executors {
             if let Some(executor) = self.executors.get_mut(executor_id) {
                 executor.send(SchedulerMessage {
-                    kind: Some(scheduler_message::Kind::RemoveJobData(RemoveJobData {
-                        job_id: job_id.to_owned(),
-                    })),
+                    kind: Some(message.clone()),
                 });
             }
         }
