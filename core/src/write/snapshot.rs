@@ -356,5 +356,13 @@ mod tests {
             "a folded job is committed"
         );
         assert!(three.is_current(&store, &table).await.expect("check"));
+
+        // A folded file that is not valid is an error naming it, not a
+        // table whose folded writes are silently hidden.
+        put(&store, "t/_manifests/z_folded-c-3.json", "{").await;
+        let error = CommittedFiles::read(&store, &table)
+            .await
+            .expect_err("a broken folded file");
+        assert!(error.to_string().contains("z_folded-c-3.json"), "{error}");
     }
 }
