@@ -1238,6 +1238,74 @@ async fn readers_see_committed_writes_whole() {
     cluster.shutdown().await;
 }
 
+/// Folders that another writer spelled otherwise than Quiver does
+/// (`month=01`, as Kafka Connect writes months) are found by the value they
+/// hold, and an overwrite that writes that value replaces them rather than
+/// leaving their rows beside the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn folders_spelled_by_other_writers_are_read_and_replaced_by_their_values() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("padded");
+    // Written with a string column, so its folders are spelled as given.
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT * FROM (VALUES (1, '01'), (2, '01'), (4, '02')) t(x, month)) \
+             TO '{}/' STORED AS PARQUET PARTITIONED BY (month)",
+            out.display()
+        ),
+    )
+    .await;
+    assert!(out.join("month=01").is_dir());
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE padded (x BIGINT, month INT) \
+             STORED AS PARQUET PARTITIONED BY (month) LOCATION '{}/'",
+            out.display()
+        ),
+    )
+    .await;
+    let total = |filter: &'static str| {
+        let context = context.clone();
+        async move {
+            let sql = format!("SELECT CAST(sum(x) AS BIGINT) FROM padded WHERE {filter}");
+            int64s(&query(&context, &sql).await, 0)
+        }
+    };
+    assert_eq!(total("month = 1").await, vec![3]);
+    assert_eq!(total("month = 2").await, vec![4]);
+
+    query(
+        &context,
+        "INSERT OVERWRITE padded SELECT x * 10, month FROM padded WHERE month = 1",
+    )
+    .await;
+    assert_eq!(total("month = 1").await, vec![30]);
+    assert_eq!(total("month IN (1, 2)").await, vec![34]);
+    let parquet_files = |folder: &str| {
+        std::fs::read_dir(out.join(folder))
+            .map(|entries| {
+                entries
+                    .filter(|entry| {
+                        let name = entry.as_ref().expect("entry").file_name();
+                        name.to_string_lossy().ends_with(".parquet")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        parquet_files("month=01"),
+        0,
+        "the replaced folder is emptied"
+    );
+    assert!(parquet_files("month=1") > 0);
+    assert!(parquet_files("month=02") > 0, "other folders stay");
+    cluster.shutdown().await;
+}
+
 /// A statement whose plan is larger than gRPC's default message limit (4
 /// MiB) runs: its tasks' launches carry the plan to the executors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

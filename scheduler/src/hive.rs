@@ -12,10 +12,14 @@
 //!   NULL ELSE CAST(raw AS type) END`;
 //! - filters on partition columns are rewritten onto the raw columns with the
 //!   same expression, so the listing still prunes files by them exactly, null
-//!   semantics included. An equality with a value whose folder name is one
-//!   canonical text (a string, integer, date or boolean) becomes a plain
-//!   equality on the raw column, so that the listing lists only that folder,
-//!   as DataFusion's own listing does for typed partition columns;
+//!   semantics included;
+//! - an equality that the listing can turn into a folder prefix, so that it
+//!   lists only that folder, becomes a plain equality on the raw column. For
+//!   a string that every writer spells one way, that is the string itself.
+//!   Other types have several spellings of one value (`month=1` and
+//!   `month=01`, `1.5` and `1.50`), so the scan lists the folders of the
+//!   filtered columns, level by level, and keeps the plain equality only
+//!   where one folder holds the value ([`equality_folders`]);
 //! - an insert casts the partition columns to strings, which the write path
 //!   turns into folders (nulls into the marker).
 
@@ -27,7 +31,10 @@ use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, Constraints, DFSchema, ScalarValue};
+use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::physical_plan::FileSink;
+use datafusion::datasource::sink::DataSinkExec;
 use datafusion::error::Result;
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{
@@ -35,7 +42,11 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
-use quiver_core::write::partition::{NULL_PARTITION, has_one_folder_spelling};
+use object_store::ObjectStore;
+use object_store::path::Path;
+use quiver_core::write::partition::{
+    NULL_PARTITION, folder_values, has_one_folder_spelling, is_string_type,
+};
 
 /// A listing table with string partition columns, shown in their declared types.
 #[derive(Debug)]
@@ -44,6 +55,8 @@ pub struct HivePartitionedTable {
     raw: ListingTable,
     /// The table's schema, with the partition columns in their declared types.
     schema: SchemaRef,
+    /// The partition columns in folder order, with their declared types.
+    partition_columns: Vec<(String, DataType)>,
     /// The declared type of each partition column.
     partition_types: HashMap<String, DataType>,
 }
@@ -70,6 +83,7 @@ impl HivePartitionedTable {
         Self {
             raw,
             schema,
+            partition_columns: partition_columns.to_vec(),
             partition_types,
         }
     }
@@ -126,16 +140,155 @@ impl HivePartitionedTable {
         Ok(Arc::new(ProjectionExec::try_new(expressions, plan)?))
     }
 
-    /// `filter` over the raw columns.
-    fn raw_filter(&self, filter: &Expr) -> Result<Expr> {
-        raw_filter(&self.partition_types, filter)
+    /// For the leading partition columns that `filters` hold equal to a
+    /// literal, the raw value of the one folder that holds it (see
+    /// [`equality_folders`]).
+    async fn equality_folders(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+    ) -> Result<HashMap<String, String>> {
+        // A table of several folders, or of a glob, is not one folder tree.
+        let [url] = self.raw.table_paths().as_slice() else {
+            return Ok(HashMap::new());
+        };
+        if url.get_glob().is_some() {
+            return Ok(HashMap::new());
+        }
+        let store = state.runtime_env().object_store(url)?;
+        equality_folders(
+            store.as_ref(),
+            url.prefix(),
+            &self.partition_columns,
+            filters,
+        )
+        .await
     }
 }
 
+/// `plan`, a write into the raw listing, with the partition columns' declared
+/// types in its Parquet sink, whose rows still carry them as strings. The
+/// commit of an overwrite compares folders by their typed values, so that it
+/// replaces `month=01` where it writes `month=1`.
+fn with_declared_partition_types(
+    plan: Arc<dyn ExecutionPlan>,
+    partition_columns: &[(String, DataType)],
+) -> Arc<dyn ExecutionPlan> {
+    let Some(write) = plan.downcast_ref::<DataSinkExec>() else {
+        return plan;
+    };
+    let Some(parquet) = write.sink().downcast_ref::<ParquetSink>() else {
+        return plan;
+    };
+    let mut config = parquet.config().clone();
+    config.table_partition_cols = partition_columns.to_vec();
+    let sink = ParquetSink::new(config, parquet.parquet_options().clone());
+    Arc::new(DataSinkExec::new(
+        Arc::clone(write.input()),
+        Arc::new(sink),
+        write.sort_order().clone(),
+    ))
+}
+
+/// `filter`'s column and literal, if it is `column = literal`.
+fn literal_equality(filter: &Expr) -> Option<(&Column, &ScalarValue)> {
+    let Expr::BinaryExpr(binary) = filter else {
+        return None;
+    };
+    if binary.op != Operator::Eq {
+        return None;
+    }
+    match (binary.left.as_ref(), binary.right.as_ref()) {
+        (Expr::Column(column), Expr::Literal(value, _))
+        | (Expr::Literal(value, _), Expr::Column(column)) => Some((column, value)),
+        _ => None,
+    }
+}
+
+/// For each leading partition column (in folder order) that `filters` hold
+/// equal to a literal, the raw value of the one folder that holds it, found
+/// by listing that level's folders under the folders already found:
+/// `month = 1` finds `month=01` where that is how the folder is spelled.
+/// The first column that is not filtered so, or whose value lies in several
+/// folders (`month=1` and `month=01`), ends the search: its filter and those
+/// after it are evaluated on every folder's typed value. A value that no
+/// folder holds is given its canonical text, whose folder does not exist.
+///
+/// A string that every writer spells one way needs no listing: the folder is
+/// the string. Each other filtered level costs one listing of its folders.
+pub async fn equality_folders(
+    store: &dyn ObjectStore,
+    table: &Path,
+    partition_columns: &[(String, DataType)],
+    filters: &[Expr],
+) -> Result<HashMap<String, String>> {
+    let equalities: HashMap<&str, &ScalarValue> = filters
+        .iter()
+        .filter_map(literal_equality)
+        .map(|(column, value)| (column.name(), value))
+        .collect();
+    let mut found = HashMap::new();
+    let mut prefix = table.clone();
+    for (name, declared) in partition_columns {
+        let Some(&value) = equalities.get(name.as_str()) else {
+            break;
+        };
+        // The listing spells the folder's name as an object store path, which
+        // escapes a non-ASCII column name that writers keep as it is.
+        if !has_one_folder_spelling(name) {
+            break;
+        }
+        if is_string_type(declared) {
+            let Some(text) = string_folder(value) else {
+                break;
+            };
+            prefix = prefix.join(format!("{name}={text}"));
+            continue;
+        }
+        if value.is_null() || &value.data_type() != declared {
+            break;
+        }
+        let folders = match store.list_with_delimiter(Some(&prefix)).await {
+            Ok(listed) => listed.common_prefixes,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(error) => return Err(error.into()),
+        };
+        let holding: Vec<String> = folders
+            .iter()
+            .filter_map(|folder| {
+                let (column, raw) = folder_values(folder.filename()?).into_iter().next()?;
+                let typed = ScalarValue::try_from_string(raw.clone(), declared).ok()?;
+                (column == name && &typed == value).then_some(raw)
+            })
+            .collect();
+        match holding.as_slice() {
+            [] => {
+                found.insert(name.clone(), value.to_string());
+                break;
+            }
+            [raw] => {
+                found.insert(name.clone(), raw.clone());
+                // Spelled with escapes, the folder ends the listing's prefix.
+                if !has_one_folder_spelling(raw) {
+                    break;
+                }
+                prefix = prefix.join(format!("{name}={raw}"));
+            }
+            _ => break,
+        }
+    }
+    Ok(found)
+}
+
 /// `filter` over the raw (string) partition columns, given the declared
-/// type of each partition column.
-fn raw_filter(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Result<Expr> {
-    if let Some(plain) = folder_equality(partition_types, filter) {
+/// type of each partition column and the raw values of the folders that
+/// [`equality_folders`] found.
+fn raw_filter(
+    partition_types: &HashMap<String, DataType>,
+    folders: &HashMap<String, String>,
+    filter: &Expr,
+) -> Result<Expr> {
+    if let Some(plain) = folder_equality(partition_types, folders, filter) {
         return Ok(plain);
     }
     filter
@@ -153,55 +306,26 @@ fn raw_filter(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Res
         .map(|rewritten| rewritten.data)
 }
 
-/// `column = value` on a partition column, for a value that is written as
-/// one canonical folder name, means `raw = 'name'`. Kept a plain equality,
-/// it lets the listing list only that folder. Strings, integers, dates and
-/// booleans have one text each (`2024`, `2024-01-31`, `true`), the one that
-/// Quiver, DataFusion, Hive and Spark write; folders spelled otherwise (say
-/// `year=02024`) are then not found, as with DataFusion's typed listing. A
-/// string that some writer escapes has several folder names, so it is not
-/// looked up by one.
-/// Other types (floats, decimals, timestamps) have several spellings of one
-/// value, so their filters stay on the converted value, over every folder.
-fn folder_equality(partition_types: &HashMap<String, DataType>, filter: &Expr) -> Option<Expr> {
-    let Expr::BinaryExpr(binary) = filter else {
-        return None;
-    };
-    if binary.op != Operator::Eq {
-        return None;
-    }
-    let (column, value) = match (binary.left.as_ref(), binary.right.as_ref()) {
-        (Expr::Column(column), Expr::Literal(value, _))
-        | (Expr::Literal(value, _), Expr::Column(column)) => (column, value),
-        _ => return None,
-    };
+/// `column = value` on a partition column as `raw = 'folder value'`, where
+/// the value lies in one folder: a string that every writer spells one way,
+/// or a value whose folder [`equality_folders`] found. Kept a plain equality,
+/// it lets the listing list only that folder. A string that some writer
+/// escapes has several folder names, and so may any other value, so those
+/// are compared on every folder's typed value.
+fn folder_equality(
+    partition_types: &HashMap<String, DataType>,
+    folders: &HashMap<String, String>,
+    filter: &Expr,
+) -> Option<Expr> {
+    let (column, value) = literal_equality(filter)?;
     let declared = partition_types.get(column.name())?;
-    // The listing spells the folder's name as an object store path, which
-    // escapes a non-ASCII column name that writers keep as it is.
-    if !has_one_folder_spelling(column.name()) {
-        return None;
-    }
-    let name = match declared {
-        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => string_folder(value)?,
-        // The type of the partition columns that a table infers.
-        DataType::Dictionary(_, values) if values.as_ref() == &DataType::Utf8 => {
+    let name = match folders.get(column.name()) {
+        Some(raw) => raw.clone(),
+        // See `equality_folders` for the column name.
+        None if is_string_type(declared) && has_one_folder_spelling(column.name()) => {
             string_folder(value)?
         }
-        DataType::Int8
-        | DataType::Int16
-        | DataType::Int32
-        | DataType::Int64
-        | DataType::UInt8
-        | DataType::UInt16
-        | DataType::UInt32
-        | DataType::UInt64
-        | DataType::Date32
-        | DataType::Boolean
-            if &value.data_type() == declared && !value.is_null() =>
-        {
-            value.to_string()
-        }
-        _ => return None,
+        None => return None,
     };
     (name != NULL_PARTITION)
         .then(|| binary_expr(Expr::Column(column.clone()), Operator::Eq, lit(name)))
@@ -244,9 +368,10 @@ impl TableProvider for HivePartitionedTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        let folders = self.equality_folders(state, filters).await?;
         let filters = filters
             .iter()
-            .map(|filter| self.raw_filter(filter))
+            .map(|filter| raw_filter(&self.partition_types, &folders, filter))
             .collect::<Result<Vec<_>>>()?;
         let scan = self.raw.scan(state, projection, &filters, limit).await?;
         self.convert_partition_columns(state, scan, Self::typed)
@@ -258,7 +383,7 @@ impl TableProvider for HivePartitionedTable {
     ) -> Result<Vec<TableProviderFilterPushDown>> {
         let raw = filters
             .iter()
-            .map(|filter| self.raw_filter(filter))
+            .map(|filter| raw_filter(&self.partition_types, &HashMap::new(), filter))
             .collect::<Result<Vec<_>>>()?;
         self.raw
             .supports_filters_pushdown(&raw.iter().collect::<Vec<_>>())
@@ -273,13 +398,15 @@ impl TableProvider for HivePartitionedTable {
         let input = self.convert_partition_columns(state, input, |column, _| {
             Ok(cast(column, DataType::Utf8))
         })?;
-        self.raw.insert_into(state, input, insert_op).await
+        let plan = self.raw.insert_into(state, input, insert_op).await?;
+        Ok(with_declared_partition_types(plan, &self.partition_columns))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use datafusion::logical_expr::col;
+    use object_store::local::LocalFileSystem;
 
     use super::*;
 
@@ -297,8 +424,13 @@ mod tests {
         ])
     }
 
+    /// `filter` over the raw columns, where no folder was looked up.
     fn raw(filter: Expr) -> Expr {
-        raw_filter(&types(), &filter).expect("rewrites")
+        raw_filter(&types(), &HashMap::new(), &filter).expect("rewrites")
+    }
+
+    fn typed(column: &str) -> Expr {
+        HivePartitionedTable::typed(col(column), &types()[column]).expect("typed")
     }
 
     #[test]
@@ -306,15 +438,6 @@ mod tests {
         assert_eq!(
             raw(col("region").eq(lit("EU"))),
             col("region").eq(lit("EU"))
-        );
-        assert_eq!(
-            raw(lit(2024i32).eq(col("year"))),
-            col("year").eq(lit("2024"))
-        );
-        let day = ScalarValue::Date32(Some(19_753));
-        assert_eq!(
-            raw(col("day").eq(lit(day))),
-            col("day").eq(lit("2024-01-31"))
         );
         // An inferred partition column, compared with a dictionary literal.
         let dictionary = ScalarValue::Dictionary(
@@ -325,10 +448,17 @@ mod tests {
             raw(col("inferred").eq(lit(dictionary))),
             col("inferred").eq(lit("2021"))
         );
+        // A value whose one folder was found, in that folder's spelling.
+        let folders = HashMap::from([("year".to_owned(), "02024".to_owned())]);
+        let filter = lit(2024i32).eq(col("year"));
+        assert_eq!(
+            raw_filter(&types(), &folders, &filter).expect("rewrites"),
+            col("year").eq(lit("02024"))
+        );
     }
 
     #[test]
-    fn a_value_or_name_spelled_several_ways_is_compared_on_every_folder() {
+    fn a_value_that_may_lie_in_several_folders_is_compared_on_every_folder() {
         for filter in [
             col("region").eq(lit("a:b")),
             col("region").eq(lit("ünï")),
@@ -338,28 +468,106 @@ mod tests {
             let rewritten = raw(filter.clone());
             assert_ne!(rewritten, filter, "{filter} must not list one folder");
         }
+        // `year=2024` and `year=02024`, `day=2024-01-31` and `day=2024-1-31`,
+        // `price=1.5` and `price=1.50`, unless their folders were listed.
+        let day = ScalarValue::Date32(Some(19_753));
+        assert_eq!(
+            raw(col("year").eq(lit(2024i32))),
+            typed("year").eq(lit(2024i32))
+        );
+        assert_eq!(
+            raw(col("day").eq(lit(day.clone()))),
+            typed("day").eq(lit(day))
+        );
+        assert_eq!(
+            raw(col("price").eq(lit(1.5f64))),
+            typed("price").eq(lit(1.5f64))
+        );
     }
 
     #[test]
     fn other_filters_are_evaluated_on_the_typed_value() {
-        let typed_year = HivePartitionedTable::typed(col("year"), &DataType::Int32).expect("typed");
         // Not an equality, the marker, or a literal of another type.
         assert_eq!(
             raw(col("year").gt(lit(2024i32))),
-            typed_year.clone().gt(lit(2024i32))
+            typed("year").gt(lit(2024i32))
         );
         assert_eq!(
             raw(col("year").eq(lit(2024i64))),
-            typed_year.eq(lit(2024i64))
+            typed("year").eq(lit(2024i64))
         );
         let marker = raw(col("region").eq(lit(NULL_PARTITION)));
         assert_ne!(marker, col("region").eq(lit(NULL_PARTITION)));
-        // A float has several spellings of one value: `1.5`, `1.50`.
-        let typed_price =
-            HivePartitionedTable::typed(col("price"), &DataType::Float64).expect("typed");
+    }
+
+    /// The folders that `equality_folders` finds for `filters` in a tree of
+    /// `region`, `year` and `month` folders.
+    async fn folders_for(filters: &[Expr]) -> HashMap<String, String> {
+        let tree = tempfile::tempdir().expect("temp folder");
+        for folder in [
+            "region=EU/year=2024/month=01",
+            "region=EU/year=2024/month=2",
+            "region=EU/year=2025/month=1",
+            "region=EU/year=2025/month=01",
+            "region=EU/year=2025/month=__HIVE_DEFAULT_PARTITION__",
+            "region=US/year=02024/month=1",
+        ] {
+            let folder = tree.path().join(folder);
+            std::fs::create_dir_all(&folder).expect("folders");
+            std::fs::write(folder.join("part-0.parquet"), b"data").expect("file");
+        }
+        let store = LocalFileSystem::new_with_prefix(tree.path()).expect("store");
+        let columns = [
+            ("region".to_owned(), DataType::Utf8),
+            ("year".to_owned(), DataType::Int32),
+            ("month".to_owned(), DataType::Int64),
+        ];
+        equality_folders(&store, &Path::default(), &columns, filters)
+            .await
+            .expect("lists")
+    }
+
+    fn found(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(column, raw)| ((*column).to_owned(), (*raw).to_owned()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn each_filtered_level_finds_the_folder_that_holds_its_value() {
+        let eu = col("region").eq(lit("EU"));
+        let us = col("region").eq(lit("US"));
+        let year = |value: i32| col("year").eq(lit(value));
+        let month = |value: i64| lit(value).eq(col("month"));
+        // `month=01` holds 1 and `month=2` holds 2.
         assert_eq!(
-            raw(col("price").eq(lit(1.5f64))),
-            typed_price.eq(lit(1.5f64))
+            folders_for(&[eu.clone(), year(2024), month(1)]).await,
+            found(&[("year", "2024"), ("month", "01")])
+        );
+        assert_eq!(
+            folders_for(&[month(2), year(2024), eu.clone()]).await,
+            found(&[("year", "2024"), ("month", "2")])
+        );
+        assert_eq!(
+            folders_for(&[us, year(2024), month(1)]).await,
+            found(&[("year", "02024"), ("month", "1")])
+        );
+        // Two folders hold 1; the marker is no number.
+        assert_eq!(
+            folders_for(&[eu.clone(), year(2025), month(1)]).await,
+            found(&[("year", "2025")])
+        );
+        // No folder holds 2023: its canonical folder lists nothing.
+        assert_eq!(
+            folders_for(&[eu.clone(), year(2023), month(1)]).await,
+            found(&[("year", "2023")])
+        );
+        // A level without an equality ends the search.
+        assert_eq!(folders_for(&[year(2024), month(1)]).await, found(&[]));
+        assert_eq!(
+            folders_for(&[eu, col("year").gt(lit(2000i32)), month(1)]).await,
+            found(&[])
         );
     }
 }

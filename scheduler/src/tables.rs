@@ -500,6 +500,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn partition_values_are_found_however_their_folders_spell_them() {
+        // As Kafka Connect and other writers of formatted paths spell months.
+        let folder = tempfile::tempdir().expect("temp folder");
+        let root = folder.path();
+        write_parquet(&root.join("year=2024/month=01/part-0.parquet"), vec![1, 2]);
+        write_parquet(&root.join("year=2024/month=02/part-0.parquet"), vec![4]);
+        write_parquet(&root.join("year=2025/month=1/part-0.parquet"), vec![10]);
+        write_parquet(&root.join("year=2025/month=01/part-0.parquet"), vec![20]);
+        let declaration = "(x BIGINT, year INT, month INT) STORED AS PARQUET \
+                           PARTITIONED BY (year, month)";
+        for (filter, total) in [
+            ("year = 2024 AND month = 1", "3"),
+            ("month = 1", "33"),
+            ("year = 2025 AND month = 1", "30"),
+            ("month = 2 AND year = 2024", "4"),
+            ("year = 2023 AND month = 1", ""),
+        ] {
+            let answer = register_and_query(
+                root,
+                declaration,
+                &format!("SELECT sum(x) AS total FROM t WHERE {filter}"),
+            )
+            .await
+            .expect("the folder registers");
+            assert!(
+                answer.contains(&format!("| {total:<5} |")),
+                "{filter}: {answer}"
+            );
+        }
+        // Only the folder holding the value is read.
+        let plan = register_and_query(
+            root,
+            declaration,
+            "EXPLAIN SELECT x FROM t WHERE year = 2024 AND month = 1",
+        )
+        .await
+        .expect("the folder registers");
+        assert!(plan.contains("month=01/part-0.parquet"), "{plan}");
+        assert!(
+            !plan.contains("month=02") && !plan.contains("year=2025"),
+            "{plan}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_column_that_some_files_lack_is_nullable() {
         let folder = tempfile::tempdir().expect("temp folder");
         let root = folder.path();

@@ -76,7 +76,7 @@ use super::layout::{
     REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
     manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
 };
-use super::partition::folder_values;
+use super::partition::folder_key;
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
@@ -218,6 +218,7 @@ impl ExecutionPlan for ParquetCommitExec {
             job_id: self.job_id.clone(),
             insert_op: config.insert_op,
             partitioned: !config.table_partition_cols.is_empty(),
+            partition_types: config.table_partition_cols.clone(),
             file_schema: Some(Arc::clone(config.output_schema())),
             lease: task_lease(&context),
             known_commits: self.known_commits.clone(),
@@ -275,6 +276,10 @@ struct Commit {
     job_id: String,
     insert_op: InsertOp,
     partitioned: bool,
+    /// The declared types of the partition columns, so that an overwrite
+    /// replaces every spelling of the folders it writes (`month=01` as well
+    /// as `month=1`); none when the scheduler settles a write.
+    partition_types: Vec<(String, DataType)>,
     /// The schema of the files, to write an empty file that keeps it when a
     /// write leaves an unpartitioned table without data; none when the
     /// scheduler settles a write.
@@ -563,20 +568,20 @@ impl Commit {
     /// The files that an overwrite replaces: in the partition folders this
     /// job wrote (`written`) for a partitioned table, all of the table's
     /// data files otherwise. Files of this job stay.
-    /// Folders are compared by the values they name, decoded, so that a
-    /// folder that another engine spelled otherwise (`p=%C3%BC` for `p=ü`)
-    /// is replaced too.
+    /// Folders are compared by the values they name ([`folder_key`]), so
+    /// that a folder that another engine spelled otherwise (`p=%C3%BC` for
+    /// `p=ü`, `month=01` for `month=1`) is replaced too.
     async fn replaced_files<'a>(
         &self,
         partitioned: bool,
         written: impl Iterator<Item = &'a str>,
     ) -> Result<Replacement> {
-        let touched: HashSet<Vec<(&str, String)>> =
-            written.map(|file| folder_values(folder_of(file))).collect();
+        let key = |relative: &str| folder_key(folder_of(relative), &self.partition_types);
+        let touched: HashSet<Vec<(String, String)>> = written.map(key).collect();
         let mut replacement = Replacement::default();
         for (path, relative) in self.data_files().await? {
             let replaced = !written_by(&path, &self.job_id)
-                && (!partitioned || touched.contains(&folder_values(folder_of(&relative))));
+                && (!partitioned || touched.contains(&key(&relative)));
             if replaced {
                 replacement.files.push((path, relative));
             } else if let Some(job) = path.filename().and_then(named_job) {
@@ -816,6 +821,7 @@ pub async fn settle_write(
         job_id: job_id.to_owned(),
         insert_op: InsertOp::Append,
         partitioned: false,
+        partition_types: Vec::new(),
         file_schema: None,
         lease: None,
         known_commits: None,
@@ -1126,6 +1132,7 @@ mod tests {
             job_id: "job1".into(),
             insert_op: InsertOp::Overwrite,
             partitioned: true,
+            partition_types: Vec::new(),
             file_schema: None,
             lease: None,
             known_commits: Some(Arc::new(Vec::new())),
@@ -1179,6 +1186,7 @@ mod tests {
             job_id: "job1".into(),
             insert_op: InsertOp::Append,
             partitioned: true,
+            partition_types: Vec::new(),
             file_schema: None,
             lease: Some(lease),
             known_commits: None,
@@ -1264,6 +1272,7 @@ mod tests {
             job_id: job_id.into(),
             insert_op: op,
             partitioned: true,
+            partition_types: Vec::new(),
             file_schema: None,
             lease: None,
             known_commits: None,

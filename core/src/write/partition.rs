@@ -14,6 +14,7 @@ use std::fmt::Write;
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{CastOptions, cast_with_options, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use percent_encoding::percent_decode_str;
 
@@ -171,6 +172,44 @@ pub fn has_one_folder_spelling(value: &str) -> bool {
         .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte))
 }
 
+/// Whether partition values of type `data_type` are strings, whose folders
+/// hold their text as it is.
+pub fn is_string_type(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => true,
+        // The type of the partition columns that a table infers.
+        DataType::Dictionary(_, values) => values.as_ref() == &DataType::Utf8,
+        _ => false,
+    }
+}
+
+/// The partition values that a relative folder names, in a form in which
+/// every spelling of one value is equal: decoded, and, for a column that
+/// `types` declares of another type than a string, as that type's value
+/// prints (`month=01` and `month=1` both name `1`, `price=1.50` names `1.5`).
+/// A value that does not parse as its type, or the null marker, stays as it
+/// is spelled.
+pub fn folder_key(folder: &str, types: &[(String, DataType)]) -> Vec<(String, String)> {
+    folder_values(folder)
+        .into_iter()
+        .map(|(name, value)| {
+            let declared = types
+                .iter()
+                .find(|(column, _)| column == name)
+                .map(|(_, declared)| declared)
+                .filter(|declared| !is_string_type(declared));
+            let value = match declared {
+                Some(declared) if value != NULL_PARTITION => {
+                    ScalarValue::try_from_string(value.clone(), declared)
+                        .map_or(value, |typed| typed.to_string())
+                }
+                _ => value,
+            };
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
 /// The partition values that a relative folder (`a=1/b=x%3Ay`) names,
 /// decoded, as readers decode them: two spellings of the same values are
 /// equal.
@@ -284,6 +323,23 @@ mod tests {
         );
         assert_eq!(folder_values("p=ünï"), vec![("p", "ünï".to_owned())]);
         assert_ne!(folder_values("p=a"), folder_values("p=b"));
+        // Typed, `01` and `1` are one month and `1.50` and `1.5` one price;
+        // as strings, or unparsed, they stay apart.
+        let types = [
+            ("month".to_owned(), DataType::Int32),
+            ("price".to_owned(), DataType::Float64),
+            ("code".to_owned(), DataType::Utf8),
+        ];
+        let key = |folder| folder_key(folder, &types);
+        assert_eq!(key("month=01/price=1.50"), key("month=1/price=1.5"));
+        assert_eq!(key("month=01"), vec![("month".to_owned(), "1".to_owned())]);
+        assert_ne!(key("code=01"), key("code=1"));
+        assert_ne!(key("month=x1"), key("month=1"));
+        let marker = format!("month={NULL_PARTITION}");
+        assert_eq!(
+            key(&marker),
+            vec![("month".to_owned(), NULL_PARTITION.to_owned())]
+        );
         assert!(has_one_folder_spelling("EU-2024_v1.5"));
         // pyarrow and DuckDB spell these `a%2Bb`, `a%2Cb`, `a%26b`, ...
         for value in [
