@@ -22,6 +22,7 @@ use quiver_benchmarks::queries::query;
 use quiver_benchmarks::runner::Engine;
 use quiver_benchmarks::verify::compare;
 use quiver_client::QuiverContext;
+use quiver_client::job::CancelOutcome;
 use quiver_proto::{JobState, JobStatus};
 
 const EXECUTORS: usize = 3;
@@ -231,6 +232,7 @@ async fn chaos_suite() {
     overwrite_lost_after_its_manifest(&mut suite, FileLists::InStagingFolder).await;
     durable_shuffle(&mut suite).await;
     cancel_and_timeout(&mut suite).await;
+    cancel_while_committing(&mut suite).await;
     scheduler_restart(&mut suite).await;
 
     eprintln!(
@@ -744,6 +746,157 @@ fn files_named_by(
     Ok(stored.len())
 }
 
+/// A cancel that comes once a write's commit was allowed to change its
+/// table waits for that commit, so that the job is never reported cancelled
+/// with its rows committed. Every executor is paused as soon as the job says
+/// it commits, then the job is cancelled:
+/// - resumed at once, the commit finishes: the job succeeds, every row once;
+/// - resumed only after their leases ran out, the executors were lost with
+///   the commit: the job ends cancelled once the lost commit can no longer
+///   act, and its write is rolled back.
+///
+/// A run in which the commit wrote its manifest before the pause landed
+/// does not test the case and is run again.
+async fn cancel_while_committing(suite: &mut Suite) {
+    suite
+        .context
+        .sql("SET quiver.target_file_bytes = 131072")
+        .await
+        .expect("small files: a longer commit");
+    let (expected_rows, _) = totals_of(&suite.context, "SELECT count(*), 0 FROM lineitem").await;
+    for (pause, lost) in [
+        (Duration::from_millis(500), false),
+        // Longer than the 3 s executor timeout.
+        (Duration::from_secs(4), true),
+    ] {
+        let scenario = if lost {
+            "COPY: cancelled while committing, executors lost"
+        } else {
+            "COPY: cancelled while committing"
+        };
+        let mut landed = false;
+        for attempt in 0..INJECTION_ATTEMPTS {
+            let target = suite
+                .cluster
+                .work_dir()
+                .join(format!("cancel-commit-{}-{attempt}", u8::from(lost)));
+            let pids: Vec<u32> = (0..EXECUTORS)
+                .filter_map(|index| suite.cluster.executor_pid(index))
+                .collect();
+            let (paused, job_id) = tokio::sync::oneshot::channel::<String>();
+            let paused = Mutex::new(Some(paused));
+            let stop = pids.clone();
+            let context = suite.context.clone();
+            let sql = copy_lineitem_to(&target);
+            let job = tokio::spawn(async move {
+                let progress = move |status: &JobStatus| {
+                    if status.committing
+                        && let Some(paused) = paused.lock().expect("pause lock").take()
+                    {
+                        for pid in &stop {
+                            send_signal(*pid, "STOP");
+                        }
+                        let _ = paused.send(status.job_id.clone());
+                    }
+                };
+                let stream = context
+                    .execute_sql(&sql, progress)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                datafusion::physical_plan::common::collect(stream)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+            let Ok(Ok(job_id)) = tokio::time::timeout(QUERY_TIMEOUT, job_id).await else {
+                let _ = job.await;
+                continue;
+            };
+            let cancelled = suite.context.cancel_job(&job_id).await;
+            tokio::time::sleep(pause).await;
+            let while_paused = suite.context.job_status(&job_id).await;
+            for pid in &pids {
+                send_signal(*pid, "CONT");
+            }
+            let result = tokio::time::timeout(QUERY_TIMEOUT, job)
+                .await
+                .map_err(|_| "the job hung".to_owned())
+                .and_then(|joined| joined.map_err(|e| e.to_string()))
+                .and_then(|result| result);
+            if lost {
+                // Back in the cluster: they noticed their leases and registered again.
+                suite.context = suite.cluster.connect(EXECUTORS).await;
+            }
+            let manifest_written = std::fs::read_dir(target.join("_manifests"))
+                .is_ok_and(|mut entries| entries.next().is_some());
+            if !matches!(cancelled, Ok(CancelOutcome::Committing)) || (lost && manifest_written) {
+                continue;
+            }
+            landed = true;
+            let still_running = match &while_paused {
+                Ok(status) if status.state() == JobState::Running && status.committing => Ok(()),
+                other => Err(format!("while paused, the job was {other:?}")),
+            };
+            let outcome = still_running.and_then(|()| {
+                if lost {
+                    match &result {
+                        Err(message) if message.contains("cancelled") => {
+                            rolled_back(&target, Duration::from_secs(30))
+                        }
+                        other => Err(format!("the job did not end cancelled: {other:?}")),
+                    }
+                } else {
+                    result
+                        .map(|batches| {
+                            batches
+                                .iter()
+                                .map(|b| b.column(0).as_primitive::<UInt64Type>().value(0))
+                                .sum::<u64>()
+                        })
+                        .and_then(|rows| committed_exactly_once(&target, rows, expected_rows))
+                        .map(|_| ())
+                }
+            });
+            match outcome {
+                Ok(()) => suite.passed.push(scenario.into()),
+                Err(e) => suite.failures.push(format!("{scenario}: {e}")),
+            }
+            break;
+        }
+        if !landed {
+            suite.failures.push(format!(
+                "{scenario}: could not pause the commit in {INJECTION_ATTEMPTS} runs"
+            ));
+        }
+    }
+    suite
+        .context
+        .sql("SET quiver.target_file_bytes = 268435456")
+        .await
+        .expect("reset target file size");
+}
+
+/// Waits up to `wait` for a write into `target` to be rolled back: no data
+/// file and no manifest left.
+fn rolled_back(target: &std::path::Path, wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let files = data_files_below(target);
+        let manifests = std::fs::read_dir(target.join("_manifests"))
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        if files.is_empty() && manifests == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "not rolled back: {} data files, {manifests} manifests",
+                files.len()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A cancelled job and a timed-out job stop their tasks and free their data,
 /// and the cluster then runs the next job normally.
 async fn cancel_and_timeout(suite: &mut Suite) {
@@ -774,12 +927,14 @@ async fn cancel_and_timeout(suite: &mut Suite) {
     };
     let cancelled = context.cancel_job(&id).await.expect("cancel call");
     match tokio::time::timeout(Duration::from_secs(10), long).await {
-        Ok(Ok(Err(message))) if cancelled && message.contains("cancelled") => {
+        Ok(Ok(Err(message)))
+            if cancelled == CancelOutcome::Cancelled && message.contains("cancelled") =>
+        {
             suite.passed.push("cancel mid-way".into());
         }
-        other => suite
-            .failures
-            .push(format!("cancel did not end the job: {cancelled} {other:?}")),
+        other => suite.failures.push(format!(
+            "cancel did not end the job: {cancelled:?} {other:?}"
+        )),
     }
     suite.check_no_job_data(&id, "cancel").await;
 

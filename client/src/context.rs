@@ -21,7 +21,7 @@ use quiver_proto::{
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
-use crate::job;
+use crate::job::{self, CancelOutcome};
 use crate::remote::{DistributedQueryPlanner, RemoteCatalog};
 
 /// Largest gRPC message accepted from the scheduler.
@@ -176,9 +176,10 @@ impl QuiverContext {
         Ok(response.into_inner().jobs)
     }
 
-    /// Cancels a running job: its tasks stop and its data is freed. Returns
-    /// false when the job had already ended.
-    pub async fn cancel_job(&self, job_id: &str) -> Result<bool> {
+    /// Cancels a running job: its tasks stop and its data is freed. A job
+    /// whose write is committing ends when its commit does (see
+    /// [`CancelOutcome`]).
+    pub async fn cancel_job(&self, job_id: &str) -> Result<CancelOutcome> {
         job::cancel(&mut self.scheduler(), job_id).await
     }
 

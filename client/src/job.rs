@@ -81,14 +81,37 @@ pub async fn wait(
     })
 }
 
-/// Asks the scheduler to cancel a job; false when it had already ended.
-pub async fn cancel(client: &mut SchedulerServiceClient<Channel>, job_id: &str) -> Result<bool> {
+/// What a request to cancel a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job ended, cancelled.
+    Cancelled,
+    /// The job's write was committing: the job ends when the commit does,
+    /// cancelled if the commit fails and succeeded if it commits. Its final
+    /// status says which.
+    Committing,
+    /// The job had already ended.
+    Ended,
+}
+
+/// Asks the scheduler to cancel a job.
+pub async fn cancel(
+    client: &mut SchedulerServiceClient<Channel>,
+    job_id: &str,
+) -> Result<CancelOutcome> {
     let response = client
         .cancel_job(JobRequest {
             job_id: job_id.to_owned(),
         })
-        .await?;
-    Ok(response.into_inner().cancelled)
+        .await?
+        .into_inner();
+    Ok(if response.cancelled {
+        CancelOutcome::Cancelled
+    } else if response.committing {
+        CancelOutcome::Committing
+    } else {
+        CancelOutcome::Ended
+    })
 }
 
 /// Cancels a job on the cluster when dropped while armed: a caller that stops

@@ -9,6 +9,7 @@ use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::prelude::{SessionContext, col, lit};
+use quiver_client::job::CancelOutcome;
 use quiver_client::{QuiverContext, StandaloneCluster, StandaloneOptions};
 use quiver_proto::{
     ExecutorAddress, ExecutorMessage, Heartbeat, JobRequest, JobState, JobStatus, PROTOCOL_VERSION,
@@ -394,7 +395,10 @@ async fn jobs_beyond_the_limit_wait_in_a_visible_queue() {
     assert_eq!(first_status.state(), JobState::Queued);
     assert_eq!(first_status.queue_position, 0);
 
-    assert!(context.cancel_job(&endless.job_id).await.expect("cancel"));
+    assert_eq!(
+        context.cancel_job(&endless.job_id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
     wait_for_state(&context, &first.job_id, JobState::Succeeded).await;
     wait_for_state(&context, &second.job_id, JobState::Succeeded).await;
     let history = context.list_jobs(0).await.expect("list");
@@ -861,7 +865,10 @@ async fn writes_to_one_table_run_one_at_a_time() {
         "a second writer of a table waits for the first"
     );
 
-    assert!(context.cancel_job(&endless.job_id).await.expect("cancel"));
+    assert_eq!(
+        context.cancel_job(&endless.job_id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
     wait_for_state(&context, &same_table.job_id, JobState::Succeeded).await;
     let rows = query(&context, "SELECT value FROM busy").await;
     assert_eq!(rows.iter().map(|batch| batch.num_rows()).sum::<usize>(), 1);
@@ -1418,7 +1425,10 @@ async fn jobs_that_lose_their_files_to_a_write_run_again_from_a_new_plan() {
     // Another engine rewrites the table meanwhile.
     write_file("new.parquet", 2000).await;
     std::fs::remove_file(&old_file).expect("remove the old file");
-    assert!(context.cancel_job(&endless.job_id).await.expect("cancel"));
+    assert_eq!(
+        context.cancel_job(&endless.job_id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
 
     let new_totals = (2000, (1..=2000).sum::<i64>());
     let (batches, status) = reader.await.expect("reader");

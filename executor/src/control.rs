@@ -28,6 +28,7 @@ use tonic::Streaming;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
+use crate::commit_gate::CommitRequests;
 use crate::config::ExecutorConfig;
 use crate::task::TaskRunner;
 use crate::{Error, Result};
@@ -153,11 +154,13 @@ async fn serve_session(
     info!(executor_id = %address.executor_id, lease_millis = lease_length.map(|l| l.as_millis()),
         "registered with scheduler");
     let lease = Lease::until(registered_at + lease_length.unwrap_or(NO_LEASE_LIMIT));
+    let commits = CommitRequests::new(outbound.clone());
     let mut session = Session {
         address,
         runner,
         outbound,
         lease: Arc::clone(&lease),
+        commits,
         lease_length,
         unacknowledged: VecDeque::new(),
         next_sequence: 0,
@@ -168,6 +171,7 @@ async fn serve_session(
     // The session's tasks must not act once it is over, even before they
     // notice that they were cancelled.
     lease.revoke();
+    session.commits.close();
     end
 }
 
@@ -178,6 +182,8 @@ struct Session<'a> {
     outbound: UnboundedSender<ExecutorMessage>,
     /// Held by every task launched in this session.
     lease: Arc<Lease>,
+    /// Its tasks' commits waiting for the scheduler's permission.
+    commits: Arc<CommitRequests>,
     /// How far past its send time an acknowledged heartbeat extends the
     /// lease; none when the scheduler grants no lease.
     lease_length: Option<Duration>,
@@ -267,6 +273,7 @@ impl Session<'_> {
                     launch,
                     self.address.clone(),
                     Arc::clone(&self.lease),
+                    Arc::clone(&self.commits),
                     move |status| {
                         send(&outbound, executor_message::Kind::TaskStatus(status));
                     },
@@ -280,6 +287,7 @@ impl Session<'_> {
                 self.runner.remove_job(&remove.job_id);
             }
             scheduler_message::Kind::HeartbeatAck(ack) => self.acknowledged(ack.sequence),
+            scheduler_message::Kind::CommitAnswer(answer) => self.commits.answer(answer),
             scheduler_message::Kind::Registered(_) | scheduler_message::Kind::Drained(_) => {}
         }
     }

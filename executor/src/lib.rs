@@ -1,6 +1,7 @@
 //! The Quiver executor: runs plan fragments for the scheduler, and stores and
 //! serves their shuffle output.
 //!
+//! - [`commit_gate`]: asks the scheduler whether a commit may change its table.
 //! - [`config`]: command-line and environment settings.
 //! - [`control`]: the long-lived control stream to the scheduler: register,
 //!   heartbeat, receive tasks and report their status.
@@ -16,6 +17,7 @@
 //! [`run`] starts an executor: it serves Flight on the given listener and keeps
 //! its control stream to the scheduler until `shutdown` completes.
 
+pub mod commit_gate;
 pub mod config;
 pub mod control;
 pub mod flight;

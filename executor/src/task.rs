@@ -25,6 +25,7 @@ use quiver_core::shuffle::{
 use quiver_core::storage::metered::{ReadMeter, metered_registry};
 use quiver_core::storage::{StoreOptions, StoreRegistry, redacted_error};
 use quiver_core::write::TaskAttempt;
+use quiver_core::write::permission::CommitPermission;
 use quiver_proto::{
     ExecutorAddress, FailureKind, LaunchTask, MapOutput, Metric, MetricKind, OperatorMetrics,
     PartitionStats, StageInput, StoreConfig, TaskFailed, TaskId, TaskStatus, TaskSucceeded,
@@ -35,6 +36,7 @@ use tracing::{debug, info, warn};
 use url::Url;
 
 use crate::Result;
+use crate::commit_gate::{CommitRequests, TaskCommitGate};
 use crate::config::ExecutorConfig;
 use crate::runtime::build_runtime;
 use crate::scan_errors::explain_scan_failure;
@@ -133,6 +135,7 @@ impl TaskRunner {
         launch: LaunchTask,
         address: ExecutorAddress,
         lease: Arc<Lease>,
+        commits: Arc<CommitRequests>,
         report: impl FnOnce(TaskStatus) + Send + 'static,
     ) {
         let task = launch.task.clone().unwrap_or_default();
@@ -143,7 +146,7 @@ impl TaskRunner {
         let execution = Arc::clone(&runner);
         let mut running = self
             .threads
-            .spawn(async move { execution.run(launch, address, lease).await });
+            .spawn(async move { execution.run(launch, address, lease, commits).await });
         tokio::spawn(async move {
             let started = Instant::now();
             let job_id = task.job_id.clone();
@@ -277,12 +280,19 @@ impl TaskRunner {
         launch: LaunchTask,
         address: ExecutorAddress,
         lease: Arc<Lease>,
+        commits: Arc<CommitRequests>,
     ) -> DfResult<(MapOutput, Vec<OperatorMetrics>)> {
         let launched = Instant::now();
         let task = launch.task.unwrap_or_default();
         self.configure_stores(&launch.stores)?;
         let meter = Arc::new(ReadMeter::default());
-        let context = self.task_context(&launch.settings, &task, &meter, Arc::clone(&lease))?;
+        let gate = TaskCommitGate {
+            task: task.clone(),
+            requests: commits,
+            lease: Arc::clone(&lease),
+        };
+        let context =
+            self.task_context(&launch.settings, &task, &meter, Arc::clone(&lease), gate)?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
         let plan =
@@ -418,14 +428,16 @@ impl TaskRunner {
     }
 
     /// The task's context: the executor's runtime, whose object store reads
-    /// are counted into `meter`, the job's settings, the session's lease, and
-    /// the executor's stores, whose multipart APIs writes record uploads through.
+    /// are counted into `meter`, the job's settings, the session's lease,
+    /// the executor's stores, whose multipart APIs writes record uploads
+    /// through, and the gate through which a commit asks the scheduler.
     fn task_context(
         &self,
         settings: &[quiver_proto::Setting],
         task: &TaskId,
         meter: &Arc<ReadMeter>,
         lease: Arc<Lease>,
+        gate: TaskCommitGate,
     ) -> DfResult<Arc<TaskContext>> {
         let stores = metered_registry(
             Arc::clone(&self.runtime.object_store_registry),
@@ -445,7 +457,8 @@ impl TaskRunner {
                 attempt: task.attempt,
             }))
             .with_extension(Arc::clone(&self.stores))
-            .with_extension(lease);
+            .with_extension(lease)
+            .with_extension(Arc::new(CommitPermission(Arc::new(gate))));
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)

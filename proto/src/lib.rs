@@ -18,7 +18,12 @@
 /// Write tasks may be told to copy their file lists into the table's
 /// staging folder (`LaunchTask.large_output_location`), which version 2
 /// ignores.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: a commit asks the scheduler's permission before it changes the table
+/// (`CommitRequest`, `CommitAnswer`); the scheduler then does not end the
+/// job until the commit reports. An executor of version 3 would commit
+/// unasked, and could be cancelled after writing its manifest.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Generated messages and services of package `quiver.v1`.
 #[allow(clippy::all, clippy::clone_on_ref_ptr, unused_qualifications)]

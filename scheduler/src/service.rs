@@ -14,7 +14,7 @@ use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error};
-use quiver_core::write::{FinishOverwrite, settle_write};
+use quiver_core::write::{FinishOverwrite, Settled, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
@@ -31,7 +31,7 @@ use crate::analyze;
 use crate::error::Error;
 use crate::planner::{Planned, Planner, StagedJob};
 use crate::state::event_loop::unix_millis;
-use crate::state::{Event, SchedulerHandle, SubmittedJob};
+use crate::state::{CancelOutcome, Event, SchedulerHandle, SubmittedJob};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -64,8 +64,9 @@ impl SchedulerGrpc {
         &self.planner
     }
 
-    /// Cancels a job; false when it had already ended.
-    pub async fn cancel(&self, job_id: &str) -> Result<bool, Status> {
+    /// Cancels a job, unless it had already ended or its write is
+    /// committing (see [`CancelOutcome`]).
+    pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, Status> {
         self.job_status(job_id)?;
         let (reply, answer) = oneshot::channel();
         self.send(Event::CancelJob {
@@ -356,13 +357,10 @@ impl SchedulerGrpc {
         let mut watcher = watcher.clone();
         tokio::spawn(async move {
             // An error means the scheduler is stopping; the data stays.
-            if watcher
-                .wait_for(|status| is_final(status.state))
-                .await
-                .is_err()
-            {
-                return;
-            }
+            let succeeded = match watcher.wait_for(|status| is_final(status.state)).await {
+                Ok(status) => status.state() == JobState::Succeeded,
+                Err(_) => return,
+            };
             for pass in 0..2 {
                 if pass > 0 {
                     tokio::time::sleep(STRAGGLER_GRACE).await;
@@ -370,8 +368,15 @@ impl SchedulerGrpc {
                 // Another writer of the table may start as soon as this job
                 // ends, so an overwrite's deletions are left to its commit.
                 let finish = FinishOverwrite::No;
-                clean_up_job_storage(&runtime, &stores, &job_id, &durable, &writes_to, finish)
-                    .await;
+                let settled =
+                    clean_up_job_storage(&runtime, &stores, &job_id, &durable, &writes_to, finish)
+                        .await;
+                if pass == 0 && !succeeded && settled == Some(Settled::Committed) {
+                    // Only a commit lost with its executor after its manifest
+                    // comes here: the job was told it ended otherwise.
+                    warn!(%job_id, table = %writes_to,
+                        "the job did not succeed, but its write had committed: its rows are in the table");
+                }
             }
         });
     }
@@ -463,7 +468,8 @@ const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Deletes what an ended job left in object storage: its durable map
 /// outputs (`durable`, if not empty), and for a write into `writes_to` (if
 /// not empty) its staging folder, rolling back a commit that did not write
-/// its manifest ([`settle_write`]). Failures are logged: the data stays.
+/// its manifest ([`settle_write`]); returns how the write was settled.
+/// Failures are logged: the data stays.
 async fn clean_up_job_storage(
     runtime: &RuntimeEnv,
     stores: &StoreRegistry,
@@ -471,20 +477,25 @@ async fn clean_up_job_storage(
     durable: &str,
     writes_to: &str,
     finish: FinishOverwrite,
-) {
+) -> Option<Settled> {
     if !durable.is_empty()
         && let Err(e) = durable::remove_job(runtime, stores, durable, job_id).await
     {
         let e = redacted_error(&e);
         warn!(%job_id, %e, "cannot remove durable shuffle data");
     }
-    if !writes_to.is_empty() {
-        match settle_write(stores, writes_to, job_id, finish).await {
-            Ok(settled) => debug!(%job_id, ?settled, "settled the job's write"),
-            Err(e) => {
-                let e = redacted_error(&e);
-                warn!(%job_id, %e, "cannot settle a write's files");
-            }
+    if writes_to.is_empty() {
+        return None;
+    }
+    match settle_write(stores, writes_to, job_id, finish).await {
+        Ok(settled) => {
+            debug!(%job_id, ?settled, "settled the job's write");
+            Some(settled)
+        }
+        Err(e) => {
+            let e = redacted_error(&e);
+            warn!(%job_id, %e, "cannot settle a write's files");
+            None
         }
     }
 }
@@ -623,8 +634,11 @@ impl SchedulerService for SchedulerGrpc {
         &self,
         request: Request<JobRequest>,
     ) -> Result<Response<CancelJobResponse>, Status> {
-        let cancelled = self.cancel(&request.into_inner().job_id).await?;
-        Ok(Response::new(CancelJobResponse { cancelled }))
+        let outcome = self.cancel(&request.into_inner().job_id).await?;
+        Ok(Response::new(CancelJobResponse {
+            cancelled: outcome == CancelOutcome::Cancelled,
+            committing: outcome == CancelOutcome::Committing,
+        }))
     }
 
     async fn release_job(

@@ -77,6 +77,7 @@ use super::layout::{
     manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
 };
 use super::partition::folder_key;
+use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
@@ -221,6 +222,7 @@ impl ExecutionPlan for ParquetCommitExec {
             partition_types: config.table_partition_cols.clone(),
             file_schema: Some(Arc::clone(config.output_schema())),
             lease: task_lease(&context),
+            permission: commit_permission(&context),
             known_commits: self.known_commits.clone(),
             retry: context
                 .session_config()
@@ -287,6 +289,9 @@ struct Commit {
     /// The lease of the executor running the commit; none when the scheduler
     /// settles a write.
     lease: Option<Arc<Lease>>,
+    /// Asked before the commit first changes the table; none when the
+    /// scheduler settles a write.
+    permission: Option<Arc<CommitPermission>>,
     /// See [`ParquetCommitExec::with_known_commits`].
     known_commits: Option<Arc<Vec<String>>>,
     /// Whether an earlier attempt of this commit task may have run (its
@@ -313,6 +318,12 @@ impl Commit {
         }
     }
 
+    /// Asks for the scheduler's permission to change the table (see
+    /// [`super::permission`]).
+    async fn ask_to_commit(&self) -> Result<()> {
+        ask_to_commit(self.permission.as_deref(), &self.location).await
+    }
+
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
         if self.insert_op == InsertOp::Replace {
             return Err(DataFusionError::NotImplemented(
@@ -322,10 +333,12 @@ impl Commit {
         if self.retry
             && let Some(manifest) = self.read_manifest().await?
         {
+            self.ask_to_commit().await?;
             return self.finish_committed(&manifest).await;
         }
         let mut files = staged_files(input).await?;
         self.check_no_commit_since_planning().await?;
+        self.ask_to_commit().await?;
         if files.is_empty() {
             files.extend(self.stage_schema_file().await?);
         }
@@ -824,6 +837,7 @@ pub async fn settle_write(
         partition_types: Vec::new(),
         file_schema: None,
         lease: None,
+        permission: None,
         known_commits: None,
         retry: false,
         counts: CommitCounts::default(),
@@ -1135,6 +1149,7 @@ mod tests {
             partition_types: Vec::new(),
             file_schema: None,
             lease: None,
+            permission: None,
             known_commits: Some(Arc::new(Vec::new())),
             retry: true,
             counts: CommitCounts::default(),
@@ -1189,6 +1204,7 @@ mod tests {
             partition_types: Vec::new(),
             file_schema: None,
             lease: Some(lease),
+            permission: None,
             known_commits: None,
             retry: false,
             counts: CommitCounts::default(),
@@ -1275,6 +1291,7 @@ mod tests {
             partition_types: Vec::new(),
             file_schema: None,
             lease: None,
+            permission: None,
             known_commits: None,
             retry: false,
             counts: CommitCounts::default(),

@@ -12,6 +12,7 @@
 //! - [`commit`]: the commit step.
 //! - [`snapshot`]: what readers see of a table: committed writes only.
 //! - [`fold`]: many finished manifests kept as one file.
+//! - [`permission`]: the scheduler's permission to commit.
 //! - [`plan`]: swapping DataFusion's sink for the two steps.
 
 pub mod commit;
@@ -19,6 +20,7 @@ pub mod exec;
 pub mod fold;
 pub mod layout;
 pub mod partition;
+pub mod permission;
 pub mod plan;
 pub mod snapshot;
 

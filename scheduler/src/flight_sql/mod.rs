@@ -58,6 +58,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::service::{JobGuard, SchedulerGrpc, is_final};
+use crate::state::CancelOutcome;
 use prepared::{ParameterRow, PreparedStatements, parameter_rows};
 
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -68,6 +69,7 @@ pub const SETTING_HEADER_PREFIX: &str = "x-quiver-setting-";
 /// Values of Flight SQL's `CancelResult`, whose generated enum arrow-flight
 /// does not export.
 const CANCEL_RESULT_CANCELLED: i32 = 1;
+const CANCEL_RESULT_CANCELLING: i32 = 2;
 const CANCEL_RESULT_NOT_CANCELLABLE: i32 = 3;
 
 /// The Flight action that cancels the query behind a FlightInfo.
@@ -186,9 +188,9 @@ impl FlightSqlEndpoint {
     }
 
     /// Cancels the jobs behind a FlightInfo's tickets; true if one was still running.
-    async fn cancel(&self, info: FlightInfo) -> Result<bool, Status> {
+    async fn cancel(&self, info: FlightInfo) -> Result<CancelOutcome, Status> {
         let malformed = |e: String| Status::invalid_argument(format!("malformed ticket: {e}"));
-        let mut cancelled = false;
+        let mut outcomes = Vec::new();
         for ticket in info.endpoint.into_iter().filter_map(|e| e.ticket) {
             let any = Any::decode(ticket.ticket).map_err(|e| malformed(e.to_string()))?;
             let Some(statement) = any
@@ -198,9 +200,13 @@ impl FlightSqlEndpoint {
                 continue;
             };
             let (handle, _) = decode_result_handle(&statement.statement_handle)?;
-            cancelled |= self.jobs.cancel(&handle.job_id).await?;
+            outcomes.push(self.jobs.cancel(&handle.job_id).await?);
         }
-        Ok(cancelled)
+        // Cancelled if any job was, still committing if any job is.
+        Ok([CancelOutcome::Cancelled, CancelOutcome::Committing]
+            .into_iter()
+            .find(|outcome| outcomes.contains(outcome))
+            .unwrap_or(CancelOutcome::Ended))
     }
 
     /// Runs an update to its end and returns the rows it changed.
@@ -479,10 +485,10 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<ActionCancelQueryResult, Status> {
         let info = FlightInfo::decode(query.info)
             .map_err(|e| Status::invalid_argument(format!("malformed FlightInfo: {e}")))?;
-        let result = if self.cancel(info).await? {
-            CANCEL_RESULT_CANCELLED
-        } else {
-            CANCEL_RESULT_NOT_CANCELLABLE
+        let result = match self.cancel(info).await? {
+            CancelOutcome::Cancelled => CANCEL_RESULT_CANCELLED,
+            CancelOutcome::Committing => CANCEL_RESULT_CANCELLING,
+            CancelOutcome::Ended => CANCEL_RESULT_NOT_CANCELLABLE,
         };
         Ok(ActionCancelQueryResult { result })
     }
@@ -504,10 +510,10 @@ impl FlightSqlService for FlightSqlEndpoint {
         let info = request
             .info
             .ok_or_else(|| Status::invalid_argument("CancelFlightInfo without a FlightInfo"))?;
-        let status = if self.cancel(info).await? {
-            CancelStatus::Cancelled
-        } else {
-            CancelStatus::NotCancellable
+        let status = match self.cancel(info).await? {
+            CancelOutcome::Cancelled => CancelStatus::Cancelled,
+            CancelOutcome::Committing => CancelStatus::Cancelling,
+            CancelOutcome::Ended => CancelStatus::NotCancellable,
         };
         let result = arrow_flight::Result {
             body: CancelFlightInfoResult::new(status).encode_to_vec().into(),

@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use datafusion::error::DataFusionError;
 use quiver_proto::{
-    CancelTasks, Drained, ExecutorRegistered, FailureKind, HeartbeatAck, JobRecord, JobState,
-    JobStatus, PROTOCOL_VERSION, RemoveJobData, SchedulerMessage, TaskStatus, executor_message,
-    scheduler_message, task_status,
+    CancelTasks, CommitAnswer, CommitRequest, Drained, ExecutorRegistered, FailureKind,
+    HeartbeatAck, JobRecord, JobState, JobStatus, PROTOCOL_VERSION, RemoveJobData,
+    SchedulerMessage, TaskStatus, executor_message, scheduler_message, task_status,
 };
 use tokio::sync::{mpsc, watch};
 
 use tracing::{debug, info, warn};
 
 use super::executors::{ExecutorEntry, ExecutorRegistry};
-use super::job::{Job, Outcome};
-use super::{Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
+use super::job::{DeferredEnd, Job, Outcome};
+use super::{CancelOutcome, Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
 use crate::locations::targets_overlap;
 use crate::planner::StagedJob;
 use crate::store::{JobRecorder, StateStore, StoreError};
@@ -262,6 +262,43 @@ impl SchedulerLoop {
                 executor.running = executor.running.saturating_sub(1);
                 self.on_task_status(status);
             }
+            executor_message::Kind::CommitRequest(request) => {
+                self.on_commit_request(executor_id, request);
+            }
+        }
+    }
+
+    /// Answers a commit attempt that asks to change its table (see
+    /// `quiver_core::write::permission`).
+    fn on_commit_request(&mut self, executor_id: &str, request: CommitRequest) {
+        let Some(task) = request.task else {
+            return;
+        };
+        let verdict = match self.jobs.get_mut(&task.job_id) {
+            Some((job, _)) => job.allow_commit(&task, executor_id),
+            None => Err("the job has ended".to_owned()),
+        };
+        match &verdict {
+            Ok(()) => debug!(job_id = %task.job_id, stage = task.stage_id,
+                partition = task.partition, attempt = task.attempt, %executor_id,
+                "commit allowed"),
+            Err(reason) => info!(job_id = %task.job_id, stage = task.stage_id,
+                partition = task.partition, attempt = task.attempt, %executor_id, %reason,
+                "commit refused"),
+        }
+        let answer = CommitAnswer {
+            task: Some(task),
+            allowed: verdict.is_ok(),
+            reason: verdict.err().unwrap_or_default(),
+        };
+        let job_id = answer.task.as_ref().map(|task| task.job_id.clone());
+        if let Some(executor) = self.executors.get_mut(executor_id) {
+            executor.send(SchedulerMessage {
+                kind: Some(scheduler_message::Kind::CommitAnswer(answer)),
+            });
+        }
+        if let Some(job_id) = job_id {
+            self.publish(&job_id);
         }
     }
 
@@ -430,10 +467,18 @@ impl SchedulerLoop {
         self.after_outcome(job_id, outcome);
     }
 
-    fn cancel_job(&mut self, job_id: &str) -> bool {
+    fn cancel_job(&mut self, job_id: &str) -> CancelOutcome {
         let Some((job, _)) = self.jobs.get_mut(job_id) else {
-            return false;
+            return CancelOutcome::Ended;
         };
+        if job.committing(Instant::now()) {
+            if job.deferred_end.is_none() {
+                info!(%job_id, "cancel requested while the job's write commits; \
+                    it is cancelled if the commit fails, and succeeds if it commits");
+            }
+            job.deferred_end = Some(DeferredEnd::Cancel);
+            return CancelOutcome::Committing;
+        }
         if job.state == JobState::Queued {
             self.queue.retain(|queued| queued != job_id);
         }
@@ -442,7 +487,32 @@ impl SchedulerLoop {
         info!(%job_id, "job cancelled");
         self.publish(job_id);
         self.end_job(job_id);
-        true
+        CancelOutcome::Cancelled
+    }
+
+    /// Ends the jobs asked to end while their writes committed, once no
+    /// commit task of theirs runs: the commit failed, or its executor was
+    /// lost, and no new attempt is launched for a job that is to end.
+    fn end_deferred(&mut self, now: Instant) {
+        let ready: Vec<(String, DeferredEnd)> = self
+            .jobs
+            .values()
+            .filter(|(job, _)| !job.committing(now))
+            .filter_map(|(job, _)| Some((job.id.clone(), job.deferred_end.clone()?)))
+            .collect();
+        for (job_id, end) in ready {
+            match end {
+                DeferredEnd::Cancel => {
+                    self.cancel_job(&job_id);
+                }
+                DeferredEnd::Fail(message) => {
+                    if let Some((job, _)) = self.jobs.get_mut(&job_id) {
+                        let outcome = job.fail(message);
+                        self.after_outcome(&job_id, outcome);
+                    }
+                }
+            }
+        }
     }
 
     /// Stops a failed or cancelled job's tasks and frees its data.
@@ -489,9 +559,13 @@ impl SchedulerLoop {
     fn on_executor_lost(&mut self, executor_id: &str) {
         let now = Instant::now();
         let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
+        let lease_end = now + self.config.executor_lease();
         for job_id in job_ids {
             let outcome = match self.jobs.get_mut(&job_id) {
-                Some((job, _)) => job.on_executor_lost(executor_id, now),
+                Some((job, _)) => {
+                    job.note_lost_commit(executor_id, lease_end);
+                    job.on_executor_lost(executor_id, now)
+                }
                 None => continue,
             };
             self.after_outcome(&job_id, outcome);
@@ -521,17 +595,26 @@ impl SchedulerLoop {
             .jobs
             .values()
             .filter(|(job, _)| job.deadline.is_some_and(|deadline| deadline <= now))
+            .filter(|(job, _)| job.deferred_end.is_none())
             .map(|(job, _)| (job.id.clone(), job.started.elapsed()))
             .collect();
         for (job_id, elapsed) in overdue {
             if let Some((job, _)) = self.jobs.get_mut(&job_id) {
-                let outcome = job.fail(format!(
+                let message = format!(
                     "job timed out after {:.1} s (quiver.job_timeout_secs)",
                     elapsed.as_secs_f64()
-                ));
+                );
+                if job.committing(now) {
+                    info!(%job_id, "the job's timeout passed while its write commits; \
+                        it fails if the commit fails, and succeeds if it commits");
+                    job.deferred_end = Some(DeferredEnd::Fail(message));
+                    continue;
+                }
+                let outcome = job.fail(message);
                 self.after_outcome(&job_id, outcome);
             }
         }
+        self.end_deferred(now);
         let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
         for job_id in job_ids {
             self.publish(&job_id);

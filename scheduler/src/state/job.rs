@@ -67,6 +67,8 @@ pub struct Task {
     pub not_before: Instant,
     /// Executor on which the previous attempt failed; avoided when possible.
     pub avoid: Option<String>,
+    /// The running attempt was allowed to commit (see [`Job::allow_commit`]).
+    pub committing: bool,
 }
 
 impl Task {
@@ -174,6 +176,20 @@ pub struct Job {
     replanning: bool,
     /// The attempt number that the current plan's tasks start from.
     first_attempt: u32,
+    /// A cancel or timeout that came while the write's commit ran (see
+    /// [`Job::committing`]). No task is launched from then on; the job ends
+    /// so once no commit task runs, unless the commit succeeded first.
+    pub deferred_end: Option<DeferredEnd>,
+    /// A commit allowed to act was lost with its executor, which may act
+    /// until its lease runs out: until then.
+    lost_commit_may_act_until: Option<Instant>,
+}
+
+/// How a job asked to end while its write committed ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeferredEnd {
+    Cancel,
+    Fail(String),
 }
 
 impl Job {
@@ -213,6 +229,8 @@ impl Job {
             replanner: None,
             replans: 0,
             replanning: false,
+            deferred_end: None,
+            lost_commit_may_act_until: None,
             first_attempt: 0,
         }
     }
@@ -311,6 +329,57 @@ impl Job {
         self.stages.last()
     }
 
+    /// Whether a commit of this job may be changing its table: an attempt
+    /// allowed to commit runs, or was lost with an executor whose lease may
+    /// not have run out. Such a job must not end: it would be reported
+    /// cancelled or failed with its rows committed (a retry of the statement
+    /// would write them twice), and settling its write would race the commit.
+    pub fn committing(&self, now: Instant) -> bool {
+        self.lost_commit_may_act_until
+            .is_some_and(|until| now < until)
+            || self
+                .stages
+                .iter()
+                .flat_map(|stage| &stage.tasks)
+                .any(|task| task.committing && matches!(task.state, TaskState::Running { .. }))
+    }
+
+    /// Allows commit attempt `id`, running on `executor_id`, to change the
+    /// table, if it is the task's running attempt and nobody asked the job
+    /// to end; the job then waits for it before it ends. `Err` says why not.
+    pub fn allow_commit(&mut self, id: &TaskId, executor_id: &str) -> Result<(), String> {
+        if self.state != JobState::Running || self.replanning {
+            return Err("the job is not running".into());
+        }
+        match &self.deferred_end {
+            Some(DeferredEnd::Cancel) => return Err("the job was cancelled".into()),
+            Some(DeferredEnd::Fail(message)) => return Err(message.clone()),
+            None => {}
+        }
+        let task = self
+            .stage_mut(id.stage_id)
+            .and_then(|stage| stage.tasks.get_mut(id.partition as usize))
+            .filter(|task| {
+                task.attempt == id.attempt
+                    && matches!(&task.state, TaskState::Running { executor_id: e } if e == executor_id)
+            })
+            .ok_or_else(|| format!("attempt {} is no longer the task's current one", id.attempt))?;
+        task.committing = true;
+        Ok(())
+    }
+
+    /// Notes that `executor_id` was lost, which may run a commit allowed to
+    /// act until `lease_end`: the job does not end before then.
+    pub fn note_lost_commit(&mut self, executor_id: &str, lease_end: Instant) {
+        let lost = self.stages.iter().flat_map(|stage| &stage.tasks).any(|task| {
+            task.committing
+                && matches!(&task.state, TaskState::Running { executor_id: e } if e == executor_id)
+        });
+        if lost {
+            self.lost_commit_may_act_until = Some(lease_end);
+        }
+    }
+
     /// Whether the stage's tasks write a table's files: in a write job, the
     /// stages that its final stage, the commit, reads.
     fn writes_files(&self, stage_id: u32) -> bool {
@@ -343,7 +412,7 @@ impl Job {
     /// the probe side of an undecided adaptive join waits. Returns it with the
     /// executor its last attempt failed on.
     pub fn next_runnable(&self, now: Instant) -> Option<(u32, usize, Option<&str>)> {
-        if self.replanning {
+        if self.replanning || self.deferred_end.is_some() {
             return None;
         }
         self.stages
@@ -422,6 +491,7 @@ impl Job {
         task.state = TaskState::Running {
             executor_id: executor_id.to_owned(),
         };
+        task.committing = false;
         let attempt = task.attempt;
         self.running += 1;
         self.launched_on.insert(executor_id.to_owned());
@@ -947,6 +1017,7 @@ impl Job {
             table_files_written: self.metric_total("files_written"),
             table_bytes_written: self.metric_total("bytes_written"),
             replans: self.replans,
+            committing: self.committing(Instant::now()),
             result_rows: if self.state == JobState::Succeeded {
                 self.final_stage()
                     .map_or(0, |stage| stage_written(stage).rows)
@@ -1014,6 +1085,7 @@ fn pending_tasks(count: usize, now: Instant, attempt: u32) -> Vec<Task> {
             output: None,
             not_before: now,
             avoid: None,
+            committing: false,
         })
         .collect()
 }
@@ -1828,6 +1900,81 @@ mod tests {
             .filter(|stage| job.writes_parquet(stage.stage_id))
             .count();
         assert_eq!(writers, 1, "{}", planned.stages.len());
+    }
+
+    /// A commit asks before it changes its table: only the running attempt
+    /// of a job that nobody asked to end may. The job then counts as
+    /// committing until the attempt reports, or until the lease of the
+    /// executor it was lost with has run out.
+    #[tokio::test]
+    async fn only_the_running_attempt_of_a_live_job_may_commit() {
+        let (mut job, _folder) = counting_job().await;
+        job.writes_to = Some("file:///tmp/target/".into());
+        let last = job.stages.len() as u32;
+        for stage in 1..last {
+            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
+                run_task(&mut job, stage, partition, "a");
+            }
+        }
+        let now = Instant::now();
+        let commit = job.launch(last, 0, "a").expect("runs").task.expect("id");
+        assert!(!job.committing(now), "not before it is allowed");
+        assert!(job.allow_commit(&commit, "b").is_err(), "another executor");
+        let later = TaskId {
+            attempt: commit.attempt + 1,
+            ..commit.clone()
+        };
+        assert!(job.allow_commit(&later, "a").is_err(), "another attempt");
+        job.allow_commit(&commit, "a").expect("allowed");
+        assert!(job.committing(now));
+        assert!(job.status().committing);
+
+        let lease_end = now + Duration::from_secs(3);
+        job.note_lost_commit("a", lease_end);
+        assert_eq!(job.on_executor_lost("a", now), Outcome::Continue);
+        assert!(job.committing(now), "the lost executor may still commit");
+        assert!(!job.committing(lease_end));
+
+        // Asked to end: nothing more runs, and no commit is allowed.
+        job.deferred_end = Some(DeferredEnd::Cancel);
+        assert_eq!(job.next_runnable(lease_end), None);
+        let retried = job.launch(last, 0, "b").expect("runs").task.expect("id");
+        assert_eq!(
+            job.allow_commit(&retried, "b"),
+            Err("the job was cancelled".to_owned())
+        );
+    }
+
+    /// A commit allowed before a cancel came decides how the job ends: it
+    /// succeeds if the commit does.
+    #[tokio::test]
+    async fn a_commit_allowed_before_a_cancel_ends_its_job_as_it_ends() {
+        // One task scans, writes and commits.
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let single = StagePlan {
+            stage_id: 1,
+            plan: Arc::new(ShuffleWriterExec::new(
+                "job",
+                1,
+                Arc::new(EmptyExec::new(schema)),
+                None,
+            )),
+            inputs: vec![],
+        };
+        let mut job = job_of(&[single]);
+        job.writes_to = Some("file:///tmp/target/".into());
+        let commit = job.launch(1, 0, "a").expect("runs").task.expect("id");
+        job.allow_commit(&commit, "a").expect("allowed");
+        job.deferred_end = Some(DeferredEnd::Cancel);
+        let output = MapOutput {
+            attempt: commit.attempt,
+            ..MapOutput::default()
+        };
+        assert_eq!(
+            job.on_success(&commit, output, &TaskSucceeded::default()),
+            Outcome::Succeeded
+        );
+        assert!(!job.committing(Instant::now()));
     }
 
     /// The inline file lists of a wide write share one budget: the commit

@@ -48,7 +48,7 @@ pub enum Event {
     JobSubmitted(Box<SubmittedJob>),
     CancelJob {
         job_id: String,
-        reply: oneshot::Sender<bool>,
+        reply: oneshot::Sender<CancelOutcome>,
     },
     ReleaseJob {
         job_id: String,
@@ -62,6 +62,18 @@ pub enum Event {
         job_id: String,
         planned: Box<Result<StagedJob, crate::Error>>,
     },
+}
+
+/// What a request to cancel a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job ended, cancelled.
+    Cancelled,
+    /// The job's write is committing: the job ends when the commit does,
+    /// cancelled if the commit fails and succeeded if it commits.
+    Committing,
+    /// The job had already ended.
+    Ended,
 }
 
 /// A planned job, ready to run.

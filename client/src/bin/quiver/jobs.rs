@@ -5,6 +5,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use quiver_client::QuiverContext;
+use quiver_client::job::CancelOutcome;
 use quiver_client::output::{Format, write_batches};
 use quiver_proto::{JobRecord, JobStatus, StageMetrics};
 
@@ -55,14 +56,14 @@ pub async fn run(
             }
         }
         JobCommand::Cancel { job_id } => {
-            if context
+            match context
                 .cancel_job(&job_id)
                 .await
                 .map_err(|e| e.to_string())?
             {
-                println!("job {job_id} cancelled");
-            } else {
-                return Err(format!("job {job_id} had already ended"));
+                CancelOutcome::Cancelled => println!("job {job_id} cancelled"),
+                CancelOutcome::Committing => println!("{}", committing_note(&job_id)),
+                CancelOutcome::Ended => return Err(format!("job {job_id} had already ended")),
             }
         }
         JobCommand::List { limit } => {
@@ -198,4 +199,13 @@ fn one_line(query: &str) -> String {
     } else {
         flat
     }
+}
+
+/// What the CLI says when a cancel comes while the job's write commits.
+pub(crate) fn committing_note(job_id: &str) -> String {
+    format!(
+        "job {job_id} is committing its write and is not stopped midway: it is cancelled \
+         if the commit fails, and succeeds if it commits; `quiver job status {job_id}` \
+         shows how it ended"
+    )
 }

@@ -13,9 +13,12 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use quiver_client::QuiverContext;
+use quiver_client::job::CancelOutcome;
 use quiver_client::output::{Format, write_batches};
 use quiver_core::metrics::human_bytes;
 use quiver_proto::{JobState, JobStatus};
+
+use crate::jobs::committing_note;
 
 /// How one statement ended, when it did not fail.
 pub enum Outcome {
@@ -129,8 +132,9 @@ async fn cancel_on_cluster(context: &QuiverContext, job_id: Option<String>) {
         return;
     };
     match tokio::time::timeout(Duration::from_secs(5), context.cancel_job(&job_id)).await {
-        Ok(Ok(true)) => eprintln!("job {job_id} cancelled"),
-        Ok(Ok(false)) => eprintln!("job {job_id} had already ended"),
+        Ok(Ok(CancelOutcome::Cancelled)) => eprintln!("job {job_id} cancelled"),
+        Ok(Ok(CancelOutcome::Committing)) => eprintln!("{}", committing_note(&job_id)),
+        Ok(Ok(CancelOutcome::Ended)) => eprintln!("job {job_id} had already ended"),
         Ok(Err(e)) => eprintln!("could not cancel job {job_id}: {e}"),
         Err(_) => eprintln!("could not cancel job {job_id}: the scheduler did not answer"),
     }
@@ -169,8 +173,13 @@ fn print_progress(status: &JobStatus, started: Instant) {
         1 => ", planned again once: a table it reads was rewritten".to_owned(),
         n => format!(", planned again {n} times: tables it reads were rewritten"),
     };
+    let committing = if status.committing {
+        ", committing"
+    } else {
+        ""
+    };
     eprint!(
-        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows and {} shuffled, {} read from storage{into_tables}{replanned}, {elapsed:.1}s",
+        "\r\x1b[2Kstages {}/{} done, {} tasks running, {} rows and {} shuffled, {} read from storage{into_tables}{replanned}{committing}, {elapsed:.1}s",
         status.stages_done,
         status.stages_total,
         status.tasks_running,

@@ -1,0 +1,50 @@
+//! The scheduler's permission for a commit attempt to make its write visible.
+//!
+//! A commit's first change to the table (moving its files in) is where the
+//! write stops being the job's private business. Before it, the commit asks
+//! whoever runs the job; in a cluster that is the scheduler, over the
+//! executor's control stream. The scheduler allows only the running attempt
+//! of a job that nobody asked to end, and from then on it does not end the
+//! job (a cancel or a timeout waits) until that attempt reports. So a job is
+//! never reported cancelled or failed while its commit may still write the
+//! manifest, and its write is never settled while a commit still acts on
+//! the table. This is the role of Spark's output commit coordinator.
+//!
+//! A plan run without a [`CommitPermission`] in its task context (a
+//! single-process DataFusion session, the scheduler settling a write)
+//! commits without asking.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+
+/// Whoever may allow a commit attempt to act.
+#[async_trait]
+pub trait CommitAuthority: Send + Sync + Debug {
+    /// Waits for the answer: `Err` carries why the attempt may not commit.
+    async fn allow(&self) -> std::result::Result<(), String>;
+}
+
+/// The task context extension that carries the commit's authority.
+#[derive(Debug, Clone)]
+pub struct CommitPermission(pub Arc<dyn CommitAuthority>);
+
+/// Asks the authority in `context`, if any, whether this attempt may commit.
+pub async fn ask_to_commit(context: Option<&CommitPermission>, location: &str) -> Result<()> {
+    let Some(CommitPermission(authority)) = context else {
+        return Ok(());
+    };
+    authority.allow().await.map_err(|reason| {
+        DataFusionError::Execution(format!(
+            "the commit of the write to '{location}' was not allowed: {reason}"
+        ))
+    })
+}
+
+/// The commit permission in a task's context, if it has one.
+pub fn commit_permission(context: &TaskContext) -> Option<Arc<CommitPermission>> {
+    context.session_config().get_extension::<CommitPermission>()
+}
