@@ -346,7 +346,11 @@ impl Commit {
         // leaves extra rows, never lost ones, and its retry finishes the job.
         self.move_into_place(&files).await?;
         self.counts.committed.add(files.len());
-        self.delete_stale_files_of_this_job(&files).await?;
+        // Only a retried commit can find files an earlier run moved in; a
+        // first attempt need not list the whole table.
+        if self.retry {
+            self.delete_stale_files_of_this_job(&files).await?;
+        }
         let rows: u64 = files.iter().map(|file| file.rows).sum();
         let replaced = if self.insert_op == InsertOp::Overwrite {
             let written = files.iter().map(|file| file.relative.as_str());
