@@ -6,6 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::TreeNode;
+use datafusion::datasource::file_format::csv::CsvSink;
+use datafusion::datasource::file_format::json::JsonSink;
+use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::physical_plan::FileSink;
+use datafusion::datasource::sink::DataSinkExec;
 use datafusion::physical_plan::ExecutionPlan;
 use prost::bytes::Bytes;
 use quiver_core::metrics::add_operator_metrics;
@@ -28,6 +33,12 @@ use crate::stages::StagePlan;
 
 /// First retry delay; doubled on each further attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why a write through a sink that stages nothing fails rather than retry.
+const UNREPEATABLE_WRITE: &str = "the write's sink stages nothing (CSV, JSON or Arrow files \
+    written into a folder under names of their own), so running it again would write its rows \
+    a second time: the job fails instead, and files the attempt wrote may remain where it wrote; \
+    write Parquet for retried, exactly-once writes";
 
 /// Largest final-stage output that comes back with its task's status, so
 /// that a small result (a point lookup, a count) needs no Flight call.
@@ -389,6 +400,25 @@ impl Job {
                 .is_some_and(|commit| commit.inputs.contains(&stage_id))
     }
 
+    /// Whether the stage's plan writes through a sink that stages nothing
+    /// into a folder (CSV, JSON or Arrow files under names of their own), or
+    /// into something that is not a file: a second attempt would write its
+    /// rows again beside what the first one wrote, so it gets one.
+    fn writes_unrepeatably(&self, stage_id: u32) -> bool {
+        self.plans
+            .iter()
+            .find(|plan| plan.stage_id == stage_id)
+            .is_some_and(|plan| {
+                let root: Arc<dyn ExecutionPlan> = Arc::clone(&plan.plan) as _;
+                root.exists(|node| {
+                    Ok(node
+                        .downcast_ref::<DataSinkExec>()
+                        .is_some_and(|sink| !writes_one_file(sink)))
+                })
+                .unwrap_or(false)
+            })
+    }
+
     /// Whether the stage's plan writes a table's Parquet files.
     fn writes_parquet(&self, stage_id: u32) -> bool {
         self.plans
@@ -561,6 +591,7 @@ impl Job {
 
     pub fn on_failure(&mut self, id: &TaskId, failure: &TaskFailed, now: Instant) -> Outcome {
         let max_attempts = self.max_attempts;
+        let once = self.writes_unrepeatably(id.stage_id);
         let kind = failure.kind();
         let Some((task, executor_id)) = self.finish_running(id) else {
             return Outcome::Continue;
@@ -590,6 +621,9 @@ impl Job {
         }
         task.failures += 1;
         let retryable = matches!(kind, FailureKind::Retryable | FailureKind::FetchFailed);
+        if retryable && once {
+            return self.fail(format!("{}; {UNREPEATABLE_WRITE}", failure.message));
+        }
         if !retryable || task.failures >= max_attempts {
             let message = if retryable {
                 format!(
@@ -861,7 +895,14 @@ impl Job {
             return Outcome::Continue;
         }
         let max_attempts = self.max_attempts;
+        let unrepeatable: HashSet<u32> = self
+            .stages
+            .iter()
+            .map(|stage| stage.id)
+            .filter(|stage_id| self.writes_unrepeatably(*stage_id))
+            .collect();
         let mut exhausted = None;
+        let mut lost_write = None;
         loop {
             let needed = self.needed_stages();
             let mut changed = false;
@@ -874,6 +915,9 @@ impl Job {
                     };
                     if !lost {
                         continue;
+                    }
+                    if unrepeatable.contains(&stage.id) {
+                        lost_write = Some((stage.id, partition));
                     }
                     if matches!(task.state, TaskState::Running { .. }) {
                         self.running -= 1;
@@ -889,6 +933,12 @@ impl Job {
             if !changed {
                 break;
             }
+        }
+        if let Some((stage, partition)) = lost_write {
+            return self.fail(format!(
+                "task {stage}/{partition} was lost with its executor {executor_id}; \
+                 {UNREPEATABLE_WRITE}"
+            ));
         }
         match exhausted {
             Some((stage, partition)) => self.fail(format!(
@@ -1074,6 +1124,23 @@ fn new_stages(
             launched: false,
         })
         .collect()
+}
+
+/// Whether `sink` writes one file, which a second attempt replaces whole.
+fn writes_one_file(sink: &DataSinkExec) -> bool {
+    let config = if let Some(csv) = sink.sink().downcast_ref::<CsvSink>() {
+        csv.config()
+    } else if let Some(json) = sink.sink().downcast_ref::<JsonSink>() {
+        json.config()
+    } else if let Some(parquet) = sink.sink().downcast_ref::<ParquetSink>() {
+        parquet.config()
+    } else {
+        return false;
+    };
+    config
+        .table_paths
+        .first()
+        .is_some_and(|path| config.file_output_mode.single_file_output(path))
 }
 
 fn pending_tasks(count: usize, now: Instant, attempt: u32) -> Vec<Task> {
@@ -1623,6 +1690,95 @@ mod tests {
             panic!("the attempt limit is 2");
         };
         assert!(message.contains("after 2 attempts: disk full"), "{message}");
+    }
+
+    /// A write into a folder through a sink that stages nothing (CSV here)
+    /// is not run twice: a failed or lost attempt fails the job. A Parquet
+    /// folder's write tasks, whose files only the commit makes visible, and
+    /// a single CSV file, which a second attempt replaces whole, retry.
+    #[tokio::test]
+    async fn a_write_that_stages_nothing_is_not_run_twice() {
+        let (_, folder, planner) = counting_job_and_planner().await;
+        let out = folder.path().join("out");
+        let job_writing = |sql: String| {
+            let planner = planner.clone();
+            async move {
+                let Planned::Stages(planned) = planner
+                    .plan("job", Query::Sql(sql), &[])
+                    .await
+                    .expect("plan")
+                else {
+                    panic!("a write runs on the executors");
+                };
+                job_of(&planned.stages)
+            }
+        };
+        let failure = TaskFailed {
+            kind: FailureKind::Retryable.into(),
+            message: "connection reset".into(),
+            fetch: None,
+        };
+        let now = Instant::now();
+        let mut csv = job_writing(format!(
+            "COPY (SELECT x FROM t) TO '{}/csv/' STORED AS CSV",
+            out.display()
+        ))
+        .await;
+        let last = csv.stages.len() as u32;
+        for stage in 1..last {
+            for partition in 0..csv.stages[stage as usize - 1].tasks.len() {
+                run_task(&mut csv, stage, partition, "a");
+            }
+        }
+        let sink = csv.launch(last, 0, "a").expect("runs").task.expect("id");
+        let Outcome::Failed(message) = csv.on_failure(&sink, &failure, now) else {
+            panic!("a CSV folder write must not be retried");
+        };
+        assert!(
+            message.contains("connection reset") && message.contains("stages nothing"),
+            "{message}"
+        );
+
+        let mut lost = job_writing(format!(
+            "COPY (SELECT x FROM t) TO '{}/lost/' STORED AS CSV",
+            out.display()
+        ))
+        .await;
+        for stage in 1..last {
+            for partition in 0..lost.stages[stage as usize - 1].tasks.len() {
+                run_task(&mut lost, stage, partition, "a");
+            }
+        }
+        lost.launch(last, 0, "b").expect("runs");
+        let Outcome::Failed(message) = lost.on_executor_lost("b", now) else {
+            panic!("a CSV folder write lost with its executor must not run again");
+        };
+        assert!(message.contains("stages nothing"), "{message}");
+
+        for sql in [
+            format!(
+                "COPY (SELECT x FROM t) TO '{}/one.csv' STORED AS CSV",
+                out.display()
+            ),
+            format!(
+                "COPY (SELECT x FROM t) TO '{}/parquet/' STORED AS PARQUET",
+                out.display()
+            ),
+        ] {
+            let mut job = job_writing(sql.clone()).await;
+            let last = job.stages.len() as u32;
+            for stage in 1..=last {
+                let sink = job.launch(stage, 0, "a").expect("runs").task.expect("id");
+                assert_eq!(
+                    job.on_failure(&sink, &failure, now),
+                    Outcome::Continue,
+                    "{sql}: stage {stage}"
+                );
+                for partition in 0..job.stages[stage as usize - 1].tasks.len() {
+                    run_task(&mut job, stage, partition, "a");
+                }
+            }
+        }
     }
 
     #[test]
