@@ -15,7 +15,7 @@ use arrow::datatypes::UInt64Type;
 use common::azurite::{ACCOUNT_KEY, AzuriteServer};
 use common::gcs::GcsServer;
 use common::processes::{ClusterArgs, ProcessCluster};
-use common::s3::{S3Server, SECRET_KEY};
+use common::s3::{S3Credentials, S3Server, SECRET_KEY};
 use common::webdav::WebDavServer;
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -130,6 +130,11 @@ async fn assert_no_secret_in_history(context: &QuiverContext, secret: &str) {
             !job.query.contains(secret),
             "the job history shows a secret: {}",
             job.query
+        );
+        let error = job.status.map(|status| status.error).unwrap_or_default();
+        assert!(
+            !error.contains(secret),
+            "a job's error shows a secret: {error}"
         );
     }
 }
@@ -930,20 +935,23 @@ async fn bad_locations_get_clear_errors_without_secrets() {
         );
     }
     // A COPY whose job fails puts its bucket's options back: the table on
-    // that bucket still reads, although the COPY named a dead endpoint.
+    // that bucket still reads, although the COPY named a dead endpoint. (A
+    // COPY into a folder would fail planning, which puts them back too: a
+    // write's access to its folder is checked first. One file is not.)
     let dead_endpoint = s3
         .sql_options()
         .replace(&s3.endpoint(), "http://127.0.0.1:1");
     let error = run(
         &context,
         &format!(
-            "COPY (SELECT 1 / (value - value) AS x FROM range(1)) TO 's3://lake/failed_copy/' \
-             STORED AS PARQUET {dead_endpoint}"
+            "COPY (SELECT 1 / (value - value) AS x FROM range(1)) \
+             TO 's3://lake/failed_copy.parquet' STORED AS PARQUET {dead_endpoint}"
         ),
     )
     .await
-    .expect_err("the COPY divides by zero");
-    assert!(error.contains("Divide by zero"), "{error}");
+    .expect_err("the COPY cannot reach its endpoint, or divides by zero");
+    // The job ran, and failed.
+    assert!(error.starts_with("job ") && error.contains(" failed: "), "{error}");
     // The options are put back once the job's end is seen.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let still_reads = tokio::time::timeout(
@@ -958,6 +966,167 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     assert!(list(&bucket, "out").await.is_empty());
     assert_eq!(count_of(&context, "SELECT 1::bigint unsigned").await, 1);
     assert_no_secret_in_history(&context, SECRET_KEY).await;
+    cluster.shutdown().await;
+}
+
+/// On an S3 server that checks signatures and permissions as AWS does
+/// (moto with IAM): a wrong secret, an unknown key, a user who may only
+/// read and a user who may write but not delete each get a clear error that
+/// names the location and not the secret, and a write refused so leaves no
+/// data file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credentials_and_permissions_are_checked_on_s3() {
+    const WRONG_SECRET: &str = "quiver-wrong-secret-K4p8Z";
+    // moto checks `s3:ListObjectsV2` for a listing, where AWS checks
+    // `s3:ListBucket`.
+    let reads: &[&str] = &["s3:GetObject", "s3:ListBucket", "s3:ListObjectsV2"];
+    let writes_without_delete: &[&str] = &[
+        "s3:GetObject",
+        "s3:ListBucket",
+        "s3:ListObjectsV2",
+        "s3:PutObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListBucketMultipartUploads",
+    ];
+    let (s3, users) = S3Server::start_with_users(
+        "lake",
+        &[
+            ("admin", &["s3:*"]),
+            ("reader", reads),
+            ("writer", writes_without_delete),
+        ],
+    );
+    let [admin, reader, writer] = users.as_slice() else {
+        panic!("three users");
+    };
+    let bucket = s3.store_as("lake", admin);
+    let mut data = Vec::new();
+    let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])
+        .expect("batch");
+    let mut writer_of_data = ArrowWriter::try_new(&mut data, batch.schema(), None).expect("writer");
+    writer_of_data.write(&batch).expect("write");
+    writer_of_data.close().expect("close");
+    bucket
+        .put(&Path::from("data/part-0.parquet"), PutPayload::from(data))
+        .await
+        .expect("the admin uploads");
+    let (cluster, context) = common::start_cluster(options()).await;
+
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE readable STORED AS PARQUET LOCATION 's3://lake/data/' {}",
+            s3.sql_options_as(reader)
+        ),
+    )
+    .await
+    .expect("the reader may read");
+    assert_eq!(
+        count_of(&context, "SELECT count(*)::bigint unsigned FROM readable").await,
+        3
+    );
+
+    let wrong_secret = S3Credentials {
+        access_key: reader.access_key.clone(),
+        secret_key: WRONG_SECRET.into(),
+    };
+    let unknown_key = S3Credentials {
+        access_key: "AKIAQUIVERUNKNOWN000".into(),
+        secret_key: WRONG_SECRET.into(),
+    };
+    let cases = [
+        (
+            "wrong secret",
+            format!(
+                "CREATE EXTERNAL TABLE t1 STORED AS PARQUET LOCATION 's3://lake/data/' {}",
+                s3.sql_options_as(&wrong_secret)
+            ),
+            ["s3://lake/data", "SignatureDoesNotMatch"],
+        ),
+        (
+            "unknown key",
+            format!(
+                "CREATE EXTERNAL TABLE t2 STORED AS PARQUET LOCATION 's3://lake/data/' {}",
+                s3.sql_options_as(&unknown_key)
+            ),
+            ["s3://lake/data", "InvalidAccessKeyId"],
+        ),
+        (
+            "a reader writes",
+            format!(
+                "COPY (SELECT 1 AS x) TO 's3://lake/by_reader/' STORED AS PARQUET {}",
+                s3.sql_options_as(reader)
+            ),
+            ["s3://lake/by_reader", "cannot create objects"],
+        ),
+        (
+            "a writer that may not delete writes",
+            format!(
+                "COPY (SELECT x FROM readable) TO 's3://lake/by_writer/' STORED AS PARQUET {}",
+                s3.sql_options_as(writer)
+            ),
+            ["s3://lake/by_writer", "not delete"],
+        ),
+        (
+            "a writer that may not delete inserts",
+            format!(
+                "CREATE EXTERNAL TABLE appended (x BIGINT) STORED AS PARQUET \
+                 LOCATION 's3://lake/appended/' {}",
+                s3.sql_options_as(writer)
+            ),
+            ["", ""],
+        ),
+    ];
+    for (case, sql, named) in cases {
+        let result = run(&context, &sql).await;
+        if named[0].is_empty() {
+            result.unwrap_or_else(|e| panic!("{case}: {e}"));
+            continue;
+        }
+        let error = result.expect_err(&format!("{case} must fail"));
+        eprintln!("{case}: {error}");
+        for name in named {
+            assert!(
+                error.contains(name),
+                "{case}: '{error}' does not name {name}"
+            );
+        }
+        for secret in [WRONG_SECRET, &reader.secret_key, &writer.secret_key] {
+            assert!(
+                !error.contains(secret),
+                "{case}: the error shows a secret: {error}"
+            );
+        }
+    }
+    let error = run(&context, "INSERT INTO appended SELECT x FROM readable")
+        .await
+        .expect_err("an insert without the right to delete must fail");
+    assert!(
+        error.contains("s3://lake/appended") && error.contains("not delete"),
+        "{error}"
+    );
+
+    // No data file was left where readers look.
+    for prefix in ["by_reader", "by_writer", "appended"] {
+        let left: Vec<String> = list(&bucket, prefix)
+            .await
+            .into_iter()
+            .filter(|path| !path.contains("/_temporary/"))
+            .collect();
+        assert!(left.is_empty(), "{prefix}: {left:?}");
+    }
+    assert_eq!(
+        count_of(&context, "SELECT count(*)::bigint unsigned FROM readable").await,
+        3
+    );
+    for secret in [
+        WRONG_SECRET,
+        &reader.secret_key,
+        &writer.secret_key,
+        &admin.secret_key,
+    ] {
+        assert_no_secret_in_history(&context, secret).await;
+    }
     cluster.shutdown().await;
 }
 

@@ -75,6 +75,14 @@ pub enum Error {
         source: DataFusionError,
     },
 
+    /// A write's location whose store refuses to create or delete objects.
+    #[error("cannot write to '{location}': {source}")]
+    WriteAccess {
+        location: String,
+        #[source]
+        source: DataFusionError,
+    },
+
     /// A table or output location whose object store cannot be set up.
     #[error(transparent)]
     Location(#[from] quiver_core::storage::StoreError),
@@ -94,7 +102,8 @@ impl From<Error> for Status {
             | Error::EmptyQuery
             | Error::DdlPlan(_)
             | Error::Location(_)
-            | Error::TableLocation { .. } => Code::InvalidArgument,
+            | Error::TableLocation { .. }
+            | Error::WriteAccess { .. } => Code::InvalidArgument,
             Error::Store(_) => Code::Unavailable,
             Error::UnknownJob(_) => Code::NotFound,
             // Not ABORTED: clients may retry that, which would run a write again.

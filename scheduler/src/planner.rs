@@ -37,7 +37,7 @@ use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
 };
 use quiver_core::write::commit::committed_jobs;
-use quiver_core::write::{ParquetCommitExec, distribute_parquet_writes};
+use quiver_core::write::{ParquetCommitExec, check_write_access, distribute_parquet_writes};
 use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
@@ -551,6 +551,9 @@ impl Planner {
         let stores = store_configs(&physical, &durable_shuffle, &self.object_stores)
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);
+        if let Some(target) = &writes_to {
+            self.check_write_access(target, job_id).await?;
+        }
         let physical = match &writes_to {
             Some(target) if creates || reads_target(logical, target) => {
                 self.guard_commit(physical, target, &read).await?
@@ -584,6 +587,25 @@ impl Planner {
     /// [`ParquetCommitExec::with_known_commits`]): those of the state its
     /// scans read (`read`) when it reads `target`, for a job that committed
     /// once they had listed it was not read.
+    /// Fails the statement, before anything is written, if the store of
+    /// `target` does not let the job create and delete objects there (see
+    /// [`check_write_access`]).
+    async fn check_write_access(&self, target: &str, job_id: &str) -> Result<()> {
+        let location_error = |source| Error::WriteAccess {
+            location: target.to_owned(),
+            source,
+        };
+        let table = ListingTableUrl::parse(target).map_err(location_error)?;
+        let store = self
+            .catalog
+            .runtime_env()
+            .object_store(table.object_store())
+            .map_err(location_error)?;
+        check_write_access(&store, table.prefix(), job_id)
+            .await
+            .map_err(location_error)
+    }
+
     async fn guard_commit(
         &self,
         physical: Arc<dyn ExecutionPlan>,

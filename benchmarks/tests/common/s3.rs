@@ -25,12 +25,52 @@ pub struct S3Server {
     port: u16,
 }
 
+/// An access key and its secret.
+#[derive(Debug, Clone)]
+pub struct S3Credentials {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3Credentials {
+    /// The credentials that an S3 server without IAM accepts.
+    pub fn any() -> Self {
+        Self {
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+        }
+    }
+}
+
 impl S3Server {
     /// Starts moto and waits until it answers.
     pub fn start() -> Self {
+        Self::start_authorizing_after(None)
+    }
+
+    /// Starts moto so that, once it has created `bucket` and one IAM user
+    /// per `(name, actions)` allowed those S3 actions (`s3:GetObject`, ...)
+    /// on every resource, it authenticates and authorizes every request as
+    /// AWS does. Returns the users' credentials, in order.
+    pub fn start_with_users(bucket: &str, users: &[(&str, &[&str])]) -> (Self, Vec<S3Credentials>) {
+        // moto leaves this many requests unchecked: the set-up's.
+        let setup_requests = 1 + 3 * users.len();
+        let server = Self::start_authorizing_after(Some(setup_requests));
+        server.create_bucket(bucket);
+        let credentials = users
+            .iter()
+            .map(|(name, actions)| server.create_user(name, actions))
+            .collect();
+        (server, credentials)
+    }
+
+    fn start_authorizing_after(setup_requests: Option<usize>) -> Self {
         let port = super::processes::free_port();
         let mut command = Command::new(moto_server());
         command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(requests) = setup_requests {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", requests.to_string());
+        }
         let server = super::ServerProcess::start(
             command,
             port,
@@ -41,6 +81,54 @@ impl S3Server {
             _server: server,
             port,
         }
+    }
+
+    /// Creates an IAM user with an access key, allowed `actions` on every
+    /// resource (three IAM requests).
+    fn create_user(&self, name: &str, actions: &[&str]) -> S3Credentials {
+        let iam = |form: &str| {
+            let response = self.request(
+                "POST",
+                "/",
+                // moto routes by the service its credential scope names.
+                &[
+                    (
+                        "Authorization",
+                        "AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, \
+                         SignedHeaders=host, Signature=0",
+                    ),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                ],
+                &format!("{form}&Version=2010-05-08"),
+            );
+            assert!(
+                response.starts_with("HTTP/1.1 200"),
+                "IAM {form} failed: {response}"
+            );
+            response
+        };
+        iam(&format!("Action=CreateUser&UserName={name}"));
+        let key = iam(&format!("Action=CreateAccessKey&UserName={name}"));
+        let element = |tag: &str| {
+            let open = format!("<{tag}>");
+            let start = key.find(&open).expect("the key's element") + open.len();
+            let end = start + key[start..].find('<').expect("its end");
+            key[start..end].to_owned()
+        };
+        let credentials = S3Credentials {
+            access_key: element("AccessKeyId"),
+            secret_key: element("SecretAccessKey"),
+        };
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+        })
+        .to_string();
+        let policy: String = url::form_urlencoded::byte_serialize(policy.as_bytes()).collect();
+        iam(&format!(
+            "Action=PutUserPolicy&UserName={name}&PolicyName=access&PolicyDocument={policy}"
+        ));
+        credentials
     }
 
     pub fn endpoint(&self) -> String {
@@ -69,11 +157,21 @@ impl S3Server {
 
     /// A bare request, which moto accepts without a signature.
     fn unsigned_request(&self, method: &str, path: &str) -> String {
+        self.request(method, path, &[], "")
+    }
+
+    /// A request with `headers` and `body`, unsigned unless a header signs it.
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to moto");
+        let headers: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.port,
+            body.len()
         )
         .expect("send a request to moto");
         let mut response = String::new();
@@ -85,9 +183,14 @@ impl S3Server {
 
     /// The store options that reach this server, as a statement names them.
     pub fn options(&self) -> Vec<(String, String)> {
+        self.options_as(&S3Credentials::any())
+    }
+
+    /// [`Self::options`] with `credentials`.
+    pub fn options_as(&self, credentials: &S3Credentials) -> Vec<(String, String)> {
         [
-            ("aws.access_key_id", ACCESS_KEY.to_owned()),
-            ("aws.secret_access_key", SECRET_KEY.to_owned()),
+            ("aws.access_key_id", credentials.access_key.clone()),
+            ("aws.secret_access_key", credentials.secret_key.clone()),
             ("aws.region", REGION.to_owned()),
             ("aws.endpoint", self.endpoint()),
             ("aws.allow_http", "true".to_owned()),
@@ -99,8 +202,13 @@ impl S3Server {
 
     /// `OPTIONS (...)` for a table or `COPY` on this server.
     pub fn sql_options(&self) -> String {
+        self.sql_options_as(&S3Credentials::any())
+    }
+
+    /// [`Self::sql_options`] with `credentials`.
+    pub fn sql_options_as(&self, credentials: &S3Credentials) -> String {
         let pairs: Vec<String> = self
-            .options()
+            .options_as(credentials)
             .iter()
             .map(|(key, value)| format!("'{key}' '{value}'"))
             .collect();
@@ -109,11 +217,16 @@ impl S3Server {
 
     /// A client of `bucket`, for the tests' own uploads and checks.
     pub fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
+        self.store_as(bucket, &S3Credentials::any())
+    }
+
+    /// [`Self::store`] with `credentials`.
+    pub fn store_as(&self, bucket: &str, credentials: &S3Credentials) -> Arc<dyn ObjectStore> {
         Arc::new(
             AmazonS3Builder::new()
                 .with_bucket_name(bucket)
-                .with_access_key_id(ACCESS_KEY)
-                .with_secret_access_key(SECRET_KEY)
+                .with_access_key_id(&credentials.access_key)
+                .with_secret_access_key(&credentials.secret_key)
                 .with_region(REGION)
                 .with_endpoint(self.endpoint())
                 .with_allow_http(true)
@@ -144,6 +257,8 @@ fn moto_server() -> String {
     if on_path {
         return "moto_server".into();
     }
-    let venv = super::python::venv("quiver-moto-venv", &["moto[server]>=5,<6"]);
+    // 5.2.6 or later: older ones reject correctly signed listings with a
+    // prefix once IAM checks are on.
+    let venv = super::python::venv("quiver-moto-5.2.6-venv", &["moto[server]>=5.2.6,<6"]);
     venv.join("bin").join("moto_server").display().to_string()
 }

@@ -250,6 +250,33 @@ pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Resul
     Ok(jobs.into_iter().collect())
 }
 
+/// Checks, before a write job runs, that the store lets it create and
+/// delete objects under `table`, by writing and deleting an empty object in
+/// the job's staging folder. A commit moves its files into place by copy
+/// and delete on S3, GCS and Azure, and a failed write is rolled back by
+/// deleting: credentials that may write but not delete would leave the
+/// files of a failed commit where other engines read them.
+pub async fn check_write_access(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+    job_id: &str,
+) -> Result<()> {
+    let probe = job_staging(table, job_id).join("_access_check");
+    store
+        .put(&probe, PutPayload::new())
+        .await
+        .map_err(|error| {
+            DataFusionError::Execution(format!("cannot create objects there: {error}"))
+        })?;
+    store.delete(&probe).await.map_err(|error| {
+        DataFusionError::Execution(format!(
+            "can create objects there but not delete them, which a write needs to move its \
+             files into place and to roll back a failed commit; no data was written (an \
+             empty check object may stay in the staging folder, which readers skip): {error}"
+        ))
+    })
+}
+
 /// What an overwrite replaces: the files it deletes, and the jobs whose
 /// files it keeps.
 #[derive(Default)]
