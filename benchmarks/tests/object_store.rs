@@ -951,7 +951,10 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     .await
     .expect_err("the COPY cannot reach its endpoint, or divides by zero");
     // The job ran, and failed.
-    assert!(error.starts_with("job ") && error.contains(" failed: "), "{error}");
+    assert!(
+        error.starts_with("job ") && error.contains(" failed: "),
+        "{error}"
+    );
     // The options are put back once the job's end is seen.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let still_reads = tokio::time::timeout(
@@ -1128,6 +1131,64 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         assert_no_secret_in_history(&context, secret).await;
     }
     cluster.shutdown().await;
+
+    // Processes whose environment names a profile of the AWS CLI's files
+    // take its keys, region and endpoint from there: a table given no
+    // credentials reads, its requests signed with the profile's keys.
+    let aws = tempfile::tempdir().expect("temp dir");
+    let credentials = aws.path().join("credentials");
+    let config = aws.path().join("config");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = AKIAQUIVERUNKNOWN000\naws_secret_access_key = x\n\n\
+             [lake]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            reader.access_key, reader.secret_key
+        ),
+    )
+    .expect("write credentials");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile lake]\nregion = us-east-1\nendpoint_url = {}\n",
+            s3.endpoint()
+        ),
+    )
+    .expect("write config");
+    let env = [
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            credentials.display().to_string(),
+        ),
+        ("AWS_CONFIG_FILE", config.display().to_string()),
+        ("AWS_PROFILE", "lake".to_owned()),
+    ];
+    let processes = ProcessCluster::start(
+        1,
+        ClusterArgs {
+            env: env
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                .collect(),
+            ..ClusterArgs::default()
+        },
+    );
+    let context = processes.connect(1).await;
+    run(
+        &context,
+        "CREATE EXTERNAL TABLE from_profile STORED AS PARQUET LOCATION 's3://lake/data/' \
+         OPTIONS ('aws.allow_http' 'true')",
+    )
+    .await
+    .expect("the profile's keys read the table");
+    assert_eq!(
+        count_of(
+            &context,
+            "SELECT count(*)::bigint unsigned FROM from_profile"
+        )
+        .await,
+        3
+    );
 }
 
 /// A durable shuffle upload whose task is cancelled midway aborts its

@@ -71,13 +71,14 @@ impl CommitRequests {
 
     /// Sends the request of `task`; the receiver gets the answer, or an
     /// error once the session is over.
-    fn ask(&self, task: &TaskId) -> oneshot::Receiver<CommitAnswer> {
+    fn ask(&self, task: &TaskId, finishes: bool) -> oneshot::Receiver<CommitAnswer> {
         let (sender, receiver) = oneshot::channel();
         let mut waiting = self.lock();
         if let Some(waiting) = waiting.as_mut() {
             let request = ExecutorMessage {
                 kind: Some(executor_message::Kind::CommitRequest(CommitRequest {
                     task: Some(task.clone()),
+                    finishes,
                 })),
             };
             if self.outbound.send(request).is_ok() {
@@ -105,8 +106,8 @@ pub struct TaskCommitGate {
 
 #[async_trait]
 impl CommitAuthority for TaskCommitGate {
-    async fn allow(&self) -> Result<(), String> {
-        let mut answer = self.requests.ask(&self.task);
+    async fn allow(&self, finishes: bool) -> Result<(), String> {
+        let mut answer = self.requests.ask(&self.task, finishes);
         loop {
             tokio::select! {
                 answer = &mut answer => return match answer {
@@ -154,11 +155,11 @@ mod tests {
         let requests = CommitRequests::new(outbound);
         let lease = Lease::until(Instant::now() + Duration::from_secs(60));
         let gate = gate(&requests, lease);
-        let asking = tokio::spawn(async move { gate.allow().await });
+        let asking = tokio::spawn(async move { gate.allow(false).await });
         let request = sent.recv().await.expect("a request goes out");
         assert!(matches!(
             request.kind,
-            Some(executor_message::Kind::CommitRequest(CommitRequest { task: Some(ref t) })) if *t == task(1)
+            Some(executor_message::Kind::CommitRequest(CommitRequest { task: Some(ref t), finishes: false })) if *t == task(1)
         ));
         // Another attempt's answer is not this one's.
         requests.answer(CommitAnswer {
@@ -183,16 +184,22 @@ mod tests {
         let requests = CommitRequests::new(outbound);
         let lease = Lease::until(Instant::now() + Duration::from_secs(60));
         let waiting = gate(&requests, Arc::clone(&lease));
-        let asking = tokio::spawn(async move { waiting.allow().await });
+        let asking = tokio::spawn(async move { waiting.allow(false).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         requests.close();
         assert!(asking.await.expect("joined").is_err());
-        assert!(gate(&requests, lease).allow().await.is_err(), "asked later");
+        assert!(
+            gate(&requests, lease).allow(false).await.is_err(),
+            "asked later"
+        );
 
         let (outbound, _sent) = mpsc::unbounded_channel();
         let requests = CommitRequests::new(outbound);
         let short = Lease::until(Instant::now() + Duration::from_millis(50));
-        let error = gate(&requests, short).allow().await.expect_err("expired");
+        let error = gate(&requests, short)
+            .allow(false)
+            .await
+            .expect_err("expired");
         assert!(!error.is_empty());
     }
 }

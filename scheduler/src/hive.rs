@@ -147,7 +147,7 @@ impl HivePartitionedTable {
         &self,
         state: &dyn Session,
         filters: &[Expr],
-    ) -> Result<HashMap<String, String>> {
+    ) -> Result<FoundFolders> {
         // A table of several folders, or of a glob, is not one folder tree.
         let [url] = self.raw.table_paths().as_slice() else {
             return Ok(HashMap::new());
@@ -190,6 +190,10 @@ fn with_declared_partition_types(
     ))
 }
 
+/// For each column whose value [`equality_folders`] found in one folder:
+/// that value, and the folder's raw value.
+pub type FoundFolders = HashMap<String, (ScalarValue, String)>;
+
 /// `filter`'s column and literal, if it is `column = literal`.
 fn literal_equality(filter: &Expr) -> Option<(&Column, &ScalarValue)> {
     let Expr::BinaryExpr(binary) = filter else {
@@ -221,18 +225,22 @@ pub async fn equality_folders(
     table: &Path,
     partition_columns: &[(String, DataType)],
     filters: &[Expr],
-) -> Result<HashMap<String, String>> {
-    let equalities: HashMap<&str, &ScalarValue> = filters
-        .iter()
-        .filter_map(literal_equality)
-        .map(|(column, value)| (column.name(), value))
-        .collect();
-    let mut found = HashMap::new();
+) -> Result<FoundFolders> {
+    let mut equalities: HashMap<&str, Vec<&ScalarValue>> = HashMap::new();
+    for (column, value) in filters.iter().filter_map(literal_equality) {
+        let values = equalities.entry(column.name()).or_default();
+        if !values.contains(&value) {
+            values.push(value);
+        }
+    }
+    let mut found = FoundFolders::new();
     let mut prefix = table.clone();
     for (name, declared) in partition_columns {
-        let Some(&value) = equalities.get(name.as_str()) else {
+        // Held equal to two values, the column names no one folder.
+        let Some([value]) = equalities.get(name.as_str()).map(Vec::as_slice) else {
             break;
         };
+        let value = *value;
         // The listing spells the folder's name as an object store path, which
         // escapes a non-ASCII column name that writers keep as it is.
         if !has_one_folder_spelling(name) {
@@ -261,21 +269,21 @@ pub async fn equality_folders(
                 (column == name && &typed == value).then_some(raw)
             })
             .collect();
-        match holding.as_slice() {
-            [] => {
-                found.insert(name.clone(), value.to_string());
-                break;
-            }
-            [raw] => {
-                found.insert(name.clone(), raw.clone());
-                // Spelled with escapes, the folder ends the listing's prefix.
-                if !has_one_folder_spelling(raw) {
-                    break;
-                }
-                prefix = prefix.join(format!("{name}={raw}"));
-            }
+        // A folder spelled with escapes (`ts=2024-01-01T00%3A00%3A00`)
+        // cannot be a prefix of the listing: its filter stays typed.
+        let raw = match holding.as_slice() {
+            [] => value.to_string(),
+            [raw] => raw.clone(),
             _ => break,
+        };
+        if !has_one_folder_spelling(&raw) {
+            break;
         }
+        found.insert(name.clone(), (value.clone(), raw.clone()));
+        if holding.is_empty() {
+            break;
+        }
+        prefix = prefix.join(format!("{name}={raw}"));
     }
     Ok(found)
 }
@@ -285,7 +293,7 @@ pub async fn equality_folders(
 /// [`equality_folders`] found.
 fn raw_filter(
     partition_types: &HashMap<String, DataType>,
-    folders: &HashMap<String, String>,
+    folders: &FoundFolders,
     filter: &Expr,
 ) -> Result<Expr> {
     if let Some(plain) = folder_equality(partition_types, folders, filter) {
@@ -314,13 +322,15 @@ fn raw_filter(
 /// are compared on every folder's typed value.
 fn folder_equality(
     partition_types: &HashMap<String, DataType>,
-    folders: &HashMap<String, String>,
+    folders: &FoundFolders,
     filter: &Expr,
 ) -> Option<Expr> {
     let (column, value) = literal_equality(filter)?;
     let declared = partition_types.get(column.name())?;
     let name = match folders.get(column.name()) {
-        Some(raw) => raw.clone(),
+        Some((found, raw)) if found == value => raw.clone(),
+        // Looked up for another value: `month = 1 AND month = 2`.
+        Some(_) => return None,
         // See `equality_folders` for the column name.
         None if is_string_type(declared) && has_one_folder_spelling(column.name()) => {
             string_folder(value)?
@@ -449,11 +459,20 @@ mod tests {
             col("inferred").eq(lit("2021"))
         );
         // A value whose one folder was found, in that folder's spelling.
-        let folders = HashMap::from([("year".to_owned(), "02024".to_owned())]);
+        let folders = HashMap::from([(
+            "year".to_owned(),
+            (ScalarValue::Int32(Some(2024)), "02024".to_owned()),
+        )]);
         let filter = lit(2024i32).eq(col("year"));
         assert_eq!(
             raw_filter(&types(), &folders, &filter).expect("rewrites"),
             col("year").eq(lit("02024"))
+        );
+        // Not for another value of the column.
+        let other = col("year").eq(lit(2025i32));
+        assert_eq!(
+            raw_filter(&types(), &folders, &other).expect("rewrites"),
+            typed("year").eq(lit(2025i32))
         );
     }
 
@@ -525,6 +544,9 @@ mod tests {
         equality_folders(&store, &Path::default(), &columns, filters)
             .await
             .expect("lists")
+            .into_iter()
+            .map(|(column, (_, raw))| (column, raw))
+            .collect()
     }
 
     fn found(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -532,6 +554,30 @@ mod tests {
             .iter()
             .map(|(column, raw)| ((*column).to_owned(), (*raw).to_owned()))
             .collect()
+    }
+
+    /// A timestamp's folder is escaped (`:` as `%3A`) on object stores, and
+    /// cannot be a listing prefix: its filter stays typed.
+    #[tokio::test]
+    async fn an_escaped_folder_is_not_looked_up_by_its_name() {
+        let store = object_store::memory::InMemory::new();
+        let file = Path::parse("ts=2024-01-01T00%3A00%3A00/part-0.parquet").expect("path");
+        object_store::ObjectStoreExt::put(
+            &store,
+            &file,
+            object_store::PutPayload::from_static(b"data"),
+        )
+        .await
+        .expect("put");
+        let declared = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None);
+        let value = ScalarValue::try_from_string("2024-01-01T00:00:00".into(), &declared)
+            .expect("a timestamp");
+        let columns = [("ts".to_owned(), declared)];
+        let filters = [col("ts").eq(lit(value))];
+        let found = equality_folders(&store, &Path::default(), &columns, &filters)
+            .await
+            .expect("lists");
+        assert!(found.is_empty(), "{found:?}");
     }
 
     #[tokio::test]
@@ -562,6 +608,15 @@ mod tests {
         assert_eq!(
             folders_for(&[eu.clone(), year(2023), month(1)]).await,
             found(&[("year", "2023")])
+        );
+        // Two values of one column, or an escaped folder, end the search.
+        assert_eq!(
+            folders_for(&[eu.clone(), year(2024), year(2025), month(1)]).await,
+            found(&[])
+        );
+        assert_eq!(
+            folders_for(&[eu.clone(), year(2024), year(2024), month(2)]).await,
+            found(&[("year", "2024"), ("month", "2")])
         );
         // A level without an equality ends the search.
         assert_eq!(folders_for(&[year(2024), month(1)]).await, found(&[]));

@@ -581,12 +581,6 @@ impl Planner {
         })
     }
 
-    /// The write plan `physical` with its commit told which jobs have
-    /// committed to `target` so far, so that it fails rather than replace
-    /// rows committed after this statement was planned (see
-    /// [`ParquetCommitExec::with_known_commits`]): those of the state its
-    /// scans read (`read`) when it reads `target`, for a job that committed
-    /// once they had listed it was not read.
     /// Fails the statement, before anything is written, if the store of
     /// `target` does not let the job create and delete objects there (see
     /// [`check_write_access`]).
@@ -606,6 +600,12 @@ impl Planner {
             .map_err(location_error)
     }
 
+    /// The write plan `physical` with its commit told which jobs have
+    /// committed to `target` so far, so that it fails rather than replace
+    /// rows committed after this statement was planned (see
+    /// [`ParquetCommitExec::with_known_commits`]): those of the state its
+    /// scans read (`read`) when it reads `target`, for a job that committed
+    /// once they had listed it was not read.
     async fn guard_commit(
         &self,
         physical: Arc<dyn ExecutionPlan>,

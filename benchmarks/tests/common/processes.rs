@@ -34,11 +34,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// Extra flags of the cluster's processes.
+/// Extra flags of the cluster's processes, and environment variables of all.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterArgs {
     pub scheduler: Vec<String>,
     pub executor: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 pub struct ProcessCluster {
@@ -104,6 +105,7 @@ impl ProcessCluster {
                 "4",
             ])
             .args(&self.args.scheduler)
+            .envs(self.args.env.iter().cloned())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -130,6 +132,7 @@ impl ProcessCluster {
             .arg("--work-dir")
             .arg(self.work.path().join("executors"))
             .args(&self.args.executor)
+            .envs(self.args.env.iter().cloned())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,5 +1,6 @@
 //! Object storage: the stores behind table and output locations.
 //!
+//! - [`aws_profile`]: the AWS CLI's shared config and credentials files.
 //! - [`options`]: `aws.*`/`gcp.*`/`azure.*`/`http.*` options of a location,
 //!   checked when a statement is planned and never shown in clear.
 //! - [`registry`]: builds each location's store from the environment and its
@@ -9,6 +10,7 @@
 //! - [`upload`]: file uploads whose ids are recorded, so that the unfinished
 //!   uploads of a killed task can be aborted (writes and durable shuffle).
 
+pub mod aws_profile;
 pub mod echoes;
 pub mod forwarding;
 pub mod metered;

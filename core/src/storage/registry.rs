@@ -25,6 +25,7 @@ use object_store::{
 };
 use url::Url;
 
+use super::aws_profile::ProfileSettings;
 use super::options::StoreOptions;
 
 /// How long one request to a remote store is retried before the task fails
@@ -342,9 +343,9 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
             ))
         }
         ObjectStoreScheme::AmazonS3 => {
-            let mut builder = AmazonS3Builder::from_env()
-                .with_url(url.as_str())
-                .with_retry(retry_config());
+            let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+            let builder = ProfileSettings::read(&env).fill(AmazonS3Builder::from_env(), &env);
+            let mut builder = builder.with_url(url.as_str()).with_retry(retry_config());
             for (name, value) in options.for_provider("aws") {
                 builder = builder.with_config(aws_key(name).map_err(build_error(url))?, value);
             }

@@ -346,9 +346,9 @@ impl Commit {
     }
 
     /// Asks for the scheduler's permission to change the table (see
-    /// [`super::permission`]).
-    async fn ask_to_commit(&self) -> Result<()> {
-        ask_to_commit(self.permission.as_deref(), &self.location).await
+    /// [`super::permission`]); `finishes` when the manifest is there.
+    async fn ask_to_commit(&self, finishes: bool) -> Result<()> {
+        ask_to_commit(self.permission.as_deref(), &self.location, finishes).await
     }
 
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
@@ -360,12 +360,12 @@ impl Commit {
         if self.retry
             && let Some(manifest) = self.read_manifest().await?
         {
-            self.ask_to_commit().await?;
+            self.ask_to_commit(true).await?;
             return self.finish_committed(&manifest).await;
         }
         let mut files = staged_files(input).await?;
         self.check_no_commit_since_planning().await?;
-        self.ask_to_commit().await?;
+        self.ask_to_commit(false).await?;
         if files.is_empty() {
             files.extend(self.stage_schema_file().await?);
         }

@@ -25,19 +25,26 @@ use datafusion::execution::TaskContext;
 #[async_trait]
 pub trait CommitAuthority: Send + Sync + Debug {
     /// Waits for the answer: `Err` carries why the attempt may not commit.
-    async fn allow(&self) -> std::result::Result<(), String>;
+    /// `finishes` says that the attempt found its job's manifest, and only
+    /// finishes what an earlier attempt committed.
+    async fn allow(&self, finishes: bool) -> std::result::Result<(), String>;
 }
 
 /// The task context extension that carries the commit's authority.
 #[derive(Debug, Clone)]
 pub struct CommitPermission(pub Arc<dyn CommitAuthority>);
 
-/// Asks the authority in `context`, if any, whether this attempt may commit.
-pub async fn ask_to_commit(context: Option<&CommitPermission>, location: &str) -> Result<()> {
+/// Asks the authority in `context`, if any, whether this attempt may commit
+/// (see [`CommitAuthority::allow`] for `finishes`).
+pub async fn ask_to_commit(
+    context: Option<&CommitPermission>,
+    location: &str,
+    finishes: bool,
+) -> Result<()> {
     let Some(CommitPermission(authority)) = context else {
         return Ok(());
     };
-    authority.allow().await.map_err(|reason| {
+    authority.allow(finishes).await.map_err(|reason| {
         DataFusionError::Execution(format!(
             "the commit of the write to '{location}' was not allowed: {reason}"
         ))

@@ -275,7 +275,7 @@ impl SchedulerLoop {
             return;
         };
         let verdict = match self.jobs.get_mut(&task.job_id) {
-            Some((job, _)) => job.allow_commit(&task, executor_id),
+            Some((job, _)) => job.allow_commit(&task, executor_id, request.finishes),
             None => Err("the job has ended".to_owned()),
         };
         match &verdict {

@@ -78,7 +78,9 @@ pub struct Task {
     pub not_before: Instant,
     /// Executor on which the previous attempt failed; avoided when possible.
     pub avoid: Option<String>,
-    /// The running attempt was allowed to commit (see [`Job::allow_commit`]).
+    /// An attempt was allowed to commit (see [`Job::allow_commit`]) and no
+    /// attempt has reported since: it, or the lost attempt before it, may
+    /// have acted.
     pub committing: bool,
 }
 
@@ -345,24 +347,39 @@ impl Job {
     /// not have run out. Such a job must not end: it would be reported
     /// cancelled or failed with its rows committed (a retry of the statement
     /// would write them twice), and settling its write would race the commit.
+    ///
+    /// A commit lost with its executor may have written its manifest. Its
+    /// next attempt settles that, even for a job that is to end: it finds
+    /// the manifest and finishes the commit, or is refused and fails. So
+    /// until it reports, so long as it can run, the job is committing too.
     pub fn committing(&self, now: Instant) -> bool {
         self.lost_commit_may_act_until
             .is_some_and(|until| now < until)
-            || self
-                .stages
-                .iter()
-                .flat_map(|stage| &stage.tasks)
-                .any(|task| task.committing && matches!(task.state, TaskState::Running { .. }))
+            || self.stages.iter().any(|stage| {
+                stage.tasks.iter().any(|task| match task.state {
+                    TaskState::Running { .. } => task.committing,
+                    TaskState::Pending => task.committing && self.inputs_complete(stage),
+                    TaskState::Done => false,
+                })
+            })
     }
 
     /// Allows commit attempt `id`, running on `executor_id`, to change the
     /// table, if it is the task's running attempt and nobody asked the job
-    /// to end; the job then waits for it before it ends. `Err` says why not.
-    pub fn allow_commit(&mut self, id: &TaskId, executor_id: &str) -> Result<(), String> {
+    /// to end, or it `finishes` a commit made earlier (its job's manifest is
+    /// there: ending the job now would report it wrongly); the job then
+    /// waits for it before it ends. `Err` says why not.
+    pub fn allow_commit(
+        &mut self,
+        id: &TaskId,
+        executor_id: &str,
+        finishes: bool,
+    ) -> Result<(), String> {
         if self.state != JobState::Running || self.replanning {
             return Err("the job is not running".into());
         }
         match &self.deferred_end {
+            _ if finishes => {}
             Some(DeferredEnd::Cancel) => return Err("the job was cancelled".into()),
             Some(DeferredEnd::Fail(message)) => return Err(message.clone()),
             None => {}
@@ -442,9 +459,12 @@ impl Job {
     /// the probe side of an undecided adaptive join waits. Returns it with the
     /// executor its last attempt failed on.
     pub fn next_runnable(&self, now: Instant) -> Option<(u32, usize, Option<&str>)> {
-        if self.replanning || self.deferred_end.is_some() {
+        if self.replanning {
             return None;
         }
+        // A job that is to end runs only the next attempts of lost commits
+        // (see `committing`).
+        let ending = self.deferred_end.is_some();
         self.stages
             .iter()
             .filter(|stage| self.inputs_complete(stage) && !self.adaptive.holds(stage.id))
@@ -452,7 +472,11 @@ impl Job {
                 stage
                     .tasks
                     .iter()
-                    .position(|task| task.state == TaskState::Pending && task.not_before <= now)
+                    .position(|task| {
+                        task.state == TaskState::Pending
+                            && task.not_before <= now
+                            && (!ending || task.committing)
+                    })
                     .map(|partition| {
                         let avoid = stage.tasks[partition].avoid.as_deref();
                         (stage.id, partition, avoid)
@@ -521,7 +545,6 @@ impl Job {
         task.state = TaskState::Running {
             executor_id: executor_id.to_owned(),
         };
-        task.committing = false;
         let attempt = task.attempt;
         self.running += 1;
         self.launched_on.insert(executor_id.to_owned());
@@ -554,6 +577,7 @@ impl Job {
             _ => return None,
         };
         task.state = TaskState::Pending;
+        task.committing = false;
         self.running -= 1;
         let task = self
             .stage_mut(id.stage_id)?
@@ -592,11 +616,20 @@ impl Job {
     pub fn on_failure(&mut self, id: &TaskId, failure: &TaskFailed, now: Instant) -> Outcome {
         let max_attempts = self.max_attempts;
         let once = self.writes_unrepeatably(id.stage_id);
+        let ending = self.deferred_end.is_some();
         let kind = failure.kind();
         let Some((task, executor_id)) = self.finish_running(id) else {
             return Outcome::Continue;
         };
         task.attempt += 1;
+        if ending {
+            // The job ends as it was asked to, now that this commit reported.
+            return Outcome::Continue;
+        }
+        if once && matches!(kind, FailureKind::Retryable | FailureKind::FetchFailed) {
+            // Whatever failed, the attempt may have written files already.
+            return self.fail(format!("{}; {UNREPEATABLE_WRITE}", failure.message));
+        }
         if let (FailureKind::FetchFailed, Some(fetch)) = (kind, &failure.fetch) {
             // The reader is fine; its input is missing. It waits, without using
             // up an attempt, until the scheduler has recomputed that input.
@@ -621,9 +654,6 @@ impl Job {
         }
         task.failures += 1;
         let retryable = matches!(kind, FailureKind::Retryable | FailureKind::FetchFailed);
-        if retryable && once {
-            return self.fail(format!("{}; {UNREPEATABLE_WRITE}", failure.message));
-        }
         if !retryable || task.failures >= max_attempts {
             let message = if retryable {
                 format!(
@@ -857,6 +887,7 @@ impl Job {
         now: Instant,
     ) -> Outcome {
         let max_attempts = self.max_attempts;
+        let once = self.writes_unrepeatably(fetch.stage_id);
         let Some(task) = self
             .stage_mut(fetch.stage_id)
             .and_then(|stage| stage.tasks.get_mut(fetch.map_partition as usize))
@@ -871,6 +902,12 @@ impl Job {
         if !current {
             // Already being recomputed after another reader's report.
             return Outcome::Continue;
+        }
+        if once {
+            return self.fail(format!(
+                "map output {}/{} was lost: {message}; {UNREPEATABLE_WRITE}",
+                fetch.stage_id, fetch.map_partition
+            ));
         }
         task.failures += 1;
         if task.failures >= max_attempts {
@@ -903,6 +940,9 @@ impl Job {
             .collect();
         let mut exhausted = None;
         let mut lost_write = None;
+        // A lost commit allowed to act may still act until then: its next
+        // attempt waits (see `note_lost_commit`).
+        let lost_commit_until = self.lost_commit_may_act_until.filter(|until| now < *until);
         loop {
             let needed = self.needed_stages();
             let mut changed = false;
@@ -919,7 +959,8 @@ impl Job {
                     if unrepeatable.contains(&stage.id) {
                         lost_write = Some((stage.id, partition));
                     }
-                    if matches!(task.state, TaskState::Running { .. }) {
+                    let running = matches!(task.state, TaskState::Running { .. });
+                    if running {
                         self.running -= 1;
                         task.failures += 1;
                         if task.failures >= max_attempts {
@@ -927,6 +968,12 @@ impl Job {
                         }
                     }
                     task.recompute(now, executor_id);
+                    if running
+                        && task.committing
+                        && let Some(until) = lost_commit_until
+                    {
+                        task.not_before = until;
+                    }
                     changed = true;
                 }
             }
@@ -940,12 +987,18 @@ impl Job {
                  {UNREPEATABLE_WRITE}"
             ));
         }
-        match exhausted {
-            Some((stage, partition)) => self.fail(format!(
-                "task {stage}/{partition} was lost with its executor {executor_id} on its last attempt"
-            )),
-            None => Outcome::Continue,
+        let Some((stage, partition)) = exhausted else {
+            return Outcome::Continue;
+        };
+        let message = format!(
+            "task {stage}/{partition} was lost with its executor {executor_id} on its last attempt"
+        );
+        if self.committing(now) {
+            // Not before the lost commit can no longer act.
+            self.deferred_end = Some(DeferredEnd::Fail(message));
+            return Outcome::Continue;
         }
+        self.fail(message)
     }
 
     /// Whether a map output on `executor_id` is still needed by this job.
@@ -1755,6 +1808,29 @@ mod tests {
         };
         assert!(message.contains("stages nothing"), "{message}");
 
+        // Nor when it could not read its input: it may have written files.
+        let mut starved = job_writing(format!(
+            "COPY (SELECT x FROM t) TO '{}/starved/' STORED AS CSV",
+            out.display()
+        ))
+        .await;
+        for stage in 1..last {
+            for partition in 0..starved.stages[stage as usize - 1].tasks.len() {
+                run_task(&mut starved, stage, partition, "a");
+            }
+        }
+        let sink = starved
+            .launch(last, 0, "b")
+            .expect("runs")
+            .task
+            .expect("id");
+        let Outcome::Failed(message) =
+            starved.on_failure(&sink, &fetch_failed(last - 1, 0, 0, "a"), now)
+        else {
+            panic!("a CSV folder write whose input was lost must not run again");
+        };
+        assert!(message.contains("stages nothing"), "{message}");
+
         for sql in [
             format!(
                 "COPY (SELECT x FROM t) TO '{}/one.csv' STORED AS CSV",
@@ -2073,32 +2149,96 @@ mod tests {
             }
         }
         let now = Instant::now();
-        let commit = job.launch(last, 0, "a").expect("runs").task.expect("id");
+        let commit = job.launch(last, 0, "c").expect("runs").task.expect("id");
         assert!(!job.committing(now), "not before it is allowed");
-        assert!(job.allow_commit(&commit, "b").is_err(), "another executor");
+        assert!(
+            job.allow_commit(&commit, "b", false).is_err(),
+            "another executor"
+        );
         let later = TaskId {
             attempt: commit.attempt + 1,
             ..commit.clone()
         };
-        assert!(job.allow_commit(&later, "a").is_err(), "another attempt");
-        job.allow_commit(&commit, "a").expect("allowed");
+        assert!(
+            job.allow_commit(&later, "c", false).is_err(),
+            "another attempt"
+        );
+        job.allow_commit(&commit, "c", false).expect("allowed");
         assert!(job.committing(now));
         assert!(job.status().committing);
 
         let lease_end = now + Duration::from_secs(3);
-        job.note_lost_commit("a", lease_end);
-        assert_eq!(job.on_executor_lost("a", now), Outcome::Continue);
+        job.note_lost_commit("c", lease_end);
+        assert_eq!(job.on_executor_lost("c", now), Outcome::Continue);
         assert!(job.committing(now), "the lost executor may still commit");
-        assert!(!job.committing(lease_end));
+        // No second commit runs beside it; its next attempt, owed to find
+        // out whether it committed, keeps the job committing.
+        let retry = &job.stages[last as usize - 1].tasks[0];
+        assert_eq!(retry.state, TaskState::Pending);
+        assert_eq!(retry.not_before, lease_end);
+        assert!(job.committing(lease_end));
 
-        // Asked to end: nothing more runs, and no commit is allowed.
+        // Asked to end: only that attempt runs, and it may only finish a
+        // commit made earlier.
         job.deferred_end = Some(DeferredEnd::Cancel);
-        assert_eq!(job.next_runnable(lease_end), None);
+        assert_eq!(
+            job.next_runnable(lease_end)
+                .map(|(stage, partition, _)| (stage, partition)),
+            Some((last, 0))
+        );
         let retried = job.launch(last, 0, "b").expect("runs").task.expect("id");
         assert_eq!(
-            job.allow_commit(&retried, "b"),
+            job.allow_commit(&retried, "b", false),
             Err("the job was cancelled".to_owned())
         );
+        // Unless it only finishes what an earlier attempt committed.
+        assert_eq!(job.allow_commit(&retried, "b", true), Ok(()));
+        assert!(job.committing(lease_end));
+    }
+
+    /// A commit lost on its last attempt, with an executor that may still
+    /// act, fails its job only once that executor's lease has run out.
+    #[tokio::test]
+    async fn a_lost_commit_on_its_last_attempt_fails_its_job_after_the_lease() {
+        let (mut job, _folder) = counting_job().await;
+        job.writes_to = Some("file:///tmp/target/".into());
+        job.max_attempts = 1;
+        let last = job.stages.len() as u32;
+        for stage in 1..last {
+            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
+                run_task(&mut job, stage, partition, "a");
+            }
+        }
+        let now = Instant::now();
+        let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
+        job.allow_commit(&commit, "b", false).expect("allowed");
+        let lease_end = now + Duration::from_secs(3);
+        job.note_lost_commit("b", lease_end);
+        assert_eq!(job.on_executor_lost("b", now), Outcome::Continue);
+        assert!(
+            matches!(job.deferred_end, Some(DeferredEnd::Fail(ref m)) if m.contains("last attempt"))
+        );
+        assert!(job.committing(now));
+        // Its next attempt finds out whether it committed: refused here, as
+        // it finds no manifest, it ends the job as it was asked to.
+        assert!(job.committing(lease_end), "until its next attempt reports");
+        assert_eq!(
+            job.next_runnable(lease_end)
+                .map(|(stage, partition, _)| (stage, partition)),
+            Some((last, 0))
+        );
+        let verify = job.launch(last, 0, "c").expect("runs").task.expect("id");
+        assert!(job.allow_commit(&verify, "c", false).is_err());
+        let refused = TaskFailed {
+            kind: FailureKind::Retryable.into(),
+            message: "the commit was not allowed".into(),
+            fetch: None,
+        };
+        assert_eq!(
+            job.on_failure(&verify, &refused, lease_end),
+            Outcome::Continue
+        );
+        assert!(!job.committing(lease_end));
     }
 
     /// A commit allowed before a cancel came decides how the job ends: it
@@ -2120,7 +2260,7 @@ mod tests {
         let mut job = job_of(&[single]);
         job.writes_to = Some("file:///tmp/target/".into());
         let commit = job.launch(1, 0, "a").expect("runs").task.expect("id");
-        job.allow_commit(&commit, "a").expect("allowed");
+        job.allow_commit(&commit, "a", false).expect("allowed");
         job.deferred_end = Some(DeferredEnd::Cancel);
         let output = MapOutput {
             attempt: commit.attempt,
