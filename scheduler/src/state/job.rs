@@ -1295,6 +1295,33 @@ mod tests {
         )
     }
 
+    /// Runs every task of every stage but the last on `executor`; returns
+    /// the last stage's id.
+    fn run_all_but_last(job: &mut Job, executor: &str) -> u32 {
+        let last = job.stages.len() as u32;
+        for stage in 1..last {
+            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
+                run_task(job, stage, partition, executor);
+            }
+        }
+        last
+    }
+
+    /// The one stage of a job whose one task scans, writes and commits.
+    fn single_task_stage() -> StagePlan {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        StagePlan {
+            stage_id: 1,
+            plan: Arc::new(ShuffleWriterExec::new(
+                "job",
+                1,
+                Arc::new(EmptyExec::new(schema)),
+                None,
+            )),
+            inputs: vec![],
+        }
+    }
+
     fn run_task(job: &mut Job, stage: u32, partition: usize, executor: &str) {
         let launch = job.launch(stage, partition, executor).expect("launchable");
         let output = MapOutput {
@@ -1777,12 +1804,7 @@ mod tests {
             out.display()
         ))
         .await;
-        let last = csv.stages.len() as u32;
-        for stage in 1..last {
-            for partition in 0..csv.stages[stage as usize - 1].tasks.len() {
-                run_task(&mut csv, stage, partition, "a");
-            }
-        }
+        let last = run_all_but_last(&mut csv, "a");
         let sink = csv.launch(last, 0, "a").expect("runs").task.expect("id");
         let Outcome::Failed(message) = csv.on_failure(&sink, &failure, now) else {
             panic!("a CSV folder write must not be retried");
@@ -1797,11 +1819,7 @@ mod tests {
             out.display()
         ))
         .await;
-        for stage in 1..last {
-            for partition in 0..lost.stages[stage as usize - 1].tasks.len() {
-                run_task(&mut lost, stage, partition, "a");
-            }
-        }
+        run_all_but_last(&mut lost, "a");
         lost.launch(last, 0, "b").expect("runs");
         let Outcome::Failed(message) = lost.on_executor_lost("b", now) else {
             panic!("a CSV folder write lost with its executor must not run again");
@@ -1814,11 +1832,7 @@ mod tests {
             out.display()
         ))
         .await;
-        for stage in 1..last {
-            for partition in 0..starved.stages[stage as usize - 1].tasks.len() {
-                run_task(&mut starved, stage, partition, "a");
-            }
-        }
+        run_all_but_last(&mut starved, "a");
         let sink = starved
             .launch(last, 0, "b")
             .expect("runs")
@@ -1999,12 +2013,7 @@ mod tests {
     async fn a_write_is_not_planned_again_once_its_commit_started() {
         let (mut job, _folder) = counting_job().await;
         job.writes_to = Some("file:///tmp/target/".into());
-        let last = job.stages.len() as u32;
-        for stage in 1..last {
-            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
-                run_task(&mut job, stage, partition, "a");
-            }
-        }
+        let last = run_all_but_last(&mut job, "a");
         let commit = job.launch(last, 0, "a").expect("runs").task.expect("id");
         assert_eq!(
             job.on_failure(&commit, &input_replaced(), Instant::now()),
@@ -2012,17 +2021,7 @@ mod tests {
         );
 
         // One task scans, writes and commits.
-        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let single = StagePlan {
-            stage_id: 1,
-            plan: Arc::new(ShuffleWriterExec::new(
-                "job",
-                1,
-                Arc::new(EmptyExec::new(schema)),
-                None,
-            )),
-            inputs: vec![],
-        };
+        let single = single_task_stage();
         let mut write = job_of(&[single]);
         write.writes_to = job.writes_to.clone();
         write.replanner = job.replanner.clone();
@@ -2142,12 +2141,7 @@ mod tests {
     async fn only_the_running_attempt_of_a_live_job_may_commit() {
         let (mut job, _folder) = counting_job().await;
         job.writes_to = Some("file:///tmp/target/".into());
-        let last = job.stages.len() as u32;
-        for stage in 1..last {
-            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
-                run_task(&mut job, stage, partition, "a");
-            }
-        }
+        let last = run_all_but_last(&mut job, "a");
         let now = Instant::now();
         let commit = job.launch(last, 0, "c").expect("runs").task.expect("id");
         assert!(!job.committing(now), "not before it is allowed");
@@ -2203,12 +2197,7 @@ mod tests {
         let (mut job, _folder) = counting_job().await;
         job.writes_to = Some("file:///tmp/target/".into());
         job.max_attempts = 1;
-        let last = job.stages.len() as u32;
-        for stage in 1..last {
-            for partition in 0..job.stages[stage as usize - 1].tasks.len() {
-                run_task(&mut job, stage, partition, "a");
-            }
-        }
+        let last = run_all_but_last(&mut job, "a");
         let now = Instant::now();
         let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
         job.allow_commit(&commit, "b", false).expect("allowed");
@@ -2246,17 +2235,7 @@ mod tests {
     #[tokio::test]
     async fn a_commit_allowed_before_a_cancel_ends_its_job_as_it_ends() {
         // One task scans, writes and commits.
-        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let single = StagePlan {
-            stage_id: 1,
-            plan: Arc::new(ShuffleWriterExec::new(
-                "job",
-                1,
-                Arc::new(EmptyExec::new(schema)),
-                None,
-            )),
-            inputs: vec![],
-        };
+        let single = single_task_stage();
         let mut job = job_of(&[single]);
         job.writes_to = Some("file:///tmp/target/".into());
         let commit = job.launch(1, 0, "a").expect("runs").task.expect("id");
