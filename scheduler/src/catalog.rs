@@ -4,14 +4,16 @@
 //!
 //! Storing statements rather than resolved metadata keeps the store independent
 //! of DataFusion's internal structures across versions; an external table's
-//! schema is inferred again from its files on replay. A table made by
+//! schema is inferred again from its files on replay, under the
+//! `datafusion.execution.parquet.*` settings of the session that created it,
+//! which are stored with the statement (DataFusion fixes them in the table). A table made by
 //! `CREATE TABLE ... AS` is written to the warehouse first and stored as the
 //! external table of its folder.
 
 use datafusion::common::TableReference;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::DdlStatement;
-use quiver_proto::CatalogEntry;
+use quiver_proto::{CatalogEntry, Setting};
 use tracing::warn;
 
 use crate::store::{Result, StateStore};
@@ -35,12 +37,18 @@ enum Change {
     None,
 }
 
-/// Records the effect of a DDL statement that has just run successfully.
+/// The prefix of the settings that a table keeps from the session that
+/// created it: DataFusion copies them into its Parquet format.
+const KEPT_SETTINGS_PREFIX: &str = "datafusion.execution.parquet.";
+
+/// Records the effect of a DDL statement that has just run successfully,
+/// planned with the session `settings`.
 pub fn record(
     store: &StateStore,
     ddl: &DdlStatement,
     sql: &str,
     state: &SessionState,
+    settings: &[Setting],
 ) -> Result<()> {
     match change_of(ddl, state) {
         Change::Put {
@@ -54,6 +62,16 @@ pub fn record(
                 kind: kind.to_owned(),
                 name,
                 sql: sql.to_owned(),
+                settings: settings
+                    .iter()
+                    .filter(|setting| {
+                        setting
+                            .key
+                            .to_ascii_lowercase()
+                            .starts_with(KEPT_SETTINGS_PREFIX)
+                    })
+                    .cloned()
+                    .collect(),
             };
             store.add_catalog_entry(&key, entry, if_absent)
         }

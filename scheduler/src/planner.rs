@@ -285,7 +285,13 @@ impl Planner {
         let mut failures = Vec::new();
         for entry in entries {
             let replayed = self
-                .plan_statement("catalog-replay", Query::Sql(entry.sql), None, &[], false)
+                .plan_statement(
+                    "catalog-replay",
+                    Query::Sql(entry.sql),
+                    None,
+                    &entry.settings,
+                    false,
+                )
                 .await;
             if let Err(e) = replayed {
                 failures.push((entry.name, e));
@@ -397,7 +403,7 @@ impl Planner {
         let replaced = self.configure_locations(&logical)?;
         let logical = without_store_options(logical)?;
         let mut planned = self
-            .plan_logical(job_id, logical, sql, state, persist)
+            .plan_logical(job_id, logical, sql, state, persist.then_some(settings))
             .await;
         match &mut planned {
             Err(_) => self.restore_locations(replaced),
@@ -412,14 +418,15 @@ impl Planner {
         planned
     }
 
-    /// Plans a statement whose locations are configured.
+    /// Plans a statement whose locations are configured. `persist` holds the
+    /// session's settings if the statement's catalog changes are stored.
     async fn plan_logical(
         &self,
         job_id: &str,
         logical: LogicalPlan,
         sql: Option<String>,
         state: SessionState,
-        persist: bool,
+        persist: Option<&[Setting]>,
     ) -> Result<Planned> {
         let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
         if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
@@ -438,7 +445,7 @@ impl Planner {
                 _ => None,
             };
             let dropped = match &logical {
-                LogicalPlan::Ddl(ddl) if persist => {
+                LogicalPlan::Ddl(ddl) if persist.is_some() => {
                     managed::dropped_folders(ddl, &state, &self.store, &self.warehouse).await
                 }
                 _ => Vec::new(),
@@ -453,11 +460,14 @@ impl Planner {
                 },
                 _ => Error::Query(e),
             })?;
-            if let Some((ddl, sql)) = ddl.filter(|_| persist) {
+            if let (Some((ddl, sql)), Some(settings)) = (ddl, persist) {
                 let store = self.store.clone();
-                tokio::task::spawn_blocking(move || catalog::record(&store, &ddl, &sql, &state))
-                    .await
-                    .map_err(|_| Error::ShuttingDown)??;
+                let settings = settings.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    catalog::record(&store, &ddl, &sql, &state, &settings)
+                })
+                .await
+                .map_err(|_| Error::ShuttingDown)??;
             }
             managed::delete_folders(&self.catalog.runtime_env(), dropped).await;
             return Ok(Planned::Done { schema });

@@ -308,6 +308,7 @@ mod tests {
                 kind: "table".into(),
                 name: name.into(),
                 sql: format!("CREATE VIEW {name} AS SELECT {seq}"),
+                settings: Vec::new(),
             };
             store
                 .put_catalog_entry("table:b", &entry(2, "b"))

@@ -544,6 +544,58 @@ mod tests {
         );
     }
 
+    /// DataFusion fixes a table's Parquet read settings when it is created;
+    /// the catalog keeps them, so a replayed table reads as it did.
+    #[tokio::test]
+    async fn a_replayed_table_keeps_its_creating_sessions_parquet_settings() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let batch = RecordBatch::try_from_iter([(
+            "b",
+            Arc::new(arrow::array::BinaryArray::from(vec![&b"abc"[..]])) as _,
+        )])
+        .expect("batch");
+        let file = std::fs::File::create(folder.path().join("part-0.parquet")).expect("file");
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+
+        let store = StateStore::in_memory().expect("store");
+        let warehouse = "/tmp/quiver-warehouse/".to_owned();
+        let planner = Planner::new(2, store.clone(), warehouse.clone()).expect("planner");
+        let as_string = quiver_proto::Setting {
+            key: "datafusion.execution.parquet.binary_as_string".into(),
+            value: "true".into(),
+        };
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+            folder.path().display()
+        );
+        planner
+            .plan("ddl", Query::Sql(ddl), &[as_string])
+            .await
+            .expect("table");
+        let column_type = |planner: &Planner| {
+            let context =
+                SessionContext::new_with_state(planner.session_state(&[]).expect("state"));
+            async move {
+                let table = context.table_provider("t").await.expect("the table");
+                table.schema().field(0).data_type().clone()
+            }
+        };
+        let created = column_type(&planner).await;
+        assert!(
+            matches!(
+                created,
+                arrow::datatypes::DataType::Utf8 | arrow::datatypes::DataType::Utf8View
+            ),
+            "{created}"
+        );
+        let restarted = Planner::new(2, store, warehouse).expect("planner");
+        let failures = restarted.replay_catalog().await.expect("replay");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(column_type(&restarted).await, created);
+    }
+
     #[tokio::test]
     async fn a_column_that_some_files_lack_is_nullable() {
         let folder = tempfile::tempdir().expect("temp folder");
