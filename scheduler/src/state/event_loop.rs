@@ -274,6 +274,7 @@ impl SchedulerLoop {
         let Some(task) = request.task else {
             return;
         };
+        let job_id = task.job_id.clone();
         let verdict = match self.jobs.get_mut(&task.job_id) {
             Some((job, _)) => job.allow_commit(&task, executor_id, request.finishes),
             None => Err("the job has ended".to_owned()),
@@ -291,15 +292,12 @@ impl SchedulerLoop {
             allowed: verdict.is_ok(),
             reason: verdict.err().unwrap_or_default(),
         };
-        let job_id = answer.task.as_ref().map(|task| task.job_id.clone());
         if let Some(executor) = self.executors.get_mut(executor_id) {
             executor.send(SchedulerMessage {
                 kind: Some(scheduler_message::Kind::CommitAnswer(answer)),
             });
         }
-        if let Some(job_id) = job_id {
-            self.publish(&job_id);
-        }
+        self.publish(&job_id);
     }
 
     fn on_task_status(&mut self, status: TaskStatus) {
@@ -471,12 +469,9 @@ impl SchedulerLoop {
         let Some((job, _)) = self.jobs.get_mut(job_id) else {
             return CancelOutcome::Ended;
         };
-        if job.committing(Instant::now()) {
-            if job.deferred_end.is_none() {
-                info!(%job_id, "cancel requested while the job's write commits; \
-                    it is cancelled if the commit fails, and succeeds if it commits");
-            }
-            job.deferred_end = Some(DeferredEnd::Cancel);
+        if job.defer_end(DeferredEnd::Cancel, Instant::now()) {
+            info!(%job_id, "cancel requested while the job's write commits; \
+                it is cancelled if the commit fails, and succeeds if it commits");
             return CancelOutcome::Committing;
         }
         if job.state == JobState::Queued {
@@ -491,14 +486,14 @@ impl SchedulerLoop {
     }
 
     /// Ends the jobs asked to end while their writes committed, once no
-    /// commit task of theirs runs: the commit failed, or its executor was
-    /// lost, and no new attempt is launched for a job that is to end.
+    /// commit of theirs can act (see `Job::committing`).
     fn end_deferred(&mut self, now: Instant) {
         let ready: Vec<(String, DeferredEnd)> = self
             .jobs
             .values()
+            .filter_map(|(job, _)| Some((job, job.deferred_end.clone()?)))
             .filter(|(job, _)| !job.committing(now))
-            .filter_map(|(job, _)| Some((job.id.clone(), job.deferred_end.clone()?)))
+            .map(|(job, end)| (job.id.clone(), end))
             .collect();
         for (job_id, end) in ready {
             match end {
@@ -562,10 +557,7 @@ impl SchedulerLoop {
         let lease_end = now + self.config.executor_lease();
         for job_id in job_ids {
             let outcome = match self.jobs.get_mut(&job_id) {
-                Some((job, _)) => {
-                    job.note_lost_commit(executor_id, lease_end);
-                    job.on_executor_lost(executor_id, now)
-                }
+                Some((job, _)) => job.on_executor_lost(executor_id, now, lease_end),
                 None => continue,
             };
             self.after_outcome(&job_id, outcome);
@@ -604,10 +596,9 @@ impl SchedulerLoop {
                     "job timed out after {:.1} s (quiver.job_timeout_secs)",
                     elapsed.as_secs_f64()
                 );
-                if job.committing(now) {
+                if job.defer_end(DeferredEnd::Fail(message.clone()), now) {
                     info!(%job_id, "the job's timeout passed while its write commits; \
                         it fails if the commit fails, and succeeds if it commits");
-                    job.deferred_end = Some(DeferredEnd::Fail(message));
                     continue;
                 }
                 let outcome = job.fail(message);

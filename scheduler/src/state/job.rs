@@ -396,16 +396,15 @@ impl Job {
         Ok(())
     }
 
-    /// Notes that `executor_id` was lost, which may run a commit allowed to
-    /// act until `lease_end`: the job does not end before then.
-    pub fn note_lost_commit(&mut self, executor_id: &str, lease_end: Instant) {
-        let lost = self.stages.iter().flat_map(|stage| &stage.tasks).any(|task| {
-            task.committing
-                && matches!(&task.state, TaskState::Running { executor_id: e } if e == executor_id)
-        });
-        if lost {
-            self.lost_commit_may_act_until = Some(lease_end);
+    /// Defers `end` while a commit of this job may be changing its table
+    /// (see [`Job::committing`]); returns whether it did. The job then ends
+    /// so once no commit can act, unless the commit succeeds first.
+    pub fn defer_end(&mut self, end: DeferredEnd, now: Instant) -> bool {
+        let committing = self.committing(now);
+        if committing {
+            self.deferred_end = Some(end);
         }
+        committing
     }
 
     /// Whether the stage's tasks write a table's files: in a write job, the
@@ -422,29 +421,27 @@ impl Job {
     /// into something that is not a file: a second attempt would write its
     /// rows again beside what the first one wrote, so it gets one.
     fn writes_unrepeatably(&self, stage_id: u32) -> bool {
-        self.plans
-            .iter()
-            .find(|plan| plan.stage_id == stage_id)
-            .is_some_and(|plan| {
-                let root: Arc<dyn ExecutionPlan> = Arc::clone(&plan.plan) as _;
-                root.exists(|node| {
-                    Ok(node
-                        .downcast_ref::<DataSinkExec>()
-                        .is_some_and(|sink| !writes_one_file(sink)))
-                })
-                .unwrap_or(false)
-            })
+        self.stage_plan_has(stage_id, |node| {
+            node.downcast_ref::<DataSinkExec>()
+                .is_some_and(|sink| !writes_one_file(sink))
+        })
     }
 
     /// Whether the stage's plan writes a table's Parquet files.
     fn writes_parquet(&self, stage_id: u32) -> bool {
+        self.stage_plan_has(stage_id, |node| {
+            node.downcast_ref::<ParquetWriteExec>().is_some()
+        })
+    }
+
+    /// Whether a node of the stage's plan is one that `is` accepts.
+    fn stage_plan_has(&self, stage_id: u32, is: impl Fn(&Arc<dyn ExecutionPlan>) -> bool) -> bool {
         self.plans
             .iter()
             .find(|plan| plan.stage_id == stage_id)
             .is_some_and(|plan| {
                 let root: Arc<dyn ExecutionPlan> = Arc::clone(&plan.plan) as _;
-                root.exists(|node| Ok(node.downcast_ref::<ParquetWriteExec>().is_some()))
-                    .unwrap_or(false)
+                root.exists(|node| Ok(is(node))).unwrap_or(false)
             })
     }
 
@@ -926,7 +923,15 @@ impl Job {
     /// an output can make an earlier stage's outputs needed again, so this repeats
     /// until nothing changes. A running task lost this way uses up an attempt; a
     /// finished output that has to be recomputed does not.
-    pub fn on_executor_lost(&mut self, executor_id: &str, now: Instant) -> Outcome {
+    /// A commit allowed to act that ran on the executor may act until
+    /// `lease_end`, when the executor's lease has surely run out: its next
+    /// attempt waits until then, and the job does not end before.
+    pub fn on_executor_lost(
+        &mut self,
+        executor_id: &str,
+        now: Instant,
+        lease_end: Instant,
+    ) -> Outcome {
         if self.replanning {
             // Nothing of the abandoned plan is needed any more.
             return Outcome::Continue;
@@ -940,9 +945,7 @@ impl Job {
             .collect();
         let mut exhausted = None;
         let mut lost_write = None;
-        // A lost commit allowed to act may still act until then: its next
-        // attempt waits (see `note_lost_commit`).
-        let lost_commit_until = self.lost_commit_may_act_until.filter(|until| now < *until);
+        let mut lost_commit = false;
         loop {
             let needed = self.needed_stages();
             let mut changed = false;
@@ -968,11 +971,9 @@ impl Job {
                         }
                     }
                     task.recompute(now, executor_id);
-                    if running
-                        && task.committing
-                        && let Some(until) = lost_commit_until
-                    {
-                        task.not_before = until;
+                    if running && task.committing {
+                        task.not_before = lease_end;
+                        lost_commit = true;
                     }
                     changed = true;
                 }
@@ -980,6 +981,9 @@ impl Job {
             if !changed {
                 break;
             }
+        }
+        if lost_commit {
+            self.lost_commit_may_act_until = Some(lease_end);
         }
         if let Some((stage, partition)) = lost_write {
             return self.fail(format!(
@@ -993,9 +997,8 @@ impl Job {
         let message = format!(
             "task {stage}/{partition} was lost with its executor {executor_id} on its last attempt"
         );
-        if self.committing(now) {
+        if self.defer_end(DeferredEnd::Fail(message.clone()), now) {
             // Not before the lost commit can no longer act.
-            self.deferred_end = Some(DeferredEnd::Fail(message));
             return Outcome::Continue;
         }
         self.fail(message)
@@ -1358,7 +1361,10 @@ mod tests {
             run_task(&mut job, stage, 1, "b");
         }
         job.launch(3, 0, "b").expect("final stage runs");
-        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        assert_eq!(
+            job.on_executor_lost("a", Instant::now(), Instant::now()),
+            Outcome::Continue
+        );
         // Stage 2's output on `a` is needed by stage 3; recomputing it needs
         // stage 1's output on `a` again, even though stage 2 had been complete.
         assert_eq!(state(&job, 2, 0), &TaskState::Pending);
@@ -1384,7 +1390,10 @@ mod tests {
             "the client reads final outputs from executors"
         );
         assert!(!job.needs_outputs_on("a"), "a may drain at once");
-        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        assert_eq!(
+            job.on_executor_lost("a", Instant::now(), Instant::now()),
+            Outcome::Continue
+        );
         for stage in 1..=2 {
             for partition in 0..2 {
                 assert_eq!(state(&job, stage, partition), &TaskState::Done);
@@ -1433,7 +1442,10 @@ mod tests {
         let commit = job.launch(2, 0, "a").expect("commit runs");
         assert_eq!(commit.inputs[0].outputs[0].inline_result.len(), 300);
         assert!(!job.needs_outputs_on("a"));
-        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        assert_eq!(
+            job.on_executor_lost("a", Instant::now(), Instant::now()),
+            Outcome::Continue
+        );
         assert_eq!(state(&job, 1, 0), &TaskState::Done);
         assert_eq!(state(&job, 1, 1), &TaskState::Done);
         assert_eq!(state(&job, 2, 0), &TaskState::Pending);
@@ -1448,10 +1460,13 @@ mod tests {
     fn a_task_lost_on_its_last_attempt_fails_the_job() {
         let mut job = chain(1);
         job.launch(1, 0, "a").expect("runs");
-        assert_eq!(job.on_executor_lost("a", Instant::now()), Outcome::Continue);
+        assert_eq!(
+            job.on_executor_lost("a", Instant::now(), Instant::now()),
+            Outcome::Continue
+        );
         job.launch(1, 0, "b").expect("runs again");
         assert!(matches!(
-            job.on_executor_lost("b", Instant::now()),
+            job.on_executor_lost("b", Instant::now(), Instant::now()),
             Outcome::Failed(_)
         ));
     }
@@ -1460,7 +1475,7 @@ mod tests {
     fn a_stale_attempt_report_changes_nothing() {
         let mut job = chain(1);
         let first = job.launch(1, 0, "a").expect("runs").task.expect("id");
-        job.on_executor_lost("a", Instant::now());
+        job.on_executor_lost("a", Instant::now(), Instant::now());
         job.launch(1, 0, "b").expect("runs again");
         let output = MapOutput::default();
         assert_eq!(
@@ -1821,7 +1836,7 @@ mod tests {
         .await;
         run_all_but_last(&mut lost, "a");
         lost.launch(last, 0, "b").expect("runs");
-        let Outcome::Failed(message) = lost.on_executor_lost("b", now) else {
+        let Outcome::Failed(message) = lost.on_executor_lost("b", now, now) else {
             panic!("a CSV folder write lost with its executor must not run again");
         };
         assert!(message.contains("stages nothing"), "{message}");
@@ -1965,7 +1980,7 @@ mod tests {
             Outcome::Continue
         );
         assert_eq!(state(&job, 1, 1), &TaskState::Pending);
-        assert_eq!(job.on_executor_lost("b", now), Outcome::Continue);
+        assert_eq!(job.on_executor_lost("b", now, now), Outcome::Continue);
 
         job.install_replan(plan_again(&job).await, now);
         assert_eq!(job.replans, 1);
@@ -2027,7 +2042,7 @@ mod tests {
         write.replanner = job.replanner.clone();
         let now = Instant::now();
         let lost = write.launch(1, 0, "a").expect("runs").task.expect("id");
-        assert_eq!(write.on_executor_lost("a", now), Outcome::Continue);
+        assert_eq!(write.on_executor_lost("a", now, now), Outcome::Continue);
         let retried = write.launch(1, 0, "b").expect("runs").task.expect("id");
         assert!(retried.attempt > lost.attempt);
         assert_eq!(
@@ -2162,8 +2177,7 @@ mod tests {
         assert!(job.status().committing);
 
         let lease_end = now + Duration::from_secs(3);
-        job.note_lost_commit("c", lease_end);
-        assert_eq!(job.on_executor_lost("c", now), Outcome::Continue);
+        assert_eq!(job.on_executor_lost("c", now, lease_end), Outcome::Continue);
         assert!(job.committing(now), "the lost executor may still commit");
         // No second commit runs beside it; its next attempt, owed to find
         // out whether it committed, keeps the job committing.
@@ -2202,8 +2216,7 @@ mod tests {
         let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
         job.allow_commit(&commit, "b", false).expect("allowed");
         let lease_end = now + Duration::from_secs(3);
-        job.note_lost_commit("b", lease_end);
-        assert_eq!(job.on_executor_lost("b", now), Outcome::Continue);
+        assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
         assert!(
             matches!(job.deferred_end, Some(DeferredEnd::Fail(ref m)) if m.contains("last attempt"))
         );
