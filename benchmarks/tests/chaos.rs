@@ -165,6 +165,20 @@ impl Suite {
     }
 
     /// Replaces a killed executor and waits until the cluster is whole again.
+    /// Sets this session's durable shuffle location to a new folder, `name`
+    /// in the cluster's work folder, and returns that folder.
+    async fn use_durable_shuffle(&self, name: &str) -> std::path::PathBuf {
+        let folder = self.cluster.work_dir().join(name);
+        self.context
+            .sql(&format!(
+                "SET quiver.shuffle_location = 'file://{}'",
+                folder.display()
+            ))
+            .await
+            .expect("set shuffle location");
+        folder
+    }
+
     async fn replace_executor(&mut self, index: usize) {
         self.cluster.kill_executor(index);
         self.cluster.start_executor(index);
@@ -234,6 +248,7 @@ async fn chaos_suite() {
     overwrite_lost_after_its_manifest(&mut suite, FileLists::Inline).await;
     overwrite_lost_after_its_manifest(&mut suite, FileLists::InStagingFolder).await;
     durable_shuffle(&mut suite).await;
+    scale_to_zero(&mut suite).await;
     cancel_and_timeout(&mut suite).await;
     cancel_while_committing(&mut suite).await;
     scheduler_restart(&mut suite).await;
@@ -255,15 +270,7 @@ async fn chaos_suite() {
 /// With durable shuffle, map outputs outlive their executor: one killed while
 /// readers run costs no recompute, and the job's copies go when it ends.
 async fn durable_shuffle(suite: &mut Suite) {
-    let folder = suite.cluster.work_dir().join("durable-shuffle");
-    suite
-        .context
-        .sql(&format!(
-            "SET quiver.shuffle_location = 'file://{}'",
-            folder.display()
-        ))
-        .await
-        .expect("set shuffle location");
+    let folder = suite.use_durable_shuffle("durable-shuffle").await;
     suite.variant = " with durable shuffle".into();
     suite
         .signal_in_phase(9, Phase::ShuffleRead, 0, "KILL")
@@ -290,6 +297,151 @@ async fn durable_shuffle(suite: &mut Suite) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// With durable shuffle, the executors can scale to zero between stages.
+/// Every executor is drained in the map phase: it finishes its running tasks
+/// and exits, because their outputs live on the store and no job needs it.
+/// The job waits with no executor at all; new executors finish it, and no
+/// stage runs more tasks than it does undisturbed (no output is recomputed).
+async fn scale_to_zero(suite: &mut Suite) {
+    const NUMBER: usize = 9;
+    const DRAIN_BOUND: Duration = Duration::from_secs(40);
+    let scenario = format!("Q{NUMBER}: every executor drained in the map phase, new ones started");
+    suite.use_durable_shuffle("scale-to-zero").await;
+    let sql = query(NUMBER).expect("query exists");
+    let expected = suite.expected(NUMBER).await;
+    let undisturbed = match final_status(&suite.context, sql).await {
+        Ok(status) => tasks_per_stage(&status),
+        Err(e) => {
+            suite
+                .failures
+                .push(format!("{scenario}: undisturbed run: {e}"));
+            return;
+        }
+    };
+    for _ in 0..INJECTION_ATTEMPTS {
+        let pids: Vec<u32> = (0..EXECUTORS)
+            .map(|index| suite.cluster.executor_pid(index).expect("executor runs"))
+            .collect();
+        let drained = Arc::new(AtomicBool::new(false));
+        let latest = Arc::new(Mutex::new(JobStatus::default()));
+        let progress = {
+            let (drained, latest) = (Arc::clone(&drained), Arc::clone(&latest));
+            move |status: &JobStatus| {
+                if Phase::Map.reached(status) && !drained.swap(true, Ordering::SeqCst) {
+                    for pid in &pids {
+                        send_signal(*pid, "TERM");
+                    }
+                }
+                *latest.lock().expect("status lock") = status.clone();
+            }
+        };
+        let query_ended = AtomicBool::new(false);
+        let (context, cluster) = (&suite.context, &mut suite.cluster);
+        let run = async {
+            let result = tokio::time::timeout(QUERY_TIMEOUT, async {
+                let stream = context.execute_sql(sql, progress).await?;
+                datafusion::physical_plan::common::collect(stream)
+                    .await
+                    .map_err(quiver_client::Error::from)
+            })
+            .await;
+            query_ended.store(true, Ordering::SeqCst);
+            match result {
+                Ok(batches) => batches.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {QUERY_TIMEOUT:?}: the job hung")),
+            }
+        };
+        // Once every executor has gone, the job must be waiting for new ones.
+        let restart = async {
+            while !drained.load(Ordering::SeqCst) {
+                if query_ended.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let deadline = Instant::now() + DRAIN_BOUND;
+            let mut running: BTreeSet<usize> = (0..EXECUTORS).collect();
+            while !running.is_empty() {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "executors {running:?} still ran {DRAIN_BOUND:?} after SIGTERM"
+                    ));
+                }
+                for index in running.clone() {
+                    if let Some(status) = cluster.executor_exited(index) {
+                        if !status.success() {
+                            return Err(format!("drained executor-{index} exited with {status}"));
+                        }
+                        running.remove(&index);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let waiting = latest.lock().expect("status lock").state() == JobState::Running;
+            for index in 0..EXECUTORS {
+                cluster.start_executor(index);
+            }
+            if waiting {
+                Ok(())
+            } else {
+                Err("the job did not wait for executors while there were none".to_owned())
+            }
+        };
+        let (result, restarted) = tokio::join!(run, restart);
+        if !drained.load(Ordering::SeqCst) {
+            continue;
+        }
+        suite.context = suite.cluster.connect(EXECUTORS).await;
+        let tasks = tasks_per_stage(&latest.lock().expect("status lock"));
+        let outcome = restarted
+            .and(result)
+            .and_then(|actual| compare(&expected, &actual))
+            .and_then(|()| {
+                if tasks == undisturbed {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "tasks per stage {tasks:?}, {undisturbed:?} undisturbed: outputs were recomputed"
+                    ))
+                }
+            });
+        match outcome {
+            Ok(()) => suite.passed.push(scenario),
+            Err(e) => suite.failures.push(format!("{scenario}: {e}")),
+        }
+        return;
+    }
+    suite.context = suite.cluster.connect(EXECUTORS).await;
+    suite.failures.push(format!(
+        "{scenario}: could not drain in the map phase in {INJECTION_ATTEMPTS} runs"
+    ));
+}
+
+/// The final status of `sql`, run to its end.
+async fn final_status(context: &QuiverContext, sql: &str) -> Result<JobStatus, String> {
+    let latest = Arc::new(Mutex::new(JobStatus::default()));
+    let seen = Arc::clone(&latest);
+    let stream = context
+        .execute_sql(sql, move |status| {
+            *seen.lock().expect("status lock") = status.clone();
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    datafusion::physical_plan::common::collect(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(latest.lock().expect("status lock").clone())
+}
+
+/// Each stage's successful task attempts: a recomputed output counts again.
+fn tasks_per_stage(status: &JobStatus) -> Vec<(u32, u32)> {
+    status
+        .stages
+        .iter()
+        .map(|stage| (stage.stage_id, stage.tasks))
+        .collect()
 }
 
 /// A distributed write survives an executor killed while the write tasks run

@@ -161,18 +161,24 @@ impl ProcessCluster {
 
     /// Waits for executor `index` to exit on its own, for at most `timeout`.
     pub fn wait_executor(&mut self, index: usize, timeout: Duration) -> Option<ExitStatus> {
-        let child = self.executors[index].as_mut()?;
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.executors[index] = None;
+            if let Some(status) = self.executor_exited(index) {
                 return Some(status);
             }
-            if Instant::now() >= deadline {
+            if self.executors[index].is_none() || Instant::now() >= deadline {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The exit status of executor `index` if it has exited, without
+    /// waiting; it then counts as stopped.
+    pub fn executor_exited(&mut self, index: usize) -> Option<ExitStatus> {
+        let status = self.executors[index].as_mut()?.try_wait().ok()??;
+        self.executors[index] = None;
+        Some(status)
     }
 
     pub fn kill_scheduler(&mut self) {
