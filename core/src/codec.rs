@@ -35,6 +35,7 @@ use quiver_proto::{
 use crate::guard::catch_decoder_panic;
 use crate::ipc::{schema_from_bytes, schema_to_bytes};
 use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+use crate::write::snapshot::KnownCommits;
 use crate::write::{ParquetCommitExec, ParquetWriteExec};
 
 fn decode_error(what: &str, error: impl fmt::Display) -> DataFusionError {
@@ -49,6 +50,20 @@ fn decode_sink(bytes: &[u8]) -> Result<Arc<ParquetSink>> {
     let proto = datafusion_proto::protobuf::ParquetSink::decode(bytes)
         .map_err(|e| decode_error("Parquet sink", e))?;
     Ok(Arc::new(ParquetSink::try_from(&proto)?))
+}
+
+fn decode_known_commits(known: quiver_proto::KnownCommits) -> Result<KnownCommits> {
+    let digest: [u8; 16] = known.digest.as_slice().try_into().map_err(|_| {
+        decode_error(
+            "known commits",
+            format!("a digest of {} bytes, not 16", known.digest.len()),
+        )
+    })?;
+    Ok(KnownCommits {
+        jobs: known.jobs,
+        digest: u128::from_le_bytes(digest),
+        manifests: known.manifests,
+    })
 }
 
 fn single_input<'a>(
@@ -87,10 +102,9 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     decode_sink(&commit.sink)?,
                     commit.job_id,
                 );
-                Ok(Arc::new(if commit.guarded {
-                    exec.with_known_commits(commit.known_commits)
-                } else {
-                    exec
+                Ok(Arc::new(match commit.known_commits {
+                    Some(known) => exec.with_known_commits(decode_known_commits(known)?),
+                    None => exec,
                 }))
             }
             Some(Node::ShuffleWriter(writer)) => {
@@ -163,8 +177,13 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
             Node::ParquetCommit(ParquetCommitNode {
                 job_id: commit.job_id().to_owned(),
                 sink: encode_sink(commit.sink())?,
-                guarded: commit.known_commits().is_some(),
-                known_commits: commit.known_commits().unwrap_or_default().to_vec(),
+                known_commits: commit
+                    .known_commits()
+                    .map(|known| quiver_proto::KnownCommits {
+                        jobs: known.jobs,
+                        digest: known.digest.to_le_bytes().to_vec(),
+                        manifests: known.manifests.clone(),
+                    }),
             })
         } else if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
             let mode = match reader.mode() {

@@ -23,7 +23,11 @@
 /// (`CommitRequest`, `CommitAnswer`); the scheduler then does not end the
 /// job until the commit reports. An executor of version 3 would commit
 /// unasked, and could be cancelled after writing its manifest.
-pub const PROTOCOL_VERSION: u32 = 4;
+///
+/// 5: a guarded commit carries the jobs committed when it was planned as a
+/// digest (`KnownCommits`) instead of their ids, which an executor of
+/// version 4 would read as "none", and fail every such write.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Generated messages and services of package `quiver.v1`.
 #[allow(clippy::all, clippy::clone_on_ref_ptr, unused_qualifications)]

@@ -28,7 +28,7 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 use quiver_core::storage::forwarding::{Forwarding, StoreHooks, WrappingRegistry};
 use quiver_core::storage::store_key;
-use quiver_core::write::snapshot::CommittedFiles;
+use quiver_core::write::snapshot::{CommittedFiles, KnownCommits};
 use tracing::debug;
 use url::Url;
 
@@ -134,14 +134,14 @@ impl TableStates {
 
     /// The jobs committed to `folder` in the state that the statement read,
     /// if it read that folder.
-    pub fn committed_jobs(&self, folder: &ListingTableUrl) -> Option<Vec<String>> {
+    pub fn known_commits(&self, folder: &ListingTableUrl) -> Option<KnownCommits> {
         self.folders
             .iter()
             .find(|state| {
                 state.url.object_store() == folder.object_store()
                     && state.url.prefix() == folder.prefix()
             })
-            .map(|state| state.committed.committed_jobs())
+            .map(|state| state.committed.known_commits())
     }
 
     /// A folder to which a write has committed since its state was read.

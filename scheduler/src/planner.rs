@@ -36,7 +36,7 @@ use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
 };
-use quiver_core::write::commit::committed_jobs;
+use quiver_core::write::snapshot::KnownCommits;
 use quiver_core::write::{ParquetCommitExec, check_write_access, distribute_parquet_writes};
 use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
@@ -623,7 +623,7 @@ impl Planner {
         read: &TableStates,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let table = ListingTableUrl::parse(target).map_err(Error::Query)?;
-        let known = match read.committed_jobs(&table) {
+        let known = match read.known_commits(&table) {
             Some(known) => known,
             None => {
                 let store = self
@@ -631,7 +631,7 @@ impl Planner {
                     .runtime_env()
                     .object_store(table.object_store())
                     .map_err(Error::Query)?;
-                committed_jobs(&store, table.prefix())
+                KnownCommits::read(&store, table.prefix(), None)
                     .await
                     .map_err(|e| Error::TableLocation {
                         location: target.to_owned(),

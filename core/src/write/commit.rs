@@ -71,13 +71,14 @@ use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 
 use super::TaskAttempt;
-use super::fold::{FoldedManifests, foldable, folded_names, folded_path, manifest_mode};
+use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
     REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
     manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
 };
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
+use super::snapshot::KnownCommits;
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
@@ -101,7 +102,7 @@ pub struct ParquetCommitExec {
     job_id: String,
     /// The jobs that had committed to the table when the statement was
     /// planned, if the commit must check that no other has since.
-    known_commits: Option<Arc<Vec<String>>>,
+    known_commits: Option<Arc<KnownCommits>>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -125,13 +126,13 @@ impl ParquetCommitExec {
     /// `INSERT OVERWRITE t SELECT ... FROM t` queued behind an append), or
     /// that expects to create it (`CREATE TABLE AS`), would otherwise
     /// silently replace rows it never saw.
-    pub fn with_known_commits(mut self, known_commits: Vec<String>) -> Self {
+    pub fn with_known_commits(mut self, known_commits: KnownCommits) -> Self {
         self.known_commits = Some(Arc::new(known_commits));
         self
     }
 
-    pub fn known_commits(&self) -> Option<&[String]> {
-        self.known_commits.as_deref().map(Vec::as_slice)
+    pub fn known_commits(&self) -> Option<&KnownCommits> {
+        self.known_commits.as_deref()
     }
 
     pub fn sink(&self) -> &Arc<ParquetSink> {
@@ -241,15 +242,6 @@ impl ExecutionPlan for ParquetCommitExec {
     }
 }
 
-/// The jobs that have committed to the table at `table`: those whose
-/// manifest is in its `_manifests/` folder, or was folded.
-pub async fn committed_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Vec<String>> {
-    let (names, folded) = FoldedManifests::list_and_read(store, table).await?;
-    let mut jobs = manifest_jobs(&names);
-    jobs.extend(folded.jobs.into_keys());
-    Ok(jobs.into_iter().collect())
-}
-
 /// Checks, before a write job runs, that the store lets it create and
 /// delete objects under `table`, by writing and deleting an empty object in
 /// the job's staging folder. A commit moves its files into place by copy
@@ -320,7 +312,7 @@ struct Commit {
     /// scheduler settles a write.
     permission: Option<Arc<CommitPermission>>,
     /// See [`ParquetCommitExec::with_known_commits`].
-    known_commits: Option<Arc<Vec<String>>>,
+    known_commits: Option<Arc<KnownCommits>>,
     /// Whether an earlier attempt of this commit task may have run (its
     /// attempt number is above 0; after the scheduler planned the job
     /// again, every attempt is): it may have written the job's manifest.
@@ -417,11 +409,10 @@ impl Commit {
         let Some(jobs) = foldable(&names, &self.job_id) else {
             return Ok(());
         };
-        let Some(mut folded) =
-            FoldedManifests::read_listed(&self.store, &self.table, &names).await?
-        else {
+        let Some(folded) = FoldedJobs::read_listed(&self.store, &self.table, &names).await? else {
             return Ok(());
         };
+        let mut folded = folded.merged();
         let modes = concurrently(jobs, &self.store, |store, job| async move {
             let bytes = get_if_exists(&store, &manifest_path(&self.table, &job)).await?;
             Ok((job, bytes.as_deref().and_then(manifest_mode)))
@@ -518,19 +509,20 @@ impl Commit {
         let Some(known) = &self.known_commits else {
             return Ok(());
         };
-        let committed = committed_jobs(&self.store, &self.table).await?;
-        let since = committed
-            .iter()
-            .find(|job| **job != self.job_id && !known.contains(job));
-        match since {
-            Some(job) => Err(DataFusionError::Execution(format!(
-                "the table at '{}' changed while this statement waited to run: job {job} \
-                 committed to it after the statement was planned, and this write would \
-                 replace rows it never read; nothing was written, run the statement again",
-                self.location
-            ))),
-            None => Ok(()),
+        let now = KnownCommits::read(&self.store, &self.table, Some(&self.job_id)).await?;
+        if now.same_jobs(known) {
+            return Ok(());
         }
+        let which = match now.newer_manifest_than(known) {
+            Some(job) => format!("job {job} committed to it"),
+            None => "its committed writes changed".to_owned(),
+        };
+        Err(DataFusionError::Execution(format!(
+            "the table at '{}' changed while this statement waited to run: {which} after \
+             the statement was planned, and this write would replace rows it never read; \
+             nothing was written, run the statement again",
+            self.location
+        )))
     }
 
     /// An empty Parquet file with the table's columns, staged, when this write
@@ -698,8 +690,8 @@ impl Commit {
         // Folded jobs left without a file go too: into a new folded file
         // without them, unless none is left. Skipped if another fold
         // replaced a folded file meanwhile; they are only kept longer.
-        let folded = FoldedManifests::read_listed(&self.store, &self.table, &names).await?;
-        let retired_folded = folded.as_ref().and_then(|folded| {
+        let folded = FoldedJobs::read_listed(&self.store, &self.table, &names).await?;
+        let retired_folded = folded.map(|folded| folded.merged()).and_then(|folded| {
             let kept = folded.without(|job| job != self.job_id && !kept_jobs.contains(job))?;
             Some((folded.jobs.len() - kept.jobs.len(), kept))
         });
@@ -881,7 +873,7 @@ pub async fn settle_write(
             Settled::Committed
         }
         // A later write folded its manifest: it had finished.
-        None if FoldedManifests::read(&commit.store, &commit.table)
+        None if FoldedJobs::read(&commit.store, &commit.table)
             .await?
             .contains(job_id) =>
         {
@@ -1181,7 +1173,7 @@ mod tests {
             file_schema: None,
             lease: None,
             permission: None,
-            known_commits: Some(Arc::new(Vec::new())),
+            known_commits: Some(Arc::new(KnownCommits::default())),
             retry: true,
             counts: CommitCounts::default(),
         };
@@ -1336,7 +1328,7 @@ mod tests {
     /// folded jobs without a file takes them out of the folded file.
     #[tokio::test]
     async fn finished_manifests_are_folded_and_their_writes_stay_committed() {
-        use super::super::fold::{FOLD_AT, FOLDED_PREFIX, FoldedManifests};
+        use super::super::fold::{FOLD_AT, FOLDED_PREFIX, FoldedJobs};
         use super::super::snapshot::CommittedFiles;
 
         let dir = tempfile::tempdir().expect("temp");
@@ -1376,10 +1368,8 @@ mod tests {
             left[1].starts_with(&format!("{FOLDED_PREFIX}{last}-")),
             "{left:?}"
         );
-        let folded = FoldedManifests::read(&store, &table_path)
-            .await
-            .expect("folded");
-        assert_eq!(folded.jobs.len(), FOLD_AT);
+        let folded = FoldedJobs::read(&store, &table_path).await.expect("folded");
+        assert_eq!(folded.jobs().count(), FOLD_AT);
         assert!(appends.iter().all(|job| folded.appended(job) == Some(true)));
         let after = CommittedFiles::read(&store, &table_path)
             .await
@@ -1388,14 +1378,20 @@ mod tests {
             let file = join(&table_path, &data(job)).expect("path");
             assert!(after.shows(&file), "{job}");
         }
-        assert_eq!(after.committed_jobs().len(), FOLD_AT + 1);
-        assert_eq!(
-            committed_jobs(&store, &table_path)
-                .await
-                .expect("jobs")
-                .len(),
-            FOLD_AT + 1
-        );
+        let known = after.known_commits();
+        assert_eq!(known.jobs, FOLD_AT as u64 + 1);
+        assert_eq!(known.manifests, [last]);
+        let unfolded = before.known_commits();
+        assert_eq!(unfolded.jobs, FOLD_AT as u64);
+        let read = KnownCommits::read(&store, &table_path, None)
+            .await
+            .expect("jobs");
+        assert!(read.same_jobs(&known), "however the jobs are kept");
+        let without_last = KnownCommits::read(&store, &table_path, Some(last))
+            .await
+            .expect("jobs");
+        assert!(without_last.same_jobs(&unfolded), "the same jobs, folded");
+        assert_eq!(known.newer_manifest_than(&unfolded), Some(last));
         assert!(
             before.is_current(&store, &table_path).await.expect("check"),
             "a fold and an append change nothing a reader relied on"
@@ -1424,14 +1420,13 @@ mod tests {
             &[&format!("region=EU/part-{overwrite}-00000-000.parquet")],
         )
         .await;
-        let folded = FoldedManifests::read(&store, &table_path)
-            .await
-            .expect("folded");
-        let us: Vec<&String> = appends
+        let folded = FoldedJobs::read(&store, &table_path).await.expect("folded");
+        let us: Vec<&str> = appends
             .iter()
+            .map(String::as_str)
             .filter(|job| data(job).contains("US"))
             .collect();
-        assert_eq!(folded.jobs.keys().collect::<Vec<_>>(), us);
+        assert_eq!(folded.jobs().collect::<Vec<_>>(), us);
         assert!(
             !before.is_current(&store, &table_path).await.expect("check"),
             "the overwrite deleted files the old state shows"

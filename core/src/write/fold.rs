@@ -32,18 +32,22 @@
 //! the settling of its write once the job has ended, read that manifest. A
 //! manifest that a later write folded before the settling ran is found in a
 //! folded file.
+//!
+//! Since a folded file never changes, a process keeps those it has read
+//! ([`FoldedCache`]) and asks the store for one only if it changed since
+//! (`If-None-Match`): a statement on a table with a long history then
+//! neither downloads nor parses its folded file again.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::dml::InsertOp;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::layout::{MANIFEST_FOLDER, REPLACED_LIST_SUFFIX};
 use super::snapshot::{manifest_folder_names, manifest_jobs};
-use crate::storage::get_if_exists;
 
 /// Finished manifests of other jobs that make a commit fold them. A table
 /// so keeps at most this many manifests, besides its folded files and the
@@ -82,7 +86,8 @@ pub fn folded_path(table: &Path, name: &str) -> Path {
     table.clone().join(MANIFEST_FOLDER).join(name)
 }
 
-/// The jobs whose manifests were folded, with the mode of each write.
+/// The jobs whose manifests were folded, with the mode of each write: the
+/// contents of one folded file.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FoldedManifests {
     /// Job id to the write's mode, as its manifest recorded it
@@ -90,7 +95,15 @@ pub struct FoldedManifests {
     pub jobs: BTreeMap<String, String>,
 }
 
-impl FoldedManifests {
+/// The folded jobs of one table: the contents of its folded files, as
+/// listed together. Shared, not merged, so that a statement reading a table
+/// of a million folded jobs copies none of them.
+#[derive(Debug, Default, Clone)]
+pub struct FoldedJobs {
+    files: Vec<Arc<FoldedManifests>>,
+}
+
+impl FoldedJobs {
     /// The folded jobs of the table at `table`, from a listing of its
     /// `_manifests/` folder, listed again while folds replace the files.
     /// Returns the listing's names too.
@@ -122,28 +135,161 @@ impl FoldedManifests {
         table: &Path,
         names: &[String],
     ) -> Result<Option<Self>> {
-        let reads = folded_names(names).into_iter().map(|name| async move {
-            let path = folded_path(table, &name);
-            let Some(bytes) = get_if_exists(store, &path).await? else {
-                return Ok(None);
-            };
-            serde_json::from_slice::<Self>(&bytes).map(Some).map_err(|e| {
-                DataFusionError::Execution(format!(
-                    "the folded manifests of the table at '{table}' ('{path}') are not valid: {e}"
-                ))
-            })
-        });
+        let reads = folded_names(names)
+            .into_iter()
+            .map(|name| read_folded_file(store, table, folded_path(table, &name)));
         let files = futures::future::try_join_all(reads).await?;
-        let mut folded = Self::default();
-        for file in files {
-            let Some(file) = file else {
-                return Ok(None);
-            };
-            folded.jobs.extend(file.jobs);
-        }
-        Ok(Some(folded))
+        Ok(files
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(|files| Self { files }))
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.files.iter().all(|file| file.jobs.is_empty())
+    }
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.files.iter().any(|file| file.jobs.contains_key(job_id))
+    }
+
+    /// Whether the folded write of `job_id` was an append; `None` if it is
+    /// not folded.
+    pub fn appended(&self, job_id: &str) -> Option<bool> {
+        self.files.iter().find_map(|file| file.appended(job_id))
+    }
+
+    /// Every folded job; a job that a fold which died midway left in two
+    /// files comes twice.
+    pub fn jobs(&self) -> impl Iterator<Item = &str> {
+        self.files
+            .iter()
+            .flat_map(|file| file.jobs.keys().map(String::as_str))
+    }
+
+    /// All of these jobs in one folded file's contents, for a fold to add
+    /// to or take from.
+    pub fn merged(&self) -> FoldedManifests {
+        let mut merged = FoldedManifests::default();
+        for file in &self.files {
+            merged.jobs.extend(
+                file.jobs
+                    .iter()
+                    .map(|(job, mode)| (job.clone(), mode.clone())),
+            );
+        }
+        merged
+    }
+}
+
+/// The contents of the folded file at `path`, from the store unless this
+/// process holds it in the version the store has; `None` if it is gone.
+async fn read_folded_file(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+    path: Path,
+) -> Result<Option<Arc<FoldedManifests>>> {
+    let key = format!("{store}/{path}");
+    let held = FoldedCache::shared().get(&key);
+    let options = GetOptions {
+        if_none_match: held.as_ref().map(|(e_tag, _)| e_tag.clone()),
+        ..GetOptions::default()
+    };
+    let found = match store.get_opts(&path, options).await {
+        Ok(found) => found,
+        Err(object_store::Error::NotModified { .. }) => return Ok(held.map(|(_, folded)| folded)),
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let e_tag = found.meta.e_tag.clone();
+    let bytes = found.bytes().await?;
+    let folded = serde_json::from_slice::<FoldedManifests>(&bytes).map_err(|e| {
+        DataFusionError::Execution(format!(
+            "the folded manifests of the table at '{table}' ('{path}') are not valid: {e}"
+        ))
+    })?;
+    let folded = Arc::new(folded);
+    if let Some(e_tag) = e_tag {
+        FoldedCache::shared().put(key, e_tag, Arc::clone(&folded), bytes.len());
+    }
+    Ok(Some(folded))
+}
+
+/// Memory that a process's [`FoldedCache`] may hold: the folded files of
+/// tables with about a million folded writes.
+const FOLDED_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
+/// Memory that a folded file takes once parsed, per byte of the file: a job
+/// (about 35 bytes of JSON) becomes two strings in a tree node.
+const PARSED_BYTES_PER_FILE_BYTE: usize = 3;
+
+/// The folded files this process has read, by store and path, with their
+/// entity tags; the least recently used go first when it is full.
+#[derive(Default)]
+struct FoldedCache {
+    files: HashMap<String, HeldFold>,
+    bytes: usize,
+    clock: u64,
+}
+
+struct HeldFold {
+    e_tag: String,
+    folded: Arc<FoldedManifests>,
+    bytes: usize,
+    last_use: u64,
+}
+
+impl FoldedCache {
+    fn shared() -> std::sync::MutexGuard<'static, FoldedCache> {
+        static SHARED: LazyLock<Mutex<FoldedCache>> = LazyLock::new(Mutex::default);
+        SHARED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&mut self, key: &str) -> Option<(String, Arc<FoldedManifests>)> {
+        self.clock += 1;
+        let held = self.files.get_mut(key)?;
+        held.last_use = self.clock;
+        Some((held.e_tag.clone(), Arc::clone(&held.folded)))
+    }
+
+    fn put(&mut self, key: String, e_tag: String, folded: Arc<FoldedManifests>, file_bytes: usize) {
+        let bytes = file_bytes.saturating_mul(PARSED_BYTES_PER_FILE_BYTE);
+        if bytes > FOLDED_CACHE_BYTES {
+            return;
+        }
+        if let Some(replaced) = self.files.remove(&key) {
+            self.bytes -= replaced.bytes;
+        }
+        while self.bytes + bytes > FOLDED_CACHE_BYTES {
+            let Some(oldest) = self
+                .files
+                .iter()
+                .min_by_key(|(_, held)| held.last_use)
+                .map(|(key, _)| key.clone())
+            else {
+                break;
+            };
+            if let Some(evicted) = self.files.remove(&oldest) {
+                self.bytes -= evicted.bytes;
+            }
+        }
+        self.clock += 1;
+        self.bytes += bytes;
+        self.files.insert(
+            key,
+            HeldFold {
+                e_tag,
+                folded,
+                bytes,
+                last_use: self.clock,
+            },
+        );
+    }
+}
+
+impl FoldedManifests {
     /// Writes these jobs into a new folded file of the table at `table`,
     /// named for `job_id` and unique.
     pub async fn write_new(
@@ -161,10 +307,6 @@ impl FoldedManifests {
             .put(&folded_path(table, &name), PutPayload::from(body))
             .await?;
         Ok(())
-    }
-
-    pub fn contains(&self, job_id: &str) -> bool {
-        self.jobs.contains_key(job_id)
     }
 
     /// Whether the folded write of `job_id` was an append; `None` if it is
@@ -253,6 +395,42 @@ mod tests {
         assert_eq!(kept.jobs.keys().collect::<Vec<_>>(), ["b"]);
     }
 
+    /// A folded file read before is not downloaded again, but a file
+    /// rewritten under its name (which Quiver never does) is read anew.
+    #[tokio::test]
+    async fn a_held_folded_file_is_read_again_only_when_it_changed() {
+        use object_store::memory::InMemory;
+
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let table = Path::from("held");
+        let name = format!("{FOLDED_PREFIX}0-{}.json", uuid::Uuid::new_v4().simple());
+        let path = folded_path(&table, &name);
+        let one =
+            |job: &str| PutPayload::from(format!(r#"{{"jobs": {{"{job}": "Insert Into"}}}}"#));
+        store.put(&path, one("a")).await.expect("put");
+        let names = vec![name];
+        let read = || async {
+            FoldedJobs::read_listed(&store, &table, &names)
+                .await
+                .expect("read")
+                .expect("there")
+        };
+        let first = read().await;
+        let again = read().await;
+        assert!(Arc::ptr_eq(&first.files[0], &again.files[0]), "held");
+        store.put(&path, one("b")).await.expect("rewrite");
+        let rewritten = read().await;
+        assert_eq!(rewritten.jobs().collect::<Vec<_>>(), ["b"]);
+        store.delete(&path).await.expect("delete");
+        assert!(
+            FoldedJobs::read_listed(&store, &table, &names)
+                .await
+                .expect("read")
+                .is_none(),
+            "gone since the listing"
+        );
+    }
+
     /// Two writers that fold one table at once (of two clusters) each write
     /// a folded file of their own and delete what they read: no job is lost,
     /// whichever deletes first. A reader holding a listing from before a
@@ -274,10 +452,11 @@ mod tests {
         let names = manifest_folder_names(&store, &table).await.expect("list");
         let mut folds = Vec::new();
         for writer in ["1", "2"] {
-            let mut folded = FoldedManifests::read_listed(&store, &table, &names)
+            let mut folded = FoldedJobs::read_listed(&store, &table, &names)
                 .await
                 .expect("read")
-                .expect("nothing folded since the listing");
+                .expect("nothing folded since the listing")
+                .merged();
             folded.jobs.insert("b".into(), "Insert Into".into());
             folds.push((writer, folded));
         }
@@ -298,17 +477,17 @@ mod tests {
                 }
             }
         }
-        assert_eq!(
-            FoldedManifests::read_listed(&store, &table, &names)
+        assert!(
+            FoldedJobs::read_listed(&store, &table, &names)
                 .await
-                .expect("read"),
-            None,
+                .expect("read")
+                .is_none(),
             "a listing from before the folds is stale"
         );
-        let (names, folded) = FoldedManifests::list_and_read(&store, &table)
+        let (names, folded) = FoldedJobs::list_and_read(&store, &table)
             .await
             .expect("read");
         assert_eq!(folded_names(&names).len(), 2, "{names:?}");
-        assert_eq!(folded.jobs.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(folded.merged().jobs.keys().collect::<Vec<_>>(), ["a", "b"]);
     }
 }

@@ -33,7 +33,7 @@ use futures::TryStreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path;
 
-use super::fold::{FOLDED_PREFIX, FoldedManifests, folded_names, manifest_mode};
+use super::fold::{FOLDED_PREFIX, FoldedJobs, folded_names, manifest_mode};
 use super::layout::{
     MANIFEST_FOLDER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, join, manifest,
     replaced_list,
@@ -43,8 +43,10 @@ use crate::storage::get_if_exists;
 /// The committed state of one table, as its manifests tell it.
 #[derive(Debug, Default)]
 pub struct CommittedFiles {
-    /// Jobs whose manifest exists, or was folded.
-    committed: HashSet<String>,
+    /// Jobs whose manifest exists.
+    manifests: HashSet<String>,
+    /// Jobs whose manifests were folded.
+    folded: FoldedJobs,
     /// Files that committed overwrites replace and have not deleted yet.
     replaced: HashSet<Path>,
     /// Jobs with a staging folder, when no job has committed yet: one of
@@ -61,15 +63,14 @@ impl CommittedFiles {
     /// deleting (there are none once they finish). Without manifests, the
     /// listing of its staging folder too.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
-        let (names, folded) = FoldedManifests::list_and_read(store, table).await?;
-        let mut committed = manifest_jobs(&names);
-        committed.extend(folded.jobs.into_keys());
+        let (names, folded) = FoldedJobs::list_and_read(store, table).await?;
+        let manifests = manifest_jobs(&names);
         let folded_files = folded_names(&names);
         let mut replaced = HashSet::new();
         for job_id in names
             .iter()
             .filter_map(|name| name.strip_suffix(REPLACED_LIST_SUFFIX))
-            .filter(|job_id| committed.contains(*job_id))
+            .filter(|job_id| manifests.contains(*job_id) || folded.contains(job_id))
         {
             // None: its overwrite has just finished deleting.
             for path in read_replaced_list(store, table, job_id)
@@ -79,27 +80,37 @@ impl CommittedFiles {
                 replaced.insert(path);
             }
         }
-        let staging = if committed.is_empty() {
+        let staging = if manifests.is_empty() && folded.is_empty() {
             staging_jobs(store, table).await?
         } else {
             HashSet::new()
         };
         Ok(Self {
-            committed,
+            manifests,
+            folded,
             replaced,
             staging,
             folded_files,
         })
     }
 
-    /// The jobs whose manifests this state found, folded ones included.
-    pub fn committed_jobs(&self) -> Vec<String> {
-        self.committed.iter().cloned().collect()
+    /// The jobs that this state found committed, in short.
+    pub fn known_commits(&self) -> KnownCommits {
+        KnownCommits::new(&self.manifests, &self.folded, None)
+    }
+
+    /// Whether `job_id` has committed in this state.
+    fn committed(&self, job_id: &str) -> bool {
+        self.manifests.contains(job_id) || self.folded.contains(job_id)
+    }
+
+    fn none_committed(&self) -> bool {
+        self.manifests.is_empty() && self.folded.is_empty()
     }
 
     /// Whether readers of the table see every file they list.
     pub fn hides_nothing(&self) -> bool {
-        self.committed.is_empty() && self.staging.is_empty()
+        self.none_committed() && self.staging.is_empty()
     }
 
     /// Whether a reader of the table sees the data file at `path`.
@@ -110,12 +121,12 @@ impl CommittedFiles {
         let Some(job) = path.filename().and_then(committing_job) else {
             return true;
         };
-        if self.committed.is_empty() {
+        if self.none_committed() {
             // A folder that Quiver has not committed to: a name that looks
             // like Quiver's is another writer's unless its job is staging.
             !self.staging.contains(job)
         } else {
-            self.committed.contains(job)
+            self.committed(job)
         }
     }
 
@@ -128,26 +139,91 @@ impl CommittedFiles {
         let names = manifest_folder_names(store, table).await?;
         let folded = if folded_names(&names) == self.folded_files {
             // The same folded files: their jobs are all in this state.
-            FoldedManifests::default()
+            FoldedJobs::default()
         } else {
-            match FoldedManifests::read_listed(store, table, &names).await? {
+            match FoldedJobs::read_listed(store, table, &names).await? {
                 Some(folded) => folded,
                 // Folded again since the listing: the state may be older.
                 None => return Ok(false),
             }
         };
-        let folded_overwrite = folded.jobs.keys().any(|job_id| {
-            !self.committed.contains(job_id) && folded.appended(job_id) == Some(false)
-        });
+        let folded_overwrite = folded
+            .jobs()
+            .any(|job_id| !self.committed(job_id) && folded.appended(job_id) == Some(false));
         if folded_overwrite {
             return Ok(false);
         }
         for job_id in manifest_jobs(&names) {
-            if !self.committed.contains(&job_id) && !appended(store, table, &job_id).await? {
+            if !self.committed(&job_id) && !appended(store, table, &job_id).await? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+}
+
+/// The jobs committed to a table at one moment, in a few bytes however
+/// long the table's history: how many, and the sum (modulo 2^128) of the
+/// BLAKE3 hashes of their ids, a digest of the set that no order changes.
+/// A write that read its own table compares the set when it was planned
+/// with the set when it commits by this. The jobs whose manifests were not
+/// folded yet are kept by name, to name one that committed in between.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KnownCommits {
+    pub jobs: u64,
+    pub digest: u128,
+    pub manifests: Vec<String>,
+}
+
+impl KnownCommits {
+    /// The jobs of `manifests` and `folded`, each once, but `except`.
+    pub fn new(manifests: &HashSet<String>, folded: &FoldedJobs, except: Option<&str>) -> Self {
+        let mut distinct: HashSet<&str> = manifests.iter().map(String::as_str).collect();
+        distinct.extend(folded.jobs());
+        if let Some(except) = except {
+            distinct.remove(except);
+        }
+        let digest = distinct.iter().fold(0u128, |sum, job| {
+            let hash = blake3::hash(job.as_bytes());
+            let mut low = [0u8; 16];
+            low.copy_from_slice(&hash.as_bytes()[..16]);
+            sum.wrapping_add(u128::from_le_bytes(low))
+        });
+        let mut manifests: Vec<String> = manifests
+            .iter()
+            .filter(|job| Some(job.as_str()) != except)
+            .cloned()
+            .collect();
+        manifests.sort();
+        Self {
+            jobs: distinct.len() as u64,
+            digest,
+            manifests,
+        }
+    }
+
+    /// The jobs committed to the table at `table` now, but `except`.
+    pub async fn read(
+        store: &Arc<dyn ObjectStore>,
+        table: &Path,
+        except: Option<&str>,
+    ) -> Result<Self> {
+        let (names, folded) = FoldedJobs::list_and_read(store, table).await?;
+        Ok(Self::new(&manifest_jobs(&names), &folded, except))
+    }
+
+    /// Whether these are the same jobs as `other`.
+    pub fn same_jobs(&self, other: &Self) -> bool {
+        self.jobs == other.jobs && self.digest == other.digest
+    }
+
+    /// A job of these whose manifest `earlier` did not list: one that
+    /// committed since, unless its manifest was folded already.
+    pub fn newer_manifest_than(&self, earlier: &Self) -> Option<&str> {
+        self.manifests
+            .iter()
+            .find(|job| earlier.manifests.binary_search(job).is_err())
+            .map(String::as_str)
     }
 }
 
@@ -157,7 +233,7 @@ impl CommittedFiles {
 /// taken for an append.
 async fn appended(store: &Arc<dyn ObjectStore>, table: &Path, job_id: &str) -> Result<bool> {
     let Some(bytes) = get_if_exists(store, &manifest(table, job_id)).await? else {
-        let folded = FoldedManifests::read(store, table).await?;
+        let folded = FoldedJobs::read(store, table).await?;
         return Ok(folded.appended(job_id).unwrap_or(false));
     };
     Ok(manifest_mode(&bytes).as_deref() == Some(InsertOp::Append.name()))
@@ -304,6 +380,62 @@ mod tests {
             .await
             .expect_err("a broken list");
         assert!(error.to_string().contains(NEW), "{error}");
+    }
+
+    /// The jobs committed to a table compare equal however they are kept
+    /// (manifests, folded files, a job left in two places by a fold that
+    /// died), and differ once another job commits, folded or not.
+    #[tokio::test]
+    async fn known_commits_change_only_with_the_jobs() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let table = Path::from("t");
+        let read = |except: Option<&'static str>| {
+            let store = Arc::clone(&store);
+            let table = table.clone();
+            async move {
+                KnownCommits::read(&store, &table, except)
+                    .await
+                    .expect("read")
+            }
+        };
+        let append = r#"{"mode": "Insert Into"}"#;
+        put(&store, &format!("t/_manifests/{OLD}.json"), append).await;
+        put(&store, &format!("t/_manifests/{NEW}.json"), append).await;
+        let planned = read(None).await;
+        assert_eq!((planned.jobs, planned.manifests.len()), (2, 2));
+
+        // Folded, and left in its manifest and two folded files too.
+        let both = format!(r#"{{"jobs": {{"{OLD}": "Insert Into", "{NEW}": "Insert Into"}}}}"#);
+        put(&store, "t/_manifests/z_folded-a-1.json", &both).await;
+        put(&store, "t/_manifests/z_folded-b-2.json", &both).await;
+        assert!(read(None).await.same_jobs(&planned));
+        store
+            .delete(&Path::from(format!("t/_manifests/{OLD}.json")))
+            .await
+            .expect("delete");
+        let folded = read(None).await;
+        assert!(folded.same_jobs(&planned));
+        assert_eq!(folded.newer_manifest_than(&planned), None);
+
+        // The committing job itself does not count.
+        put(&store, &format!("t/_manifests/{RUNNING}.json"), append).await;
+        assert!(read(Some(RUNNING)).await.same_jobs(&planned));
+        // Another does, by name while its manifest is there...
+        let committed = read(None).await;
+        assert!(!committed.same_jobs(&planned));
+        assert_eq!(committed.newer_manifest_than(&planned), Some(RUNNING));
+        // ...and once it is folded too.
+        store
+            .delete(&Path::from(format!("t/_manifests/{RUNNING}.json")))
+            .await
+            .expect("delete");
+        let three = format!(
+            r#"{{"jobs": {{"{OLD}": "Insert Into", "{NEW}": "Insert Into", "{RUNNING}": "Insert Into"}}}}"#
+        );
+        put(&store, "t/_manifests/z_folded-c-3.json", &three).await;
+        let hidden = read(None).await;
+        assert!(!hidden.same_jobs(&planned));
+        assert_eq!(hidden.newer_manifest_than(&planned), None);
     }
 
     /// A state read before an overwrite commits is out of date once its
