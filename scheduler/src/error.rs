@@ -91,6 +91,14 @@ pub enum Error {
         "catalog statements must be sent as SQL text, so that they can be stored; got a {0} plan"
     )]
     DdlPlan(String),
+
+    /// Planning panicked in a library, most likely on malformed input that
+    /// it does not check (the Parquet reader on some broken footers).
+    #[error(
+        "planning the statement failed on input that a library could not handle (a malformed \
+         file, most likely): {0}"
+    )]
+    PlanningPanicked(String),
 }
 
 impl From<Error> for Status {
@@ -113,7 +121,8 @@ impl From<Error> for Status {
             | Error::Bind { .. }
             | Error::HeartbeatTiming { .. }
             | Error::Serve(_)
-            | Error::FlightSql(_) => Code::Internal,
+            | Error::FlightSql(_)
+            | Error::PlanningPanicked(_) => Code::Internal,
         };
         // A store's refusal may echo the request's credentials.
         Status::new(code, redact_store_echoes(&error.to_string()))

@@ -107,7 +107,7 @@ fn dropped_tables(ddl: &DdlStatement, state: &SessionState) -> Vec<TableReferenc
 }
 
 /// The warehouse folder of the table `name`, if it is a managed table.
-async fn managed_folder(
+pub(crate) async fn managed_folder(
     name: &TableReference,
     state: &SessionState,
     store: &StateStore,
@@ -168,8 +168,8 @@ async fn list_files(
 
 /// Deletes the files of dropped managed tables. The tables are gone from
 /// the catalog already, so a file that cannot be deleted is logged rather
-/// than failing the statement; the next `CREATE TABLE ... AS` of that name
-/// replaces what is left. On local disk, the folders left empty go too.
+/// than failing the statement; a `CREATE TABLE ... AS` of that name then
+/// refuses the folder, naming a file left. On local disk, the folders left empty go too.
 pub async fn delete_folders(runtime: &Arc<RuntimeEnv>, dropped: Vec<DroppedFolder>) {
     for DroppedFolder { folder, files } in dropped {
         let count = files.len();

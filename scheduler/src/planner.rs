@@ -32,6 +32,7 @@ use datafusion::prelude::SessionContext;
 use prost::bytes::Bytes;
 use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
+use quiver_core::guard::catch_future_panic;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
@@ -402,9 +403,13 @@ impl Planner {
         };
         let replaced = self.configure_locations(&logical)?;
         let logical = without_store_options(logical)?;
-        let mut planned = self
-            .plan_logical(job_id, logical, sql, state, persist.then_some(settings))
-            .await;
+        // Boxed: inline, the planning future would be moved on the stack.
+        let planning =
+            Box::pin(self.plan_logical(job_id, logical, sql, state, persist.then_some(settings)));
+        let mut planned = catch_future_panic(planning).await.unwrap_or_else(|panic| {
+            tracing::warn!(%job_id, %panic, "planning panicked");
+            Err(Error::PlanningPanicked(panic))
+        });
         match &mut planned {
             Err(_) => self.restore_locations(replaced),
             // A job that then fails puts them back too (see the service).
@@ -682,8 +687,8 @@ impl Planner {
     }
 
     /// `CREATE TABLE t AS SELECT ...` writes `t` as Parquet into its own
-    /// warehouse folder (replacing whatever a lost catalog left there), by a
-    /// distributed write, and registers the folder as an external table
+    /// warehouse folder, which must hold no data but that of the table it
+    /// replaces (`OR REPLACE`), by a distributed write, and registers the folder as an external table
     /// once the write has committed. The table owns the folder
     /// ([`managed`]): dropping it deletes the folder.
     async fn plan_create_table_as(
@@ -723,6 +728,15 @@ impl Planner {
             ))));
         }
         let location = warehouse_folder(&self.warehouse, &name, &catalog.default_catalog);
+        let folder = ListingTableUrl::parse(&location).map_err(Error::Query)?;
+        let replaces_its_own = exists
+            && managed::managed_folder(&create.name, state, &self.store, &self.warehouse)
+                .await
+                .is_some_and(|own| own == folder);
+        if !replaces_its_own {
+            self.check_folder_holds_no_data(&create.name, &location, &folder)
+                .await?;
+        }
         let parquet = format_as_file_type(Arc::new(ParquetFormatFactory::new()));
         let write = LogicalPlanBuilder::copy_to(
             create.input.as_ref().clone(),
@@ -755,6 +769,45 @@ impl Planner {
         })
     }
 
+    /// Refuses a `CREATE TABLE AS` whose warehouse folder holds data that no
+    /// table it replaces owns, as Spark does (`LOCATION_ALREADY_EXISTS`): an
+    /// external table registered there, files another engine wrote, or
+    /// what a failed `DROP` left. The write would replace them. Hidden
+    /// files (`_`, `.`) and empty objects (folder markers) are not data.
+    async fn check_folder_holds_no_data(
+        &self,
+        table: &TableReference,
+        location: &str,
+        url: &ListingTableUrl,
+    ) -> Result<()> {
+        let located = |source| Error::TableLocation {
+            location: location.to_owned(),
+            source,
+        };
+        let store = self
+            .catalog
+            .runtime_env()
+            .object_store(url.object_store())
+            .map_err(located)?;
+        let mut listing = store.list(Some(url.prefix()));
+        while let Some(object) = futures::StreamExt::next(&mut listing).await {
+            let object = object.map_err(|e| located(e.into()))?;
+            let hidden = object
+                .location
+                .prefix_match(url.prefix())
+                .is_some_and(|mut parts| parts.any(|part| part.as_ref().starts_with(['_', '.'])));
+            if !hidden && object.size > 0 {
+                return Err(Error::Query(DataFusionError::Plan(format!(
+                    "cannot create table '{table}': its warehouse folder '{location}' already \
+                     holds data ('{}'), which the table would replace; drop the table that \
+                     owns it, move the files away, or register them with CREATE EXTERNAL TABLE",
+                    object.location
+                ))));
+            }
+        }
+        Ok(())
+    }
+
     /// Marks the table stored under `key` as made by `CREATE TABLE AS`: it
     /// owns its warehouse folder, which dropping it deletes.
     pub async fn mark_managed(&self, key: String) -> Result<()> {
@@ -778,6 +831,9 @@ impl Planner {
             LogicalPlan::Copy(copy) => (std::slice::from_ref(&copy.output_url), &copy.options),
             _ => return Ok(Vec::new()),
         };
+        for location in locations {
+            check_location_spelling(location)?;
+        }
         let options = StoreOptions::from_statement_options(options).map_err(Error::Query)?;
         let mut replaced = Vec::new();
         if options.is_empty() {
@@ -963,6 +1019,34 @@ impl TableResolver for CatalogResolver {
         futures::executor::block_on(schema.table(&resolved.table))?
             .ok_or_else(|| DataFusionError::Plan(format!("table '{name}' not found")))
     }
+}
+
+/// Refuses a location that a URL parser would cut short: in `s3://b/t#2/`
+/// or `file:///d/t?v=2` the `#` starts a fragment and the `?` a query, so
+/// the table would be read from, or written to, `t/`. Only HTTP(S)
+/// locations have queries (a signed URL's); none has a fragment. A plain
+/// path (`/d/t#2/`) is a file name, and is not cut.
+fn check_location_spelling(location: &str) -> Result<()> {
+    let Some((scheme, _)) = location.split_once("://") else {
+        return Ok(());
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let cut_at = if scheme == "http" || scheme == "https" {
+        location.find('#')
+    } else {
+        location.find(['#', '?'])
+    };
+    let Some(at) = cut_at else {
+        return Ok(());
+    };
+    let character = &location[at..=at];
+    let escaped = if character == "#" { "%23" } else { "%3F" };
+    Err(Error::Query(DataFusionError::Plan(format!(
+        "the location '{location}' holds '{character}', which a URL reads as the end of \
+         its path: the data would be read from or written to '{}'; write it as '{escaped}' \
+         if it is part of a folder or file name",
+        &location[..at]
+    ))))
 }
 
 /// Refuses a schema or table name that cannot be its own warehouse folder:

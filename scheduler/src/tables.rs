@@ -36,6 +36,7 @@ use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::CreateExternalTable;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectMeta, ObjectStore};
+use quiver_core::guard::catch_future_panic;
 use quiver_core::storage::redact_sql;
 use quiver_core::write::partition::folder_values;
 
@@ -100,8 +101,9 @@ impl TableProviderFactory for TableFactory {
         let mut cmd = cmd.clone();
         cmd.definition = cmd.definition.as_deref().map(redact_sql);
         let folder = parquet_folder(&cmd)?;
-        if let Some(folder) = &folder {
-            declare_parquet_columns(state, &mut cmd, folder).await?;
+        match &folder {
+            Some(folder) => declare_parquet_columns(state, &mut cmd, folder).await?,
+            None => refuse_empty_parquet_file(state, &cmd).await?,
         }
         let cmd = &cmd;
         let (table, partition_columns) = match &folder {
@@ -289,6 +291,30 @@ async fn refuse_unread_files(
     )
 }
 
+/// Refuses a Parquet table on one file that is empty: it has no footer, and
+/// DataFusion would take it for a table without columns. (A folder's empty
+/// files are skipped, as Spark skips them.)
+async fn refuse_empty_parquet_file(state: &dyn Session, cmd: &CreateExternalTable) -> Result<()> {
+    let [location] = cmd.locations.as_slice() else {
+        return Ok(());
+    };
+    if !cmd.file_type.eq_ignore_ascii_case("parquet") {
+        return Ok(());
+    }
+    let url = ListingTableUrl::parse(location)?;
+    if url.is_collection() || url.get_glob().is_some() {
+        return Ok(());
+    }
+    let store = state.runtime_env().object_store(&url)?;
+    match object_store::ObjectStoreExt::head(&store, url.prefix()).await {
+        Ok(file) if file.size == 0 => {
+            plan_err!("the table at {location} is an empty file (0 bytes), not a Parquet file")
+        }
+        // A missing file gets DataFusion's error, which names it.
+        _ => Ok(()),
+    }
+}
+
 /// The location of a Parquet table on one folder, if the table is one.
 fn parquet_folder(cmd: &CreateExternalTable) -> Result<Option<ListingTableUrl>> {
     let [location] = cmd.locations.as_slice() else {
@@ -319,9 +345,15 @@ async fn merged_file_schema(
             let format = Arc::clone(&format);
             async move {
                 // Name the file: a folder's error would not say which one.
-                let schema = format
-                    .infer_schema(state, store, std::slice::from_ref(&file))
+                // The Parquet reader panics on some malformed footers.
+                let inferred = format.infer_schema(state, store, std::slice::from_ref(&file));
+                let schema = catch_future_panic(inferred)
                     .await
+                    .unwrap_or_else(|panic| {
+                        Err(DataFusionError::Execution(format!(
+                            "it is not a valid Parquet file (the reader failed: {panic})"
+                        )))
+                    })
                     .map_err(|e| {
                         e.context(format!("cannot read the footer of '{}'", file.location))
                     })?;

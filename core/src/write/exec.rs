@@ -158,6 +158,7 @@ impl ExecutionPlan for ParquetWriteExec {
     ) -> Result<SendableRecordBatchStream> {
         let task = WriteTask::new(self, partition, &context)?;
         let input = self.input.execute(partition, context)?;
+        let input = without_nulls_in_not_null_columns(input, self.sink.config());
         let written = futures::stream::once(task.run(input));
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&WRITTEN_FILES_SCHEMA),
@@ -518,6 +519,56 @@ async fn abort_uploads(files: Vec<OpenFile>, location: &str) {
             warn!(%location, %error, "cannot abort an upload");
         }
     }
+}
+
+/// `input`, failing at the first null in a data column that the table's
+/// schema says is `NOT NULL` (declared so, or so in every file it was
+/// created from), as DataFusion's own sinks do: a file holding one would
+/// make every later read of the table fail. Partition columns hold nulls
+/// as Hive's null folder, whatever their field says.
+fn without_nulls_in_not_null_columns(
+    input: SendableRecordBatchStream,
+    config: &FileSinkConfig,
+) -> SendableRecordBatchStream {
+    let input_schema = input.schema();
+    let partition_column = |name: &str| {
+        config
+            .table_partition_cols
+            .iter()
+            .any(|(column, _)| column == name)
+    };
+    let checked: Vec<(usize, String)> = config
+        .output_schema()
+        .fields()
+        .iter()
+        .zip(input_schema.fields())
+        .enumerate()
+        .filter(|(_, (declared, written))| {
+            !declared.is_nullable() && written.is_nullable() && !partition_column(declared.name())
+        })
+        .map(|(index, (declared, _))| (index, declared.name().clone()))
+        .collect();
+    if checked.is_empty() {
+        return input;
+    }
+    let batches = input.map(move |batch| {
+        let batch = batch?;
+        let null_in = checked.iter().find(|(index, _)| {
+            batch
+                .columns()
+                .get(*index)
+                .and_then(|column| column.logical_nulls())
+                .is_some_and(|nulls| nulls.null_count() > 0)
+        });
+        match null_in {
+            Some((_, column)) => Err(DataFusionError::Execution(format!(
+                "column '{column}' of the table is NOT NULL, but a row to write holds a \
+                 null in it; nothing was written"
+            ))),
+            None => Ok(batch),
+        }
+    });
+    Box::pin(RecordBatchStreamAdapter::new(input_schema, batches))
 }
 
 fn staged_path(staging: &Path, relative: &str) -> Result<Path> {
