@@ -1063,12 +1063,39 @@ async fn credentials_and_permissions_are_checked_on_s3() {
             ["s3://lake/by_reader", "cannot create objects"],
         ),
         (
+            // DataFusion's own CSV sink would say only "Error encountered
+            // while finalizing writes".
+            "a reader writes CSV",
+            format!(
+                "COPY (SELECT 1 AS x) TO 's3://lake/csv_by_reader/' STORED AS CSV {}",
+                s3.sql_options_as(reader)
+            ),
+            ["s3://lake/csv_by_reader", "cannot create objects"],
+        ),
+        (
+            "a reader writes one file",
+            format!(
+                "COPY (SELECT 1 AS x) TO 's3://lake/one/by_reader.parquet' {}",
+                s3.sql_options_as(reader)
+            ),
+            ["s3://lake/one/by_reader.parquet", "cannot create objects"],
+        ),
+        (
             "a writer that may not delete writes",
             format!(
                 "COPY (SELECT x FROM readable) TO 's3://lake/by_writer/' STORED AS PARQUET {}",
                 s3.sql_options_as(writer)
             ),
             ["s3://lake/by_writer", "not delete"],
+        ),
+        (
+            // A CSV export deletes nothing: the right to create is enough.
+            "a writer that may not delete writes CSV",
+            format!(
+                "COPY (SELECT 1 AS x) TO 's3://lake/csv_by_writer/' STORED AS CSV {}",
+                s3.sql_options_as(writer)
+            ),
+            ["", ""],
         ),
         (
             "a writer that may not delete inserts",

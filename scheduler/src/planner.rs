@@ -38,14 +38,16 @@ use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
 };
 use quiver_core::write::snapshot::KnownCommits;
-use quiver_core::write::{ParquetCommitExec, check_write_access, distribute_parquet_writes};
+use quiver_core::write::{
+    ParquetCommitExec, check_folder_write_access, check_write_access, distribute_parquet_writes,
+};
 use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::committed_scans::{TableStates, plan_committed_scans};
 use crate::error::{Error, Result};
-use crate::locations::{reads_target, store_configs, write_target};
+use crate::locations::{reads_target, store_configs, unstaged_write_folder, write_target};
 use crate::managed::{self, CATALOGS_FOLDER, table_folders, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
@@ -568,6 +570,9 @@ impl Planner {
         let writes_to = write_target(&physical);
         if let Some(target) = &writes_to {
             self.check_write_access(target, job_id).await?;
+        } else if let Some((target, folder)) = unstaged_write_folder(&physical) {
+            self.check_folder_write_access(&target, &folder, job_id)
+                .await?;
         }
         let physical = match &writes_to {
             Some(target) if creates || reads_target(logical, target) => {
@@ -611,6 +616,30 @@ impl Planner {
             .object_store(table.object_store())
             .map_err(location_error)?;
         check_write_access(&store, table.prefix(), job_id)
+            .await
+            .map_err(location_error)
+    }
+
+    /// Fails the statement, before anything is written, if the store of
+    /// `target`, written through one of DataFusion's own sinks, does not let
+    /// the job create objects in `folder` (see [`check_folder_write_access`]).
+    async fn check_folder_write_access(
+        &self,
+        target: &str,
+        folder: &object_store::path::Path,
+        job_id: &str,
+    ) -> Result<()> {
+        let location_error = |source| Error::WriteAccess {
+            location: target.to_owned(),
+            source,
+        };
+        let url = ListingTableUrl::parse(target).map_err(location_error)?;
+        let store = self
+            .catalog
+            .runtime_env()
+            .object_store(url.object_store())
+            .map_err(location_error)?;
+        check_folder_write_access(&store, folder, job_id)
             .await
             .map_err(location_error)
     }

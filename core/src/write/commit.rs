@@ -253,18 +253,46 @@ pub async fn check_write_access(
     table: &Path,
     job_id: &str,
 ) -> Result<()> {
-    let probe = job_staging(table, job_id).join("_access_check");
+    probe_write_access(store, &job_staging(table, job_id).join("_access_check")).await
+}
+
+/// Checks, before a write through one of DataFusion's own sinks runs (CSV,
+/// JSON, one file), that the store lets it create objects in `folder`, by
+/// writing and deleting an empty, hidden object there. Those sinks report a
+/// store's refusal without its cause ("Error encountered while finalizing
+/// writes"), and may have written some files by then. They delete nothing,
+/// so credentials that may not delete pass (the object stays, logged).
+pub async fn check_folder_write_access(
+    store: &Arc<dyn ObjectStore>,
+    folder: &Path,
+    job_id: &str,
+) -> Result<()> {
+    let probe = folder.clone().join(format!("_access_check-{job_id}"));
+    probe_create_access(store, &probe).await?;
+    if let Err(e) = store.delete(&probe).await {
+        let error = crate::storage::redacted_error(&e);
+        warn!(%probe, %error, "cannot delete the empty object that checked write access");
+    }
+    Ok(())
+}
+
+async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
     store
-        .put(&probe, PutPayload::new())
+        .put(probe, PutPayload::new())
         .await
+        .map(|_| ())
         .map_err(|error| {
             DataFusionError::Execution(format!("cannot create objects there: {error}"))
-        })?;
-    store.delete(&probe).await.map_err(|error| {
+        })
+}
+
+async fn probe_write_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
+    probe_create_access(store, probe).await?;
+    store.delete(probe).await.map_err(|error| {
         DataFusionError::Execution(format!(
             "can create objects there but not delete them, which a write needs to move its \
-             files into place and to roll back a failed commit; no data was written (an \
-             empty check object may stay in the staging folder, which readers skip): {error}"
+             files into place and to roll back a failed commit; no data was written (the \
+             empty, hidden check object '{probe}' may stay, which readers skip): {error}"
         ))
     })
 }

@@ -24,7 +24,10 @@ pub mod permission;
 pub mod plan;
 pub mod snapshot;
 
-pub use commit::{FinishOverwrite, ParquetCommitExec, Settled, check_write_access, settle_write};
+pub use commit::{
+    FinishOverwrite, ParquetCommitExec, Settled, check_folder_write_access, check_write_access,
+    settle_write,
+};
 pub use exec::ParquetWriteExec;
 pub use plan::distribute_parquet_writes;
 

@@ -6,10 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::TreeNode;
-use datafusion::datasource::file_format::csv::CsvSink;
-use datafusion::datasource::file_format::json::JsonSink;
-use datafusion::datasource::file_format::parquet::ParquetSink;
-use datafusion::datasource::physical_plan::FileSink;
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::physical_plan::ExecutionPlan;
 use prost::bytes::Bytes;
@@ -27,6 +23,7 @@ use tracing::{info, warn};
 use super::JobLimits;
 use crate::adaptive::{self, AdaptiveJoin, PendingJoins};
 use crate::join_swap;
+use crate::locations::file_sink_config;
 use crate::planner::{Replanner, StagedJob};
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
@@ -1184,13 +1181,7 @@ fn new_stages(
 
 /// Whether `sink` writes one file, which a second attempt replaces whole.
 fn writes_one_file(sink: &DataSinkExec) -> bool {
-    let config = if let Some(csv) = sink.sink().downcast_ref::<CsvSink>() {
-        csv.config()
-    } else if let Some(json) = sink.sink().downcast_ref::<JsonSink>() {
-        json.config()
-    } else if let Some(parquet) = sink.sink().downcast_ref::<ParquetSink>() {
-        parquet.config()
-    } else {
+    let Some(config) = file_sink_config(sink) else {
         return false;
     };
     config
