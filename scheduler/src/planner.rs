@@ -615,8 +615,13 @@ impl Planner {
             .runtime_env()
             .object_store(table.object_store())
             .map_err(location_error)?;
-        check_write_access(&store, table.prefix(), job_id)
+        // Spawned: a client that hangs up mid-check must not leave the
+        // check's object behind in a folder that no job will settle.
+        let (prefix, job_id) = (table.prefix().clone(), job_id.to_owned());
+        let check = tokio::spawn(async move { check_write_access(&store, &prefix, &job_id).await });
+        check
             .await
+            .map_err(|_| Error::ShuttingDown)?
             .map_err(location_error)
     }
 
@@ -639,8 +644,12 @@ impl Planner {
             .runtime_env()
             .object_store(url.object_store())
             .map_err(location_error)?;
-        check_folder_write_access(&store, folder, job_id)
+        let (folder, job_id) = (folder.clone(), job_id.to_owned());
+        let check =
+            tokio::spawn(async move { check_folder_write_access(&store, &folder, &job_id).await });
+        check
             .await
+            .map_err(|_| Error::ShuttingDown)?
             .map_err(location_error)
     }
 

@@ -14,7 +14,7 @@ use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error};
-use quiver_core::write::{FinishOverwrite, Settled, settle_write};
+use quiver_core::write::{FinishOverwrite, JobEnded, Settled, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
@@ -368,9 +368,15 @@ impl SchedulerGrpc {
                 // Another writer of the table may start as soon as this job
                 // ends, so an overwrite's deletions are left to its commit.
                 let finish = FinishOverwrite::No;
-                let settled =
-                    clean_up_job_storage(&runtime, &stores, &job_id, &durable, &writes_to, finish)
-                        .await;
+                let ended = if succeeded {
+                    JobEnded::Succeeded
+                } else {
+                    JobEnded::Otherwise
+                };
+                let settled = clean_up_job_storage(
+                    &runtime, &stores, &job_id, &durable, &writes_to, ended, finish,
+                )
+                .await;
                 if pass == 0 && !succeeded && settled == Some(Settled::Committed) {
                     // Only a commit lost with its executor after its manifest
                     // comes here: the job was told it ended otherwise.
@@ -445,6 +451,7 @@ impl SchedulerGrpc {
                     job_id,
                     &record.durable_shuffle,
                     &record.writes_to,
+                    JobEnded::Otherwise,
                     FinishOverwrite::Yes,
                 )
             })
@@ -476,6 +483,7 @@ async fn clean_up_job_storage(
     job_id: &str,
     durable: &str,
     writes_to: &str,
+    ended: JobEnded,
     finish: FinishOverwrite,
 ) -> Option<Settled> {
     if !durable.is_empty()
@@ -487,7 +495,7 @@ async fn clean_up_job_storage(
     if writes_to.is_empty() {
         return None;
     }
-    match settle_write(stores, writes_to, job_id, finish).await {
+    match settle_write(stores, writes_to, job_id, ended, finish).await {
         Ok(settled) => {
             debug!(%job_id, ?settled, "settled the job's write");
             Some(settled)

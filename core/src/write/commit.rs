@@ -73,12 +73,13 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 use super::TaskAttempt;
 use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
-    REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
-    manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
+    REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, file_name, is_bookkeeping, job_staging,
+    join, manifest as manifest_path, named_job, relative_to, replaced_list, upload_records,
+    written_by,
 };
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
-use super::snapshot::KnownCommits;
+use super::snapshot::{CommittedJobs, KnownCommits};
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
@@ -297,12 +298,23 @@ async fn probe_write_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resul
     })
 }
 
-/// What an overwrite replaces: the files it deletes, and the jobs whose
-/// files it keeps.
+/// What an overwrite replaces: the files it deletes, the jobs whose files
+/// it keeps, and the jobs committed when it listed the table's files (only
+/// those may have been replaced whole).
 #[derive(Default)]
 struct Replacement {
     files: Vec<(Path, String)>,
     kept_jobs: HashSet<String>,
+    committed: CommittedJobs,
+}
+
+impl Replacement {
+    /// Whether the overwrite of `own_job` left `job` without a file, so
+    /// that its manifest may go. A job that committed after the listing
+    /// (another cluster's write) may have files it did not see.
+    fn retires(&self, job: &str, own_job: &str) -> bool {
+        job != own_job && !self.kept_jobs.contains(job) && self.committed.contains(job)
+    }
 }
 
 /// A file staged by a winning attempt.
@@ -389,6 +401,10 @@ impl Commit {
         if files.is_empty() {
             files.extend(self.stage_schema_file().await?);
         }
+        // Readers of a table without manifests hide the files of jobs with
+        // a staging folder: on object stores the folder must not vanish
+        // with the last file moved out of it.
+        self.mark_staging().await?;
         // New files go in before old ones go: a commit that dies in between
         // leaves extra rows, never lost ones, and its retry finishes the job.
         self.move_into_place(&files).await?;
@@ -511,6 +527,7 @@ impl Commit {
         let Some(files) = read_replaced_list(&self.store, &self.table, &self.job_id).await? else {
             return Ok(None);
         };
+        let (committed, _) = CommittedJobs::read(&self.store, &self.table).await?;
         let listed: HashSet<&Path> = files.iter().collect();
         let kept_jobs = self
             .data_files()
@@ -526,7 +543,11 @@ impl Commit {
                 (path, relative)
             })
             .collect();
-        Ok(Some(Replacement { files, kept_jobs }))
+        Ok(Some(Replacement {
+            files,
+            kept_jobs,
+            committed,
+        }))
     }
 
     /// Fails if a job other than this one and those known when the
@@ -642,8 +663,24 @@ impl Commit {
     ) -> Result<Replacement> {
         let key = |relative: &str| folder_key(folder_of(relative), &self.partition_types);
         let touched: HashSet<Vec<(String, String)>> = written.map(key).collect();
-        let mut replacement = Replacement::default();
+        // Read before the files are listed: a job that commits in between
+        // counts as uncommitted, and keeps its files.
+        let (committed, _) = CommittedJobs::read(&self.store, &self.table).await?;
+        let mut replacement = Replacement {
+            committed,
+            ..Replacement::default()
+        };
         for (path, relative) in self.data_files().await? {
+            // Another job's files without its manifest: a commit in
+            // progress (another cluster's), or one that failed, which its
+            // settling rolls back. Neither is this overwrite's to delete.
+            let uncommitted = path
+                .filename()
+                .and_then(committing_job)
+                .is_some_and(|job| job != self.job_id && !replacement.committed.contains(job));
+            if uncommitted {
+                continue;
+            }
             let replaced = !written_by(&path, &self.job_id)
                 && (!partitioned || touched.contains(&key(&relative)));
             if replaced {
@@ -681,24 +718,25 @@ impl Commit {
 
     /// Deletes the files that an overwrite replaced, then the manifests of
     /// the jobs it left without a file, then the list of replaced files.
-    async fn delete_replaced(&self, replaced: Replacement) -> Result<()> {
-        let count = replaced.files.len();
-        self.delete_all(replaced.files.into_iter().map(|(path, _)| path).collect())
+    async fn delete_replaced(&self, mut replaced: Replacement) -> Result<()> {
+        let files = std::mem::take(&mut replaced.files);
+        let count = files.len();
+        self.delete_all(files.into_iter().map(|(path, _)| path).collect())
             .await?;
         self.counts.replaced.add(count);
-        self.retire_manifests(&replaced.kept_jobs).await?;
+        self.retire_manifests(&replaced).await?;
         self.delete_replaced_list().await
     }
 
-    /// Deletes the manifests of other jobs that have no data file left
-    /// (`kept_jobs` are those that have): readers need a manifest only to
-    /// show its job's files, and every statement lists the manifests, so
-    /// they grow with the table's surviving writes, not with its history.
-    async fn retire_manifests(&self, kept_jobs: &HashSet<String>) -> Result<()> {
+    /// Deletes the manifests of other jobs that `replaced` left without a
+    /// data file: readers need a manifest only to show its job's files, and
+    /// every statement lists the manifests, so they grow with the table's
+    /// surviving writes, not with its history.
+    async fn retire_manifests(&self, replaced: &Replacement) -> Result<()> {
         let names = manifest_folder_names(&self.store, &self.table).await?;
         let retired: Vec<String> = manifest_jobs(&names)
             .into_iter()
-            .filter(|job| *job != self.job_id && !kept_jobs.contains(job))
+            .filter(|job| replaced.retires(job, &self.job_id))
             .collect();
         let count = retired.len();
         // With a list of replaced files that a cancelled overwrite left: all
@@ -720,7 +758,7 @@ impl Commit {
         // replaced a folded file meanwhile; they are only kept longer.
         let folded = FoldedJobs::read_listed(&self.store, &self.table, &names).await?;
         let retired_folded = folded.map(|folded| folded.merged()).and_then(|folded| {
-            let kept = folded.without(|job| job != self.job_id && !kept_jobs.contains(job))?;
+            let kept = folded.without(|job| replaced.retires(job, &self.job_id))?;
             Some((folded.jobs.len() - kept.jobs.len(), kept))
         });
         let count = count + retired_folded.as_ref().map_or(0, |(retired, _)| *retired);
@@ -814,6 +852,15 @@ impl Commit {
     /// already, so what remains are the files of failed or losing attempts.
     /// The uploads that killed attempts left unfinished are aborted first:
     /// their records are in this folder.
+    /// Keeps the job's staging folder listed until [`Self::delete_staging`]
+    /// deletes it, after the manifest.
+    async fn mark_staging(&self) -> Result<()> {
+        self.check_lease()?;
+        let marker = job_staging(&self.table, &self.job_id).join("_committing");
+        self.store.put(&marker, PutPayload::new()).await?;
+        Ok(())
+    }
+
     async fn delete_staging(&self) -> Result<()> {
         self.check_lease()?;
         if let Some(multipart) = &self.multipart {
@@ -853,6 +900,16 @@ pub enum Settled {
     RolledBack { files: usize },
 }
 
+/// How the job whose write [`settle_write`] settles ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEnded {
+    /// Its commit wrote its manifest: nothing of its write is rolled back,
+    /// even if the manifest is gone (another writer's overwrite retired it).
+    Succeeded,
+    /// Failed, cancelled, or interrupted by a scheduler restart.
+    Otherwise,
+}
+
 /// Whether [`settle_write`] may finish a committed overwrite's deletions.
 /// Only safe while no other job can write the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -872,6 +929,7 @@ pub async fn settle_write(
     stores: &StoreRegistry,
     table_url: &str,
     job_id: &str,
+    ended: JobEnded,
     finish: FinishOverwrite,
 ) -> Result<Settled> {
     let table = ListingTableUrl::parse(table_url)?;
@@ -905,6 +963,12 @@ pub async fn settle_write(
             .await?
             .contains(job_id) =>
         {
+            Settled::Committed
+        }
+        None if ended == JobEnded::Succeeded => {
+            warn!(%job_id, location = %commit.location,
+                "a job that committed has no manifest left: an overwrite of another writer \
+                 (another cluster) retired it; its files stay, but Quiver's readers hide them");
             Settled::Committed
         }
         None => {
@@ -1066,6 +1130,68 @@ mod tests {
         .to_string()
     }
 
+    /// Another writer's commit in progress (another cluster's: its files
+    /// moved in, its manifest not yet written) is not this overwrite's to
+    /// replace, nor is its manifest, written after the overwrite listed the
+    /// table, its to retire. And a job that succeeded is never rolled back
+    /// by its settling, even if its manifest went.
+    #[tokio::test]
+    async fn an_overwrite_keeps_what_another_writer_commits_meanwhile() {
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let old = "00000000000000a1";
+        let racing = "00000000000000b2";
+        let overwrite = "00000000000000c3";
+        commit_staged(
+            table,
+            old,
+            InsertOp::Append,
+            &["p=1/part-00000000000000a1-00000-000.parquet"],
+        )
+        .await;
+        // The racing append has moved its file in, and commits later.
+        touch(table, &format!("p=1/part-{racing}-00000-000.parquet"));
+        commit_staged(
+            table,
+            overwrite,
+            InsertOp::Overwrite,
+            &[&format!("p=1/part-{overwrite}-00000-000.parquet")],
+        )
+        .await;
+        touch(table, &format!("_manifests/{racing}.json"));
+        assert_eq!(
+            files(table),
+            vec![
+                format!("_manifests/{racing}.json"),
+                format!("_manifests/{overwrite}.json"),
+                format!("p=1/part-{racing}-00000-000.parquet"),
+                format!("p=1/part-{overwrite}-00000-000.parquet"),
+            ],
+            "the old file and manifest went; the racing write's stayed"
+        );
+
+        // Its manifest retired by a writer that did not know it, a job
+        // that succeeded keeps its files when settled.
+        std::fs::remove_file(table.join(format!("_manifests/{racing}.json"))).expect("retire");
+        let url = format!("file://{}/", table.display());
+        let stores = StoreRegistry::new();
+        let settled = settle_write(
+            &stores,
+            &url,
+            racing,
+            JobEnded::Succeeded,
+            FinishOverwrite::No,
+        )
+        .await
+        .expect("settle");
+        assert_eq!(settled, Settled::Committed);
+        assert!(
+            table
+                .join(format!("p=1/part-{racing}-00000-000.parquet"))
+                .exists()
+        );
+    }
+
     #[tokio::test]
     async fn an_unfinished_commit_is_rolled_back_and_a_committed_one_stands() {
         let dir = tempfile::tempdir().expect("temp");
@@ -1080,9 +1206,15 @@ mod tests {
             "_temporary/job1/p1-a0/region=US/part-job1-00001-000.parquet",
         );
 
-        let settled = settle_write(&stores, &url, "job1", FinishOverwrite::Yes)
-            .await
-            .expect("settle");
+        let settled = settle_write(
+            &stores,
+            &url,
+            "job1",
+            JobEnded::Otherwise,
+            FinishOverwrite::Yes,
+        )
+        .await
+        .expect("settle");
         assert_eq!(settled, Settled::RolledBack { files: 1 });
         assert_eq!(files(table), vec!["region=EU/part-old-00000-000.parquet"]);
 
@@ -1103,16 +1235,28 @@ mod tests {
         );
 
         // While other writers may run, the replaced files are left alone.
-        let settled = settle_write(&stores, &url, "job2", FinishOverwrite::No)
-            .await
-            .expect("settle");
+        let settled = settle_write(
+            &stores,
+            &url,
+            "job2",
+            JobEnded::Otherwise,
+            FinishOverwrite::No,
+        )
+        .await
+        .expect("settle");
         assert_eq!(settled, Settled::Committed);
         assert_eq!(files(table).len(), 4, "{:?}", files(table));
         assert!(!table.join("_temporary/job2").exists());
 
-        let settled = settle_write(&stores, &url, "job2", FinishOverwrite::Yes)
-            .await
-            .expect("settle");
+        let settled = settle_write(
+            &stores,
+            &url,
+            "job2",
+            JobEnded::Otherwise,
+            FinishOverwrite::Yes,
+        )
+        .await
+        .expect("settle");
         assert_eq!(settled, Settled::Committed);
         assert_eq!(
             files(table),
@@ -1123,16 +1267,28 @@ mod tests {
             ]
         );
         // Settling is repeatable.
-        let again = settle_write(&stores, &url, "job2", FinishOverwrite::Yes)
-            .await
-            .expect("settle");
+        let again = settle_write(
+            &stores,
+            &url,
+            "job2",
+            JobEnded::Otherwise,
+            FinishOverwrite::Yes,
+        )
+        .await
+        .expect("settle");
         assert_eq!(again, Settled::Committed);
         assert_eq!(files(table).len(), 3);
 
         std::fs::write(table.join("_manifests/job3.json"), b"{").expect("manifest");
-        let error = settle_write(&stores, &url, "job3", FinishOverwrite::Yes)
-            .await
-            .expect_err("a broken manifest is an error");
+        let error = settle_write(
+            &stores,
+            &url,
+            "job3",
+            JobEnded::Otherwise,
+            FinishOverwrite::Yes,
+        )
+        .await
+        .expect_err("a broken manifest is an error");
         assert!(error.to_string().contains("job3"), "{error}");
     }
 
@@ -1431,6 +1587,7 @@ mod tests {
             &StoreRegistry::new(),
             &url,
             &appends[0],
+            JobEnded::Otherwise,
             FinishOverwrite::No,
         )
         .await

@@ -25,8 +25,8 @@ pub mod plan;
 pub mod snapshot;
 
 pub use commit::{
-    FinishOverwrite, ParquetCommitExec, Settled, check_folder_write_access, check_write_access,
-    settle_write,
+    FinishOverwrite, JobEnded, ParquetCommitExec, Settled, check_folder_write_access,
+    check_write_access, settle_write,
 };
 pub use exec::ParquetWriteExec;
 pub use plan::distribute_parquet_writes;

@@ -40,13 +40,36 @@ use super::layout::{
 };
 use crate::storage::get_if_exists;
 
+/// The jobs committed to one table: those whose manifests a listing of its
+/// `_manifests/` folder shows, and those of its folded files.
+#[derive(Debug, Default)]
+pub struct CommittedJobs {
+    manifests: HashSet<String>,
+    folded: FoldedJobs,
+}
+
+impl CommittedJobs {
+    /// The jobs committed to the table at `table` now, with the names that
+    /// its `_manifests/` folder listed.
+    pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<(Self, Vec<String>)> {
+        let (names, folded) = FoldedJobs::list_and_read(store, table).await?;
+        let manifests = manifest_jobs(&names);
+        Ok((Self { manifests, folded }, names))
+    }
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.manifests.contains(job_id) || self.folded.contains(job_id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.manifests.is_empty() && self.folded.is_empty()
+    }
+}
+
 /// The committed state of one table, as its manifests tell it.
 #[derive(Debug, Default)]
 pub struct CommittedFiles {
-    /// Jobs whose manifest exists.
-    manifests: HashSet<String>,
-    /// Jobs whose manifests were folded.
-    folded: FoldedJobs,
+    jobs: CommittedJobs,
     /// Files that committed overwrites replace and have not deleted yet.
     replaced: HashSet<Path>,
     /// Jobs with a staging folder, when no job has committed yet: one of
@@ -63,14 +86,13 @@ impl CommittedFiles {
     /// deleting (there are none once they finish). Without manifests, the
     /// listing of its staging folder too.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
-        let (names, folded) = FoldedJobs::list_and_read(store, table).await?;
-        let manifests = manifest_jobs(&names);
+        let (jobs, names) = CommittedJobs::read(store, table).await?;
         let folded_files = folded_names(&names);
         let mut replaced = HashSet::new();
         for job_id in names
             .iter()
             .filter_map(|name| name.strip_suffix(REPLACED_LIST_SUFFIX))
-            .filter(|job_id| manifests.contains(*job_id) || folded.contains(job_id))
+            .filter(|job_id| jobs.contains(job_id))
         {
             // None: its overwrite has just finished deleting.
             for path in read_replaced_list(store, table, job_id)
@@ -80,14 +102,13 @@ impl CommittedFiles {
                 replaced.insert(path);
             }
         }
-        let staging = if manifests.is_empty() && folded.is_empty() {
+        let staging = if jobs.is_empty() {
             staging_jobs(store, table).await?
         } else {
             HashSet::new()
         };
         Ok(Self {
-            manifests,
-            folded,
+            jobs,
             replaced,
             staging,
             folded_files,
@@ -96,16 +117,16 @@ impl CommittedFiles {
 
     /// The jobs that this state found committed, in short.
     pub fn known_commits(&self) -> KnownCommits {
-        KnownCommits::new(&self.manifests, &self.folded, None)
+        KnownCommits::new(&self.jobs, None)
     }
 
     /// Whether `job_id` has committed in this state.
     fn committed(&self, job_id: &str) -> bool {
-        self.manifests.contains(job_id) || self.folded.contains(job_id)
+        self.jobs.contains(job_id)
     }
 
     fn none_committed(&self) -> bool {
-        self.manifests.is_empty() && self.folded.is_empty()
+        self.jobs.is_empty()
     }
 
     /// Whether readers of the table see every file they list.
@@ -176,8 +197,9 @@ pub struct KnownCommits {
 }
 
 impl KnownCommits {
-    /// The jobs of `manifests` and `folded`, each once, but `except`.
-    pub fn new(manifests: &HashSet<String>, folded: &FoldedJobs, except: Option<&str>) -> Self {
+    /// The jobs of `committed`, each once, but `except`.
+    pub fn new(committed: &CommittedJobs, except: Option<&str>) -> Self {
+        let CommittedJobs { manifests, folded } = committed;
         let mut distinct: HashSet<&str> = manifests.iter().map(String::as_str).collect();
         distinct.extend(folded.jobs());
         if let Some(except) = except {
@@ -208,8 +230,10 @@ impl KnownCommits {
         table: &Path,
         except: Option<&str>,
     ) -> Result<Self> {
-        let (names, folded) = FoldedJobs::list_and_read(store, table).await?;
-        Ok(Self::new(&manifest_jobs(&names), &folded, except))
+        Ok(Self::new(
+            &CommittedJobs::read(store, table).await?.0,
+            except,
+        ))
     }
 
     /// Whether these are the same jobs as `other`.
