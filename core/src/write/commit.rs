@@ -428,7 +428,8 @@ impl Commit {
         // below rather than undoing the moves above.
         self.write_manifest(&files, rows).await?;
         if let Some(replaced) = replaced {
-            self.delete_replaced(replaced).await?;
+            let deleted = self.delete_replaced(replaced).await;
+            deleted.map_err(|e| self.failed_after_commit(e))?;
         }
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
@@ -488,11 +489,23 @@ impl Commit {
     /// the manifest. The result is the row count the manifest records.
     async fn finish_committed(&self, manifest: &Manifest) -> Result<RecordBatch> {
         self.counts.committed.add(manifest.files.len());
-        self.finish_replacing(manifest).await?;
+        let finished = self.finish_replacing(manifest).await;
+        finished.map_err(|e| self.failed_after_commit(e))?;
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, rows = manifest.rows,
             "finished a write that an earlier attempt of its commit had committed");
         count_batch(manifest.rows)
+    }
+
+    /// A failure to delete what a committed overwrite replaces, saying that
+    /// the write stands: the job fails, but its rows are in the table.
+    fn failed_after_commit(&self, error: DataFusionError) -> DataFusionError {
+        error.context(format!(
+            "the overwrite of '{}' committed: Quiver reads its rows and not those it replaces, \
+             but deleting the replaced files failed, so other engines read both until the \
+             statement runs again",
+            self.location
+        ))
     }
 
     /// Deletes the files that a committed overwrite replaces and that are

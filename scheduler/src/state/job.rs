@@ -1102,7 +1102,12 @@ impl Job {
             state: self.state.into(),
             stages_total: self.stages.len() as u32,
             stages_done: self.stages.iter().filter(|s| s.is_complete()).count() as u32,
-            tasks_running: self.running as u32,
+            // An ended job's tasks still stopping are no longer its work.
+            tasks_running: if super::is_final(self.state) {
+                0
+            } else {
+                self.running as u32
+            },
             error: self.error.clone(),
             result,
             elapsed_micros: self.started.elapsed().as_micros() as u64,
@@ -2254,6 +2259,19 @@ mod tests {
             Outcome::Succeeded
         );
         assert!(!job.committing(Instant::now()));
+    }
+
+    /// A cancelled job whose tasks are still stopping shows none running:
+    /// they are no longer its work (`quiver job list` showed them forever).
+    #[test]
+    fn an_ended_job_runs_no_task() {
+        let mut job = job_of(&[single_task_stage()]);
+        job.launch(1, 0, "a").expect("runs");
+        assert_eq!(job.status().tasks_running, 1);
+        job.cancel();
+        let status = job.status();
+        assert_eq!(status.state(), JobState::Cancelled);
+        assert_eq!(status.tasks_running, 0);
     }
 
     /// The inline file lists of a wide write share one budget: the commit
