@@ -211,6 +211,35 @@ async fn broken_parquet_files_are_named() {
     );
     assert_healthy(&context).await;
 
+    // A file that breaks after its table was created, found while the
+    // scheduler gathers the table's statistics.
+    let grows = dir.path().join("grows");
+    std::fs::create_dir(&grows).expect("folder");
+    std::fs::copy(
+        common::tpch_tables()[0].1.join("part-1.parquet"),
+        grows.join("part-1.parquet"),
+    )
+    .expect("copy");
+    let create = format!(
+        "CREATE EXTERNAL TABLE grows STORED AS PARQUET LOCATION '{}/'",
+        grows.display()
+    );
+    context
+        .sql(&create)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("create");
+    std::fs::write(grows.join("part-2.parquet"), b"id,name\n1,csv\n").expect("write");
+    let error = error_of(&context, "SELECT count(*) FROM grows").await;
+    eprintln!("a file added later: {error}");
+    assert!(
+        error.contains("part-2.parquet"),
+        "a file added later: {error}"
+    );
+    assert_healthy(&context).await;
+
     // An empty file is not a table without columns.
     let empty = dir.path().join("empty.parquet");
     std::fs::write(&empty, b"").expect("write");

@@ -109,6 +109,21 @@ pub fn reads_target(plan: &LogicalPlan, target: &str) -> bool {
     reads
 }
 
+/// The folders of the Parquet tables that `plan` reads, subqueries included.
+pub fn read_parquet_folders(plan: &LogicalPlan) -> Vec<ListingTableUrl> {
+    let mut folders = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(table) = source_as_provider(&scan.source)
+            && let Some(read) = table_folders(&table)
+        {
+            folders.extend(read.iter().cloned());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    folders
+}
+
 /// Whether two write targets may hold the same files: one folder is the
 /// other or lies inside it, however its URL is written. Azure's `az://c/`,
 /// `abfs://c/` and `abfss://c@account.dfs.core.windows.net/` name one

@@ -47,11 +47,14 @@ use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::committed_scans::{TableStates, plan_committed_scans};
 use crate::error::{Error, Result};
-use crate::locations::{reads_target, store_configs, unstaged_write_folder, write_target};
+use crate::locations::{
+    read_parquet_folders, reads_target, store_configs, unstaged_write_folder, write_target,
+};
 use crate::managed::{self, CATALOGS_FOLDER, table_folders, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::state::JobLimits;
 use crate::store::StateStore;
+use crate::tables::first_unreadable_parquet_file;
 
 const TARGET_PARTITIONS_KEY: &str = "datafusion.execution.target_partitions";
 
@@ -405,6 +408,8 @@ impl Planner {
         };
         let replaced = self.configure_locations(&logical)?;
         let logical = without_store_options(logical)?;
+        let read_folders = read_parquet_folders(&logical);
+        let diagnosis_state = state.clone();
         // Boxed: inline, the planning future would be moved on the stack.
         let planning =
             Box::pin(self.plan_logical(job_id, logical, sql, state, persist.then_some(settings)));
@@ -412,6 +417,14 @@ impl Planner {
             tracing::warn!(%job_id, %panic, "planning panicked");
             Err(Error::PlanningPanicked(panic))
         });
+        if let Err(Error::Query(e)) = &mut planned
+            && matches!(e.find_root(), DataFusionError::ParquetError(_))
+            && let Some((file, failure)) =
+                first_unreadable_parquet_file(&diagnosis_state, &read_folders).await
+        {
+            let error = std::mem::replace(e, DataFusionError::Plan(String::new()));
+            *e = error.context(format!("cannot read the footer of '{file}': {failure}"));
+        }
         match &mut planned {
             Err(_) => self.restore_locations(replaced),
             // A job that then fails puts them back too (see the service).

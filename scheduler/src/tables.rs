@@ -20,6 +20,7 @@
 //! - A hive-partitioned table reads null partition values
 //!   (`col=__HIVE_DEFAULT_PARTITION__`) as nulls: see [`crate::hive`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -414,6 +415,43 @@ fn folder_partition_columns(url: &ListingTableUrl, files: &[ObjectMeta]) -> Resu
 
 /// The Parquet format with the statement's `format.*` options, as
 /// DataFusion's listing factory makes it.
+/// The first Parquet file in `folders` whose footer cannot be read, and
+/// why: DataFusion reports a broken footer met while it gathers a table's
+/// statistics without naming the file, so planning that failed so looks
+/// for it. Reads every file's footer: only after such a failure.
+pub async fn first_unreadable_parquet_file(
+    state: &SessionState,
+    folders: &[ListingTableUrl],
+) -> Option<(String, String)> {
+    let format: Arc<dyn FileFormat> = state
+        .get_file_format_factory("parquet")?
+        .create(state, &HashMap::new())
+        .ok()?;
+    for folder in folders {
+        let store = state.runtime_env().object_store(folder).ok()?;
+        let files: Vec<ObjectMeta> = folder
+            .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
+            .await
+            .ok()?
+            .try_filter(|file| futures::future::ready(file.size > 0))
+            .try_collect()
+            .await
+            .ok()?;
+        for file in files {
+            let inferred = format.infer_schema(state, &store, std::slice::from_ref(&file));
+            let failure = match catch_future_panic(inferred).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => panic,
+            };
+            // The store's URL ends with '/': `s3://lake/`, `file:///`.
+            let url = format!("{}{}", folder.object_store().as_str(), file.location);
+            return Some((url, failure));
+        }
+    }
+    None
+}
+
 fn parquet_format(state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn FileFormat>> {
     let Some(state) = state.as_any().downcast_ref::<SessionState>() else {
         return internal_err!("a table factory needs a SessionState");
