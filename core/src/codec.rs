@@ -52,18 +52,11 @@ fn decode_sink(bytes: &[u8]) -> Result<Arc<ParquetSink>> {
     Ok(Arc::new(ParquetSink::try_from(&proto)?))
 }
 
-fn decode_known_commits(known: quiver_proto::KnownCommits) -> Result<KnownCommits> {
-    let digest: [u8; 16] = known.digest.as_slice().try_into().map_err(|_| {
-        decode_error(
-            "known commits",
-            format!("a digest of {} bytes, not 16", known.digest.len()),
-        )
-    })?;
-    Ok(KnownCommits {
-        jobs: known.jobs,
-        digest: u128::from_le_bytes(digest),
-        manifests: known.manifests,
-    })
+fn decode_known_commits(known: quiver_proto::KnownCommits) -> KnownCommits {
+    let mut manifests = known.manifests;
+    // Searched by halves: keep them sorted whatever came.
+    manifests.sort();
+    KnownCommits { manifests }
 }
 
 fn single_input<'a>(
@@ -103,7 +96,7 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     commit.job_id,
                 );
                 Ok(Arc::new(match commit.known_commits {
-                    Some(known) => exec.with_known_commits(decode_known_commits(known)?),
+                    Some(known) => exec.with_known_commits(decode_known_commits(known)),
                     None => exec,
                 }))
             }
@@ -180,8 +173,6 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 known_commits: commit
                     .known_commits()
                     .map(|known| quiver_proto::KnownCommits {
-                        jobs: known.jobs,
-                        digest: known.digest.to_le_bytes().to_vec(),
                         manifests: known.manifests.clone(),
                     }),
             })

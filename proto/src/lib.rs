@@ -24,9 +24,9 @@
 /// job until the commit reports. An executor of version 3 would commit
 /// unasked, and could be cancelled after writing its manifest.
 ///
-/// 5: a guarded commit carries the jobs committed when it was planned as a
-/// digest (`KnownCommits`) instead of their ids, which an executor of
-/// version 4 would read as "none", and fail every such write.
+/// 5: a guarded commit carries only the jobs whose manifests were listed
+/// when it was planned (`KnownCommits`), not every committed job's id; an
+/// executor of version 4 would read it as unguarded and commit unchecked.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Generated messages and services of package `quiver.v1`.

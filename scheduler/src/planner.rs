@@ -634,7 +634,7 @@ impl Planner {
         let check = tokio::spawn(async move { check_write_access(&store, &prefix, &job_id).await });
         check
             .await
-            .map_err(|_| Error::ShuttingDown)?
+            .map_err(spawned_failure)?
             .map_err(location_error)
     }
 
@@ -662,7 +662,7 @@ impl Planner {
             tokio::spawn(async move { check_folder_write_access(&store, &folder, &job_id).await });
         check
             .await
-            .map_err(|_| Error::ShuttingDown)?
+            .map_err(spawned_failure)?
             .map_err(location_error)
     }
 
@@ -687,7 +687,7 @@ impl Planner {
                     .runtime_env()
                     .object_store(table.object_store())
                     .map_err(Error::Query)?;
-                KnownCommits::read(&store, table.prefix(), None)
+                KnownCommits::read(&store, table.prefix())
                     .await
                     .map_err(|e| Error::TableLocation {
                         location: target.to_owned(),
@@ -749,9 +749,19 @@ impl Planner {
         state: &SessionState,
     ) -> Result<Planned> {
         let empty = Arc::new(Schema::empty());
+        // The session's default catalog and schema, as its folder's.
+        let catalog = &state.config().options().catalog;
+        let name = create
+            .name
+            .clone()
+            .resolve(&catalog.default_catalog, &catalog.default_schema);
         let exists = self
             .catalog
-            .table_exist(create.name.clone())
+            .table_exist(TableReference::full(
+                name.catalog.as_ref(),
+                name.schema.as_ref(),
+                name.table.as_ref(),
+            ))
             .map_err(Error::Query)?;
         if exists && create.if_not_exists {
             return Ok(Planned::Done { schema: empty });
@@ -762,11 +772,6 @@ impl Planner {
                 create.name
             ))));
         }
-        let catalog = &state.config().options().catalog;
-        let name = create
-            .name
-            .clone()
-            .resolve(&catalog.default_catalog, &catalog.default_schema);
         for part in [&name.schema, &name.table] {
             check_folder_name(part)?;
         }
@@ -1069,6 +1074,21 @@ impl TableResolver for CatalogResolver {
         // The scheduler's catalog is in memory: this future is ready at once.
         futures::executor::block_on(schema.table(&resolved.table))?
             .ok_or_else(|| DataFusionError::Plan(format!("table '{name}' not found")))
+    }
+}
+
+/// The error of a spawned planning step that did not finish: it panicked,
+/// or the scheduler is stopping.
+fn spawned_failure(error: tokio::task::JoinError) -> Error {
+    match error.try_into_panic() {
+        Ok(panic) => Error::PlanningPanicked(
+            panic
+                .downcast_ref::<&str>()
+                .map(|message| (*message).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default(),
+        ),
+        Err(_) => Error::ShuttingDown,
     }
 }
 

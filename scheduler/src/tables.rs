@@ -413,45 +413,78 @@ fn folder_partition_columns(url: &ListingTableUrl, files: &[ObjectMeta]) -> Resu
     Ok(columns.map(|(names, _)| names).unwrap_or_default())
 }
 
-/// The Parquet format with the statement's `format.*` options, as
-/// DataFusion's listing factory makes it.
-/// The first Parquet file in `folders` whose footer cannot be read, and
-/// why: DataFusion reports a broken footer met while it gathers a table's
-/// statistics without naming the file, so planning that failed so looks
-/// for it. Reads every file's footer: only after such a failure.
+/// The first Parquet file in `locations` (folders, or files) whose footer
+/// cannot be read, and why: DataFusion reports a broken footer met while it
+/// gathers a table's statistics without naming the file, so planning that
+/// failed so looks for it. Reads the footers of up to
+/// [`FOOTERS_CHECKED_AT_MOST`] files, a few at once: only after such a
+/// failure. A location that cannot be listed is passed over.
 pub async fn first_unreadable_parquet_file(
     state: &SessionState,
-    folders: &[ListingTableUrl],
+    locations: &[ListingTableUrl],
 ) -> Option<(String, String)> {
     let format: Arc<dyn FileFormat> = state
         .get_file_format_factory("parquet")?
         .create(state, &HashMap::new())
         .ok()?;
-    for folder in folders {
-        let store = state.runtime_env().object_store(folder).ok()?;
-        let files: Vec<ObjectMeta> = folder
-            .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
-            .await
-            .ok()?
-            .try_filter(|file| futures::future::ready(file.size > 0))
-            .try_collect()
-            .await
-            .ok()?;
-        for file in files {
-            let inferred = format.infer_schema(state, &store, std::slice::from_ref(&file));
-            let failure = match catch_future_panic(inferred).await {
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(panic) => panic,
+    let mut checked = 0;
+    for location in locations {
+        let Ok(store) = state.runtime_env().object_store(location) else {
+            continue;
+        };
+        let files: Vec<ObjectMeta> = if location.is_collection() {
+            let Ok(listing) = location
+                .list_all_files(state, store.as_ref(), PARQUET_EXTENSION)
+                .await
+            else {
+                continue;
             };
-            // The store's URL ends with '/': `s3://lake/`, `file:///`.
-            let url = format!("{}{}", folder.object_store().as_str(), file.location);
-            return Some((url, failure));
+            listing
+                .try_filter(|file| futures::future::ready(file.size > 0))
+                .take(FOOTERS_CHECKED_AT_MOST - checked)
+                .try_collect()
+                .await
+                .unwrap_or_default()
+        } else {
+            object_store::ObjectStoreExt::head(&store, location.prefix())
+                .await
+                .into_iter()
+                .collect()
+        };
+        checked += files.len();
+        let failures = futures::stream::iter(files)
+            .map(|file| {
+                let (format, store) = (Arc::clone(&format), Arc::clone(&store));
+                async move {
+                    let inferred = format.infer_schema(state, &store, std::slice::from_ref(&file));
+                    let failure = match catch_future_panic(inferred).await {
+                        Ok(Ok(_)) => return None,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(panic) => panic,
+                    };
+                    // The store's URL ends with '/': `s3://lake/`, `file:///`.
+                    let url = format!("{}{}", location.object_store().as_str(), file.location);
+                    Some((url, failure))
+                }
+            })
+            .buffered(FOOTERS_READ_AT_ONCE)
+            .filter_map(futures::future::ready);
+        if let Some(found) = std::pin::pin!(failures).next().await {
+            return Some(found);
+        }
+        if checked >= FOOTERS_CHECKED_AT_MOST {
+            break;
         }
     }
     None
 }
 
+/// Footers that [`first_unreadable_parquet_file`] reads at most, and at once.
+const FOOTERS_CHECKED_AT_MOST: usize = 10_000;
+const FOOTERS_READ_AT_ONCE: usize = 16;
+
+/// The Parquet format with the statement's `format.*` options, as
+/// DataFusion's listing factory makes it.
 fn parquet_format(state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn FileFormat>> {
     let Some(state) = state.as_any().downcast_ref::<SessionState>() else {
         return internal_err!("a table factory needs a SessionState");

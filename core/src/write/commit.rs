@@ -73,13 +73,12 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 use super::TaskAttempt;
 use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
-    REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, file_name, is_bookkeeping, job_staging,
-    join, manifest as manifest_path, named_job, relative_to, replaced_list, upload_records,
-    written_by,
+    REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
+    manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
 };
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
-use super::snapshot::{CommittedJobs, KnownCommits};
+use super::snapshot::{CommittedFiles, KnownCommits};
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
@@ -305,7 +304,7 @@ async fn probe_write_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resul
 struct Replacement {
     files: Vec<(Path, String)>,
     kept_jobs: HashSet<String>,
-    committed: CommittedJobs,
+    committed: CommittedFiles,
 }
 
 impl Replacement {
@@ -313,7 +312,7 @@ impl Replacement {
     /// that its manifest may go. A job that committed after the listing
     /// (another cluster's write) may have files it did not see.
     fn retires(&self, job: &str, own_job: &str) -> bool {
-        job != own_job && !self.kept_jobs.contains(job) && self.committed.contains(job)
+        job != own_job && !self.kept_jobs.contains(job) && self.committed.committed(job)
     }
 }
 
@@ -502,8 +501,9 @@ impl Commit {
     fn failed_after_commit(&self, error: DataFusionError) -> DataFusionError {
         error.context(format!(
             "the overwrite of '{}' committed: Quiver reads its rows and not those it replaces, \
-             but deleting the replaced files failed, so other engines read both until the \
-             statement runs again",
+             but finishing it (deleting the replaced files, then the manifests of the writes \
+             it replaced whole) failed, so other engines may read both until the statement \
+             runs again",
             self.location
         ))
     }
@@ -540,7 +540,7 @@ impl Commit {
         let Some(files) = read_replaced_list(&self.store, &self.table, &self.job_id).await? else {
             return Ok(None);
         };
-        let (committed, _) = CommittedJobs::read(&self.store, &self.table).await?;
+        let committed = CommittedFiles::read(&self.store, &self.table).await?;
         let listed: HashSet<&Path> = files.iter().collect();
         let kept_jobs = self
             .data_files()
@@ -571,20 +571,16 @@ impl Commit {
         let Some(known) = &self.known_commits else {
             return Ok(());
         };
-        let now = KnownCommits::read(&self.store, &self.table, Some(&self.job_id)).await?;
-        if now.same_jobs(known) {
-            return Ok(());
+        let now = KnownCommits::read(&self.store, &self.table).await?;
+        match now.committed_since(known, &self.job_id) {
+            None => Ok(()),
+            Some(job) => Err(DataFusionError::Execution(format!(
+                "the table at '{}' changed while this statement waited to run: job {job} \
+                 committed to it after the statement was planned, and this write would \
+                 replace rows it never read; nothing was written, run the statement again",
+                self.location
+            ))),
         }
-        let which = match now.newer_manifest_than(known) {
-            Some(job) => format!("job {job} committed to it"),
-            None => "its committed writes changed".to_owned(),
-        };
-        Err(DataFusionError::Execution(format!(
-            "the table at '{}' changed while this statement waited to run: {which} after \
-             the statement was planned, and this write would replace rows it never read; \
-             nothing was written, run the statement again",
-            self.location
-        )))
     }
 
     /// An empty Parquet file with the table's columns, staged, when this write
@@ -678,20 +674,18 @@ impl Commit {
         let touched: HashSet<Vec<(String, String)>> = written.map(key).collect();
         // Read before the files are listed: a job that commits in between
         // counts as uncommitted, and keeps its files.
-        let (committed, _) = CommittedJobs::read(&self.store, &self.table).await?;
+        let committed = CommittedFiles::read(&self.store, &self.table).await?;
         let mut replacement = Replacement {
             committed,
             ..Replacement::default()
         };
         for (path, relative) in self.data_files().await? {
-            // Another job's files without its manifest: a commit in
-            // progress (another cluster's), or one that failed, which its
-            // settling rolls back. Neither is this overwrite's to delete.
-            let uncommitted = path
-                .filename()
-                .and_then(committing_job)
-                .is_some_and(|job| job != self.job_id && !replacement.committed.contains(job));
-            if uncommitted {
+            // Another job's files that readers do not see for want of its
+            // manifest: a commit in progress (another cluster's), or one
+            // that failed, which its settling rolls back. Neither is this
+            // overwrite's to delete. (In a folder without manifests, only
+            // a staging job's files are such.)
+            if !written_by(&path, &self.job_id) && replacement.committed.uncommitted(&path) {
                 continue;
             }
             let replaced = !written_by(&path, &self.job_id)
@@ -861,12 +855,9 @@ impl Commit {
         Ok(())
     }
 
-    /// Deletes the job's staging folder: the winners' files are gone from it
-    /// already, so what remains are the files of failed or losing attempts.
-    /// The uploads that killed attempts left unfinished are aborted first:
-    /// their records are in this folder.
     /// Keeps the job's staging folder listed until [`Self::delete_staging`]
-    /// deletes it, after the manifest.
+    /// deletes it, after the manifest: readers of a table without manifests
+    /// hide the files of jobs with a staging folder.
     async fn mark_staging(&self) -> Result<()> {
         self.check_lease()?;
         let marker = job_staging(&self.table, &self.job_id).join("_committing");
@@ -874,6 +865,10 @@ impl Commit {
         Ok(())
     }
 
+    /// Deletes the job's staging folder: the winners' files are gone from it
+    /// already, so what remains are the files of failed or losing attempts.
+    /// The uploads that killed attempts left unfinished are aborted first:
+    /// their records are in this folder.
     async fn delete_staging(&self) -> Result<()> {
         self.check_lease()?;
         if let Some(multipart) = &self.multipart {
@@ -1575,20 +1570,13 @@ mod tests {
             let file = join(&table_path, &data(job)).expect("path");
             assert!(after.shows(&file), "{job}");
         }
-        let known = after.known_commits();
-        assert_eq!(known.jobs, FOLD_AT as u64 + 1);
-        assert_eq!(known.manifests, [last]);
-        let unfolded = before.known_commits();
-        assert_eq!(unfolded.jobs, FOLD_AT as u64);
-        let read = KnownCommits::read(&store, &table_path, None)
-            .await
-            .expect("jobs");
-        assert!(read.same_jobs(&known), "however the jobs are kept");
-        let without_last = KnownCommits::read(&store, &table_path, Some(last))
-            .await
-            .expect("jobs");
-        assert!(without_last.same_jobs(&unfolded), "the same jobs, folded");
-        assert_eq!(known.newer_manifest_than(&unfolded), Some(last));
+        // A guard planned before the fold finds the job that folded them.
+        let now = KnownCommits::read(&store, &table_path).await.expect("jobs");
+        assert_eq!(now, after.known_commits());
+        assert_eq!(now.manifests, [last]);
+        let planned = before.known_commits();
+        assert_eq!(planned.manifests.len(), FOLD_AT);
+        assert_eq!(now.committed_since(&planned, "another"), Some(last));
         assert!(
             before.is_current(&store, &table_path).await.expect("check"),
             "a fold and an append change nothing a reader relied on"

@@ -216,12 +216,13 @@ async fn read_folded_file(
 }
 
 /// Memory that a process's [`FoldedCache`] may hold: the folded files of
-/// tables with about a million folded writes.
+/// tables with about 750,000 folded writes.
 const FOLDED_CACHE_BYTES: usize = 128 * 1024 * 1024;
 
 /// Memory that a folded file takes once parsed, per byte of the file: a job
-/// (about 35 bytes of JSON) becomes two strings in a tree node.
-const PARSED_BYTES_PER_FILE_BYTE: usize = 3;
+/// (about 35 bytes of JSON) becomes two strings in a tree node (about
+/// 150 bytes). A file too large for the cache is read by every statement.
+const PARSED_BYTES_PER_FILE_BYTE: usize = 5;
 
 /// The folded files this process has read, by store and path, with their
 /// entity tags; the least recently used go first when it is full.

@@ -115,13 +115,16 @@ impl CommittedFiles {
         })
     }
 
-    /// The jobs that this state found committed, in short.
+    /// What this state knew of the table's commits, for a write planned
+    /// from it.
     pub fn known_commits(&self) -> KnownCommits {
-        KnownCommits::new(&self.jobs, None)
+        let mut manifests: Vec<String> = self.jobs.manifests.iter().cloned().collect();
+        manifests.sort();
+        KnownCommits { manifests }
     }
 
     /// Whether `job_id` has committed in this state.
-    fn committed(&self, job_id: &str) -> bool {
+    pub fn committed(&self, job_id: &str) -> bool {
         self.jobs.contains(job_id)
     }
 
@@ -136,18 +139,22 @@ impl CommittedFiles {
 
     /// Whether a reader of the table sees the data file at `path`.
     pub fn shows(&self, path: &Path) -> bool {
-        if self.replaced.contains(path) {
-            return false;
-        }
+        !self.replaced.contains(path) && !self.uncommitted(path)
+    }
+
+    /// Whether the data file at `path` is part of a write that has not
+    /// committed: a commit in progress, or one that failed, which its
+    /// settling rolls back.
+    pub fn uncommitted(&self, path: &Path) -> bool {
         let Some(job) = path.filename().and_then(committing_job) else {
-            return true;
+            return false;
         };
         if self.none_committed() {
             // A folder that Quiver has not committed to: a name that looks
             // like Quiver's is another writer's unless its job is staging.
-            !self.staging.contains(job)
+            self.staging.contains(job)
         } else {
-            self.committed(job)
+            !self.committed(job)
         }
     }
 
@@ -183,70 +190,42 @@ impl CommittedFiles {
     }
 }
 
-/// The jobs committed to a table at one moment, in a few bytes however
-/// long the table's history: how many, and the sum (modulo 2^128) of the
-/// BLAKE3 hashes of their ids, a digest of the set that no order changes.
-/// A write that read its own table compares the set when it was planned
-/// with the set when it commits by this. The jobs whose manifests were not
-/// folded yet are kept by name, to name one that committed in between.
+/// What a write that read its own table knew of the table's commits when
+/// it was planned: the jobs whose own manifests (not folded) were listed.
+/// That is enough to tell whether any job has committed since, however
+/// long the table's history: the job that committed last always has its
+/// own manifest, since a commit folds and retires only other jobs'
+/// manifests, and a manifest, once listed, stays listed until it is folded
+/// or retired. So a job committed since planning leaves a manifest that
+/// this list lacks, and jobs folded or retired since (by an overwrite
+/// still deleting what it replaced) change nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KnownCommits {
-    pub jobs: u64,
-    pub digest: u128,
+    /// Sorted.
     pub manifests: Vec<String>,
 }
 
 impl KnownCommits {
-    /// The jobs of `committed`, each once, but `except`.
-    pub fn new(committed: &CommittedJobs, except: Option<&str>) -> Self {
-        let CommittedJobs { manifests, folded } = committed;
-        let mut distinct: HashSet<&str> = manifests.iter().map(String::as_str).collect();
-        distinct.extend(folded.jobs());
-        if let Some(except) = except {
-            distinct.remove(except);
-        }
-        let digest = distinct.iter().fold(0u128, |sum, job| {
-            let hash = blake3::hash(job.as_bytes());
-            let mut low = [0u8; 16];
-            low.copy_from_slice(&hash.as_bytes()[..16]);
-            sum.wrapping_add(u128::from_le_bytes(low))
-        });
-        let mut manifests: Vec<String> = manifests
-            .iter()
-            .filter(|job| Some(job.as_str()) != except)
-            .cloned()
-            .collect();
+    /// The jobs whose manifests `names` (a `_manifests/` listing) holds.
+    pub fn from_listing(names: &[String]) -> Self {
+        let mut manifests: Vec<String> = manifest_jobs(names).into_iter().collect();
         manifests.sort();
-        Self {
-            jobs: distinct.len() as u64,
-            digest,
-            manifests,
-        }
+        Self { manifests }
     }
 
-    /// The jobs committed to the table at `table` now, but `except`.
-    pub async fn read(
-        store: &Arc<dyn ObjectStore>,
-        table: &Path,
-        except: Option<&str>,
-    ) -> Result<Self> {
-        Ok(Self::new(
-            &CommittedJobs::read(store, table).await?.0,
-            except,
+    /// The jobs whose manifests the table at `table` holds now.
+    pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
+        Ok(Self::from_listing(
+            &manifest_folder_names(store, table).await?,
         ))
     }
 
-    /// Whether these are the same jobs as `other`.
-    pub fn same_jobs(&self, other: &Self) -> bool {
-        self.jobs == other.jobs && self.digest == other.digest
-    }
-
-    /// A job of these whose manifest `earlier` did not list: one that
-    /// committed since, unless its manifest was folded already.
-    pub fn newer_manifest_than(&self, earlier: &Self) -> Option<&str> {
+    /// A job other than `own_job` whose manifest these list and `earlier`
+    /// did not: one that committed since `earlier` was read.
+    pub fn committed_since(&self, earlier: &Self, own_job: &str) -> Option<&str> {
         self.manifests
             .iter()
-            .find(|job| earlier.manifests.binary_search(job).is_err())
+            .find(|job| *job != own_job && earlier.manifests.binary_search(job).is_err())
             .map(String::as_str)
     }
 }
@@ -406,60 +385,36 @@ mod tests {
         assert!(error.to_string().contains(NEW), "{error}");
     }
 
-    /// The jobs committed to a table compare equal however they are kept
-    /// (manifests, folded files, a job left in two places by a fold that
-    /// died), and differ once another job commits, folded or not.
+    /// A job that commits after a write was planned is found, however the
+    /// manifests are folded or retired meanwhile; the committing job itself
+    /// and manifests gone since are not commits.
     #[tokio::test]
-    async fn known_commits_change_only_with_the_jobs() {
+    async fn known_commits_find_a_job_committed_since() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let table = Path::from("t");
-        let read = |except: Option<&'static str>| {
-            let store = Arc::clone(&store);
-            let table = table.clone();
-            async move {
-                KnownCommits::read(&store, &table, except)
-                    .await
-                    .expect("read")
-            }
+        let read = || async {
+            KnownCommits::read(&store, &Path::from("t"))
+                .await
+                .expect("read")
         };
         let append = r#"{"mode": "Insert Into"}"#;
         put(&store, &format!("t/_manifests/{OLD}.json"), append).await;
         put(&store, &format!("t/_manifests/{NEW}.json"), append).await;
-        let planned = read(None).await;
-        assert_eq!((planned.jobs, planned.manifests.len()), (2, 2));
+        let planned = read().await;
+        assert_eq!(planned.manifests, [OLD, NEW]);
 
-        // Folded, and left in its manifest and two folded files too.
+        // Folded, or retired by an overwrite that was already committed.
         let both = format!(r#"{{"jobs": {{"{OLD}": "Insert Into", "{NEW}": "Insert Into"}}}}"#);
         put(&store, "t/_manifests/z_folded-a-1.json", &both).await;
-        put(&store, "t/_manifests/z_folded-b-2.json", &both).await;
-        assert!(read(None).await.same_jobs(&planned));
-        store
-            .delete(&Path::from(format!("t/_manifests/{OLD}.json")))
-            .await
-            .expect("delete");
-        let folded = read(None).await;
-        assert!(folded.same_jobs(&planned));
-        assert_eq!(folded.newer_manifest_than(&planned), None);
-
-        // The committing job itself does not count.
+        for job in [OLD, NEW] {
+            let manifest = Path::from(format!("t/_manifests/{job}.json"));
+            store.delete(&manifest).await.expect("delete");
+        }
+        assert_eq!(read().await.committed_since(&planned, RUNNING), None);
+        // The committing job's own manifest (a retried commit's).
         put(&store, &format!("t/_manifests/{RUNNING}.json"), append).await;
-        assert!(read(Some(RUNNING)).await.same_jobs(&planned));
-        // Another does, by name while its manifest is there...
-        let committed = read(None).await;
-        assert!(!committed.same_jobs(&planned));
-        assert_eq!(committed.newer_manifest_than(&planned), Some(RUNNING));
-        // ...and once it is folded too.
-        store
-            .delete(&Path::from(format!("t/_manifests/{RUNNING}.json")))
-            .await
-            .expect("delete");
-        let three = format!(
-            r#"{{"jobs": {{"{OLD}": "Insert Into", "{NEW}": "Insert Into", "{RUNNING}": "Insert Into"}}}}"#
-        );
-        put(&store, "t/_manifests/z_folded-c-3.json", &three).await;
-        let hidden = read(None).await;
-        assert!(!hidden.same_jobs(&planned));
-        assert_eq!(hidden.newer_manifest_than(&planned), None);
+        assert_eq!(read().await.committed_since(&planned, RUNNING), None);
+        // Another job's.
+        assert_eq!(read().await.committed_since(&planned, NEW), Some(RUNNING));
     }
 
     /// A state read before an overwrite commits is out of date once its
