@@ -1178,6 +1178,22 @@ mod tests {
             "the old file and manifest went; the racing write's stayed"
         );
 
+        // Quiver-named files copied without their manifests into a folder
+        // with no commits are read as any writer's, so an overwrite
+        // replaces them.
+        let copied = tempfile::tempdir().expect("temp");
+        let foreign = format!("p=1/part-{old}-00000-000.parquet");
+        touch(copied.path(), &foreign);
+        let first = "00000000000000d4";
+        commit_staged(
+            copied.path(),
+            first,
+            InsertOp::Overwrite,
+            &[&format!("p=1/part-{first}-00000-000.parquet")],
+        )
+        .await;
+        assert!(!copied.path().join(&foreign).exists(), "replaced");
+
         // Its manifest retired by a writer that did not know it, a job
         // that succeeded keeps its files when settled.
         std::fs::remove_file(table.join(format!("_manifests/{racing}.json"))).expect("retire");
