@@ -100,7 +100,7 @@ pub struct FoldedManifests {
 /// of a million folded jobs copies none of them.
 #[derive(Debug, Default, Clone)]
 pub struct FoldedJobs {
-    files: Vec<Arc<FoldedManifests>>,
+    files: Vec<Arc<HeldJobs>>,
 }
 
 impl FoldedJobs {
@@ -146,25 +146,28 @@ impl FoldedJobs {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.files.iter().all(|file| file.jobs.is_empty())
+        self.files.iter().all(|file| file.is_empty())
     }
 
     pub fn contains(&self, job_id: &str) -> bool {
-        self.files.iter().any(|file| file.jobs.contains_key(job_id))
+        self.files.iter().any(|file| file.mode(job_id).is_some())
     }
 
     /// Whether the folded write of `job_id` was an append; `None` if it is
     /// not folded.
     pub fn appended(&self, job_id: &str) -> Option<bool> {
-        self.files.iter().find_map(|file| file.appended(job_id))
+        self.files
+            .iter()
+            .find_map(|file| file.mode(job_id))
+            .map(|mode| mode == InsertOp::Append.name())
     }
 
     /// Every folded job; a job that a fold which died midway left in two
     /// files comes twice.
-    pub fn jobs(&self) -> impl Iterator<Item = &str> {
+    pub fn jobs(&self) -> impl Iterator<Item = String> + '_ {
         self.files
             .iter()
-            .flat_map(|file| file.jobs.keys().map(String::as_str))
+            .flat_map(|file| file.jobs().map(|(job, _)| job))
     }
 
     /// All of these jobs in one folded file's contents, for a fold to add
@@ -172,14 +175,93 @@ impl FoldedJobs {
     pub fn merged(&self) -> FoldedManifests {
         let mut merged = FoldedManifests::default();
         for file in &self.files {
-            merged.jobs.extend(
-                file.jobs
-                    .iter()
-                    .map(|(job, mode)| (job.clone(), mode.clone())),
-            );
+            merged
+                .jobs
+                .extend(file.jobs().map(|(job, mode)| (job, mode.to_owned())));
         }
         merged
     }
+}
+
+/// One folded file's jobs as a process holds them: the ids of 16 lower-case
+/// hex digits (every id Quiver gives) as numbers, sorted, each with its
+/// write's mode (an index into `modes`), in 16 bytes a job where the parsed
+/// JSON would take about 150; any other id as written.
+#[derive(Debug, Default)]
+struct HeldJobs {
+    ids: Vec<(u64, u16)>,
+    other: BTreeMap<String, u16>,
+    modes: Vec<String>,
+}
+
+impl HeldJobs {
+    fn new(file: FoldedManifests) -> Result<Self> {
+        let mut held = Self::default();
+        for (job, mode) in file.jobs {
+            let index = match held.modes.iter().position(|known| *known == mode) {
+                Some(index) => index,
+                None => {
+                    held.modes.push(mode);
+                    held.modes.len() - 1
+                }
+            };
+            let index = u16::try_from(index).map_err(|_| {
+                DataFusionError::Execution("a folded file names too many write modes".into())
+            })?;
+            match hex_id(&job) {
+                Some(id) => held.ids.push((id, index)),
+                None => {
+                    held.other.insert(job, index);
+                }
+            }
+        }
+        held.ids.sort_unstable();
+        Ok(held)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.other.is_empty()
+    }
+
+    fn mode(&self, job_id: &str) -> Option<&str> {
+        let index = match hex_id(job_id) {
+            Some(id) => {
+                let at = self.ids.binary_search_by_key(&id, |(id, _)| *id).ok()?;
+                self.ids[at].1
+            }
+            None => *self.other.get(job_id)?,
+        };
+        self.modes.get(usize::from(index)).map(String::as_str)
+    }
+
+    fn jobs(&self) -> impl Iterator<Item = (String, &str)> {
+        let mode = |index: &u16| self.modes[usize::from(*index)].as_str();
+        let ids = self
+            .ids
+            .iter()
+            .map(move |(id, index)| (format!("{id:016x}"), mode(index)));
+        let other = self
+            .other
+            .iter()
+            .map(move |(job, index)| (job.clone(), mode(index)));
+        ids.chain(other)
+    }
+
+    /// Memory held, about.
+    fn memory(&self) -> usize {
+        let other: usize = self.other.keys().map(|job| job.len() + 64).sum();
+        self.ids.len() * size_of::<(u64, u16)>() + other
+    }
+}
+
+/// `job_id` as a number, if it is 16 lower-case hex digits, which print
+/// back as they were.
+fn hex_id(job_id: &str) -> Option<u64> {
+    let hex = job_id.len() == 16
+        && job_id
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
+    hex.then(|| u64::from_str_radix(job_id, 16).ok()).flatten()
 }
 
 /// The contents of the folded file at `path`, from the store unless this
@@ -188,7 +270,7 @@ async fn read_folded_file(
     store: &Arc<dyn ObjectStore>,
     table: &Path,
     path: Path,
-) -> Result<Option<Arc<FoldedManifests>>> {
+) -> Result<Option<Arc<HeldJobs>>> {
     let key = format!("{store}/{path}");
     let held = FoldedCache::shared().get(&key);
     let options = GetOptions {
@@ -208,21 +290,17 @@ async fn read_folded_file(
             "the folded manifests of the table at '{table}' ('{path}') are not valid: {e}"
         ))
     })?;
-    let folded = Arc::new(folded);
+    let folded = Arc::new(HeldJobs::new(folded)?);
     if let Some(e_tag) = e_tag {
-        FoldedCache::shared().put(key, e_tag, Arc::clone(&folded), bytes.len());
+        FoldedCache::shared().put(key, e_tag, Arc::clone(&folded));
     }
     Ok(Some(folded))
 }
 
 /// Memory that a process's [`FoldedCache`] may hold: the folded files of
-/// tables with about 750,000 folded writes.
-const FOLDED_CACHE_BYTES: usize = 128 * 1024 * 1024;
-
-/// Memory that a folded file takes once parsed, per byte of the file: a job
-/// (about 35 bytes of JSON) becomes two strings in a tree node (about
-/// 150 bytes). A file too large for the cache is read by every statement.
-const PARSED_BYTES_PER_FILE_BYTE: usize = 5;
+/// tables with about 4 million folded writes, held as [`HeldJobs`]. A file
+/// too large for it is read by every statement.
+const FOLDED_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The folded files this process has read, by store and path, with their
 /// entity tags; the least recently used go first when it is full.
@@ -235,7 +313,7 @@ struct FoldedCache {
 
 struct HeldFold {
     e_tag: String,
-    folded: Arc<FoldedManifests>,
+    folded: Arc<HeldJobs>,
     bytes: usize,
     last_use: u64,
 }
@@ -248,15 +326,15 @@ impl FoldedCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&mut self, key: &str) -> Option<(String, Arc<FoldedManifests>)> {
+    fn get(&mut self, key: &str) -> Option<(String, Arc<HeldJobs>)> {
         self.clock += 1;
         let held = self.files.get_mut(key)?;
         held.last_use = self.clock;
         Some((held.e_tag.clone(), Arc::clone(&held.folded)))
     }
 
-    fn put(&mut self, key: String, e_tag: String, folded: Arc<FoldedManifests>, file_bytes: usize) {
-        let bytes = file_bytes.saturating_mul(PARSED_BYTES_PER_FILE_BYTE);
+    fn put(&mut self, key: String, e_tag: String, folded: Arc<HeldJobs>) {
+        let bytes = folded.memory();
         if bytes > FOLDED_CACHE_BYTES {
             return;
         }
@@ -394,6 +472,34 @@ mod tests {
         assert_eq!(folded.without(|_| false), None);
         let kept = folded.without(|job| job == "a").expect("one retired");
         assert_eq!(kept.jobs.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// A folded file is held compactly and gives back exactly what it held.
+    #[test]
+    fn held_jobs_keep_every_id_and_mode() {
+        let file = FoldedManifests {
+            jobs: [
+                ("00000000000000ff", "Insert Into"),
+                ("a0b1c2d3e4f5a6b7", "Insert Overwrite"),
+                ("A0B1C2D3E4F5A6B7", "Insert Into"),
+                ("00ff", "Insert Overwrite"),
+                ("not-a-quiver-job", "Insert Into"),
+            ]
+            .into_iter()
+            .map(|(job, mode)| (job.to_owned(), mode.to_owned()))
+            .collect(),
+        };
+        let folded = FoldedJobs {
+            files: vec![Arc::new(HeldJobs::new(file.clone()).expect("held"))],
+        };
+        assert_eq!(folded.merged(), file);
+        assert_eq!(folded.appended("00000000000000ff"), Some(true));
+        assert_eq!(folded.appended("a0b1c2d3e4f5a6b7"), Some(false));
+        assert_eq!(folded.appended("A0B1C2D3E4F5A6B7"), Some(true));
+        assert_eq!(folded.appended("00ff"), Some(false));
+        assert!(!folded.contains("00000000000000fe"));
+        assert!(!folded.contains("ff"));
+        assert_eq!(folded.files[0].ids.len(), 2, "the hex ids as numbers");
     }
 
     /// A folded file read before is not downloaded again, but a file

@@ -177,7 +177,7 @@ impl CommittedFiles {
         };
         let folded_overwrite = folded
             .jobs()
-            .any(|job_id| !self.committed(job_id) && folded.appended(job_id) == Some(false));
+            .any(|job_id| !self.committed(&job_id) && folded.appended(&job_id) == Some(false));
         if folded_overwrite {
             return Ok(false);
         }
