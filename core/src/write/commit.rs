@@ -1216,6 +1216,117 @@ mod tests {
         );
     }
 
+    /// On an object store, which has no folders, the first write into a
+    /// folder without manifests stays hidden from readers between moving
+    /// its last file and writing its manifest: its staging folder is kept
+    /// listed by a marker. The reader's state is read in that instant, when
+    /// the overwrite first lists `_manifests/` after its moves.
+    #[tokio::test]
+    async fn a_first_write_stays_hidden_until_its_manifest_on_object_stores() {
+        use std::sync::Mutex;
+
+        use arrow::array::{StringArray, UInt64Array};
+        use object_store::memory::InMemory;
+
+        use crate::storage::forwarding::{Forwarding, StoreHooks};
+        use crate::write::snapshot::CommittedFiles;
+
+        const JOB: &str = "00000000000000e5";
+        let file = Path::from(format!("t/part-{JOB}-00000-000.parquet"));
+
+        /// Reads the state as a reader would, the first time the commit
+        /// lists `_manifests/` after moving the file in.
+        #[derive(Debug)]
+        struct ReaderMidCommit {
+            inner: Arc<dyn ObjectStore>,
+            file: Path,
+            shown: Arc<Mutex<Option<bool>>>,
+        }
+        impl StoreHooks for ReaderMidCommit {
+            fn before(&self, location: &Path) {
+                // The in-memory store answers at once: no runtime needed.
+                let moved = futures::executor::block_on(self.inner.head(&self.file)).is_ok();
+                let mut shown = self.shown.lock().expect("lock");
+                if moved && shown.is_none() && location.as_ref().contains("_manifests") {
+                    let table = Path::from("t");
+                    let state =
+                        futures::executor::block_on(CommittedFiles::read(&self.inner, &table))
+                            .expect("state");
+                    *shown = Some(state.shows(&self.file));
+                }
+            }
+        }
+
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let staged = Path::from(format!(
+            "t/_temporary/{JOB}/p0-a0/part-{JOB}-00000-000.parquet"
+        ));
+        inner
+            .put(&staged, PutPayload::from_static(b"rows"))
+            .await
+            .expect("stage");
+        let shown = Arc::new(Mutex::new(None));
+        let hooks = ReaderMidCommit {
+            inner: Arc::clone(&inner),
+            file: file.clone(),
+            shown: Arc::clone(&shown),
+        };
+        let store: Arc<dyn ObjectStore> = Arc::new(Forwarding::new(Arc::clone(&inner), hooks));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
+            vec![
+                Arc::new(StringArray::from(vec![staged.to_string()])),
+                Arc::new(StringArray::from(vec![format!(
+                    "part-{JOB}-00000-000.parquet"
+                )])),
+                Arc::new(UInt64Array::from(vec![1])),
+                Arc::new(UInt64Array::from(vec![4])),
+            ],
+        )
+        .expect("batch");
+        let input = Box::pin(RecordBatchStreamAdapter::new(
+            batch.schema(),
+            futures::stream::iter([Ok(batch)]),
+        ));
+        let commit = Commit {
+            store,
+            multipart: None,
+            local: false,
+            location: "memory:///t/".into(),
+            table: Path::from("t"),
+            job_id: JOB.into(),
+            insert_op: InsertOp::Overwrite,
+            partitioned: false,
+            partition_types: Vec::new(),
+            file_schema: None,
+            lease: None,
+            permission: None,
+            known_commits: None,
+            retry: false,
+            counts: CommitCounts::default(),
+        };
+        commit.run(input).await.expect("commit");
+        assert_eq!(
+            *shown.lock().expect("lock"),
+            Some(false),
+            "moved in, not yet committed: hidden"
+        );
+        let after = CommittedFiles::read(&inner, &Path::from("t"))
+            .await
+            .expect("state");
+        assert!(after.shows(&file), "committed: shown");
+        assert!(list(&inner, "t/_temporary").await.is_empty(), "marker gone");
+    }
+
+    async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<Path> {
+        store
+            .list(Some(&Path::from(prefix)))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .expect("list")
+    }
+
     #[tokio::test]
     async fn an_unfinished_commit_is_rolled_back_and_a_committed_one_stands() {
         let dir = tempfile::tempdir().expect("temp");
