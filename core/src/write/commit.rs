@@ -1106,6 +1106,68 @@ mod tests {
         std::fs::write(path, b"rows").expect("file");
     }
 
+    /// A first attempt of `job_id`'s commit into `table` on `store`, as a
+    /// test drives one: no lease, permission or guard, unpartitioned; on
+    /// local disk when `location` is a path.
+    fn test_commit(
+        store: Arc<dyn ObjectStore>,
+        location: String,
+        table: Path,
+        job_id: &str,
+        insert_op: InsertOp,
+    ) -> Commit {
+        Commit {
+            store,
+            multipart: None,
+            local: location.starts_with('/'),
+            location,
+            table,
+            job_id: job_id.into(),
+            insert_op,
+            partitioned: false,
+            partition_types: Vec::new(),
+            file_schema: None,
+            lease: None,
+            permission: None,
+            known_commits: None,
+            retry: false,
+            counts: CommitCounts::default(),
+        }
+    }
+
+    /// Such a commit into the local folder `table`.
+    fn local_commit(table: &LocalPath, job_id: &str, insert_op: InsertOp) -> Commit {
+        test_commit(
+            Arc::new(object_store::local::LocalFileSystem::new()),
+            table.display().to_string(),
+            Path::from_filesystem_path(table).expect("path"),
+            job_id,
+            insert_op,
+        )
+    }
+
+    /// What the write tasks return for `staged` files (their staged paths,
+    /// and paths relative to the table), one row each.
+    fn written_files(staged: Vec<String>, relatives: Vec<String>) -> SendableRecordBatchStream {
+        use arrow::array::{StringArray, UInt64Array};
+
+        let count = staged.len();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
+            vec![
+                Arc::new(StringArray::from(staged)),
+                Arc::new(StringArray::from(relatives)),
+                Arc::new(UInt64Array::from(vec![1; count])),
+                Arc::new(UInt64Array::from(vec![4; count])),
+            ],
+        )
+        .expect("batch");
+        Box::pin(RecordBatchStreamAdapter::new(
+            batch.schema(),
+            futures::stream::iter([Ok(batch)]),
+        ))
+    }
+
     /// Files below `table`, relative to it, sorted.
     fn files(table: &LocalPath) -> Vec<String> {
         fn walk(dir: &LocalPath, root: &LocalPath, found: &mut Vec<String>) {
@@ -1225,7 +1287,6 @@ mod tests {
     async fn a_first_write_stays_hidden_until_its_manifest_on_object_stores() {
         use std::sync::Mutex;
 
-        use arrow::array::{StringArray, UInt64Array};
         use object_store::memory::InMemory;
 
         use crate::storage::forwarding::{Forwarding, StoreHooks};
@@ -1272,39 +1333,17 @@ mod tests {
             shown: Arc::clone(&shown),
         };
         let store: Arc<dyn ObjectStore> = Arc::new(Forwarding::new(Arc::clone(&inner), hooks));
-        let batch = RecordBatch::try_new(
-            Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
-            vec![
-                Arc::new(StringArray::from(vec![staged.to_string()])),
-                Arc::new(StringArray::from(vec![format!(
-                    "part-{JOB}-00000-000.parquet"
-                )])),
-                Arc::new(UInt64Array::from(vec![1])),
-                Arc::new(UInt64Array::from(vec![4])),
-            ],
-        )
-        .expect("batch");
-        let input = Box::pin(RecordBatchStreamAdapter::new(
-            batch.schema(),
-            futures::stream::iter([Ok(batch)]),
-        ));
-        let commit = Commit {
+        let input = written_files(
+            vec![staged.to_string()],
+            vec![format!("part-{JOB}-00000-000.parquet")],
+        );
+        let commit = test_commit(
             store,
-            multipart: None,
-            local: false,
-            location: "memory:///t/".into(),
-            table: Path::from("t"),
-            job_id: JOB.into(),
-            insert_op: InsertOp::Overwrite,
-            partitioned: false,
-            partition_types: Vec::new(),
-            file_schema: None,
-            lease: None,
-            permission: None,
-            known_commits: None,
-            retry: false,
-            counts: CommitCounts::default(),
-        };
+            "memory:///t/".into(),
+            Path::from("t"),
+            JOB,
+            InsertOp::Overwrite,
+        );
         commit.run(input).await.expect("commit");
         assert_eq!(
             *shown.lock().expect("lock"),
@@ -1479,23 +1518,10 @@ mod tests {
             r#"["region=EU/part-old-00000-000.parquet", "region=EU/part-two-00000-000.parquet"]"#,
         )
         .expect("list of replaced files");
-        let commit = Commit {
-            store: Arc::new(object_store::local::LocalFileSystem::new()),
-            multipart: None,
-            local: true,
-            location: table.display().to_string(),
-            table: Path::from_filesystem_path(table).expect("path"),
-            job_id: "job1".into(),
-            insert_op: InsertOp::Overwrite,
-            partitioned: true,
-            partition_types: Vec::new(),
-            file_schema: None,
-            lease: None,
-            permission: None,
-            known_commits: Some(Arc::new(KnownCommits::default())),
-            retry: true,
-            counts: CommitCounts::default(),
-        };
+        let mut commit = local_commit(table, "job1", InsertOp::Overwrite);
+        commit.partitioned = true;
+        commit.known_commits = Some(Arc::new(KnownCommits::default()));
+        commit.retry = true;
         let unreadable = futures::stream::once(async {
             Err(DataFusionError::Execution(
                 "the commit read its input".into(),
@@ -1526,7 +1552,6 @@ mod tests {
     /// lost, and its commit given to another executor) changes nothing.
     #[tokio::test]
     async fn a_commit_whose_lease_ran_out_changes_nothing() {
-        use arrow::array::{StringArray, UInt64Array};
         use std::time::{Duration, Instant};
 
         let dir = tempfile::tempdir().expect("temp");
@@ -1535,41 +1560,15 @@ mod tests {
         touch(table, staged);
         let table_path = Path::from_filesystem_path(table).expect("path");
         let commit = |lease| Commit {
-            store: Arc::new(object_store::local::LocalFileSystem::new()),
-            multipart: None,
-            local: true,
-            location: table.display().to_string(),
-            table: table_path.clone(),
-            job_id: "job1".into(),
-            insert_op: InsertOp::Append,
             partitioned: true,
-            partition_types: Vec::new(),
-            file_schema: None,
             lease: Some(lease),
-            permission: None,
-            known_commits: None,
-            retry: false,
-            counts: CommitCounts::default(),
+            ..local_commit(table, "job1", InsertOp::Append)
         };
         let file_list = || {
-            let batch = RecordBatch::try_new(
-                Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
-                vec![
-                    Arc::new(StringArray::from(vec![
-                        join(&table_path, staged).expect("path").to_string(),
-                    ])),
-                    Arc::new(StringArray::from(vec![
-                        "region=EU/part-job1-00000-000.parquet",
-                    ])),
-                    Arc::new(UInt64Array::from(vec![1])),
-                    Arc::new(UInt64Array::from(vec![4])),
-                ],
+            written_files(
+                vec![join(&table_path, staged).expect("path").to_string()],
+                vec!["region=EU/part-job1-00000-000.parquet".to_owned()],
             )
-            .expect("batch");
-            Box::pin(RecordBatchStreamAdapter::new(
-                batch.schema(),
-                futures::stream::iter([Ok(batch)]),
-            )) as SendableRecordBatchStream
         };
 
         let error = commit(Lease::until(Instant::now()))
@@ -1596,8 +1595,6 @@ mod tests {
     /// Commits `staged` (relative to `table`, under this job's staging
     /// folder) as job `job_id`, as its commit task would.
     async fn commit_staged(table: &LocalPath, job_id: &str, op: InsertOp, staged: &[&str]) {
-        use arrow::array::{StringArray, UInt64Array};
-
         let table_path = Path::from_filesystem_path(table).expect("path");
         let mut paths = Vec::new();
         let mut relatives = Vec::new();
@@ -1607,38 +1604,12 @@ mod tests {
             paths.push(join(&table_path, &staged).expect("path").to_string());
             relatives.push(relative.to_string());
         }
-        let batch = RecordBatch::try_new(
-            Arc::clone(&super::super::exec::WRITTEN_FILES_SCHEMA),
-            vec![
-                Arc::new(StringArray::from(paths)),
-                Arc::new(StringArray::from(relatives)),
-                Arc::new(UInt64Array::from(vec![1; staged.len()])),
-                Arc::new(UInt64Array::from(vec![4; staged.len()])),
-            ],
-        )
-        .expect("batch");
-        let input = Box::pin(RecordBatchStreamAdapter::new(
-            batch.schema(),
-            futures::stream::iter([Ok(batch)]),
-        ));
-        let commit = Commit {
-            store: Arc::new(object_store::local::LocalFileSystem::new()),
-            multipart: None,
-            local: true,
-            location: table.display().to_string(),
-            table: table_path,
-            job_id: job_id.into(),
-            insert_op: op,
-            partitioned: true,
-            partition_types: Vec::new(),
-            file_schema: None,
-            lease: None,
-            permission: None,
-            known_commits: None,
-            retry: false,
-            counts: CommitCounts::default(),
-        };
-        commit.run(input).await.expect("commit");
+        let mut commit = local_commit(table, job_id, op);
+        commit.partitioned = true;
+        commit
+            .run(written_files(paths, relatives))
+            .await
+            .expect("commit");
     }
 
     /// Appends leave a manifest each; once enough of them are finished, a
