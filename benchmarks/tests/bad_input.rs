@@ -89,24 +89,18 @@ async fn bad_input_gets_clear_errors() {
     cluster.shutdown().await;
 }
 
-async fn run(context: &QuiverContext, sql: &str) {
+async fn run(context: &QuiverContext, sql: &str) -> Vec<arrow::array::RecordBatch> {
     context
         .sql(sql)
         .await
         .expect("plan")
         .collect()
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 async fn count(context: &QuiverContext, sql: &str) -> i64 {
-    let batches = context
-        .sql(sql)
-        .await
-        .expect("plan")
-        .collect()
-        .await
-        .expect("run");
+    let batches = run(context, sql).await;
     arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(batches[0].column(0))
         .value(0)
 }
@@ -224,13 +218,7 @@ async fn broken_parquet_files_are_named() {
         "CREATE EXTERNAL TABLE grows STORED AS PARQUET LOCATION '{}/'",
         grows.display()
     );
-    context
-        .sql(&create)
-        .await
-        .expect("plan")
-        .collect()
-        .await
-        .expect("create");
+    run(&context, &create).await;
     std::fs::write(grows.join("part-2.parquet"), b"id,name\n1,csv\n").expect("write");
     let error = error_of(&context, "SELECT count(*) FROM grows").await;
     eprintln!("a file added later: {error}");

@@ -52,13 +52,6 @@ fn decode_sink(bytes: &[u8]) -> Result<Arc<ParquetSink>> {
     Ok(Arc::new(ParquetSink::try_from(&proto)?))
 }
 
-fn decode_known_commits(known: quiver_proto::KnownCommits) -> KnownCommits {
-    let mut manifests = known.manifests;
-    // Searched by halves: keep them sorted whatever came.
-    manifests.sort();
-    KnownCommits { manifests }
-}
-
 fn single_input<'a>(
     inputs: &'a [Arc<dyn ExecutionPlan>],
     what: &str,
@@ -96,7 +89,7 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     commit.job_id,
                 );
                 Ok(Arc::new(match commit.known_commits {
-                    Some(known) => exec.with_known_commits(decode_known_commits(known)),
+                    Some(known) => exec.with_known_commits(KnownCommits::of(known.manifests)),
                     None => exec,
                 }))
             }

@@ -22,7 +22,8 @@ pub async fn catch_future_panic<F: Future>(future: F) -> Result<F::Output, Strin
         .map_err(panic_message)
 }
 
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+/// The message of a caught panic.
+pub fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|message| (*message).to_owned())

@@ -32,7 +32,7 @@ use datafusion::prelude::SessionContext;
 use prost::bytes::Bytes;
 use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
-use quiver_core::guard::catch_future_panic;
+use quiver_core::guard::{catch_future_panic, panic_message};
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
@@ -409,7 +409,6 @@ impl Planner {
         let replaced = self.configure_locations(&logical)?;
         let logical = without_store_options(logical)?;
         let read_folders = read_parquet_folders(&logical);
-        let diagnosis_state = state.clone();
         // Boxed: inline, the planning future would be moved on the stack.
         let planning =
             Box::pin(self.plan_logical(job_id, logical, sql, state, persist.then_some(settings)));
@@ -417,10 +416,13 @@ impl Planner {
             tracing::warn!(%job_id, %panic, "planning panicked");
             Err(Error::PlanningPanicked(panic))
         });
+        // The session is built again for this rare path rather than kept
+        // for every statement.
         if let Err(Error::Query(e)) = &mut planned
             && matches!(e.find_root(), DataFusionError::ParquetError(_))
+            && let Ok(state) = self.session_state(settings)
             && let Some((file, failure)) =
-                first_unreadable_parquet_file(&diagnosis_state, &read_folders).await
+                first_unreadable_parquet_file(&state, &read_folders).await
         {
             let error = std::mem::replace(e, DataFusionError::Plan(String::new()));
             *e = error.context(format!("cannot read the footer of '{file}': {failure}"));
@@ -582,9 +584,9 @@ impl Planner {
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);
         if let Some(target) = &writes_to {
-            self.check_write_access(target, job_id).await?;
+            self.check_write_access(target, None, job_id).await?;
         } else if let Some((target, folder)) = unstaged_write_folder(&physical) {
-            self.check_folder_write_access(&target, &folder, job_id)
+            self.check_write_access(&target, Some(folder), job_id)
                 .await?;
         }
         let physical = match &writes_to {
@@ -615,9 +617,17 @@ impl Planner {
     }
 
     /// Fails the statement, before anything is written, if the store of
-    /// `target` does not let the job create and delete objects there (see
-    /// [`check_write_access`]).
-    async fn check_write_access(&self, target: &str, job_id: &str) -> Result<()> {
+    /// `target` does not let the job write there: a staged Parquet write
+    /// must create and delete objects in its staging folder
+    /// ([`check_write_access`]), and a write through one of DataFusion's own
+    /// sinks must create objects in the folder it writes into, `unstaged_in`
+    /// ([`check_folder_write_access`]).
+    async fn check_write_access(
+        &self,
+        target: &str,
+        unstaged_in: Option<object_store::path::Path>,
+        job_id: &str,
+    ) -> Result<()> {
         let location_error = |source| Error::WriteAccess {
             location: target.to_owned(),
             source,
@@ -631,35 +641,12 @@ impl Planner {
         // Spawned: a client that hangs up mid-check must not leave the
         // check's object behind in a folder that no job will settle.
         let (prefix, job_id) = (table.prefix().clone(), job_id.to_owned());
-        let check = tokio::spawn(async move { check_write_access(&store, &prefix, &job_id).await });
-        check
-            .await
-            .map_err(spawned_failure)?
-            .map_err(location_error)
-    }
-
-    /// Fails the statement, before anything is written, if the store of
-    /// `target`, written through one of DataFusion's own sinks, does not let
-    /// the job create objects in `folder` (see [`check_folder_write_access`]).
-    async fn check_folder_write_access(
-        &self,
-        target: &str,
-        folder: &object_store::path::Path,
-        job_id: &str,
-    ) -> Result<()> {
-        let location_error = |source| Error::WriteAccess {
-            location: target.to_owned(),
-            source,
-        };
-        let url = ListingTableUrl::parse(target).map_err(location_error)?;
-        let store = self
-            .catalog
-            .runtime_env()
-            .object_store(url.object_store())
-            .map_err(location_error)?;
-        let (folder, job_id) = (folder.clone(), job_id.to_owned());
-        let check =
-            tokio::spawn(async move { check_folder_write_access(&store, &folder, &job_id).await });
+        let check = tokio::spawn(async move {
+            match unstaged_in {
+                Some(folder) => check_folder_write_access(&store, &folder, &job_id).await,
+                None => check_write_access(&store, &prefix, &job_id).await,
+            }
+        });
         check
             .await
             .map_err(spawned_failure)?
@@ -1081,13 +1068,7 @@ impl TableResolver for CatalogResolver {
 /// or the scheduler is stopping.
 fn spawned_failure(error: tokio::task::JoinError) -> Error {
     match error.try_into_panic() {
-        Ok(panic) => Error::PlanningPanicked(
-            panic
-                .downcast_ref::<&str>()
-                .map(|message| (*message).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default(),
-        ),
+        Ok(panic) => Error::PlanningPanicked(panic_message(panic)),
         Err(_) => Error::ShuttingDown,
     }
 }

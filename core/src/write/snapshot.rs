@@ -118,9 +118,7 @@ impl CommittedFiles {
     /// What this state knew of the table's commits, for a write planned
     /// from it.
     pub fn known_commits(&self) -> KnownCommits {
-        let mut manifests: Vec<String> = self.jobs.manifests.iter().cloned().collect();
-        manifests.sort();
-        KnownCommits { manifests }
+        KnownCommits::of(self.jobs.manifests.iter().cloned())
     }
 
     /// Whether `job_id` has committed in this state.
@@ -206,18 +204,17 @@ pub struct KnownCommits {
 }
 
 impl KnownCommits {
-    /// The jobs whose manifests `names` (a `_manifests/` listing) holds.
-    pub fn from_listing(names: &[String]) -> Self {
-        let mut manifests: Vec<String> = manifest_jobs(names).into_iter().collect();
+    /// These jobs, whose manifests were listed.
+    pub fn of(manifests: impl IntoIterator<Item = String>) -> Self {
+        let mut manifests: Vec<String> = manifests.into_iter().collect();
         manifests.sort();
         Self { manifests }
     }
 
     /// The jobs whose manifests the table at `table` holds now.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
-        Ok(Self::from_listing(
-            &manifest_folder_names(store, table).await?,
-        ))
+        let names = manifest_folder_names(store, table).await?;
+        Ok(Self::of(manifest_jobs(&names)))
     }
 
     /// A job other than `own_job` whose manifest these list and `earlier`
