@@ -243,6 +243,24 @@ async fn tpch_reads_and_writes_on_azure_blob_storage() {
     )
     .await;
     assert_eq!(copied, source);
+    // An overwrite of one partition claims its place in the table's order
+    // with a conditional put, which Azure offers too.
+    let overwritten = count_of(
+        &context,
+        "INSERT OVERWRITE copied SELECT * FROM copied WHERE l_returnflag = 'A'",
+    )
+    .await;
+    let kept = count_of(
+        &context,
+        "SELECT CAST(count(*) AS BIGINT UNSIGNED) FROM copied",
+    )
+    .await;
+    assert!(overwritten > 0 && kept == source, "{overwritten} {kept}");
+    let claims = list(&azure.store("lake"), "out/_manifests/order").await;
+    assert_eq!(
+        claims,
+        vec!["out/_manifests/order/00000000000000000001.claim"]
+    );
 
     // Wrong credentials: Azurite checks the request signature. The error
     // names the location, not the key, and the container's good options stay.
@@ -535,12 +553,18 @@ async fn distributed_writes_commit_every_file_once() {
     );
     let manifests: Vec<&String> = remaining
         .iter()
-        .filter(|o| o.starts_with("appended/_manifests/"))
+        .filter(|o| o.starts_with("appended/_manifests/") && !o.ends_with(".claim"))
         .collect();
     assert_eq!(
         manifests.len(),
         1,
         "the overwrite retires the manifests of the writes it replaced: {manifests:?}"
+    );
+    // Its place in the order of overwrites, made with a conditional put.
+    let claims = list(&bucket, "appended/_manifests/order").await;
+    assert_eq!(
+        claims,
+        vec!["appended/_manifests/order/00000000000000000001.claim"]
     );
 
     // Many appends: their finished manifests are folded into one file, so
@@ -567,8 +591,12 @@ async fn distributed_writes_commit_every_file_once() {
     let manifests = list(&bucket, "appended/_manifests").await;
     assert_eq!(
         manifests.len(),
-        1,
-        "every folded job was retired: {manifests:?}"
+        2,
+        "every folded job was retired, and the first overwrite's claim: {manifests:?}"
+    );
+    assert!(
+        manifests.contains(&"appended/_manifests/order/00000000000000000002.claim".to_owned()),
+        "{manifests:?}"
     );
 
     // Small target files: each task rolls over to new files.

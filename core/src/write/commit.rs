@@ -5,16 +5,18 @@
 //! 1. moves each staged file to its committed name;
 //! 2. deletes files of this job that an earlier run of the commit moved in
 //!    but the current list does not name;
-//! 3. for `INSERT OVERWRITE`, lists the table's older data files that it
-//!    replaces (all of them, or only those in the partition folders this job
-//!    wrote) in `_manifests/<job>.replaces`;
+//! 3. for `INSERT OVERWRITE`, claims its place in the order of the table's
+//!    overwrites ([`super::order`]), then lists the table's older data files
+//!    that it replaces (all of them, or only those in the partition folders
+//!    this job wrote) in `_manifests/<job>.replaces`;
 //! 4. writes the job's manifest, `_manifests/<job>.json`: the commit point,
 //!    from which readers see this write whole and not what it replaces
 //!    ([`super::snapshot`]);
 //! 5. for `INSERT OVERWRITE`, deletes the files it replaces, the manifests
 //!    of jobs left without a file, then the list of replaced files;
 //! 6. aborts the uploads that killed attempts left unfinished, and deletes the
-//!    job's staging folder, and with it the files of losing attempts;
+//!    job's staging folder, and with it the files of losing attempts; an
+//!    overwrite then prunes the claims of ended overwrites;
 //! 7. folds the finished manifests of other jobs into one file once there
 //!    are many ([`super::fold`]).
 //!
@@ -73,9 +75,11 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 use super::TaskAttempt;
 use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
-    REPLACED_LIST_SUFFIX, STAGING_FOLDER, file_name, is_bookkeeping, job_staging, join,
-    manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
+    REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, file_name, is_bookkeeping, job_staging,
+    join, manifest as manifest_path, named_job, relative_to, replaced_list, upload_records,
+    written_by,
 };
+use super::order::{self, Claim, Claims};
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
@@ -415,8 +419,11 @@ impl Commit {
         }
         let rows: u64 = files.iter().map(|file| file.rows).sum();
         let replaced = if self.insert_op == InsertOp::Overwrite {
-            let written = files.iter().map(|file| file.relative.as_str());
-            let replaced = self.replaced_files(self.partitioned, written).await?;
+            let written: Vec<&str> = files.iter().map(|file| file.relative.as_str()).collect();
+            let claim = self.claim_place(&written).await?;
+            let replaced = self
+                .replaced_files(self.partitioned, written.into_iter(), claim.as_ref())
+                .await?;
             self.write_replaced_list(&replaced).await?;
             Some(replaced)
         } else {
@@ -433,6 +440,9 @@ impl Commit {
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
+        if self.insert_op == InsertOp::Overwrite {
+            self.prune_claims().await;
+        }
         // The write stands whatever happens here: a fold is only a saving,
         // and the next commit tries again.
         if let Err(error) = self.fold_manifests().await {
@@ -528,9 +538,10 @@ impl Commit {
             }
             return Ok(());
         }
-        // Written before overwrites listed what they replace.
+        // Written before overwrites listed what they replace (or claimed
+        // a place).
         let written = manifest.files.iter().map(|file| file.path.as_str());
-        let replaced = self.replaced_files(partitioned, written).await?;
+        let replaced = self.replaced_files(partitioned, written, None).await?;
         self.delete_replaced(replaced).await
     }
 
@@ -659,16 +670,52 @@ impl Commit {
         self.delete_all(stale).await
     }
 
+    /// Claims this overwrite's place in the table's order of overwrites
+    /// ([`super::order`]), once its files are in place; none if the store
+    /// cannot order them.
+    async fn claim_place(&self, written: &[&str]) -> Result<Option<Claim>> {
+        let folders = self.partitioned.then(|| {
+            let folders: HashSet<&str> =
+                written.iter().map(|relative| folder_of(relative)).collect();
+            let mut folders: Vec<String> = folders.into_iter().map(str::to_owned).collect();
+            folders.sort();
+            folders
+        });
+        self.check_lease()?;
+        let claim =
+            order::claim(&self.store, &self.table, &self.job_id, folders, self.retry).await?;
+        if claim.is_none() {
+            warn!(job_id = %self.job_id, location = %self.location,
+                "the store cannot create an object only if it is absent, so this overwrite is \
+                 not ordered with overwrites of the same partitions from other clusters");
+        }
+        Ok(claim)
+    }
+
+    /// Deletes the claims of ended overwrites; they are only kept longer
+    /// if that fails.
+    async fn prune_claims(&self) {
+        if let Err(error) = order::prune(&self.store, &self.table).await {
+            let error = crate::storage::redacted_error(&error);
+            warn!(job_id = %self.job_id, location = %self.location, %error,
+                "could not prune the claims of ended overwrites");
+        }
+    }
+
     /// The files that an overwrite replaces: in the partition folders this
     /// job wrote (`written`) for a partitioned table, all of the table's
     /// data files otherwise. Files of this job stay.
     /// Folders are compared by the values they name ([`folder_key`]), so
     /// that a folder that another engine spelled otherwise (`p=%C3%BC` for
     /// `p=ü`, `month=01` for `month=1`) is replaced too.
+    /// With its `claim`, the files of overwrites that claimed earlier go
+    /// too, committed or not, and a later claim on a partition it writes
+    /// fails it ([`super::order`]).
     async fn replaced_files<'a>(
         &self,
         partitioned: bool,
         written: impl Iterator<Item = &'a str>,
+        claim: Option<&Claim>,
     ) -> Result<Replacement> {
         let key = |relative: &str| folder_key(folder_of(relative), &self.partition_types);
         let touched: HashSet<Vec<(String, String)>> = written.map(key).collect();
@@ -679,13 +726,29 @@ impl Commit {
             committed,
             ..Replacement::default()
         };
-        for (path, relative) in self.data_files().await? {
+        let listed = self.data_files().await?;
+        // Read after the files are listed: an overwrite that claims later
+        // may have committed before the listing.
+        let earlier_jobs = match claim {
+            Some(own) => self.earlier_overwrites(own).await?,
+            None => HashSet::new(),
+        };
+        for (path, relative) in listed {
             // Another job's files that readers do not see for want of its
             // manifest: a commit in progress (another cluster's), or one
             // that failed, which its settling rolls back. Neither is this
-            // overwrite's to delete. (In a folder without manifests, only
-            // a staging job's files are such.)
-            if !written_by(&path, &self.job_id) && replacement.committed.uncommitted(&path) {
+            // overwrite's to delete, unless it is an overwrite that claimed
+            // its place earlier. (In a folder without manifests, only a
+            // staging job's files are such.)
+            let earlier_overwrite = || {
+                path.filename()
+                    .and_then(committing_job)
+                    .is_some_and(|job| earlier_jobs.contains(job))
+            };
+            if !written_by(&path, &self.job_id)
+                && replacement.committed.uncommitted(&path)
+                && !earlier_overwrite()
+            {
                 continue;
             }
             let replaced = !written_by(&path, &self.job_id)
@@ -697,6 +760,27 @@ impl Commit {
             }
         }
         Ok(replacement)
+    }
+
+    /// The jobs whose overwrites claimed a place before `own`; fails if
+    /// one that claimed a place after it writes a partition it writes.
+    async fn earlier_overwrites(&self, own: &Claim) -> Result<HashSet<String>> {
+        let claims = Claims::read(&self.store, &self.table).await?;
+        let same_folder = |ours: &str, theirs: &str| {
+            folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
+        };
+        let later = claims.later_overlapping(own, |claim| {
+            claim.overlaps(own.folders.as_deref(), same_folder)
+        });
+        if let Some(later) = later {
+            return Err(DataFusionError::Execution(format!(
+                "the overwrite of '{}' conflicts with job {}, which overwrites the same \
+                 partitions and began committing after this job did; nothing was written, \
+                 run the statement again",
+                self.location, later.job_id
+            )));
+        }
+        Ok(claims.earlier_jobs(own))
     }
 
     /// Lists the files this overwrite replaces where readers find it
@@ -1234,6 +1318,7 @@ mod tests {
             vec![
                 format!("_manifests/{racing}.json"),
                 format!("_manifests/{overwrite}.json"),
+                "_manifests/order/00000000000000000001.claim".to_owned(),
                 format!("p=1/part-{racing}-00000-000.parquet"),
                 format!("p=1/part-{overwrite}-00000-000.parquet"),
             ],
@@ -1355,6 +1440,178 @@ mod tests {
             .expect("state");
         assert!(after.shows(&file), "committed: shown");
         assert!(list(&inner, "t/_temporary").await.is_empty(), "marker gone");
+    }
+
+    /// Runs an action the first time a request reads or lists a location
+    /// that `at` picks.
+    struct RunOnce {
+        at: fn(&Path) -> bool,
+        action: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl fmt::Debug for RunOnce {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("RunOnce")
+        }
+    }
+
+    impl crate::storage::forwarding::StoreHooks for RunOnce {
+        fn before(&self, location: &Path) {
+            if (self.at)(location)
+                && let Some(action) = self.action.lock().expect("lock").take()
+            {
+                action();
+            }
+        }
+    }
+
+    /// An overwrite of `folder` in the in-memory table `t` by `job_id`, its
+    /// one file staged in `inner`: the commit, on `store`, and its input.
+    async fn staged_overwrite(
+        store: Arc<dyn ObjectStore>,
+        inner: &Arc<dyn ObjectStore>,
+        job_id: &str,
+        folder: &str,
+    ) -> (Commit, SendableRecordBatchStream) {
+        let relative = format!("{folder}/part-{job_id}-00000-000.parquet");
+        let staged = Path::from(format!("t/_temporary/{job_id}/p0-a0/{relative}"));
+        inner
+            .put(&staged, PutPayload::from_static(b"rows"))
+            .await
+            .expect("stage");
+        let mut commit = test_commit(
+            store,
+            "memory:///t/".into(),
+            Path::from("t"),
+            job_id,
+            InsertOp::Overwrite,
+        );
+        commit.partitioned = true;
+        let input = written_files(vec![staged.to_string()], vec![relative]);
+        (commit, input)
+    }
+
+    /// Two overwrites from two clusters, which share no scheduler, each
+    /// committing while the other does. Whatever the interleaving, a
+    /// partition they both write ends with one overwrite's rows, never
+    /// both, and an overwrite that cannot be ordered fails before its
+    /// manifest. The second overwrite runs whole at one point of the first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_overwrites_of_a_partition_leave_one_writes_rows() {
+        use object_store::memory::InMemory;
+
+        use crate::storage::forwarding::Forwarding;
+        use crate::write::snapshot::CommittedFiles;
+
+        const OLD: &str = "00000000000000a1";
+        const FIRST: &str = "00000000000000b2";
+        const SECOND: &str = "00000000000000c3";
+        let file = |job: &str, folder: &str| format!("{folder}/part-{job}-00000-000.parquet");
+
+        /// The data files readers see, and those the store holds.
+        async fn shown_and_held(store: &Arc<dyn ObjectStore>) -> (Vec<String>, Vec<String>) {
+            let table = Path::from("t");
+            let state = CommittedFiles::read(store, &table).await.expect("state");
+            let held: Vec<Path> = list(store, "t")
+                .await
+                .into_iter()
+                .filter(|path| !is_bookkeeping(&table, path))
+                .collect();
+            let name = |path: &Path| relative_to(&table, path).expect("below");
+            let shown = held.iter().filter(|path| state.shows(path)).map(name);
+            (shown.collect(), held.iter().map(name).collect())
+        }
+
+        /// On a table holding one committed file in `p=1`, runs the first
+        /// overwrite (of `first_folder`), with the second (of
+        /// `second_folder`) run whole the first time the first reads or
+        /// lists a location that `at` picks. Returns the store and the
+        /// first overwrite's result.
+        async fn race(
+            first_folder: &str,
+            second_folder: &str,
+            at: fn(&Path) -> bool,
+        ) -> (Arc<dyn ObjectStore>, Result<RecordBatch>) {
+            let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+            let old = format!("p=1/part-{OLD}-00000-000.parquet");
+            let manifest = manifest(OLD, InsertOp::Append, &[old.as_str()]);
+            for (path, body) in [
+                (format!("t/{old}"), "rows".to_owned()),
+                (format!("t/_manifests/{OLD}.json"), manifest),
+            ] {
+                inner
+                    .put(&Path::from(path), body.into())
+                    .await
+                    .expect("put");
+            }
+            let (second, input) =
+                staged_overwrite(Arc::clone(&inner), &inner, SECOND, second_folder).await;
+            let action: Box<dyn FnOnce() + Send> = Box::new(move || {
+                // The in-memory store answers at once: no runtime needed.
+                futures::executor::block_on(second.run(input)).expect("the second overwrite");
+            });
+            let hooks = RunOnce {
+                at,
+                action: std::sync::Mutex::new(Some(action)),
+            };
+            let store: Arc<dyn ObjectStore> = Arc::new(Forwarding::new(Arc::clone(&inner), hooks));
+            let (first, input) = staged_overwrite(store, &inner, FIRST, first_folder).await;
+            let result = first.run(input).await;
+            (inner, result)
+        }
+        let before_claiming = |path: &Path| path.as_ref() == "t/_manifests/order";
+        let before_listing = |path: &Path| path.as_ref() == "t/_manifests";
+        let before_manifest = |path: &Path| path.as_ref().ends_with(".claim");
+
+        // The second claims its place first, replaces the old file, and
+        // keeps the first's, which has no claim yet. The first, later,
+        // replaces both.
+        let (store, first) = race("p=1", "p=1", before_claiming).await;
+        first.expect("the first overwrite");
+        let only_first = vec![file(FIRST, "p=1")];
+        assert_eq!(
+            shown_and_held(&store).await,
+            (only_first.clone(), only_first.clone())
+        );
+
+        // The first has listed what it replaces, the old file, when the
+        // second claims after it: the second replaces the first's files
+        // too, although they are not committed yet, and the first commits
+        // nothing that shows. (Without claims, both overwrites stood.)
+        let (store, first) = race("p=1", "p=1", before_manifest).await;
+        first.expect("the first overwrite");
+        let only_second = vec![file(SECOND, "p=1")];
+        assert_eq!(
+            shown_and_held(&store).await,
+            (only_second.clone(), only_second.clone())
+        );
+
+        // The second claims after the first and commits before the first
+        // lists the table: the first may not replace the second's rows, and
+        // its own are gone, so it fails before its manifest.
+        let (store, first) = race("p=1", "p=1", before_listing).await;
+        let error = first.expect_err("a conflict").to_string();
+        assert!(
+            error.contains(&format!("conflicts with job {SECOND}")),
+            "{error}"
+        );
+        assert_eq!(
+            shown_and_held(&store).await,
+            (only_second.clone(), only_second)
+        );
+        let manifest = Path::from(format!("t/_manifests/{FIRST}.json"));
+        assert!(
+            get_if_exists(&store, &manifest)
+                .await
+                .expect("get")
+                .is_none()
+        );
+
+        // Overwrites of other partitions do not conflict.
+        let (store, first) = race("p=1", "p=2", before_listing).await;
+        first.expect("the first overwrite");
+        let both = vec![file(FIRST, "p=1"), file(SECOND, "p=2")];
+        assert_eq!(shown_and_held(&store).await, (both.clone(), both));
     }
 
     async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<Path> {

@@ -7,6 +7,7 @@
 //! <table>/_manifests/<job>.json                                                                          each commit's manifest
 //! <table>/_manifests/<job>.replaces                                                                      the files an overwrite replaces, until they are gone
 //! <table>/_manifests/z_folded-<job>-<unique>.json                                                        finished manifests, folded into one (see super::fold)
+//! <table>/_manifests/order/<n>.claim                                                                     an overwrite's place in the table's order (see super::order)
 //! ```
 //!
 //! Every attempt writes under its own staging folder, so a retried or killed

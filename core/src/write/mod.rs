@@ -12,6 +12,7 @@
 //! - [`commit`]: the commit step.
 //! - [`snapshot`]: what readers see of a table: committed writes only.
 //! - [`fold`]: many finished manifests kept as one file.
+//! - [`order`]: the order of overwrites from writers that share no scheduler.
 //! - [`permission`]: the scheduler's permission to commit.
 //! - [`plan`]: swapping DataFusion's sink for the two steps.
 
@@ -19,6 +20,7 @@ pub mod commit;
 pub mod exec;
 pub mod fold;
 pub mod layout;
+pub mod order;
 pub mod partition;
 pub mod permission;
 pub mod plan;

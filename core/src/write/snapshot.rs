@@ -272,7 +272,10 @@ pub(super) fn manifest_jobs(names: &[String]) -> HashSet<String> {
 }
 
 /// The jobs that have a staging folder in the table at `table`.
-async fn staging_jobs(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<HashSet<String>> {
+pub(super) async fn staging_jobs(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+) -> Result<HashSet<String>> {
     let folder = table.clone().join(STAGING_FOLDER);
     match store.list_with_delimiter(Some(&folder)).await {
         Ok(listing) => Ok(listing
