@@ -79,7 +79,7 @@ use super::layout::{
     join, manifest as manifest_path, named_job, relative_to, replaced_list, upload_records,
     written_by,
 };
-use super::order::{self, Claim, Claims};
+use super::order::{self, Claim, Standing};
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
@@ -653,18 +653,23 @@ impl Commit {
             .collect())
     }
 
+    /// The data files of this job in the table, by path and relative path.
+    async fn files_of_this_job(&self) -> Result<Vec<(Path, String)>> {
+        let mut files = self.data_files().await?;
+        files.retain(|(path, _)| written_by(path, &self.job_id));
+        Ok(files)
+    }
+
     /// Deletes files that an earlier run of this commit moved in but this
     /// run's attempts did not write (a recomputed write may split its rows
     /// into fewer files): the current file list is the truth.
     async fn delete_stale_files_of_this_job(&self, files: &[StagedFile]) -> Result<()> {
         let current: HashSet<&str> = files.iter().map(|file| file.relative.as_str()).collect();
         let stale = self
-            .data_files()
+            .files_of_this_job()
             .await?
             .into_iter()
-            .filter(|(path, relative)| {
-                written_by(path, &self.job_id) && !current.contains(relative.as_str())
-            })
+            .filter(|(_, relative)| !current.contains(relative.as_str()))
             .map(|(path, _)| path)
             .collect();
         self.delete_all(stale).await
@@ -709,8 +714,8 @@ impl Commit {
     /// that a folder that another engine spelled otherwise (`p=%C3%BC` for
     /// `p=ü`, `month=01` for `month=1`) is replaced too.
     /// With its `claim`, the files of overwrites that claimed earlier go
-    /// too, committed or not, and a later claim on a partition it writes
-    /// fails it ([`super::order`]).
+    /// too, committed or not, and nothing goes in the partitions of later
+    /// claims that have committed ([`super::order`]).
     async fn replaced_files<'a>(
         &self,
         partitioned: bool,
@@ -727,11 +732,12 @@ impl Commit {
             ..Replacement::default()
         };
         let listed = self.data_files().await?;
-        // Read after the files are listed: an overwrite that claims later
-        // may have committed before the listing.
-        let earlier_jobs = match claim {
-            Some(own) => self.earlier_overwrites(own).await?,
-            None => HashSet::new(),
+        let standing = match claim {
+            Some(own) => Standing::read(&self.store, &self.table, own).await?,
+            None => Standing::default(),
+        };
+        let same_folder = |ours: &str, theirs: &str| {
+            folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
         };
         for (path, relative) in listed {
             // Another job's files that readers do not see for want of its
@@ -743,7 +749,7 @@ impl Commit {
             let earlier_overwrite = || {
                 path.filename()
                     .and_then(committing_job)
-                    .is_some_and(|job| earlier_jobs.contains(job))
+                    .is_some_and(|job| standing.earlier_jobs.contains(job))
             };
             if !written_by(&path, &self.job_id)
                 && replacement.committed.uncommitted(&path)
@@ -752,7 +758,8 @@ impl Commit {
                 continue;
             }
             let replaced = !written_by(&path, &self.job_id)
-                && (!partitioned || touched.contains(&key(&relative)));
+                && (!partitioned || touched.contains(&key(&relative)))
+                && !standing.superseded(folder_of(&relative), same_folder);
             if replaced {
                 replacement.files.push((path, relative));
             } else if let Some(job) = path.filename().and_then(named_job) {
@@ -760,27 +767,6 @@ impl Commit {
             }
         }
         Ok(replacement)
-    }
-
-    /// The jobs whose overwrites claimed a place before `own`; fails if
-    /// one that claimed a place after it writes a partition it writes.
-    async fn earlier_overwrites(&self, own: &Claim) -> Result<HashSet<String>> {
-        let claims = Claims::read(&self.store, &self.table).await?;
-        let same_folder = |ours: &str, theirs: &str| {
-            folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
-        };
-        let later = claims.later_overlapping(own, |claim| {
-            claim.overlaps(own.folders.as_deref(), same_folder)
-        });
-        if let Some(later) = later {
-            return Err(DataFusionError::Execution(format!(
-                "the overwrite of '{}' conflicts with job {}, which overwrites the same \
-                 partitions and began committing after this job did; nothing was written, \
-                 run the statement again",
-                self.location, later.job_id
-            )));
-        }
-        Ok(claims.earlier_jobs(own))
     }
 
     /// Lists the files this overwrite replaces where readers find it
@@ -1057,22 +1043,23 @@ pub async fn settle_write(
         {
             Settled::Committed
         }
+        // A later overwrite that replaced all of its files retires its
+        // manifest; with files left, it was retired by mistake.
         None if ended == JobEnded::Succeeded => {
-            warn!(%job_id, location = %commit.location,
-                "a job that committed has no manifest left: an overwrite of another writer \
-                 (another cluster) retired it; its files stay, but Quiver's readers hide them");
+            let left = commit.files_of_this_job().await?.len();
+            if left > 0 {
+                warn!(%job_id, location = %commit.location, files = left,
+                    "a job that committed has no manifest left, but has files: they stay, \
+                     but Quiver's readers hide them");
+            }
             Settled::Committed
         }
         None => {
-            let moved_in: Vec<Path> = commit
-                .data_files()
-                .await?
-                .into_iter()
-                .filter(|(path, _)| written_by(path, job_id))
-                .map(|(path, _)| path)
-                .collect();
+            let moved_in = commit.files_of_this_job().await?;
             let files = moved_in.len();
-            commit.delete_all(moved_in).await?;
+            commit
+                .delete_all(moved_in.into_iter().map(|(path, _)| path).collect())
+                .await?;
             commit.delete_replaced_list().await?;
             if files > 0 {
                 info!(%job_id, location = %commit.location, files,
@@ -1445,8 +1432,20 @@ mod tests {
     /// Runs an action the first time a request reads or lists a location
     /// that `at` picks.
     struct RunOnce {
-        at: fn(&Path) -> bool,
+        at: Box<dyn Fn(&Path) -> bool + Send + Sync>,
         action: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl RunOnce {
+        fn new(
+            at: impl Fn(&Path) -> bool + Send + Sync + 'static,
+            action: impl FnOnce() + Send + 'static,
+        ) -> Self {
+            Self {
+                at: Box::new(at),
+                action: std::sync::Mutex::new(Some(Box::new(action))),
+            }
+        }
     }
 
     impl fmt::Debug for RunOnce {
@@ -1493,9 +1492,9 @@ mod tests {
 
     /// Two overwrites from two clusters, which share no scheduler, each
     /// committing while the other does. Whatever the interleaving, a
-    /// partition they both write ends with one overwrite's rows, never
-    /// both, and an overwrite that cannot be ordered fails before its
-    /// manifest. The second overwrite runs whole at one point of the first.
+    /// partition they both write ends with the rows of the overwrite that
+    /// claimed its place last, never both, and neither fails. The second
+    /// overwrite runs whole at one point of the first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_overwrites_of_a_partition_leave_one_writes_rows() {
         use object_store::memory::InMemory;
@@ -1506,7 +1505,13 @@ mod tests {
         const OLD: &str = "00000000000000a1";
         const FIRST: &str = "00000000000000b2";
         const SECOND: &str = "00000000000000c3";
+        const APPENDED: &str = "00000000000000d4";
         let file = |job: &str, folder: &str| format!("{folder}/part-{job}-00000-000.parquet");
+
+        fn sorted(mut names: Vec<String>) -> Vec<String> {
+            names.sort();
+            names
+        }
 
         /// The data files readers see, and those the store holds.
         async fn shown_and_held(store: &Arc<dyn ObjectStore>) -> (Vec<String>, Vec<String>) {
@@ -1522,38 +1527,46 @@ mod tests {
             (shown.collect(), held.iter().map(name).collect())
         }
 
-        /// On a table holding one committed file in `p=1`, runs the first
-        /// overwrite (of `first_folder`), with the second (of
-        /// `second_folder`) run whole the first time the first reads or
-        /// lists a location that `at` picks. Returns the store and the
-        /// first overwrite's result.
-        async fn race(
-            first_folder: &str,
-            second_folder: &str,
-            at: fn(&Path) -> bool,
-        ) -> (Arc<dyn ObjectStore>, Result<RecordBatch>) {
-            let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-            let old = format!("p=1/part-{OLD}-00000-000.parquet");
-            let manifest = manifest(OLD, InsertOp::Append, &[old.as_str()]);
+        /// Commits an append of one file in `p=1` by `job`.
+        async fn append(store: &Arc<dyn ObjectStore>, job: &str) {
+            let file = format!("p=1/part-{job}-00000-000.parquet");
+            let manifest = manifest(job, InsertOp::Append, &[file.as_str()]);
             for (path, body) in [
-                (format!("t/{old}"), "rows".to_owned()),
-                (format!("t/_manifests/{OLD}.json"), manifest),
+                (format!("t/{file}"), "rows".to_owned()),
+                (format!("t/_manifests/{job}.json"), manifest),
             ] {
-                inner
+                store
                     .put(&Path::from(path), body.into())
                     .await
                     .expect("put");
             }
+        }
+
+        /// On a table holding one committed file in `p=1`, runs the first
+        /// overwrite (of `first_folder`), with the second (of
+        /// `second_folder`), then an append when `then_append`, run whole
+        /// the first time the first reads or lists a location that `at`
+        /// picks. Returns the store and the first overwrite's result.
+        async fn race(
+            first_folder: &str,
+            second_folder: &str,
+            at: fn(&Path) -> bool,
+            then_append: bool,
+        ) -> (Arc<dyn ObjectStore>, Result<RecordBatch>) {
+            let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+            append(&inner, OLD).await;
             let (second, input) =
                 staged_overwrite(Arc::clone(&inner), &inner, SECOND, second_folder).await;
-            let action: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let store = Arc::clone(&inner);
+            let hooks = RunOnce::new(at, move || {
                 // The in-memory store answers at once: no runtime needed.
-                futures::executor::block_on(second.run(input)).expect("the second overwrite");
+                futures::executor::block_on(async {
+                    second.run(input).await.expect("the second overwrite");
+                    if then_append {
+                        append(&store, APPENDED).await;
+                    }
+                });
             });
-            let hooks = RunOnce {
-                at,
-                action: std::sync::Mutex::new(Some(action)),
-            };
             let store: Arc<dyn ObjectStore> = Arc::new(Forwarding::new(Arc::clone(&inner), hooks));
             let (first, input) = staged_overwrite(store, &inner, FIRST, first_folder).await;
             let result = first.run(input).await;
@@ -1566,7 +1579,7 @@ mod tests {
         // The second claims its place first, replaces the old file, and
         // keeps the first's, which has no claim yet. The first, later,
         // replaces both.
-        let (store, first) = race("p=1", "p=1", before_claiming).await;
+        let (store, first) = race("p=1", "p=1", before_claiming, false).await;
         first.expect("the first overwrite");
         let only_first = vec![file(FIRST, "p=1")];
         assert_eq!(
@@ -1578,7 +1591,7 @@ mod tests {
         // second claims after it: the second replaces the first's files
         // too, although they are not committed yet, and the first commits
         // nothing that shows. (Without claims, both overwrites stood.)
-        let (store, first) = race("p=1", "p=1", before_manifest).await;
+        let (store, first) = race("p=1", "p=1", before_manifest, false).await;
         first.expect("the first overwrite");
         let only_second = vec![file(SECOND, "p=1")];
         assert_eq!(
@@ -1586,32 +1599,81 @@ mod tests {
             (only_second.clone(), only_second.clone())
         );
 
-        // The second claims after the first and commits before the first
-        // lists the table: the first may not replace the second's rows, and
-        // its own are gone, so it fails before its manifest.
-        let (store, first) = race("p=1", "p=1", before_listing).await;
-        let error = first.expect_err("a conflict").to_string();
-        assert!(
-            error.contains(&format!("conflicts with job {SECOND}")),
-            "{error}"
-        );
+        // The second claims after the first, replaces the first's files,
+        // and commits before the first lists the table; then a third
+        // writer appends. The first replaces nothing in the second's
+        // partition, as if it had committed before the second, which kept
+        // the append. (Without that, the first deleted the append.)
+        let (store, first) = race("p=1", "p=1", before_listing, true).await;
+        first.expect("the first overwrite");
+        let second_and_append = vec![file(SECOND, "p=1"), file(APPENDED, "p=1")];
+        let (shown, held) = shown_and_held(&store).await;
         assert_eq!(
-            shown_and_held(&store).await,
-            (only_second.clone(), only_second)
-        );
-        let manifest = Path::from(format!("t/_manifests/{FIRST}.json"));
-        assert!(
-            get_if_exists(&store, &manifest)
-                .await
-                .expect("get")
-                .is_none()
+            (sorted(shown), sorted(held)),
+            (sorted(second_and_append.clone()), sorted(second_and_append))
         );
 
         // Overwrites of other partitions do not conflict.
-        let (store, first) = race("p=1", "p=2", before_listing).await;
+        let (store, first) = race("p=1", "p=2", before_listing, false).await;
         first.expect("the first overwrite");
         let both = vec![file(FIRST, "p=1"), file(SECOND, "p=2")];
         assert_eq!(shown_and_held(&store).await, (both.clone(), both));
+    }
+
+    /// An append that another cluster moves in and commits after an
+    /// overwrite listed the table, and before the overwrite retires the
+    /// manifests of the jobs it replaced whole, keeps its manifest: the
+    /// overwrite retires only jobs it saw committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overwrite_retires_only_jobs_it_saw_committed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use object_store::memory::InMemory;
+
+        use crate::storage::forwarding::Forwarding;
+        use crate::write::snapshot::CommittedFiles;
+
+        const OVERWRITE: &str = "00000000000000c3";
+        const APPEND: &str = "00000000000000d4";
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let appended = Path::from(format!("t/p=1/part-{APPEND}-00000-000.parquet"));
+        let append_manifest = Path::from(format!("t/_manifests/{APPEND}.json"));
+        let listings = AtomicUsize::new(0);
+        let store = Arc::clone(&inner);
+        let (file, manifest_path) = (appended.clone(), append_manifest.clone());
+        let body = manifest(
+            APPEND,
+            InsertOp::Append,
+            &[&format!("p=1/part-{APPEND}-00000-000.parquet")],
+        );
+        // The overwrite lists `_manifests/` to read the table's state, then,
+        // after its manifest, to retire what it replaced whole.
+        let hooks = RunOnce::new(
+            move |path| {
+                path.as_ref() == "t/_manifests" && listings.fetch_add(1, Ordering::SeqCst) == 1
+            },
+            move || {
+                futures::executor::block_on(async {
+                    store.put(&file, PutPayload::from_static(b"rows")).await?;
+                    store.put(&manifest_path, body.into()).await
+                })
+                .expect("the append commits");
+            },
+        );
+        let hooked: Arc<dyn ObjectStore> = Arc::new(Forwarding::new(Arc::clone(&inner), hooks));
+        let (overwrite, input) = staged_overwrite(hooked, &inner, OVERWRITE, "p=1").await;
+        overwrite.run(input).await.expect("the overwrite");
+
+        assert!(
+            get_if_exists(&inner, &append_manifest)
+                .await
+                .expect("get")
+                .is_some()
+        );
+        let state = CommittedFiles::read(&inner, &Path::from("t"))
+            .await
+            .expect("state");
+        assert!(state.shows(&appended), "the append stays committed");
     }
 
     async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<Path> {

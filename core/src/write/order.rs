@@ -9,22 +9,25 @@
 //! it creates `_manifests/order/<n>.claim` only if no such object exists
 //! (a conditional put, which local files, S3, GCS, Azure and memory stores
 //! offer) and tries the next number when another writer was first. The
-//! claim names the job and the partition folders it writes. Then:
+//! claim names the job and the partition folders it writes. Then, when an
+//! overwrite lists what it replaces:
 //!
-//! - an overwrite replaces, in the partitions it writes, the files of
-//!   every earlier claim too, committed or not: their files were all in
-//!   place before they claimed, so an earlier overwrite that commits after
-//!   a later one shows nothing that the later one replaced;
-//! - an overwrite that finds a later claim on a partition it writes, when
-//!   it lists what it replaces, fails before its manifest: the later one
-//!   may have replaced its files already, or may still fail, and neither
-//!   can be told from the other.
+//! - it replaces, in the partitions it writes, the files of every earlier
+//!   claim too, committed or not: their files were all in place before
+//!   they claimed, so an earlier overwrite that commits after a later one
+//!   shows nothing that the later one replaced;
+//! - it replaces nothing in the partitions of a later claim whose job has
+//!   committed: that job replaced what they held when it listed them, this
+//!   overwrite's files included, and what was appended since stays;
+//! - the files of a later claim whose job is still committing are not
+//!   committed, so they stay as any commit in progress does; if that job
+//!   fails, this overwrite has replaced what it had to.
 //!
 //! So the overwrite with the last claim decides what the partitions hold,
-//! and an earlier one either committed first or fails. Claims of ended
-//! jobs are pruned, all but the last, from the oldest up to the first job
-//! still committing: a job that is committing needs every later claim, and
-//! later jobs need its own.
+//! as if the others had committed before it, and no overwrite fails for
+//! another. Claims of ended jobs are pruned, all but the last, from the
+//! oldest up to the first job still committing: a job that is committing
+//! needs every later claim, and later jobs need its own.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -58,19 +61,54 @@ pub struct Claim {
 }
 
 impl Claim {
-    /// Whether this claim and one on `folders` may replace the same files,
-    /// with `same_folder` telling whether two folders name one partition.
-    pub fn overlaps(
-        &self,
-        folders: Option<&[String]>,
-        same_folder: impl Fn(&str, &str) -> bool,
-    ) -> bool {
-        match (&self.folders, folders) {
-            (Some(ours), Some(theirs)) => ours
-                .iter()
-                .any(|ours| theirs.iter().any(|theirs| same_folder(ours, theirs))),
-            _ => true,
-        }
+    /// Whether this claim's overwrite writes the partition `folder`, with
+    /// `same_folder` telling whether two folders name one partition.
+    pub fn covers(&self, folder: &str, same_folder: impl Fn(&str, &str) -> bool) -> bool {
+        self.folders
+            .as_ref()
+            .is_none_or(|folders| folders.iter().any(|ours| same_folder(ours, folder)))
+    }
+}
+
+/// Where one overwrite stands among the others of its table, when it lists
+/// what it replaces.
+#[derive(Debug, Default)]
+pub struct Standing {
+    /// The jobs that claimed a place before it: their files go too.
+    pub earlier_jobs: HashSet<String>,
+    /// The claims after it whose jobs have committed: their partitions are
+    /// theirs.
+    pub superseded_by: Vec<Claim>,
+}
+
+impl Standing {
+    /// Reads where the overwrite that claimed `own` stands in the table at
+    /// `table`. Read after the table's files are listed: an overwrite that
+    /// claims later may have committed before the listing.
+    pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path, own: &Claim) -> Result<Self> {
+        let claims = Claims::read(store, table).await?;
+        let later: Vec<&Claim> = claims.later(own).collect();
+        let superseded_by = if later.is_empty() {
+            Vec::new()
+        } else {
+            let committed = CommittedFiles::read(store, table).await?;
+            later
+                .into_iter()
+                .filter(|claim| committed.committed(&claim.job_id))
+                .cloned()
+                .collect()
+        };
+        Ok(Self {
+            earlier_jobs: claims.earlier_jobs(own),
+            superseded_by,
+        })
+    }
+
+    /// Whether a later overwrite that committed wrote the partition `folder`.
+    pub fn superseded(&self, folder: &str, same_folder: impl Fn(&str, &str) -> bool) -> bool {
+        self.superseded_by
+            .iter()
+            .any(|claim| claim.covers(folder, &same_folder))
     }
 }
 
@@ -110,16 +148,11 @@ impl Claims {
         self.0.iter().rev().find(|claim| claim.job_id == job_id)
     }
 
-    /// The first claim of another job after `own` that `overlaps` own's
-    /// partitions.
-    pub fn later_overlapping(
-        &self,
-        own: &Claim,
-        overlaps: impl Fn(&Claim) -> bool,
-    ) -> Option<&Claim> {
+    /// The claims of other jobs after `own`.
+    pub fn later<'a>(&'a self, own: &'a Claim) -> impl Iterator<Item = &'a Claim> {
         self.0
             .iter()
-            .find(|claim| claim.place > own.place && claim.job_id != own.job_id && overlaps(claim))
+            .filter(|claim| claim.place > own.place && claim.job_id != own.job_id)
     }
 
     /// The jobs that claimed a place before `own`.
@@ -280,24 +313,32 @@ mod tests {
         let claims = Claims::read(&store, &table).await.expect("claims");
         let same = |ours: &str, theirs: &str| ours == theirs;
         let whole = claims.of("b2").expect("b2").clone();
-        assert_eq!(
-            claims.later_overlapping(&first, |claim| claim
-                .overlaps(first.folders.as_deref(), same)),
-            Some(&whole),
-            "the whole table overlaps every partition"
-        );
-        assert!(claims.later_overlapping(&whole, |_| true).is_none());
+        assert_eq!(claims.later(&first).collect::<Vec<_>>(), vec![&whole]);
+        assert_eq!(claims.later(&whole).count(), 0);
         assert_eq!(
             claims.earlier_jobs(&whole),
             HashSet::from(["a1".to_owned()])
         );
-        let other = Claim {
-            place: 0,
-            job_id: "c3".into(),
-            folders: folders(&["p=2"]),
-        };
-        assert!(!first.overlaps(other.folders.as_deref(), same));
-        assert!(first.overlaps(folders(&["p=2", "p=1"]).as_deref(), same));
+        assert!(first.covers("p=1", same) && !first.covers("p=2", same));
+        assert!(whole.covers("p=2", same), "the whole table");
+
+        // Only a later claim whose job committed takes its partitions.
+        let standing = Standing::read(&store, &table, &first)
+            .await
+            .expect("standing");
+        assert!(standing.superseded_by.is_empty());
+        store
+            .put(
+                &Path::from("t/_manifests/b2.json"),
+                PutPayload::from_static(b"{}"),
+            )
+            .await
+            .expect("manifest");
+        let standing = Standing::read(&store, &table, &first)
+            .await
+            .expect("standing");
+        assert!(standing.superseded("p=7", same));
+        assert!(standing.earlier_jobs.is_empty());
     }
 
     #[tokio::test]
