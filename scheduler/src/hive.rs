@@ -23,19 +23,21 @@
 //! - an insert casts the partition columns to strings, which the write path
 //!   turns into folders (nulls into the marker).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, Constraints, DFSchema, ScalarValue};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, Constraints, DFSchema, ScalarValue, plan_err};
 use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::listing::ListingTable;
-use datafusion::datasource::physical_plan::FileSink;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileSink};
 use datafusion::datasource::sink::DataSinkExec;
-use datafusion::error::Result;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{
     Expr, Operator, TableProviderFilterPushDown, TableType, binary_expr, cast, lit, when,
@@ -140,6 +142,57 @@ impl HivePartitionedTable {
         Ok(Arc::new(ProjectionExec::try_new(expressions, plan)?))
     }
 
+    /// Fails, naming the folder, when a file that `scan` reads lies in a
+    /// partition folder whose value is not of its column's declared type
+    /// (`month=abc` for an `INT` month): the cast in the scan's projection
+    /// would fail in a task with an error that names neither. A query that
+    /// reads no partition column (`count(*)`) fails too, rather than count
+    /// rows that no other query can read.
+    fn check_partition_values(&self, scan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+        let mut checked: HashSet<(usize, &str)> = HashSet::new();
+        let location = self
+            .raw
+            .table_paths()
+            .iter()
+            .map(|url| url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut files = Vec::new();
+        scan.apply(|node| {
+            if let Some(config) = node
+                .downcast_ref::<DataSourceExec>()
+                .and_then(|source| source.data_source().downcast_ref::<FileScanConfig>())
+            {
+                files.extend(config.file_groups.iter().flat_map(|group| group.iter()));
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        for file in files {
+            let columns = self.partition_columns.iter().zip(&file.partition_values);
+            for (index, ((name, declared), raw)) in columns.enumerate() {
+                let ScalarValue::Utf8(Some(raw)) = raw else {
+                    continue;
+                };
+                if declared == &DataType::Utf8
+                    || raw == NULL_PARTITION
+                    || !checked.insert((index, raw.as_str()))
+                {
+                    continue;
+                }
+                if let Err(error) = ScalarValue::Utf8(Some(raw.clone())).cast_to(declared) {
+                    return plan_err!(
+                        "the partition folder '{name}={raw}' of the table at {location} \
+                         (file {}) does not hold a {declared} value for column '{name}': \
+                         {error}; remove or rename the folder, or declare the column with \
+                         a type that holds its value",
+                        file.object_meta.location
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// For the leading partition columns that `filters` hold equal to a
     /// literal, the raw value of the one folder that holds it (see
     /// [`equality_folders`]).
@@ -193,6 +246,12 @@ fn with_declared_partition_types(
 /// For each column whose value [`equality_folders`] found in one folder:
 /// that value, and the folder's raw value.
 pub type FoundFolders = HashMap<String, (ScalarValue, String)>;
+
+/// Whether `error` is, at its root, a failed cast.
+fn is_cast_error(error: &DataFusionError) -> bool {
+    matches!(error.find_root(), DataFusionError::ArrowError(inner, _)
+        if matches!(inner.as_ref(), ArrowError::CastError(_)))
+}
 
 /// `filter`'s column and literal, if it is `column = literal`.
 fn literal_equality(filter: &Expr) -> Option<(&Column, &ScalarValue)> {
@@ -383,7 +442,18 @@ impl TableProvider for HivePartitionedTable {
             .iter()
             .map(|filter| raw_filter(&self.partition_types, &folders, filter))
             .collect::<Result<Vec<_>>>()?;
-        let scan = self.raw.scan(state, projection, &filters, limit).await?;
+        let scan = match self.raw.scan(state, projection, &filters, limit).await {
+            Ok(scan) => scan,
+            // Pruning casts every folder's value to its declared type: find
+            // the folder that failed it, to name it.
+            Err(error) if is_cast_error(&error) => {
+                let whole = self.raw.scan(state, None, &[], None).await?;
+                self.check_partition_values(&whole)?;
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
+        self.check_partition_values(&scan)?;
         self.convert_partition_columns(state, scan, Self::typed)
     }
 

@@ -541,10 +541,10 @@ mod tests {
         let batches = context
             .sql(sql)
             .await
-            .expect("plan")
+            .map_err(|error| error.to_string())?
             .collect()
             .await
-            .expect("run");
+            .map_err(|error| error.to_string())?;
         Ok(pretty_format_batches(&batches).expect("format").to_string())
     }
 
@@ -645,6 +645,37 @@ mod tests {
             !plan.contains("month=02") && !plan.contains("year=2025"),
             "{plan}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_folder_value_not_of_its_columns_type_is_named_in_the_error() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let root = folder.path();
+        write_parquet(&root.join("month=1/part-0.parquet"), vec![1]);
+        write_parquet(&root.join("month=abc/part-0.parquet"), vec![2]);
+        let declaration = "(x BIGINT, month INT) STORED AS PARQUET PARTITIONED BY (month)";
+        // Whether the folder fails pruning or the scan's cast, and also
+        // where no partition column is read.
+        for query in [
+            "SELECT * FROM t",
+            "SELECT x FROM t WHERE month > 0",
+            "SELECT count(*) FROM t",
+        ] {
+            let error = register_and_query(root, declaration, query)
+                .await
+                .expect_err("a value that is not an INT must fail");
+            assert!(
+                error.contains("partition folder 'month=abc'")
+                    && error.contains("month=abc/part-0.parquet")
+                    && error.contains("Int32 value for column 'month'"),
+                "{query}: {error}"
+            );
+        }
+        // A filter that lists only the valid folder reads it.
+        let answer = register_and_query(root, declaration, "SELECT x FROM t WHERE month = 1")
+            .await
+            .expect("the valid folder reads");
+        assert!(answer.contains("| 1 |"), "{answer}");
     }
 
     /// DataFusion fixes a table's Parquet read settings when it is created;
