@@ -997,6 +997,17 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     cluster.shutdown().await;
 }
 
+/// A Parquet file of one column `x` holding 1, 2 and 3.
+fn one_two_three() -> PutPayload {
+    let mut data = Vec::new();
+    let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])
+        .expect("batch");
+    let mut writer = ArrowWriter::try_new(&mut data, batch.schema(), None).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+    PutPayload::from(data)
+}
+
 /// On an S3 server that checks signatures and permissions as AWS does
 /// (moto with IAM): a wrong secret, an unknown key, a user who may only
 /// read and a user who may write but not delete each get a clear error that
@@ -1039,14 +1050,8 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         panic!("four users");
     };
     let bucket = s3.store_as("lake", admin);
-    let mut data = Vec::new();
-    let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])
-        .expect("batch");
-    let mut writer_of_data = ArrowWriter::try_new(&mut data, batch.schema(), None).expect("writer");
-    writer_of_data.write(&batch).expect("write");
-    writer_of_data.close().expect("close");
     bucket
-        .put(&Path::from("data/part-0.parquet"), PutPayload::from(data))
+        .put(&Path::from("data/part-0.parquet"), one_two_three())
         .await
         .expect("the admin uploads");
     let (cluster, context) = common::start_cluster(options()).await;
@@ -1271,6 +1276,112 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         )
         .await,
         3
+    );
+}
+
+/// Processes whose AWS profile assumes a role, with the keys that another
+/// profile's `credential_process` prints, read and write as the role: the
+/// keys' own user may only assume it. The STS requests go to moto, which
+/// checks them as AWS does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn profiles_that_assume_roles_with_printed_keys_read_and_write_on_s3() {
+    let (s3, users, roles) = S3Server::start_with_users_and_roles(
+        "lake",
+        &[("base", &["sts:AssumeRole"]), ("admin", &["s3:*"])],
+        &[("lake-admin", &["s3:*"])],
+    );
+    let ([base, admin], [role]) = (users.as_slice(), roles.as_slice()) else {
+        panic!("two users and a role");
+    };
+    s3.store_as("lake", admin)
+        .put(&Path::from("data/part-0.parquet"), one_two_three())
+        .await
+        .expect("the admin uploads");
+
+    let aws = tempfile::tempdir().expect("temp dir");
+    let printer = aws.path().join("print-keys.sh");
+    std::fs::write(
+        &printer,
+        format!(
+            "cat <<'EOF'\n{{\"Version\": 1, \"AccessKeyId\": \"{}\", \
+             \"SecretAccessKey\": \"{}\"}}\nEOF\n",
+            base.access_key, base.secret_key
+        ),
+    )
+    .expect("write the command");
+    let config = aws.path().join("config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile vault]\ncredential_process = sh {}\n\n\
+             [profile lake-role]\nrole_arn = {role}\nsource_profile = vault\n\
+             region = us-east-1\nendpoint_url = {endpoint}\n\n\
+             [profile admin]\naws_access_key_id = {}\naws_secret_access_key = {}\n\n\
+             [profile refused-role]\nrole_arn = {role}\nsource_profile = admin\n\
+             region = us-east-1\nendpoint_url = {endpoint}\n",
+            printer.display(),
+            admin.access_key,
+            admin.secret_key,
+            endpoint = s3.endpoint()
+        ),
+    )
+    .expect("write config");
+    let processes = ProcessCluster::start(
+        1,
+        ClusterArgs {
+            env: vec![
+                ("AWS_CONFIG_FILE".to_owned(), config.display().to_string()),
+                ("AWS_PROFILE".to_owned(), "lake-role".to_owned()),
+            ],
+            ..ClusterArgs::default()
+        },
+    );
+    let context = processes.connect(1).await;
+    for sql in [
+        "CREATE EXTERNAL TABLE source STORED AS PARQUET LOCATION 's3://lake/data/' \
+         OPTIONS ('aws.allow_http' 'true')",
+        "COPY (SELECT x * 10 AS x FROM source) TO 's3://lake/as_role/' \
+         STORED AS PARQUET OPTIONS ('aws.allow_http' 'true')",
+        "CREATE EXTERNAL TABLE as_role STORED AS PARQUET LOCATION 's3://lake/as_role/' \
+         OPTIONS ('aws.allow_http' 'true')",
+    ] {
+        run(&context, sql)
+            .await
+            .unwrap_or_else(|e| panic!("the role reads and writes: {sql}: {e}"));
+    }
+    assert_eq!(
+        count_of(&context, "SELECT sum(x)::bigint unsigned FROM as_role").await,
+        60
+    );
+    assert_no_secret_in_history(&context, &base.secret_key).await;
+    drop(processes);
+
+    // The admin may use S3 but not assume roles: STS's refusal is the
+    // error, naming the role.
+    let processes = ProcessCluster::start(
+        1,
+        ClusterArgs {
+            env: vec![
+                ("AWS_CONFIG_FILE".to_owned(), config.display().to_string()),
+                ("AWS_PROFILE".to_owned(), "refused-role".to_owned()),
+            ],
+            ..ClusterArgs::default()
+        },
+    );
+    let context = processes.connect(1).await;
+    let error = run(
+        &context,
+        "CREATE EXTERNAL TABLE refused STORED AS PARQUET LOCATION 's3://lake/data/' \
+         OPTIONS ('aws.allow_http' 'true')",
+    )
+    .await
+    .expect_err("the role is refused");
+    assert!(
+        error.contains(&format!("assuming the AWS role {role}"))
+            && error.contains("AccessDenied")
+            && error.contains("user/admin is not authorized to perform: sts:AssumeRole")
+            && !error.contains(&admin.secret_key),
+        "{error}"
     );
 }
 

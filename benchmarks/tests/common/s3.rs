@@ -19,6 +19,8 @@ use object_store::aws::AmazonS3Builder;
 pub const ACCESS_KEY: &str = "quiver-test-key";
 pub const SECRET_KEY: &str = "quiver-secret-Z9x7Q";
 pub const REGION: &str = "us-east-1";
+/// The account that moto's IAM users and roles belong to.
+const ACCOUNT: &str = "123456789012";
 
 pub struct S3Server {
     _server: super::ServerProcess,
@@ -53,15 +55,35 @@ impl S3Server {
     /// on every resource, it authenticates and authorizes every request as
     /// AWS does. Returns the users' credentials, in order.
     pub fn start_with_users(bucket: &str, users: &[(&str, &[&str])]) -> (Self, Vec<S3Credentials>) {
+        let (server, credentials, _) = Self::start_with_users_and_roles(bucket, users, &[]);
+        (server, credentials)
+    }
+
+    /// As [`Self::start_with_users`], with IAM roles too, each allowed its
+    /// actions on every resource and assumable by those users (moto checks
+    /// a role's trust policy); returns the roles' ARNs as well.
+    pub fn start_with_users_and_roles(
+        bucket: &str,
+        users: &[(&str, &[&str])],
+        roles: &[(&str, &[&str])],
+    ) -> (Self, Vec<S3Credentials>, Vec<String>) {
         // moto leaves this many requests unchecked: the set-up's.
-        let setup_requests = 1 + 3 * users.len();
+        let setup_requests = 1 + 3 * users.len() + 2 * roles.len();
         let server = Self::start_authorizing_after(Some(setup_requests));
         server.create_bucket(bucket);
         let credentials = users
             .iter()
             .map(|(name, actions)| server.create_user(name, actions))
             .collect();
-        (server, credentials)
+        let trusted: Vec<String> = users
+            .iter()
+            .map(|(name, _)| format!("arn:aws:iam::{ACCOUNT}:user/{name}"))
+            .collect();
+        let arns = roles
+            .iter()
+            .map(|(name, actions)| server.create_role(name, actions, &trusted))
+            .collect();
+        (server, credentials, arns)
     }
 
     fn start_authorizing_after(setup_requests: Option<usize>) -> Self {
@@ -86,49 +108,64 @@ impl S3Server {
     /// Creates an IAM user with an access key, allowed `actions` on every
     /// resource (three IAM requests).
     fn create_user(&self, name: &str, actions: &[&str]) -> S3Credentials {
-        let iam = |form: &str| {
-            let response = self.request(
-                "POST",
-                "/",
-                // moto routes by the service its credential scope names.
-                &[
-                    (
-                        "Authorization",
-                        "AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, \
-                         SignedHeaders=host, Signature=0",
-                    ),
-                    ("Content-Type", "application/x-www-form-urlencoded"),
-                ],
-                &format!("{form}&Version=2010-05-08"),
-            );
-            assert!(
-                response.starts_with("HTTP/1.1 200"),
-                "IAM {form} failed: {response}"
-            );
-            response
-        };
-        iam(&format!("Action=CreateUser&UserName={name}"));
-        let key = iam(&format!("Action=CreateAccessKey&UserName={name}"));
-        let element = |tag: &str| {
-            let open = format!("<{tag}>");
-            let start = key.find(&open).expect("the key's element") + open.len();
-            let end = start + key[start..].find('<').expect("its end");
-            key[start..end].to_owned()
-        };
+        self.iam(&format!("Action=CreateUser&UserName={name}"));
+        let key = self.iam(&format!("Action=CreateAccessKey&UserName={name}"));
         let credentials = S3Credentials {
-            access_key: element("AccessKeyId"),
-            secret_key: element("SecretAccessKey"),
+            access_key: element(&key, "AccessKeyId"),
+            secret_key: element(&key, "SecretAccessKey"),
         };
-        let policy = serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
-        })
-        .to_string();
-        let policy: String = url::form_urlencoded::byte_serialize(policy.as_bytes()).collect();
-        iam(&format!(
+        let policy = policy_allowing(actions);
+        self.iam(&format!(
             "Action=PutUserPolicy&UserName={name}&PolicyName=access&PolicyDocument={policy}"
         ));
         credentials
+    }
+
+    /// Creates an IAM role that the principals `trusted` may assume,
+    /// allowed `actions` on every resource (two IAM requests); returns its
+    /// ARN.
+    fn create_role(&self, name: &str, actions: &[&str], trusted: &[String]) -> String {
+        let trust = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": {"AWS": trusted},
+                "Action": "sts:AssumeRole",
+            }],
+        })
+        .to_string();
+        let trust: String = url::form_urlencoded::byte_serialize(trust.as_bytes()).collect();
+        let role = self.iam(&format!(
+            "Action=CreateRole&RoleName={name}&AssumeRolePolicyDocument={trust}"
+        ));
+        let policy = policy_allowing(actions);
+        self.iam(&format!(
+            "Action=PutRolePolicy&RoleName={name}&PolicyName=access&PolicyDocument={policy}"
+        ));
+        element(&role, "Arn")
+    }
+
+    /// Sends one IAM request, of the set-up; returns the response.
+    fn iam(&self, form: &str) -> String {
+        let response = self.request(
+            "POST",
+            "/",
+            // moto routes by the service its credential scope names.
+            &[
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, \
+                     SignedHeaders=host, Signature=0",
+                ),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            &format!("{form}&Version=2010-05-08"),
+        );
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "IAM {form} failed: {response}"
+        );
+        response
     }
 
     pub fn endpoint(&self) -> String {
@@ -261,4 +298,22 @@ fn moto_server() -> String {
     // prefix once IAM checks are on.
     let venv = super::python::venv("quiver-moto-5.2.6-venv", &["moto[server]>=5.2.6,<6"]);
     venv.join("bin").join("moto_server").display().to_string()
+}
+
+/// The text of the first `<tag>` element of an XML response.
+fn element(response: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    let start = response.find(&open).expect("the element") + open.len();
+    let end = start + response[start..].find('<').expect("its end");
+    response[start..end].to_owned()
+}
+
+/// An IAM policy that allows `actions` on every resource, form-encoded.
+fn policy_allowing(actions: &[&str]) -> String {
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+    })
+    .to_string();
+    url::form_urlencoded::byte_serialize(policy.as_bytes()).collect()
 }

@@ -1,29 +1,66 @@
 //! The AWS shared configuration files that the AWS CLI and SDKs read, and
 //! object_store does not: `~/.aws/credentials` and `~/.aws/config`.
 //!
-//! The profile is the one `AWS_PROFILE` names, else `default`. Its static
-//! keys (`aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`)
-//! and its `region` and `endpoint_url` fill what the environment leaves
-//! unset, as in the SDKs' chain: environment variables first, then the
-//! profile, then web identity, container and instance credentials (which
-//! object_store finds itself). A statement's `OPTIONS` override them all.
-//! Profiles that get credentials otherwise (SSO, `credential_process`,
-//! `role_arn`) are not read: give keys or use the environment.
+//! The profile is the one `AWS_PROFILE` names, else `default`. Its `region`
+//! and `endpoint_url` fill what the environment leaves unset. Its
+//! credentials come, as in the AWS CLI's chain, after the environment's
+//! keys and before container and instance credentials (which object_store
+//! finds itself), from the first of:
+//!
+//! 1. `role_arn` with `source_profile`: the role, assumed through STS with
+//!    the source profile's credentials, themselves of any kind here
+//!    ([`super::assume_role`]);
+//! 2. static keys (`aws_access_key_id`, `aws_secret_access_key`,
+//!    `aws_session_token`);
+//! 3. `credential_process`, a command that prints them
+//!    ([`super::credential_process`]); web identity from the environment
+//!    comes before it.
+//!
+//! A statement's `OPTIONS` override them all. A profile whose credentials
+//! come otherwise (SSO, `credential_source`, an MFA code) fails the request
+//! with an error that says so, unless the environment or the statement gives
+//! keys: give keys, or use the environment.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::StaticCredentialProvider;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, AwsCredentialProvider};
+
+use super::assume_role::{AssumeRole, RoleSettings};
+use super::credential_process::CredentialProcess;
+use super::expiring_credentials::Refreshing;
+
+/// Where a profile's credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileCredentials {
+    Keys {
+        access_key_id: String,
+        secret_access_key: String,
+        session_token: Option<String>,
+    },
+    /// A command that prints them.
+    Process(String),
+    /// A role assumed with the credentials of another profile.
+    AssumeRole {
+        role: RoleSettings,
+        source: Box<ProfileCredentials>,
+    },
+    /// A way the profile asks for that Quiver does not follow, said why.
+    Unsupported(String),
+}
 
 /// What the profile sets, each only where the environment does not.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ProfileSettings {
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub session_token: Option<String>,
+    pub credentials: Option<ProfileCredentials>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
 }
+
+/// One profile's settings, the credentials file's over the config file's.
+type Profile = HashMap<String, String>;
 
 impl ProfileSettings {
     /// Reads the profile that `env` (the process environment in use) names
@@ -45,52 +82,40 @@ impl ProfileSettings {
         )
     }
 
-    /// The settings of `profile` in the two files' texts. The credentials
-    /// file names sections `[name]`; the config file `[profile name]`, and
-    /// `[default]`. Keys in the credentials file win.
+    /// The settings of `profile` in the two files' texts.
     pub fn from_files(credentials: &str, config: &str, profile: &str) -> Self {
-        let credentials = sections(credentials);
-        let config = sections(config);
-        let config_section = if profile == "default" {
-            "default".to_owned()
-        } else {
-            format!("profile {profile}")
+        let profiles = Profiles {
+            credentials: sections(credentials),
+            config: sections(config),
         };
-        let empty = HashMap::new();
-        let from_credentials = credentials.get(profile).unwrap_or(&empty);
-        let from_config = config.get(&config_section).unwrap_or(&empty);
-        let value = |key: &str| {
-            from_credentials
-                .get(key)
-                .or_else(|| from_config.get(key))
-                .filter(|value| !value.is_empty())
-                .cloned()
-        };
+        let settings = profiles.get(profile);
         Self {
-            access_key_id: value("aws_access_key_id"),
-            secret_access_key: value("aws_secret_access_key"),
-            session_token: value("aws_session_token"),
-            region: value("region"),
-            endpoint: value("endpoint_url"),
+            credentials: profiles.credentials_of(profile, &mut HashSet::new()),
+            region: settings.get("region").cloned(),
+            endpoint: settings.get("endpoint_url").cloned(),
         }
     }
 
-    /// `builder`, built from the environment `env`, with these settings
-    /// where it has none. Keys go only as a pair, and only when the
-    /// environment gives no key.
+    /// `builder`, built from the environment `env`, with the profile's
+    /// static keys, region and endpoint where it has none. Keys go only as
+    /// a pair, and only when the environment gives no key.
     pub fn fill(
         &self,
         mut builder: AmazonS3Builder,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> AmazonS3Builder {
         let unset = |variables: &[&str]| variables.iter().all(|name| env(name).is_none());
-        if let (Some(key), Some(secret)) = (&self.access_key_id, &self.secret_access_key)
+        if let Some(ProfileCredentials::Keys {
+            access_key_id,
+            secret_access_key,
+            session_token,
+        }) = &self.credentials
             && unset(&["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
         {
             builder = builder
-                .with_access_key_id(key)
-                .with_secret_access_key(secret);
-            if let Some(token) = &self.session_token {
+                .with_access_key_id(access_key_id)
+                .with_secret_access_key(secret_access_key);
+            if let Some(token) = session_token {
                 builder = builder.with_token(token);
             }
         }
@@ -105,6 +130,201 @@ impl ProfileSettings {
             builder = builder.with_endpoint(endpoint);
         }
         builder
+    }
+
+    /// `builder`, complete with the environment `env` and the statement's
+    /// options, taking its credentials from the profile's role or
+    /// `credential_process` where nothing gave keys or web identity. Fails
+    /// for a profile whose credentials come in a way Quiver does not follow.
+    pub fn with_derived_credentials(
+        &self,
+        builder: AmazonS3Builder,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> object_store::Result<AmazonS3Builder> {
+        match self.derived_credentials(&builder, env) {
+            Some(credentials) => {
+                let provider = self.provider(credentials, env)?;
+                Ok(builder.with_credentials(provider))
+            }
+            None => Ok(builder),
+        }
+    }
+
+    /// The profile's credentials that `builder` takes, if they are not
+    /// static keys: none where keys, web identity or unsigned requests were
+    /// asked for.
+    fn derived_credentials(
+        &self,
+        builder: &AmazonS3Builder,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<&ProfileCredentials> {
+        let keys_given = builder
+            .get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+            .is_some();
+        let unsigned = builder
+            .get_config_value(&AmazonS3ConfigKey::SkipSignature)
+            .is_some_and(|skip| skip == "true");
+        let web_identity = env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some();
+        match &self.credentials {
+            _ if keys_given || unsigned => None,
+            Some(ProfileCredentials::Keys { .. }) | None => None,
+            // The AWS CLI asks web identity before a credential process.
+            Some(ProfileCredentials::Process(_)) if web_identity => None,
+            Some(credentials) => Some(credentials),
+        }
+    }
+
+    /// The provider of `credentials`, a role asking STS through the
+    /// profile's endpoint for STS, in its region.
+    fn provider(
+        &self,
+        credentials: &ProfileCredentials,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> object_store::Result<AwsCredentialProvider> {
+        Ok(match credentials {
+            ProfileCredentials::Keys {
+                access_key_id,
+                secret_access_key,
+                session_token,
+            } => Arc::new(StaticCredentialProvider::new(AwsCredential {
+                key_id: access_key_id.clone(),
+                secret_key: secret_access_key.clone(),
+                token: session_token.clone(),
+            })),
+            ProfileCredentials::Process(command) => {
+                Arc::new(Refreshing::new(CredentialProcess::new(command.clone())))
+            }
+            ProfileCredentials::AssumeRole { role, source } => {
+                let source = self.provider(source, env)?;
+                let region = env("AWS_REGION")
+                    .or_else(|| env("AWS_DEFAULT_REGION"))
+                    .or_else(|| self.region.clone())
+                    .unwrap_or_else(|| "us-east-1".to_owned());
+                let endpoint = env("AWS_ENDPOINT_URL_STS")
+                    .or_else(|| env("AWS_ENDPOINT_URL"))
+                    .or_else(|| self.endpoint.clone())
+                    .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
+                let assume = AssumeRole::new(role.clone(), source, endpoint, region)?;
+                Arc::new(Refreshing::new(assume))
+            }
+            ProfileCredentials::Unsupported(reason) => {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: reason.clone().into(),
+                });
+            }
+        })
+    }
+}
+
+/// The sections of the two files.
+struct Profiles {
+    credentials: HashMap<String, Profile>,
+    config: HashMap<String, Profile>,
+}
+
+impl Profiles {
+    /// The settings of `profile`: the credentials file names sections
+    /// `[name]`; the config file `[profile name]`, and `[default]`. Keys in
+    /// the credentials file win.
+    fn get(&self, profile: &str) -> Profile {
+        let config_section = if profile == "default" {
+            "default".to_owned()
+        } else {
+            format!("profile {profile}")
+        };
+        let mut settings = self
+            .config
+            .get(&config_section)
+            .cloned()
+            .unwrap_or_default();
+        settings.extend(self.credentials.get(profile).cloned().unwrap_or_default());
+        settings.retain(|_, value| !value.is_empty());
+        settings
+    }
+
+    /// Where the credentials of `profile` come from; `visited` holds the
+    /// profiles whose roles led here, to refuse a loop.
+    fn credentials_of(
+        &self,
+        profile: &str,
+        visited: &mut HashSet<String>,
+    ) -> Option<ProfileCredentials> {
+        let settings = self.get(profile);
+        let unsupported = |why: String| {
+            Some(ProfileCredentials::Unsupported(format!(
+                "the AWS profile '{profile}' {why}; give keys in the environment or the \
+                 statement's OPTIONS, or use a profile with keys, a credential_process or a \
+                 role_arn with a source_profile"
+            )))
+        };
+        if let Some(role_arn) = settings.get("role_arn") {
+            if settings.contains_key("mfa_serial") {
+                return unsupported(
+                    "assumes a role with an MFA code, which Quiver cannot ask".into(),
+                );
+            }
+            let source = match settings.get("source_profile") {
+                Some(source) if source == profile => Self::keys(&settings),
+                Some(source) if !visited.insert(profile.to_owned()) => {
+                    return unsupported(format!("is part of a loop of source profiles ({source})"));
+                }
+                Some(source) => self.credentials_of(source, visited),
+                None if settings.contains_key("credential_source") => {
+                    return unsupported("takes its role's source credentials from                         credential_source, which Quiver does not follow; name a source_profile"
+                        .into());
+                }
+                None => return unsupported("names a role_arn without a source_profile".into()),
+            };
+            let source = match source {
+                None => {
+                    return unsupported("names a source_profile that gives no credentials".into());
+                }
+                // What the chain cannot follow fails it whole.
+                Some(ProfileCredentials::Unsupported(reason)) => {
+                    return Some(ProfileCredentials::Unsupported(reason));
+                }
+                Some(source) => source,
+            };
+            let role = RoleSettings {
+                role_arn: role_arn.clone(),
+                session_name: settings.get("role_session_name").cloned(),
+                external_id: settings.get("external_id").cloned(),
+                duration_seconds: match settings.get("duration_seconds") {
+                    None => None,
+                    Some(text) => match text.parse() {
+                        Ok(seconds) => Some(seconds),
+                        Err(_) => {
+                            return unsupported(format!(
+                                "sets duration_seconds to '{text}', which is not a number"
+                            ));
+                        }
+                    },
+                },
+            };
+            return Some(ProfileCredentials::AssumeRole {
+                role,
+                source: Box::new(source),
+            });
+        }
+        if let Some(keys) = Self::keys(&settings) {
+            return Some(keys);
+        }
+        if settings.contains_key("sso_session") || settings.contains_key("sso_start_url") {
+            return unsupported("signs in with SSO, which Quiver does not follow".into());
+        }
+        settings
+            .get("credential_process")
+            .map(|command| ProfileCredentials::Process(command.clone()))
+    }
+
+    /// The static keys of a profile's settings, if it has both.
+    fn keys(settings: &Profile) -> Option<ProfileCredentials> {
+        Some(ProfileCredentials::Keys {
+            access_key_id: settings.get("aws_access_key_id")?.clone(),
+            secret_access_key: settings.get("aws_secret_access_key")?.clone(),
+            session_token: settings.get("aws_session_token").cloned(),
+        })
     }
 }
 
@@ -164,26 +384,83 @@ s3 =
 [profile sso]
 sso_start_url = https://example.invalid/start
 region = ap-south-1
+
+[profile vault]
+credential_process = vault-aws --role lake
+
+[profile admin]
+role_arn = arn:aws:iam::123456789012:role/admin
+source_profile = vault
+role_session_name = nightly
+duration_seconds = 900
+region = eu-west-1
+
+[profile auditor]
+role_arn = arn:aws:iam::123456789012:role/auditor
+source_profile = admin
+external_id = audit-7
+
+[profile self]
+role_arn = arn:aws:iam::123456789012:role/self
+source_profile = self
+aws_access_key_id = AKIASELF
+aws_secret_access_key = self-secret
+
+[profile loop-a]
+role_arn = arn:aws:iam::123456789012:role/a
+source_profile = loop-b
+
+[profile loop-b]
+role_arn = arn:aws:iam::123456789012:role/b
+source_profile = loop-a
+
+[profile mfa]
+role_arn = arn:aws:iam::123456789012:role/admin
+source_profile = lake
+mfa_serial = arn:aws:iam::123456789012:mfa/me
+
+[profile instance]
+role_arn = arn:aws:iam::123456789012:role/admin
+credential_source = Ec2InstanceMetadata
 ";
+
+    fn role(name: &str) -> RoleSettings {
+        RoleSettings {
+            role_arn: format!("arn:aws:iam::123456789012:role/{name}"),
+            session_name: None,
+            external_id: None,
+            duration_seconds: None,
+        }
+    }
+
+    fn unsupported(profile: &str) -> String {
+        match ProfileSettings::from_files(CREDENTIALS, CONFIG, profile).credentials {
+            Some(ProfileCredentials::Unsupported(reason)) => reason,
+            other => panic!("{profile}: {other:?}"),
+        }
+    }
 
     #[test]
     fn a_profile_is_read_from_both_files() {
         assert_eq!(
             ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake"),
             ProfileSettings {
-                access_key_id: Some("AKIALAKE".into()),
-                secret_access_key: Some("lake/secret+with=signs".into()),
-                session_token: Some("lake-token".into()),
+                credentials: Some(ProfileCredentials::Keys {
+                    access_key_id: "AKIALAKE".into(),
+                    secret_access_key: "lake/secret+with=signs".into(),
+                    session_token: Some("lake-token".into()),
+                }),
                 region: Some("eu-central-1".into()),
                 endpoint: Some("http://127.0.0.1:9000".into()),
             }
         );
         let default = ProfileSettings::from_files(CREDENTIALS, CONFIG, "default");
-        assert_eq!(default.access_key_id.as_deref(), Some("AKIADEFAULT"));
+        assert!(matches!(
+            default.credentials,
+            Some(ProfileCredentials::Keys { ref access_key_id, .. }) if access_key_id == "AKIADEFAULT"
+        ));
         assert_eq!(default.region.as_deref(), Some("us-west-2"));
-        // A profile without keys gives only what it has.
         let sso = ProfileSettings::from_files(CREDENTIALS, CONFIG, "sso");
-        assert_eq!(sso.access_key_id, None);
         assert_eq!(sso.region.as_deref(), Some("ap-south-1"));
         assert_eq!(
             ProfileSettings::from_files("", "", "missing"),
@@ -234,6 +511,87 @@ region = ap-south-1
     }
 
     #[test]
+    fn roles_are_followed_through_their_source_profiles() {
+        let vault = ProfileCredentials::Process("vault-aws --role lake".into());
+        let admin = ProfileCredentials::AssumeRole {
+            role: RoleSettings {
+                session_name: Some("nightly".into()),
+                duration_seconds: Some(900),
+                ..role("admin")
+            },
+            source: Box::new(vault.clone()),
+        };
+        let profile = |name: &str| ProfileSettings::from_files(CREDENTIALS, CONFIG, name);
+        assert_eq!(profile("vault").credentials, Some(vault));
+        assert_eq!(profile("admin").credentials, Some(admin.clone()));
+        assert_eq!(profile("admin").region.as_deref(), Some("eu-west-1"));
+        // A chain of roles; the role itself wins over the profile's keys.
+        assert_eq!(
+            profile("auditor").credentials,
+            Some(ProfileCredentials::AssumeRole {
+                role: RoleSettings {
+                    external_id: Some("audit-7".into()),
+                    ..role("auditor")
+                },
+                source: Box::new(admin),
+            })
+        );
+        assert_eq!(
+            profile("self").credentials,
+            Some(ProfileCredentials::AssumeRole {
+                role: role("self"),
+                source: Box::new(ProfileCredentials::Keys {
+                    access_key_id: "AKIASELF".into(),
+                    secret_access_key: "self-secret".into(),
+                    session_token: None,
+                }),
+            })
+        );
+    }
+
+    #[test]
+    fn credentials_that_cannot_be_followed_say_why() {
+        assert!(unsupported("sso").contains("'sso' signs in with SSO"));
+        assert!(unsupported("loop-a").contains("loop of source profiles"));
+        assert!(unsupported("mfa").contains("MFA code"));
+        assert!(unsupported("instance").contains("credential_source"));
+        let error = ProfileSettings::from_files(CREDENTIALS, CONFIG, "sso")
+            .with_derived_credentials(AmazonS3Builder::new(), &|_: &str| None)
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains("give keys in the environment"), "{error}");
+        // Keys given otherwise need nothing of the profile.
+        let keyed = AmazonS3Builder::new().with_access_key_id("AKIAOPTION");
+        assert!(
+            ProfileSettings::from_files(CREDENTIALS, CONFIG, "sso")
+                .with_derived_credentials(keyed, &|_: &str| None)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn derived_credentials_serve_only_where_nothing_else_gives_credentials() {
+        let vault = ProfileSettings::from_files(CREDENTIALS, CONFIG, "vault");
+        let admin = ProfileSettings::from_files(CREDENTIALS, CONFIG, "admin");
+        let nothing = |_: &str| None;
+        let bare = vault.fill(AmazonS3Builder::new(), &nothing);
+        assert!(vault.derived_credentials(&bare, &nothing).is_some());
+        // Keys from the environment or the statement's options win, and so
+        // do unsigned requests; web identity wins over a process, not a role.
+        let keyed = AmazonS3Builder::new().with_access_key_id("AKIAOPTION");
+        assert!(vault.derived_credentials(&keyed, &nothing).is_none());
+        let unsigned = AmazonS3Builder::new().with_skip_signature(true);
+        assert!(vault.derived_credentials(&unsigned, &nothing).is_none());
+        let web_identity = |name: &str| {
+            (name == "AWS_WEB_IDENTITY_TOKEN_FILE").then(|| "/var/run/token".to_owned())
+        };
+        assert!(vault.derived_credentials(&bare, &web_identity).is_none());
+        assert!(admin.derived_credentials(&bare, &web_identity).is_some());
+        let lake = ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake");
+        assert!(lake.derived_credentials(&bare, &nothing).is_none(), "keys");
+    }
+
+    #[test]
     fn the_files_are_found_where_the_environment_says() {
         let folder = tempfile::tempdir().expect("temp folder");
         let credentials = folder.path().join("creds");
@@ -248,7 +606,10 @@ region = ap-south-1
             _ => None,
         };
         let read = ProfileSettings::read(&env);
-        assert_eq!(read.access_key_id.as_deref(), Some("AKIALAKE"));
+        assert_eq!(
+            read,
+            ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake")
+        );
         assert_eq!(read.region.as_deref(), Some("eu-central-1"));
     }
 }

@@ -1,6 +1,9 @@
 //! Object storage: the stores behind table and output locations.
 //!
 //! - [`aws_profile`]: the AWS CLI's shared config and credentials files.
+//! - [`assume_role`], [`credential_process`]: S3 credentials of a role a
+//!   profile assumes, and those a profile's command prints, kept until they
+//!   expire ([`expiring_credentials`]).
 //! - [`options`]: `aws.*`/`gcp.*`/`azure.*`/`http.*` options of a location,
 //!   checked when a statement is planned and never shown in clear.
 //! - [`registry`]: builds each location's store from the environment and its
@@ -10,8 +13,11 @@
 //! - [`upload`]: file uploads whose ids are recorded, so that the unfinished
 //!   uploads of a killed task can be aborted (writes and durable shuffle).
 
+pub mod assume_role;
 pub mod aws_profile;
+pub mod credential_process;
 pub mod echoes;
+pub mod expiring_credentials;
 pub mod forwarding;
 pub mod metered;
 pub mod options;

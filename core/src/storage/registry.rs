@@ -344,11 +344,15 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
         }
         ObjectStoreScheme::AmazonS3 => {
             let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-            let builder = ProfileSettings::read(&env).fill(AmazonS3Builder::from_env(), &env);
+            let profile = ProfileSettings::read(&env);
+            let builder = profile.fill(AmazonS3Builder::from_env(), &env);
             let mut builder = builder.with_url(url.as_str()).with_retry(retry_config());
             for (name, value) in options.for_provider("aws") {
                 builder = builder.with_config(aws_key(name).map_err(build_error(url))?, value);
             }
+            let builder = profile
+                .with_derived_credentials(builder, &env)
+                .map_err(build_error(url))?;
             let store = builder.build().map_err(build_error(url))?;
             Ok(Store::with_multipart(Arc::new(store)))
         }

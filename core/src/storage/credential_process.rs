@@ -1,0 +1,241 @@
+//! S3 credentials from an AWS profile's `credential_process`: a command that
+//! prints them, as the AWS CLI and SDKs run it for tools that fetch keys
+//! from a vault, a single sign-on or a hardware key.
+//!
+//! The command runs through the shell, with no input, and prints one JSON
+//! object: `{"Version": 1, "AccessKeyId": ..., "SecretAccessKey": ...,
+//! "SessionToken": ..., "Expiration": "2026-12-06T10:00:00Z"}`; the token
+//! and the expiration may be absent. What it prints is kept until shortly
+//! before it expires ([`super::expiring_credentials`]). A command that
+//! fails, hangs past a minute or prints anything else fails the request
+//! with an error that names the command and its status, and never what it
+//! printed on its standard output: the keys.
+
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use object_store::aws::AwsCredential;
+use serde::Deserialize;
+
+use super::expiring_credentials::{Expiring, FetchCredentials, parse_expiration};
+
+/// How long the command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much of the command's standard error an error shows.
+const SHOWN_STDERR: usize = 500;
+
+/// The command of a profile's `credential_process`.
+#[derive(Debug)]
+pub struct CredentialProcess {
+    command: String,
+}
+
+/// What the command prints, in the AWS SDKs' format.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ProcessOutput {
+    version: u32,
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+    expiration: Option<String>,
+}
+
+impl CredentialProcess {
+    pub fn new(command: impl Into<String>) -> Self {
+        Self {
+            command: command.into(),
+        }
+    }
+
+    fn error(&self, message: impl Into<String>) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "the AWS profile's credential_process `{}` {}",
+                self.command,
+                message.into()
+            )
+            .into(),
+        }
+    }
+}
+
+#[async_trait]
+impl FetchCredentials for CredentialProcess {
+    async fn fetch(&self) -> object_store::Result<Expiring> {
+        let command = self.command.clone();
+        let run = tokio::task::spawn_blocking(move || run_command(&command, COMMAND_TIMEOUT));
+        let (status, stdout, stderr) = run
+            .await
+            .map_err(|e| self.error(format!("could not be waited for: {e}")))?
+            .map_err(|e| self.error(e))?;
+        if !status.success() {
+            let stderr = String::from_utf8_lossy(&stderr);
+            let stderr: String = stderr.trim().chars().take(SHOWN_STDERR).collect();
+            return Err(self.error(format!("failed ({status}): {stderr}")));
+        }
+        // serde's message could quote the keys: name only where it failed.
+        let output: ProcessOutput = serde_json::from_slice(&stdout).map_err(|e| {
+            self.error(format!(
+                "printed no credentials: expected a JSON object with Version 1, AccessKeyId \
+                 and SecretAccessKey (error at line {} column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        if output.version != 1 {
+            return Err(self.error(format!(
+                "printed credentials of Version {}; only Version 1 is known",
+                output.version
+            )));
+        }
+        let expires = output
+            .expiration
+            .as_deref()
+            .map(parse_expiration)
+            .transpose()
+            .map_err(|e| self.error(format!("printed an Expiration that {e}")))?;
+        Ok(Expiring {
+            credential: Arc::new(AwsCredential {
+                key_id: output.access_key_id,
+                secret_key: output.secret_access_key,
+                token: output.session_token,
+            }),
+            expires,
+        })
+    }
+}
+
+/// Runs `command` through the shell and returns its status, standard output
+/// and standard error; kills it after `timeout`.
+fn run_command(command: &str, timeout: Duration) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), String> {
+    let mut child = shell(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not start: {e}"))?;
+    // Read on threads of their own, so that a command that prints much does
+    // not block on a full pipe while it is waited for.
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(child.stdout.take().map(|pipe| Box::new(pipe) as _));
+    let stderr = read(child.stderr.take().map(|pipe| Box::new(pipe) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("did not finish within {} s", timeout.as_secs()));
+            }
+            Err(e) => return Err(format!("could not be waited for: {e}")),
+        }
+    };
+    let joined = |reader: std::thread::JoinHandle<Vec<u8>>| reader.join().unwrap_or_default();
+    Ok((status, joined(stdout), joined(stderr)))
+}
+
+#[cfg(unix)]
+fn shell(command: &str) -> Command {
+    let mut shell = Command::new("sh");
+    shell.arg("-c").arg(command);
+    shell
+}
+
+#[cfg(windows)]
+fn shell(command: &str) -> Command {
+    let mut shell = Command::new("cmd.exe");
+    shell.arg("/C").arg(command);
+    shell
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+
+    /// A command that prints `json`.
+    fn printing(folder: &std::path::Path, json: &str) -> CredentialProcess {
+        let output = folder.join("output.json");
+        std::fs::write(&output, json).expect("write");
+        CredentialProcess::new(format!("cat '{}'", output.display()))
+    }
+
+    #[tokio::test]
+    async fn the_printed_credentials_and_expiration_are_read() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let lasting = printing(
+            folder.path(),
+            r#"{"Version": 1, "AccessKeyId": "AKIAPROCESS", "SecretAccessKey": "s3cret",
+                "SessionToken": "token"}"#,
+        );
+        let fetched = lasting.fetch().await.expect("credentials");
+        let credential = &fetched.credential;
+        assert_eq!(
+            (credential.key_id.as_str(), credential.secret_key.as_str()),
+            ("AKIAPROCESS", "s3cret")
+        );
+        assert_eq!(credential.token.as_deref(), Some("token"));
+        assert_eq!(fetched.expires, None);
+
+        let later = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+        let hourly = printing(
+            folder.path(),
+            &format!(
+                r#"{{"Version": 1, "AccessKeyId": "AKIA3", "SecretAccessKey": "s",
+                    "Expiration": "{later}"}}"#
+            ),
+        );
+        let expires = hourly.fetch().await.expect("credentials").expires;
+        assert_eq!(expires.map(|time| time.to_rfc3339()), Some(later));
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_is_named_and_its_output_is_not_shown() {
+        let failing = CredentialProcess::new("echo 'no session: run login' >&2; exit 3");
+        let error = failing.fetch().await.expect_err("fails").to_string();
+        assert!(
+            error.contains("credential_process `echo")
+                && error.contains("exit status: 3")
+                && error.contains("no session: run login"),
+            "{error}"
+        );
+
+        let folder = tempfile::tempdir().expect("temp folder");
+        let garbled = printing(
+            folder.path(),
+            r#"{"Version": 1, "AccessKeyId": "AKIALEAK", "SecretAccessKey": 7}"#,
+        );
+        let error = garbled.fetch().await.expect_err("fails").to_string();
+        assert!(error.contains("printed no credentials"), "{error}");
+        assert!(!error.contains("AKIALEAK"), "{error}");
+
+        let unknown = printing(
+            folder.path(),
+            r#"{"Version": 2, "AccessKeyId": "A", "SecretAccessKey": "s"}"#,
+        );
+        let error = unknown.fetch().await.expect_err("fails").to_string();
+        assert!(error.contains("Version 2"), "{error}");
+    }
+
+    #[test]
+    fn a_hanging_command_is_killed() {
+        let error = run_command("sleep 30", Duration::from_millis(200)).expect_err("times out");
+        assert!(error.contains("did not finish"), "{error}");
+    }
+}

@@ -1,0 +1,140 @@
+//! S3 credentials that expire, kept until shortly before they do: those
+//! that a profile's `credential_process` prints and those that STS gives
+//! for an assumed role.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use object_store::CredentialProvider;
+use object_store::aws::AwsCredential;
+use tokio::sync::Mutex;
+
+/// How long before they expire credentials are fetched again, as the SDKs do.
+const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// Credentials and when they expire; never, when not said.
+#[derive(Debug, Clone)]
+pub struct Expiring {
+    pub credential: Arc<AwsCredential>,
+    pub expires: Option<DateTime<Utc>>,
+}
+
+/// A way to get credentials afresh.
+#[async_trait]
+pub trait FetchCredentials: fmt::Debug + Send + Sync + 'static {
+    async fn fetch(&self) -> object_store::Result<Expiring>;
+}
+
+/// A credential provider that fetches with `F` and keeps what it got until
+/// five minutes before it expires.
+#[derive(Debug)]
+pub struct Refreshing<F> {
+    fetcher: F,
+    current: Mutex<Option<(Arc<AwsCredential>, Option<Instant>)>>,
+}
+
+impl<F> Refreshing<F> {
+    pub fn new(fetcher: F) -> Self {
+        Self {
+            fetcher,
+            current: Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl<F: FetchCredentials> CredentialProvider for Refreshing<F> {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        // Held while fetching, so that concurrent requests fetch once.
+        let mut current = self.current.lock().await;
+        if let Some((credential, refresh_at)) = current.as_ref()
+            && refresh_at.is_none_or(|refresh_at| Instant::now() < refresh_at)
+        {
+            return Ok(Arc::clone(credential));
+        }
+        let fetched = self.fetcher.fetch().await?;
+        let refresh_at = fetched.expires.map(|expires| {
+            let left = (expires - Utc::now()).to_std().unwrap_or_default();
+            // Credentials that expire within the margin are used once.
+            Instant::now() + left.saturating_sub(REFRESH_MARGIN)
+        });
+        *current = Some((Arc::clone(&fetched.credential), refresh_at));
+        Ok(fetched.credential)
+    }
+}
+
+/// Parses an expiration time as AWS writes them (RFC 3339).
+pub fn parse_expiration(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|e| format!("'{text}' is not an RFC 3339 time: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Gives credentials expiring `expires_in` from now (never when
+    /// `None`), counting its fetches.
+    #[derive(Debug)]
+    struct Counting {
+        expires_in: Option<chrono::Duration>,
+        fetches: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl FetchCredentials for Counting {
+        async fn fetch(&self) -> object_store::Result<Expiring> {
+            let n = self.fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(Expiring {
+                credential: Arc::new(AwsCredential {
+                    key_id: format!("AKIA{n}"),
+                    secret_key: "secret".into(),
+                    token: None,
+                }),
+                expires: self.expires_in.map(|left| Utc::now() + left),
+            })
+        }
+    }
+
+    async fn fetches_for_three_requests(expires_in: Option<chrono::Duration>) -> usize {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let provider = Refreshing::new(Counting {
+            expires_in,
+            fetches: Arc::clone(&fetches),
+        });
+        for _ in 0..3 {
+            provider.get_credential().await.expect("credentials");
+        }
+        fetches.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn credentials_are_kept_until_they_are_about_to_expire() {
+        assert_eq!(fetches_for_three_requests(None).await, 1, "no expiration");
+        let hour = Some(chrono::Duration::hours(1));
+        assert_eq!(fetches_for_three_requests(hour).await, 1);
+        let soon = Some(chrono::Duration::minutes(2));
+        assert_eq!(
+            fetches_for_three_requests(soon).await,
+            3,
+            "within the margin"
+        );
+    }
+
+    #[test]
+    fn expirations_are_read_as_aws_writes_them() {
+        let parsed = parse_expiration("2026-12-06T11:00:00Z").expect("parses");
+        assert_eq!(parsed.to_rfc3339(), "2026-12-06T11:00:00+00:00");
+        assert!(parse_expiration("2026-12-06T11:00:00.123+01:00").is_ok());
+        let error = parse_expiration("tomorrow").expect_err("refused");
+        assert!(error.contains("'tomorrow'"), "{error}");
+    }
+}
