@@ -997,6 +997,28 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     cluster.shutdown().await;
 }
 
+/// A cluster of processes, one executor, that use the AWS profile `profile`
+/// of the files that `files` names by their variables (`AWS_CONFIG_FILE`).
+async fn cluster_with_aws_profile(
+    files: &[(&str, &std::path::Path)],
+    profile: &str,
+) -> (ProcessCluster, QuiverContext) {
+    let mut env: Vec<(String, String)> = files
+        .iter()
+        .map(|(name, path)| ((*name).to_owned(), path.display().to_string()))
+        .collect();
+    env.push(("AWS_PROFILE".to_owned(), profile.to_owned()));
+    let processes = ProcessCluster::start(
+        1,
+        ClusterArgs {
+            env,
+            ..ClusterArgs::default()
+        },
+    );
+    let context = processes.connect(1).await;
+    (processes, context)
+}
+
 /// A Parquet file of one column `x` holding 1, 2 and 3.
 fn one_two_three() -> PutPayload {
     let mut data = Vec::new();
@@ -1243,25 +1265,11 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         ),
     )
     .expect("write config");
-    let env = [
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            credentials.display().to_string(),
-        ),
-        ("AWS_CONFIG_FILE", config.display().to_string()),
-        ("AWS_PROFILE", "lake".to_owned()),
+    let files = [
+        ("AWS_SHARED_CREDENTIALS_FILE", credentials.as_path()),
+        ("AWS_CONFIG_FILE", config.as_path()),
     ];
-    let processes = ProcessCluster::start(
-        1,
-        ClusterArgs {
-            env: env
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), value.clone()))
-                .collect(),
-            ..ClusterArgs::default()
-        },
-    );
-    let context = processes.connect(1).await;
+    let (_processes, context) = cluster_with_aws_profile(&files, "lake").await;
     run(
         &context,
         "CREATE EXTERNAL TABLE from_profile STORED AS PARQUET LOCATION 's3://lake/data/' \
@@ -1326,17 +1334,8 @@ async fn profiles_that_assume_roles_with_printed_keys_read_and_write_on_s3() {
         ),
     )
     .expect("write config");
-    let processes = ProcessCluster::start(
-        1,
-        ClusterArgs {
-            env: vec![
-                ("AWS_CONFIG_FILE".to_owned(), config.display().to_string()),
-                ("AWS_PROFILE".to_owned(), "lake-role".to_owned()),
-            ],
-            ..ClusterArgs::default()
-        },
-    );
-    let context = processes.connect(1).await;
+    let files = [("AWS_CONFIG_FILE", config.as_path())];
+    let (processes, context) = cluster_with_aws_profile(&files, "lake-role").await;
     for sql in [
         "CREATE EXTERNAL TABLE source STORED AS PARQUET LOCATION 's3://lake/data/' \
          OPTIONS ('aws.allow_http' 'true')",
@@ -1358,17 +1357,7 @@ async fn profiles_that_assume_roles_with_printed_keys_read_and_write_on_s3() {
 
     // The admin may use S3 but not assume roles: STS's refusal is the
     // error, naming the role.
-    let processes = ProcessCluster::start(
-        1,
-        ClusterArgs {
-            env: vec![
-                ("AWS_CONFIG_FILE".to_owned(), config.display().to_string()),
-                ("AWS_PROFILE".to_owned(), "refused-role".to_owned()),
-            ],
-            ..ClusterArgs::default()
-        },
-    );
-    let context = processes.connect(1).await;
+    let (_processes, context) = cluster_with_aws_profile(&files, "refused-role").await;
     let error = run(
         &context,
         "CREATE EXTERNAL TABLE refused STORED AS PARQUET LOCATION 's3://lake/data/' \
