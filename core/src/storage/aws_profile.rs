@@ -40,8 +40,8 @@ pub enum ProfileCredentials {
         secret_access_key: String,
         session_token: Option<String>,
     },
-    /// A command that prints them.
-    Process(String),
+    /// A command that prints them, and the profile that names it.
+    Process { profile: String, command: String },
     /// A role assumed with the credentials of another profile.
     AssumeRole {
         role: RoleSettings,
@@ -169,7 +169,7 @@ impl ProfileSettings {
             _ if keys_given || unsigned => None,
             Some(ProfileCredentials::Keys { .. }) | None => None,
             // The AWS CLI asks web identity before a credential process.
-            Some(ProfileCredentials::Process(_)) if web_identity => None,
+            Some(ProfileCredentials::Process { .. }) if web_identity => None,
             Some(credentials) => Some(credentials),
         }
     }
@@ -191,9 +191,9 @@ impl ProfileSettings {
                 secret_key: secret_access_key.clone(),
                 token: session_token.clone(),
             })),
-            ProfileCredentials::Process(command) => {
-                Arc::new(Refreshing::new(CredentialProcess::new(command.clone())))
-            }
+            ProfileCredentials::Process { profile, command } => Arc::new(Refreshing::new(
+                CredentialProcess::new(profile.clone(), command.clone()),
+            )),
             ProfileCredentials::AssumeRole { role, source } => {
                 let source = self.provider(source, env)?;
                 let region = env("AWS_REGION")
@@ -315,7 +315,10 @@ impl Profiles {
         }
         settings
             .get("credential_process")
-            .map(|command| ProfileCredentials::Process(command.clone()))
+            .map(|command| ProfileCredentials::Process {
+                profile: profile.to_owned(),
+                command: command.clone(),
+            })
     }
 
     /// The static keys of a profile's settings, if it has both.
@@ -512,7 +515,10 @@ credential_source = Ec2InstanceMetadata
 
     #[test]
     fn roles_are_followed_through_their_source_profiles() {
-        let vault = ProfileCredentials::Process("vault-aws --role lake".into());
+        let vault = ProfileCredentials::Process {
+            profile: "vault".into(),
+            command: "vault-aws --role lake".into(),
+        };
         let admin = ProfileCredentials::AssumeRole {
             role: RoleSettings {
                 session_name: Some("nightly".into()),

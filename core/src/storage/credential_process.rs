@@ -8,8 +8,9 @@
 //! and the expiration may be absent. What it prints is kept until shortly
 //! before it expires ([`super::expiring_credentials`]). A command that
 //! fails, hangs past a minute or prints anything else fails the request
-//! with an error that names the command and its status, and never what it
-//! printed on its standard output: the keys.
+//! with an error that names the profile, the command's status and its
+//! standard error, and never the command line (which may hold a token) nor
+//! what it printed on its standard output: the keys.
 
 use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
@@ -30,6 +31,8 @@ const SHOWN_STDERR: usize = 500;
 /// The command of a profile's `credential_process`.
 #[derive(Debug)]
 pub struct CredentialProcess {
+    /// The profile that names it, to name it in errors.
+    profile: String,
     command: String,
 }
 
@@ -45,8 +48,9 @@ struct ProcessOutput {
 }
 
 impl CredentialProcess {
-    pub fn new(command: impl Into<String>) -> Self {
+    pub fn new(profile: impl Into<String>, command: impl Into<String>) -> Self {
         Self {
+            profile: profile.into(),
             command: command.into(),
         }
     }
@@ -55,8 +59,8 @@ impl CredentialProcess {
         object_store::Error::Generic {
             store: "S3",
             source: format!(
-                "the AWS profile's credential_process `{}` {}",
-                self.command,
+                "the credential_process of the AWS profile '{}' {}",
+                self.profile,
                 message.into()
             )
             .into(),
@@ -173,7 +177,7 @@ mod tests {
     fn printing(folder: &std::path::Path, json: &str) -> CredentialProcess {
         let output = folder.join("output.json");
         std::fs::write(&output, json).expect("write");
-        CredentialProcess::new(format!("cat '{}'", output.display()))
+        CredentialProcess::new("vault", format!("cat '{}'", output.display()))
     }
 
     #[tokio::test]
@@ -207,12 +211,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_command_is_named_and_its_output_is_not_shown() {
-        let failing = CredentialProcess::new("echo 'no session: run login' >&2; exit 3");
+        let failing = CredentialProcess::new(
+            "vault",
+            "echo 'no session: run login' >&2; exit 3 # --token T0KEN",
+        );
         let error = failing.fetch().await.expect_err("fails").to_string();
         assert!(
-            error.contains("credential_process `echo")
+            error.contains("credential_process of the AWS profile 'vault' failed")
                 && error.contains("exit status: 3")
-                && error.contains("no session: run login"),
+                && error.contains("no session: run login")
+                && !error.contains("T0KEN"),
             "{error}"
         );
 
