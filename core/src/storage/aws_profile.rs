@@ -203,7 +203,7 @@ impl ProfileSettings {
                 let endpoint = env("AWS_ENDPOINT_URL_STS")
                     .or_else(|| env("AWS_ENDPOINT_URL"))
                     .or_else(|| self.endpoint.clone())
-                    .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
+                    .unwrap_or_else(|| sts_endpoint(&region));
                 let assume = AssumeRole::new(role.clone(), source, endpoint, region)?;
                 Arc::new(Refreshing::new(assume))
             }
@@ -215,6 +215,17 @@ impl ProfileSettings {
             }
         })
     }
+}
+
+/// The regional STS endpoint of `region`, as the SDKs use by default.
+fn sts_endpoint(region: &str) -> String {
+    // The China regions are a partition of their own.
+    let domain = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    format!("https://sts.{region}.{domain}")
 }
 
 /// The sections of the two files.
@@ -595,6 +606,18 @@ credential_source = Ec2InstanceMetadata
         assert!(admin.derived_credentials(&bare, &web_identity).is_some());
         let lake = ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake");
         assert!(lake.derived_credentials(&bare, &nothing).is_none(), "keys");
+    }
+
+    #[test]
+    fn roles_are_assumed_through_their_regions_sts() {
+        assert_eq!(
+            sts_endpoint("eu-west-1"),
+            "https://sts.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            sts_endpoint("cn-north-1"),
+            "https://sts.cn-north-1.amazonaws.com.cn"
+        );
     }
 
     #[test]
