@@ -79,7 +79,7 @@ use super::layout::{
     join, manifest as manifest_path, named_job, relative_to, replaced_list, upload_records,
     written_by,
 };
-use super::order::{self, Claim, Standing};
+use super::order::{self, Claim, Claimed, Claims, Standing};
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
@@ -410,7 +410,7 @@ impl Commit {
         self.mark_staging().await?;
         // New files go in before old ones go: a commit that dies in between
         // leaves extra rows, never lost ones, and its retry finishes the job.
-        self.move_into_place(&files).await?;
+        let moved_now = self.move_into_place(&files).await?;
         self.counts.committed.add(files.len());
         // Only a retried commit can find files an earlier run moved in; a
         // first attempt need not list the whole table.
@@ -420,7 +420,15 @@ impl Commit {
         let rows: u64 = files.iter().map(|file| file.rows).sum();
         let replaced = if self.insert_op == InsertOp::Overwrite {
             let written: Vec<&str> = files.iter().map(|file| file.relative.as_str()).collect();
-            let claim = self.claim_place(&written).await?;
+            let claimed = self.claim_place(&written).await?;
+            if let Some(claimed) = &claimed
+                && claimed.by_earlier_run
+                && moved_now > 0
+            {
+                self.check_no_later_claim_on_its_partitions(&claimed.claim)
+                    .await?;
+            }
+            let claim = claimed.map(|claimed| claimed.claim);
             let replaced = self
                 .replaced_files(self.partitioned, written.into_iter(), claim.as_ref())
                 .await?;
@@ -678,7 +686,7 @@ impl Commit {
     /// Claims this overwrite's place in the table's order of overwrites
     /// ([`super::order`]), once its files are in place; none if the store
     /// cannot order them.
-    async fn claim_place(&self, written: &[&str]) -> Result<Option<Claim>> {
+    async fn claim_place(&self, written: &[&str]) -> Result<Option<Claimed>> {
         let folders = self.partitioned.then(|| {
             let folders: HashSet<&str> =
                 written.iter().map(|relative| folder_of(relative)).collect();
@@ -695,6 +703,28 @@ impl Commit {
                  not ordered with overwrites of the same partitions from other clusters");
         }
         Ok(claim)
+    }
+
+    /// Fails a retried commit that kept its earlier run's place but moved
+    /// files in only now, if another overwrite claimed a later place on its
+    /// partitions meanwhile: that one may have listed them without these
+    /// files, and both writes' rows would stand ([`super::order`]). The
+    /// error is final, so the job's files are rolled back.
+    async fn check_no_later_claim_on_its_partitions(&self, own: &Claim) -> Result<()> {
+        let same_folder = |ours: &str, theirs: &str| {
+            folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
+        };
+        let claims = Claims::read(&self.store, &self.table).await?;
+        let later = claims.later(own).find(|later| later.overlaps(own, same_folder));
+        match later {
+            Some(later) => Err(DataFusionError::Execution(format!(
+                "the overwrite of '{}' was retried after job {} began to overwrite the same \
+                 partitions, and moved files in since; its write is rolled back: run the \
+                 statement again",
+                self.location, later.job_id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Deletes the claims of ended overwrites; they are only kept longer
@@ -867,30 +897,32 @@ impl Commit {
             .await
     }
 
-    async fn move_into_place(&self, files: &[StagedFile]) -> Result<()> {
+    /// Moves the staged files into place; returns how many this run moved
+    /// (an earlier run may have moved the others).
+    async fn move_into_place(&self, files: &[StagedFile]) -> Result<usize> {
         let moves = files
             .iter()
             .map(|file| Ok((file.staged.clone(), self.committed_path(&file.relative)?)))
             .collect::<Result<Vec<_>>>()?;
-        concurrently(
+        let moved = concurrently(
             moves,
             &self.store,
             |store, (staged, committed)| async move {
                 self.check_lease()?;
                 match store.rename(&staged, &committed).await {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(true),
                     // Moved already by an earlier run of this step.
                     Err(object_store::Error::NotFound { .. })
                         if store.head(&committed).await.is_ok() =>
                     {
-                        Ok(())
+                        Ok(false)
                     }
                     Err(e) => Err(DataFusionError::from(e)),
                 }
             },
         )
         .await?;
-        Ok(())
+        Ok(moved.into_iter().filter(|moved| *moved).count())
     }
 
     fn committed_path(&self, relative: &str) -> Result<Path> {
@@ -1618,6 +1650,29 @@ mod tests {
         first.expect("the first overwrite");
         let both = vec![file(FIRST, "p=1"), file(SECOND, "p=2")];
         assert_eq!(shown_and_held(&store).await, (both.clone(), both));
+
+        // The first claimed its place and its executor died; the second
+        // claimed after it and committed. The first's retry keeps its place
+        // but moves in a file (recomputed) that the second never listed: it
+        // fails rather than stand beside the second's rows, and settling
+        // rolls its file back. (Without that, both showed.)
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        append(&store, OLD).await;
+        let folders = Some(vec!["p=1".to_owned()]);
+        order::claim(&store, &Path::from("t"), FIRST, folders, false)
+            .await
+            .expect("claim");
+        let marker = Path::from(format!("t/_temporary/{FIRST}/_committing"));
+        store.put(&marker, PutPayload::new()).await.expect("mark");
+        let (second, input) = staged_overwrite(Arc::clone(&store), &store, SECOND, "p=1").await;
+        second.run(input).await.expect("the second overwrite");
+        let (mut retried, input) =
+            staged_overwrite(Arc::clone(&store), &store, FIRST, "p=1").await;
+        retried.retry = true;
+        let error = retried.run(input).await.expect_err("a conflict").to_string();
+        assert!(error.contains(&format!("after job {SECOND}")), "{error}");
+        let (shown, _) = shown_and_held(&store).await;
+        assert_eq!(shown, vec![file(SECOND, "p=1")]);
     }
 
     /// An append that another cluster moves in and commits after an

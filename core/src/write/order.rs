@@ -25,7 +25,12 @@
 //!
 //! So the overwrite with the last claim decides what the partitions hold,
 //! as if the others had committed before it, and no overwrite fails for
-//! another. Claims of ended jobs are pruned, all but the last, from the
+//! another, with one exception. A retried commit keeps the place its earlier
+//! run claimed (a later overwrite may have replaced its files already); if
+//! it moves files in only now, after a later claim on its partitions, that
+//! later overwrite may have listed the partitions without them, and both
+//! writes' rows would stand. Such a retry fails before its manifest, and
+//! its files are rolled back. Claims of ended jobs are pruned, all but the last, from the
 //! oldest up to the first job still committing: a job that is committing
 //! needs every later claim, and later jobs need its own.
 
@@ -68,6 +73,24 @@ impl Claim {
             .as_ref()
             .is_none_or(|folders| folders.iter().any(|ours| same_folder(ours, folder)))
     }
+
+    /// Whether this claim's overwrite and `other`'s write a partition in
+    /// common.
+    pub fn overlaps(&self, other: &Claim, same_folder: impl Fn(&str, &str) -> bool) -> bool {
+        match &other.folders {
+            None => true,
+            Some(folders) => folders
+                .iter()
+                .any(|folder| self.covers(folder, &same_folder)),
+        }
+    }
+}
+
+/// An overwrite's claim, and whether an earlier run of its commit took it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub claim: Claim,
+    pub by_earlier_run: bool,
 }
 
 /// Where one overwrite stands among the others of its table, when it lists
@@ -76,8 +99,9 @@ impl Claim {
 pub struct Standing {
     /// The jobs that claimed a place before it: their files go too.
     pub earlier_jobs: HashSet<String>,
-    /// The claims after it whose jobs have committed: their partitions are
-    /// theirs.
+    /// The claims of other jobs after it.
+    pub later: Vec<Claim>,
+    /// Those of them whose jobs have committed: their partitions are theirs.
     pub superseded_by: Vec<Claim>,
 }
 
@@ -87,19 +111,20 @@ impl Standing {
     /// claims later may have committed before the listing.
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path, own: &Claim) -> Result<Self> {
         let claims = Claims::read(store, table).await?;
-        let later: Vec<&Claim> = claims.later(own).collect();
+        let later: Vec<Claim> = claims.later(own).cloned().collect();
         let superseded_by = if later.is_empty() {
             Vec::new()
         } else {
             let committed = CommittedFiles::read(store, table).await?;
             later
-                .into_iter()
+                .iter()
                 .filter(|claim| committed.committed(&claim.job_id))
                 .cloned()
                 .collect()
         };
         Ok(Self {
             earlier_jobs: claims.earlier_jobs(own),
+            later,
             superseded_by,
         })
     }
@@ -155,11 +180,11 @@ impl Claims {
             .filter(|claim| claim.place > own.place && claim.job_id != own.job_id)
     }
 
-    /// The jobs that claimed a place before `own`.
+    /// The other jobs that claimed a place before `own`.
     pub fn earlier_jobs(&self, own: &Claim) -> HashSet<String> {
         self.0
             .iter()
-            .filter(|claim| claim.place < own.place)
+            .filter(|claim| claim.place < own.place && claim.job_id != own.job_id)
             .map(|claim| claim.job_id.clone())
             .collect()
     }
@@ -177,9 +202,12 @@ pub async fn claim(
     job_id: &str,
     folders: Option<Vec<String>>,
     retry: bool,
-) -> Result<Option<Claim>> {
+) -> Result<Option<Claimed>> {
     if retry && let Some(own) = Claims::read(store, table).await?.of(job_id) {
-        return Ok(Some(own.clone()));
+        return Ok(Some(Claimed {
+            claim: own.clone(),
+            by_earlier_run: true,
+        }));
     }
     let mut claim = Claim {
         place: 0,
@@ -187,17 +215,33 @@ pub async fn claim(
         folders,
     };
     let body = serde_json::to_vec(&claim).map_err(|e| DataFusionError::External(Box::new(e)))?;
+    // Past a place found taken, whatever a listing still shows.
+    let mut lowest_free = 1;
     loop {
-        claim.place = list_places(store, table)
+        let after_listed = list_places(store, table)
             .await?
             .last()
             .map_or(1, |last| last + 1);
+        claim.place = after_listed.max(lowest_free);
+        lowest_free = claim.place + 1;
         let payload = PutPayload::from(body.clone());
         let path = claim_path(table, claim.place);
+        let claimed = Claimed {
+            claim: claim.clone(),
+            by_earlier_run: false,
+        };
         match store.put_opts(&path, payload, PutMode::Create.into()).await {
-            Ok(_) => return Ok(Some(claim)),
-            // Another overwrite took this place: take the next.
-            Err(object_store::Error::AlreadyExists { .. }) => continue,
+            Ok(_) => return Ok(Some(claimed)),
+            // Another overwrite took this place, or this one did, with a
+            // request whose answer was lost and that the client sent again.
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                if let Some(bytes) = get_if_exists(store, &path).await?
+                    && serde_json::from_slice::<Claim>(&bytes)
+                        .is_ok_and(|taken| taken.job_id == claim.job_id)
+                {
+                    return Ok(Some(claimed));
+                }
+            }
             Err(object_store::Error::NotImplemented { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
@@ -279,16 +323,27 @@ mod tests {
             .await
             .expect("claim")
             .expect("ordered");
+        assert!(!first.by_earlier_run);
+        let first = first.claim;
         let second = claim(&store, &table, "b2", None, false)
             .await
             .expect("claim")
-            .expect("ordered");
+            .expect("ordered")
+            .claim;
         assert_eq!((first.place, second.place), (1, 2));
         let again = claim(&store, &table, "a1", folders(&["p=1"]), true)
             .await
             .expect("claim")
             .expect("ordered");
-        assert_eq!(again, first, "a retried commit keeps its place");
+        assert_eq!(
+            again,
+            Claimed {
+                claim: first.clone(),
+                by_earlier_run: true
+            },
+            "a retried commit keeps its place"
+        );
+        assert!(first.overlaps(&second, |a: &str, b: &str| a == b));
 
         // A place taken meanwhile is skipped.
         store
@@ -341,6 +396,49 @@ mod tests {
         assert!(standing.earlier_jobs.is_empty());
     }
 
+    /// Hides the objects whose path ends so from listings.
+    #[derive(Debug)]
+    struct Unlisted(&'static str);
+
+    impl crate::storage::forwarding::StoreHooks for Unlisted {
+        fn lists(&self, location: &Path) -> bool {
+            !location.as_ref().ends_with(self.0)
+        }
+    }
+
+    /// A put whose answer was lost is sent again by the client, and finds
+    /// the claim it made: that is the job's place, not another's.
+    #[tokio::test]
+    async fn a_put_that_finds_its_own_claim_keeps_that_place() {
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let table = Path::from("t");
+        let own = serde_json::to_vec(&Claim {
+            place: 1,
+            job_id: "a1".into(),
+            folders: None,
+        })
+        .expect("json");
+        let first = claim_path(&table, 1);
+        inner.put(&first, own.into()).await.expect("put");
+        // Listings miss it, as they miss a put whose answer is still on
+        // its way: the claim tries the same place again.
+        let store: Arc<dyn ObjectStore> = Arc::new(crate::storage::forwarding::Forwarding::new(
+            Arc::clone(&inner),
+            Unlisted("1.claim"),
+        ));
+        let claimed = claim(&store, &table, "a1", None, false)
+            .await
+            .expect("claim")
+            .expect("ordered");
+        assert_eq!(claimed.claim.place, 1);
+        // Another job's claim there sends it to the next place.
+        let other = claim(&store, &table, "b2", None, false)
+            .await
+            .expect("claim")
+            .expect("ordered");
+        assert_eq!(other.claim.place, 2);
+    }
+
     #[tokio::test]
     async fn pruning_keeps_the_claims_from_the_first_job_still_committing() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
@@ -375,6 +473,6 @@ mod tests {
             .await
             .expect("claim")
             .expect("ordered");
-        assert_eq!(next.place, 4, "never below the last claim");
+        assert_eq!(next.claim.place, 4, "never below the last claim");
     }
 }
