@@ -247,10 +247,14 @@ fn with_declared_partition_types(
 /// that value, and the folder's raw value.
 pub type FoundFolders = HashMap<String, (ScalarValue, String)>;
 
-/// Whether `error` is, at its root, a failed cast.
+/// Whether `error` is, at its root, a value that could not be converted:
+/// a failed cast, or a text that does not parse as a time or a number.
 fn is_cast_error(error: &DataFusionError) -> bool {
     matches!(error.find_root(), DataFusionError::ArrowError(inner, _)
-        if matches!(inner.as_ref(), ArrowError::CastError(_)))
+    if matches!(
+        inner.as_ref(),
+        ArrowError::CastError(_) | ArrowError::ParseError(_) | ArrowError::InvalidArgumentError(_)
+    ))
 }
 
 /// `filter`'s column and literal, if it is `column = literal`.

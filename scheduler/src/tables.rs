@@ -649,33 +649,59 @@ mod tests {
 
     #[tokio::test]
     async fn a_folder_value_not_of_its_columns_type_is_named_in_the_error() {
-        let folder = tempfile::tempdir().expect("temp folder");
-        let root = folder.path();
-        write_parquet(&root.join("month=1/part-0.parquet"), vec![1]);
-        write_parquet(&root.join("month=abc/part-0.parquet"), vec![2]);
-        let declaration = "(x BIGINT, month INT) STORED AS PARQUET PARTITIONED BY (month)";
-        // Whether the folder fails pruning or the scan's cast, and also
-        // where no partition column is read.
-        for query in [
-            "SELECT * FROM t",
-            "SELECT x FROM t WHERE month > 0",
-            "SELECT count(*) FROM t",
+        // A cast, a date and a number that fail differently in Arrow.
+        for (column, valid, invalid, type_name, filter) in [
+            ("month INT", "month=1", "month=abc", "Int32", "month > 0"),
+            (
+                "day DATE",
+                "day=2024-01-01",
+                "day=someday",
+                "Date32",
+                "day > DATE '2023-01-01'",
+            ),
+            (
+                "price DECIMAL(5, 2)",
+                "price=1.50",
+                "price=1.2.3",
+                "Decimal128(5, 2)",
+                "price > 1",
+            ),
         ] {
-            let error = register_and_query(root, declaration, query)
+            let folder = tempfile::tempdir().expect("temp folder");
+            let root = folder.path();
+            write_parquet(&root.join(format!("{valid}/part-0.parquet")), vec![1]);
+            write_parquet(&root.join(format!("{invalid}/part-0.parquet")), vec![2]);
+            let name = column.split(' ').next().expect("name");
+            let declaration =
+                format!("(x BIGINT, {column}) STORED AS PARQUET PARTITIONED BY ({name})");
+            // Whether the folder fails pruning or the scan's cast, and also
+            // where no partition column is read.
+            for query in [
+                "SELECT * FROM t".to_owned(),
+                format!("SELECT x FROM t WHERE {filter}"),
+                "SELECT count(*) FROM t".to_owned(),
+            ] {
+                let error = register_and_query(root, &declaration, &query)
+                    .await
+                    .expect_err("a value not of the column's type must fail");
+                assert!(
+                    error.contains(&format!("partition folder '{invalid}'"))
+                        && error.contains(&format!("{invalid}/part-0.parquet"))
+                        && error.contains(&format!("{type_name} value for column '{name}'")),
+                    "{query}: {error}"
+                );
+            }
+            // A filter that lists only the valid folder reads it.
+            let (_, value) = valid.split_once('=').expect("a folder");
+            let equality = match name {
+                "day" => format!("SELECT x FROM t WHERE day = DATE '{value}'"),
+                _ => format!("SELECT x FROM t WHERE {name} = {value}"),
+            };
+            let answer = register_and_query(root, &declaration, &equality)
                 .await
-                .expect_err("a value that is not an INT must fail");
-            assert!(
-                error.contains("partition folder 'month=abc'")
-                    && error.contains("month=abc/part-0.parquet")
-                    && error.contains("Int32 value for column 'month'"),
-                "{query}: {error}"
-            );
+                .expect("the valid folder reads");
+            assert!(answer.contains("| 1 |"), "{equality}: {answer}");
         }
-        // A filter that lists only the valid folder reads it.
-        let answer = register_and_query(root, declaration, "SELECT x FROM t WHERE month = 1")
-            .await
-            .expect("the valid folder reads");
-        assert!(answer.contains("| 1 |"), "{answer}");
     }
 
     /// DataFusion fixes a table's Parquet read settings when it is created;

@@ -3,25 +3,30 @@
 //!
 //! The profile is the one `AWS_PROFILE` names, else `default`. Its `region`
 //! and `endpoint_url` fill what the environment leaves unset. Its
-//! credentials come, as in the AWS CLI's chain, after the environment's
-//! keys and before container and instance credentials (which object_store
-//! finds itself), from the first of:
+//! credentials serve where neither the environment's keys nor the
+//! statement's `OPTIONS` give keys, from the first of, in the AWS CLI's
+//! order:
 //!
-//! 1. `role_arn` with `source_profile`: the role, assumed through STS with
-//!    the source profile's credentials, themselves of any kind here
-//!    ([`super::assume_role`]);
+//! 1. `role_arn`, assumed through STS ([`super::assume_role`]) with the
+//!    credentials of its `source_profile` (of any kind here, roles
+//!    included) or of its `credential_source` (what object_store finds
+//!    without keys); with a `web_identity_token_file` instead, object_store
+//!    assumes it with the token;
 //! 2. static keys (`aws_access_key_id`, `aws_secret_access_key`,
 //!    `aws_session_token`);
 //! 3. `credential_process`, a command that prints them
-//!    ([`super::credential_process`]); web identity from the environment
-//!    comes before it.
+//!    ([`super::credential_process`]).
 //!
-//! A statement's `OPTIONS` override them all. A profile whose credentials
-//! come otherwise (SSO, `credential_source`, an MFA code) fails the request
-//! with an error that says so, unless the environment or the statement gives
-//! keys: give keys, or use the environment.
+//! Web identity from the environment comes before 2 and 3, and container
+//! and instance credentials (which object_store finds itself) after them
+//! all. STS is asked in the store's region, the statement's if it gives
+//! one, through `AWS_ENDPOINT_URL_STS`, `AWS_ENDPOINT_URL` or the profile's
+//! `endpoint_url`, else the region's own. A profile whose credentials come
+//! otherwise (SSO, an MFA code) fails the request with an error that says
+//! so, unless keys come from elsewhere.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,13 +38,24 @@ use super::credential_process::CredentialProcess;
 use super::expiring_credentials::Refreshing;
 
 /// Where a profile's credentials come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum ProfileCredentials {
     Keys {
         access_key_id: String,
         secret_access_key: String,
         session_token: Option<String>,
     },
+    /// A role assumed with a web identity token (`role_arn` with
+    /// `web_identity_token_file`, as on EKS), which object_store assumes.
+    WebIdentity {
+        role_arn: String,
+        token_file: String,
+        session_name: Option<String>,
+    },
+    /// What object_store finds without keys (the environment's keys, web
+    /// identity, container or instance credentials): a role's
+    /// `credential_source`.
+    DefaultChain,
     /// A command that prints them, and the profile that names it.
     Process { profile: String, command: String },
     /// A role assumed with the credentials of another profile.
@@ -49,6 +65,39 @@ pub enum ProfileCredentials {
     },
     /// A way the profile asks for that Quiver does not follow, said why.
     Unsupported(String),
+}
+
+impl fmt::Debug for ProfileCredentials {
+    /// Without the secret and the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Keys { access_key_id, .. } => f
+                .debug_struct("Keys")
+                .field("access_key_id", access_key_id)
+                .finish_non_exhaustive(),
+            Self::WebIdentity {
+                role_arn,
+                token_file,
+                session_name,
+            } => f
+                .debug_struct("WebIdentity")
+                .field("role_arn", role_arn)
+                .field("token_file", token_file)
+                .field("session_name", session_name)
+                .finish(),
+            Self::DefaultChain => f.write_str("DefaultChain"),
+            Self::Process { profile, .. } => f
+                .debug_struct("Process")
+                .field("profile", profile)
+                .finish_non_exhaustive(),
+            Self::AssumeRole { role, source } => f
+                .debug_struct("AssumeRole")
+                .field("role", role)
+                .field("source", source)
+                .finish(),
+            Self::Unsupported(reason) => f.debug_tuple("Unsupported").field(reason).finish(),
+        }
+    }
 }
 
 /// What the profile sets, each only where the environment does not.
@@ -97,28 +146,13 @@ impl ProfileSettings {
     }
 
     /// `builder`, built from the environment `env`, with the profile's
-    /// static keys, region and endpoint where it has none. Keys go only as
-    /// a pair, and only when the environment gives no key.
+    /// region and endpoint where it has none.
     pub fn fill(
         &self,
         mut builder: AmazonS3Builder,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> AmazonS3Builder {
         let unset = |variables: &[&str]| variables.iter().all(|name| env(name).is_none());
-        if let Some(ProfileCredentials::Keys {
-            access_key_id,
-            secret_access_key,
-            session_token,
-        }) = &self.credentials
-            && unset(&["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
-        {
-            builder = builder
-                .with_access_key_id(access_key_id)
-                .with_secret_access_key(secret_access_key);
-            if let Some(token) = session_token {
-                builder = builder.with_token(token);
-            }
-        }
         if let Some(region) = &self.region
             && unset(&["AWS_REGION", "AWS_DEFAULT_REGION"])
         {
@@ -133,27 +167,47 @@ impl ProfileSettings {
     }
 
     /// `builder`, complete with the environment `env` and the statement's
-    /// options, taking its credentials from the profile's role or
-    /// `credential_process` where nothing gave keys or web identity. Fails
-    /// for a profile whose credentials come in a way Quiver does not follow.
-    pub fn with_derived_credentials(
+    /// options, with the profile's credentials where neither gave keys
+    /// (a session token of the profile never goes with another's keys).
+    /// Fails for a profile whose credentials come in a way Quiver does not
+    /// follow.
+    pub fn with_credentials(
         &self,
         builder: AmazonS3Builder,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> object_store::Result<AmazonS3Builder> {
-        match self.derived_credentials(&builder, env) {
-            Some(credentials) => {
-                let provider = self.provider(credentials, env)?;
-                Ok(builder.with_credentials(provider))
+        let Some(credentials) = self.credentials_for(&builder, env) else {
+            return Ok(builder);
+        };
+        Ok(match credentials {
+            ProfileCredentials::Keys {
+                access_key_id,
+                secret_access_key,
+                session_token,
+            } => {
+                let builder = builder
+                    .with_access_key_id(access_key_id)
+                    .with_secret_access_key(secret_access_key);
+                match session_token {
+                    Some(token) => builder.with_token(token),
+                    None => builder,
+                }
             }
-            None => Ok(builder),
-        }
+            web_identity @ ProfileCredentials::WebIdentity { .. } => {
+                with_web_identity(builder, web_identity)
+            }
+            derived => {
+                let provider = self.provider(derived, &builder, env)?;
+                builder.with_credentials(provider)
+            }
+        })
     }
 
-    /// The profile's credentials that `builder` takes, if they are not
-    /// static keys: none where keys, web identity or unsigned requests were
-    /// asked for.
-    fn derived_credentials(
+    /// The profile's credentials that `builder` takes: none where keys or
+    /// unsigned requests were asked for, and, as the AWS CLI orders them,
+    /// web identity from the environment comes before the profile's keys,
+    /// web identity and `credential_process`, though not its role.
+    fn credentials_for(
         &self,
         builder: &AmazonS3Builder,
         env: &dyn Fn(&str) -> Option<String>,
@@ -167,20 +221,26 @@ impl ProfileSettings {
         let web_identity = env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some();
         match &self.credentials {
             _ if keys_given || unsigned => None,
-            Some(ProfileCredentials::Keys { .. }) | None => None,
-            // The AWS CLI asks web identity before a credential process.
-            Some(ProfileCredentials::Process { .. }) if web_identity => None,
-            Some(credentials) => Some(credentials),
+            Some(
+                ProfileCredentials::Keys { .. }
+                | ProfileCredentials::WebIdentity { .. }
+                | ProfileCredentials::Process { .. },
+            ) if web_identity => None,
+            credentials => credentials.as_ref(),
         }
     }
 
-    /// The provider of `credentials`, a role asking STS through the
-    /// profile's endpoint for STS, in its region.
+    /// The provider of `credentials`; a role asks STS through the
+    /// profile's endpoint for STS, in the region of `builder`.
     fn provider(
         &self,
         credentials: &ProfileCredentials,
+        builder: &AmazonS3Builder,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> object_store::Result<AwsCredentialProvider> {
+        let region = builder
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".to_owned());
         Ok(match credentials {
             ProfileCredentials::Keys {
                 access_key_id,
@@ -194,12 +254,20 @@ impl ProfileSettings {
             ProfileCredentials::Process { profile, command } => Arc::new(Refreshing::new(
                 CredentialProcess::new(profile.clone(), command.clone()),
             )),
+            // What object_store finds without keys: the environment's keys,
+            // web identity, container or instance credentials.
+            ProfileCredentials::WebIdentity { .. } | ProfileCredentials::DefaultChain => {
+                let keyless = AmazonS3Builder::from_env()
+                    .with_region(&region)
+                    .with_bucket_name("quiver-role-source");
+                Arc::clone(
+                    with_web_identity(keyless, credentials)
+                        .build()?
+                        .credentials(),
+                )
+            }
             ProfileCredentials::AssumeRole { role, source } => {
-                let source = self.provider(source, env)?;
-                let region = env("AWS_REGION")
-                    .or_else(|| env("AWS_DEFAULT_REGION"))
-                    .or_else(|| self.region.clone())
-                    .unwrap_or_else(|| "us-east-1".to_owned());
+                let source = self.provider(source, builder, env)?;
                 let endpoint = env("AWS_ENDPOINT_URL_STS")
                     .or_else(|| env("AWS_ENDPOINT_URL"))
                     .or_else(|| self.endpoint.clone())
@@ -214,6 +282,29 @@ impl ProfileSettings {
                 });
             }
         })
+    }
+}
+
+/// `builder` with the role and token file of `credentials`, if they are a
+/// profile's web identity, for object_store to assume the role with.
+fn with_web_identity(
+    builder: AmazonS3Builder,
+    credentials: &ProfileCredentials,
+) -> AmazonS3Builder {
+    let ProfileCredentials::WebIdentity {
+        role_arn,
+        token_file,
+        session_name,
+    } = credentials
+    else {
+        return builder;
+    };
+    let builder = builder
+        .with_config(AmazonS3ConfigKey::RoleArn, role_arn)
+        .with_config(AmazonS3ConfigKey::WebIdentityTokenFile, token_file);
+    match session_name {
+        Some(name) => builder.with_config(AmazonS3ConfigKey::RoleSessionName, name),
+        None => builder,
     }
 }
 
@@ -281,11 +372,33 @@ impl Profiles {
                     return unsupported(format!("is part of a loop of source profiles ({source})"));
                 }
                 Some(source) => self.credentials_of(source, visited),
-                None if settings.contains_key("credential_source") => {
-                    return unsupported("takes its role's source credentials from                         credential_source, which Quiver does not follow; name a source_profile"
-                        .into());
-                }
-                None => return unsupported("names a role_arn without a source_profile".into()),
+                None => match settings.get("credential_source").map(String::as_str) {
+                    Some("Environment" | "Ec2InstanceMetadata" | "EcsContainer") => {
+                        Some(ProfileCredentials::DefaultChain)
+                    }
+                    Some(other) => {
+                        return unsupported(format!(
+                            "names the credential_source '{other}'; Quiver knows \
+                             Environment, Ec2InstanceMetadata and EcsContainer"
+                        ));
+                    }
+                    None => match settings.get("web_identity_token_file") {
+                        Some(token_file) => {
+                            return Some(ProfileCredentials::WebIdentity {
+                                role_arn: role_arn.clone(),
+                                token_file: token_file.clone(),
+                                session_name: settings.get("role_session_name").cloned(),
+                            });
+                        }
+                        None => {
+                            return unsupported(
+                                "names a role_arn without a source_profile, a \
+                                 credential_source or a web_identity_token_file"
+                                    .into(),
+                            );
+                        }
+                    },
+                },
             };
             let source = match source {
                 None => {
@@ -436,6 +549,14 @@ mfa_serial = arn:aws:iam::123456789012:mfa/me
 [profile instance]
 role_arn = arn:aws:iam::123456789012:role/admin
 credential_source = Ec2InstanceMetadata
+
+[profile unknown-source]
+role_arn = arn:aws:iam::123456789012:role/admin
+credential_source = Vault
+
+[profile eks]
+role_arn = arn:aws:iam::123456789012:role/pods
+web_identity_token_file = /var/run/secrets/token
 ";
 
     fn role(name: &str) -> RoleSettings {
@@ -486,7 +607,9 @@ credential_source = Ec2InstanceMetadata
     fn the_environment_wins_over_the_profile() {
         let profile = ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake");
         let nothing = |_: &str| None;
-        let filled = profile.fill(AmazonS3Builder::new(), &nothing);
+        let filled = profile
+            .with_credentials(profile.fill(AmazonS3Builder::new(), &nothing), &nothing)
+            .expect("keys");
         assert_eq!(
             filled.get_config_value(&Key::AccessKeyId).as_deref(),
             Some("AKIALAKE")
@@ -512,15 +635,33 @@ credential_source = Ec2InstanceMetadata
         let from_env = AmazonS3Builder::new()
             .with_access_key_id("AKIAENV")
             .with_region("us-east-1");
-        let filled = profile.fill(from_env, &env);
+        let filled = profile
+            .with_credentials(profile.fill(from_env, &env), &env)
+            .expect("keys");
         assert_eq!(
             filled.get_config_value(&Key::AccessKeyId).as_deref(),
             Some("AKIAENV")
         );
         assert_eq!(filled.get_config_value(&Key::SecretAccessKey), None);
+        assert_eq!(filled.get_config_value(&Key::Token), None);
         assert_eq!(
             filled.get_config_value(&Key::Region).as_deref(),
             Some("us-east-1")
+        );
+
+        // Keys in the statement's options take no token of the profile.
+        let from_options = AmazonS3Builder::new()
+            .with_access_key_id("AKIAOPTION")
+            .with_secret_access_key("option-secret");
+        let filled = profile
+            .with_credentials(from_options, &nothing)
+            .expect("keys");
+        assert_eq!(filled.get_config_value(&Key::Token), None);
+        // The secret never shows in what is printed for debugging.
+        let printed = format!("{profile:?}");
+        assert!(
+            printed.contains("AKIALAKE") && !printed.contains("lake/secret"),
+            "{printed}"
         );
     }
 
@@ -571,9 +712,9 @@ credential_source = Ec2InstanceMetadata
         assert!(unsupported("sso").contains("'sso' signs in with SSO"));
         assert!(unsupported("loop-a").contains("loop of source profiles"));
         assert!(unsupported("mfa").contains("MFA code"));
-        assert!(unsupported("instance").contains("credential_source"));
+        assert!(unsupported("unknown-source").contains("credential_source 'Vault'"));
         let error = ProfileSettings::from_files(CREDENTIALS, CONFIG, "sso")
-            .with_derived_credentials(AmazonS3Builder::new(), &|_: &str| None)
+            .with_credentials(AmazonS3Builder::new(), &|_: &str| None)
             .expect_err("refused")
             .to_string();
         assert!(error.contains("give keys in the environment"), "{error}");
@@ -581,31 +722,66 @@ credential_source = Ec2InstanceMetadata
         let keyed = AmazonS3Builder::new().with_access_key_id("AKIAOPTION");
         assert!(
             ProfileSettings::from_files(CREDENTIALS, CONFIG, "sso")
-                .with_derived_credentials(keyed, &|_: &str| None)
+                .with_credentials(keyed, &|_: &str| None)
                 .is_ok()
         );
     }
 
     #[test]
-    fn derived_credentials_serve_only_where_nothing_else_gives_credentials() {
+    fn a_profile_serves_only_where_nothing_else_gives_credentials() {
         let vault = ProfileSettings::from_files(CREDENTIALS, CONFIG, "vault");
         let admin = ProfileSettings::from_files(CREDENTIALS, CONFIG, "admin");
+        let lake = ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake");
         let nothing = |_: &str| None;
         let bare = vault.fill(AmazonS3Builder::new(), &nothing);
-        assert!(vault.derived_credentials(&bare, &nothing).is_some());
+        assert!(vault.credentials_for(&bare, &nothing).is_some());
+        assert!(lake.credentials_for(&bare, &nothing).is_some());
         // Keys from the environment or the statement's options win, and so
-        // do unsigned requests; web identity wins over a process, not a role.
+        // do unsigned requests; web identity from the environment wins over
+        // keys and a process, not a role.
         let keyed = AmazonS3Builder::new().with_access_key_id("AKIAOPTION");
-        assert!(vault.derived_credentials(&keyed, &nothing).is_none());
+        assert!(vault.credentials_for(&keyed, &nothing).is_none());
         let unsigned = AmazonS3Builder::new().with_skip_signature(true);
-        assert!(vault.derived_credentials(&unsigned, &nothing).is_none());
+        assert!(vault.credentials_for(&unsigned, &nothing).is_none());
         let web_identity = |name: &str| {
             (name == "AWS_WEB_IDENTITY_TOKEN_FILE").then(|| "/var/run/token".to_owned())
         };
-        assert!(vault.derived_credentials(&bare, &web_identity).is_none());
-        assert!(admin.derived_credentials(&bare, &web_identity).is_some());
-        let lake = ProfileSettings::from_files(CREDENTIALS, CONFIG, "lake");
-        assert!(lake.derived_credentials(&bare, &nothing).is_none(), "keys");
+        assert!(vault.credentials_for(&bare, &web_identity).is_none());
+        assert!(lake.credentials_for(&bare, &web_identity).is_none());
+        assert!(admin.credentials_for(&bare, &web_identity).is_some());
+    }
+
+    #[test]
+    fn roles_of_instances_and_of_web_identities_are_followed() {
+        let profile = |name: &str| ProfileSettings::from_files(CREDENTIALS, CONFIG, name);
+        assert_eq!(
+            profile("instance").credentials,
+            Some(ProfileCredentials::AssumeRole {
+                role: role("admin"),
+                source: Box::new(ProfileCredentials::DefaultChain),
+            })
+        );
+        let eks = ProfileCredentials::WebIdentity {
+            role_arn: "arn:aws:iam::123456789012:role/pods".into(),
+            token_file: "/var/run/secrets/token".into(),
+            session_name: None,
+        };
+        assert_eq!(profile("eks").credentials, Some(eks));
+        // object_store assumes a web identity's role itself.
+        let nothing = |_: &str| None;
+        let built = profile("eks")
+            .with_credentials(AmazonS3Builder::new(), &nothing)
+            .expect("web identity");
+        assert_eq!(
+            built
+                .get_config_value(&Key::WebIdentityTokenFile)
+                .as_deref(),
+            Some("/var/run/secrets/token")
+        );
+        assert_eq!(
+            built.get_config_value(&Key::RoleArn).as_deref(),
+            Some("arn:aws:iam::123456789012:role/pods")
+        );
     }
 
     #[test]

@@ -29,7 +29,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const SHOWN_STDERR: usize = 500;
 
 /// The command of a profile's `credential_process`.
-#[derive(Debug)]
 pub struct CredentialProcess {
     /// The profile that names it, to name it in errors.
     profile: String,
@@ -45,6 +44,15 @@ struct ProcessOutput {
     secret_access_key: String,
     session_token: Option<String>,
     expiration: Option<String>,
+}
+
+impl std::fmt::Debug for CredentialProcess {
+    /// Without the command line, which may hold a token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialProcess")
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CredentialProcess {
@@ -115,7 +123,7 @@ impl FetchCredentials for CredentialProcess {
 }
 
 /// Runs `command` through the shell and returns its status, standard output
-/// and standard error; kills it after `timeout`.
+/// and standard error; kills it, and what it started, after `timeout`.
 fn run_command(command: &str, timeout: Duration) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), String> {
     let mut child = shell(command)
         .stdin(Stdio::null())
@@ -125,45 +133,75 @@ fn run_command(command: &str, timeout: Duration) -> Result<(ExitStatus, Vec<u8>,
         .map_err(|e| format!("could not start: {e}"))?;
     // Read on threads of their own, so that a command that prints much does
     // not block on a full pipe while it is waited for.
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
+    let (sender, outputs) = std::sync::mpsc::channel();
+    let read = |pipe: Option<Box<dyn Read + Send>>, stream: usize| {
+        let sender = sender.clone();
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
             if let Some(mut pipe) = pipe {
                 let _ = pipe.read_to_end(&mut bytes);
             }
-            bytes
-        })
+            let _ = sender.send((stream, bytes));
+        });
     };
-    let stdout = read(child.stdout.take().map(|pipe| Box::new(pipe) as _));
-    let stderr = read(child.stderr.take().map(|pipe| Box::new(pipe) as _));
+    read(child.stdout.take().map(|pipe| Box::new(pipe) as _), 0);
+    read(child.stderr.take().map(|pipe| Box::new(pipe) as _), 1);
     let deadline = Instant::now() + timeout;
+    let late = || format!("did not finish within {} s", timeout.as_secs());
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("did not finish within {} s", timeout.as_secs()));
+                kill_all(&mut child);
+                return Err(late());
             }
             Err(e) => return Err(format!("could not be waited for: {e}")),
         }
     };
-    let joined = |reader: std::thread::JoinHandle<Vec<u8>>| reader.join().unwrap_or_default();
-    Ok((status, joined(stdout), joined(stderr)))
+    // A process that the command left running may hold its output open.
+    let mut printed = [Vec::new(), Vec::new()];
+    for _ in 0..printed.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match outputs.recv_timeout(left) {
+            Ok((stream, bytes)) => printed[stream] = bytes,
+            Err(_) => {
+                kill_all(&mut child);
+                return Err(late());
+            }
+        }
+    }
+    let [stdout, stderr] = printed;
+    Ok((status, stdout, stderr))
+}
+
+/// Kills the command and every process it started (its process group).
+fn kill_all(child: &mut std::process::Child) {
+    // The crate has no unsafe code for kill(2): the `kill` command.
+    #[cfg(unix)]
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[cfg(unix)]
 fn shell(command: &str) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut shell = Command::new("sh");
-    shell.arg("-c").arg(command);
+    // A group of its own, so that a timeout kills what it started too.
+    shell.arg("-c").arg(command).process_group(0);
     shell
 }
 
 #[cfg(windows)]
 fn shell(command: &str) -> Command {
+    use std::os::windows::process::CommandExt;
     let mut shell = Command::new("cmd.exe");
-    shell.arg("/C").arg(command);
+    // Passed as written: cmd.exe does not follow the quoting that `arg` adds.
+    shell.arg("/C").raw_arg(command);
     shell
 }
 
@@ -244,6 +282,10 @@ mod tests {
     #[test]
     fn a_hanging_command_is_killed() {
         let error = run_command("sleep 30", Duration::from_millis(200)).expect_err("times out");
+        assert!(error.contains("did not finish"), "{error}");
+        // One that exits but leaves a process holding its output.
+        let error =
+            run_command("sleep 30 & echo {}", Duration::from_millis(300)).expect_err("times out");
         assert!(error.contains("did not finish"), "{error}");
     }
 }

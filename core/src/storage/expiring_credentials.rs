@@ -11,9 +11,13 @@ use chrono::{DateTime, Utc};
 use object_store::CredentialProvider;
 use object_store::aws::AwsCredential;
 use tokio::sync::Mutex;
+use tracing::warn;
 
 /// How long before they expire credentials are fetched again, as the SDKs do.
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// How long credentials that still work are used after a fetch failed,
+/// before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Credentials and when they expire; never, when not said.
 #[derive(Debug, Clone)]
@@ -29,11 +33,21 @@ pub trait FetchCredentials: fmt::Debug + Send + Sync + 'static {
 }
 
 /// A credential provider that fetches with `F` and keeps what it got until
-/// five minutes before it expires.
+/// five minutes before it expires. If fetching again fails then, it keeps
+/// using what it has until that expires, trying again every 30 seconds, as
+/// the SDKs do.
 #[derive(Debug)]
 pub struct Refreshing<F> {
     fetcher: F,
-    current: Mutex<Option<(Arc<AwsCredential>, Option<Instant>)>>,
+    current: Mutex<Option<Held>>,
+}
+
+#[derive(Debug)]
+struct Held {
+    credential: Arc<AwsCredential>,
+    /// When to fetch again; never when they do not expire.
+    refresh_at: Option<Instant>,
+    expires_at: Option<Instant>,
 }
 
 impl<F> Refreshing<F> {
@@ -52,19 +66,42 @@ impl<F: FetchCredentials> CredentialProvider for Refreshing<F> {
     async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
         // Held while fetching, so that concurrent requests fetch once.
         let mut current = self.current.lock().await;
-        if let Some((credential, refresh_at)) = current.as_ref()
-            && refresh_at.is_none_or(|refresh_at| Instant::now() < refresh_at)
-        {
-            return Ok(Arc::clone(credential));
+        let now = Instant::now();
+        if let Some(held) = current.as_mut() {
+            if held.refresh_at.is_none_or(|refresh_at| now < refresh_at) {
+                return Ok(Arc::clone(&held.credential));
+            }
+            match self.fetcher.fetch().await {
+                Ok(fetched) => *held = Held::new(fetched),
+                Err(error) if held.expires_at.is_none_or(|expires_at| now < expires_at) => {
+                    let error = super::redacted_error(&error);
+                    warn!(%error, "could not renew credentials; using those held until they \
+                        expire");
+                    held.refresh_at = Some(now + RETRY_AFTER);
+                }
+                Err(error) => return Err(error),
+            }
+            return Ok(Arc::clone(&held.credential));
         }
-        let fetched = self.fetcher.fetch().await?;
-        let refresh_at = fetched.expires.map(|expires| {
-            let left = (expires - Utc::now()).to_std().unwrap_or_default();
+        let held = Held::new(self.fetcher.fetch().await?);
+        let credential = Arc::clone(&held.credential);
+        *current = Some(held);
+        Ok(credential)
+    }
+}
+
+impl Held {
+    fn new(fetched: Expiring) -> Self {
+        let left = fetched
+            .expires
+            .map(|expires| (expires - Utc::now()).to_std().unwrap_or_default());
+        let now = Instant::now();
+        Self {
+            credential: fetched.credential,
             // Credentials that expire within the margin are used once.
-            Instant::now() + left.saturating_sub(REFRESH_MARGIN)
-        });
-        *current = Some((Arc::clone(&fetched.credential), refresh_at));
-        Ok(fetched.credential)
+            refresh_at: left.map(|left| now + left.saturating_sub(REFRESH_MARGIN)),
+            expires_at: left.map(|left| now + left),
+        }
     }
 }
 
@@ -82,17 +119,24 @@ mod tests {
     use super::*;
 
     /// Gives credentials expiring `expires_in` from now (never when
-    /// `None`), counting its fetches.
+    /// `None`), counting its fetches; fails from the fetch `fails_from` on.
     #[derive(Debug)]
     struct Counting {
         expires_in: Option<chrono::Duration>,
         fetches: Arc<AtomicUsize>,
+        fails_from: usize,
     }
 
     #[async_trait]
     impl FetchCredentials for Counting {
         async fn fetch(&self) -> object_store::Result<Expiring> {
             let n = self.fetches.fetch_add(1, Ordering::SeqCst);
+            if n >= self.fails_from {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "the vault is sealed".into(),
+                });
+            }
             Ok(Expiring {
                 credential: Arc::new(AwsCredential {
                     key_id: format!("AKIA{n}"),
@@ -109,6 +153,7 @@ mod tests {
         let provider = Refreshing::new(Counting {
             expires_in,
             fetches: Arc::clone(&fetches),
+            fails_from: usize::MAX,
         });
         for _ in 0..3 {
             provider.get_credential().await.expect("credentials");
@@ -127,6 +172,27 @@ mod tests {
             3,
             "within the margin"
         );
+    }
+
+    #[tokio::test]
+    async fn credentials_that_still_work_serve_while_renewing_them_fails() {
+        let provider = |expires_in| {
+            Refreshing::new(Counting {
+                expires_in: Some(expires_in),
+                fetches: Arc::new(AtomicUsize::new(0)),
+                fails_from: 1,
+            })
+        };
+        // Within the margin, the renewal fails: the held ones still serve.
+        let renewing = provider(chrono::Duration::minutes(2));
+        let first = renewing.get_credential().await.expect("fetched");
+        let again = renewing.get_credential().await.expect("still valid");
+        assert_eq!(first.key_id, again.key_id);
+        // Expired, they do not.
+        let expired = provider(chrono::Duration::seconds(-1));
+        expired.get_credential().await.expect("fetched");
+        let error = expired.get_credential().await.expect_err("expired");
+        assert!(error.to_string().contains("the vault is sealed"), "{error}");
     }
 
     #[test]

@@ -351,7 +351,7 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
                 builder = builder.with_config(aws_key(name).map_err(build_error(url))?, value);
             }
             let builder = profile
-                .with_derived_credentials(builder, &env)
+                .with_credentials(builder, &env)
                 .map_err(build_error(url))?;
             let store = builder.build().map_err(build_error(url))?;
             Ok(Store::with_multipart(Arc::new(store)))

@@ -715,7 +715,9 @@ impl Commit {
             folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
         };
         let claims = Claims::read(&self.store, &self.table).await?;
-        let later = claims.later(own).find(|later| later.overlaps(own, same_folder));
+        let later = claims
+            .later(own)
+            .find(|later| later.overlaps(own, same_folder));
         match later {
             Some(later) => Err(DataFusionError::Execution(format!(
                 "the overwrite of '{}' was retried after job {} began to overwrite the same \
@@ -1666,10 +1668,13 @@ mod tests {
         store.put(&marker, PutPayload::new()).await.expect("mark");
         let (second, input) = staged_overwrite(Arc::clone(&store), &store, SECOND, "p=1").await;
         second.run(input).await.expect("the second overwrite");
-        let (mut retried, input) =
-            staged_overwrite(Arc::clone(&store), &store, FIRST, "p=1").await;
+        let (mut retried, input) = staged_overwrite(Arc::clone(&store), &store, FIRST, "p=1").await;
         retried.retry = true;
-        let error = retried.run(input).await.expect_err("a conflict").to_string();
+        let error = retried
+            .run(input)
+            .await
+            .expect_err("a conflict")
+            .to_string();
         assert!(error.contains(&format!("after job {SECOND}")), "{error}");
         let (shown, _) = shown_and_held(&store).await;
         assert_eq!(shown, vec![file(SECOND, "p=1")]);
