@@ -75,9 +75,9 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 use super::TaskAttempt;
 use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
-    REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, file_name, is_bookkeeping, job_staging,
-    join, manifest as manifest_path, named_job, relative_to, replaced_list, upload_records,
-    written_by,
+    REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, committing_marker, file_name,
+    is_bookkeeping, job_staging, join, manifest as manifest_path, named_job, relative_to,
+    replaced_list, upload_records, written_by,
 };
 use super::order::{self, Claim, Claimed, Claims, Standing};
 use super::partition::folder_key;
@@ -964,7 +964,7 @@ impl Commit {
     /// hide the files of jobs with a staging folder.
     async fn mark_staging(&self) -> Result<()> {
         self.check_lease()?;
-        let marker = job_staging(&self.table, &self.job_id).join("_committing");
+        let marker = committing_marker(&self.table, &self.job_id);
         self.store.put(&marker, PutPayload::new()).await?;
         Ok(())
     }

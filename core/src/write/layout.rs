@@ -33,6 +33,13 @@ pub fn job_staging(table: &Path, job_id: &str) -> Path {
     table.clone().join(STAGING_FOLDER).join(job_id)
 }
 
+/// The marker that keeps a committing job's staging folder listed (on
+/// object stores a folder vanishes with its last file); its age tells how
+/// long the commit has been going.
+pub fn committing_marker(table: &Path, job_id: &str) -> Path {
+    job_staging(table, job_id).join("_committing")
+}
+
 /// The staging folder of one task attempt.
 pub fn attempt_staging(table: &Path, job_id: &str, partition: usize, attempt: u32) -> Path {
     job_staging(table, job_id).join(format!("p{partition}-a{attempt}"))

@@ -30,9 +30,16 @@
 //! it moves files in only now, after a later claim on its partitions, that
 //! later overwrite may have listed the partitions without them, and both
 //! writes' rows would stand. Such a retry fails before its manifest, and
-//! its files are rolled back. Claims of ended jobs are pruned, all but the last, from the
-//! oldest up to the first job still committing: a job that is committing
-//! needs every later claim, and later jobs need its own.
+//! its files are rolled back.
+//!
+//! Claims of ended jobs are pruned, all but the last, from the oldest up to
+//! the first job still committing: a job that is committing needs every
+//! later claim, and later jobs need its own. A job that has been committing
+//! for a day was abandoned with its cluster (a live commit takes minutes,
+//! and stops acting once its executor's lease runs out); its claim goes
+//! too, so that claims do not pile up behind it. Should its commit ever run
+//! again, it finds no claim and claims anew: its files have long been in
+//! place, which is all a claim needs.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -40,10 +47,10 @@ use std::sync::Arc;
 use datafusion::error::{DataFusionError, Result};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, PutMode, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::layout::MANIFEST_FOLDER;
+use super::layout::{MANIFEST_FOLDER, committing_marker};
 use super::snapshot::CommittedFiles;
 use crate::storage::{delete_paths, get_if_exists};
 
@@ -53,6 +60,9 @@ const ORDER_FOLDER: &str = "order";
 const CLAIM_SUFFIX: &str = ".claim";
 /// How many claims are read at once.
 const CONCURRENT_READS: usize = 16;
+/// How long a job may have been committing before its claim is pruned as
+/// abandoned.
+const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 /// One overwrite's place in its table's order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,11 +270,17 @@ pub async fn prune(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<usize> 
     // Read after the claims: a job seen committing may only have ended since.
     let committed = CommittedFiles::read(store, table).await?;
     let staging = super::snapshot::staging_jobs(store, table).await?;
-    let first_committing = claims
-        .0
-        .iter()
-        .find(|claim| !committed.committed(&claim.job_id) && staging.contains(&claim.job_id))
-        .map_or(last, |claim| claim.place.min(last));
+    let mut first_committing = last;
+    for claim in &claims.0 {
+        if claim.place >= last {
+            break;
+        }
+        let ended = committed.committed(&claim.job_id) || !staging.contains(&claim.job_id);
+        if !ended && !abandoned(store, table, &claim.job_id).await? {
+            first_committing = claim.place;
+            break;
+        }
+    }
     let ended: Vec<Path> = claims
         .0
         .iter()
@@ -275,6 +291,19 @@ pub async fn prune(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<usize> 
     let paths = futures::stream::iter(ended.into_iter().map(Ok)).boxed();
     delete_paths(store, paths).await?;
     Ok(count)
+}
+
+/// Whether the job `job_id`, whose staging folder is there, has been
+/// committing for longer than [`ABANDONED_AFTER`]. A job whose marker is
+/// missing has not started committing, or has just ended.
+async fn abandoned(store: &Arc<dyn ObjectStore>, table: &Path, job_id: &str) -> Result<bool> {
+    match store.head(&committing_marker(table, job_id)).await {
+        Ok(meta) => {
+            Ok(chrono::Utc::now().signed_duration_since(meta.last_modified) > ABANDONED_AFTER)
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The places claimed in the table at `table`, in order.
@@ -309,7 +338,6 @@ fn claim_path(table: &Path, place: u64) -> Path {
 
 #[cfg(test)]
 mod tests {
-    use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
     use super::*;
@@ -474,5 +502,34 @@ mod tests {
             .expect("claim")
             .expect("ordered");
         assert_eq!(next.claim.place, 4, "never below the last claim");
+    }
+
+    /// A job committing for more than a day was abandoned with its cluster:
+    /// its claim does not hold the later ones.
+    #[tokio::test]
+    async fn pruning_passes_a_job_committing_for_a_day() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            object_store::local::LocalFileSystem::new_with_prefix(folder.path()).expect("store"),
+        );
+        let table = Path::from("t");
+        for job in ["0000000000000001", "0000000000000002", "0000000000000003"] {
+            claim(&store, &table, job, None, false)
+                .await
+                .expect("claim")
+                .expect("ordered");
+        }
+        let marker = committing_marker(&table, "0000000000000001");
+        store.put(&marker, PutPayload::new()).await.expect("mark");
+        // Committing for a minute: it holds every later claim.
+        assert_eq!(prune(&store, &table).await.expect("prune"), 0);
+        let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(172_800);
+        std::fs::File::options()
+            .write(true)
+            .open(folder.path().join(marker.as_ref()))
+            .and_then(|file| file.set_modified(two_days_ago))
+            .expect("age the marker");
+        assert_eq!(prune(&store, &table).await.expect("prune"), 2);
+        assert_eq!(list_places(&store, &table).await.expect("list"), vec![3]);
     }
 }
