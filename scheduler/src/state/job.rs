@@ -193,6 +193,10 @@ pub struct Job {
     /// A commit allowed to act was lost with its executor, which may act
     /// until its lease runs out: until then.
     lost_commit_may_act_until: Option<Instant>,
+    /// A commit allowed to act was lost with its executor, and no attempt
+    /// of it has reported since: it may have written its manifest. A job
+    /// that ends so says it, lest its statement be run again blindly.
+    commit_outcome_unknown: bool,
 }
 
 /// How a job asked to end while its write committed ends.
@@ -241,6 +245,7 @@ impl Job {
             replanning: false,
             deferred_end: None,
             lost_commit_may_act_until: None,
+            commit_outcome_unknown: false,
             first_attempt: 0,
         }
     }
@@ -374,6 +379,11 @@ impl Job {
     ) -> Result<(), String> {
         if self.state != JobState::Running || self.replanning {
             return Err("the job is not running".into());
+        }
+        // An attempt that asks without `finishes` found no manifest: a
+        // commit lost earlier had not committed, and can no longer act.
+        if !finishes {
+            self.commit_outcome_unknown = false;
         }
         match &self.deferred_end {
             _ if finishes => {}
@@ -571,8 +581,11 @@ impl Job {
             _ => return None,
         };
         task.state = TaskState::Pending;
-        task.committing = false;
+        let reports_a_commit = std::mem::take(&mut task.committing);
         self.running -= 1;
+        if reports_a_commit {
+            self.commit_outcome_unknown = false;
+        }
         let task = self
             .stage_mut(id.stage_id)?
             .tasks
@@ -981,6 +994,7 @@ impl Job {
         }
         if lost_commit {
             self.lost_commit_may_act_until = Some(lease_end);
+            self.commit_outcome_unknown = true;
         }
         if let Some((stage, partition)) = lost_write {
             return self.fail(format!(
@@ -1046,6 +1060,7 @@ impl Job {
         // Kept in the job history and shown to clients: a store's refusal
         // may echo the request's credentials.
         let message = redact_store_echoes(&message).into_owned();
+        let message = format!("{message}{}", self.unknown_commit_warning());
         self.state = JobState::Failed;
         self.error.clone_from(&message);
         Outcome::Failed(message)
@@ -1053,7 +1068,21 @@ impl Job {
 
     pub fn cancel(&mut self) {
         self.state = JobState::Cancelled;
-        self.error = "job cancelled".into();
+        self.error = format!("job cancelled{}", self.unknown_commit_warning());
+    }
+
+    /// What an ending job says when a commit of its write was lost and may
+    /// have finished; nothing otherwise.
+    fn unknown_commit_warning(&self) -> String {
+        match &self.writes_to {
+            Some(table) if self.commit_outcome_unknown => format!(
+                "; but a commit of its write was lost with its executor and may have \
+                 finished: if {table}_manifests/{}.json exists, its rows are in the table, so \
+                 check before running the statement again",
+                self.id
+            ),
+            _ => String::new(),
+        }
     }
 
     /// Executors that may hold or compute data of this job.
@@ -2237,6 +2266,34 @@ mod tests {
             Outcome::Continue
         );
         assert!(!job.committing(lease_end));
+    }
+
+    /// A job that ends after a commit was lost, with no attempt reporting
+    /// since, says that its write may have committed; one whose next commit
+    /// attempt found no manifest does not.
+    #[tokio::test]
+    async fn a_job_ending_after_a_lost_commit_says_it_may_have_committed() {
+        let (mut job, _folder) = counting_job().await;
+        job.writes_to = Some("file:///tmp/target/".into());
+        let last = run_all_but_last(&mut job, "a");
+        let now = Instant::now();
+        let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
+        job.allow_commit(&commit, "b", false).expect("allowed");
+        let lease_end = now + Duration::from_secs(3);
+        assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
+        let warning = job.unknown_commit_warning();
+        assert!(
+            warning.starts_with("; but a commit of its write was lost")
+                && warning.contains(&format!("file:///tmp/target/_manifests/{}.json", job.id)),
+            "{warning}"
+        );
+
+        // The next attempt finds no manifest: the job ends plainly.
+        job.deferred_end = Some(DeferredEnd::Cancel);
+        let verify = job.launch(last, 0, "c").expect("runs").task.expect("id");
+        assert!(job.allow_commit(&verify, "c", false).is_err());
+        job.cancel();
+        assert_eq!(job.error, "job cancelled");
     }
 
     /// A commit allowed before a cancel came decides how the job ends: it
