@@ -424,6 +424,16 @@ mod tests {
         assert!(standing.earlier_jobs.is_empty());
     }
 
+    /// Claims places 1 to 3 for jobs 1 to 3, of the whole table.
+    async fn claim_three(store: &Arc<dyn ObjectStore>, table: &Path) {
+        for job in ["0000000000000001", "0000000000000002", "0000000000000003"] {
+            claim(store, table, job, None, false)
+                .await
+                .expect("claim")
+                .expect("ordered");
+        }
+    }
+
     /// Hides the objects whose path ends so from listings.
     #[derive(Debug)]
     struct Unlisted(&'static str);
@@ -471,12 +481,7 @@ mod tests {
     async fn pruning_keeps_the_claims_from_the_first_job_still_committing() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let table = Path::from("t");
-        for job in ["0000000000000001", "0000000000000002", "0000000000000003"] {
-            claim(&store, &table, job, None, false)
-                .await
-                .expect("claim")
-                .expect("ordered");
-        }
+        claim_three(&store, &table).await;
         let put = |path: &str| {
             let store = Arc::clone(&store);
             let path = Path::from(path);
@@ -513,12 +518,7 @@ mod tests {
             object_store::local::LocalFileSystem::new_with_prefix(folder.path()).expect("store"),
         );
         let table = Path::from("t");
-        for job in ["0000000000000001", "0000000000000002", "0000000000000003"] {
-            claim(&store, &table, job, None, false)
-                .await
-                .expect("claim")
-                .expect("ordered");
-        }
+        claim_three(&store, &table).await;
         let marker = committing_marker(&table, "0000000000000001");
         store.put(&marker, PutPayload::new()).await.expect("mark");
         // Committing for a minute: it holds every later claim.

@@ -2229,19 +2229,32 @@ mod tests {
         assert!(job.committing(lease_end));
     }
 
-    /// A commit lost on its last attempt, with an executor that may still
-    /// act, fails its job only once that executor's lease has run out.
-    #[tokio::test]
-    async fn a_lost_commit_on_its_last_attempt_fails_its_job_after_the_lease() {
-        let (mut job, _folder) = counting_job().await;
+    /// A write job whose commit, allowed to act on executor `b`, was lost
+    /// with it; `max_attempts` for its tasks, if given. Returns it, its
+    /// folder, its commit stage, the time of the loss and the end of the
+    /// lost executor's lease.
+    async fn job_with_a_lost_commit(
+        max_attempts: Option<u32>,
+    ) -> (Job, tempfile::TempDir, u32, Instant, Instant) {
+        let (mut job, folder) = counting_job().await;
         job.writes_to = Some("file:///tmp/target/".into());
-        job.max_attempts = 1;
+        if let Some(attempts) = max_attempts {
+            job.max_attempts = attempts;
+        }
         let last = run_all_but_last(&mut job, "a");
         let now = Instant::now();
         let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
         job.allow_commit(&commit, "b", false).expect("allowed");
         let lease_end = now + Duration::from_secs(3);
         assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
+        (job, folder, last, now, lease_end)
+    }
+
+    /// A commit lost on its last attempt, with an executor that may still
+    /// act, fails its job only once that executor's lease has run out.
+    #[tokio::test]
+    async fn a_lost_commit_on_its_last_attempt_fails_its_job_after_the_lease() {
+        let (mut job, _folder, last, now, lease_end) = job_with_a_lost_commit(Some(1)).await;
         assert!(
             matches!(job.deferred_end, Some(DeferredEnd::Fail(ref m)) if m.contains("last attempt"))
         );
@@ -2273,14 +2286,7 @@ mod tests {
     /// attempt found no manifest does not.
     #[tokio::test]
     async fn a_job_ending_after_a_lost_commit_says_it_may_have_committed() {
-        let (mut job, _folder) = counting_job().await;
-        job.writes_to = Some("file:///tmp/target/".into());
-        let last = run_all_but_last(&mut job, "a");
-        let now = Instant::now();
-        let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
-        job.allow_commit(&commit, "b", false).expect("allowed");
-        let lease_end = now + Duration::from_secs(3);
-        assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
+        let (mut job, _folder, last, _, _) = job_with_a_lost_commit(None).await;
         let warning = job.unknown_commit_warning();
         assert!(
             warning.starts_with("; but a commit of its write was lost")
