@@ -79,7 +79,7 @@ use super::layout::{
     is_bookkeeping, job_staging, join, manifest as manifest_path, named_job, relative_to,
     replaced_list, upload_records, written_by,
 };
-use super::order::{self, Claim, Claimed, Claims, Standing};
+use super::order::{self, Claim, Claimed, Standing};
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
@@ -421,16 +421,18 @@ impl Commit {
         let replaced = if self.insert_op == InsertOp::Overwrite {
             let written: Vec<&str> = files.iter().map(|file| file.relative.as_str()).collect();
             let claimed = self.claim_place(&written).await?;
-            if let Some(claimed) = &claimed
-                && claimed.by_earlier_run
-                && moved_now > 0
-            {
-                self.check_no_later_claim_on_its_partitions(&claimed.claim)
-                    .await?;
-            }
+            let moved_in_after_claiming = claimed
+                .as_ref()
+                .is_some_and(|claimed| claimed.by_earlier_run)
+                && moved_now > 0;
             let claim = claimed.map(|claimed| claimed.claim);
             let replaced = self
-                .replaced_files(self.partitioned, written.into_iter(), claim.as_ref())
+                .replaced_files(
+                    self.partitioned,
+                    written.into_iter(),
+                    claim.as_ref(),
+                    moved_in_after_claiming,
+                )
                 .await?;
             self.write_replaced_list(&replaced).await?;
             Some(replaced)
@@ -549,7 +551,9 @@ impl Commit {
         // Written before overwrites listed what they replace (or claimed
         // a place).
         let written = manifest.files.iter().map(|file| file.path.as_str());
-        let replaced = self.replaced_files(partitioned, written, None).await?;
+        let replaced = self
+            .replaced_files(partitioned, written, None, false)
+            .await?;
         self.delete_replaced(replaced).await
     }
 
@@ -705,30 +709,6 @@ impl Commit {
         Ok(claim)
     }
 
-    /// Fails a retried commit that kept its earlier run's place but moved
-    /// files in only now, if another overwrite claimed a later place on its
-    /// partitions meanwhile: that one may have listed them without these
-    /// files, and both writes' rows would stand ([`super::order`]). The
-    /// error is final, so the job's files are rolled back.
-    async fn check_no_later_claim_on_its_partitions(&self, own: &Claim) -> Result<()> {
-        let same_folder = |ours: &str, theirs: &str| {
-            folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
-        };
-        let claims = Claims::read(&self.store, &self.table).await?;
-        let later = claims
-            .later(own)
-            .find(|later| later.overlaps(own, same_folder));
-        match later {
-            Some(later) => Err(DataFusionError::Execution(format!(
-                "the overwrite of '{}' was retried after job {} began to overwrite the same \
-                 partitions, and moved files in since; its write is rolled back: run the \
-                 statement again",
-                self.location, later.job_id
-            ))),
-            None => Ok(()),
-        }
-    }
-
     /// Deletes the claims of ended overwrites; they are only kept longer
     /// if that fails.
     async fn prune_claims(&self) {
@@ -748,11 +728,18 @@ impl Commit {
     /// With its `claim`, the files of overwrites that claimed earlier go
     /// too, committed or not, and nothing goes in the partitions of later
     /// claims that have committed ([`super::order`]).
+    ///
+    /// A retried commit that kept its earlier run's claim but moved files
+    /// in only now (`moved_in_after_claiming`) fails if a later claim is on
+    /// its partitions: that overwrite may have listed them without these
+    /// files, and both writes' rows would stand. The error is final, so the
+    /// job's files are rolled back.
     async fn replaced_files<'a>(
         &self,
         partitioned: bool,
         written: impl Iterator<Item = &'a str>,
         claim: Option<&Claim>,
+        moved_in_after_claiming: bool,
     ) -> Result<Replacement> {
         let key = |relative: &str| folder_key(folder_of(relative), &self.partition_types);
         let touched: HashSet<Vec<(String, String)>> = written.map(key).collect();
@@ -771,6 +758,17 @@ impl Commit {
         let same_folder = |ours: &str, theirs: &str| {
             folder_key(ours, &self.partition_types) == folder_key(theirs, &self.partition_types)
         };
+        if let Some(own) = claim
+            && moved_in_after_claiming
+            && let Some(later) = standing.later_on_same_partitions(own, same_folder)
+        {
+            return Err(DataFusionError::Execution(format!(
+                "the overwrite of '{}' was retried after job {} began to overwrite the same \
+                 partitions, and moved files in since; its write is rolled back: run the \
+                 statement again",
+                self.location, later.job_id
+            )));
+        }
         for (path, relative) in listed {
             // Another job's files that readers do not see for want of its
             // manifest: a commit in progress (another cluster's), or one
@@ -1547,7 +1545,7 @@ mod tests {
             names
         }
 
-        /// The data files readers see, and those the store holds.
+        /// The data files readers see, and those the store holds, sorted.
         async fn shown_and_held(store: &Arc<dyn ObjectStore>) -> (Vec<String>, Vec<String>) {
             let table = Path::from("t");
             let state = CommittedFiles::read(store, &table).await.expect("state");
@@ -1558,7 +1556,17 @@ mod tests {
                 .collect();
             let name = |path: &Path| relative_to(&table, path).expect("below");
             let shown = held.iter().filter(|path| state.shows(path)).map(name);
-            (shown.collect(), held.iter().map(name).collect())
+            (
+                sorted(shown.collect()),
+                sorted(held.iter().map(name).collect()),
+            )
+        }
+
+        /// Asserts that readers see `files` and that the store holds no
+        /// other data file.
+        async fn assert_left(store: &Arc<dyn ObjectStore>, files: Vec<String>) {
+            let files = sorted(files);
+            assert_eq!(shown_and_held(store).await, (files.clone(), files));
         }
 
         /// Commits an append of one file in `p=1` by `job`.
@@ -1615,11 +1623,7 @@ mod tests {
         // replaces both.
         let (store, first) = race("p=1", "p=1", before_claiming, false).await;
         first.expect("the first overwrite");
-        let only_first = vec![file(FIRST, "p=1")];
-        assert_eq!(
-            shown_and_held(&store).await,
-            (only_first.clone(), only_first.clone())
-        );
+        assert_left(&store, vec![file(FIRST, "p=1")]).await;
 
         // The first has listed what it replaces, the old file, when the
         // second claims after it: the second replaces the first's files
@@ -1627,11 +1631,7 @@ mod tests {
         // nothing that shows. (Without claims, both overwrites stood.)
         let (store, first) = race("p=1", "p=1", before_manifest, false).await;
         first.expect("the first overwrite");
-        let only_second = vec![file(SECOND, "p=1")];
-        assert_eq!(
-            shown_and_held(&store).await,
-            (only_second.clone(), only_second.clone())
-        );
+        assert_left(&store, vec![file(SECOND, "p=1")]).await;
 
         // The second claims after the first, replaces the first's files,
         // and commits before the first lists the table; then a third
@@ -1640,18 +1640,12 @@ mod tests {
         // the append. (Without that, the first deleted the append.)
         let (store, first) = race("p=1", "p=1", before_listing, true).await;
         first.expect("the first overwrite");
-        let second_and_append = vec![file(SECOND, "p=1"), file(APPENDED, "p=1")];
-        let (shown, held) = shown_and_held(&store).await;
-        assert_eq!(
-            (sorted(shown), sorted(held)),
-            (sorted(second_and_append.clone()), sorted(second_and_append))
-        );
+        assert_left(&store, vec![file(SECOND, "p=1"), file(APPENDED, "p=1")]).await;
 
         // Overwrites of other partitions do not conflict.
         let (store, first) = race("p=1", "p=2", before_listing, false).await;
         first.expect("the first overwrite");
-        let both = vec![file(FIRST, "p=1"), file(SECOND, "p=2")];
-        assert_eq!(shown_and_held(&store).await, (both.clone(), both));
+        assert_left(&store, vec![file(FIRST, "p=1"), file(SECOND, "p=2")]).await;
 
         // The first claimed its place and its executor died; the second
         // claimed after it and committed. The first's retry keeps its place
@@ -1664,7 +1658,7 @@ mod tests {
         order::claim(&store, &Path::from("t"), FIRST, folders, false)
             .await
             .expect("claim");
-        let marker = Path::from(format!("t/_temporary/{FIRST}/_committing"));
+        let marker = committing_marker(&Path::from("t"), FIRST);
         store.put(&marker, PutPayload::new()).await.expect("mark");
         let (second, input) = staged_overwrite(Arc::clone(&store), &store, SECOND, "p=1").await;
         second.run(input).await.expect("the second overwrite");

@@ -145,6 +145,17 @@ impl Standing {
             .iter()
             .any(|claim| claim.covers(folder, &same_folder))
     }
+
+    /// The first later claim that writes a partition that `own` writes.
+    pub fn later_on_same_partitions(
+        &self,
+        own: &Claim,
+        same_folder: impl Fn(&str, &str) -> bool,
+    ) -> Option<&Claim> {
+        self.later
+            .iter()
+            .find(|later| later.overlaps(own, &same_folder))
+    }
 }
 
 /// The claims of one table that a listing found, by place.
@@ -157,18 +168,7 @@ impl Claims {
     pub async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<Self> {
         let places = list_places(store, table).await?;
         let mut claims: Vec<Claim> = futures::stream::iter(places)
-            .map(|place| async move {
-                let Some(bytes) = get_if_exists(store, &claim_path(table, place)).await? else {
-                    return Ok(None);
-                };
-                let claim: Claim = serde_json::from_slice(&bytes).map_err(|e| {
-                    DataFusionError::Execution(format!(
-                        "the overwrite claim {} of '{table}' is not valid: {e}",
-                        claim_path(table, place)
-                    ))
-                })?;
-                Ok::<_, DataFusionError>(Some(Claim { place, ..claim }))
-            })
+            .map(|place| read_claim(store, table, place))
             .buffer_unordered(CONCURRENT_READS)
             .try_filter_map(|claim| async move { Ok(claim) })
             .try_collect()
@@ -245,10 +245,8 @@ pub async fn claim(
             // Another overwrite took this place, or this one did, with a
             // request whose answer was lost and that the client sent again.
             Err(object_store::Error::AlreadyExists { .. }) => {
-                if let Some(bytes) = get_if_exists(store, &path).await?
-                    && serde_json::from_slice::<Claim>(&bytes)
-                        .is_ok_and(|taken| taken.job_id == claim.job_id)
-                {
+                let taken = read_claim(store, table, claim.place).await?;
+                if taken.is_some_and(|taken| taken.job_id == claim.job_id) {
                     return Ok(Some(claimed));
                 }
             }
@@ -256,6 +254,24 @@ pub async fn claim(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The claim at `place` in the table at `table`, if it is there.
+async fn read_claim(
+    store: &Arc<dyn ObjectStore>,
+    table: &Path,
+    place: u64,
+) -> Result<Option<Claim>> {
+    let path = claim_path(table, place);
+    let Some(bytes) = get_if_exists(store, &path).await? else {
+        return Ok(None);
+    };
+    let claim: Claim = serde_json::from_slice(&bytes).map_err(|e| {
+        DataFusionError::Execution(format!(
+            "the overwrite claim {path} of '{table}' is not valid: {e}"
+        ))
+    })?;
+    Ok(Some(Claim { place, ..claim }))
 }
 
 /// Deletes the claims of ended jobs from the oldest up to the first claim
