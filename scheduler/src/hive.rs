@@ -150,13 +150,6 @@ impl HivePartitionedTable {
     /// rows that no other query can read.
     fn check_partition_values(&self, scan: &Arc<dyn ExecutionPlan>) -> Result<()> {
         let mut checked: HashSet<(usize, &str)> = HashSet::new();
-        let location = self
-            .raw
-            .table_paths()
-            .iter()
-            .map(|url| url.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut files = Vec::new();
         scan.apply(|node| {
             if let Some(config) = node
@@ -169,8 +162,8 @@ impl HivePartitionedTable {
         })?;
         for file in files {
             let columns = self.partition_columns.iter().zip(&file.partition_values);
-            for (index, ((name, declared), raw)) in columns.enumerate() {
-                let ScalarValue::Utf8(Some(raw)) = raw else {
+            for (index, ((name, declared), value)) in columns.enumerate() {
+                let ScalarValue::Utf8(Some(raw)) = value else {
                     continue;
                 };
                 if declared == &DataType::Utf8
@@ -179,7 +172,14 @@ impl HivePartitionedTable {
                 {
                     continue;
                 }
-                if let Err(error) = ScalarValue::Utf8(Some(raw.clone())).cast_to(declared) {
+                if let Err(error) = value.cast_to(declared) {
+                    let location = self
+                        .raw
+                        .table_paths()
+                        .iter()
+                        .map(|url| url.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     return plan_err!(
                         "the partition folder '{name}={raw}' of the table at {location} \
                          (file {}) does not hold a {declared} value for column '{name}': \
