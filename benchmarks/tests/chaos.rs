@@ -907,10 +907,12 @@ fn files_named_by(
 /// it commits, then the job is cancelled:
 /// - resumed at once, the commit finishes: the job succeeds, every row once;
 /// - resumed only after their leases ran out, the executors were lost with
-///   the commit. Once the lost commit can no longer act, its next attempt
-///   runs: it finds the manifest if the pause came after it, and the job
-///   succeeds with every row once; otherwise it is refused, the job ends
-///   cancelled and its write is rolled back.
+///   the commit. Once the lost commit can no longer act, the scheduler
+///   settles the write: it finds the manifest if the pause came after it,
+///   and the job succeeds with every row once; otherwise the write is
+///   rolled back and the job ends cancelled;
+/// - resumed only once the job has ended: the same, with no executor left
+///   to run anything meanwhile (the job used to wait for one for ever).
 ///
 /// A run whose commit reported before the cancel came is run again, up to
 /// [`COMMIT_PAUSE_ATTEMPTS`] times: on a loaded machine the pause can land
@@ -923,21 +925,24 @@ async fn cancel_while_committing(suite: &mut Suite) {
         .expect("small files: a longer commit");
     let (expected_rows, _) = totals_of(&suite.context, "SELECT count(*), 0 FROM lineitem").await;
     for (pause, lost) in [
-        (Duration::from_millis(500), false),
+        (Some(Duration::from_millis(500)), false),
         // Longer than the 3 s executor timeout.
-        (Duration::from_secs(4), true),
+        (Some(Duration::from_secs(4)), true),
+        // Until the job has ended.
+        (None, true),
     ] {
-        let scenario = if lost {
-            "COPY: cancelled while committing, executors lost"
-        } else {
-            "COPY: cancelled while committing"
+        let scenario = match pause {
+            None => "COPY: cancelled while committing, executors lost until the job ended",
+            Some(_) if lost => "COPY: cancelled while committing, executors lost",
+            Some(_) => "COPY: cancelled while committing",
         };
         let mut landed = false;
         for attempt in 0..COMMIT_PAUSE_ATTEMPTS {
-            let target = suite
-                .cluster
-                .work_dir()
-                .join(format!("cancel-commit-{}-{attempt}", u8::from(lost)));
+            let target = suite.cluster.work_dir().join(format!(
+                "cancel-commit-{}-{}-{attempt}",
+                u8::from(lost),
+                u8::from(pause.is_none())
+            ));
             let pids: Vec<u32> = (0..EXECUTORS)
                 .filter_map(|index| suite.cluster.executor_pid(index))
                 .collect();
@@ -970,16 +975,23 @@ async fn cancel_while_committing(suite: &mut Suite) {
                 continue;
             };
             let cancelled = suite.context.cancel_job(&job_id).await;
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.unwrap_or(Duration::from_millis(500))).await;
             let while_paused = suite.context.job_status(&job_id).await;
-            for pid in &pids {
-                send_signal(*pid, "CONT");
+            if pause.is_some() {
+                for pid in &pids {
+                    send_signal(*pid, "CONT");
+                }
             }
             let result = tokio::time::timeout(QUERY_TIMEOUT, job)
                 .await
                 .map_err(|_| "the job hung".to_owned())
                 .and_then(|joined| joined.map_err(|e| e.to_string()))
                 .and_then(|result| result);
+            if pause.is_none() {
+                for pid in &pids {
+                    send_signal(*pid, "CONT");
+                }
+            }
             if lost {
                 // Back in the cluster: they noticed their leases and registered again.
                 suite.context = suite.cluster.connect(EXECUTORS).await;
@@ -992,8 +1004,8 @@ async fn cancel_while_committing(suite: &mut Suite) {
                 Ok(status) if status.state() == JobState::Running && status.committing => Ok(()),
                 other => Err(format!("while paused, the job was {other:?}")),
             };
-            // Lost, the commit's next attempt finds its manifest if the pause
-            // came after it (the job succeeds), or is refused (cancelled).
+            // Lost, the scheduler finds the commit's manifest if the pause
+            // came after it (the job succeeds), or rolls it back (cancelled).
             let outcome = still_running.and_then(|()| match &result {
                 Ok(batches) => {
                     let rows = batches

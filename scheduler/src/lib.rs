@@ -91,7 +91,8 @@ pub async fn run(
         warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
     }
     let loop_config = config.loop_config();
-    let (handle, interrupted) = state::event_loop::spawn(loop_config.clone(), &store)?;
+    let (handle, interrupted) =
+        state::event_loop::spawn(loop_config.clone(), &store, planner.object_stores())?;
     let service = service::SchedulerGrpc::new(handle, planner);
     service
         .clean_up_interrupted_jobs(interrupted, loop_config.executor_timeout)

@@ -377,9 +377,11 @@ impl SchedulerGrpc {
                     &runtime, &stores, &job_id, &durable, &writes_to, ended, finish,
                 )
                 .await;
-                if pass == 0 && !succeeded && settled == Some(Settled::Committed) {
+                if pass == 0 && !succeeded && matches!(settled, Some(Settled::Committed { .. })) {
                     // Only a commit lost with its executor after its manifest
-                    // comes here: the job was told it ended otherwise.
+                    // whose write the event loop could not settle (its
+                    // manifest was folded, or unreadable then) comes here:
+                    // the job was told it ended otherwise.
                     warn!(%job_id, table = %writes_to,
                         "the job did not succeed, but its write had committed: its rows are in the table");
                 }

@@ -1004,8 +1004,9 @@ impl Commit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// The job's manifest exists, or a later write folded it: its write
-    /// stands.
-    Committed,
+    /// stands. `rows` is the count its manifest records; `None` once the
+    /// manifest is folded or retired, which keep no count.
+    Committed { rows: Option<u64> },
     /// No manifest: the job's files that were moved in (`files` of them) are gone.
     RolledBack { files: usize },
 }
@@ -1062,18 +1063,34 @@ pub async fn settle_write(
         counts: CommitCounts::default(),
     };
     let settled = match commit.read_manifest().await? {
+        Some(manifest)
+            if ended == JobEnded::Otherwise && commit.lost_every_file(&manifest).await? =>
+        {
+            // A commit frozen past its lease (a paused process, a suspended
+            // machine) put this manifest after its write was rolled back:
+            // it names files that are gone, and it goes too.
+            warn!(%job_id, location = %commit.location,
+                "deleting the manifest that a commit wrote after its write was rolled back");
+            commit
+                .delete_all(vec![manifest_path(&commit.table, job_id)])
+                .await?;
+            commit.delete_replaced_list().await?;
+            Settled::RolledBack { files: 0 }
+        }
         Some(manifest) => {
             if finish == FinishOverwrite::Yes {
                 commit.finish_replacing(&manifest).await?;
             }
-            Settled::Committed
+            Settled::Committed {
+                rows: Some(manifest.rows),
+            }
         }
         // A later write folded its manifest: it had finished.
         None if FoldedJobs::read(&commit.store, &commit.table)
             .await?
             .contains(job_id) =>
         {
-            Settled::Committed
+            Settled::Committed { rows: None }
         }
         // A later overwrite that replaced all of its files retires its
         // manifest; with files left, it was retired by mistake.
@@ -1084,7 +1101,7 @@ pub async fn settle_write(
                     "a job that committed has no manifest left, but has files: they stay, \
                      but Quiver's readers hide them");
             }
-            Settled::Committed
+            Settled::Committed { rows: None }
         }
         None => {
             let moved_in = commit.files_of_this_job().await?;
@@ -1123,6 +1140,12 @@ struct ManifestFile {
 }
 
 impl Commit {
+    /// Whether `manifest`, of this job, names files and none of them is in
+    /// the table any more.
+    async fn lost_every_file(&self, manifest: &Manifest) -> Result<bool> {
+        Ok(!manifest.files.is_empty() && self.files_of_this_job().await?.is_empty())
+    }
+
     async fn read_manifest(&self) -> Result<Option<Manifest>> {
         let path = manifest_path(&self.table, &self.job_id);
         let Some(bytes) = get_if_exists(&self.store, &path).await? else {
@@ -1135,6 +1158,19 @@ impl Commit {
             ))
         })
     }
+}
+
+/// The result of a write job that wrote `rows` rows, as the bytes of an
+/// Arrow IPC stream: what its commit task's output holds, for a scheduler
+/// that learns the count from the job's manifest instead.
+pub fn write_result_ipc(rows: u64) -> Result<Vec<u8>> {
+    let batch = count_batch(rows)?;
+    let mut bytes = Vec::new();
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    drop(writer);
+    Ok(bytes)
 }
 
 /// The result of a write job: one row, its row count.
@@ -1374,7 +1410,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed);
+        assert_eq!(settled, Settled::Committed { rows: None });
         assert!(
             table
                 .join(format!("p=1/part-{racing}-00000-000.parquet"))
@@ -1791,7 +1827,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed);
+        assert_eq!(settled, Settled::Committed { rows: Some(1) });
         assert_eq!(files(table).len(), 4, "{:?}", files(table));
         assert!(!table.join("_temporary/job2").exists());
 
@@ -1804,7 +1840,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed);
+        assert_eq!(settled, Settled::Committed { rows: Some(1) });
         assert_eq!(
             files(table),
             vec![
@@ -1823,7 +1859,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(again, Settled::Committed);
+        assert_eq!(again, Settled::Committed { rows: Some(1) });
         assert_eq!(files(table).len(), 3);
 
         std::fs::write(table.join("_manifests/job3.json"), b"{").expect("manifest");
@@ -1837,6 +1873,34 @@ mod tests {
         .await
         .expect_err("a broken manifest is an error");
         assert!(error.to_string().contains("job3"), "{error}");
+
+        // A commit frozen past its lease puts its manifest after its write
+        // was rolled back: settled again, its manifest goes.
+        std::fs::remove_file(table.join("_manifests/job3.json")).expect("remove");
+        let late = ["region=EU/part-job4-00000-000.parquet"];
+        std::fs::write(
+            table.join("_manifests/job4.json"),
+            manifest("job4", InsertOp::Append, &late),
+        )
+        .expect("manifest");
+        let settle_job4 = |ended| settle_write(&stores, &url, "job4", ended, FinishOverwrite::Yes);
+        assert_eq!(
+            settle_job4(JobEnded::Otherwise).await.expect("settle"),
+            Settled::RolledBack { files: 0 }
+        );
+        assert_eq!(files(table).len(), 3, "{:?}", files(table));
+        // Not while a file it names is there.
+        touch(table, late[0]);
+        std::fs::write(
+            table.join("_manifests/job4.json"),
+            manifest("job4", InsertOp::Append, &late),
+        )
+        .expect("manifest");
+        assert_eq!(
+            settle_job4(JobEnded::Otherwise).await.expect("settle"),
+            Settled::Committed { rows: Some(1) }
+        );
+        assert_eq!(files(table).len(), 5, "{:?}", files(table));
     }
 
     /// A commit task lost after its manifest is retried: the retry neither
@@ -2064,7 +2128,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed);
+        assert_eq!(settled, Settled::Committed { rows: None });
         assert!(table.join(data(&appends[0])).exists());
 
         // An overwrite of region=EU leaves the jobs that wrote only there

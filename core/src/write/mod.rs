@@ -28,7 +28,7 @@ pub mod snapshot;
 
 pub use commit::{
     FinishOverwrite, JobEnded, ParquetCommitExec, Settled, check_folder_write_access,
-    check_write_access, settle_write,
+    check_write_access, settle_write, write_result_ipc,
 };
 pub use exec::ParquetWriteExec;
 pub use plan::distribute_parquet_writes;

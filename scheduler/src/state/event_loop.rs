@@ -3,9 +3,13 @@
 //! planning and plan encoding happen before a job reaches it.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::error::DataFusionError;
+use quiver_core::storage::{StoreRegistry, redacted_error};
+use quiver_core::write::{FinishOverwrite, JobEnded, settle_write};
 use quiver_proto::{
     CancelTasks, CommitAnswer, CommitRequest, Drained, ExecutorRegistered, FailureKind,
     HeartbeatAck, JobRecord, JobState, JobStatus, PROTOCOL_VERSION, RemoveJobData,
@@ -25,6 +29,11 @@ use crate::store::{JobRecorder, StateStore, StoreError};
 /// Longest time a job may take to be planned again (see
 /// [`SchedulerLoop::replan`]) before it fails.
 const REPLAN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Longest time the scheduler may take to settle the write of a job whose
+/// commit was lost (see [`SchedulerLoop::settle_lost_commit`]) before the
+/// job ends saying that its write may have committed.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Timing settings of the loop.
 #[derive(Debug, Clone)]
@@ -54,10 +63,12 @@ impl LoopConfig {
 /// previous scheduler stopped are recorded as failed, since their tasks and
 /// shuffle data went with it (see ARCHITECTURE.md, "Scheduler restart").
 /// Their records are returned, so that what they left in object storage can
-/// be cleaned up.
+/// be cleaned up. `stores` reaches the tables that jobs write, to settle a
+/// write whose commit was lost.
 pub fn spawn(
     config: LoopConfig,
     store: &StateStore,
+    stores: Arc<StoreRegistry>,
 ) -> Result<(SchedulerHandle, Vec<JobRecord>), StoreError> {
     let (events, receiver) = mpsc::unbounded_channel();
     let directory = JobDirectory::default();
@@ -90,6 +101,7 @@ pub fn spawn(
         recorder: recorder.clone(),
         queue: VecDeque::new(),
         events: events.downgrade(),
+        stores,
     };
     tokio::spawn(state.run(receiver));
     let handle = SchedulerHandle {
@@ -98,6 +110,33 @@ pub fn spawn(
         recorder,
     };
     Ok((handle, interrupted))
+}
+
+/// Why work run off the loop gave no answer.
+#[derive(Debug, thiserror::Error)]
+enum OffLoopError {
+    #[error("panicked: {0}")]
+    Panicked(String),
+    #[error("took longer than {} s", .0.as_secs())]
+    TimedOut(Duration),
+}
+
+/// Runs `work` in its own task, so that a panic ends it with an error
+/// rather than leave a job waiting for ever; so does work that takes longer
+/// than `limit` (a store that never answers), which is then stopped.
+async fn off_the_loop<T: Send + 'static>(
+    work: impl Future<Output = T> + Send + 'static,
+    limit: Duration,
+) -> Result<T, OffLoopError> {
+    let mut task = tokio::spawn(work);
+    match tokio::time::timeout(limit, &mut task).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(panicked)) => Err(OffLoopError::Panicked(panicked.to_string())),
+        Err(_) => {
+            task.abort();
+            Err(OffLoopError::TimedOut(limit))
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, for job records.
@@ -128,9 +167,12 @@ struct SchedulerLoop {
     recorder: JobRecorder,
     /// Jobs waiting for admission, oldest first.
     queue: VecDeque<String>,
-    /// For the results of work done off the loop (planning a job again);
-    /// weak, so that the loop still stops when every handle is dropped.
+    /// For the results of work done off the loop (planning a job again,
+    /// settling a write); weak, so that the loop still stops when every
+    /// handle is dropped.
     events: mpsc::WeakUnboundedSender<Event>,
+    /// The object stores of the tables that jobs write.
+    stores: Arc<StoreRegistry>,
 }
 
 impl SchedulerLoop {
@@ -196,6 +238,12 @@ impl SchedulerLoop {
                 }
             }
             Event::JobReplanned { job_id, planned } => self.on_job_replanned(&job_id, *planned),
+            Event::WriteSettled { job_id, settled } => {
+                if let Some((job, _)) = self.jobs.get_mut(&job_id) {
+                    let outcome = job.on_write_settled(settled);
+                    self.after_outcome(&job_id, outcome);
+                }
+            }
         }
     }
 
@@ -365,9 +413,10 @@ impl SchedulerLoop {
         if outcome != Outcome::Continue
             && let Some((job, _)) = self.jobs.get(job_id)
         {
-            // A job planned again is still running: no finish time.
+            // A job planned again, or settling its write, is still
+            // running: no finish time.
             let finished_at = match outcome {
-                Outcome::Replan(_) => 0,
+                Outcome::Replan(_) | Outcome::Settle => 0,
                 _ => unix_millis(),
             };
             self.recorder.record(job.record(finished_at));
@@ -391,8 +440,60 @@ impl SchedulerLoop {
                 self.publish(job_id);
                 self.end_job(job_id);
             }
+            Outcome::Cancelled => {
+                info!(%job_id, "job cancelled");
+                self.publish(job_id);
+                self.end_job(job_id);
+            }
             Outcome::Replan(reason) => self.replan(job_id, &reason),
+            Outcome::Settle => self.settle_lost_commit(job_id),
         }
+    }
+
+    /// Stops the tasks of a job that is to end while a lost commit of its
+    /// write may have committed, and settles the write off the loop
+    /// ([`settle_write`]): with the job's manifest there, the commit is
+    /// finished and the job succeeds; without it, what the commit moved in
+    /// is deleted and the job ends as it was asked to. No commit of the job
+    /// can act any more, and no other job of this scheduler writes the
+    /// table while this one runs, so an overwrite's deletions are finished
+    /// too.
+    fn settle_lost_commit(&mut self, job_id: &str) {
+        let Some((job, _)) = self.jobs.get(job_id) else {
+            return;
+        };
+        let Some(table) = job.writes_to.clone() else {
+            return;
+        };
+        info!(%job_id, %table, "a commit of the job's write was lost with its executor; \
+            reading whether it committed before the job ends");
+        let executors = job.executors();
+        self.cancel_tasks(job_id, &executors);
+        self.publish(job_id);
+        let stores = Arc::clone(&self.stores);
+        let id = job_id.to_owned();
+        let settling = async move {
+            settle_write(
+                &stores,
+                &table,
+                &id,
+                JobEnded::Otherwise,
+                FinishOverwrite::Yes,
+            )
+            .await
+            .map_err(|e| redacted_error(&e))
+        };
+        let events = self.events.clone();
+        let job_id = job_id.to_owned();
+        tokio::spawn(async move {
+            let settled = match off_the_loop(settling, SETTLE_TIMEOUT).await {
+                Ok(settled) => settled,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(events) = events.upgrade() {
+                let _ = events.send(Event::WriteSettled { job_id, settled });
+            }
+        });
     }
 
     /// Stops the tasks of a job that lost a file it reads, and plans it
@@ -418,22 +519,13 @@ impl SchedulerLoop {
         let events = self.events.clone();
         let job_id = job_id.to_owned();
         tokio::spawn(async move {
-            // Its own task, so that a panic fails the job rather than leave
-            // it waiting for ever; so does a store that never answers.
-            let mut planning = tokio::spawn(async move { replanner.plan().await });
-            let planned = match tokio::time::timeout(REPLAN_TIMEOUT, &mut planning).await {
-                Ok(Ok(planned)) => planned,
-                Ok(Err(panicked)) => Err(crate::Error::Query(DataFusionError::Internal(format!(
-                    "planning the job again panicked: {panicked}"
-                )))),
-                Err(_) => {
-                    planning.abort();
-                    Err(crate::Error::Query(DataFusionError::Execution(format!(
-                        "planning the job again took longer than {} s",
-                        REPLAN_TIMEOUT.as_secs()
-                    ))))
-                }
-            };
+            let planned =
+                match off_the_loop(async move { replanner.plan().await }, REPLAN_TIMEOUT).await {
+                    Ok(planned) => planned,
+                    Err(e) => Err(crate::Error::Query(DataFusionError::Execution(format!(
+                        "planning the job again {e}"
+                    )))),
+                };
             if let Some(events) = events.upgrade() {
                 let planned = Box::new(planned);
                 let _ = events.send(Event::JobReplanned { job_id, planned });
@@ -474,14 +566,15 @@ impl SchedulerLoop {
                 it is cancelled if the commit fails, and succeeds if it commits");
             return CancelOutcome::Committing;
         }
+        if job.settle_before_ending(DeferredEnd::Cancel) {
+            self.settle_lost_commit(job_id);
+            return CancelOutcome::Committing;
+        }
         if job.state == JobState::Queued {
             self.queue.retain(|queued| queued != job_id);
         }
         job.cancel();
-        self.recorder.record(job.record(unix_millis()));
-        info!(%job_id, "job cancelled");
-        self.publish(job_id);
-        self.end_job(job_id);
+        self.after_outcome(job_id, Outcome::Cancelled);
         CancelOutcome::Cancelled
     }
 

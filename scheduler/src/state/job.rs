@@ -11,8 +11,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use prost::bytes::Bytes;
 use quiver_core::metrics::add_operator_metrics;
 use quiver_core::storage::redact_store_echoes;
-use quiver_core::write::ParquetWriteExec;
 use quiver_core::write::layout::file_lists_location;
+use quiver_core::write::{ParquetWriteExec, Settled, write_result_ipc};
 use quiver_proto::{
     FailureKind, FetchFailure, JobRecord, JobState, JobStatus, LaunchTask, MapOutput,
     PartitionStats, Setting, StageInput, StageMetrics, StoreConfig, TaskFailed, TaskId,
@@ -129,6 +129,11 @@ pub enum Outcome {
     Continue,
     Succeeded,
     Failed(String),
+    Cancelled,
+    /// The job is to end, but a commit of its write was lost and may have
+    /// committed: the scheduler settles the write off its loop first, and
+    /// ends the job as [`Job::on_write_settled`] says.
+    Settle,
     /// A file the job reads was replaced after it was planned: its tasks are
     /// abandoned, and it waits to be planned again ([`Job::install_replan`]).
     Replan(String),
@@ -193,10 +198,28 @@ pub struct Job {
     /// A commit allowed to act was lost with its executor, which may act
     /// until its lease runs out: until then.
     lost_commit_may_act_until: Option<Instant>,
-    /// A commit allowed to act was lost with its executor, and no attempt
-    /// of it has reported since: it may have written its manifest. A job
-    /// that ends so says it, lest its statement be run again blindly.
-    commit_outcome_unknown: bool,
+    /// Whether a commit lost with its executor committed, as far as known.
+    lost_commit: LostCommit,
+    /// The job is to end (as `deferred_end` says) while a lost commit's
+    /// outcome is unknown, and the scheduler reads the table's manifests to
+    /// settle it first ([`Job::settle_before_ending`]). Nothing runs.
+    settling: bool,
+}
+
+/// What is known of a commit that was lost with its executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LostCommit {
+    /// No commit was lost, or an attempt of it reported since, or the
+    /// scheduler found that it had not committed.
+    Settled,
+    /// A commit allowed to act was lost, and no attempt of it has reported
+    /// since: it may have written its manifest.
+    Unknown,
+    /// The scheduler could not read whether it committed: why.
+    Unreadable(String),
+    /// It had committed, but its manifest no longer holds its row count (a
+    /// later write folded it), so the job cannot report its result.
+    CommittedUncounted,
 }
 
 /// How a job asked to end while its write committed ends.
@@ -245,7 +268,8 @@ impl Job {
             replanning: false,
             deferred_end: None,
             lost_commit_may_act_until: None,
-            commit_outcome_unknown: false,
+            lost_commit: LostCommit::Settled,
+            settling: false,
             first_attempt: 0,
         }
     }
@@ -350,19 +374,22 @@ impl Job {
     /// cancelled or failed with its rows committed (a retry of the statement
     /// would write them twice), and settling its write would race the commit.
     ///
-    /// A commit lost with its executor may have written its manifest. Its
-    /// next attempt settles that, even for a job that is to end: it finds
-    /// the manifest and finishes the commit, or is refused and fails. So
-    /// until it reports, so long as it can run, the job is committing too.
+    /// A commit lost with its executor may have written its manifest. In a
+    /// job that runs on, its next attempt settles that: it finds the
+    /// manifest and finishes the commit, or commits anew. A job that is to
+    /// end runs no more attempts: the scheduler settles the write itself
+    /// before it ends ([`Job::settle_before_ending`]), and meanwhile the job
+    /// is committing too.
     pub fn committing(&self, now: Instant) -> bool {
-        self.lost_commit_may_act_until
-            .is_some_and(|until| now < until)
+        self.settling
+            || self
+                .lost_commit_may_act_until
+                .is_some_and(|until| now < until)
             || self.stages.iter().any(|stage| {
-                stage.tasks.iter().any(|task| match task.state {
-                    TaskState::Running { .. } => task.committing,
-                    TaskState::Pending => task.committing && self.inputs_complete(stage),
-                    TaskState::Done => false,
-                })
+                stage
+                    .tasks
+                    .iter()
+                    .any(|task| matches!(task.state, TaskState::Running { .. }) && task.committing)
             })
     }
 
@@ -377,13 +404,13 @@ impl Job {
         executor_id: &str,
         finishes: bool,
     ) -> Result<(), String> {
-        if self.state != JobState::Running || self.replanning {
+        if self.state != JobState::Running || self.replanning || self.settling {
             return Err("the job is not running".into());
         }
         // An attempt that asks without `finishes` found no manifest: a
         // commit lost earlier had not committed, and can no longer act.
         if !finishes {
-            self.commit_outcome_unknown = false;
+            self.lost_commit = LostCommit::Settled;
         }
         match &self.deferred_end {
             _ if finishes => {}
@@ -463,12 +490,10 @@ impl Job {
     /// the probe side of an undecided adaptive join waits. Returns it with the
     /// executor its last attempt failed on.
     pub fn next_runnable(&self, now: Instant) -> Option<(u32, usize, Option<&str>)> {
-        if self.replanning {
+        // A job that is to end runs nothing more (see `committing`).
+        if self.replanning || self.settling || self.deferred_end.is_some() {
             return None;
         }
-        // A job that is to end runs only the next attempts of lost commits
-        // (see `committing`).
-        let ending = self.deferred_end.is_some();
         self.stages
             .iter()
             .filter(|stage| self.inputs_complete(stage) && !self.adaptive.holds(stage.id))
@@ -476,11 +501,7 @@ impl Job {
                 stage
                     .tasks
                     .iter()
-                    .position(|task| {
-                        task.state == TaskState::Pending
-                            && task.not_before <= now
-                            && (!ending || task.committing)
-                    })
+                    .position(|task| task.state == TaskState::Pending && task.not_before <= now)
                     .map(|partition| {
                         let avoid = stage.tasks[partition].avoid.as_deref();
                         (stage.id, partition, avoid)
@@ -584,7 +605,7 @@ impl Job {
         let reports_a_commit = std::mem::take(&mut task.committing);
         self.running -= 1;
         if reports_a_commit {
-            self.commit_outcome_unknown = false;
+            self.lost_commit = LostCommit::Settled;
         }
         let task = self
             .stage_mut(id.stage_id)?
@@ -942,8 +963,9 @@ impl Job {
         now: Instant,
         lease_end: Instant,
     ) -> Outcome {
-        if self.replanning {
-            // Nothing of the abandoned plan is needed any more.
+        if self.replanning || self.settling {
+            // Nothing of the abandoned plan is needed any more, nor of a job
+            // that is to end.
             return Outcome::Continue;
         }
         let max_attempts = self.max_attempts;
@@ -994,7 +1016,7 @@ impl Job {
         }
         if lost_commit {
             self.lost_commit_may_act_until = Some(lease_end);
-            self.commit_outcome_unknown = true;
+            self.lost_commit = LostCommit::Unknown;
         }
         if let Some((stage, partition)) = lost_write {
             return self.fail(format!(
@@ -1018,6 +1040,7 @@ impl Job {
     /// Whether a map output on `executor_id` is still needed by this job.
     pub fn needs_outputs_on(&self, executor_id: &str) -> bool {
         !self.replanning
+            && !self.settling
             && self
                 .stages
                 .iter()
@@ -1056,11 +1079,16 @@ impl Job {
             .collect()
     }
 
+    /// Fails the job, or first settles its write if a lost commit of it
+    /// may have committed ([`Outcome::Settle`]).
     pub fn fail(&mut self, message: String) -> Outcome {
         // Kept in the job history and shown to clients: a store's refusal
         // may echo the request's credentials.
         let message = redact_store_echoes(&message).into_owned();
-        let message = format!("{message}{}", self.unknown_commit_warning());
+        if self.settle_before_ending(DeferredEnd::Fail(message.clone())) {
+            return Outcome::Settle;
+        }
+        let message = format!("{message}{}", self.lost_commit_warning());
         self.state = JobState::Failed;
         self.error.clone_from(&message);
         Outcome::Failed(message)
@@ -1068,21 +1096,113 @@ impl Job {
 
     pub fn cancel(&mut self) {
         self.state = JobState::Cancelled;
-        self.error = format!("job cancelled{}", self.unknown_commit_warning());
+        self.error = format!("job cancelled{}", self.lost_commit_warning());
+    }
+
+    /// Holds back `end` if a commit of the job's write was lost with its
+    /// executor and may have written its manifest; returns whether it did.
+    /// Ending the job now would report it failed or cancelled with its rows
+    /// possibly committed, and running its statement again would write them
+    /// twice. So the scheduler settles the write first, off its loop (see
+    /// [`Outcome::Settle`]), and [`Job::on_write_settled`] ends the job as
+    /// that finds. Only for a job whose lost commit can no longer act.
+    pub fn settle_before_ending(&mut self, end: DeferredEnd) -> bool {
+        if self.lost_commit != LostCommit::Unknown || self.writes_to.is_none() || self.settling {
+            return false;
+        }
+        self.deferred_end = Some(end);
+        self.settling = true;
+        for task in self.stages.iter_mut().flat_map(|stage| &mut stage.tasks) {
+            if matches!(task.state, TaskState::Running { .. }) {
+                task.state = TaskState::Pending;
+            }
+        }
+        self.running = 0;
+        true
+    }
+
+    /// Ends a job held back by [`Job::settle_before_ending`], as `settled`
+    /// says its write was left: a commit that had written its manifest
+    /// makes the job succeed with the row count the manifest records;
+    /// otherwise the job ends as it was asked to. `Err` says why the write
+    /// could not be settled: the job then says that it may have committed.
+    pub fn on_write_settled(&mut self, settled: Result<Settled, String>) -> Outcome {
+        if !self.settling {
+            return Outcome::Continue;
+        }
+        self.settling = false;
+        let end = self.deferred_end.take().unwrap_or(DeferredEnd::Cancel);
+        self.lost_commit = match settled {
+            Ok(Settled::Committed { rows: Some(rows) }) => {
+                self.lost_commit = LostCommit::Settled;
+                return self.succeed_with_count(rows);
+            }
+            Ok(Settled::Committed { rows: None }) => LostCommit::CommittedUncounted,
+            Ok(Settled::RolledBack { .. }) => LostCommit::Settled,
+            Err(reason) => LostCommit::Unreadable(reason),
+        };
+        match end {
+            DeferredEnd::Fail(message) => self.fail(message),
+            DeferredEnd::Cancel => {
+                self.cancel();
+                Outcome::Cancelled
+            }
+        }
+    }
+
+    /// Ends the job succeeded, with the result its commit task would have
+    /// returned for a write of `rows` rows: the commit's output, inline.
+    fn succeed_with_count(&mut self, rows: u64) -> Outcome {
+        let result = match write_result_ipc(rows) {
+            Ok(result) => result,
+            Err(e) => return self.fail(format!("cannot encode the write's row count: {e}")),
+        };
+        let Some([commit]) = self
+            .stages
+            .last_mut()
+            .map(|stage| stage.tasks.as_mut_slice())
+        else {
+            return self.fail("a write's commit stage runs more than one task".into());
+        };
+        commit.state = TaskState::Done;
+        commit.output = Some(MapOutput {
+            map_partition: 0,
+            attempt: commit.attempt,
+            partitions: vec![PartitionStats {
+                rows: 1,
+                bytes: result.len() as u64,
+            }],
+            inline_result: result.into(),
+            ..MapOutput::default()
+        });
+        self.state = JobState::Succeeded;
+        Outcome::Succeeded
     }
 
     /// What an ending job says when a commit of its write was lost and may
-    /// have finished; nothing otherwise.
-    fn unknown_commit_warning(&self) -> String {
-        match &self.writes_to {
-            Some(table) if self.commit_outcome_unknown => format!(
-                "; but a commit of its write was lost with its executor and may have \
-                 finished: if {table}_manifests/{}.json exists, its rows are in the table, so \
-                 check before running the statement again",
-                self.id
-            ),
-            _ => String::new(),
-        }
+    /// have finished, or had finished; nothing otherwise.
+    fn lost_commit_warning(&self) -> String {
+        let Some(table) = &self.writes_to else {
+            return String::new();
+        };
+        let unread = match &self.lost_commit {
+            LostCommit::Settled => return String::new(),
+            LostCommit::CommittedUncounted => {
+                return "; but a commit of its write, lost with its executor, had finished: \
+                        its rows are in the table, so do not run the statement again"
+                    .to_owned();
+            }
+            LostCommit::Unknown => String::new(),
+            LostCommit::Unreadable(reason) => {
+                format!(" (the scheduler could not read whether it did: {reason})")
+            }
+        };
+        format!(
+            "; but a commit of its write was lost with its executor and may have \
+             finished{unread}: if {table}_manifests/{}.json exists, its rows are in the \
+             table, so check before running the statement again",
+            self.id
+        )
     }
 
     /// Executors that may hold or compute data of this job.
@@ -2204,27 +2324,31 @@ mod tests {
         let lease_end = now + Duration::from_secs(3);
         assert_eq!(job.on_executor_lost("c", now, lease_end), Outcome::Continue);
         assert!(job.committing(now), "the lost executor may still commit");
-        // No second commit runs beside it; its next attempt, owed to find
-        // out whether it committed, keeps the job committing.
+        // No second commit runs beside it: its next attempt waits for the
+        // lease to run out.
         let retry = &job.stages[last as usize - 1].tasks[0];
         assert_eq!(retry.state, TaskState::Pending);
         assert_eq!(retry.not_before, lease_end);
-        assert!(job.committing(lease_end));
-
-        // Asked to end: only that attempt runs, and it may only finish a
-        // commit made earlier.
-        job.deferred_end = Some(DeferredEnd::Cancel);
+        assert_ne!(
+            job.next_runnable(now)
+                .map(|(stage, partition, _)| (stage, partition)),
+            Some((last, 0))
+        );
+        assert!(!job.committing(lease_end));
         assert_eq!(
             job.next_runnable(lease_end)
                 .map(|(stage, partition, _)| (stage, partition)),
             Some((last, 0))
         );
+
+        // Asked to end while it runs, it may only finish a commit made
+        // earlier; and nothing else runs.
         let retried = job.launch(last, 0, "b").expect("runs").task.expect("id");
+        job.deferred_end = Some(DeferredEnd::Cancel);
         assert_eq!(
             job.allow_commit(&retried, "b", false),
             Err("the job was cancelled".to_owned())
         );
-        // Unless it only finishes what an earlier attempt committed.
         assert_eq!(job.allow_commit(&retried, "b", true), Ok(()));
         assert!(job.committing(lease_end));
     }
@@ -2236,8 +2360,13 @@ mod tests {
     async fn job_with_a_lost_commit(
         max_attempts: Option<u32>,
     ) -> (Job, tempfile::TempDir, u32, Instant, Instant) {
-        let (mut job, folder) = counting_job().await;
-        job.writes_to = Some("file:///tmp/target/".into());
+        let (_, folder, planner) = counting_job_and_planner().await;
+        let insert = Query::Sql("INSERT INTO t SELECT x FROM t".into());
+        let Planned::Stages(planned) = planner.plan("job", insert, &[]).await.expect("plan") else {
+            panic!("an insert runs on the executors");
+        };
+        let mut job = job_of(&planned.stages);
+        job.writes_to = planned.writes_to.clone();
         if let Some(attempts) = max_attempts {
             job.max_attempts = attempts;
         }
@@ -2251,55 +2380,114 @@ mod tests {
     }
 
     /// A commit lost on its last attempt, with an executor that may still
-    /// act, fails its job only once that executor's lease has run out.
+    /// act, holds its job until that executor's lease has run out. Then the
+    /// scheduler settles the write before the job ends: no further attempt
+    /// runs, and none may commit. Rolled back, the job fails as it was to.
     #[tokio::test]
-    async fn a_lost_commit_on_its_last_attempt_fails_its_job_after_the_lease() {
+    async fn a_lost_commit_on_its_last_attempt_is_settled_after_the_lease() {
         let (mut job, _folder, last, now, lease_end) = job_with_a_lost_commit(Some(1)).await;
-        assert!(
-            matches!(job.deferred_end, Some(DeferredEnd::Fail(ref m)) if m.contains("last attempt"))
-        );
-        assert!(job.committing(now));
-        // Its next attempt finds out whether it committed: refused here, as
-        // it finds no manifest, it ends the job as it was asked to.
-        assert!(job.committing(lease_end), "until its next attempt reports");
-        assert_eq!(
-            job.next_runnable(lease_end)
-                .map(|(stage, partition, _)| (stage, partition)),
-            Some((last, 0))
-        );
-        let verify = job.launch(last, 0, "c").expect("runs").task.expect("id");
-        assert!(job.allow_commit(&verify, "c", false).is_err());
-        let refused = TaskFailed {
-            kind: FailureKind::Retryable.into(),
-            message: "the commit was not allowed".into(),
-            fetch: None,
+        let Some(DeferredEnd::Fail(message)) = job.deferred_end.clone() else {
+            panic!("not deferred: {:?}", job.deferred_end);
         };
+        assert!(message.contains("last attempt"), "{message}");
+        assert!(job.committing(now));
+        assert!(!job.committing(lease_end));
+        assert_eq!(job.next_runnable(lease_end), None, "nothing more runs");
+
+        // What `end_deferred` does once the lease ran out.
+        assert_eq!(job.fail(message.clone()), Outcome::Settle);
+        assert!(job.committing(lease_end));
+        assert!(job.status().committing);
+        assert_eq!(job.state, JobState::Running);
+        job.deferred_end = None;
+        assert_eq!(job.next_runnable(lease_end), None, "settling");
+        job.deferred_end = Some(DeferredEnd::Fail(message.clone()));
+        let commit = &job.stages[last as usize - 1].tasks[0];
+        let late = TaskId {
+            job_id: job.id.clone(),
+            stage_id: last,
+            partition: 0,
+            attempt: commit.attempt,
+        };
+        assert!(job.allow_commit(&late, "c", true).is_err(), "settling");
+
+        let outcome = job.on_write_settled(Ok(Settled::RolledBack { files: 2 }));
+        assert_eq!(outcome, Outcome::Failed(message.clone()));
         assert_eq!(
-            job.on_failure(&verify, &refused, lease_end),
-            Outcome::Continue
+            job.error, message,
+            "no word of a commit that may have finished"
         );
         assert!(!job.committing(lease_end));
     }
 
-    /// A job that ends after a commit was lost, with no attempt reporting
-    /// since, says that its write may have committed; one whose next commit
-    /// attempt found no manifest does not.
+    /// A job to end after a lost commit had written its manifest succeeds,
+    /// with the row count the manifest records as its result, as the
+    /// commit task would have returned it.
     #[tokio::test]
-    async fn a_job_ending_after_a_lost_commit_says_it_may_have_committed() {
-        let (mut job, _folder, last, _, _) = job_with_a_lost_commit(None).await;
-        let warning = job.unknown_commit_warning();
-        assert!(
-            warning.starts_with("; but a commit of its write was lost")
-                && warning.contains(&format!("file:///tmp/target/_manifests/{}.json", job.id)),
-            "{warning}"
+    async fn a_lost_commit_found_committed_makes_its_job_succeed() {
+        use arrow::array::AsArray;
+        let (mut job, _folder, _, _, lease_end) = job_with_a_lost_commit(None).await;
+        assert!(job.settle_before_ending(DeferredEnd::Cancel));
+        assert!(!job.settle_before_ending(DeferredEnd::Cancel), "once");
+        assert_eq!(
+            job.on_write_settled(Ok(Settled::Committed { rows: Some(42) })),
+            Outcome::Succeeded
+        );
+        assert!(!job.committing(lease_end));
+        let status = job.status();
+        assert_eq!(status.state(), JobState::Succeeded);
+        assert_eq!(status.error, "");
+        let [result] = status.result.as_slice() else {
+            panic!("one result output: {:?}", status.result);
+        };
+        assert_eq!(result.executor, None, "held by the scheduler");
+        let batches: Vec<_> = arrow::ipc::reader::StreamReader::try_new(
+            std::io::Cursor::new(result.inline_result.to_vec()),
+            None,
+        )
+        .expect("an IPC stream")
+        .collect::<Result<_, _>>()
+        .expect("batches");
+        let counts: Vec<u64> = batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::UInt64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(counts, [42]);
+    }
+
+    /// A job that ends after a commit was lost, with its write not settled,
+    /// says that the write may have committed, and why it could not tell;
+    /// one whose manifest was found folded says that it had committed.
+    #[tokio::test]
+    async fn a_job_ending_with_its_write_unsettled_says_it_may_have_committed() {
+        let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None).await;
+        assert!(job.settle_before_ending(DeferredEnd::Cancel));
+        let outcome = job.on_write_settled(Err("the store did not answer".into()));
+        assert_eq!(outcome, Outcome::Cancelled);
+        let table = job.writes_to.clone().expect("a write");
+        let manifest = format!("{table}_manifests/{}.json", job.id);
+        assert_eq!(
+            job.error,
+            format!(
+                "job cancelled; but a commit of its write was lost with its executor and \
+                 may have finished (the scheduler could not read whether it did: the store \
+                 did not answer): if {manifest} exists, its rows are in the table, so check \
+                 before running the statement again"
+            )
         );
 
-        // The next attempt finds no manifest: the job ends plainly.
-        job.deferred_end = Some(DeferredEnd::Cancel);
-        let verify = job.launch(last, 0, "c").expect("runs").task.expect("id");
-        assert!(job.allow_commit(&verify, "c", false).is_err());
-        job.cancel();
-        assert_eq!(job.error, "job cancelled");
+        let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None).await;
+        assert_eq!(job.fail("timed out".into()), Outcome::Settle);
+        let outcome = job.on_write_settled(Ok(Settled::Committed { rows: None }));
+        let message = "timed out; but a commit of its write, lost with its executor, had \
+                       finished: its rows are in the table, so do not run the statement again";
+        assert_eq!(outcome, Outcome::Failed(message.into()));
     }
 
     /// A commit allowed before a cancel came decides how the job ends: it

@@ -62,6 +62,12 @@ pub enum Event {
         job_id: String,
         planned: Box<Result<StagedJob, crate::Error>>,
     },
+    /// The write of a job whose commit was lost was settled off the loop
+    /// (see [`job::Job::on_write_settled`]); `Err` says why it could not be.
+    WriteSettled {
+        job_id: String,
+        settled: Result<quiver_core::write::Settled, String>,
+    },
 }
 
 /// What a request to cancel a job did.
