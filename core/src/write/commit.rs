@@ -79,7 +79,7 @@ use super::layout::{
     is_bookkeeping, job_staging, join, manifest as manifest_path, named_job, relative_to,
     replaced_list, upload_records, written_by,
 };
-use super::order::{self, Claim, Claimed, Standing};
+use super::order::{self, Claim, Claimed, Claims, Standing};
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
@@ -309,6 +309,8 @@ struct Replacement {
     files: Vec<(Path, String)>,
     kept_jobs: HashSet<String>,
     committed: CommittedFiles,
+    /// The table's overwrite claims, as the overwrite read them.
+    claims: Claims,
 }
 
 impl Replacement {
@@ -418,6 +420,7 @@ impl Commit {
             self.delete_stale_files_of_this_job(&files).await?;
         }
         let rows: u64 = files.iter().map(|file| file.rows).sum();
+        let mut claims = None;
         let replaced = if self.insert_op == InsertOp::Overwrite {
             let written: Vec<&str> = files.iter().map(|file| file.relative.as_str()).collect();
             let claimed = self.claim_place(&written).await?;
@@ -426,7 +429,7 @@ impl Commit {
                 .is_some_and(|claimed| claimed.by_earlier_run)
                 && moved_now > 0;
             let claim = claimed.map(|claimed| claimed.claim);
-            let replaced = self
+            let mut replaced = self
                 .replaced_files(
                     self.partitioned,
                     written.into_iter(),
@@ -435,6 +438,7 @@ impl Commit {
                 )
                 .await?;
             self.write_replaced_list(&replaced).await?;
+            claims = Some(std::mem::take(&mut replaced.claims));
             Some(replaced)
         } else {
             None
@@ -450,8 +454,8 @@ impl Commit {
         self.delete_staging().await?;
         info!(job_id = %self.job_id, location = %self.location, files = files.len(), rows,
             "write committed");
-        if self.insert_op == InsertOp::Overwrite {
-            self.prune_claims().await;
+        if let Some(claims) = claims {
+            self.prune_claims(claims).await;
         }
         // The write stands whatever happens here: a fold is only a saving,
         // and the next commit tries again.
@@ -583,6 +587,7 @@ impl Commit {
             files,
             kept_jobs,
             committed,
+            claims: Claims::default(),
         }))
     }
 
@@ -709,10 +714,10 @@ impl Commit {
         Ok(claim)
     }
 
-    /// Deletes the claims of ended overwrites; they are only kept longer
-    /// if that fails.
-    async fn prune_claims(&self) {
-        if let Err(error) = order::prune(&self.store, &self.table).await {
+    /// Deletes the claims of ended overwrites among `claims`; they are only
+    /// kept longer if that fails.
+    async fn prune_claims(&self, claims: Claims) {
+        if let Err(error) = order::prune(&self.store, &self.table, claims).await {
             let error = crate::storage::redacted_error(&error);
             warn!(job_id = %self.job_id, location = %self.location, %error,
                 "could not prune the claims of ended overwrites");
@@ -796,6 +801,7 @@ impl Commit {
                 replacement.kept_jobs.insert(job.to_owned());
             }
         }
+        replacement.claims = standing.claims;
         Ok(replacement)
     }
 

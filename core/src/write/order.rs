@@ -51,7 +51,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use super::layout::{MANIFEST_FOLDER, committing_marker};
-use super::snapshot::CommittedFiles;
+use super::snapshot::CommittedJobs;
 use crate::storage::{delete_paths, get_if_exists};
 
 /// The folder of the claims, inside `_manifests/`.
@@ -113,6 +113,8 @@ pub struct Standing {
     pub later: Vec<Claim>,
     /// Those of them whose jobs have committed: their partitions are theirs.
     pub superseded_by: Vec<Claim>,
+    /// Every claim it read, for [`prune`] once the overwrite has committed.
+    pub claims: Claims,
 }
 
 impl Standing {
@@ -125,10 +127,10 @@ impl Standing {
         let superseded_by = if later.is_empty() {
             Vec::new()
         } else {
-            let committed = CommittedFiles::read(store, table).await?;
+            let (committed, _) = CommittedJobs::read(store, table).await?;
             later
                 .iter()
-                .filter(|claim| committed.committed(&claim.job_id))
+                .filter(|claim| committed.contains(&claim.job_id))
                 .cloned()
                 .collect()
         };
@@ -136,6 +138,7 @@ impl Standing {
             earlier_jobs: claims.earlier_jobs(own),
             later,
             superseded_by,
+            claims,
         })
     }
 
@@ -274,25 +277,33 @@ async fn read_claim(
     Ok(Some(Claim { place, ..claim }))
 }
 
-/// Deletes the claims of ended jobs from the oldest up to the first claim
-/// of a job still committing (it has no manifest, and its staging folder
-/// is there), keeping the last claim, so that a new claim never takes a
-/// place below it. Returns how many went.
-pub async fn prune(store: &Arc<dyn ObjectStore>, table: &Path) -> Result<usize> {
-    let claims = Claims::read(store, table).await?;
+/// Deletes, of `claims` (read earlier, as an overwrite's [`Standing`]
+/// does), those of ended jobs from the oldest up to the first claim of a
+/// job still committing (it has no manifest, and its staging folder is
+/// there), keeping the last claim, so that a new claim never takes a place
+/// below it. Claims made since `claims` were read are kept. Returns how
+/// many went.
+pub async fn prune(store: &Arc<dyn ObjectStore>, table: &Path, claims: Claims) -> Result<usize> {
     let Some(last) = claims.0.last().map(|claim| claim.place) else {
         return Ok(0);
     };
     // Read after the claims: a job seen committing may only have ended since.
-    let committed = CommittedFiles::read(store, table).await?;
-    let staging = super::snapshot::staging_jobs(store, table).await?;
+    let (committed, _) = CommittedJobs::read(store, table).await?;
+    // Listed only when a job has not committed, which is rare.
+    let mut staging = None;
     let mut first_committing = last;
     for claim in &claims.0 {
         if claim.place >= last {
             break;
         }
-        let ended = committed.committed(&claim.job_id) || !staging.contains(&claim.job_id);
-        if !ended && !abandoned(store, table, &claim.job_id).await? {
+        if committed.contains(&claim.job_id) {
+            continue;
+        }
+        let staging = match &mut staging {
+            Some(staging) => staging,
+            None => staging.insert(super::snapshot::staging_jobs(store, table).await?),
+        };
+        if staging.contains(&claim.job_id) && !abandoned(store, table, &claim.job_id).await? {
             first_committing = claim.place;
             break;
         }
@@ -357,6 +368,10 @@ mod tests {
     use object_store::memory::InMemory;
 
     use super::*;
+
+    async fn read(store: &Arc<dyn ObjectStore>, table: &Path) -> Claims {
+        Claims::read(store, table).await.expect("claims")
+    }
 
     #[tokio::test]
     async fn overwrites_claim_successive_places_and_a_retry_keeps_its_own() {
@@ -507,7 +522,12 @@ mod tests {
         // and was rolled back.
         put("t/_manifests/0000000000000001.json").await;
         put("t/_temporary/0000000000000002/_committing").await;
-        assert_eq!(prune(&store, &table).await.expect("prune"), 1);
+        assert_eq!(
+            prune(&store, &table, read(&store, &table).await)
+                .await
+                .expect("prune"),
+            1
+        );
         assert_eq!(list_places(&store, &table).await.expect("list"), vec![2, 3]);
 
         // Once the second has committed, only the last claim stays.
@@ -516,7 +536,12 @@ mod tests {
             .delete(&Path::from("t/_temporary/0000000000000002/_committing"))
             .await
             .expect("delete");
-        assert_eq!(prune(&store, &table).await.expect("prune"), 1);
+        assert_eq!(
+            prune(&store, &table, read(&store, &table).await)
+                .await
+                .expect("prune"),
+            1
+        );
         assert_eq!(list_places(&store, &table).await.expect("list"), vec![3]);
         let next = claim(&store, &table, "0000000000000004", None, false)
             .await
@@ -538,14 +563,24 @@ mod tests {
         let marker = committing_marker(&table, "0000000000000001");
         store.put(&marker, PutPayload::new()).await.expect("mark");
         // Committing for a minute: it holds every later claim.
-        assert_eq!(prune(&store, &table).await.expect("prune"), 0);
+        assert_eq!(
+            prune(&store, &table, read(&store, &table).await)
+                .await
+                .expect("prune"),
+            0
+        );
         let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(172_800);
         std::fs::File::options()
             .write(true)
             .open(folder.path().join(marker.as_ref()))
             .and_then(|file| file.set_modified(two_days_ago))
             .expect("age the marker");
-        assert_eq!(prune(&store, &table).await.expect("prune"), 2);
+        assert_eq!(
+            prune(&store, &table, read(&store, &table).await)
+                .await
+                .expect("prune"),
+            2
+        );
         assert_eq!(list_places(&store, &table).await.expect("list"), vec![3]);
     }
 }
