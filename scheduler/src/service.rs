@@ -378,10 +378,10 @@ impl SchedulerGrpc {
                 )
                 .await;
                 if pass == 0 && !succeeded && matches!(settled, Some(Settled::Committed { .. })) {
-                    // Only a commit lost with its executor after its manifest
-                    // whose write the event loop could not settle (its
-                    // manifest was folded, or unreadable then) comes here:
-                    // the job was told it ended otherwise.
+                    // The event loop settles a write whose commit may have
+                    // committed before its job ends; only one it could not
+                    // settle (a folded manifest, a store that did not
+                    // answer) comes here: the job was told it ended otherwise.
                     warn!(%job_id, table = %writes_to,
                         "the job did not succeed, but its write had committed: its rows are in the table");
                 }

@@ -1068,13 +1068,21 @@ pub async fn settle_write(
         retry: false,
         counts: CommitCounts::default(),
     };
+    // Once the outcome is known, a failure to tidy up after it only leaves
+    // garbage that readers skip: it is logged, and the outcome returned.
+    let tidy = |step: &str, result: Result<()>| {
+        if let Err(e) = result {
+            let e = crate::storage::redacted_error(&e);
+            warn!(%job_id, location = %commit.location, %e, "settling a write could not {step}");
+        }
+    };
     let settled = match commit.read_manifest().await? {
         Some(manifest)
-            if ended == JobEnded::Otherwise && commit.lost_every_file(&manifest).await? =>
+            if ended == JobEnded::Otherwise && commit.lost_every_file(&manifest).await =>
         {
-            // A commit frozen past its lease (a paused process, a suspended
-            // machine) put this manifest after its write was rolled back:
-            // it names files that are gone, and it goes too.
+            // A commit frozen past its lease (a paused process) put this
+            // manifest after its write was rolled back: it names files
+            // that are gone, and it goes too.
             warn!(%job_id, location = %commit.location,
                 "deleting the manifest that a commit wrote after its write was rolled back");
             commit
@@ -1085,7 +1093,10 @@ pub async fn settle_write(
         }
         Some(manifest) => {
             if finish == FinishOverwrite::Yes {
-                commit.finish_replacing(&manifest).await?;
+                tidy(
+                    "finish the deletions of its overwrite",
+                    commit.finish_replacing(&manifest).await,
+                );
             }
             Settled::Committed {
                 rows: Some(manifest.rows),
@@ -1101,7 +1112,10 @@ pub async fn settle_write(
         // A later overwrite that replaced all of its files retires its
         // manifest; with files left, it was retired by mistake.
         None if ended == JobEnded::Succeeded => {
-            let left = commit.files_of_this_job().await?.len();
+            let left = commit
+                .files_of_this_job()
+                .await
+                .map_or(0, |files| files.len());
             if left > 0 {
                 warn!(%job_id, location = %commit.location, files = left,
                     "a job that committed has no manifest left, but has files: they stay, \
@@ -1123,7 +1137,14 @@ pub async fn settle_write(
             Settled::RolledBack { files }
         }
     };
-    commit.delete_staging().await?;
+    match settled {
+        // A job's files stay hidden while its staging folder is there (in
+        // a table without manifests), so it goes only after them.
+        Settled::RolledBack { .. } => commit.delete_staging().await?,
+        Settled::Committed { .. } => {
+            tidy("delete its staging folder", commit.delete_staging().await);
+        }
+    }
     Ok(settled)
 }
 
@@ -1147,9 +1168,19 @@ struct ManifestFile {
 
 impl Commit {
     /// Whether `manifest`, of this job, names files and none of them is in
-    /// the table any more.
-    async fn lost_every_file(&self, manifest: &Manifest) -> Result<bool> {
-        Ok(!manifest.files.is_empty() && self.files_of_this_job().await?.is_empty())
+    /// the table any more: asked file by file, up to the first one found.
+    /// A file that cannot be asked about counts as there.
+    async fn lost_every_file(&self, manifest: &Manifest) -> bool {
+        for file in &manifest.files {
+            let Ok(path) = self.committed_path(&file.path) else {
+                return false;
+            };
+            match self.store.head(&path).await {
+                Err(object_store::Error::NotFound { .. }) => {}
+                _ => return false,
+            }
+        }
+        !manifest.files.is_empty()
     }
 
     async fn read_manifest(&self) -> Result<Option<Manifest>> {

@@ -212,11 +212,12 @@ enum LostCommit {
     /// No commit was lost, or an attempt of it reported since, or the
     /// scheduler found that it had not committed.
     Settled,
-    /// A commit allowed to act was lost, and no attempt of it has reported
-    /// since: it may have written its manifest.
+    /// A commit allowed to act was lost, or failed, and no attempt of it
+    /// has succeeded or found no manifest since: it may have written its
+    /// manifest.
     Unknown,
-    /// The scheduler could not read whether it committed: why.
-    Unreadable(String),
+    /// The scheduler could not settle the write: why.
+    Unsettled(String),
     /// It had committed, but its manifest no longer holds its row count (a
     /// later write folded it), so the job cannot report its result.
     CommittedUncounted,
@@ -436,7 +437,9 @@ impl Job {
     pub fn defer_end(&mut self, end: DeferredEnd, now: Instant) -> bool {
         let committing = self.committing(now);
         if committing {
-            self.deferred_end = Some(end);
+            // The first reason to end stands: a cancel after a timeout
+            // does not turn the failure into a cancel.
+            self.deferred_end.get_or_insert(end);
         }
         committing
     }
@@ -592,7 +595,7 @@ impl Job {
 
     /// Takes the running task that `id` reports on out of the running state,
     /// if the report is current: a stale attempt's report changes nothing.
-    fn finish_running(&mut self, id: &TaskId) -> Option<(&mut Task, String)> {
+    fn finish_running(&mut self, id: &TaskId, succeeded: bool) -> Option<(&mut Task, String)> {
         let task = self
             .stage_mut(id.stage_id)?
             .tasks
@@ -605,7 +608,14 @@ impl Job {
         let reports_a_commit = std::mem::take(&mut task.committing);
         self.running -= 1;
         if reports_a_commit {
-            self.lost_commit = LostCommit::Settled;
+            // A commit that succeeded settled its write; one that failed
+            // may have failed after its manifest, and is settled before
+            // the job ends.
+            self.lost_commit = if succeeded {
+                LostCommit::Settled
+            } else {
+                LostCommit::Unknown
+            };
         }
         let task = self
             .stage_mut(id.stage_id)?
@@ -622,7 +632,7 @@ impl Job {
         output: MapOutput,
         report: &TaskSucceeded,
     ) -> Outcome {
-        let Some((task, executor_id)) = self.finish_running(id) else {
+        let Some((task, executor_id)) = self.finish_running(id, true) else {
             return Outcome::Continue;
         };
         task.state = TaskState::Done;
@@ -646,7 +656,7 @@ impl Job {
         let once = self.writes_unrepeatably(id.stage_id);
         let ending = self.deferred_end.is_some();
         let kind = failure.kind();
-        let Some((task, executor_id)) = self.finish_running(id) else {
+        let Some((task, executor_id)) = self.finish_running(id, false) else {
             return Outcome::Continue;
         };
         task.attempt += 1;
@@ -1079,12 +1089,16 @@ impl Job {
             .collect()
     }
 
-    /// Fails the job, or first settles its write if a lost commit of it
-    /// may have committed ([`Outcome::Settle`]).
+    /// Fails the job; but while a commit of its write may act, the job
+    /// fails only once none can ([`Job::defer_end`]), and if a commit may
+    /// have committed, its write is settled first ([`Outcome::Settle`]).
     pub fn fail(&mut self, message: String) -> Outcome {
         // Kept in the job history and shown to clients: a store's refusal
         // may echo the request's credentials.
         let message = redact_store_echoes(&message).into_owned();
+        if self.defer_end(DeferredEnd::Fail(message.clone()), Instant::now()) {
+            return Outcome::Continue;
+        }
         if self.settle_before_ending(DeferredEnd::Fail(message.clone())) {
             return Outcome::Settle;
         }
@@ -1100,12 +1114,13 @@ impl Job {
     }
 
     /// Holds back `end` if a commit of the job's write was lost with its
-    /// executor and may have written its manifest; returns whether it did.
-    /// Ending the job now would report it failed or cancelled with its rows
-    /// possibly committed, and running its statement again would write them
-    /// twice. So the scheduler settles the write first, off its loop (see
-    /// [`Outcome::Settle`]), and [`Job::on_write_settled`] ends the job as
-    /// that finds. Only for a job whose lost commit can no longer act.
+    /// executor, or failed, and may have written its manifest; returns
+    /// whether it did. Ending the job now would report it failed or
+    /// cancelled with its rows possibly committed, and running its statement
+    /// again would write them twice. So the scheduler settles the write
+    /// first, off its loop (see [`Outcome::Settle`]), and
+    /// [`Job::on_write_settled`] ends the job as that finds. Called once no
+    /// commit can act any more ([`Job::defer_end`] said no).
     pub fn settle_before_ending(&mut self, end: DeferredEnd) -> bool {
         if self.lost_commit != LostCommit::Unknown || self.writes_to.is_none() || self.settling {
             return false;
@@ -1139,7 +1154,7 @@ impl Job {
             }
             Ok(Settled::Committed { rows: None }) => LostCommit::CommittedUncounted,
             Ok(Settled::RolledBack { .. }) => LostCommit::Settled,
-            Err(reason) => LostCommit::Unreadable(reason),
+            Err(reason) => LostCommit::Unsettled(reason),
         };
         match end {
             DeferredEnd::Fail(message) => self.fail(message),
@@ -1193,8 +1208,8 @@ impl Job {
                     .to_owned();
             }
             LostCommit::Unknown => String::new(),
-            LostCommit::Unreadable(reason) => {
-                format!(" (the scheduler could not read whether it did: {reason})")
+            LostCommit::Unsettled(reason) => {
+                format!(" (the scheduler could not settle the write: {reason})")
             }
         };
         format!(
@@ -2354,11 +2369,12 @@ mod tests {
     }
 
     /// A write job whose commit, allowed to act on executor `b`, was lost
-    /// with it; `max_attempts` for its tasks, if given. Returns it, its
-    /// folder, its commit stage, the time of the loss and the end of the
-    /// lost executor's lease.
+    /// with it; `max_attempts` for its tasks, if given; the lost executor's
+    /// `lease` runs from the loss. Returns it, its folder, its commit stage,
+    /// the time of the loss and the end of the lease.
     async fn job_with_a_lost_commit(
         max_attempts: Option<u32>,
+        lease: Duration,
     ) -> (Job, tempfile::TempDir, u32, Instant, Instant) {
         let (_, folder, planner) = counting_job_and_planner().await;
         let insert = Query::Sql("INSERT INTO t SELECT x FROM t".into());
@@ -2374,7 +2390,7 @@ mod tests {
         let now = Instant::now();
         let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
         job.allow_commit(&commit, "b", false).expect("allowed");
-        let lease_end = now + Duration::from_secs(3);
+        let lease_end = now + lease;
         assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
         (job, folder, last, now, lease_end)
     }
@@ -2385,7 +2401,8 @@ mod tests {
     /// runs, and none may commit. Rolled back, the job fails as it was to.
     #[tokio::test]
     async fn a_lost_commit_on_its_last_attempt_is_settled_after_the_lease() {
-        let (mut job, _folder, last, now, lease_end) = job_with_a_lost_commit(Some(1)).await;
+        let (mut job, _folder, last, now, lease_end) =
+            job_with_a_lost_commit(Some(1), Duration::from_millis(300)).await;
         let Some(DeferredEnd::Fail(message)) = job.deferred_end.clone() else {
             panic!("not deferred: {:?}", job.deferred_end);
         };
@@ -2394,9 +2411,15 @@ mod tests {
         assert!(!job.committing(lease_end));
         assert_eq!(job.next_runnable(lease_end), None, "nothing more runs");
 
+        // A failure meanwhile waits for the lease too.
+        assert_eq!(job.fail("another task failed".into()), Outcome::Continue);
         // What `end_deferred` does once the lease ran out.
+        tokio::time::sleep(lease_end.saturating_duration_since(Instant::now())).await;
         assert_eq!(job.fail(message.clone()), Outcome::Settle);
         assert!(job.committing(lease_end));
+        // A cancel meanwhile does not turn the failure into a cancel.
+        assert!(job.defer_end(DeferredEnd::Cancel, lease_end));
+        assert_eq!(job.deferred_end, Some(DeferredEnd::Fail(message.clone())));
         assert!(job.status().committing);
         assert_eq!(job.state, JobState::Running);
         job.deferred_end = None;
@@ -2426,7 +2449,8 @@ mod tests {
     #[tokio::test]
     async fn a_lost_commit_found_committed_makes_its_job_succeed() {
         use arrow::array::AsArray;
-        let (mut job, _folder, _, _, lease_end) = job_with_a_lost_commit(None).await;
+        let (mut job, _folder, _, _, lease_end) =
+            job_with_a_lost_commit(None, Duration::ZERO).await;
         assert!(job.settle_before_ending(DeferredEnd::Cancel));
         assert!(!job.settle_before_ending(DeferredEnd::Cancel), "once");
         assert_eq!(
@@ -2461,12 +2485,42 @@ mod tests {
         assert_eq!(counts, [42]);
     }
 
+    /// A commit that fails once allowed may have failed after its manifest:
+    /// a job that then ends is settled first.
+    #[tokio::test]
+    async fn a_job_whose_allowed_commit_failed_is_settled_before_it_ends() {
+        let (_, _folder, planner) = counting_job_and_planner().await;
+        let insert = Query::Sql("INSERT INTO t SELECT x FROM t".into());
+        let Planned::Stages(planned) = planner.plan("job", insert, &[]).await.expect("plan") else {
+            panic!("an insert runs on the executors");
+        };
+        let mut job = job_of(&planned.stages);
+        job.writes_to = planned.writes_to.clone();
+        job.max_attempts = 1;
+        let last = run_all_but_last(&mut job, "a");
+        let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
+        job.allow_commit(&commit, "b", false).expect("allowed");
+        let failure = TaskFailed {
+            kind: FailureKind::Retryable.into(),
+            message: "deleting the replaced files failed".into(),
+            fetch: None,
+        };
+        assert_eq!(
+            job.on_failure(&commit, &failure, Instant::now()),
+            Outcome::Settle
+        );
+        assert_eq!(
+            job.on_write_settled(Ok(Settled::Committed { rows: Some(3) })),
+            Outcome::Succeeded
+        );
+    }
+
     /// A job that ends after a commit was lost, with its write not settled,
     /// says that the write may have committed, and why it could not tell;
     /// one whose manifest was found folded says that it had committed.
     #[tokio::test]
     async fn a_job_ending_with_its_write_unsettled_says_it_may_have_committed() {
-        let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None).await;
+        let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None, Duration::ZERO).await;
         assert!(job.settle_before_ending(DeferredEnd::Cancel));
         let outcome = job.on_write_settled(Err("the store did not answer".into()));
         assert_eq!(outcome, Outcome::Cancelled);
@@ -2476,13 +2530,13 @@ mod tests {
             job.error,
             format!(
                 "job cancelled; but a commit of its write was lost with its executor and \
-                 may have finished (the scheduler could not read whether it did: the store \
+                 may have finished (the scheduler could not settle the write: the store \
                  did not answer): if {manifest} exists, its rows are in the table, so check \
                  before running the statement again"
             )
         );
 
-        let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None).await;
+        let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None, Duration::ZERO).await;
         assert_eq!(job.fail("timed out".into()), Outcome::Settle);
         let outcome = job.on_write_settled(Ok(Settled::Committed { rows: None }));
         let message = "timed out; but a commit of its write, lost with its executor, had \
