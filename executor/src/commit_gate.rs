@@ -126,8 +126,7 @@ impl CommitAuthority for TaskCommitGate {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
+    use quiver_core::lease::LeaseTime;
     use tokio::sync::mpsc;
 
     use super::*;
@@ -153,7 +152,7 @@ mod tests {
     async fn a_commit_waits_for_the_answer_to_its_own_attempt() {
         let (outbound, mut sent) = mpsc::unbounded_channel();
         let requests = CommitRequests::new(outbound);
-        let lease = Lease::until(Instant::now() + Duration::from_secs(60));
+        let lease = Lease::until(LeaseTime::now() + Duration::from_secs(60));
         let gate = gate(&requests, lease);
         let asking = tokio::spawn(async move { gate.allow(false).await });
         let request = sent.recv().await.expect("a request goes out");
@@ -182,7 +181,7 @@ mod tests {
     async fn no_commit_is_allowed_once_the_session_or_the_lease_ends() {
         let (outbound, _sent) = mpsc::unbounded_channel();
         let requests = CommitRequests::new(outbound);
-        let lease = Lease::until(Instant::now() + Duration::from_secs(60));
+        let lease = Lease::until(LeaseTime::now() + Duration::from_secs(60));
         let waiting = gate(&requests, Arc::clone(&lease));
         let asking = tokio::spawn(async move { waiting.allow(false).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -195,7 +194,7 @@ mod tests {
 
         let (outbound, _sent) = mpsc::unbounded_channel();
         let requests = CommitRequests::new(outbound);
-        let short = Lease::until(Instant::now() + Duration::from_millis(50));
+        let short = Lease::until(LeaseTime::now() + Duration::from_millis(50));
         let error = gate(&requests, short)
             .allow(false)
             .await

@@ -12,9 +12,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use quiver_core::lease::Lease;
+use quiver_core::lease::{Lease, LeaseTime};
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{
     Draining, ExecutorAddress, ExecutorMessage, Heartbeat, PROTOCOL_VERSION, RegisterExecutor,
@@ -125,7 +125,7 @@ async fn serve_session(
         .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_CONTROL_MESSAGE_BYTES);
     let (outbound, outbound_rx) = tokio::sync::mpsc::unbounded_channel();
-    let registered_at = Instant::now();
+    let registered_at = LeaseTime::now();
     send(
         &outbound,
         executor_message::Kind::Register(RegisterExecutor {
@@ -188,7 +188,7 @@ struct Session<'a> {
     /// lease; none when the scheduler grants no lease.
     lease_length: Option<Duration>,
     /// Heartbeats sent and not yet acknowledged: sequence and send time.
-    unacknowledged: VecDeque<(u64, Instant)>,
+    unacknowledged: VecDeque<(u64, LeaseTime)>,
     next_sequence: u64,
 }
 
@@ -203,13 +203,12 @@ impl Session<'_> {
         let mut announced = false;
         loop {
             // Revoked only once the session is over: then it ends at once.
-            let lease_ends = self.lease.expires().unwrap_or_else(Instant::now);
-            let lease_ends = tokio::time::Instant::from_std(lease_ends);
+            let lease_left = self.lease.remaining();
             tokio::select! {
                 // Checked first: a process resumed after a pause must stop
                 // its tasks before it does anything else on the scheduler's behalf.
                 biased;
-                () = tokio::time::sleep_until(lease_ends) => {
+                () = tokio::time::sleep(lease_left) => {
                     if let Err(expired) = self.lease.check() {
                         return SessionEnd::Lost(format!(
                             "no heartbeat was acknowledged in time: {expired}"
@@ -239,7 +238,7 @@ impl Session<'_> {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         if self.lease_length.is_some() {
-            self.unacknowledged.push_back((sequence, Instant::now()));
+            self.unacknowledged.push_back((sequence, LeaseTime::now()));
         }
         send(
             &self.outbound,

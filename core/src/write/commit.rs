@@ -2026,7 +2026,9 @@ mod tests {
     /// lost, and its commit given to another executor) changes nothing.
     #[tokio::test]
     async fn a_commit_whose_lease_ran_out_changes_nothing() {
-        use std::time::{Duration, Instant};
+        use std::time::Duration;
+
+        use crate::lease::LeaseTime;
 
         let dir = tempfile::tempdir().expect("temp");
         let table = dir.path();
@@ -2045,14 +2047,14 @@ mod tests {
             )
         };
 
-        let error = commit(Lease::until(Instant::now()))
+        let error = commit(Lease::until(LeaseTime::now()))
             .run(file_list())
             .await
             .expect_err("an expired lease stops the commit");
         assert!(error.to_string().contains("lease"), "{error}");
         assert_eq!(files(table), vec![staged]);
 
-        let rows = commit(Lease::until(Instant::now() + Duration::from_secs(60)))
+        let rows = commit(Lease::until(LeaseTime::now() + Duration::from_secs(60)))
             .run(file_list())
             .await
             .expect("a commit under a valid lease");
