@@ -75,15 +75,15 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 use super::TaskAttempt;
 use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
-    REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, committing_marker, file_name,
-    is_bookkeeping, job_staging, join, manifest as manifest_path, named_job, relative_to,
-    replaced_list, upload_records, written_by,
+    ABANDONED_AFTER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, committing_marker,
+    file_name, is_bookkeeping, job_staging, join, manifest as manifest_path, named_job,
+    relative_to, replaced_list, upload_records, written_by,
 };
 use super::order::{self, Claim, Claimed, Claims, Standing};
 use super::partition::folder_key;
 use super::permission::{CommitPermission, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
-use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list};
+use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list, staging_jobs};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 /// How many objects are moved or deleted at once.
@@ -457,6 +457,7 @@ impl Commit {
         if let Some(claims) = claims {
             self.prune_claims(claims).await;
         }
+        self.settle_abandoned_jobs().await;
         // The write stands whatever happens here: a fold is only a saving,
         // and the next commit tries again.
         if let Err(error) = self.fold_manifests().await {
@@ -712,6 +713,45 @@ impl Commit {
                  not ordered with overwrites of the same partitions from other clusters");
         }
         Ok(claim)
+    }
+
+    /// Settles the writes of other jobs whose staging folder nobody has
+    /// touched for [`ABANDONED_AFTER`]: their clusters went without settling
+    /// them (a scheduler that never came back, a clean-up the store
+    /// refused). As after a failed job, what they moved in without a
+    /// manifest goes, with their staging folders and unfinished uploads.
+    /// A failure is logged: the next commit tries again.
+    async fn settle_abandoned_jobs(&self) {
+        if let Err(error) = self.try_settle_abandoned_jobs().await {
+            let error = crate::storage::redacted_error(&error);
+            warn!(job_id = %self.job_id, location = %self.location, %error,
+                "could not settle the writes of abandoned jobs");
+        }
+    }
+
+    async fn try_settle_abandoned_jobs(&self) -> Result<()> {
+        let others = staging_jobs(&self.store, &self.table).await?;
+        for job_id in others.iter().filter(|job| **job != self.job_id) {
+            let staging = job_staging(&self.table, job_id);
+            if !untouched_for(&self.store, &staging, ABANDONED_AFTER).await? {
+                continue;
+            }
+            let abandoned = Commit::settling(
+                Arc::clone(&self.store),
+                self.multipart.clone(),
+                self.local,
+                &self.location,
+                self.table.clone(),
+                job_id,
+                self.lease.clone(),
+            );
+            let settled = abandoned
+                .settle(JobEnded::Otherwise, FinishOverwrite::No)
+                .await?;
+            info!(job_id = %self.job_id, abandoned = %job_id, location = %self.location,
+                ?settled, "settled the write of a job abandoned with its cluster");
+        }
+        Ok(())
     }
 
     /// Deletes the claims of ended overwrites among `claims`; they are only
@@ -1051,101 +1091,148 @@ pub async fn settle_write(
 ) -> Result<Settled> {
     let table = ListingTableUrl::parse(table_url)?;
     let store_url = table.object_store();
-    let commit = Commit {
-        store: stores.get_store(store_url.as_ref())?,
-        multipart: stores.multipart_store(store_url.as_ref())?,
-        local: table.scheme() == "file",
-        location: table_url.to_owned(),
-        table: table.prefix().clone(),
-        job_id: job_id.to_owned(),
-        insert_op: InsertOp::Append,
-        partitioned: false,
-        partition_types: Vec::new(),
-        file_schema: None,
-        lease: None,
-        permission: None,
-        known_commits: None,
-        retry: false,
-        counts: CommitCounts::default(),
-    };
-    // Once the outcome is known, a failure to tidy up after it only leaves
-    // garbage that readers skip: it is logged, and the outcome returned.
-    let tidy = |step: &str, result: Result<()>| {
-        if let Err(e) = result {
-            let e = crate::storage::redacted_error(&e);
-            warn!(%job_id, location = %commit.location, %e, "settling a write could not {step}");
-        }
-    };
-    let settled = match commit.read_manifest().await? {
-        Some(manifest)
-            if ended == JobEnded::Otherwise && commit.lost_every_file(&manifest).await =>
-        {
-            // A commit frozen past its lease (a paused process) put this
-            // manifest after its write was rolled back: it names files
-            // that are gone, and it goes too.
-            warn!(%job_id, location = %commit.location,
-                "deleting the manifest that a commit wrote after its write was rolled back");
-            commit
-                .delete_all(vec![manifest_path(&commit.table, job_id)])
-                .await?;
-            commit.delete_replaced_list().await?;
-            Settled::RolledBack { files: 0 }
-        }
-        Some(manifest) => {
-            if finish == FinishOverwrite::Yes {
-                tidy(
-                    "finish the deletions of its overwrite",
-                    commit.finish_replacing(&manifest).await,
-                );
-            }
-            Settled::Committed {
-                rows: Some(manifest.rows),
-            }
-        }
-        // A later write folded its manifest: it had finished.
-        None if FoldedJobs::read(&commit.store, &commit.table)
-            .await?
-            .contains(job_id) =>
-        {
-            Settled::Committed { rows: None }
-        }
-        // A later overwrite that replaced all of its files retires its
-        // manifest; with files left, it was retired by mistake.
-        None if ended == JobEnded::Succeeded => {
-            let left = commit
-                .files_of_this_job()
-                .await
-                .map_or(0, |files| files.len());
-            if left > 0 {
-                warn!(%job_id, location = %commit.location, files = left,
-                    "a job that committed has no manifest left, but has files: they stay, \
-                     but Quiver's readers hide them");
-            }
-            Settled::Committed { rows: None }
-        }
-        None => {
-            let moved_in = commit.files_of_this_job().await?;
-            let files = moved_in.len();
-            commit
-                .delete_all(moved_in.into_iter().map(|(path, _)| path).collect())
-                .await?;
-            commit.delete_replaced_list().await?;
-            if files > 0 {
-                info!(%job_id, location = %commit.location, files,
-                    "rolled back the files of a commit that did not finish");
-            }
-            Settled::RolledBack { files }
-        }
-    };
-    match settled {
-        // A job's files stay hidden while its staging folder is there (in
-        // a table without manifests), so it goes only after them.
-        Settled::RolledBack { .. } => commit.delete_staging().await?,
-        Settled::Committed { .. } => {
-            tidy("delete its staging folder", commit.delete_staging().await);
+    let commit = Commit::settling(
+        stores.get_store(store_url.as_ref())?,
+        stores.multipart_store(store_url.as_ref())?,
+        table.scheme() == "file",
+        table_url,
+        table.prefix().clone(),
+        job_id,
+        None,
+    );
+    commit.settle(ended, finish).await
+}
+
+impl Commit {
+    /// A commit that only settles the write of `job_id` (see
+    /// [`settle_write`]): it knows nothing of the job's plan.
+    fn settling(
+        store: Arc<dyn ObjectStore>,
+        multipart: Option<Arc<dyn MultipartStore>>,
+        local: bool,
+        location: &str,
+        table: Path,
+        job_id: &str,
+        lease: Option<Arc<Lease>>,
+    ) -> Self {
+        Self {
+            store,
+            multipart,
+            local,
+            location: location.to_owned(),
+            table,
+            job_id: job_id.to_owned(),
+            insert_op: InsertOp::Append,
+            partitioned: false,
+            partition_types: Vec::new(),
+            file_schema: None,
+            lease,
+            permission: None,
+            known_commits: None,
+            retry: false,
+            counts: CommitCounts::default(),
         }
     }
-    Ok(settled)
+
+    /// Settles this job's write: see [`settle_write`].
+    async fn settle(&self, ended: JobEnded, finish: FinishOverwrite) -> Result<Settled> {
+        let job_id = self.job_id.as_str();
+        // Once the outcome is known, a failure to tidy up after it only leaves
+        // garbage that readers skip: it is logged, and the outcome returned.
+        let tidy = |step: &str, result: Result<()>| {
+            if let Err(e) = result {
+                let e = crate::storage::redacted_error(&e);
+                warn!(%job_id, location = %self.location, %e, "settling a write could not {step}");
+            }
+        };
+        let settled = match self.read_manifest().await? {
+            Some(manifest)
+                if ended == JobEnded::Otherwise && self.lost_every_file(&manifest).await =>
+            {
+                // A commit frozen past its lease (a paused process) put this
+                // manifest after its write was rolled back: it names files
+                // that are gone, and it goes too.
+                warn!(%job_id, location = %self.location,
+                    "deleting the manifest that a commit wrote after its write was rolled back");
+                self.delete_all(vec![manifest_path(&self.table, job_id)])
+                    .await?;
+                self.delete_replaced_list().await?;
+                Settled::RolledBack { files: 0 }
+            }
+            Some(manifest) => {
+                if finish == FinishOverwrite::Yes {
+                    tidy(
+                        "finish the deletions of its overwrite",
+                        self.finish_replacing(&manifest).await,
+                    );
+                }
+                Settled::Committed {
+                    rows: Some(manifest.rows),
+                }
+            }
+            // A later write folded its manifest: it had finished.
+            None if FoldedJobs::read(&self.store, &self.table)
+                .await?
+                .contains(job_id) =>
+            {
+                Settled::Committed { rows: None }
+            }
+            // A later overwrite that replaced all of its files retires its
+            // manifest; with files left, it was retired by mistake.
+            None if ended == JobEnded::Succeeded => {
+                let left = self
+                    .files_of_this_job()
+                    .await
+                    .map_or(0, |files| files.len());
+                if left > 0 {
+                    warn!(%job_id, location = %self.location, files = left,
+                        "a job that committed has no manifest left, but has files: they stay, \
+                         but Quiver's readers hide them");
+                }
+                Settled::Committed { rows: None }
+            }
+            None => {
+                let moved_in = self.files_of_this_job().await?;
+                let files = moved_in.len();
+                self.delete_all(moved_in.into_iter().map(|(path, _)| path).collect())
+                    .await?;
+                self.delete_replaced_list().await?;
+                if files > 0 {
+                    info!(%job_id, location = %self.location, files,
+                        "rolled back the files of a commit that did not finish");
+                }
+                Settled::RolledBack { files }
+            }
+        };
+        match settled {
+            // A job's files stay hidden while its staging folder is there (in
+            // a table without manifests), so it goes only after them.
+            Settled::RolledBack { .. } => self.delete_staging().await?,
+            Settled::Committed { .. } => {
+                tidy("delete its staging folder", self.delete_staging().await);
+            }
+        }
+        Ok(settled)
+    }
+}
+
+/// Whether nothing below `folder` changed for longer than `age`; false for a
+/// folder that holds nothing (any more).
+async fn untouched_for(
+    store: &Arc<dyn ObjectStore>,
+    folder: &Path,
+    age: chrono::TimeDelta,
+) -> Result<bool> {
+    let newest = store
+        .list(Some(folder))
+        .try_fold(
+            None,
+            |newest: Option<chrono::DateTime<chrono::Utc>>, meta| async move {
+                Ok(newest.max(Some(meta.last_modified)))
+            },
+        )
+        .await?;
+    Ok(newest.is_some_and(|newest| chrono::Utc::now().signed_duration_since(newest) > age))
 }
 
 /// The parts of a manifest that settling or finishing a write reads.
@@ -2086,6 +2173,59 @@ mod tests {
             .run(written_files(paths, relatives))
             .await
             .expect("commit");
+    }
+
+    /// A commit settles the writes of jobs whose staging folders nobody
+    /// touched for a day, as their clusters would have: one that did not
+    /// commit is rolled back, one that did keeps its files. A job staging
+    /// files now is left alone.
+    #[tokio::test]
+    async fn a_commit_settles_the_writes_of_jobs_abandoned_for_a_day() {
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let (unfinished, committed, running) =
+            ("000000000000000a", "000000000000000b", "000000000000000c");
+        let data = |job: &str| format!("p=1/part-{job}-00000-000.parquet");
+        for job in [unfinished, committed, running] {
+            touch(table, &data(job));
+            touch(table, &format!("_temporary/{job}/_committing"));
+            touch(
+                table,
+                &format!("_temporary/{job}/p1-a0/p=2/part-{job}-00001-000.parquet"),
+            );
+        }
+        std::fs::create_dir_all(table.join("_manifests")).expect("folder");
+        std::fs::write(
+            table.join(format!("_manifests/{committed}.json")),
+            manifest(committed, InsertOp::Append, &[&data(committed)]),
+        )
+        .expect("manifest");
+        let two_days_ago = SystemTime::now() - std::time::Duration::from_secs(172_800);
+        for job in [unfinished, committed] {
+            for relative in files(&table.join(format!("_temporary/{job}"))) {
+                let path = table.join(format!("_temporary/{job}/{relative}"));
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|file| file.set_modified(two_days_ago))
+                    .expect("age the staged file");
+            }
+        }
+
+        let new = "00000000000000d1";
+        commit_staged(table, new, InsertOp::Append, &[&data(new)]).await;
+        assert_eq!(
+            files(table),
+            vec![
+                format!("_manifests/{committed}.json"),
+                format!("_manifests/{new}.json"),
+                format!("_temporary/{running}/_committing"),
+                format!("_temporary/{running}/p1-a0/p=2/part-{running}-00001-000.parquet"),
+                data(committed),
+                data(running),
+                data(new),
+            ]
+        );
     }
 
     /// Appends leave a manifest each; once enough of them are finished, a

@@ -27,6 +27,10 @@ pub const STAGING_FOLDER: &str = "_temporary";
 pub const UPLOADS_FOLDER: &str = "_uploads";
 /// The folder of the commits' manifests.
 pub const MANIFEST_FOLDER: &str = "_manifests";
+/// How long a job may have been committing, or left its staging folder
+/// untouched, before it counts as abandoned with its cluster: its claim is
+/// pruned, and a later commit settles its write.
+pub const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 /// The staging folder of one job under `table`.
 pub fn job_staging(table: &Path, job_id: &str) -> Path {

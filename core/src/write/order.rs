@@ -50,7 +50,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::layout::{MANIFEST_FOLDER, committing_marker};
+use super::layout::{ABANDONED_AFTER, MANIFEST_FOLDER, committing_marker};
 use super::snapshot::CommittedJobs;
 use crate::storage::{delete_paths, get_if_exists};
 
@@ -60,9 +60,6 @@ const ORDER_FOLDER: &str = "order";
 const CLAIM_SUFFIX: &str = ".claim";
 /// How many claims are read at once.
 const CONCURRENT_READS: usize = 16;
-/// How long a job may have been committing before its claim is pruned as
-/// abandoned.
-const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 /// One overwrite's place in its table's order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
