@@ -791,6 +791,133 @@ async fn an_upload_left_by_a_killed_executor_is_aborted() {
     assert_eq!((distinct, total), (ROWS, ROWS), "every row once");
 }
 
+/// A commit whose store stops answering while it changes the table (moto,
+/// paused) does not hold its job for ever: once the time the scheduler
+/// allowed it to act has run out (`--commit-timeout-secs`), it counts as a
+/// failed attempt, and the next attempt commits once the store answers
+/// again: every row once. Requests wait for the store (`aws.timeout`), so
+/// only the commit's time limit ends the stalled attempt. A run whose
+/// commit was over before the pause landed is run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_stalled_past_its_time_counts_as_failed_and_is_retried() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use common::processes::send_signal;
+
+    const ROWS: u64 = 200_000;
+    const RUNS: usize = 5;
+    // The executor stops the attempt itself; the scheduler would take it
+    // as failed a little later, had it not reported.
+    let stopped = |cluster: &ProcessCluster| {
+        cluster.executor_log(0).contains("--commit-timeout-secs")
+            || cluster
+                .scheduler_log()
+                .contains("a commit ran past its time")
+    };
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let args = ClusterArgs {
+        scheduler: ["--commit-timeout-secs", "2"].map(String::from).to_vec(),
+        ..ClusterArgs::default()
+    };
+    let cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    run(&context, "SET quiver.target_file_bytes = 32768")
+        .await
+        .expect("small files: a longer commit");
+    let mut options = s3.options_as(&S3Credentials::any());
+    options.push(("aws.timeout".into(), "300s".into()));
+    let options: Vec<String> = options
+        .iter()
+        .map(|(key, value)| format!("'{key}' '{value}'"))
+        .collect();
+    let options = format!("OPTIONS ({})", options.join(", "));
+    let moto = s3.pid();
+    for run_number in 0..RUNS {
+        let target = format!("s3://lake/stalled-{run_number}/");
+        let copy = format!(
+            "COPY (SELECT value FROM range({ROWS})) TO '{target}' STORED AS PARQUET {options}"
+        );
+        let paused = Arc::new(AtomicBool::new(false));
+        let job = tokio::spawn({
+            let context = context.clone();
+            let paused = Arc::clone(&paused);
+            async move {
+                let progress = move |status: &quiver_proto::JobStatus| {
+                    if status.committing && !paused.swap(true, Ordering::SeqCst) {
+                        send_signal(moto, "STOP");
+                    }
+                };
+                let stream = context
+                    .execute_sql(&copy, progress)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                datafusion::physical_plan::common::collect(stream)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        // A bound on the wait only: the store stays paused until then.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let overdue = loop {
+            if stopped(&cluster) {
+                break true;
+            }
+            if job.is_finished() || Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if paused.load(Ordering::SeqCst) {
+            send_signal(moto, "CONT");
+        }
+        let result = tokio::time::timeout(Duration::from_secs(300), job)
+            .await
+            .unwrap_or_else(|_| panic!("the job hung\n{}", cluster.logs()))
+            .expect("the job's task");
+        let batches = result.unwrap_or_else(|e| panic!("the COPY failed: {e}\n{}", cluster.logs()));
+        if !overdue {
+            continue;
+        }
+        let written: u64 = batches
+            .iter()
+            .map(|batch| batch.column(0).as_primitive::<UInt64Type>().value(0))
+            .sum();
+        assert_eq!(written, ROWS, "the job's count");
+        let table = format!("stalled_{run_number}");
+        run(
+            &context,
+            &format!(
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{target}' {options}"
+            ),
+        )
+        .await
+        .expect("register the written folder");
+        let distinct = count_of(
+            &context,
+            &format!("SELECT count(DISTINCT value)::bigint unsigned FROM {table}"),
+        )
+        .await;
+        let total = count_of(
+            &context,
+            &format!("SELECT count(*)::bigint unsigned FROM {table}"),
+        )
+        .await;
+        assert_eq!((distinct, total), (ROWS, ROWS), "every row once");
+        let objects = list(&s3.store("lake"), &format!("stalled-{run_number}")).await;
+        assert!(
+            objects.iter().all(|o| !o.contains("_temporary")),
+            "staging left behind: {objects:?}"
+        );
+        return;
+    }
+    panic!(
+        "could not stall a commit in {RUNS} runs\n{}",
+        cluster.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_locations_get_clear_errors_without_secrets() {
     let s3 = S3Server::start();

@@ -4,14 +4,17 @@
 //! A commit attempt sends a `CommitRequest` and waits for the `CommitAnswer`
 //! to its task. The wait ends without permission when the control session
 //! ends (its requests are closed) or the executor's lease runs out: an
-//! executor cut off from the scheduler never commits.
+//! executor cut off from the scheduler never commits. An allowed attempt may
+//! act for the answer's `act_for_millis`, counted from before it asked: the
+//! scheduler counts from when it answered, later, so the executor always
+//! stops first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use quiver_core::lease::Lease;
+use quiver_core::lease::{Lease, LeaseTime};
 use quiver_core::write::permission::CommitAuthority;
 use quiver_proto::{CommitAnswer, CommitRequest, ExecutorMessage, TaskId, executor_message};
 use tokio::sync::mpsc::UnboundedSender;
@@ -106,12 +109,14 @@ pub struct TaskCommitGate {
 
 #[async_trait]
 impl CommitAuthority for TaskCommitGate {
-    async fn allow(&self, finishes: bool) -> Result<(), String> {
+    async fn allow(&self, finishes: bool) -> Result<Option<LeaseTime>, String> {
+        let asked = LeaseTime::now();
         let mut answer = self.requests.ask(&self.task, finishes);
         loop {
             tokio::select! {
                 answer = &mut answer => return match answer {
-                    Ok(answer) if answer.allowed => Ok(()),
+                    Ok(answer) if answer.allowed => Ok((answer.act_for_millis > 0)
+                        .then(|| asked + Duration::from_millis(answer.act_for_millis))),
                     Ok(answer) => Err(answer.reason),
                     Err(_) => Err("the executor's session with the scheduler ended before \
                                    the scheduler answered".into()),
@@ -164,17 +169,52 @@ mod tests {
         requests.answer(CommitAnswer {
             task: Some(task(0)),
             allowed: true,
-            reason: String::new(),
+            ..CommitAnswer::default()
         });
         requests.answer(CommitAnswer {
             task: Some(task(1)),
             allowed: false,
             reason: "the job was cancelled".into(),
+            ..CommitAnswer::default()
         });
         assert_eq!(
             asking.await.expect("joined"),
             Err("the job was cancelled".into())
         );
+    }
+
+    /// An allowed attempt may act for the answer's time, counted from
+    /// before it asked; an answer without one sets no limit.
+    #[tokio::test]
+    async fn an_allowed_commit_acts_for_the_time_counted_from_its_question() {
+        let (outbound, mut sent) = mpsc::unbounded_channel();
+        let requests = CommitRequests::new(outbound);
+        let lease = Lease::until(LeaseTime::now() + Duration::from_secs(60));
+        for act_for_millis in [30_000, 0] {
+            let gate = gate(&requests, Arc::clone(&lease));
+            let before = LeaseTime::now();
+            let asking = tokio::spawn(async move { gate.allow(false).await });
+            sent.recv().await.expect("a request goes out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let answered = LeaseTime::now();
+            requests.answer(CommitAnswer {
+                task: Some(task(1)),
+                allowed: true,
+                act_for_millis,
+                ..CommitAnswer::default()
+            });
+            let until = asking.await.expect("joined").expect("allowed");
+            match until {
+                Some(until) => {
+                    assert!(until >= before + Duration::from_secs(30));
+                    assert!(
+                        until < answered + Duration::from_secs(30),
+                        "counted from the question, not the answer"
+                    );
+                }
+                None => assert_eq!(act_for_millis, 0),
+            }
+        }
     }
 
     #[tokio::test]

@@ -27,7 +27,12 @@
 /// 5: a guarded commit carries only the jobs whose manifests were listed
 /// when it was planned (`KnownCommits`), not every committed job's id; an
 /// executor of version 4 would read it as unguarded and commit unchecked.
-pub const PROTOCOL_VERSION: u32 = 5;
+///
+/// 6: an allowed commit may act only for the time its `CommitAnswer` gives
+/// (`act_for_millis`), after which the scheduler takes it as failed and
+/// settles the write with another attempt; an executor of version 5 would
+/// act on past it.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Generated messages and services of package `quiver.v1`.
 #[allow(clippy::all, clippy::clone_on_ref_ptr, unused_qualifications)]

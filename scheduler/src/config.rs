@@ -57,6 +57,14 @@ pub struct SchedulerConfig {
     /// How long a finished job's result is kept when the client never reads it, in seconds.
     #[arg(long, env = "QUIVER_RESULT_RETENTION_SECS", default_value_t = 600)]
     pub result_retention_secs: u64,
+
+    /// How long a write's commit may change its table, in seconds. A commit
+    /// still at it then (a store that stopped answering) stops, and counts
+    /// as a failed attempt: another one finishes or redoes the commit. Leave
+    /// room for the largest overwrite: moving and deleting its files.
+    #[arg(long, env = "QUIVER_COMMIT_TIMEOUT_SECS", default_value_t = 1800,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub commit_timeout_secs: u64,
 }
 
 impl SchedulerConfig {
@@ -69,6 +77,7 @@ impl SchedulerConfig {
             heartbeat_interval_ms: 1000,
             executor_timeout_ms: 10_000,
             result_retention_secs: 600,
+            commit_timeout_secs: 1800,
             max_running_jobs: 16,
             max_message_bytes: crate::MAX_MESSAGE_BYTES,
             state_dir: std::env::temp_dir().join("quiver-scheduler"),
@@ -101,6 +110,7 @@ impl SchedulerConfig {
             executor_timeout: Duration::from_millis(self.executor_timeout_ms),
             result_retention: Duration::from_secs(self.result_retention_secs),
             max_running_jobs: self.max_running_jobs,
+            commit_timeout: Duration::from_secs(self.commit_timeout_secs),
         }
     }
 }

@@ -101,6 +101,13 @@ impl ServerProcess {
     }
 }
 
+impl ServerProcess {
+    /// The server's process id, to pause it with a signal.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -91,6 +91,12 @@ impl ProcessCluster {
         std::fs::read_to_string(self.work.path().join("logs").join(name)).unwrap_or_default()
     }
 
+    /// The whole log of the scheduler since its last start.
+    pub fn scheduler_log(&self) -> String {
+        let name = format!("scheduler.{}.log", self.scheduler_starts);
+        std::fs::read_to_string(self.work.path().join("logs").join(name)).unwrap_or_default()
+    }
+
     pub fn start_scheduler(&mut self) {
         assert!(self.scheduler.is_none(), "the scheduler is running");
         self.scheduler_starts += 1;

@@ -237,6 +237,11 @@ impl S3Server {
         .collect()
     }
 
+    /// The server's process id, to pause it with a signal.
+    pub fn pid(&self) -> u32 {
+        self._server.pid()
+    }
+
     /// `OPTIONS (...)` for a table or `COPY` on this server.
     pub fn sql_options(&self) -> String {
         self.sql_options_as(&S3Credentials::any())

@@ -42,7 +42,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::array::{AsArray, RecordBatch, UInt64Array};
@@ -68,7 +68,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tracing::{info, warn};
 
-use crate::lease::{Lease, task_lease};
+use crate::lease::{Lease, LeaseTime, task_lease};
 use crate::operators::{final_output, only_child};
 use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 
@@ -81,7 +81,7 @@ use super::layout::{
 };
 use super::order::{self, Claim, Claimed, Claims, Standing};
 use super::partition::folder_key;
-use super::permission::{CommitPermission, ask_to_commit, commit_permission};
+use super::permission::{CommitPermission, CommitTimeSpent, ask_to_commit, commit_permission};
 use super::snapshot::{CommittedFiles, KnownCommits};
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list, staging_jobs};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
@@ -228,6 +228,7 @@ impl ExecutionPlan for ParquetCommitExec {
             file_schema: Some(Arc::clone(config.output_schema())),
             lease: task_lease(&context),
             permission: commit_permission(&context),
+            allowed_until: OnceLock::new(),
             known_commits: self.known_commits.clone(),
             retry: context
                 .session_config()
@@ -356,6 +357,9 @@ struct Commit {
     /// Asked before the commit first changes the table; none when the
     /// scheduler settles a write.
     permission: Option<Arc<CommitPermission>>,
+    /// Until when the permission lets the commit act, once given, if it
+    /// limits that.
+    allowed_until: OnceLock<LeaseTime>,
     /// See [`ParquetCommitExec::with_known_commits`].
     known_commits: Option<Arc<KnownCommits>>,
     /// Whether an earlier attempt of this commit task may have run (its
@@ -373,19 +377,44 @@ struct CommitCounts {
 }
 
 impl Commit {
-    /// Fails once the executor's lease has run out: checked right before
-    /// every change to the store.
+    /// Fails once the executor's lease, or the time the permission gave
+    /// the commit, has run out: checked right before every change to the
+    /// store.
     fn check_lease(&self) -> Result<()> {
-        match &self.lease {
-            Some(lease) => Ok(lease.check()?),
-            None => Ok(()),
+        if let Some(lease) = &self.lease {
+            lease.check()?;
+        }
+        match self.allowed_until.get() {
+            Some(until) if LeaseTime::now() >= *until => Err(CommitTimeSpent {
+                ago: LeaseTime::now() - *until,
+            })?,
+            _ => Ok(()),
         }
     }
 
     /// Asks for the scheduler's permission to change the table (see
     /// [`super::permission`]); `finishes` when the manifest is there.
     async fn ask_to_commit(&self, finishes: bool) -> Result<()> {
-        ask_to_commit(self.permission.as_deref(), &self.location, finishes).await
+        let until = ask_to_commit(self.permission.as_deref(), &self.location, finishes).await?;
+        if let Some(until) = until {
+            self.allowed_until.get_or_init(|| until);
+        }
+        Ok(())
+    }
+
+    /// Runs `changes`, which the permission allowed, within the time it
+    /// gave: a step that hangs past it is dropped as well, not only the
+    /// steps after it.
+    async fn within_allowed_time<T>(&self, changes: impl Future<Output = Result<T>>) -> Result<T> {
+        let Some(until) = self.allowed_until.get().copied() else {
+            return changes.await;
+        };
+        match tokio::time::timeout(until - LeaseTime::now(), changes).await {
+            Ok(result) => result,
+            Err(_) => Err(CommitTimeSpent {
+                ago: LeaseTime::now() - until,
+            })?,
+        }
     }
 
     async fn run(self, input: SendableRecordBatchStream) -> Result<RecordBatch> {
@@ -398,11 +427,18 @@ impl Commit {
             && let Some(manifest) = self.read_manifest().await?
         {
             self.ask_to_commit(true).await?;
-            return self.finish_committed(&manifest).await;
+            return self
+                .within_allowed_time(self.finish_committed(&manifest))
+                .await;
         }
-        let mut files = staged_files(input).await?;
+        let files = staged_files(input).await?;
         self.check_no_commit_since_planning().await?;
         self.ask_to_commit(false).await?;
+        self.within_allowed_time(self.commit(files)).await
+    }
+
+    /// Makes the staged `files` the job's write, once allowed to.
+    async fn commit(&self, mut files: Vec<StagedFile>) -> Result<RecordBatch> {
         if files.is_empty() {
             files.extend(self.stage_schema_file().await?);
         }
@@ -736,15 +772,19 @@ impl Commit {
             if !untouched_for(&self.store, &staging, ABANDONED_AFTER).await? {
                 continue;
             }
-            let abandoned = Commit::settling(
-                Arc::clone(&self.store),
-                self.multipart.clone(),
-                self.local,
-                &self.location,
-                self.table.clone(),
-                job_id,
-                self.lease.clone(),
-            );
+            // Under this commit's lease and permission: it acts for them.
+            let abandoned = Commit {
+                allowed_until: self.allowed_until.clone(),
+                ..Commit::settling(
+                    Arc::clone(&self.store),
+                    self.multipart.clone(),
+                    self.local,
+                    &self.location,
+                    self.table.clone(),
+                    job_id,
+                    self.lease.clone(),
+                )
+            };
             let settled = abandoned
                 .settle(JobEnded::Otherwise, FinishOverwrite::No)
                 .await?;
@@ -1128,6 +1168,7 @@ impl Commit {
             file_schema: None,
             lease,
             permission: None,
+            allowed_until: OnceLock::new(),
             known_commits: None,
             retry: false,
             counts: CommitCounts::default(),
@@ -1392,6 +1433,7 @@ mod tests {
             file_schema: None,
             lease: None,
             permission: None,
+            allowed_until: OnceLock::new(),
             known_commits: None,
             retry: false,
             counts: CommitCounts::default(),
@@ -2152,6 +2194,71 @@ mod tests {
                 "_manifests/job1.json",
                 "region=EU/part-job1-00000-000.parquet"
             ]
+        );
+    }
+
+    /// Allows every commit to act until its time.
+    #[derive(Debug)]
+    struct AllowsUntil(LeaseTime);
+
+    #[async_trait::async_trait]
+    impl super::super::permission::CommitAuthority for AllowsUntil {
+        async fn allow(&self, _finishes: bool) -> std::result::Result<Option<LeaseTime>, String> {
+            Ok(Some(self.0))
+        }
+    }
+
+    /// A commit acts only for the time its permission gives: one allowed
+    /// no time changes nothing, and a step that hangs past it is dropped.
+    #[tokio::test]
+    async fn a_commit_acts_only_for_the_time_it_was_allowed() {
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let staged = "_temporary/job1/p0-a0/part-job1-00000-000.parquet";
+        touch(table, staged);
+        let table_path = Path::from_filesystem_path(table).expect("path");
+        let commit = |until| Commit {
+            permission: Some(Arc::new(CommitPermission(Arc::new(AllowsUntil(until))))),
+            ..local_commit(table, "job1", InsertOp::Append)
+        };
+        let file_list = || {
+            written_files(
+                vec![join(&table_path, staged).expect("path").to_string()],
+                vec!["part-job1-00000-000.parquet".to_owned()],
+            )
+        };
+
+        let error = commit(LeaseTime::now())
+            .run(file_list())
+            .await
+            .expect_err("no time to act");
+        assert!(
+            error.to_string().contains("--commit-timeout-secs"),
+            "{error}"
+        );
+        assert_eq!(files(table), vec![staged]);
+
+        let hung = commit(LeaseTime::now() + Duration::from_millis(100));
+        hung.ask_to_commit(false).await.expect("allowed");
+        let error = hung
+            .within_allowed_time(std::future::pending::<Result<()>>())
+            .await
+            .expect_err("a hung step is dropped");
+        assert!(
+            error.to_string().contains("--commit-timeout-secs"),
+            "{error}"
+        );
+
+        let rows = commit(LeaseTime::now() + Duration::from_secs(60))
+            .run(file_list())
+            .await
+            .expect("a commit with time to act");
+        assert_eq!(rows.num_rows(), 1);
+        assert_eq!(
+            files(table),
+            vec!["_manifests/job1.json", "part-job1-00000-000.parquet"]
         );
     }
 

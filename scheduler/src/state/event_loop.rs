@@ -45,6 +45,9 @@ pub struct LoopConfig {
     pub result_retention: Duration,
     /// Jobs running at once; later ones wait in a queue. 0 means no limit.
     pub max_running_jobs: usize,
+    /// How long an allowed commit attempt may act (see
+    /// `quiver_core::write::permission`).
+    pub commit_timeout: Duration,
 }
 
 impl LoopConfig {
@@ -55,6 +58,12 @@ impl LoopConfig {
     /// tasks run again elsewhere.
     pub fn executor_lease(&self) -> Duration {
         self.executor_timeout - self.executor_timeout / 4
+    }
+
+    /// How long after allowing a commit the scheduler takes it as failed:
+    /// its time to act, and the lease's margin for a request in flight.
+    fn commit_stops_after(&self) -> Duration {
+        self.commit_timeout + (self.executor_timeout - self.executor_lease())
     }
 }
 
@@ -323,8 +332,9 @@ impl SchedulerLoop {
             return;
         };
         let job_id = task.job_id.clone();
+        let stops_by = Instant::now() + self.config.commit_stops_after();
         let verdict = match self.jobs.get_mut(&task.job_id) {
-            Some((job, _)) => job.allow_commit(&task, executor_id, request.finishes),
+            Some((job, _)) => job.allow_commit(&task, executor_id, request.finishes, stops_by),
             None => Err("the job has ended".to_owned()),
         };
         match &verdict {
@@ -339,6 +349,7 @@ impl SchedulerLoop {
             task: Some(task),
             allowed: verdict.is_ok(),
             reason: verdict.err().unwrap_or_default(),
+            act_for_millis: self.config.commit_timeout.as_millis() as u64,
         };
         if let Some(executor) = self.executors.get_mut(executor_id) {
             executor.send(SchedulerMessage {
@@ -698,10 +709,31 @@ impl SchedulerLoop {
                 self.after_outcome(&job_id, outcome);
             }
         }
+        self.fail_overdue_commits(now);
         self.end_deferred(now);
         let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
         for job_id in job_ids {
             self.publish(&job_id);
+        }
+    }
+
+    /// Takes the commits that ran past their time to act as failed (see
+    /// `Job::fail_overdue_commits`).
+    fn fail_overdue_commits(&mut self, now: Instant) {
+        let message = format!(
+            "the commit did not finish within {} s (--commit-timeout-secs), and was stopped",
+            self.config.commit_timeout.as_secs()
+        );
+        let job_ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for job_id in job_ids {
+            let outcome = match self.jobs.get_mut(&job_id) {
+                Some((job, _)) => job.fail_overdue_commits(now, &message),
+                None => continue,
+            };
+            if outcome != Outcome::Continue {
+                warn!(%job_id, %message, "a commit ran past its time");
+            }
+            self.after_outcome(&job_id, outcome);
         }
     }
 

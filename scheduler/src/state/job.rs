@@ -79,6 +79,9 @@ pub struct Task {
     /// attempt has reported since: it, or the lost attempt before it, may
     /// have acted.
     pub committing: bool,
+    /// When the running attempt's permission to commit has surely run out
+    /// (see [`Job::allow_commit`]); none before it is allowed.
+    pub commit_stops_by: Option<Instant>,
 }
 
 impl Task {
@@ -398,12 +401,15 @@ impl Job {
     /// table, if it is the task's running attempt and nobody asked the job
     /// to end, or it `finishes` a commit made earlier (its job's manifest is
     /// there: ending the job now would report it wrongly); the job then
-    /// waits for it before it ends. `Err` says why not.
+    /// waits for it before it ends, or until `stops_by`, when the time the
+    /// attempt was given to act has surely run out (see
+    /// [`Job::fail_overdue_commits`]). `Err` says why not.
     pub fn allow_commit(
         &mut self,
         id: &TaskId,
         executor_id: &str,
         finishes: bool,
+        stops_by: Instant,
     ) -> Result<(), String> {
         if self.state != JobState::Running || self.replanning || self.settling {
             return Err("the job is not running".into());
@@ -428,7 +434,50 @@ impl Job {
             })
             .ok_or_else(|| format!("attempt {} is no longer the task's current one", id.attempt))?;
         task.committing = true;
+        task.commit_stops_by = Some(stops_by);
         Ok(())
+    }
+
+    /// Takes each running commit attempt whose time to act has surely run
+    /// out as failed, with `message`: it stopped before its next change, or
+    /// hangs where it can no longer make one (see
+    /// `quiver_core::write::permission`), and its report, if one ever
+    /// comes, is stale. Like any failed commit, its next attempt settles
+    /// the write, or the scheduler does before the job ends.
+    pub fn fail_overdue_commits(&mut self, now: Instant, message: &str) -> Outcome {
+        let overdue: Vec<TaskId> = self
+            .stages
+            .iter()
+            .flat_map(|stage| {
+                stage
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .map(move |(partition, task)| (stage.id, partition, task))
+            })
+            .filter(|(_, _, task)| {
+                matches!(task.state, TaskState::Running { .. })
+                    && task.commit_stops_by.is_some_and(|stops_by| stops_by <= now)
+            })
+            .map(|(stage_id, partition, task)| TaskId {
+                job_id: self.id.clone(),
+                stage_id,
+                partition: partition as u32,
+                attempt: task.attempt,
+            })
+            .collect();
+        for id in overdue {
+            let failure = TaskFailed {
+                kind: FailureKind::Retryable as i32,
+                message: message.to_owned(),
+                ..TaskFailed::default()
+            };
+            let outcome = self.on_failure(&id, &failure, now);
+            if outcome != Outcome::Continue {
+                return outcome;
+            }
+        }
+        Outcome::Continue
     }
 
     /// Defers `end` while a commit of this job may be changing its table
@@ -573,6 +622,7 @@ impl Job {
         task.state = TaskState::Running {
             executor_id: executor_id.to_owned(),
         };
+        task.commit_stops_by = None;
         let attempt = task.attempt;
         self.running += 1;
         self.launched_on.insert(executor_id.to_owned());
@@ -1369,6 +1419,7 @@ fn pending_tasks(count: usize, now: Instant, attempt: u32) -> Vec<Task> {
             not_before: now,
             avoid: None,
             committing: false,
+            commit_stops_by: None,
         })
         .collect()
 }
@@ -2308,6 +2359,9 @@ mod tests {
         assert_eq!(writers, 1, "{}", planned.stages.len());
     }
 
+    /// The time tests give an allowed commit to act.
+    const COMMIT_TIME: Duration = Duration::from_secs(1800);
+
     /// A commit asks before it changes its table: only the running attempt
     /// of a job that nobody asked to end may. The job then counts as
     /// committing until the attempt reports, or until the lease of the
@@ -2321,7 +2375,8 @@ mod tests {
         let commit = job.launch(last, 0, "c").expect("runs").task.expect("id");
         assert!(!job.committing(now), "not before it is allowed");
         assert!(
-            job.allow_commit(&commit, "b", false).is_err(),
+            job.allow_commit(&commit, "b", false, Instant::now() + COMMIT_TIME)
+                .is_err(),
             "another executor"
         );
         let later = TaskId {
@@ -2329,10 +2384,12 @@ mod tests {
             ..commit.clone()
         };
         assert!(
-            job.allow_commit(&later, "c", false).is_err(),
+            job.allow_commit(&later, "c", false, Instant::now() + COMMIT_TIME)
+                .is_err(),
             "another attempt"
         );
-        job.allow_commit(&commit, "c", false).expect("allowed");
+        job.allow_commit(&commit, "c", false, Instant::now() + COMMIT_TIME)
+            .expect("allowed");
         assert!(job.committing(now));
         assert!(job.status().committing);
 
@@ -2361,10 +2418,13 @@ mod tests {
         let retried = job.launch(last, 0, "b").expect("runs").task.expect("id");
         job.deferred_end = Some(DeferredEnd::Cancel);
         assert_eq!(
-            job.allow_commit(&retried, "b", false),
+            job.allow_commit(&retried, "b", false, Instant::now() + COMMIT_TIME),
             Err("the job was cancelled".to_owned())
         );
-        assert_eq!(job.allow_commit(&retried, "b", true), Ok(()));
+        assert_eq!(
+            job.allow_commit(&retried, "b", true, Instant::now() + COMMIT_TIME),
+            Ok(())
+        );
         assert!(job.committing(lease_end));
     }
 
@@ -2376,6 +2436,21 @@ mod tests {
         max_attempts: Option<u32>,
         lease: Duration,
     ) -> (Job, tempfile::TempDir, u32, Instant, Instant) {
+        let (mut job, folder, commit) =
+            job_with_an_allowed_commit(max_attempts, Instant::now() + COMMIT_TIME).await;
+        let now = Instant::now();
+        let lease_end = now + lease;
+        assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
+        (job, folder, commit.stage_id, now, lease_end)
+    }
+
+    /// A write job whose commit runs on executor `b`, allowed to act until
+    /// `stops_by`; `max_attempts` for its tasks, if given. Returns it, its
+    /// folder and the commit attempt.
+    async fn job_with_an_allowed_commit(
+        max_attempts: Option<u32>,
+        stops_by: Instant,
+    ) -> (Job, tempfile::TempDir, TaskId) {
         let (_, folder, planner) = counting_job_and_planner().await;
         let insert = Query::Sql("INSERT INTO t SELECT x FROM t".into());
         let Planned::Stages(planned) = planner.plan("job", insert, &[]).await.expect("plan") else {
@@ -2387,12 +2462,74 @@ mod tests {
             job.max_attempts = attempts;
         }
         let last = run_all_but_last(&mut job, "a");
-        let now = Instant::now();
         let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
-        job.allow_commit(&commit, "b", false).expect("allowed");
-        let lease_end = now + lease;
-        assert_eq!(job.on_executor_lost("b", now, lease_end), Outcome::Continue);
-        (job, folder, last, now, lease_end)
+        job.allow_commit(&commit, "b", false, stops_by)
+            .expect("allowed");
+        (job, folder, commit)
+    }
+
+    /// A commit still running once its time to act has surely run out is
+    /// taken as failed: not before, and only its running attempt. Its next
+    /// attempt may run at once (this one can no longer act) and settles the
+    /// write; the overdue attempt's late report is stale. On the last
+    /// attempt, the scheduler settles the write before the job fails.
+    #[tokio::test]
+    async fn a_commit_past_its_time_to_act_counts_as_a_failed_attempt() {
+        let stops_by = Instant::now() + Duration::from_secs(60);
+        let (mut job, _folder, commit) = job_with_an_allowed_commit(Some(2), stops_by).await;
+        let overdue = "the commit did not finish in time";
+        let just_before = stops_by - Duration::from_millis(1);
+        assert_eq!(
+            job.fail_overdue_commits(just_before, overdue),
+            Outcome::Continue
+        );
+        assert!(job.committing(just_before), "still its time");
+
+        assert_eq!(
+            job.fail_overdue_commits(stops_by, overdue),
+            Outcome::Continue
+        );
+        assert!(!job.committing(stops_by));
+        assert_eq!(
+            job.lost_commit,
+            LostCommit::Unknown,
+            "it may have committed"
+        );
+        let retry = &job.stages[commit.stage_id as usize - 1].tasks[0];
+        assert_eq!(retry.attempt, commit.attempt + 1);
+        assert_eq!(retry.failures, 1);
+        assert_eq!(
+            job.next_runnable(stops_by + RETRY_BACKOFF)
+                .map(|(stage, partition, avoid)| (stage, partition, avoid.map(str::to_owned))),
+            Some((commit.stage_id, 0, Some("b".to_owned()))),
+            "runs again, elsewhere if it can"
+        );
+        let stale = TaskFailed {
+            kind: FailureKind::Retryable as i32,
+            message: "stopped: its time to act ran out".into(),
+            ..TaskFailed::default()
+        };
+        assert_eq!(job.on_failure(&commit, &stale, stops_by), Outcome::Continue);
+        assert_eq!(
+            job.stages[commit.stage_id as usize - 1].tasks[0].failures,
+            1
+        );
+
+        // The last attempt, overdue too: the write is settled first.
+        let last = job
+            .launch(commit.stage_id, 0, "c")
+            .expect("runs")
+            .task
+            .expect("id");
+        let stops_by = Instant::now();
+        job.allow_commit(&last, "c", false, stops_by)
+            .expect("allowed");
+        assert_eq!(job.fail_overdue_commits(stops_by, overdue), Outcome::Settle);
+        let Some(DeferredEnd::Fail(message)) = job.deferred_end.clone() else {
+            panic!("not failing: {:?}", job.deferred_end);
+        };
+        assert!(message.contains(overdue), "{message}");
+        assert!(message.contains("after 2 attempts"), "{message}");
     }
 
     /// A commit lost on its last attempt, with an executor that may still
@@ -2432,7 +2569,11 @@ mod tests {
             partition: 0,
             attempt: commit.attempt,
         };
-        assert!(job.allow_commit(&late, "c", true).is_err(), "settling");
+        assert!(
+            job.allow_commit(&late, "c", true, Instant::now() + COMMIT_TIME)
+                .is_err(),
+            "settling"
+        );
 
         let outcome = job.on_write_settled(Ok(Settled::RolledBack { files: 2 }));
         assert_eq!(outcome, Outcome::Failed(message.clone()));
@@ -2499,7 +2640,8 @@ mod tests {
         job.max_attempts = 1;
         let last = run_all_but_last(&mut job, "a");
         let commit = job.launch(last, 0, "b").expect("runs").task.expect("id");
-        job.allow_commit(&commit, "b", false).expect("allowed");
+        job.allow_commit(&commit, "b", false, Instant::now() + COMMIT_TIME)
+            .expect("allowed");
         let failure = TaskFailed {
             kind: FailureKind::Retryable.into(),
             message: "deleting the replaced files failed".into(),
@@ -2553,7 +2695,8 @@ mod tests {
         let mut job = job_of(&[single]);
         job.writes_to = Some("file:///tmp/target/".into());
         let commit = job.launch(1, 0, "a").expect("runs").task.expect("id");
-        job.allow_commit(&commit, "a", false).expect("allowed");
+        job.allow_commit(&commit, "a", false, Instant::now() + COMMIT_TIME)
+            .expect("allowed");
         job.deferred_end = Some(DeferredEnd::Cancel);
         let output = MapOutput {
             attempt: commit.attempt,
