@@ -58,12 +58,14 @@ pub struct SchedulerConfig {
     #[arg(long, env = "QUIVER_RESULT_RETENTION_SECS", default_value_t = 600)]
     pub result_retention_secs: u64,
 
-    /// How long a write's commit may change its table, in seconds. A commit
-    /// still at it then (a store that stopped answering) stops, and counts
-    /// as a failed attempt: another one finishes or redoes the commit. Leave
-    /// room for the largest overwrite: moving and deleting its files.
+    /// How long a write's commit may change its table, in seconds (at most
+    /// 6 hours). A commit still at it then (a store that stopped answering)
+    /// stops, and counts as a failed attempt: another one finishes or redoes
+    /// the commit. Leave room for the largest overwrite: moving and deleting
+    /// its files.
     #[arg(long, env = "QUIVER_COMMIT_TIMEOUT_SECS", default_value_t = 1800,
-        value_parser = clap::value_parser!(u64).range(1..))]
+        value_parser = clap::value_parser!(u64)
+            .range(1..=quiver_core::write::layout::MAX_COMMIT_TIMEOUT_SECS))]
     pub commit_timeout_secs: u64,
 }
 

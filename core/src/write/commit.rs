@@ -75,9 +75,9 @@ use crate::storage::{StoreRegistry, delete_paths, delete_prefix, get_if_exists};
 use super::TaskAttempt;
 use super::fold::{FoldedJobs, foldable, folded_names, folded_path, manifest_mode};
 use super::layout::{
-    ABANDONED_AFTER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, committing_job, committing_marker,
-    file_name, is_bookkeeping, job_staging, join, manifest as manifest_path, named_job,
-    relative_to, replaced_list, upload_records, written_by,
+    ABANDONED_AFTER, REPLACED_LIST_SUFFIX, STAGING_FOLDER, STALE_STAGING_AFTER, committing_job,
+    committing_marker, file_name, is_bookkeeping, is_job_id, job_staging, join,
+    manifest as manifest_path, named_job, relative_to, replaced_list, upload_records, written_by,
 };
 use super::order::{self, Claim, Claimed, Claims, Standing};
 use super::partition::folder_key;
@@ -85,6 +85,10 @@ use super::permission::{CommitPermission, CommitTimeSpent, ask_to_commit, commit
 use super::snapshot::{CommittedFiles, KnownCommits};
 use super::snapshot::{manifest_folder_names, manifest_jobs, read_replaced_list, staging_jobs};
 use crate::storage::upload::{abort_recorded_uploads, multipart_store};
+
+/// Abandoned writes of other jobs that one commit settles at most (see
+/// [`Commit::settle_abandoned_jobs`]).
+const ABANDONED_PER_COMMIT: usize = 4;
 
 /// How many objects are moved or deleted at once.
 const CONCURRENT_REQUESTS: usize = 16;
@@ -432,9 +436,38 @@ impl Commit {
                 .await;
         }
         let files = staged_files(input).await?;
+        self.check_staged_files_are_recent(&files).await?;
         self.check_no_commit_since_planning().await?;
         self.ask_to_commit(false).await?;
         self.within_allowed_time(self.commit(files)).await
+    }
+
+    /// Refuses staged files older than [`STALE_STAGING_AFTER`]: a later
+    /// commit into the table may be about to take the write as abandoned
+    /// and delete them. One file tells, as the folder's newest is no older;
+    /// files an earlier attempt moved in already are skipped.
+    async fn check_staged_files_are_recent(&self, files: &[StagedFile]) -> Result<()> {
+        for file in files.iter().take(3) {
+            let written = match self.store.head(&file.staged).await {
+                Ok(meta) => meta.last_modified,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let age = chrono::Utc::now().signed_duration_since(written);
+            if age > STALE_STAGING_AFTER {
+                return Err(DataFusionError::Execution(format!(
+                    "the files this job staged in '{}' were written {} hours ago, more than \
+                     the {} hours within which a commit uses them: a later commit into the \
+                     table takes a write untouched for a day as abandoned and deletes its \
+                     files, so this commit does not move them in; run the statement again",
+                    self.location,
+                    age.num_hours(),
+                    STALE_STAGING_AFTER.num_hours()
+                )));
+            }
+            return Ok(());
+        }
+        Ok(())
     }
 
     /// Makes the staged `files` the job's write, once allowed to.
@@ -755,43 +788,68 @@ impl Commit {
     /// touched for [`ABANDONED_AFTER`]: their clusters went without settling
     /// them (a scheduler that never came back, a clean-up the store
     /// refused). As after a failed job, what they moved in without a
-    /// manifest goes, with their staging folders and unfinished uploads.
-    /// A failure is logged: the next commit tries again.
+    /// manifest goes, with their staging folders and unfinished uploads. A
+    /// job still alive cannot be among them: its commit would not use files
+    /// staged that long ago ([`STALE_STAGING_AFTER`]), and once it marks
+    /// its folder, the folder is not untouched. At most
+    /// [`ABANDONED_PER_COMMIT`] are settled, so that a table with many
+    /// does not hold this commit up; a failure is logged, and the next
+    /// commit tries again.
     async fn settle_abandoned_jobs(&self) {
-        if let Err(error) = self.try_settle_abandoned_jobs().await {
-            let error = crate::storage::redacted_error(&error);
-            warn!(job_id = %self.job_id, location = %self.location, %error,
-                "could not settle the writes of abandoned jobs");
+        let others = match staging_jobs(&self.store, &self.table).await {
+            Ok(others) => others,
+            Err(error) => return self.warn_unsettled(None, &error),
+        };
+        let mut settled = 0;
+        // Only Quiver's: another engine may stage its files in a folder of
+        // the same name.
+        for job_id in others
+            .iter()
+            .filter(|job| is_job_id(job) && **job != self.job_id)
+        {
+            if settled == ABANDONED_PER_COMMIT {
+                break;
+            }
+            match self.settle_if_abandoned(job_id).await {
+                Ok(true) => settled += 1,
+                Ok(false) => {}
+                Err(error) => self.warn_unsettled(Some(job_id), &error),
+            }
         }
     }
 
-    async fn try_settle_abandoned_jobs(&self) -> Result<()> {
-        let others = staging_jobs(&self.store, &self.table).await?;
-        for job_id in others.iter().filter(|job| **job != self.job_id) {
-            let staging = job_staging(&self.table, job_id);
-            if !untouched_for(&self.store, &staging, ABANDONED_AFTER).await? {
-                continue;
-            }
-            // Under this commit's lease and permission: it acts for them.
-            let abandoned = Commit {
-                allowed_until: self.allowed_until.clone(),
-                ..Commit::settling(
-                    Arc::clone(&self.store),
-                    self.multipart.clone(),
-                    self.local,
-                    &self.location,
-                    self.table.clone(),
-                    job_id,
-                    self.lease.clone(),
-                )
-            };
-            let settled = abandoned
-                .settle(JobEnded::Otherwise, FinishOverwrite::No)
-                .await?;
-            info!(job_id = %self.job_id, abandoned = %job_id, location = %self.location,
-                ?settled, "settled the write of a job abandoned with its cluster");
+    fn warn_unsettled(&self, abandoned: Option<&str>, error: &DataFusionError) {
+        let error = crate::storage::redacted_error(error);
+        warn!(job_id = %self.job_id, ?abandoned, location = %self.location, %error,
+            "could not settle the write of an abandoned job");
+    }
+
+    /// Settles the write of `job_id` if it was abandoned (see
+    /// [`Self::settle_abandoned_jobs`]); returns whether it was.
+    async fn settle_if_abandoned(&self, job_id: &str) -> Result<bool> {
+        let staging = job_staging(&self.table, job_id);
+        if !untouched_for(&self.store, &staging, ABANDONED_AFTER).await? {
+            return Ok(false);
         }
-        Ok(())
+        // Under this commit's lease and permission: it acts for them.
+        let abandoned = Commit {
+            allowed_until: self.allowed_until.clone(),
+            ..Commit::settling(
+                Arc::clone(&self.store),
+                self.multipart.clone(),
+                self.local,
+                &self.location,
+                self.table.clone(),
+                job_id,
+                self.lease.clone(),
+            )
+        };
+        let settled = abandoned
+            .settle(JobEnded::Otherwise, FinishOverwrite::No)
+            .await?;
+        info!(job_id = %self.job_id, abandoned = %job_id, location = %self.location,
+            ?settled, "settled the write of a job abandoned with its cluster");
+        Ok(true)
     }
 
     /// Deletes the claims of ended overwrites among `claims`; they are only
@@ -1258,22 +1316,23 @@ impl Commit {
 }
 
 /// Whether nothing below `folder` changed for longer than `age`; false for a
-/// folder that holds nothing (any more).
+/// folder that holds nothing (any more). The listing stops at the first
+/// recent file: a running job's folder can hold thousands.
 async fn untouched_for(
     store: &Arc<dyn ObjectStore>,
     folder: &Path,
     age: chrono::TimeDelta,
 ) -> Result<bool> {
-    let newest = store
-        .list(Some(folder))
-        .try_fold(
-            None,
-            |newest: Option<chrono::DateTime<chrono::Utc>>, meta| async move {
-                Ok(newest.max(Some(meta.last_modified)))
-            },
-        )
-        .await?;
-    Ok(newest.is_some_and(|newest| chrono::Utc::now().signed_duration_since(newest) > age))
+    let now = chrono::Utc::now();
+    let mut listing = store.list(Some(folder));
+    let mut empty = true;
+    while let Some(meta) = listing.try_next().await? {
+        if now.signed_duration_since(meta.last_modified) <= age {
+            return Ok(false);
+        }
+        empty = false;
+    }
+    Ok(!empty)
 }
 
 /// The parts of a manifest that settling or finishing a write reads.
@@ -2265,21 +2324,84 @@ mod tests {
     /// Commits `staged` (relative to `table`, under this job's staging
     /// folder) as job `job_id`, as its commit task would.
     async fn commit_staged(table: &LocalPath, job_id: &str, op: InsertOp, staged: &[&str]) {
+        try_commit_staged(table, job_id, op, staged, None)
+            .await
+            .expect("commit");
+    }
+
+    /// [`commit_staged`], its staged files last changed at `written` if
+    /// given; returns how the commit ended.
+    async fn try_commit_staged(
+        table: &LocalPath,
+        job_id: &str,
+        op: InsertOp,
+        staged: &[&str],
+        written: Option<SystemTime>,
+    ) -> Result<RecordBatch> {
         let table_path = Path::from_filesystem_path(table).expect("path");
         let mut paths = Vec::new();
         let mut relatives = Vec::new();
         for relative in staged {
             let staged = format!("_temporary/{job_id}/p0-a0/{relative}");
             touch(table, &staged);
+            if let Some(written) = written {
+                set_modified(&table.join(&staged), written);
+            }
             paths.push(join(&table_path, &staged).expect("path").to_string());
             relatives.push(relative.to_string());
         }
         let mut commit = local_commit(table, job_id, op);
         commit.partitioned = true;
-        commit
-            .run(written_files(paths, relatives))
-            .await
-            .expect("commit");
+        commit.run(written_files(paths, relatives)).await
+    }
+
+    fn set_modified(path: &LocalPath, time: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|file| file.set_modified(time))
+            .expect("set the file's time");
+    }
+
+    /// A commit does not move in files staged more than half a day ago: by
+    /// a day, a later commit's sweep may delete them while it does. Files
+    /// staged a little earlier are committed.
+    #[tokio::test]
+    async fn a_commit_refuses_files_staged_more_than_half_a_day_ago() {
+        let dir = tempfile::tempdir().expect("temp");
+        let table = dir.path();
+        let hours_ago =
+            |hours: u64| SystemTime::now() - std::time::Duration::from_secs(hours * 3600);
+        let stale = "00000000000000e1";
+        let name = format!("p=1/part-{stale}-00000-000.parquet");
+        let error = try_commit_staged(
+            table,
+            stale,
+            InsertOp::Append,
+            &[&name],
+            Some(hours_ago(13)),
+        )
+        .await
+        .expect_err("staged 13 hours ago");
+        assert!(error.to_string().contains("13 hours ago"), "{error}");
+        assert_eq!(
+            files(table),
+            vec![format!("_temporary/{stale}/p0-a0/{name}")],
+            "nothing moved in"
+        );
+
+        let recent = "00000000000000e2";
+        let name = format!("p=1/part-{recent}-00000-000.parquet");
+        try_commit_staged(
+            table,
+            recent,
+            InsertOp::Append,
+            &[&name],
+            Some(hours_ago(11)),
+        )
+        .await
+        .expect("staged 11 hours ago");
+        assert!(files(table).contains(&name));
     }
 
     /// A commit settles the writes of jobs whose staging folders nobody
@@ -2307,15 +2429,17 @@ mod tests {
             manifest(committed, InsertOp::Append, &[&data(committed)]),
         )
         .expect("manifest");
+        // Another engine's staging folder of the same name is not Quiver's to settle.
+        let foreign = "_temporary/0/part-00000.parquet";
+        touch(table, foreign);
         let two_days_ago = SystemTime::now() - std::time::Duration::from_secs(172_800);
+        set_modified(&table.join(foreign), two_days_ago);
         for job in [unfinished, committed] {
             for relative in files(&table.join(format!("_temporary/{job}"))) {
-                let path = table.join(format!("_temporary/{job}/{relative}"));
-                std::fs::File::options()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|file| file.set_modified(two_days_ago))
-                    .expect("age the staged file");
+                set_modified(
+                    &table.join(format!("_temporary/{job}/{relative}")),
+                    two_days_ago,
+                );
             }
         }
 
@@ -2326,6 +2450,7 @@ mod tests {
             vec![
                 format!("_manifests/{committed}.json"),
                 format!("_manifests/{new}.json"),
+                foreign.to_owned(),
                 format!("_temporary/{running}/_committing"),
                 format!("_temporary/{running}/p1-a0/p=2/part-{running}-00001-000.parquet"),
                 data(committed),

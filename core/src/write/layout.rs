@@ -32,6 +32,18 @@ pub const MANIFEST_FOLDER: &str = "_manifests";
 /// pruned, and a later commit settles its write.
 pub const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
+/// A commit does not use staged files older than this: by
+/// [`ABANDONED_AFTER`], another commit may take the write as abandoned and
+/// delete them while this one moves them in. The other half of that day
+/// covers the skew between the hosts' clocks and the longest a commit may
+/// act ([`MAX_COMMIT_TIMEOUT_SECS`]), during which its `_committing` marker
+/// is the folder's newest file.
+pub const STALE_STAGING_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(12);
+
+/// The longest time to act that the scheduler may give a commit (see
+/// [`super::permission`]), in seconds: well inside [`STALE_STAGING_AFTER`].
+pub const MAX_COMMIT_TIMEOUT_SECS: u64 = 6 * 3600;
+
 /// The staging folder of one job under `table`.
 pub fn job_staging(table: &Path, job_id: &str) -> Path {
     table.clone().join(STAGING_FOLDER).join(job_id)
@@ -94,6 +106,15 @@ pub const REPLACED_LIST_SUFFIX: &str = ".replaces";
 /// Length of the job ids that the scheduler hands out: 16 hex digits.
 const JOB_ID_LENGTH: usize = 16;
 
+/// Whether `text` has the form of the job ids the scheduler hands out: 16
+/// lower-case hex digits.
+pub fn is_job_id(text: &str) -> bool {
+    text.len() == JOB_ID_LENGTH
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+}
+
 /// The job whose commit named the data file `name`, if it has the name that
 /// [`file_name`] gives (`part-<16 hex digits>-<partition>-<n>.<ext>`), and
 /// not another writer's name that looks alike.
@@ -106,10 +127,8 @@ pub fn committing_job(name: &str) -> Option<&str> {
     let digits = |text: &str, least: usize| {
         text.len() >= least && text.bytes().all(|byte| byte.is_ascii_digit())
     };
-    let is_job_id = job_id
-        .bytes()
-        .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
-    (is_job_id && digits(partition, 5) && digits(n, 3) && !extension.is_empty()).then_some(job_id)
+    (is_job_id(job_id) && digits(partition, 5) && digits(n, 3) && !extension.is_empty())
+        .then_some(job_id)
 }
 
 /// The job that the data file `name` says wrote it, if it is named

@@ -70,9 +70,8 @@ pub fn commit_permission(context: &TaskContext) -> Option<Arc<CommitPermission>>
 #[derive(Debug, thiserror::Error)]
 #[error(
     "this commit attempt used up the time the scheduler allows a commit to act \
-     (--commit-timeout-secs) {}ms ago: the scheduler takes it as failed and \
-     settles the write with another attempt, so it stops before changing \
-     anything others can see",
+     (--commit-timeout-secs) {}ms ago, and stopped: the scheduler takes it as \
+     failed, and another attempt, or the scheduler itself, settles the write",
     ago.as_millis()
 )]
 pub struct CommitTimeSpent {
