@@ -1,9 +1,10 @@
 //! A real S3-compatible server for the tests: `moto` in server mode, on a
 //! free loopback port, stopped when dropped.
 //!
-//! `moto_server` is taken from `QUIVER_MOTO_SERVER`, else from `PATH`, else
-//! installed from PyPI into a virtualenv in the temp folder on first use, so
-//! that the tests run on a fresh machine with only Python.
+//! `moto_server` is taken from `QUIVER_MOTO_SERVER`, else from `PATH` if it
+//! is recent enough, else installed from PyPI into a virtualenv in the temp
+//! folder on first use, so that the tests run on a fresh machine with only
+//! Python.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -290,17 +291,30 @@ fn moto_server() -> String {
     {
         return program;
     }
+    // 5.2.6 or later: older ones reject correctly signed listings with a
+    // prefix once IAM checks are on. One on the path is taken if `python3`
+    // has it at that version (as `.ci/run` checks); else the tests' own.
     let on_path = Command::new("moto_server")
         .arg("--help")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    if on_path {
+    let recent = || {
+        Command::new("python3")
+            .args([
+                "-c",
+                "import moto, sys; \
+                 sys.exit(tuple(map(int, moto.__version__.split('.')[:3])) < (5, 2, 6))",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if on_path && recent() {
         return "moto_server".into();
     }
-    // 5.2.6 or later: older ones reject correctly signed listings with a
-    // prefix once IAM checks are on.
     let venv = super::python::venv("quiver-moto-5.2.6-venv", &["moto[server]>=5.2.6,<6"]);
     venv.join("bin").join("moto_server").display().to_string()
 }
