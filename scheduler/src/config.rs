@@ -116,3 +116,27 @@ impl SchedulerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::SchedulerConfig;
+
+    /// A commit's time to act is at least a second and at most six hours:
+    /// the sweep of abandoned writes relies on the bound.
+    #[test]
+    fn a_commit_timeout_out_of_range_is_refused() {
+        let parse = |secs: &str| {
+            SchedulerConfig::try_parse_from(["quiver-scheduler", "--commit-timeout-secs", secs])
+        };
+        for refused in ["0", "21601", "99999999999999999"] {
+            let error = parse(refused).expect_err(refused).to_string();
+            assert!(error.contains("--commit-timeout-secs"), "{error}");
+        }
+        assert_eq!(
+            parse("21600").expect("six hours").commit_timeout_secs,
+            21600
+        );
+    }
+}

@@ -383,14 +383,12 @@ impl Commit {
     /// Fails once the executor's lease, or the time the permission gave
     /// the commit, has run out: checked right before every change to the
     /// store.
-    fn check_lease(&self) -> Result<()> {
+    fn check_may_act(&self) -> Result<()> {
         if let Some(lease) = &self.lease {
             lease.check()?;
         }
         match self.allowed_until.get() {
-            Some(until) if LeaseTime::now() >= *until => Err(CommitTimeSpent {
-                ago: LeaseTime::now() - *until,
-            })?,
+            Some(&until) if LeaseTime::now() >= until => Err(CommitTimeSpent::since(until))?,
             _ => Ok(()),
         }
     }
@@ -414,9 +412,7 @@ impl Commit {
         };
         match tokio::time::timeout(until - LeaseTime::now(), changes).await {
             Ok(result) => result,
-            Err(_) => Err(CommitTimeSpent {
-                ago: LeaseTime::now() - until,
-            })?,
+            Err(_) => Err(CommitTimeSpent::since(until))?,
         }
     }
 
@@ -444,29 +440,36 @@ impl Commit {
     /// Refuses staged files older than [`STALE_STAGING_AFTER`]: a later
     /// commit into the table may be about to take the write as abandoned
     /// and delete them. One file tells, as the folder's newest is no older;
-    /// files an earlier attempt moved in already are skipped.
+    /// of the first three, those an earlier attempt moved in already are
+    /// skipped.
     async fn check_staged_files_are_recent(&self, files: &[StagedFile]) -> Result<()> {
+        let mut written = None;
         for file in files.iter().take(3) {
-            let written = match self.store.head(&file.staged).await {
-                Ok(meta) => meta.last_modified,
-                Err(object_store::Error::NotFound { .. }) => continue,
+            match self.store.head(&file.staged).await {
+                Ok(meta) => {
+                    written = Some(meta.last_modified);
+                    break;
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
-            };
-            let age = chrono::Utc::now().signed_duration_since(written);
-            if age > STALE_STAGING_AFTER {
-                return Err(DataFusionError::Execution(format!(
-                    "the files this job staged in '{}' were written {} hours ago, more than \
-                     the {} hours within which a commit uses them: a later commit into the \
-                     table takes a write untouched for a day as abandoned and deletes its \
-                     files, so this commit does not move them in; run the statement again",
-                    self.location,
-                    age.num_hours(),
-                    STALE_STAGING_AFTER.num_hours()
-                )));
             }
+        }
+        let Some(written) = written else {
+            return Ok(());
+        };
+        let age = chrono::Utc::now().signed_duration_since(written);
+        if age <= STALE_STAGING_AFTER {
             return Ok(());
         }
-        Ok(())
+        Err(DataFusionError::Execution(format!(
+            "the files this job staged in '{}' were written {} hours ago, more than the {} \
+             hours within which a commit uses them: a later commit into the table takes a \
+             write untouched for a day as abandoned and deletes its files, so this commit \
+             does not move them in; run the statement again",
+            self.location,
+            age.num_hours(),
+            STALE_STAGING_AFTER.num_hours()
+        )))
     }
 
     /// Makes the staged `files` the job's write, once allowed to.
@@ -562,7 +565,7 @@ impl Commit {
                 folded.jobs.insert(job, mode);
             }
         }
-        self.check_lease()?;
+        self.check_may_act()?;
         folded
             .write_new(&self.store, &self.table, &self.job_id)
             .await?;
@@ -704,7 +707,7 @@ impl Commit {
         let staged = job_staging(&self.table, &self.job_id)
             .join("schema")
             .join(relative.as_str());
-        self.check_lease()?;
+        self.check_may_act()?;
         let size = bytes.len() as u64;
         self.store.put(&staged, PutPayload::from(bytes)).await?;
         Ok(Some(StagedFile {
@@ -772,7 +775,7 @@ impl Commit {
             folders.sort();
             folders
         });
-        self.check_lease()?;
+        self.check_may_act()?;
         let claim =
             order::claim(&self.store, &self.table, &self.job_id, folders, self.retry).await?;
         if claim.is_none() {
@@ -888,7 +891,7 @@ impl Commit {
             .collect();
         let list =
             serde_json::to_vec(&relatives).map_err(|e| DataFusionError::External(Box::new(e)))?;
-        self.check_lease()?;
+        self.check_may_act()?;
         self.store
             .put(
                 &replaced_list(&self.table, &self.job_id),
@@ -946,7 +949,7 @@ impl Commit {
         let count = count + retired_folded.as_ref().map_or(0, |(retired, _)| *retired);
         if let Some((_, kept)) = retired_folded {
             if !kept.jobs.is_empty() {
-                self.check_lease()?;
+                self.check_may_act()?;
                 kept.write_new(&self.store, &self.table, &self.job_id)
                     .await?;
             }
@@ -983,7 +986,7 @@ impl Commit {
             moves,
             &self.store,
             |store, (staged, committed)| async move {
-                self.check_lease()?;
+                self.check_may_act()?;
                 match store.rename(&staged, &committed).await {
                     Ok(()) => Ok(true),
                     // Moved already by an earlier run of this step.
@@ -1006,7 +1009,7 @@ impl Commit {
 
     /// Writes the job's manifest: every file it committed, with its rows and size.
     async fn write_manifest(&self, files: &[StagedFile], rows: u64) -> Result<()> {
-        self.check_lease()?;
+        self.check_may_act()?;
         let committed_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_secs());
@@ -1036,7 +1039,7 @@ impl Commit {
     /// deletes it, after the manifest: readers of a table without manifests
     /// hide the files of jobs with a staging folder.
     async fn mark_staging(&self) -> Result<()> {
-        self.check_lease()?;
+        self.check_may_act()?;
         let marker = committing_marker(&self.table, &self.job_id);
         self.store.put(&marker, PutPayload::new()).await?;
         Ok(())
@@ -1047,7 +1050,7 @@ impl Commit {
     /// The uploads that killed attempts left unfinished are aborted first:
     /// their records are in this folder.
     async fn delete_staging(&self) -> Result<()> {
-        self.check_lease()?;
+        self.check_may_act()?;
         if let Some(multipart) = &self.multipart {
             let records = upload_records(&self.table, &self.job_id);
             let aborted = abort_recorded_uploads(&self.store, multipart.as_ref(), &records).await?;
@@ -1069,7 +1072,7 @@ impl Commit {
     }
 
     async fn delete_all(&self, paths: Vec<Path>) -> Result<()> {
-        self.check_lease()?;
+        self.check_may_act()?;
         let paths = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
         Ok(delete_paths(&self.store, paths).await?)
     }

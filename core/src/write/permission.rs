@@ -79,6 +79,15 @@ pub struct CommitTimeSpent {
     pub ago: std::time::Duration,
 }
 
+impl CommitTimeSpent {
+    /// The error of an attempt whose time to act ran out at `until`.
+    pub fn since(until: LeaseTime) -> Self {
+        Self {
+            ago: LeaseTime::now() - until,
+        }
+    }
+}
+
 impl From<CommitTimeSpent> for DataFusionError {
     fn from(spent: CommitTimeSpent) -> Self {
         DataFusionError::External(Box::new(spent))

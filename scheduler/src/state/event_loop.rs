@@ -730,9 +730,6 @@ impl SchedulerLoop {
                 Some((job, _)) => job.fail_overdue_commits(now, &message),
                 None => continue,
             };
-            if outcome != Outcome::Continue {
-                warn!(%job_id, %message, "a commit ran past its time");
-            }
             self.after_outcome(&job_id, outcome);
         }
     }

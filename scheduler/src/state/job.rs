@@ -467,6 +467,8 @@ impl Job {
             })
             .collect();
         for id in overdue {
+            warn!(job_id = %id.job_id, stage = id.stage_id, partition = id.partition,
+                attempt = id.attempt, %message, "a commit ran past its time");
             let failure = TaskFailed {
                 kind: FailureKind::Retryable as i32,
                 message: message.to_owned(),
