@@ -1165,21 +1165,40 @@ fn one_two_three() -> PutPayload {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credentials_and_permissions_are_checked_on_s3() {
     const WRONG_SECRET: &str = "quiver-wrong-secret-K4p8Z";
-    // moto checks `s3:ListObjectsV2` for a listing, where AWS checks
-    // `s3:ListBucket`.
-    let reads: &[&str] = &["s3:GetObject", "s3:ListBucket", "s3:ListObjectsV2"];
+    // moto checks `s3:ListObjectsV2` for a listing and `s3:HeadObject` for
+    // a `HEAD`, where AWS checks `s3:ListBucket` and `s3:GetObject`.
+    let reads: &[&str] = &[
+        "s3:GetObject",
+        "s3:HeadObject",
+        "s3:ListBucket",
+        "s3:ListObjectsV2",
+    ];
     let writes_without_delete: &[&str] = &[
         "s3:GetObject",
+        "s3:HeadObject",
         "s3:ListBucket",
         "s3:ListObjectsV2",
         "s3:PutObject",
         "s3:AbortMultipartUpload",
         "s3:ListBucketMultipartUploads",
     ];
-    // May write, and delete, but not read: passes a write's access check.
-    // (moto checks `s3:DeleteObjects` for a multi-object delete, where AWS
-    // checks `s3:DeleteObject`.)
+    // May write, delete and list, but not read: could not check a write's
+    // staged files. (moto checks `s3:DeleteObjects` for a multi-object
+    // delete, where AWS checks `s3:DeleteObject`.)
     let blind_writes: &[&str] = &[
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:DeleteObjects",
+        "s3:ListBucket",
+        "s3:ListObjectsV2",
+        "s3:AbortMultipartUpload",
+        "s3:ListBucketMultipartUploads",
+    ];
+    // May write and delete but not list: could not find a failed write's
+    // staged files to roll it back.
+    let writes_without_list: &[&str] = &[
+        "s3:GetObject",
+        "s3:HeadObject",
         "s3:PutObject",
         "s3:DeleteObject",
         "s3:DeleteObjects",
@@ -1193,10 +1212,11 @@ async fn credentials_and_permissions_are_checked_on_s3() {
             ("reader", reads),
             ("writer", writes_without_delete),
             ("blind", blind_writes),
+            ("unlisting", writes_without_list),
         ],
     );
-    let [admin, reader, writer, blind] = users.as_slice() else {
-        panic!("four users");
+    let [admin, reader, writer, blind, unlisting] = users.as_slice() else {
+        panic!("five users");
     };
     let bucket = s3.store_as("lake", admin);
     bucket
@@ -1279,6 +1299,22 @@ async fn credentials_and_permissions_are_checked_on_s3() {
             ["s3://lake/by_writer", "not delete"],
         ),
         (
+            "a writer that may not read writes",
+            format!(
+                "COPY (SELECT 1 AS x) TO 's3://lake/by_blind/' STORED AS PARQUET {}",
+                s3.sql_options_as(blind)
+            ),
+            ["s3://lake/by_blind", "not read"],
+        ),
+        (
+            "a writer that may not list writes",
+            format!(
+                "COPY (SELECT 1 AS x) TO 's3://lake/by_unlisting/' STORED AS PARQUET {}",
+                s3.sql_options_as(unlisting)
+            ),
+            ["s3://lake/by_unlisting", "not list"],
+        ),
+        (
             // A CSV export deletes nothing: the right to create is enough.
             "a writer that may not delete writes CSV",
             format!(
@@ -1311,7 +1347,13 @@ async fn credentials_and_permissions_are_checked_on_s3() {
                 "{case}: '{error}' does not name {name}"
             );
         }
-        for secret in [WRONG_SECRET, &reader.secret_key, &writer.secret_key] {
+        for secret in [
+            WRONG_SECRET,
+            &reader.secret_key,
+            &writer.secret_key,
+            &blind.secret_key,
+            &unlisting.secret_key,
+        ] {
             assert!(
                 !error.contains(secret),
                 "{case}: the error shows a secret: {error}"
@@ -1327,14 +1369,17 @@ async fn credentials_and_permissions_are_checked_on_s3() {
     );
 
     // A COPY whose job fails puts its bucket's options back once its end
-    // is seen: the table on that bucket still reads with the reader's keys,
-    // not the COPY's, which may not read.
+    // is seen: a later statement on that bucket runs with the keys of the
+    // last statement that succeeded (the writer's), not the COPY's. The
+    // files that one of its tasks staged before the other failed are
+    // deleted with the COPY's keys all the same: the writer's may not.
     let error = run(
         &context,
         &format!(
-            "COPY (SELECT 1 / (value - value) AS x FROM range(1)) TO 's3://lake/blind/' \
-             STORED AS PARQUET {}",
-            s3.sql_options_as(blind)
+            "COPY (SELECT value AS x FROM range(10) UNION ALL \
+                   SELECT 10 / (value - 999999) AS x FROM range(1000000)) \
+             TO 's3://lake/failed/' STORED AS PARQUET {}",
+            s3.sql_options_as(admin)
         ),
     )
     .await
@@ -1343,27 +1388,51 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         error.starts_with("job ") && error.contains(" failed: "),
         "the job ran, and failed: {error}"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
 
-    // No data file was left where readers look.
-    for prefix in ["by_reader", "by_writer", "appended", "blind"] {
-        let left: Vec<String> = list(&bucket, prefix)
-            .await
-            .into_iter()
-            .filter(|path| !path.contains("/_temporary/"))
-            .collect();
-        assert!(left.is_empty(), "{prefix}: {left:?}");
+    // No data file was left where readers look, nor staged: only the check
+    // object that a writer who may not delete put. The failed job's files
+    // go once its end is seen, which may be a moment after the client's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let prefixes = [
+        "by_reader",
+        "by_writer",
+        "by_blind",
+        "by_unlisting",
+        "appended",
+        "failed",
+    ];
+    for prefix in prefixes {
+        loop {
+            let left: Vec<String> = list(&bucket, prefix)
+                .await
+                .into_iter()
+                .filter(|path| !path.ends_with("/_access_check"))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{prefix}: {left:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
     assert_eq!(
         count_of(&context, "SELECT count(*)::bigint unsigned FROM readable").await,
         3
     );
+    let error = run(
+        &context,
+        "COPY (SELECT 1 AS x) TO 's3://lake/after_failure/' STORED AS PARQUET",
+    )
+    .await
+    .expect_err("the bucket's options are the writer's again");
+    assert!(error.contains("not delete"), "{error}");
     for secret in [
         WRONG_SECRET,
         &reader.secret_key,
         &writer.secret_key,
         &admin.secret_key,
         &blind.secret_key,
+        &unlisting.secret_key,
     ] {
         assert_no_secret_in_history(&context, secret).await;
     }
@@ -1507,7 +1576,7 @@ async fn profiles_that_assume_roles_with_printed_keys_read_and_write_on_s3() {
 async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     use quiver_core::shuffle::MapOutputId;
     use quiver_core::shuffle::durable;
-    use quiver_core::storage::{StoreOptions, StoreRegistry, runtime_builder};
+    use quiver_core::storage::{StoreOptions, StoreRegistry};
 
     let s3 = S3Server::start();
     s3.create_bucket("lake");
@@ -1516,9 +1585,6 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     stores
         .configure(&lake, &StoreOptions::from_pairs(s3.options()))
         .expect("configure the bucket");
-    let runtime = runtime_builder(Arc::clone(&stores))
-        .build()
-        .expect("runtime");
     // Large enough that its upload is still going when it is cancelled.
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("0.data");
@@ -1527,7 +1593,7 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     std::fs::write(&index, b"index").expect("index file");
     let task = tokio::spawn(async move {
         let id = MapOutputId::new("job", 1, 0, 0).expect("output id");
-        durable::upload(&runtime, &stores, &id, "s3://lake/sh", &data, &index, None).await
+        durable::upload(&stores, &id, "s3://lake/sh", &data, &index, None).await
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while s3.unfinished_uploads("lake") == 0 {

@@ -23,7 +23,7 @@ use quiver_core::shuffle::{
     FlightClientPool, LocalOutputs, ShuffleEnv, ShuffleReaderExec, ShuffleWriterExec,
 };
 use quiver_core::storage::metered::{ReadMeter, metered_registry};
-use quiver_core::storage::{StoreOptions, StoreRegistry, redacted_error};
+use quiver_core::storage::{StoreRegistry, redacted_error};
 use quiver_core::write::TaskAttempt;
 use quiver_core::write::permission::CommitPermission;
 use quiver_proto::{
@@ -33,7 +33,6 @@ use quiver_proto::{
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
-use url::Url;
 
 use crate::Result;
 use crate::commit_gate::{CommitRequests, TaskCommitGate};
@@ -284,15 +283,21 @@ impl TaskRunner {
     ) -> DfResult<(MapOutput, Vec<OperatorMetrics>)> {
         let launched = Instant::now();
         let task = launch.task.unwrap_or_default();
-        self.configure_stores(&launch.stores)?;
+        let stores = self.task_stores(&launch.stores)?;
         let meter = Arc::new(ReadMeter::default());
         let gate = TaskCommitGate {
             task: task.clone(),
             requests: commits,
             lease: Arc::clone(&lease),
         };
-        let context =
-            self.task_context(&launch.settings, &task, &meter, Arc::clone(&lease), gate)?;
+        let context = self.task_context(
+            &launch.settings,
+            &task,
+            &stores,
+            &meter,
+            Arc::clone(&lease),
+            gate,
+        )?;
         let plan_bytes = launch.plan;
         let decode_context = Arc::clone(&context);
         let plan =
@@ -342,7 +347,7 @@ impl TaskRunner {
             None => (String::new(), None),
             Some(location) => {
                 let started = Instant::now();
-                let location = self.upload_output(location, &task, lease).await?;
+                let location = self.upload_output(&stores, location, &task, lease).await?;
                 (location, Some(started.elapsed()))
             }
         };
@@ -390,14 +395,14 @@ impl TaskRunner {
     /// Copies a finished map output to durable storage; returns where it went.
     async fn upload_output(
         &self,
+        stores: &StoreRegistry,
         shuffle_location: &str,
         task: &TaskId,
         lease: Arc<Lease>,
     ) -> DfResult<String> {
         let id = MapOutputId::new(&task.job_id, task.stage_id, task.partition, task.attempt)?;
         let location = durable::upload(
-            &self.runtime,
-            &self.stores,
+            stores,
             &id,
             shuffle_location,
             &id.data_path(self.outputs.work_dir()),
@@ -408,43 +413,33 @@ impl TaskRunner {
         Ok(location)
     }
 
-    /// Sets up the stores of the locations that the task's job configured.
-    fn configure_stores(&self, stores: &[StoreConfig]) -> DfResult<()> {
-        for store in stores {
-            let url = Url::parse(&store.url).map_err(|e| {
-                DataFusionError::Plan(format!("invalid store location '{}': {e}", store.url))
-            })?;
-            let options = StoreOptions::from_pairs(
-                store
-                    .options
-                    .iter()
-                    .map(|(key, value)| (key.clone(), value.clone())),
-            );
-            self.stores
-                .configure(&url, &options)
-                .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        }
-        Ok(())
+    /// The stores of a task: those of the locations its job configured, each
+    /// with the options that the job brings, whatever tasks of other jobs
+    /// configure meanwhile (see [`StoreRegistry::pinned`]). The executor's
+    /// registry keeps the latest options of each location, so that the next
+    /// task with the same options shares the store rather than build it.
+    fn task_stores(&self, stores: &[StoreConfig]) -> DfResult<Arc<StoreRegistry>> {
+        let pinned = self.stores.pinned(stores)?;
+        self.stores.remember(&pinned);
+        Ok(Arc::new(pinned))
     }
 
-    /// The task's context: the executor's runtime, whose object store reads
-    /// are counted into `meter`, the job's settings, the session's lease,
-    /// the executor's stores, whose multipart APIs writes record uploads
-    /// through, and the gate through which a commit asks the scheduler.
+    /// The task's context: the executor's runtime with the task's `stores`,
+    /// whose reads are counted into `meter` and whose multipart APIs writes
+    /// record uploads through, the job's settings, the session's lease, and
+    /// the gate through which a commit asks the scheduler.
     fn task_context(
         &self,
         settings: &[quiver_proto::Setting],
         task: &TaskId,
+        stores: &Arc<StoreRegistry>,
         meter: &Arc<ReadMeter>,
         lease: Arc<Lease>,
         gate: TaskCommitGate,
     ) -> DfResult<Arc<TaskContext>> {
-        let stores = metered_registry(
-            Arc::clone(&self.runtime.object_store_registry),
-            Arc::clone(meter),
-        );
+        let metered = metered_registry(Arc::clone(stores) as _, Arc::clone(meter));
         let runtime = RuntimeEnvBuilder::from_runtime_env(&self.runtime)
-            .with_object_store_registry(Arc::new(stores))
+            .with_object_store_registry(Arc::new(metered))
             .build_arc()?;
         let config = session_config_from_settings(settings)?
             .with_extension(Arc::new(ShuffleEnv {
@@ -456,7 +451,7 @@ impl TaskRunner {
             .with_extension(Arc::new(TaskAttempt {
                 attempt: task.attempt,
             }))
-            .with_extension(Arc::clone(&self.stores))
+            .with_extension(Arc::clone(stores))
             .with_extension(lease)
             .with_extension(Arc::new(CommitPermission(Arc::new(gate))));
         let state = SessionStateBuilder::new()

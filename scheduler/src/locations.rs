@@ -22,9 +22,10 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
 use object_store::path::Path;
-use quiver_core::storage::StoreRegistry;
+use quiver_core::storage::{StoreRegistry, redacted_error};
 use quiver_core::write::{ParquetCommitExec, ParquetWriteExec};
 use quiver_proto::StoreConfig;
+use tracing::warn;
 
 use crate::managed::table_folders;
 
@@ -65,6 +66,27 @@ pub fn store_configs(
             }
         })
         .collect())
+}
+
+/// The stores that a job's data is settled or deleted with once it ends:
+/// those its tasks ran with (its `configs`), not the ones configured then.
+/// Its statement's options are put back if it fails, and another statement
+/// may configure a bucket anew while it runs, so the registry of the moment
+/// may hold other credentials (a reader's, or none) than its writes had.
+pub fn job_stores(
+    shared: &Arc<StoreRegistry>,
+    configs: &[StoreConfig],
+    job_id: &str,
+) -> Arc<StoreRegistry> {
+    match shared.pinned(configs) {
+        Ok(pinned) => Arc::new(pinned),
+        Err(e) => {
+            let e = redacted_error(&e);
+            warn!(%job_id, %e, "cannot set up the stores the job ran with; \
+                its data is cleaned up with the stores configured now");
+            Arc::clone(shared)
+        }
+    }
 }
 
 /// The table folder that `plan` commits a distributed write into, if any.

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
-use datafusion::execution::runtime_env::RuntimeEnv;
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
@@ -29,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::analyze;
 use crate::error::Error;
+use crate::locations::job_stores;
 use crate::planner::{Planned, Planner, StagedJob};
 use crate::state::event_loop::unix_millis;
 use crate::state::{CancelOutcome, Event, SchedulerHandle, SubmittedJob};
@@ -349,8 +349,7 @@ impl SchedulerGrpc {
         if job.durable_shuffle.is_empty() && job.writes_to.is_none() {
             return;
         }
-        let runtime = self.planner.runtime_env();
-        let stores = self.planner.object_stores();
+        let stores = job_stores(&self.planner.object_stores(), &job.stores, job_id);
         let job_id = job_id.to_owned();
         let durable = job.durable_shuffle.clone();
         let writes_to = job.writes_to.clone().unwrap_or_default();
@@ -373,10 +372,9 @@ impl SchedulerGrpc {
                 } else {
                     JobEnded::Otherwise
                 };
-                let settled = clean_up_job_storage(
-                    &runtime, &stores, &job_id, &durable, &writes_to, ended, finish,
-                )
-                .await;
+                let settled =
+                    clean_up_job_storage(&stores, &job_id, &durable, &writes_to, ended, finish)
+                        .await;
                 if pass == 0 && !succeeded && matches!(settled, Some(Settled::Committed { .. })) {
                     // The event loop settles a write whose commit may have
                     // committed before its job ends; only one it could not
@@ -430,7 +428,6 @@ impl SchedulerGrpc {
         interrupted: Vec<JobRecord>,
         executor_timeout: std::time::Duration,
     ) {
-        let runtime = self.planner.runtime_env();
         let stores = self.planner.object_stores();
         if interrupted
             .iter()
@@ -448,7 +445,6 @@ impl SchedulerGrpc {
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
             has_data.then(|| {
                 clean_up_job_storage(
-                    &runtime,
                     &stores,
                     job_id,
                     &record.durable_shuffle,
@@ -480,7 +476,6 @@ const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// its manifest ([`settle_write`]); returns how the write was settled.
 /// Failures are logged: the data stays.
 async fn clean_up_job_storage(
-    runtime: &RuntimeEnv,
     stores: &StoreRegistry,
     job_id: &str,
     durable: &str,
@@ -489,7 +484,7 @@ async fn clean_up_job_storage(
     finish: FinishOverwrite,
 ) -> Option<Settled> {
     if !durable.is_empty()
-        && let Err(e) = durable::remove_job(runtime, stores, durable, job_id).await
+        && let Err(e) = durable::remove_job(stores, durable, job_id).await
     {
         let e = redacted_error(&e);
         warn!(%job_id, %e, "cannot remove durable shuffle data");

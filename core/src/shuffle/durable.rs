@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SpillFile;
-use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
@@ -73,13 +73,16 @@ fn failure(location: &str) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) 
 }
 
 /// The store and the path of a location URL (`s3://bucket/a/b`).
-fn resolve(runtime: &RuntimeEnv, location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+fn resolve(
+    stores: &dyn ObjectStoreRegistry,
+    location: &str,
+) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let invalid = failure(location);
     let url = Url::parse(location).map_err(|e| invalid(e.into()))?;
     let store_url =
         ObjectStoreUrl::parse(&url[..url::Position::BeforePath]).map_err(|e| invalid(e.into()))?;
-    let store = runtime
-        .object_store(&store_url)
+    let store = stores
+        .get_store(store_url.as_ref())
         .map_err(|e| invalid(e.into()))?;
     let path = Path::from_url_path(url.path()).map_err(|e| invalid(e.into()))?;
     Ok((store, path))
@@ -110,7 +113,6 @@ fn upload_records(job_path: &Path) -> Path {
 /// up as a multipart upload recorded in the job's folder, so that
 /// [`remove_job`] aborts it should this executor be killed midway.
 pub async fn upload(
-    runtime: &RuntimeEnv,
     stores: &StoreRegistry,
     id: &MapOutputId,
     shuffle_location: &str,
@@ -120,11 +122,11 @@ pub async fn upload(
 ) -> Result<String> {
     let location = output_location(shuffle_location, id);
     let failed = failure(&location);
-    let (store, path) = resolve(runtime, &location)?;
+    let (store, path) = resolve(stores, &location)?;
     let data_path = with_extension(&path, "data")?;
     let data_upload = match multipart_store(stores, &location)? {
         Some(multipart) => {
-            let (_, job_path) = resolve(runtime, &job_location(shuffle_location, &id.job_id))?;
+            let (_, job_path) = resolve(stores, &job_location(shuffle_location, &id.job_id))?;
             let record = upload_records(&job_path).join(format!(
                 "{}-{}-a{}.json",
                 id.stage_id, id.map_partition, id.attempt
@@ -271,7 +273,7 @@ pub async fn open_partition(
     schema: SchemaRef,
 ) -> Result<SendableRecordBatchStream> {
     let failed = failure(location);
-    let (store, path) = resolve(runtime, location)?;
+    let (store, path) = resolve(runtime.object_store_registry.as_ref(), location)?;
     let data_path = with_extension(&path, "data")?;
     let index_path = with_extension(&path, "index")?;
     let missing_or_failed = |e: object_store::Error| match e {
@@ -398,14 +400,13 @@ async fn spool(
 /// Deletes every durable map output of a job, once the uploads that its
 /// killed executors left unfinished are aborted.
 pub async fn remove_job(
-    runtime: &RuntimeEnv,
     stores: &StoreRegistry,
     shuffle_location: &str,
     job_id: &str,
 ) -> Result<()> {
     let location = job_location(shuffle_location, job_id);
     let failed = failure(&location);
-    let (store, prefix) = resolve(runtime, &location)?;
+    let (store, prefix) = resolve(stores, &location)?;
     // The folder goes even if an upload cannot be aborted (a lifecycle rule
     // removes such an upload): that is logged.
     if let Some(multipart) = multipart_store(stores, &location)? {
@@ -494,7 +495,7 @@ mod tests {
             .expect("runtime");
         let shuffle = format!("file://{}", remote.path().display());
         let id = MapOutputId::new("job1", 2, 0, 1).expect("id");
-        let location = upload(&runtime, &stores, &id, &shuffle, &data, &index, None)
+        let location = upload(&stores, &id, &shuffle, &data, &index, None)
             .await
             .expect("upload");
         assert_eq!(location, output_location(&shuffle, &id));
@@ -531,9 +532,7 @@ mod tests {
             "spooled partitions left behind"
         );
 
-        remove_job(&runtime, &stores, &shuffle, "job1")
-            .await
-            .expect("remove");
+        remove_job(&stores, &shuffle, "job1").await.expect("remove");
         assert!(!remote.path().join("job1").exists());
     }
 }

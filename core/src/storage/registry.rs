@@ -23,6 +23,7 @@ use object_store::path::Path;
 use object_store::{
     MultipartId, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, PutResult, RetryConfig,
 };
+use quiver_proto::StoreConfig;
 use url::Url;
 
 use super::aws_profile::ProfileSettings;
@@ -106,6 +107,7 @@ impl MultipartStore for AzureUploads {
     }
 }
 
+#[derive(Clone)]
 struct Registered {
     store: Store,
     options: StoreOptions,
@@ -212,6 +214,55 @@ impl StoreRegistry {
             .is_some_and(|registered| registered.options == replaced.installed);
         if current {
             self.restore(replaced);
+        }
+    }
+
+    /// A registry of the stores of `locations`, each built with its own
+    /// options, that nothing configured later changes: what one job or task
+    /// runs with from start to end. Another statement may configure a
+    /// location of the job anew meanwhile (other credentials), and a failed
+    /// statement's options are put back when its job ends, but the job's
+    /// clean-up must still act with the credentials its writes were made
+    /// with. A store `self` holds with the same options is shared rather
+    /// than built again; `self` is left as it is. A location not listed is
+    /// built from the environment on first use, as in any registry.
+    pub fn pinned(&self, locations: &[StoreConfig]) -> DfResult<StoreRegistry> {
+        let mut pinned = HashMap::new();
+        for location in locations {
+            let url = Url::parse(&location.url).map_err(|e| {
+                DataFusionError::Plan(format!("invalid store location '{}': {e}", location.url))
+            })?;
+            let options = StoreOptions::from_pairs(
+                location
+                    .options
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone())),
+            );
+            let key = store_key(&url);
+            let shared = self
+                .read()
+                .get(&key)
+                .filter(|registered| registered.options == options)
+                .map(|registered| registered.store.clone());
+            let store = match shared {
+                Some(store) => store,
+                None => build_store(&url, &options)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?,
+            };
+            pinned.insert(key, Registered { store, options });
+        }
+        Ok(StoreRegistry {
+            stores: RwLock::new(pinned),
+        })
+    }
+
+    /// Keeps the stores of `pinned` as the latest of their locations, so
+    /// that a later [`StoreRegistry::pinned`] with the same options shares
+    /// them (an executor's registry is such a cache of its tasks' stores).
+    pub fn remember(&self, pinned: &StoreRegistry) {
+        let mut stores = self.write();
+        for (key, registered) in pinned.read().iter() {
+            stores.insert(key.clone(), registered.clone());
         }
     }
 
@@ -534,6 +585,50 @@ mod tests {
         assert_eq!(registry.options_for(&location), Some(other));
         registry.restore(replaced);
         assert_eq!(registry.options_for(&location), Some(options));
+    }
+
+    #[test]
+    fn a_pinned_registry_keeps_the_options_of_its_job() {
+        let shared = StoreRegistry::new();
+        let location = url("s3://bucket/table/");
+        let job_options = StoreOptions::from_pairs([
+            ("aws.region".to_owned(), "us-east-1".to_owned()),
+            ("aws.access_key_id".to_owned(), "JOBKEY".to_owned()),
+            ("aws.secret_access_key".to_owned(), "job-secret".to_owned()),
+        ]);
+        let replaced = shared
+            .configure(&location, &job_options)
+            .expect("store builds")
+            .expect("nothing was configured");
+        let config = StoreConfig {
+            url: "s3://bucket".to_owned(),
+            options: job_options
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+        };
+        let pinned = shared.pinned(&[config]).expect("pinned");
+        let job_store = pinned.get_store(&location).expect("pinned store");
+        assert!(
+            Arc::ptr_eq(&job_store, &shared.get_store(&location).expect("shared")),
+            "a store of the same options is shared, not built again"
+        );
+
+        // The job's options are put back, then another statement sets others:
+        // the pinned registry still has the job's store and options.
+        shared.restore(replaced);
+        let other = StoreOptions::from_pairs([("aws.region".to_owned(), "eu-west-1".to_owned())]);
+        shared.configure(&location, &other).expect("store builds");
+        assert_eq!(pinned.options_for(&location), Some(job_options.clone()));
+        assert!(Arc::ptr_eq(
+            &job_store,
+            &pinned.get_store(&location).expect("pinned store")
+        ));
+        assert_eq!(shared.options_for(&location), Some(other.clone()));
+
+        // Remembered, the pinned stores become the shared registry's latest.
+        shared.remember(&pinned);
+        assert_eq!(shared.options_for(&location), Some(job_options));
     }
 
     #[test]

@@ -250,18 +250,37 @@ impl ExecutionPlan for ParquetCommitExec {
     }
 }
 
-/// Checks, before a write job runs, that the store lets it create and
-/// delete objects under `table`, by writing and deleting an empty object in
-/// the job's staging folder. A commit moves its files into place by copy
-/// and delete on S3, GCS and Azure, and a failed write is rolled back by
-/// deleting: credentials that may write but not delete would leave the
-/// files of a failed commit where other engines read them.
+/// Checks, before a write job runs, that the store lets it do what a
+/// commit does under `table`: create, read, list and delete objects, by
+/// writing an empty object in the job's staging folder, reading it, listing
+/// the folder and deleting the object. A commit finds and checks its staged
+/// files by listing and reading them, moves them into place by copy and
+/// delete on S3, GCS and Azure, and rolls a failed write back by deleting:
+/// credentials short of any of these would leave the files of a failed
+/// write behind, where other engines may read them.
 pub async fn check_write_access(
     store: &Arc<dyn ObjectStore>,
     table: &Path,
     job_id: &str,
 ) -> Result<()> {
-    probe_write_access(store, &job_staging(table, job_id).join("_access_check")).await
+    let staging = job_staging(table, job_id);
+    let probe = staging.clone().join("_access_check");
+    probe_create_access(store, &probe).await?;
+    let missing = match store.head(&probe).await {
+        Err(error) => Some(("read", error)),
+        Ok(_) => match store.list(Some(&staging)).try_next().await {
+            Err(error) => Some(("list", error)),
+            Ok(_) => None,
+        },
+    };
+    if let Some((right, error)) = missing {
+        delete_probe_or_warn(store, &probe).await;
+        return Err(DataFusionError::Execution(format!(
+            "can create objects there but not {right} them, which a write needs to find and \
+             check its staged files and to roll back a failed one; no data was written: {error}"
+        )));
+    }
+    probe_delete_access(store, &probe).await
 }
 
 /// Checks, before a write through one of DataFusion's own sinks runs (CSV,
@@ -277,11 +296,15 @@ pub async fn check_folder_write_access(
 ) -> Result<()> {
     let probe = folder.clone().join(format!("_access_check-{job_id}"));
     probe_create_access(store, &probe).await?;
-    if let Err(e) = store.delete(&probe).await {
+    delete_probe_or_warn(store, &probe).await;
+    Ok(())
+}
+
+async fn delete_probe_or_warn(store: &Arc<dyn ObjectStore>, probe: &Path) {
+    if let Err(e) = store.delete(probe).await {
         let error = crate::storage::redacted_error(&e);
         warn!(%probe, %error, "cannot delete the empty object that checked write access");
     }
-    Ok(())
 }
 
 async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
@@ -294,8 +317,7 @@ async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resu
         })
 }
 
-async fn probe_write_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
-    probe_create_access(store, probe).await?;
+async fn probe_delete_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
     store.delete(probe).await.map_err(|error| {
         DataFusionError::Execution(format!(
             "can create objects there but not delete them, which a write needs to move its \

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::executors::{ExecutorEntry, ExecutorRegistry};
 use super::job::{DeferredEnd, Job, Outcome};
 use super::{CancelOutcome, Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
-use crate::locations::targets_overlap;
+use crate::locations::{job_stores, targets_overlap};
 use crate::planner::StagedJob;
 use crate::store::{JobRecorder, StateStore, StoreError};
 
@@ -479,9 +479,9 @@ impl SchedulerLoop {
         info!(%job_id, %table, "a commit of the job's write was lost with its executor; \
             reading whether it committed before the job ends");
         let executors = job.executors();
+        let stores = job_stores(&self.stores, &job.stores, job_id);
         self.cancel_tasks(job_id, &executors);
         self.publish(job_id);
-        let stores = Arc::clone(&self.stores);
         let id = job_id.to_owned();
         let settling = async move {
             settle_write(
