@@ -252,6 +252,7 @@ async fn chaos_suite() {
     cancel_and_timeout(&mut suite).await;
     cancel_while_committing(&mut suite).await;
     scheduler_restart(&mut suite).await;
+    scheduler_stopped(&mut suite).await;
 
     eprintln!(
         "chaos suite: {} scenarios passed in {:.1} s:\n  {}",
@@ -1261,6 +1262,44 @@ async fn scheduler_restart(suite: &mut Suite) {
         result,
         &expected,
     );
+}
+
+/// A scheduler stopped with SIGTERM, as a Kubernetes rollout stops it,
+/// while a client watches a job and the executors hold their control
+/// streams, none of which closes by itself: it must exit, and the
+/// executors must register with the scheduler that replaces it.
+async fn scheduler_stopped(suite: &mut Suite) {
+    let context = suite.context.clone();
+    let sql = query(18).expect("Q18").to_owned();
+    let watching = tokio::spawn(async move { context.sql(&sql).await?.collect().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bound = Duration::from_secs(60);
+    match suite.cluster.stop_scheduler(bound) {
+        Some(status) => suite
+            .passed
+            .push(format!("a scheduler stopped with SIGTERM exited ({status})")),
+        None => {
+            suite.failures.push(format!(
+                "a scheduler stopped with SIGTERM still ran {bound:?} later"
+            ));
+            suite.cluster.kill_scheduler();
+        }
+    }
+    match tokio::time::timeout(QUERY_TIMEOUT, watching).await {
+        Ok(Ok(Err(_))) => suite
+            .passed
+            .push("the client watching a job was told its scheduler stopped".into()),
+        // The query may have finished before the signal.
+        Ok(Ok(Ok(_))) => {}
+        other => suite.failures.push(format!(
+            "a client watching a job when its scheduler stopped: {other:?}"
+        )),
+    }
+    suite.cluster.start_scheduler();
+    suite.context = suite.cluster.connect(EXECUTORS).await;
+    suite
+        .passed
+        .push("executors registered with the scheduler that replaced a stopped one".into());
 }
 
 /// Writes what a write job with durable shuffle may leave behind when its

@@ -100,7 +100,16 @@ pub async fn run(
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
     info!(?address, "scheduler serving");
-    tonic::transport::Server::builder()
+    let (stopping, stop_seen) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        info!(
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+            "scheduler stopping: no new connections; open ones may finish within the grace"
+        );
+        let _ = stopping.send(());
+    };
+    let serving = tonic::transport::Server::builder()
         .add_service(
             SchedulerServiceServer::new(service)
                 .max_decoding_message_size(config.max_message_bytes)
@@ -111,10 +120,32 @@ pub async fn run(
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(quiver_core::net::incoming(listener), shutdown)
-        .await
-        .map_err(Error::Serve)
+        .serve_with_incoming_shutdown(quiver_core::net::incoming(listener), shutdown);
+    // A graceful stop waits for every connection to close, and executors'
+    // control streams and clients' job watches never close on their own:
+    // the process would stay, holding its executors, which would never
+    // reach a new scheduler. Past the grace, the open ones are dropped;
+    // their executors dial again, and the next scheduler settles the jobs
+    // that were running.
+    let grace_over = async {
+        if stop_seen.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = serving => served.map_err(Error::Serve),
+        () = grace_over => {
+            warn!("connections still open after the shutdown grace are dropped");
+            Ok(())
+        }
+    }
 }
+
+/// How long a stopping scheduler lets open connections finish: statements
+/// being planned, results being read.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

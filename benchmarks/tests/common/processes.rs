@@ -187,6 +187,22 @@ impl ProcessCluster {
         Some(status)
     }
 
+    /// Sends the scheduler SIGTERM and waits for it to exit, for at most
+    /// `timeout`; `None` if it is still running then (it is left running).
+    pub fn stop_scheduler(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.scheduler.as_mut()?;
+        send_signal(child.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.scheduler = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill_scheduler(&mut self) {
         if let Some(mut child) = self.scheduler.take() {
             let _ = child.kill();
