@@ -1275,9 +1275,9 @@ async fn scheduler_stopped(suite: &mut Suite) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bound = Duration::from_secs(60);
     match suite.cluster.stop_scheduler(bound) {
-        Some(status) => suite
-            .passed
-            .push(format!("a scheduler stopped with SIGTERM exited ({status})")),
+        Some(status) => suite.passed.push(format!(
+            "a scheduler stopped with SIGTERM exited ({status})"
+        )),
         None => {
             suite.failures.push(format!(
                 "a scheduler stopped with SIGTERM still ran {bound:?} later"
@@ -1326,4 +1326,101 @@ fn plant_leftovers(
         std::fs::write(path, b"leftover").expect("plant");
     }
     leftovers
+}
+
+/// A scheduler that stops between a `CREATE TABLE ... AS` job's commit and
+/// the table's registration (killed, or past its shutdown grace) leaves the
+/// table pending in its state store: it registers it when it starts again,
+/// and forgets one whose job failed. The state such a stop leaves is made
+/// from a real `CREATE TABLE AS`: its catalog entry is taken out again and
+/// stored as pending, as it was before the registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_starts() {
+    use quiver_proto::PendingTable;
+    use quiver_scheduler::store::StateStore;
+
+    let warehouse = tempfile::tempdir().expect("warehouse");
+    let args = ClusterArgs {
+        scheduler: vec!["--warehouse".into(), warehouse.path().display().to_string()],
+        ..ClusterArgs::default()
+    };
+    let mut cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    let run = |sql: &'static str| {
+        let context = context.clone();
+        async move { context.sql(sql).await?.collect().await }
+    };
+    run("CREATE TABLE made AS SELECT value AS v FROM range(1000)")
+        .await
+        .expect("CREATE TABLE AS");
+    run("CREATE TABLE broken AS SELECT 1 / (value - value) AS v FROM range(10)")
+        .await
+        .expect_err("the write divides by zero");
+    let jobs = context.list_jobs(100).await.expect("job list");
+    let job_of = |table: &str| {
+        jobs.iter()
+            .find(|record| record.query.contains(&format!("CREATE TABLE {table} AS")))
+            .and_then(|record| record.status.as_ref())
+            .map(|status| status.job_id.clone())
+            .expect("the job is in the history")
+    };
+    let (made_job, broken_job) = (job_of("made"), job_of("broken"));
+    drop(context);
+    cluster.kill_scheduler();
+
+    let store = StateStore::open(&cluster.work_dir().join("scheduler-state")).expect("state");
+    let key = "table:datafusion.public.made";
+    let entry = store
+        .catalog_entry(key)
+        .expect("read the catalog")
+        .expect("the table was registered");
+    assert_eq!(
+        store.remove_catalog_entries(|k| k == key).expect("remove"),
+        1
+    );
+    store
+        .put_pending_table(&PendingTable {
+            job_id: made_job,
+            statements: vec![entry.sql.clone()],
+            managed_key: key.into(),
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
+    store
+        .put_pending_table(&PendingTable {
+            job_id: broken_job,
+            statements: vec![entry.sql.replace("made", "broken")],
+            managed_key: "table:datafusion.public.broken".into(),
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
+    drop(store);
+
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let counted = context
+        .sql("SELECT count(*) AS n FROM made")
+        .await
+        .expect("the table is registered again")
+        .collect()
+        .await
+        .expect("count");
+    let column = counted[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    assert_eq!(column.value(0), 1000);
+    let error = context
+        .sql("SELECT * FROM broken")
+        .await
+        .map(|_| ())
+        .expect_err("a failed job's table is never registered");
+    assert!(error.to_string().contains("broken"), "{error}");
+    drop(context);
+    cluster.kill_scheduler();
+
+    let store = StateStore::open(&cluster.work_dir().join("scheduler-state")).expect("state");
+    assert!(
+        store.pending_tables().expect("pending").is_empty(),
+        "nothing stays pending"
+    );
 }

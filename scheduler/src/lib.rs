@@ -94,8 +94,11 @@ pub async fn run(
     let (handle, interrupted) =
         state::event_loop::spawn(loop_config.clone(), &store, planner.object_stores())?;
     let service = service::SchedulerGrpc::new(handle, planner);
+    let settled = service
+        .clean_up_interrupted_jobs(&interrupted, loop_config.executor_timeout)
+        .await;
     service
-        .clean_up_interrupted_jobs(interrupted, loop_config.executor_timeout)
+        .register_pending_tables(&interrupted, &settled)
         .await;
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;

@@ -41,7 +41,7 @@ use quiver_core::write::snapshot::KnownCommits;
 use quiver_core::write::{
     ParquetCommitExec, check_folder_write_access, check_write_access, distribute_parquet_writes,
 };
-use quiver_proto::{Setting, StoreConfig, submit_job_request::Query};
+use quiver_proto::{JobRecord, PendingTable, Setting, StoreConfig, submit_job_request::Query};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
@@ -853,12 +853,53 @@ impl Planner {
 
     /// Marks the table stored under `key` as made by `CREATE TABLE AS`: it
     /// owns its warehouse folder, which dropping it deletes.
-    pub async fn mark_managed(&self, key: String) -> Result<()> {
+    /// Runs `work` on the state store, off the async threads.
+    async fn with_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&StateStore) -> crate::store::Result<T> + Send + 'static,
+    ) -> Result<T> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || catalog::mark_managed(&store, &key))
+        Ok(tokio::task::spawn_blocking(move || work(&store))
             .await
-            .map_err(|_| Error::ShuttingDown)??;
-        Ok(())
+            .map_err(|_| Error::ShuttingDown)??)
+    }
+
+    /// Stores a table to register once its `CREATE TABLE ... AS` job succeeds.
+    pub async fn put_pending_table(&self, pending: PendingTable) -> Result<()> {
+        self.with_store(move |store| store.put_pending_table(&pending))
+            .await
+    }
+
+    pub async fn remove_pending_table(&self, job_id: String) -> Result<()> {
+        self.with_store(move |store| store.remove_pending_table(&job_id))
+            .await
+    }
+
+    /// The tables of `CREATE TABLE ... AS` jobs not yet registered, and the
+    /// job history.
+    pub async fn pending_tables(&self) -> Result<(Vec<PendingTable>, Vec<JobRecord>)> {
+        self.with_store(|store| Ok((store.pending_tables()?, store.jobs()?)))
+            .await
+    }
+
+    /// Registers the table of a `CREATE TABLE ... AS` job whose write has
+    /// committed, marks it as owning its folder, and forgets it as pending.
+    pub async fn register_pending_table(&self, pending: PendingTable) -> Result<()> {
+        for statement in &pending.statements {
+            self.plan(
+                &pending.job_id,
+                Query::Sql(statement.clone()),
+                &pending.settings,
+            )
+            .await?;
+        }
+        self.mark_managed(pending.managed_key).await?;
+        self.remove_pending_table(pending.job_id).await
+    }
+
+    pub async fn mark_managed(&self, key: String) -> Result<()> {
+        self.with_store(move |store| catalog::mark_managed(store, &key))
+            .await
     }
 
     /// Sets up the store of a location that a statement names with store

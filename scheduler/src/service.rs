@@ -1,5 +1,6 @@
 //! The scheduler's gRPC service: executors' control streams and clients' job calls.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +19,8 @@ use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
     JobRequest, JobState, JobStatus, ListExecutorsRequest, ListExecutorsResponse, ListJobsRequest,
-    ListJobsResponse, PROTOCOL_VERSION, ReleaseJobResponse, SchedulerMessage, Setting,
-    SubmitJobRequest, SubmitJobResponse, executor_message, submit_job_request::Query,
+    ListJobsResponse, PROTOCOL_VERSION, PendingTable, ReleaseJobResponse, SchedulerMessage,
+    Setting, SubmitJobRequest, SubmitJobResponse, executor_message, submit_job_request::Query,
 };
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -267,8 +268,24 @@ impl SchedulerGrpc {
                 register,
                 managed_key,
             } => {
-                let mut watcher =
-                    self.start_job(job_id.clone(), description, settings.clone(), write)?;
+                // Stored first, so that a scheduler that stops between the
+                // commit and the registration registers the table when it
+                // starts again (see `register_pending_tables`).
+                let pending = PendingTable {
+                    job_id: job_id.clone(),
+                    statements: register,
+                    managed_key,
+                    settings: settings.clone(),
+                };
+                self.planner.put_pending_table(pending.clone()).await?;
+                let started = self.start_job(job_id.clone(), description, settings, write);
+                let mut watcher = match started {
+                    Ok(watcher) => watcher,
+                    Err(e) => {
+                        self.planner.remove_pending_table(job_id).await?;
+                        return Err(e);
+                    }
+                };
                 let planner = self.planner.clone();
                 let write_id = job_id.clone();
                 // Detached, so that the table is registered even if the client
@@ -280,17 +297,15 @@ impl SchedulerGrpc {
                         .map(|status| status.clone())
                         .map_err(|_| Error::ShuttingDown)?;
                     if finished.state() != JobState::Succeeded {
+                        planner.remove_pending_table(write_id.clone()).await?;
                         return Err(Error::TableWrite {
                             job_id: write_id,
                             message: finished.error,
                         });
                     }
-                    for statement in register {
-                        planner
-                            .plan(&write_id, Query::Sql(statement), &settings)
-                            .await?;
-                    }
-                    planner.mark_managed(managed_key).await
+                    // A failure leaves the table pending: the next start of
+                    // the scheduler tries again.
+                    planner.register_pending_table(pending).await
                 });
                 registered.await.map_err(|_| Error::ShuttingDown)??;
                 Arc::new(arrow::datatypes::Schema::empty())
@@ -422,12 +437,13 @@ impl SchedulerGrpc {
     ///
     /// Writes are settled only once `executor_timeout` has passed: by then
     /// every executor of the previous scheduler has seen its lease run out
-    /// and stopped its tasks, so no commit still moves files in.
+    /// and stopped its tasks, so no commit still moves files in. Returns how
+    /// each write it could settle was settled, by job.
     pub async fn clean_up_interrupted_jobs(
         &self,
-        interrupted: Vec<JobRecord>,
+        interrupted: &[JobRecord],
         executor_timeout: std::time::Duration,
-    ) {
+    ) -> HashMap<String, Settled> {
         let stores = self.planner.object_stores();
         if interrupted
             .iter()
@@ -443,27 +459,105 @@ impl SchedulerGrpc {
         let clean_ups = interrupted.iter().filter_map(|record| {
             let job_id = &record.status.as_ref()?.job_id;
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
-            has_data.then(|| {
-                clean_up_job_storage(
-                    &stores,
+            let stores = &stores;
+            has_data.then_some(async move {
+                let settled = clean_up_job_storage(
+                    stores,
                     job_id,
                     &record.durable_shuffle,
                     &record.writes_to,
                     JobEnded::Otherwise,
                     FinishOverwrite::Yes,
                 )
+                .await;
+                settled.map(|settled| (job_id.clone(), settled))
             })
         });
         let all = futures::future::join_all(clean_ups);
-        if tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, all)
-            .await
-            .is_err()
-        {
-            warn!(
-                timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
-                "cleaning up after interrupted jobs timed out; some of their data stays"
-            );
+        match tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, all).await {
+            Ok(settled) => settled.into_iter().flatten().collect(),
+            Err(_) => {
+                warn!(
+                    timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
+                    "cleaning up after interrupted jobs timed out; some of their data stays"
+                );
+                HashMap::new()
+            }
         }
+    }
+
+    /// Registers the tables of `CREATE TABLE ... AS` jobs that a stopped
+    /// scheduler left pending: the job had succeeded, or it was interrupted
+    /// (`interrupted`) after its write committed (`settled`). Such a job is
+    /// recorded as succeeded: its table is there. A pending table whose job
+    /// failed is forgotten, its write rolled back; one whose write could
+    /// not be settled stays pending, for the next start.
+    pub async fn register_pending_tables(
+        &self,
+        interrupted: &[JobRecord],
+        settled: &HashMap<String, Settled>,
+    ) {
+        let (pending, records) = match self.planner.pending_tables().await {
+            Ok(found) => found,
+            Err(e) => {
+                let e = redacted_error(&e);
+                warn!(%e, "cannot read the tables that CREATE TABLE AS jobs left to register");
+                return;
+            }
+        };
+        for table in pending {
+            let job_id = table.job_id.clone();
+            let record = records
+                .iter()
+                .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id));
+            let was_interrupted = interrupted
+                .iter()
+                .any(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id));
+            let succeeded = record
+                .and_then(|record| record.status.as_ref())
+                .is_some_and(|status| status.state() == JobState::Succeeded);
+            let outcome = match settled.get(&job_id) {
+                _ if succeeded => self.planner.register_pending_table(table).await,
+                Some(Settled::Committed { .. }) => {
+                    let registered = self.planner.register_pending_table(table).await;
+                    if registered.is_ok()
+                        && let Some(record) = record
+                    {
+                        self.record_committed_after_restart(record.clone());
+                    }
+                    registered
+                }
+                // Unsettled: its staging folder may still hold a commit.
+                None if was_interrupted && record.is_some_and(|r| !r.writes_to.is_empty()) => {
+                    warn!(%job_id, "the write of a CREATE TABLE AS job interrupted by the \
+                        restart could not be settled; its table stays pending until the next start");
+                    continue;
+                }
+                _ => self.planner.remove_pending_table(job_id.clone()).await,
+            };
+            match outcome {
+                Ok(()) => info!(%job_id, "settled the table of a CREATE TABLE AS job left pending"),
+                Err(e) => {
+                    let e = redacted_error(&e);
+                    warn!(%job_id, %e, "cannot register the table of a CREATE TABLE AS job; \
+                        it stays pending until the next start");
+                }
+            }
+        }
+    }
+
+    /// Records as succeeded a job that a restart interrupted after its
+    /// write had committed.
+    fn record_committed_after_restart(&self, mut record: JobRecord) {
+        let Some(status) = record.status.as_mut() else {
+            return;
+        };
+        status.state = JobState::Succeeded.into();
+        status.error = String::new();
+        self.handle
+            .directory
+            .insert(status.job_id.clone(), watch::channel(status.clone()).1);
+        self.handle.recorder.record(record);
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
-use quiver_proto::{CatalogEntry, JobRecord};
+use quiver_proto::{CatalogEntry, JobRecord, PendingTable};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
 
@@ -19,6 +19,8 @@ use tracing::warn;
 const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
 /// Job records by job id.
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// Tables that `CREATE TABLE ... AS` jobs register once they succeed, by job id.
+const PENDING_TABLES: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_tables");
 
 /// Finished jobs kept in the history; older ones are pruned.
 pub const JOB_HISTORY_LIMIT: usize = 1000;
@@ -92,6 +94,7 @@ impl StateStore {
         let write = db.begin_write()?;
         write.open_table(CATALOG)?;
         write.open_table(JOBS)?;
+        write.open_table(PENDING_TABLES)?;
         write.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -168,6 +171,30 @@ impl StateStore {
     /// The next catalog sequence number.
     pub fn next_catalog_seq(&self) -> Result<u64> {
         next_seq(&self.db.begin_read()?.open_table(CATALOG)?)
+    }
+
+    /// Stores the table that a `CREATE TABLE ... AS` job registers once it
+    /// succeeds.
+    pub fn put_pending_table(&self, pending: &PendingTable) -> Result<()> {
+        let write = self.db.begin_write()?;
+        write
+            .open_table(PENDING_TABLES)?
+            .insert(pending.job_id.as_str(), pending.encode_to_vec().as_slice())?;
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Forgets the pending table of `job_id`: registered, or never to be.
+    pub fn remove_pending_table(&self, job_id: &str) -> Result<()> {
+        let write = self.db.begin_write()?;
+        write.open_table(PENDING_TABLES)?.remove(job_id)?;
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Every pending table.
+    pub fn pending_tables(&self) -> Result<Vec<PendingTable>> {
+        decode_all(&self.db.begin_read()?.open_table(PENDING_TABLES)?)
     }
 
     /// Writes job records in one transaction.
