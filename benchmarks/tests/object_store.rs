@@ -1238,6 +1238,19 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         count_of(&context, "SELECT count(*)::bigint unsigned FROM readable").await,
         3
     );
+    // The table's definition is kept without its secret.
+    let shown = context
+        .sql("SHOW CREATE TABLE readable")
+        .await
+        .expect("SHOW CREATE TABLE")
+        .collect()
+        .await
+        .expect("definition");
+    let shown = arrow::util::pretty::pretty_format_batches(&shown)
+        .expect("format")
+        .to_string();
+    assert!(shown.contains("LOCATION 's3://lake/data/'"), "{shown}");
+    assert!(!shown.contains(&reader.secret_key), "{shown}");
 
     let wrong_secret = S3Credentials {
         access_key: reader.access_key.clone(),

@@ -925,6 +925,10 @@ impl Planner {
         }
         for location in locations {
             let configured = ListingTableUrl::parse(location)
+                .and_then(|url| {
+                    options.check_apply_to(location, url.as_ref())?;
+                    Ok(url)
+                })
                 .map_err(Error::Query)
                 .and_then(|url| {
                     Ok(self

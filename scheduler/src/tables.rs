@@ -862,34 +862,4 @@ mod tests {
             .expect_err("a column in both the files and a folder must fail");
         assert!(error.contains("column 'x'"), "{error}");
     }
-
-    #[tokio::test]
-    async fn table_definitions_keep_no_secrets() {
-        let store = StateStore::in_memory().expect("store");
-        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
-        let folder = tempfile::tempdir().expect("temp folder");
-        let ddl = format!(
-            "CREATE EXTERNAL TABLE t (a INT) STORED AS PARQUET LOCATION '{}/' \
-             OPTIONS ('aws.secret_access_key' 'S3CRET', 'aws.region' 'eu-west-1')",
-            folder.path().display()
-        );
-        planner
-            .plan("ddl", Query::Sql(ddl), &[])
-            .await
-            .expect("create table");
-        let state = planner.session_state(&[]).expect("state");
-        let table = SessionContext::new_with_state(state)
-            .table_provider("t")
-            .await
-            .expect("table exists");
-        let definition = table.get_table_definition().expect("definition kept");
-        assert!(!definition.contains("S3CRET"), "{definition}");
-        assert!(definition.contains("LOCATION"), "{definition}");
-        assert_eq!(
-            table
-                .downcast_ref::<datafusion::datasource::listing::ListingTable>()
-                .map(|listing| listing.options().file_extension.clone()),
-            Some(".parquet".to_owned())
-        );
-    }
 }

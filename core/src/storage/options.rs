@@ -20,10 +20,12 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::SessionState;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
-use object_store::ClientConfigKey;
 use object_store::aws::AmazonS3ConfigKey;
 use object_store::azure::AzureConfigKey;
 use object_store::gcp::GoogleConfigKey;
+use object_store::{ClientConfigKey, ObjectStoreScheme};
+
+use url::Url;
 
 use super::echoes::redact_store_echoes;
 
@@ -71,6 +73,44 @@ pub fn validate_option(provider: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// Whether option `name` of `provider` is the address of the store's service.
+fn is_endpoint(provider: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    match provider {
+        "aws" => matches!(
+            AmazonS3ConfigKey::from_str(&name),
+            Ok(AmazonS3ConfigKey::Endpoint)
+        ),
+        "azure" => matches!(
+            AzureConfigKey::from_str(&name),
+            Ok(AzureConfigKey::Endpoint)
+        ),
+        _ => false,
+    }
+}
+
+/// An endpoint must be an `http://` or `https://` address with a host and no
+/// credentials: object_store panics on one without a scheme, and logs the
+/// address of every connection it opens. The value is not repeated: it may
+/// hold a password.
+fn check_endpoint(key: &str, value: &str) -> Result<(), String> {
+    let valid = value == value.trim()
+        && Url::parse(value).is_ok_and(|url| {
+            matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some_and(|host| !host.is_empty())
+                && url.username().is_empty()
+                && url.password().is_none()
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "option '{key}' must be an http:// or https:// address with a host and without \
+             credentials, such as 'https://s3.eu-west-1.amazonaws.com'"
+        ))
+    }
+}
+
 /// Whether the value of option `key` (`aws.region`, or just `region`) may be shown.
 pub fn is_harmless(key: &str) -> bool {
     let name = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
@@ -91,10 +131,40 @@ impl StoreOptions {
             };
             if PROVIDERS.contains(&provider) {
                 validate_option(provider, name).map_err(DataFusionError::Configuration)?;
+                if is_endpoint(provider, name) {
+                    check_endpoint(key, value).map_err(DataFusionError::Configuration)?;
+                }
                 picked.insert(key.to_ascii_lowercase(), value.clone());
             }
         }
         Ok(Self(picked))
+    }
+
+    /// Fails if options of one kind of store are given for a location of
+    /// another kind: they would be ignored, and the data read or written
+    /// elsewhere than meant (a mistyped `s3//bucket/` is a local path).
+    pub fn check_apply_to(&self, written: &str, location: &Url) -> DfResult<()> {
+        let (kind, provider) = match ObjectStoreScheme::parse(location) {
+            Ok((ObjectStoreScheme::AmazonS3, _)) => ("an S3 location", Some("aws")),
+            Ok((ObjectStoreScheme::GoogleCloudStorage, _)) => ("a GCS location", Some("gcp")),
+            Ok((ObjectStoreScheme::MicrosoftAzure, _)) => ("an Azure location", Some("azure")),
+            Ok((ObjectStoreScheme::Http, _)) => ("a web address", Some("http")),
+            Ok((ObjectStoreScheme::Local, _)) => ("a local path", None),
+            _ => ("a location of no store options", None),
+        };
+        let foreign = self
+            .0
+            .keys()
+            .filter_map(|key| key.split_once('.').map(|(prefix, _)| prefix))
+            .find(|prefix| Some(*prefix) != provider);
+        match foreign {
+            None => Ok(()),
+            Some(prefix) => Err(DataFusionError::Configuration(format!(
+                "the options '{prefix}.*' are not for '{written}', which is {kind} ({}); \
+                 check how the location is spelled (as in 's3://bucket/folder/')",
+                location.as_str()
+            ))),
+        }
     }
 
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
@@ -347,6 +417,57 @@ impl<P: Provider> ConfigExtension for StoreOptionNamespace<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_must_be_a_web_address_without_credentials() {
+        let picked = |key: &str, value: &str| {
+            StoreOptions::from_statement_options(&HashMap::from([(key.into(), value.into())]))
+        };
+        for good in [
+            "http://127.0.0.1:9000",
+            "https://s3.eu-west-1.amazonaws.com",
+        ] {
+            picked("aws.endpoint", good).expect(good);
+            picked("azure.endpoint", good).expect(good);
+        }
+        for bad in [
+            "127.0.0.1:9000",
+            "http//127.0.0.1:9000",
+            "http://127.0.0.1:9000 ",
+            "ftp://host",
+            "http://user:hunter2@host:9000",
+        ] {
+            let error = picked("aws.endpoint", bad).expect_err(bad).to_string();
+            assert!(
+                error.contains("'aws.endpoint' must be an http://"),
+                "{error}"
+            );
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
+
+    #[test]
+    fn options_of_one_store_kind_are_refused_for_another() {
+        let options = StoreOptions::from_pairs([("aws.region".into(), "eu-west-1".into())]);
+        let url = |text: &str| Url::parse(text).expect(text);
+        options
+            .check_apply_to("s3://lake/t/", &url("s3://lake/t/"))
+            .expect("aws options for S3");
+        for (written, location) in [
+            ("s3//lake/t/", "file:///work/s3/lake/t/"),
+            ("gs://lake/t/", "gs://lake/t/"),
+            ("memory://t/", "memory://t/"),
+        ] {
+            let error = options
+                .check_apply_to(written, &url(location))
+                .expect_err(written)
+                .to_string();
+            assert!(
+                error.contains("'aws.*' are not for") && error.contains(written),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn store_options_are_picked_checked_and_shown_redacted() {

@@ -39,11 +39,8 @@ const STORE_MAX_RETRIES: usize = 5;
 pub enum StoreError {
     #[error("'{url}' is not a location Quiver can read or write: {reason}")]
     UnsupportedLocation { url: String, reason: String },
-    #[error("cannot set up the object store for '{url}': {source}")]
-    Build {
-        url: String,
-        source: object_store::Error,
-    },
+    #[error("cannot set up the object store for '{url}': {reason}")]
+    Build { url: String, reason: String },
 }
 
 /// A built store: the interface DataFusion reads and writes through, and,
@@ -475,8 +472,39 @@ where
 fn build_error(url: &Url) -> impl Fn(object_store::Error) -> StoreError + '_ {
     move |source| StoreError::Build {
         url: store_key(url),
-        source,
+        reason: without_byte_dumps(&source.to_string()),
     }
+}
+
+/// `text` without the lists of byte values that some builder errors print
+/// of their input: a service account key whose PEM cannot be read comes
+/// back as `missing section end marker: [80, 82, 73, ...]`, the whole key.
+fn without_byte_dumps(text: &str) -> String {
+    let mut kept = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('[') {
+        kept.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let list_end = after.find(']').filter(|&end| {
+            let list = &after[..end];
+            list.split(',').count() >= 4
+                && list.split(',').all(|item| {
+                    !item.trim().is_empty() && item.trim().bytes().all(|b| b.is_ascii_digit())
+                })
+        });
+        match list_end {
+            Some(end) => {
+                kept.push_str("[bytes not shown]");
+                rest = &after[end + 1..];
+            }
+            None => {
+                kept.push('[');
+                rest = after;
+            }
+        }
+    }
+    kept.push_str(rest);
+    kept
 }
 
 /// `aws.allow_http` and the other client options are spelled without a prefix.
@@ -640,6 +668,42 @@ mod tests {
             .get_store(&url("memory://shared-test/"))
             .expect("memory store");
         assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[test]
+    fn a_service_account_key_that_cannot_be_read_is_not_echoed() {
+        let body = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7";
+        let key = serde_json::json!({
+            "type": "service_account",
+            "client_email": "quiver@example.invalid",
+            "private_key_id": "1",
+            "private_key": format!("-----BEGIN PRIVATE KEY-----{body}"),
+        });
+        let options =
+            StoreOptions::from_pairs([("gcp.service_account_key".to_owned(), key.to_string())]);
+        let Err(error) = build_store(&url("gs://bucket/t/"), &options) else {
+            panic!("a key without its end marker cannot be read");
+        };
+        let shown = error.to_string();
+        let as_bytes = body
+            .bytes()
+            .take(4)
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>();
+        assert!(
+            !shown.contains(body) && !shown.contains(&as_bytes.join(", ")),
+            "{shown}"
+        );
+        assert!(shown.contains("gs://bucket"), "{shown}");
+    }
+
+    #[test]
+    fn byte_lists_are_left_out_of_builder_errors() {
+        assert_eq!(
+            without_byte_dumps("bad pem: [80, 82, 73, 86, 65] at [1, 2] and [a, b, c, d]"),
+            "bad pem: [bytes not shown] at [1, 2] and [a, b, c, d]"
+        );
+        assert_eq!(without_byte_dumps("unclosed [80, 82"), "unclosed [80, 82");
     }
 
     #[test]
