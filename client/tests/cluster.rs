@@ -265,6 +265,61 @@ async fn csv_files_and_hive_partitioned_parquet_folders() {
     cluster.shutdown().await;
 }
 
+/// A write task starts a new file once the one it writes reaches
+/// `quiver.target_file_bytes` as written. The writer's own estimate of a
+/// row group counts dictionaries and page buffers before compression, and
+/// on compressible data it is several times the file: files rolled by it
+/// came out at about a third of the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_roll_over_at_their_target_size_as_written() {
+    const TARGET: u64 = 1 << 20;
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    query(
+        &context,
+        &format!("SET quiver.target_file_bytes = {TARGET}"),
+    )
+    .await;
+    query(
+        &context,
+        &format!(
+            "COPY (SELECT value AS id, value % 7 AS flag, 'a constant note' AS note \
+             FROM range(4000000)) TO '{}/' STORED AS PARQUET",
+            dir.path().display()
+        ),
+    )
+    .await;
+    let mut sizes: Vec<(String, u64)> = std::fs::read_dir(dir.path())
+        .expect("list output")
+        .map(|entry| entry.expect("entry"))
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".parquet"))
+        .map(|entry| {
+            let size = entry.metadata().expect("metadata").len();
+            (entry.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    sizes.sort();
+    assert!(sizes.len() >= 3, "the write rolled over: {sizes:?}");
+    // Every file but a task's last was finished as full.
+    let tasks: std::collections::BTreeSet<String> = sizes
+        .iter()
+        .map(|(name, _)| name[..name.len() - 12].to_owned())
+        .collect();
+    for task in tasks {
+        let files: Vec<&(String, u64)> = sizes
+            .iter()
+            .filter(|(name, _)| name.starts_with(&task))
+            .collect();
+        for (name, size) in &files[..files.len() - 1] {
+            assert!(
+                (TARGET / 2..=TARGET * 3 / 2).contains(size),
+                "{name} has {size} bytes for a target of {TARGET}: {sizes:?}"
+            );
+        }
+    }
+    cluster.shutdown().await;
+}
+
 /// Null partition values go to `col=__HIVE_DEFAULT_PARTITION__` folders, as
 /// Hive and Spark write them, and are read back as nulls in the column's
 /// declared type, by filters (which prune by them) and by inserts alike.

@@ -223,6 +223,10 @@ struct OpenFile {
     writer: AsyncArrowWriter<FileUpload>,
 }
 
+/// The share of the target size at which a file whose row groups are all
+/// flushed counts as full, rather than go on with a small row group.
+const FULL_SHARE: f64 = 0.9;
+
 struct WrittenFile {
     relative: String,
     rows: u64,
@@ -355,10 +359,20 @@ impl WriteTask {
         file.last_write = self.clock;
         file.writer.write(rows).await?;
         file.rows += rows.num_rows() as u64;
-        let full =
-            file.writer.bytes_written() + file.writer.in_progress_size() >= self.target_file_bytes;
-        if full && let Some(file) = self.open.remove(&folder) {
-            self.finish(file).await?;
+        let estimate = file.writer.bytes_written() + file.writer.in_progress_size();
+        if estimate >= self.target_file_bytes {
+            // The writer's estimate of its open row group counts page
+            // buffers and dictionaries before compression: on compressible
+            // data it is several times what the row group writes. Flushed,
+            // the file's size is known; a file still short of the target
+            // goes on with a new row group, and each such flush closes in
+            // on the target without passing it.
+            file.writer.flush().await?;
+            let written = file.writer.bytes_written() as f64;
+            let full = written >= self.target_file_bytes as f64 * FULL_SHARE;
+            if full && let Some(file) = self.open.remove(&folder) {
+                self.finish(file).await?;
+            }
         }
         self.fit_memory().await
     }
