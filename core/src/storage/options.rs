@@ -73,6 +73,27 @@ pub fn validate_option(provider: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// Refuses a store option written as an environment variable is
+/// (`aws_session_token`), without its provider's prefix: it would be taken
+/// for a format option, refused later, and printed in DataFusion's logs of
+/// the plan on the way, secret and all.
+fn refuse_unprefixed_store_option(key: &str) -> Result<(), String> {
+    let name = key
+        .strip_prefix("format.")
+        .unwrap_or(key)
+        .to_ascii_lowercase();
+    let provider = [("aws_", "aws"), ("google_", "gcp"), ("azure_", "azure")]
+        .into_iter()
+        .find_map(|(start, provider)| name.starts_with(start).then_some(provider));
+    match provider {
+        Some(provider) if validate_option(provider, &name).is_ok() => Err(format!(
+            "option '{name}' is a store option: write it with its store's prefix, as \
+             '{provider}.{name}'"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether option `name` of `provider` is the address of the store's service.
 fn is_endpoint(provider: &str, name: &str) -> bool {
     let name = name.to_ascii_lowercase();
@@ -126,6 +147,7 @@ impl StoreOptions {
     pub fn from_statement_options(options: &HashMap<String, String>) -> DfResult<Self> {
         let mut picked = BTreeMap::new();
         for (key, value) in options {
+            refuse_unprefixed_store_option(key).map_err(DataFusionError::Configuration)?;
             let Some((provider, name)) = key.split_once('.') else {
                 continue;
             };
@@ -417,6 +439,24 @@ impl<P: Provider> ConfigExtension for StoreOptionNamespace<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_option_without_its_prefix_is_refused_without_its_value() {
+        for key in [
+            "aws_session_token",
+            "format.aws_secret_access_key",
+            "azure_storage_account_key",
+        ] {
+            let options = HashMap::from([(key.to_owned(), "SECRET-VALUE".to_owned())]);
+            let error = StoreOptions::from_statement_options(&options)
+                .expect_err(key)
+                .to_string();
+            assert!(error.contains("is a store option"), "{error}");
+            assert!(!error.contains("SECRET-VALUE"), "{error}");
+        }
+        let format = HashMap::from([("format.compression".to_owned(), "zstd(3)".to_owned())]);
+        StoreOptions::from_statement_options(&format).expect("a format option");
+    }
 
     #[test]
     fn an_endpoint_must_be_a_web_address_without_credentials() {
