@@ -1118,15 +1118,38 @@ fn spawned_failure(error: tokio::task::JoinError) -> Error {
     }
 }
 
-/// Refuses a location that a URL parser would cut short: in `s3://b/t#2/`
-/// or `file:///d/t?v=2` the `#` starts a fragment and the `?` a query, so
-/// the table would be read from, or written to, `t/`. Only HTTP(S)
-/// locations have queries (a signed URL's); none has a fragment. A plain
-/// path (`/d/t#2/`) is a file name, and is not cut.
+/// The schemes of the stores Quiver reaches.
+const STORE_SCHEMES: [&str; 12] = [
+    "s3", "s3a", "gs", "az", "abfs", "abfss", "adl", "azure", "http", "https", "file", "memory",
+];
+
+/// Refuses a location that a URL parser would misread, naming it:
+/// - a store's scheme without its `//` (`s3:/lake/t/`), which is no URL;
+/// - an empty folder name (`s3://lake//t/`), which no store path holds;
+/// - a `#` or `?` that would cut it short: in `s3://b/t#2/` or
+///   `file:///d/t?v=2` the `#` starts a fragment and the `?` a query, so
+///   the table would be read from, or written to, `t/`. Only HTTP(S)
+///   locations have queries (a signed URL's); none has a fragment. A plain
+///   path (`/d/t#2/`) is a file name, and is not cut.
 fn check_location_spelling(location: &str) -> Result<()> {
-    let Some((scheme, _)) = location.split_once("://") else {
-        return Ok(());
+    let misspelt = |problem: &str| {
+        Err(Error::Query(DataFusionError::Plan(format!(
+            "the location '{location}' {problem}"
+        ))))
     };
+    let Some((scheme, rest)) = location.split_once("://") else {
+        return match location.split_once(':') {
+            Some((scheme, _)) if STORE_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
+                misspelt("is not a URL: write it as '<scheme>://<bucket>/<folder>/'")
+            }
+            _ => Ok(()),
+        };
+    };
+    let path = rest.split_once('/').map_or("", |(_, path)| path);
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if path.starts_with('/') || path.contains("//") {
+        return misspelt("has an empty folder name ('//'), which no store path holds");
+    }
     let scheme = scheme.to_ascii_lowercase();
     let cut_at = if scheme == "http" || scheme == "https" {
         location.find('#')
@@ -1184,4 +1207,38 @@ fn without_store_options(plan: LogicalPlan) -> Result<LogicalPlan> {
     })
     .map(|transformed| transformed.data)
     .map_err(Error::Query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misspelt_locations_are_refused_naming_them() {
+        for (location, problem) in [
+            ("s3:/lake/data/", "is not a URL"),
+            ("S3:lake/data/", "is not a URL"),
+            ("s3://lake//data/", "empty folder name"),
+            ("gs://lake/a//b/", "empty folder name"),
+            ("s3://b/t#2/", "end of its path"),
+        ] {
+            let error = check_location_spelling(location)
+                .expect_err(location)
+                .to_string();
+            assert!(
+                error.contains(location) && error.contains(problem),
+                "{error}"
+            );
+        }
+        for location in [
+            "s3://lake/data/",
+            "s3://lake",
+            "file:///tmp/t/",
+            "/tmp/a//b/",
+            "C:/data/t/",
+            "https://host/t/x.parquet?sig=1",
+        ] {
+            check_location_spelling(location).expect(location);
+        }
+    }
 }
