@@ -257,9 +257,24 @@ impl StoreRegistry {
     /// that a later [`StoreRegistry::pinned`] with the same options shares
     /// them (an executor's registry is such a cache of its tasks' stores).
     pub fn remember(&self, pinned: &StoreRegistry) {
+        let pinned = pinned.read();
+        let known = |stores: &HashMap<String, Registered>, key: &String, options: &StoreOptions| {
+            stores.get(key).is_some_and(|kept| &kept.options == options)
+        };
+        // Most tasks bring the options kept already: no write lock for them.
+        let current = self.read();
+        if pinned
+            .iter()
+            .all(|(key, registered)| known(&current, key, &registered.options))
+        {
+            return;
+        }
+        drop(current);
         let mut stores = self.write();
-        for (key, registered) in pinned.read().iter() {
-            stores.insert(key.clone(), registered.clone());
+        for (key, registered) in pinned.iter() {
+            if !known(&stores, key, &registered.options) {
+                stores.insert(key.clone(), registered.clone());
+            }
         }
     }
 
