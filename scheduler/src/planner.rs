@@ -35,7 +35,8 @@ use quiver_core::config::{QuiverOptions, default_session_config, session_config_
 use quiver_core::guard::{catch_future_panic, panic_message};
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
-    StoreOptions, StoreRegistry, is_store_option, register_store_option_namespaces, runtime_builder,
+    StoreOptions, StoreRegistry, is_store_option, redact_parse_error,
+    register_store_option_namespaces, runtime_builder,
 };
 use quiver_core::write::snapshot::KnownCommits;
 use quiver_core::write::{
@@ -196,6 +197,15 @@ impl Replanner {
     }
 }
 
+/// The logical plan of `sql`. A parse error does not quote the statement's
+/// store options, which may hold secrets (see [`redact_parse_error`]).
+async fn logical_plan_of(state: &SessionState, sql: &str) -> Result<LogicalPlan> {
+    state
+        .create_logical_plan(sql)
+        .await
+        .map_err(|e| Error::Query(redact_parse_error(e, sql)))
+}
+
 /// Plans queries against the catalog that all clients share.
 #[derive(Clone)]
 pub struct Planner {
@@ -346,7 +356,7 @@ impl Planner {
     /// result and the types of its placeholders, in order (`$1` first).
     pub async fn describe(&self, sql: &str, settings: &[Setting]) -> Result<StatementShape> {
         let state = self.session_state(settings)?;
-        let logical = state.create_logical_plan(sql).await.map_err(Error::Query)?;
+        let logical = logical_plan_of(&state, sql).await?;
         let result = Arc::new(logical.schema().as_arrow().clone());
         let mut types: Vec<_> = logical
             .get_parameter_types()
@@ -384,10 +394,7 @@ impl Planner {
             Query::LogicalPlan(_) => None,
         };
         let logical = match query {
-            Query::Sql(sql) => state
-                .create_logical_plan(&sql)
-                .await
-                .map_err(Error::Query)?,
+            Query::Sql(sql) => logical_plan_of(&state, &sql).await?,
             Query::LogicalPlan(bytes) => {
                 let codec = RemoteTableCodec::with_resolver(Arc::new(CatalogResolver {
                     state: state.clone(),

@@ -25,7 +25,9 @@ pub mod registry;
 pub mod upload;
 
 pub use echoes::{redact_store_echoes, redacted_error};
-pub use options::{StoreOptions, is_store_option, redact_sql, register_store_option_namespaces};
+pub use options::{
+    StoreOptions, is_store_option, redact_parse_error, redact_sql, register_store_option_namespaces,
+};
 pub use registry::{Store, StoreError, StoreRegistry, build_store, store_key};
 
 use std::sync::Arc;

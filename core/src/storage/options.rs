@@ -19,6 +19,7 @@ use datafusion::common::config::{ConfigEntry, ConfigExtension, ExtensionOptions}
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::session_state::SessionState;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::ParserError;
 use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
 use object_store::aws::AmazonS3ConfigKey;
 use object_store::azure::AzureConfigKey;
@@ -262,6 +263,74 @@ pub fn redact_sql(sql: &str) -> String {
     }
 }
 
+/// `error`, from parsing `sql`, without the token it quotes when that token
+/// lies after an `OPTIONS` keyword. A clause that the parser refuses may hold
+/// a secret in a form it does not take (`X'...'`, `$$...$$`, a value cut in
+/// two by a `+` or `/`, or by a digit it starts with), and the parser's
+/// "Expected: ..., found: <token> at Line: l, Column: c" would hand the
+/// secret, or its tail, back to the client. Errors of other kinds pass as
+/// they are: once parsed, option values are only ever shown redacted.
+pub fn redact_parse_error(error: DataFusionError, sql: &str) -> DataFusionError {
+    match error {
+        DataFusionError::SQL(parser_error, backtrace) => {
+            let parser_error = match *parser_error {
+                ParserError::ParserError(message) => {
+                    ParserError::ParserError(without_quoted_option_token(&message, sql))
+                }
+                other => other,
+            };
+            DataFusionError::SQL(Box::new(parser_error), backtrace)
+        }
+        // The diagnostic repeats the message; the error alone is kept.
+        DataFusionError::Diagnostic(_, inner) => redact_parse_error(*inner, sql),
+        other => other,
+    }
+}
+
+/// `message` with the token after its last "found: " replaced by `***` if
+/// the location that follows it (or, without one, any place) is after an
+/// `OPTIONS` keyword of `sql`.
+fn without_quoted_option_token(message: &str, sql: &str) -> String {
+    const FOUND: &str = "found: ";
+    const AT_LINE: &str = " at Line: ";
+    let lower = sql.to_ascii_lowercase();
+    let Some(first_options) = lower.find("options") else {
+        return message.to_owned();
+    };
+    let Some(found_at) = message.rfind(FOUND) else {
+        return message.to_owned();
+    };
+    let token_start = found_at + FOUND.len();
+    let (token_end, location) = match message[token_start..].rfind(AT_LINE) {
+        Some(offset) => {
+            let at = token_start + offset;
+            (at, parse_location(&message[at + AT_LINE.len()..]))
+        }
+        None => (message.len(), None),
+    };
+    let token = &message[token_start..token_end];
+    let after_options = match location.and_then(|at| LineOffsets::new(sql).byte(sql, at)) {
+        Some(offset) => offset > first_options,
+        // Without a location, assume the worst.
+        None => true,
+    };
+    if !after_options || token == "EOF" {
+        return message.to_owned();
+    }
+    format!(
+        "{}{REDACTED}{}",
+        &message[..token_start],
+        &message[token_end..]
+    )
+}
+
+/// The location in "<line>, Column: <column>", as the parser writes it.
+fn parse_location(text: &str) -> Option<Location> {
+    let (line, rest) = text.split_once(", Column: ")?;
+    let column: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some(Location::new(line.parse().ok()?, column.parse().ok()?))
+}
+
 /// The byte ranges of the secret values in every `OPTIONS (key value, ...)`
 /// clause of `sql`, or `None` if a clause cannot be read.
 fn secret_value_spans(sql: &str) -> Option<Vec<(usize, usize)>> {
@@ -439,6 +508,46 @@ impl<P: Provider> ConfigExtension for StoreOptionNamespace<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parser_error_inside_options_does_not_quote_the_value() {
+        let parse_error =
+            |sql: &str| datafusion::sql::parser::DFParser::parse_sql(sql).expect_err(sql);
+        let copy = "COPY (SELECT 1) TO 's3://lake/out/' STORED AS PARQUET OPTIONS ";
+        for (options, secret) in [
+            // A value starting with digits is read as a number and a word.
+            ("('aws.secret_access_key' 123SECRETTAIL)", "SECRETTAIL"),
+            (
+                "('aws.secret_access_key' X'5345435245540A')",
+                "5345435245540A",
+            ),
+            (
+                "('aws.region' 'eu-west-1',\n 'aws.secret_access_key' $$DOLLARSECRET$$)",
+                "DOLLARSECRET",
+            ),
+        ] {
+            let sql = format!("{copy}{options}");
+            let error = parse_error(&sql);
+            assert!(
+                error.to_string().contains(secret),
+                "the case echoes: {error}"
+            );
+            let redacted = redact_parse_error(error, &sql).to_string();
+            assert!(!redacted.contains(secret), "{redacted}");
+            assert!(redacted.contains("found: ***"), "{redacted}");
+            assert!(redacted.contains("at Line: "), "{redacted}");
+        }
+        // Before the options, and without any, the token is what helps.
+        for sql in [
+            "COPY (SELEC 1) TO 's3://lake/out/' OPTIONS ('aws.region' 'x')".to_owned(),
+            "SELECT 1 FROM t WHERE".to_owned(),
+            "SELEC 1".to_owned(),
+        ] {
+            let error = parse_error(&sql).to_string();
+            let redacted = redact_parse_error(parse_error(&sql), &sql).to_string();
+            assert_eq!(redacted, error);
+        }
+    }
 
     #[test]
     fn a_store_option_without_its_prefix_is_refused_without_its_value() {
