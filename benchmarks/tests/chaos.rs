@@ -1328,6 +1328,17 @@ fn plant_leftovers(
     leftovers
 }
 
+/// A cluster of one executor whose `CREATE TABLE AS` tables go to a
+/// warehouse folder of their own, returned with it.
+fn cluster_with_a_warehouse() -> (tempfile::TempDir, ProcessCluster) {
+    let warehouse = tempfile::tempdir().expect("warehouse");
+    let args = ClusterArgs {
+        scheduler: vec!["--warehouse".into(), warehouse.path().display().to_string()],
+        ..ClusterArgs::default()
+    };
+    (warehouse, ProcessCluster::start(1, args))
+}
+
 /// A scheduler that stops between a `CREATE TABLE ... AS` job's commit and
 /// the table's registration (killed, or past its shutdown grace) leaves the
 /// table pending in its state store: it registers it when it starts again,
@@ -1339,12 +1350,7 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
     use quiver_proto::PendingTable;
     use quiver_scheduler::store::StateStore;
 
-    let warehouse = tempfile::tempdir().expect("warehouse");
-    let args = ClusterArgs {
-        scheduler: vec!["--warehouse".into(), warehouse.path().display().to_string()],
-        ..ClusterArgs::default()
-    };
-    let mut cluster = ProcessCluster::start(1, args);
+    let (_warehouse, mut cluster) = cluster_with_a_warehouse();
     let context = cluster.connect(1).await;
     let run = |sql: &'static str| {
         let context = context.clone();
@@ -1423,4 +1429,142 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
         store.pending_tables().expect("pending").is_empty(),
         "nothing stays pending"
     );
+}
+
+/// A scheduler that stops while write jobs run settles their writes when it
+/// starts again, and records each job as its write ended: one that
+/// committed succeeded (its `CREATE TABLE AS` table is registered), and
+/// must not be submitted again; one rolled back failed, and may be. The
+/// state such a stop leaves is made from real jobs: their records are put
+/// back as running, and the table's catalog entry as pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
+    use quiver_proto::PendingTable;
+    use quiver_scheduler::store::{JobEntry, StateStore};
+
+    let (_warehouse, mut cluster) = cluster_with_a_warehouse();
+    let copied = cluster.work_dir().join("copied");
+    let context = cluster.connect(1).await;
+    let run = |sql: String| {
+        let context = context.clone();
+        async move { context.sql(&sql).await?.collect().await }
+    };
+    run(format!(
+        "COPY (SELECT value AS v FROM range(1000)) TO '{}/' STORED AS PARQUET",
+        copied.display()
+    ))
+    .await
+    .expect("COPY");
+    run("CREATE TABLE made AS SELECT value AS v FROM range(500)".into())
+        .await
+        .expect("CREATE TABLE AS");
+    run(format!(
+        "COPY (SELECT 1 / (value - value) AS v FROM range(10)) TO '{}/' STORED AS PARQUET",
+        cluster.work_dir().join("failed").display()
+    ))
+    .await
+    .expect_err("the write divides by zero");
+    let jobs = context.list_jobs(100).await.expect("job list");
+    let job_of = |text: &str| {
+        jobs.iter()
+            .find(|record| record.query.contains(text))
+            .and_then(|record| record.status.as_ref())
+            .map(|status| status.job_id.clone())
+            .expect("the job is in the history")
+    };
+    let (copy_job, made_job, failed_job) = (
+        job_of("range(1000)"),
+        job_of("CREATE TABLE made"),
+        job_of("value - value"),
+    );
+    drop(context);
+    cluster.kill_scheduler();
+
+    let store = StateStore::open(&cluster.work_dir().join("scheduler-state")).expect("state");
+    let running: Vec<JobEntry> = store
+        .jobs()
+        .expect("jobs")
+        .into_iter()
+        .filter_map(|mut record| {
+            let status = record.status.as_mut()?;
+            if ![&copy_job, &made_job, &failed_job].contains(&&status.job_id) {
+                return None;
+            }
+            assert!(!record.writes_to.is_empty(), "a write job: {record:?}");
+            status.state = JobState::Running.into();
+            status.error.clear();
+            record.finished_at_unix_ms = 0;
+            Some(JobEntry::Record(record.into()))
+        })
+        .collect();
+    assert_eq!(running.len(), 3);
+    store.put_job_entries(&running).expect("put the jobs back");
+    let key = "table:datafusion.public.made";
+    let entry = store
+        .catalog_entry(key)
+        .expect("read the catalog")
+        .expect("the table was registered");
+    store.remove_catalog_entries(|k| k == key).expect("remove");
+    store
+        .put_pending_table(&PendingTable {
+            job_id: made_job.clone(),
+            statements: vec![entry.sql],
+            managed_key: key.into(),
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
+    drop(store);
+
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let status = |job_id: String| {
+        let context = context.clone();
+        async move { context.job_status(&job_id).await.expect("status") }
+    };
+    for job_id in [&copy_job, &made_job] {
+        let settled = status(job_id.clone()).await;
+        assert_eq!(
+            (settled.state(), settled.error.as_str()),
+            (JobState::Succeeded, ""),
+            "a committed write's job {job_id}\n{}",
+            cluster.scheduler_log()
+        );
+    }
+    let failed = status(failed_job).await;
+    assert_eq!(failed.state(), JobState::Failed);
+    assert!(
+        failed
+            .error
+            .contains("restarted while this job was running; its write was rolled back"),
+        "{}",
+        failed.error
+    );
+    let count = |sql: String| {
+        let context = context.clone();
+        async move {
+            let batches = context
+                .sql(&sql)
+                .await
+                .expect(&sql)
+                .collect()
+                .await
+                .expect("count");
+            batches[0]
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0)
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM made".into()).await, 500);
+    context
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE copied STORED AS PARQUET LOCATION '{}/'",
+            copied.display()
+        ))
+        .await
+        .expect("the committed COPY's folder")
+        .collect()
+        .await
+        .expect("registered");
+    assert_eq!(count("SELECT count(*) FROM copied".into()).await, 1000);
 }

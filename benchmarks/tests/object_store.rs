@@ -26,6 +26,16 @@ use quiver_benchmarks::runner::Engine;
 use quiver_benchmarks::verify::compare;
 use quiver_client::{QuiverContext, StandaloneOptions};
 
+/// What a user who may only read a bucket is allowed. moto checks
+/// `s3:ListObjectsV2` for a listing and `s3:HeadObject` for a `HEAD`, where
+/// AWS checks `s3:ListBucket` and `s3:GetObject`.
+const READS: &[&str] = &[
+    "s3:GetObject",
+    "s3:HeadObject",
+    "s3:ListBucket",
+    "s3:ListObjectsV2",
+];
+
 fn options() -> StandaloneOptions {
     StandaloneOptions {
         executors: 2,
@@ -736,6 +746,101 @@ async fn count_killing_an_uploader(
         .expect("the job's task")
 }
 
+/// Sets parts of S3's smallest size for `context`'s writes, so that their
+/// uploads begin early and last.
+async fn upload_in_small_parts(context: &QuiverContext) {
+    for setting in [
+        "SET datafusion.execution.parquet.max_row_group_size = 65536",
+        "SET datafusion.execution.objectstore_writer_buffer_size = 5242880",
+    ] {
+        run(context, setting).await.expect("setting");
+    }
+}
+
+/// A `COPY` of `rows` rows of poorly compressible text to
+/// `s3://lake/<folder>/`, written as multipart uploads (with
+/// [`upload_in_small_parts`]).
+fn copy_with_uploads(rows: u64, folder: &str, options: &str) -> String {
+    format!(
+        "COPY (SELECT value, md5(CAST(value AS VARCHAR)) AS digest FROM range({rows})) \
+         TO 's3://lake/{folder}/' STORED AS PARQUET {options}"
+    )
+}
+
+/// A scheduler killed while a `COPY` writes with credentials of its own
+/// (the statement's options) settles the write when it starts again with
+/// those credentials, which it kept in its state store: neither its catalog
+/// nor its environment (a reader's keys here) may delete the staged files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_scheduler_settles_a_copy_with_the_copys_credentials() {
+    let (s3, users) =
+        S3Server::start_with_users("lake", &[("writer", &["s3:*"]), ("reader", READS)]);
+    let [writer, reader] = users.as_slice() else {
+        panic!("two users");
+    };
+    let env = [
+        ("AWS_ACCESS_KEY_ID", reader.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", reader.secret_key.clone()),
+        ("AWS_REGION", common::s3::REGION.to_owned()),
+        ("AWS_ENDPOINT", s3.endpoint()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ];
+    let args = ClusterArgs {
+        env: env.map(|(key, value)| (key.to_owned(), value)).to_vec(),
+        ..ClusterArgs::default()
+    };
+    let mut cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    upload_in_small_parts(&context).await;
+    let copy = copy_with_uploads(2_000_000, "interrupted", &s3.sql_options_as(writer));
+    let running = tokio::spawn({
+        let context = context.clone();
+        async move { run(&context, &copy).await }
+    });
+    // moto refuses the unsigned request that counts unfinished uploads:
+    // the records of uploads under way show them.
+    let bucket = s3.store_as("lake", writer);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !list(&bucket, "interrupted")
+        .await
+        .iter()
+        .any(|key| key.contains("/_uploads/"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline && !running.is_finished(),
+            "no upload began\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let jobs = context.list_jobs(10).await.expect("job list");
+    let job_id = jobs
+        .iter()
+        .find(|record| record.query.contains("s3://lake/interrupted/"))
+        .and_then(|record| record.status.as_ref())
+        .map(|status| status.job_id.clone())
+        .expect("the COPY is in the history");
+    cluster.kill_scheduler();
+    let lost = running.await.expect("the client's task");
+    assert!(lost.is_err(), "the COPY finished before the kill: {lost:?}");
+
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let status = context.job_status(&job_id).await.expect("status");
+    assert!(
+        status.error.contains("its write was rolled back"),
+        "{status:?}\n{}",
+        cluster.scheduler_log()
+    );
+    // The upload records are removed once their uploads are aborted.
+    assert_eq!(
+        list(&bucket, "interrupted").await,
+        Vec::<String>::new(),
+        "{}",
+        cluster.logs()
+    );
+}
+
 /// An executor killed while it uploads a file cannot abort the upload, and
 /// S3 lists no unfinished upload among the bucket's objects. The write task
 /// records each upload's id in the job's staging folder before the first
@@ -747,18 +852,8 @@ async fn an_upload_left_by_a_killed_executor_is_aborted() {
     s3.create_bucket("lake");
     let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
     let context = cluster.connect(1).await;
-    // Parts of S3's smallest size, so that uploads begin early and last.
-    for setting in [
-        "SET datafusion.execution.parquet.max_row_group_size = 65536",
-        "SET datafusion.execution.objectstore_writer_buffer_size = 5242880",
-    ] {
-        run(&context, setting).await.expect("setting");
-    }
-    let copy = format!(
-        "COPY (SELECT value, md5(CAST(value AS VARCHAR)) AS digest FROM range({ROWS})) \
-         TO 's3://lake/killed/' STORED AS PARQUET {}",
-        s3.sql_options()
-    );
+    upload_in_small_parts(&context).await;
+    let copy = copy_with_uploads(ROWS, "killed", &s3.sql_options());
     let written = count_killing_an_uploader(&s3, &mut cluster, &context, copy).await;
     assert_eq!(written, ROWS);
     let bucket = s3.store("lake");
@@ -1165,14 +1260,6 @@ fn one_two_three() -> PutPayload {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credentials_and_permissions_are_checked_on_s3() {
     const WRONG_SECRET: &str = "quiver-wrong-secret-K4p8Z";
-    // moto checks `s3:ListObjectsV2` for a listing and `s3:HeadObject` for
-    // a `HEAD`, where AWS checks `s3:ListBucket` and `s3:GetObject`.
-    let reads: &[&str] = &[
-        "s3:GetObject",
-        "s3:HeadObject",
-        "s3:ListBucket",
-        "s3:ListObjectsV2",
-    ];
     let writes_without_delete: &[&str] = &[
         "s3:GetObject",
         "s3:HeadObject",
@@ -1209,7 +1296,7 @@ async fn credentials_and_permissions_are_checked_on_s3() {
         "lake",
         &[
             ("admin", &["s3:*"]),
-            ("reader", reads),
+            ("reader", READS),
             ("writer", writes_without_delete),
             ("blind", blind_writes),
             ("unlisting", writes_without_list),

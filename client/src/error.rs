@@ -26,8 +26,13 @@ pub enum Error {
     #[error("job {job_id} was cancelled")]
     JobCancelled { job_id: String },
 
+    /// The job may still run (the network failed), or have ended with its
+    /// scheduler, and a restarted scheduler settles its write: committed or
+    /// rolled back, which its status then tells.
     #[error(
-        "lost contact with the scheduler while job {job_id} was running ({message}); the job did not finish"
+        "lost contact with the scheduler while job {job_id} was running ({message}); \
+         once the scheduler answers, `quiver job status {job_id}` tells how the job ended \
+         (a write may have committed): check it before running the statement again"
     )]
     SchedulerLost { job_id: String, message: String },
 

@@ -97,9 +97,10 @@ pub async fn run(
     let settled = service
         .clean_up_interrupted_jobs(&interrupted, loop_config.executor_timeout)
         .await;
-    service
+    let left_pending = service
         .register_pending_tables(&interrupted, &settled)
         .await;
+    service.record_interrupted_writes(&interrupted, &settled, &left_pending);
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
     info!(?address, "scheduler serving");

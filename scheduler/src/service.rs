@@ -1,6 +1,6 @@
 //! The scheduler's gRPC service: executors' control streams and clients' job calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +31,7 @@ use crate::analyze;
 use crate::error::Error;
 use crate::locations::job_stores;
 use crate::planner::{Planned, Planner, StagedJob};
-use crate::state::event_loop::unix_millis;
+use crate::state::event_loop::{InterruptedJob, RESTARTED, unix_millis};
 use crate::state::{CancelOutcome, Event, SchedulerHandle, SubmittedJob};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -441,13 +441,13 @@ impl SchedulerGrpc {
     /// each write it could settle was settled, by job.
     pub async fn clean_up_interrupted_jobs(
         &self,
-        interrupted: &[JobRecord],
+        interrupted: &[InterruptedJob],
         executor_timeout: std::time::Duration,
     ) -> HashMap<String, Settled> {
-        let stores = self.planner.object_stores();
+        let shared = self.planner.object_stores();
         if interrupted
             .iter()
-            .any(|record| !record.writes_to.is_empty())
+            .any(|job| !job.record.writes_to.is_empty())
         {
             info!(
                 wait_millis = executor_timeout.as_millis() as u64,
@@ -456,13 +456,19 @@ impl SchedulerGrpc {
             );
             tokio::time::sleep(executor_timeout).await;
         }
-        let clean_ups = interrupted.iter().filter_map(|record| {
+        let clean_ups = interrupted.iter().filter_map(|job| {
+            let record = &job.record;
             let job_id = &record.status.as_ref()?.job_id;
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
-            let stores = &stores;
+            // The job's own credentials; the catalog's for a job recorded
+            // without them.
+            let stores = match job.stores.as_slice() {
+                [] => Arc::clone(&shared),
+                kept => job_stores(&shared, kept, job_id),
+            };
             has_data.then_some(async move {
                 let settled = clean_up_job_storage(
-                    stores,
+                    &stores,
                     job_id,
                     &record.durable_shuffle,
                     &record.writes_to,
@@ -488,21 +494,24 @@ impl SchedulerGrpc {
 
     /// Registers the tables of `CREATE TABLE ... AS` jobs that a stopped
     /// scheduler left pending: the job had succeeded, or it was interrupted
-    /// (`interrupted`) after its write committed (`settled`). Such a job is
-    /// recorded as succeeded: its table is there. A pending table whose job
-    /// failed is forgotten, its write rolled back; one whose write could
-    /// not be settled stays pending, for the next start.
+    /// (`interrupted`) after its write committed (`settled`). A pending
+    /// table whose job failed is forgotten, its write rolled back; one whose
+    /// write could not be settled, or that cannot be registered now, stays
+    /// pending, for the next start. Returns the jobs whose tables stay
+    /// pending.
     pub async fn register_pending_tables(
         &self,
-        interrupted: &[JobRecord],
+        interrupted: &[InterruptedJob],
         settled: &HashMap<String, Settled>,
-    ) {
+    ) -> HashSet<String> {
+        let mut left_pending = HashSet::new();
         let (pending, records) = match self.planner.pending_tables().await {
             Ok(found) => found,
             Err(e) => {
                 let e = redacted_error(&e);
                 warn!(%e, "cannot read the tables that CREATE TABLE AS jobs left to register");
-                return;
+                // Any of them may have a table to register.
+                return interrupted.iter().map(|job| job.id().to_owned()).collect();
             }
         };
         for table in pending {
@@ -510,27 +519,23 @@ impl SchedulerGrpc {
             let record = records
                 .iter()
                 .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id));
-            let was_interrupted = interrupted
-                .iter()
-                .any(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id));
+            let was_interrupted = interrupted.iter().any(|job| {
+                job.record
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.job_id == job_id)
+            });
             let succeeded = record
                 .and_then(|record| record.status.as_ref())
                 .is_some_and(|status| status.state() == JobState::Succeeded);
             let outcome = match settled.get(&job_id) {
                 _ if succeeded => self.planner.register_pending_table(table).await,
-                Some(Settled::Committed { .. }) => {
-                    let registered = self.planner.register_pending_table(table).await;
-                    if registered.is_ok()
-                        && let Some(record) = record
-                    {
-                        self.record_committed_after_restart(record.clone());
-                    }
-                    registered
-                }
+                Some(Settled::Committed { .. }) => self.planner.register_pending_table(table).await,
                 // Unsettled: its staging folder may still hold a commit.
                 None if was_interrupted && record.is_some_and(|r| !r.writes_to.is_empty()) => {
                     warn!(%job_id, "the write of a CREATE TABLE AS job interrupted by the \
                         restart could not be settled; its table stays pending until the next start");
+                    left_pending.insert(job_id);
                     continue;
                 }
                 _ => self.planner.remove_pending_table(job_id.clone()).await,
@@ -541,23 +546,64 @@ impl SchedulerGrpc {
                     let e = redacted_error(&e);
                     warn!(%job_id, %e, "cannot register the table of a CREATE TABLE AS job; \
                         it stays pending until the next start");
+                    left_pending.insert(job_id);
                 }
             }
         }
+        left_pending
     }
 
-    /// Records as succeeded a job that a restart interrupted after its
-    /// write had committed.
-    fn record_committed_after_restart(&self, mut record: JobRecord) {
-        let Some(status) = record.status.as_mut() else {
-            return;
-        };
-        status.state = JobState::Succeeded.into();
-        status.error = String::new();
-        self.handle
-            .directory
-            .insert(status.job_id.clone(), watch::channel(status.clone()).1);
-        self.handle.recorder.record(record);
+    /// Records how the writes of the jobs that a restart interrupted were
+    /// settled (`settled`). A job whose write committed succeeded: its
+    /// rows are in the table, and submitting it again would write them
+    /// twice (unless its table stays pending, `left_pending`, which is
+    /// said). One rolled back may be submitted again. One not settled may
+    /// have committed or not; a later write into its table settles it.
+    pub fn record_interrupted_writes(
+        &self,
+        interrupted: &[InterruptedJob],
+        settled: &HashMap<String, Settled>,
+        left_pending: &HashSet<String>,
+    ) {
+        for job in interrupted {
+            if job.record.writes_to.is_empty() {
+                continue;
+            }
+            let mut record = job.record.clone();
+            let Some(status) = record.status.as_mut() else {
+                continue;
+            };
+            let pending = left_pending.contains(&status.job_id);
+            match settled.get(&status.job_id) {
+                Some(Settled::Committed { .. }) if !pending => {
+                    status.state = JobState::Succeeded.into();
+                    status.error = String::new();
+                }
+                Some(Settled::Committed { .. }) => {
+                    status.error = format!(
+                        "{RESTARTED}; its write committed, and its table is registered when \
+                         the scheduler next starts: do not submit it again"
+                    );
+                }
+                Some(Settled::RolledBack { .. }) => {
+                    status.error =
+                        format!("{RESTARTED}; its write was rolled back: submit it again");
+                }
+                None => {
+                    status.error = format!(
+                        "{RESTARTED}, and whether its write committed could not be told: \
+                         check its table before submitting it again (a later write into \
+                         the table settles it)"
+                    );
+                }
+            }
+            info!(job_id = %status.job_id, state = ?status.state(), %status.error,
+                "recorded how the write of a job interrupted by the restart ended");
+            self.handle
+                .directory
+                .insert(status.job_id.clone(), watch::channel(status.clone()).1);
+            self.handle.recorder.record(record);
+        }
     }
 }
 

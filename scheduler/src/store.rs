@@ -3,15 +3,16 @@
 //! embedded cluster use the same code on an in-memory backend.
 //!
 //! Values are the protobuf messages of `quiver.proto` (`CatalogEntry`,
-//! `JobRecord`), so the store needs no format of its own. Writes are
+//! `JobRecord`, `JobStores`...), so the store needs no format of its own. Writes are
 //! synchronous and small; callers run them off the event loop
 //! ([`JobRecorder`] for the job history).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
-use quiver_proto::{CatalogEntry, JobRecord, PendingTable};
+use quiver_proto::{CatalogEntry, JobRecord, JobStores, PendingTable, StoreConfig};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
 
@@ -21,6 +22,9 @@ const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// Tables that `CREATE TABLE ... AS` jobs register once they succeed, by job id.
 const PENDING_TABLES: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_tables");
+/// The stores of running jobs that leave data to settle, by job id: secrets
+/// included, like the catalog's statements.
+const JOB_STORES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_stores");
 
 /// Finished jobs kept in the history; older ones are pruned.
 pub const JOB_HISTORY_LIMIT: usize = 1000;
@@ -95,6 +99,7 @@ impl StateStore {
         write.open_table(CATALOG)?;
         write.open_table(JOBS)?;
         write.open_table(PENDING_TABLES)?;
+        write.open_table(JOB_STORES)?;
         write.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -197,22 +202,52 @@ impl StateStore {
         decode_all(&self.db.begin_read()?.open_table(PENDING_TABLES)?)
     }
 
-    /// Writes job records in one transaction.
-    pub fn put_jobs(&self, records: &[JobRecord]) -> Result<()> {
+    /// Writes job records and stores, in order, in one transaction. A
+    /// finished job's stores are forgotten with its final record.
+    pub fn put_job_entries(&self, entries: &[JobEntry]) -> Result<()> {
         let write = self.db.begin_write()?;
         {
-            let mut table = write.open_table(JOBS)?;
-            for record in records {
-                let job_id = record
-                    .status
-                    .as_ref()
-                    .map(|status| status.job_id.as_str())
-                    .unwrap_or_default();
-                table.insert(job_id, record.encode_to_vec().as_slice())?;
+            let mut jobs = write.open_table(JOBS)?;
+            let mut stores = write.open_table(JOB_STORES)?;
+            for entry in entries {
+                match entry {
+                    JobEntry::Record(record) => {
+                        let job_id = record
+                            .status
+                            .as_ref()
+                            .map(|status| status.job_id.as_str())
+                            .unwrap_or_default();
+                        jobs.insert(job_id, record.encode_to_vec().as_slice())?;
+                        if record.finished_at_unix_ms > 0 {
+                            stores.remove(job_id)?;
+                        }
+                    }
+                    JobEntry::Stores(kept) => {
+                        stores.insert(kept.job_id.as_str(), kept.encode_to_vec().as_slice())?;
+                    }
+                }
             }
         }
         write.commit()?;
         Ok(())
+    }
+
+    /// The stores kept for jobs that were running when the scheduler
+    /// stopped, by job id; they are removed from the store, as no job runs
+    /// when this is called (at start).
+    pub fn take_job_stores(&self) -> Result<HashMap<String, Vec<StoreConfig>>> {
+        let write = self.db.begin_write()?;
+        let kept: Vec<JobStores> = {
+            let mut table = write.open_table(JOB_STORES)?;
+            let kept = decode_all(&table)?;
+            table.retain(|_, _| false)?;
+            kept
+        };
+        write.commit()?;
+        Ok(kept
+            .into_iter()
+            .map(|kept| (kept.job_id, kept.stores))
+            .collect())
     }
 
     /// Every job record, oldest first.
@@ -262,16 +297,25 @@ fn next_seq(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u
     Ok(entries.iter().map(|entry| entry.seq + 1).max().unwrap_or(1))
 }
 
+/// What the [`JobRecorder`] writes.
+#[derive(Debug)]
+pub enum JobEntry {
+    /// A job's entry in the history.
+    Record(Box<JobRecord>),
+    /// The stores a job runs with, until its final record.
+    Stores(JobStores),
+}
+
 /// Writes job records on a thread of its own, so that the event loop never
 /// waits for the disk. Records sent together are written in one transaction.
 #[derive(Debug, Clone)]
 pub struct JobRecorder {
-    sender: std::sync::mpsc::Sender<JobRecord>,
+    sender: std::sync::mpsc::Sender<JobEntry>,
 }
 
 impl JobRecorder {
     pub fn start(store: StateStore) -> Self {
-        let (sender, receiver) = std::sync::mpsc::channel::<JobRecord>();
+        let (sender, receiver) = std::sync::mpsc::channel::<JobEntry>();
         std::thread::Builder::new()
             .name("quiver-job-recorder".into())
             .spawn(move || {
@@ -279,7 +323,7 @@ impl JobRecorder {
                 while let Ok(first) = receiver.recv() {
                     let mut batch = vec![first];
                     batch.extend(receiver.try_iter());
-                    if let Err(e) = store.put_jobs(&batch) {
+                    if let Err(e) = store.put_job_entries(&batch) {
                         warn!(%e, records = batch.len(), "cannot record jobs");
                     }
                     written += batch.len();
@@ -301,7 +345,16 @@ impl JobRecorder {
     /// Queues a record to be written.
     pub fn record(&self, record: JobRecord) {
         // The thread only stops with the process.
-        let _ = self.sender.send(record);
+        let _ = self.sender.send(JobEntry::Record(Box::new(record)));
+    }
+
+    /// Queues the stores of a starting job to be kept until its final
+    /// record, for a restarted scheduler to settle its data with.
+    pub fn keep_stores(&self, job_id: &str, stores: &[StoreConfig]) {
+        let _ = self.sender.send(JobEntry::Stores(JobStores {
+            job_id: job_id.to_owned(),
+            stores: stores.to_vec(),
+        }));
     }
 }
 
@@ -353,7 +406,10 @@ mod tests {
                 1
             );
             store
-                .put_jobs(&[record("j1", 10, 20), record("j2", 30, 0)])
+                .put_job_entries(&[
+                    JobEntry::Record(record("j1", 10, 20).into()),
+                    JobEntry::Record(record("j2", 30, 0).into()),
+                ])
                 .expect("jobs");
         }
         let store = StateStore::open(folder.path()).expect("reopen");
@@ -376,6 +432,41 @@ mod tests {
     }
 
     #[test]
+    fn a_running_jobs_stores_are_kept_until_its_final_record() {
+        let folder = tempfile::tempdir().expect("tempdir");
+        let stores = |job_id: &str| {
+            JobEntry::Stores(JobStores {
+                job_id: job_id.into(),
+                stores: vec![StoreConfig {
+                    url: "s3://lake".into(),
+                    options: [("aws.secret_access_key".into(), job_id.into())].into(),
+                }],
+            })
+        };
+        {
+            let store = StateStore::open(folder.path()).expect("open");
+            store
+                .put_job_entries(&[
+                    stores("ended"),
+                    JobEntry::Record(record("ended", 10, 0).into()),
+                    stores("running"),
+                    JobEntry::Record(record("running", 20, 0).into()),
+                    JobEntry::Record(record("ended", 10, 15).into()),
+                ])
+                .expect("entries");
+        }
+        let store = StateStore::open(folder.path()).expect("reopen");
+        let kept = store.take_job_stores().expect("take");
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["running"]);
+        assert_eq!(
+            kept["running"][0].options["aws.secret_access_key"],
+            "running"
+        );
+        assert!(store.take_job_stores().expect("take").is_empty(), "taken");
+        assert_eq!(store.jobs().expect("jobs").len(), 2, "records are kept");
+    }
+
+    #[test]
     fn pruning_keeps_the_newest_finished_jobs_and_running_ones() {
         let store = StateStore::in_memory().expect("store");
         let records: Vec<JobRecord> = (1..=5)
@@ -387,7 +478,11 @@ mod tests {
                 )
             })
             .collect();
-        store.put_jobs(&records).expect("jobs");
+        let entries: Vec<JobEntry> = records
+            .into_iter()
+            .map(|record| JobEntry::Record(record.into()))
+            .collect();
+        store.put_job_entries(&entries).expect("jobs");
         assert_eq!(store.prune_jobs(2).expect("prune"), 2);
         let left: Vec<String> = store
             .jobs()

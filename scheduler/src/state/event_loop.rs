@@ -13,7 +13,7 @@ use quiver_core::write::{FinishOverwrite, JobEnded, settle_write};
 use quiver_proto::{
     CancelTasks, CommitAnswer, CommitRequest, Drained, ExecutorRegistered, FailureKind,
     HeartbeatAck, JobRecord, JobState, JobStatus, PROTOCOL_VERSION, RemoveJobData,
-    SchedulerMessage, TaskStatus, executor_message, scheduler_message, task_status,
+    SchedulerMessage, StoreConfig, TaskStatus, executor_message, scheduler_message, task_status,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -78,9 +78,11 @@ pub fn spawn(
     config: LoopConfig,
     store: &StateStore,
     stores: Arc<StoreRegistry>,
-) -> Result<(SchedulerHandle, Vec<JobRecord>), StoreError> {
+) -> Result<(SchedulerHandle, Vec<InterruptedJob>), StoreError> {
     let (events, receiver) = mpsc::unbounded_channel();
     let directory = JobDirectory::default();
+    // Taken before the recorder starts: it forgets them with final records.
+    let mut kept_stores = store.take_job_stores()?;
     let recorder = JobRecorder::start(store.clone());
     let mut interrupted = Vec::new();
     for mut record in store.jobs()? {
@@ -90,12 +92,21 @@ pub fn spawn(
         if !is_final(status.state()) {
             status.state = JobState::Failed.into();
             status.tasks_running = 0;
-            status.error =
-                "the scheduler restarted while this job was running; submit it again".into();
+            // A write is settled once the scheduler has started, and its
+            // job recorded again with the outcome.
+            status.error = if record.writes_to.is_empty() {
+                format!("{RESTARTED}; submit it again")
+            } else {
+                format!("{RESTARTED}; its write is being settled")
+            };
             record.finished_at_unix_ms = unix_millis();
             warn!(job_id = %status.job_id, "job was interrupted by a scheduler restart");
+            let stores = kept_stores.remove(&status.job_id).unwrap_or_default();
             recorder.record(record.clone());
-            interrupted.push(record.clone());
+            interrupted.push(InterruptedJob {
+                record: record.clone(),
+                stores,
+            });
         }
         if let Some(status) = record.status {
             directory.insert(status.job_id.clone(), watch::channel(status).1);
@@ -119,6 +130,29 @@ pub fn spawn(
         recorder,
     };
     Ok((handle, interrupted))
+}
+
+/// How the error of a job that a scheduler restart interrupted begins.
+pub const RESTARTED: &str = "the scheduler restarted while this job was running";
+
+/// A job that was running when the scheduler last stopped.
+#[derive(Debug, Clone)]
+pub struct InterruptedJob {
+    /// Its record, now marked failed.
+    pub record: JobRecord,
+    /// The stores its tasks ran with, to settle its data with; empty if
+    /// none were kept (a job that leaves no data, or one recorded by an
+    /// older scheduler).
+    pub stores: Vec<StoreConfig>,
+}
+
+impl InterruptedJob {
+    pub fn id(&self) -> &str {
+        self.record
+            .status
+            .as_ref()
+            .map_or("", |status| status.job_id.as_str())
+    }
 }
 
 /// Why work run off the loop gave no answer.
@@ -416,6 +450,11 @@ impl SchedulerLoop {
             info!(job_id = %submitted.job_id, stages = job.stages.len(), "job accepted");
         }
         submitted.status.send_replace(job.status());
+        // What a restarted scheduler would settle: kept with the job's
+        // credentials, which the catalog may not hold (a `COPY`'s options).
+        if !job.durable_shuffle.is_empty() || job.writes_to.is_some() {
+            self.recorder.keep_stores(&job.id, &job.stores);
+        }
         self.recorder.record(job.record(0));
         self.jobs.insert(submitted.job_id, (job, submitted.status));
     }

@@ -337,7 +337,7 @@ impl Job {
         self.plans = planned.stages;
         self.adaptive = planned.adaptive;
         self.build_sides_chosen.clear();
-        self.stores = planned.stores;
+        self.stores = keep_job_options(std::mem::take(&mut self.stores), planned.stores);
         self.replans += 1;
         self.replanning = false;
     }
@@ -1374,7 +1374,21 @@ impl Job {
     }
 }
 
-/// `count` tasks that have not run yet.
+/// The stores a job planned again runs with: its first plan's, options
+/// included, for every location that plan had. Meanwhile another statement
+/// may have configured a location anew, or a failed one put its options
+/// back, and a job's tasks, commit and clean-up act with one set of
+/// credentials from start to end. A location new to the plan takes the
+/// options of now.
+fn keep_job_options(first: Vec<StoreConfig>, replanned: Vec<StoreConfig>) -> Vec<StoreConfig> {
+    let mut kept: Vec<StoreConfig> = replanned
+        .into_iter()
+        .filter(|location| !first.iter().any(|known| known.url == location.url))
+        .collect();
+    kept.splice(0..0, first);
+    kept
+}
+
 /// The stages of `plans`, encoded as `encoded`, none of them started; their
 /// tasks' first attempts are numbered `first_attempt`.
 fn new_stages(
@@ -1411,6 +1425,7 @@ fn writes_one_file(sink: &DataSinkExec) -> bool {
         .is_some_and(|path| config.file_output_mode.single_file_output(path))
 }
 
+/// `count` tasks that have not run yet, their first attempt numbered `attempt`.
 fn pending_tasks(count: usize, now: Instant, attempt: u32) -> Vec<Task> {
     (0..count)
         .map(|_| Task {
@@ -2195,7 +2210,14 @@ mod tests {
         assert_eq!(state(&job, 1, 1), &TaskState::Pending);
         assert_eq!(job.on_executor_lost("b", now, now), Outcome::Continue);
 
+        // The stores the job ran with stay, whatever is configured now.
+        let ran_with = vec![StoreConfig {
+            url: "file:///".into(),
+            options: [("aws.region".into(), "as-first-planned".into())].into(),
+        }];
+        job.stores = ran_with.clone();
         job.install_replan(plan_again(&job).await, now);
+        assert_eq!(job.stores, ran_with);
         assert_eq!(job.replans, 1);
         assert_eq!(job.status().replans, 1);
         let (stage, partition, _) = job.next_runnable(now).expect("the new plan runs");
