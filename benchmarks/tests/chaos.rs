@@ -1434,9 +1434,11 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
 /// A scheduler that stops while write jobs run settles their writes when it
 /// starts again, and records each job as its write ended: one that
 /// committed succeeded (its `CREATE TABLE AS` table is registered), and
-/// must not be submitted again; one rolled back failed, and may be. The
-/// state such a stop leaves is made from real jobs: their records are put
-/// back as running, and the table's catalog entry as pending.
+/// must not be submitted again; one rolled back failed, and may be. A
+/// table that an earlier start left pending, its job recorded as failed,
+/// is settled again and registered. The state such stops leave is made
+/// from real jobs: their records are put back as running (or failed), and
+/// the tables' catalog entries as pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
     use quiver_proto::PendingTable;
@@ -1455,9 +1457,13 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
     ))
     .await
     .expect("COPY");
-    run("CREATE TABLE made AS SELECT value AS v FROM range(500)".into())
+    for table in ["made", "later"] {
+        run(format!(
+            "CREATE TABLE {table} AS SELECT value AS v FROM range(500)"
+        ))
         .await
         .expect("CREATE TABLE AS");
+    }
     run(format!(
         "COPY (SELECT 1 / (value - value) AS v FROM range(10)) TO '{}/' STORED AS PARQUET",
         cluster.work_dir().join("failed").display()
@@ -1472,9 +1478,10 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
             .map(|status| status.job_id.clone())
             .expect("the job is in the history")
     };
-    let (copy_job, made_job, failed_job) = (
+    let (copy_job, made_job, later_job, failed_job) = (
         job_of("range(1000)"),
         job_of("CREATE TABLE made"),
+        job_of("CREATE TABLE later"),
         job_of("value - value"),
     );
     drop(context);
@@ -1487,6 +1494,11 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
         .into_iter()
         .filter_map(|mut record| {
             let status = record.status.as_mut()?;
+            if status.job_id == later_job {
+                status.state = JobState::Failed.into();
+                status.error = "left pending by an earlier start".into();
+                return Some(JobEntry::Record(record.into()));
+            }
             if ![&copy_job, &made_job, &failed_job].contains(&&status.job_id) {
                 return None;
             }
@@ -1497,22 +1509,24 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
             Some(JobEntry::Record(record.into()))
         })
         .collect();
-    assert_eq!(running.len(), 3);
+    assert_eq!(running.len(), 4);
     store.put_job_entries(&running).expect("put the jobs back");
-    let key = "table:datafusion.public.made";
-    let entry = store
-        .catalog_entry(key)
-        .expect("read the catalog")
-        .expect("the table was registered");
-    store.remove_catalog_entries(|k| k == key).expect("remove");
-    store
-        .put_pending_table(&PendingTable {
-            job_id: made_job.clone(),
-            statements: vec![entry.sql],
-            managed_key: key.into(),
-            settings: Vec::new(),
-        })
-        .expect("store the pending table");
+    for (table, job_id) in [("made", &made_job), ("later", &later_job)] {
+        let key = format!("table:datafusion.public.{table}");
+        let entry = store
+            .catalog_entry(&key)
+            .expect("read the catalog")
+            .expect("the table was registered");
+        store.remove_catalog_entries(|k| k == key).expect("remove");
+        store
+            .put_pending_table(&PendingTable {
+                job_id: job_id.clone(),
+                statements: vec![entry.sql],
+                managed_key: key,
+                settings: Vec::new(),
+            })
+            .expect("store the pending table");
+    }
     drop(store);
 
     cluster.start_scheduler();
@@ -1521,7 +1535,7 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
         let context = context.clone();
         async move { context.job_status(&job_id).await.expect("status") }
     };
-    for job_id in [&copy_job, &made_job] {
+    for job_id in [&copy_job, &made_job, &later_job] {
         let settled = status(job_id.clone()).await;
         assert_eq!(
             (settled.state(), settled.error.as_str()),
@@ -1555,7 +1569,9 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
                 .value(0)
         }
     };
-    assert_eq!(count("SELECT count(*) FROM made".into()).await, 500);
+    for table in ["made", "later"] {
+        assert_eq!(count(format!("SELECT count(*) FROM {table}")).await, 500);
+    }
     context
         .sql(&format!(
             "CREATE EXTERNAL TABLE copied STORED AS PARQUET LOCATION '{}/'",

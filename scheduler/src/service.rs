@@ -519,22 +519,37 @@ impl SchedulerGrpc {
             let record = records
                 .iter()
                 .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id));
-            let was_interrupted = interrupted.iter().any(|job| {
-                job.record
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.job_id == job_id)
-            });
+            let was_interrupted = interrupted.iter().any(|job| job.id() == job_id);
             let succeeded = record
                 .and_then(|record| record.status.as_ref())
                 .is_some_and(|status| status.state() == JobState::Succeeded);
-            let outcome = match settled.get(&job_id) {
+            let writes_to = record.map_or("", |record| record.writes_to.as_str());
+            let write = match settled.get(&job_id) {
+                Some(settled) => Some(*settled),
+                // An earlier start left it pending and recorded its job as
+                // failed; settling a write is repeatable.
+                None if !succeeded && !was_interrupted && !writes_to.is_empty() => {
+                    self.settle_again(&job_id, writes_to).await
+                }
+                None => None,
+            };
+            let outcome = match write {
                 _ if succeeded => self.planner.register_pending_table(table).await,
-                Some(Settled::Committed { .. }) => self.planner.register_pending_table(table).await,
+                Some(Settled::Committed { .. }) => {
+                    let registered = self.planner.register_pending_table(table).await;
+                    // An interrupted job is recorded with the others.
+                    if registered.is_ok()
+                        && !was_interrupted
+                        && let Some(record) = record
+                    {
+                        self.record_ended(record.clone(), JobState::Succeeded, String::new());
+                    }
+                    registered
+                }
                 // Unsettled: its staging folder may still hold a commit.
-                None if was_interrupted && record.is_some_and(|r| !r.writes_to.is_empty()) => {
-                    warn!(%job_id, "the write of a CREATE TABLE AS job interrupted by the \
-                        restart could not be settled; its table stays pending until the next start");
+                None if !writes_to.is_empty() => {
+                    warn!(%job_id, "the write of a CREATE TABLE AS job could not be settled; \
+                        its table stays pending until the next start");
                     left_pending.insert(job_id);
                     continue;
                 }
@@ -569,40 +584,69 @@ impl SchedulerGrpc {
             if job.record.writes_to.is_empty() {
                 continue;
             }
-            let mut record = job.record.clone();
-            let Some(status) = record.status.as_mut() else {
-                continue;
-            };
-            let pending = left_pending.contains(&status.job_id);
-            match settled.get(&status.job_id) {
-                Some(Settled::Committed { .. }) if !pending => {
-                    status.state = JobState::Succeeded.into();
-                    status.error = String::new();
+            let job_id = job.id();
+            let (state, error) = match settled.get(job_id) {
+                Some(Settled::Committed { .. }) if !left_pending.contains(job_id) => {
+                    (JobState::Succeeded, String::new())
                 }
-                Some(Settled::Committed { .. }) => {
-                    status.error = format!(
+                Some(Settled::Committed { .. }) => (
+                    JobState::Failed,
+                    format!(
                         "{RESTARTED}; its write committed, and its table is registered when \
                          the scheduler next starts: do not submit it again"
-                    );
-                }
-                Some(Settled::RolledBack { .. }) => {
-                    status.error =
-                        format!("{RESTARTED}; its write was rolled back: submit it again");
-                }
-                None => {
-                    status.error = format!(
+                    ),
+                ),
+                Some(Settled::RolledBack { .. }) => (
+                    JobState::Failed,
+                    format!("{RESTARTED}; its write was rolled back: submit it again"),
+                ),
+                None => (
+                    JobState::Failed,
+                    format!(
                         "{RESTARTED}, and whether its write committed could not be told: \
                          check its table before submitting it again (a later write into \
                          the table settles it)"
-                    );
-                }
+                    ),
+                ),
+            };
+            self.record_ended(job.record.clone(), state, error);
+        }
+    }
+
+    /// Records, after a restart, how a job whose write was settled ended.
+    fn record_ended(&self, mut record: JobRecord, state: JobState, error: String) {
+        let Some(status) = record.status.as_mut() else {
+            return;
+        };
+        status.state = state.into();
+        status.error = error;
+        info!(job_id = %status.job_id, state = ?status.state(), %status.error,
+            "recorded how a job's write, settled after the restart, ended");
+        self.handle
+            .directory
+            .insert(status.job_id.clone(), watch::channel(status.clone()).1);
+        self.handle.recorder.record(record);
+    }
+
+    /// Settles anew the write of `job_id` into `writes_to`, which an
+    /// earlier start could not settle, with the stores configured now.
+    async fn settle_again(&self, job_id: &str, writes_to: &str) -> Option<Settled> {
+        let stores = self.planner.object_stores();
+        let settling = clean_up_job_storage(
+            &stores,
+            job_id,
+            "",
+            writes_to,
+            JobEnded::Otherwise,
+            FinishOverwrite::Yes,
+        );
+        match tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await {
+            Ok(settled) => settled,
+            Err(_) => {
+                warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
+                    "settling a write left pending timed out");
+                None
             }
-            info!(job_id = %status.job_id, state = ?status.state(), %status.error,
-                "recorded how the write of a job interrupted by the restart ended");
-            self.handle
-                .directory
-                .insert(status.job_id.clone(), watch::channel(status.clone()).1);
-            self.handle.recorder.record(record);
         }
     }
 }
