@@ -542,7 +542,9 @@ impl SchedulerGrpc {
                         && !was_interrupted
                         && let Some(record) = record
                     {
-                        self.record_ended(record.clone(), JobState::Succeeded, String::new());
+                        let mut record = record.clone();
+                        record.write_unsettled = false;
+                        self.record_ended(record, JobState::Succeeded, String::new());
                     }
                     registered
                 }
@@ -585,6 +587,8 @@ impl SchedulerGrpc {
                 continue;
             }
             let job_id = job.id();
+            let mut record = job.record.clone();
+            record.write_unsettled = false;
             let (state, error) = match settled.get(job_id) {
                 Some(Settled::Committed { .. }) if !left_pending.contains(job_id) => {
                     (JobState::Succeeded, String::new())
@@ -600,20 +604,25 @@ impl SchedulerGrpc {
                     JobState::Failed,
                     format!("{RESTARTED}; its write was rolled back: submit it again"),
                 ),
-                None => (
-                    JobState::Failed,
-                    format!(
-                        "{RESTARTED}, and whether its write committed could not be told: \
-                         check its table before submitting it again (a later write into \
-                         the table settles it)"
-                    ),
-                ),
+                None => {
+                    // Every start tries again, with the job's credentials.
+                    record.write_unsettled = true;
+                    (
+                        JobState::Failed,
+                        format!(
+                            "{RESTARTED}, and whether its write committed could not be told \
+                             yet (the next start of the scheduler, or a later write into the \
+                             table, settles it): check its table before submitting it again"
+                        ),
+                    )
+                }
             };
-            self.record_ended(job.record.clone(), state, error);
+            self.record_ended(record, state, error);
         }
     }
 
-    /// Records, after a restart, how a job whose write was settled ended.
+    /// Records, after a restart, how a job whose write was settled ended;
+    /// its write stays to be settled if `record` says so.
     fn record_ended(&self, mut record: JobRecord, state: JobState, error: String) {
         let Some(status) = record.status.as_mut() else {
             return;

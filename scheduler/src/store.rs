@@ -203,7 +203,8 @@ impl StateStore {
     }
 
     /// Writes job records and stores, in order, in one transaction. A
-    /// finished job's stores are forgotten with its final record.
+    /// finished job's stores are forgotten with its final record, unless
+    /// its write is still to be settled.
     pub fn put_job_entries(&self, entries: &[JobEntry]) -> Result<()> {
         let write = self.db.begin_write()?;
         {
@@ -218,7 +219,7 @@ impl StateStore {
                             .map(|status| status.job_id.as_str())
                             .unwrap_or_default();
                         jobs.insert(job_id, record.encode_to_vec().as_slice())?;
-                        if record.finished_at_unix_ms > 0 {
+                        if record.finished_at_unix_ms > 0 && !record.write_unsettled {
                             stores.remove(job_id)?;
                         }
                     }
@@ -432,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn a_running_jobs_stores_are_kept_until_its_final_record() {
+    fn a_jobs_stores_are_kept_until_its_write_is_settled() {
         let folder = tempfile::tempdir().expect("tempdir");
         let stores = |job_id: &str| {
             JobEntry::Stores(JobStores {
@@ -452,18 +453,28 @@ mod tests {
                     stores("running"),
                     JobEntry::Record(record("running", 20, 0).into()),
                     JobEntry::Record(record("ended", 10, 15).into()),
+                    stores("unsettled"),
+                    JobEntry::Record(
+                        JobRecord {
+                            write_unsettled: true,
+                            ..record("unsettled", 5, 8)
+                        }
+                        .into(),
+                    ),
                 ])
                 .expect("entries");
         }
         let store = StateStore::open(folder.path()).expect("reopen");
         let kept = store.take_job_stores().expect("take");
-        assert_eq!(kept.keys().collect::<Vec<_>>(), ["running"]);
+        let mut jobs: Vec<&String> = kept.keys().collect();
+        jobs.sort();
+        assert_eq!(jobs, ["running", "unsettled"]);
         assert_eq!(
             kept["running"][0].options["aws.secret_access_key"],
             "running"
         );
         assert!(store.take_job_stores().expect("take").is_empty(), "taken");
-        assert_eq!(store.jobs().expect("jobs").len(), 2, "records are kept");
+        assert_eq!(store.jobs().expect("jobs").len(), 3, "records are kept");
     }
 
     #[test]

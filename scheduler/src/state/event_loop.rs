@@ -89,7 +89,9 @@ pub fn spawn(
         let Some(status) = record.status.as_mut() else {
             continue;
         };
-        if !is_final(status.state()) {
+        let job_id = status.job_id.clone();
+        let running = !is_final(status.state());
+        if running {
             status.state = JobState::Failed.into();
             status.tasks_running = 0;
             // A write is settled once the scheduler has started, and its
@@ -100,8 +102,16 @@ pub fn spawn(
                 format!("{RESTARTED}; its write is being settled")
             };
             record.finished_at_unix_ms = unix_millis();
-            warn!(job_id = %status.job_id, "job was interrupted by a scheduler restart");
-            let stores = kept_stores.remove(&status.job_id).unwrap_or_default();
+            record.write_unsettled = !record.writes_to.is_empty();
+            warn!(%job_id, "job was interrupted by a scheduler restart");
+        }
+        // Settled at an earlier start, its write could not be.
+        if running || record.write_unsettled {
+            let stores = kept_stores.remove(&job_id).unwrap_or_default();
+            // Kept until the write is settled, should this start stop too.
+            if record.write_unsettled {
+                recorder.keep_stores(&job_id, &stores);
+            }
             recorder.record(record.clone());
             interrupted.push(InterruptedJob {
                 record: record.clone(),

@@ -1289,6 +1289,7 @@ impl Job {
             finished_at_unix_ms,
             durable_shuffle: self.durable_shuffle.clone(),
             writes_to: self.writes_to.clone().unwrap_or_default(),
+            write_unsettled: false,
         }
     }
 
