@@ -1169,6 +1169,21 @@ async fn bad_locations_get_clear_errors_without_secrets() {
             ),
             "no-such-bucket",
         ),
+        (
+            "a password in an explained location",
+            format!(
+                "EXPLAIN COPY (SELECT 1 AS x) TO 's3://u:{SECRET_KEY}@lake/out/' STORED AS PARQUET"
+            ),
+            "'s3://u:***@lake/out/' holds a password",
+        ),
+        (
+            "a statement DataFusion echoes",
+            format!(
+                "CREATE TABLE h STORED AS PARQUET LOCATION 's3://lake/h/' \
+                 OPTIONS ('aws.secret_access_key' = '{SECRET_KEY}') AS SELECT 1"
+            ),
+            "Unsupported SQL statement",
+        ),
     ];
     for (case, sql, named) in cases {
         let error = run(&context, &sql)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::EmptyRecordBatchStream;
 use datafusion::prelude::SessionContext;
@@ -13,6 +13,7 @@ use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use quiver_core::config::{default_session_config, settings_to_send};
 use quiver_core::shuffle::FlightClientPool;
+use quiver_core::storage::redact_statement_error;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
 use quiver_proto::{
     ExecutorInfo, JobRecord, JobRequest, JobStatus, ListExecutorsRequest, ListJobsRequest, Setting,
@@ -109,7 +110,7 @@ impl QuiverContext {
     pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
         let started = std::time::Instant::now();
         let state = self.session.state();
-        let plan = state.create_logical_plan(sql).await?;
+        let plan = plan_statement(&state, sql).await?;
         tracing::debug!(
             planning_us = started.elapsed().as_micros() as u64,
             "statement planned on the client"
@@ -194,7 +195,7 @@ impl QuiverContext {
         progress: impl FnMut(&JobStatus),
     ) -> Result<SendableRecordBatchStream> {
         if changes_session(sql) {
-            let plan = self.session.state().create_logical_plan(sql).await?;
+            let plan = plan_statement(&self.session.state(), sql).await?;
             self.session.execute_logical_plan(plan).await?;
             let nothing = Arc::new(arrow::datatypes::Schema::empty());
             return Ok(Box::pin(EmptyRecordBatchStream::new(nothing)));
@@ -263,6 +264,15 @@ impl QuiverContext {
     pub fn scheduler(&self) -> SchedulerServiceClient<Channel> {
         self.client.clone()
     }
+}
+
+/// The logical plan of `sql`; an error loses what it would repeat of the
+/// statement's secret store options.
+async fn plan_statement(state: &SessionState, sql: &str) -> Result<LogicalPlan> {
+    state
+        .create_logical_plan(sql)
+        .await
+        .map_err(|e| redact_statement_error(e, sql).into())
 }
 
 fn quote_identifier(name: &str) -> String {

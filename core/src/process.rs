@@ -3,19 +3,47 @@
 
 use std::fmt::Display;
 use std::future::Future;
+use std::io::Write;
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Directive;
 
-/// Logs to stderr at the level `RUST_LOG` asks for (`info` by default).
+use crate::storage::redact_store_echoes;
+
+/// Logs to stderr at the level `RUST_LOG` asks for (`info` by default),
+/// with what stores echo of credentials, and passwords in URLs, blanked
+/// ([`redact_store_echoes`]): DataFusion logs store errors that Quiver never
+/// sees (a failed statistics pre-warm, at `warn`, quotes S3's answer with
+/// its `<Token-0>`), and plans at `debug`. sqlparser is held at `info`: at
+/// `debug` it logs the tokens of statements, secrets included, in forms no
+/// pattern can tell.
 pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(Directive::from_str("sqlparser=info").unwrap_or_default());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_writer(|| Redacted(std::io::stderr()))
         .init();
+}
+
+/// A log's output, through [`redact_store_echoes`]. The formatter writes
+/// each event in one call, so an echo is never cut between two.
+struct Redacted<W>(W);
+
+impl<W: Write> Write for Redacted<W> {
+    fn write(&mut self, event: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(event);
+        self.0.write_all(redact_store_echoes(&text).as_bytes())?;
+        Ok(event.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Completes on Ctrl-C or, on Unix, SIGTERM (what Kubernetes sends).
@@ -58,5 +86,27 @@ where
             eprintln!("{name}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_events_lose_what_stores_echo() {
+        let mut log = Redacted(Vec::new());
+        write!(
+            log,
+            "WARN listing_table_factory: Failed to pre-warm statistics cache: 400 Bad Request: \
+             <Error><Code>ExpiredToken</Code><Token-0>IQoJb3JpZ2luTOKEN</Token-0></Error>\n\
+             DEBUG CopyTo: output_url=http://user:PASSWORD1@host/x/\n"
+        )
+        .expect("write");
+        let logged = String::from_utf8(log.0).expect("text");
+        assert!(!logged.contains("IQoJb3JpZ2luTOKEN"), "{logged}");
+        assert!(!logged.contains("PASSWORD1"), "{logged}");
+        assert!(logged.contains("<Token-0>***</Token-0>"), "{logged}");
+        assert!(logged.contains("http://user:***@host/x/"), "{logged}");
     }
 }

@@ -35,7 +35,7 @@ use quiver_core::config::{QuiverOptions, default_session_config, session_config_
 use quiver_core::guard::{catch_future_panic, panic_message};
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
-    StoreOptions, StoreRegistry, is_store_option, redact_parse_error,
+    StoreOptions, StoreRegistry, is_store_option, redact_statement_error, redact_store_echoes,
     register_store_option_namespaces, runtime_builder,
 };
 use quiver_core::write::snapshot::KnownCommits;
@@ -198,12 +198,12 @@ impl Replanner {
 }
 
 /// The logical plan of `sql`. A parse error does not quote the statement's
-/// store options, which may hold secrets (see [`redact_parse_error`]).
+/// store options, which may hold secrets (see [`redact_statement_error`]).
 async fn logical_plan_of(state: &SessionState, sql: &str) -> Result<LogicalPlan> {
     state
         .create_logical_plan(sql)
         .await
-        .map_err(|e| Error::Query(redact_parse_error(e, sql)))
+        .map_err(|e| Error::Query(redact_statement_error(e, sql)))
 }
 
 /// Plans queries against the catalog that all clients share.
@@ -914,13 +914,19 @@ impl Planner {
     /// `COPY ... OPTIONS (...)`), before DataFusion first lists it.
     fn configure_locations(&self, plan: &LogicalPlan) -> Result<Vec<ReplacedStore>> {
         let (locations, options) = match plan {
-            // What runs under EXPLAIN ANALYZE needs its locations as much.
-            LogicalPlan::Analyze(analyze) => return self.configure_locations(&analyze.input),
-            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) => {
-                (table.locations.as_slice(), &table.options)
+            // Nothing runs under EXPLAIN, but its output shows the
+            // locations: they are checked all the same.
+            LogicalPlan::Explain(explain) => {
+                let locations = declared_locations(&explain.plan).map_or(&[][..], |found| found.0);
+                for location in locations {
+                    check_location_spelling(location)?;
+                }
+                return Ok(Vec::new());
             }
-            LogicalPlan::Copy(copy) => (std::slice::from_ref(&copy.output_url), &copy.options),
-            _ => return Ok(Vec::new()),
+            plan => match declared_locations(plan) {
+                Some(found) => found,
+                None => return Ok(Vec::new()),
+            },
         };
         for location in locations {
             check_location_spelling(location)?;
@@ -1141,9 +1147,17 @@ const STORE_SCHEMES: [&str; 12] = [
 fn check_location_spelling(location: &str) -> Result<()> {
     let misspelt = |problem: &str| {
         Err(Error::Query(DataFusionError::Plan(format!(
-            "the location '{location}' {problem}"
+            "the location '{}' {problem}",
+            redact_store_echoes(location)
         ))))
     };
+    // Refused before DataFusion plans (and logs) the statement.
+    if url::Url::parse(location).is_ok_and(|url| url.password().is_some()) {
+        return misspelt(
+            "holds a password, which would show wherever the location does: give \
+             credentials in OPTIONS (...) or the environment",
+        );
+    }
     let Some((scheme, rest)) = location.split_once("://") else {
         return match location.split_once(':') {
             Some((scheme, _)) if STORE_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
@@ -1174,6 +1188,20 @@ fn check_location_spelling(location: &str) -> Result<()> {
          if it is part of a folder or file name",
         &location[..at]
     ))))
+}
+
+/// The locations that a statement declares or writes, with its store
+/// options: `CREATE EXTERNAL TABLE` and `COPY`, run by `EXPLAIN ANALYZE`
+/// too, whose statement needs its locations as much.
+fn declared_locations(plan: &LogicalPlan) -> Option<(&[String], &HashMap<String, String>)> {
+    match plan {
+        LogicalPlan::Analyze(analyze) => declared_locations(&analyze.input),
+        LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) => {
+            Some((table.locations.as_slice(), &table.options))
+        }
+        LogicalPlan::Copy(copy) => Some((std::slice::from_ref(&copy.output_url), &copy.options)),
+        _ => None,
+    }
 }
 
 /// Refuses a schema or table name that cannot be its own warehouse folder:
@@ -1228,6 +1256,7 @@ mod tests {
             ("s3://lake//data/", "empty folder name"),
             ("gs://lake/a//b/", "empty folder name"),
             ("s3://b/t#2/", "end of its path"),
+            ("http://user:***@host/t/", "holds a password"),
         ] {
             let error = check_location_spelling(location)
                 .expect_err(location)
@@ -1237,6 +1266,13 @@ mod tests {
                 "{error}"
             );
         }
+        let error = check_location_spelling("s3://u:PW123@lake/x/")
+            .expect_err("a password")
+            .to_string();
+        assert!(
+            error.contains("'s3://u:***@lake/x/' holds a password") && !error.contains("PW123"),
+            "{error}"
+        );
         for location in [
             "s3://lake/data/",
             "s3://lake",

@@ -26,7 +26,8 @@ pub mod upload;
 
 pub use echoes::{redact_store_echoes, redacted_error};
 pub use options::{
-    StoreOptions, is_store_option, redact_parse_error, redact_sql, register_store_option_namespaces,
+    StoreOptions, is_store_option, redact_sql, redact_statement_error,
+    register_store_option_namespaces,
 };
 pub use registry::{Store, StoreError, StoreRegistry, build_store, store_key};
 

@@ -263,27 +263,142 @@ pub fn redact_sql(sql: &str) -> String {
     }
 }
 
-/// `error`, from parsing `sql`, without the token it quotes when that token
-/// lies after an `OPTIONS` keyword. A clause that the parser refuses may hold
-/// a secret in a form it does not take (`X'...'`, `$$...$$`, a value cut in
-/// two by a `+` or `/`, or by a digit it starts with), and the parser's
-/// "Expected: ..., found: <token> at Line: l, Column: c" would hand the
-/// secret, or its tail, back to the client. Errors of other kinds pass as
-/// they are: once parsed, option values are only ever shown redacted.
-pub fn redact_parse_error(error: DataFusionError, sql: &str) -> DataFusionError {
+/// `error`, from planning the statement `sql`, without the secrets of
+/// `sql`'s store options. DataFusion echoes statements it does not take
+/// ("Unsupported SQL statement: CREATE TABLE ... OPTIONS('aws.secret_access_key'
+/// = '...')"), and the parser quotes the token it stumbled on, which in a
+/// clause it refuses may be a secret in a form it does not take (`X'...'`,
+/// `$$...$$`, a value cut in two by a `+` or `/`, or by a digit it starts
+/// with). So every value written after a secret store option's key (`=`
+/// or `:` between them or not) is blanked wherever the error repeats it,
+/// and the parser's "found: <token> at Line: l, Column: c" is blanked when
+/// the token lies after an `OPTIONS` keyword.
+pub fn redact_statement_error(error: DataFusionError, sql: &str) -> DataFusionError {
+    let secrets = secret_values(sql);
+    without_secrets(error, sql, &secrets)
+}
+
+fn without_secrets(error: DataFusionError, sql: &str, secrets: &[String]) -> DataFusionError {
+    let blank = |message: String| blank_all(message, secrets);
     match error {
         DataFusionError::SQL(parser_error, backtrace) => {
             let parser_error = match *parser_error {
                 ParserError::ParserError(message) => {
-                    ParserError::ParserError(without_quoted_option_token(&message, sql))
+                    ParserError::ParserError(blank(without_quoted_option_token(&message, sql)))
                 }
+                ParserError::TokenizerError(message) => ParserError::TokenizerError(blank(message)),
                 other => other,
             };
             DataFusionError::SQL(Box::new(parser_error), backtrace)
         }
         // The diagnostic repeats the message; the error alone is kept.
-        DataFusionError::Diagnostic(_, inner) => redact_parse_error(*inner, sql),
-        other => other,
+        DataFusionError::Diagnostic(_, inner) => without_secrets(*inner, sql, secrets),
+        DataFusionError::Context(context, inner) => DataFusionError::Context(
+            blank(context),
+            Box::new(without_secrets(*inner, sql, secrets)),
+        ),
+        DataFusionError::NotImplemented(message) => DataFusionError::NotImplemented(blank(message)),
+        DataFusionError::Plan(message) => DataFusionError::Plan(blank(message)),
+        DataFusionError::Configuration(message) => DataFusionError::Configuration(blank(message)),
+        DataFusionError::Execution(message) => DataFusionError::Execution(blank(message)),
+        other => {
+            let text = other.to_string();
+            let blanked = blank(text.clone());
+            if blanked == text {
+                other
+            } else {
+                DataFusionError::Plan(blanked)
+            }
+        }
+    }
+}
+
+/// `message` with every occurrence of each of `secrets` replaced by `***`.
+fn blank_all(mut message: String, secrets: &[String]) -> String {
+    for secret in secrets {
+        if message.contains(secret.as_str()) {
+            message = message.replace(secret.as_str(), REDACTED);
+        }
+    }
+    message
+}
+
+/// Secrets shorter than this are not looked for in errors: blanking every
+/// `1` or `ab` of a message would ruin it, and no credential is so short.
+const SHORTEST_SECRET: usize = 4;
+
+/// Tokens that [`secret_values`] takes for one value at most.
+const MOST_VALUE_TOKENS: usize = 8;
+
+/// What `sql` writes after each key of a secret store option, up to the
+/// next `,` or `)`: the text of every token there but the signs `=` and
+/// `:` (a value the parser splits, `123abc`, is several tokens). Empty if
+/// `sql` cannot be read as tokens; the parser then fails on it too, and its
+/// errors do not echo the statement.
+fn secret_values(sql: &str) -> Vec<String> {
+    let dialect = GenericDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize() else {
+        return Vec::new();
+    };
+    let tokens: Vec<Token> = tokens
+        .into_iter()
+        .filter(|token| !matches!(token, Token::Whitespace(_)))
+        .collect();
+    let mut secrets = Vec::new();
+    let mut index = 0;
+    while index < tokens.len() {
+        let Some(mut key) = key_part(&tokens[index]) else {
+            index += 1;
+            continue;
+        };
+        let mut next = index + 1;
+        while matches!(tokens.get(next), Some(Token::Period))
+            && let Some(part) = tokens.get(next + 1).and_then(key_part)
+        {
+            key.push('.');
+            key.push_str(&part);
+            next += 2;
+        }
+        index = next;
+        if !is_store_option(&key) || is_harmless(&key) {
+            continue;
+        }
+        // A value is a token or a few; a key used elsewhere (a column) is
+        // not followed by the rest of the statement.
+        let value_end = (index + MOST_VALUE_TOKENS).min(tokens.len());
+        while let Some(token) = tokens.get(index).filter(|_| index < value_end) {
+            match token {
+                Token::Comma | Token::RParen | Token::SemiColon | Token::EOF => break,
+                Token::Eq | Token::Colon | Token::DoubleColon => {}
+                value => {
+                    let text = token_text(value);
+                    if text.chars().count() >= SHORTEST_SECRET {
+                        secrets.push(text);
+                    }
+                }
+            }
+            index += 1;
+        }
+    }
+    secrets
+}
+
+/// A token's text as an error would quote it: a literal's content, a
+/// word's value, anything else as written.
+fn token_text(token: &Token) -> String {
+    match token {
+        Token::SingleQuotedString(text)
+        | Token::DoubleQuotedString(text)
+        | Token::EscapedStringLiteral(text)
+        | Token::NationalStringLiteral(text)
+        | Token::HexStringLiteral(text)
+        | Token::SingleQuotedByteStringLiteral(text)
+        | Token::DoubleQuotedByteStringLiteral(text)
+        | Token::UnicodeStringLiteral(text) => text.clone(),
+        Token::DollarQuotedString(dollar) => dollar.value.clone(),
+        Token::Word(word) => word.value.clone(),
+        Token::Number(number, _) => number.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -532,7 +647,7 @@ mod tests {
                 error.to_string().contains(secret),
                 "the case echoes: {error}"
             );
-            let redacted = redact_parse_error(error, &sql).to_string();
+            let redacted = redact_statement_error(error, &sql).to_string();
             assert!(!redacted.contains(secret), "{redacted}");
             assert!(redacted.contains("found: ***"), "{redacted}");
             assert!(redacted.contains("at Line: "), "{redacted}");
@@ -544,8 +659,36 @@ mod tests {
             "SELEC 1".to_owned(),
         ] {
             let error = parse_error(&sql).to_string();
-            let redacted = redact_parse_error(parse_error(&sql), &sql).to_string();
+            let redacted = redact_statement_error(parse_error(&sql), &sql).to_string();
             assert_eq!(redacted, error);
+        }
+    }
+
+    /// DataFusion refuses `CREATE TABLE ... OPTIONS (...) AS` repeating the
+    /// whole statement, written back by the parser.
+    #[tokio::test]
+    async fn a_statement_echoed_in_an_error_loses_its_secrets() {
+        let state = datafusion::prelude::SessionContext::new().state();
+        for (sql, secret) in [
+            (
+                "CREATE TABLE h3 STORED AS PARQUET LOCATION 's3://lake/h/' \
+                 OPTIONS ('aws.secret_access_key' = 'HIVEECHO03', 'aws.region' = 'eu-west-1') \
+                 AS SELECT 1",
+                "HIVEECHO03",
+            ),
+            (
+                "CREATE TABLE h4 (a INT) WITH (\"azure.account_key\" = 'WITHECHO04')",
+                "WITHECHO04",
+            ),
+        ] {
+            let error = state.create_logical_plan(sql).await.expect_err(sql);
+            assert!(
+                error.to_string().contains(secret),
+                "the case echoes: {error}"
+            );
+            let redacted = redact_statement_error(error, sql).to_string();
+            assert!(!redacted.contains(secret), "{redacted}");
+            assert!(redacted.contains("***"), "{redacted}");
         }
     }
 
