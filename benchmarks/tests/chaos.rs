@@ -1512,6 +1512,34 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
         .collect();
     assert_eq!(running.len(), 4);
     store.put_job_entries(&running).expect("put the jobs back");
+    // Writes that no start can settle (a location whose store cannot be
+    // built): tried again at each start, up to five.
+    let unsettleable = |job_id: &str, settle_failures: u32| {
+        let mut record = store
+            .jobs()
+            .expect("jobs")
+            .into_iter()
+            .find(|record| {
+                record
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.job_id == failed_job)
+            })
+            .expect("the failed job's record");
+        let status = record.status.as_mut().expect("status");
+        status.job_id = job_id.into();
+        status.state = JobState::Failed.into();
+        record.writes_to = "s3://user:password@lake/t/".into();
+        record.write_unsettled = true;
+        record.settle_failures = settle_failures;
+        JobEntry::Record(record.into())
+    };
+    store
+        .put_job_entries(&[
+            unsettleable("00000000000000a1", 0),
+            unsettleable("00000000000000a4", 4),
+        ])
+        .expect("plant unsettleable writes");
     for (table, job_id) in [("made", &made_job), ("later", &later_job)] {
         let key = format!("table:datafusion.public.{table}");
         let entry = store
@@ -1545,6 +1573,33 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
             cluster.scheduler_log()
         );
     }
+    let tried_again = status("00000000000000a1".into()).await;
+    assert!(
+        tried_again
+            .error
+            .contains("(1 of 5 starts tried; the next start of the scheduler"),
+        "{}",
+        tried_again.error
+    );
+    let given_up = status("00000000000000a4".into()).await;
+    assert!(
+        given_up
+            .error
+            .contains("(5 of 5 starts tried; the scheduler gives up"),
+        "{}",
+        given_up.error
+    );
+    let records = context.list_jobs(100).await.expect("job list");
+    let unsettled = |job_id: &str| {
+        records
+            .iter()
+            .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id))
+            .map(|record| record.write_unsettled)
+    };
+    assert_eq!(
+        (unsettled("00000000000000a1"), unsettled("00000000000000a4")),
+        (Some(true), Some(false))
+    );
     let failed = status(failed_job).await;
     assert_eq!(failed.state(), JobState::Failed);
     assert!(

@@ -605,14 +605,23 @@ impl SchedulerGrpc {
                     format!("{RESTARTED}; its write was rolled back: submit it again"),
                 ),
                 None => {
-                    // Every start tries again, with the job's credentials.
-                    record.write_unsettled = true;
+                    // The next starts try again, with the job's credentials,
+                    // but not for ever: each may wait a minute on the store.
+                    record.settle_failures += 1;
+                    record.write_unsettled = record.settle_failures < MOST_SETTLING_STARTS;
+                    let next = if record.write_unsettled {
+                        "the next start of the scheduler, or a later write into the table, \
+                         settles it"
+                    } else {
+                        "the scheduler gives up; a later write into the table settles it"
+                    };
                     (
                         JobState::Failed,
                         format!(
                             "{RESTARTED}, and whether its write committed could not be told \
-                             yet (the next start of the scheduler, or a later write into the \
-                             table, settles it): check its table before submitting it again"
+                             ({} of {MOST_SETTLING_STARTS} starts tried; {next}): check its \
+                             table before submitting it again",
+                            record.settle_failures
                         ),
                     )
                 }
@@ -659,6 +668,11 @@ impl SchedulerGrpc {
         }
     }
 }
+
+/// Starts of the scheduler that try to settle an interrupted write whose
+/// store does not answer before it gives up and leaves it to a later write
+/// into the table.
+const MOST_SETTLING_STARTS: u32 = 5;
 
 /// Longest wait for object storage when cleaning up after a restart.
 const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

@@ -1290,6 +1290,7 @@ impl Job {
             durable_shuffle: self.durable_shuffle.clone(),
             writes_to: self.writes_to.clone().unwrap_or_default(),
             write_unsettled: false,
+            settle_failures: 0,
         }
     }
 
