@@ -610,10 +610,11 @@ impl SchedulerGrpc {
                     record.settle_failures += 1;
                     record.write_unsettled = record.settle_failures < MOST_SETTLING_STARTS;
                     let next = if record.write_unsettled {
-                        "the next start of the scheduler, or a later write into the table, \
-                         settles it"
+                        "the next start of the scheduler settles it, or else a write into the \
+                         table once it is a day old"
                     } else {
-                        "the scheduler gives up; a later write into the table settles it"
+                        "the scheduler gives up; a write into the table settles it once it is \
+                         a day old"
                     };
                     (
                         JobState::Failed,
