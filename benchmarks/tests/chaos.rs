@@ -795,8 +795,14 @@ fn kill_once_replacing(
 
 /// The data files below `table`: what is not in a `_` folder.
 fn data_files_below(table: &std::path::Path) -> Vec<std::path::PathBuf> {
+    files_below(table, true)
+}
+
+/// The files below `folder`, but for those below a `_` name when
+/// `hide_underscored`.
+fn files_below(folder: &std::path::Path, hide_underscored: bool) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
-    let mut pending = vec![table.to_path_buf()];
+    let mut pending = vec![folder.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for path in std::fs::read_dir(&dir)
             .into_iter()
@@ -804,9 +810,10 @@ fn data_files_below(table: &std::path::Path) -> Vec<std::path::PathBuf> {
             .flatten()
             .map(|e| e.path())
         {
-            if path
-                .file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with('_'))
+            if hide_underscored
+                && path
+                    .file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with('_'))
             {
                 continue;
             }
@@ -1639,4 +1646,76 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
         .await
         .expect("registered");
     assert_eq!(count("SELECT count(*) FROM copied".into()).await, 1000);
+}
+
+/// A `CREATE TABLE AS` runs its write before the scheduler answers the
+/// client, so a client whose scheduler dies meanwhile has no job id yet: it
+/// is told that the statement may have run and where to look, and a
+/// statement sent while no scheduler runs is told it was not sent. The
+/// restarted scheduler rolls the write back, records it so, and leaves no
+/// table and no files of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_loses_its_scheduler_during_create_table_as_is_told_where_to_look() {
+    let (warehouse, mut cluster) = cluster_with_a_warehouse();
+    let context = cluster.connect(1).await;
+    let writing = {
+        let context = context.clone();
+        tokio::spawn(async move {
+            let sql = format!("CREATE TABLE slow AS {LONG_QUERY}");
+            context.sql(&sql).await.map(|_| ())
+        })
+    };
+    let deadline = Instant::now() + QUERY_TIMEOUT;
+    let job_id = loop {
+        let jobs = context.list_jobs(0).await.expect("job list");
+        let running = jobs
+            .iter()
+            .filter(|record| record.query.contains("CREATE TABLE slow"))
+            .filter_map(|record| record.status.as_ref())
+            .find(|status| status.tasks_running > 0);
+        if let Some(status) = running {
+            break status.job_id.clone();
+        }
+        assert!(Instant::now() < deadline, "the write never ran: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.kill_scheduler();
+
+    let error = tokio::time::timeout(QUERY_TIMEOUT, writing)
+        .await
+        .expect("the client is told at once")
+        .expect("the client task")
+        .expect_err("the scheduler died under the statement");
+    assert!(
+        matches!(error, quiver_client::Error::StatementLost { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("may have run") && message.contains("`quiver job list`"),
+        "{message}"
+    );
+    let error = context
+        .submit_sql("SELECT 1")
+        .await
+        .expect_err("no scheduler runs");
+    assert!(
+        matches!(error, quiver_client::Error::StatementNotSent { .. }),
+        "{error:?}"
+    );
+    drop(context);
+
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let status = context.job_status(&job_id).await.expect("the job's status");
+    assert_eq!(status.state(), JobState::Failed, "{status:?}");
+    assert!(status.error.contains("rolled back"), "{}", status.error);
+    let error = context
+        .sql("SELECT * FROM slow")
+        .await
+        .map(|_| ())
+        .expect_err("a rolled-back table is not registered");
+    assert!(error.to_string().contains("slow"), "{error}");
+    let left = files_below(warehouse.path(), false);
+    assert!(left.is_empty(), "files of the rolled-back write: {left:?}");
 }

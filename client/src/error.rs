@@ -17,8 +17,23 @@ pub enum Error {
     },
 
     /// The scheduler refused or failed a call; the message is the server's.
-    #[error("{}", .0.message())]
+    #[error("{}", transport_failure(.0))]
     Rpc(#[from] tonic::Status),
+
+    /// The call carrying a statement failed after it was sent, before the
+    /// scheduler answered: the scheduler may have planned it and run its
+    /// job (a `CREATE TABLE AS` runs its write before it answers).
+    #[error(
+        "lost contact with the scheduler before it answered ({message}); the statement \
+         may have run, and a write in it may have committed: once the scheduler answers, \
+         `quiver job list` shows its job and how it ended: check it before running the \
+         statement again"
+    )]
+    StatementLost { message: String },
+
+    /// No connection to the scheduler could be made for a call: it was not sent.
+    #[error("cannot reach the Quiver scheduler ({message}); the statement was not sent")]
+    StatementNotSent { message: String },
 
     #[error("job {job_id} failed: {message}")]
     JobFailed { job_id: String, message: String },
@@ -47,6 +62,29 @@ pub enum Error {
 
     #[error(transparent)]
     Core(#[from] quiver_core::Error),
+}
+
+/// A status's message, with the causes of a transport failure, which
+/// tonic's own message ("transport error") leaves out.
+pub(crate) fn transport_failure(status: &tonic::Status) -> String {
+    let mut parts = vec![status.message().to_owned()];
+    for cause in causes(status) {
+        let text = cause.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    if parts.len() > 1 {
+        parts.retain(|part| part != "transport error");
+    }
+    parts.join(": ")
+}
+
+/// The errors under a status: set only when the call failed in transport.
+pub(crate) fn causes(
+    status: &tonic::Status,
+) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(status), |cause| cause.source())
 }
 
 impl From<Error> for DataFusionError {

@@ -15,7 +15,7 @@ use quiver_proto::{
 };
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, causes, transport_failure};
 
 /// A submitted job.
 #[derive(Debug, Clone)]
@@ -34,12 +34,32 @@ pub async fn submit(
             query: Some(query),
             settings,
         })
-        .await?
+        .await
+        .map_err(submit_failed)?
         .into_inner();
     Ok(SubmittedJob {
         schema: schema_from_bytes(&response.schema)?,
         job_id: response.job_id,
     })
+}
+
+/// The error for a submission that failed. An answer of the scheduler (a
+/// status without a source) says the statement did not run. A failure of
+/// the transport says nothing about it, unless no connection was made.
+fn submit_failed(status: tonic::Status) -> Error {
+    if std::error::Error::source(&status).is_none() {
+        return Error::Rpc(status);
+    }
+    let message = transport_failure(&status);
+    if causes(&status).any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    }) {
+        Error::StatementNotSent { message }
+    } else {
+        Error::StatementLost { message }
+    }
 }
 
 /// Follows a job until it reaches a final state; `progress` sees every update.
@@ -56,7 +76,7 @@ pub async fn wait(
         .into_inner();
     let lost = |status: tonic::Status| Error::SchedulerLost {
         job_id: job_id.to_owned(),
-        message: status.message().to_owned(),
+        message: transport_failure(&status),
     };
     while let Some(status) = updates.message().await.map_err(lost)? {
         progress(&status);
@@ -200,4 +220,51 @@ pub async fn execute(
     tracing::debug!(job_id = %job.job_id, submit_us = submitted.as_micros() as u64,
         total_us = started.elapsed().as_micros() as u64, "job finished on the cluster");
     Ok(result_stream(client, pool, job.schema, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn submit_to(address: std::net::SocketAddr) -> Error {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let query = Query::Sql("CREATE TABLE t AS SELECT 1".into());
+        submit(&mut SchedulerServiceClient::new(channel), query, Vec::new())
+            .await
+            .expect_err("nothing answers")
+    }
+
+    #[tokio::test]
+    async fn a_statement_that_reached_no_scheduler_was_not_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        drop(listener);
+        let error = submit_to(address).await;
+        assert!(matches!(error, Error::StatementNotSent { .. }), "{error:?}");
+        assert!(error.to_string().contains("refused"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_statement_whose_connection_broke_may_have_run() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        // Takes the connection and the start of the request, then drops it,
+        // as a scheduler that dies while it plans.
+        let peer = tokio::spawn(async move {
+            let (mut connection, _) = listener.accept().await.expect("accept");
+            let mut buffer = [0; 64];
+            let _ = connection.read(&mut buffer).await;
+        });
+        let error = submit_to(address).await;
+        peer.await.expect("peer");
+        assert!(matches!(error, Error::StatementLost { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("quiver job list"), "{message}");
+        assert!(!message.ends_with("(transport error)"), "{message}");
+    }
 }
