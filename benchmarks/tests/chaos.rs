@@ -1227,6 +1227,11 @@ async fn scheduler_restart(suite: &mut Suite) {
     suite
         .passed
         .push("executors registered again with the restarted scheduler".into());
+    // The scheduler serves while it settles the job's storage; the job ends
+    // once that is done.
+    if let Some(id) = &interrupted {
+        let _ = suite.context.wait_for_job(id).await;
+    }
     let left: Vec<_> = leftovers.iter().filter(|path| path.exists()).collect();
     let others = target.join("part-earlier-00000-000.parquet");
     if leftovers.is_empty() || !left.is_empty() || !others.exists() {
@@ -1243,7 +1248,7 @@ async fn scheduler_restart(suite: &mut Suite) {
         );
     }
     match interrupted {
-        Some(id) => match suite.context.job_status(&id).await {
+        Some(id) => match suite.context.wait_for_job(&id).await {
             Ok(status)
                 if status.state() == JobState::Failed
                     && status.error.contains("scheduler restarted") =>
@@ -1569,7 +1574,7 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
     let context = cluster.connect(1).await;
     let status = |job_id: String| {
         let context = context.clone();
-        async move { context.job_status(&job_id).await.expect("status") }
+        async move { context.wait_for_job(&job_id).await.expect("status") }
     };
     for job_id in [&copy_job, &made_job, &later_job] {
         let settled = status(job_id.clone()).await;
@@ -1652,11 +1657,24 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
 /// client, so a client whose scheduler dies meanwhile has no job id yet: it
 /// is told that the statement may have run and where to look, and a
 /// statement sent while no scheduler runs is told it was not sent. The
-/// restarted scheduler rolls the write back, records it so, and leaves no
-/// table and no files of it.
+/// restarted scheduler answers at once: while it settles the write, the
+/// job shows as running, cancelling it says it ends when its write does,
+/// and a statement waits for the start to finish. The write is rolled
+/// back and recorded so, and leaves no table and no files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_loses_its_scheduler_during_create_table_as_is_told_where_to_look() {
-    let (warehouse, mut cluster) = cluster_with_a_warehouse();
+    let warehouse = tempfile::tempdir().expect("warehouse");
+    // Settling waits one executor timeout: long enough to watch it.
+    let args = ClusterArgs {
+        scheduler: vec![
+            "--warehouse".into(),
+            warehouse.path().display().to_string(),
+            "--executor-timeout-ms".into(),
+            "30000".into(),
+        ],
+        ..ClusterArgs::default()
+    };
+    let mut cluster = ProcessCluster::start(1, args);
     let context = cluster.connect(1).await;
     let writing = {
         let context = context.clone();
@@ -1706,8 +1724,34 @@ async fn a_client_that_loses_its_scheduler_during_create_table_as_is_told_where_
     drop(context);
 
     cluster.start_scheduler();
-    let context = cluster.connect(1).await;
-    let status = context.job_status(&job_id).await.expect("the job's status");
+    let deadline = Instant::now() + QUERY_TIMEOUT;
+    let context = loop {
+        match QuiverContext::connect(&cluster.url()).await {
+            Ok(context) => break context,
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let settling = context.job_status(&job_id).await.expect("status at once");
+    assert_eq!(settling.state(), JobState::Running, "{settling:?}");
+    assert!(
+        settling.error.contains("its write is being settled"),
+        "{}",
+        settling.error
+    );
+    assert_eq!(
+        context.cancel_job(&job_id).await.expect("cancel"),
+        CancelOutcome::Committing
+    );
+    let waited = context
+        .sql("SELECT count(*) FROM range(10)")
+        .await
+        .expect("a statement waits for the start");
+    assert_eq!(waited.collect().await.expect("rows")[0].num_rows(), 1);
+    let status = context
+        .wait_for_job(&job_id)
+        .await
+        .expect("the job's status");
     assert_eq!(status.state(), JobState::Failed, "{status:?}");
     assert!(status.error.contains("rolled back"), "{}", status.error);
     let error = context

@@ -826,7 +826,7 @@ async fn a_restarted_scheduler_settles_a_copy_with_the_copys_credentials() {
 
     cluster.start_scheduler();
     let context = cluster.connect(1).await;
-    let status = context.job_status(&job_id).await.expect("status");
+    let status = context.wait_for_job(&job_id).await.expect("status");
     assert!(
         status.error.contains("its write was rolled back"),
         "{status:?}\n{}",

@@ -168,6 +168,13 @@ impl QuiverContext {
         Ok(response.into_inner())
     }
 
+    /// Waits for a job to end, and returns its final status, however it
+    /// ended: succeeded, failed or cancelled. A job whose write a scheduler
+    /// restart interrupted ends once the write is settled.
+    pub async fn wait_for_job(&self, job_id: &str) -> Result<JobStatus> {
+        job::follow(&mut self.scheduler(), job_id, |_| {}).await
+    }
+
     /// The newest `limit` jobs of the scheduler's history (0 for all), oldest first.
     pub async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
         let response = self

@@ -46,8 +46,8 @@ pub enum Error {
     /// rolled back, which its status then tells.
     #[error(
         "lost contact with the scheduler while job {job_id} was running ({message}); \
-         once the scheduler answers, `quiver job status {job_id}` tells how the job ended \
-         (a write may have committed): check it before running the statement again"
+         once the scheduler answers, `quiver job status --wait {job_id}` tells how the job \
+         ended (a write may have committed): check it before running the statement again"
     )]
     SchedulerLost { job_id: String, message: String },
 

@@ -62,8 +62,29 @@ fn submit_failed(status: tonic::Status) -> Error {
     }
 }
 
-/// Follows a job until it reaches a final state; `progress` sees every update.
+/// Follows a job until it reaches a final state; `progress` sees every
+/// update. A job that failed or was cancelled is an error.
 pub async fn wait(
+    client: &mut SchedulerServiceClient<Channel>,
+    job_id: &str,
+    progress: impl FnMut(&JobStatus),
+) -> Result<JobStatus> {
+    let status = follow(client, job_id, progress).await?;
+    match status.state() {
+        JobState::Failed => Err(Error::JobFailed {
+            job_id: job_id.to_owned(),
+            message: status.error,
+        }),
+        JobState::Cancelled => Err(Error::JobCancelled {
+            job_id: job_id.to_owned(),
+        }),
+        _ => Ok(status),
+    }
+}
+
+/// Follows a job until it reaches a final state, which it returns;
+/// `progress` sees every update.
+pub async fn follow(
     client: &mut SchedulerServiceClient<Channel>,
     job_id: &str,
     mut progress: impl FnMut(&JobStatus),
@@ -81,18 +102,7 @@ pub async fn wait(
     while let Some(status) = updates.message().await.map_err(lost)? {
         progress(&status);
         match status.state() {
-            JobState::Succeeded => return Ok(status),
-            JobState::Failed => {
-                return Err(Error::JobFailed {
-                    job_id: job_id.to_owned(),
-                    message: status.error,
-                });
-            }
-            JobState::Cancelled => {
-                return Err(Error::JobCancelled {
-                    job_id: job_id.to_owned(),
-                });
-            }
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled => return Ok(status),
             JobState::Queued | JobState::Running | JobState::Unspecified => {}
         }
     }

@@ -25,6 +25,7 @@
 //! - [`hive`]: hive-partitioned tables whose partition columns may hold nulls.
 //! - [`managed`]: the warehouse folders of `CREATE TABLE AS` tables, deleted on `DROP`.
 //! - [`config`]: command-line and environment settings.
+//! - [`starting`]: recovery on start, and what is served meanwhile.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
@@ -52,6 +53,7 @@ pub mod reduction;
 pub mod series;
 pub mod service;
 pub mod stages;
+pub mod starting;
 pub mod state;
 pub mod store;
 pub mod tables;
@@ -59,7 +61,6 @@ pub mod tables;
 use std::future::Future;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
-use quiver_core::storage::redacted_error;
 use quiver_proto::scheduler_service_server::SchedulerServiceServer;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -86,23 +87,22 @@ pub async fn run(
     let store = config.open_store()?;
     let planner =
         planner::Planner::new(config.default_partitions, store.clone(), config.warehouse())?;
-    for (name, error) in planner.replay_catalog().await? {
-        let error = redacted_error(&error);
-        warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
-    }
     let loop_config = config.loop_config();
     let (handle, interrupted) =
         state::event_loop::spawn(loop_config.clone(), &store, planner.object_stores())?;
     let service = service::SchedulerGrpc::new(handle, planner);
-    let settled = service
-        .clean_up_interrupted_jobs(&interrupted, loop_config.executor_timeout)
-        .await;
-    let left_pending = service
-        .register_pending_tables(&interrupted, &settled)
-        .await;
-    service.record_interrupted_writes(&interrupted, &settled, &left_pending);
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
+    let gate = starting::StartGate::new(starting::RECREATING_CATALOG);
+    let start = {
+        let (service, gate) = (service.clone(), gate.clone());
+        async move {
+            starting::recover(&service, &interrupted, loop_config.executor_timeout, &gate).await?;
+            gate.started();
+            info!("scheduler started: its catalog is recreated and interrupted writes settled");
+            std::future::pending::<Result<()>>().await
+        }
+    };
     info!(?address, "scheduler serving");
     let (stopping, stop_seen) = tokio::sync::oneshot::channel();
     let shutdown = async move {
@@ -115,14 +115,20 @@ pub async fn run(
     };
     let serving = tonic::transport::Server::builder()
         .add_service(
-            SchedulerServiceServer::new(service)
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(config.max_message_bytes),
+            gate.guard(
+                SchedulerServiceServer::new(service)
+                    .max_decoding_message_size(config.max_message_bytes)
+                    .max_encoding_message_size(config.max_message_bytes),
+                starting::scheduler_call_served_at_once,
+            ),
         )
         .add_service(
-            FlightServiceServer::new(flight_sql)
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(config.max_message_bytes),
+            gate.guard(
+                FlightServiceServer::new(flight_sql)
+                    .max_decoding_message_size(config.max_message_bytes)
+                    .max_encoding_message_size(config.max_message_bytes),
+                starting::flight_call_served_at_once,
+            ),
         )
         .serve_with_incoming_shutdown(quiver_core::net::incoming(listener), shutdown);
     // A graceful stop waits for every connection to close, and executors'
@@ -140,6 +146,7 @@ pub async fn run(
     };
     tokio::select! {
         served = serving => served.map_err(Error::Serve),
+        failed = start => failed,
         () = grace_over => {
             warn!("connections still open after the shutdown grace are dropped");
             Ok(())

@@ -65,10 +65,19 @@ impl SchedulerGrpc {
         &self.planner
     }
 
+    pub fn handle(&self) -> &SchedulerHandle {
+        &self.handle
+    }
+
     /// Cancels a job, unless it had already ended or its write is
     /// committing (see [`CancelOutcome`]).
     pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, Status> {
         self.job_status(job_id)?;
+        // Interrupted by a restart, its write is being settled: it ends
+        // when that is done, as a committing job does.
+        if self.handle.settling.contains(job_id) {
+            return Ok(CancelOutcome::Committing);
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Event::CancelJob {
             job_id: job_id.to_owned(),
@@ -641,6 +650,7 @@ impl SchedulerGrpc {
         status.error = error;
         info!(job_id = %status.job_id, state = ?status.state(), %status.error,
             "recorded how a job's write, settled after the restart, ended");
+        self.handle.settling.ended(status);
         self.handle
             .directory
             .insert(status.job_id.clone(), watch::channel(status.clone()).1);

@@ -21,7 +21,9 @@ use tracing::{debug, info, warn};
 
 use super::executors::{ExecutorEntry, ExecutorRegistry};
 use super::job::{DeferredEnd, Job, Outcome};
-use super::{CancelOutcome, Event, JobDirectory, SchedulerHandle, SubmittedJob, is_final};
+use super::{
+    CancelOutcome, Event, JobDirectory, SchedulerHandle, SettlingJobs, SubmittedJob, is_final,
+};
 use crate::locations::{job_stores, targets_overlap};
 use crate::planner::StagedJob;
 use crate::store::{JobRecorder, StateStore, StoreError};
@@ -84,6 +86,7 @@ pub fn spawn(
     // Taken before the recorder starts: it forgets them with final records.
     let mut kept_stores = store.take_job_stores()?;
     let recorder = JobRecorder::start(store.clone());
+    let settling = SettlingJobs::default();
     let mut interrupted = Vec::new();
     for mut record in store.jobs()? {
         let Some(status) = record.status.as_mut() else {
@@ -118,9 +121,17 @@ pub fn spawn(
                 stores,
             });
         }
-        if let Some(status) = record.status {
-            directory.insert(status.job_id.clone(), watch::channel(status).1);
-        }
+        let Some(status) = record.status else {
+            continue;
+        };
+        let published = if record.write_unsettled {
+            // Recorded failed, should this start stop too, but shown
+            // running: it ends as its write is settled.
+            settling.insert(status)
+        } else {
+            watch::channel(status).1
+        };
+        directory.insert(job_id, published);
     }
     let state = SchedulerLoop {
         config,
@@ -138,6 +149,7 @@ pub fn spawn(
         events,
         directory,
         recorder,
+        settling,
     };
     Ok((handle, interrupted))
 }

@@ -220,12 +220,75 @@ pub struct SchedulerHandle {
     pub directory: JobDirectory,
     /// Writes job records to the store.
     pub recorder: JobRecorder,
+    pub settling: SettlingJobs,
 }
 
 impl SchedulerHandle {
     /// Sends an event; false when the loop has stopped.
     pub fn send(&self, event: Event) -> bool {
         self.events.send(event).is_ok()
+    }
+}
+
+/// The jobs whose writes a restart left unsettled, until this start has
+/// settled them: their statuses show them running, and their watchers
+/// learn how they ended.
+#[derive(Debug, Clone, Default)]
+pub struct SettlingJobs {
+    jobs: Arc<Mutex<HashMap<String, SettlingJob>>>,
+}
+
+#[derive(Debug)]
+struct SettlingJob {
+    published: watch::Sender<JobStatus>,
+    /// Its status in the store: how it ended should this start not settle it.
+    recorded: JobStatus,
+}
+
+impl SettlingJobs {
+    /// Publishes the job of `recorded` (its final status in the store) as
+    /// running, its write being settled, until [`Self::ended`].
+    pub fn insert(&self, recorded: JobStatus) -> watch::Receiver<JobStatus> {
+        let shown = JobStatus {
+            state: JobState::Running.into(),
+            tasks_running: 0,
+            error: format!("{}; its write is being settled", event_loop::RESTARTED),
+            ..recorded.clone()
+        };
+        let (published, receiver) = watch::channel(shown);
+        self.lock().insert(
+            recorded.job_id.clone(),
+            SettlingJob {
+                published,
+                recorded,
+            },
+        );
+        receiver
+    }
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.lock().contains_key(job_id)
+    }
+
+    /// Publishes the job's final status to those who watch it.
+    pub fn ended(&self, status: &JobStatus) {
+        if let Some(job) = self.lock().remove(&status.job_id) {
+            job.published.send_replace(status.clone());
+        }
+    }
+
+    /// Publishes the status in the store of each job not yet ended: the
+    /// start is over, and it settled no more of them.
+    pub fn end_the_rest(&self) {
+        for (_, job) in self.lock().drain() {
+            job.published.send_replace(job.recorded);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SettlingJob>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -23,6 +23,9 @@ pub enum JobCommand {
         /// slowest one, and the rows and bytes it wrote.
         #[arg(long)]
         stages: bool,
+        /// Wait until the job has ended: succeeded, failed or cancelled.
+        #[arg(long)]
+        wait: bool,
     },
     /// Cancel a running or queued job.
     Cancel { job_id: String },
@@ -44,11 +47,17 @@ pub async fn run(
             let job = context.submit_sql(&sql).await.map_err(|e| e.to_string())?;
             println!("{}", job.job_id);
         }
-        JobCommand::Status { job_id, stages } => {
-            let status = context
-                .job_status(&job_id)
-                .await
-                .map_err(|e| e.to_string())?;
+        JobCommand::Status {
+            job_id,
+            stages,
+            wait,
+        } => {
+            let status = if wait {
+                context.wait_for_job(&job_id).await
+            } else {
+                context.job_status(&job_id).await
+            }
+            .map_err(|e| e.to_string())?;
             if stages {
                 print_stages(&status, format)?;
             } else {
@@ -205,7 +214,7 @@ fn one_line(query: &str) -> String {
 pub(crate) fn committing_note(job_id: &str) -> String {
     format!(
         "job {job_id} is committing its write and is not stopped midway: it is cancelled \
-         if the commit fails, and succeeds if it commits; `quiver job status {job_id}` \
-         shows how it ended"
+         if the commit fails, and succeeds if it commits; `quiver job status --wait \
+         {job_id}` shows how it ended"
     )
 }

@@ -1,0 +1,228 @@
+//! What the scheduler serves while it starts.
+//!
+//! A starting scheduler recreates its catalog and settles the writes that
+//! its restart interrupted, which can take minutes when a store does not
+//! answer. Meanwhile it already serves what needs neither: executors
+//! register, and clients follow, list and cancel jobs (the interrupted
+//! writes show as running until they are settled). Every other call, which
+//! plans statements or reads the catalog, waits for the start to finish, up
+//! to [`START_WAIT`], and is then refused as unavailable, saying what the
+//! scheduler is doing: a call that hangs for minutes helps nobody.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use quiver_core::storage::redacted_error;
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::{BoxFuture, Context, Poll, Service};
+use tonic::server::NamedService;
+use tracing::warn;
+
+use crate::service::SchedulerGrpc;
+use crate::state::event_loop::InterruptedJob;
+
+/// How long a call waits for the scheduler to finish starting.
+pub const START_WAIT: Duration = Duration::from_secs(60);
+
+/// The calls of `quiver.SchedulerService` that need neither the catalog nor
+/// the settled writes.
+const SERVED_WHILE_STARTING: [&str; 7] = [
+    "ExecutorChannel",
+    "GetJobStatus",
+    "WatchJob",
+    "CancelJob",
+    "ReleaseJob",
+    "ListJobs",
+    "ListExecutors",
+];
+
+/// The first phase of a start.
+pub const RECREATING_CATALOG: &str = "recreating its catalog";
+
+/// Recreates the catalog from the state store, then settles the writes of
+/// the jobs that the last stop interrupted and records how they ended;
+/// `gate` tells waiting calls which of the two it is doing. An error is
+/// one of the state store, which the scheduler cannot run without.
+pub async fn recover(
+    service: &SchedulerGrpc,
+    interrupted: &[InterruptedJob],
+    executor_timeout: Duration,
+    gate: &StartGate,
+) -> crate::Result<()> {
+    gate.doing(RECREATING_CATALOG);
+    for (name, error) in service.planner().replay_catalog().await? {
+        let error = redacted_error(&error);
+        warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
+    }
+    gate.doing("settling the writes that its restart interrupted");
+    let settled = service
+        .clean_up_interrupted_jobs(interrupted, executor_timeout)
+        .await;
+    let left_pending = service.register_pending_tables(interrupted, &settled).await;
+    service.record_interrupted_writes(interrupted, &settled, &left_pending);
+    service.handle().settling.end_the_rest();
+    Ok(())
+}
+
+/// Where the start is: what it is doing, or done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Starting, doing what the text says ("recreating its catalog").
+    Doing(&'static str),
+    Started,
+}
+
+/// Tells the calls waiting on the start where it is.
+#[derive(Debug, Clone)]
+pub struct StartGate {
+    phase: watch::Sender<Phase>,
+}
+
+impl StartGate {
+    pub fn new(first: &'static str) -> Self {
+        Self {
+            phase: watch::Sender::new(Phase::Doing(first)),
+        }
+    }
+
+    pub fn doing(&self, what: &'static str) {
+        self.phase.send_replace(Phase::Doing(what));
+    }
+
+    pub fn started(&self) {
+        self.phase.send_replace(Phase::Started);
+    }
+
+    /// Serves `inner`'s calls once the start is done, but for those that
+    /// `served_at_once` names by their method.
+    pub fn guard<S>(&self, inner: S, served_at_once: fn(&str) -> bool) -> UntilStarted<S> {
+        UntilStarted {
+            inner,
+            phase: self.phase.subscribe(),
+            served_at_once,
+        }
+    }
+
+    /// Waits up to `wait` for the start to finish; the error says what it
+    /// is still doing.
+    async fn wait_until_started(
+        mut phase: watch::Receiver<Phase>,
+        wait: Duration,
+    ) -> Result<(), tonic::Status> {
+        let started = tokio::time::timeout(wait, phase.wait_for(|phase| *phase == Phase::Started))
+            .await
+            .map(|started| started.is_ok());
+        match started {
+            Ok(true) => Ok(()),
+            // The gate went away with the start: the scheduler is stopping.
+            Ok(false) => Err(tonic::Status::unavailable("the scheduler is stopping")),
+            Err(_) => {
+                let doing = match &*phase.borrow() {
+                    Phase::Doing(what) => *what,
+                    Phase::Started => "starting",
+                };
+                Err(tonic::Status::unavailable(format!(
+                    "the scheduler is starting: it is {doing}, and has not finished within \
+                     {}s; job status, listing and cancelling already work: try again shortly",
+                    wait.as_secs()
+                )))
+            }
+        }
+    }
+}
+
+/// Whether a `quiver.SchedulerService` method serves while starting.
+pub fn scheduler_call_served_at_once(method: &str) -> bool {
+    SERVED_WHILE_STARTING.contains(&method)
+}
+
+/// Whether an Arrow Flight method serves while starting: none do, as
+/// every Flight SQL call plans a statement or reads the catalog.
+pub fn flight_call_served_at_once(_method: &str) -> bool {
+    false
+}
+
+/// A gRPC service whose calls wait for the scheduler's start (see [`StartGate::guard`]).
+#[derive(Debug, Clone)]
+pub struct UntilStarted<S> {
+    inner: S,
+    phase: watch::Receiver<Phase>,
+    served_at_once: fn(&str) -> bool,
+}
+
+impl<S: NamedService> NamedService for UntilStarted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<Request<Body>> for UntilStarted<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        let at_once = (self.served_at_once)(method) || *self.phase.borrow() == Phase::Started;
+        // The clone that was made ready serves this call; a fresh one waits
+        // for the next (tower's contract for services that move into futures).
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        let phase = self.phase.clone();
+        Box::pin(async move {
+            if !at_once && let Err(status) = StartGate::wait_until_started(phase, START_WAIT).await
+            {
+                return Ok(status.into_http());
+            }
+            inner.call(request).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_waits_for_the_start_and_is_told_what_holds_it_up() {
+        let gate = StartGate::new("recreating its catalog");
+        let phase = gate.phase.subscribe();
+        gate.doing("settling the writes its restart interrupted");
+        let error = StartGate::wait_until_started(phase.clone(), Duration::from_millis(10))
+            .await
+            .expect_err("still starting");
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert!(
+            error
+                .message()
+                .contains("it is settling the writes its restart interrupted"),
+            "{error}"
+        );
+        let waiting = tokio::spawn(StartGate::wait_until_started(
+            phase,
+            Duration::from_secs(60),
+        ));
+        gate.started();
+        waiting.await.expect("waiter").expect("started");
+    }
+
+    #[test]
+    fn following_jobs_serves_while_starting_and_planning_does_not() {
+        assert!(scheduler_call_served_at_once("GetJobStatus"));
+        assert!(scheduler_call_served_at_once("ExecutorChannel"));
+        assert!(!scheduler_call_served_at_once("SubmitJob"));
+        assert!(!scheduler_call_served_at_once("GetTable"));
+        assert!(!flight_call_served_at_once("GetFlightInfo"));
+    }
+}
