@@ -35,7 +35,7 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, AwsCr
 
 use super::assume_role::{AssumeRole, RoleSettings};
 use super::credential_process::CredentialProcess;
-use super::expiring_credentials::Refreshing;
+use super::expiring_credentials::{Refreshing, remember_credential};
 
 /// Where a profile's credentials come from.
 #[derive(Clone, PartialEq, Eq)]
@@ -246,11 +246,15 @@ impl ProfileSettings {
                 access_key_id,
                 secret_access_key,
                 session_token,
-            } => Arc::new(StaticCredentialProvider::new(AwsCredential {
-                key_id: access_key_id.clone(),
-                secret_key: secret_access_key.clone(),
-                token: session_token.clone(),
-            })),
+            } => {
+                let credential = AwsCredential {
+                    key_id: access_key_id.clone(),
+                    secret_key: secret_access_key.clone(),
+                    token: session_token.clone(),
+                };
+                remember_credential(&credential);
+                Arc::new(StaticCredentialProvider::new(credential))
+            }
             ProfileCredentials::Process { profile, command } => Arc::new(Refreshing::new(
                 CredentialProcess::new(profile.clone(), command.clone()),
             )),

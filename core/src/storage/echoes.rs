@@ -10,8 +10,15 @@
 //! refuses but the statement's text still holds. [`redact_store_echoes`]
 //! blanks them wherever an error or a statement becomes text that leaves
 //! the process.
+//!
+//! A store may also echo a credential where no rule above looks (inside a
+//! `<Message>`, in a header it quotes). So the secrets this process was
+//! given, by store options, the environment or a credential source, are
+//! remembered ([`remember_secret`]) and blanked wherever they appear.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::{LazyLock, PoisonError, RwLock};
 
 /// XML elements of an error body that echo the request's credentials.
 const ECHOED_ELEMENTS: &[&str] = &[
@@ -43,6 +50,66 @@ const SIGNED_QUERY_PARAMETERS: &[&str] = &[
 
 const REDACTED: &str = "***";
 
+/// Environment variables whose values are credentials of a store.
+const SECRET_VARIABLES: &[&str] = &[
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_MASTER_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+];
+
+/// Values shorter than this are not remembered: blanking a short word
+/// everywhere would blank ordinary text, and real credentials are long.
+const SHORTEST_REMEMBERED: usize = 8;
+/// How many secrets are remembered; the oldest go first. Credentials that
+/// expire are fetched again every hour or so, for the life of the process.
+const MOST_REMEMBERED: usize = 256;
+
+static REMEMBERED: LazyLock<RwLock<VecDeque<String>>> = LazyLock::new(Default::default);
+
+/// Remembers `secret`, so that [`redact_store_echoes`] blanks it wherever
+/// it appears.
+pub fn remember_secret(secret: &str) {
+    let secret = secret.trim();
+    if secret.chars().count() < SHORTEST_REMEMBERED {
+        return;
+    }
+    let mut remembered = REMEMBERED.write().unwrap_or_else(PoisonError::into_inner);
+    if remembered.iter().any(|known| known == secret) {
+        return;
+    }
+    if remembered.len() == MOST_REMEMBERED {
+        remembered.pop_front();
+    }
+    remembered.push_back(secret.to_owned());
+}
+
+/// Remembers the store credentials of this process's environment.
+pub fn remember_environment_secrets() {
+    for name in SECRET_VARIABLES {
+        if let Ok(value) = std::env::var(name) {
+            remember_secret(&value);
+        }
+    }
+}
+
+/// Byte ranges of every remembered secret in `text`.
+fn remembered_spans(text: &str) -> Vec<(usize, usize)> {
+    let remembered = REMEMBERED.read().unwrap_or_else(PoisonError::into_inner);
+    remembered
+        .iter()
+        .flat_map(|secret| {
+            text.match_indices(secret.as_str())
+                .map(|(at, found)| (at, at + found.len()))
+        })
+        .collect()
+}
+
 /// `text` with the content of every echoed credential element, the value
 /// of every signed query parameter and every URL's password replaced by `***`. Borrowed when there
 /// is nothing to blank, which is nearly always.
@@ -50,6 +117,7 @@ pub fn redact_store_echoes(text: &str) -> Cow<'_, str> {
     let mut spans: Vec<(usize, usize)> = echoed_element_spans(text)
         .chain(signed_parameter_spans(text))
         .chain(url_password_spans(text))
+        .chain(remembered_spans(text))
         .filter(|(start, end)| start < end)
         .collect();
     if spans.is_empty() {
@@ -136,6 +204,22 @@ fn url_password_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_secret_is_blanked_wherever_a_store_echoes_it() {
+        let token = "FwoGZXIvYXdzEJr//////////wEaDremembered0token";
+        remember_secret(token);
+        remember_secret("short");
+        let answer = format!(
+            "403 Forbidden: <Error><Code>InvalidToken</Code><Message>The provided token \
+             {token} is malformed</Message></Error> (x-amz-security-token: {token})"
+        );
+        let redacted = redact_store_echoes(&answer);
+        assert!(!redacted.contains(token), "{redacted}");
+        assert_eq!(redacted.matches(REDACTED).count(), 2, "{redacted}");
+        let plain = "a short word stays: short";
+        assert_eq!(redact_store_echoes(plain), plain);
+    }
 
     /// The body that S3 documents for a refused signature, as object_store
     /// puts it in its error message.

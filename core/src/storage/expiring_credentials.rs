@@ -92,6 +92,7 @@ impl<F: FetchCredentials> CredentialProvider for Refreshing<F> {
 
 impl Held {
     fn new(fetched: Expiring) -> Self {
+        remember_credential(&fetched.credential);
         let left = fetched
             .expires
             .map(|expires| (expires - Utc::now()).to_std().unwrap_or_default());
@@ -102,6 +103,15 @@ impl Held {
             refresh_at: left.map(|left| now + left.saturating_sub(REFRESH_MARGIN)),
             expires_at: left.map(|left| now + left),
         }
+    }
+}
+
+/// Remembers the secret parts of `credential`, to be blanked in any text
+/// that leaves the process (see [`super::echoes`]).
+pub fn remember_credential(credential: &AwsCredential) {
+    super::echoes::remember_secret(&credential.secret_key);
+    if let Some(token) = &credential.token {
+        super::echoes::remember_secret(token);
     }
 }
 

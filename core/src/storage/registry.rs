@@ -378,6 +378,13 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
                 .into(),
         ));
     }
+    // Echoed by a store, they are blanked wherever they appear.
+    super::echoes::remember_environment_secrets();
+    for (key, value) in options.iter() {
+        if !super::options::is_harmless(key) {
+            super::echoes::remember_secret(value);
+        }
+    }
     // `memory://name/` names one of the process's in-memory stores;
     // object_store knows only the nameless `memory:///`.
     if url.scheme() == "memory" {
