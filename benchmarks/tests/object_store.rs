@@ -25,6 +25,7 @@ use quiver_benchmarks::queries::{QUERY_COUNT, query};
 use quiver_benchmarks::runner::Engine;
 use quiver_benchmarks::verify::compare;
 use quiver_client::{QuiverContext, StandaloneOptions};
+use quiver_proto::JobState;
 
 /// What a user who may only read a bucket is allowed. moto checks
 /// `s3:ListObjectsV2` for a listing and `s3:HeadObject` for a `HEAD`, where
@@ -1786,4 +1787,113 @@ async fn a_shuffle_upload_left_by_a_killed_executor_is_aborted() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Parquet bytes of the column `x` holding 1..=`rows`.
+fn parquet_of_rows(rows: i64) -> Vec<u8> {
+    let values = Int64Array::from_iter_values(1..=rows);
+    let batch = RecordBatch::try_from_iter([("x", Arc::new(values) as _)]).expect("batch");
+    let mut data = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut data, batch.schema(), None).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+    data
+}
+
+/// A write planned again, because a file it read was replaced, is planned
+/// with the credentials it was first planned with. Meanwhile a statement
+/// configured its bucket with a reader's keys: planned with those, the new
+/// plan's write-access check would be refused and the job would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_planned_again_keeps_the_credentials_it_was_planned_with() {
+    let (s3, users) =
+        S3Server::start_with_users("lake", &[("writer", &["s3:*"]), ("reader", READS)]);
+    let [writer, reader] = users.as_slice() else {
+        panic!("two users");
+    };
+    let bucket = s3.store_as("lake", writer);
+    let put = |name: &'static str, rows: i64| {
+        let bucket = Arc::clone(&bucket);
+        async move {
+            bucket
+                .put(&Path::from(name), PutPayload::from(parquet_of_rows(rows)))
+                .await
+                .expect("upload");
+        }
+    };
+    put("src/old.parquet", 1000).await;
+    let args = ClusterArgs {
+        scheduler: vec!["--max-running-jobs".into(), "1".into()],
+        ..ClusterArgs::default()
+    };
+    let cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    let as_writer = s3.sql_options_as(writer);
+    for ddl in [
+        format!(
+            "CREATE EXTERNAL TABLE src STORED AS PARQUET LOCATION 's3://lake/src/' {as_writer}"
+        ),
+        format!(
+            "CREATE EXTERNAL TABLE dst (x BIGINT) STORED AS PARQUET LOCATION 's3://lake/dst/' \
+             {as_writer}"
+        ),
+    ] {
+        run(&context, &ddl).await.expect("create");
+    }
+
+    // The write is planned while the cluster is busy, and waits.
+    let endless = context
+        .submit_sql("SELECT count(*), sum(value % 7) FROM range(1, 1000000000000)")
+        .await
+        .expect("submit");
+    let insert = context
+        .submit_sql("INSERT INTO dst SELECT x FROM src")
+        .await
+        .expect("submit the write");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while context
+        .job_status(&insert.job_id)
+        .await
+        .expect("status")
+        .state()
+        != JobState::Queued
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Another statement configures the bucket with a reader's keys...
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE peek STORED AS PARQUET LOCATION 's3://lake/src/' {}",
+            s3.sql_options_as(reader)
+        ),
+    )
+    .await
+    .expect("a reader may read");
+    // ... and another engine replaces the file the write was to read.
+    put("src/new.parquet", 2000).await;
+    bucket
+        .delete(&Path::from("src/old.parquet"))
+        .await
+        .expect("delete");
+    context.cancel_job(&endless.job_id).await.expect("cancel");
+
+    let status = context.wait_for_job(&insert.job_id).await.expect("status");
+    assert_eq!(
+        (status.state(), status.error.as_str(), status.replans),
+        (JobState::Succeeded, "", 1),
+        "{status:?}"
+    );
+    let counted = run(&context, "SELECT count(*) AS n FROM dst")
+        .await
+        .expect("count");
+    let n = counted[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0);
+    assert_eq!(n, 2000, "the new file's rows, once");
 }

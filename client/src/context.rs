@@ -6,7 +6,7 @@ use std::sync::Arc;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::EmptyRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::{DFParser, Statement};
@@ -118,7 +118,10 @@ impl QuiverContext {
         match plan {
             LogicalPlan::Ddl(_) => {
                 self.run_sql(sql).await?;
-                Ok(self.session.read_empty()?)
+                // A local session: collecting the distributed planner's
+                // empty plan would queue a job on the cluster for nothing.
+                let nothing = LogicalPlanBuilder::empty(false).build()?;
+                Ok(DataFrame::new(SessionContext::new().state(), nothing))
             }
             LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
             // The cluster explains its own plan (the stage DAG, and with

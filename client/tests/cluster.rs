@@ -449,6 +449,24 @@ async fn jobs_beyond_the_limit_wait_in_a_visible_queue() {
     let first_status = context.job_status(&first.job_id).await.expect("status");
     assert_eq!(first_status.state(), JobState::Queued);
     assert_eq!(first_status.queue_position, 0);
+    // A catalog change runs at once, and so does reading its empty result:
+    // neither waits behind the queue.
+    let created = tokio::time::timeout(Duration::from_secs(60), async {
+        context
+            .sql("CREATE VIEW numbers AS SELECT 1 AS one")
+            .await?
+            .collect()
+            .await
+            .map_err(quiver_client::Error::from)
+    })
+    .await
+    .expect("a catalog change does not queue");
+    let rows: usize = created
+        .expect("created")
+        .iter()
+        .map(|batch| batch.num_rows())
+        .sum();
+    assert_eq!(rows, 0);
 
     assert_eq!(
         context.cancel_job(&endless.job_id).await.expect("cancel"),

@@ -19,6 +19,7 @@ use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::source_as_provider;
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{
@@ -133,6 +134,10 @@ pub struct Replanner {
     state: SessionState,
     schema: SchemaRef,
     overwrite: bool,
+    /// The stores of the first plan, which a new plan lists files and
+    /// checks write access with: the job acts with one set of credentials
+    /// from start to end, whatever another statement configures meanwhile.
+    stores: Vec<StoreConfig>,
 }
 
 impl std::fmt::Debug for Replanner {
@@ -148,11 +153,28 @@ impl Replanner {
     pub async fn plan(&self) -> Result<StagedJob> {
         self.check_tables_unchanged().await?;
         let schema = Arc::clone(&self.schema);
-        self.planner
+        let pinned = Arc::new(
+            self.planner
+                .object_stores
+                .pinned(&self.stores)
+                .map_err(Error::Query)?,
+        );
+        let runtime = RuntimeEnvBuilder::from_runtime_env(&self.state.runtime_env())
+            .with_object_store_registry(Arc::clone(&pinned) as _)
+            .build_arc()
+            .map_err(Error::Query)?;
+        let state = SessionStateBuilder::new_from_existing(self.state.clone())
+            .with_runtime_env(runtime)
+            .build();
+        let planner = Planner {
+            object_stores: pinned,
+            ..self.planner.clone()
+        };
+        planner
             .stage_job(
                 &self.job_id,
                 &self.logical,
-                &self.state,
+                &state,
                 schema,
                 self.overwrite,
                 false,
@@ -195,6 +217,90 @@ impl Replanner {
         }
         Ok(())
     }
+}
+
+/// Fails the statement, before anything is written, if the store of
+/// `target` (as `state` has it) does not let the job write there: a staged Parquet write
+/// must create and delete objects in its staging folder
+/// ([`check_write_access`]), and a write through one of DataFusion's own
+/// sinks must create objects in the folder it writes into, `unstaged_in`
+/// ([`check_folder_write_access`]).
+async fn check_write_access_of(
+    state: &SessionState,
+    target: &str,
+    unstaged_in: Option<object_store::path::Path>,
+    job_id: &str,
+) -> Result<()> {
+    let location_error = |source| Error::WriteAccess {
+        location: target.to_owned(),
+        source,
+    };
+    let table = ListingTableUrl::parse(target).map_err(location_error)?;
+    let store = state
+        .runtime_env()
+        .object_store(table.object_store())
+        .map_err(location_error)?;
+    // Spawned: a client that hangs up mid-check must not leave the
+    // check's object behind in a folder that no job will settle.
+    let (prefix, job_id) = (table.prefix().clone(), job_id.to_owned());
+    let check = tokio::spawn(async move {
+        match unstaged_in {
+            Some(folder) => check_folder_write_access(&store, &folder, &job_id).await,
+            None => check_write_access(&store, &prefix, &job_id).await,
+        }
+    });
+    check
+        .await
+        .map_err(spawned_failure)?
+        .map_err(location_error)
+}
+
+/// The write plan `physical` with its commit told which jobs have
+/// committed to `target` so far, so that it fails rather than replace
+/// rows committed after this statement was planned (see
+/// [`ParquetCommitExec::with_known_commits`]): those of the state its
+/// scans read (`read`) when it reads `target`, for a job that committed
+/// once they had listed it was not read.
+async fn guard_commit(
+    state: &SessionState,
+    physical: Arc<dyn ExecutionPlan>,
+    target: &str,
+    read: &TableStates,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let table = ListingTableUrl::parse(target).map_err(Error::Query)?;
+    let known = match read.known_commits(&table) {
+        Some(known) => known,
+        None => {
+            let store = state
+                .runtime_env()
+                .object_store(table.object_store())
+                .map_err(Error::Query)?;
+            KnownCommits::read(&store, table.prefix())
+                .await
+                .map_err(|e| Error::TableLocation {
+                    location: target.to_owned(),
+                    source: e,
+                })?
+        }
+    };
+    physical
+        .transform_up(|node| match node.downcast_ref::<ParquetCommitExec>() {
+            Some(commit) => {
+                let [input] = commit.children()[..] else {
+                    return Err(DataFusionError::Internal("a commit has one input".into()));
+                };
+                let guarded = ParquetCommitExec::new(
+                    Arc::clone(input),
+                    Arc::clone(commit.sink()),
+                    commit.job_id().to_owned(),
+                )
+                .with_known_commits(known.clone());
+                Ok(Transformed::yes(Arc::new(guarded) as Arc<dyn ExecutionPlan>))
+            }
+            None => Ok(Transformed::no(node)),
+        })
+        .map(|transformed| transformed.data)
+        .map_err(Error::Query)
 }
 
 /// The logical plan of `sql`. A parse error does not quote the statement's
@@ -532,6 +638,7 @@ impl Planner {
             state,
             schema,
             overwrite,
+            stores: job.stores.clone(),
         });
         Ok(Planned::Stages(job))
     }
@@ -591,14 +698,13 @@ impl Planner {
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);
         if let Some(target) = &writes_to {
-            self.check_write_access(target, None, job_id).await?;
+            check_write_access_of(state, target, None, job_id).await?;
         } else if let Some((target, folder)) = unstaged_write_folder(&physical) {
-            self.check_write_access(&target, Some(folder), job_id)
-                .await?;
+            check_write_access_of(state, &target, Some(folder), job_id).await?;
         }
         let physical = match &writes_to {
             Some(target) if creates || reads_target(logical, target) => {
-                self.guard_commit(physical, target, &read).await?
+                guard_commit(state, physical, target, &read).await?
             }
             _ => physical,
         };
@@ -621,92 +727,6 @@ impl Planner {
             configured_stores: Vec::new(),
             replanner: None,
         })
-    }
-
-    /// Fails the statement, before anything is written, if the store of
-    /// `target` does not let the job write there: a staged Parquet write
-    /// must create and delete objects in its staging folder
-    /// ([`check_write_access`]), and a write through one of DataFusion's own
-    /// sinks must create objects in the folder it writes into, `unstaged_in`
-    /// ([`check_folder_write_access`]).
-    async fn check_write_access(
-        &self,
-        target: &str,
-        unstaged_in: Option<object_store::path::Path>,
-        job_id: &str,
-    ) -> Result<()> {
-        let location_error = |source| Error::WriteAccess {
-            location: target.to_owned(),
-            source,
-        };
-        let table = ListingTableUrl::parse(target).map_err(location_error)?;
-        let store = self
-            .catalog
-            .runtime_env()
-            .object_store(table.object_store())
-            .map_err(location_error)?;
-        // Spawned: a client that hangs up mid-check must not leave the
-        // check's object behind in a folder that no job will settle.
-        let (prefix, job_id) = (table.prefix().clone(), job_id.to_owned());
-        let check = tokio::spawn(async move {
-            match unstaged_in {
-                Some(folder) => check_folder_write_access(&store, &folder, &job_id).await,
-                None => check_write_access(&store, &prefix, &job_id).await,
-            }
-        });
-        check
-            .await
-            .map_err(spawned_failure)?
-            .map_err(location_error)
-    }
-
-    /// The write plan `physical` with its commit told which jobs have
-    /// committed to `target` so far, so that it fails rather than replace
-    /// rows committed after this statement was planned (see
-    /// [`ParquetCommitExec::with_known_commits`]): those of the state its
-    /// scans read (`read`) when it reads `target`, for a job that committed
-    /// once they had listed it was not read.
-    async fn guard_commit(
-        &self,
-        physical: Arc<dyn ExecutionPlan>,
-        target: &str,
-        read: &TableStates,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let table = ListingTableUrl::parse(target).map_err(Error::Query)?;
-        let known = match read.known_commits(&table) {
-            Some(known) => known,
-            None => {
-                let store = self
-                    .catalog
-                    .runtime_env()
-                    .object_store(table.object_store())
-                    .map_err(Error::Query)?;
-                KnownCommits::read(&store, table.prefix())
-                    .await
-                    .map_err(|e| Error::TableLocation {
-                        location: target.to_owned(),
-                        source: e,
-                    })?
-            }
-        };
-        physical
-            .transform_up(|node| match node.downcast_ref::<ParquetCommitExec>() {
-                Some(commit) => {
-                    let [input] = commit.children()[..] else {
-                        return Err(DataFusionError::Internal("a commit has one input".into()));
-                    };
-                    let guarded = ParquetCommitExec::new(
-                        Arc::clone(input),
-                        Arc::clone(commit.sink()),
-                        commit.job_id().to_owned(),
-                    )
-                    .with_known_commits(known.clone());
-                    Ok(Transformed::yes(Arc::new(guarded) as Arc<dyn ExecutionPlan>))
-                }
-                None => Ok(Transformed::no(node)),
-            })
-            .map(|transformed| transformed.data)
-            .map_err(Error::Query)
     }
 
     /// A one-stage job whose result is `batch`: for answers the scheduler

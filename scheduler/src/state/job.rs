@@ -1380,8 +1380,9 @@ impl Job {
 /// included, for every location that plan had. Meanwhile another statement
 /// may have configured a location anew, or a failed one put its options
 /// back, and a job's tasks, commit and clean-up act with one set of
-/// credentials from start to end. A location new to the plan takes the
-/// options of now.
+/// credentials from start to end (the new plan was made with them too, see
+/// [`crate::planner::Replanner`]). A location new to the plan, which a plan
+/// of the same tables has no reason to have, takes the environment's.
 fn keep_job_options(first: Vec<StoreConfig>, replanned: Vec<StoreConfig>) -> Vec<StoreConfig> {
     let mut kept: Vec<StoreConfig> = replanned
         .into_iter()
