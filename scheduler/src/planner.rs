@@ -159,7 +159,7 @@ impl Replanner {
                 .pinned(&self.stores)
                 .map_err(Error::Query)?,
         );
-        let runtime = RuntimeEnvBuilder::from_runtime_env(&self.state.runtime_env())
+        let runtime = RuntimeEnvBuilder::from_runtime_env(self.state.runtime_env())
             .with_object_store_registry(Arc::clone(&pinned) as _)
             .build_arc()
             .map_err(Error::Query)?;
