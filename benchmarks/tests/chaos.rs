@@ -1362,7 +1362,7 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
     use quiver_proto::PendingTable;
     use quiver_scheduler::store::StateStore;
 
-    let (_warehouse, mut cluster) = cluster_with_a_warehouse();
+    let (warehouse, mut cluster) = cluster_with_a_warehouse();
     let context = cluster.connect(1).await;
     let run = |sql: &'static str| {
         let context = context.clone();
@@ -1374,6 +1374,9 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
     run("CREATE TABLE broken AS SELECT 1 / (value - value) AS v FROM range(10)")
         .await
         .expect_err("the write divides by zero");
+    run("CREATE TABLE stored AS SELECT value AS v FROM range(10)")
+        .await
+        .expect("CREATE TABLE AS");
     let jobs = context.list_jobs(100).await.expect("job list");
     let job_of = |table: &str| {
         jobs.iter()
@@ -1382,7 +1385,7 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
             .map(|status| status.job_id.clone())
             .expect("the job is in the history")
     };
-    let (made_job, broken_job) = (job_of("made"), job_of("broken"));
+    let (made_job, broken_job, stored_job) = (job_of("made"), job_of("broken"), job_of("stored"));
     drop(context);
     cluster.kill_scheduler();
 
@@ -1412,6 +1415,25 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
             settings: Vec::new(),
         })
         .expect("store the pending table");
+    // Stopped right after its entry was stored: the table is pending, and
+    // its entry says nothing yet of owning its folder.
+    let stored_key = "table:datafusion.public.stored";
+    let mut stored_entry = store
+        .catalog_entry(stored_key)
+        .expect("read the catalog")
+        .expect("the table was registered");
+    stored_entry.kind = "table".into();
+    store
+        .put_catalog_entry(stored_key, &stored_entry)
+        .expect("put the entry back as not owning its folder");
+    store
+        .put_pending_table(&PendingTable {
+            job_id: stored_job,
+            statements: vec![stored_entry.sql.clone()],
+            managed_key: stored_key.into(),
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
     drop(store);
 
     cluster.start_scheduler();
@@ -1433,6 +1455,21 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
         .map(|_| ())
         .expect_err("a failed job's table is never registered");
     assert!(error.to_string().contains("broken"), "{error}");
+    // Registered once, and owning its folder: dropping it deletes its files.
+    let stored_folder = warehouse.path().join("public").join("stored");
+    assert!(!data_files_below(&stored_folder).is_empty());
+    context
+        .sql("DROP TABLE stored")
+        .await
+        .expect("drop")
+        .collect()
+        .await
+        .expect("dropped");
+    assert!(
+        data_files_below(&stored_folder).is_empty(),
+        "a dropped table's folder stays\n{}",
+        cluster.scheduler_log()
+    );
     drop(context);
     cluster.kill_scheduler();
 
@@ -1741,7 +1778,7 @@ async fn a_client_that_loses_its_scheduler_during_create_table_as_is_told_where_
     );
     assert_eq!(
         context.cancel_job(&job_id).await.expect("cancel"),
-        CancelOutcome::Committing
+        CancelOutcome::Settling
     );
     let waited = context
         .sql("SELECT count(*) FROM range(10)")

@@ -912,7 +912,16 @@ impl Planner {
     /// Registers the table of a `CREATE TABLE ... AS` job whose write has
     /// committed, marks it as owning its folder, and forgets it as pending.
     pub async fn register_pending_table(&self, pending: PendingTable) -> Result<()> {
-        for statement in &pending.statements {
+        // A scheduler that stopped after storing the table's entry, and
+        // before the rest, recreated the table from it on start: running
+        // the statement again would fail ("already exists"), and leave the
+        // table pending and not marked as owning its folder.
+        let key = pending.managed_key.clone();
+        let stored = self
+            .with_store(move |store| store.catalog_entry(&key))
+            .await?;
+        let registered = stored.is_some_and(|entry| pending.statements.contains(&entry.sql));
+        for statement in pending.statements.iter().filter(|_| !registered) {
             self.plan(
                 &pending.job_id,
                 Query::Sql(statement.clone()),
