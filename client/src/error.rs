@@ -9,7 +9,10 @@ pub enum Error {
     #[error("invalid cluster url {url:?}: expected quiver://host:port")]
     InvalidUrl { url: String },
 
-    #[error("cannot reach the Quiver scheduler at {address}: {source}")]
+    #[error(
+        "cannot reach the Quiver scheduler at {address}: {}",
+        with_causes(source)
+    )]
     Connect {
         address: String,
         #[source]
@@ -67,8 +70,25 @@ pub enum Error {
 /// A status's message, with the causes of a transport failure, which
 /// tonic's own message ("transport error") leaves out.
 pub(crate) fn transport_failure(status: &tonic::Status) -> String {
-    let mut parts = vec![status.message().to_owned()];
-    for cause in causes(status) {
+    joined(status.message().to_owned(), causes(status))
+}
+
+/// An error with its causes, which a transport error's own text leaves out.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    joined(
+        error.to_string(),
+        std::iter::successors(error.source(), |cause| cause.source()),
+    )
+}
+
+/// `first`, then each cause that does not repeat what came before; tonic's
+/// bare "transport error" goes once something says more.
+fn joined<'a>(
+    first: String,
+    causes: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut parts = vec![first];
+    for cause in causes {
         let text = cause.to_string();
         if !parts.iter().any(|part| part.contains(&text)) {
             parts.push(text);

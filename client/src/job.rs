@@ -120,6 +120,9 @@ pub enum CancelOutcome {
     /// cancelled if the commit fails and succeeded if it commits. Its final
     /// status says which.
     Committing,
+    /// A scheduler restart interrupted the job, and its write is being
+    /// settled: it cannot be cancelled, and ends as the write settles.
+    Settling,
     /// The job had already ended.
     Ended,
 }
@@ -139,6 +142,8 @@ pub async fn cancel(
         CancelOutcome::Cancelled
     } else if response.committing {
         CancelOutcome::Committing
+    } else if response.settling {
+        CancelOutcome::Settling
     } else {
         CancelOutcome::Ended
     })
@@ -255,6 +260,22 @@ mod tests {
         let error = submit_to(address).await;
         assert!(matches!(error, Error::StatementNotSent { .. }), "{error:?}");
         assert!(error.to_string().contains("refused"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_scheduler_that_cannot_be_reached_is_named_with_the_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        drop(listener);
+        let error = crate::QuiverContext::connect(&format!("quiver://{address}"))
+            .await
+            .map(|_| ())
+            .expect_err("nothing listens");
+        let message = error.to_string();
+        assert!(
+            message.contains(&address.to_string()) && message.contains("refused"),
+            "{message}"
+        );
     }
 
     #[tokio::test]

@@ -105,8 +105,10 @@ pub async fn run(
     };
     info!(?address, "scheduler serving");
     let (stopping, stop_seen) = tokio::sync::oneshot::channel();
+    let stop_gate = gate.clone();
     let shutdown = async move {
         shutdown.await;
+        stop_gate.stopping();
         info!(
             grace_secs = SHUTDOWN_GRACE.as_secs(),
             "scheduler stopping: no new connections; open ones may finish within the grace"

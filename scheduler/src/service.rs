@@ -73,10 +73,8 @@ impl SchedulerGrpc {
     /// committing (see [`CancelOutcome`]).
     pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, Status> {
         self.job_status(job_id)?;
-        // Interrupted by a restart, its write is being settled: it ends
-        // when that is done, as a committing job does.
         if self.handle.settling.contains(job_id) {
-            return Ok(CancelOutcome::Committing);
+            return Ok(CancelOutcome::Settling);
         }
         let (reply, answer) = oneshot::channel();
         self.send(Event::CancelJob {
@@ -861,6 +859,7 @@ impl SchedulerService for SchedulerGrpc {
         Ok(Response::new(CancelJobResponse {
             cancelled: outcome == CancelOutcome::Cancelled,
             committing: outcome == CancelOutcome::Committing,
+            settling: outcome == CancelOutcome::Settling,
         }))
     }
 

@@ -72,6 +72,8 @@ pub enum Phase {
     /// Starting, doing what the text says ("recreating its catalog").
     Doing(&'static str),
     Started,
+    /// Told to stop: calls still waiting will not be served.
+    Stopping,
 }
 
 /// Tells the calls waiting on the start where it is.
@@ -92,7 +94,25 @@ impl StartGate {
     }
 
     pub fn started(&self) {
-        self.phase.send_replace(Phase::Started);
+        self.phase.send_if_modified(|phase| {
+            let starting = matches!(phase, Phase::Doing(_));
+            if starting {
+                *phase = Phase::Started;
+            }
+            starting
+        });
+    }
+
+    /// Refuses the calls that wait for the start, and those that come
+    /// later: a stopping scheduler takes no new work.
+    pub fn stopping(&self) {
+        self.phase.send_if_modified(|phase| {
+            let starting = matches!(phase, Phase::Doing(_));
+            if starting {
+                *phase = Phase::Stopping;
+            }
+            starting
+        });
     }
 
     /// Serves `inner`'s calls once the start is done, but for those that
@@ -111,17 +131,26 @@ impl StartGate {
         mut phase: watch::Receiver<Phase>,
         wait: Duration,
     ) -> Result<(), tonic::Status> {
-        let started = tokio::time::timeout(wait, phase.wait_for(|phase| *phase == Phase::Started))
-            .await
-            .map(|started| started.is_ok());
-        match started {
-            Ok(true) => Ok(()),
-            // The gate went away with the start: the scheduler is stopping.
-            Ok(false) => Err(tonic::Status::unavailable("the scheduler is stopping")),
+        let stopping = || {
+            tonic::Status::unavailable(
+                "the scheduler is stopping, and did not run this call: send it to the \
+                 scheduler that replaces it",
+            )
+        };
+        let ended = tokio::time::timeout(
+            wait,
+            phase.wait_for(|phase| !matches!(phase, Phase::Doing(_))),
+        )
+        .await
+        .map(|ended| ended.map(|phase| phase.clone()));
+        match ended {
+            Ok(Ok(Phase::Started)) => Ok(()),
+            // The gate went away with the server.
+            Ok(Ok(_) | Err(_)) => Err(stopping()),
             Err(_) => {
                 let doing = match &*phase.borrow() {
                     Phase::Doing(what) => *what,
-                    Phase::Started => "starting",
+                    Phase::Started | Phase::Stopping => "starting",
                 };
                 Err(tonic::Status::unavailable(format!(
                     "the scheduler is starting: it is {doing}, and has not finished within \
@@ -210,11 +239,33 @@ mod tests {
             "{error}"
         );
         let waiting = tokio::spawn(StartGate::wait_until_started(
-            phase,
+            phase.clone(),
             Duration::from_secs(60),
         ));
         gate.started();
         waiting.await.expect("waiter").expect("started");
+        gate.stopping();
+        StartGate::wait_until_started(phase, Duration::from_secs(60))
+            .await
+            .expect("a started scheduler that stops serves what it has");
+    }
+
+    #[tokio::test]
+    async fn a_scheduler_stopped_while_starting_refuses_the_waiting_calls() {
+        let gate = StartGate::new(RECREATING_CATALOG);
+        let waiting = tokio::spawn(StartGate::wait_until_started(
+            gate.phase.subscribe(),
+            Duration::from_secs(60),
+        ));
+        gate.stopping();
+        let error = waiting.await.expect("waiter").expect_err("refused");
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert!(error.message().contains("did not run this call"), "{error}");
+        gate.started();
+        let error = StartGate::wait_until_started(gate.phase.subscribe(), Duration::from_secs(60))
+            .await
+            .expect_err("still refused");
+        assert!(error.message().contains("stopping"), "{error}");
     }
 
     #[test]

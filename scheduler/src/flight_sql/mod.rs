@@ -488,7 +488,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         let result = match self.cancel(info).await? {
             CancelOutcome::Cancelled => CANCEL_RESULT_CANCELLED,
             CancelOutcome::Committing => CANCEL_RESULT_CANCELLING,
-            CancelOutcome::Ended => CANCEL_RESULT_NOT_CANCELLABLE,
+            CancelOutcome::Settling | CancelOutcome::Ended => CANCEL_RESULT_NOT_CANCELLABLE,
         };
         Ok(ActionCancelQueryResult { result })
     }
@@ -513,7 +513,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         let status = match self.cancel(info).await? {
             CancelOutcome::Cancelled => CancelStatus::Cancelled,
             CancelOutcome::Committing => CancelStatus::Cancelling,
-            CancelOutcome::Ended => CancelStatus::NotCancellable,
+            CancelOutcome::Settling | CancelOutcome::Ended => CancelStatus::NotCancellable,
         };
         let result = arrow_flight::Result {
             body: CancelFlightInfoResult::new(status).encode_to_vec().into(),

@@ -78,6 +78,9 @@ pub enum CancelOutcome {
     /// The job's write is committing: the job ends when the commit does,
     /// cancelled if the commit fails and succeeded if it commits.
     Committing,
+    /// A scheduler restart interrupted the job, and its write is being
+    /// settled: it cannot be cancelled, and ends as the write settles.
+    Settling,
     /// The job had already ended.
     Ended,
 }

@@ -72,6 +72,7 @@ pub async fn run(
             {
                 CancelOutcome::Cancelled => println!("job {job_id} cancelled"),
                 CancelOutcome::Committing => println!("{}", committing_note(&job_id)),
+                CancelOutcome::Settling => println!("{}", settling_note(&job_id)),
                 CancelOutcome::Ended => return Err(format!("job {job_id} had already ended")),
             }
         }
@@ -208,6 +209,16 @@ fn one_line(query: &str) -> String {
     } else {
         flat
     }
+}
+
+/// What the CLI says when a cancel comes while a restarted scheduler
+/// settles the job's write.
+pub(crate) fn settling_note(job_id: &str) -> String {
+    format!(
+        "job {job_id} was interrupted by a scheduler restart, and its write is being settled: \
+         it cannot be cancelled, and ends failed if the write is rolled back, succeeded if it \
+         committed; `quiver job status --wait {job_id}` shows how it ended"
+    )
 }
 
 /// What the CLI says when a cancel comes while the job's write commits.

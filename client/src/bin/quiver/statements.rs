@@ -18,7 +18,7 @@ use quiver_client::output::{Format, write_batches};
 use quiver_core::metrics::human_bytes;
 use quiver_proto::{JobState, JobStatus};
 
-use crate::jobs::committing_note;
+use crate::jobs::{committing_note, settling_note};
 
 /// How one statement ended, when it did not fail.
 pub enum Outcome {
@@ -134,6 +134,7 @@ async fn cancel_on_cluster(context: &QuiverContext, job_id: Option<String>) {
     match tokio::time::timeout(Duration::from_secs(5), context.cancel_job(&job_id)).await {
         Ok(Ok(CancelOutcome::Cancelled)) => eprintln!("job {job_id} cancelled"),
         Ok(Ok(CancelOutcome::Committing)) => eprintln!("{}", committing_note(&job_id)),
+        Ok(Ok(CancelOutcome::Settling)) => eprintln!("{}", settling_note(&job_id)),
         Ok(Ok(CancelOutcome::Ended)) => eprintln!("job {job_id} had already ended"),
         Ok(Err(e)) => eprintln!("could not cancel job {job_id}: {e}"),
         Err(_) => eprintln!("could not cancel job {job_id}: the scheduler did not answer"),
