@@ -1800,3 +1800,98 @@ async fn a_client_that_loses_its_scheduler_during_create_table_as_is_told_where_
     let left = files_below(warehouse.path(), false);
     assert!(left.is_empty(), "files of the rolled-back write: {left:?}");
 }
+
+/// A stored table that a start cannot recreate (its files are away) stays
+/// stored: a statement naming it says why it is missing, no statement may
+/// create another of its name, and it is recreated once its files are
+/// back, without another restart. A table whose files are gone for good
+/// can be dropped, and is then forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_cannot_be_recreated_at_start_is_kept_and_tried_again() {
+    let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
+    let context = cluster.connect(1).await;
+    let work = cluster.work_dir().to_path_buf();
+    let folder = |name: &str| work.join(name);
+    for table in ["kept", "gone"] {
+        let sql = [
+            format!(
+                "COPY (SELECT value AS v FROM range(100)) TO '{}/' STORED AS PARQUET",
+                folder(table).display()
+            ),
+            format!(
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{}/'",
+                folder(table).display()
+            ),
+        ];
+        for statement in sql {
+            context
+                .sql(&statement)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"))
+                .collect()
+                .await
+                .expect("ran");
+        }
+    }
+    drop(context);
+    cluster.kill_scheduler();
+    std::fs::rename(folder("kept"), folder("kept.away")).expect("move away");
+    std::fs::remove_dir_all(folder("gone")).expect("delete");
+
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let run = |sql: &'static str| {
+        let context = context.clone();
+        async move { context.sql(sql).await?.collect().await.map_err(Into::into) }
+    };
+    let missing: Result<_, quiver_client::Error> = run("SELECT count(*) FROM kept").await;
+    let message = missing.expect_err("its files are away").to_string();
+    assert!(
+        message.contains(
+            "'datafusion.public.kept' is stored in the catalog, but could not be recreated"
+        ),
+        "{message}"
+    );
+    let replacing: Result<_, quiver_client::Error> = run("CREATE VIEW kept AS SELECT 1 AS v").await;
+    let message = replacing
+        .expect_err("it would replace the table")
+        .to_string();
+    assert!(
+        message.contains("drop it before creating another"),
+        "{message}"
+    );
+    run("DROP TABLE gone")
+        .await
+        .expect("a table gone for good is dropped");
+
+    std::fs::rename(folder("kept.away"), folder("kept")).expect("move back");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let rows = loop {
+        match run("SELECT count(*) AS n FROM kept").await {
+            Ok(batches) => break batches,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "never recreated: {e}\n{}",
+                cluster.scheduler_log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let counted = rows[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    assert_eq!(counted.value(0), 100);
+    drop(context);
+    cluster.kill_scheduler();
+
+    let store =
+        quiver_scheduler::store::StateStore::open(&cluster.work_dir().join("scheduler-state"))
+            .expect("state");
+    let stored: Vec<String> = store
+        .catalog_entries()
+        .expect("catalog")
+        .into_iter()
+        .map(|entry| entry.name)
+        .collect();
+    assert_eq!(stored, ["datafusion.public.kept"]);
+}

@@ -10,6 +10,9 @@
 //! `CREATE TABLE ... AS` is written to the warehouse first and stored as the
 //! external table of its folder.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use datafusion::common::TableReference;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::DdlStatement;
@@ -112,6 +115,90 @@ pub fn mark_managed(store: &StateStore, key: &str) -> Result<()> {
         store.put_catalog_entry(key, &entry)?;
     }
     Ok(())
+}
+
+/// The stored object that a DDL statement creates or replaces (`false`),
+/// or drops (`true`), by key.
+pub fn key_changed(ddl: &DdlStatement, state: &SessionState) -> Option<(String, bool)> {
+    if let DdlStatement::CreateMemoryTable(create) = ddl {
+        return Some((table_key(&create.name, state).0, false));
+    }
+    match change_of(ddl, state) {
+        Change::Put { key, .. } => Some((key, false)),
+        Change::Remove { key, .. } => Some((key, true)),
+        Change::None => None,
+    }
+}
+
+/// How long stored objects that could not be recreated wait between tries.
+pub const RECREATE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stored catalog objects that the start could not recreate (their store
+/// did not answer), by key, with why. They stay stored and are tried again
+/// every [`RECREATE_RETRY`]; meanwhile no statement may create an object of
+/// the same name, which would replace the stored one and, once dropped,
+/// lose it (and orphan a managed table's files).
+#[derive(Debug, Clone, Default)]
+pub struct Unrecreated {
+    objects: Arc<Mutex<BTreeMap<String, (CatalogEntry, String)>>>,
+}
+
+impl Unrecreated {
+    pub fn insert(&self, key: String, entry: CatalogEntry, error: String) {
+        self.lock().insert(key, (entry, error));
+    }
+
+    pub fn remove(&self, key: &str) -> Option<CatalogEntry> {
+        self.lock().remove(key).map(|(entry, _)| entry)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Every object, in creation order, with its key.
+    pub fn entries(&self) -> Vec<(String, CatalogEntry)> {
+        let mut entries: Vec<(String, CatalogEntry)> = self
+            .lock()
+            .iter()
+            .map(|(key, (entry, _))| (key.clone(), entry.clone()))
+            .collect();
+        entries.sort_by_key(|(_, entry)| entry.seq);
+        entries
+    }
+
+    /// Why the object under `key` is not in the catalog, if it is one of these.
+    pub fn why(&self, key: &str) -> Option<String> {
+        self.lock()
+            .get(key)
+            .map(|(entry, error)| describe(entry, error))
+    }
+
+    /// Why the objects named in `message` (an error's) are not in the catalog.
+    pub fn named_in(&self, message: &str) -> Vec<String> {
+        self.lock()
+            .values()
+            .filter(|(entry, _)| {
+                let short = entry.name.rsplit('.').next().unwrap_or(&entry.name);
+                message.contains(&format!("'{}'", entry.name))
+                    || message.contains(&format!("'{short}'"))
+            })
+            .map(|(entry, error)| describe(entry, error))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (CatalogEntry, String)>> {
+        self.objects.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn describe(entry: &CatalogEntry, error: &str) -> String {
+    format!(
+        "'{}' is stored in the catalog, but could not be recreated when the scheduler started \
+         ({error}); it is tried again every {}s",
+        entry.name,
+        RECREATE_RETRY.as_secs()
+    )
 }
 
 fn change_of(ddl: &DdlStatement, state: &SessionState) -> Change {

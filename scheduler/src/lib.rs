@@ -99,7 +99,13 @@ pub async fn run(
         async move {
             starting::recover(&service, &interrupted, loop_config.executor_timeout, &gate).await?;
             gate.started();
-            info!("scheduler started: its catalog is recreated and interrupted writes settled");
+            if service.planner().catalog_is_whole() {
+                info!("scheduler started: its catalog is recreated and interrupted writes settled");
+            } else {
+                warn!(
+                    "scheduler started, without the stored catalog objects it could not recreate"
+                );
+            }
             std::future::pending::<Result<()>>().await
         }
     };

@@ -34,6 +34,7 @@ use prost::bytes::Bytes;
 use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_core::guard::{catch_future_panic, panic_message};
+use quiver_core::storage::redacted_error;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, redact_statement_error, redact_store_echoes,
@@ -43,7 +44,9 @@ use quiver_core::write::snapshot::KnownCommits;
 use quiver_core::write::{
     ParquetCommitExec, check_folder_write_access, check_write_access, distribute_parquet_writes,
 };
-use quiver_proto::{JobRecord, PendingTable, Setting, StoreConfig, submit_job_request::Query};
+use quiver_proto::{
+    CatalogEntry, JobRecord, PendingTable, Setting, StoreConfig, submit_job_request::Query,
+};
 
 use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
@@ -321,6 +324,8 @@ pub struct Planner {
     object_stores: Arc<StoreRegistry>,
     /// Where `CREATE TABLE ... AS SELECT` writes, ending in `/`.
     warehouse: String,
+    /// Stored objects that the start could not recreate.
+    unrecreated: catalog::Unrecreated,
 }
 
 impl std::fmt::Debug for Planner {
@@ -391,6 +396,7 @@ impl Planner {
             store,
             object_stores,
             warehouse,
+            unrecreated: catalog::Unrecreated::default(),
         })
     }
 
@@ -403,23 +409,47 @@ impl Planner {
     /// that cannot be recreated (its files are gone, say) stays stored and is
     /// returned with the error, so that a later start can try again.
     pub async fn replay_catalog(&self) -> Result<Vec<(String, Error)>> {
-        let entries = self.store.catalog_entries()?;
+        let entries = self.store.keyed_catalog_entries()?;
+        Ok(self.recreate(entries).await)
+    }
+
+    /// Recreates the stored objects that [`Planner::replay_catalog`] could
+    /// not; returns those that still fail.
+    pub async fn recreate_the_rest(&self) -> Vec<(String, Error)> {
+        self.recreate(self.unrecreated.entries()).await
+    }
+
+    /// Whether every stored catalog object is recreated.
+    pub fn catalog_is_whole(&self) -> bool {
+        self.unrecreated.is_empty()
+    }
+
+    /// Runs each stored statement of `entries` again, in order, and keeps
+    /// those that fail as [`catalog::Unrecreated`].
+    async fn recreate(&self, entries: Vec<(String, CatalogEntry)>) -> Vec<(String, Error)> {
         let mut failures = Vec::new();
-        for entry in entries {
+        for (key, entry) in entries {
             let replayed = self
                 .plan_statement(
                     "catalog-replay",
-                    Query::Sql(entry.sql),
+                    Query::Sql(entry.sql.clone()),
                     None,
                     &entry.settings,
                     false,
                 )
                 .await;
-            if let Err(e) = replayed {
-                failures.push((entry.name, e));
+            match replayed {
+                Ok(_) => {
+                    self.unrecreated.remove(&key);
+                }
+                Err(e) => {
+                    let error = redacted_error(&e);
+                    failures.push((entry.name.clone(), e));
+                    self.unrecreated.insert(key, entry, error);
+                }
             }
         }
-        Ok(failures)
+        failures
     }
 
     /// The session state of a job: the shared catalog with the job's settings.
@@ -440,8 +470,25 @@ impl Planner {
     }
 
     pub async fn plan(&self, job_id: &str, query: Query, settings: &[Setting]) -> Result<Planned> {
-        self.plan_statement(job_id, query, None, settings, true)
-            .await
+        let planned = self
+            .plan_statement(job_id, query, None, settings, true)
+            .await;
+        self.explain_unrecreated(planned)
+    }
+
+    /// An error naming a stored object that the start could not recreate,
+    /// with why it is missing.
+    fn explain_unrecreated(&self, planned: Result<Planned>) -> Result<Planned> {
+        match planned {
+            Err(Error::Query(e)) => {
+                let missing = self.unrecreated.named_in(&e.to_string());
+                Err(Error::Query(match missing.is_empty() {
+                    true => e,
+                    false => e.context(missing.join("; ")),
+                }))
+            }
+            other => other,
+        }
     }
 
     /// Plans SQL whose `$1`, `$2`... placeholders take `parameters`: a
@@ -454,8 +501,10 @@ impl Planner {
         settings: &[Setting],
     ) -> Result<Planned> {
         let query = Query::Sql(sql.to_owned());
-        self.plan_statement(job_id, query, Some(parameters), settings, true)
-            .await
+        let planned = self
+            .plan_statement(job_id, query, Some(parameters), settings, true)
+            .await;
+        self.explain_unrecreated(planned)
     }
 
     /// What a statement would return, without running it: the schema of its
@@ -553,6 +602,39 @@ impl Planner {
         planned
     }
 
+    /// A statement that creates or drops the stored object under `key`,
+    /// which the start could not recreate (`why`). Creating one of its
+    /// name would replace it: refused. Dropping it forgets it, unless it
+    /// owns its folder (`CREATE TABLE AS`), which cannot be deleted while
+    /// its store does not answer.
+    async fn change_unrecreated(&self, key: String, drops: bool, why: String) -> Result<Planned> {
+        let refused = |advice: &str| {
+            Err(Error::Query(DataFusionError::Plan(format!(
+                "{why}: {advice}"
+            ))))
+        };
+        if !drops {
+            return refused("drop it before creating another of its name");
+        }
+        let managed = self
+            .unrecreated
+            .entries()
+            .iter()
+            .any(|(stored, entry)| *stored == key && entry.kind == catalog::MANAGED_TABLE);
+        if managed {
+            return refused(
+                "it owns its folder, which is deleted with it: drop it once it is recreated",
+            );
+        }
+        let removed = key.clone();
+        self.with_store(move |store| store.remove_catalog_entries(|k| k == removed))
+            .await?;
+        self.unrecreated.remove(&key);
+        Ok(Planned::Done {
+            schema: Arc::new(Schema::empty()),
+        })
+    }
+
     /// Plans a statement whose locations are configured. `persist` holds the
     /// session's settings if the statement's catalog changes are stored.
     async fn plan_logical(
@@ -564,6 +646,13 @@ impl Planner {
         persist: Option<&[Setting]>,
     ) -> Result<Planned> {
         let schema: SchemaRef = Arc::new(logical.schema().as_arrow().clone());
+        if persist.is_some()
+            && let LogicalPlan::Ddl(ddl) = &logical
+            && let Some((key, drops)) = catalog::key_changed(ddl, &state)
+            && let Some(why) = self.unrecreated.why(&key)
+        {
+            return self.change_unrecreated(key, drops, why).await;
+        }
         if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
             return self.plan_create_table_as(job_id, create, &state).await;
         }
@@ -1012,10 +1101,19 @@ impl Planner {
     }
 
     /// The schema of a table in the shared catalog, if it exists.
+    /// A stored table that the start could not recreate is an error that
+    /// says why, rather than none.
     pub async fn table_schema(&self, name: &str) -> Result<Option<SchemaRef>> {
         match self.catalog.table_provider(name).await {
             Ok(table) => Ok(Some(table.schema())),
-            Err(DataFusionError::Plan(_)) => Ok(None),
+            Err(DataFusionError::Plan(_)) => {
+                let (key, _) =
+                    catalog::table_key(&TableReference::from(name), &self.catalog.state());
+                match self.unrecreated.why(&key) {
+                    Some(why) => Err(Error::Query(DataFusionError::Plan(why))),
+                    None => Ok(None),
+                }
+            }
             Err(e) => Err(Error::Query(e)),
         }
     }

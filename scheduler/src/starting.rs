@@ -18,8 +18,9 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::catalog::RECREATE_RETRY;
 use crate::service::SchedulerGrpc;
 use crate::state::event_loop::InterruptedJob;
 
@@ -54,8 +55,19 @@ pub async fn recover(
     gate.doing(RECREATING_CATALOG);
     for (name, error) in service.planner().replay_catalog().await? {
         let error = redacted_error(&error);
-        warn!(table = %name, %error, "cannot recreate a stored catalog object; it stays stored");
+        warn!(table = %name, %error, retry_secs = RECREATE_RETRY.as_secs(),
+            "cannot recreate a stored catalog object; it stays stored, and is tried again");
     }
+    let planner = service.planner().clone();
+    tokio::spawn(async move {
+        while !planner.catalog_is_whole() {
+            tokio::time::sleep(RECREATE_RETRY).await;
+            let failed = planner.recreate_the_rest().await;
+            if failed.is_empty() {
+                info!("every stored catalog object is recreated");
+            }
+        }
+    });
     gate.doing("settling the writes that its restart interrupted");
     let settled = service
         .clean_up_interrupted_jobs(interrupted, executor_timeout)

@@ -165,6 +165,21 @@ impl StateStore {
         Ok(removed as usize)
     }
 
+    /// Every catalog object with its key, in creation order.
+    pub fn keyed_catalog_entries(&self) -> Result<Vec<(String, CatalogEntry)>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(CATALOG)?;
+        let mut entries = table
+            .iter()?
+            .map(|row| {
+                let (key, value) = row?;
+                Ok((key.value().to_owned(), CatalogEntry::decode(value.value())?))
+            })
+            .collect::<Result<Vec<(String, CatalogEntry)>>>()?;
+        entries.sort_by_key(|(_, entry)| entry.seq);
+        Ok(entries)
+    }
+
     /// Every catalog object, in creation order.
     pub fn catalog_entries(&self) -> Result<Vec<CatalogEntry>> {
         let mut entries: Vec<CatalogEntry> =
