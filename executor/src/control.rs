@@ -209,10 +209,8 @@ impl Session<'_> {
                 // its tasks before it does anything else on the scheduler's behalf.
                 biased;
                 () = tokio::time::sleep(lease_left) => {
-                    if let Err(expired) = self.lease.check() {
-                        return SessionEnd::Lost(format!(
-                            "no heartbeat was acknowledged in time: {expired}"
-                        ));
+                    if self.lease.check().is_err() {
+                        return self.lost_or(String::new());
                     }
                 }
                 // Told once per session, so that a scheduler that comes back learns it too.
@@ -227,10 +225,27 @@ impl Session<'_> {
                     })) => return SessionEnd::Drained,
                     Ok(Some(SchedulerMessage { kind: Some(kind) })) => self.handle(kind),
                     Ok(Some(SchedulerMessage { kind: None })) => {}
-                    Ok(None) => return SessionEnd::Lost("scheduler closed the stream".into()),
-                    Err(status) => return end_from_status(status),
+                    Ok(None) => {
+                        return self.lost_or("scheduler closed the stream".into());
+                    }
+                    Err(status) => match end_from_status(status) {
+                        SessionEnd::Lost(reason) => return self.lost_or(reason),
+                        end => return end,
+                    },
                 }
             }
+        }
+    }
+
+    /// The session's end when its stream broke for `reason`. A lease that
+    /// ran out is the cause to report: a process resumed after a pause may
+    /// see the stream that the scheduler closed meanwhile before its timer.
+    fn lost_or(&self, reason: String) -> SessionEnd {
+        match self.lease.check() {
+            Err(expired) => {
+                SessionEnd::Lost(format!("no heartbeat was acknowledged in time: {expired}"))
+            }
+            Ok(()) => SessionEnd::Lost(reason),
         }
     }
 
