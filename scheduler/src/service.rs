@@ -897,6 +897,8 @@ impl SchedulerService for SchedulerGrpc {
             0 => usize::MAX,
             limit => limit as usize,
         };
+        // A job that a client saw end may still be on its way to the store.
+        self.handle.recorder.flushed().await;
         let store = self.planner.store().clone();
         let mut jobs = tokio::task::spawn_blocking(move || store.jobs())
             .await

@@ -326,21 +326,39 @@ pub enum JobEntry {
 /// waits for the disk. Records sent together are written in one transaction.
 #[derive(Debug, Clone)]
 pub struct JobRecorder {
-    sender: std::sync::mpsc::Sender<JobEntry>,
+    sender: std::sync::mpsc::Sender<Queued>,
+}
+
+/// What the recorder's thread is sent.
+#[derive(Debug)]
+enum Queued {
+    Entry(JobEntry),
+    /// Answered once every entry queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl JobRecorder {
     pub fn start(store: StateStore) -> Self {
-        let (sender, receiver) = std::sync::mpsc::channel::<JobEntry>();
+        let (sender, receiver) = std::sync::mpsc::channel::<Queued>();
         std::thread::Builder::new()
             .name("quiver-job-recorder".into())
             .spawn(move || {
                 let mut written = 0usize;
                 while let Ok(first) = receiver.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(receiver.try_iter());
-                    if let Err(e) = store.put_job_entries(&batch) {
+                    let (mut batch, mut flushes) = (Vec::new(), Vec::new());
+                    for queued in std::iter::once(first).chain(receiver.try_iter()) {
+                        match queued {
+                            Queued::Entry(entry) => batch.push(entry),
+                            Queued::Flush(done) => flushes.push(done),
+                        }
+                    }
+                    if !batch.is_empty()
+                        && let Err(e) = store.put_job_entries(&batch)
+                    {
                         warn!(%e, records = batch.len(), "cannot record jobs");
+                    }
+                    for done in flushes {
+                        let _ = done.send(());
                     }
                     written += batch.len();
                     if written >= JOB_HISTORY_LIMIT / 10 {
@@ -361,16 +379,27 @@ impl JobRecorder {
     /// Queues a record to be written.
     pub fn record(&self, record: JobRecord) {
         // The thread only stops with the process.
-        let _ = self.sender.send(JobEntry::Record(Box::new(record)));
+        let _ = self
+            .sender
+            .send(Queued::Entry(JobEntry::Record(Box::new(record))));
+    }
+
+    /// Waits until every record queued so far is written: a listing read
+    /// from the store then shows every job that a client has seen.
+    pub async fn flushed(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.sender.send(Queued::Flush(done)).is_ok() {
+            let _ = written.await;
+        }
     }
 
     /// Queues the stores of a starting job to be kept until its final
     /// record, for a restarted scheduler to settle its data with.
     pub fn keep_stores(&self, job_id: &str, stores: &[StoreConfig]) {
-        let _ = self.sender.send(JobEntry::Stores(JobStores {
+        let _ = self.sender.send(Queued::Entry(JobEntry::Stores(JobStores {
             job_id: job_id.to_owned(),
             stores: stores.to_vec(),
-        }));
+        })));
     }
 }
 
@@ -379,6 +408,18 @@ mod tests {
     use quiver_proto::{JobState, JobStatus};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_flushed_recorder_has_written_every_record_queued_before() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let recorder = JobRecorder::start(store.clone());
+        for n in 0..50 {
+            recorder.record(record(&format!("{n:016x}"), n, n + 1));
+        }
+        recorder.flushed().await;
+        assert_eq!(store.jobs().expect("jobs").len(), 50);
+    }
 
     fn record(job_id: &str, submitted: u64, finished: u64) -> JobRecord {
         JobRecord {
