@@ -1555,6 +1555,8 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
             assert!(!record.writes_to.is_empty(), "a write job: {record:?}");
             status.state = JobState::Running.into();
             status.error.clear();
+            // Interrupted in its last stage: its write had not committed.
+            status.stages_done = status.stages_total.saturating_sub(1);
             record.finished_at_unix_ms = 0;
             Some(JobEntry::Record(record.into()))
         })
@@ -1621,6 +1623,7 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
             "a committed write's job {job_id}\n{}",
             cluster.scheduler_log()
         );
+        assert_eq!(settled.stages_done, settled.stages_total, "{settled:?}");
     }
     let tried_again = status("00000000000000a1".into()).await;
     assert!(

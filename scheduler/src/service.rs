@@ -646,6 +646,10 @@ impl SchedulerGrpc {
         };
         status.state = state.into();
         status.error = error;
+        if state == JobState::Succeeded {
+            // Every stage ran: the write that its last one made committed.
+            status.stages_done = status.stages_total;
+        }
         info!(job_id = %status.job_id, state = ?status.state(), %status.error,
             "recorded how a job's write, settled after the restart, ended");
         self.handle.settling.ended(status);
