@@ -209,8 +209,8 @@ impl Session<'_> {
                 // its tasks before it does anything else on the scheduler's behalf.
                 biased;
                 () = tokio::time::sleep(lease_left) => {
-                    if self.lease.check().is_err() {
-                        return self.lost_or(String::new());
+                    if let Some(end) = self.lease_ran_out() {
+                        return end;
                     }
                 }
                 // Told once per session, so that a scheduler that comes back learns it too.
@@ -237,16 +237,19 @@ impl Session<'_> {
         }
     }
 
+    /// The session's end if its lease has run out.
+    fn lease_ran_out(&self) -> Option<SessionEnd> {
+        let expired = self.lease.check().err()?;
+        Some(SessionEnd::Lost(format!(
+            "no heartbeat was acknowledged in time: {expired}"
+        )))
+    }
+
     /// The session's end when its stream broke for `reason`. A lease that
     /// ran out is the cause to report: a process resumed after a pause may
     /// see the stream that the scheduler closed meanwhile before its timer.
     fn lost_or(&self, reason: String) -> SessionEnd {
-        match self.lease.check() {
-            Err(expired) => {
-                SessionEnd::Lost(format!("no heartbeat was acknowledged in time: {expired}"))
-            }
-            Ok(()) => SessionEnd::Lost(reason),
-        }
+        self.lease_ran_out().unwrap_or(SessionEnd::Lost(reason))
     }
 
     fn heartbeat(&mut self) {

@@ -148,8 +148,16 @@ impl Unrecreated {
         self.lock().insert(key, (entry, error));
     }
 
-    pub fn remove(&self, key: &str) -> Option<CatalogEntry> {
-        self.lock().remove(key).map(|(entry, _)| entry)
+    pub fn remove(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    /// Whether the object under `key` is a table that owns its folder
+    /// (`CREATE TABLE AS`).
+    pub fn owns_folder(&self, key: &str) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|(entry, _)| entry.kind == MANAGED_TABLE)
     }
 
     pub fn is_empty(&self) -> bool {

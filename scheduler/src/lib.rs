@@ -93,7 +93,7 @@ pub async fn run(
     let service = service::SchedulerGrpc::new(handle, planner);
     let flight_sql =
         flight_sql::FlightSqlEndpoint::new(service.clone()).map_err(Error::FlightSql)?;
-    let gate = starting::StartGate::new(starting::RECREATING_CATALOG);
+    let gate = starting::StartGate::default();
     let start = {
         let (service, gate) = (service.clone(), gate.clone());
         async move {

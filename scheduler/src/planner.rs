@@ -409,7 +409,9 @@ impl Planner {
     /// that cannot be recreated (its files are gone, say) stays stored and is
     /// returned with the error, so that a later start can try again.
     pub async fn replay_catalog(&self) -> Result<Vec<(String, Error)>> {
-        let entries = self.store.keyed_catalog_entries()?;
+        let entries = self
+            .with_store(|store| store.keyed_catalog_entries())
+            .await?;
         Ok(self.recreate(entries).await)
     }
 
@@ -616,12 +618,7 @@ impl Planner {
         if !drops {
             return refused("drop it before creating another of its name");
         }
-        let managed = self
-            .unrecreated
-            .entries()
-            .iter()
-            .any(|(stored, entry)| *stored == key && entry.kind == catalog::MANAGED_TABLE);
-        if managed {
+        if self.unrecreated.owns_folder(&key) {
             return refused(
                 "it owns its folder, which is deleted with it: drop it once it is recreated",
             );
@@ -1010,13 +1007,15 @@ impl Planner {
             .with_store(move |store| store.catalog_entry(&key))
             .await?;
         let registered = stored.is_some_and(|entry| pending.statements.contains(&entry.sql));
-        for statement in pending.statements.iter().filter(|_| !registered) {
-            self.plan(
-                &pending.job_id,
-                Query::Sql(statement.clone()),
-                &pending.settings,
-            )
-            .await?;
+        if !registered {
+            for statement in &pending.statements {
+                self.plan(
+                    &pending.job_id,
+                    Query::Sql(statement.clone()),
+                    &pending.settings,
+                )
+                .await?;
+            }
         }
         self.mark_managed(pending.managed_key).await?;
         self.remove_pending_table(pending.job_id).await

@@ -40,7 +40,7 @@ const SERVED_WHILE_STARTING: [&str; 7] = [
 ];
 
 /// The first phase of a start.
-pub const RECREATING_CATALOG: &str = "recreating its catalog";
+const RECREATING_CATALOG: &str = "recreating its catalog";
 
 /// Recreates the catalog from the state store, then settles the writes of
 /// the jobs that the last stop interrupted and records how they ended;
@@ -52,7 +52,6 @@ pub async fn recover(
     executor_timeout: Duration,
     gate: &StartGate,
 ) -> crate::Result<()> {
-    gate.doing(RECREATING_CATALOG);
     for (name, error) in service.planner().replay_catalog().await? {
         let error = redacted_error(&error);
         warn!(table = %name, %error, retry_secs = RECREATE_RETRY.as_secs(),
@@ -94,13 +93,16 @@ pub struct StartGate {
     phase: watch::Sender<Phase>,
 }
 
-impl StartGate {
-    pub fn new(first: &'static str) -> Self {
+/// A start begins by recreating the catalog.
+impl Default for StartGate {
+    fn default() -> Self {
         Self {
-            phase: watch::Sender::new(Phase::Doing(first)),
+            phase: watch::Sender::new(Phase::Doing(RECREATING_CATALOG)),
         }
     }
+}
 
+impl StartGate {
     pub fn doing(&self, what: &'static str) {
         self.phase.send_replace(Phase::Doing(what));
     }
@@ -237,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_waits_for_the_start_and_is_told_what_holds_it_up() {
-        let gate = StartGate::new("recreating its catalog");
+        let gate = StartGate::default();
         let phase = gate.phase.subscribe();
         gate.doing("settling the writes its restart interrupted");
         let error = StartGate::wait_until_started(phase.clone(), Duration::from_millis(10))
@@ -264,7 +266,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_scheduler_stopped_while_starting_refuses_the_waiting_calls() {
-        let gate = StartGate::new(RECREATING_CATALOG);
+        let gate = StartGate::default();
         let waiting = tokio::spawn(StartGate::wait_until_started(
             gate.phase.subscribe(),
             Duration::from_secs(60),

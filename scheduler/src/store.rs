@@ -182,10 +182,8 @@ impl StateStore {
 
     /// Every catalog object, in creation order.
     pub fn catalog_entries(&self) -> Result<Vec<CatalogEntry>> {
-        let mut entries: Vec<CatalogEntry> =
-            decode_all(&self.db.begin_read()?.open_table(CATALOG)?)?;
-        entries.sort_by_key(|entry| entry.seq);
-        Ok(entries)
+        let keyed = self.keyed_catalog_entries()?;
+        Ok(keyed.into_iter().map(|(_, entry)| entry).collect())
     }
 
     /// The next catalog sequence number.

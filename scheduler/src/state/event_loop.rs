@@ -102,7 +102,7 @@ pub fn spawn(
             status.error = if record.writes_to.is_empty() {
                 format!("{RESTARTED}; submit it again")
             } else {
-                format!("{RESTARTED}; its write is being settled")
+                being_settled()
             };
             record.finished_at_unix_ms = unix_millis();
             record.write_unsettled = !record.writes_to.is_empty();
@@ -156,6 +156,11 @@ pub fn spawn(
 
 /// How the error of a job that a scheduler restart interrupted begins.
 pub const RESTARTED: &str = "the scheduler restarted while this job was running";
+
+/// What a job whose write a restart interrupted says until it is settled.
+pub fn being_settled() -> String {
+    format!("{RESTARTED}; its write is being settled")
+}
 
 /// A job that was running when the scheduler last stopped.
 #[derive(Debug, Clone)]

@@ -255,7 +255,7 @@ impl SettlingJobs {
         let shown = JobStatus {
             state: JobState::Running.into(),
             tasks_running: 0,
-            error: format!("{}; its write is being settled", event_loop::RESTARTED),
+            error: event_loop::being_settled(),
             ..recorded.clone()
         };
         let (published, receiver) = watch::channel(shown);
