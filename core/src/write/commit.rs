@@ -1017,6 +1017,17 @@ impl Commit {
                     {
                         Ok(false)
                     }
+                    // Copied already by an earlier run, which died before it
+                    // deleted the staged copy, on a store whose rename will
+                    // not replace a file: object_store 0.13's GCS sends its
+                    // rename's copy with a create-only condition. The names
+                    // are the job's own, so the file in place is this one.
+                    Err(object_store::Error::AlreadyExists { .. }) => {
+                        match store.delete(&staged).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(false),
+                            Err(e) => Err(DataFusionError::from(e)),
+                        }
+                    }
                     Err(e) => Err(DataFusionError::from(e)),
                 }
             },
@@ -1739,6 +1750,126 @@ mod tests {
             .await
             .expect("state");
         assert!(state.shows(&appended), "the append stays committed");
+    }
+
+    /// A store whose rename will not replace a file, as object_store 0.13's
+    /// GCS: its rename copies with a create-only condition, then deletes.
+    #[derive(Debug)]
+    struct CreateOnlyRenames(Arc<dyn ObjectStore>);
+
+    impl fmt::Display for CreateOnlyRenames {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "CreateOnlyRenames({})", self.0)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CreateOnlyRenames {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.0.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.0.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.0.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.0.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.0.copy_opts(from, to, options).await
+        }
+
+        async fn rename_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            _options: object_store::RenameOptions,
+        ) -> object_store::Result<()> {
+            let create = object_store::CopyOptions::new().with_mode(object_store::CopyMode::Create);
+            self.0.copy_opts(from, to, create).await?;
+            self.0.delete(from).await
+        }
+    }
+
+    /// A commit run again after an earlier run copied a file in and died
+    /// before it deleted the staged copy, on a store whose rename will not
+    /// replace a file: the file counts as moved, its staged copy goes, and
+    /// the commit finishes.
+    #[tokio::test]
+    async fn a_commit_run_again_finishes_on_a_store_whose_rename_will_not_replace() {
+        use object_store::memory::InMemory;
+
+        use crate::write::snapshot::CommittedFiles;
+
+        const JOB: &str = "00000000000000f6";
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let relative = format!("part-{JOB}-00000-000.parquet");
+        let staged = Path::from(format!("t/_temporary/{JOB}/p0-a0/{relative}"));
+        let committed = Path::from(format!("t/{relative}"));
+        for path in [&staged, &committed] {
+            inner
+                .put(path, PutPayload::from_static(b"rows"))
+                .await
+                .expect("put");
+        }
+        let store: Arc<dyn ObjectStore> = Arc::new(CreateOnlyRenames(Arc::clone(&inner)));
+        let mut commit = test_commit(
+            store,
+            "memory:///t/".into(),
+            Path::from("t"),
+            JOB,
+            InsertOp::Append,
+        );
+        commit.retry = true;
+        let input = written_files(vec![staged.to_string()], vec![relative]);
+        commit.run(input).await.expect("the commit finishes");
+        let state = CommittedFiles::read(&inner, &Path::from("t"))
+            .await
+            .expect("state");
+        assert!(state.shows(&committed), "committed: shown");
+        assert!(list(&inner, "t/_temporary").await.is_empty(), "staged copy gone");
     }
 
     async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<Path> {
