@@ -842,6 +842,78 @@ async fn a_restarted_scheduler_settles_a_copy_with_the_copys_credentials() {
     );
 }
 
+/// A scheduler that starts while the store of its tables does not answer
+/// waits for that store once, not once per table on it: the tables after
+/// the first are kept without being tried, and a statement naming one says
+/// why. Once the store answers again they are recreated, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_waits_once_for_a_store_that_does_not_answer() {
+    use std::time::{Duration, Instant};
+
+    use common::processes::send_signal;
+
+    const TABLES: [&str; 3] = ["first", "second", "third"];
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
+    let context = cluster.connect(1).await;
+    // A frozen store fails each request after two seconds, not thirty.
+    let mut options = s3.options_as(&S3Credentials::any());
+    options.push(("aws.timeout".into(), "2s".into()));
+    let options: Vec<String> = options
+        .iter()
+        .map(|(key, value)| format!("'{key}' '{value}'"))
+        .collect();
+    let options = format!("OPTIONS ({})", options.join(", "));
+    for table in TABLES {
+        let location = format!("s3://lake/{table}/");
+        for sql in [
+            format!(
+                "COPY (SELECT value AS v FROM range(10)) TO '{location}' STORED AS PARQUET {options}"
+            ),
+            format!(
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{location}' {options}"
+            ),
+        ] {
+            run(&context, &sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+    drop(context);
+    cluster.kill_scheduler();
+    let moto = s3.pid();
+    send_signal(moto, "STOP");
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let answer = run(&context, "SELECT * FROM third").await;
+    let first = run(&context, "SELECT * FROM first").await;
+    send_signal(moto, "CONT");
+    let error = answer.expect_err("the store did not answer at the start");
+    assert!(
+        error.contains("not tried: its store did not answer when")
+            && error.contains("first' was recreated"),
+        "{error}\n{}",
+        cluster.scheduler_log()
+    );
+    let error = first.expect_err("the store did not answer at the start");
+    assert!(!error.contains("not tried"), "the first was tried: {error}");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for table in TABLES {
+        let sql = format!("SELECT count(*)::bigint unsigned FROM {table}");
+        while run(&context, &sql).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{table} was not recreated\n{}",
+                cluster.scheduler_log()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(count_of(&context, &sql).await, 10, "{table}");
+    }
+}
+
 /// An executor killed while it uploads a file cannot abort the upload, and
 /// S3 lists no unfinished upload among the bucket's objects. The write task
 /// records each upload's id in the job's staging folder before the first

@@ -38,7 +38,7 @@ use quiver_core::storage::redacted_error;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, redact_statement_error, redact_store_echoes,
-    register_store_option_namespaces, runtime_builder,
+    register_store_option_namespaces, runtime_builder, store_did_not_answer,
 };
 use quiver_core::write::snapshot::KnownCommits;
 use quiver_core::write::{
@@ -408,7 +408,7 @@ impl Planner {
     /// Recreates the stored catalog objects, in creation order. An object
     /// that cannot be recreated (its files are gone, say) stays stored and is
     /// returned with the error, so that a later start can try again.
-    pub async fn replay_catalog(&self) -> Result<Vec<(String, Error)>> {
+    pub async fn replay_catalog(&self) -> Result<Vec<(String, String)>> {
         let entries = self
             .with_store(|store| store.keyed_catalog_entries())
             .await?;
@@ -417,7 +417,7 @@ impl Planner {
 
     /// Recreates the stored objects that [`Planner::replay_catalog`] could
     /// not; returns those that still fail.
-    pub async fn recreate_the_rest(&self) -> Vec<(String, Error)> {
+    pub async fn recreate_the_rest(&self) -> Vec<(String, String)> {
         self.recreate(self.unrecreated.entries()).await
     }
 
@@ -427,10 +427,20 @@ impl Planner {
     }
 
     /// Runs each stored statement of `entries` again, in order, and keeps
-    /// those that fail as [`catalog::Unrecreated`].
-    async fn recreate(&self, entries: Vec<(String, CatalogEntry)>) -> Vec<(String, Error)> {
+    /// those that fail as [`catalog::Unrecreated`]. Once a store has not
+    /// answered, the tables after it on that store are kept without being
+    /// tried: a store that is down holds the start up once, not once per
+    /// table on it.
+    async fn recreate(&self, entries: Vec<(String, CatalogEntry)>) -> Vec<(String, String)> {
         let mut failures = Vec::new();
+        let mut silent_stores = HashMap::new();
         for (key, entry) in entries {
+            let store = catalog::store_of(&entry.sql);
+            if let Some(why) = store.and_then(|store| silent_stores.get(&store)) {
+                failures.push((entry.name.clone(), String::clone(why)));
+                self.unrecreated.insert(key, entry, String::clone(why));
+                continue;
+            }
             let replayed = self
                 .plan_statement(
                     "catalog-replay",
@@ -446,7 +456,16 @@ impl Planner {
                 }
                 Err(e) => {
                     let error = redacted_error(&e);
-                    failures.push((entry.name.clone(), e));
+                    if let Some(store) = store
+                        && store_did_not_answer(&e)
+                    {
+                        let why = format!(
+                            "not tried: its store did not answer when '{}' was recreated",
+                            entry.name
+                        );
+                        silent_stores.insert(store, why);
+                    }
+                    failures.push((entry.name.clone(), error.clone()));
                     self.unrecreated.insert(key, entry, error);
                 }
             }

@@ -12,7 +12,6 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use quiver_core::storage::redacted_error;
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
@@ -53,7 +52,6 @@ pub async fn recover(
     gate: &StartGate,
 ) -> crate::Result<()> {
     for (name, error) in service.planner().replay_catalog().await? {
-        let error = redacted_error(&error);
         warn!(table = %name, %error, retry_secs = RECREATE_RETRY.as_secs(),
             "cannot recreate a stored catalog object; it stays stored, and is tried again");
     }

@@ -29,7 +29,9 @@ pub use options::{
     StoreOptions, is_store_option, redact_sql, redact_statement_error,
     register_store_option_namespaces,
 };
-pub use registry::{Store, StoreError, StoreRegistry, build_store, store_key};
+pub use registry::{
+    Store, StoreError, StoreRegistry, build_store, store_did_not_answer, store_key,
+};
 
 use std::sync::Arc;
 

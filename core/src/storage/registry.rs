@@ -356,6 +356,25 @@ impl ObjectStoreRegistry for StoreRegistry {
     }
 }
 
+/// Whether `error` says a store did not answer: no connection, a dropped
+/// one, or no reply in time, after every retry. Any answer of the store (a
+/// refusal, a missing object) says it is there.
+pub fn store_did_not_answer(error: &(dyn std::error::Error + 'static)) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+
+    std::iter::successors(Some(error), |error| error.source()).any(|cause| {
+        cause.downcast_ref::<HttpError>().is_some_and(|http| {
+            matches!(
+                http.kind(),
+                HttpErrorKind::Connect
+                    | HttpErrorKind::Request
+                    | HttpErrorKind::Timeout
+                    | HttpErrorKind::Interrupted
+            )
+        })
+    })
+}
+
 fn retry_config() -> RetryConfig {
     RetryConfig {
         max_retries: STORE_MAX_RETRIES,
@@ -575,6 +594,45 @@ mod tests {
         );
         assert_eq!(store_key(&url("file:///tmp/x")), "file://");
         assert_eq!(store_key(&url("http://h:8080/x")), "http://h:8080");
+    }
+
+    /// A store nothing listens for did not answer, however deep its error is
+    /// wrapped; a store that answers "not found" did.
+    #[tokio::test]
+    async fn a_store_that_did_not_answer_is_told_from_one_that_refused() {
+        use object_store::aws::AmazonS3Builder;
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port");
+        let silent = AmazonS3Builder::new()
+            .with_bucket_name("bucket")
+            .with_region("us-east-1")
+            .with_endpoint(format!("http://{closed}"))
+            .with_allow_http(true)
+            .with_access_key_id("key")
+            .with_secret_access_key("secret")
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                ..RetryConfig::default()
+            })
+            .build()
+            .expect("store");
+        let error = silent
+            .head(&Path::from("a.parquet"))
+            .await
+            .expect_err("nothing listens");
+        let wrapped = DataFusionError::Context(
+            "inferring the schema".into(),
+            Box::new(DataFusionError::ObjectStore(Box::new(error))),
+        );
+        assert!(store_did_not_answer(&wrapped), "{wrapped}");
+
+        let answered = InMemory::new()
+            .head(&Path::from("a.parquet"))
+            .await
+            .expect_err("not there");
+        assert!(!store_did_not_answer(&answered), "{answered}");
     }
 
     #[test]

@@ -1869,7 +1869,10 @@ mod tests {
             .await
             .expect("state");
         assert!(state.shows(&committed), "committed: shown");
-        assert!(list(&inner, "t/_temporary").await.is_empty(), "staged copy gone");
+        assert!(
+            list(&inner, "t/_temporary").await.is_empty(),
+            "staged copy gone"
+        );
     }
 
     async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<Path> {
