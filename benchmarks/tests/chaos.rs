@@ -1624,6 +1624,7 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
             cluster.scheduler_log()
         );
         assert_eq!(settled.stages_done, settled.stages_total, "{settled:?}");
+        assert!(settled.elapsed_micros > 0, "{settled:?}");
     }
     let tried_again = status("00000000000000a1".into()).await;
     assert!(

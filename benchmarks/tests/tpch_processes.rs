@@ -206,11 +206,26 @@ fn check_cli_jobs(url: &str) {
         let text = String::from_utf8_lossy(&status.stdout).into_owned();
         if text.contains("SUCCEEDED") {
             assert!(text.starts_with("job_id,state,stages"), "{text}");
+            // The history has the query: `job list` shows it, not the status.
+            assert!(
+                text.lines()
+                    .next()
+                    .is_some_and(|header| header.ends_with(",error"))
+            );
             break;
         }
         assert!(Instant::now() < deadline, "job never succeeded: {text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let listed = quiver(&[
+        "--url", url, "--format", "csv", "job", "list", "--limit", "5",
+    ]);
+    let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with(&job_id) && line.ends_with(",SELECT 42 AS answer")),
+        "{text}"
+    );
     // A finished job keeps what each of its stages did.
     let stages = quiver(&[
         "--url", url, "--format", "csv", "job", "status", "--stages", &job_id,

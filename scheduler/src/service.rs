@@ -646,6 +646,13 @@ impl SchedulerGrpc {
         };
         status.state = state.into();
         status.error = error;
+        // It ended when its write was settled: the time it took counts from
+        // its submission to then, the scheduler's stop included.
+        record.finished_at_unix_ms = unix_millis();
+        let elapsed_ms = record
+            .finished_at_unix_ms
+            .saturating_sub(record.submitted_at_unix_ms);
+        status.elapsed_micros = elapsed_ms.saturating_mul(1000);
         if state == JobState::Succeeded {
             // Every stage ran: the write that its last one made committed.
             status.stages_done = status.stages_total;

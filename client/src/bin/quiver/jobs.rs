@@ -90,7 +90,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Prints jobs as a table, CSV or JSON, one row per job.
+/// Prints jobs as a table, CSV or JSON, one row per job; with their
+/// queries when they come from the history (`job list`).
 fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result<(), String> {
     let strings = |value: fn(&JobStatus, Option<&JobRecord>) -> String| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(
@@ -103,7 +104,7 @@ fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result
             jobs.iter().map(|(status, _)| value(status)),
         ))
     };
-    let columns: Vec<(&str, ArrayRef)> = vec![
+    let mut columns: Vec<(&str, ArrayRef)> = vec![
         ("job_id", strings(|s, _| s.job_id.clone())),
         ("state", strings(|s, _| state_name(s))),
         (
@@ -119,11 +120,13 @@ fn print_jobs(jobs: &[(JobStatus, Option<JobRecord>)], format: Format) -> Result
         ("table_bytes_written", numbers(|s| s.table_bytes_written)),
         ("replans", numbers(|s| u64::from(s.replans))),
         ("error", strings(|s, _| s.error.clone())),
-        (
+    ];
+    if jobs.iter().any(|(_, record)| record.is_some()) {
+        columns.push((
             "query",
             strings(|_, record| record.map(|r| one_line(&r.query)).unwrap_or_default()),
-        ),
-    ];
+        ));
+    }
     print_columns(columns, format)
 }
 
