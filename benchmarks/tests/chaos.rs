@@ -1630,7 +1630,7 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
     assert!(
         tried_again
             .error
-            .contains("(1 of 5 starts tried; the next start of the scheduler"),
+            .contains("(1 of 5 starts tried; it is tried again while the scheduler runs"),
         "{}",
         tried_again.error
     );

@@ -758,6 +758,60 @@ async fn upload_in_small_parts(context: &QuiverContext) {
     }
 }
 
+/// Runs `copy`, a [`copy_with_uploads`] into `folder` of `bucket`, and
+/// kills the scheduler once its first upload has begun; returns its job id.
+async fn kill_the_scheduler_during(
+    cluster: &mut ProcessCluster,
+    context: &QuiverContext,
+    bucket: &Arc<dyn ObjectStore>,
+    folder: &str,
+    copy: String,
+) -> String {
+    use std::time::{Duration, Instant};
+
+    let running = tokio::spawn({
+        let context = context.clone();
+        async move { run(&context, &copy).await }
+    });
+    // moto refuses the unsigned request that counts unfinished uploads:
+    // the records of uploads under way show them.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !list(bucket, folder)
+        .await
+        .iter()
+        .any(|key| key.contains("/_uploads/"))
+    {
+        assert!(
+            Instant::now() < deadline && !running.is_finished(),
+            "no upload began\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let jobs = context.list_jobs(10).await.expect("job list");
+    let job_id = jobs
+        .iter()
+        .find(|record| record.query.contains(&format!("s3://lake/{folder}/")))
+        .and_then(|record| record.status.as_ref())
+        .map(|status| status.job_id.clone())
+        .expect("the COPY is in the history");
+    cluster.kill_scheduler();
+    let lost = running.await.expect("the client's task");
+    assert!(lost.is_err(), "the COPY finished before the kill: {lost:?}");
+    job_id
+}
+
+/// `OPTIONS (...)` for moto whose requests time out after `timeout`.
+fn options_with_timeout(s3: &S3Server, timeout: &str) -> String {
+    let mut options = s3.options_as(&S3Credentials::any());
+    options.push(("aws.timeout".into(), timeout.into()));
+    let options: Vec<String> = options
+        .iter()
+        .map(|(key, value)| format!("'{key}' '{value}'"))
+        .collect();
+    format!("OPTIONS ({})", options.join(", "))
+}
+
 /// A `COPY` of `rows` rows of poorly compressible text to
 /// `s3://lake/<folder>/`, written as multipart uploads (with
 /// [`upload_in_small_parts`]).
@@ -794,36 +848,9 @@ async fn a_restarted_scheduler_settles_a_copy_with_the_copys_credentials() {
     let context = cluster.connect(1).await;
     upload_in_small_parts(&context).await;
     let copy = copy_with_uploads(2_000_000, "interrupted", &s3.sql_options_as(writer));
-    let running = tokio::spawn({
-        let context = context.clone();
-        async move { run(&context, &copy).await }
-    });
-    // moto refuses the unsigned request that counts unfinished uploads:
-    // the records of uploads under way show them.
     let bucket = s3.store_as("lake", writer);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !list(&bucket, "interrupted")
-        .await
-        .iter()
-        .any(|key| key.contains("/_uploads/"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline && !running.is_finished(),
-            "no upload began\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let jobs = context.list_jobs(10).await.expect("job list");
-    let job_id = jobs
-        .iter()
-        .find(|record| record.query.contains("s3://lake/interrupted/"))
-        .and_then(|record| record.status.as_ref())
-        .map(|status| status.job_id.clone())
-        .expect("the COPY is in the history");
-    cluster.kill_scheduler();
-    let lost = running.await.expect("the client's task");
-    assert!(lost.is_err(), "the COPY finished before the kill: {lost:?}");
+    let job_id =
+        kill_the_scheduler_during(&mut cluster, &context, &bucket, "interrupted", copy).await;
 
     cluster.start_scheduler();
     let context = cluster.connect(1).await;
@@ -858,13 +885,7 @@ async fn a_start_waits_once_for_a_store_that_does_not_answer() {
     let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
     let context = cluster.connect(1).await;
     // A frozen store fails each request after two seconds, not thirty.
-    let mut options = s3.options_as(&S3Credentials::any());
-    options.push(("aws.timeout".into(), "2s".into()));
-    let options: Vec<String> = options
-        .iter()
-        .map(|(key, value)| format!("'{key}' '{value}'"))
-        .collect();
-    let options = format!("OPTIONS ({})", options.join(", "));
+    let options = options_with_timeout(&s3, "2s");
     for table in TABLES {
         let location = format!("s3://lake/{table}/");
         for sql in [
@@ -912,6 +933,69 @@ async fn a_start_waits_once_for_a_store_that_does_not_answer() {
         }
         assert_eq!(count_of(&context, &sql).await, 10, "{table}");
     }
+}
+
+/// A write that a restarted scheduler could not settle, its store frozen,
+/// is settled once the store answers, while the scheduler runs: its job,
+/// recorded first as unsettled, is then recorded as rolled back, and the
+/// write leaves nothing behind, with no other restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() {
+    use std::time::{Duration, Instant};
+
+    use common::processes::send_signal;
+
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
+    let context = cluster.connect(1).await;
+    upload_in_small_parts(&context).await;
+    // The job keeps its options: its settling fails within seconds too.
+    let copy = copy_with_uploads(2_000_000, "unsettled", &options_with_timeout(&s3, "2s"));
+    let bucket = s3.store("lake");
+    let job_id =
+        kill_the_scheduler_during(&mut cluster, &context, &bucket, "unsettled", copy).await;
+
+    let moto = s3.pid();
+    send_signal(moto, "STOP");
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let unsettled = context.wait_for_job(&job_id).await;
+    send_signal(moto, "CONT");
+    let unsettled = unsettled.expect("the job's status");
+    assert!(
+        unsettled.error.contains("could not be told")
+            && unsettled
+                .error
+                .contains("tried again while the scheduler runs"),
+        "{unsettled:?}\n{}",
+        cluster.scheduler_log()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let settled = loop {
+        let status = context.job_status(&job_id).await.expect("status");
+        if !status.error.contains("could not be told") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never settled: {status:?}\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(settled.state(), JobState::Failed, "{settled:?}");
+    assert!(
+        settled.error.contains("its write was rolled back"),
+        "{settled:?}"
+    );
+    assert_eq!(
+        list(&bucket, "unsettled").await,
+        Vec::<String>::new(),
+        "{}",
+        cluster.logs()
+    );
 }
 
 /// An executor killed while it uploads a file cannot abort the upload, and
@@ -994,13 +1078,7 @@ async fn a_commit_stalled_past_its_time_counts_as_failed_and_is_retried() {
     run(&context, "SET quiver.target_file_bytes = 32768")
         .await
         .expect("small files: a longer commit");
-    let mut options = s3.options_as(&S3Credentials::any());
-    options.push(("aws.timeout".into(), "300s".into()));
-    let options: Vec<String> = options
-        .iter()
-        .map(|(key, value)| format!("'{key}' '{value}'"))
-        .collect();
-    let options = format!("OPTIONS ({})", options.join(", "));
+    let options = options_with_timeout(&s3, "300s");
     let moto = s3.pid();
     for run_number in 0..RUNS {
         let target = format!("s3://lake/stalled-{run_number}/");

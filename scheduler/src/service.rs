@@ -582,13 +582,15 @@ impl SchedulerGrpc {
     /// rows are in the table, and submitting it again would write them
     /// twice (unless its table stays pending, `left_pending`, which is
     /// said). One rolled back may be submitted again. One not settled may
-    /// have committed or not; a later write into its table settles it.
+    /// have committed or not: returned, to be settled while the scheduler
+    /// runs ([`SchedulerGrpc::settle_later`]), unless the starts gave up.
     pub fn record_interrupted_writes(
         &self,
         interrupted: &[InterruptedJob],
         settled: &HashMap<String, Settled>,
         left_pending: &HashSet<String>,
-    ) {
+    ) -> Vec<InterruptedJob> {
+        let mut unsettled = Vec::new();
         for job in interrupted {
             if job.record.writes_to.is_empty() {
                 continue;
@@ -617,8 +619,9 @@ impl SchedulerGrpc {
                     record.settle_failures += 1;
                     record.write_unsettled = record.settle_failures < MOST_SETTLING_STARTS;
                     let next = if record.write_unsettled {
-                        "the next start of the scheduler settles it, or else a write into the \
-                         table once it is a day old"
+                        unsettled.push(job.clone());
+                        "it is tried again while the scheduler runs and at its next start, or \
+                         else a write into the table settles it once it is a day old"
                     } else {
                         "the scheduler gives up; a write into the table settles it once it is \
                          a day old"
@@ -636,6 +639,87 @@ impl SchedulerGrpc {
             };
             self.record_ended(record, state, error);
         }
+        unsettled
+    }
+
+    /// Settles, while the scheduler runs, the writes that its start could
+    /// not (`unsettled`: their store did not answer), every
+    /// [`SETTLE_RETRY`] until each is, and records how each ended. Safe
+    /// beside new writers of their tables: a committed overwrite's
+    /// deletions are left to later commits ([`FinishOverwrite::No`]), and
+    /// the rest deletes only the job's own files, which no running job
+    /// writes.
+    pub fn settle_later(&self, unsettled: Vec<InterruptedJob>) {
+        if unsettled.is_empty() {
+            return;
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut unsettled = unsettled;
+            while !unsettled.is_empty() {
+                tokio::time::sleep(SETTLE_RETRY).await;
+                let mut left = Vec::new();
+                for job in unsettled {
+                    if !service.settle_now(&job).await {
+                        left.push(job);
+                    }
+                }
+                unsettled = left;
+            }
+            info!("every write that the start could not settle is settled");
+        });
+    }
+
+    /// Tries once to settle the write of `job`, which the start could not;
+    /// returns whether it is settled, and its job recorded as it ended. A
+    /// `CREATE TABLE AS` table it left pending is registered if the write
+    /// committed, and forgotten if it was rolled back.
+    async fn settle_now(&self, job: &InterruptedJob) -> bool {
+        let job_id = job.id();
+        let shared = self.planner.object_stores();
+        let stores = match job.stores.as_slice() {
+            [] => shared,
+            kept => job_stores(&shared, kept, job_id),
+        };
+        let settling = clean_up_job_storage(
+            &stores,
+            job_id,
+            "",
+            &job.record.writes_to,
+            JobEnded::Otherwise,
+            FinishOverwrite::No,
+        );
+        let Ok(Some(settled)) = tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await
+        else {
+            return false;
+        };
+        let pending = match self.planner.pending_tables().await {
+            Ok((tables, _)) => tables.into_iter().find(|table| table.job_id == job_id),
+            Err(e) => {
+                let e = redacted_error(&e);
+                warn!(%job_id, %e, "cannot read the tables that CREATE TABLE AS jobs left to register");
+                return false;
+            }
+        };
+        let mut left_pending = HashSet::new();
+        if let Some(table) = pending {
+            let outcome = match settled {
+                Settled::Committed { .. } => self.planner.register_pending_table(table).await,
+                Settled::RolledBack { .. } => {
+                    self.planner.remove_pending_table(job_id.to_owned()).await
+                }
+            };
+            if let Err(e) = outcome {
+                let e = redacted_error(&e);
+                warn!(%job_id, %e, "cannot settle the table of a CREATE TABLE AS job; \
+                    it stays pending until the next start");
+                left_pending.insert(job_id.to_owned());
+            }
+        }
+        let settled = HashMap::from([(job_id.to_owned(), settled)]);
+        self.record_interrupted_writes(std::slice::from_ref(job), &settled, &left_pending);
+        info!(%job_id, "settled a write that the start could not");
+        true
     }
 
     /// Records, after a restart, how a job whose write was settled ended;
@@ -693,6 +777,10 @@ impl SchedulerGrpc {
 /// store does not answer before it gives up and leaves it to a later write
 /// into the table.
 const MOST_SETTLING_STARTS: u32 = 5;
+
+/// How often a running scheduler tries again to settle the writes that
+/// its start could not.
+const SETTLE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Longest wait for object storage when cleaning up after a restart.
 const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

@@ -70,8 +70,9 @@ pub async fn recover(
         .clean_up_interrupted_jobs(interrupted, executor_timeout)
         .await;
     let left_pending = service.register_pending_tables(interrupted, &settled).await;
-    service.record_interrupted_writes(interrupted, &settled, &left_pending);
+    let unsettled = service.record_interrupted_writes(interrupted, &settled, &left_pending);
     service.handle().settling.end_the_rest();
+    service.settle_later(unsettled);
     Ok(())
 }
 
