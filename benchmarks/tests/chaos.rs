@@ -1354,9 +1354,11 @@ fn cluster_with_a_warehouse() -> (tempfile::TempDir, ProcessCluster) {
 /// A scheduler that stops between a `CREATE TABLE ... AS` job's commit and
 /// the table's registration (killed, or past its shutdown grace) leaves the
 /// table pending in its state store: it registers it when it starts again,
-/// and forgets one whose job failed. The state such a stop leaves is made
-/// from a real `CREATE TABLE AS`: its catalog entry is taken out again and
-/// stored as pending, as it was before the registration.
+/// and forgets one whose job failed. One it cannot register then (its files
+/// are away) keeps its name, and is registered once it can be, with no
+/// restart. The state such a stop leaves is made from a real
+/// `CREATE TABLE AS`: its catalog entry is taken out again and stored as
+/// pending, as it was before the registration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_starts() {
     use quiver_proto::PendingTable;
@@ -1374,9 +1376,12 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
     run("CREATE TABLE broken AS SELECT 1 / (value - value) AS v FROM range(10)")
         .await
         .expect_err("the write divides by zero");
-    run("CREATE TABLE stored AS SELECT value AS v FROM range(10)")
-        .await
-        .expect("CREATE TABLE AS");
+    for sql in [
+        "CREATE TABLE stored AS SELECT value AS v FROM range(10)",
+        "CREATE TABLE away AS SELECT value AS v FROM range(20)",
+    ] {
+        run(sql).await.expect("CREATE TABLE AS");
+    }
     let jobs = context.list_jobs(100).await.expect("job list");
     let job_of = |table: &str| {
         jobs.iter()
@@ -1386,6 +1391,7 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
             .expect("the job is in the history")
     };
     let (made_job, broken_job, stored_job) = (job_of("made"), job_of("broken"), job_of("stored"));
+    let away_job = job_of("away");
     drop(context);
     cluster.kill_scheduler();
 
@@ -1434,10 +1440,61 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
             settings: Vec::new(),
         })
         .expect("store the pending table");
+    let away_key = "table:datafusion.public.away";
+    let away_entry = store
+        .catalog_entry(away_key)
+        .expect("read the catalog")
+        .expect("the table was registered");
+    store
+        .remove_catalog_entries(|k| k == away_key)
+        .expect("remove");
+    store
+        .put_pending_table(&PendingTable {
+            job_id: away_job.clone(),
+            statements: vec![away_entry.sql],
+            managed_key: away_key.into(),
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
     drop(store);
+    let away_folder = warehouse.path().join("public").join("away");
+    let moved = cluster.work_dir().join("away-moved");
+    std::fs::rename(&away_folder, &moved).expect("move the files away");
 
     cluster.start_scheduler();
     let context = cluster.connect(1).await;
+    let error = context
+        .sql("CREATE TABLE away AS SELECT 1 AS v")
+        .await
+        .map(|_| ())
+        .expect_err("the name is the pending table's");
+    assert!(
+        error.to_string().contains(&format!(
+            "is being created by the CREATE TABLE AS job {away_job}"
+        )),
+        "{error}"
+    );
+    std::fs::rename(&moved, &away_folder).expect("put the files back");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let registered = loop {
+        if let Ok(frame) = context.sql("SELECT count(*) AS n FROM away").await
+            && let Ok(batches) = frame.collect().await
+        {
+            break batches;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the table was not registered\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let column = registered[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    assert_eq!(column.value(0), 20);
+    let status = context.job_status(&away_job).await.expect("status");
+    assert_eq!(status.state(), JobState::Succeeded, "{status:?}");
     let counted = context
         .sql("SELECT count(*) AS n FROM made")
         .await

@@ -651,6 +651,27 @@ impl Planner {
         })
     }
 
+    /// Refuses to create the object under `key` while a `CREATE TABLE AS`
+    /// job other than `job_id` has yet to register its table there: that
+    /// job's table would then be kept out, its rows orphaned in its folder.
+    async fn refuse_a_pending_name(&self, key: String, job_id: &str) -> Result<()> {
+        let pending = self
+            .with_store(|store| store.pending_tables())
+            .await?
+            .into_iter()
+            .find(|table| table.managed_key == key && table.job_id != job_id);
+        match pending {
+            None => Ok(()),
+            Some(table) => Err(Error::Query(DataFusionError::Plan(format!(
+                "'{}' is being created by the CREATE TABLE AS job {}, which has yet to \
+                 register it: wait for that job (`quiver job status --wait {}`)",
+                key.trim_start_matches("table:"),
+                table.job_id,
+                table.job_id
+            )))),
+        }
+    }
+
     /// Plans a statement whose locations are configured. `persist` holds the
     /// session's settings if the statement's catalog changes are stored.
     async fn plan_logical(
@@ -668,6 +689,12 @@ impl Planner {
             && let Some(why) = self.unrecreated.why(&key)
         {
             return self.change_unrecreated(key, drops, why).await;
+        }
+        if persist.is_some()
+            && let LogicalPlan::Ddl(ddl) = &logical
+            && let Some((key, false)) = catalog::key_changed(ddl, &state)
+        {
+            self.refuse_a_pending_name(key, job_id).await?;
         }
         if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
             return self.plan_create_table_as(job_id, create, &state).await;
@@ -1392,6 +1419,79 @@ fn without_store_options(plan: LogicalPlan) -> Result<LogicalPlan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name that a `CREATE TABLE AS` job has yet to register is its own:
+    /// another statement may not create an object of it, while the job's
+    /// registration does.
+    #[tokio::test]
+    async fn a_table_pending_registration_keeps_its_name() {
+        let folder = tempfile::tempdir().expect("folder");
+        let create = format!(
+            "CREATE EXTERNAL TABLE made STORED AS PARQUET LOCATION '{}/'",
+            folder.path().display()
+        );
+        std::fs::write(folder.path().join("part-0.parquet"), parquet_of_one_row())
+            .expect("a data file");
+        let store = StateStore::in_memory().expect("store");
+        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
+        let pending = PendingTable {
+            job_id: "00000000000000c1".into(),
+            statements: vec![create.clone()],
+            managed_key: "table:datafusion.public.made".into(),
+            settings: Vec::new(),
+        };
+        planner
+            .put_pending_table(pending.clone())
+            .await
+            .expect("pending");
+        for sql in [
+            create.clone(),
+            "CREATE VIEW made AS SELECT 1 AS x".into(),
+            "CREATE TABLE made AS SELECT 1 AS x".into(),
+        ] {
+            let error = planner
+                .plan("00000000000000d2", Query::Sql(sql.clone()), &[])
+                .await
+                .map(|_| ())
+                .expect_err(&sql)
+                .to_string();
+            assert!(
+                error.contains(
+                    "'datafusion.public.made' is being created by the CREATE TABLE AS \
+                     job 00000000000000c1"
+                ),
+                "{sql}: {error}"
+            );
+        }
+        planner
+            .register_pending_table(pending)
+            .await
+            .expect("the job registers its table");
+        let (left, _) = planner.pending_tables().await.expect("pending tables");
+        assert!(left.is_empty(), "{left:?}");
+        let error = planner
+            .plan("00000000000000d2", Query::Sql(create), &[])
+            .await
+            .map(|_| ())
+            .expect_err("it exists now")
+            .to_string();
+        assert!(error.contains("already exists"), "{error}");
+    }
+
+    fn parquet_of_one_row() -> Vec<u8> {
+        use datafusion::parquet::arrow::ArrowWriter;
+
+        let batch = RecordBatch::try_from_iter([(
+            "v",
+            Arc::new(arrow::array::Int64Array::from(vec![1])) as _,
+        )])
+        .expect("batch");
+        let mut bytes = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut bytes, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        bytes
+    }
 
     #[test]
     fn misspelt_locations_are_refused_naming_them() {

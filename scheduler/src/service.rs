@@ -442,26 +442,28 @@ impl SchedulerGrpc {
     /// tables meanwhile; a store that does not answer within
     /// [`RESTART_CLEAN_UP_TIMEOUT`] leaves the rest behind, with a warning.
     ///
-    /// Writes are settled only once `executor_timeout` has passed: by then
-    /// every executor of the previous scheduler has seen its lease run out
-    /// and stopped its tasks, so no commit still moves files in. Returns how
-    /// each write it could settle was settled, by job.
+    /// Writes are settled only once `leases_ended` (one executor timeout
+    /// after the start began): by then every executor of the previous
+    /// scheduler has seen its lease run out and stopped its tasks, so no
+    /// commit still moves files in. Returns how each write it could settle
+    /// was settled, by job.
     pub async fn clean_up_interrupted_jobs(
         &self,
         interrupted: &[InterruptedJob],
-        executor_timeout: std::time::Duration,
+        leases_ended: tokio::time::Instant,
     ) -> HashMap<String, Settled> {
         let shared = self.planner.object_stores();
         if interrupted
             .iter()
             .any(|job| !job.record.writes_to.is_empty())
         {
+            let wait = leases_ended.saturating_duration_since(tokio::time::Instant::now());
             info!(
-                wait_millis = executor_timeout.as_millis() as u64,
+                wait_millis = wait.as_millis() as u64,
                 "waiting for the previous scheduler's executors to stop their tasks \
                  before settling interrupted writes"
             );
-            tokio::time::sleep(executor_timeout).await;
+            tokio::time::sleep_until(leases_ended).await;
         }
         let clean_ups = interrupted.iter().filter_map(|job| {
             let record = &job.record;
@@ -504,21 +506,24 @@ impl SchedulerGrpc {
     /// (`interrupted`) after its write committed (`settled`). A pending
     /// table whose job failed is forgotten, its write rolled back; one whose
     /// write could not be settled, or that cannot be registered now, stays
-    /// pending, for the next start. Returns the jobs whose tables stay
-    /// pending.
+    /// pending. Returns the jobs whose tables stay pending, and those of
+    /// them whose write committed: their tables are to be registered once
+    /// they can be ([`SchedulerGrpc::settle_later`]).
     pub async fn register_pending_tables(
         &self,
         interrupted: &[InterruptedJob],
         settled: &HashMap<String, Settled>,
-    ) -> HashSet<String> {
+    ) -> (HashSet<String>, Vec<String>) {
         let mut left_pending = HashSet::new();
+        let mut to_register = Vec::new();
         let (pending, records) = match self.planner.pending_tables().await {
             Ok(found) => found,
             Err(e) => {
                 let e = redacted_error(&e);
                 warn!(%e, "cannot read the tables that CREATE TABLE AS jobs left to register");
                 // Any of them may have a table to register.
-                return interrupted.iter().map(|job| job.id().to_owned()).collect();
+                let jobs = interrupted.iter().map(|job| job.id().to_owned()).collect();
+                return (jobs, Vec::new());
             }
         };
         for table in pending {
@@ -540,6 +545,7 @@ impl SchedulerGrpc {
                 }
                 None => None,
             };
+            let registering = succeeded || matches!(write, Some(Settled::Committed { .. }));
             let outcome = match write {
                 _ if succeeded => self.planner.register_pending_table(table).await,
                 Some(Settled::Committed { .. }) => {
@@ -558,7 +564,7 @@ impl SchedulerGrpc {
                 // Unsettled: its staging folder may still hold a commit.
                 None if !writes_to.is_empty() => {
                     warn!(%job_id, "the write of a CREATE TABLE AS job could not be settled; \
-                        its table stays pending until the next start");
+                        its table stays pending until it is");
                     left_pending.insert(job_id);
                     continue;
                 }
@@ -569,12 +575,15 @@ impl SchedulerGrpc {
                 Err(e) => {
                     let e = redacted_error(&e);
                     warn!(%job_id, %e, "cannot register the table of a CREATE TABLE AS job; \
-                        it stays pending until the next start");
+                        it stays pending, and is tried again");
+                    if registering {
+                        to_register.push(job_id.clone());
+                    }
                     left_pending.insert(job_id);
                 }
             }
         }
-        left_pending
+        (left_pending, to_register)
     }
 
     /// Records how the writes of the jobs that a restart interrupted were
@@ -605,8 +614,9 @@ impl SchedulerGrpc {
                 Some(Settled::Committed { .. }) => (
                     JobState::Failed,
                     format!(
-                        "{RESTARTED}; its write committed, and its table is registered when \
-                         the scheduler next starts: do not submit it again"
+                        "{RESTARTED}; its write committed, and its table is registered once \
+                         it can be (tried again while the scheduler runs, and at its next \
+                         start): do not submit it again"
                     ),
                 ),
                 Some(Settled::RolledBack { .. }) => (
@@ -649,32 +659,77 @@ impl SchedulerGrpc {
     /// deletions are left to later commits ([`FinishOverwrite::No`]), and
     /// the rest deletes only the job's own files, which no running job
     /// writes.
-    pub fn settle_later(&self, unsettled: Vec<InterruptedJob>) {
-        if unsettled.is_empty() {
+    /// The tables of `to_register` (`CREATE TABLE AS` jobs whose write
+    /// committed, but whose table the start could not register) are
+    /// registered likewise.
+    pub fn settle_later(&self, unsettled: Vec<InterruptedJob>, to_register: Vec<String>) {
+        if unsettled.is_empty() && to_register.is_empty() {
             return;
         }
         let service = self.clone();
         tokio::spawn(async move {
-            let mut unsettled = unsettled;
-            while !unsettled.is_empty() {
+            let (mut unsettled, mut to_register) = (unsettled, to_register);
+            while !unsettled.is_empty() || !to_register.is_empty() {
                 tokio::time::sleep(SETTLE_RETRY).await;
                 let mut left = Vec::new();
                 for job in unsettled {
-                    if !service.settle_now(&job).await {
-                        left.push(job);
+                    match service.settle_now(&job).await {
+                        SettledNow::No => left.push(job),
+                        SettledNow::Yes => {}
+                        SettledNow::TableLeftPending => to_register.push(job.id().to_owned()),
                     }
                 }
                 unsettled = left;
+                let mut left = Vec::new();
+                for job_id in to_register {
+                    if !service.register_now(&job_id).await {
+                        left.push(job_id);
+                    }
+                }
+                to_register = left;
             }
-            info!("every write that the start could not settle is settled");
+            info!("every write and table that the start left is settled");
         });
     }
 
-    /// Tries once to settle the write of `job`, which the start could not;
-    /// returns whether it is settled, and its job recorded as it ended. A
-    /// `CREATE TABLE AS` table it left pending is registered if the write
-    /// committed, and forgotten if it was rolled back.
-    async fn settle_now(&self, job: &InterruptedJob) -> bool {
+    /// Registers the table that the `CREATE TABLE AS` job `job_id` left
+    /// pending, its write committed; returns whether it is no longer
+    /// pending. Its job, recorded as failed for want of its table, is then
+    /// recorded as succeeded.
+    async fn register_now(&self, job_id: &str) -> bool {
+        let (tables, records) = match self.planner.pending_tables().await {
+            Ok(found) => found,
+            Err(_) => return false,
+        };
+        let Some(table) = tables.into_iter().find(|table| table.job_id == job_id) else {
+            return true;
+        };
+        if let Err(e) = self.planner.register_pending_table(table).await {
+            let e = redacted_error(&e);
+            debug!(%job_id, %e, "cannot register the table of a CREATE TABLE AS job yet");
+            return false;
+        }
+        let record = records
+            .into_iter()
+            .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id));
+        if let Some(mut record) = record
+            && record
+                .status
+                .as_ref()
+                .is_some_and(|status| status.state() != JobState::Succeeded)
+        {
+            record.write_unsettled = false;
+            self.record_ended(record, JobState::Succeeded, String::new());
+        }
+        info!(%job_id, "registered the table of a CREATE TABLE AS job left pending");
+        true
+    }
+
+    /// Tries once to settle the write of `job`, which the start could not,
+    /// and records its job as it ended. A `CREATE TABLE AS` table it left
+    /// pending is registered if the write committed, and forgotten if it
+    /// was rolled back.
+    async fn settle_now(&self, job: &InterruptedJob) -> SettledNow {
         let job_id = job.id();
         let shared = self.planner.object_stores();
         let stores = match job.stores.as_slice() {
@@ -691,14 +746,14 @@ impl SchedulerGrpc {
         );
         let Ok(Some(settled)) = tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await
         else {
-            return false;
+            return SettledNow::No;
         };
         let pending = match self.planner.pending_tables().await {
             Ok((tables, _)) => tables.into_iter().find(|table| table.job_id == job_id),
             Err(e) => {
                 let e = redacted_error(&e);
                 warn!(%job_id, %e, "cannot read the tables that CREATE TABLE AS jobs left to register");
-                return false;
+                return SettledNow::No;
             }
         };
         let mut left_pending = HashSet::new();
@@ -712,14 +767,19 @@ impl SchedulerGrpc {
             if let Err(e) = outcome {
                 let e = redacted_error(&e);
                 warn!(%job_id, %e, "cannot settle the table of a CREATE TABLE AS job; \
-                    it stays pending until the next start");
+                    it stays pending, and is tried again");
                 left_pending.insert(job_id.to_owned());
             }
         }
+        let table_left = matches!(settled, Settled::Committed { .. }) && !left_pending.is_empty();
         let settled = HashMap::from([(job_id.to_owned(), settled)]);
         self.record_interrupted_writes(std::slice::from_ref(job), &settled, &left_pending);
         info!(%job_id, "settled a write that the start could not");
-        true
+        if table_left {
+            SettledNow::TableLeftPending
+        } else {
+            SettledNow::Yes
+        }
     }
 
     /// Records, after a restart, how a job whose write was settled ended;
@@ -777,6 +837,16 @@ impl SchedulerGrpc {
 /// store does not answer before it gives up and leaves it to a later write
 /// into the table.
 const MOST_SETTLING_STARTS: u32 = 5;
+
+/// What one try of [`SchedulerGrpc::settle_later`] did with a write.
+enum SettledNow {
+    /// It could not be settled: tried again.
+    No,
+    Yes,
+    /// Settled as committed, but its `CREATE TABLE AS` table could not be
+    /// registered: tried again.
+    TableLeftPending,
+}
 
 /// How often a running scheduler tries again to settle the writes that
 /// its start could not.

@@ -51,6 +51,9 @@ pub async fn recover(
     executor_timeout: Duration,
     gate: &StartGate,
 ) -> crate::Result<()> {
+    // The previous scheduler's executors last heard from it before this
+    // start began; their leases run out meanwhile.
+    let leases_ended = tokio::time::Instant::now() + executor_timeout;
     for (name, error) in service.planner().replay_catalog().await? {
         warn!(table = %name, %error, retry_secs = RECREATE_RETRY.as_secs(),
             "cannot recreate a stored catalog object; it stays stored, and is tried again");
@@ -67,12 +70,12 @@ pub async fn recover(
     });
     gate.doing("settling the writes that its restart interrupted");
     let settled = service
-        .clean_up_interrupted_jobs(interrupted, executor_timeout)
+        .clean_up_interrupted_jobs(interrupted, leases_ended)
         .await;
-    let left_pending = service.register_pending_tables(interrupted, &settled).await;
+    let (left_pending, to_register) = service.register_pending_tables(interrupted, &settled).await;
     let unsettled = service.record_interrupted_writes(interrupted, &settled, &left_pending);
     service.handle().settling.end_the_rest();
-    service.settle_later(unsettled);
+    service.settle_later(unsettled, to_register);
     Ok(())
 }
 
