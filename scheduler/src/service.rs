@@ -659,6 +659,7 @@ impl SchedulerGrpc {
     /// deletions are left to later commits ([`FinishOverwrite::No`]), and
     /// the rest deletes only the job's own files, which no running job
     /// writes.
+    ///
     /// The tables of `to_register` (`CREATE TABLE AS` jobs whose write
     /// committed, but whose table the start could not register) are
     /// registered likewise.
