@@ -433,12 +433,12 @@ impl Planner {
     /// table on it.
     async fn recreate(&self, entries: Vec<(String, CatalogEntry)>) -> Vec<(String, String)> {
         let mut failures = Vec::new();
-        let mut silent_stores = HashMap::new();
+        let mut silent_stores: HashMap<u64, String> = HashMap::new();
         for (key, entry) in entries {
             let store = catalog::store_of(&entry.sql);
             if let Some(why) = store.and_then(|store| silent_stores.get(&store)) {
-                failures.push((entry.name.clone(), String::clone(why)));
-                self.unrecreated.insert(key, entry, String::clone(why));
+                failures.push((entry.name.clone(), why.clone()));
+                self.unrecreated.insert(key, entry, why.clone());
                 continue;
             }
             let replayed = self
@@ -686,15 +686,13 @@ impl Planner {
         if persist.is_some()
             && let LogicalPlan::Ddl(ddl) = &logical
             && let Some((key, drops)) = catalog::key_changed(ddl, &state)
-            && let Some(why) = self.unrecreated.why(&key)
         {
-            return self.change_unrecreated(key, drops, why).await;
-        }
-        if persist.is_some()
-            && let LogicalPlan::Ddl(ddl) = &logical
-            && let Some((key, false)) = catalog::key_changed(ddl, &state)
-        {
-            self.refuse_a_pending_name(key, job_id).await?;
+            if let Some(why) = self.unrecreated.why(&key) {
+                return self.change_unrecreated(key, drops, why).await;
+            }
+            if !drops {
+                self.refuse_a_pending_name(key, job_id).await?;
+            }
         }
         if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
             return self.plan_create_table_as(job_id, create, &state).await;

@@ -469,12 +469,7 @@ impl SchedulerGrpc {
             let record = &job.record;
             let job_id = &record.status.as_ref()?.job_id;
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
-            // The job's own credentials; the catalog's for a job recorded
-            // without them.
-            let stores = match job.stores.as_slice() {
-                [] => Arc::clone(&shared),
-                kept => job_stores(&shared, kept, job_id),
-            };
+            let stores = settling_stores(&shared, job);
             has_data.then_some(async move {
                 let settled = clean_up_job_storage(
                     &stores,
@@ -732,11 +727,7 @@ impl SchedulerGrpc {
     /// was rolled back.
     async fn settle_now(&self, job: &InterruptedJob) -> SettledNow {
         let job_id = job.id();
-        let shared = self.planner.object_stores();
-        let stores = match job.stores.as_slice() {
-            [] => shared,
-            kept => job_stores(&shared, kept, job_id),
-        };
+        let stores = settling_stores(&self.planner.object_stores(), job);
         let settling = clean_up_job_storage(
             &stores,
             job_id,
@@ -838,6 +829,15 @@ impl SchedulerGrpc {
 /// store does not answer before it gives up and leaves it to a later write
 /// into the table.
 const MOST_SETTLING_STARTS: u32 = 5;
+
+/// The stores to settle the data of `job` with: the job's own credentials,
+/// or the catalog's (`shared`) for a job recorded without them.
+fn settling_stores(shared: &Arc<StoreRegistry>, job: &InterruptedJob) -> Arc<StoreRegistry> {
+    match job.stores.as_slice() {
+        [] => Arc::clone(shared),
+        kept => job_stores(shared, kept, job.id()),
+    }
+}
 
 /// What one try of [`SchedulerGrpc::settle_later`] did with a write.
 enum SettledNow {

@@ -110,22 +110,21 @@ impl StartGate {
     }
 
     pub fn started(&self) {
-        self.phase.send_if_modified(|phase| {
-            let starting = matches!(phase, Phase::Doing(_));
-            if starting {
-                *phase = Phase::Started;
-            }
-            starting
-        });
+        self.end_start(Phase::Started);
     }
 
     /// Refuses the calls that wait for the start, and those that come
     /// later: a stopping scheduler takes no new work.
     pub fn stopping(&self) {
+        self.end_start(Phase::Stopping);
+    }
+
+    /// Ends the start with `ended`, unless it has ended already.
+    fn end_start(&self, ended: Phase) {
         self.phase.send_if_modified(|phase| {
             let starting = matches!(phase, Phase::Doing(_));
             if starting {
-                *phase = Phase::Stopping;
+                *phase = ended;
             }
             starting
         });
