@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1594,12 +1594,21 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
     cluster.kill_scheduler();
 
     let store = StateStore::open(&cluster.work_dir().join("scheduler-state")).expect("state");
+    // What each write wrote into its table, as its job's end recorded it.
+    let mut written = HashMap::new();
     let running: Vec<JobEntry> = store
         .jobs()
         .expect("jobs")
         .into_iter()
         .filter_map(|mut record| {
             let status = record.status.as_mut()?;
+            // A job's record is made at its submission: it holds no counts
+            // of files written, which its end adds.
+            written.insert(
+                status.job_id.clone(),
+                (status.table_files_written, status.table_bytes_written),
+            );
+            (status.table_files_written, status.table_bytes_written) = (0, 0);
             if status.job_id == later_job || status.job_id == copy_job {
                 status.state = JobState::Failed.into();
                 status.error = "left by an earlier start".into();
@@ -1682,6 +1691,14 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
         );
         assert_eq!(settled.stages_done, settled.stages_total, "{settled:?}");
         assert!(settled.elapsed_micros > 0, "{settled:?}");
+        // Its manifest tells how many files it wrote.
+        let (files, bytes) = written[job_id];
+        assert!(files > 0 && bytes > 0, "{settled:?}");
+        assert_eq!(
+            (settled.table_files_written, settled.table_bytes_written),
+            (files, bytes),
+            "{settled:?}"
+        );
     }
     let tried_again = status("00000000000000a1".into()).await;
     assert!(

@@ -552,6 +552,7 @@ impl SchedulerGrpc {
                     {
                         let mut record = record.clone();
                         record.write_unsettled = false;
+                        record_written(&mut record, write.as_ref());
                         self.record_ended(record, JobState::Succeeded, String::new());
                     }
                     registered
@@ -602,6 +603,7 @@ impl SchedulerGrpc {
             let job_id = job.id();
             let mut record = job.record.clone();
             record.write_unsettled = false;
+            record_written(&mut record, settled.get(job_id));
             let (state, error) = match settled.get(job_id) {
                 Some(Settled::Committed { .. }) if !left_pending.contains(job_id) => {
                     (JobState::Succeeded, String::new())
@@ -836,6 +838,22 @@ fn settling_stores(shared: &Arc<StoreRegistry>, job: &InterruptedJob) -> Arc<Sto
     match job.stores.as_slice() {
         [] => Arc::clone(shared),
         kept => job_stores(shared, kept, job.id()),
+    }
+}
+
+/// Puts in a job's record the files and bytes that its write committed,
+/// as its manifest records them: the status recorded while the job ran
+/// has none of them, and its executors' reports died with the scheduler.
+fn record_written(record: &mut JobRecord, settled: Option<&Settled>) {
+    if let (
+        Some(status),
+        Some(Settled::Committed {
+            written: Some(written),
+        }),
+    ) = (record.status.as_mut(), settled)
+    {
+        status.table_files_written = written.files;
+        status.table_bytes_written = written.bytes;
     }
 }
 

@@ -87,7 +87,7 @@ use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 mod settle;
 
-pub use settle::{FinishOverwrite, JobEnded, Settled, settle_write};
+pub use settle::{FinishOverwrite, JobEnded, Settled, Written, settle_write};
 
 /// How many objects are moved or deleted at once.
 const CONCURRENT_REQUESTS: usize = 16;
@@ -1127,6 +1127,18 @@ struct Manifest {
 #[derive(serde::Deserialize)]
 struct ManifestFile {
     path: String,
+    bytes: u64,
+}
+
+impl Manifest {
+    /// What the job wrote, as its manifest records it.
+    fn written(&self) -> Written {
+        Written {
+            rows: self.rows,
+            files: self.files.len() as u64,
+            bytes: self.files.iter().map(|file| file.bytes).sum(),
+        }
+    }
 }
 
 impl Commit {
@@ -1312,6 +1324,13 @@ mod tests {
         found
     }
 
+    /// What [`manifest`] records of a write of one file.
+    const ONE_FILE: Written = Written {
+        rows: 1,
+        files: 1,
+        bytes: 4,
+    };
+
     fn manifest(job_id: &str, mode: InsertOp, files: &[&str]) -> String {
         serde_json::json!({
             "job_id": job_id,
@@ -1396,7 +1415,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed { rows: None });
+        assert_eq!(settled, Settled::Committed { written: None });
         assert!(
             table
                 .join(format!("p=1/part-{racing}-00000-000.parquet"))
@@ -1936,7 +1955,12 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed { rows: Some(1) });
+        assert_eq!(
+            settled,
+            Settled::Committed {
+                written: Some(ONE_FILE)
+            }
+        );
         assert_eq!(files(table).len(), 4, "{:?}", files(table));
         assert!(!table.join("_temporary/job2").exists());
 
@@ -1949,7 +1973,12 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed { rows: Some(1) });
+        assert_eq!(
+            settled,
+            Settled::Committed {
+                written: Some(ONE_FILE)
+            }
+        );
         assert_eq!(
             files(table),
             vec![
@@ -1968,7 +1997,12 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(again, Settled::Committed { rows: Some(1) });
+        assert_eq!(
+            again,
+            Settled::Committed {
+                written: Some(ONE_FILE)
+            }
+        );
         assert_eq!(files(table).len(), 3);
 
         std::fs::write(table.join("_manifests/job3.json"), b"{").expect("manifest");
@@ -2007,7 +2041,9 @@ mod tests {
         .expect("manifest");
         assert_eq!(
             settle_job4(JobEnded::Otherwise).await.expect("settle"),
-            Settled::Committed { rows: Some(1) }
+            Settled::Committed {
+                written: Some(ONE_FILE)
+            }
         );
         assert_eq!(files(table).len(), 5, "{:?}", files(table));
     }
@@ -2423,7 +2459,7 @@ mod tests {
         )
         .await
         .expect("settle");
-        assert_eq!(settled, Settled::Committed { rows: None });
+        assert_eq!(settled, Settled::Committed { written: None });
         assert!(table.join(data(&appends[0])).exists());
 
         // An overwrite of region=EU leaves the jobs that wrote only there

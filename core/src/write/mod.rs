@@ -27,7 +27,7 @@ pub mod plan;
 pub mod snapshot;
 
 pub use commit::{
-    FinishOverwrite, JobEnded, ParquetCommitExec, Settled, check_folder_write_access,
+    FinishOverwrite, JobEnded, ParquetCommitExec, Settled, Written, check_folder_write_access,
     check_write_access, settle_write, write_result_ipc,
 };
 pub use exec::ParquetWriteExec;

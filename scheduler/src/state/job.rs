@@ -1200,11 +1200,13 @@ impl Job {
         self.settling = false;
         let end = self.deferred_end.take().unwrap_or(DeferredEnd::Cancel);
         self.lost_commit = match settled {
-            Ok(Settled::Committed { rows: Some(rows) }) => {
+            Ok(Settled::Committed {
+                written: Some(written),
+            }) => {
                 self.lost_commit = LostCommit::Settled;
-                return self.succeed_with_count(rows);
+                return self.succeed_with_count(written.rows);
             }
-            Ok(Settled::Committed { rows: None }) => LostCommit::CommittedUncounted,
+            Ok(Settled::Committed { written: None }) => LostCommit::CommittedUncounted,
             Ok(Settled::RolledBack { .. }) => LostCommit::Settled,
             Err(reason) => LostCommit::Unsettled(reason),
         };
@@ -2611,6 +2613,17 @@ mod tests {
         assert!(!job.committing(lease_end));
     }
 
+    /// How a write of `rows` rows in one file, its manifest written, settles.
+    fn committed(rows: u64) -> Settled {
+        Settled::Committed {
+            written: Some(quiver_core::write::Written {
+                rows,
+                files: 1,
+                bytes: 100,
+            }),
+        }
+    }
+
     /// A job to end after a lost commit had written its manifest succeeds,
     /// with the row count the manifest records as its result, as the
     /// commit task would have returned it.
@@ -2621,10 +2634,7 @@ mod tests {
             job_with_a_lost_commit(None, Duration::ZERO).await;
         assert!(job.settle_before_ending(DeferredEnd::Cancel));
         assert!(!job.settle_before_ending(DeferredEnd::Cancel), "once");
-        assert_eq!(
-            job.on_write_settled(Ok(Settled::Committed { rows: Some(42) })),
-            Outcome::Succeeded
-        );
+        assert_eq!(job.on_write_settled(Ok(committed(42))), Outcome::Succeeded);
         assert!(!job.committing(lease_end));
         let status = job.status();
         assert_eq!(status.state(), JobState::Succeeded);
@@ -2678,10 +2688,7 @@ mod tests {
             job.on_failure(&commit, &failure, Instant::now()),
             Outcome::Settle
         );
-        assert_eq!(
-            job.on_write_settled(Ok(Settled::Committed { rows: Some(3) })),
-            Outcome::Succeeded
-        );
+        assert_eq!(job.on_write_settled(Ok(committed(3))), Outcome::Succeeded);
     }
 
     /// A job that ends after a commit was lost, with its write not settled,
@@ -2707,7 +2714,7 @@ mod tests {
 
         let (mut job, _folder, _, _, _) = job_with_a_lost_commit(None, Duration::ZERO).await;
         assert_eq!(job.fail("timed out".into()), Outcome::Settle);
-        let outcome = job.on_write_settled(Ok(Settled::Committed { rows: None }));
+        let outcome = job.on_write_settled(Ok(Settled::Committed { written: None }));
         let message = "timed out; but a commit of its write, lost with its executor, had \
                        finished: its rows are in the table, so do not run the statement again";
         assert_eq!(outcome, Outcome::Failed(message.into()));

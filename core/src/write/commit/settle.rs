@@ -37,11 +37,19 @@ const ABANDONED_PER_COMMIT: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// The job's manifest exists, or a later write folded it: its write
-    /// stands. `rows` is the count its manifest records; `None` once the
+    /// stands. `written` is what its manifest records; `None` once the
     /// manifest is folded or retired, which keep no count.
-    Committed { rows: Option<u64> },
+    Committed { written: Option<Written> },
     /// No manifest: the job's files that were moved in (`files` of them) are gone.
     RolledBack { files: usize },
+}
+
+/// What a committed write's manifest records that it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub rows: u64,
+    pub files: u64,
+    pub bytes: u64,
 }
 
 /// How the job whose write [`settle_write`] settles ended.
@@ -155,7 +163,7 @@ impl Commit {
                     );
                 }
                 Settled::Committed {
-                    rows: Some(manifest.rows),
+                    written: Some(manifest.written()),
                 }
             }
             // A later write folded its manifest: it had finished.
@@ -163,7 +171,7 @@ impl Commit {
                 .await?
                 .contains(job_id) =>
             {
-                Settled::Committed { rows: None }
+                Settled::Committed { written: None }
             }
             // A later overwrite that replaced all of its files retires its
             // manifest; with files left, it was retired by mistake.
@@ -177,7 +185,7 @@ impl Commit {
                         "a job that committed has no manifest left, but has files: they stay, \
                          but Quiver's readers hide them");
                 }
-                Settled::Committed { rows: None }
+                Settled::Committed { written: None }
             }
             None => {
                 let moved_in = self.files_of_this_job().await?;
