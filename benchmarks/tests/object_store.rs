@@ -938,7 +938,8 @@ async fn a_start_waits_once_for_a_store_that_does_not_answer() {
 /// A write that a restarted scheduler could not settle, its store frozen,
 /// is settled once the store answers, while the scheduler runs: its job,
 /// recorded first as unsettled, is then recorded as rolled back, and the
-/// write leaves nothing behind, with no other restart.
+/// write leaves nothing behind, with no other restart. The start does not
+/// even try to settle it: replaying the catalog found its store silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() {
     use std::time::{Duration, Instant};
@@ -950,8 +951,18 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
     let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
     let context = cluster.connect(1).await;
     upload_in_small_parts(&context).await;
-    // The job keeps its options: its settling fails within seconds too.
-    let copy = copy_with_uploads(2_000_000, "unsettled", &options_with_timeout(&s3, "2s"));
+    // The job keeps its options, as the table does: settling, and
+    // recreating the table, fail within seconds too.
+    let options = options_with_timeout(&s3, "2s");
+    for statement in [
+        format!("COPY (SELECT 1 AS x) TO 's3://lake/earlier/' STORED AS PARQUET {options}"),
+        format!(
+            "CREATE EXTERNAL TABLE earlier STORED AS PARQUET LOCATION 's3://lake/earlier/' {options}"
+        ),
+    ] {
+        run(&context, &statement).await.expect(&statement);
+    }
+    let copy = copy_with_uploads(2_000_000, "unsettled", &options);
     let bucket = s3.store("lake");
     let job_id =
         kill_the_scheduler_during(&mut cluster, &context, &bucket, "unsettled", copy).await;
@@ -970,6 +981,14 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
                 .contains("tried again while the scheduler runs"),
         "{unsettled:?}\n{}",
         cluster.scheduler_log()
+    );
+    let log = cluster.scheduler_log();
+    assert!(
+        log.contains("not settling the write of an interrupted job now")
+            && log.contains(
+                "its store did not answer when 'datafusion.public.earlier' was recreated"
+            ),
+        "{log}"
     );
 
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -11,14 +11,11 @@
 //! external table of its folder.
 
 use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use datafusion::common::TableReference;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::DdlStatement;
-use datafusion::sql::parser::{DFParser, Statement};
-use quiver_core::storage::store_key;
 use quiver_proto::{CatalogEntry, Setting};
 use tracing::warn;
 
@@ -203,27 +200,6 @@ impl Unrecreated {
     }
 }
 
-/// The store that the table a stored statement creates lies on, as an
-/// opaque identity: its location's scheme and authority, with the table's
-/// options (other credentials or another endpoint may reach what these do
-/// not). `None` for an object without a location, or on local disk.
-pub fn store_of(sql: &str) -> Option<u64> {
-    let mut statements = DFParser::parse_sql(sql).ok()?;
-    let Some(Statement::CreateExternalTable(create)) = statements.pop_front() else {
-        return None;
-    };
-    let url = url::Url::parse(create.locations.first()?).ok()?;
-    let mut options: Vec<(&str, String)> = create
-        .options
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.to_string()))
-        .collect();
-    options.sort();
-    let mut hasher = DefaultHasher::new();
-    (store_key(&url), options).hash(&mut hasher);
-    Some(hasher.finish())
-}
-
 fn describe(entry: &CatalogEntry, error: &str) -> String {
     format!(
         "'{}' is stored in the catalog, but could not be recreated when the scheduler started \
@@ -310,23 +286,6 @@ mod tests {
     use datafusion::prelude::SessionContext;
 
     use super::*;
-
-    #[test]
-    fn tables_on_one_store_with_the_same_options_share_it() {
-        let table = |name: &str, location: &str, region: &str| {
-            format!(
-                "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{location}' \
-                 OPTIONS ('aws.region' '{region}')"
-            )
-        };
-        let first = store_of(&table("a", "s3://lake/a/", "eu-west-1"));
-        assert!(first.is_some());
-        assert_eq!(first, store_of(&table("b", "s3://lake/b/", "eu-west-1")));
-        assert_ne!(first, store_of(&table("c", "s3://other/c/", "eu-west-1")));
-        assert_ne!(first, store_of(&table("d", "s3://lake/d/", "us-east-1")));
-        assert_eq!(store_of(&table("e", "/data/e/", "eu-west-1")), None);
-        assert_eq!(store_of("CREATE VIEW v AS SELECT 1"), None);
-    }
 
     async fn change(sql: &str) -> Change {
         let context = SessionContext::new();

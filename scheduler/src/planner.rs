@@ -57,6 +57,7 @@ use crate::locations::{
 };
 use crate::managed::{self, CATALOGS_FOLDER, table_folders, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
+use crate::starting::SilentStores;
 use crate::state::JobLimits;
 use crate::store::StateStore;
 use crate::tables::first_unreadable_parquet_file;
@@ -408,17 +409,19 @@ impl Planner {
     /// Recreates the stored catalog objects, in creation order. An object
     /// that cannot be recreated (its files are gone, say) stays stored and is
     /// returned with the error, so that a later start can try again.
-    pub async fn replay_catalog(&self) -> Result<Vec<(String, String)>> {
+    /// A store that does not answer is kept in `silent`.
+    pub async fn replay_catalog(&self, silent: &SilentStores) -> Result<Vec<(String, String)>> {
         let entries = self
             .with_store(|store| store.keyed_catalog_entries())
             .await?;
-        Ok(self.recreate(entries).await)
+        Ok(self.recreate(entries, silent).await)
     }
 
     /// Recreates the stored objects that [`Planner::replay_catalog`] could
     /// not; returns those that still fail.
     pub async fn recreate_the_rest(&self) -> Vec<(String, String)> {
-        self.recreate(self.unrecreated.entries()).await
+        let silent = SilentStores::default();
+        self.recreate(self.unrecreated.entries(), &silent).await
     }
 
     /// Whether every stored catalog object is recreated.
@@ -431,14 +434,17 @@ impl Planner {
     /// answered, the tables after it on that store are kept without being
     /// tried: a store that is down holds the start up once, not once per
     /// table on it.
-    async fn recreate(&self, entries: Vec<(String, CatalogEntry)>) -> Vec<(String, String)> {
+    async fn recreate(
+        &self,
+        entries: Vec<(String, CatalogEntry)>,
+        silent: &SilentStores,
+    ) -> Vec<(String, String)> {
         let mut failures = Vec::new();
-        let mut silent_stores: HashMap<u64, String> = HashMap::new();
         for (key, entry) in entries {
-            let store = catalog::store_of(&entry.sql);
-            if let Some(why) = store.and_then(|store| silent_stores.get(&store)) {
+            let store = self.store_of(&entry.sql, &entry.settings).await;
+            if let Some(why) = silent.not_tried(store) {
                 failures.push((entry.name.clone(), why.clone()));
-                self.unrecreated.insert(key, entry, why.clone());
+                self.unrecreated.insert(key, entry, why);
                 continue;
             }
             let replayed = self
@@ -456,14 +462,10 @@ impl Planner {
                 }
                 Err(e) => {
                     let error = redacted_error(&e);
-                    if let Some(store) = store
-                        && store_did_not_answer(&e)
-                    {
-                        let why = format!(
-                            "not tried: its store did not answer when '{}' was recreated",
-                            entry.name
-                        );
-                        silent_stores.insert(store, why);
+                    if store_did_not_answer(&e) {
+                        silent.did_not_answer(store, || {
+                            format!("when '{}' was recreated", entry.name)
+                        });
                     }
                     failures.push((entry.name.clone(), error.clone()));
                     self.unrecreated.insert(key, entry, error);
@@ -471,6 +473,30 @@ impl Planner {
             }
         }
         failures
+    }
+
+    /// The store that the table which `sql` creates lies on, as
+    /// [`StoreRegistry::identity`] names it: `None` for a statement that
+    /// names no location, or one on local disk, which always answers.
+    pub async fn store_of(&self, sql: &str, settings: &[Setting]) -> Option<u64> {
+        let plan = self
+            .session_state(settings)
+            .ok()?
+            .create_logical_plan(sql)
+            .await
+            .ok()?;
+        let (locations, options) = declared_locations(&plan)?;
+        let url = ListingTableUrl::parse(locations.first()?).ok()?;
+        if url.scheme() == "file" {
+            return None;
+        }
+        // A statement without store options uses the store as configured.
+        let options = StoreOptions::from_statement_options(options).ok()?;
+        let options = (!options.is_empty()).then_some(&options);
+        Some(
+            self.object_stores
+                .identity(url.object_store().as_ref(), options),
+        )
     }
 
     /// The session state of a job: the shared catalog with the job's settings.
@@ -1421,6 +1447,38 @@ mod tests {
     /// A name that a `CREATE TABLE AS` job has yet to register is its own:
     /// another statement may not create an object of it, while the job's
     /// registration does.
+    /// Tables on one bucket, reached with the same options, lie on one
+    /// store: when it does not answer for one, the others are not tried.
+    #[tokio::test]
+    async fn tables_on_one_store_with_the_same_options_share_it() {
+        let store = StateStore::in_memory().expect("store");
+        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
+        let store_of = |name: &str, location: &str, region: &str| {
+            let sql = format!(
+                "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{location}' \
+                 OPTIONS ('aws.region' '{region}', 'format.pushdown_filters' '{name}')"
+            );
+            let planner = &planner;
+            async move { planner.store_of(&sql, &[]).await }
+        };
+        let first = store_of("a", "s3://lake/a/", "eu-west-1").await;
+        assert!(first.is_some());
+        assert_eq!(first, store_of("b", "s3://lake/b/", "eu-west-1").await);
+        assert_ne!(first, store_of("c", "s3://other/c/", "eu-west-1").await);
+        assert_ne!(first, store_of("d", "s3://lake/d/", "us-east-1").await);
+        assert_eq!(store_of("e", "/data/e/", "eu-west-1").await, None);
+        assert_eq!(
+            planner.store_of("CREATE VIEW v AS SELECT 1", &[]).await,
+            None
+        );
+        // A table without options of its own is reached as its location is
+        // configured: here, with none.
+        let plain = "CREATE EXTERNAL TABLE f STORED AS PARQUET LOCATION 's3://lake/f/'";
+        let plain = planner.store_of(plain, &[]).await;
+        assert!(plain.is_some());
+        assert_ne!(first, plain);
+    }
+
     #[tokio::test]
     async fn a_table_pending_registration_keeps_its_name() {
         let folder = tempfile::tempdir().expect("folder");

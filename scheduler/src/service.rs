@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ParamValues;
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::error::DataFusionError;
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
 use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::registry::ReplacedStore;
-use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error};
+use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error, store_did_not_answer};
 use quiver_core::write::{FinishOverwrite, JobEnded, Settled, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
@@ -31,6 +32,7 @@ use crate::analyze;
 use crate::error::Error;
 use crate::locations::job_stores;
 use crate::planner::{Planned, Planner, StagedJob};
+use crate::starting::SilentStores;
 use crate::state::event_loop::{InterruptedJob, RESTARTED, unix_millis};
 use crate::state::{CancelOutcome, Event, SchedulerHandle, SubmittedJob};
 
@@ -396,7 +398,9 @@ impl SchedulerGrpc {
                 };
                 let settled =
                     clean_up_job_storage(&stores, &job_id, &durable, &writes_to, ended, finish)
-                        .await;
+                        .await
+                        .ok()
+                        .flatten();
                 if pass == 0 && !succeeded && matches!(settled, Some(Settled::Committed { .. })) {
                     // The event loop settles a write whose commit may have
                     // committed before its job ends; only one it could not
@@ -441,6 +445,8 @@ impl SchedulerGrpc {
     /// Runs before the scheduler takes jobs, so no other job writes their
     /// tables meanwhile; a store that does not answer within
     /// [`RESTART_CLEAN_UP_TIMEOUT`] leaves the rest behind, with a warning.
+    /// A write on a store that the start found `silent` is not tried, and
+    /// one whose store does not answer now makes it silent.
     ///
     /// Writes are settled only once `leases_ended` (one executor timeout
     /// after the start began): by then every executor of the previous
@@ -451,6 +457,7 @@ impl SchedulerGrpc {
         &self,
         interrupted: &[InterruptedJob],
         leases_ended: tokio::time::Instant,
+        silent: &SilentStores,
     ) -> HashMap<String, Settled> {
         let shared = self.planner.object_stores();
         if interrupted
@@ -471,29 +478,22 @@ impl SchedulerGrpc {
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
             let stores = settling_stores(&shared, job);
             has_data.then_some(async move {
-                let settled = clean_up_job_storage(
+                let settled = settle_while_starting(
                     &stores,
                     job_id,
                     &record.durable_shuffle,
                     &record.writes_to,
-                    JobEnded::Otherwise,
-                    FinishOverwrite::Yes,
+                    silent,
                 )
                 .await;
                 settled.map(|settled| (job_id.clone(), settled))
             })
         });
-        let all = futures::future::join_all(clean_ups);
-        match tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, all).await {
-            Ok(settled) => settled.into_iter().flatten().collect(),
-            Err(_) => {
-                warn!(
-                    timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
-                    "cleaning up after interrupted jobs timed out; some of their data stays"
-                );
-                HashMap::new()
-            }
-        }
+        futures::future::join_all(clean_ups)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Registers the tables of `CREATE TABLE ... AS` jobs that a stopped
@@ -503,11 +503,13 @@ impl SchedulerGrpc {
     /// write could not be settled, or that cannot be registered now, stays
     /// pending. Returns the jobs whose tables stay pending, and those of
     /// them whose write committed: their tables are to be registered once
-    /// they can be ([`SchedulerGrpc::settle_later`]).
+    /// they can be ([`SchedulerGrpc::settle_later`]). Neither a write nor a
+    /// table on a store that the start found `silent` is tried.
     pub async fn register_pending_tables(
         &self,
         interrupted: &[InterruptedJob],
         settled: &HashMap<String, Settled>,
+        silent: &SilentStores,
     ) -> (HashSet<String>, Vec<String>) {
         let mut left_pending = HashSet::new();
         let mut to_register = Vec::new();
@@ -536,11 +538,23 @@ impl SchedulerGrpc {
                 // An earlier start left it pending and recorded its job as
                 // failed; settling a write is repeatable.
                 None if !succeeded && !was_interrupted && !writes_to.is_empty() => {
-                    self.settle_again(&job_id, writes_to).await
+                    let stores = self.planner.object_stores();
+                    settle_while_starting(&stores, &job_id, "", writes_to, silent).await
                 }
                 None => None,
             };
             let registering = succeeded || matches!(write, Some(Settled::Committed { .. }));
+            let store = match registering {
+                true => self.store_of_pending(&table).await,
+                false => None,
+            };
+            if let Some(why) = silent.not_tried(store) {
+                info!(%job_id, %why, "not registering the table of a CREATE TABLE AS job now; \
+                    it stays pending, and is tried again");
+                to_register.push(job_id.clone());
+                left_pending.insert(job_id);
+                continue;
+            }
             let outcome = match write {
                 _ if succeeded => self.planner.register_pending_table(table).await,
                 Some(Settled::Committed { .. }) => {
@@ -569,6 +583,11 @@ impl SchedulerGrpc {
             match outcome {
                 Ok(()) => info!(%job_id, "settled the table of a CREATE TABLE AS job left pending"),
                 Err(e) => {
+                    if store_did_not_answer(&e) {
+                        silent.did_not_answer(store, || {
+                            format!("when the table of job {job_id} was registered")
+                        });
+                    }
                     let e = redacted_error(&e);
                     warn!(%job_id, %e, "cannot register the table of a CREATE TABLE AS job; \
                         it stays pending, and is tried again");
@@ -580,6 +599,17 @@ impl SchedulerGrpc {
             }
         }
         (left_pending, to_register)
+    }
+
+    /// The store that the table `pending` creates lies on (see
+    /// [`Planner::store_of`]).
+    async fn store_of_pending(&self, pending: &PendingTable) -> Option<u64> {
+        for sql in &pending.statements {
+            if let Some(store) = self.planner.store_of(sql, &pending.settings).await {
+                return Some(store);
+            }
+        }
+        None
     }
 
     /// Records how the writes of the jobs that a restart interrupted were
@@ -738,7 +768,7 @@ impl SchedulerGrpc {
             JobEnded::Otherwise,
             FinishOverwrite::No,
         );
-        let Ok(Some(settled)) = tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await
+        let Ok(Ok(Some(settled))) = tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await
         else {
             return SettledNow::No;
         };
@@ -803,28 +833,6 @@ impl SchedulerGrpc {
             .insert(status.job_id.clone(), watch::channel(status.clone()).1);
         self.handle.recorder.record(record);
     }
-
-    /// Settles anew the write of `job_id` into `writes_to`, which an
-    /// earlier start could not settle, with the stores configured now.
-    async fn settle_again(&self, job_id: &str, writes_to: &str) -> Option<Settled> {
-        let stores = self.planner.object_stores();
-        let settling = clean_up_job_storage(
-            &stores,
-            job_id,
-            "",
-            writes_to,
-            JobEnded::Otherwise,
-            FinishOverwrite::Yes,
-        );
-        match tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await {
-            Ok(settled) => settled,
-            Err(_) => {
-                warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
-                    "settling a write left pending timed out");
-                None
-            }
-        }
-    }
 }
 
 /// Starts of the scheduler that try to settle an interrupted write whose
@@ -877,8 +885,9 @@ const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Deletes what an ended job left in object storage: its durable map
 /// outputs (`durable`, if not empty), and for a write into `writes_to` (if
 /// not empty) its staging folder, rolling back a commit that did not write
-/// its manifest ([`settle_write`]); returns how the write was settled.
-/// Failures are logged: the data stays.
+/// its manifest ([`settle_write`]); returns how the write was settled
+/// (`None` for no write), or why it could not be. Failures are logged:
+/// the data stays.
 async fn clean_up_job_storage(
     stores: &StoreRegistry,
     job_id: &str,
@@ -886,7 +895,7 @@ async fn clean_up_job_storage(
     writes_to: &str,
     ended: JobEnded,
     finish: FinishOverwrite,
-) -> Option<Settled> {
+) -> Result<Option<Settled>, DataFusionError> {
     if !durable.is_empty()
         && let Err(e) = durable::remove_job(stores, durable, job_id).await
     {
@@ -894,19 +903,69 @@ async fn clean_up_job_storage(
         warn!(%job_id, %e, "cannot remove durable shuffle data");
     }
     if writes_to.is_empty() {
-        return None;
+        return Ok(None);
     }
     match settle_write(stores, writes_to, job_id, ended, finish).await {
         Ok(settled) => {
             debug!(%job_id, ?settled, "settled the job's write");
-            Some(settled)
+            Ok(Some(settled))
         }
         Err(e) => {
-            let e = redacted_error(&e);
-            warn!(%job_id, %e, "cannot settle a write's files");
+            let redacted = redacted_error(&e);
+            warn!(%job_id, e = %redacted, "cannot settle a write's files");
+            Err(e)
+        }
+    }
+}
+
+/// Settles, while the scheduler starts, the write of `job_id` into
+/// `writes_to` with `stores`, and deletes its durable map outputs
+/// (`durable`): see [`clean_up_job_storage`]. Not tried when its store is
+/// `silent`; one that does not answer now becomes silent.
+async fn settle_while_starting(
+    stores: &StoreRegistry,
+    job_id: &str,
+    durable: &str,
+    writes_to: &str,
+    silent: &SilentStores,
+) -> Option<Settled> {
+    let store = store_of_write(stores, writes_to);
+    if let Some(why) = silent.not_tried(store) {
+        info!(%job_id, %why, "not settling the write of an interrupted job now");
+        return None;
+    }
+    let settling = clean_up_job_storage(
+        stores,
+        job_id,
+        durable,
+        writes_to,
+        JobEnded::Otherwise,
+        FinishOverwrite::Yes,
+    );
+    let silent_when = || format!("when the write of job {job_id} was settled");
+    match tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await {
+        Ok(Ok(settled)) => settled,
+        Ok(Err(e)) => {
+            if store_did_not_answer(&e) {
+                silent.did_not_answer(store, silent_when);
+            }
+            None
+        }
+        Err(_) => {
+            warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
+                "settling the write of an interrupted job timed out; its data stays");
+            silent.did_not_answer(store, silent_when);
             None
         }
     }
+}
+
+/// The store that a write into `writes_to` lies on, as
+/// [`StoreRegistry::identity`] names it with `stores`: `None` for no write,
+/// or one on local disk.
+fn store_of_write(stores: &StoreRegistry, writes_to: &str) -> Option<u64> {
+    let url = ListingTableUrl::parse(writes_to).ok()?;
+    (url.scheme() != "file").then(|| stores.identity(url.object_store().as_ref(), None))
 }
 
 #[tonic::async_trait]

@@ -9,7 +9,9 @@
 //! to [`START_WAIT`], and is then refused as unavailable, saying what the
 //! scheduler is doing: a call that hangs for minutes helps nobody.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -54,7 +56,8 @@ pub async fn recover(
     // The previous scheduler's executors last heard from it before this
     // start began; their leases run out meanwhile.
     let leases_ended = tokio::time::Instant::now() + executor_timeout;
-    for (name, error) in service.planner().replay_catalog().await? {
+    let silent = SilentStores::default();
+    for (name, error) in service.planner().replay_catalog(&silent).await? {
         warn!(table = %name, %error, retry_secs = RECREATE_RETRY.as_secs(),
             "cannot recreate a stored catalog object; it stays stored, and is tried again");
     }
@@ -70,13 +73,43 @@ pub async fn recover(
     });
     gate.doing("settling the writes that its restart interrupted");
     let settled = service
-        .clean_up_interrupted_jobs(interrupted, leases_ended)
+        .clean_up_interrupted_jobs(interrupted, leases_ended, &silent)
         .await;
-    let (left_pending, to_register) = service.register_pending_tables(interrupted, &settled).await;
+    let (left_pending, to_register) = service
+        .register_pending_tables(interrupted, &settled, &silent)
+        .await;
     let unsettled = service.record_interrupted_writes(interrupted, &settled, &left_pending);
     service.handle().settling.end_the_rest();
     service.settle_later(unsettled, to_register);
     Ok(())
+}
+
+/// The stores that did not answer during one start, by
+/// [`quiver_core::storage::StoreRegistry::identity`], each with what found
+/// it silent. The rest of the start does not try them again: a store that
+/// is down holds the start up once, not once per table, write and phase.
+/// What is not tried is left as if it had failed, to be tried again while
+/// the scheduler runs.
+#[derive(Debug, Default)]
+pub struct SilentStores(Mutex<HashMap<u64, String>>);
+
+impl SilentStores {
+    /// Why what lies on `store` is not tried: it did not answer earlier.
+    pub fn not_tried(&self, store: Option<u64>) -> Option<String> {
+        let silent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        silent.get(&store?).cloned()
+    }
+
+    /// Records that `store` did not answer `when` ("when 'x' was
+    /// recreated"); the first such record is the one told.
+    pub fn did_not_answer(&self, store: Option<u64>, when: impl FnOnce() -> String) {
+        if let Some(store) = store {
+            let mut silent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            silent
+                .entry(store)
+                .or_insert_with(|| format!("not tried: its store did not answer {}", when()));
+        }
+    }
 }
 
 /// Where the start is: what it is doing, or done.

@@ -751,7 +751,10 @@ mod tests {
             "{created}"
         );
         let restarted = Planner::new(2, store, warehouse).expect("planner");
-        let failures = restarted.replay_catalog().await.expect("replay");
+        let failures = restarted
+            .replay_catalog(&crate::starting::SilentStores::default())
+            .await
+            .expect("replay");
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(column_type(&restarted).await, created);
     }

@@ -140,7 +140,7 @@ pub fn is_harmless(key: &str) -> bool {
 }
 
 /// The store options of one location: full keys (`aws.region`) to values.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct StoreOptions(BTreeMap<String, String>);
 
 impl StoreOptions {

@@ -7,6 +7,7 @@
 //! keyed by scheme and authority (`s3://bucket`), as DataFusion expects.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -299,6 +300,24 @@ impl StoreRegistry {
             options: StoreOptions::default(),
         });
         Ok(registered.store.clone())
+    }
+
+    /// An opaque identity of the store that `url` is reached through with
+    /// `options`, or with the options configured for it when `None`. Two
+    /// locations of one identity are one endpoint reached with the same
+    /// credentials: when one does not answer, neither will the other.
+    pub fn identity(&self, url: &Url, options: Option<&StoreOptions>) -> u64 {
+        let configured;
+        let options = match options {
+            Some(options) => options,
+            None => {
+                configured = self.options_for(url).unwrap_or_default();
+                &configured
+            }
+        };
+        let mut hasher = DefaultHasher::new();
+        (store_key(url), options).hash(&mut hasher);
+        hasher.finish()
     }
 
     /// The options configured for the location of `url`, if any.
@@ -633,6 +652,24 @@ mod tests {
             .await
             .expect_err("not there");
         assert!(!store_did_not_answer(&answered), "{answered}");
+    }
+
+    #[test]
+    fn locations_reached_alike_share_a_store_identity() {
+        let registry = StoreRegistry::new();
+        let region =
+            |region: &str| StoreOptions::from_pairs([("aws.region".to_owned(), region.to_owned())]);
+        let (eu, us) = (region("eu-west-1"), region("us-east-1"));
+        let lake = registry.identity(&url("s3://lake/a/"), Some(&eu));
+        assert_eq!(lake, registry.identity(&url("s3://lake/b/c/"), Some(&eu)));
+        assert_ne!(lake, registry.identity(&url("s3://other/a/"), Some(&eu)));
+        assert_ne!(lake, registry.identity(&url("s3://lake/a/"), Some(&us)));
+        // Without options of its own, a location is reached as configured.
+        assert_ne!(lake, registry.identity(&url("s3://lake/a/"), None));
+        registry
+            .configure(&url("s3://lake/"), &eu)
+            .expect("configure");
+        assert_eq!(lake, registry.identity(&url("s3://lake/a/"), None));
     }
 
     #[test]
