@@ -938,8 +938,9 @@ async fn a_start_waits_once_for_a_store_that_does_not_answer() {
 /// A write that a restarted scheduler could not settle, its store frozen,
 /// is settled once the store answers, while the scheduler runs: its job,
 /// recorded first as unsettled, is then recorded as rolled back, and the
-/// write leaves nothing behind, with no other restart. The start does not
-/// even try to settle it: replaying the catalog found its store silent.
+/// write leaves nothing behind, durable map outputs included, with no other
+/// restart. The start does not even try to settle it: replaying the
+/// catalog found its store silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() {
     use std::time::{Duration, Instant};
@@ -962,10 +963,25 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
     ] {
         run(&context, &statement).await.expect(&statement);
     }
+    run(
+        &context,
+        "SET quiver.shuffle_location = 's3://lake/_shuffle'",
+    )
+    .await
+    .expect("set the shuffle location");
     let copy = copy_with_uploads(2_000_000, "unsettled", &options);
     let bucket = s3.store("lake");
     let job_id =
         kill_the_scheduler_during(&mut cluster, &context, &bucket, "unsettled", copy).await;
+    // A map output that the job's killed tasks left.
+    let shuffle = format!("_shuffle/{job_id}");
+    bucket
+        .put(
+            &Path::from(format!("{shuffle}/1/0-a0.data")),
+            b"left".to_vec().into(),
+        )
+        .await
+        .expect("plant a map output");
 
     let moto = s3.pid();
     send_signal(moto, "STOP");
@@ -1009,12 +1025,14 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
         settled.error.contains("its write was rolled back"),
         "{settled:?}"
     );
-    assert_eq!(
-        list(&bucket, "unsettled").await,
-        Vec::<String>::new(),
-        "{}",
-        cluster.logs()
-    );
+    for folder in ["unsettled", shuffle.as_str()] {
+        assert_eq!(
+            list(&bucket, folder).await,
+            Vec::<String>::new(),
+            "{}",
+            cluster.logs()
+        );
+    }
 }
 
 /// An executor killed while it uploads a file cannot abort the upload, and

@@ -754,16 +754,18 @@ impl SchedulerGrpc {
     }
 
     /// Tries once to settle the write of `job`, which the start could not,
-    /// and records its job as it ended. A `CREATE TABLE AS` table it left
+    /// deletes its durable map outputs, and records its job as it ended. A `CREATE TABLE AS` table it left
     /// pending is registered if the write committed, and forgotten if it
     /// was rolled back.
     async fn settle_now(&self, job: &InterruptedJob) -> SettledNow {
         let job_id = job.id();
         let stores = settling_stores(&self.planner.object_stores(), job);
+        // Its durable map outputs too: a start that did not try its
+        // silent store left them (deleting them again deletes nothing).
         let settling = clean_up_job_storage(
             &stores,
             job_id,
-            "",
+            &job.record.durable_shuffle,
             &job.record.writes_to,
             JobEnded::Otherwise,
             FinishOverwrite::No,
