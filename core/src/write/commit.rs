@@ -65,7 +65,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::lease::{Lease, LeaseTime, task_lease};
 use crate::operators::{final_output, only_child};
@@ -307,14 +307,50 @@ async fn delete_probe_or_warn(store: &Arc<dyn ObjectStore>, probe: &Path) {
     }
 }
 
+/// Creates the empty object `probe`: the first object of a job's staging
+/// folder. On local disk, the clean-up of another job that just ended
+/// removes the shared staging folder (`_temporary/`) once it is empty,
+/// which it can be for an instant after the store created it and before it
+/// created the job's folder within: the store then finds no parent folder
+/// and fails, and creating the object again succeeds.
 async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
-    store
-        .put(probe, PutPayload::new())
-        .await
-        .map(|_| ())
-        .map_err(|error| {
-            DataFusionError::Execution(format!("cannot create objects there: {error}"))
-        })
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match store.put(probe, PutPayload::new()).await {
+            Ok(_) => return Ok(()),
+            Err(error) if tries < PROBE_CREATE_TRIES && lost_a_local_folder(&error) => {
+                debug!(%probe, tries, "a folder was removed while the probe was created");
+            }
+            Err(error) => {
+                return Err(DataFusionError::Execution(format!(
+                    "cannot create objects there: {error}"
+                )));
+            }
+        }
+    }
+}
+
+/// Tries of [`probe_create_access`] whose folder another job's clean-up
+/// removed as it was created.
+const PROBE_CREATE_TRIES: usize = 5;
+
+/// Whether `error`, of the local file system, says that a folder it
+/// created, or found, was gone when it went on to create what lies in it.
+fn lost_a_local_folder(error: &object_store::Error) -> bool {
+    let object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source,
+    } = error
+    else {
+        return false;
+    };
+    let source: &(dyn std::error::Error + 'static) = source.as_ref();
+    std::iter::successors(Some(source), |error| error.source()).any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
 }
 
 async fn probe_delete_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
@@ -1235,6 +1271,47 @@ mod tests {
 
     use super::*;
     use crate::storage::StoreRegistry;
+
+    /// On local disk, the clean-ups of other jobs remove the empty staging
+    /// folder while new jobs create their own folders within it: their
+    /// access checks pass all the same. (The clean-ups here run every
+    /// 10 µs, far more often than jobs end; a single try of each check
+    /// fails within the first few jobs.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_access_check_survives_the_clean_up_of_another_job() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let folder = tempfile::tempdir().expect("folder");
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+        let table = Path::from_filesystem_path(folder.path()).expect("table");
+        let staging = folder.path().join(STAGING_FOLDER);
+        let stop = Arc::new(AtomicBool::new(false));
+        let cleaning_up = std::thread::spawn({
+            let (staging, stop) = (staging.clone(), Arc::clone(&stop));
+            move || {
+                let mut removed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    removed += usize::from(std::fs::remove_dir(&staging).is_ok());
+                    std::thread::sleep(std::time::Duration::from_micros(10));
+                }
+                removed
+            }
+        });
+        for job in 0..500 {
+            let job_id = format!("{job:016x}");
+            let checked = check_write_access(&store, &table, &job_id).await;
+            if let Err(error) = checked {
+                stop.store(true, Ordering::Relaxed);
+                panic!("job {job}: {error}");
+            }
+            // The job ended: its folder goes, and the staging folder is
+            // empty again.
+            std::fs::remove_dir(staging.join(&job_id)).expect("the job's folder");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let removed = cleaning_up.join().expect("clean-ups");
+        assert!(removed > 0, "the staging folder was never removed");
+    }
 
     fn touch(table: &LocalPath, relative: &str) {
         let path = table.join(relative);
