@@ -1235,7 +1235,7 @@ async fn bad_locations_get_clear_errors_without_secrets() {
         ),
         ("marked_hive/year=2025/part-1.parquet", data.clone()),
         // Hive's extension-less data file, and a console's folder marker.
-        ("hive_named/000000_0", data),
+        ("hive_named/000000_0", data.clone()),
         ("only_markers/_SUCCESS", Vec::new()),
         ("only_markers/year=2024/empty.parquet", Vec::new()),
     ] {
@@ -1257,6 +1257,38 @@ async fn bad_locations_get_clear_errors_without_secrets() {
         count_of(&context, "SELECT count(*)::bigint unsigned FROM marked").await,
         3
     );
+    // A table whose bucket is deleted after it was created: reading it and
+    // writing into it fail naming its location, not only a request.
+    s3.create_bucket("fleeting");
+    let fleeting = s3.store("fleeting");
+    let part = Path::from("t/part-1.parquet");
+    fleeting
+        .put(&part, PutPayload::from(data.clone()))
+        .await
+        .expect("upload");
+    run(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE fleeting STORED AS PARQUET LOCATION 's3://fleeting/t/' {}",
+            s3.sql_options()
+        ),
+    )
+    .await
+    .expect("create the table");
+    fleeting.delete(&part).await.expect("empty the bucket");
+    s3.delete_bucket("fleeting");
+    for sql in [
+        "SELECT count(*) FROM fleeting",
+        "INSERT INTO fleeting VALUES (4)",
+    ] {
+        let error = run(&context, sql).await.expect_err(sql);
+        eprintln!("{sql}: {error}");
+        assert!(
+            error.contains("the table at 's3://fleeting/t/'") && error.contains("NoSuchBucket"),
+            "{sql}: {error}"
+        );
+        assert!(!error.contains(SECRET_KEY), "{error}");
+    }
     // So does a hive-partitioned one, with its partition column.
     run(
         &context,

@@ -75,6 +75,12 @@ pub async fn plan_committed_scans(
     )))
 }
 
+/// `error`, met reading which writes committed to the table folder `url`,
+/// naming the folder: the store's own error names only a request.
+fn cannot_read(url: &ListingTableUrl, error: DataFusionError) -> DataFusionError {
+    DataFusionError::Context(format!("cannot read the table at '{url}'"), Box::new(error))
+}
+
 /// The states of the table folders that `plan` scans.
 async fn read_table_states(plan: &LogicalPlan, runtime: &RuntimeEnv) -> Result<TableStates> {
     let mut folders: Vec<ListingTableUrl> = Vec::new();
@@ -99,7 +105,9 @@ async fn read_table_states(plan: &LogicalPlan, runtime: &RuntimeEnv) -> Result<T
     // is a round trip.
     let folders = futures::future::try_join_all(folders.into_iter().map(|url| async move {
         let store = runtime.object_store(url.object_store())?;
-        let committed = CommittedFiles::read(&store, url.prefix()).await?;
+        let committed = CommittedFiles::read(&store, url.prefix())
+            .await
+            .map_err(|e| cannot_read(&url, e))?;
         Ok::<_, DataFusionError>(Arc::new(FolderState {
             url,
             store,
@@ -151,6 +159,7 @@ impl TableStates {
                 .committed
                 .is_current(&folder.store, folder.url.prefix())
                 .await
+                .map_err(|e| cannot_read(&folder.url, e))
         }))
         .await?;
         Ok(self

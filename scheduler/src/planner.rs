@@ -827,8 +827,9 @@ impl Planner {
                 TableStates::default(),
             ),
             _ => {
-                let (_, physical, read) =
-                    physical_plan(logical, state).await.map_err(Error::Query)?;
+                let (_, physical, read) = physical_plan(logical, state)
+                    .await
+                    .map_err(|e| Error::Query(naming_the_insert_target(logical, e)))?;
                 (physical, read)
             }
         };
@@ -1398,6 +1399,32 @@ fn declared_locations(plan: &LogicalPlan) -> Option<(&[String], &HashMap<String,
         LogicalPlan::Copy(copy) => Some((std::slice::from_ref(&copy.output_url), &copy.options)),
         _ => None,
     }
+}
+
+/// `error`, met planning `logical`, naming the table that an `INSERT`
+/// writes into when the store's error is bare: DataFusion lists that
+/// table's folder as it plans the insert, and the store names only its
+/// request. (An error met reading the tables it scans names them already:
+/// see `committed_scans`.)
+fn naming_the_insert_target(logical: &LogicalPlan, error: DataFusionError) -> DataFusionError {
+    let LogicalPlan::Dml(dml) = logical else {
+        return error;
+    };
+    if !matches!(dml.op, WriteOp::Insert(_)) || !matches!(error, DataFusionError::ObjectStore(_)) {
+        return error;
+    }
+    let provider = source_as_provider(&dml.target).ok();
+    let Some(folder) = provider
+        .as_ref()
+        .and_then(table_folders)
+        .and_then(<[_]>::first)
+    else {
+        return error;
+    };
+    DataFusionError::Context(
+        format!("cannot write to the table at '{folder}'"),
+        Box::new(error),
+    )
 }
 
 /// Refuses a schema or table name that cannot be its own warehouse folder:

@@ -182,6 +182,15 @@ impl S3Server {
         );
     }
 
+    /// Deletes an empty bucket (S3 `DeleteBucket`, a bare DELETE).
+    pub fn delete_bucket(&self, bucket: &str) {
+        let response = self.unsigned_request("DELETE", &format!("/{bucket}"));
+        assert!(
+            response.starts_with("HTTP/1.1 204"),
+            "DeleteBucket {bucket} failed: {response}"
+        );
+    }
+
     /// Multipart uploads started in `bucket` and neither completed nor
     /// aborted (S3 `ListMultipartUploads`).
     pub fn unfinished_uploads(&self, bucket: &str) -> usize {
