@@ -199,7 +199,7 @@ async fn chaos_suite() {
         .map(String::from)
         .to_vec(),
         executor: ["--drain-grace-secs", "30"].map(String::from).to_vec(),
-        env: Vec::new(),
+        ..ClusterArgs::default()
     };
     let cluster = ProcessCluster::start(EXECUTORS, args);
     let context = cluster.connect(EXECUTORS).await;

@@ -833,15 +833,8 @@ async fn a_restarted_scheduler_settles_a_copy_with_the_copys_credentials() {
     let [writer, reader] = users.as_slice() else {
         panic!("two users");
     };
-    let env = [
-        ("AWS_ACCESS_KEY_ID", reader.access_key.clone()),
-        ("AWS_SECRET_ACCESS_KEY", reader.secret_key.clone()),
-        ("AWS_REGION", common::s3::REGION.to_owned()),
-        ("AWS_ENDPOINT", s3.endpoint()),
-        ("AWS_ALLOW_HTTP", "true".to_owned()),
-    ];
     let args = ClusterArgs {
-        env: env.map(|(key, value)| (key.to_owned(), value)).to_vec(),
+        env: s3.env_as(reader),
         ..ClusterArgs::default()
     };
     let mut cluster = ProcessCluster::start(1, args);
@@ -867,6 +860,70 @@ async fn a_restarted_scheduler_settles_a_copy_with_the_copys_credentials() {
         "{}",
         cluster.logs()
     );
+}
+
+/// An executor whose credentials may not write where the scheduler's may
+/// (each process takes its own from its environment) fails a write through
+/// one of DataFusion's own sinks (CSV, JSON, one Parquet file) saying
+/// where and why, at once: those sinks would say only "Error encountered
+/// while finalizing writes", and were retried. A staged Parquet write that
+/// the executor may not make blames its output, not the input it read.
+/// Nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sink_its_executor_may_not_write_names_its_location() {
+    let (s3, users) =
+        S3Server::start_with_users("lake", &[("writer", &["s3:*"]), ("reader", READS)]);
+    let [writer, reader] = users.as_slice() else {
+        panic!("two users");
+    };
+    let args = ClusterArgs {
+        env: s3.env_as(writer),
+        executor_env: s3.env_as(reader),
+        ..ClusterArgs::default()
+    };
+    let cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    for (format, target) in [
+        ("CSV", "s3://lake/csv/"),
+        ("JSON", "s3://lake/json/"),
+        ("PARQUET", "s3://lake/one.parquet"),
+    ] {
+        let sql = format!("COPY (SELECT 1 AS x) TO '{target}' STORED AS {format}");
+        let error = run(&context, &sql).await.expect_err(&sql);
+        assert!(
+            error.contains(&format!("cannot write to '{target}'"))
+                && error.contains("cannot create objects there")
+                && error.contains("AccessDenied"),
+            "{format}: {error}"
+        );
+        assert!(
+            !error.contains("finalizing writes") && !error.contains("attempts"),
+            "{format}: {error}"
+        );
+        assert!(!error.contains(&reader.secret_key), "{error}");
+    }
+    let bucket = s3.store_as("lake", writer);
+    bucket
+        .put(&Path::from("data/part-0.parquet"), one_two_three())
+        .await
+        .expect("upload");
+    run(
+        &context,
+        "CREATE EXTERNAL TABLE source STORED AS PARQUET LOCATION 's3://lake/data/'",
+    )
+    .await
+    .expect("the table");
+    let error = run(
+        &context,
+        "COPY (SELECT * FROM source) TO 's3://lake/staged/' STORED AS PARQUET",
+    )
+    .await
+    .expect_err("the executor may not write");
+    assert!(
+        error.contains("cannot write to 's3://lake/staged/'") && !error.contains("reading '"),
+        "{error}"
+    );
+    assert_eq!(list(&bucket, "").await, vec!["data/part-0.parquet"]);
 }
 
 /// A scheduler that starts while the store of its tables does not answer

@@ -47,7 +47,8 @@ pub async fn explain_scan_failure(
         }
         .into();
     }
-    if !is_decoding_failure(&error) {
+    // A writer's failure may hold a Parquet error too, but is the output's.
+    if !is_decoding_failure(&error) || quiver_core::write::is_write_failure(&error) {
         return error;
     }
     let files: Vec<String> = files.into_iter().map(|file| file.name).collect();
@@ -205,6 +206,33 @@ mod tests {
             .create_physical_plan()
             .await
             .expect("plan")
+    }
+
+    /// The Parquet writer reports a refused file as a Parquet error, as the
+    /// reader reports a corrupt one; only the reader's is blamed on the
+    /// files the task read.
+    #[tokio::test]
+    async fn a_failed_write_is_not_blamed_on_what_the_task_read() {
+        let folder = tempfile::tempdir().expect("temp folder");
+        let context = SessionContext::new();
+        let plan = scan_of_new_file(&context, &folder.path().join("part-0.parquet")).await;
+        let refused = || {
+            DataFusionError::ParquetError(Box::new(ParquetError::External(Box::new(
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            ))))
+        };
+        let runtime = context.runtime_env();
+        let read = explain_scan_failure(refused(), &plan, 0, &runtime).await;
+        assert!(read.to_string().contains("reading '"), "{read}");
+        let written = quiver_core::write::write_failure("file:///out/", refused());
+        let written = explain_scan_failure(written, &plan, 0, &runtime).await;
+        assert!(!written.to_string().contains("reading '"), "{written}");
+        assert!(
+            written
+                .to_string()
+                .starts_with("cannot write to 'file:///out/'"),
+            "{written}"
+        );
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ use quiver_core::storage::metered::{ReadMeter, metered_registry};
 use quiver_core::storage::{StoreRegistry, redacted_error};
 use quiver_core::write::TaskAttempt;
 use quiver_core::write::permission::CommitPermission;
+use quiver_core::write::sinks::check_unstaged_write_access;
 use quiver_proto::{
     ExecutorAddress, FailureKind, LaunchTask, MapOutput, Metric, MetricKind, OperatorMetrics,
     PartitionStats, StageInput, StoreConfig, TaskFailed, TaskId, TaskStatus, TaskSucceeded,
@@ -323,6 +324,9 @@ impl TaskRunner {
                 Arc::new(LocalOutputs::on_disk(self.outputs.work_dir().to_owned()))
             };
         let runtime = context.runtime_env();
+        // DataFusion's own sinks hide why the store refused them: the
+        // folder is checked first, with this executor's credentials.
+        check_unstaged_write_access(&plan, &runtime, &task.job_id).await?;
         let partitions = match writer
             .write(task.partition as usize, task.attempt, context, &outputs)
             .await

@@ -9,9 +9,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::file_format::csv::CsvSink;
-use datafusion::datasource::file_format::json::JsonSink;
-use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileSink, FileSinkConfig};
 use datafusion::datasource::sink::DataSinkExec;
@@ -21,8 +18,8 @@ use datafusion::error::Result;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
-use object_store::path::Path;
 use quiver_core::storage::{StoreRegistry, redacted_error};
+use quiver_core::write::sinks::file_sink_config;
 use quiver_core::write::{ParquetCommitExec, ParquetWriteExec};
 use quiver_proto::StoreConfig;
 use tracing::warn;
@@ -198,48 +195,6 @@ fn written_location(node: &Arc<dyn ExecutionPlan>) -> Option<&FileSinkConfig> {
         return Some(commit.sink().config());
     }
     file_sink_config(node.downcast_ref::<DataSinkExec>()?)
-}
-
-/// The folder that a write through one of DataFusion's own sinks creates
-/// files in (a CSV or JSON folder, or a single file's folder), if `plan`
-/// has one: such a write stages nothing.
-pub fn unstaged_write_folder(plan: &Arc<dyn ExecutionPlan>) -> Option<(String, Path)> {
-    let mut folder = None;
-    let _ = plan.apply(|node| {
-        let config = node
-            .downcast_ref::<DataSinkExec>()
-            .and_then(file_sink_config);
-        if let Some(config) = config
-            && let Some(url) = config.table_paths.first()
-        {
-            let prefix = url.prefix().clone();
-            let created_in = if config.file_output_mode.single_file_output(url) {
-                let parts: Vec<_> = prefix.parts().collect();
-                parts[..parts.len().saturating_sub(1)]
-                    .iter()
-                    .cloned()
-                    .collect()
-            } else {
-                prefix
-            };
-            folder = Some((url.to_string(), created_in));
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    folder
-}
-
-/// The configuration of one of DataFusion's file sinks: Parquet, CSV, JSON.
-pub fn file_sink_config(sink_exec: &DataSinkExec) -> Option<&FileSinkConfig> {
-    let sink = sink_exec.sink();
-    if let Some(parquet) = sink.downcast_ref::<ParquetSink>() {
-        return Some(parquet.config());
-    }
-    if let Some(csv) = sink.downcast_ref::<CsvSink>() {
-        return Some(csv.config());
-    }
-    sink.downcast_ref::<JsonSink>().map(|json| json.config())
 }
 
 #[cfg(test)]

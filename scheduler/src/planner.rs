@@ -40,6 +40,7 @@ use quiver_core::storage::{
     StoreOptions, StoreRegistry, is_store_option, redact_statement_error, redact_store_echoes,
     register_store_option_namespaces, runtime_builder, store_did_not_answer,
 };
+use quiver_core::write::sinks::unstaged_write_folder;
 use quiver_core::write::snapshot::KnownCommits;
 use quiver_core::write::{
     ParquetCommitExec, check_folder_write_access, check_write_access, distribute_parquet_writes,
@@ -52,9 +53,7 @@ use crate::adaptive::{AdaptivePolicy, PendingJoins};
 use crate::catalog;
 use crate::committed_scans::{TableStates, plan_committed_scans};
 use crate::error::{Error, Result};
-use crate::locations::{
-    read_parquet_folders, reads_target, store_configs, unstaged_write_folder, write_target,
-};
+use crate::locations::{read_parquet_folders, reads_target, store_configs, write_target};
 use crate::managed::{self, CATALOGS_FOLDER, table_folders, warehouse_folder};
 use crate::stages::{StagePlan, display_stages, split_into_stages};
 use crate::starting::SilentStores;

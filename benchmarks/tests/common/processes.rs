@@ -40,6 +40,8 @@ pub struct ClusterArgs {
     pub scheduler: Vec<String>,
     pub executor: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Environment variables of the executors only, over `env`.
+    pub executor_env: Vec<(String, String)>,
 }
 
 pub struct ProcessCluster {
@@ -139,6 +141,7 @@ impl ProcessCluster {
             .arg(self.work.path().join("executors"))
             .args(&self.args.executor)
             .envs(self.args.env.iter().cloned())
+            .envs(self.args.executor_env.iter().cloned())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -228,6 +228,20 @@ impl S3Server {
         response
     }
 
+    /// The environment variables that make a process reach this server as
+    /// `credentials`, with no statement options.
+    pub fn env_as(&self, credentials: &S3Credentials) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", credentials.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", credentials.secret_key.clone()),
+            ("AWS_REGION", REGION.to_owned()),
+            ("AWS_ENDPOINT", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ]
+        .map(|(key, value)| (key.to_owned(), value))
+        .to_vec()
+    }
+
     /// The store options that reach this server, as a statement names them.
     pub fn options(&self) -> Vec<(String, String)> {
         self.options_as(&S3Credentials::any())

@@ -330,7 +330,7 @@ impl WriteTask {
     }
 
     fn store_failure(&self, error: DataFusionError) -> DataFusionError {
-        error.context(format!("cannot write to '{}'", self.location))
+        write_failure(&self.location, error)
     }
 
     /// Aborts the uploads of the files still open, so that a failed task
@@ -587,4 +587,28 @@ fn without_nulls_in_not_null_columns(
 
 fn staged_path(staging: &Path, relative: &str) -> Result<Path> {
     join(staging, relative).map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// How a failure to write into `location` begins: the store's own error
+/// names only a request.
+const WRITE_FAILURE: &str = "cannot write to";
+
+/// `error`, met writing into `location`, naming it.
+pub fn write_failure(location: &str, error: DataFusionError) -> DataFusionError {
+    error.context(format!("{WRITE_FAILURE} '{location}'"))
+}
+
+/// Whether `error` is a failure to write ([`write_failure`]), however
+/// deep in its chain: what went wrong is the output's, not an input's.
+pub fn is_write_failure(error: &DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(DataFusionError::Context(context, _)) = current.downcast_ref()
+            && context.starts_with(WRITE_FAILURE)
+        {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }

@@ -15,6 +15,7 @@
 //! - [`order`]: the order of overwrites from writers that share no scheduler.
 //! - [`permission`]: the scheduler's permission to commit.
 //! - [`plan`]: swapping DataFusion's sink for the two steps.
+//! - [`sinks`]: the writes left to DataFusion's own sinks (CSV, JSON, one file).
 
 pub mod commit;
 pub mod exec;
@@ -24,13 +25,14 @@ pub mod order;
 pub mod partition;
 pub mod permission;
 pub mod plan;
+pub mod sinks;
 pub mod snapshot;
 
 pub use commit::{
     FinishOverwrite, JobEnded, ParquetCommitExec, Settled, Written, check_folder_write_access,
     check_write_access, settle_write, write_result_ipc,
 };
-pub use exec::ParquetWriteExec;
+pub use exec::{ParquetWriteExec, is_write_failure, write_failure};
 pub use plan::distribute_parquet_writes;
 
 /// Where a write goes, as plans show it: the table's location. The sink's

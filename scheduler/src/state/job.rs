@@ -23,10 +23,10 @@ use tracing::{info, warn};
 use super::JobLimits;
 use crate::adaptive::{self, AdaptiveJoin, PendingJoins};
 use crate::join_swap;
-use crate::locations::file_sink_config;
 use crate::planner::{Replanner, StagedJob};
 use crate::reduction::{self, Reduction};
 use crate::stages::StagePlan;
+use quiver_core::write::sinks::file_sink_config;
 
 /// First retry delay; doubled on each further attempt.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
