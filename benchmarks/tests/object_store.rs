@@ -405,6 +405,57 @@ async fn tpch_reads_over_http() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// An HTTP server that asks for a user name and password is read with
+/// them as the table's options; without them, or with a wrong password, the
+/// error names the location and says the server refused, and no password
+/// shows anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_reads_with_basic_authentication() {
+    const PASSWORD: &str = "quiver-http-pw-7Hq2";
+    let root = tempfile::tempdir().expect("shared folder");
+    std::fs::create_dir(root.path().join("t")).expect("folder");
+    std::fs::write(
+        root.path().join("t/part-0.parquet"),
+        one_two_three_parquet(),
+    )
+    .expect("file");
+    let server = WebDavServer::start_with_user(root.path(), "alice", PASSWORD);
+    let (cluster, context) = common::start_cluster(options()).await;
+    let location = format!("{}/t/", server.url());
+    let create = |name: &str, options: &str| {
+        format!("CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{location}' {options}")
+    };
+    for (name, options) in [
+        ("anonymous", String::new()),
+        (
+            "wrong",
+            "OPTIONS ('http.username' 'alice', 'http.password' 'not-it')".to_owned(),
+        ),
+    ] {
+        let error = run(&context, &create(name, &options))
+            .await
+            .expect_err("the server refuses");
+        assert!(
+            error.contains(&location) && error.contains("401"),
+            "{name}: {error}"
+        );
+    }
+    let options = format!("OPTIONS ('http.username' 'alice', 'http.password' '{PASSWORD}')");
+    run(&context, &create("authenticated", &options))
+        .await
+        .expect("the right password reads");
+    assert_eq!(
+        count_of(
+            &context,
+            "SELECT count(*)::bigint unsigned FROM authenticated"
+        )
+        .await,
+        3
+    );
+    assert_no_secret_in_history(&context, PASSWORD).await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn distributed_writes_commit_every_file_once() {
     let s3 = S3Server::start();
@@ -1535,13 +1586,18 @@ async fn cluster_with_aws_profile(
 
 /// A Parquet file of one column `x` holding 1, 2 and 3.
 fn one_two_three() -> PutPayload {
+    PutPayload::from(one_two_three_parquet())
+}
+
+/// A Parquet file of one column `x`: 1, 2, 3.
+fn one_two_three_parquet() -> Vec<u8> {
     let mut data = Vec::new();
     let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])
         .expect("batch");
     let mut writer = ArrowWriter::try_new(&mut data, batch.schema(), None).expect("writer");
     writer.write(&batch).expect("write");
     writer.close().expect("close");
-    PutPayload::from(data)
+    data
 }
 
 /// On an S3 server that checks signatures and permissions as AWS does

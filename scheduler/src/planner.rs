@@ -1351,7 +1351,8 @@ fn check_location_spelling(location: &str) -> Result<()> {
     if url::Url::parse(location).is_ok_and(|url| url.password().is_some()) {
         return misspelt(
             "holds a password, which would show wherever the location does: give \
-             credentials in OPTIONS (...) or the environment",
+             credentials in OPTIONS (...) or the environment (for HTTP(S): \
+             'http.username' and 'http.password', or 'http.bearer_token')",
         );
     }
     let Some((scheme, rest)) = location.split_once("://") else {

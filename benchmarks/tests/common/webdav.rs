@@ -16,6 +16,16 @@ pub struct WebDavServer {
 impl WebDavServer {
     /// Shares `root` read-only and waits until the server answers.
     pub fn start(root: &Path) -> Self {
+        Self::start_for(root, None)
+    }
+
+    /// Shares `root` read-only with `user` only, who gives a user name and
+    /// password (HTTP basic authentication).
+    pub fn start_with_user(root: &Path, user: &str, password: &str) -> Self {
+        Self::start_for(root, Some((user, password)))
+    }
+
+    fn start_for(root: &Path, user: Option<(&str, &str)>) -> Self {
         let port = super::processes::free_port();
         let python = super::python::python_importing(
             &["wsgidav", "cheroot"],
@@ -30,8 +40,16 @@ impl WebDavServer {
             "server": "cheroot",
             "verbose": 0,
             "provider_mapping": {"/": {"root": root, "readonly": true}},
-            "simple_dc": {"user_mapping": {"*": true}},
-            "http_authenticator": {"domain_controller": null},
+            "simple_dc": {"user_mapping": {"*": match user {
+                None => serde_json::json!(true),
+                Some((name, password)) => serde_json::json!({name: {"password": password}}),
+            }}},
+            "http_authenticator": {
+                "domain_controller": null,
+                "accept_basic": true,
+                "accept_digest": false,
+                "default_to_digest": false,
+            },
             "dir_browser": {"enable": false},
         });
         std::fs::write(&config, settings.to_string()).expect("write wsgidav config");

@@ -10,6 +10,8 @@
 //!   options, on first use; one registry per scheduler and per executor.
 //! - [`metered`]: counts the bytes each task reads from stores.
 //! - [`echoes`]: blanks what stores echo of credentials in their errors.
+//! - [`http_credentials`]: basic authentication or a token for HTTP(S)
+//!   locations.
 //! - [`upload`]: file uploads whose ids are recorded, so that the unfinished
 //!   uploads of a killed task can be aborted (writes and durable shuffle).
 
@@ -19,6 +21,7 @@ pub mod credential_process;
 pub mod echoes;
 pub mod expiring_credentials;
 pub mod forwarding;
+pub mod http_credentials;
 pub mod metered;
 pub mod options;
 pub mod registry;

@@ -64,7 +64,7 @@ pub fn validate_option(provider: &str, name: &str) -> Result<(), String> {
         "aws" => AmazonS3ConfigKey::from_str(&name).is_ok(),
         "gcp" => GoogleConfigKey::from_str(&name).is_ok(),
         "azure" => AzureConfigKey::from_str(&name).is_ok(),
-        "http" => false,
+        "http" => super::http_credentials::is_credential_option(&name),
         _ => return Err(format!("unknown store option prefix '{provider}'")),
     };
     if known || ClientConfigKey::from_str(&name).is_ok() {

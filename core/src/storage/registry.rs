@@ -22,12 +22,14 @@ use object_store::memory::InMemory;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    MultipartId, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, PutResult, RetryConfig,
+    ClientOptions, MultipartId, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload,
+    PutResult, RetryConfig,
 };
 use quiver_proto::StoreConfig;
 use url::Url;
 
 use super::aws_profile::ProfileSettings;
+use super::http_credentials;
 use super::options::StoreOptions;
 
 /// How long one request to a remote store is retried before the task fails
@@ -488,20 +490,34 @@ pub fn build_store(url: &Url, options: &StoreOptions) -> Result<Store, StoreErro
             })
         }
         ObjectStoreScheme::Http if !url.username().is_empty() => Err(unsupported(
-            "an HTTP location must not hold a user name; give credentials in OPTIONS (...)".into(),
+            "an HTTP location must not hold a user name; give credentials in OPTIONS \
+             ('http.username' '...', 'http.password' '...') or ('http.bearer_token' '...')"
+                .into(),
         )),
         ObjectStoreScheme::Http => {
             // A location written as http:// asks for plain HTTP.
-            let mut builder = HttpBuilder::new()
+            let mut client = ClientOptions::new().with_allow_http(url.scheme() == "http");
+            let mut credentials = Vec::new();
+            for (name, value) in options.for_provider("http") {
+                if http_credentials::is_credential_option(name) {
+                    credentials.push((name, value));
+                } else {
+                    client = client.with_config(parse_key(url, name)?, value);
+                }
+            }
+            let headers = http_credentials::authorization(&credentials).map_err(|reason| {
+                StoreError::Build {
+                    url: store_key(url),
+                    reason: reason.to_owned(),
+                }
+            })?;
+            if let Some(headers) = headers {
+                client = client.with_default_headers(headers);
+            }
+            let builder = HttpBuilder::new()
                 .with_url(&url[..url::Position::BeforePath])
                 .with_retry(retry_config())
-                .with_config(
-                    object_store::ClientConfigKey::AllowHttp,
-                    (url.scheme() == "http").to_string(),
-                );
-            for (name, value) in options.for_provider("http") {
-                builder = builder.with_config(parse_key(url, name)?, value);
-            }
+                .with_client_options(client);
             Ok(Store {
                 objects: Arc::new(builder.build().map_err(build_error(url))?),
                 multipart: None,
