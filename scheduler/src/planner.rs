@@ -826,9 +826,11 @@ impl Planner {
                 TableStates::default(),
             ),
             _ => {
-                let (_, physical, read) = physical_plan(logical, state)
+                check_insert_target(logical, state)
                     .await
-                    .map_err(|e| Error::Query(naming_the_insert_target(logical, e)))?;
+                    .map_err(Error::Query)?;
+                let (_, physical, read) =
+                    physical_plan(logical, state).await.map_err(Error::Query)?;
                 (physical, read)
             }
         };
@@ -1401,30 +1403,33 @@ fn declared_locations(plan: &LogicalPlan) -> Option<(&[String], &HashMap<String,
     }
 }
 
-/// `error`, met planning `logical`, naming the table that an `INSERT`
-/// writes into when the store's error is bare: DataFusion lists that
-/// table's folder as it plans the insert, and the store names only its
-/// request. (An error met reading the tables it scans names them already:
-/// see `committed_scans`.)
-fn naming_the_insert_target(logical: &LogicalPlan, error: DataFusionError) -> DataFusionError {
+/// Lists the folder of the table that `logical`, if an `INSERT`, writes
+/// into, before DataFusion lists it to plan the insert: a store that
+/// refuses (a deleted bucket, credentials that stopped working) then fails
+/// the statement naming the table, where DataFusion's error would name only
+/// a request. One page of one level: a round trip.
+async fn check_insert_target(logical: &LogicalPlan, state: &SessionState) -> DfResult<()> {
     let LogicalPlan::Dml(dml) = logical else {
-        return error;
+        return Ok(());
     };
-    if !matches!(dml.op, WriteOp::Insert(_)) || !matches!(error, DataFusionError::ObjectStore(_)) {
-        return error;
+    if !matches!(dml.op, WriteOp::Insert(_)) {
+        return Ok(());
     }
     let provider = source_as_provider(&dml.target).ok();
     let Some(folder) = provider
         .as_ref()
         .and_then(table_folders)
         .and_then(<[_]>::first)
+        .filter(|folder| folder.is_collection())
     else {
-        return error;
+        return Ok(());
     };
-    DataFusionError::Context(
-        format!("cannot write to the table at '{folder}'"),
-        Box::new(error),
-    )
+    let store = state.runtime_env().object_store(folder.object_store())?;
+    match store.list_with_delimiter(Some(folder.prefix())).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(DataFusionError::ObjectStore(Box::new(error))
+            .context(format!("cannot write to the table at '{folder}'"))),
+    }
 }
 
 /// Refuses a schema or table name that cannot be its own warehouse folder:
@@ -1471,9 +1476,6 @@ fn without_store_options(plan: LogicalPlan) -> Result<LogicalPlan> {
 mod tests {
     use super::*;
 
-    /// A name that a `CREATE TABLE AS` job has yet to register is its own:
-    /// another statement may not create an object of it, while the job's
-    /// registration does.
     /// Tables on one bucket, reached with the same options, lie on one
     /// store: when it does not answer for one, the others are not tried.
     #[tokio::test]
@@ -1506,6 +1508,9 @@ mod tests {
         assert_ne!(first, plain);
     }
 
+    /// A name that a `CREATE TABLE AS` job has yet to register is its own:
+    /// another statement may not create an object of it, while the job's
+    /// registration does.
     #[tokio::test]
     async fn a_table_pending_registration_keeps_its_name() {
         let folder = tempfile::tempdir().expect("folder");

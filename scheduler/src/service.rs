@@ -443,10 +443,11 @@ impl SchedulerGrpc {
     /// [`crate::state::event_loop::spawn`]): their durable map outputs, and their
     /// writes, rolled back or, when their manifest was written, finished.
     /// Runs before the scheduler takes jobs, so no other job writes their
-    /// tables meanwhile; a store that does not answer within
-    /// [`RESTART_CLEAN_UP_TIMEOUT`] leaves the rest behind, with a warning.
-    /// A write on a store that the start found `silent` is not tried, and
-    /// one whose store does not answer now makes it silent.
+    /// tables meanwhile; each job's data that its store does not clean up
+    /// within [`RESTART_CLEAN_UP_TIMEOUT`] is left, with a warning (see
+    /// [`settle_while_starting`]). A write on a store that the start found
+    /// `silent` is not tried, and one whose store does not answer now makes
+    /// it silent.
     ///
     /// Writes are settled only once `leases_ended` (one executor timeout
     /// after the start began): by then every executor of the previous
@@ -501,26 +502,24 @@ impl SchedulerGrpc {
     /// (`interrupted`) after its write committed (`settled`). A pending
     /// table whose job failed is forgotten, its write rolled back; one whose
     /// write could not be settled, or that cannot be registered now, stays
-    /// pending. Returns the jobs whose tables stay pending, and those of
-    /// them whose write committed: their tables are to be registered once
-    /// they can be ([`SchedulerGrpc::settle_later`]). Neither a write nor a
-    /// table on a store that the start found `silent` is tried.
+    /// pending: see [`LeftPending`] for what is done with them while the
+    /// scheduler runs ([`SchedulerGrpc::settle_later`]). Neither a write nor
+    /// a table on a store that the start found `silent` is tried.
     pub async fn register_pending_tables(
         &self,
         interrupted: &[InterruptedJob],
         settled: &HashMap<String, Settled>,
         silent: &SilentStores,
-    ) -> (HashSet<String>, Vec<String>) {
-        let mut left_pending = HashSet::new();
-        let mut to_register = Vec::new();
+    ) -> LeftPending {
+        let mut left = LeftPending::default();
         let (pending, records) = match self.planner.pending_tables().await {
             Ok(found) => found,
             Err(e) => {
                 let e = redacted_error(&e);
                 warn!(%e, "cannot read the tables that CREATE TABLE AS jobs left to register");
                 // Any of them may have a table to register.
-                let jobs = interrupted.iter().map(|job| job.id().to_owned()).collect();
-                return (jobs, Vec::new());
+                left.jobs = interrupted.iter().map(|job| job.id().to_owned()).collect();
+                return left;
             }
         };
         for table in pending {
@@ -551,8 +550,8 @@ impl SchedulerGrpc {
             if let Some(why) = silent.not_tried(store) {
                 info!(%job_id, %why, "not registering the table of a CREATE TABLE AS job now; \
                     it stays pending, and is tried again");
-                to_register.push(job_id.clone());
-                left_pending.insert(job_id);
+                left.to_register.push(job_id.clone());
+                left.jobs.insert(job_id);
                 continue;
             }
             let outcome = match write {
@@ -575,7 +574,14 @@ impl SchedulerGrpc {
                 None if !writes_to.is_empty() => {
                     warn!(%job_id, "the write of a CREATE TABLE AS job could not be settled; \
                         its table stays pending until it is");
-                    left_pending.insert(job_id);
+                    // An interrupted job is retried with the others.
+                    if !was_interrupted && let Some(record) = record {
+                        left.to_settle.push(InterruptedJob {
+                            record: record.clone(),
+                            stores: Vec::new(),
+                        });
+                    }
+                    left.jobs.insert(job_id);
                     continue;
                 }
                 _ => self.planner.remove_pending_table(job_id.clone()).await,
@@ -592,13 +598,13 @@ impl SchedulerGrpc {
                     warn!(%job_id, %e, "cannot register the table of a CREATE TABLE AS job; \
                         it stays pending, and is tried again");
                     if registering {
-                        to_register.push(job_id.clone());
+                        left.to_register.push(job_id.clone());
                     }
-                    left_pending.insert(job_id);
+                    left.jobs.insert(job_id);
                 }
             }
         }
-        (left_pending, to_register)
+        left
     }
 
     /// The store that the table `pending` creates lies on (see
@@ -762,16 +768,14 @@ impl SchedulerGrpc {
         let stores = settling_stores(&self.planner.object_stores(), job);
         // Its durable map outputs too: a start that did not try its
         // silent store left them (deleting them again deletes nothing).
-        let settling = clean_up_job_storage(
+        let settling = settle_after_restart(
             &stores,
             job_id,
             &job.record.durable_shuffle,
             &job.record.writes_to,
-            JobEnded::Otherwise,
             FinishOverwrite::No,
         );
-        let Ok(Ok(Some(settled))) = tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await
-        else {
+        let Ok(Some(settled)) = settling.await else {
             return SettledNow::No;
         };
         let pending = match self.planner.pending_tables().await {
@@ -837,6 +841,22 @@ impl SchedulerGrpc {
     }
 }
 
+/// The `CREATE TABLE AS` tables that a start left pending
+/// ([`SchedulerGrpc::register_pending_tables`]).
+#[derive(Debug, Default)]
+pub struct LeftPending {
+    /// The jobs whose tables stay pending.
+    pub jobs: HashSet<String>,
+    /// Those of them whose write committed: their tables are registered
+    /// once they can be.
+    pub to_register: Vec<String>,
+    /// Those of them whose job an earlier start recorded, and whose write
+    /// could not be settled now: settled once it can be, with the catalog's
+    /// stores, as that start settled it. (Interrupted jobs are not among
+    /// them: [`SchedulerGrpc::record_interrupted_writes`] returns those.)
+    pub to_settle: Vec<InterruptedJob>,
+}
+
 /// Starts of the scheduler that try to settle an interrupted write whose
 /// store does not answer before it gives up and leaves it to a later write
 /// into the table.
@@ -888,8 +908,8 @@ const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// outputs (`durable`, if not empty), and for a write into `writes_to` (if
 /// not empty) its staging folder, rolling back a commit that did not write
 /// its manifest ([`settle_write`]); returns how the write was settled
-/// (`None` for no write), or why it could not be. Failures are logged:
-/// the data stays.
+/// (`None` for no write), or why it could not be. Failures are logged: the
+/// data stays, and a failure to delete the map outputs is only logged.
 async fn clean_up_job_storage(
     stores: &StoreRegistry,
     job_id: &str,
@@ -898,12 +918,30 @@ async fn clean_up_job_storage(
     ended: JobEnded,
     finish: FinishOverwrite,
 ) -> Result<Option<Settled>, DataFusionError> {
+    remove_durable_outputs(stores, job_id, durable).await;
+    settle_job_write(stores, job_id, writes_to, ended, finish).await
+}
+
+/// Deletes the durable map outputs of `job_id` under `durable`, if not
+/// empty; a failure is logged, and the data stays.
+async fn remove_durable_outputs(stores: &StoreRegistry, job_id: &str, durable: &str) {
     if !durable.is_empty()
         && let Err(e) = durable::remove_job(stores, durable, job_id).await
     {
         let e = redacted_error(&e);
         warn!(%job_id, %e, "cannot remove durable shuffle data");
     }
+}
+
+/// Settles the write of `job_id` into `writes_to`, if not empty (see
+/// [`clean_up_job_storage`]); a failure is logged and returned.
+async fn settle_job_write(
+    stores: &StoreRegistry,
+    job_id: &str,
+    writes_to: &str,
+    ended: JobEnded,
+    finish: FinishOverwrite,
+) -> Result<Option<Settled>, DataFusionError> {
     if writes_to.is_empty() {
         return Ok(None);
     }
@@ -920,10 +958,52 @@ async fn clean_up_job_storage(
     }
 }
 
+/// Settles the write of an ended job (see [`clean_up_job_storage`]) after a
+/// restart, with `stores`, and deletes its durable map outputs meanwhile,
+/// each within [`RESTART_CLEAN_UP_TIMEOUT`]: the two may lie on different
+/// stores, and one that holds its part up must keep the other from neither
+/// being done nor being told.
+async fn settle_after_restart(
+    stores: &StoreRegistry,
+    job_id: &str,
+    durable: &str,
+    writes_to: &str,
+    finish: FinishOverwrite,
+) -> Result<Option<Settled>, NotSettled> {
+    let settling = settle_job_write(stores, job_id, writes_to, JobEnded::Otherwise, finish);
+    let removing = remove_durable_outputs(stores, job_id, durable);
+    let (settled, removed) = tokio::join!(
+        tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling),
+        tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, removing),
+    );
+    if removed.is_err() {
+        warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
+            "removing the durable shuffle data of an interrupted job timed out; it stays");
+    }
+    match settled {
+        Ok(Ok(settled)) => Ok(settled),
+        Ok(Err(e)) => Err(NotSettled::Failed(e)),
+        Err(_) => {
+            warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
+                "settling the write of an interrupted job timed out; its data stays");
+            Err(NotSettled::TimedOut)
+        }
+    }
+}
+
+/// Why [`settle_after_restart`] could not settle a write.
+enum NotSettled {
+    Failed(DataFusionError),
+    /// Its store answered, or not, too slowly.
+    TimedOut,
+}
+
 /// Settles, while the scheduler starts, the write of `job_id` into
 /// `writes_to` with `stores`, and deletes its durable map outputs
-/// (`durable`): see [`clean_up_job_storage`]. Not tried when its store is
-/// `silent`; one that does not answer now becomes silent.
+/// (`durable`): see [`settle_after_restart`]. Neither is tried when the
+/// write's store is `silent` (the running scheduler's retries do both); a
+/// store that does not answer now becomes silent. One that answers, however
+/// slowly, does not.
 async fn settle_while_starting(
     stores: &StoreRegistry,
     job_id: &str,
@@ -936,29 +1016,17 @@ async fn settle_while_starting(
         info!(%job_id, %why, "not settling the write of an interrupted job now");
         return None;
     }
-    let settling = clean_up_job_storage(
-        stores,
-        job_id,
-        durable,
-        writes_to,
-        JobEnded::Otherwise,
-        FinishOverwrite::Yes,
-    );
-    let silent_when = || format!("when the write of job {job_id} was settled");
-    match tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling).await {
-        Ok(Ok(settled)) => settled,
-        Ok(Err(e)) => {
+    match settle_after_restart(stores, job_id, durable, writes_to, FinishOverwrite::Yes).await {
+        Ok(settled) => settled,
+        Err(NotSettled::Failed(e)) => {
             if store_did_not_answer(&e) {
-                silent.did_not_answer(store, silent_when);
+                silent.did_not_answer(store, || {
+                    format!("when the write of job {job_id} was settled")
+                });
             }
             None
         }
-        Err(_) => {
-            warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),
-                "settling the write of an interrupted job timed out; its data stays");
-            silent.did_not_answer(store, silent_when);
-            None
-        }
+        Err(NotSettled::TimedOut) => None,
     }
 }
 

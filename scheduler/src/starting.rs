@@ -75,12 +75,13 @@ pub async fn recover(
     let settled = service
         .clean_up_interrupted_jobs(interrupted, leases_ended, &silent)
         .await;
-    let (left_pending, to_register) = service
+    let left = service
         .register_pending_tables(interrupted, &settled, &silent)
         .await;
-    let unsettled = service.record_interrupted_writes(interrupted, &settled, &left_pending);
+    let mut unsettled = service.record_interrupted_writes(interrupted, &settled, &left.jobs);
+    unsettled.extend(left.to_settle);
     service.handle().settling.end_the_rest();
-    service.settle_later(unsettled, to_register);
+    service.settle_later(unsettled, left.to_register);
     Ok(())
 }
 

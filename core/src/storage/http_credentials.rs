@@ -30,6 +30,7 @@ pub fn authorization(options: &[(&str, &str)]) -> Result<Option<HeaderMap>, &'st
     let (username, password, token) = (find("username"), find("password"), find("bearer_token"));
     let value = match (username, password, token) {
         (None, None, None) => return Ok(None),
+        (None, None, Some("")) => return Err("'http.bearer_token' must not be empty"),
         (None, None, Some(token)) => format!("Bearer {token}"),
         (_, _, Some(_)) => {
             return Err(
@@ -37,14 +38,17 @@ pub fn authorization(options: &[(&str, &str)]) -> Result<Option<HeaderMap>, &'st
             );
         }
         (None, Some(_), None) => return Err("'http.password' needs 'http.username'"),
+        (Some(""), _, None) => return Err("'http.username' must not be empty"),
         (Some(username), password, None) => {
             if username.contains(':') {
                 return Err(
                     "'http.username' must not hold ':', which basic authentication cannot carry",
                 );
             }
-            let pair = format!("{username}:{}", password.unwrap_or_default());
-            format!("Basic {}", STANDARD.encode(pair))
+            let pair = STANDARD.encode(format!("{username}:{}", password.unwrap_or_default()));
+            // A server may echo the header in an error: blanked there too.
+            super::echoes::remember_secret(&pair);
+            format!("Basic {pair}")
         }
     };
     let mut header = HeaderValue::from_str(&value)
@@ -88,6 +92,8 @@ mod tests {
             &[("password", "s3cret")],
             &[("username", "a:b"), ("password", "s3cret")],
             &[("bearer_token", "line\nbreak")],
+            &[("bearer_token", "")],
+            &[("username", ""), ("password", "s3cret")],
         ] {
             let error = header(wrong).expect_err("refused");
             assert!(

@@ -85,7 +85,9 @@ fn refuse_unprefixed_store_option(key: &str) -> Result<(), String> {
         .to_ascii_lowercase();
     let provider = [("aws_", "aws"), ("google_", "gcp"), ("azure_", "azure")]
         .into_iter()
-        .find_map(|(start, provider)| name.starts_with(start).then_some(provider));
+        .find_map(|(start, provider)| name.starts_with(start).then_some(provider))
+        // An HTTP server's credentials have no prefix of their own.
+        .or_else(|| super::http_credentials::is_credential_option(&name).then_some("http"));
     match provider {
         Some(provider) if validate_option(provider, &name).is_ok() => Err(format!(
             "option '{name}' is a store option: write it with its store's prefix, as \
@@ -698,6 +700,8 @@ mod tests {
             "aws_session_token",
             "format.aws_secret_access_key",
             "azure_storage_account_key",
+            "format.password",
+            "bearer_token",
         ] {
             let options = HashMap::from([(key.to_owned(), "SECRET-VALUE".to_owned())]);
             let error = StoreOptions::from_statement_options(&options)

@@ -275,10 +275,13 @@ pub async fn check_write_access(
     };
     if let Some((right, error)) = missing {
         delete_probe_or_warn(store, &probe).await;
-        return Err(DataFusionError::Execution(format!(
-            "can create objects there but not {right} them, which a write needs to find and \
-             check its staged files and to roll back a failed one; no data was written: {error}"
-        )));
+        return Err(store_refusal(
+            error,
+            format!(
+                "can create objects there but not {right} them, which a write needs to find and \
+                 check its staged files and to roll back a failed one; no data was written"
+            ),
+        ));
     }
     probe_delete_access(store, &probe).await
 }
@@ -323,9 +326,7 @@ async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resu
                 debug!(%probe, tries, "a folder was removed while the probe was created");
             }
             Err(error) => {
-                return Err(DataFusionError::Execution(format!(
-                    "cannot create objects there: {error}"
-                )));
+                return Err(store_refusal(error, "cannot create objects there".into()));
             }
         }
     }
@@ -333,7 +334,7 @@ async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resu
 
 /// Tries of [`probe_create_access`] whose folder another job's clean-up
 /// removed as it was created.
-const PROBE_CREATE_TRIES: usize = 5;
+const PROBE_CREATE_TRIES: usize = 50;
 
 /// Whether `error`, of the local file system, says that a folder it
 /// created, or found, was gone when it went on to create what lies in it.
@@ -355,12 +356,22 @@ fn lost_a_local_folder(error: &object_store::Error) -> bool {
 
 async fn probe_delete_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Result<()> {
     store.delete(probe).await.map_err(|error| {
-        DataFusionError::Execution(format!(
-            "can create objects there but not delete them, which a write needs to move its \
-             files into place and to roll back a failed commit; no data was written (the \
-             empty, hidden check object '{probe}' may stay, which readers skip): {error}"
-        ))
+        store_refusal(
+            error,
+            format!(
+                "can create objects there but not delete them, which a write needs to move its \
+                 files into place and to roll back a failed commit; no data was written (the \
+                 empty, hidden check object '{probe}' may stay, which readers skip)"
+            ),
+        )
     })
+}
+
+/// The store's `error` that an access check met, explained by `what`. The
+/// store's error is kept as it is, so that a task failing on it is retried
+/// only if it may pass (a timeout, throttling), not on a refusal.
+fn store_refusal(error: object_store::Error, what: String) -> DataFusionError {
+    DataFusionError::ObjectStore(Box::new(error)).context(what)
 }
 
 /// What an overwrite replaces: the files it deletes, the jobs whose files
@@ -1311,6 +1322,28 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let removed = cleaning_up.join().expect("clean-ups");
         assert!(removed > 0, "the staging folder was never removed");
+    }
+
+    /// A task whose access check the store refused fails for good; one whose
+    /// store was throttling or timing out is tried again.
+    #[test]
+    fn a_refused_access_check_is_not_retried_and_a_throttled_one_is() {
+        use quiver_proto::FailureKind;
+
+        let check = |error| {
+            let refused = store_refusal(error, "cannot create objects there".into());
+            crate::error::classify_failure(&super::super::write_failure("s3://b/t/", refused))
+        };
+        let denied = object_store::Error::PermissionDenied {
+            path: "t/_access_check".into(),
+            source: "403 AccessDenied".into(),
+        };
+        assert_eq!(check(denied), FailureKind::Fatal);
+        let throttled = object_store::Error::Generic {
+            store: "S3",
+            source: "503 SlowDown".into(),
+        };
+        assert_eq!(check(throttled), FailureKind::Retryable);
     }
 
     fn touch(table: &LocalPath, relative: &str) {

@@ -13,9 +13,10 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::csv::CsvSink;
 use datafusion::datasource::file_format::json::JsonSink;
 use datafusion::datasource::file_format::parquet::ParquetSink;
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::physical_plan::{FileSink, FileSinkConfig};
 use datafusion::datasource::sink::DataSinkExec;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_plan::ExecutionPlan;
 use object_store::path::Path;
@@ -65,9 +66,10 @@ pub fn file_sink_config(sink_exec: &DataSinkExec) -> Option<&FileSinkConfig> {
     sink.downcast_ref::<JsonSink>().map(|json| json.config())
 }
 
-/// Checks that the store of the folder that `plan`'s sink of DataFusion's
-/// writes in, if it has one, lets this process create objects there (see
-/// [`check_folder_write_access`]); the error names the location.
+/// Checks that this process may create objects in the folder that the
+/// DataFusion sink of `plan` writes in, if `plan` has one (see
+/// [`check_folder_write_access`]); the error names the location. Spawned:
+/// a task cancelled midway must not leave the check's object behind.
 pub async fn check_unstaged_write_access(
     plan: &Arc<dyn ExecutionPlan>,
     runtime: &RuntimeEnv,
@@ -76,10 +78,13 @@ pub async fn check_unstaged_write_access(
     let Some((location, folder)) = unstaged_write_folder(plan) else {
         return Ok(());
     };
-    let checked = async {
-        let url = datafusion::datasource::listing::ListingTableUrl::parse(&location)?;
-        let store = runtime.object_store(url.object_store())?;
-        check_folder_write_access(&store, &folder, job_id).await
-    };
-    checked.await.map_err(|e| write_failure(&location, e))
+    let store = ListingTableUrl::parse(&location)
+        .and_then(|url| runtime.object_store(url.object_store()))
+        .map_err(|e| write_failure(&location, e))?;
+    let job_id = job_id.to_owned();
+    let checked =
+        tokio::spawn(async move { check_folder_write_access(&store, &folder, &job_id).await })
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    checked.map_err(|e| write_failure(&location, e))
 }
