@@ -1143,6 +1143,111 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
     }
 }
 
+/// The table of a `CREATE TABLE AS` that an earlier start left pending
+/// (its job recorded as failed, its write not settled), on a store that is
+/// frozen when the scheduler starts again, is registered by the running
+/// scheduler once the store answers: its write settles as committed, the
+/// table reads, and its job is recorded as succeeded, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers() {
+    use std::time::{Duration, Instant};
+
+    use common::processes::send_signal;
+    use quiver_proto::PendingTable;
+    use quiver_scheduler::store::{JobEntry, StateStore};
+
+    let s3 = S3Server::start();
+    s3.create_bucket("lake");
+    let args = ClusterArgs {
+        scheduler: vec!["--warehouse".into(), "s3://lake/warehouse/".into()],
+        env: s3.env_as(&S3Credentials::any()),
+        ..ClusterArgs::default()
+    };
+    let mut cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    run(
+        &context,
+        "CREATE TABLE made AS SELECT value AS v FROM range(500)",
+    )
+    .await
+    .expect("CREATE TABLE AS");
+    let job_id = context
+        .list_jobs(0)
+        .await
+        .expect("job list")
+        .into_iter()
+        .filter(|record| record.query.contains("CREATE TABLE made"))
+        .find_map(|record| record.status.map(|status| status.job_id))
+        .expect("the job is in the history");
+    drop(context);
+    cluster.kill_scheduler();
+
+    // What an earlier start leaves when it could not settle the write: the
+    // job recorded as failed, the table pending.
+    let store = StateStore::open(&cluster.work_dir().join("scheduler-state")).expect("state");
+    let mut record = store
+        .jobs()
+        .expect("jobs")
+        .into_iter()
+        .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id))
+        .expect("the job's record");
+    let status = record.status.as_mut().expect("status");
+    status.state = JobState::Failed.into();
+    status.error = "left by an earlier start".into();
+    record.write_unsettled = false;
+    store
+        .put_job_entries(&[JobEntry::Record(record.into())])
+        .expect("put the job back");
+    let key = "table:datafusion.public.made".to_owned();
+    let entry = store
+        .catalog_entry(&key)
+        .expect("read the catalog")
+        .expect("the table was registered");
+    store.remove_catalog_entries(|k| k == key).expect("remove");
+    store
+        .put_pending_table(&PendingTable {
+            job_id: job_id.clone(),
+            statements: vec![entry.sql],
+            managed_key: key,
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
+    drop(store);
+
+    let moto = s3.pid();
+    send_signal(moto, "STOP");
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    // Statements are served once the start is over.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while run(&context, "SELECT 1").await.is_err() {
+        assert!(Instant::now() < deadline, "{}", cluster.scheduler_log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    send_signal(moto, "CONT");
+    let status = context.job_status(&job_id).await.expect("status");
+    assert_eq!(status.error, "left by an earlier start", "not settled yet");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let settled = loop {
+        let status = context.job_status(&job_id).await.expect("status");
+        if status.state() == JobState::Succeeded {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never settled: {status:?}\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(settled.error, "", "{settled:?}");
+    assert_eq!(
+        count_of(&context, "SELECT count(*)::bigint unsigned FROM made").await,
+        500
+    );
+}
+
 /// An executor killed while it uploads a file cannot abort the upload, and
 /// S3 lists no unfinished upload among the bucket's objects. The write task
 /// records each upload's id in the job's staging folder before the first
