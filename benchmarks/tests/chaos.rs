@@ -1547,7 +1547,6 @@ async fn a_table_left_pending_by_a_stopped_scheduler_is_registered_when_it_start
 /// the tables' catalog entries as pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
-    use quiver_proto::PendingTable;
     use quiver_scheduler::store::{JobEntry, StateStore};
 
     let (_warehouse, mut cluster) = cluster_with_a_warehouse();
@@ -1658,20 +1657,7 @@ async fn writes_interrupted_by_a_restart_are_recorded_as_they_settled() {
         ])
         .expect("plant unsettleable writes");
     for (table, job_id) in [("made", &made_job), ("later", &later_job)] {
-        let key = format!("table:datafusion.public.{table}");
-        let entry = store
-            .catalog_entry(&key)
-            .expect("read the catalog")
-            .expect("the table was registered");
-        store.remove_catalog_entries(|k| k == key).expect("remove");
-        store
-            .put_pending_table(&PendingTable {
-                job_id: job_id.clone(),
-                statements: vec![entry.sql],
-                managed_key: key,
-                settings: Vec::new(),
-            })
-            .expect("store the pending table");
+        common::leave_table_pending(&store, table, job_id);
     }
     drop(store);
 

@@ -1153,7 +1153,6 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
     use std::time::{Duration, Instant};
 
     use common::processes::send_signal;
-    use quiver_proto::PendingTable;
     use quiver_scheduler::store::{JobEntry, StateStore};
 
     let s3 = S3Server::start();
@@ -1198,20 +1197,7 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
     store
         .put_job_entries(&[JobEntry::Record(record.into())])
         .expect("put the job back");
-    let key = "table:datafusion.public.made".to_owned();
-    let entry = store
-        .catalog_entry(&key)
-        .expect("read the catalog")
-        .expect("the table was registered");
-    store.remove_catalog_entries(|k| k == key).expect("remove");
-    store
-        .put_pending_table(&PendingTable {
-            job_id: job_id.clone(),
-            statements: vec![entry.sql],
-            managed_key: key,
-            settings: Vec::new(),
-        })
-        .expect("store the pending table");
+    common::leave_table_pending(&store, "made", &job_id);
     drop(store);
 
     let moto = s3.pid();

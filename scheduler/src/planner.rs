@@ -485,17 +485,11 @@ impl Planner {
             .await
             .ok()?;
         let (locations, options) = declared_locations(&plan)?;
-        let url = ListingTableUrl::parse(locations.first()?).ok()?;
-        if url.scheme() == "file" {
-            return None;
-        }
         // A statement without store options uses the store as configured.
         let options = StoreOptions::from_statement_options(options).ok()?;
         let options = (!options.is_empty()).then_some(&options);
-        Some(
-            self.object_stores
-                .identity(url.object_store().as_ref(), options),
-        )
+        self.object_stores
+            .identity_of_location(locations.first()?, options)
     }
 
     /// The session state of a job: the shared catalog with the job's settings.

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ParamValues;
-use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::error::DataFusionError;
 use futures::Stream;
 use quiver_core::ipc::schema_to_bytes;
@@ -1011,7 +1010,7 @@ async fn settle_while_starting(
     writes_to: &str,
     silent: &SilentStores,
 ) -> Option<Settled> {
-    let store = store_of_write(stores, writes_to);
+    let store = stores.identity_of_location(writes_to, None);
     if let Some(why) = silent.not_tried(store) {
         info!(%job_id, %why, "not settling the write of an interrupted job now");
         return None;
@@ -1028,14 +1027,6 @@ async fn settle_while_starting(
         }
         Err(NotSettled::TimedOut) => None,
     }
-}
-
-/// The store that a write into `writes_to` lies on, as
-/// [`StoreRegistry::identity`] names it with `stores`: `None` for no write,
-/// or one on local disk.
-fn store_of_write(stores: &StoreRegistry, writes_to: &str) -> Option<u64> {
-    let url = ListingTableUrl::parse(writes_to).ok()?;
-    (url.scheme() != "file").then(|| stores.identity(url.object_store().as_ref(), None))
 }
 
 #[tonic::async_trait]

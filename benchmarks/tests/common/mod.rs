@@ -153,3 +153,24 @@ pub mod processes;
 pub mod python;
 pub mod s3;
 pub mod webdav;
+
+/// Leaves table `table` of the default schema in `store` (a stopped
+/// scheduler's state) as the `CREATE TABLE AS` job `job_id` leaves it when
+/// its scheduler stops before registering it: out of the catalog, and
+/// pending, with the statement that registers it.
+pub fn leave_table_pending(store: &quiver_scheduler::store::StateStore, table: &str, job_id: &str) {
+    let key = format!("table:datafusion.public.{table}");
+    let entry = store
+        .catalog_entry(&key)
+        .expect("read the catalog")
+        .expect("the table was registered");
+    store.remove_catalog_entries(|k| k == key).expect("remove");
+    store
+        .put_pending_table(&quiver_proto::PendingTable {
+            job_id: job_id.to_owned(),
+            statements: vec![entry.sql],
+            managed_key: key,
+            settings: Vec::new(),
+        })
+        .expect("store the pending table");
+}

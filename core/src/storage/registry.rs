@@ -322,6 +322,18 @@ impl StoreRegistry {
         hasher.finish()
     }
 
+    /// The [`StoreRegistry::identity`] of the store of `location` (a table
+    /// or output location, as a statement names it): `None` for one that
+    /// is not a valid location, or on local disk, which always answers.
+    pub fn identity_of_location(
+        &self,
+        location: &str,
+        options: Option<&StoreOptions>,
+    ) -> Option<u64> {
+        let url = datafusion::datasource::listing::ListingTableUrl::parse(location).ok()?;
+        (url.scheme() != "file").then(|| self.identity(url.object_store().as_ref(), options))
+    }
+
     /// The options configured for the location of `url`, if any.
     pub fn options_for(&self, url: &Url) -> Option<StoreOptions> {
         self.read()
