@@ -1143,19 +1143,15 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
     }
 }
 
-/// The table of a `CREATE TABLE AS` that an earlier start left pending
-/// (its job recorded as failed, its write not settled), on a store that is
-/// frozen when the scheduler starts again, is registered by the running
-/// scheduler once the store answers: its write settles as committed, the
-/// table reads, and its job is recorded as succeeded, with no restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers() {
-    use std::time::{Duration, Instant};
-
-    use common::processes::send_signal;
+/// A `CREATE TABLE made AS` of 500 rows into an S3 warehouse, left as an
+/// earlier start leaves it when it could not settle the write: the job
+/// recorded as failed (with none of what it wrote), the table pending, the
+/// scheduler stopped. Returns the job's id and what it wrote.
+async fn leave_a_table_pending_by_an_earlier_start(
+    s3: &S3Server,
+) -> (ProcessCluster, String, (u64, u64)) {
     use quiver_scheduler::store::{JobEntry, StateStore};
 
-    let s3 = S3Server::start();
     s3.create_bucket("lake");
     let args = ClusterArgs {
         scheduler: vec!["--warehouse".into(), "s3://lake/warehouse/".into()],
@@ -1181,8 +1177,6 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
     drop(context);
     cluster.kill_scheduler();
 
-    // What an earlier start leaves when it could not settle the write: the
-    // job recorded as failed, the table pending.
     let store = StateStore::open(&cluster.work_dir().join("scheduler-state")).expect("state");
     let mut record = store
         .jobs()
@@ -1191,34 +1185,33 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
         .find(|record| record.status.as_ref().is_some_and(|s| s.job_id == job_id))
         .expect("the job's record");
     let status = record.status.as_mut().expect("status");
+    let written = (status.table_files_written, status.table_bytes_written);
+    assert!(written.0 > 0 && written.1 > 0, "{status:?}");
     status.state = JobState::Failed.into();
     status.error = "left by an earlier start".into();
+    (status.table_files_written, status.table_bytes_written) = (0, 0);
     record.write_unsettled = false;
     store
         .put_job_entries(&[JobEntry::Record(record.into())])
         .expect("put the job back");
     common::leave_table_pending(&store, "made", &job_id);
-    drop(store);
+    (cluster, job_id, written)
+}
 
-    let moto = s3.pid();
-    send_signal(moto, "STOP");
-    cluster.start_scheduler();
-    let context = cluster.connect(1).await;
-    // Statements are served once the start is over.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while run(&context, "SELECT 1").await.is_err() {
-        assert!(Instant::now() < deadline, "{}", cluster.scheduler_log());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    send_signal(moto, "CONT");
-    let status = context.job_status(&job_id).await.expect("status");
-    assert_eq!(status.error, "left by an earlier start", "not settled yet");
+/// Waits until the job `job_id` is recorded as succeeded, and returns its
+/// status.
+async fn succeeded(
+    context: &QuiverContext,
+    cluster: &ProcessCluster,
+    job_id: &str,
+) -> quiver_proto::JobStatus {
+    use std::time::{Duration, Instant};
 
     let deadline = Instant::now() + Duration::from_secs(120);
-    let settled = loop {
-        let status = context.job_status(&job_id).await.expect("status");
+    loop {
+        let status = context.job_status(job_id).await.expect("status");
         if status.state() == JobState::Succeeded {
-            break status;
+            return status;
         }
         assert!(
             Instant::now() < deadline,
@@ -1226,8 +1219,118 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
             cluster.scheduler_log()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    }
+}
+
+/// Waits until the scheduler that `context` reaches serves statements.
+async fn serving(context: &QuiverContext, cluster: &ProcessCluster) {
+    use std::time::{Duration, Instant};
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while run(context, "SELECT 1").await.is_err() {
+        assert!(Instant::now() < deadline, "{}", cluster.scheduler_log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The table of a `CREATE TABLE AS` that an earlier start left pending
+/// (its job recorded as failed, its write not settled), on a store that is
+/// frozen when the scheduler starts again, is registered by the running
+/// scheduler once the store answers: its write settles as committed, the
+/// table reads, and its job is recorded as succeeded, with what it wrote,
+/// and no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers() {
+    use common::processes::send_signal;
+
+    let s3 = S3Server::start();
+    let (mut cluster, job_id, written) = leave_a_table_pending_by_an_earlier_start(&s3).await;
+    let moto = s3.pid();
+    send_signal(moto, "STOP");
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    // Statements are served once the start is over.
+    serving(&context, &cluster).await;
+    send_signal(moto, "CONT");
+    let status = context.job_status(&job_id).await.expect("status");
+    assert_eq!(status.error, "left by an earlier start", "not settled yet");
+
+    let settled = succeeded(&context, &cluster, &job_id).await;
     assert_eq!(settled.error, "", "{settled:?}");
+    assert_eq!(
+        (settled.table_files_written, settled.table_bytes_written),
+        written
+    );
+    assert_eq!(
+        count_of(&context, "SELECT count(*)::bigint unsigned FROM made").await,
+        500
+    );
+}
+
+/// The table of a `CREATE TABLE AS` that an earlier start left pending,
+/// whose write the next start settles as committed but whose table it
+/// cannot register (its files do not read as Parquet then): the job is
+/// recorded at once as having committed, with what it wrote, and as
+/// succeeded, with the same counts, once the running scheduler registers
+/// the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_table_registered_after_its_start_keeps_what_its_job_wrote() {
+    use std::time::{Duration, Instant};
+
+    let s3 = S3Server::start();
+    let (mut cluster, job_id, written) = leave_a_table_pending_by_an_earlier_start(&s3).await;
+    let bucket = s3.store("lake");
+    let mut data_files = Vec::new();
+    let objects = list(&bucket, "warehouse").await;
+    for name in &objects {
+        if name.ends_with(".parquet") && !name.contains("/_") {
+            let path = Path::from(name.as_str());
+            let bytes = bucket.get(&path).await.expect("get").bytes().await;
+            data_files.push((path, bytes.expect("read")));
+        }
+    }
+    assert!(!data_files.is_empty(), "{objects:?}");
+    for (path, _) in &data_files {
+        bucket
+            .put(path, PutPayload::from_static(b"not parquet"))
+            .await
+            .expect("spoil a data file");
+    }
+
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    serving(&context, &cluster).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let committed = loop {
+        let status = context.job_status(&job_id).await.expect("status");
+        if status.error.contains("its write committed") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not recorded as committed: {status:?}\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(committed.state(), JobState::Failed, "{committed:?}");
+    assert_eq!(
+        (committed.table_files_written, committed.table_bytes_written),
+        written
+    );
+
+    for (path, bytes) in data_files {
+        bucket
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .expect("restore a data file");
+    }
+    let settled = succeeded(&context, &cluster, &job_id).await;
+    assert_eq!(settled.error, "", "{settled:?}");
+    assert_eq!(
+        (settled.table_files_written, settled.table_bytes_written),
+        written
+    );
     assert_eq!(
         count_of(&context, "SELECT count(*)::bigint unsigned FROM made").await,
         500

@@ -542,6 +542,17 @@ impl SchedulerGrpc {
                 None => None,
             };
             let registering = succeeded || matches!(write, Some(Settled::Committed { .. }));
+            // A write of a job that an earlier start recorded as failed,
+            // settled now as committed: its record says so even while its
+            // table stays pending.
+            let committed_unrecorded = match (record, write) {
+                (Some(record), Some(committed @ Settled::Committed { .. }))
+                    if !succeeded && !was_interrupted =>
+                {
+                    Some((record, committed))
+                }
+                _ => None,
+            };
             let store = match registering {
                 true => self.store_of_pending(&table).await,
                 false => None,
@@ -549,6 +560,9 @@ impl SchedulerGrpc {
             if let Some(why) = silent.not_tried(store) {
                 info!(%job_id, %why, "not registering the table of a CREATE TABLE AS job now; \
                     it stays pending, and is tried again");
+                if let Some((record, committed)) = committed_unrecorded {
+                    self.record_committed_left_pending(record, committed);
+                }
                 left.to_register.push(job_id.clone());
                 left.jobs.insert(job_id);
                 continue;
@@ -599,11 +613,30 @@ impl SchedulerGrpc {
                     if registering {
                         left.to_register.push(job_id.clone());
                     }
+                    if let Some((record, committed)) = committed_unrecorded {
+                        self.record_committed_left_pending(record, committed);
+                    }
                     left.jobs.insert(job_id);
                 }
             }
         }
         left
+    }
+
+    /// Records that the job of `record`, which an earlier start recorded
+    /// as failed, committed its write (`committed`, with what it wrote),
+    /// and that its table is registered once it can be: the job is then
+    /// recorded as succeeded ([`SchedulerGrpc::register_now`]), with these
+    /// counts.
+    fn record_committed_left_pending(&self, record: &JobRecord, committed: Settled) {
+        let job = InterruptedJob {
+            record: record.clone(),
+            stores: Vec::new(),
+        };
+        let job_id = job.id().to_owned();
+        let settled = HashMap::from([(job_id.clone(), committed)]);
+        let left_pending = HashSet::from([job_id]);
+        self.record_interrupted_writes(std::slice::from_ref(&job), &settled, &left_pending);
     }
 
     /// The store that the table `pending` creates lies on (see
