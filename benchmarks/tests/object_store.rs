@@ -2269,6 +2269,68 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     );
 }
 
+/// Durable map outputs that the scheduler may not delete when their job
+/// ends (its keys only read the bucket; the executors' write) stay
+/// recorded as left, and a later scheduler, started with keys that may
+/// delete, deletes them though the job ended before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
+    use std::time::{Duration, Instant};
+
+    let (s3, users) =
+        S3Server::start_with_users("lake", &[("writer", &["s3:*"]), ("reader", READS)]);
+    let [writer, reader] = users.as_slice() else {
+        panic!("two users");
+    };
+    let args = ClusterArgs {
+        env: s3.env_as(reader),
+        executor_env: s3.env_as(writer),
+        ..ClusterArgs::default()
+    };
+    let mut cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    run(&context, "SET quiver.shuffle_location = 's3://lake/maps'")
+        .await
+        .expect("set the shuffle location");
+    let groups = count_of(
+        &context,
+        "SELECT count(*)::bigint unsigned FROM \
+         (SELECT value % 1000 AS k FROM range(200000) GROUP BY k)",
+    )
+    .await;
+    assert_eq!(groups, 1000);
+    let bucket = s3.store_as("lake", writer);
+    // Both of the job's clean-ups (at its end and 10 s later) are refused.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let left = list(&bucket, "maps").await;
+    assert!(!left.is_empty(), "{}", cluster.scheduler_log());
+    assert!(
+        cluster
+            .scheduler_log()
+            .contains("cannot remove durable shuffle data"),
+        "{}",
+        cluster.scheduler_log()
+    );
+
+    drop(context);
+    cluster.kill_scheduler();
+    cluster.set_env(s3.env_as(writer));
+    cluster.start_scheduler();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = list(&bucket, "maps").await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left:?} left\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// An executor killed while it uploads a durable map output cannot abort the
 /// upload. The upload's id is recorded in the job's shuffle folder before its
 /// first part, so the scheduler aborts it when the job ends, and the job's

@@ -26,6 +26,7 @@
 //! - [`managed`]: the warehouse folders of `CREATE TABLE AS` tables, deleted on `DROP`.
 //! - [`config`]: command-line and environment settings.
 //! - [`starting`]: recovery on start, and what is served meanwhile.
+//! - [`durable_leftovers`]: deletes the durable map outputs that a job's clean-up left.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
@@ -37,6 +38,7 @@ pub mod build_stage;
 pub mod catalog;
 pub mod committed_scans;
 pub mod config;
+pub mod durable_leftovers;
 pub mod eager_aggregation;
 pub mod error;
 pub mod exchange_order;

@@ -1061,6 +1061,12 @@ impl Planner {
             .await
     }
 
+    /// The durable map outputs of jobs that may still be in object storage
+    /// (see [`crate::durable_leftovers`]).
+    pub async fn durable_left(&self) -> Result<Vec<quiver_proto::DurableLeft>> {
+        self.with_store(|store| store.durable_left()).await
+    }
+
     /// Registers the table of a `CREATE TABLE ... AS` job whose write has
     /// committed, marks it as owning its folder, and forgets it as pending.
     pub async fn register_pending_table(&self, pending: PendingTable) -> Result<()> {

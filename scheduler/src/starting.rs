@@ -82,6 +82,7 @@ pub async fn recover(
     unsettled.extend(left.to_settle);
     service.handle().settling.end_the_rest();
     service.settle_later(unsettled, left.to_register);
+    crate::durable_leftovers::spawn(service.planner().clone(), service.handle().clone());
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
-use quiver_proto::{CatalogEntry, JobRecord, JobStores, PendingTable, StoreConfig};
+use quiver_proto::{CatalogEntry, DurableLeft, JobRecord, JobStores, PendingTable, StoreConfig};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
 
@@ -25,6 +25,10 @@ const PENDING_TABLES: TableDefinition<&str, &[u8]> = TableDefinition::new("pendi
 /// The stores of running jobs that leave data to settle, by job id: secrets
 /// included, like the catalog's statements.
 const JOB_STORES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_stores");
+
+/// The durable map outputs of jobs that may still be in object storage, by
+/// job id: secrets included, like the job stores.
+const DURABLE_LEFT: TableDefinition<&str, &[u8]> = TableDefinition::new("durable_left");
 
 /// Finished jobs kept in the history; older ones are pruned.
 pub const JOB_HISTORY_LIMIT: usize = 1000;
@@ -100,6 +104,7 @@ impl StateStore {
         write.open_table(JOBS)?;
         write.open_table(PENDING_TABLES)?;
         write.open_table(JOB_STORES)?;
+        write.open_table(DURABLE_LEFT)?;
         write.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -223,6 +228,7 @@ impl StateStore {
         {
             let mut jobs = write.open_table(JOBS)?;
             let mut stores = write.open_table(JOB_STORES)?;
+            let mut durable = write.open_table(DURABLE_LEFT)?;
             for entry in entries {
                 match entry {
                     JobEntry::Record(record) => {
@@ -238,6 +244,12 @@ impl StateStore {
                     }
                     JobEntry::Stores(kept) => {
                         stores.insert(kept.job_id.as_str(), kept.encode_to_vec().as_slice())?;
+                    }
+                    JobEntry::DurableLeft(left) => {
+                        durable.insert(left.job_id.as_str(), left.encode_to_vec().as_slice())?;
+                    }
+                    JobEntry::DurableRemoved(job_id) => {
+                        durable.remove(job_id.as_str())?;
                     }
                 }
             }
@@ -262,6 +274,11 @@ impl StateStore {
             .into_iter()
             .map(|kept| (kept.job_id, kept.stores))
             .collect())
+    }
+
+    /// The durable map outputs that may still be in object storage.
+    pub fn durable_left(&self) -> Result<Vec<DurableLeft>> {
+        decode_all(&self.db.begin_read()?.open_table(DURABLE_LEFT)?)
     }
 
     /// Every job record, oldest first.
@@ -318,6 +335,10 @@ pub enum JobEntry {
     Record(Box<JobRecord>),
     /// The stores a job runs with, until its final record.
     Stores(JobStores),
+    /// Durable map outputs that a job may leave in object storage.
+    DurableLeft(DurableLeft),
+    /// The job's durable map outputs are deleted.
+    DurableRemoved(String),
 }
 
 /// Writes job records on a thread of its own, so that the event loop never
@@ -389,6 +410,25 @@ impl JobRecorder {
         if self.sender.send(Queued::Flush(done)).is_ok() {
             let _ = written.await;
         }
+    }
+
+    /// Queues the location and stores of a job's durable map outputs, to
+    /// be kept until they are deleted ([`Self::durable_removed`]).
+    pub fn keep_durable_left(&self, job_id: &str, location: &str, stores: &[StoreConfig]) {
+        let _ = self
+            .sender
+            .send(Queued::Entry(JobEntry::DurableLeft(DurableLeft {
+                job_id: job_id.to_owned(),
+                location: location.to_owned(),
+                stores: stores.to_vec(),
+            })));
+    }
+
+    /// Queues forgetting the durable map outputs of `job_id`, deleted.
+    pub fn durable_removed(&self, job_id: &str) {
+        let _ = self
+            .sender
+            .send(Queued::Entry(JobEntry::DurableRemoved(job_id.to_owned())));
     }
 
     /// Queues the stores of a starting job to be kept until its final
@@ -529,6 +569,34 @@ mod tests {
         );
         assert!(store.take_job_stores().expect("take").is_empty(), "taken");
         assert_eq!(store.jobs().expect("jobs").len(), 3, "records are kept");
+    }
+
+    #[test]
+    fn durable_outputs_stay_recorded_past_their_jobs_end_until_deleted() {
+        let folder = tempfile::tempdir().expect("tempdir");
+        let left = |job_id: &str| {
+            JobEntry::DurableLeft(DurableLeft {
+                job_id: job_id.into(),
+                location: "s3://lake/maps".into(),
+                stores: Vec::new(),
+            })
+        };
+        {
+            let store = StateStore::open(folder.path()).expect("open");
+            store
+                .put_job_entries(&[
+                    left("deleted"),
+                    left("ended"),
+                    JobEntry::Record(record("ended", 10, 15).into()),
+                    JobEntry::DurableRemoved("deleted".into()),
+                ])
+                .expect("entries");
+        }
+        let store = StateStore::open(folder.path()).expect("reopen");
+        let left = store.durable_left().expect("left");
+        let jobs: Vec<&str> = left.iter().map(|left| left.job_id.as_str()).collect();
+        assert_eq!(jobs, ["ended"], "kept after the job's final record");
+        assert_eq!(left[0].location, "s3://lake/maps");
     }
 
     #[test]

@@ -99,6 +99,12 @@ impl ProcessCluster {
         std::fs::read_to_string(self.work.path().join("logs").join(name)).unwrap_or_default()
     }
 
+    /// The environment of the processes started from now on (over which
+    /// `executor_env` still goes for executors).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.args.env = env;
+    }
+
     pub fn start_scheduler(&mut self) {
         assert!(self.scheduler.is_none(), "the scheduler is running");
         self.scheduler_starts += 1;

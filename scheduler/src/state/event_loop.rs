@@ -482,6 +482,11 @@ impl SchedulerLoop {
         if !job.durable_shuffle.is_empty() || job.writes_to.is_some() {
             self.recorder.keep_stores(&job.id, &job.stores);
         }
+        // Until they are deleted, whatever ends the job or the scheduler.
+        if !job.durable_shuffle.is_empty() {
+            self.recorder
+                .keep_durable_left(&job.id, &job.durable_shuffle, &job.stores);
+        }
         self.recorder.record(job.record(0));
         self.jobs.insert(submitted.job_id, (job, submitted.status));
     }
