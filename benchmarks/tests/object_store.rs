@@ -1143,6 +1143,79 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
     }
 }
 
+/// A restart whose interrupted job writes to one store and copies its map
+/// outputs to another, frozen: the write is settled (rolled back) within
+/// the start, and its store is not taken as silent, while deleting the map
+/// outputs gives up after 60 s; they are deleted once their store answers
+/// again, with no other restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_shuffle_store_holds_up_neither_the_write_nor_its_own_clean_up() {
+    use std::time::{Duration, Instant};
+
+    use common::processes::send_signal;
+
+    let lake = S3Server::start();
+    lake.create_bucket("lake");
+    let shuffle_store = S3Server::start();
+    shuffle_store.create_bucket("maps");
+    let mut cluster = ProcessCluster::start(1, ClusterArgs::default());
+    let context = cluster.connect(1).await;
+    upload_in_small_parts(&context).await;
+    // The write configures the shuffle bucket for the session's statements.
+    let seed = format!(
+        "COPY (SELECT 1 AS one) TO 's3://maps/seed/' STORED AS PARQUET {}",
+        shuffle_store.sql_options()
+    );
+    run(&context, &seed)
+        .await
+        .expect("configure the shuffle bucket");
+    run(
+        &context,
+        "SET quiver.shuffle_location = 's3://maps/shuffle'",
+    )
+    .await
+    .expect("set the shuffle location");
+    let copy = copy_with_uploads(2_000_000, "interrupted", &lake.sql_options());
+    let bucket = lake.store("lake");
+    let job_id =
+        kill_the_scheduler_during(&mut cluster, &context, &bucket, "interrupted", copy).await;
+    // A map output that the job's killed tasks left.
+    let maps = shuffle_store.store("maps");
+    let map_output = Path::from(format!("shuffle/{job_id}/1/0-a0.data"));
+    maps.put(&map_output, b"left".to_vec().into())
+        .await
+        .expect("plant a map output");
+
+    let frozen = shuffle_store.pid();
+    send_signal(frozen, "STOP");
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let settled = context.wait_for_job(&job_id).await;
+    let log = cluster.scheduler_log();
+    send_signal(frozen, "CONT");
+    let settled = settled.expect("the job's status");
+    assert!(
+        settled.error.contains("its write was rolled back"),
+        "{settled:?}\n{log}"
+    );
+    assert!(
+        log.contains("removing the durable shuffle data of an interrupted job timed out")
+            && !log.contains("not settling the write"),
+        "{log}"
+    );
+    assert_eq!(list(&bucket, "interrupted").await, Vec::<String>::new());
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !list(&maps, "shuffle").await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the map output stays\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A `CREATE TABLE made AS` of 500 rows into an S3 warehouse, left as an
 /// earlier start leaves it when it could not settle the write: the job
 /// recorded as failed (with none of what it wrote), the table pending, the
