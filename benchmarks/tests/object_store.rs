@@ -1047,8 +1047,8 @@ async fn a_start_waits_once_for_a_store_that_does_not_answer() {
 /// is settled once the store answers, while the scheduler runs: its job,
 /// recorded first as unsettled, is then recorded as rolled back, and the
 /// write leaves nothing behind, durable map outputs included, with no other
-/// restart. The start does not even try to settle it: replaying the
-/// catalog found its store silent.
+/// restart. The start does not even try to settle it (nor counts it as a
+/// try): replaying the catalog found its store silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() {
     use std::time::{Duration, Instant};
@@ -1105,6 +1105,11 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
                 .contains("tried again while the scheduler runs"),
         "{unsettled:?}\n{}",
         cluster.scheduler_log()
+    );
+    // The start did not try the write: it does not count towards giving up.
+    assert!(
+        unsettled.error.contains("(0 of 5 starts tried"),
+        "{unsettled:?}"
     );
     let log = cluster.scheduler_log();
     assert!(

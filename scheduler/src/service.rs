@@ -452,13 +452,13 @@ impl SchedulerGrpc {
     /// after the start began): by then every executor of the previous
     /// scheduler has seen its lease run out and stopped its tasks, so no
     /// commit still moves files in. Returns how each write it could settle
-    /// was settled, by job.
+    /// was settled, and which it did not try.
     pub async fn clean_up_interrupted_jobs(
         &self,
         interrupted: &[InterruptedJob],
         leases_ended: tokio::time::Instant,
         silent: &SilentStores,
-    ) -> HashMap<String, Settled> {
+    ) -> SettledWrites {
         let shared = self.planner.object_stores();
         if interrupted
             .iter()
@@ -486,14 +486,22 @@ impl SchedulerGrpc {
                     silent,
                 )
                 .await;
-                settled.map(|settled| (job_id.clone(), settled))
+                (job_id.clone(), settled)
             })
         });
-        futures::future::join_all(clean_ups)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        let mut writes = SettledWrites::default();
+        for (job_id, attempt) in futures::future::join_all(clean_ups).await {
+            match attempt {
+                StartAttempt::Settled(Some(settled)) => {
+                    writes.settled.insert(job_id, settled);
+                }
+                StartAttempt::NotTried => {
+                    writes.not_tried.insert(job_id);
+                }
+                StartAttempt::Settled(None) | StartAttempt::Failed => {}
+            }
+        }
+        writes
     }
 
     /// Registers the tables of `CREATE TABLE ... AS` jobs that a stopped
@@ -537,7 +545,10 @@ impl SchedulerGrpc {
                 // failed; settling a write is repeatable.
                 None if !succeeded && !was_interrupted && !writes_to.is_empty() => {
                     let stores = self.planner.object_stores();
-                    settle_while_starting(&stores, &job_id, "", writes_to, silent).await
+                    match settle_while_starting(&stores, &job_id, "", writes_to, silent).await {
+                        StartAttempt::Settled(settled) => settled,
+                        StartAttempt::Failed | StartAttempt::NotTried => None,
+                    }
                 }
                 None => None,
             };
@@ -634,7 +645,7 @@ impl SchedulerGrpc {
             stores: Vec::new(),
         };
         let job_id = job.id().to_owned();
-        let settled = HashMap::from([(job_id.clone(), committed)]);
+        let settled = SettledWrites::one(job_id.clone(), committed);
         let left_pending = HashSet::from([job_id]);
         self.record_interrupted_writes(std::slice::from_ref(&job), &settled, &left_pending);
     }
@@ -651,18 +662,22 @@ impl SchedulerGrpc {
     }
 
     /// Records how the writes of the jobs that a restart interrupted were
-    /// settled (`settled`). A job whose write committed succeeded: its
+    /// settled (`writes`). A job whose write committed succeeded: its
     /// rows are in the table, and submitting it again would write them
     /// twice (unless its table stays pending, `left_pending`, which is
     /// said). One rolled back may be submitted again. One not settled may
     /// have committed or not: returned, to be settled while the scheduler
     /// runs ([`SchedulerGrpc::settle_later`]), unless the starts gave up.
+    /// A start counts towards giving up only if it tried: one that found
+    /// the store silent already (`writes.not_tried`) waited on it for
+    /// something else.
     pub fn record_interrupted_writes(
         &self,
         interrupted: &[InterruptedJob],
-        settled: &HashMap<String, Settled>,
+        writes: &SettledWrites,
         left_pending: &HashSet<String>,
     ) -> Vec<InterruptedJob> {
+        let settled = &writes.settled;
         let mut unsettled = Vec::new();
         for job in interrupted {
             if job.record.writes_to.is_empty() {
@@ -691,7 +706,9 @@ impl SchedulerGrpc {
                 None => {
                     // The next starts try again, with the job's credentials,
                     // but not for ever: each may wait a minute on the store.
-                    record.settle_failures += 1;
+                    if !writes.not_tried.contains(job_id) {
+                        record.settle_failures += 1;
+                    }
                     record.write_unsettled = record.settle_failures < MOST_SETTLING_STARTS;
                     let next = if record.write_unsettled {
                         unsettled.push(job.clone());
@@ -834,7 +851,7 @@ impl SchedulerGrpc {
             }
         }
         let table_left = matches!(settled, Settled::Committed { .. }) && !left_pending.is_empty();
-        let settled = HashMap::from([(job_id.to_owned(), settled)]);
+        let settled = SettledWrites::one(job_id.to_owned(), settled);
         self.record_interrupted_writes(std::slice::from_ref(job), &settled, &left_pending);
         info!(%job_id, "settled a write that the start could not");
         if table_left {
@@ -887,6 +904,34 @@ pub struct LeftPending {
     /// stores, as that start settled it. (Interrupted jobs are not among
     /// them: [`SchedulerGrpc::record_interrupted_writes`] returns those.)
     pub to_settle: Vec<InterruptedJob>,
+}
+
+/// How the writes of jobs that a restart interrupted were settled.
+#[derive(Debug, Default)]
+pub struct SettledWrites {
+    /// By job, each write that could be settled.
+    pub settled: HashMap<String, Settled>,
+    /// The jobs whose write was not tried: the start had found its store
+    /// silent.
+    pub not_tried: HashSet<String>,
+}
+
+impl SettledWrites {
+    fn one(job_id: String, settled: Settled) -> Self {
+        Self {
+            settled: HashMap::from([(job_id, settled)]),
+            not_tried: HashSet::new(),
+        }
+    }
+}
+
+/// What the start did with one interrupted job's write.
+enum StartAttempt {
+    /// Settled, or there was none (`None`).
+    Settled(Option<Settled>),
+    Failed,
+    /// Its store was found silent earlier in the start.
+    NotTried,
 }
 
 /// Starts of the scheduler that try to settle an interrupted write whose
@@ -1042,23 +1087,23 @@ async fn settle_while_starting(
     durable: &str,
     writes_to: &str,
     silent: &SilentStores,
-) -> Option<Settled> {
+) -> StartAttempt {
     let store = stores.identity_of_location(writes_to, None);
     if let Some(why) = silent.not_tried(store) {
         info!(%job_id, %why, "not settling the write of an interrupted job now");
-        return None;
+        return StartAttempt::NotTried;
     }
     match settle_after_restart(stores, job_id, durable, writes_to, FinishOverwrite::Yes).await {
-        Ok(settled) => settled,
+        Ok(settled) => StartAttempt::Settled(settled),
         Err(NotSettled::Failed(e)) => {
             if store_did_not_answer(&e) {
                 silent.did_not_answer(store, || {
                     format!("when the write of job {job_id} was settled")
                 });
             }
-            None
+            StartAttempt::Failed
         }
-        Err(NotSettled::TimedOut) => None,
+        Err(NotSettled::TimedOut) => StartAttempt::Failed,
     }
 }
 

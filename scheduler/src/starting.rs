@@ -76,7 +76,7 @@ pub async fn recover(
         .clean_up_interrupted_jobs(interrupted, leases_ended, &silent)
         .await;
     let left = service
-        .register_pending_tables(interrupted, &settled, &silent)
+        .register_pending_tables(interrupted, &settled.settled, &silent)
         .await;
     let mut unsettled = service.record_interrupted_writes(interrupted, &settled, &left.jobs);
     unsettled.extend(left.to_settle);
