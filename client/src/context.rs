@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use datafusion::dataframe::DataFrame;
+use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
@@ -279,10 +280,15 @@ impl QuiverContext {
 /// The logical plan of `sql`; an error loses what it would repeat of the
 /// statement's secret store options.
 async fn plan_statement(state: &SessionState, sql: &str) -> Result<LogicalPlan> {
-    state
-        .create_logical_plan(sql)
-        .await
-        .map_err(|e| redact_statement_error(e, sql).into())
+    state.create_logical_plan(sql).await.map_err(|e| match e {
+        // The scheduler's answer on a table (one it cannot read) is told as
+        // it said it, not as DataFusion's "External error: ...".
+        DataFusionError::External(inner) => match inner.downcast::<Error>() {
+            Ok(ours) => *ours,
+            Err(other) => redact_statement_error(DataFusionError::External(other), sql).into(),
+        },
+        e => redact_statement_error(e, sql).into(),
+    })
 }
 
 fn quote_identifier(name: &str) -> String {
