@@ -7,11 +7,11 @@
 //! that stops first, would leave them for ever, paid for and never read. So
 //! each such job is recorded in the state store from its acceptance
 //! ([`DurableLeft`]) until a deletion made after it ended has succeeded, and
-//! [`spawn`] makes those deletions while the scheduler runs, after a restart
-//! as well, trying a store that fails again later and later.
+//! [`sweep`] makes those deletions while the scheduler runs, after a restart
+//! as well, trying a store that fails again later and later, for a week.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::locations::job_stores;
 use crate::planner::Planner;
+use crate::state::event_loop::unix_millis;
 use crate::state::{SchedulerHandle, is_final};
 
 /// How often the recorded outputs are looked at.
@@ -33,8 +34,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = SWEEP_EVERY;
 const LONGEST_RETRY: Duration = Duration::from_secs(3600);
 
-/// Longest wait for one job's deletion: a store that holds it up must not
-/// hold up the others' for ever.
+/// Age of a job after which a failed deletion of its outputs is given up,
+/// and its record forgotten: a bucket deleted, or keys revoked for good,
+/// would otherwise keep it, its credentials included, for ever.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Longest wait for one job's deletion. A location whose deletion takes
+/// longer is not tried for its other jobs in the same sweep: one store that
+/// does not answer holds the sweep up once, not once per job.
 const DELETION_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Deletions made at once.
@@ -44,64 +51,95 @@ const CONCURRENT_DELETIONS: usize = 8;
 /// that are still recorded as left, and forgets each once its deletion
 /// succeeds. A job is not touched while it runs, nor at the first sweep
 /// that finds it ended: its own clean-up, and that of the tasks still
-/// writing as it ended, has had a sweep's time to run by the next.
-pub fn spawn(planner: Planner, handle: SchedulerHandle) {
-    tokio::spawn(async move {
-        let mut sweeper = Sweeper::default();
-        let mut ticks = tokio::time::interval(SWEEP_EVERY);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            let left = match planner.durable_left().await {
-                Ok(left) => left,
-                Err(e) => {
-                    warn!(%e, "cannot read which durable map outputs are left to delete");
-                    continue;
-                }
-            };
-            let running = |job_id: &str| {
-                handle
-                    .directory
-                    .get(job_id)
-                    .is_some_and(|status| !is_final(status.borrow().state()))
-            };
-            let due = sweeper.due(left, running, Instant::now());
-            if due.is_empty() {
+/// writing as it ended, has usually run by the next. Runs until the future
+/// is dropped (the scheduler stops).
+pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
+    let mut sweeper = Sweeper::default();
+    let mut ticks = tokio::time::interval(SWEEP_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let left = match planner.durable_left().await {
+            Ok(left) => left,
+            Err(e) => {
+                warn!(%e, "cannot read which durable map outputs are left to delete");
                 continue;
             }
-            let shared = planner.object_stores();
-            let deletions = futures::stream::iter(due)
-                .map(|left| {
-                    let stores = job_stores(&shared, &left.stores, &left.job_id);
-                    async move {
-                        let deleted = delete(&stores, &left).await;
-                        (left, deleted)
+        };
+        let running = |job_id: &str| {
+            handle
+                .directory
+                .get(job_id)
+                .is_some_and(|status| !is_final(status.borrow().state()))
+        };
+        let started = Instant::now();
+        let due = sweeper.due(left, running, started);
+        if due.is_empty() {
+            continue;
+        }
+        let shared = planner.object_stores();
+        let timed_out = Mutex::new(HashSet::new());
+        let deletions = futures::stream::iter(due)
+            .map(|left| {
+                let stores = job_stores(&shared, &left.stores, &left.job_id);
+                let timed_out = &timed_out;
+                async move {
+                    let deleted = delete(&stores, &left, timed_out).await;
+                    (left, deleted)
+                }
+            })
+            .buffer_unordered(CONCURRENT_DELETIONS)
+            .collect::<Vec<_>>()
+            .await;
+        for (left, deleted) in deletions {
+            let job_id = left.job_id.as_str();
+            match deleted {
+                Ok(()) => {
+                    handle.recorder.durable_removed(job_id);
+                    if sweeper.forget(job_id) {
+                        info!(%job_id, location = %left.location,
+                            "deleted the durable map outputs that the job's clean-up had left");
                     }
-                })
-                .buffer_unordered(CONCURRENT_DELETIONS)
-                .collect::<Vec<_>>()
-                .await;
-            for (left, deleted) in deletions {
-                match deleted {
-                    Ok(()) => {
-                        handle.recorder.durable_removed(&left.job_id);
-                        sweeper.deleted(&left.job_id);
-                    }
-                    Err(error) => {
-                        let retry = sweeper.failed(&left.job_id, Instant::now());
-                        warn!(job_id = %left.job_id, location = %left.location, %error,
-                            retry_secs = retry.as_secs(),
-                            "cannot delete durable map outputs that the job's clean-up left; \
-                             they are tried again");
-                    }
+                }
+                Err(error) if older_than(&left, GIVE_UP_AFTER) => {
+                    warn!(%job_id, location = %left.location, %error,
+                        days = GIVE_UP_AFTER.as_secs() / 86_400,
+                        "gave up deleting the durable map outputs that a job's clean-up left, \
+                         after trying for days; delete the job's folder at the location, \
+                         if it is still there");
+                    handle.recorder.durable_removed(job_id);
+                    sweeper.forget(job_id);
+                }
+                Err(error) => {
+                    let retry = sweeper.failed(job_id, started);
+                    warn!(%job_id, location = %left.location, %error,
+                        retry_secs = retry.as_secs(),
+                        "cannot delete durable map outputs that the job's clean-up left; \
+                         they are tried again");
                 }
             }
         }
-    });
+    }
 }
 
-/// Deletes the durable map outputs of one ended job; the error, redacted.
-async fn delete(stores: &Arc<StoreRegistry>, left: &DurableLeft) -> Result<(), String> {
+/// Whether the job of `left` was accepted longer than `age` ago.
+fn older_than(left: &DurableLeft, age: Duration) -> bool {
+    let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+    unix_millis().saturating_sub(left.recorded_at_unix_ms) > age_ms
+}
+
+/// Deletes the durable map outputs of one ended job, unless a deletion at
+/// the same location timed out in this sweep (`timed_out`); the error,
+/// redacted.
+async fn delete(
+    stores: &Arc<StoreRegistry>,
+    left: &DurableLeft,
+    timed_out: &Mutex<HashSet<String>>,
+) -> Result<(), String> {
+    let locked = || timed_out.lock().unwrap_or_else(PoisonError::into_inner);
+    if locked().contains(&left.location) {
+        return Err("not tried: a deletion at the same location did not finish in time".into());
+    }
     let deleting = durable::remove_job(stores, &left.location, &left.job_id);
     match tokio::time::timeout(DELETION_TIMEOUT, deleting).await {
         Ok(Ok(())) => {
@@ -110,10 +148,13 @@ async fn delete(stores: &Arc<StoreRegistry>, left: &DurableLeft) -> Result<(), S
             Ok(())
         }
         Ok(Err(e)) => Err(redacted_error(&e).to_string()),
-        Err(_) => Err(format!(
-            "the store did not finish within {} s",
-            DELETION_TIMEOUT.as_secs()
-        )),
+        Err(_) => {
+            locked().insert(left.location.clone());
+            Err(format!(
+                "the store did not finish within {} s",
+                DELETION_TIMEOUT.as_secs()
+            ))
+        }
     }
 }
 
@@ -145,6 +186,10 @@ impl Sweeper {
         left.into_iter()
             .filter(|left| {
                 let job_id = &left.job_id;
+                // Never recorded so: it would name every job's outputs.
+                if job_id.is_empty() {
+                    return false;
+                }
                 if running(job_id) || self.seen_ended.insert(job_id.clone()) {
                     return false;
                 }
@@ -153,11 +198,11 @@ impl Sweeper {
             .collect()
     }
 
-    fn deleted(&mut self, job_id: &str) {
-        if self.retry_at.remove(job_id).is_some() {
-            info!(%job_id, "deleted the durable map outputs that the job's clean-up had left");
-        }
+    /// Forgets `job_id`, whose record goes; returns whether a deletion of
+    /// its outputs had failed before.
+    fn forget(&mut self, job_id: &str) -> bool {
         self.seen_ended.remove(job_id);
+        self.retry_at.remove(job_id).is_some()
     }
 
     /// Notes a failed deletion at `now`; returns the wait until the next.
@@ -180,6 +225,7 @@ mod tests {
             job_id: job_id.into(),
             location: "s3://shuffle/maps".into(),
             stores: Vec::new(),
+            recorded_at_unix_ms: 1,
         }
     }
 
@@ -198,7 +244,7 @@ mod tests {
         assert_eq!(ids(&second), ["a"]);
         // "b" ends: due at the sweep after the one that sees it ended.
         let ended = |_: &str| false;
-        sweeper.deleted("a");
+        sweeper.forget("a");
         assert!(sweeper.due(vec![left("b")], ended, now).is_empty());
         assert_eq!(ids(&sweeper.due(vec![left("b")], ended, now)), ["b"]);
     }
@@ -223,6 +269,27 @@ mod tests {
             assert_eq!(ids(&sweeper.due(vec![left("a")], ended, now)), ["a"]);
         }
         assert_eq!(waits, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+    }
+
+    #[test]
+    fn an_entry_without_a_job_id_is_never_due() {
+        let mut sweeper = Sweeper::default();
+        let now = Instant::now();
+        let ended = |_: &str| false;
+        for _ in 0..3 {
+            assert!(sweeper.due(vec![left("")], ended, now).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_job_is_given_up_on_only_a_week_after_it_was_accepted() {
+        let now = unix_millis();
+        let accepted = |days_ago: u64| DurableLeft {
+            recorded_at_unix_ms: now - days_ago * 86_400_000,
+            ..left("a")
+        };
+        assert!(!older_than(&accepted(6), GIVE_UP_AFTER));
+        assert!(older_than(&accepted(8), GIVE_UP_AFTER));
     }
 
     #[test]

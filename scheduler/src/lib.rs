@@ -108,7 +108,9 @@ pub async fn run(
                     "scheduler started, without the stored catalog objects it could not recreate"
                 );
             }
-            std::future::pending::<Result<()>>().await
+            // Until the scheduler stops, which drops this future.
+            durable_leftovers::sweep(service.planner(), service.handle()).await;
+            Ok(())
         }
     };
     info!(?address, "scheduler serving");

@@ -14,6 +14,7 @@ use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error, store_did_not_answer};
+use quiver_core::write::layout::ABANDONED_AFTER;
 use quiver_core::write::{FinishOverwrite, JobEnded, Settled, settle_write};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
@@ -670,7 +671,7 @@ impl SchedulerGrpc {
     /// runs ([`SchedulerGrpc::settle_later`]), unless the starts gave up.
     /// A start counts towards giving up only if it tried: one that found
     /// the store silent already (`writes.not_tried`) waited on it for
-    /// something else.
+    /// something else. Once the job is a day old, every start counts.
     pub fn record_interrupted_writes(
         &self,
         interrupted: &[InterruptedJob],
@@ -706,7 +707,7 @@ impl SchedulerGrpc {
                 None => {
                     // The next starts try again, with the job's credentials,
                     // but not for ever: each may wait a minute on the store.
-                    if !writes.not_tried.contains(job_id) {
+                    if !writes.not_tried.contains(job_id) || left_for_a_day(&record) {
                         record.settle_failures += 1;
                     }
                     record.write_unsettled = record.settle_failures < MOST_SETTLING_STARTS;
@@ -780,6 +781,8 @@ impl SchedulerGrpc {
     /// pending. Its job, recorded as failed for want of its table, is then
     /// recorded as succeeded.
     async fn register_now(&self, job_id: &str) -> bool {
+        // Its record as last recorded (with what its write wrote).
+        self.handle.recorder.flushed().await;
         let (tables, records) = match self.planner.pending_tables().await {
             Ok(found) => found,
             Err(_) => return false,
@@ -904,6 +907,15 @@ pub struct LeftPending {
     /// stores, as that start settled it. (Interrupted jobs are not among
     /// them: [`SchedulerGrpc::record_interrupted_writes`] returns those.)
     pub to_settle: Vec<InterruptedJob>,
+}
+
+/// Whether the job of `record` was submitted longer ago than a later write
+/// into its table waits before it settles the job's write as abandoned:
+/// from then on every start counts towards giving up, tried or not, so that
+/// a store gone for good is not retried for ever.
+fn left_for_a_day(record: &JobRecord) -> bool {
+    let age_ms = unix_millis().saturating_sub(record.submitted_at_unix_ms);
+    age_ms > ABANDONED_AFTER.num_milliseconds().unsigned_abs()
 }
 
 /// How the writes of jobs that a restart interrupted were settled.

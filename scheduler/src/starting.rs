@@ -82,7 +82,6 @@ pub async fn recover(
     unsettled.extend(left.to_settle);
     service.handle().settling.end_the_rest();
     service.settle_later(unsettled, left.to_register);
-    crate::durable_leftovers::spawn(service.planner().clone(), service.handle().clone());
     Ok(())
 }
 

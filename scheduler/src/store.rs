@@ -421,6 +421,7 @@ impl JobRecorder {
                 job_id: job_id.to_owned(),
                 location: location.to_owned(),
                 stores: stores.to_vec(),
+                recorded_at_unix_ms: crate::state::event_loop::unix_millis(),
             })));
     }
 
@@ -579,6 +580,7 @@ mod tests {
                 job_id: job_id.into(),
                 location: "s3://lake/maps".into(),
                 stores: Vec::new(),
+                recorded_at_unix_ms: 1,
             })
         };
         {

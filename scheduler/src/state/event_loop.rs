@@ -115,6 +115,10 @@ pub fn spawn(
             if record.write_unsettled {
                 recorder.keep_stores(&job_id, &stores);
             }
+            // Already recorded, unless an older version ran the job.
+            if running && !record.durable_shuffle.is_empty() {
+                recorder.keep_durable_left(&job_id, &record.durable_shuffle, &stores);
+            }
             recorder.record(record.clone());
             interrupted.push(InterruptedJob {
                 record: record.clone(),
