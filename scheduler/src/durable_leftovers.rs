@@ -2,7 +2,7 @@
 //!
 //! A job run with `quiver.shuffle_location` copies its map outputs to object
 //! storage, and once it ends the scheduler deletes them (see
-//! `service.rs::clean_up_storage_when_done`, and the clean-up after a
+//! `service.rs::clean_up_storage_when_done`, and `service/restart.rs` after a
 //! restart). A store that refuses or does not answer then, or a scheduler
 //! that stops first, would leave them for ever, paid for and never read. So
 //! each such job is recorded in the state store from its acceptance
