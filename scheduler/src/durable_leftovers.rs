@@ -47,7 +47,7 @@ const DELETION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deletions made at once.
 const CONCURRENT_DELETIONS: usize = 8;
 
-/// Deletes, every [`SWEEP_EVERY`], the durable map outputs of ended jobs
+/// Deletes, every 30 s (`SWEEP_EVERY`), the durable map outputs of ended jobs
 /// that are still recorded as left, and forgets each once its deletion
 /// succeeds. A job is not touched while it runs, nor at the first sweep
 /// that finds it ended: its own clean-up, and that of the tasks still

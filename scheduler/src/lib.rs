@@ -193,4 +193,51 @@ mod tests {
             "{error}"
         );
     }
+
+    /// A scheduler that has stopped lets go of its state store, as the
+    /// embedded cluster needs: nothing it started (the event loop, the job
+    /// recorder, the sweep of durable outputs) outlives it. redb refuses to
+    /// open a database that is still open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_scheduler_lets_go_of_its_state_store() {
+        use std::time::{Duration, Instant};
+
+        use quiver_proto::ListExecutorsRequest;
+        use quiver_proto::scheduler_service_client::SchedulerServiceClient;
+
+        let state = tempfile::tempdir().expect("state folder");
+        let config = SchedulerConfig {
+            state_dir: state.path().to_path_buf(),
+            ephemeral_state: false,
+            ..SchedulerConfig::local()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        // Calls are answered once the start is over.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut client) = SchedulerServiceClient::connect(url.clone()).await
+                && client.list_executors(ListExecutorsRequest {}).await.is_ok()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the scheduler never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.send(()).expect("the scheduler runs");
+        running.await.expect("join").expect("a clean stop");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store::StateStore::open(state.path()) {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "still held: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

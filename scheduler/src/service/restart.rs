@@ -28,7 +28,7 @@ impl SchedulerGrpc {
     /// writes, rolled back or, when their manifest was written, finished.
     /// Runs before the scheduler takes jobs, so no other job writes their
     /// tables meanwhile; each job's data that its store does not clean up
-    /// within [`RESTART_CLEAN_UP_TIMEOUT`] is left, with a warning (see
+    /// within 60 s (`RESTART_CLEAN_UP_TIMEOUT`) is left, with a warning (see
     /// [`settle_while_starting`]). A write on a store that the start found
     /// `silent` is not tried, and one whose store does not answer now makes
     /// it silent.
