@@ -2408,6 +2408,29 @@ async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // A job whose own clean-up succeeds is forgotten by it, 10 s after it
+    // ends: before the sweep, which waits a sweep (30 s) after it finds a
+    // job ended, would have.
+    let context = cluster.connect(1).await;
+    run(&context, "SET quiver.shuffle_location = 's3://lake/maps'")
+        .await
+        .expect("set the shuffle location");
+    let groups = count_of(
+        &context,
+        "SELECT count(*)::bigint unsigned FROM \
+         (SELECT value % 1000 AS k FROM range(200000) GROUP BY k)",
+    )
+    .await;
+    assert_eq!(groups, 1000);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    drop(context);
+    cluster.kill_scheduler();
+    let state =
+        quiver_scheduler::store::StateStore::open(&cluster.work_dir().join("scheduler-state"))
+            .expect("state");
+    let left = state.durable_left().expect("durable outputs left");
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// An executor killed while it uploads a durable map output cannot abort the

@@ -361,9 +361,10 @@ impl SchedulerGrpc {
     }
 
     /// Once a job has ended, however it ended, deletes what it left in
-    /// object storage (see [`clean_up_job_storage`]). It does so twice:
-    /// tasks cancelled with the job may still be writing for a moment after
-    /// it ends.
+    /// object storage: its durable map outputs ([`remove_durable_outputs`])
+    /// and its write's staged files ([`settle_job_write`]). It does so
+    /// twice: tasks cancelled with the job may still be writing for a
+    /// moment after it ends.
     fn clean_up_storage_when_done(
         &self,
         job_id: &str,
@@ -378,6 +379,7 @@ impl SchedulerGrpc {
         let durable = job.durable_shuffle.clone();
         let writes_to = job.writes_to.clone().unwrap_or_default();
         let mut watcher = watcher.clone();
+        let recorder = self.handle.recorder.clone();
         tokio::spawn(async move {
             // An error means the scheduler is stopping; the data stays.
             let succeeded = match watcher.wait_for(|status| is_final(status.state)).await {
@@ -396,11 +398,17 @@ impl SchedulerGrpc {
                 } else {
                     JobEnded::Otherwise
                 };
-                let settled =
-                    clean_up_job_storage(&stores, &job_id, &durable, &writes_to, ended, finish)
-                        .await
-                        .ok()
-                        .flatten();
+                let removed = remove_durable_outputs(&stores, &job_id, &durable).await;
+                // Removed after the stragglers' grace: the sweep of what
+                // clean-ups leave need not look again
+                // ([`crate::durable_leftovers`]).
+                if pass > 0 && removed && !durable.is_empty() {
+                    recorder.durable_removed(&job_id);
+                }
+                let settled = settle_job_write(&stores, &job_id, &writes_to, ended, finish)
+                    .await
+                    .ok()
+                    .flatten();
                 if pass == 0 && !succeeded && matches!(settled, Some(Settled::Committed { .. })) {
                     // The event loop settles a write whose commit may have
                     // committed before its job ends; only one it could not
@@ -440,37 +448,27 @@ impl SchedulerGrpc {
     }
 }
 
-/// Deletes what an ended job left in object storage: its durable map
-/// outputs (`durable`, if not empty), and for a write into `writes_to` (if
-/// not empty) its staging folder, rolling back a commit that did not write
-/// its manifest ([`settle_write`]); returns how the write was settled
-/// (`None` for no write), or why it could not be. Failures are logged: the
-/// data stays, and a failure to delete the map outputs is only logged.
-async fn clean_up_job_storage(
-    stores: &StoreRegistry,
-    job_id: &str,
-    durable: &str,
-    writes_to: &str,
-    ended: JobEnded,
-    finish: FinishOverwrite,
-) -> Result<Option<Settled>, DataFusionError> {
-    remove_durable_outputs(stores, job_id, durable).await;
-    settle_job_write(stores, job_id, writes_to, ended, finish).await
-}
-
 /// Deletes the durable map outputs of `job_id` under `durable`, if not
-/// empty; a failure is logged, and the data stays.
-async fn remove_durable_outputs(stores: &StoreRegistry, job_id: &str, durable: &str) {
-    if !durable.is_empty()
-        && let Err(e) = durable::remove_job(stores, durable, job_id).await
-    {
-        let e = redacted_error(&e);
-        warn!(%job_id, %e, "cannot remove durable shuffle data");
+/// empty; returns whether none are left. A failure is logged, and the data
+/// stays.
+async fn remove_durable_outputs(stores: &StoreRegistry, job_id: &str, durable: &str) -> bool {
+    if durable.is_empty() {
+        return true;
+    }
+    match durable::remove_job(stores, durable, job_id).await {
+        Ok(()) => true,
+        Err(e) => {
+            let e = redacted_error(&e);
+            warn!(%job_id, %e, "cannot remove durable shuffle data");
+            false
+        }
     }
 }
 
-/// Settles the write of `job_id` into `writes_to`, if not empty (see
-/// [`clean_up_job_storage`]); a failure is logged and returned.
+/// Settles the write of `job_id` into `writes_to`, if not empty: deletes
+/// its staging folder, rolling back a commit that did not write its
+/// manifest ([`settle_write`]); returns how the write was settled (`None`
+/// for no write). A failure is logged and returned: the data stays.
 async fn settle_job_write(
     stores: &StoreRegistry,
     job_id: &str,

@@ -577,7 +577,7 @@ const SETTLE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest wait for object storage when cleaning up after a restart.
 const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Settles the write of an ended job (see [`super::clean_up_job_storage`]) after a
+/// Settles the write of an ended job (see [`super::settle_job_write`]) after a
 /// restart, with `stores`, and deletes its durable map outputs meanwhile,
 /// each within [`RESTART_CLEAN_UP_TIMEOUT`]: the two may lie on different
 /// stores, and one that holds its part up must keep the other from neither
