@@ -1052,8 +1052,6 @@ async fn a_start_waits_once_for_a_store_that_does_not_answer() {
 /// try): replaying the catalog found its store silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() {
-    use std::time::{Duration, Instant};
-
     use common::processes::send_signal;
 
     let s3 = S3Server::start();
@@ -1121,19 +1119,10 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
         "{log}"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let settled = loop {
-        let status = context.job_status(&job_id).await.expect("status");
-        if !status.error.contains("could not be told") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never settled: {status:?}\n{}",
-            cluster.scheduler_log()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let settled = status_once(&context, &cluster, &job_id, "settled", |status| {
+        !status.error.contains("could not be told")
+    })
+    .await;
     assert_eq!(settled.state(), JobState::Failed, "{settled:?}");
     assert!(
         settled.error.contains("its write was rolled back"),
@@ -1277,28 +1266,54 @@ async fn leave_a_table_pending_by_an_earlier_start(
     (cluster, job_id, written)
 }
 
-/// Waits until the job `job_id` is recorded as succeeded, and returns its
-/// status.
-async fn succeeded(
+/// Waits until the status of the job `job_id` is as `wanted` (`what`, for
+/// the failure message), and returns it.
+async fn status_once(
     context: &QuiverContext,
     cluster: &ProcessCluster,
     job_id: &str,
+    what: &str,
+    wanted: impl Fn(&quiver_proto::JobStatus) -> bool,
 ) -> quiver_proto::JobStatus {
     use std::time::{Duration, Instant};
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let status = context.job_status(job_id).await.expect("status");
-        if status.state() == JobState::Succeeded {
+        if wanted(&status) {
             return status;
         }
         assert!(
             Instant::now() < deadline,
-            "never settled: {status:?}\n{}",
+            "never {what}: {status:?}\n{}",
             cluster.scheduler_log()
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until the pending table `made` of the job `job_id` is registered:
+/// the job is recorded as succeeded, with the files and bytes it `written`,
+/// and the table reads its 500 rows.
+async fn registered_with(
+    context: &QuiverContext,
+    cluster: &ProcessCluster,
+    job_id: &str,
+    written: (u64, u64),
+) {
+    let settled = status_once(context, cluster, job_id, "succeeded", |status| {
+        status.state() == JobState::Succeeded
+    })
+    .await;
+    assert_eq!(settled.error, "", "{settled:?}");
+    assert_eq!(
+        (settled.table_files_written, settled.table_bytes_written),
+        written
+    );
+    assert_eq!(
+        count_of(context, "SELECT count(*)::bigint unsigned FROM made").await,
+        500
+    );
 }
 
 /// Waits until the scheduler that `context` reaches serves statements.
@@ -1334,16 +1349,7 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
     let status = context.job_status(&job_id).await.expect("status");
     assert_eq!(status.error, "left by an earlier start", "not settled yet");
 
-    let settled = succeeded(&context, &cluster, &job_id).await;
-    assert_eq!(settled.error, "", "{settled:?}");
-    assert_eq!(
-        (settled.table_files_written, settled.table_bytes_written),
-        written
-    );
-    assert_eq!(
-        count_of(&context, "SELECT count(*)::bigint unsigned FROM made").await,
-        500
-    );
+    registered_with(&context, &cluster, &job_id, written).await;
 }
 
 /// The table of a `CREATE TABLE AS` that an earlier start left pending,
@@ -1354,8 +1360,6 @@ async fn a_pending_table_an_earlier_start_left_is_settled_once_its_store_answers
 /// the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pending_table_registered_after_its_start_keeps_what_its_job_wrote() {
-    use std::time::{Duration, Instant};
-
     let s3 = S3Server::start();
     let (mut cluster, job_id, written) = leave_a_table_pending_by_an_earlier_start(&s3).await;
     let bucket = s3.store("lake");
@@ -1379,19 +1383,14 @@ async fn a_pending_table_registered_after_its_start_keeps_what_its_job_wrote() {
     cluster.start_scheduler();
     let context = cluster.connect(1).await;
     serving(&context, &cluster).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let committed = loop {
-        let status = context.job_status(&job_id).await.expect("status");
-        if status.error.contains("its write committed") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not recorded as committed: {status:?}\n{}",
-            cluster.scheduler_log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let committed = status_once(
+        &context,
+        &cluster,
+        &job_id,
+        "recorded as committed",
+        |status| status.error.contains("its write committed"),
+    )
+    .await;
     assert_eq!(committed.state(), JobState::Failed, "{committed:?}");
     assert_eq!(
         (committed.table_files_written, committed.table_bytes_written),
@@ -1404,16 +1403,7 @@ async fn a_pending_table_registered_after_its_start_keeps_what_its_job_wrote() {
             .await
             .expect("restore a data file");
     }
-    let settled = succeeded(&context, &cluster, &job_id).await;
-    assert_eq!(settled.error, "", "{settled:?}");
-    assert_eq!(
-        (settled.table_files_written, settled.table_bytes_written),
-        written
-    );
-    assert_eq!(
-        count_of(&context, "SELECT count(*)::bigint unsigned FROM made").await,
-        500
-    );
+    registered_with(&context, &cluster, &job_id, written).await;
 }
 
 /// An executor killed while it uploads a file cannot abort the upload, and
@@ -2348,6 +2338,20 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     );
 }
 
+/// Runs a job whose map outputs are copied to `s3://lake/maps`.
+async fn group_with_maps_on_the_lake(context: &QuiverContext) {
+    run(context, "SET quiver.shuffle_location = 's3://lake/maps'")
+        .await
+        .expect("set the shuffle location");
+    let groups = count_of(
+        context,
+        "SELECT count(*)::bigint unsigned FROM \
+         (SELECT value % 1000 AS k FROM range(200000) GROUP BY k)",
+    )
+    .await;
+    assert_eq!(groups, 1000);
+}
+
 /// Durable map outputs that the scheduler may not delete when their job
 /// ends (its keys only read the bucket; the executors' write) stay
 /// recorded as left, and a later scheduler, started with keys that may
@@ -2368,16 +2372,7 @@ async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
     };
     let mut cluster = ProcessCluster::start(1, args);
     let context = cluster.connect(1).await;
-    run(&context, "SET quiver.shuffle_location = 's3://lake/maps'")
-        .await
-        .expect("set the shuffle location");
-    let groups = count_of(
-        &context,
-        "SELECT count(*)::bigint unsigned FROM \
-         (SELECT value % 1000 AS k FROM range(200000) GROUP BY k)",
-    )
-    .await;
-    assert_eq!(groups, 1000);
+    group_with_maps_on_the_lake(&context).await;
     let bucket = s3.store_as("lake", writer);
     // Both of the job's clean-ups (at its end and 10 s later) are refused.
     tokio::time::sleep(Duration::from_secs(15)).await;
@@ -2413,16 +2408,7 @@ async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
     // ends: before the sweep, which waits a sweep (30 s) after it finds a
     // job ended, would have.
     let context = cluster.connect(1).await;
-    run(&context, "SET quiver.shuffle_location = 's3://lake/maps'")
-        .await
-        .expect("set the shuffle location");
-    let groups = count_of(
-        &context,
-        "SELECT count(*)::bigint unsigned FROM \
-         (SELECT value % 1000 AS k FROM range(200000) GROUP BY k)",
-    )
-    .await;
-    assert_eq!(groups, 1000);
+    group_with_maps_on_the_lake(&context).await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     drop(context);
     cluster.kill_scheduler();

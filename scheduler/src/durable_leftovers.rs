@@ -229,6 +229,11 @@ mod tests {
         }
     }
 
+    /// No job runs.
+    fn ended(_: &str) -> bool {
+        false
+    }
+
     fn ids(due: &[DurableLeft]) -> Vec<&str> {
         due.iter().map(|left| left.job_id.as_str()).collect()
     }
@@ -243,7 +248,6 @@ mod tests {
         let second = sweeper.due(vec![left("a"), left("b")], running, now);
         assert_eq!(ids(&second), ["a"]);
         // "b" ends: due at the sweep after the one that sees it ended.
-        let ended = |_: &str| false;
         sweeper.forget("a");
         assert!(sweeper.due(vec![left("b")], ended, now).is_empty());
         assert_eq!(ids(&sweeper.due(vec![left("b")], ended, now)), ["b"]);
@@ -253,7 +257,6 @@ mod tests {
     fn a_failed_deletion_waits_longer_each_time_up_to_an_hour() {
         let mut sweeper = Sweeper::default();
         let start = Instant::now();
-        let ended = |_: &str| false;
         sweeper.due(vec![left("a")], ended, start);
         assert_eq!(ids(&sweeper.due(vec![left("a")], ended, start)), ["a"]);
         let mut waits = Vec::new();
@@ -275,7 +278,6 @@ mod tests {
     fn an_entry_without_a_job_id_is_never_due() {
         let mut sweeper = Sweeper::default();
         let now = Instant::now();
-        let ended = |_: &str| false;
         for _ in 0..3 {
             assert!(sweeper.due(vec![left("")], ended, now).is_empty());
         }
@@ -296,7 +298,6 @@ mod tests {
     fn what_is_no_longer_recorded_is_forgotten() {
         let mut sweeper = Sweeper::default();
         let now = Instant::now();
-        let ended = |_: &str| false;
         sweeper.due(vec![left("a")], ended, now);
         sweeper.failed("a", now);
         // Its deletion, recorded since, succeeded at a later try.
