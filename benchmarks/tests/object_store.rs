@@ -77,6 +77,25 @@ async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
         .expect("list bucket")
 }
 
+/// Waits, up to two minutes, until `prefix` of `store` holds nothing.
+async fn emptied(store: &Arc<dyn ObjectStore>, prefix: &str, cluster: &ProcessCluster) {
+    use std::time::{Duration, Instant};
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = list(store, prefix).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left:?} left\n{}",
+            cluster.scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Bytes the job of `sql` read from object stores.
 async fn bytes_read(context: &QuiverContext, sql: &str) -> u64 {
     let last = Arc::new(std::sync::Mutex::new(0));
@@ -1145,8 +1164,6 @@ async fn a_write_the_start_could_not_settle_is_settled_once_its_store_answers() 
 /// again, with no other restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_shuffle_store_holds_up_neither_the_write_nor_its_own_clean_up() {
-    use std::time::{Duration, Instant};
-
     use common::processes::send_signal;
 
     let lake = S3Server::start();
@@ -1200,15 +1217,7 @@ async fn a_frozen_shuffle_store_holds_up_neither_the_write_nor_its_own_clean_up(
     );
     assert_eq!(list(&bucket, "interrupted").await, Vec::<String>::new());
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !list(&maps, "shuffle").await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the map output stays\n{}",
-            cluster.scheduler_log()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    emptied(&maps, "shuffle", &cluster).await;
 }
 
 /// A `CREATE TABLE made AS` of 500 rows into an S3 warehouse, left as an
@@ -2358,7 +2367,7 @@ async fn group_with_maps_on_the_lake(context: &QuiverContext) {
 /// delete, deletes them though the job ended before it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let (s3, users) =
         S3Server::start_with_users("lake", &[("writer", &["s3:*"]), ("reader", READS)]);
@@ -2390,19 +2399,7 @@ async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
     cluster.kill_scheduler();
     cluster.set_env(s3.env_as(writer));
     cluster.start_scheduler();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let left = list(&bucket, "maps").await;
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{left:?} left\n{}",
-            cluster.scheduler_log()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    emptied(&bucket, "maps", &cluster).await;
 
     // A job whose own clean-up succeeds is forgotten by it, 10 s after it
     // ends: before the sweep, which waits a sweep (30 s) after it finds a
