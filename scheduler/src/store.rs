@@ -246,7 +246,13 @@ impl StateStore {
                         stores.insert(kept.job_id.as_str(), kept.encode_to_vec().as_slice())?;
                     }
                     JobEntry::DurableLeft(left) => {
-                        durable.insert(left.job_id.as_str(), left.encode_to_vec().as_slice())?;
+                        // Kept as its job's acceptance recorded it: a restart
+                        // recording it again must not put off its give-up.
+                        let known = durable.get(left.job_id.as_str())?.is_some();
+                        if !known {
+                            durable
+                                .insert(left.job_id.as_str(), left.encode_to_vec().as_slice())?;
+                        }
                     }
                     JobEntry::DurableRemoved(job_id) => {
                         durable.remove(job_id.as_str())?;
@@ -575,14 +581,15 @@ mod tests {
     #[test]
     fn durable_outputs_stay_recorded_past_their_jobs_end_until_deleted() {
         let folder = tempfile::tempdir().expect("tempdir");
-        let left = |job_id: &str| {
+        let left_at = |job_id: &str, recorded_at_unix_ms| {
             JobEntry::DurableLeft(DurableLeft {
                 job_id: job_id.into(),
                 location: "s3://lake/maps".into(),
                 stores: Vec::new(),
-                recorded_at_unix_ms: 1,
+                recorded_at_unix_ms,
             })
         };
+        let left = |job_id: &str| left_at(job_id, 1);
         {
             let store = StateStore::open(folder.path()).expect("open");
             store
@@ -591,6 +598,8 @@ mod tests {
                     left("ended"),
                     JobEntry::Record(record("ended", 10, 15).into()),
                     JobEntry::DurableRemoved("deleted".into()),
+                    // A restart records an interrupted job again.
+                    left_at("ended", 99),
                 ])
                 .expect("entries");
         }
@@ -599,6 +608,7 @@ mod tests {
         let jobs: Vec<&str> = left.iter().map(|left| left.job_id.as_str()).collect();
         assert_eq!(jobs, ["ended"], "kept after the job's final record");
         assert_eq!(left[0].location, "s3://lake/maps");
+        assert_eq!(left[0].recorded_at_unix_ms, 1, "as first recorded");
     }
 
     #[test]
