@@ -45,21 +45,30 @@ pub async fn submit(
 
 /// The error for a submission that failed. An answer of the scheduler (a
 /// status without a source) says the statement did not run. A failure of
-/// the transport says nothing about it, unless no connection was made.
+/// the transport says nothing about it, unless the request never left:
+/// no connection was made, or the connection closed while the request
+/// still waited in its queue (hyper cancels those unwritten).
 fn submit_failed(status: tonic::Status) -> Error {
     if std::error::Error::source(&status).is_none() {
         return Error::Rpc(status);
     }
     let message = transport_failure(&status);
-    if causes(&status).any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-    }) {
+    if causes(&status).any(never_written) {
         Error::StatementNotSent { message }
     } else {
         Error::StatementLost { message }
     }
+}
+
+/// Whether a transport failure says that the request was never written.
+fn never_written(cause: &(dyn std::error::Error + 'static)) -> bool {
+    let refused = cause
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    let cancelled_in_queue = cause
+        .downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_canceled);
+    refused || cancelled_in_queue
 }
 
 /// Follows a job until it reaches a final state; `progress` sees every
@@ -260,6 +269,23 @@ mod tests {
         let error = submit_to(address).await;
         assert!(matches!(error, Error::StatementNotSent { .. }), "{error:?}");
         assert!(error.to_string().contains("refused"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_statement_whose_connection_closed_before_it_was_written_was_not_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        // Takes the connection and closes it at once, before the client
+        // could write the request queued for it.
+        let peer = tokio::spawn(async move {
+            let (connection, _) = listener.accept().await.expect("accept");
+            drop(connection);
+        });
+        let error = submit_to(address).await;
+        peer.await.expect("peer");
+        assert!(matches!(error, Error::StatementNotSent { .. }), "{error:?}");
     }
 
     #[tokio::test]
