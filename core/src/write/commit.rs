@@ -87,7 +87,9 @@ use crate::storage::upload::{abort_recorded_uploads, multipart_store};
 
 mod settle;
 
-pub use settle::{FinishOverwrite, JobEnded, Settled, Written, settle_write};
+pub use settle::{
+    FinishOverwrite, JobEnded, Settled, Staging, Written, settle_write, settle_write_and_staging,
+};
 
 /// How many objects are moved or deleted at once.
 const CONCURRENT_REQUESTS: usize = 16;
@@ -1881,19 +1883,28 @@ mod tests {
         assert!(state.shows(&appended), "the append stays committed");
     }
 
-    /// A store whose rename will not replace a file, as object_store 0.13's
-    /// GCS: its rename copies with a create-only condition, then deletes.
+    /// A store that behaves as another one does, but for one way.
     #[derive(Debug)]
-    struct CreateOnlyRenames(Arc<dyn ObjectStore>);
+    struct Quirky(Arc<dyn ObjectStore>, Quirk);
 
-    impl fmt::Display for CreateOnlyRenames {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Quirk {
+        /// Its rename will not replace a file, as object_store 0.13's GCS:
+        /// it copies with a create-only condition, then deletes.
+        CreateOnlyRenames,
+        /// It refuses every deletion, as for keys that may only read and
+        /// write.
+        RefusesDeletes,
+    }
+
+    impl fmt::Display for Quirky {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "CreateOnlyRenames({})", self.0)
+            write!(f, "{:?}({})", self.1, self.0)
         }
     }
 
     #[async_trait::async_trait]
-    impl ObjectStore for CreateOnlyRenames {
+    impl ObjectStore for Quirky {
         async fn put_opts(
             &self,
             location: &Path,
@@ -1923,7 +1934,17 @@ mod tests {
             &self,
             locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
         ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
-            self.0.delete_stream(locations)
+            if self.1 != Quirk::RefusesDeletes {
+                return self.0.delete_stream(locations);
+            }
+            locations
+                .map(|location| {
+                    Err(object_store::Error::PermissionDenied {
+                        path: location?.to_string(),
+                        source: "deletes are refused".into(),
+                    })
+                })
+                .boxed()
         }
 
         fn list(
@@ -1954,8 +1975,11 @@ mod tests {
             &self,
             from: &Path,
             to: &Path,
-            _options: object_store::RenameOptions,
+            options: object_store::RenameOptions,
         ) -> object_store::Result<()> {
+            if self.1 != Quirk::CreateOnlyRenames {
+                return self.0.rename_opts(from, to, options).await;
+            }
             let create = object_store::CopyOptions::new().with_mode(object_store::CopyMode::Create);
             self.0.copy_opts(from, to, create).await?;
             self.0.delete(from).await
@@ -1983,7 +2007,8 @@ mod tests {
                 .await
                 .expect("put");
         }
-        let store: Arc<dyn ObjectStore> = Arc::new(CreateOnlyRenames(Arc::clone(&inner)));
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(Quirky(Arc::clone(&inner), Quirk::CreateOnlyRenames));
         let mut commit = test_commit(
             store,
             "memory:///t/".into(),
@@ -2002,6 +2027,67 @@ mod tests {
             list(&inner, "t/_temporary").await.is_empty(),
             "staged copy gone"
         );
+    }
+
+    /// Settling a committed write whose staging folder the store will not
+    /// delete still tells that it committed, and that the folder is left:
+    /// a clean-up must know to try again.
+    #[tokio::test]
+    async fn a_committed_write_whose_staging_folder_stays_says_so() {
+        use object_store::memory::InMemory;
+
+        const JOB: &str = "00000000000000f7";
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let relative = format!("part-{JOB}-00000-000.parquet");
+        let manifest = manifest(JOB, InsertOp::Append, &[&relative]);
+        for (path, contents) in [
+            (format!("t/{relative}"), "rows".to_owned()),
+            (format!("t/_manifests/{JOB}.json"), manifest),
+            (
+                format!("t/_temporary/{JOB}/p0-a1/{relative}"),
+                "lost".into(),
+            ),
+        ] {
+            inner
+                .put(&Path::from(path), PutPayload::from(contents))
+                .await
+                .expect("put");
+        }
+        let settle = |quirk: Option<Quirk>| {
+            let store = match quirk {
+                Some(quirk) => Arc::new(Quirky(Arc::clone(&inner), quirk)) as _,
+                None => Arc::clone(&inner),
+            };
+            let commit = Commit::settling(
+                store,
+                None,
+                false,
+                "memory:///t/",
+                Path::from("t"),
+                JOB,
+                None,
+            );
+            async move {
+                commit
+                    .settle(JobEnded::Succeeded, FinishOverwrite::No)
+                    .await
+                    .expect("settled")
+            }
+        };
+        let written = Some(Written {
+            rows: 1,
+            files: 1,
+            bytes: 4,
+        });
+        let (settled, staging) = settle(Some(Quirk::RefusesDeletes)).await;
+        assert_eq!(settled, Settled::Committed { written });
+        assert_eq!(staging, Staging::Left);
+        assert_eq!(list(&inner, "t/_temporary").await.len(), 1);
+
+        let (settled, staging) = settle(None).await;
+        assert_eq!(settled, Settled::Committed { written });
+        assert_eq!(staging, Staging::Deleted);
+        assert!(list(&inner, "t/_temporary").await.is_empty());
     }
 
     async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<Path> {

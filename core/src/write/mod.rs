@@ -29,8 +29,9 @@ pub mod sinks;
 pub mod snapshot;
 
 pub use commit::{
-    FinishOverwrite, JobEnded, ParquetCommitExec, Settled, Written, check_folder_write_access,
-    check_write_access, settle_write, write_result_ipc,
+    FinishOverwrite, JobEnded, ParquetCommitExec, Settled, Staging, Written,
+    check_folder_write_access, check_write_access, settle_write, settle_write_and_staging,
+    write_result_ipc,
 };
 pub use exec::{ParquetWriteExec, is_write_failure, write_failure};
 pub use plan::distribute_parquet_writes;

@@ -70,6 +70,16 @@ pub enum FinishOverwrite {
     No,
 }
 
+/// Whether settling a write left its job's staging folder (see
+/// [`settle_write_and_staging`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staging {
+    Deleted,
+    /// A committed write's folder, which the store would not delete; its
+    /// files are the losing attempts', which readers skip.
+    Left,
+}
+
 /// Settles the write of job `job_id` into the table at `table_url` after the
 /// job ended, however it ended, and deletes its staging folder. Repeatable.
 ///
@@ -77,6 +87,9 @@ pub enum FinishOverwrite {
 /// into the table are deleted, so a commit that died midway and was not
 /// retried leaves nothing visible. A committed overwrite that stopped before
 /// deleting the replaced files has them deleted when `finish` says so.
+///
+/// Once the outcome is known, a failure to delete a committed write's
+/// staging folder is only logged; [`settle_write_and_staging`] says it.
 pub async fn settle_write(
     stores: &StoreRegistry,
     table_url: &str,
@@ -84,6 +97,19 @@ pub async fn settle_write(
     ended: JobEnded,
     finish: FinishOverwrite,
 ) -> Result<Settled> {
+    let (settled, _) = settle_write_and_staging(stores, table_url, job_id, ended, finish).await?;
+    Ok(settled)
+}
+
+/// As [`settle_write`], and whether the job's staging folder is gone: for a
+/// clean-up that must know if anything is left to try again.
+pub async fn settle_write_and_staging(
+    stores: &StoreRegistry,
+    table_url: &str,
+    job_id: &str,
+    ended: JobEnded,
+    finish: FinishOverwrite,
+) -> Result<(Settled, Staging)> {
     let table = ListingTableUrl::parse(table_url)?;
     let store_url = table.object_store();
     let commit = Commit::settling(
@@ -130,8 +156,12 @@ impl Commit {
         }
     }
 
-    /// Settles this job's write: see [`settle_write`].
-    pub(super) async fn settle(&self, ended: JobEnded, finish: FinishOverwrite) -> Result<Settled> {
+    /// Settles this job's write: see [`settle_write_and_staging`].
+    pub(super) async fn settle(
+        &self,
+        ended: JobEnded,
+        finish: FinishOverwrite,
+    ) -> Result<(Settled, Staging)> {
         let job_id = self.job_id.as_str();
         // Once the outcome is known, a failure to tidy up after it only leaves
         // garbage that readers skip: it is logged, and the outcome returned.
@@ -200,15 +230,24 @@ impl Commit {
                 Settled::RolledBack { files }
             }
         };
-        match settled {
+        let staging = match settled {
             // A job's files stay hidden while its staging folder is there (in
             // a table without manifests), so it goes only after them.
-            Settled::RolledBack { .. } => self.delete_staging().await?,
-            Settled::Committed { .. } => {
-                tidy("delete its staging folder", self.delete_staging().await);
+            Settled::RolledBack { .. } => {
+                self.delete_staging().await?;
+                Staging::Deleted
             }
-        }
-        Ok(settled)
+            Settled::Committed { .. } => {
+                let deleted = self.delete_staging().await;
+                let staging = match deleted {
+                    Ok(()) => Staging::Deleted,
+                    Err(_) => Staging::Left,
+                };
+                tidy("delete its staging folder", deleted);
+                staging
+            }
+        };
+        Ok((settled, staging))
     }
 
     /// Whether `manifest`, of this job, names files and none of them is in
@@ -287,7 +326,7 @@ impl Commit {
                 self.lease.clone(),
             )
         };
-        let settled = abandoned
+        let (settled, _) = abandoned
             .settle(JobEnded::Otherwise, FinishOverwrite::No)
             .await?;
         info!(job_id = %self.job_id, abandoned = %job_id, location = %self.location,
