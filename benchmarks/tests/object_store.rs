@@ -77,6 +77,12 @@ async fn list(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
         .expect("list bucket")
 }
 
+/// Asserts that the scheduler of `cluster` logged `text`.
+fn assert_scheduler_logged(cluster: &ProcessCluster, text: &str) {
+    let log = cluster.scheduler_log();
+    assert!(log.contains(text), "{text:?} not logged:\n{log}");
+}
+
 /// Waits, up to two minutes, until `prefix` of `store` holds nothing.
 async fn emptied(store: &Arc<dyn ObjectStore>, prefix: &str, cluster: &ProcessCluster) {
     use std::time::{Duration, Instant};
@@ -2387,13 +2393,7 @@ async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
     tokio::time::sleep(Duration::from_secs(15)).await;
     let left = list(&bucket, "maps").await;
     assert!(!left.is_empty(), "{}", cluster.scheduler_log());
-    assert!(
-        cluster
-            .scheduler_log()
-            .contains("cannot remove durable shuffle data"),
-        "{}",
-        cluster.scheduler_log()
-    );
+    assert_scheduler_logged(&cluster, "cannot remove durable shuffle data");
 
     drop(context);
     cluster.kill_scheduler();
@@ -2412,8 +2412,70 @@ async fn durable_map_outputs_a_failed_clean_up_left_are_deleted_later() {
     let state =
         quiver_scheduler::store::StateStore::open(&cluster.work_dir().join("scheduler-state"))
             .expect("state");
-    let left = state.durable_left().expect("durable outputs left");
+    let left = state.storage_left().expect("durable outputs left");
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A write whose clean-up the store refuses when its job ends (the
+/// cluster's keys lose the right to delete as a `COPY` is cancelled) leaves
+/// its staging folder, with the records of the uploads its tasks had under
+/// way. Once the keys may delete again, the running scheduler's sweep
+/// settles the write: nothing of it is left, nor any upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_a_failed_clean_up_left_is_settled_later() {
+    use std::time::{Duration, Instant};
+
+    let (s3, users) = S3Server::start_with_users("lake", &[("writer", &["s3:*"])]);
+    let [writer] = users.as_slice() else {
+        panic!("one user");
+    };
+    let args = ClusterArgs {
+        env: s3.env_as(writer),
+        ..ClusterArgs::default()
+    };
+    let cluster = ProcessCluster::start(1, args);
+    let context = cluster.connect(1).await;
+    // Uploads start at S3's smallest part, as row groups of 64 Ki rows fill.
+    for setting in [
+        "SET datafusion.execution.parquet.max_row_group_size = 65536",
+        "SET datafusion.execution.objectstore_writer_buffer_size = 5242880",
+    ] {
+        run(&context, setting).await.expect("setting");
+    }
+    let copy = "COPY (SELECT value, md5(CAST(value AS VARCHAR)) AS digest \
+                FROM range(200000000)) TO 's3://lake/out/' STORED AS PARQUET";
+    let job = context.submit_sql(copy).await.expect("submitted");
+    let bucket = s3.store_as("lake", writer);
+    // An upload is under way: its record is in the staging folder.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while list(&bucket, "out/_temporary").await.is_empty() {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s3.set_user_actions("writer", READS);
+    // The tasks' refused uploads may fail the job before it is cancelled.
+    let cancelled = context.cancel_job(&job.job_id).await;
+    let status = context.wait_for_job(&job.job_id).await.expect("status");
+    assert_ne!(
+        status.state(),
+        JobState::Succeeded,
+        "{status:?} {cancelled:?}"
+    );
+
+    // Both of the job's clean-ups (at its end and 10 s later) are refused.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let staged = list(&bucket, "out/_temporary").await;
+    assert!(!staged.is_empty(), "{}", cluster.scheduler_log());
+    assert_scheduler_logged(&cluster, "cannot settle a write's files");
+    assert!(s3.unfinished_uploads("lake") > 0, "{staged:?}");
+
+    s3.set_user_actions("writer", &["s3:*"]);
+    emptied(&bucket, "out", &cluster).await;
+    assert_eq!(s3.unfinished_uploads("lake"), 0);
+    assert_scheduler_logged(
+        &cluster,
+        "cleaned up what the job's clean-up had left in object storage",
+    );
 }
 
 /// An executor killed while it uploads a durable map output cannot abort the

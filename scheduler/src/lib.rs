@@ -26,7 +26,7 @@
 //! - [`managed`]: the warehouse folders of `CREATE TABLE AS` tables, deleted on `DROP`.
 //! - [`config`]: command-line and environment settings.
 //! - [`starting`]: recovery on start, and what is served meanwhile.
-//! - [`durable_leftovers`]: deletes the durable map outputs that a job's clean-up left.
+//! - [`storage_leftovers`]: cleans up what a job's clean-up left in object storage.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
@@ -38,7 +38,6 @@ pub mod build_stage;
 pub mod catalog;
 pub mod committed_scans;
 pub mod config;
-pub mod durable_leftovers;
 pub mod eager_aggregation;
 pub mod error;
 pub mod exchange_order;
@@ -57,6 +56,7 @@ pub mod service;
 pub mod stages;
 pub mod starting;
 pub mod state;
+pub mod storage_leftovers;
 pub mod store;
 pub mod tables;
 
@@ -109,7 +109,7 @@ pub async fn run(
                 );
             }
             // Until the scheduler stops, which drops this future.
-            durable_leftovers::sweep(service.planner(), service.handle()).await;
+            storage_leftovers::sweep(service.planner(), service.handle()).await;
             Ok(())
         }
     };

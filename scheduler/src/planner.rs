@@ -1061,10 +1061,10 @@ impl Planner {
             .await
     }
 
-    /// The durable map outputs of jobs that may still be in object storage
-    /// (see [`crate::durable_leftovers`]).
-    pub async fn durable_left(&self) -> Result<Vec<quiver_proto::DurableLeft>> {
-        self.with_store(|store| store.durable_left()).await
+    /// What jobs may still have left in object storage (see
+    /// [`crate::storage_leftovers`]).
+    pub async fn storage_left(&self) -> Result<Vec<quiver_proto::StorageLeft>> {
+        self.with_store(|store| store.storage_left()).await
     }
 
     /// Registers the table of a `CREATE TABLE ... AS` job whose write has

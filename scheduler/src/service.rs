@@ -13,7 +13,7 @@ use quiver_core::shuffle::durable;
 use quiver_core::shuffle::layout::validate_identifier;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{StoreRegistry, redact_sql, redacted_error};
-use quiver_core::write::{FinishOverwrite, JobEnded, Settled, settle_write};
+use quiver_core::write::{FinishOverwrite, JobEnded, Settled, Staging, settle_write_and_staging};
 use quiver_proto::scheduler_service_server::SchedulerService;
 use quiver_proto::{
     CancelJobResponse, ExecutorInfo, ExecutorMessage, GetTableRequest, GetTableResponse, JobRecord,
@@ -399,16 +399,18 @@ impl SchedulerGrpc {
                     JobEnded::Otherwise
                 };
                 let removed = remove_durable_outputs(&stores, &job_id, &durable).await;
-                // Removed after the stragglers' grace: the sweep of what
+                let settled = settle_job_write(&stores, &job_id, &writes_to, ended, finish).await;
+                // Cleaned up after the stragglers' grace: the sweep of what
                 // clean-ups leave need not look again
-                // ([`crate::durable_leftovers`]).
-                if pass > 0 && removed && !durable.is_empty() {
-                    recorder.durable_removed(&job_id);
+                // ([`crate::storage_leftovers`]).
+                let write_left = match &settled {
+                    Ok(None | Some((_, Staging::Deleted))) => false,
+                    Ok(Some((_, Staging::Left))) | Err(_) => true,
+                };
+                if pass > 0 && removed && !write_left {
+                    recorder.storage_cleaned(&job_id);
                 }
-                let settled = settle_job_write(&stores, &job_id, &writes_to, ended, finish)
-                    .await
-                    .ok()
-                    .flatten();
+                let settled = settled.ok().flatten().map(|(settled, _)| settled);
                 if pass == 0 && !succeeded && matches!(settled, Some(Settled::Committed { .. })) {
                     // The event loop settles a write whose commit may have
                     // committed before its job ends; only one it could not
@@ -467,19 +469,20 @@ async fn remove_durable_outputs(stores: &StoreRegistry, job_id: &str, durable: &
 
 /// Settles the write of `job_id` into `writes_to`, if not empty: deletes
 /// its staging folder, rolling back a commit that did not write its
-/// manifest ([`settle_write`]); returns how the write was settled (`None`
-/// for no write). A failure is logged and returned: the data stays.
+/// manifest ([`settle_write_and_staging`]); returns how the write was
+/// settled and whether its staging folder is gone (`None` for no write).
+/// A failure is logged and returned: the data stays.
 async fn settle_job_write(
     stores: &StoreRegistry,
     job_id: &str,
     writes_to: &str,
     ended: JobEnded,
     finish: FinishOverwrite,
-) -> Result<Option<Settled>, DataFusionError> {
+) -> Result<Option<(Settled, Staging)>, DataFusionError> {
     if writes_to.is_empty() {
         return Ok(None);
     }
-    match settle_write(stores, writes_to, job_id, ended, finish).await {
+    match settle_write_and_staging(stores, writes_to, job_id, ended, finish).await {
         Ok(settled) => {
             debug!(%job_id, ?settled, "settled the job's write");
             Ok(Some(settled))

@@ -1,14 +1,18 @@
-//! Durable map outputs that outlive their job's clean-up.
+//! What jobs leave in object storage when their clean-up fails.
 //!
-//! A job run with `quiver.shuffle_location` copies its map outputs to object
-//! storage, and once it ends the scheduler deletes them (see
-//! `service.rs::clean_up_storage_when_done`, and `service/restart.rs` after a
-//! restart). A store that refuses or does not answer then, or a scheduler
-//! that stops first, would leave them for ever, paid for and never read. So
-//! each such job is recorded in the state store from its acceptance
-//! ([`DurableLeft`]) until a deletion made after it ended has succeeded, and
-//! [`sweep`] makes those deletions while the scheduler runs, after a restart
-//! as well, trying a store that fails again later and later, for a week.
+//! Once a job ends, the scheduler deletes what it left in object storage
+//! (see `service.rs::clean_up_storage_when_done`, and `service/restart.rs`
+//! after a restart): the map outputs of a job run with
+//! `quiver.shuffle_location`, and its write's staging folder, which holds
+//! the files of failed and losing attempts and the records of their
+//! unfinished uploads (the write is settled: rolled back unless its
+//! manifest was written). A store that refuses or does not answer then, or
+//! a scheduler that stops first, would leave them for ever, paid for and
+//! never read. So each such job is recorded in the state store from its
+//! acceptance ([`StorageLeft`]) until a clean-up made after it ended has
+//! left nothing, and [`sweep`] makes those clean-ups while the scheduler
+//! runs, after a restart as well, trying a store that fails again later and
+//! later, for a week.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,7 +21,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use quiver_core::shuffle::durable;
 use quiver_core::storage::{StoreRegistry, redacted_error};
-use quiver_proto::DurableLeft;
+use quiver_core::write::{FinishOverwrite, JobEnded, Settled, Staging, settle_write_and_staging};
+use quiver_proto::{JobState, StorageLeft};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -26,158 +31,226 @@ use crate::planner::Planner;
 use crate::state::event_loop::unix_millis;
 use crate::state::{SchedulerHandle, is_final};
 
-/// How often the recorded outputs are looked at.
+/// How often the recorded jobs are looked at.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// The wait before a store that failed a deletion is tried again, doubled
+/// The wait before a store that failed a clean-up is tried again, doubled
 /// at each failure up to [`LONGEST_RETRY`].
 const FIRST_RETRY: Duration = SWEEP_EVERY;
 const LONGEST_RETRY: Duration = Duration::from_secs(3600);
 
-/// Age of a job after which a failed deletion of its outputs is given up,
-/// and its record forgotten: a bucket deleted, or keys revoked for good,
-/// would otherwise keep it, its credentials included, for ever.
+/// Age of a job after which a failed clean-up is given up, and its record
+/// forgotten: a bucket deleted, or keys revoked for good, would otherwise
+/// keep it, its credentials included, for ever. A write's staging folder
+/// is then left to a later commit into its table, which settles the
+/// writes abandoned for a day.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Longest wait for one job's deletion. A location whose deletion takes
-/// longer is not tried for its other jobs in the same sweep: one store that
-/// does not answer holds the sweep up once, not once per job.
-const DELETION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for one location of one job's clean-up. A location whose
+/// clean-up takes longer is not tried for its other jobs in the same sweep:
+/// one store that does not answer holds the sweep up once, not once per
+/// job.
+const CLEAN_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Deletions made at once.
-const CONCURRENT_DELETIONS: usize = 8;
+/// Clean-ups made at once.
+const CONCURRENT_CLEAN_UPS: usize = 8;
 
-/// Deletes, every 30 s (`SWEEP_EVERY`), the durable map outputs of ended jobs
-/// that are still recorded as left, and forgets each once its deletion
-/// succeeds. A job is not touched while it runs, nor at the first sweep
-/// that finds it ended: its own clean-up, and that of the tasks still
-/// writing as it ended, has usually run by the next. Runs until the future
-/// is dropped (the scheduler stops).
+/// Cleans up, every 30 s (`SWEEP_EVERY`), what ended jobs still recorded
+/// as leaving storage left, and forgets each once nothing is left. A job is
+/// not touched while it runs (a write a restart interrupted shows as
+/// running until the start settles it), nor at the first sweep that finds
+/// it ended: its own clean-up, and that of the tasks still writing as it
+/// ended, has usually run by the next. Runs until the future is dropped
+/// (the scheduler stops).
 pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
     let mut sweeper = Sweeper::default();
     let mut ticks = tokio::time::interval(SWEEP_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let left = match planner.durable_left().await {
+        let left = match planner.storage_left().await {
             Ok(left) => left,
             Err(e) => {
-                warn!(%e, "cannot read which durable map outputs are left to delete");
+                warn!(%e, "cannot read what jobs left in object storage to clean up");
                 continue;
             }
         };
-        let running = |job_id: &str| {
-            handle
-                .directory
-                .get(job_id)
-                .is_some_and(|status| !is_final(status.borrow().state()))
+        // How each job ended; `None` while it runs, `Some(None)` if not known.
+        let ending = |job_id: &str| match handle.directory.get(job_id) {
+            Some(status) if !is_final(status.borrow().state()) => None,
+            Some(status) => Some(Some(ended_as(status.borrow().state()))),
+            None => Some(None),
         };
         let started = Instant::now();
-        let due = sweeper.due(left, running, started);
+        let due = sweeper.due(left, |job_id| ending(job_id).is_none(), started);
         if due.is_empty() {
             continue;
         }
         let shared = planner.object_stores();
         let timed_out = Mutex::new(HashSet::new());
-        let deletions = futures::stream::iter(due)
+        let clean_ups = futures::stream::iter(due)
             .map(|left| {
                 let stores = job_stores(&shared, &left.stores, &left.job_id);
+                let ended = ending(&left.job_id).flatten();
                 let timed_out = &timed_out;
                 async move {
-                    let deleted = delete(&stores, &left, timed_out).await;
-                    (left, deleted)
+                    let cleaned = clean_up(&stores, &left, ended, timed_out).await;
+                    (left, cleaned)
                 }
             })
-            .buffer_unordered(CONCURRENT_DELETIONS)
+            .buffer_unordered(CONCURRENT_CLEAN_UPS)
             .collect::<Vec<_>>()
             .await;
-        for (left, deleted) in deletions {
+        for (left, cleaned) in clean_ups {
             let job_id = left.job_id.as_str();
-            match deleted {
+            let (shuffle, writes_to) = (&left.shuffle_location, &left.writes_to);
+            match cleaned {
                 Ok(()) => {
-                    handle.recorder.durable_removed(job_id);
-                    if sweeper.forget(job_id) {
-                        info!(%job_id, location = %left.location,
-                            "deleted the durable map outputs that the job's clean-up had left");
-                    }
+                    handle.recorder.storage_cleaned(job_id);
+                    let retried = sweeper.forget(job_id);
+                    info!(%job_id, %shuffle, %writes_to, retried,
+                        "cleaned up what the job's clean-up had left in object storage");
                 }
                 Err(error) if older_than(&left, GIVE_UP_AFTER) => {
-                    warn!(%job_id, location = %left.location, %error,
+                    warn!(%job_id, %shuffle, %writes_to, %error,
                         days = GIVE_UP_AFTER.as_secs() / 86_400,
-                        "gave up deleting the durable map outputs that a job's clean-up left, \
-                         after trying for days; delete the job's folder at the location, \
-                         if it is still there");
-                    handle.recorder.durable_removed(job_id);
+                        "gave up cleaning up what a job left in object storage, after trying \
+                         for days; delete the job's folder at its shuffle location, if it is \
+                         still there (a later write into its table settles its write)");
+                    handle.recorder.storage_cleaned(job_id);
                     sweeper.forget(job_id);
                 }
                 Err(error) => {
                     let retry = sweeper.failed(job_id, started);
-                    warn!(%job_id, location = %left.location, %error,
+                    warn!(%job_id, %shuffle, %writes_to, %error,
                         retry_secs = retry.as_secs(),
-                        "cannot delete durable map outputs that the job's clean-up left; \
-                         they are tried again");
+                        "cannot clean up what the job's clean-up left in object storage; \
+                         it is tried again");
                 }
             }
         }
     }
 }
 
+/// How a job that ended as `state` ended, for settling its write.
+fn ended_as(state: JobState) -> JobEnded {
+    match state {
+        JobState::Succeeded => JobEnded::Succeeded,
+        _ => JobEnded::Otherwise,
+    }
+}
+
 /// Whether the job of `left` was accepted longer than `age` ago.
-fn older_than(left: &DurableLeft, age: Duration) -> bool {
+fn older_than(left: &StorageLeft, age: Duration) -> bool {
     let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
     unix_millis().saturating_sub(left.recorded_at_unix_ms) > age_ms
 }
 
-/// Deletes the durable map outputs of one ended job, unless a deletion at
-/// the same location timed out in this sweep (`timed_out`); the error,
-/// redacted.
-async fn delete(
+/// Cleans up what one ended job left: deletes its durable map outputs and
+/// settles its write (`ended` says how the job ended; if not known, the
+/// write is left to a later commit into its table). The two may lie on
+/// different stores, so each has its own [`CLEAN_UP_TIMEOUT`], and a
+/// location whose clean-up timed out in this sweep (`timed_out`) is not
+/// tried. The errors, redacted.
+async fn clean_up(
     stores: &Arc<StoreRegistry>,
-    left: &DurableLeft,
+    left: &StorageLeft,
+    ended: Option<JobEnded>,
     timed_out: &Mutex<HashSet<String>>,
 ) -> Result<(), String> {
-    let locked = || timed_out.lock().unwrap_or_else(PoisonError::into_inner);
-    if locked().contains(&left.location) {
-        return Err("not tried: a deletion at the same location did not finish in time".into());
-    }
-    let deleting = durable::remove_job(stores, &left.location, &left.job_id);
-    match tokio::time::timeout(DELETION_TIMEOUT, deleting).await {
-        Ok(Ok(())) => {
-            debug!(job_id = %left.job_id, location = %left.location,
-                "the job's durable map outputs are deleted");
+    let job_id = left.job_id.as_str();
+    let deleting = async {
+        durable::remove_job(stores, &left.shuffle_location, job_id)
+            .await
+            .map_err(|e| redacted_error(&e).to_string())
+    };
+    let settling = async {
+        let Some(ended) = ended else {
+            info!(%job_id, writes_to = %left.writes_to,
+                "how the job ended is not known, so its write is not settled here: \
+                 a later commit into its table settles it once it is a day old");
+            return Ok(());
+        };
+        let settling =
+            settle_write_and_staging(stores, &left.writes_to, job_id, ended, FinishOverwrite::No);
+        match settling.await {
+            Ok((settled, staging)) => {
+                if ended == JobEnded::Otherwise && matches!(settled, Settled::Committed { .. }) {
+                    warn!(%job_id, writes_to = %left.writes_to,
+                        "the job did not succeed, but its write had committed: its rows are \
+                         in the table");
+                }
+                match staging {
+                    Staging::Deleted => Ok(()),
+                    Staging::Left => Err("its write's staging folder could not be deleted".into()),
+                }
+            }
+            Err(e) => Err(redacted_error(&e).to_string()),
+        }
+    };
+    let (deleted, settled) = tokio::join!(
+        within_time(&left.shuffle_location, deleting, timed_out),
+        within_time(&left.writes_to, settling, timed_out),
+    );
+    match (deleted, settled) {
+        (Ok(()), Ok(())) => {
+            debug!(%job_id, "cleaned up what the job left in object storage");
             Ok(())
         }
-        Ok(Err(e)) => Err(redacted_error(&e).to_string()),
+        (Err(error), Ok(())) | (Ok(()), Err(error)) => Err(error),
+        (Err(deleting), Err(settling)) => Err(format!("{deleting}; {settling}")),
+    }
+}
+
+/// Runs the clean-up of one `location` (nothing to do if empty) within
+/// [`CLEAN_UP_TIMEOUT`], unless a clean-up there timed out in this sweep
+/// (`timed_out`), which a timeout adds it to.
+async fn within_time(
+    location: &str,
+    cleaning: impl Future<Output = Result<(), String>>,
+    timed_out: &Mutex<HashSet<String>>,
+) -> Result<(), String> {
+    if location.is_empty() {
+        return Ok(());
+    }
+    let locked = || timed_out.lock().unwrap_or_else(PoisonError::into_inner);
+    if locked().contains(location) {
+        return Err(format!(
+            "{location} not tried: a clean-up there did not finish in time"
+        ));
+    }
+    match tokio::time::timeout(CLEAN_UP_TIMEOUT, cleaning).await {
+        Ok(cleaned) => cleaned.map_err(|error| format!("{location}: {error}")),
         Err(_) => {
-            locked().insert(left.location.clone());
+            locked().insert(location.to_owned());
             Err(format!(
-                "the store did not finish within {} s",
-                DELETION_TIMEOUT.as_secs()
+                "{location}: the store did not finish within {} s",
+                CLEAN_UP_TIMEOUT.as_secs()
             ))
         }
     }
 }
 
-/// Which recorded jobs are due for a deletion: what the sweeps remember.
+/// Which recorded jobs are due for a clean-up: what the sweeps remember.
 #[derive(Debug, Default)]
 struct Sweeper {
     /// Jobs found ended by an earlier sweep.
     seen_ended: HashSet<String>,
-    /// Jobs whose deletion failed: when to try again, and the wait that
+    /// Jobs whose clean-up failed: when to try again, and the wait that
     /// led there.
     retry_at: HashMap<String, (Instant, Duration)>,
 }
 
 impl Sweeper {
-    /// The jobs of `left` to delete the outputs of `now`: ended (not
-    /// `running`) at an earlier sweep already, and not waiting to be tried
-    /// again. Forgets what is no longer recorded.
+    /// The jobs of `left` to clean up after `now`: ended (not `running`)
+    /// at an earlier sweep already, and not waiting to be tried again.
+    /// Forgets what is no longer recorded.
     fn due(
         &mut self,
-        left: Vec<DurableLeft>,
+        left: Vec<StorageLeft>,
         running: impl Fn(&str) -> bool,
         now: Instant,
-    ) -> Vec<DurableLeft> {
+    ) -> Vec<StorageLeft> {
         let recorded: HashSet<&str> = left.iter().map(|left| left.job_id.as_str()).collect();
         self.seen_ended
             .retain(|job_id| recorded.contains(job_id.as_str()));
@@ -198,14 +271,14 @@ impl Sweeper {
             .collect()
     }
 
-    /// Forgets `job_id`, whose record goes; returns whether a deletion of
-    /// its outputs had failed before.
+    /// Forgets `job_id`, whose record goes; returns whether a clean-up of
+    /// it had failed before.
     fn forget(&mut self, job_id: &str) -> bool {
         self.seen_ended.remove(job_id);
         self.retry_at.remove(job_id).is_some()
     }
 
-    /// Notes a failed deletion at `now`; returns the wait until the next.
+    /// Notes a failed clean-up at `now`; returns the wait until the next.
     fn failed(&mut self, job_id: &str, now: Instant) -> Duration {
         let wait = match self.retry_at.get(job_id) {
             Some((_, waited)) => (*waited * 2).min(LONGEST_RETRY),
@@ -220,10 +293,11 @@ impl Sweeper {
 mod tests {
     use super::*;
 
-    fn left(job_id: &str) -> DurableLeft {
-        DurableLeft {
+    fn left(job_id: &str) -> StorageLeft {
+        StorageLeft {
             job_id: job_id.into(),
-            location: "s3://shuffle/maps".into(),
+            shuffle_location: "s3://shuffle/maps".into(),
+            writes_to: "s3://lake/table/".into(),
             stores: Vec::new(),
             recorded_at_unix_ms: 1,
         }
@@ -234,7 +308,7 @@ mod tests {
         false
     }
 
-    fn ids(due: &[DurableLeft]) -> Vec<&str> {
+    fn ids(due: &[StorageLeft]) -> Vec<&str> {
         due.iter().map(|left| left.job_id.as_str()).collect()
     }
 
@@ -286,7 +360,7 @@ mod tests {
     #[test]
     fn a_job_is_given_up_on_only_a_week_after_it_was_accepted() {
         let now = unix_millis();
-        let accepted = |days_ago: u64| DurableLeft {
+        let accepted = |days_ago: u64| StorageLeft {
             recorded_at_unix_ms: now - days_ago * 86_400_000,
             ..left("a")
         };

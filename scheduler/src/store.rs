@@ -7,12 +7,12 @@
 //! synchronous and small; callers run them off the event loop
 //! ([`JobRecorder`] for the job history).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
-use quiver_proto::{CatalogEntry, DurableLeft, JobRecord, JobStores, PendingTable, StoreConfig};
+use quiver_proto::{CatalogEntry, JobRecord, JobStores, PendingTable, StorageLeft, StoreConfig};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
 
@@ -26,9 +26,11 @@ const PENDING_TABLES: TableDefinition<&str, &[u8]> = TableDefinition::new("pendi
 /// included, like the catalog's statements.
 const JOB_STORES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_stores");
 
-/// The durable map outputs of jobs that may still be in object storage, by
-/// job id: secrets included, like the job stores.
-const DURABLE_LEFT: TableDefinition<&str, &[u8]> = TableDefinition::new("durable_left");
+/// What jobs may still have left in object storage (their durable map
+/// outputs, their write's staging folder), by job id: secrets included,
+/// like the job stores. Named when it held durable map outputs only, as the
+/// stores of earlier versions have it.
+const STORAGE_LEFT: TableDefinition<&str, &[u8]> = TableDefinition::new("durable_left");
 
 /// Finished jobs kept in the history; older ones are pruned.
 pub const JOB_HISTORY_LIMIT: usize = 1000;
@@ -104,7 +106,7 @@ impl StateStore {
         write.open_table(JOBS)?;
         write.open_table(PENDING_TABLES)?;
         write.open_table(JOB_STORES)?;
-        write.open_table(DURABLE_LEFT)?;
+        write.open_table(STORAGE_LEFT)?;
         write.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -228,7 +230,7 @@ impl StateStore {
         {
             let mut jobs = write.open_table(JOBS)?;
             let mut stores = write.open_table(JOB_STORES)?;
-            let mut durable = write.open_table(DURABLE_LEFT)?;
+            let mut durable = write.open_table(STORAGE_LEFT)?;
             for entry in entries {
                 match entry {
                     JobEntry::Record(record) => {
@@ -245,7 +247,7 @@ impl StateStore {
                     JobEntry::Stores(kept) => {
                         stores.insert(kept.job_id.as_str(), kept.encode_to_vec().as_slice())?;
                     }
-                    JobEntry::DurableLeft(left) => {
+                    JobEntry::StorageLeft(left) => {
                         // Kept as its job's acceptance recorded it: a restart
                         // recording it again must not put off its give-up.
                         let known = durable.get(left.job_id.as_str())?.is_some();
@@ -254,7 +256,7 @@ impl StateStore {
                                 .insert(left.job_id.as_str(), left.encode_to_vec().as_slice())?;
                         }
                     }
-                    JobEntry::DurableRemoved(job_id) => {
+                    JobEntry::StorageCleaned(job_id) => {
                         durable.remove(job_id.as_str())?;
                     }
                 }
@@ -282,9 +284,9 @@ impl StateStore {
             .collect())
     }
 
-    /// The durable map outputs that may still be in object storage.
-    pub fn durable_left(&self) -> Result<Vec<DurableLeft>> {
-        decode_all(&self.db.begin_read()?.open_table(DURABLE_LEFT)?)
+    /// What jobs may still have left in object storage.
+    pub fn storage_left(&self) -> Result<Vec<StorageLeft>> {
+        decode_all(&self.db.begin_read()?.open_table(STORAGE_LEFT)?)
     }
 
     /// Every job record, oldest first.
@@ -294,13 +296,20 @@ impl StateStore {
         Ok(records)
     }
 
-    /// Removes the oldest finished jobs beyond `keep`.
+    /// Removes the oldest finished jobs beyond `keep`. A job whose storage
+    /// is still to clean up is kept: its clean-up needs to know how it ended.
     pub fn prune_jobs(&self, keep: usize) -> Result<usize> {
+        let left: HashSet<String> = self
+            .storage_left()?
+            .into_iter()
+            .map(|left| left.job_id)
+            .collect();
         let finished: Vec<String> = self
             .jobs()?
             .into_iter()
             .filter(|record| record.finished_at_unix_ms > 0)
             .filter_map(|record| record.status.map(|status| status.job_id))
+            .filter(|job_id| !left.contains(job_id))
             .collect();
         let excess = finished.len().saturating_sub(keep);
         if excess == 0 {
@@ -341,10 +350,10 @@ pub enum JobEntry {
     Record(Box<JobRecord>),
     /// The stores a job runs with, until its final record.
     Stores(JobStores),
-    /// Durable map outputs that a job may leave in object storage.
-    DurableLeft(DurableLeft),
-    /// The job's durable map outputs are deleted.
-    DurableRemoved(String),
+    /// What a job may leave in object storage.
+    StorageLeft(StorageLeft),
+    /// The job's storage is cleaned up: nothing of it is left.
+    StorageCleaned(String),
 }
 
 /// Writes job records on a thread of its own, so that the event loop never
@@ -418,24 +427,33 @@ impl JobRecorder {
         }
     }
 
-    /// Queues the location and stores of a job's durable map outputs, to
-    /// be kept until they are deleted ([`Self::durable_removed`]).
-    pub fn keep_durable_left(&self, job_id: &str, location: &str, stores: &[StoreConfig]) {
+    /// Queues what a job may leave in object storage (its durable map
+    /// outputs at `shuffle_location`, its write into `writes_to`; either
+    /// may be empty) with its stores, to be kept until its clean-up
+    /// succeeds ([`Self::storage_cleaned`]).
+    pub fn keep_storage_left(
+        &self,
+        job_id: &str,
+        shuffle_location: &str,
+        writes_to: &str,
+        stores: &[StoreConfig],
+    ) {
         let _ = self
             .sender
-            .send(Queued::Entry(JobEntry::DurableLeft(DurableLeft {
+            .send(Queued::Entry(JobEntry::StorageLeft(StorageLeft {
                 job_id: job_id.to_owned(),
-                location: location.to_owned(),
+                shuffle_location: shuffle_location.to_owned(),
+                writes_to: writes_to.to_owned(),
                 stores: stores.to_vec(),
                 recorded_at_unix_ms: crate::state::event_loop::unix_millis(),
             })));
     }
 
-    /// Queues forgetting the durable map outputs of `job_id`, deleted.
-    pub fn durable_removed(&self, job_id: &str) {
+    /// Queues forgetting what `job_id` left in object storage, cleaned up.
+    pub fn storage_cleaned(&self, job_id: &str) {
         let _ = self
             .sender
-            .send(Queued::Entry(JobEntry::DurableRemoved(job_id.to_owned())));
+            .send(Queued::Entry(JobEntry::StorageCleaned(job_id.to_owned())));
     }
 
     /// Queues the stores of a starting job to be kept until its final
@@ -579,12 +597,13 @@ mod tests {
     }
 
     #[test]
-    fn durable_outputs_stay_recorded_past_their_jobs_end_until_deleted() {
+    fn storage_stays_recorded_past_its_jobs_end_until_cleaned_up() {
         let folder = tempfile::tempdir().expect("tempdir");
         let left_at = |job_id: &str, recorded_at_unix_ms| {
-            JobEntry::DurableLeft(DurableLeft {
+            JobEntry::StorageLeft(StorageLeft {
                 job_id: job_id.into(),
-                location: "s3://lake/maps".into(),
+                shuffle_location: "s3://lake/maps".into(),
+                writes_to: "s3://lake/table/".into(),
                 stores: Vec::new(),
                 recorded_at_unix_ms,
             })
@@ -597,17 +616,18 @@ mod tests {
                     left("deleted"),
                     left("ended"),
                     JobEntry::Record(record("ended", 10, 15).into()),
-                    JobEntry::DurableRemoved("deleted".into()),
+                    JobEntry::StorageCleaned("deleted".into()),
                     // A restart records an interrupted job again.
                     left_at("ended", 99),
                 ])
                 .expect("entries");
         }
         let store = StateStore::open(folder.path()).expect("reopen");
-        let left = store.durable_left().expect("left");
+        let left = store.storage_left().expect("left");
         let jobs: Vec<&str> = left.iter().map(|left| left.job_id.as_str()).collect();
         assert_eq!(jobs, ["ended"], "kept after the job's final record");
-        assert_eq!(left[0].location, "s3://lake/maps");
+        assert_eq!(left[0].shuffle_location, "s3://lake/maps");
+        assert_eq!(left[0].writes_to, "s3://lake/table/");
         assert_eq!(left[0].recorded_at_unix_ms, 1, "as first recorded");
     }
 
@@ -629,12 +649,28 @@ mod tests {
             .collect();
         store.put_job_entries(&entries).expect("jobs");
         assert_eq!(store.prune_jobs(2).expect("prune"), 2);
-        let left: Vec<String> = store
-            .jobs()
-            .expect("jobs")
-            .into_iter()
-            .filter_map(|record| record.status.map(|status| status.job_id))
+        let kept = || -> Vec<String> {
+            store
+                .jobs()
+                .expect("jobs")
+                .into_iter()
+                .filter_map(|record| record.status.map(|status| status.job_id))
+                .collect()
+        };
+        assert_eq!(kept(), ["j1", "j4", "j5"]);
+
+        // j2, the oldest finished, has storage left to clean up.
+        let records = (2..=3).map(|n| record(&format!("j{n}"), n * 10, n * 10 + 1));
+        let mut entries: Vec<JobEntry> = records
+            .map(|record| JobEntry::Record(record.into()))
             .collect();
-        assert_eq!(left, ["j1", "j4", "j5"]);
+        entries.push(JobEntry::StorageLeft(StorageLeft {
+            job_id: "j2".into(),
+            writes_to: "s3://lake/table/".into(),
+            ..StorageLeft::default()
+        }));
+        store.put_job_entries(&entries).expect("jobs");
+        assert_eq!(store.prune_jobs(2).expect("prune"), 1);
+        assert_eq!(kept(), ["j1", "j2", "j4", "j5"]);
     }
 }

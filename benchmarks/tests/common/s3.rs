@@ -26,6 +26,8 @@ const ACCOUNT: &str = "123456789012";
 pub struct S3Server {
     _server: super::ServerProcess,
     port: u16,
+    /// Whether moto checks requests once the set-up's are done.
+    checks_requests: bool,
 }
 
 /// An access key and its secret.
@@ -103,6 +105,7 @@ impl S3Server {
         Self {
             _server: server,
             port,
+            checks_requests: setup_requests.is_some(),
         }
     }
 
@@ -148,7 +151,18 @@ impl S3Server {
 
     /// Sends one IAM request, of the set-up; returns the response.
     fn iam(&self, form: &str) -> String {
-        let response = self.request(
+        let response = self.unchecked_iam(form);
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "IAM {form} failed: {response}"
+        );
+        response
+    }
+
+    /// Sends one IAM request without a valid signature: moto answers it
+    /// only while it leaves requests unchecked.
+    fn unchecked_iam(&self, form: &str) -> String {
+        self.request(
             "POST",
             "/",
             // moto routes by the service its credential scope names.
@@ -161,11 +175,45 @@ impl S3Server {
                 ("Content-Type", "application/x-www-form-urlencoded"),
             ],
             &format!("{form}&Version=2010-05-08"),
+        )
+    }
+
+    /// Replaces what the IAM user `name` may do with `actions`, at once for
+    /// the keys it has. moto checks every request once the set-up's are
+    /// done, so it is told to leave one more unchecked (its `reset-auth`);
+    /// a request of another client may take that one first, so this tries
+    /// until its own goes through.
+    pub fn set_user_actions(&self, name: &str, actions: &[&str]) {
+        let policy = policy_allowing(actions);
+        let form = format!(
+            "Action=PutUserPolicy&UserName={name}&PolicyName=access&PolicyDocument={policy}"
         );
+        let response = self.unchecked(|| self.unchecked_iam(&form));
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "IAM {form} failed: {response}"
         );
+    }
+
+    /// The response to `request`, which moto answers only while it leaves
+    /// requests unchecked. On a server that checks them, moto is told to
+    /// leave one more unchecked (its `reset-auth`); a request of another
+    /// client may take that one first, so this tries until `request` is
+    /// answered.
+    fn unchecked(&self, request: impl Fn() -> String) -> String {
+        if !self.checks_requests {
+            return request();
+        }
+        let mut response = String::new();
+        for _ in 0..100 {
+            let reset = self.request("POST", "/moto-api/reset-auth", &[], "1");
+            assert!(reset.starts_with("HTTP/1.1 200"), "reset-auth: {reset}");
+            response = request();
+            if response.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         response
     }
 
@@ -194,7 +242,8 @@ impl S3Server {
     /// Multipart uploads started in `bucket` and neither completed nor
     /// aborted (S3 `ListMultipartUploads`).
     pub fn unfinished_uploads(&self, bucket: &str) -> usize {
-        let response = self.unsigned_request("GET", &format!("/{bucket}?uploads"));
+        let response =
+            self.unchecked(|| self.unsigned_request("GET", &format!("/{bucket}?uploads")));
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "ListMultipartUploads {bucket} failed: {response}"

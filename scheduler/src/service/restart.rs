@@ -600,7 +600,7 @@ async fn settle_after_restart(
             "removing the durable shuffle data of an interrupted job timed out; it stays");
     }
     match settled {
-        Ok(Ok(settled)) => Ok(settled),
+        Ok(Ok(settled)) => Ok(settled.map(|(settled, _)| settled)),
         Ok(Err(e)) => Err(NotSettled::Failed(e)),
         Err(_) => {
             warn!(%job_id, timeout_secs = RESTART_CLEAN_UP_TIMEOUT.as_secs(),

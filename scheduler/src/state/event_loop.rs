@@ -116,8 +116,13 @@ pub fn spawn(
                 recorder.keep_stores(&job_id, &stores);
             }
             // Already recorded, unless an older version ran the job.
-            if running && !record.durable_shuffle.is_empty() {
-                recorder.keep_durable_left(&job_id, &record.durable_shuffle, &stores);
+            if running && (!record.durable_shuffle.is_empty() || !record.writes_to.is_empty()) {
+                recorder.keep_storage_left(
+                    &job_id,
+                    &record.durable_shuffle,
+                    &record.writes_to,
+                    &stores,
+                );
             }
             recorder.record(record.clone());
             interrupted.push(InterruptedJob {
@@ -485,11 +490,10 @@ impl SchedulerLoop {
         // credentials, which the catalog may not hold (a `COPY`'s options).
         if !job.durable_shuffle.is_empty() || job.writes_to.is_some() {
             self.recorder.keep_stores(&job.id, &job.stores);
-        }
-        // Until they are deleted, whatever ends the job or the scheduler.
-        if !job.durable_shuffle.is_empty() {
+            // Until it is cleaned up, whatever ends the job or the scheduler.
+            let writes_to = job.writes_to.as_deref().unwrap_or_default();
             self.recorder
-                .keep_durable_left(&job.id, &job.durable_shuffle, &job.stores);
+                .keep_storage_left(&job.id, &job.durable_shuffle, writes_to, &job.stores);
         }
         self.recorder.record(job.record(0));
         self.jobs.insert(submitted.job_id, (job, submitted.status));
