@@ -19,12 +19,16 @@ use crate::storage::redact_store_echoes;
 /// sees (a failed statistics pre-warm, at `warn`, quotes S3's answer with
 /// its `<Token-0>`), and plans at `debug`. sqlparser is held at `info`: at
 /// `debug` it logs the tokens of statements, secrets included, in forms no
-/// pattern can tell.
+/// pattern can tell. Colours only a terminal: a log file or a pod's log
+/// gets plain text, which `grep job_id=...` finds.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
+
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .add_directive(Directive::from_str("sqlparser=info").unwrap_or_default());
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_writer(|| Redacted(std::io::stderr()))
         .init();
