@@ -29,14 +29,20 @@ pub async fn submit(
     query: Query,
     settings: Vec<Setting>,
 ) -> Result<SubmittedJob> {
-    let response = client
-        .submit_job(SubmitJobRequest {
-            query: Some(query),
-            settings,
-        })
-        .await
-        .map_err(submit_failed)?
-        .into_inner();
+    let request = SubmitJobRequest {
+        query: Some(query),
+        settings,
+    };
+    let mut answer = client.submit_job(request.clone()).await;
+    // Cancelled unwritten on a connection that had closed (its scheduler
+    // stopped, or restarted since the last call): the scheduler never saw
+    // it, and the channel connects again for the next request.
+    if let Err(status) = &answer
+        && causes(status).any(cancelled_in_queue)
+    {
+        answer = client.submit_job(request).await;
+    }
+    let response = answer.map_err(submit_failed)?.into_inner();
     Ok(SubmittedJob {
         schema: schema_from_bytes(&response.schema)?,
         job_id: response.job_id,
@@ -65,10 +71,15 @@ fn never_written(cause: &(dyn std::error::Error + 'static)) -> bool {
     let refused = cause
         .downcast_ref::<std::io::Error>()
         .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-    let cancelled_in_queue = cause
+    refused || cancelled_in_queue(cause)
+}
+
+/// Whether a transport failure is hyper's cancelling of a request still
+/// queued for a connection that closed: it was never written.
+fn cancelled_in_queue(cause: &(dyn std::error::Error + 'static)) -> bool {
+    cause
         .downcast_ref::<hyper::Error>()
-        .is_some_and(hyper::Error::is_canceled);
-    refused || cancelled_in_queue
+        .is_some_and(hyper::Error::is_canceled)
 }
 
 /// Follows a job until it reaches a final state; `progress` sees every
@@ -248,6 +259,8 @@ pub async fn execute(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use tokio::io::AsyncReadExt;
 
@@ -277,15 +290,67 @@ mod tests {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        // Takes the connection and closes it at once, before the client
+        // Takes each connection and closes it at once, before the client
         // could write the request queued for it.
         let peer = tokio::spawn(async move {
-            let (connection, _) = listener.accept().await.expect("accept");
-            drop(connection);
+            let mut connections = 0;
+            while let Ok(Ok((connection, _))) =
+                tokio::time::timeout(Duration::from_secs(2), listener.accept()).await
+            {
+                drop(connection);
+                connections += 1;
+            }
+            connections
         });
         let error = submit_to(address).await;
-        peer.await.expect("peer");
         assert!(matches!(error, Error::StatementNotSent { .. }), "{error:?}");
+        assert!(error.to_string().contains("canceled"), "{error}");
+        assert_eq!(peer.await.expect("peer"), 2, "sent once more");
+    }
+
+    /// A statement cancelled unwritten on a connection that closed (its
+    /// scheduler restarted since the last statement) is sent once more, on
+    /// a new connection, and runs. On one thread, the connection's task
+    /// sees the close before it takes the request, as in the test above.
+    #[tokio::test]
+    async fn a_statement_cancelled_unwritten_is_sent_again() {
+        let options = crate::StandaloneOptions {
+            executors: 1,
+            ..crate::StandaloneOptions::default()
+        };
+        let cluster = crate::StandaloneCluster::start(options)
+            .await
+            .expect("cluster");
+        let scheduler = cluster.url().trim_start_matches("quiver://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        // Closes the first connection at once, and passes the next ones on
+        // to the scheduler.
+        let proxy = tokio::spawn(async move {
+            let (first, _) = listener.accept().await.expect("accept");
+            drop(first);
+            while let Ok((mut client, _)) = listener.accept().await {
+                let scheduler = scheduler.clone();
+                tokio::spawn(async move {
+                    let mut upstream = tokio::net::TcpStream::connect(&scheduler)
+                        .await
+                        .expect("reach the scheduler");
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let query = Query::Sql("SELECT 1".into());
+        let submitted = submit(&mut SchedulerServiceClient::new(channel), query, Vec::new())
+            .await
+            .expect("sent again, and run");
+        assert!(!submitted.job_id.is_empty());
+        proxy.abort();
+        cluster.shutdown().await;
     }
 
     #[tokio::test]
