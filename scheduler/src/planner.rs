@@ -1061,6 +1061,12 @@ impl Planner {
             .await
     }
 
+    /// The record of `job_id` in the job history, if it holds it.
+    pub async fn job_record(&self, job_id: &str) -> Result<Option<JobRecord>> {
+        let job_id = job_id.to_owned();
+        self.with_store(move |store| store.job(&job_id)).await
+    }
+
     /// What jobs may still have left in object storage (see
     /// [`crate::storage_leftovers`]).
     pub async fn storage_left(&self) -> Result<Vec<quiver_proto::StorageLeft>> {

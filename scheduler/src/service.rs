@@ -32,6 +32,7 @@ use crate::locations::job_stores;
 use crate::planner::{Planned, Planner, StagedJob};
 use crate::state::event_loop::unix_millis;
 use crate::state::{CancelOutcome, Event, SchedulerHandle, SubmittedJob};
+use crate::store::JobRecorder;
 
 mod restart;
 pub use restart::{LeftPending, SettledWrites};
@@ -399,7 +400,8 @@ impl SchedulerGrpc {
                     JobEnded::Otherwise
                 };
                 let removed = remove_durable_outputs(&stores, &job_id, &durable).await;
-                let settled = settle_job_write(&stores, &job_id, &writes_to, ended, finish).await;
+                let settled =
+                    settle_job_write(&recorder, &stores, &job_id, &writes_to, ended, finish).await;
                 // Cleaned up after the stragglers' grace: the sweep of what
                 // clean-ups leave need not look again
                 // ([`crate::storage_leftovers`]).
@@ -471,8 +473,11 @@ async fn remove_durable_outputs(stores: &StoreRegistry, job_id: &str, durable: &
 /// its staging folder, rolling back a commit that did not write its
 /// manifest ([`settle_write_and_staging`]); returns how the write was
 /// settled and whether its staging folder is gone (`None` for no write).
-/// A failure is logged and returned: the data stays.
+/// A failure is logged and returned: the data stays. A write of a job that
+/// did not succeed found committed is noted with what the job left, so that
+/// later settlings never roll it back ([`crate::storage_leftovers`]).
 async fn settle_job_write(
+    recorder: &JobRecorder,
     stores: &StoreRegistry,
     job_id: &str,
     writes_to: &str,
@@ -485,6 +490,9 @@ async fn settle_job_write(
     match settle_write_and_staging(stores, writes_to, job_id, ended, finish).await {
         Ok(settled) => {
             debug!(%job_id, ?settled, "settled the job's write");
+            if ended == JobEnded::Otherwise && matches!(settled.0, Settled::Committed { .. }) {
+                recorder.write_committed(job_id);
+            }
             Ok(Some(settled))
         }
         Err(e) => {

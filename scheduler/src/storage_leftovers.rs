@@ -30,6 +30,7 @@ use crate::locations::job_stores;
 use crate::planner::Planner;
 use crate::state::event_loop::unix_millis;
 use crate::state::{SchedulerHandle, is_final};
+use crate::store::JobRecorder;
 
 /// How often the recorded jobs are looked at.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -58,10 +59,11 @@ const CONCURRENT_CLEAN_UPS: usize = 8;
 /// Cleans up, every 30 s (`SWEEP_EVERY`), what ended jobs still recorded
 /// as leaving storage left, and forgets each once nothing is left. A job is
 /// not touched while it runs (a write a restart interrupted shows as
-/// running until the start settles it), nor at the first sweep that finds
-/// it ended: its own clean-up, and that of the tasks still writing as it
-/// ended, has usually run by the next. Runs until the future is dropped
-/// (the scheduler stops).
+/// running while the start settles it; one the start could not settle ends
+/// failed, and is settled here beside the start's own retries, the same
+/// way), nor at the first sweep that finds it ended: its own clean-up, and
+/// that of the tasks still writing as it ended, has usually run by the
+/// next. Runs until the future is dropped (the scheduler stops).
 pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
     let mut sweeper = Sweeper::default();
     let mut ticks = tokio::time::interval(SWEEP_EVERY);
@@ -75,14 +77,14 @@ pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
                 continue;
             }
         };
-        // How each job ended; `None` while it runs, `Some(None)` if not known.
-        let ending = |job_id: &str| match handle.directory.get(job_id) {
-            Some(status) if !is_final(status.borrow().state()) => None,
-            Some(status) => Some(Some(ended_as(status.borrow().state()))),
-            None => Some(None),
+        let running = |job_id: &str| {
+            handle
+                .directory
+                .get(job_id)
+                .is_some_and(|status| !is_final(status.borrow().state()))
         };
         let started = Instant::now();
-        let due = sweeper.due(left, |job_id| ending(job_id).is_none(), started);
+        let due = sweeper.due(left, running, started);
         if due.is_empty() {
             continue;
         }
@@ -91,10 +93,11 @@ pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
         let clean_ups = futures::stream::iter(due)
             .map(|left| {
                 let stores = job_stores(&shared, &left.stores, &left.job_id);
-                let ended = ending(&left.job_id).flatten();
                 let timed_out = &timed_out;
                 async move {
-                    let cleaned = clean_up(&stores, &left, ended, timed_out).await;
+                    let ended = how_it_ended(planner, handle, &left).await;
+                    let cleaned =
+                        clean_up(&handle.recorder, &stores, &left, ended, timed_out).await;
                     (left, cleaned)
                 }
             })
@@ -132,6 +135,33 @@ pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
     }
 }
 
+/// How the ended job of `left` ended, for settling its write: as one that
+/// succeeded if a settling found its write committed already (its job may
+/// be recorded as failed); else as the scheduler's directory of jobs says,
+/// or the job history once the directory has let it go. `None` if neither
+/// knows the job.
+async fn how_it_ended(
+    planner: &Planner,
+    handle: &SchedulerHandle,
+    left: &StorageLeft,
+) -> Option<JobEnded> {
+    if left.write_committed {
+        return Some(JobEnded::Succeeded);
+    }
+    if let Some(status) = handle.directory.get(&left.job_id) {
+        return Some(ended_as(status.borrow().state()));
+    }
+    match planner.job_record(&left.job_id).await {
+        Ok(record) => record
+            .and_then(|record| record.status)
+            .map(|status| ended_as(status.state())),
+        Err(e) => {
+            warn!(job_id = %left.job_id, %e, "cannot read how the job ended");
+            None
+        }
+    }
+}
+
 /// How a job that ended as `state` ended, for settling its write.
 fn ended_as(state: JobState) -> JobEnded {
     match state {
@@ -147,12 +177,13 @@ fn older_than(left: &StorageLeft, age: Duration) -> bool {
 }
 
 /// Cleans up what one ended job left: deletes its durable map outputs and
-/// settles its write (`ended` says how the job ended; if not known, the
-/// write is left to a later commit into its table). The two may lie on
-/// different stores, so each has its own [`CLEAN_UP_TIMEOUT`], and a
-/// location whose clean-up timed out in this sweep (`timed_out`) is not
-/// tried. The errors, redacted.
+/// settles its write as the job `ended` (not tried if that is not known),
+/// noting a write found committed though the job did not succeed. The two
+/// may lie on different stores, so each has its own [`CLEAN_UP_TIMEOUT`],
+/// and a location whose clean-up timed out in this sweep (`timed_out`) is
+/// not tried. The errors, redacted.
 async fn clean_up(
+    recorder: &JobRecorder,
     stores: &Arc<StoreRegistry>,
     left: &StorageLeft,
     ended: Option<JobEnded>,
@@ -166,10 +197,7 @@ async fn clean_up(
     };
     let settling = async {
         let Some(ended) = ended else {
-            info!(%job_id, writes_to = %left.writes_to,
-                "how the job ended is not known, so its write is not settled here: \
-                 a later commit into its table settles it once it is a day old");
-            return Ok(());
+            return Err("how the job ended is not known, so its write is not settled".into());
         };
         let settling =
             settle_write_and_staging(stores, &left.writes_to, job_id, ended, FinishOverwrite::No);
@@ -179,6 +207,7 @@ async fn clean_up(
                     warn!(%job_id, writes_to = %left.writes_to,
                         "the job did not succeed, but its write had committed: its rows are \
                          in the table");
+                    recorder.write_committed(job_id);
                 }
                 match staging {
                     Staging::Deleted => Ok(()),
@@ -300,6 +329,7 @@ mod tests {
             writes_to: "s3://lake/table/".into(),
             stores: Vec::new(),
             recorded_at_unix_ms: 1,
+            write_committed: false,
         }
     }
 

@@ -259,6 +259,16 @@ impl StateStore {
                     JobEntry::StorageCleaned(job_id) => {
                         durable.remove(job_id.as_str())?;
                     }
+                    JobEntry::WriteCommitted(job_id) => {
+                        let known = durable
+                            .get(job_id.as_str())?
+                            .map(|left| StorageLeft::decode(left.value()))
+                            .transpose()?;
+                        if let Some(mut left) = known.filter(|left| !left.write_committed) {
+                            left.write_committed = true;
+                            durable.insert(job_id.as_str(), left.encode_to_vec().as_slice())?;
+                        }
+                    }
                 }
             }
         }
@@ -287,6 +297,16 @@ impl StateStore {
     /// What jobs may still have left in object storage.
     pub fn storage_left(&self) -> Result<Vec<StorageLeft>> {
         decode_all(&self.db.begin_read()?.open_table(STORAGE_LEFT)?)
+    }
+
+    /// The record of `job_id`, if the history holds it.
+    pub fn job(&self, job_id: &str) -> Result<Option<JobRecord>> {
+        let read = self.db.begin_read()?;
+        let jobs = read.open_table(JOBS)?;
+        Ok(jobs
+            .get(job_id)?
+            .map(|record| JobRecord::decode(record.value()))
+            .transpose()?)
     }
 
     /// Every job record, oldest first.
@@ -354,6 +374,8 @@ pub enum JobEntry {
     StorageLeft(StorageLeft),
     /// The job's storage is cleaned up: nothing of it is left.
     StorageCleaned(String),
+    /// A settling found the job's write committed.
+    WriteCommitted(String),
 }
 
 /// Writes job records on a thread of its own, so that the event loop never
@@ -446,7 +468,16 @@ impl JobRecorder {
                 writes_to: writes_to.to_owned(),
                 stores: stores.to_vec(),
                 recorded_at_unix_ms: crate::state::event_loop::unix_millis(),
+                write_committed: false,
             })));
+    }
+
+    /// Queues noting that a settling found the write of `job_id`, which did
+    /// not succeed, committed: later settlings must not roll it back.
+    pub fn write_committed(&self, job_id: &str) {
+        let _ = self
+            .sender
+            .send(Queued::Entry(JobEntry::WriteCommitted(job_id.to_owned())));
     }
 
     /// Queues forgetting what `job_id` left in object storage, cleaned up.
@@ -606,6 +637,7 @@ mod tests {
                 writes_to: "s3://lake/table/".into(),
                 stores: Vec::new(),
                 recorded_at_unix_ms,
+                write_committed: false,
             })
         };
         let left = |job_id: &str| left_at(job_id, 1);
@@ -619,6 +651,9 @@ mod tests {
                     JobEntry::StorageCleaned("deleted".into()),
                     // A restart records an interrupted job again.
                     left_at("ended", 99),
+                    JobEntry::WriteCommitted("ended".into()),
+                    // Not recorded: nothing to note.
+                    JobEntry::WriteCommitted("unknown".into()),
                 ])
                 .expect("entries");
         }
@@ -629,6 +664,10 @@ mod tests {
         assert_eq!(left[0].shuffle_location, "s3://lake/maps");
         assert_eq!(left[0].writes_to, "s3://lake/table/");
         assert_eq!(left[0].recorded_at_unix_ms, 1, "as first recorded");
+        assert!(left[0].write_committed);
+        let record = store.job("ended").expect("read").expect("recorded");
+        assert_eq!(record.finished_at_unix_ms, 15);
+        assert!(store.job("deleted").expect("read").is_none());
     }
 
     #[test]

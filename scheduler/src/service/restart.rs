@@ -21,6 +21,7 @@ use super::{SchedulerGrpc, remove_durable_outputs, settle_job_write};
 use crate::locations::job_stores;
 use crate::starting::SilentStores;
 use crate::state::event_loop::{InterruptedJob, RESTARTED, unix_millis};
+use crate::store::JobRecorder;
 
 impl SchedulerGrpc {
     /// Cleans up after the jobs that a scheduler restart interrupted (see
@@ -64,6 +65,7 @@ impl SchedulerGrpc {
             let stores = settling_stores(&shared, job);
             has_data.then_some(async move {
                 let settled = settle_while_starting(
+                    &self.handle.recorder,
                     &stores,
                     job_id,
                     &record.durable_shuffle,
@@ -130,7 +132,10 @@ impl SchedulerGrpc {
                 // failed; settling a write is repeatable.
                 None if !succeeded && !was_interrupted && !writes_to.is_empty() => {
                     let stores = self.planner.object_stores();
-                    match settle_while_starting(&stores, &job_id, "", writes_to, silent).await {
+                    let recorder = &self.handle.recorder;
+                    let settling =
+                        settle_while_starting(recorder, &stores, &job_id, "", writes_to, silent);
+                    match settling.await {
                         StartAttempt::Settled(settled) => settled,
                         StartAttempt::Failed | StartAttempt::NotTried => None,
                     }
@@ -405,6 +410,7 @@ impl SchedulerGrpc {
         // Its durable map outputs too: a start that did not try its
         // silent store left them (deleting them again deletes nothing).
         let settling = settle_after_restart(
+            &self.handle.recorder,
             &stores,
             job_id,
             &job.record.durable_shuffle,
@@ -583,13 +589,15 @@ const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// stores, and one that holds its part up must keep the other from neither
 /// being done nor being told.
 async fn settle_after_restart(
+    recorder: &JobRecorder,
     stores: &StoreRegistry,
     job_id: &str,
     durable: &str,
     writes_to: &str,
     finish: FinishOverwrite,
 ) -> Result<Option<Settled>, NotSettled> {
-    let settling = settle_job_write(stores, job_id, writes_to, JobEnded::Otherwise, finish);
+    let ended = JobEnded::Otherwise;
+    let settling = settle_job_write(recorder, stores, job_id, writes_to, ended, finish);
     let removing = remove_durable_outputs(stores, job_id, durable);
     let (settled, removed) = tokio::join!(
         tokio::time::timeout(RESTART_CLEAN_UP_TIMEOUT, settling),
@@ -624,6 +632,7 @@ enum NotSettled {
 /// store that does not answer now becomes silent. One that answers, however
 /// slowly, does not.
 async fn settle_while_starting(
+    recorder: &JobRecorder,
     stores: &StoreRegistry,
     job_id: &str,
     durable: &str,
@@ -635,7 +644,8 @@ async fn settle_while_starting(
         info!(%job_id, %why, "not settling the write of an interrupted job now");
         return StartAttempt::NotTried;
     }
-    match settle_after_restart(stores, job_id, durable, writes_to, FinishOverwrite::Yes).await {
+    let finish = FinishOverwrite::Yes;
+    match settle_after_restart(recorder, stores, job_id, durable, writes_to, finish).await {
         Ok(settled) => StartAttempt::Settled(settled),
         Err(NotSettled::Failed(e)) => {
             if store_did_not_answer(&e) {

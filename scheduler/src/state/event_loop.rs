@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::error::DataFusionError;
 use quiver_core::storage::{StoreRegistry, redacted_error};
-use quiver_core::write::{FinishOverwrite, JobEnded, settle_write};
+use quiver_core::write::{FinishOverwrite, JobEnded, Settled, settle_write};
 use quiver_proto::{
     CancelTasks, CommitAnswer, CommitRequest, Drained, ExecutorRegistered, FailureKind,
     HeartbeatAck, JobRecord, JobState, JobStatus, PROTOCOL_VERSION, RemoveJobData,
@@ -318,6 +318,10 @@ impl SchedulerLoop {
             }
             Event::JobReplanned { job_id, planned } => self.on_job_replanned(&job_id, *planned),
             Event::WriteSettled { job_id, settled } => {
+                // Whatever the job ends as, no later settling rolls it back.
+                if let Ok(Settled::Committed { .. }) = &settled {
+                    self.recorder.write_committed(&job_id);
+                }
                 if let Some((job, _)) = self.jobs.get_mut(&job_id) {
                     let outcome = job.on_write_settled(settled);
                     self.after_outcome(&job_id, outcome);
