@@ -718,3 +718,42 @@ impl SchedulerService for SchedulerGrpc {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StateStore;
+
+    /// A write that a settling finds committed though its job did not
+    /// succeed is marked so with what the job left: later settlings take it
+    /// as a job that succeeded, and never roll it back.
+    #[tokio::test]
+    async fn a_write_found_committed_after_its_job_failed_is_marked() {
+        const JOB: &str = "00000000000000a1";
+        let folder = tempfile::tempdir().expect("temp");
+        let manifests = folder.path().join("t/_manifests");
+        std::fs::create_dir_all(&manifests).expect("folder");
+        let manifest =
+            format!(r#"{{"job_id": "{JOB}", "mode": "Append", "rows": 0, "files": []}}"#);
+        std::fs::write(manifests.join(format!("{JOB}.json")), manifest).expect("manifest");
+        let url = format!("file://{}/t/", folder.path().display());
+        let state = StateStore::in_memory().expect("state");
+        let recorder = JobRecorder::start(state.clone());
+        recorder.keep_storage_left(JOB, "", &url, &[]);
+        let stores = StoreRegistry::new();
+        for (ended, marked) in [(JobEnded::Succeeded, false), (JobEnded::Otherwise, true)] {
+            let finish = FinishOverwrite::No;
+            let settled = settle_job_write(&recorder, &stores, JOB, &url, ended, finish)
+                .await
+                .expect("settled");
+            assert!(
+                matches!(settled, Some((Settled::Committed { .. }, Staging::Deleted))),
+                "{settled:?}"
+            );
+            recorder.flushed().await;
+            let left = state.storage_left().expect("left");
+            assert_eq!(left.len(), 1);
+            assert_eq!(left[0].write_committed, marked, "{ended:?}");
+        }
+    }
+}

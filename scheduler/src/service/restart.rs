@@ -58,14 +58,17 @@ impl SchedulerGrpc {
             );
             tokio::time::sleep_until(leases_ended).await;
         }
+        let committed = self.writes_found_committed().await;
         let clean_ups = interrupted.iter().filter_map(|job| {
             let record = &job.record;
             let job_id = &record.status.as_ref()?.job_id;
             let has_data = !record.durable_shuffle.is_empty() || !record.writes_to.is_empty();
             let stores = settling_stores(&shared, job);
+            let ended = ended_for(&committed, job_id);
             has_data.then_some(async move {
                 let settled = settle_while_starting(
                     &self.handle.recorder,
+                    ended,
                     &stores,
                     job_id,
                     &record.durable_shuffle,
@@ -106,6 +109,7 @@ impl SchedulerGrpc {
         silent: &SilentStores,
     ) -> LeftPending {
         let mut left = LeftPending::default();
+        let committed = self.writes_found_committed().await;
         let (pending, records) = match self.planner.pending_tables().await {
             Ok(found) => found,
             Err(e) => {
@@ -132,9 +136,10 @@ impl SchedulerGrpc {
                 // failed; settling a write is repeatable.
                 None if !succeeded && !was_interrupted && !writes_to.is_empty() => {
                     let stores = self.planner.object_stores();
-                    let recorder = &self.handle.recorder;
-                    let settling =
-                        settle_while_starting(recorder, &stores, &job_id, "", writes_to, silent);
+                    let (recorder, ended) = (&self.handle.recorder, ended_for(&committed, &job_id));
+                    let settling = settle_while_starting(
+                        recorder, ended, &stores, &job_id, "", writes_to, silent,
+                    );
                     match settling.await {
                         StartAttempt::Settled(settled) => settled,
                         StartAttempt::Failed | StartAttempt::NotTried => None,
@@ -222,6 +227,25 @@ impl SchedulerGrpc {
             }
         }
         left
+    }
+
+    /// The jobs whose write a settling found committed though they did not
+    /// succeed ([`quiver_proto::StorageLeft::write_committed`]): none if they cannot be
+    /// read, which only leaves a write whose manifest was retired by
+    /// mistake to be rolled back, as before such jobs were marked.
+    async fn writes_found_committed(&self) -> HashSet<String> {
+        match self.planner.storage_left().await {
+            Ok(left) => left
+                .into_iter()
+                .filter(|left| left.write_committed)
+                .map(|left| left.job_id)
+                .collect(),
+            Err(e) => {
+                let e = redacted_error(&e);
+                warn!(%e, "cannot read which writes were found committed");
+                HashSet::new()
+            }
+        }
     }
 
     /// Records that the job of `record`, which an earlier start recorded
@@ -409,8 +433,10 @@ impl SchedulerGrpc {
         let stores = settling_stores(&self.planner.object_stores(), job);
         // Its durable map outputs too: a start that did not try its
         // silent store left them (deleting them again deletes nothing).
+        let committed = self.writes_found_committed().await;
         let settling = settle_after_restart(
             &self.handle.recorder,
+            ended_for(&committed, job_id),
             &stores,
             job_id,
             &job.record.durable_shuffle,
@@ -584,19 +610,20 @@ const SETTLE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 const RESTART_CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Settles the write of an ended job (see [`super::settle_job_write`]) after a
-/// restart, with `stores`, and deletes its durable map outputs meanwhile,
+/// restart, as its job `ended` ([`ended_for`]), with `stores`, and deletes
+/// its durable map outputs meanwhile,
 /// each within [`RESTART_CLEAN_UP_TIMEOUT`]: the two may lie on different
 /// stores, and one that holds its part up must keep the other from neither
 /// being done nor being told.
 async fn settle_after_restart(
     recorder: &JobRecorder,
+    ended: JobEnded,
     stores: &StoreRegistry,
     job_id: &str,
     durable: &str,
     writes_to: &str,
     finish: FinishOverwrite,
 ) -> Result<Option<Settled>, NotSettled> {
-    let ended = JobEnded::Otherwise;
     let settling = settle_job_write(recorder, stores, job_id, writes_to, ended, finish);
     let removing = remove_durable_outputs(stores, job_id, durable);
     let (settled, removed) = tokio::join!(
@@ -618,6 +645,18 @@ async fn settle_after_restart(
     }
 }
 
+/// How a job whose write is settled after a restart ended: as one that
+/// succeeded if a settling found its write committed already (`committed`),
+/// so that nothing of a committed write is ever rolled back; otherwise as
+/// one that did not, which it was (interrupted, or failed).
+fn ended_for(committed: &HashSet<String>, job_id: &str) -> JobEnded {
+    if committed.contains(job_id) {
+        JobEnded::Succeeded
+    } else {
+        JobEnded::Otherwise
+    }
+}
+
 /// Why [`settle_after_restart`] could not settle a write.
 enum NotSettled {
     Failed(DataFusionError),
@@ -633,6 +672,7 @@ enum NotSettled {
 /// slowly, does not.
 async fn settle_while_starting(
     recorder: &JobRecorder,
+    ended: JobEnded,
     stores: &StoreRegistry,
     job_id: &str,
     durable: &str,
@@ -645,7 +685,7 @@ async fn settle_while_starting(
         return StartAttempt::NotTried;
     }
     let finish = FinishOverwrite::Yes;
-    match settle_after_restart(recorder, stores, job_id, durable, writes_to, finish).await {
+    match settle_after_restart(recorder, ended, stores, job_id, durable, writes_to, finish).await {
         Ok(settled) => StartAttempt::Settled(settled),
         Err(NotSettled::Failed(e)) => {
             if store_did_not_answer(&e) {
