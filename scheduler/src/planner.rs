@@ -5,7 +5,7 @@
 //! TABLE`, `DROP TABLE`, `CREATE VIEW`, `SET`) run here, at once, and need no
 //! executor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{RecordBatch, StringArray};
@@ -1059,6 +1059,12 @@ impl Planner {
     pub async fn pending_tables(&self) -> Result<(Vec<PendingTable>, Vec<JobRecord>)> {
         self.with_store(|store| Ok((store.pending_tables()?, store.jobs()?)))
             .await
+    }
+
+    /// The jobs whose write a settling found committed though they did not
+    /// succeed.
+    pub async fn writes_committed(&self) -> Result<HashSet<String>> {
+        self.with_store(|store| store.writes_committed()).await
     }
 
     /// The record of `job_id` in the job history, if it holds it.

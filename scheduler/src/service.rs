@@ -751,9 +751,8 @@ mod tests {
                 "{settled:?}"
             );
             recorder.flushed().await;
-            let left = state.storage_left().expect("left");
-            assert_eq!(left.len(), 1);
-            assert_eq!(left[0].write_committed, marked, "{ended:?}");
+            let committed = state.writes_committed().expect("marks");
+            assert_eq!(committed.contains(JOB), marked, "{ended:?}");
         }
     }
 }

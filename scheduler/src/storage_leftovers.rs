@@ -89,13 +89,20 @@ pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
             continue;
         }
         let shared = planner.object_stores();
+        let committed = match planner.writes_committed().await {
+            Ok(committed) => Some(committed),
+            Err(e) => {
+                warn!(%e, "cannot read which writes were found committed; none is settled now");
+                None
+            }
+        };
         let timed_out = Mutex::new(HashSet::new());
         let clean_ups = futures::stream::iter(due)
             .map(|left| {
                 let stores = job_stores(&shared, &left.stores, &left.job_id);
-                let timed_out = &timed_out;
+                let (timed_out, committed) = (&timed_out, committed.as_ref());
                 async move {
-                    let ended = how_it_ended(planner, handle, &left).await;
+                    let ended = how_it_ended(planner, handle, committed, &left).await;
                     let cleaned =
                         clean_up(&handle.recorder, &stores, &left, ended, timed_out).await;
                     (left, cleaned)
@@ -136,16 +143,17 @@ pub async fn sweep(planner: &Planner, handle: &SchedulerHandle) {
 }
 
 /// How the ended job of `left` ended, for settling its write: as one that
-/// succeeded if a settling found its write committed already (its job may
-/// be recorded as failed); else as the scheduler's directory of jobs says,
-/// or the job history once the directory has let it go. `None` if neither
-/// knows the job.
+/// succeeded if a settling found its write committed already (`committed`,
+/// `None` if it could not be read; its job may be recorded as failed);
+/// else as the scheduler's directory of jobs says, or the job history once
+/// the directory has let it go. `None` if that is not known.
 async fn how_it_ended(
     planner: &Planner,
     handle: &SchedulerHandle,
+    committed: Option<&HashSet<String>>,
     left: &StorageLeft,
 ) -> Option<JobEnded> {
-    if left.write_committed {
+    if committed?.contains(&left.job_id) {
         return Some(JobEnded::Succeeded);
     }
     if let Some(status) = handle.directory.get(&left.job_id) {
@@ -329,7 +337,6 @@ mod tests {
             writes_to: "s3://lake/table/".into(),
             stores: Vec::new(),
             recorded_at_unix_ms: 1,
-            write_committed: false,
         }
     }
 

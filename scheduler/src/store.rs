@@ -32,6 +32,12 @@ const JOB_STORES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_store
 /// stores of earlier versions have it.
 const STORAGE_LEFT: TableDefinition<&str, &[u8]> = TableDefinition::new("durable_left");
 
+/// Jobs whose write a settling found committed though the job did not
+/// succeed, by job id (empty values): later settlings, at restarts too,
+/// take them as jobs that succeeded, so that nothing of a committed write
+/// is ever rolled back. Kept as long as the job's record.
+const WRITES_COMMITTED: TableDefinition<&str, &[u8]> = TableDefinition::new("writes_committed");
+
 /// Finished jobs kept in the history; older ones are pruned.
 pub const JOB_HISTORY_LIMIT: usize = 1000;
 
@@ -107,6 +113,7 @@ impl StateStore {
         write.open_table(PENDING_TABLES)?;
         write.open_table(JOB_STORES)?;
         write.open_table(STORAGE_LEFT)?;
+        write.open_table(WRITES_COMMITTED)?;
         write.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -231,6 +238,7 @@ impl StateStore {
             let mut jobs = write.open_table(JOBS)?;
             let mut stores = write.open_table(JOB_STORES)?;
             let mut durable = write.open_table(STORAGE_LEFT)?;
+            let mut committed = write.open_table(WRITES_COMMITTED)?;
             for entry in entries {
                 match entry {
                     JobEntry::Record(record) => {
@@ -260,14 +268,7 @@ impl StateStore {
                         durable.remove(job_id.as_str())?;
                     }
                     JobEntry::WriteCommitted(job_id) => {
-                        let known = durable
-                            .get(job_id.as_str())?
-                            .map(|left| StorageLeft::decode(left.value()))
-                            .transpose()?;
-                        if let Some(mut left) = known.filter(|left| !left.write_committed) {
-                            left.write_committed = true;
-                            durable.insert(job_id.as_str(), left.encode_to_vec().as_slice())?;
-                        }
+                        committed.insert(job_id.as_str(), [].as_slice())?;
                     }
                 }
             }
@@ -297,6 +298,17 @@ impl StateStore {
     /// What jobs may still have left in object storage.
     pub fn storage_left(&self) -> Result<Vec<StorageLeft>> {
         decode_all(&self.db.begin_read()?.open_table(STORAGE_LEFT)?)
+    }
+
+    /// The jobs whose write a settling found committed though they did not
+    /// succeed (see [`WRITES_COMMITTED`]).
+    pub fn writes_committed(&self) -> Result<HashSet<String>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(WRITES_COMMITTED)?;
+        table
+            .iter()?
+            .map(|row| Ok(row?.0.value().to_owned()))
+            .collect()
     }
 
     /// The record of `job_id`, if the history holds it.
@@ -338,8 +350,10 @@ impl StateStore {
         let write = self.db.begin_write()?;
         {
             let mut table = write.open_table(JOBS)?;
+            let mut committed = write.open_table(WRITES_COMMITTED)?;
             for job_id in &finished[..excess] {
                 table.remove(job_id.as_str())?;
+                committed.remove(job_id.as_str())?;
             }
         }
         write.commit()?;
@@ -374,7 +388,7 @@ pub enum JobEntry {
     StorageLeft(StorageLeft),
     /// The job's storage is cleaned up: nothing of it is left.
     StorageCleaned(String),
-    /// A settling found the job's write committed.
+    /// A settling found the write of a job that did not succeed committed.
     WriteCommitted(String),
 }
 
@@ -468,7 +482,6 @@ impl JobRecorder {
                 writes_to: writes_to.to_owned(),
                 stores: stores.to_vec(),
                 recorded_at_unix_ms: crate::state::event_loop::unix_millis(),
-                write_committed: false,
             })));
     }
 
@@ -637,7 +650,6 @@ mod tests {
                 writes_to: "s3://lake/table/".into(),
                 stores: Vec::new(),
                 recorded_at_unix_ms,
-                write_committed: false,
             })
         };
         let left = |job_id: &str| left_at(job_id, 1);
@@ -652,8 +664,8 @@ mod tests {
                     // A restart records an interrupted job again.
                     left_at("ended", 99),
                     JobEntry::WriteCommitted("ended".into()),
-                    // Not recorded: nothing to note.
-                    JobEntry::WriteCommitted("unknown".into()),
+                    // Its storage is cleaned up; the mark stays.
+                    JobEntry::WriteCommitted("deleted".into()),
                 ])
                 .expect("entries");
         }
@@ -664,7 +676,8 @@ mod tests {
         assert_eq!(left[0].shuffle_location, "s3://lake/maps");
         assert_eq!(left[0].writes_to, "s3://lake/table/");
         assert_eq!(left[0].recorded_at_unix_ms, 1, "as first recorded");
-        assert!(left[0].write_committed);
+        let committed = store.writes_committed().expect("committed");
+        assert_eq!(committed, HashSet::from(["ended".into(), "deleted".into()]));
         let record = store.job("ended").expect("read").expect("recorded");
         assert_eq!(record.finished_at_unix_ms, 15);
         assert!(store.job("deleted").expect("read").is_none());
@@ -708,8 +721,13 @@ mod tests {
             writes_to: "s3://lake/table/".into(),
             ..StorageLeft::default()
         }));
+        entries.push(JobEntry::WriteCommitted("j3".into()));
         store.put_job_entries(&entries).expect("jobs");
         assert_eq!(store.prune_jobs(2).expect("prune"), 1);
         assert_eq!(kept(), ["j1", "j2", "j4", "j5"]);
+        assert!(
+            store.writes_committed().expect("marks").is_empty(),
+            "pruned with j3"
+        );
     }
 }

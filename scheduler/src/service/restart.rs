@@ -230,16 +230,14 @@ impl SchedulerGrpc {
     }
 
     /// The jobs whose write a settling found committed though they did not
-    /// succeed ([`quiver_proto::StorageLeft::write_committed`]): none if they cannot be
-    /// read, which only leaves a write whose manifest was retired by
-    /// mistake to be rolled back, as before such jobs were marked.
+    /// succeed ([`crate::store::StateStore::writes_committed`]), marks
+    /// queued so far included: none if they cannot be read, which only
+    /// leaves a write whose manifest was retired by mistake to be rolled
+    /// back, as before such jobs were marked.
     async fn writes_found_committed(&self) -> HashSet<String> {
-        match self.planner.storage_left().await {
-            Ok(left) => left
-                .into_iter()
-                .filter(|left| left.write_committed)
-                .map(|left| left.job_id)
-                .collect(),
+        self.handle.recorder.flushed().await;
+        match self.planner.writes_committed().await {
+            Ok(committed) => committed,
             Err(e) => {
                 let e = redacted_error(&e);
                 warn!(%e, "cannot read which writes were found committed");
