@@ -264,6 +264,15 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
+    /// A listener on a free loopback port, and its address.
+    async fn loopback_listener() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        (listener, address)
+    }
+
     async fn submit_to(address: std::net::SocketAddr) -> Error {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .expect("endpoint")
@@ -286,10 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_statement_whose_connection_closed_before_it_was_written_was_not_sent() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
+        let (listener, address) = loopback_listener().await;
         // Takes each connection and closes it at once, before the client
         // could write the request queued for it.
         let peer = tokio::spawn(async move {
@@ -322,10 +328,7 @@ mod tests {
             .await
             .expect("cluster");
         let scheduler = cluster.url().trim_start_matches("quiver://").to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
+        let (listener, address) = loopback_listener().await;
         // Closes the first connection at once, and passes the next ones on
         // to the scheduler.
         let proxy = tokio::spawn(async move {
@@ -371,10 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_statement_whose_connection_broke_may_have_run() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
+        let (listener, address) = loopback_listener().await;
         // Takes the connection and the start of the request, then drops it,
         // as a scheduler that dies while it plans.
         let peer = tokio::spawn(async move {
