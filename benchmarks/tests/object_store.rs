@@ -189,8 +189,8 @@ async fn tpch_reads_from_s3_match_single_node_datafusion() {
     let quiver = Engine::Quiver(context.clone());
     let mut failures = tpch_differences(&quiver, &datafusion, 1..=QUERY_COUNT, "").await;
 
-    // Durable shuffle: map outputs go to the bucket too, readers on other
-    // executors read them from there, and they are gone once the job ends.
+    // Durable shuffle: map outputs are copied to the bucket too (read from
+    // there once their executor has gone), and are gone once the job ends.
     run(
         &context,
         "SET quiver.shuffle_location = 's3://tpch/_shuffle'",
@@ -2299,12 +2299,8 @@ async fn profiles_that_assume_roles_with_printed_keys_read_and_write_on_s3() {
     );
 }
 
-/// A durable shuffle upload whose task is cancelled midway aborts its
-/// multipart upload, which S3 would otherwise keep and bill unseen.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
-    use quiver_core::shuffle::MapOutputId;
-    use quiver_core::shuffle::durable;
+/// An S3 server with a bucket `lake`, and stores that reach it.
+fn lake_stores() -> (S3Server, Arc<quiver_core::storage::StoreRegistry>) {
     use quiver_core::storage::{StoreOptions, StoreRegistry};
 
     let s3 = S3Server::start();
@@ -2314,6 +2310,99 @@ async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
     stores
         .configure(&lake, &StoreOptions::from_pairs(s3.options()))
         .expect("configure the bucket");
+    (s3, stores)
+}
+
+/// Durable map outputs on S3 read back from the bucket, as readers read them
+/// once the executor that wrote them has gone. While it lives, they ask it
+/// over Flight, so the TPC-H runs with durable shuffle above read no copy.
+/// A map output that the shuffle writer made is uploaded, and each of its
+/// partitions read back by byte range: every row comes back once. A copy
+/// that is gone is reported missing, by its location.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_map_outputs_are_read_back_from_s3() {
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::execution::TaskContext;
+    use datafusion::physical_expr::expressions::col;
+    use datafusion::physical_plan::Partitioning;
+    use datafusion::physical_plan::common::collect;
+    use quiver_core::shuffle::{LocalOutputs, MapOutputId, ShuffleWriterExec, durable};
+    use quiver_core::storage::runtime_builder;
+
+    const PARTITIONS: usize = 3;
+    let (s3, stores) = lake_stores();
+    let runtime = runtime_builder(Arc::clone(&stores))
+        .build()
+        .expect("runtime");
+
+    let keys: Vec<i64> = (0..100_000).collect();
+    let batches: Vec<RecordBatch> = keys
+        .chunks(8192)
+        .map(|chunk| {
+            let column = Arc::new(Int64Array::from(chunk.to_vec()));
+            RecordBatch::try_from_iter([("k", column as _)]).expect("batch")
+        })
+        .collect();
+    let schema = batches[0].schema();
+    let source =
+        MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&schema), None).expect("source");
+    let hashed = Partitioning::Hash(vec![col("k", &schema).expect("column")], PARTITIONS);
+    let writer = ShuffleWriterExec::new("job", 1, source, Some(hashed));
+    let work = tempfile::tempdir().expect("temp dir");
+    let outputs = Arc::new(LocalOutputs::on_disk(work.path().to_owned()));
+    writer
+        .write(0, 0, Arc::new(TaskContext::default()), &outputs)
+        .await
+        .expect("write the map output");
+    let id = MapOutputId::new("job", 1, 0, 0).expect("output id");
+    let location = durable::upload(
+        &stores,
+        &id,
+        "s3://lake/maps",
+        &id.data_path(work.path()),
+        &id.index_path(work.path()),
+        None,
+    )
+    .await
+    .expect("upload");
+
+    let mut read: Vec<i64> = Vec::new();
+    for partition in 0..PARTITIONS {
+        let stream = durable::open_partition(&runtime, &location, partition, Arc::clone(&schema))
+            .await
+            .expect("open a partition of the copy");
+        for batch in collect(stream).await.expect("read the partition") {
+            read.extend(
+                batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values(),
+            );
+        }
+    }
+    read.sort_unstable();
+    assert_eq!(read, keys, "every row once");
+
+    s3.store("lake")
+        .delete(&Path::from("maps/job/1/0-a0.data"))
+        .await
+        .expect("delete the data file");
+    let missing = durable::open_partition(&runtime, &location, 0, schema).await;
+    let error = missing.err().expect("the copy is gone").to_string();
+    assert!(
+        error.contains("s3://lake/maps/job/1/0-a0") && error.contains("missing"),
+        "{error}"
+    );
+}
+
+/// A durable shuffle upload whose task is cancelled midway aborts its
+/// multipart upload, which S3 would otherwise keep and bill unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_shuffle_upload_leaves_no_parts_behind() {
+    use quiver_core::shuffle::MapOutputId;
+    use quiver_core::shuffle::durable;
+
+    let (s3, stores) = lake_stores();
     // Large enough that its upload is still going when it is cancelled.
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("0.data");

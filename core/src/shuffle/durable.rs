@@ -5,9 +5,11 @@
 //! folder), a map task still writes its data and index files locally, then
 //! uploads both to `<location>/<job>/<stage>/<map>-a<attempt>.{data,index}`,
 //! recording the data file's multipart upload under `<location>/<job>/_uploads/`.
-//! Readers on other executors fetch their partition's byte range from the
-//! store instead of asking the writer over Flight, so a lost executor's
-//! outputs need no recompute and executors may come and go between stages.
+//! Readers on other executors still ask the writer over Flight while it
+//! lives, which costs no store requests, and fetch their partition's byte
+//! range from the store once it has gone, or when its stream fails midway
+//! ([`super::fetch`]), so a lost executor's outputs need no recompute and
+//! executors may come and go between stages.
 //! The scheduler deletes `<location>/<job>/` when the job ends, aborting
 //! first the uploads that killed executors left unfinished.
 
@@ -434,30 +436,15 @@ mod tests {
     use datafusion::physical_plan::common::collect;
 
     use super::*;
-    use crate::shuffle::layout::{Index, encode_index};
-    use crate::shuffle::test_support::{block_checksums, ipc_stream};
+    use crate::shuffle::test_support::write_map_output;
     use crate::storage::{StoreRegistry, runtime_builder};
 
     /// A map output of two partitions: `[1, 2]` and nothing.
     fn write_output(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let batch = RecordBatch::try_new(
-            Arc::clone(&schema),
-            vec![Arc::new(Int64Array::from(vec![1, 2]))],
-        )
-        .expect("batch");
-        let bytes = ipc_stream(&[batch]);
-        let len = bytes.len() as u64;
-        // Blocks of 64 bytes: the partition spans several.
-        let index = Index {
-            offsets: vec![0, len, len],
-            block_size: 64,
-            checksums: vec![block_checksums(&bytes, 64), Vec::new()],
-        };
-        let (data, index_file) = (dir.join("m.data"), dir.join("m.index"));
-        std::fs::write(&data, &bytes).expect("data");
-        std::fs::write(&index_file, encode_index(&index)).expect("index");
-        (data, index_file)
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))])
+            .expect("batch");
+        write_map_output(dir, &[batch])
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Opens one output partition of a map output as a stream of record batches:
 //! from the task's launch when it came back inline with its map task's
-//! status, straight from disk when this executor holds it, from object
-//! storage when the output is durable, otherwise over Arrow Flight.
+//! status, straight from disk when this executor holds it, otherwise over
+//! Arrow Flight from the executor that does. A durable output is read from
+//! its copy in object storage once that executor has gone, or when it fails.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use arrow::buffer::Buffer;
 use arrow::datatypes::SchemaRef;
@@ -22,15 +24,14 @@ use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use quiver_proto::{ExecutorAddress, MapOutput, ShuffleTicket};
 use tonic::transport::{Channel, Endpoint};
+use tracing::debug;
 
 use super::durable;
+use super::failover::DurableCopy;
 use super::layout::{MapOutputId, Segment};
 use super::local::LocalOutputs;
 use crate::error::{Error, Result};
 use crate::guard::catch_decoder_panic;
-
-/// Largest Flight message accepted; batches are split well below this by the sender.
-pub const MAX_FLIGHT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
 /// What a task needs to read shuffle data; stored as a `SessionConfig` extension.
 #[derive(Debug, Clone)]
@@ -44,11 +45,26 @@ pub struct ShuffleEnv {
     pub runtime: Arc<RuntimeEnv>,
 }
 
+/// Largest Flight message accepted; batches are split well below this by the sender.
+pub const MAX_FLIGHT_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+/// How long a durable output's reader waits for its executor to start a
+/// stream before it reads the copy instead. A live executor answers within
+/// milliseconds; a paused one would hold the reader until the connection's
+/// keep-alive gives up (about 15 s).
+const DURABLE_FLIGHT_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long an executor whose call failed is not asked for durable outputs:
+/// their readers go to the copies at once instead of each waiting on it.
+const FAILED_EXECUTOR_SKIPPED_FOR: Duration = Duration::from_secs(30);
+
 /// Flight clients by executor address, shared by all tasks of a process.
 /// A tonic channel multiplexes many calls, so one per executor is enough.
 #[derive(Debug, Clone, Default)]
 pub struct FlightClientPool {
     clients: Arc<Mutex<HashMap<String, FlightServiceClient<Channel>>>>,
+    /// When a call to each of these executors last failed.
+    failed: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl FlightClientPool {
@@ -80,12 +96,31 @@ impl FlightClientPool {
             .remove(&format!("{}:{}", address.host, address.flight_port));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FlightServiceClient<Channel>>> {
-        // A panic while holding the lock cannot leave the map inconsistent.
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Notes that a call to `address` failed: see [`Self::failed_lately`].
+    pub(super) fn note_failure(&self, address: &ExecutorAddress) {
+        let key = format!("{}:{}", address.host, address.flight_port);
+        lock(&self.failed).insert(key, Instant::now());
     }
+
+    /// Whether a call to `address` failed in the last
+    /// [`FAILED_EXECUTOR_SKIPPED_FOR`].
+    fn failed_lately(&self, address: &ExecutorAddress) -> bool {
+        let key = format!("{}:{}", address.host, address.flight_port);
+        let mut failed = lock(&self.failed);
+        failed.retain(|_, at| at.elapsed() < FAILED_EXECUTOR_SKIPPED_FOR);
+        failed.contains_key(&key)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, FlightServiceClient<Channel>>> {
+        lock(&self.clients)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the map inconsistent.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Names one output partition of one map output of a job's stage.
@@ -165,6 +200,41 @@ pub async fn fetch_partition(
                 opened => opened.map(|stream| (stream, Source::Local)),
             }
         }
+        // While the executor that wrote a durable output lives (the
+        // scheduler names it), it serves the output: a Flight stream costs
+        // no store requests, and the copy is for when it is gone.
+        Some(env)
+            if !durable.is_empty()
+                && location.output.executor.is_some()
+                && !pool.failed_lately(&address) =>
+        {
+            let from_executor = tokio::time::timeout(
+                DURABLE_FLIGHT_OPEN_TIMEOUT,
+                fetch_remote(&location, &address, pool, Arc::clone(&schema)),
+            );
+            match from_executor.await {
+                Ok(Ok(stream)) => {
+                    let copy = DurableCopy {
+                        runtime: Arc::clone(&env.runtime),
+                        location: durable.clone(),
+                        partition,
+                        schema,
+                        pool: pool.clone(),
+                        executor: address.clone(),
+                    };
+                    Ok((copy.after_failure_of(stream), Source::Flight))
+                }
+                failed => {
+                    let e = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no stream within {DURABLE_FLIGHT_OPEN_TIMEOUT:?}"),
+                    };
+                    debug!(%e, location = %durable, "reading a durable output's copy: its executor did not serve it");
+                    pool.note_failure(&address);
+                    open_durable(env, durable, partition, schema).await
+                }
+            }
+        }
         Some(env) if !durable.is_empty() => open_durable(env, durable, partition, schema).await,
         _ => fetch_remote(&location, &address, pool, schema)
             .await
@@ -177,11 +247,24 @@ pub async fn fetch_partition(
     }
     let (stream, source) = opened.map_err(|e| fetch_error(e.to_string()))?;
     let schema = stream.schema();
-    let batches = stream.map_err(move |e| fetch_error(e.to_string()).into());
+    let batches = stream.map_err(move |e| {
+        if is_durable_shuffle_failure(&e) {
+            // A durable copy read on from after its executor failed: as
+            // when it is opened first, a slow store retries the reader.
+            e
+        } else {
+            fetch_error(e.to_string()).into()
+        }
+    });
     Ok((
         Box::pin(RecordBatchStreamAdapter::new(schema, batches)),
         source,
     ))
+}
+
+fn is_durable_shuffle_failure(error: &DataFusionError) -> bool {
+    matches!(error, DataFusionError::External(inner)
+        if matches!(inner.downcast_ref::<Error>(), Some(Error::DurableShuffle { .. })))
 }
 
 /// Streams a finished job's result: the final stage's outputs, one after the
@@ -348,6 +431,30 @@ mod tests {
 
     use super::*;
     use crate::shuffle::test_support::ipc_stream;
+
+    /// An executor whose call failed is skipped for a while by the readers
+    /// of durable outputs, and only that one.
+    #[test]
+    fn an_executor_whose_call_failed_is_skipped_for_a_while() {
+        let pool = FlightClientPool::default();
+        let address = |port| ExecutorAddress {
+            executor_id: format!("e{port}"),
+            host: "127.0.0.1".into(),
+            flight_port: port,
+        };
+        assert!(!pool.failed_lately(&address(1)));
+        pool.note_failure(&address(1));
+        assert!(pool.failed_lately(&address(1)));
+        assert!(!pool.failed_lately(&address(2)));
+        let long_ago = Instant::now().checked_sub(FAILED_EXECUTOR_SKIPPED_FOR);
+        if let Some(long_ago) = long_ago {
+            lock(&pool.failed).insert("127.0.0.1:1".into(), long_ago);
+            assert!(
+                !pool.failed_lately(&address(1)),
+                "asked again after a while"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn inline_and_empty_outputs_are_read_without_an_executor() {
