@@ -897,6 +897,9 @@ impl SchedulerLoop {
             }
             if let Some(executor) = self.executors.remove(&executor_id) {
                 info!(%executor_id, "executor drained");
+                for (job, _) in self.jobs.values_mut() {
+                    job.read_copies_of(&executor_id);
+                }
                 executor.send(SchedulerMessage {
                     kind: Some(scheduler_message::Kind::Drained(Drained {})),
                 });

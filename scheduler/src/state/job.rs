@@ -1025,6 +1025,7 @@ impl Job {
         now: Instant,
         lease_end: Instant,
     ) -> Outcome {
+        self.read_copies_of(executor_id);
         if self.replanning || self.settling {
             // Nothing of the abandoned plan is needed any more, nor of a job
             // that is to end.
@@ -1097,6 +1098,27 @@ impl Job {
             return Outcome::Continue;
         }
         self.fail(message)
+    }
+
+    /// `executor_id` has gone: the durable outputs it wrote are read from
+    /// their copies from now on. Readers ask the executor that wrote an
+    /// output first while the scheduler names it, and would otherwise wait
+    /// for a gone one to refuse each of them (up to a connect timeout).
+    pub fn read_copies_of(&mut self, executor_id: &str) {
+        let outputs = self
+            .stages
+            .iter_mut()
+            .flat_map(|stage| &mut stage.tasks)
+            .filter_map(|task| task.output.as_mut());
+        for output in outputs {
+            let wrote_it = output
+                .executor
+                .as_ref()
+                .is_some_and(|executor| executor.executor_id == executor_id);
+            if wrote_it && !output.durable_location.is_empty() {
+                output.executor = None;
+            }
+        }
     }
 
     /// Whether a map output on `executor_id` is still needed by this job.
@@ -1632,6 +1654,15 @@ mod tests {
                 assert_eq!(state(&job, stage, partition), &TaskState::Done);
             }
         }
+        // Readers launched from now on read a's outputs from their copies,
+        // and still ask b, which lives, for its own.
+        let next = job.launch(3, 1, "b").expect("final stage runs");
+        let servers: Vec<Option<&str>> = next.inputs[0]
+            .outputs
+            .iter()
+            .map(|output| output.executor.as_ref().map(|e| e.executor_id.as_str()))
+            .collect();
+        assert_eq!(servers, [None, Some("b")]);
     }
 
     /// The commit task of a write lost with its executor is retried without
