@@ -33,6 +33,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+/// How long a stopping executor lets its Flight streams in flight finish.
+const FLIGHT_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub use config::ExecutorConfig;
 
 /// Errors that stop an executor.
@@ -103,7 +106,7 @@ pub async fn run(
         "executor starting"
     );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let flight = tokio::spawn(flight::serve(
+    let mut flight = tokio::spawn(flight::serve(
         flight_listener,
         Arc::clone(executor.outputs()),
         async move {
@@ -123,7 +126,19 @@ pub async fn run(
     executor.cancel_all();
     sweeper.abort();
     let _ = stop_tx.send(true);
-    let flight_outcome = flight.await.map_err(|e| Error::Refused(e.to_string()));
+    // Streams in flight end first, but a stalled reader does not hold the
+    // executor: a durable output's reader reads on from its copy.
+    let flight_outcome = match tokio::time::timeout(FLIGHT_STOP_GRACE, &mut flight).await {
+        Ok(joined) => joined.map_err(|e| Error::Refused(e.to_string())),
+        Err(_) => {
+            warn!(
+                grace_secs = FLIGHT_STOP_GRACE.as_secs(),
+                "Flight streams still open after the grace period; stopping anyway"
+            );
+            flight.abort();
+            Ok(Ok(()))
+        }
+    };
     if outcome.is_ok() {
         sweeper::remove_own_dirs(&[shuffle_dir], "shuffle data no one needs after the drain");
     }
