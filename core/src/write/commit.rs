@@ -44,7 +44,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, LazyLock, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{AsArray, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
@@ -326,6 +326,9 @@ async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resu
             Ok(_) => return Ok(()),
             Err(error) if tries < PROBE_CREATE_TRIES && lost_a_local_folder(&error) => {
                 debug!(%probe, tries, "a folder was removed while the probe was created");
+                // A pause out of step with whatever removes the folder, so
+                // that the tries do not keep meeting its removals.
+                tokio::time::sleep(PROBE_CREATE_PAUSE * tries as u32).await;
             }
             Err(error) => {
                 return Err(store_refusal(error, "cannot create objects there".into()));
@@ -337,6 +340,8 @@ async fn probe_create_access(store: &Arc<dyn ObjectStore>, probe: &Path) -> Resu
 /// Tries of [`probe_create_access`] whose folder another job's clean-up
 /// removed as it was created.
 const PROBE_CREATE_TRIES: usize = 50;
+/// The pause after the first such try; each next one pauses longer.
+const PROBE_CREATE_PAUSE: Duration = Duration::from_micros(100);
 
 /// Whether `error`, of the local file system, says that a folder it
 /// created, or found, was gone when it went on to create what lies in it.
@@ -1305,7 +1310,7 @@ mod tests {
                 let mut removed = 0;
                 while !stop.load(Ordering::Relaxed) {
                     removed += usize::from(std::fs::remove_dir(&staging).is_ok());
-                    std::thread::sleep(std::time::Duration::from_micros(10));
+                    std::thread::sleep(Duration::from_micros(10));
                 }
                 removed
             }
@@ -2486,8 +2491,7 @@ mod tests {
     async fn a_commit_refuses_files_staged_more_than_half_a_day_ago() {
         let dir = tempfile::tempdir().expect("temp");
         let table = dir.path();
-        let hours_ago =
-            |hours: u64| SystemTime::now() - std::time::Duration::from_secs(hours * 3600);
+        let hours_ago = |hours: u64| SystemTime::now() - Duration::from_secs(hours * 3600);
         let stale = "00000000000000e1";
         let name = format!("p=1/part-{stale}-00000-000.parquet");
         let error = try_commit_staged(
@@ -2548,7 +2552,7 @@ mod tests {
         // Another engine's staging folder of the same name is not Quiver's to settle.
         let foreign = "_temporary/0/part-00000.parquet";
         touch(table, foreign);
-        let two_days_ago = SystemTime::now() - std::time::Duration::from_secs(172_800);
+        let two_days_ago = SystemTime::now() - Duration::from_secs(172_800);
         set_modified(&table.join(foreign), two_days_ago);
         for job in [unfinished, committed] {
             for relative in files(&table.join(format!("_temporary/{job}"))) {
