@@ -39,11 +39,8 @@ enum Reading {
         delivered: usize,
         copy: DurableCopy,
     },
-    /// The copy, whose first `skip` rows the executor delivered already.
-    Copy {
-        stream: SendableRecordBatchStream,
-        skip: usize,
-    },
+    /// The copy, past the rows the executor delivered.
+    Copy(SendableRecordBatchStream),
     Ended,
 }
 
@@ -90,7 +87,7 @@ impl DurableCopy {
                         }
                     }
                 },
-                Reading::Copy { stream, skip } => next_from_copy(stream, skip).await,
+                Reading::Copy(stream) => next_from_copy(stream, 0).await,
                 Reading::Ended => None,
             }
         });
@@ -124,7 +121,7 @@ async fn next_from_copy(
             Ok(batch) if batch.num_rows() <= skip && skip > 0 => skip -= batch.num_rows(),
             Ok(batch) => {
                 let rest = batch.slice(skip, batch.num_rows() - skip);
-                return Some((Ok(rest), Reading::Copy { stream, skip: 0 }));
+                return Some((Ok(rest), Reading::Copy(stream)));
             }
             Err(e) => return Some((Err(e), Reading::Ended)),
         }

@@ -69,7 +69,7 @@ pub struct FlightClientPool {
 
 impl FlightClientPool {
     pub async fn client(&self, address: &ExecutorAddress) -> Result<FlightServiceClient<Channel>> {
-        let key = format!("{}:{}", address.host, address.flight_port);
+        let key = address_key(address);
         if let Some(client) = self.lock().get(&key) {
             return Ok(client.clone());
         }
@@ -92,28 +92,30 @@ impl FlightClientPool {
 
     /// Forgets the client of an executor, e.g. after a failed call.
     pub fn evict(&self, address: &ExecutorAddress) {
-        self.lock()
-            .remove(&format!("{}:{}", address.host, address.flight_port));
+        self.lock().remove(&address_key(address));
     }
 
     /// Notes that a call to `address` failed: see [`Self::failed_lately`].
     pub(super) fn note_failure(&self, address: &ExecutorAddress) {
-        let key = format!("{}:{}", address.host, address.flight_port);
-        lock(&self.failed).insert(key, Instant::now());
+        lock(&self.failed).insert(address_key(address), Instant::now());
     }
 
     /// Whether a call to `address` failed in the last
     /// [`FAILED_EXECUTOR_SKIPPED_FOR`].
     fn failed_lately(&self, address: &ExecutorAddress) -> bool {
-        let key = format!("{}:{}", address.host, address.flight_port);
         let mut failed = lock(&self.failed);
         failed.retain(|_, at| at.elapsed() < FAILED_EXECUTOR_SKIPPED_FOR);
-        failed.contains_key(&key)
+        failed.contains_key(&address_key(address))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, FlightServiceClient<Channel>>> {
         lock(&self.clients)
     }
+}
+
+/// An executor's Flight address, `host:port`: what the pool keys it by.
+fn address_key(address: &ExecutorAddress) -> String {
+    format!("{}:{}", address.host, address.flight_port)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -200,42 +202,9 @@ pub async fn fetch_partition(
                 opened => opened.map(|stream| (stream, Source::Local)),
             }
         }
-        // While the executor that wrote a durable output lives (the
-        // scheduler names it), it serves the output: a Flight stream costs
-        // no store requests, and the copy is for when it is gone.
-        Some(env)
-            if !durable.is_empty()
-                && location.output.executor.is_some()
-                && !pool.failed_lately(&address) =>
-        {
-            let from_executor = tokio::time::timeout(
-                DURABLE_FLIGHT_OPEN_TIMEOUT,
-                fetch_remote(&location, &address, pool, Arc::clone(&schema)),
-            );
-            match from_executor.await {
-                Ok(Ok(stream)) => {
-                    let copy = DurableCopy {
-                        runtime: Arc::clone(&env.runtime),
-                        location: durable.clone(),
-                        partition,
-                        schema,
-                        pool: pool.clone(),
-                        executor: address.clone(),
-                    };
-                    Ok((copy.after_failure_of(stream), Source::Flight))
-                }
-                failed => {
-                    let e = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no stream within {DURABLE_FLIGHT_OPEN_TIMEOUT:?}"),
-                    };
-                    debug!(%e, location = %durable, "reading a durable output's copy: its executor did not serve it");
-                    pool.note_failure(&address);
-                    open_durable(env, durable, partition, schema).await
-                }
-            }
+        Some(env) if !durable.is_empty() => {
+            open_durable_output(&location, env, &address, pool, schema).await
         }
-        Some(env) if !durable.is_empty() => open_durable(env, durable, partition, schema).await,
         _ => fetch_remote(&location, &address, pool, schema)
             .await
             .map(|stream| (stream, Source::Flight)),
@@ -323,6 +292,47 @@ fn inline_batches(bytes: bytes::Bytes, schema: SchemaRef) -> Result<SendableReco
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
+/// Opens a partition of a durable output that another executor wrote: from
+/// that executor while the scheduler names it (a Flight stream costs no
+/// store requests), going on from the copy should the stream fail; from the
+/// copy at once when the executor has gone, failed lately, or starts no
+/// stream in time.
+async fn open_durable_output(
+    location: &PartitionRef<'_>,
+    env: &ShuffleEnv,
+    address: &ExecutorAddress,
+    pool: &FlightClientPool,
+    schema: SchemaRef,
+) -> Result<(SendableRecordBatchStream, Source)> {
+    let durable = &location.output.durable_location;
+    let partition = location.partition;
+    if location.output.executor.is_none() || pool.failed_lately(address) {
+        return open_durable(env, durable, partition, schema).await;
+    }
+    let from_executor = tokio::time::timeout(
+        DURABLE_FLIGHT_OPEN_TIMEOUT,
+        fetch_remote(location, address, pool, Arc::clone(&schema)),
+    );
+    let e = match from_executor.await {
+        Ok(Ok(stream)) => {
+            let copy = DurableCopy {
+                runtime: Arc::clone(&env.runtime),
+                location: durable.clone(),
+                partition,
+                schema,
+                pool: pool.clone(),
+                executor: address.clone(),
+            };
+            return Ok((copy.after_failure_of(stream), Source::Flight));
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no stream within {DURABLE_FLIGHT_OPEN_TIMEOUT:?}"),
+    };
+    debug!(%e, location = %durable, "reading a durable output's copy: its executor did not serve it");
+    pool.note_failure(address);
+    open_durable(env, durable, partition, schema).await
+}
+
 async fn open_durable(
     env: &ShuffleEnv,
     location: &str,
@@ -366,7 +376,7 @@ async fn fetch_remote(
     let response = client.do_get(ticket).await.map_err(|status| {
         pool.evict(address);
         Error::FlightStatus {
-            address: format!("{}:{}", address.host, address.flight_port),
+            address: address_key(address),
             status: Box::new(status),
         }
     })?;
