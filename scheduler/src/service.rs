@@ -490,9 +490,7 @@ async fn settle_job_write(
     match settle_write_and_staging(stores, writes_to, job_id, ended, finish).await {
         Ok(settled) => {
             debug!(%job_id, ?settled, "settled the job's write");
-            if ended == JobEnded::Otherwise && matches!(settled.0, Settled::Committed { .. }) {
-                recorder.write_committed(job_id);
-            }
+            recorder.note_settled(job_id, ended, &settled.0);
             Ok(Some(settled))
         }
         Err(e) => {

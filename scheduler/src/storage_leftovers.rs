@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use quiver_core::shuffle::durable;
 use quiver_core::storage::{StoreRegistry, redacted_error};
-use quiver_core::write::{FinishOverwrite, JobEnded, Settled, Staging, settle_write_and_staging};
+use quiver_core::write::{FinishOverwrite, JobEnded, Staging, settle_write_and_staging};
 use quiver_proto::{JobState, StorageLeft};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -211,11 +211,10 @@ async fn clean_up(
             settle_write_and_staging(stores, &left.writes_to, job_id, ended, FinishOverwrite::No);
         match settling.await {
             Ok((settled, staging)) => {
-                if ended == JobEnded::Otherwise && matches!(settled, Settled::Committed { .. }) {
+                if recorder.note_settled(job_id, ended, &settled) {
                     warn!(%job_id, writes_to = %left.writes_to,
                         "the job did not succeed, but its write had committed: its rows are \
                          in the table");
-                    recorder.write_committed(job_id);
                 }
                 match staging {
                     Staging::Deleted => Ok(()),

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
+use quiver_core::write::{JobEnded, Settled};
 use quiver_proto::{CatalogEntry, JobRecord, JobStores, PendingTable, StorageLeft, StoreConfig};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
@@ -491,6 +492,18 @@ impl JobRecorder {
         let _ = self
             .sender
             .send(Queued::Entry(JobEntry::WriteCommitted(job_id.to_owned())));
+    }
+
+    /// Marks the write of `job_id` ([`Self::write_committed`]) if a settling
+    /// found it committed though the job `ended` otherwise than succeeded;
+    /// returns whether it did.
+    pub fn note_settled(&self, job_id: &str, ended: JobEnded, settled: &Settled) -> bool {
+        let committed_anyway =
+            ended == JobEnded::Otherwise && matches!(settled, Settled::Committed { .. });
+        if committed_anyway {
+            self.write_committed(job_id);
+        }
+        committed_anyway
     }
 
     /// Queues forgetting what `job_id` left in object storage, cleaned up.
