@@ -719,12 +719,16 @@ impl SchedulerService for SchedulerGrpc {
 
 #[cfg(test)]
 mod tests {
+    use quiver_proto::JobRecord;
+
     use super::*;
+    use crate::state::JobDirectory;
     use crate::store::StateStore;
 
     /// A write that a settling finds committed though its job did not
     /// succeed is marked so with what the job left: later settlings take it
-    /// as a job that succeeded, and never roll it back.
+    /// as a job that succeeded, and never roll it back. The job's status,
+    /// in the history and as the scheduler shows it, says so, once.
     #[tokio::test]
     async fn a_write_found_committed_after_its_job_failed_is_marked() {
         const JOB: &str = "00000000000000a1";
@@ -736,8 +740,28 @@ mod tests {
         std::fs::write(manifests.join(format!("{JOB}.json")), manifest).expect("manifest");
         let url = format!("file://{}/t/", folder.path().display());
         let state = StateStore::in_memory().expect("state");
-        let recorder = JobRecorder::start(state.clone());
+        let failed = JobStatus {
+            job_id: JOB.into(),
+            state: JobState::Failed.into(),
+            error: "executor lost".into(),
+            ..JobStatus::default()
+        };
+        let record = JobRecord {
+            status: Some(failed.clone()),
+            finished_at_unix_ms: 1,
+            writes_to: url.clone(),
+            ..JobRecord::default()
+        };
+        let directory = JobDirectory::default();
+        directory.insert(JOB.into(), watch::channel(failed).1);
+        let recorder = JobRecorder::start(state.clone(), directory.clone());
+        recorder.record(record.clone());
         recorder.keep_storage_left(JOB, "", &url, &[]);
+        let statuses = || {
+            let shown = directory.get(JOB).expect("listed").borrow().clone();
+            let recorded = state.job(JOB).expect("read").and_then(|r| r.status);
+            [shown, recorded.expect("recorded")]
+        };
         let stores = StoreRegistry::new();
         for (ended, marked) in [(JobEnded::Succeeded, false), (JobEnded::Otherwise, true)] {
             let finish = FinishOverwrite::No;
@@ -751,6 +775,21 @@ mod tests {
             recorder.flushed().await;
             let committed = state.writes_committed().expect("marks");
             assert_eq!(committed.contains(JOB), marked, "{ended:?}");
+            for status in statuses() {
+                assert_eq!(status.state(), JobState::Failed);
+                assert_eq!(status.write_committed, marked, "{ended:?}");
+                let said = status.error.contains("found its write committed");
+                assert_eq!(said, marked, "{}", status.error);
+            }
+        }
+        // Recorded again, or found committed again, it says so once.
+        recorder.record(record);
+        recorder.write_committed(JOB);
+        recorder.flushed().await;
+        for status in statuses() {
+            assert!(status.write_committed);
+            let said = status.error.matches("found its write committed").count();
+            assert_eq!(said, 1, "{}", status.error);
         }
     }
 }

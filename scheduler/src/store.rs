@@ -17,6 +17,8 @@ use quiver_proto::{CatalogEntry, JobRecord, JobStores, PendingTable, StorageLeft
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
 
+use crate::state::{JobDirectory, note_write_committed};
+
 /// Catalog objects by kind and qualified name (`table:datafusion.public.t`).
 const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
 /// Job records by job id.
@@ -248,6 +250,13 @@ impl StateStore {
                             .as_ref()
                             .map(|status| status.job_id.as_str())
                             .unwrap_or_default();
+                        // A final record written after its write was found
+                        // committed keeps saying so.
+                        let marked = match committed.get(job_id)? {
+                            Some(_) => marked_write_committed(record),
+                            None => None,
+                        };
+                        let record = marked.as_ref().unwrap_or(record);
                         jobs.insert(job_id, record.encode_to_vec().as_slice())?;
                         if record.finished_at_unix_ms > 0 && !record.write_unsettled {
                             stores.remove(job_id)?;
@@ -270,6 +279,13 @@ impl StateStore {
                     }
                     JobEntry::WriteCommitted(job_id) => {
                         committed.insert(job_id.as_str(), [].as_slice())?;
+                        let recorded = jobs
+                            .get(job_id.as_str())?
+                            .map(|record| JobRecord::decode(record.value()))
+                            .transpose()?;
+                        if let Some(marked) = recorded.as_ref().and_then(marked_write_committed) {
+                            jobs.insert(job_id.as_str(), marked.encode_to_vec().as_slice())?;
+                        }
                     }
                 }
             }
@@ -363,6 +379,19 @@ impl StateStore {
 }
 
 /// Every value of a table, decoded as the message `M`.
+/// `record` marked as that of a job whose write committed although it did
+/// not succeed ([`note_write_committed`]); `None` if that changes nothing,
+/// or if a restarted scheduler is still settling its write (it records
+/// how the job ended once it has).
+fn marked_write_committed(record: &JobRecord) -> Option<JobRecord> {
+    if record.write_unsettled {
+        return None;
+    }
+    let mut marked = record.clone();
+    let status = marked.status.as_mut()?;
+    note_write_committed(status).then_some(marked)
+}
+
 fn decode_all<M: Message + Default>(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Vec<M>> {
@@ -389,7 +418,8 @@ pub enum JobEntry {
     StorageLeft(StorageLeft),
     /// The job's storage is cleaned up: nothing of it is left.
     StorageCleaned(String),
-    /// A settling found the write of a job that did not succeed committed.
+    /// A settling found the write of a job committed: its record is marked
+    /// if the job did not succeed.
     WriteCommitted(String),
 }
 
@@ -398,6 +428,9 @@ pub enum JobEntry {
 #[derive(Debug, Clone)]
 pub struct JobRecorder {
     sender: std::sync::mpsc::Sender<Queued>,
+    /// Where the statuses of ended jobs are shown, to mark those whose
+    /// write was found committed.
+    directory: JobDirectory,
 }
 
 /// What the recorder's thread is sent.
@@ -409,7 +442,7 @@ enum Queued {
 }
 
 impl JobRecorder {
-    pub fn start(store: StateStore) -> Self {
+    pub fn start(store: StateStore, directory: JobDirectory) -> Self {
         let (sender, receiver) = std::sync::mpsc::channel::<Queued>();
         std::thread::Builder::new()
             .name("quiver-job-recorder".into())
@@ -444,7 +477,7 @@ impl JobRecorder {
                 |e| warn!(%e, "cannot start the job recorder; job history is not persisted"),
                 drop,
             );
-        Self { sender }
+        Self { sender, directory }
     }
 
     /// Queues a record to be written.
@@ -486,9 +519,12 @@ impl JobRecorder {
             })));
     }
 
-    /// Queues noting that a settling found the write of `job_id`, which did
-    /// not succeed, committed: later settlings must not roll it back.
+    /// Queues noting that a settling found the write of `job_id` committed:
+    /// later settlings must not roll it back. A job that ended otherwise
+    /// than succeeded is marked as such, in the history and in the
+    /// directory of jobs.
     pub fn write_committed(&self, job_id: &str) {
+        self.directory.note_write_committed(job_id);
         let _ = self
             .sender
             .send(Queued::Entry(JobEntry::WriteCommitted(job_id.to_owned())));
@@ -533,7 +569,7 @@ mod tests {
     async fn a_flushed_recorder_has_written_every_record_queued_before() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = StateStore::open(dir.path()).expect("open");
-        let recorder = JobRecorder::start(store.clone());
+        let recorder = JobRecorder::start(store.clone(), JobDirectory::default());
         for n in 0..50 {
             recorder.record(record(&format!("{n:016x}"), n, n + 1));
         }

@@ -299,6 +299,7 @@ impl SchedulerGrpc {
             let mut record = job.record.clone();
             record.write_unsettled = false;
             record_written(&mut record, settled.get(job_id));
+            let committed = matches!(settled.get(job_id), Some(Settled::Committed { .. }));
             let (state, error) = match settled.get(job_id) {
                 Some(Settled::Committed { .. }) if !left_pending.contains(job_id) => {
                     (JobState::Succeeded, String::new())
@@ -341,6 +342,10 @@ impl SchedulerGrpc {
                     )
                 }
             };
+            // The error of one left pending says that it committed.
+            if let Some(status) = record.status.as_mut() {
+                status.write_committed = committed && state != JobState::Succeeded;
+            }
             self.record_ended(record, state, error);
         }
         unsettled

@@ -85,7 +85,7 @@ pub fn spawn(
     let directory = JobDirectory::default();
     // Taken before the recorder starts: it forgets them with final records.
     let mut kept_stores = store.take_job_stores()?;
-    let recorder = JobRecorder::start(store.clone());
+    let recorder = JobRecorder::start(store.clone(), directory.clone());
     let settling = SettlingJobs::default();
     let mut interrupted = Vec::new();
     for mut record in store.jobs()? {

@@ -1368,6 +1368,8 @@ impl Job {
             table_bytes_written: self.metric_total("bytes_written"),
             replans: self.replans,
             committing: self.committing(Instant::now()),
+            // Its error says so too (`lost_commit_warning`).
+            write_committed: self.lost_commit == LostCommit::CommittedUncounted,
             result_rows: if self.state == JobState::Succeeded {
                 self.final_stage()
                     .map_or(0, |stage| stage_written(stage).rows)
@@ -2731,6 +2733,7 @@ mod tests {
         assert!(job.settle_before_ending(DeferredEnd::Cancel));
         let outcome = job.on_write_settled(Err("the store did not answer".into()));
         assert_eq!(outcome, Outcome::Cancelled);
+        assert!(!job.status().write_committed);
         let table = job.writes_to.clone().expect("a write");
         let manifest = format!("{table}_manifests/{}.json", job.id);
         assert_eq!(
@@ -2749,6 +2752,7 @@ mod tests {
         let message = "timed out; but a commit of its write, lost with its executor, had \
                        finished: its rows are in the table, so do not run the statement again";
         assert_eq!(outcome, Outcome::Failed(message.into()));
+        assert!(job.status().write_committed);
     }
 
     /// A commit allowed before a cancel came decides how the job ends: it

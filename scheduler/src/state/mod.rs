@@ -171,6 +171,21 @@ impl JobDirectory {
         self.lock().by_id.get(job_id).cloned()
     }
 
+    /// Marks the ended job `job_id` as one whose write committed although it
+    /// did not succeed ([`note_write_committed`]), for those who ask after
+    /// it; its watchers have seen it end already. A job still running is
+    /// marked as it ends, by its own status.
+    pub fn note_write_committed(&self, job_id: &str) {
+        let mut entries = self.lock();
+        let Some(current) = entries.by_id.get_mut(job_id) else {
+            return;
+        };
+        let mut status = current.borrow().clone();
+        if note_write_committed(&mut status) {
+            *current = watch::channel(status).1;
+        }
+    }
+
     /// The latest status of every known job, oldest first.
     pub fn statuses(&self) -> Vec<JobStatus> {
         let entries = self.lock();
@@ -214,6 +229,23 @@ pub fn is_final(state: JobState) -> bool {
         state,
         JobState::Succeeded | JobState::Failed | JobState::Cancelled
     )
+}
+
+/// Marks `status`, of a job that failed or was cancelled, as one whose write
+/// had committed: its rows are in the table, and running its statement
+/// again would add them twice. Returns whether it changed: a job running,
+/// succeeded or marked already is left as it is.
+pub fn note_write_committed(status: &mut JobStatus) -> bool {
+    let unsuccessful = matches!(status.state(), JobState::Failed | JobState::Cancelled);
+    if !unsuccessful || status.write_committed {
+        return false;
+    }
+    status.write_committed = true;
+    status.error.push_str(
+        "; but the clean-up after it found its write committed: its rows are in the table, \
+         so do not run the statement again",
+    );
+    true
 }
 
 /// How the rest of the scheduler talks to the event loop.

@@ -200,6 +200,8 @@ fn state_name(status: &JobStatus) -> String {
         .trim_start_matches("JOB_STATE_");
     match status.state() {
         quiver_proto::JobState::Queued => format!("QUEUED ({} ahead)", status.queue_position),
+        // Running it again would add its rows twice.
+        _ if status.write_committed => format!("{name} (WRITE COMMITTED)"),
         _ => name.to_owned(),
     }
 }
