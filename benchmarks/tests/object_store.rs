@@ -1786,6 +1786,32 @@ async fn bad_locations_get_clear_errors_without_secrets() {
             "'s3://u:***@lake/out/' holds a password",
         ),
         (
+            // A URL parser reads no password here, but a port.
+            "a password with a slash in a location",
+            format!(
+                "CREATE EXTERNAL TABLE t4 STORED AS PARQUET \
+                 LOCATION 's3://AKIAEX:ab/{SECRET_KEY}@lake/t/'"
+            ),
+            "'s3://AKIAEX:***@lake/t/' holds a password",
+        ),
+        (
+            // ARROW takes no options: it would be accepted, and kept as written.
+            "a store option without its prefix",
+            format!(
+                "CREATE EXTERNAL TABLE t5 (a INT) STORED AS ARROW LOCATION 's3://lake/arrow/' \
+                 OPTIONS ('secret_access_key' '{SECRET_KEY}')"
+            ),
+            "write it with its store's prefix, as 'aws.secret_access_key'",
+        ),
+        (
+            "an explained store option without its prefix",
+            format!(
+                "EXPLAIN COPY (SELECT 1 AS x) TO 's3://lake/out/' STORED AS ARROW \
+                 OPTIONS ('aws_secret_access_key' '{SECRET_KEY}')"
+            ),
+            "write it with its store's prefix, as 'aws.secret_access_key'",
+        ),
+        (
             "a statement DataFusion echoes",
             format!(
                 "CREATE TABLE h STORED AS PARQUET LOCATION 's3://lake/h/' \

@@ -37,8 +37,8 @@ use quiver_core::guard::{catch_future_panic, panic_message};
 use quiver_core::storage::redacted_error;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
-    StoreOptions, StoreRegistry, is_store_option, redact_statement_error, redact_store_echoes,
-    register_store_option_namespaces, runtime_builder, store_did_not_answer,
+    StoreOptions, StoreRegistry, holds_url_password, is_store_option, redact_statement_error,
+    redact_store_echoes, register_store_option_namespaces, runtime_builder, store_did_not_answer,
 };
 use quiver_core::write::sinks::unstaged_write_folder;
 use quiver_core::write::snapshot::KnownCommits;
@@ -1116,11 +1116,13 @@ impl Planner {
     fn configure_locations(&self, plan: &LogicalPlan) -> Result<Vec<ReplacedStore>> {
         let (locations, options) = match plan {
             // Nothing runs under EXPLAIN, but its output shows the
-            // locations: they are checked all the same.
+            // locations and options: they are checked all the same.
             LogicalPlan::Explain(explain) => {
-                let locations = declared_locations(&explain.plan).map_or(&[][..], |found| found.0);
-                for location in locations {
-                    check_location_spelling(location)?;
+                if let Some((locations, options)) = declared_locations(&explain.plan) {
+                    for location in locations {
+                        check_location_spelling(location)?;
+                    }
+                    StoreOptions::from_statement_options(options).map_err(Error::Query)?;
                 }
                 return Ok(Vec::new());
             }
@@ -1362,7 +1364,10 @@ fn check_location_spelling(location: &str) -> Result<()> {
         ))))
     };
     // Refused before DataFusion plans (and logs) the statement.
-    if url::Url::parse(location).is_ok_and(|url| url.password().is_some()) {
+    // Also a password with a `/`, which URL parsers do not read as one.
+    if url::Url::parse(location).is_ok_and(|url| url.password().is_some())
+        || holds_url_password(location)
+    {
         return misspelt(
             "holds a password, which would show wherever the location does: give \
              credentials in OPTIONS (...) or the environment (for HTTP(S): \
@@ -1616,6 +1621,14 @@ mod tests {
             .to_string();
         assert!(
             error.contains("'s3://u:***@lake/x/' holds a password") && !error.contains("PW123"),
+            "{error}"
+        );
+        // A URL parser reads no password here, but a port.
+        let error = check_location_spelling("s3://AKIAEX:wJal/rXUtn@lake/x/")
+            .expect_err("a password with a slash")
+            .to_string();
+        assert!(
+            error.contains("'s3://AKIAEX:***@lake/x/' holds a password") && !error.contains("rXU"),
             "{error}"
         );
         for location in [

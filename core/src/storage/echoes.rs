@@ -59,7 +59,10 @@ const SECRET_VARIABLES: &[&str] = &[
     "AZURE_STORAGE_MASTER_KEY",
     "AZURE_STORAGE_SAS_KEY",
     "AZURE_STORAGE_TOKEN",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CLIENT_SECRET",
     "AZURE_CLIENT_SECRET",
+    "AWS_TOKEN",
     "GOOGLE_SERVICE_ACCOUNT_KEY",
 ];
 
@@ -184,20 +187,46 @@ fn signed_parameter_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + 
         })
 }
 
+/// Whether `text` holds a URL with a password (`scheme://user:password@host`),
+/// as [`redact_store_echoes`] finds them: also one that a URL parser cannot
+/// read, because the password holds a `/`.
+pub fn holds_url_password(text: &str) -> bool {
+    url_password_spans(text).next().is_some()
+}
+
 /// Byte ranges of the passwords in URLs (`scheme://user:password@host`).
+/// A password may hold a `/` (AWS secret keys often do), which URL parsers
+/// take for the end of the host, and then for no password at all. So the
+/// user information runs from a user name (no `/` or `@` in it) to the
+/// last `@` before the next `/`, wherever the first `/` lies; but a `:`
+/// followed by digits and a `/` is a port, and an `@` after it is in the
+/// path.
 fn url_password_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
     text.match_indices("://")
         .filter_map(move |(at, separator)| {
             let start = at + separator.len();
-            let authority_len = text[start..]
-                .find(|c: char| {
-                    matches!(c, '/' | '\'' | '"' | ')' | '<' | '>') || c.is_whitespace()
-                })
+            let url_len = text[start..]
+                .find(|c: char| matches!(c, '\'' | '"' | ')' | '<' | '>') || c.is_whitespace())
                 .unwrap_or(text.len() - start);
-            let authority = &text[start..start + authority_len];
-            let user_info = &authority[..authority.rfind('@')?];
-            let colon = user_info.find(':')?;
-            Some((start + colon + 1, start + user_info.len()))
+            let url = &text[start..start + url_len];
+            let colon = url.find(':')?;
+            if url[..colon].contains(['/', '@']) {
+                return None;
+            }
+            let first_at = colon + url[colon..].find('@')?;
+            let after_colon = &url[colon + 1..first_at];
+            if let Some(slash) = after_colon.find('/')
+                && after_colon[..slash]
+                    .bytes()
+                    .all(|byte| byte.is_ascii_digit())
+            {
+                return None;
+            }
+            let host_end = url[first_at..]
+                .find('/')
+                .map_or(url.len(), |offset| first_at + offset);
+            let last_at = url[..host_end].rfind('@')?;
+            Some((start + colon + 1, start + last_at))
         })
 }
 
@@ -283,9 +312,23 @@ mod tests {
             ),
             "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 'http://alice:***@host:8080/x/'"
         );
-        // A user name alone (Azure's container) is kept.
-        let container = "abfss://lake@acct.dfs.core.windows.net/x/ and http://host:80/a@b";
+        // A password with a `/`, which URL parsers do not read as one (the
+        // refusal of such a location must not repeat it), and one with `@`.
+        assert_eq!(
+            redact_store_echoes("cannot read the table at 's3://AKIAEX:wJalr/XUtn@lake/t/'"),
+            "cannot read the table at 's3://AKIAEX:***@lake/t/'"
+        );
+        assert_eq!(
+            redact_store_echoes("s3://k:a/b@c@lake/t@x/"),
+            "s3://k:***@lake/t@x/"
+        );
+        assert!(holds_url_password("s3://AKIAEX:wJalr/XUtn@lake/t/"));
+        // A user name alone (Azure's container) is kept, and so is a port
+        // before a path with an `@`, or a path with a `:` and an `@`.
+        let container = "abfss://lake@acct.dfs.core.windows.net/x/ and http://host:80/a@b \
+                         and s3://lake/a:b@c/";
         assert!(matches!(redact_store_echoes(container), Cow::Borrowed(_)));
+        assert!(!holds_url_password(container));
     }
 
     #[test]

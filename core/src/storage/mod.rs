@@ -27,7 +27,7 @@ pub mod options;
 pub mod registry;
 pub mod upload;
 
-pub use echoes::{redact_store_echoes, redacted_error};
+pub use echoes::{holds_url_password, redact_store_echoes, redacted_error};
 pub use options::{
     StoreOptions, is_store_option, redact_sql, redact_statement_error,
     register_store_option_namespaces,

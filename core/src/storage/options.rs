@@ -60,12 +60,8 @@ const REDACTED: &str = "***";
 /// Checks that `name` (without its prefix) is an option of `provider`.
 pub fn validate_option(provider: &str, name: &str) -> Result<(), String> {
     let name = name.to_ascii_lowercase();
-    let known = match provider {
-        "aws" => AmazonS3ConfigKey::from_str(&name).is_ok(),
-        "gcp" => GoogleConfigKey::from_str(&name).is_ok(),
-        "azure" => AzureConfigKey::from_str(&name).is_ok(),
-        "http" => super::http_credentials::is_credential_option(&name),
-        _ => return Err(format!("unknown store option prefix '{provider}'")),
+    let Some(known) = is_option_of_store_kind(provider, &name) else {
+        return Err(format!("unknown store option prefix '{provider}'"));
     };
     if known || ClientConfigKey::from_str(&name).is_ok() {
         Ok(())
@@ -74,27 +70,80 @@ pub fn validate_option(provider: &str, name: &str) -> Result<(), String> {
     }
 }
 
-/// Refuses a store option written as an environment variable is
-/// (`aws_session_token`), without its provider's prefix: it would be taken
-/// for a format option, refused later, and printed in DataFusion's logs of
-/// the plan on the way, secret and all.
-fn refuse_unprefixed_store_option(key: &str) -> Result<(), String> {
+/// Whether lower-case `name` is an option of the kind of store `provider`
+/// names, not counting the HTTP client's options that every kind takes;
+/// `None` for an unknown provider.
+fn is_option_of_store_kind(provider: &str, name: &str) -> Option<bool> {
+    Some(match provider {
+        "aws" => AmazonS3ConfigKey::from_str(name).is_ok(),
+        "gcp" => GoogleConfigKey::from_str(name).is_ok(),
+        "azure" => AzureConfigKey::from_str(name).is_ok(),
+        "http" => super::http_credentials::is_credential_option(name),
+        _ => return None,
+    })
+}
+
+/// How the environment variables of each kind of store start.
+const ENVIRONMENT_STARTS: [(&str, &str); 3] =
+    [("aws_", "aws"), ("google_", "gcp"), ("azure_", "azure")];
+
+/// The kinds of store of which option `key`, written without a store's
+/// prefix (`secret_access_key`, `aws_session_token`, `format.password`), is
+/// an option: object_store takes such spellings, but DataFusion takes them
+/// for format options. Empty for a format option.
+fn store_kinds_of_unprefixed(key: &str) -> Vec<&'static str> {
     let name = key
         .strip_prefix("format.")
         .unwrap_or(key)
         .to_ascii_lowercase();
-    let provider = [("aws_", "aws"), ("google_", "gcp"), ("azure_", "azure")]
+    // As an environment variable is spelled: its start names the kind.
+    let by_start = ENVIRONMENT_STARTS
         .into_iter()
-        .find_map(|(start, provider)| name.starts_with(start).then_some(provider))
-        // An HTTP server's credentials have no prefix of their own.
-        .or_else(|| super::http_credentials::is_credential_option(&name).then_some("http"));
-    match provider {
-        Some(provider) if validate_option(provider, &name).is_ok() => Err(format!(
-            "option '{name}' is a store option: write it with its store's prefix, as \
-             '{provider}.{name}'"
-        )),
-        _ => Ok(()),
+        .find_map(|(start, provider)| name.starts_with(start).then_some(provider));
+    if let Some(provider) = by_start {
+        return match validate_option(provider, &name) {
+            Ok(()) => vec![provider],
+            Err(_) => Vec::new(),
+        };
     }
+    PROVIDERS
+        .into_iter()
+        .filter(|provider| is_option_of_store_kind(provider, &name) == Some(true))
+        .collect()
+}
+
+/// Refuses a store option written without its store's prefix
+/// ([`store_kinds_of_unprefixed`]): it would be taken for a format option,
+/// and either refused later, after DataFusion's logs of the plan printed
+/// it, secret and all, or ignored (`STORED AS ARROW` takes no options),
+/// its credentials never used and the statement kept in the job history
+/// and table definitions as written. The value is not repeated.
+fn refuse_unprefixed_store_option(key: &str) -> Result<(), String> {
+    let kinds = store_kinds_of_unprefixed(key);
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    let name = key
+        .strip_prefix("format.")
+        .unwrap_or(key)
+        .to_ascii_lowercase();
+    // `aws_secret_access_key` as `aws.secret_access_key`, where that is one.
+    let short = |kind: &str| {
+        ENVIRONMENT_STARTS
+            .iter()
+            .find(|(_, provider)| *provider == kind)
+            .and_then(|(start, _)| name.strip_prefix(start))
+            .filter(|short| validate_option(kind, short).is_ok())
+            .unwrap_or(&name)
+    };
+    let spellings: Vec<String> = kinds
+        .iter()
+        .map(|kind| format!("'{kind}.{}'", short(kind)))
+        .collect();
+    Err(format!(
+        "option '{name}' is a store option: write it with its store's prefix, as {}",
+        spellings.join(" or ")
+    ))
 }
 
 /// Whether option `name` of `provider` is the address of the store's service.
@@ -348,7 +397,22 @@ fn secret_values(sql: &str) -> Vec<String> {
         .collect();
     let mut secrets = Vec::new();
     let mut index = 0;
+    // Within `OPTIONS (...)`, where a store option without its prefix is
+    // taken for one too (elsewhere `token` may be a column).
+    let mut in_options = false;
     while index < tokens.len() {
+        match &tokens[index] {
+            Token::Word(word)
+                if word.value.eq_ignore_ascii_case("options")
+                    && matches!(tokens.get(index + 1), Some(Token::LParen)) =>
+            {
+                in_options = true;
+                index += 2;
+                continue;
+            }
+            Token::RParen => in_options = false,
+            _ => {}
+        }
         let Some(mut key) = key_part(&tokens[index]) else {
             index += 1;
             continue;
@@ -362,7 +426,9 @@ fn secret_values(sql: &str) -> Vec<String> {
             next += 2;
         }
         index = next;
-        if !is_store_option(&key) || is_harmless(&key) {
+        let for_a_store =
+            is_store_option(&key) || (in_options && !store_kinds_of_unprefixed(&key).is_empty());
+        if !for_a_store || is_harmless(&key) {
             continue;
         }
         // A value is a token or a few; a key used elsewhere (a column) is
@@ -483,7 +549,10 @@ fn secret_value_spans(sql: &str) -> Option<Vec<(usize, usize)>> {
                 index += 2;
             }
             let value = tokens.get(index)?;
-            if is_store_option(&key) && !is_harmless(&key) {
+            // A store option without its prefix is refused, but the
+            // statement may still be logged or echoed before it is.
+            let for_a_store = is_store_option(&key) || !store_kinds_of_unprefixed(&key).is_empty();
+            if for_a_store && !is_harmless(&key) {
                 spans.push((
                     offsets.byte(sql, value.span.start)?,
                     offsets.byte(sql, value.span.end)?,
@@ -702,6 +771,13 @@ mod tests {
             "azure_storage_account_key",
             "format.password",
             "bearer_token",
+            // As object_store takes them too, with no prefix at all.
+            "format.secret_access_key",
+            "session_token",
+            "format.account_key",
+            "sas_token",
+            "service_account_key",
+            "format.region",
         ] {
             let options = HashMap::from([(key.to_owned(), "SECRET-VALUE".to_owned())]);
             let error = StoreOptions::from_statement_options(&options)
@@ -710,8 +786,22 @@ mod tests {
             assert!(error.contains("is a store option"), "{error}");
             assert!(!error.contains("SECRET-VALUE"), "{error}");
         }
-        let format = HashMap::from([("format.compression".to_owned(), "zstd(3)".to_owned())]);
-        StoreOptions::from_statement_options(&format).expect("a format option");
+        for key in ["format.secret_access_key", "aws_secret_access_key"] {
+            let error = refuse_unprefixed_store_option(key).expect_err(key);
+            assert!(error.ends_with("as 'aws.secret_access_key'"), "{error}");
+        }
+        let error = refuse_unprefixed_store_option("format.token").expect_err("two kinds");
+        assert!(error.contains("'aws.token' or 'azure.token'"), "{error}");
+        // No option of any file format DataFusion knows is taken for a
+        // store's (with no format chosen, its keys are `parquet.*`, ...).
+        let formats = datafusion::config::TableOptions::default().entries();
+        assert!(formats.len() > 30, "{}", formats.len());
+        for entry in formats {
+            let (_, name) = entry.key.split_once('.').expect("a format's key");
+            let key = format!("format.{name}");
+            let options = HashMap::from([(key.clone(), "1".to_owned())]);
+            StoreOptions::from_statement_options(&options).expect(&key);
+        }
     }
 
     #[test]
@@ -804,6 +894,22 @@ mod tests {
         );
         assert!(redacted.contains("LOCATION 's3://b/t/'"), "{redacted}");
         assert_eq!(redact_sql("SELECT 'options'"), "SELECT 'options'");
+
+        // A store option without its prefix, which planning refuses.
+        let sql = "COPY t TO 's3://b/o/' STORED AS ARROW OPTIONS ('secret_access_key' 'Unpref1x')";
+        let redacted = redact_sql(sql);
+        assert!(
+            redacted.ends_with("('secret_access_key' '***')"),
+            "{redacted}"
+        );
+        let error = DataFusionError::Plan(format!("cannot take {sql}"));
+        let error = redact_statement_error(error, sql).to_string();
+        assert!(!error.contains("Unpref1x"), "{error}");
+        // Elsewhere, such a name is a column's, and what follows is kept.
+        let sql = "SELECT token FROM tokens";
+        let error = DataFusionError::Plan(format!("cannot take {sql}"));
+        let error = redact_statement_error(error, sql).to_string();
+        assert!(error.ends_with(sql), "{error}");
 
         // However a value is written, over several lines, in COPY and EXPLAIN.
         let sql = "EXPLAIN COPY (SELECT 'é' AS a) TO 's3://b/out/' STORED AS PARQUET\n\
