@@ -155,6 +155,9 @@ fn check_cli_shell(url: &str, scratch: &std::path::Path) {
         "\\d no_such_table",
         "\\format json",
         "SELECT 2 AS two;",
+        // Refused at once (a misspelt option), and kept without its secret.
+        "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 's3://lake/t/'",
+        "  OPTIONS ('aws.secret_acces_key' 'HistSecret99');",
         "\\q",
         "SELECT 'after quitting' AS never;",
     ];
@@ -186,6 +189,10 @@ fn check_cli_shell(url: &str, scratch: &std::path::Path) {
     }
     let history = std::fs::read_to_string(&history).expect("the history was saved");
     assert!(history.contains("WHERE n_nationkey = 7;"), "{history}");
+    assert!(
+        history.contains("'aws.secret_acces_key' '***'") && !history.contains("HistSecret99"),
+        "{history}"
+    );
 }
 
 fn quiver(args: &[&str]) -> std::process::Output {

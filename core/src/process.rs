@@ -22,10 +22,16 @@ use crate::storage::redact_store_echoes;
 /// pattern can tell. Colours only a terminal: a log file or a pod's log
 /// gets plain text, which `grep job_id=...` finds.
 pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// As [`init_tracing`], at `default_level` where `RUST_LOG` is not set: for a
+/// tool that runs an embedded cluster and prints its own report.
+pub fn init_tracing_at(default_level: &str) {
     use std::io::IsTerminal;
 
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .unwrap_or_else(|_| EnvFilter::new(default_level))
         .add_directive(Directive::from_str("sqlparser=info").unwrap_or_default());
     tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal())

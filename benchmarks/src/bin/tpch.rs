@@ -145,13 +145,8 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Its embedded cluster logs what the servers' would: redacted alike.
+    quiver_core::process::init_tracing_at("warn");
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Gen(args) => generate(&args).map(|_| ()),

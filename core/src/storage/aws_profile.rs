@@ -35,7 +35,7 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential, AwsCr
 
 use super::assume_role::{AssumeRole, RoleSettings};
 use super::credential_process::CredentialProcess;
-use super::expiring_credentials::{Refreshing, remember_credential};
+use super::expiring_credentials::Refreshing;
 
 /// Where a profile's credentials come from.
 #[derive(Clone, PartialEq, Eq)]
@@ -185,6 +185,7 @@ impl ProfileSettings {
                 secret_access_key,
                 session_token,
             } => {
+                remember_keys(secret_access_key, session_token.as_deref());
                 let builder = builder
                     .with_access_key_id(access_key_id)
                     .with_secret_access_key(secret_access_key);
@@ -247,12 +248,12 @@ impl ProfileSettings {
                 secret_access_key,
                 session_token,
             } => {
+                remember_keys(secret_access_key, session_token.as_deref());
                 let credential = AwsCredential {
                     key_id: access_key_id.clone(),
                     secret_key: secret_access_key.clone(),
                     token: session_token.clone(),
                 };
-                remember_credential(&credential);
                 Arc::new(StaticCredentialProvider::new(credential))
             }
             ProfileCredentials::Process { profile, command } => Arc::new(Refreshing::new(
@@ -291,6 +292,15 @@ impl ProfileSettings {
 
 /// `builder` with the role and token file of `credentials`, if they are a
 /// profile's web identity, for object_store to assume the role with.
+/// Remembers a profile's keys, to be blanked in any text that leaves the
+/// process (see [`super::echoes`]): they last as long as the process.
+fn remember_keys(secret_access_key: &str, session_token: Option<&str>) {
+    super::echoes::remember_secret(secret_access_key);
+    if let Some(token) = session_token {
+        super::echoes::remember_secret(token);
+    }
+}
+
 fn with_web_identity(
     builder: AmazonS3Builder,
     credentials: &ProfileCredentials,

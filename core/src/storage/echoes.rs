@@ -69,27 +69,50 @@ const SECRET_VARIABLES: &[&str] = &[
 /// Values shorter than this are not remembered: blanking a short word
 /// everywhere would blank ordinary text, and real credentials are long.
 const SHORTEST_REMEMBERED: usize = 8;
-/// How many secrets are remembered; the oldest go first. Credentials that
-/// expire are fetched again every hour or so, for the life of the process.
-const MOST_REMEMBERED: usize = 256;
+/// How many secrets given to this process (by store options, the
+/// environment) are remembered; the least recently given go first, only
+/// past as many stores as no cluster configures.
+const MOST_LASTING: usize = 1024;
+/// How many credentials that expire are remembered. They are fetched again
+/// every hour or so for the life of the process, and kept apart, so that
+/// they never push out a lasting secret; an old one has expired.
+const MOST_EXPIRING: usize = 64;
 
-static REMEMBERED: LazyLock<RwLock<VecDeque<String>>> = LazyLock::new(Default::default);
+#[derive(Default)]
+struct Remembered {
+    lasting: VecDeque<String>,
+    expiring: VecDeque<String>,
+}
 
-/// Remembers `secret`, so that [`redact_store_echoes`] blanks it wherever
-/// it appears.
+static REMEMBERED: LazyLock<RwLock<Remembered>> = LazyLock::new(Default::default);
+
+/// Remembers `secret`, given to this process, so that
+/// [`redact_store_echoes`] blanks it wherever it appears.
 pub fn remember_secret(secret: &str) {
+    remember(secret, |remembered| (&mut remembered.lasting, MOST_LASTING));
+}
+
+/// Remembers `secret`, a credential that expires, as [`remember_secret`].
+pub fn remember_expiring_secret(secret: &str) {
+    remember(secret, |remembered| {
+        (&mut remembered.expiring, MOST_EXPIRING)
+    });
+}
+
+fn remember(secret: &str, kind: impl FnOnce(&mut Remembered) -> (&mut VecDeque<String>, usize)) {
     let secret = secret.trim();
     if secret.chars().count() < SHORTEST_REMEMBERED {
         return;
     }
     let mut remembered = REMEMBERED.write().unwrap_or_else(PoisonError::into_inner);
-    if remembered.iter().any(|known| known == secret) {
-        return;
+    let (secrets, most) = kind(&mut remembered);
+    // Given again, it is the newest.
+    if let Some(at) = secrets.iter().position(|known| known == secret) {
+        secrets.remove(at);
+    } else if secrets.len() == most {
+        secrets.pop_front();
     }
-    if remembered.len() == MOST_REMEMBERED {
-        remembered.pop_front();
-    }
-    remembered.push_back(secret.to_owned());
+    secrets.push_back(secret.to_owned());
 }
 
 /// Remembers the store credentials of this process's environment.
@@ -105,7 +128,9 @@ pub fn remember_environment_secrets() {
 fn remembered_spans(text: &str) -> Vec<(usize, usize)> {
     let remembered = REMEMBERED.read().unwrap_or_else(PoisonError::into_inner);
     remembered
+        .lasting
         .iter()
+        .chain(&remembered.expiring)
         .flat_map(|secret| {
             text.match_indices(secret.as_str())
                 .map(|(at, found)| (at, at + found.len()))
@@ -248,6 +273,23 @@ mod tests {
         assert_eq!(redacted.matches(REDACTED).count(), 2, "{redacted}");
         let plain = "a short word stays: short";
         assert_eq!(redact_store_echoes(plain), plain);
+    }
+
+    /// Credentials fetched again and again (every hour, for weeks) push out
+    /// the oldest of their own kind only, never a secret given by a store
+    /// option.
+    #[test]
+    fn expiring_credentials_never_push_out_a_lasting_secret() {
+        let lasting = "option-secret-kept-for-good";
+        remember_secret(lasting);
+        for hour in 0..(MOST_LASTING + MOST_EXPIRING) {
+            remember_expiring_secret(&format!("expiring-token-{hour:05}"));
+        }
+        let text = format!("echoed {lasting} and expiring-token-00000 and expiring-token-01087");
+        assert_eq!(
+            redact_store_echoes(&text),
+            "echoed *** and expiring-token-00000 and ***"
+        );
     }
 
     /// The body that S3 documents for a refused signature, as object_store

@@ -109,9 +109,9 @@ impl Held {
 /// Remembers the secret parts of `credential`, to be blanked in any text
 /// that leaves the process (see [`super::echoes`]).
 pub fn remember_credential(credential: &AwsCredential) {
-    super::echoes::remember_secret(&credential.secret_key);
+    super::echoes::remember_expiring_secret(&credential.secret_key);
     if let Some(token) = &credential.token {
-        super::echoes::remember_secret(token);
+        super::echoes::remember_expiring_secret(token);
     }
 }
 

@@ -9,6 +9,7 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::{Field, Schema};
 use quiver_client::QuiverContext;
 use quiver_client::output::{Format, write_batches};
+use quiver_core::storage::redact_sql;
 use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
 
@@ -78,7 +79,9 @@ pub async fn run(context: &QuiverContext, mut options: ShellOptions) -> Result<(
         buffer.push_str(&line);
         let (statements, rest) = split_terminated(&buffer);
         if !statements.is_empty() {
-            let _ = editor.add_history_entry(buffer.trim());
+            // The history file is plain text: a store option's secret, or a
+            // location's password, is kept as '***', to be typed again.
+            let _ = editor.add_history_entry(redact_sql(buffer.trim()));
         }
         buffer = rest;
         for statement in statements {
