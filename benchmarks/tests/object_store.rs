@@ -1862,6 +1862,48 @@ async fn bad_locations_get_clear_errors_without_secrets() {
     .expect("the table reads: its bucket must not keep the failed COPY's endpoint");
     assert_eq!(still_reads, 3);
 
+    // A durable shuffle location that cannot hold map outputs is refused as
+    // a job is planned, naming it, rather than failing each map task four
+    // times. `gone` is configured (by a COPY), then deleted.
+    s3.create_bucket("gone");
+    let seed = format!(
+        "COPY (SELECT 1 AS x) TO 's3://gone/seed/' STORED AS PARQUET {}",
+        s3.sql_options()
+    );
+    run(&context, &seed).await.expect("configure the bucket");
+    let gone = s3.store("gone");
+    for path in list(&gone, "").await {
+        gone.delete(&Path::from(path))
+            .await
+            .expect("empty the bucket");
+    }
+    s3.delete_bucket("gone");
+    let grouping = "SELECT count(*)::bigint unsigned FROM \
+                    (SELECT value % 7 AS k FROM range(100) GROUP BY k)";
+    for (location, why) in [
+        (
+            "s3://gone/shuffle",
+            "its store refuses to create objects there",
+        ),
+        ("foo://x/y", "foo://x"),
+        ("relative/maps", "it is a relative folder"),
+    ] {
+        let set = format!("SET quiver.shuffle_location = '{location}'");
+        run(&context, &set).await.expect(&set);
+        let error = run(&context, grouping).await.expect_err(location);
+        let named = format!("quiver.shuffle_location '{location}' cannot hold map outputs");
+        assert!(error.contains(&named) && error.contains(why), "{error}");
+        assert!(!error.contains(SECRET_KEY), "{error}");
+    }
+    assert!(!std::path::Path::new("relative").exists());
+    run(&context, "SET quiver.shuffle_location = 's3://lake/maps'")
+        .await
+        .expect("a location that works");
+    assert_eq!(count_of(&context, grouping).await, 7);
+    run(&context, "SET quiver.shuffle_location = ''")
+        .await
+        .expect("no durable shuffle");
+
     // Nothing partial was left, and the cluster serves the next job.
     assert!(list(&bucket, "out").await.is_empty());
     assert_eq!(count_of(&context, "SELECT 1::bigint unsigned").await, 1);

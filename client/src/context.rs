@@ -7,7 +7,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder, Statement as PlanStatement};
 use datafusion::physical_plan::EmptyRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::{DFParser, Statement};
@@ -116,15 +116,26 @@ impl QuiverContext {
             planning_us = started.elapsed().as_micros() as u64,
             "statement planned on the client"
         );
+        // A local session: collecting the distributed planner's empty plan
+        // would queue a job on the cluster for nothing.
+        let nothing = || -> Result<DataFrame> {
+            let empty = LogicalPlanBuilder::empty(false).build()?;
+            Ok(DataFrame::new(SessionContext::new().state(), empty))
+        };
         match plan {
             LogicalPlan::Ddl(_) => {
                 self.run_sql(sql).await?;
-                // A local session: collecting the distributed planner's
-                // empty plan would queue a job on the cluster for nothing.
-                let nothing = LogicalPlanBuilder::empty(false).build()?;
-                Ok(DataFrame::new(SessionContext::new().state(), nothing))
+                nothing()
             }
-            LogicalPlan::Statement(_) => Ok(self.session.execute_logical_plan(plan).await?),
+            // `EXECUTE` gives the prepared plan to run; `SET`, `PREPARE` and
+            // the rest change this session only.
+            LogicalPlan::Statement(PlanStatement::Execute(_)) => {
+                Ok(self.session.execute_logical_plan(plan).await?)
+            }
+            LogicalPlan::Statement(_) => {
+                self.session.execute_logical_plan(plan).await?;
+                nothing()
+            }
             // The cluster explains its own plan (the stage DAG, and with
             // ANALYZE what each stage's operators did), and plans
             // writes itself (`COPY`, `INSERT`), so that their files are

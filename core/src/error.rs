@@ -32,6 +32,11 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The durable shuffle location cannot hold a job's map outputs: no
+    /// store serves it, or its store refuses a right they need.
+    #[error("quiver.shuffle_location '{location}' cannot hold map outputs: {reason}")]
+    ShuffleLocationRefused { location: String, reason: String },
+
     #[error(
         "invalid identifier {value:?} in {field}: only letters, digits, '-' and '_' are allowed"
     )]

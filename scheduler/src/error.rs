@@ -87,6 +87,10 @@ pub enum Error {
     #[error(transparent)]
     Location(#[from] quiver_core::storage::StoreError),
 
+    /// `quiver.shuffle_location` cannot hold the job's map outputs.
+    #[error(transparent)]
+    ShuffleLocation(quiver_core::error::Error),
+
     #[error(
         "catalog statements must be sent as SQL text, so that they can be stored; got a {0} plan"
     )]
@@ -110,6 +114,7 @@ impl From<Error> for Status {
             | Error::EmptyQuery
             | Error::DdlPlan(_)
             | Error::Location(_)
+            | Error::ShuffleLocation(_)
             | Error::TableLocation { .. }
             | Error::WriteAccess { .. } => Code::InvalidArgument,
             Error::Store(_) => Code::Unavailable,

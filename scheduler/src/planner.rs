@@ -34,6 +34,7 @@ use prost::bytes::Bytes;
 use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_core::guard::{catch_future_panic, panic_message};
+use quiver_core::shuffle::durable;
 use quiver_core::storage::redacted_error;
 use quiver_core::storage::registry::ReplacedStore;
 use quiver_core::storage::{
@@ -256,6 +257,48 @@ async fn check_write_access_of(
         .await
         .map_err(spawned_failure)?
         .map_err(location_error)
+}
+
+/// The durable shuffle location of a job (`quiver.shuffle_location`) as a
+/// URL (a plain folder becomes a `file://` one, as executors expect), once
+/// its store was found to take the job's map outputs
+/// ([`durable::check_access`]); empty for none. A relative folder is
+/// refused: each process would take it from its own working folder.
+async fn durable_shuffle_location(
+    state: &SessionState,
+    options: &QuiverOptions,
+    job_id: &str,
+) -> Result<String> {
+    let location = options.shuffle_location.trim();
+    if location.is_empty() {
+        return Ok(String::new());
+    }
+    let refused = |reason: &str| {
+        Error::ShuffleLocation(quiver_core::error::Error::ShuffleLocationRefused {
+            location: redact_store_echoes(location).into_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    if !location.contains("://") && !std::path::Path::new(location).is_absolute() {
+        return Err(refused(
+            "it is a relative folder; give a URL (s3://bucket/folder) or an absolute folder \
+             that every executor shares",
+        ));
+    }
+    let url = ListingTableUrl::parse(location)
+        .map_err(|e| refused(&redacted_error(&e)))?
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned();
+    let registry = Arc::clone(&state.runtime_env().object_store_registry);
+    let job_id = job_id.to_owned();
+    let checked = url.clone();
+    // Spawned: a client that hangs up mid-check must not leave its object.
+    tokio::spawn(async move { durable::check_access(registry.as_ref(), &checked, &job_id).await })
+        .await
+        .map_err(spawned_failure)?
+        .map_err(Error::ShuffleLocation)?;
+    Ok(url)
 }
 
 /// The write plan `physical` with its commit told which jobs have
@@ -837,15 +880,7 @@ impl Planner {
             .get::<QuiverOptions>()
             .cloned()
             .unwrap_or_default();
-        let durable_shuffle = match options.shuffle_location.trim() {
-            "" => String::new(),
-            // A plain folder becomes a file:// URL, as executors expect.
-            location => ListingTableUrl::parse(location)
-                .map_err(Error::Query)?
-                .as_str()
-                .trim_end_matches('/')
-                .to_owned(),
-        };
+        let durable_shuffle = durable_shuffle_location(state, &options, job_id).await?;
         let stores = store_configs(&physical, &durable_shuffle, &self.object_stores)
             .map_err(Error::Query)?;
         let writes_to = write_target(&physical);

@@ -399,6 +399,43 @@ async fn spool(
     })
 }
 
+/// Checks, before a job that copies its map outputs to `shuffle_location`
+/// starts, that the store there lets it create, read and delete them, with
+/// an empty object (`_access_check-<job>`, beside the jobs' folders, so that
+/// a refused deletion leaves no job folder behind). A location no store
+/// serves, a missing bucket or a missing right would otherwise fail every
+/// map task, each attempt of it, at run time.
+pub async fn check_access(
+    stores: &dyn ObjectStoreRegistry,
+    shuffle_location: &str,
+    job_id: &str,
+) -> Result<()> {
+    let refused = |reason: String| Error::ShuffleLocationRefused {
+        location: shuffle_location.to_owned(),
+        reason,
+    };
+    let lacks = |right: &'static str| {
+        move |e: object_store::Error| {
+            refused(format!(
+                "its store refuses to {right} objects there: {}",
+                redacted_error(&e)
+            ))
+        }
+    };
+    let location = format!(
+        "{}/_access_check-{job_id}",
+        shuffle_location.trim_end_matches('/')
+    );
+    let (store, probe) = resolve(stores, &location).map_err(|e| refused(redacted_error(&e)))?;
+    store
+        .put(&probe, PutPayload::new())
+        .await
+        .map_err(lacks("create"))?;
+    let read = store.head(&probe).await.map_err(lacks("read"));
+    let deleted = store.delete(&probe).await.map_err(lacks("delete"));
+    read.and(deleted).map(drop)
+}
+
 /// Deletes every durable map output of a job, once the uploads that its
 /// killed executors left unfinished are aborted.
 pub async fn remove_job(
@@ -445,6 +482,36 @@ mod tests {
         let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))])
             .expect("batch");
         write_map_output(dir, &[batch])
+    }
+
+    /// A location's access check leaves nothing, and one whose store cannot
+    /// create objects (a folder under a file) is refused, naming it.
+    #[tokio::test]
+    async fn a_shuffle_locations_access_is_checked_without_a_trace() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stores = StoreRegistry::new();
+        let location = format!("file://{}/maps", dir.path().display());
+        check_access(&stores, &location, "job1")
+            .await
+            .expect("access");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("maps"))
+            .expect("the location")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+
+        std::fs::write(dir.path().join("file"), b"x").expect("a file");
+        let location = format!("file://{}/file/maps", dir.path().display());
+        let error = check_access(&stores, &location, "job1")
+            .await
+            .expect_err("under a file")
+            .to_string();
+        assert!(
+            error.starts_with(&format!(
+                "quiver.shuffle_location '{location}' cannot hold map outputs: its store \
+                 refuses to create objects there"
+            )),
+            "{error}"
+        );
     }
 
     #[test]
