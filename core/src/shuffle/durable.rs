@@ -403,8 +403,10 @@ async fn spool(
 /// starts, that the store there lets it create, read and delete them, with
 /// an empty object (`_access_check-<job>`, beside the jobs' folders, so that
 /// a refused deletion leaves no job folder behind). A location no store
-/// serves, a missing bucket or a missing right would otherwise fail every
-/// map task, each attempt of it, at run time.
+/// serves or a missing bucket would otherwise fail every map task, each
+/// attempt of it, at run time. A right refused to the caller's keys (the
+/// scheduler's) is only logged: its executors may hold other keys, and it
+/// logs again when it cannot delete a job's outputs.
 pub async fn check_access(
     stores: &dyn ObjectStoreRegistry,
     shuffle_location: &str,
@@ -427,13 +429,29 @@ pub async fn check_access(
         shuffle_location.trim_end_matches('/')
     );
     let (store, probe) = resolve(stores, &location).map_err(|e| refused(redacted_error(&e)))?;
-    store
-        .put(&probe, PutPayload::new())
-        .await
-        .map_err(lacks("create"))?;
-    let read = store.head(&probe).await.map_err(lacks("read"));
-    let deleted = store.delete(&probe).await.map_err(lacks("delete"));
-    read.and(deleted).map(drop)
+    let checked = match store.put(&probe, PutPayload::new()).await {
+        Ok(_) => {
+            let read = store.head(&probe).await.map(drop).map_err(|e| ("read", e));
+            let deleted = store.delete(&probe).await.map_err(|e| ("delete", e));
+            read.and(deleted)
+        }
+        Err(e) => Err(("create", e)),
+    };
+    match checked {
+        Ok(()) => Ok(()),
+        Err((
+            right,
+            e @ (object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }),
+        )) => {
+            let error = redacted_error(&e);
+            tracing::warn!(location = %shuffle_location, right, %error,
+                "this process's keys lack a right at the durable shuffle location; the \
+                 executors' keys must have it");
+            Ok(())
+        }
+        Err((right, e)) => Err(lacks(right)(e)),
+    }
 }
 
 /// Deletes every durable map output of a job, once the uploads that its
