@@ -1351,6 +1351,46 @@ fn cluster_with_a_warehouse() -> (tempfile::TempDir, ProcessCluster) {
     (warehouse, ProcessCluster::start(1, args))
 }
 
+/// A table that `CREATE TABLE AS` made keeps owning its folder after the
+/// scheduler restarts with another `--warehouse`: dropping it deletes its
+/// files there (they stayed, unsaid, before), and a new table of its name
+/// goes to the new warehouse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_made_in_an_earlier_warehouse_takes_its_files_when_dropped() {
+    let (first, mut cluster) = cluster_with_a_warehouse();
+    let folder = |warehouse: &tempfile::TempDir| warehouse.path().join("public").join("moved");
+    let run = |context: QuiverContext, sql: &'static str| async move {
+        context.sql(sql).await?.collect().await
+    };
+    let context = cluster.connect(1).await;
+    run(context.clone(), "CREATE TABLE moved AS SELECT 1 AS a")
+        .await
+        .expect("CREATE TABLE AS");
+    assert!(folder(&first).is_dir());
+    drop(context);
+    cluster.kill_scheduler();
+
+    let second = tempfile::tempdir().expect("warehouse");
+    cluster.set_scheduler_args(vec![
+        "--warehouse".into(),
+        second.path().display().to_string(),
+    ]);
+    cluster.start_scheduler();
+    let context = cluster.connect(1).await;
+    let rows = run(context.clone(), "SELECT a FROM moved")
+        .await
+        .expect("read");
+    assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    run(context.clone(), "DROP TABLE moved")
+        .await
+        .expect("drop");
+    assert!(!folder(&first).exists(), "{}", cluster.scheduler_log());
+    run(context.clone(), "CREATE TABLE moved AS SELECT 2 AS a")
+        .await
+        .expect("CREATE TABLE AS again");
+    assert!(folder(&second).is_dir());
+}
+
 /// A scheduler that stops between a `CREATE TABLE ... AS` job's commit and
 /// the table's registration (killed, or past its shutdown grace) leaves the
 /// table pending in its state store: it registers it when it starts again,

@@ -4,8 +4,10 @@
 //!
 //! A table is managed when its catalog entry says so ([`MANAGED_TABLE`],
 //! set once `CREATE TABLE ... AS` has registered it) and its one location is
-//! still its name's warehouse folder. An external table keeps its files,
-//! wherever they are, the warehouse included.
+//! a warehouse folder of its name: the current warehouse's, or that of the
+//! warehouse it was created in, should `--warehouse` have changed since. An
+//! external table keeps its files, wherever they are, the warehouse
+//! included.
 //!
 //! The files are listed before the table is dropped and only those are
 //! deleted: a `CREATE TABLE ... AS` of the same name that starts meanwhile
@@ -62,11 +64,10 @@ pub async fn dropped_folders(
     ddl: &DdlStatement,
     state: &SessionState,
     store: &StateStore,
-    warehouse: &str,
 ) -> Vec<DroppedFolder> {
     let mut dropped = Vec::new();
     for name in dropped_tables(ddl, state) {
-        let Some(folder) = managed_folder(&name, state, store, warehouse).await else {
+        let Some(folder) = managed_folder(&name, state, store).await else {
             continue;
         };
         match list_files(state.runtime_env(), &folder).await {
@@ -111,7 +112,6 @@ pub(crate) async fn managed_folder(
     name: &TableReference,
     state: &SessionState,
     store: &StateStore,
-    warehouse: &str,
 ) -> Option<ListingTableUrl> {
     let (key, _) = table_key(name, state);
     // The embedded store reads from disk: not on the async threads.
@@ -134,14 +134,19 @@ pub(crate) async fn managed_folder(
         .table(&resolved.table)
         .await
         .ok()??;
-    let own = ListingTableUrl::parse(warehouse_folder(
-        warehouse,
-        &resolved,
-        &options.default_catalog,
-    ))
-    .ok()?;
-    let owns = matches!(table_folders(&table)?, [only] if only.as_str() == own.as_str());
-    owns.then_some(own)
+    let [folder] = table_folders(&table)? else {
+        return None;
+    };
+    // `/<schema>/<table>/` under any warehouse folder, spelt as URLs are.
+    let own = warehouse_folder("file:///", &resolved, &options.default_catalog);
+    let own = ListingTableUrl::parse(own).ok()?;
+    let own = own.as_str().strip_prefix("file://")?;
+    if folder.as_str().ends_with(own) {
+        return Some(folder.clone());
+    }
+    warn!(table = %resolved, %folder,
+        "a table that CREATE TABLE AS made reads a folder not named for it; its files stay");
+    None
 }
 
 /// The locations a table reads, if it is a table of files.

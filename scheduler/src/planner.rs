@@ -773,7 +773,7 @@ impl Planner {
             };
             let dropped = match &logical {
                 LogicalPlan::Ddl(ddl) if persist.is_some() => {
-                    managed::dropped_folders(ddl, &state, &self.store, &self.warehouse).await
+                    managed::dropped_folders(ddl, &state, &self.store).await
                 }
                 _ => Vec::new(),
             };
@@ -987,9 +987,9 @@ impl Planner {
         let location = warehouse_folder(&self.warehouse, &name, &catalog.default_catalog);
         let folder = ListingTableUrl::parse(&location).map_err(Error::Query)?;
         let replaces_its_own = exists
-            && managed::managed_folder(&create.name, state, &self.store, &self.warehouse)
+            && managed::managed_folder(&create.name, state, &self.store)
                 .await
-                .is_some_and(|own| own == folder);
+                .is_some_and(|own| own.as_str() == folder.as_str());
         if !replaces_its_own {
             self.check_folder_holds_no_data(&create.name, &location, &folder)
                 .await?;

@@ -105,6 +105,11 @@ impl ProcessCluster {
         self.args.env = env;
     }
 
+    /// The extra flags of the schedulers started from now on.
+    pub fn set_scheduler_args(&mut self, args: Vec<String>) {
+        self.args.scheduler = args;
+    }
+
     pub fn start_scheduler(&mut self) {
         assert!(self.scheduler.is_none(), "the scheduler is running");
         self.scheduler_starts += 1;
