@@ -250,30 +250,32 @@ fn check_cli_jobs(url: &str) {
         .unwrap_or_default();
     assert_eq!((fields[0], fields[1], fields[5]), ("1", "1", "1"), "{text}");
 
-    // Ctrl-C while a job runs cancels it on the cluster.
+    // Ctrl-C while a job runs cancels it on the cluster, and so does
+    // SIGTERM (an orchestrator stopping the run), which then ends the CLI.
     let endless = "SELECT count(*), sum(value % 7) FROM range(1, 1000000000000)";
-    let child = Command::new(binary("quiver"))
-        .args(["--url", url, "-c", endless])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cli");
-    std::thread::sleep(Duration::from_millis(1500));
-    common::processes::send_signal(child.id(), "INT");
-    let output = child.wait_with_output().expect("cli output");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("cancelled"), "{stderr}");
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let child = Command::new(binary("quiver"))
+            .args(["--url", url, "-c", endless])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cli");
+        std::thread::sleep(Duration::from_millis(1500));
+        common::processes::send_signal(child.id(), signal);
+        let output = child.wait_with_output().expect("cli output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{signal}: {stderr}");
+        assert!(stderr.contains("cancelled"), "{signal}: {stderr}");
+    }
     let listed = quiver(&[
         "--url", url, "--format", "csv", "job", "list", "--limit", "3",
     ]);
     let listing = String::from_utf8_lossy(&listed.stdout);
-    assert!(
-        listing
-            .lines()
-            .any(|line| line.contains("CANCELLED") && line.contains("range(1, 1000000000000)")),
-        "{listing}"
-    );
+    let cancelled = listing
+        .lines()
+        .filter(|line| line.contains("CANCELLED") && line.contains("range(1, 1000000000000)"))
+        .count();
+    assert_eq!(cancelled, 2, "{listing}");
 
     // SET in a script changes the session for the statements after it.
     let started = Instant::now();

@@ -81,6 +81,7 @@ const INTERRUPTED: u8 = 130;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    statements::stop_on_terminate();
     let outcome = match cli.command {
         Some(Command::Settings) => {
             print!("{}", quiver_core::config::settings_markdown());

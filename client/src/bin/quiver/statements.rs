@@ -1,9 +1,12 @@
 //! Runs SQL statements: splits scripts, shows a progress line on a terminal,
-//! and cancels the job on the cluster when the user presses Ctrl-C.
+//! and cancels the job on the cluster when the user presses Ctrl-C, or when
+//! the CLI is told to stop (SIGTERM, as an orchestrator such as Airflow or
+//! Kubernetes sends to stop a run: its job must not run on unowned).
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -19,6 +22,47 @@ use quiver_core::metrics::human_bytes;
 use quiver_proto::{JobState, JobStatus};
 
 use crate::jobs::{committing_note, settling_note};
+
+/// Exit code of a CLI stopped by SIGTERM, as shells report it.
+const TERMINATED: i32 = 128 + 15;
+
+/// Whether a statement is running, and whether SIGTERM came.
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static TERMINATING: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Makes SIGTERM stop the CLI as it would have stopped it by default, but
+/// for a running statement, whose job is cancelled on the cluster first.
+pub fn stop_on_terminate() {
+    #[cfg(unix)]
+    tokio::spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        terminate.recv().await;
+        TERMINATING.send_replace(true);
+        // A statement that runs sees the flag and exits once it has
+        // cancelled its job; one that has just ended, as it returns.
+        if !RUNNING.load(Ordering::SeqCst) {
+            std::process::exit(TERMINATED);
+        }
+    });
+}
+
+/// Completes once SIGTERM has come.
+async fn terminating() {
+    let mut flag = TERMINATING.subscribe();
+    let _ = flag.wait_for(|terminating| *terminating).await;
+}
+
+/// Exits if SIGTERM came while a statement ran.
+fn exit_if_terminating() {
+    RUNNING.store(false, Ordering::SeqCst);
+    if *TERMINATING.borrow() {
+        std::process::exit(TERMINATED);
+    }
+}
 
 /// How one statement ended, when it did not fail.
 pub enum Outcome {
@@ -66,18 +110,28 @@ pub async fn run_statement(
     // Kept alive through the Ctrl-C branch: dropping it would cancel the job
     // in the background, racing the cancellation that is reported below.
     tokio::pin!(execution);
+    RUNNING.store(true, Ordering::SeqCst);
+    let cancel = |job_id: &Mutex<Option<String>>| {
+        clear_progress(show_progress);
+        let job_id = job_id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        cancel_on_cluster(context, job_id)
+    };
     let outcome = tokio::select! {
         outcome = &mut execution => outcome,
         _ = tokio::signal::ctrl_c() => {
-            clear_progress(show_progress);
-            let job_id = job_id
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            cancel_on_cluster(context, job_id).await;
+            cancel(&job_id).await;
+            exit_if_terminating();
             return Ok(Outcome::Interrupted);
         }
+        _ = terminating() => {
+            cancel(&job_id).await;
+            std::process::exit(TERMINATED);
+        }
     };
+    exit_if_terminating();
     clear_progress(show_progress);
     let (schema, batches) = outcome?;
     match sink {
