@@ -159,6 +159,10 @@ fn print_stages(status: &JobStatus, format: Format) -> Result<(), String> {
         (
             "slowest_task",
             Arc::new(StringArray::from_iter_values(stages.iter().map(|s| {
+                // A stage of a failed or cancelled job may have none.
+                if s.tasks == 0 {
+                    return "no task finished".to_owned();
+                }
                 format!(
                     "partition {} on {}",
                     s.slowest_task_partition, s.slowest_task_executor
