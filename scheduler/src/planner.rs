@@ -1651,21 +1651,23 @@ mod tests {
                 "{error}"
             );
         }
-        let error = check_location_spelling("s3://u:PW123@lake/x/")
-            .expect_err("a password")
-            .to_string();
-        assert!(
-            error.contains("'s3://u:***@lake/x/' holds a password") && !error.contains("PW123"),
-            "{error}"
-        );
-        // A URL parser reads no password here, but a port.
-        let error = check_location_spelling("s3://AKIAEX:wJal/rXUtn@lake/x/")
-            .expect_err("a password with a slash")
-            .to_string();
-        assert!(
-            error.contains("'s3://AKIAEX:***@lake/x/' holds a password") && !error.contains("rXU"),
-            "{error}"
-        );
+        for (location, shown, secret) in [
+            ("s3://u:PW123@lake/x/", "s3://u:***@lake/x/", "PW123"),
+            // A URL parser reads no password here, but a port.
+            (
+                "s3://AKIAEX:wJal/rXUtn@lake/x/",
+                "s3://AKIAEX:***@lake/x/",
+                "rXU",
+            ),
+        ] {
+            let error = check_location_spelling(location)
+                .expect_err(location)
+                .to_string();
+            assert!(
+                error.contains(&format!("'{shown}' holds a password")) && !error.contains(secret),
+                "{error}"
+            );
+        }
         for location in [
             "s3://lake/data/",
             "s3://lake",
