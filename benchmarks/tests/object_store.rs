@@ -1760,7 +1760,7 @@ async fn bad_locations_get_clear_errors_without_secrets() {
                 "CREATE EXTERNAL TABLE t2 STORED AS PARQUET LOCATION 's3://lake/text/' {}",
                 s3.sql_options()
             ),
-            "text/notes.parquet",
+            "cannot read the footer of 's3://lake/text/notes.parquet'",
         ),
         (
             "misspelt option",

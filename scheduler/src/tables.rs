@@ -233,7 +233,7 @@ async fn declare_parquet_columns(
     };
     // Empty files hold no schema, and their footers cannot be read.
     let files: Vec<ObjectMeta> = files.into_iter().filter(|file| file.size > 0).collect();
-    let file_schema = merged_file_schema(state, cmd, &store, &files).await?;
+    let file_schema = merged_file_schema(state, cmd, url, &store, &files).await?;
     let mut fields: Vec<Field> = file_schema
         .fields()
         .iter()
@@ -332,10 +332,12 @@ fn parquet_folder(cmd: &CreateExternalTable) -> Result<Option<ListingTableUrl>> 
 /// as DataFusion merges them. A column that some file lacks reads as null
 /// there, so it is nullable even where the files that hold it say it is
 /// not: kept non-null, a filter `IS NULL` would find none of those rows, and
-/// the scan would fail on them.
+/// the scan would fail on them. A file that cannot be read is named by its
+/// URL (under the table's folder `url`).
 async fn merged_file_schema(
     state: &dyn Session,
     cmd: &CreateExternalTable,
+    url: &ListingTableUrl,
     store: &Arc<dyn ObjectStore>,
     files: &[ObjectMeta],
 ) -> Result<Schema> {
@@ -356,7 +358,8 @@ async fn merged_file_schema(
                         )))
                     })
                     .map_err(|e| {
-                        e.context(format!("cannot read the footer of '{}'", file.location))
+                        let file = format!("{}{}", url.object_store().as_str(), file.location);
+                        e.context(format!("cannot read the footer of '{file}'"))
                     })?;
                 Ok::<_, DataFusionError>((file, schema))
             }
