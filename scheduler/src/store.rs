@@ -252,10 +252,9 @@ impl StateStore {
                             .unwrap_or_default();
                         // A final record written after its write was found
                         // committed keeps saying so.
-                        let marked = match committed.get(job_id)? {
-                            Some(_) => marked_write_committed(record),
-                            None => None,
-                        };
+                        let marked = committed
+                            .get(job_id)?
+                            .and_then(|_| marked_write_committed(record));
                         let record = marked.as_ref().unwrap_or(record);
                         jobs.insert(job_id, record.encode_to_vec().as_slice())?;
                         if record.finished_at_unix_ms > 0 && !record.write_unsettled {

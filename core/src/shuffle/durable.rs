@@ -416,14 +416,6 @@ pub async fn check_access(
         location: shuffle_location.to_owned(),
         reason,
     };
-    let lacks = |right: &'static str| {
-        move |e: object_store::Error| {
-            refused(format!(
-                "its store refuses to {right} objects there: {}",
-                redacted_error(&e)
-            ))
-        }
-    };
     let location = format!(
         "{}/_access_check-{job_id}",
         shuffle_location.trim_end_matches('/')
@@ -450,7 +442,10 @@ pub async fn check_access(
                  executors' keys must have it");
             Ok(())
         }
-        Err((right, e)) => Err(lacks(right)(e)),
+        Err((right, e)) => Err(refused(format!(
+            "its store refuses to {right} objects there: {}",
+            redacted_error(&e)
+        ))),
     }
 }
 

@@ -92,10 +92,7 @@ const ENVIRONMENT_STARTS: [(&str, &str); 3] =
 /// an option: object_store takes such spellings, but DataFusion takes them
 /// for format options. Empty for a format option.
 fn store_kinds_of_unprefixed(key: &str) -> Vec<&'static str> {
-    let name = key
-        .strip_prefix("format.")
-        .unwrap_or(key)
-        .to_ascii_lowercase();
+    let name = unprefixed_name(key);
     // As an environment variable is spelled: its start names the kind.
     let by_start = ENVIRONMENT_STARTS
         .into_iter()
@@ -112,6 +109,14 @@ fn store_kinds_of_unprefixed(key: &str) -> Vec<&'static str> {
         .collect()
 }
 
+/// Option `key` as written, lower-case, without the `format.` that
+/// DataFusion puts before a key with no prefix.
+fn unprefixed_name(key: &str) -> String {
+    key.strip_prefix("format.")
+        .unwrap_or(key)
+        .to_ascii_lowercase()
+}
+
 /// Refuses a store option written without its store's prefix
 /// ([`store_kinds_of_unprefixed`]): it would be taken for a format option,
 /// and either refused later, after DataFusion's logs of the plan printed
@@ -123,10 +128,7 @@ fn refuse_unprefixed_store_option(key: &str) -> Result<(), String> {
     if kinds.is_empty() {
         return Ok(());
     }
-    let name = key
-        .strip_prefix("format.")
-        .unwrap_or(key)
-        .to_ascii_lowercase();
+    let name = unprefixed_name(key);
     // `aws_secret_access_key` as `aws.secret_access_key`, where that is one.
     let short = |kind: &str| {
         ENVIRONMENT_STARTS
