@@ -17,6 +17,11 @@
 //!   partitioned folder made it report "mixed partition values", and on an
 //!   object store a non-empty marker or Hadoop's `.crc` files were read as
 //!   Parquet and failed the statement.
+//! - Columns that the table infers from its files are nullable, whatever
+//!   the files say, as Spark and Trino take them: a file added later may lack
+//!   the column or hold nulls in it, and a column taken as `NOT NULL` would
+//!   let the optimizer fold `col IS NULL` to false, silently finding none of
+//!   those rows. Columns declared `NOT NULL` stay so.
 //! - A hive-partitioned table reads null partition values
 //!   (`col=__HIVE_DEFAULT_PARTITION__`) as nulls: see [`crate::hive`].
 
@@ -101,6 +106,7 @@ impl TableProviderFactory for TableFactory {
     ) -> Result<Arc<dyn TableProvider>> {
         let mut cmd = cmd.clone();
         cmd.definition = cmd.definition.as_deref().map(redact_sql);
+        let inferred = cmd.schema.fields().is_empty();
         let folder = parquet_folder(&cmd)?;
         match &folder {
             Some(folder) => declare_parquet_columns(state, &mut cmd, folder).await?,
@@ -132,7 +138,7 @@ impl TableProviderFactory for TableFactory {
                 .table_paths()
                 .iter()
                 .all(|url| url.get_glob().is_none());
-        if partition_columns.is_empty() && !parquet_folder {
+        if partition_columns.is_empty() && !parquet_folder && !inferred {
             return Ok(table);
         }
         let mut options = listing.options().clone();
@@ -156,7 +162,10 @@ impl TableProviderFactory for TableFactory {
                         .iter()
                         .any(|(name, _)| name == field.name())
                 })
-                .cloned()
+                .map(|field| {
+                    let nullable = inferred || field.is_nullable();
+                    field.as_ref().clone().with_nullable(nullable)
+                })
                 .collect::<Vec<_>>(),
         );
         let config = ListingTableConfig::new_with_multi_paths(listing.table_paths().clone())
@@ -329,11 +338,8 @@ fn parquet_folder(cmd: &CreateExternalTable) -> Result<Option<ListingTableUrl>> 
 }
 
 /// The columns of `files`: every file's, merged in the order of their paths,
-/// as DataFusion merges them. A column that some file lacks reads as null
-/// there, so it is nullable even where the files that hold it say it is
-/// not: kept non-null, a filter `IS NULL` would find none of those rows, and
-/// the scan would fail on them. A file that cannot be read is named by its
-/// URL (under the table's folder `url`).
+/// as DataFusion merges them (the table makes them nullable). A file that
+/// cannot be read is named by its URL (under the table's folder `url`).
 async fn merged_file_schema(
     state: &dyn Session,
     cmd: &CreateExternalTable,
@@ -368,21 +374,11 @@ async fn merged_file_schema(
         .try_collect()
         .await?;
     schemas.sort_by(|(left, _), (right, _)| left.location.cmp(&right.location));
-    let merged = Schema::try_merge(schemas.iter().map(|(_, schema)| schema.as_ref().clone()))?;
-    let fields: Vec<Field> = merged
-        .fields()
-        .iter()
-        .map(|field| {
-            let in_every_file = schemas
-                .iter()
-                .all(|(_, schema)| schema.field_with_name(field.name()).is_ok());
-            field
-                .as_ref()
-                .clone()
-                .with_nullable(field.is_nullable() || !in_every_file)
-        })
-        .collect();
-    Ok(Schema::new_with_metadata(fields, merged.metadata().clone()))
+    Ok(Schema::try_merge(
+        schemas
+            .into_iter()
+            .map(|(_, schema)| schema.as_ref().clone()),
+    )?)
 }
 
 /// The partition columns that the `col=value` folders of `files` name, in
@@ -762,56 +758,130 @@ mod tests {
         assert_eq!(column_type(&restarted).await, created);
     }
 
+    /// Writes `batch` to the Parquet file `path`.
+    fn write_batch(path: &Path, batch: &RecordBatch) {
+        let file = std::fs::File::create(path).expect("file");
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(batch).expect("write");
+        writer.close().expect("close");
+    }
+
+    /// A batch of the `Int64` columns `columns`, nullable as given.
+    fn int_batch(columns: &[(&str, Vec<Option<i64>>, bool)]) -> RecordBatch {
+        RecordBatch::try_from_iter_with_nullable(columns.iter().map(|(name, values, nullable)| {
+            (
+                *name,
+                Arc::new(Int64Array::from(values.clone())) as _,
+                *nullable,
+            )
+        }))
+        .expect("batch")
+    }
+
     #[tokio::test]
-    async fn a_column_that_some_files_lack_is_nullable() {
+    async fn inferred_columns_are_nullable_so_files_added_later_are_read_right() {
         let folder = tempfile::tempdir().expect("temp folder");
         let root = folder.path();
-        let write = |name: &str, batch: RecordBatch| {
-            let file = std::fs::File::create(root.join(name)).expect("file");
-            let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
-            writer.write(&batch).expect("write");
-            writer.close().expect("close");
+        // Every file the table is made from says its columns are non-null;
+        // the second adds `b`, which the first lacks.
+        write_batch(
+            &root.join("part-0.parquet"),
+            &int_batch(&[("a", vec![Some(1)], false)]),
+        );
+        write_batch(
+            &root.join("part-1.parquet"),
+            &int_batch(&[("a", vec![Some(2)], false), ("b", vec![Some(20)], false)]),
+        );
+        write_batch(
+            &root.join("single.parquet.data"),
+            &int_batch(&[("a", vec![Some(1)], false)]),
+        );
+        let store = StateStore::in_memory().expect("store");
+        let planner = Planner::new(2, store, "/tmp/quiver-warehouse/".into()).expect("planner");
+        for ddl in [
+            format!(
+                "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+                root.display()
+            ),
+            format!(
+                "CREATE EXTERNAL TABLE one STORED AS PARQUET LOCATION '{}'",
+                root.join("single.parquet.data").display()
+            ),
+            format!(
+                "CREATE EXTERNAL TABLE strict (a BIGINT NOT NULL, b BIGINT) STORED AS PARQUET \
+                 LOCATION '{}/'",
+                root.display()
+            ),
+        ] {
+            planner
+                .plan("ddl", Query::Sql(ddl), &[])
+                .await
+                .expect("registers");
+        }
+        // Files added after the table was made: one without `b`, one with
+        // nulls in both columns.
+        write_batch(
+            &root.join("part-2.parquet"),
+            &int_batch(&[("a", vec![Some(3)], false)]),
+        );
+        write_batch(
+            &root.join("part-3.parquet"),
+            &int_batch(&[("a", vec![None], true), ("b", vec![None], true)]),
+        );
+        let context = SessionContext::new_with_state(planner.session_state(&[]).expect("state"));
+        let nullable = |table: &str| {
+            let context = context.clone();
+            let table = table.to_owned();
+            async move {
+                let provider = context.table_provider(table.as_str()).await.expect("table");
+                provider
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|field| (field.name().clone(), field.is_nullable()))
+                    .collect::<Vec<_>>()
+            }
         };
-        // Both files declare their columns non-null; the second adds `b`.
-        write(
-            "part-0.parquet",
-            RecordBatch::try_from_iter_with_nullable([(
-                "a",
-                Arc::new(Int64Array::from(vec![1])) as _,
-                false,
-            )])
-            .expect("batch"),
+        let owned = |pairs: &[(&str, bool)]| {
+            pairs
+                .iter()
+                .map(|(name, nullable)| ((*name).to_owned(), *nullable))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(nullable("t").await, owned(&[("a", true), ("b", true)]));
+        assert_eq!(nullable("one").await, owned(&[("a", true)]));
+        assert_eq!(
+            nullable("strict").await,
+            owned(&[("a", false), ("b", true)])
         );
-        write(
-            "part-1.parquet",
-            RecordBatch::try_from_iter_with_nullable([
-                ("a", Arc::new(Int64Array::from(vec![2])) as _, false),
-                ("b", Arc::new(Int64Array::from(vec![20])) as _, false),
-            ])
-            .expect("batch"),
-        );
-        let answer = register_and_query(
-            root,
-            "STORED AS PARQUET",
-            "SELECT a, b IS NULL AS missing FROM t ORDER BY a",
+        let count = |sql: &'static str| {
+            let context = context.clone();
+            async move {
+                let batches = context
+                    .sql(sql)
+                    .await
+                    .expect("plans")
+                    .collect()
+                    .await
+                    .expect("runs");
+                pretty_format_batches(&batches).expect("format").to_string()
+            }
+        };
+        // Kept non-null, these were folded to false and counted 0.
+        let answer = count(
+            "SELECT count(*) FILTER (WHERE a IS NULL) AS no_a, \
+             count(*) FILTER (WHERE b IS NULL) AS no_b FROM t",
         )
-        .await
-        .expect("the folder registers");
+        .await;
         let expected = [
-            "+---+---------+",
-            "| a | missing |",
-            "+---+---------+",
-            "| 1 | true    |",
-            "| 2 | false   |",
-            "+---+---------+",
+            "+------+------+",
+            "| no_a | no_b |",
+            "+------+------+",
+            "| 1    | 3    |",
+            "+------+------+",
         ]
         .join("\n");
         assert_eq!(answer, expected);
-        let answer =
-            register_and_query(root, "STORED AS PARQUET", "SELECT a FROM t WHERE b IS NULL")
-                .await
-                .expect("the folder registers");
-        assert!(answer.contains("| 1 |"), "{answer}");
     }
 
     #[tokio::test]

@@ -536,8 +536,8 @@ async fn abort_uploads(files: Vec<OpenFile>, location: &str) {
 }
 
 /// `input`, failing at the first null in a data column that the table's
-/// schema says is `NOT NULL` (declared so, or so in every file it was
-/// created from), as DataFusion's own sinks do: a file holding one would
+/// schema says is `NOT NULL` (declared so: inferred columns are nullable),
+/// as DataFusion's own sinks do: a file holding one would
 /// make every later read of the table fail. Partition columns hold nulls
 /// as Hive's null folder, whatever their field says.
 fn without_nulls_in_not_null_columns(
