@@ -743,6 +743,138 @@ async fn a_small_build_side_filters_the_scan_under_an_aggregate() {
     cluster.shutdown().await;
 }
 
+/// Writes `select` as the Parquet file `path` with single-node DataFusion.
+async fn write_parquet(local: &SessionContext, select: &str, path: &Path) {
+    local
+        .sql(&format!(
+            "COPY ({select}) TO '{}' STORED AS PARQUET",
+            path.display()
+        ))
+        .await
+        .expect("plan copy")
+        .collect()
+        .await
+        .expect("write a file");
+}
+
+/// `x NOT IN (subquery)` is split across tasks by its outer rows, each task
+/// reading the whole subquery, and keeps SQL's answer when either side
+/// holds nulls: a null in the subquery leaves no row, an empty subquery
+/// keeps every row (null keys too), and otherwise rows of a null key go.
+/// A join so re-planned stays one partition where it was one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joins_split_across_tasks_keep_their_answers() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = SessionContext::new();
+    // The outer rows in two files (two partitions), every 100th key null.
+    for part in 0..2 {
+        let (from, to) = (part * 5_000, (part + 1) * 5_000);
+        write_parquet(
+            &local,
+            &format!(
+                "SELECT CASE WHEN value % 100 = 0 THEN NULL ELSE value END AS k, value AS v \
+                 FROM range({from}, {to})"
+            ),
+            &dir.path().join(format!("outer/part-{part}.parquet")),
+        )
+        .await;
+    }
+    // Multiples of 3 in two files: a subquery read from a stage of its own.
+    for part in 0..2 {
+        write_parquet(
+            &local,
+            &format!(
+                "SELECT value * 3 AS k FROM range({}, {})",
+                part * 1_000,
+                (part + 1) * 1_000
+            ),
+            &dir.path().join(format!("evens/part-{part}.parquet")),
+        )
+        .await;
+    }
+    write_parquet(
+        &local,
+        "SELECT * FROM (VALUES (CAST(7 AS BIGINT)), (NULL)) t(k)",
+        &dir.path().join("holed/part-0.parquet"),
+    )
+    .await;
+    for table in ["outer", "evens", "holed"] {
+        let location = dir.path().join(table);
+        let ddl = format!(
+            "CREATE EXTERNAL TABLE {table}_rows STORED AS PARQUET LOCATION '{}/'",
+            location.display()
+        );
+        query(&context, &ddl).await;
+        local.sql(&ddl).await.expect("register locally");
+    }
+    let explained = query(
+        &context,
+        "EXPLAIN SELECT v FROM outer_rows WHERE k NOT IN (SELECT k FROM evens_rows)",
+    )
+    .await;
+    let explained = arrow::util::pretty::pretty_format_batches(&explained)
+        .expect("render")
+        .to_string();
+    let join_stage = explained
+        .split("Stage ")
+        .find(|stage| stage.contains("HashJoinExec") && stage.contains("null_aware"))
+        .unwrap_or_else(|| panic!("a null-aware join in\n{explained}"));
+    let tasks: usize = join_stage
+        .split("tasks=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("a task count in\n{join_stage}"));
+    assert!(
+        tasks > 1
+            && join_stage.contains(&format!("ReplicateExec: partitions={tasks}"))
+            && join_stage.contains("ShuffleReaderExec"),
+        "the join runs in several tasks, each reading the whole subquery's stage:\n{explained}"
+    );
+    let not_in = |subquery: &str| {
+        format!(
+            "SELECT count(*) AS n, count(k) AS keyed, sum(v) AS total FROM outer_rows \
+             WHERE k NOT IN ({subquery})"
+        )
+    };
+    // 9,900 keyed rows and 100 null keys; 1,980 keys are multiples of 3 below 6,000.
+    for (sql, rows) in [
+        // A re-planned join of one partition (both sides are one file) under
+        // an aggregate planned in one step: it must stay one partition.
+        (
+            "SELECT count(*) AS n, count(h2.k) AS keyed FROM holed_rows h \
+             LEFT JOIN holed_rows h2 ON h.k = h2.k"
+                .to_owned(),
+            2,
+        ),
+        (not_in("SELECT k FROM evens_rows"), 7_920),
+        (not_in("SELECT k FROM holed_rows"), 0),
+        (not_in("SELECT k FROM evens_rows WHERE k < 0"), 10_000),
+        (
+            not_in("SELECT k FROM holed_rows WHERE k IS NOT NULL"),
+            9_899,
+        ),
+    ] {
+        let expected = local
+            .sql(&sql)
+            .await
+            .expect("plans locally")
+            .collect()
+            .await
+            .expect("runs locally");
+        let actual = query(&context, &sql).await;
+        assert_eq!(int64s(&actual, 0), vec![rows], "{sql}");
+        let render = |batches: &[RecordBatch]| {
+            arrow::util::pretty::pretty_format_batches(batches)
+                .expect("render")
+                .to_string()
+        };
+        assert_eq!(render(&actual), render(&expected), "{sql}");
+    }
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

@@ -28,12 +28,13 @@ use datafusion_proto::physical_plan::{
 use datafusion_proto::protobuf::Partitioning as PartitioningProto;
 use prost::Message;
 use quiver_proto::{
-    ParquetCommitNode, ParquetWriteNode, QuiverPlanNode, RemoteTableNode, ShuffleReaderNode,
-    ShuffleWriterNode, quiver_plan_node::Node,
+    ParquetCommitNode, ParquetWriteNode, QuiverPlanNode, RemoteTableNode, ReplicateNode,
+    ShuffleReaderNode, ShuffleWriterNode, quiver_plan_node::Node,
 };
 
 use crate::guard::catch_decoder_panic;
 use crate::ipc::{schema_from_bytes, schema_to_bytes};
+use crate::replicate::ReplicateExec;
 use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 use crate::write::snapshot::KnownCommits;
 use crate::write::{ParquetCommitExec, ParquetWriteExec};
@@ -62,8 +63,9 @@ fn single_input<'a>(
     }
 }
 
-/// Encodes and decodes Quiver's operators: the shuffle writer and reader, and
-/// the distributed Parquet write and commit.
+/// Encodes and decodes Quiver's operators: the shuffle writer and reader,
+/// the distributed Parquet write and commit, and the replication of a
+/// `NOT IN` subquery to every task.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QuiverPhysicalCodec;
 
@@ -132,6 +134,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     EquivalenceProperties::new(schema),
                 )))
             }
+            Some(Node::Replicate(replicate)) => Ok(Arc::new(ReplicateExec::try_new(
+                Arc::clone(single_input(inputs, "replicate")?),
+                replicate.partitions as usize,
+            )?)),
             None => Err(decode_error("Quiver plan node", "empty node")),
         }
     }
@@ -180,6 +186,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 mode: mode.into(),
                 partition_count: reader.partition_count() as u32,
                 schema: schema_to_bytes(&reader.schema()),
+            })
+        } else if let Some(replicate) = node.downcast_ref::<ReplicateExec>() {
+            Node::Replicate(ReplicateNode {
+                partitions: replicate.partitions() as u32,
             })
         } else {
             return Err(DataFusionError::Internal(format!(

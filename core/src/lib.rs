@@ -13,6 +13,7 @@
 //! - [`net`]: accepted connections for servers that take a bound listener.
 //! - [`operators`]: what Quiver's execution plan operators share.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
+//! - [`replicate`]: one partition streamed whole by many, for `NOT IN` joins split across tasks.
 //! - [`storage`]: the object stores behind table and output locations, and their options.
 //! - [`write`]: distributed Parquet writes: per-task files, then one commit.
 
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod net;
 pub mod operators;
 pub mod process;
+pub mod replicate;
 pub mod shuffle;
 pub mod storage;
 pub mod write;

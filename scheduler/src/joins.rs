@@ -7,9 +7,14 @@
 //! emitted. Such joins are re-planned as partitioned hash joins: both sides are
 //! hash-repartitioned on the join keys, so each task owns its build rows.
 //!
-//! A null-aware anti join (`NOT IN`) must see every probe row to honour NULLs,
-//! and a nested-loop join has no keys to partition on; those run in a single
-//! task instead, with the probe side coalesced.
+//! A null-aware anti join (`x NOT IN (subquery)`) must see every probe row
+//! (the subquery's) to honour NULLs, but decides each build row (the outer
+//! query's) on its own. It is re-planned as a partitioned hash join whose
+//! build side stays split as it was, and whose every partition streams the
+//! whole probe side ([`ReplicateExec`]): each task then holds only its share
+//! of the outer rows in its hash table, and reads the subquery's rows, which
+//! are usually few. A nested-loop join has no keys to partition on; it runs
+//! in a single task, with its probe side coalesced.
 //!
 //! A re-planned join's output is hash-partitioned on its keys, where the
 //! broadcast join's was not. The exchange between a partial and a final
@@ -32,6 +37,7 @@ use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, PhysicalExpr,
     replace_children_if_necessary,
 };
+use quiver_core::replicate::ReplicateExec;
 
 /// Whether a join emits rows of its build (left) side after seeing all probe rows.
 pub(crate) fn emits_build_side(join_type: JoinType) -> bool {
@@ -54,11 +60,12 @@ pub fn make_joins_distributable(
         if let Some(join) = node.downcast_ref::<HashJoinExec>() {
             let collected = *join.partition_mode() == PartitionMode::CollectLeft;
             if collected && emits_build_side(*join.join_type()) {
-                return if join.null_aware {
-                    single_task_probe(&node, join.left(), join.right())
+                let split = if join.null_aware {
+                    replicated_probe_anti_join(join, &node)?
                 } else {
-                    partition_hash_join(join, partitions).map(Transformed::yes)
+                    Transformed::yes(partition_hash_join(join, partitions)?)
                 };
+                return Ok(split.update_data(|split| as_many_partitions_as(split, &node)));
             }
         }
         if let Some(repartition) = node.downcast_ref::<RepartitionExec>()
@@ -91,6 +98,61 @@ fn is_redundant(repartition: &RepartitionExec) -> bool {
         && repartition.input().output_partitioning() == repartition.partitioning()
 }
 
+/// The null-aware anti join `join` (`node`) with its build side left split
+/// as its input is, and the whole probe side in each partition; a build
+/// side of one partition keeps the join in one task.
+fn replicated_probe_anti_join(
+    join: &HashJoinExec,
+    node: &Arc<dyn ExecutionPlan>,
+) -> Result<Transformed<Arc<dyn ExecutionPlan>>> {
+    let build = uncoalesced(join.left());
+    let build_partitions = build.output_partitioning().partition_count();
+    if build_partitions <= 1 {
+        return single_task_probe(node, join.left(), join.right());
+    }
+    let probe = coalesced(join.right());
+    let probe: Arc<dyn ExecutionPlan> = Arc::new(ReplicateExec::try_new(probe, build_partitions)?);
+    join.builder()
+        .with_partition_mode(PartitionMode::Partitioned)
+        .with_new_children(vec![build, probe])?
+        .build_exec()
+        .map(Transformed::yes)
+}
+
+/// `split`, the re-planned `join`, coalesced when `join` had one partition:
+/// the operators above it (an aggregate planned in one step, say) may need
+/// their input whole. Where it had more, DataFusion knew no partitioning of
+/// its output (its last partition to end emits the unmatched build rows), so
+/// nothing above can need a particular one.
+fn as_many_partitions_as(
+    split: Arc<dyn ExecutionPlan>,
+    join: &Arc<dyn ExecutionPlan>,
+) -> Arc<dyn ExecutionPlan> {
+    let partitions = split.output_partitioning().partition_count();
+    if join.output_partitioning().partition_count() == 1 && partitions > 1 {
+        Arc::new(CoalescePartitionsExec::new(split))
+    } else {
+        split
+    }
+}
+
+/// `plan` without the coalesce on top of it, if it has one.
+fn uncoalesced(plan: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    match plan.downcast_ref::<CoalescePartitionsExec>() {
+        Some(coalesce) => Arc::clone(coalesce.input()),
+        None => Arc::clone(plan),
+    }
+}
+
+/// `plan` in one partition.
+fn coalesced(plan: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    if plan.output_partitioning().partition_count() <= 1 {
+        Arc::clone(plan)
+    } else {
+        Arc::new(CoalescePartitionsExec::new(Arc::clone(plan)))
+    }
+}
+
 fn partition_hash_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn ExecutionPlan>> {
     let left_keys = join.on().iter().map(|(left, _)| Arc::clone(left)).collect();
     let right_keys = join
@@ -99,11 +161,7 @@ fn partition_hash_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn
         .map(|(_, right)| Arc::clone(right))
         .collect();
     // The build side of a CollectLeft join is coalesced; repartition its input instead.
-    let left_input = match join.left().downcast_ref::<CoalescePartitionsExec>() {
-        Some(coalesce) => Arc::clone(coalesce.input()),
-        None => Arc::clone(join.left()),
-    };
-    let left = hash_partitioned(left_input, left_keys, partitions)?;
+    let left = hash_partitioned(uncoalesced(join.left()), left_keys, partitions)?;
     let right = hash_partitioned(Arc::clone(join.right()), right_keys, partitions)?;
     join.builder()
         .with_partition_mode(PartitionMode::Partitioned)
@@ -153,8 +211,7 @@ fn single_task_probe(
     if right.output_partitioning().partition_count() <= 1 {
         return Ok(Transformed::no(Arc::clone(node)));
     }
-    let right: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(Arc::clone(right)));
-    replace_children_if_necessary(Arc::clone(node), vec![Arc::clone(left), right])
+    replace_children_if_necessary(Arc::clone(node), vec![Arc::clone(left), coalesced(right)])
         .map(Transformed::yes)
 }
 
