@@ -761,7 +761,8 @@ async fn write_parquet(local: &SessionContext, select: &str, path: &Path) {
 /// reading the whole subquery, and keeps SQL's answer when either side
 /// holds nulls: a null in the subquery leaves no row, an empty subquery
 /// keeps every row (null keys too), and otherwise rows of a null key go.
-/// A join so re-planned stays one partition where it was one.
+/// A join so re-planned stays one partition where it was one, and a side
+/// under a `LIMIT` keeps it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joins_split_across_tasks_keep_their_answers() {
     let (cluster, context) = cluster().await;
@@ -847,6 +848,19 @@ async fn joins_split_across_tasks_keep_their_answers() {
              LEFT JOIN holed_rows h2 ON h.k = h2.k"
                 .to_owned(),
             2,
+        ),
+        // A limited outer side: its limit needs all its partitions at once.
+        (
+            "SELECT count(*) AS n FROM (SELECT k FROM outer_rows WHERE k > 0 LIMIT 3) o \
+             LEFT JOIN evens_rows e ON o.k = e.k"
+                .to_owned(),
+            3,
+        ),
+        (
+            "SELECT count(*) AS n FROM (SELECT k FROM outer_rows WHERE k > 0 LIMIT 3) o \
+             WHERE k NOT IN (SELECT k FROM holed_rows WHERE k IS NOT NULL)"
+                .to_owned(),
+            3,
         ),
         (not_in("SELECT k FROM evens_rows"), 7_920),
         (not_in("SELECT k FROM holed_rows"), 0),

@@ -136,11 +136,13 @@ fn as_many_partitions_as(
     }
 }
 
-/// `plan` without the coalesce on top of it, if it has one.
+/// `plan` without the coalesce on top of it, if it has one that only
+/// merges partitions: one that also applies a `LIMIT` (DataFusion folds a
+/// subquery's limit into it) needs them all in one place.
 fn uncoalesced(plan: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
     match plan.downcast_ref::<CoalescePartitionsExec>() {
-        Some(coalesce) => Arc::clone(coalesce.input()),
-        None => Arc::clone(plan),
+        Some(coalesce) if coalesce.fetch().is_none() => Arc::clone(coalesce.input()),
+        _ => Arc::clone(plan),
     }
 }
 
