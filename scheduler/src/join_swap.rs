@@ -15,7 +15,10 @@
 //! rows whichever side it builds from, and DataFusion's own input swap turns
 //! the join type around (a left join becomes a right join) and restores the
 //! column order. Null-aware anti joins (`NOT IN`) are not symmetric and are
-//! left alone.
+//! left alone, and so is a join whose output is ordered (it keeps its probe
+//! side's order, as when that side is a shuffle of one sorted map task): the
+//! operators above it, in its stage and in the stages that read it, were
+//! planned on that order, which the swap would lose.
 
 use std::sync::Arc;
 
@@ -118,6 +121,7 @@ fn swappable(join: &HashJoinExec) -> Option<(u32, u32)> {
     if *join.partition_mode() != PartitionMode::Partitioned
         || join.null_aware
         || !join.join_type().supports_swap()
+        || join.properties().output_ordering().is_some()
     {
         return None;
     }
@@ -153,6 +157,48 @@ mod tests {
             !swaps(written(1_000, 100), written(900, 201)),
             "twice the memory"
         );
+    }
+
+    /// A partitioned inner join of two hash shuffles of `k`; the probe
+    /// side's reader says its rows are sorted on `k` when `sorted_probe`.
+    fn join_of_shuffles(sorted_probe: bool) -> HashJoinExec {
+        use arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::common::{JoinType, NullEquality};
+        use datafusion::physical_expr::expressions::col;
+        use datafusion::physical_expr::{EquivalenceProperties, PhysicalSortExpr};
+
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let key = col("k", &schema).expect("column");
+        let reader = |stage: u32, sorted: bool| -> Arc<dyn ExecutionPlan> {
+            let mut properties = EquivalenceProperties::new(Arc::clone(&schema));
+            if sorted {
+                properties.add_ordering([PhysicalSortExpr::new_default(Arc::clone(&key))]);
+            }
+            Arc::new(ShuffleReaderExec::new("job", stage, ReadMode::Hash, 4, properties))
+        };
+        HashJoinExec::try_new(
+            reader(1, false),
+            reader(2, sorted_probe),
+            vec![(Arc::clone(&key), Arc::clone(&key))],
+            None,
+            &JoinType::Inner,
+            None,
+            PartitionMode::Partitioned,
+            NullEquality::NullEqualsNothing,
+            false,
+        )
+        .expect("join")
+    }
+
+    #[test]
+    fn a_join_whose_output_is_ordered_keeps_its_sides() {
+        assert_eq!(swappable(&join_of_shuffles(false)), Some((1, 2)));
+        let ordered = join_of_shuffles(true);
+        assert!(
+            ordered.properties().output_ordering().is_some(),
+            "an inner join keeps its probe side's order"
+        );
+        assert_eq!(swappable(&ordered), None);
     }
 
     #[test]
