@@ -245,7 +245,10 @@ fn broadcastable(join: &HashJoinExec) -> Option<(u32, u32)> {
 /// counts consistent. The join stage's tasks become the probe plan's
 /// partitions, which must not be fewer (that would lose parallelism), and a
 /// stage whose map outputs are read one per reader partition must keep its count.
-fn keeps_partitions_valid(stages: &[StagePlan], join: &AdaptiveJoin) -> bool {
+/// Checked on the stages as planned, and again on the stages as they are
+/// when the join is decided: an earlier broadcast join may have grown the
+/// probe stage (its own join stage) to its probe plan's partitions.
+pub fn keeps_partitions_valid(stages: &[StagePlan], join: &AdaptiveJoin) -> bool {
     let (Some(join_stage), Some(probe_stage)) = (
         stage(stages, join.join_stage),
         stage(stages, join.probe_stage),
@@ -513,6 +516,54 @@ pub(crate) mod tests {
         let text = display_stages(&stages);
         assert!(text.contains(shown), "{text}");
         assert_eq!(adaptive_joins(&stages), vec![], "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_join_does_not_take_a_probe_stage_that_an_earlier_broadcast_grew() {
+        // The inner join probes a union of four partitions, shuffled into
+        // two; the outer join reads the inner join's stage; the aggregate's
+        // final step reads the outer join's stage one task per partition.
+        let sql = "SELECT count(*) FROM dims d0 JOIN \
+                   (SELECT f.v FROM dims d JOIN \
+                     (SELECT k, v FROM facts UNION ALL SELECT k, v FROM facts) f ON d.k = f.k) s \
+                   ON d0.k = s.v";
+        let mut stages = stages_of(sql).await;
+        let text = display_stages(&stages);
+        let [inner, outer] = adaptive_joins(&stages)[..] else {
+            panic!("two adaptive joins in\n{text}");
+        };
+        // DataFusion builds the outer join from the inner join's stage; make
+        // it probe that stage instead, as it does when that side is larger.
+        let outer_stage = stage(&stages, outer.join_stage).expect("stage");
+        let swapped = crate::join_swap::swap_joins(outer_stage, &[inner.join_stage]).expect("swap");
+        replace(&mut stages, swapped);
+        let text = display_stages(&stages);
+        let [inner, outer] = adaptive_joins(&stages)[..] else {
+            panic!("two adaptive joins in\n{text}");
+        };
+        assert_eq!(outer.probe_stage, inner.join_stage, "chained:\n{text}");
+        assert!(
+            keeps_partitions_valid(&stages, &outer),
+            "as planned:\n{text}"
+        );
+        // The inner join broadcasts first: its stage takes the union's four partitions.
+        let grown = broadcast_join(&stages, &inner).expect("rewrite");
+        assert_eq!(grown.partitions(), 4, "{text}");
+        replace(&mut stages, grown);
+        assert!(
+            !keeps_partitions_valid(&stages, &outer),
+            "the outer join's stage would run four tasks for a reader of two:\n{}",
+            display_stages(&stages)
+        );
+    }
+
+    /// `stages` with the stage of `plan`'s id replaced by `plan`.
+    fn replace(stages: &mut [StagePlan], plan: StagePlan) {
+        let slot = stages
+            .iter_mut()
+            .find(|stage| stage.stage_id == plan.stage_id)
+            .expect("the stage");
+        *slot = plan;
     }
 
     #[tokio::test]

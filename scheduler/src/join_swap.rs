@@ -174,7 +174,13 @@ mod tests {
             if sorted {
                 properties.add_ordering([PhysicalSortExpr::new_default(Arc::clone(&key))]);
             }
-            Arc::new(ShuffleReaderExec::new("job", stage, ReadMode::Hash, 4, properties))
+            Arc::new(ShuffleReaderExec::new(
+                "job",
+                stage,
+                ReadMode::Hash,
+                4,
+                properties,
+            ))
         };
         HashJoinExec::try_new(
             reader(1, false),

@@ -785,7 +785,10 @@ impl Job {
     /// stage's plan, which then runs no task of its own. A plan that cannot
     /// be rewritten leaves the join partitioned, as planned.
     fn broadcast_join(&mut self, join: AdaptiveJoin, build_bytes: u64) {
-        if !self.not_started(join.join_stage) || !self.not_started(join.probe_stage) {
+        if !self.not_started(join.join_stage)
+            || !self.not_started(join.probe_stage)
+            || !adaptive::keeps_partitions_valid(&self.plans, &join)
+        {
             return;
         }
         let rewritten = adaptive::broadcast_join(&self.plans, &join)
