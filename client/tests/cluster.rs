@@ -499,9 +499,7 @@ async fn explain_shows_the_stage_dag() {
     let sql = "EXPLAIN SELECT v % 3 AS k, count(*) AS n \
                FROM (VALUES (1),(2),(3),(4),(5)) t(v) GROUP BY v % 3 ORDER BY k";
     let batches = query(&context, sql).await;
-    let text = arrow::util::pretty::pretty_format_batches(&batches)
-        .expect("render")
-        .to_string();
+    let text = rendered(&batches);
     for expected in [
         "logical_plan",
         "distributed_plan",
@@ -534,9 +532,7 @@ async fn explain_shows_the_stage_dag() {
         ),
     ] {
         let batches = query(&context, sql).await;
-        let text = arrow::util::pretty::pretty_format_batches(&batches)
-            .expect("render")
-            .to_string();
+        let text = rendered(&batches);
         for expected in [
             format!("ParquetCommitExec: location=file://{location}, mode={mode}"),
             format!("ParquetWriteExec: location=file://{location}"),
@@ -593,9 +589,7 @@ async fn explain_analyze_shows_what_every_stage_did() {
 
     // VERBOSE shows every metric, not only the summary.
     let verbose = query(&context, &format!("EXPLAIN ANALYZE VERBOSE {grouped}")).await;
-    let text = arrow::util::pretty::pretty_format_batches(&verbose)
-        .expect("render")
-        .to_string();
+    let text = rendered(&verbose);
     assert!(text.contains("output_batches="), "{text}");
 
     // A Parquet scan shows what it read and how many row groups statistics
@@ -628,9 +622,7 @@ async fn explain_analyze_shows_what_every_stage_did() {
         "EXPLAIN ANALYZE SELECT count(*) FROM ids WHERE id BETWEEN 1000 AND 1500",
     )
     .await;
-    let text = arrow::util::pretty::pretty_format_batches(&pruned)
-        .expect("render")
-        .to_string();
+    let text = rendered(&pruned);
     assert!(
         text.contains("row_groups_pruned_statistics_pruned=9"),
         "{text}"
@@ -809,14 +801,13 @@ async fn joins_split_across_tasks_keep_their_answers() {
         query(&context, &ddl).await;
         local.sql(&ddl).await.expect("register locally");
     }
-    let explained = query(
-        &context,
-        "EXPLAIN SELECT v FROM outer_rows WHERE k NOT IN (SELECT k FROM evens_rows)",
-    )
-    .await;
-    let explained = arrow::util::pretty::pretty_format_batches(&explained)
-        .expect("render")
-        .to_string();
+    let explained = rendered(
+        &query(
+            &context,
+            "EXPLAIN SELECT v FROM outer_rows WHERE k NOT IN (SELECT k FROM evens_rows)",
+        )
+        .await,
+    );
     let join_stage = explained
         .split("Stage ")
         .find(|stage| stage.contains("HashJoinExec") && stage.contains("null_aware"))
@@ -879,12 +870,7 @@ async fn joins_split_across_tasks_keep_their_answers() {
             .expect("runs locally");
         let actual = query(&context, &sql).await;
         assert_eq!(int64s(&actual, 0), vec![rows], "{sql}");
-        let render = |batches: &[RecordBatch]| {
-            arrow::util::pretty::pretty_format_batches(batches)
-                .expect("render")
-                .to_string()
-        };
-        assert_eq!(render(&actual), render(&expected), "{sql}");
+        assert_eq!(rendered(&actual), rendered(&expected), "{sql}");
     }
     cluster.shutdown().await;
 }
@@ -999,8 +985,12 @@ async fn dropping_a_created_table_deletes_its_folder() {
 
 /// The report of `EXPLAIN ANALYZE sql`, as text.
 async fn explain_analyze(context: &QuiverContext, sql: &str) -> String {
-    let batches = query(context, &format!("EXPLAIN ANALYZE {sql}")).await;
-    arrow::util::pretty::pretty_format_batches(&batches)
+    rendered(&query(context, &format!("EXPLAIN ANALYZE {sql}")).await)
+}
+
+/// `batches` as a text table.
+fn rendered(batches: &[RecordBatch]) -> String {
+    arrow::util::pretty::pretty_format_batches(batches)
         .expect("render")
         .to_string()
 }
@@ -1014,16 +1004,12 @@ async fn create_facts_and_dims(context: &QuiverContext, dir: &Path) {
         for part in 0..2 {
             let (from, to) = (part * 50_000, (part + 1) * 50_000);
             let path = dir.join(table).join(format!("part-{part}.parquet"));
-            local
-                .sql(&format!(
-                    "COPY (SELECT value AS k FROM range({from}, {to})) TO '{}' STORED AS PARQUET",
-                    path.display()
-                ))
-                .await
-                .expect("plan copy")
-                .collect()
-                .await
-                .expect("write a file");
+            write_parquet(
+                &local,
+                &format!("SELECT value AS k FROM range({from}, {to})"),
+                &path,
+            )
+            .await;
         }
         let location = dir.join(table);
         query(
@@ -1127,9 +1113,7 @@ async fn catalog_queries_run_on_the_scheduler() {
         let batches = datafusion::physical_plan::common::collect(stream)
             .await
             .expect(sql);
-        let text = arrow::util::pretty::pretty_format_batches(&batches)
-            .expect("render")
-            .to_string();
+        let text = rendered(&batches);
         assert!(text.contains(expected), "{sql}:\n{text}");
     }
     cluster.shutdown().await;
