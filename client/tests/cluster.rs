@@ -824,6 +824,15 @@ async fn joins_split_across_tasks_keep_their_answers() {
             && join_stage.contains("ShuffleReaderExec"),
         "the join runs in several tasks, each reading the whole subquery's stage:\n{explained}"
     );
+    let analyzed = explain_analyze(
+        &context,
+        "SELECT v FROM outer_rows WHERE k NOT IN (SELECT k FROM evens_rows)",
+    )
+    .await;
+    assert!(
+        analyzed.contains("ReplicateExec") && analyzed.contains("null_aware"),
+        "{analyzed}"
+    );
     let not_in = |subquery: &str| {
         format!(
             "SELECT count(*) AS n, count(k) AS keyed, sum(v) AS total FROM outer_rows \
