@@ -204,7 +204,9 @@ impl JoinTree {
     /// parts of the colour asked for can meet a `lineitem` row: they are
     /// then few enough to broadcast, instead of all of `partsupp` and the
     /// joined `lineitem` rows being shuffled to meet. A semi join adds no
-    /// rows, whatever the keys, and the filter keeps its own join.
+    /// rows, whatever the keys, and the filter keeps its own join. The filter
+    /// then runs twice, so only one that gives the same rows each time
+    /// ([`repeatable`]) is used.
     fn semi_filters(
         &self,
         groups: &[Option<Group>],
@@ -225,6 +227,7 @@ impl JoinTree {
                 || group.members.count_ones() != 1
                 || estimate.selectivity >= 1.0
                 || estimate.bytes > context.max_build_bytes
+                || !repeatable(&group.plan)
             {
                 continue;
             }
@@ -378,6 +381,29 @@ fn largest_group(groups: &[Option<Group>]) -> Option<usize> {
         .filter_map(|(number, group)| Some((number, group.as_ref()?.estimate.rows)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(number, _)| number)
+}
+
+/// Whether `plan` gives the same rows each time it runs: a scan, filtered
+/// and projected by expressions that are not volatile (`random()`). A
+/// `LIMIT` (with an `ORDER BY` that has ties, or none) or any other
+/// operator may choose its rows differently each time.
+fn repeatable(plan: &LogicalPlan) -> bool {
+    let mut repeatable = true;
+    let _ = plan.apply(|node| {
+        repeatable = matches!(
+            node,
+            LogicalPlan::TableScan(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::Projection(_)
+                | LogicalPlan::SubqueryAlias(_)
+        ) && node.expressions().iter().all(|expr| !expr.is_volatile());
+        Ok(if repeatable {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    repeatable
 }
 
 /// A group whose keys filter another: the host's rows are semi-joined with
@@ -653,6 +679,30 @@ mod tests {
             and subs.name = 'subs1'";
         let (optimized, ordered, _) = reordered(&context, ambiguous).await;
         assert_eq!(ordered, optimized);
+    }
+
+    #[tokio::test]
+    async fn an_input_that_may_give_other_rows_when_run_again_filters_nothing() {
+        let context = snowflake(true).await;
+        let state = context.state();
+        // A semi join would run `subs` a second time, choosing other rows.
+        for chosen in [
+            "select id from subs order by random() limit 1",
+            "select id from subs where random() < 0.5",
+            "select id from subs order by ref limit 1",
+            "select id from subs limit 1",
+        ] {
+            let sql = format!(
+                "select count(*) from ({chosen}) s, facts f, others o \
+                 where s.id = f.ref and o.id = f.ref"
+            );
+            let logical = state.create_logical_plan(&sql).await.expect("plan");
+            let optimized = state.optimize(&logical).expect("optimize");
+            let ordered = reorder_joins(optimized.clone(), &state)
+                .await
+                .expect("reorder");
+            assert_eq!(ordered, optimized, "{sql}:\n{ordered}");
+        }
     }
 
     #[tokio::test]
