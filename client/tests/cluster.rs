@@ -884,6 +884,52 @@ async fn joins_split_across_tasks_keep_their_answers() {
     cluster.shutdown().await;
 }
 
+/// A result stream's schema is that of its batches, also where DataFusion
+/// computes a type other than the one its logical plan declares: a decimal
+/// `sum` beside a `count(DISTINCT ...)` becomes a sum of sums, ten digits
+/// wider. Arrow readers (the CLI's Parquet output, Flight SQL clients)
+/// refused the mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_streams_batches_of_the_schema_it_declares() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_parquet(
+        &SessionContext::new(),
+        "SELECT CAST(value AS DECIMAL(10, 2)) AS d, value % 3 AS k FROM range(10)",
+        &dir.path().join("amounts/part-0.parquet"),
+    )
+    .await;
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE amounts STORED AS PARQUET LOCATION '{}/'",
+            dir.path().join("amounts").display()
+        ),
+    )
+    .await;
+    let stream = context
+        .execute_sql(
+            "SELECT sum(d) AS total, count(DISTINCT k) AS kinds FROM amounts",
+            |_| {},
+        )
+        .await
+        .expect("runs");
+    let declared = stream.schema();
+    let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream)
+        .await
+        .expect("streams");
+    let total = batches
+        .iter()
+        .find(|batch| batch.num_rows() > 0)
+        .expect("a row");
+    assert_eq!(
+        declared.field(0).data_type(),
+        total.schema().field(0).data_type()
+    );
+    assert_eq!(rendered(&batches).lines().nth(3), Some("| 45.00 | 3     |"));
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

@@ -896,6 +896,14 @@ impl Planner {
             _ => physical,
         };
         let stages = split_into_stages(job_id, physical, partitions).map_err(Error::Query)?;
+        // The result's schema as its batches carry it. DataFusion's rewrites
+        // may change a type from the one its logical plan declares (a decimal
+        // `sum` beside a `count(DISTINCT ...)` becomes a sum of sums, ten
+        // digits wider), and Arrow readers refuse a stream whose batches
+        // differ from its schema.
+        let schema = stages
+            .last()
+            .map_or(schema, |last| last.plan.input().schema());
         let adaptive = PendingJoins::new(
             &stages,
             AdaptivePolicy::from_config(state.config().options()),
