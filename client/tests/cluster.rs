@@ -930,6 +930,30 @@ async fn a_result_streams_batches_of_the_schema_it_declares() {
     cluster.shutdown().await;
 }
 
+/// A window function whose clauses executors would not receive is refused,
+/// naming the way around it, instead of answering as if it had none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn window_clauses_that_executors_would_not_see_are_refused() {
+    let (cluster, context) = cluster().await;
+    let error = failure(
+        &context,
+        "SELECT count(*) FILTER (WHERE x > 0) OVER () AS c \
+         FROM (VALUES (1), (-1)) t(x)",
+    )
+    .await;
+    assert!(
+        error.contains("cannot run on the cluster yet") && error.contains("CASE WHEN"),
+        "{error}"
+    );
+    let batches = query(
+        &context,
+        "SELECT count(CASE WHEN x > 0 THEN 1 END) OVER () AS c FROM (VALUES (1), (-1)) t(x)",
+    )
+    .await;
+    assert_eq!(int64s(&batches, 0), vec![1, 1]);
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

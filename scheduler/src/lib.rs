@@ -27,6 +27,7 @@
 //! - [`config`]: command-line and environment settings.
 //! - [`starting`]: recovery on start, and what is served meanwhile.
 //! - [`storage_leftovers`]: cleans up what a job's clean-up left in object storage.
+//! - [`unencodable`]: statements refused because executors would get their plans changed.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
 //! `127.0.0.1:0` and stop it cleanly.
@@ -59,6 +60,7 @@ pub mod state;
 pub mod storage_leftovers;
 pub mod store;
 pub mod tables;
+pub mod unencodable;
 
 use std::future::Future;
 

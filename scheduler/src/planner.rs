@@ -863,6 +863,7 @@ impl Planner {
                 TableStates::default(),
             ),
             _ => {
+                crate::unencodable::refuse_dropped_window_clauses(logical).map_err(Error::Query)?;
                 check_insert_target(logical, state)
                     .await
                     .map_err(Error::Query)?;
