@@ -54,10 +54,6 @@ impl ReplicateExec {
         })
     }
 
-    pub fn input(&self) -> &Arc<dyn ExecutionPlan> {
-        &self.input
-    }
-
     pub fn partitions(&self) -> usize {
         self.partitions
     }

@@ -388,22 +388,18 @@ fn largest_group(groups: &[Option<Group>]) -> Option<usize> {
 /// `LIMIT` (with an `ORDER BY` that has ties, or none) or any other
 /// operator may choose its rows differently each time.
 fn repeatable(plan: &LogicalPlan) -> bool {
-    let mut repeatable = true;
-    let _ = plan.apply(|node| {
-        repeatable = matches!(
+    let varies = plan.exists(|node| {
+        let kept = matches!(
             node,
             LogicalPlan::TableScan(_)
                 | LogicalPlan::Filter(_)
                 | LogicalPlan::Projection(_)
                 | LogicalPlan::SubqueryAlias(_)
-        ) && node.expressions().iter().all(|expr| !expr.is_volatile());
-        Ok(if repeatable {
-            TreeNodeRecursion::Continue
-        } else {
-            TreeNodeRecursion::Stop
-        })
+        );
+        Ok(!kept || node.expressions().iter().any(Expr::is_volatile))
     });
-    repeatable
+    // The check returns no error; were there one, the plan is not relied on.
+    !varies.unwrap_or(true)
 }
 
 /// A group whose keys filter another: the host's rows are semi-joined with

@@ -513,10 +513,7 @@ mod tests {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("folders");
         let batch = RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from(values)) as _)])
             .expect("batch");
-        let file = std::fs::File::create(path).expect("file");
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.close().expect("close");
+        write_batch(path, &batch);
     }
 
     /// Registers a Parquet table `t` on `folder`, declared by `declaration`
@@ -854,25 +851,18 @@ mod tests {
             nullable("strict").await,
             owned(&[("a", false), ("b", true)])
         );
-        let count = |sql: &'static str| {
-            let context = context.clone();
-            async move {
-                let batches = context
-                    .sql(sql)
-                    .await
-                    .expect("plans")
-                    .collect()
-                    .await
-                    .expect("runs");
-                pretty_format_batches(&batches).expect("format").to_string()
-            }
-        };
         // Kept non-null, these were folded to false and counted 0.
-        let answer = count(
-            "SELECT count(*) FILTER (WHERE a IS NULL) AS no_a, \
-             count(*) FILTER (WHERE b IS NULL) AS no_b FROM t",
-        )
-        .await;
+        let batches = context
+            .sql(
+                "SELECT count(*) FILTER (WHERE a IS NULL) AS no_a, \
+                 count(*) FILTER (WHERE b IS NULL) AS no_b FROM t",
+            )
+            .await
+            .expect("plans")
+            .collect()
+            .await
+            .expect("runs");
+        let answer = pretty_format_batches(&batches).expect("format").to_string();
         let expected = [
             "+------+------+",
             "| no_a | no_b |",
