@@ -13,6 +13,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use quiver_core::config::{default_session_config, settings_to_send};
+use quiver_core::scalar_subqueries::SingleRowSubqueries;
 use quiver_core::shuffle::FlightClientPool;
 use quiver_core::storage::redact_statement_error;
 use quiver_proto::scheduler_service_client::SchedulerServiceClient;
@@ -80,7 +81,7 @@ impl QuiverContext {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let pool = FlightClientPool::default();
-        let state = SessionStateBuilder::new()
+        let mut state = SessionStateBuilder::new()
             .with_config(default_session_config())
             .with_default_features()
             .with_query_planner(Arc::new(DistributedQueryPlanner::new(
@@ -88,6 +89,9 @@ impl QuiverContext {
                 pool.clone(),
             )))
             .build();
+        // Plans are optimized here, before they are sent: DataFusion turns
+        // scalar subqueries into joins then.
+        state.add_analyzer_rule(Arc::new(SingleRowSubqueries));
         let session = SessionContext::new_with_state(state);
         let catalog = session
             .state()

@@ -954,6 +954,70 @@ async fn window_clauses_that_executors_would_not_see_are_refused() {
     cluster.shutdown().await;
 }
 
+/// An uncorrelated scalar subquery that returns several rows fails the
+/// statement, as in one process, also when each of its tasks reads one row;
+/// with one row or none it gives that row's value or null. Subqueries in an
+/// aggregate's arguments run too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scalar_subquery_of_several_rows_fails_the_statement() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = SessionContext::new();
+    // One row in each of two files: two tasks read one row each.
+    for part in 0..2 {
+        write_parquet(
+            &local,
+            &format!("SELECT CAST({part} AS BIGINT) AS k, CAST({part} * 10 AS BIGINT) AS v"),
+            &dir.path().join(format!("pairs/part-{part}.parquet")),
+        )
+        .await;
+    }
+    let ddl = format!(
+        "CREATE EXTERNAL TABLE pairs STORED AS PARQUET LOCATION '{}/'",
+        dir.path().join("pairs").display()
+    );
+    query(&context, &ddl).await;
+    for several in [
+        "SELECT k, (SELECT v FROM pairs) AS v FROM pairs",
+        "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k >= 0)",
+    ] {
+        let error = failure(&context, several).await;
+        assert!(error.contains("more than one row"), "{several}: {error}");
+    }
+    let one = query(
+        &context,
+        "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k = 1)",
+    )
+    .await;
+    assert_eq!(int64s(&one, 0), vec![1]);
+    let none = query(
+        &context,
+        "SELECT k, (SELECT v FROM pairs WHERE k = 5) IS NULL AS empty FROM pairs ORDER BY k",
+    )
+    .await;
+    assert_eq!(int64s(&none, 0), vec![0, 1]);
+    assert_eq!(
+        rendered(&none).matches("true").count(),
+        2,
+        "{}",
+        rendered(&none)
+    );
+    // In an aggregate's arguments, where DataFusion's optimizer leaves them.
+    let summed = query(
+        &context,
+        "SELECT sum(k + (SELECT max(v) FROM pairs)) AS s, \
+         count(*) FILTER (WHERE v > (SELECT min(v) FROM pairs)) AS c FROM pairs",
+    )
+    .await;
+    assert_eq!(
+        (int64s(&summed, 0), int64s(&summed, 1)),
+        (vec![21], vec![1])
+    );
+    let error = failure(&context, "SELECT sum((SELECT v FROM pairs)) FROM pairs").await;
+    assert!(error.contains("more than one row"), "{error}");
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

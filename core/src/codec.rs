@@ -16,7 +16,7 @@ use datafusion::datasource::TableType;
 use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::{Expr, Extension, LogicalPlan};
+use datafusion::logical_expr::{AggregateUDF, Expr, Extension, LogicalPlan};
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
@@ -36,6 +36,7 @@ use crate::guard::catch_decoder_panic;
 use crate::ipc::{schema_from_bytes, schema_to_bytes};
 use crate::replicate::ReplicateExec;
 use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
+use crate::single_value::{SINGLE_VALUE, single_value};
 use crate::write::snapshot::KnownCommits;
 use crate::write::{ParquetCommitExec, ParquetWriteExec};
 
@@ -65,7 +66,8 @@ fn single_input<'a>(
 
 /// Encodes and decodes Quiver's operators: the shuffle writer and reader,
 /// the distributed Parquet write and commit, and the replication of a
-/// `NOT IN` subquery to every task.
+/// `NOT IN` subquery to every task; and Quiver's aggregate functions, which
+/// plans name and executors find here rather than in their registry.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QuiverPhysicalCodec;
 
@@ -142,6 +144,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
         }
     }
 
+    fn try_decode_udaf(&self, name: &str, _buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        quiver_aggregate_function(name)
+    }
+
     fn try_encode(
         &self,
         node: Arc<dyn ExecutionPlan>,
@@ -203,6 +209,18 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
     }
 }
 
+/// The aggregate function of Quiver's that plans name `name`. Quiver adds
+/// these to plans itself, so decoders find them here rather than in their
+/// registry.
+fn quiver_aggregate_function(name: &str) -> Result<Arc<AggregateUDF>> {
+    match name {
+        SINGLE_VALUE => Ok(single_value()),
+        _ => Err(DataFusionError::Plan(format!(
+            "aggregate function '{name}' is not registered"
+        ))),
+    }
+}
+
 /// A table the client knows only by name and schema. It cannot be scanned where
 /// it is built; the scheduler replaces it with the table of that name in its catalog.
 #[derive(Debug)]
@@ -253,7 +271,8 @@ pub trait TableResolver: Send + Sync + fmt::Debug {
     fn resolve(&self, name: &TableReference) -> Result<Arc<dyn TableProvider>>;
 }
 
-/// Encodes [`RemoteTable`] scans by name; decodes them through a [`TableResolver`].
+/// Encodes [`RemoteTable`] scans by name; decodes them through a [`TableResolver`],
+/// and Quiver's aggregate functions by name.
 #[derive(Debug, Default)]
 pub struct RemoteTableCodec {
     resolver: Option<Arc<dyn TableResolver>>,
@@ -321,6 +340,10 @@ impl LogicalExtensionCodec for RemoteTableCodec {
         RemoteTableNode { name }
             .encode(buf)
             .map_err(|e| DataFusionError::Internal(format!("cannot encode table reference: {e}")))
+    }
+
+    fn try_decode_udaf(&self, name: &str, _buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        quiver_aggregate_function(name)
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`operators`]: what Quiver's execution plan operators share.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
 //! - [`replicate`]: one partition streamed whole by many, for `NOT IN` joins split across tasks.
+//! - [`scalar_subqueries`] and [`single_value`]: scalar subqueries that fail when they
+//!   return several rows.
 //! - [`storage`]: the object stores behind table and output locations, and their options.
 //! - [`write`]: distributed Parquet writes: per-task files, then one commit.
 
@@ -28,7 +30,9 @@ pub mod net;
 pub mod operators;
 pub mod process;
 pub mod replicate;
+pub mod scalar_subqueries;
 pub mod shuffle;
+pub mod single_value;
 pub mod storage;
 pub mod write;
 

@@ -34,6 +34,7 @@ use prost::bytes::Bytes;
 use quiver_core::codec::{RemoteTableCodec, TableResolver, decode_logical_plan};
 use quiver_core::config::{QuiverOptions, default_session_config, session_config_from_settings};
 use quiver_core::guard::{catch_future_panic, panic_message};
+use quiver_core::scalar_subqueries::SingleRowSubqueries;
 use quiver_core::shuffle::durable;
 use quiver_core::storage::redacted_error;
 use quiver_core::storage::registry::ReplacedStore;
@@ -426,6 +427,7 @@ impl Planner {
             .with_physical_optimizer_rules(physical_optimizer_rules())
             .build();
         register_store_option_namespaces(&mut state);
+        state.add_analyzer_rule(Arc::new(SingleRowSubqueries));
         crate::series::register_whole_row_series(&mut state);
         for format in crate::tables::FORMATS {
             state.table_factories_mut().insert(
