@@ -1018,6 +1018,102 @@ async fn a_scalar_subquery_of_several_rows_fails_the_statement() {
     cluster.shutdown().await;
 }
 
+/// A `UNION` of inputs each grouped by the same key is interleaved
+/// partition by partition (DataFusion's `InterleaveExec`), which needs its
+/// children hash-partitioned alike: the shuffle readers that replace their
+/// exchanges say so, on the scheduler and on executors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_union_of_inputs_grouped_alike_is_interleaved() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    // Keys 0..1000 and 0..700: 700 keys twice, 300 once.
+    let sql = "SELECT n, count(*) AS keys FROM (SELECT k, count(*) AS n FROM (\
+               SELECT k % 1000 AS k FROM facts GROUP BY k % 1000 \
+               UNION ALL SELECT k % 700 AS k FROM dims GROUP BY k % 700) GROUP BY k) \
+               GROUP BY n ORDER BY n";
+    let explained = rendered(&query(&context, &format!("EXPLAIN {sql}")).await);
+    assert!(explained.contains("InterleaveExec"), "{explained}");
+    let counted = query(&context, sql).await;
+    assert_eq!(
+        (int64s(&counted, 0), int64s(&counted, 1)),
+        (vec![1, 2], vec![300, 700])
+    );
+    cluster.shutdown().await;
+}
+
+/// A recursive CTE runs in one task, with its work table in that task's
+/// memory, and answers as in one process: over a table of edges read from
+/// two files, through joins and aggregates in its terms, and with a column
+/// that its recursive term does not read (DataFusion pushes a projection
+/// into the work table read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recursive_ctes_answer_as_in_one_process() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = SessionContext::new();
+    // A binary tree of 1,000 nodes: node n has children 2n + 1 and 2n + 2.
+    for part in 0..2 {
+        write_parquet(
+            &local,
+            &format!(
+                "SELECT value AS src, value * 2 + 1 + side AS dst FROM range({}, {}) \
+                 CROSS JOIN (VALUES (0), (1)) s(side) WHERE value * 2 + 1 + side < 1000",
+                part * 500,
+                (part + 1) * 500
+            ),
+            &dir.path().join(format!("edges/part-{part}.parquet")),
+        )
+        .await;
+    }
+    let ddl = format!(
+        "CREATE EXTERNAL TABLE edges STORED AS PARQUET LOCATION '{}/'",
+        dir.path().join("edges").display()
+    );
+    query(&context, &ddl).await;
+    local.sql(&ddl).await.expect("register locally");
+    for sql in [
+        "WITH RECURSIVE reach(node, depth) AS (\
+           SELECT CAST(0 AS BIGINT) AS node, 0 AS depth \
+           UNION ALL \
+           SELECT e.dst, r.depth + 1 FROM reach r JOIN edges e ON e.src = r.node) \
+         SELECT depth, count(*) AS nodes, sum(node) AS total FROM reach GROUP BY depth ORDER BY depth",
+        "WITH RECURSIVE countdown(n, label) AS (\
+           SELECT 5 AS n, 'start' AS label \
+           UNION ALL \
+           SELECT n - 1, 'step' FROM countdown WHERE n > 0) \
+         SELECT n, label FROM countdown ORDER BY n",
+        "SELECT count(*) FROM edges WHERE dst IN (\
+           WITH RECURSIVE left_spine(node) AS (\
+             SELECT CAST(0 AS BIGINT) AS node UNION SELECT node * 2 + 1 FROM left_spine WHERE node < 500) \
+           SELECT node FROM left_spine)",
+    ] {
+        let expected = rendered(
+            &local
+                .sql(sql)
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("run"),
+        );
+        assert_eq!(rendered(&query(&context, sql).await), expected, "{sql}");
+    }
+    let explained = rendered(
+        &query(
+            &context,
+            "EXPLAIN WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 3) \
+             SELECT n FROM c",
+        )
+        .await,
+    );
+    assert!(
+        explained.contains("RecursiveQueryExec") && explained.contains("WorkTableExec"),
+        "{explained}"
+    );
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::TableReference;
@@ -18,7 +18,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{AggregateUDF, Expr, Extension, LogicalPlan};
 use datafusion::physical_expr::EquivalenceProperties;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::from_proto::parse_protobuf_partitioning;
 use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
@@ -28,12 +28,13 @@ use datafusion_proto::physical_plan::{
 use datafusion_proto::protobuf::Partitioning as PartitioningProto;
 use prost::Message;
 use quiver_proto::{
-    ParquetCommitNode, ParquetWriteNode, QuiverPlanNode, RemoteTableNode, ReplicateNode,
-    ShuffleReaderNode, ShuffleWriterNode, quiver_plan_node::Node,
+    ParquetCommitNode, ParquetWriteNode, QuiverPlanNode, RecursiveQueryNode, RemoteTableNode,
+    ReplicateNode, ShuffleReaderNode, ShuffleWriterNode, WorkTableNode, quiver_plan_node::Node,
 };
 
 use crate::guard::catch_decoder_panic;
 use crate::ipc::{schema_from_bytes, schema_to_bytes};
+use crate::recursive::{RecursiveQueryExec, WorkTableExec, decode_recursive_query};
 use crate::replicate::ReplicateExec;
 use crate::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 use crate::single_value::{SINGLE_VALUE, single_value};
@@ -66,10 +67,41 @@ fn single_input<'a>(
 
 /// Encodes and decodes Quiver's operators: the shuffle writer and reader,
 /// the distributed Parquet write and commit, and the replication of a
-/// `NOT IN` subquery to every task; and Quiver's aggregate functions, which
+/// `NOT IN` subquery to every task; DataFusion's operators of recursive
+/// CTEs, which datafusion-proto does not encode; and Quiver's aggregate functions, which
 /// plans name and executors find here rather than in their registry.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QuiverPhysicalCodec;
+
+impl QuiverPhysicalCodec {
+    /// A partitioning as datafusion-proto bytes; empty for none.
+    fn encode_partitioning(
+        &self,
+        partitioning: Option<&Partitioning>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Vec<u8>> {
+        partitioning.map_or(Ok(Vec::new()), |partitioning| {
+            Ok(serialize_partitioning(partitioning, self, proto_converter)?.encode_to_vec())
+        })
+    }
+
+    /// The partitioning that `bytes` encode over `schema`; none for empty bytes.
+    fn decode_partitioning(
+        &self,
+        bytes: &[u8],
+        schema: &Schema,
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+        what: &str,
+    ) -> Result<Option<Partitioning>> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let proto = PartitioningProto::decode(bytes).map_err(|e| decode_error(what, e))?;
+        let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
+        parse_protobuf_partitioning(Some(&proto), &decode_ctx, schema, proto_converter)
+    }
+}
 
 impl PhysicalExtensionCodec for QuiverPhysicalCodec {
     fn try_decode(
@@ -99,19 +131,13 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
             }
             Some(Node::ShuffleWriter(writer)) => {
                 let input = single_input(inputs, "shuffle writer")?;
-                let partitioning = if writer.partitioning.is_empty() {
-                    None
-                } else {
-                    let proto = PartitioningProto::decode(writer.partitioning.as_slice())
-                        .map_err(|e| decode_error("shuffle writer partitioning", e))?;
-                    let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
-                    parse_protobuf_partitioning(
-                        Some(&proto),
-                        &decode_ctx,
-                        input.schema().as_ref(),
-                        proto_converter,
-                    )?
-                };
+                let partitioning = self.decode_partitioning(
+                    &writer.partitioning,
+                    &input.schema(),
+                    ctx,
+                    proto_converter,
+                    "shuffle writer partitioning",
+                )?;
                 Ok(Arc::new(ShuffleWriterExec::new(
                     writer.job_id,
                     writer.stage_id,
@@ -128,17 +154,54 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     }
                 };
                 let schema = schema_from_bytes(&reader.schema)?;
-                Ok(Arc::new(ShuffleReaderExec::new(
+                let hashed_on = self.decode_partitioning(
+                    &reader.partitioning,
+                    &schema,
+                    ctx,
+                    proto_converter,
+                    "shuffle reader partitioning",
+                )?;
+                let decoded = ShuffleReaderExec::new(
                     reader.job_id,
                     reader.stage_id,
                     mode,
                     reader.partition_count as usize,
                     EquivalenceProperties::new(schema),
-                )))
+                );
+                Ok(Arc::new(match hashed_on {
+                    Some(Partitioning::Hash(exprs, _)) => decoded.with_hash_partitioning(exprs)?,
+                    Some(_) => {
+                        return Err(decode_error(
+                            "shuffle reader partitioning",
+                            "not a hash partitioning",
+                        ));
+                    }
+                    None => decoded,
+                }))
             }
             Some(Node::Replicate(replicate)) => Ok(Arc::new(ReplicateExec::try_new(
                 Arc::clone(single_input(inputs, "replicate")?),
                 replicate.partitions as usize,
+            )?)),
+            Some(Node::RecursiveQuery(query)) => {
+                let [static_term, recursive_term] = inputs else {
+                    return Err(decode_error(
+                        "recursive query",
+                        "expected a static and a recursive term",
+                    ));
+                };
+                Ok(Arc::new(decode_recursive_query(
+                    query.name,
+                    schema_from_bytes(&query.schema)?,
+                    Arc::clone(static_term),
+                    Arc::clone(recursive_term),
+                    query.is_distinct,
+                )?))
+            }
+            Some(Node::WorkTable(read)) => Ok(Arc::new(WorkTableExec::new(
+                read.name,
+                schema_from_bytes(&read.schema)?,
+                None,
             )?)),
             None => Err(decode_error("Quiver plan node", "empty node")),
         }
@@ -155,16 +218,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
         let node = if let Some(writer) = node.downcast_ref::<ShuffleWriterExec>() {
-            let partitioning = match writer.partitioning() {
-                Some(partitioning) => {
-                    serialize_partitioning(partitioning, self, proto_converter)?.encode_to_vec()
-                }
-                None => Vec::new(),
-            };
             Node::ShuffleWriter(ShuffleWriterNode {
                 job_id: writer.job_id().to_owned(),
                 stage_id: writer.stage_id(),
-                partitioning,
+                partitioning: self.encode_partitioning(writer.partitioning(), proto_converter)?,
             })
         } else if let Some(write) = node.downcast_ref::<ParquetWriteExec>() {
             Node::ParquetWrite(ParquetWriteNode {
@@ -192,10 +249,28 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 mode: mode.into(),
                 partition_count: reader.partition_count() as u32,
                 schema: schema_to_bytes(&reader.schema()),
+                partitioning: self.encode_partitioning(
+                    reader
+                        .hash_exprs()
+                        .map(|exprs| Partitioning::Hash(exprs.to_vec(), reader.partition_count()))
+                        .as_ref(),
+                    proto_converter,
+                )?,
             })
         } else if let Some(replicate) = node.downcast_ref::<ReplicateExec>() {
             Node::Replicate(ReplicateNode {
                 partitions: replicate.partitions() as u32,
+            })
+        } else if let Some(query) = node.downcast_ref::<RecursiveQueryExec>() {
+            Node::RecursiveQuery(RecursiveQueryNode {
+                name: query.name().to_owned(),
+                schema: schema_to_bytes(&query.schema()),
+                is_distinct: query.is_distinct(),
+            })
+        } else if let Some(read) = node.downcast_ref::<WorkTableExec>() {
+            Node::WorkTable(WorkTableNode {
+                name: read.name().to_owned(),
+                schema: schema_to_bytes(&read.schema()),
             })
         } else {
             return Err(DataFusionError::Internal(format!(

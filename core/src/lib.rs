@@ -13,6 +13,7 @@
 //! - [`net`]: accepted connections for servers that take a bound listener.
 //! - [`operators`]: what Quiver's execution plan operators share.
 //! - [`process`]: logging, shutdown signals and exit codes of the server binaries.
+//! - [`recursive`]: recursive CTEs in stage plans, which datafusion-proto does not encode.
 //! - [`replicate`]: one partition streamed whole by many, for `NOT IN` joins split across tasks.
 //! - [`scalar_subqueries`] and [`single_value`]: scalar subqueries that fail when they
 //!   return several rows.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod net;
 pub mod operators;
 pub mod process;
+pub mod recursive;
 pub mod replicate;
 pub mod scalar_subqueries;
 pub mod shuffle;

@@ -27,6 +27,7 @@ use datafusion::physical_plan::{
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
 use prost::bytes::Bytes;
 use quiver_core::codec::QuiverPhysicalCodec;
+use quiver_core::recursive::RecursiveQueryExec;
 use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 
 use crate::joins::make_joins_distributable;
@@ -122,6 +123,12 @@ struct StageSplitter<'a> {
 
 impl StageSplitter<'_> {
     fn cut(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if plan.is::<RecursiveQueryExec>() {
+            // Its recursive term reads the previous iteration's rows from a
+            // work table in the memory of the task that runs it: it stays
+            // whole, one task with its exchanges in process.
+            return Ok(plan);
+        }
         let children = plan
             .children()
             .into_iter()
@@ -138,6 +145,10 @@ impl StageSplitter<'_> {
             if let Partitioning::Hash(_, count) | Partitioning::RoundRobinBatch(count) =
                 partitioning
             {
+                let hashed_on = match &partitioning {
+                    Partitioning::Hash(exprs, _) => Some(exprs.clone()),
+                    _ => None,
+                };
                 let stage_id = self.add_stage(Arc::clone(repartition.input()), Some(partitioning));
                 let reader = ShuffleReaderExec::new(
                     self.job_id,
@@ -146,6 +157,10 @@ impl StageSplitter<'_> {
                     count,
                     plan.equivalence_properties().clone(),
                 );
+                let reader = match hashed_on {
+                    Some(exprs) => reader.with_hash_partitioning(exprs)?,
+                    None => reader,
+                };
                 return Ok(Arc::new(reader));
             }
         }

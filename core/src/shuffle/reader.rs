@@ -81,6 +81,36 @@ impl ShuffleReaderExec {
         }
     }
 
+    /// The reader of a hash exchange on `exprs` (over this reader's schema):
+    /// its partition `p` holds exactly the rows that hash to `p`, as the
+    /// exchange's would, since the writer hashes with DataFusion's
+    /// partitioner. Operators that need that distribution keep accepting
+    /// the reader in place of the exchange: an `InterleaveExec` (a `UNION`
+    /// of inputs partitioned alike) refuses children that do not report it.
+    pub fn with_hash_partitioning(mut self, exprs: Vec<Arc<dyn PhysicalExpr>>) -> Result<Self> {
+        if self.mode != ReadMode::Hash {
+            return Err(DataFusionError::Internal(format!(
+                "shuffle reader of stage {} reads map outputs whole; it has no hash partitioning",
+                self.stage_id
+            )));
+        }
+        self.properties = Arc::new(
+            self.properties
+                .as_ref()
+                .clone()
+                .with_partitioning(Partitioning::Hash(exprs, self.partition_count)),
+        );
+        Ok(self)
+    }
+
+    /// The hash expressions of a reader of a hash exchange, if it was given them.
+    pub fn hash_exprs(&self) -> Option<&[Arc<dyn PhysicalExpr>]> {
+        match &self.properties.partitioning {
+            Partitioning::Hash(exprs, _) => Some(exprs),
+            _ => None,
+        }
+    }
+
     pub fn job_id(&self) -> &str {
         &self.job_id
     }
