@@ -1114,6 +1114,49 @@ async fn recursive_ctes_answer_as_in_one_process() {
     cluster.shutdown().await;
 }
 
+/// Windows of opposite orders share one sort: DataFusion evaluates one of
+/// them reversed, which a `lag` or `lead` sent to executors keeps (it once
+/// looked the other way); a reversed `nth_value` is refused, not answered
+/// wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn windows_of_opposite_orders_answer_as_in_one_process() {
+    let (cluster, context) = cluster().await;
+    let local = SessionContext::new();
+    let rows = "(VALUES (1, 10), (2, 20), (3, 30), (4, 40)) t(x, y)";
+    for sql in [
+        format!(
+            "SELECT x, lag(x) OVER (ORDER BY x) AS lg, lead(x) OVER (ORDER BY x DESC) AS ld \
+             FROM {rows} ORDER BY x"
+        ),
+        format!(
+            "SELECT x, lead(y, 1, 0) OVER (ORDER BY x) AS ld, \
+             lag(y, 2) OVER (ORDER BY x DESC) AS lg, \
+             row_number() OVER (ORDER BY x DESC) AS n FROM {rows} ORDER BY x"
+        ),
+    ] {
+        let expected = rendered(
+            &local
+                .sql(&sql)
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("run"),
+        );
+        assert_eq!(rendered(&query(&context, &sql).await), expected, "{sql}");
+    }
+    let error = failure(
+        &context,
+        &format!(
+            "SELECT x, nth_value(y, 2) OVER (ORDER BY x ROWS BETWEEN UNBOUNDED PRECEDING \
+             AND UNBOUNDED FOLLOWING) AS second, row_number() OVER (ORDER BY x DESC) AS n FROM {rows}"
+        ),
+    )
+    .await;
+    assert!(error.contains("same ORDER BY direction"), "{error}");
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

@@ -27,6 +27,7 @@
 //! - [`config`]: command-line and environment settings.
 //! - [`starting`]: recovery on start, and what is served meanwhile.
 //! - [`storage_leftovers`]: cleans up what a job's clean-up left in object storage.
+//! - [`reversed_windows`]: `lag` and `lead` evaluated in reverse, rewritten to survive encoding.
 //! - [`unencodable`]: statements refused because executors would get their plans changed.
 //!
 //! [`run`] serves on a bound listener until `shutdown` completes, so tests bind
@@ -52,6 +53,7 @@ pub mod locations;
 pub mod managed;
 pub mod planner;
 pub mod reduction;
+pub mod reversed_windows;
 pub mod series;
 pub mod service;
 pub mod stages;

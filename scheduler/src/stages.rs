@@ -86,6 +86,7 @@ pub fn split_into_stages(
     plan: Arc<dyn ExecutionPlan>,
     partitions: usize,
 ) -> Result<Vec<StagePlan>> {
+    let plan = crate::reversed_windows::unreverse_window_functions(plan)?;
     let plan = make_joins_distributable(plan, partitions)?;
     let mut splitter = StageSplitter {
         job_id,
