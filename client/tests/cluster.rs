@@ -1157,6 +1157,81 @@ async fn windows_of_opposite_orders_answer_as_in_one_process() {
     cluster.shutdown().await;
 }
 
+/// CSV written by executors holds dates, times and timestamps as written in
+/// one process (the encoding of plans once turned their unset formats into
+/// empty ones, and every such value into an empty field), and gzip CSV and
+/// JSON files, which Quiver writes, read back (the encoding once dropped a
+/// scan's compression).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn csv_and_json_files_keep_their_values_and_compression() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = SessionContext::new();
+    let select = "SELECT 1 AS x, DATE '2024-01-02' AS d, TIMESTAMP '2024-01-02 03:04:05' AS ts, \
+                  TIME '01:02:03' AS t";
+    for (engine, file) in ["cluster.csv", "local.csv"].iter().enumerate() {
+        let copy = format!(
+            "COPY ({select}) TO '{}' STORED AS CSV",
+            dir.path().join(file).display()
+        );
+        if engine == 0 {
+            query(&context, &copy).await;
+        } else {
+            local
+                .sql(&copy)
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("write");
+        }
+    }
+    let written = std::fs::read_to_string(dir.path().join("cluster.csv")).expect("read");
+    assert_eq!(
+        written,
+        std::fs::read_to_string(dir.path().join("local.csv")).expect("read")
+    );
+    assert!(written.contains("2024-01-02,"), "{written}");
+
+    for format in ["CSV", "JSON"] {
+        let folder = dir.path().join(format!("zipped-{format}"));
+        query(
+            &context,
+            &format!(
+                "COPY (SELECT value AS k, value * 2 AS v FROM range(1000)) TO '{}/' \
+                 STORED AS {format} OPTIONS ('format.compression' 'gzip')",
+                folder.display()
+            ),
+        )
+        .await;
+        let header = if format == "CSV" {
+            ", 'format.has_header' 'true'"
+        } else {
+            ""
+        };
+        query(
+            &context,
+            &format!(
+                "CREATE EXTERNAL TABLE zipped_{format} STORED AS {format} LOCATION '{}/' \
+                 OPTIONS ('format.compression' 'gzip'{header})",
+                folder.display()
+            ),
+        )
+        .await;
+        let summed = query(
+            &context,
+            &format!("SELECT count(*), sum(k), sum(v) FROM zipped_{format}"),
+        )
+        .await;
+        assert_eq!(
+            (int64s(&summed, 0), int64s(&summed, 1), int64s(&summed, 2)),
+            (vec![1000], vec![499_500], vec![999_000]),
+            "{format}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

@@ -198,6 +198,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     query.is_distinct,
                 )?))
             }
+            Some(Node::ScanCompression(compression)) => crate::decode_repairs::with_compression(
+                single_input(inputs, "scan compression")?,
+                &compression,
+            ),
             Some(Node::WorkTable(read)) => Ok(Arc::new(WorkTableExec::new(
                 read.name,
                 schema_from_bytes(&read.schema)?,
@@ -426,13 +430,14 @@ impl LogicalExtensionCodec for RemoteTableCodec {
 /// plan is an error; so is one that makes the decoder panic, which
 /// datafusion-proto can do on some malformed input.
 pub fn decode_physical_plan(bytes: &[u8], context: &TaskContext) -> Result<Arc<dyn ExecutionPlan>> {
-    without_panics("stage plan", || {
+    let plan = without_panics("stage plan", || {
         datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
             bytes,
             context,
             &QuiverPhysicalCodec,
         )
-    })
+    })?;
+    crate::decode_repairs::repair_decoded(plan)
 }
 
 /// Decodes a client-built logical plan, with the same guarantees as

@@ -24,9 +24,10 @@ use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, displayable,
     replace_children_if_necessary,
 };
-use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
+use datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter;
 use prost::bytes::Bytes;
 use quiver_core::codec::QuiverPhysicalCodec;
+use quiver_core::decode_repairs::StagePlanConverter;
 use quiver_core::recursive::RecursiveQueryExec;
 use quiver_core::shuffle::{ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 
@@ -70,12 +71,11 @@ impl StagePlan {
     /// The plan as executors receive it: datafusion-proto bytes.
     pub fn encode(&self) -> crate::Result<Bytes> {
         let plan: Arc<dyn ExecutionPlan> = Arc::clone(&self.plan) as _;
-        physical_plan_to_bytes_with_extension_codec(plan, &QuiverPhysicalCodec).map_err(|source| {
-            crate::Error::EncodePlan {
+        physical_plan_to_bytes_with_proto_converter(plan, &QuiverPhysicalCodec, &StagePlanConverter)
+            .map_err(|source| crate::Error::EncodePlan {
                 stage: self.stage_id,
                 source,
-            }
-        })
+            })
     }
 }
 

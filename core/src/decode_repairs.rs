@@ -1,0 +1,218 @@
+//! Repairs of what datafusion-proto 55 loses or changes in a stage plan on
+//! its way to an executor.
+//!
+//! - A CSV sink's unset date, time and timestamp formats are sent as empty
+//!   strings and come back as *empty formats*, so `COPY ... STORED AS CSV`
+//!   and `INSERT INTO` a CSV table wrote every `DATE`, `TIME` and zone-less
+//!   `TIMESTAMP` value as an empty field, silently. An empty format writes
+//!   nothing, so no statement means one: [`repair_decoded`] reads it back
+//!   as unset.
+//! - A file scan's compression is not sent at all, so executors read gzip
+//!   CSV or JSON files as plain text. [`StagePlanConverter`] wraps such a
+//!   scan, as it encodes it, in an extension node that names the
+//!   compression, and Quiver's codec puts it back as it decodes the node
+//!   ([`with_compression`]).
+
+use std::sync::Arc;
+
+use arrow::csv::WriterBuilder;
+use arrow::datatypes::Schema;
+use datafusion::common::file_options::csv_writer::CsvWriterOptions;
+use datafusion::common::parsers::CompressionTypeVariant;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::file_format::csv::CsvSink;
+use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, FileSink};
+use datafusion::datasource::sink::DataSinkExec;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
+use datafusion_proto::physical_plan::{
+    PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalPlanNodeExt,
+    PhysicalProtoConverterExtension,
+};
+use datafusion_proto::protobuf::{
+    PhysicalExprNode, PhysicalExtensionNode, PhysicalPlanNode, physical_plan_node::PhysicalPlanType,
+};
+use prost::Message;
+use quiver_proto::{QuiverPlanNode, ScanCompressionNode, quiver_plan_node::Node};
+
+/// Encodes stage plans as datafusion-proto's default converter does, but
+/// wraps a compressed file scan in a node that names its compression.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StagePlanConverter;
+
+impl PhysicalProtoConverterExtension for StagePlanConverter {
+    fn proto_to_execution_plan(
+        &self,
+        proto: &PhysicalPlanNode,
+        ctx: &PhysicalPlanDecodeContext<'_>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.default_proto_to_execution_plan(proto, ctx)
+    }
+
+    fn execution_plan_to_proto(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> Result<PhysicalPlanNode> {
+        let encoded =
+            PhysicalPlanNode::try_from_physical_plan_with_converter(Arc::clone(plan), codec, self)?;
+        let compression = scan_config(plan)
+            .map(|config| *config.file_compression_type.get_variant())
+            .filter(|variant| *variant != CompressionTypeVariant::UNCOMPRESSED);
+        let Some(compression) = compression else {
+            return Ok(encoded);
+        };
+        let node = QuiverPlanNode {
+            node: Some(Node::ScanCompression(ScanCompressionNode {
+                compression: compression.to_string(),
+            })),
+        };
+        Ok(PhysicalPlanNode {
+            physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
+                node: node.encode_to_vec(),
+                inputs: vec![encoded],
+            })),
+        })
+    }
+
+    fn proto_to_physical_expr(
+        &self,
+        proto: &PhysicalExprNode,
+        input_schema: &Schema,
+        ctx: &PhysicalPlanDecodeContext<'_>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        self.default_proto_to_physical_expr(proto, input_schema, ctx)
+    }
+
+    fn physical_expr_to_proto(
+        &self,
+        expr: &Arc<dyn PhysicalExpr>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> Result<PhysicalExprNode> {
+        serialize_physical_expr_with_converter(expr, codec, self)
+    }
+}
+
+/// The file scan configuration of `plan`, if it is a file scan.
+fn scan_config(plan: &Arc<dyn ExecutionPlan>) -> Option<&FileScanConfig> {
+    plan.downcast_ref::<DataSourceExec>()?
+        .data_source()
+        .downcast_ref::<FileScanConfig>()
+}
+
+/// The decoded file scan `scan` reading files compressed with `compression`.
+pub fn with_compression(
+    scan: &Arc<dyn ExecutionPlan>,
+    compression: &ScanCompressionNode,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let variant: CompressionTypeVariant = compression.compression.parse()?;
+    let config = scan_config(scan).ok_or_else(|| {
+        DataFusionError::Internal(format!(
+            "a scan compression names no file scan but {}",
+            scan.name()
+        ))
+    })?;
+    let config = FileScanConfigBuilder::from(config.clone())
+        .with_file_compression_type(FileCompressionType::from(variant))
+        .build();
+    Ok(DataSourceExec::from_data_source(config))
+}
+
+/// `plan`, decoded, with what the encoding changed put back.
+pub fn repair_decoded(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let Some(write) = node.downcast_ref::<DataSinkExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let Some(sink) = write.sink().downcast_ref::<CsvSink>() else {
+            return Ok(Transformed::no(node));
+        };
+        let options = sink.writer_options();
+        let Some(builder) = without_empty_formats(&options.writer_options) else {
+            return Ok(Transformed::no(node));
+        };
+        let repaired = CsvSink::new(
+            sink.config().clone(),
+            CsvWriterOptions {
+                writer_options: builder,
+                ..options.clone()
+            },
+        );
+        Ok(Transformed::yes(Arc::new(DataSinkExec::new(
+            Arc::clone(write.input()),
+            Arc::new(repaired),
+            write.sort_order().clone(),
+        )) as Arc<dyn ExecutionPlan>))
+    })
+    .map(|transformed| transformed.data)
+}
+
+/// `builder` with its empty formats unset, or `None` if it has none.
+fn without_empty_formats(builder: &WriterBuilder) -> Option<WriterBuilder> {
+    let formats = [
+        builder.date_format(),
+        builder.datetime_format(),
+        builder.time_format(),
+        builder.timestamp_format(),
+        builder.timestamp_tz_format(),
+    ];
+    if !formats.contains(&Some("")) {
+        return None;
+    }
+    // A builder's formats can be set but not unset: copy everything else.
+    let mut repaired = WriterBuilder::new()
+        .with_header(builder.header())
+        .with_delimiter(builder.delimiter())
+        .with_quote(builder.quote())
+        .with_escape(builder.escape())
+        .with_double_quote(builder.double_quote())
+        .with_null(builder.null().to_owned())
+        .with_ignore_leading_whitespace(builder.ignore_leading_whitespace())
+        .with_ignore_trailing_whitespace(builder.ignore_trailing_whitespace())
+        .with_quote_style(builder.quote_style())
+        .with_line_terminator(builder.line_terminator().clone());
+    let kept = |format: Option<&str>| {
+        format
+            .filter(|format| !format.is_empty())
+            .map(str::to_owned)
+    };
+    if let Some(format) = kept(builder.date_format()) {
+        repaired = repaired.with_date_format(format);
+    }
+    if let Some(format) = kept(builder.datetime_format()) {
+        repaired = repaired.with_datetime_format(format);
+    }
+    if let Some(format) = kept(builder.time_format()) {
+        repaired = repaired.with_time_format(format);
+    }
+    if let Some(format) = kept(builder.timestamp_format()) {
+        repaired = repaired.with_timestamp_format(format);
+    }
+    if let Some(format) = kept(builder.timestamp_tz_format()) {
+        repaired = repaired.with_timestamp_tz_format(format);
+    }
+    Some(repaired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_formats_are_unset_and_the_rest_is_kept() {
+        let sent = WriterBuilder::new()
+            .with_delimiter(b';')
+            .with_null("NA".to_owned())
+            .with_date_format(String::new())
+            .with_timestamp_format("%Y".to_owned());
+        let repaired = without_empty_formats(&sent).expect("an empty format");
+        assert_eq!(repaired.date_format(), None);
+        assert_eq!(repaired.timestamp_format(), Some("%Y"));
+        assert_eq!((repaired.delimiter(), repaired.null()), (b';', "NA"));
+        assert!(without_empty_formats(&repaired).is_none());
+    }
+}
