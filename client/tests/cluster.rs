@@ -1232,6 +1232,42 @@ async fn csv_and_json_files_keep_their_values_and_compression() {
     cluster.shutdown().await;
 }
 
+/// Grouping sets of no columns return a row each, as in one process (their
+/// encoding for executors once lost them, and the answer had no rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouping_sets_of_no_columns_return_their_rows() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    let local = SessionContext::new();
+    for sql in [
+        "SELECT count(*) AS n FROM facts GROUP BY GROUPING SETS (())",
+        "SELECT count(*) AS n, sum(k) AS s FROM facts GROUP BY GROUPING SETS ((), ())",
+        "SELECT count(*) AS n FROM facts WHERE k < 0 GROUP BY GROUPING SETS (())",
+        "SELECT 1 AS x GROUP BY GROUPING SETS (())",
+    ] {
+        let batches = query(&context, sql).await;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let expected = if sql.contains("((), ())") { 2 } else { 1 };
+        assert_eq!(rows, expected, "{sql}: {}", rendered(&batches));
+        if sql.contains("FROM facts") {
+            let summed = int64s(&batches, 0).iter().sum::<i64>();
+            let ones = if sql.contains("k < 0") { 0 } else { 100_000 };
+            assert_eq!(summed, ones * expected as i64, "{sql}");
+        } else {
+            let expected = local
+                .sql(sql)
+                .await
+                .expect("plan")
+                .collect()
+                .await
+                .expect("run");
+            assert_eq!(rendered(&batches), rendered(&expected), "{sql}");
+        }
+    }
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

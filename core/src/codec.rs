@@ -202,6 +202,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 single_input(inputs, "scan compression")?,
                 &compression,
             ),
+            Some(Node::EmptyGroupingSets(sets)) => crate::decode_repairs::with_empty_grouping_sets(
+                single_input(inputs, "empty grouping sets")?,
+                &sets,
+            ),
             Some(Node::WorkTable(read)) => Ok(Arc::new(WorkTableExec::new(
                 read.name,
                 schema_from_bytes(&read.schema)?,

@@ -12,6 +12,10 @@
 //!   scan, as it encodes it, in an extension node that names the
 //!   compression, and Quiver's codec puts it back as it decodes the node
 //!   ([`with_compression`]).
+//! - An aggregate's grouping sets are sent as flags, one per grouping column
+//!   and set, so sets of no columns (`GROUP BY GROUPING SETS (())`) are lost
+//!   and the aggregate returned no rows. Their count travels the same way
+//!   ([`with_empty_grouping_sets`]).
 
 use std::sync::Arc;
 
@@ -28,6 +32,7 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, PhysicalGroupBy};
 use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
 use datafusion_proto::physical_plan::{
     PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalPlanNodeExt,
@@ -37,10 +42,13 @@ use datafusion_proto::protobuf::{
     PhysicalExprNode, PhysicalExtensionNode, PhysicalPlanNode, physical_plan_node::PhysicalPlanType,
 };
 use prost::Message;
-use quiver_proto::{QuiverPlanNode, ScanCompressionNode, quiver_plan_node::Node};
+use quiver_proto::{
+    EmptyGroupingSetsNode, QuiverPlanNode, ScanCompressionNode, quiver_plan_node::Node,
+};
 
 /// Encodes stage plans as datafusion-proto's default converter does, but
-/// wraps a compressed file scan in a node that names its compression.
+/// wraps a node that it would not encode whole (see the module
+/// documentation) in an extension node that carries what it would lose.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StagePlanConverter;
 
@@ -58,19 +66,28 @@ impl PhysicalProtoConverterExtension for StagePlanConverter {
         plan: &Arc<dyn ExecutionPlan>,
         codec: &dyn PhysicalExtensionCodec,
     ) -> Result<PhysicalPlanNode> {
-        let encoded =
-            PhysicalPlanNode::try_from_physical_plan_with_converter(Arc::clone(plan), codec, self)?;
-        let compression = scan_config(plan)
-            .map(|config| *config.file_compression_type.get_variant())
-            .filter(|variant| *variant != CompressionTypeVariant::UNCOMPRESSED);
-        let Some(compression) = compression else {
+        let mut buf = Vec::new();
+        let encoded = if codec.try_encode(Arc::clone(plan), &mut buf, self).is_ok() {
+            // One of Quiver's nodes. datafusion-proto would encode its
+            // children without this converter: encode them here.
+            let inputs = plan
+                .children()
+                .into_iter()
+                .map(|child| self.execution_plan_to_proto(child, codec))
+                .collect::<Result<_>>()?;
+            PhysicalPlanNode {
+                physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
+                    node: buf,
+                    inputs,
+                })),
+            }
+        } else {
+            PhysicalPlanNode::try_from_physical_plan_with_converter(Arc::clone(plan), codec, self)?
+        };
+        let Some(lost) = lost_in_encoding(plan) else {
             return Ok(encoded);
         };
-        let node = QuiverPlanNode {
-            node: Some(Node::ScanCompression(ScanCompressionNode {
-                compression: compression.to_string(),
-            })),
-        };
+        let node = QuiverPlanNode { node: Some(lost) };
         Ok(PhysicalPlanNode {
             physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
                 node: node.encode_to_vec(),
@@ -95,6 +112,52 @@ impl PhysicalProtoConverterExtension for StagePlanConverter {
     ) -> Result<PhysicalExprNode> {
         serialize_physical_expr_with_converter(expr, codec, self)
     }
+}
+
+/// What datafusion-proto would not encode of `plan`, as the node that
+/// carries it.
+fn lost_in_encoding(plan: &Arc<dyn ExecutionPlan>) -> Option<Node> {
+    if let Some(config) = scan_config(plan) {
+        let compression = *config.file_compression_type.get_variant();
+        return (compression != CompressionTypeVariant::UNCOMPRESSED).then(|| {
+            Node::ScanCompression(ScanCompressionNode {
+                compression: compression.to_string(),
+            })
+        });
+    }
+    let grouping = plan.downcast_ref::<AggregateExec>()?.group_expr();
+    (!grouping.is_single() && grouping.is_empty()).then(|| {
+        Node::EmptyGroupingSets(EmptyGroupingSetsNode {
+            sets: grouping.groups().len() as u32,
+        })
+    })
+}
+
+/// The decoded aggregate `aggregate` with `sets` grouping sets of no columns.
+pub fn with_empty_grouping_sets(
+    aggregate: &Arc<dyn ExecutionPlan>,
+    sets: &EmptyGroupingSetsNode,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let decoded = aggregate
+        .downcast_ref::<AggregateExec>()
+        .filter(|decoded| decoded.group_expr().is_empty())
+        .ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "empty grouping sets name no aggregate without grouping columns but {}",
+                aggregate.name()
+            ))
+        })?;
+    let grouping = PhysicalGroupBy::new(vec![], vec![], vec![vec![]; sets.sets as usize], true);
+    let repaired = AggregateExec::try_new(
+        *decoded.mode(),
+        grouping,
+        decoded.aggr_expr().to_vec(),
+        decoded.filter_expr().to_vec(),
+        Arc::clone(decoded.input()),
+        decoded.input_schema(),
+    )?
+    .with_limit_options(decoded.limit_options());
+    Ok(Arc::new(repaired))
 }
 
 /// The file scan configuration of `plan`, if it is a file scan.
@@ -200,7 +263,53 @@ fn without_empty_formats(builder: &WriterBuilder) -> Option<WriterBuilder> {
 
 #[cfg(test)]
 mod tests {
+    use datafusion::prelude::SessionContext;
+    use datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter;
+
     use super::*;
+    use crate::codec::{QuiverPhysicalCodec, decode_physical_plan};
+
+    /// The grouping sets of each aggregate in `plan`, top down.
+    fn grouping_sets(plan: &Arc<dyn ExecutionPlan>) -> Vec<usize> {
+        let mut sets = Vec::new();
+        plan.apply(|node| {
+            if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
+                sets.push(aggregate.group_expr().groups().len());
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })
+        .expect("walk");
+        sets
+    }
+
+    #[tokio::test]
+    async fn grouping_sets_of_no_columns_survive_the_encoding() -> Result<()> {
+        let context = SessionContext::new();
+        let frame = context
+            .sql("SELECT count(*) FROM (VALUES (1), (2)) t(x) GROUP BY GROUPING SETS ((), ())")
+            .await?;
+        // The partial aggregate right under a shuffle writer, as in the
+        // stage that computes it.
+        let mut partial = None;
+        frame.create_physical_plan().await?.apply(|node| {
+            if node.downcast_ref::<AggregateExec>().is_some() {
+                partial = Some(Arc::clone(node));
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })?;
+        let partial = partial.expect("an aggregate");
+        let plan: Arc<dyn ExecutionPlan> = Arc::new(crate::shuffle::ShuffleWriterExec::new(
+            "job", 1, partial, None,
+        ));
+        let bytes = physical_plan_to_bytes_with_proto_converter(
+            Arc::clone(&plan),
+            &QuiverPhysicalCodec,
+            &StagePlanConverter,
+        )?;
+        let decoded = decode_physical_plan(&bytes, &context.task_ctx())?;
+        assert_eq!(grouping_sets(&decoded), grouping_sets(&plan));
+        Ok(())
+    }
 
     #[test]
     fn empty_formats_are_unset_and_the_rest_is_kept() {
