@@ -1159,9 +1159,9 @@ async fn windows_of_opposite_orders_answer_as_in_one_process() {
 
 /// CSV written by executors holds dates, times and timestamps as written in
 /// one process (the encoding of plans once turned their unset formats into
-/// empty ones, and every such value into an empty field), and gzip CSV and
-/// JSON files, which Quiver writes, read back (the encoding once dropped a
-/// scan's compression).
+/// empty ones, and every such value into an empty field), Parquet files keep
+/// their key-value metadata, and gzip CSV and JSON files, which Quiver
+/// writes, read back (the encoding once dropped both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn csv_and_json_files_keep_their_values_and_compression() {
     let (cluster, context) = cluster().await;
@@ -1192,6 +1192,48 @@ async fn csv_and_json_files_keep_their_values_and_compression() {
         std::fs::read_to_string(dir.path().join("local.csv")).expect("read")
     );
     assert!(written.contains("2024-01-02,"), "{written}");
+
+    // Parquet key-value metadata, in a single file and in a folder's files.
+    for target in ["single.parquet", "folder/"] {
+        let path = dir.path().join(target);
+        query(
+            &context,
+            &format!(
+                "COPY ({select}) TO '{}' STORED AS PARQUET \
+                 OPTIONS ('format.metadata::owner' 'pipelines')",
+                path.display()
+            ),
+        )
+        .await;
+        let files: Vec<std::path::PathBuf> = if path.is_dir() {
+            std::fs::read_dir(&path)
+                .expect("list")
+                .map(|entry| entry.expect("entry").path())
+                .filter(|file| file.extension().is_some_and(|ext| ext == "parquet"))
+                .collect()
+        } else {
+            vec![path]
+        };
+        assert!(!files.is_empty(), "{target}");
+        for file in files {
+            let reader = parquet::file::serialized_reader::SerializedFileReader::new(
+                std::fs::File::open(&file).expect("open"),
+            )
+            .expect("a Parquet file");
+            let metadata = parquet::file::reader::FileReader::metadata(&reader)
+                .file_metadata()
+                .key_value_metadata()
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                metadata
+                    .iter()
+                    .any(|kv| kv.key == "owner" && kv.value.as_deref() == Some("pipelines")),
+                "{}: {metadata:?}",
+                file.display()
+            );
+        }
+    }
 
     for format in ["CSV", "JSON"] {
         let folder = dir.path().join(format!("zipped-{format}"));

@@ -52,7 +52,18 @@ fn encode_sink(sink: &ParquetSink) -> Result<Vec<u8>> {
 fn decode_sink(bytes: &[u8]) -> Result<Arc<ParquetSink>> {
     let proto = datafusion_proto::protobuf::ParquetSink::decode(bytes)
         .map_err(|e| decode_error("Parquet sink", e))?;
-    Ok(Arc::new(ParquetSink::try_from(&proto)?))
+    let sink = ParquetSink::try_from(&proto)?;
+    // datafusion-proto 55 encodes the files' key-value metadata but does not
+    // decode it.
+    let metadata = proto
+        .parquet_options
+        .map(|options| options.key_value_metadata)
+        .unwrap_or_default();
+    Ok(Arc::new(if metadata.is_empty() {
+        sink
+    } else {
+        crate::decode_repairs::with_key_value_metadata(&sink, metadata)
+    }))
 }
 
 fn single_input<'a>(
@@ -206,6 +217,12 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                 single_input(inputs, "empty grouping sets")?,
                 &sets,
             ),
+            Some(Node::ParquetMetadata(metadata)) => {
+                crate::decode_repairs::with_parquet_sink_metadata(
+                    single_input(inputs, "Parquet metadata")?,
+                    metadata.entries,
+                )
+            }
             Some(Node::WorkTable(read)) => Ok(Arc::new(WorkTableExec::new(
                 read.name,
                 schema_from_bytes(&read.schema)?,

@@ -16,7 +16,13 @@
 //!   and set, so sets of no columns (`GROUP BY GROUPING SETS (())`) are lost
 //!   and the aggregate returned no rows. Their count travels the same way
 //!   ([`with_empty_grouping_sets`]).
+//! - A Parquet sink's key-value metadata (`format.metadata::owner`) is
+//!   encoded but not decoded, so files lost it: Quiver's codec puts it back
+//!   in the sinks of its distributed writes, and DataFusion's own sink (a
+//!   single-file `COPY`) gets it the same way as a compression
+//!   ([`with_key_value_metadata`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::csv::WriterBuilder;
@@ -26,6 +32,7 @@ use datafusion::common::parsers::CompressionTypeVariant;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::file_format::csv::CsvSink;
 use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
+use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, FileSink};
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::datasource::source::DataSourceExec;
@@ -43,7 +50,8 @@ use datafusion_proto::protobuf::{
 };
 use prost::Message;
 use quiver_proto::{
-    EmptyGroupingSetsNode, QuiverPlanNode, ScanCompressionNode, quiver_plan_node::Node,
+    EmptyGroupingSetsNode, ParquetMetadataNode, QuiverPlanNode, ScanCompressionNode,
+    quiver_plan_node::Node,
 };
 
 /// Encodes stage plans as datafusion-proto's default converter does, but
@@ -125,6 +133,19 @@ fn lost_in_encoding(plan: &Arc<dyn ExecutionPlan>) -> Option<Node> {
             })
         });
     }
+    if let Some(sink) = plan
+        .downcast_ref::<DataSinkExec>()
+        .and_then(|write| write.sink().downcast_ref::<ParquetSink>())
+    {
+        let entries: HashMap<String, String> = sink
+            .parquet_options()
+            .key_value_metadata
+            .iter()
+            .filter_map(|(key, value)| Some((key.clone(), value.clone()?)))
+            .collect();
+        return (!entries.is_empty())
+            .then_some(Node::ParquetMetadata(ParquetMetadataNode { entries }));
+    }
     let grouping = plan.downcast_ref::<AggregateExec>()?.group_expr();
     (!grouping.is_single() && grouping.is_empty()).then(|| {
         Node::EmptyGroupingSets(EmptyGroupingSetsNode {
@@ -158,6 +179,39 @@ pub fn with_empty_grouping_sets(
     )?
     .with_limit_options(decoded.limit_options());
     Ok(Arc::new(repaired))
+}
+
+/// `sink` writing files with the key-value metadata `entries`.
+pub fn with_key_value_metadata(
+    sink: &ParquetSink,
+    entries: HashMap<String, String>,
+) -> ParquetSink {
+    let mut options = sink.parquet_options().clone();
+    options
+        .key_value_metadata
+        .extend(entries.into_iter().map(|(key, value)| (key, Some(value))));
+    ParquetSink::new(sink.config().clone(), options)
+}
+
+/// The decoded write `write`, through DataFusion's Parquet sink, writing
+/// files with the key-value metadata `entries`.
+pub fn with_parquet_sink_metadata(
+    write: &Arc<dyn ExecutionPlan>,
+    entries: HashMap<String, String>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let decoded = write.downcast_ref::<DataSinkExec>();
+    let sink = decoded.and_then(|decoded| decoded.sink().downcast_ref::<ParquetSink>());
+    let (Some(decoded), Some(sink)) = (decoded, sink) else {
+        return Err(DataFusionError::Internal(format!(
+            "Parquet metadata names no Parquet write but {}",
+            write.name()
+        )));
+    };
+    Ok(Arc::new(DataSinkExec::new(
+        Arc::clone(decoded.input()),
+        Arc::new(with_key_value_metadata(sink, entries)),
+        decoded.sort_order().clone(),
+    )))
 }
 
 /// The file scan configuration of `plan`, if it is a file scan.
