@@ -220,11 +220,20 @@ impl QuiverContext {
         sql: &str,
         progress: impl FnMut(&JobStatus),
     ) -> Result<SendableRecordBatchStream> {
-        if changes_session(sql) {
-            let plan = plan_statement(&self.session.state(), sql).await?;
-            self.session.execute_logical_plan(plan).await?;
-            let nothing = Arc::new(arrow::datatypes::Schema::empty());
-            return Ok(Box::pin(EmptyRecordBatchStream::new(nothing)));
+        match session_statement(sql) {
+            Some(SessionStatement::Changes) => {
+                let plan = plan_statement(&self.session.state(), sql).await?;
+                self.session.execute_logical_plan(plan).await?;
+                let nothing = Arc::new(arrow::datatypes::Schema::empty());
+                return Ok(Box::pin(EmptyRecordBatchStream::new(nothing)));
+            }
+            // The prepared plan, with its parameters, runs on the cluster.
+            Some(SessionStatement::RunsPrepared) => {
+                let plan = plan_statement(&self.session.state(), sql).await?;
+                let prepared = self.session.execute_logical_plan(plan).await?;
+                return Ok(prepared.execute_stream().await?);
+            }
+            None => {}
         }
         job::execute(
             self.client.clone(),
@@ -310,17 +319,32 @@ fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Whether `sql` is one `SET` or `RESET` statement.
-fn changes_session(sql: &str) -> bool {
-    let Ok(statements) = DFParser::parse_sql(sql) else {
-        return false;
-    };
-    match statements.front() {
-        Some(Statement::Reset(_)) => statements.len() == 1,
-        Some(Statement::Statement(inner)) => {
-            statements.len() == 1 && matches!(inner.as_ref(), SqlStatement::Set(_))
-        }
-        _ => false,
+/// A statement that [`QuiverContext::execute_sql`] does not send as text,
+/// since what it changes lives in this session.
+#[derive(Debug, PartialEq, Eq)]
+enum SessionStatement {
+    /// `SET`, `RESET`, `PREPARE` or `DEALLOCATE`.
+    Changes,
+    /// `EXECUTE` of a statement prepared in this session.
+    RunsPrepared,
+}
+
+/// What `sql` is, if it is one statement about this session.
+fn session_statement(sql: &str) -> Option<SessionStatement> {
+    let statements = DFParser::parse_sql(sql).ok()?;
+    if statements.len() != 1 {
+        return None;
+    }
+    match statements.front()? {
+        Statement::Reset(_) => Some(SessionStatement::Changes),
+        Statement::Statement(inner) => match inner.as_ref() {
+            SqlStatement::Set(_)
+            | SqlStatement::Prepare { .. }
+            | SqlStatement::Deallocate { .. } => Some(SessionStatement::Changes),
+            SqlStatement::Execute { .. } => Some(SessionStatement::RunsPrepared),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -341,14 +365,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_set_and_reset_change_the_session() {
-        assert!(changes_session(
-            "SET datafusion.execution.parquet.pruning = false"
-        ));
-        assert!(changes_session("reset quiver.job_timeout_secs"));
-        assert!(!changes_session("SELECT 1"));
-        assert!(!changes_session("SET a = 1; SELECT 1"));
-        assert!(!changes_session("not sql at all"));
+    fn statements_about_the_session_stay_in_it() {
+        for changes in [
+            "SET datafusion.execution.parquet.pruning = false",
+            "reset quiver.job_timeout_secs",
+            "PREPARE plus_one(INT) AS SELECT $1 + 1",
+            "DEALLOCATE plus_one",
+        ] {
+            assert_eq!(
+                session_statement(changes),
+                Some(SessionStatement::Changes),
+                "{changes}"
+            );
+        }
+        assert_eq!(
+            session_statement("EXECUTE plus_one(5)"),
+            Some(SessionStatement::RunsPrepared)
+        );
+        for sent in ["SELECT 1", "SET a = 1; SELECT 1", "not sql at all"] {
+            assert_eq!(session_statement(sent), None, "{sent}");
+        }
     }
 
     #[test]

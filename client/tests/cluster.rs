@@ -1554,6 +1554,43 @@ async fn catalog_queries_run_on_the_scheduler() {
     cluster.shutdown().await;
 }
 
+/// `PREPARE` and `EXECUTE` sent as text (as the CLI sends them) keep their
+/// statements in the client's session, and the prepared plan runs on the
+/// cluster; the scheduler, which plans each statement it is sent in a
+/// session of its own, refuses them rather than forget them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prepared_statements_sent_as_text_run_in_their_session() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    let text = async |sql: &str| {
+        let stream = context.execute_sql(sql, |_| {}).await?;
+        datafusion::physical_plan::common::collect(stream)
+            .await
+            .map_err(quiver_client::Error::from)
+    };
+    text("PREPARE below(BIGINT) AS SELECT count(*) FROM facts WHERE k < $1")
+        .await
+        .expect("prepare");
+    let counted = text("EXECUTE below(1000)").await.expect("execute");
+    assert_eq!(int64s(&counted, 0), vec![1000]);
+    text("DEALLOCATE below").await.expect("deallocate");
+    let gone = text("EXECUTE below(1000)").await.expect_err("deallocated");
+    assert!(gone.to_string().contains("does not exist"), "{gone}");
+
+    let refused = context
+        .submit_sql("PREPARE p(INT) AS SELECT $1")
+        .await
+        .expect_err("refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("keep nothing between statements"),
+        "{refused}"
+    );
+    cluster.shutdown().await;
+}
+
 /// A small result comes back with the final task's status, and a large one
 /// stays on the executor to be streamed over Flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

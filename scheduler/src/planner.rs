@@ -24,7 +24,7 @@ use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{
     CreateMemoryTable, DdlStatement, Explain, LogicalPlan, LogicalPlanBuilder, PlanType,
-    ToStringifiedPlan, WriteOp,
+    Statement as PlanStatement, ToStringifiedPlan, WriteOp,
 };
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
@@ -760,6 +760,19 @@ impl Planner {
         }
         if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical {
             return self.plan_create_table_as(job_id, create, &state).await;
+        }
+        if let LogicalPlan::Statement(
+            PlanStatement::Prepare(_) | PlanStatement::Execute(_) | PlanStatement::Deallocate(_),
+        ) = &logical
+        {
+            // Each statement sent here is planned in a session of its own.
+            return Err(Error::Query(DataFusionError::NotImplemented(
+                "PREPARE, EXECUTE and DEALLOCATE in SQL text sent to the scheduler keep \
+                 nothing between statements: run them in one session of the quiver CLI or \
+                 of QuiverContext::sql, or use Flight SQL prepared statements (ADBC's \
+                 Statement.prepare) with $1 parameters"
+                    .to_owned(),
+            )));
         }
         if matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
             let ddl = match (&logical, &sql) {
