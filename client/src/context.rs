@@ -133,9 +133,7 @@ impl QuiverContext {
             }
             // `EXECUTE` gives the prepared plan to run; `SET`, `PREPARE` and
             // the rest change this session only.
-            LogicalPlan::Statement(PlanStatement::Execute(_)) => {
-                Ok(self.session.execute_logical_plan(plan).await?)
-            }
+            LogicalPlan::Statement(PlanStatement::Execute(_)) => self.prepared(plan).await,
             LogicalPlan::Statement(_) => {
                 self.session.execute_logical_plan(plan).await?;
                 nothing()
@@ -155,6 +153,25 @@ impl QuiverContext {
             }
             plan => Ok(DataFrame::new(state, plan)),
         }
+    }
+
+    /// The query that `execute`, an `EXECUTE` statement, names, with its
+    /// parameters, to run on the cluster. Statements that run as SQL text
+    /// (writes, `EXPLAIN`, DDL, queries on table functions) have no text
+    /// once prepared, and are refused.
+    async fn prepared(&self, execute: LogicalPlan) -> Result<DataFrame> {
+        let frame = self.session.execute_logical_plan(execute).await?;
+        let plan = frame.logical_plan();
+        if runs_as_sql_text(plan) || matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_))
+        {
+            return Err(DataFusionError::NotImplemented(
+                "EXECUTE runs prepared queries only; run writes, EXPLAIN, DDL and queries \
+                 on table functions as statements of their own"
+                    .to_owned(),
+            )
+            .into());
+        }
+        Ok(frame)
     }
 
     /// The executors registered with the scheduler.
@@ -230,8 +247,7 @@ impl QuiverContext {
             // The prepared plan, with its parameters, runs on the cluster.
             Some(SessionStatement::RunsPrepared) => {
                 let plan = plan_statement(&self.session.state(), sql).await?;
-                let prepared = self.session.execute_logical_plan(plan).await?;
-                return Ok(prepared.execute_stream().await?);
+                return Ok(self.prepared(plan).await?.execute_stream().await?);
             }
             None => {}
         }

@@ -749,6 +749,39 @@ async fn write_parquet(local: &SessionContext, select: &str, path: &Path) {
         .expect("write a file");
 }
 
+/// What single-node DataFusion answers to `sql` in `local`, as a table.
+async fn one_process_answer(local: &SessionContext, sql: &str) -> Vec<RecordBatch> {
+    local
+        .sql(sql)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("run")
+}
+
+/// A table `name` of two Parquet files under `dir` (two tasks read it),
+/// file `part` holding the rows of `select(part)`, registered on the cluster
+/// and in `local`.
+async fn table_of_two_files(
+    context: &QuiverContext,
+    local: &SessionContext,
+    dir: &Path,
+    name: &str,
+    select: impl Fn(usize) -> String,
+) {
+    for part in 0..2 {
+        let path = dir.join(name).join(format!("part-{part}.parquet"));
+        write_parquet(local, &select(part), &path).await;
+    }
+    let ddl = format!(
+        "CREATE EXTERNAL TABLE {name} STORED AS PARQUET LOCATION '{}/'",
+        dir.join(name).display()
+    );
+    query(context, &ddl).await;
+    local.sql(&ddl).await.expect("register locally");
+}
+
 /// `x NOT IN (subquery)` is split across tasks by its outer rows, each task
 /// reading the whole subquery, and keeps SQL's answer when either side
 /// holds nulls: a null in the subquery leaves no row, an empty subquery
@@ -964,19 +997,10 @@ async fn a_scalar_subquery_of_several_rows_fails_the_statement() {
     let dir = tempfile::tempdir().expect("temp dir");
     let local = SessionContext::new();
     // One row in each of two files: two tasks read one row each.
-    for part in 0..2 {
-        write_parquet(
-            &local,
-            &format!("SELECT CAST({part} AS BIGINT) AS k, CAST({part} * 10 AS BIGINT) AS v"),
-            &dir.path().join(format!("pairs/part-{part}.parquet")),
-        )
-        .await;
-    }
-    let ddl = format!(
-        "CREATE EXTERNAL TABLE pairs STORED AS PARQUET LOCATION '{}/'",
-        dir.path().join("pairs").display()
-    );
-    query(&context, &ddl).await;
+    table_of_two_files(&context, &local, dir.path(), "pairs", |part| {
+        format!("SELECT CAST({part} AS BIGINT) AS k, CAST({part} * 10 AS BIGINT) AS v")
+    })
+    .await;
     for several in [
         "SELECT k, (SELECT v FROM pairs) AS v FROM pairs",
         "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k >= 0)",
@@ -1053,25 +1077,15 @@ async fn recursive_ctes_answer_as_in_one_process() {
     let dir = tempfile::tempdir().expect("temp dir");
     let local = SessionContext::new();
     // A binary tree of 1,000 nodes: node n has children 2n + 1 and 2n + 2.
-    for part in 0..2 {
-        write_parquet(
-            &local,
-            &format!(
-                "SELECT value AS src, value * 2 + 1 + side AS dst FROM range({}, {}) \
-                 CROSS JOIN (VALUES (0), (1)) s(side) WHERE value * 2 + 1 + side < 1000",
-                part * 500,
-                (part + 1) * 500
-            ),
-            &dir.path().join(format!("edges/part-{part}.parquet")),
+    table_of_two_files(&context, &local, dir.path(), "edges", |part| {
+        format!(
+            "SELECT value AS src, value * 2 + 1 + side AS dst FROM range({}, {}) \
+             CROSS JOIN (VALUES (0), (1)) s(side) WHERE value * 2 + 1 + side < 1000",
+            part * 500,
+            (part + 1) * 500
         )
-        .await;
-    }
-    let ddl = format!(
-        "CREATE EXTERNAL TABLE edges STORED AS PARQUET LOCATION '{}/'",
-        dir.path().join("edges").display()
-    );
-    query(&context, &ddl).await;
-    local.sql(&ddl).await.expect("register locally");
+    })
+    .await;
     for sql in [
         "WITH RECURSIVE reach(node, depth) AS (\
            SELECT CAST(0 AS BIGINT) AS node, 0 AS depth \
@@ -1088,15 +1102,7 @@ async fn recursive_ctes_answer_as_in_one_process() {
              SELECT CAST(0 AS BIGINT) AS node UNION SELECT node * 2 + 1 FROM left_spine WHERE node < 500) \
            SELECT node FROM left_spine)",
     ] {
-        let expected = rendered(
-            &local
-                .sql(sql)
-                .await
-                .expect("plan")
-                .collect()
-                .await
-                .expect("run"),
-        );
+        let expected = rendered(&one_process_answer(&local, sql).await);
         assert_eq!(rendered(&query(&context, sql).await), expected, "{sql}");
     }
     let explained = rendered(
@@ -1115,15 +1121,22 @@ async fn recursive_ctes_answer_as_in_one_process() {
 }
 
 /// Windows of opposite orders share one sort: DataFusion evaluates one of
-/// them reversed, which a `lag` or `lead` sent to executors keeps (it once
-/// looked the other way); a reversed `nth_value` is refused, not answered
-/// wrong.
+/// them reversed, which a `lag`, `lead` or `nth_value` sent to executors
+/// keeps (they once looked the other way). A literal that spells the flag's
+/// `Debug` form reverses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn windows_of_opposite_orders_answer_as_in_one_process() {
     let (cluster, context) = cluster().await;
     let local = SessionContext::new();
     let rows = "(VALUES (1, 10), (2, 20), (3, 30), (4, 40)) t(x, y)";
     for sql in [
+        format!(
+            "SELECT x, nth_value(y, 2) OVER (ORDER BY x ROWS BETWEEN UNBOUNDED PRECEDING \
+             AND UNBOUNDED FOLLOWING) AS second, \
+             nth_value(y, 3) OVER (ORDER BY x ROWS BETWEEN 1 PRECEDING AND 2 FOLLOWING) AS third, \
+             first_value(y) OVER (ORDER BY x DESC) AS first, \
+             row_number() OVER (ORDER BY x DESC) AS n FROM {rows} ORDER BY x"
+        ),
         format!(
             "SELECT x, lag(x) OVER (ORDER BY x) AS lg, lead(x) OVER (ORDER BY x DESC) AS ld \
              FROM {rows} ORDER BY x"
@@ -1133,27 +1146,14 @@ async fn windows_of_opposite_orders_answer_as_in_one_process() {
              lag(y, 2) OVER (ORDER BY x DESC) AS lg, \
              row_number() OVER (ORDER BY x DESC) AS n FROM {rows} ORDER BY x"
         ),
+        format!(
+            "SELECT x, lag(CAST(y AS VARCHAR), 1, ', is_reversed: true, ignore_nulls: ') \
+             OVER (ORDER BY x) AS lg FROM {rows} ORDER BY x"
+        ),
     ] {
-        let expected = rendered(
-            &local
-                .sql(&sql)
-                .await
-                .expect("plan")
-                .collect()
-                .await
-                .expect("run"),
-        );
+        let expected = rendered(&one_process_answer(&local, &sql).await);
         assert_eq!(rendered(&query(&context, &sql).await), expected, "{sql}");
     }
-    let error = failure(
-        &context,
-        &format!(
-            "SELECT x, nth_value(y, 2) OVER (ORDER BY x ROWS BETWEEN UNBOUNDED PRECEDING \
-             AND UNBOUNDED FOLLOWING) AS second, row_number() OVER (ORDER BY x DESC) AS n FROM {rows}"
-        ),
-    )
-    .await;
-    assert!(error.contains("same ORDER BY direction"), "{error}");
     cluster.shutdown().await;
 }
 
@@ -1177,13 +1177,7 @@ async fn csv_and_json_files_keep_their_values_and_compression() {
         if engine == 0 {
             query(&context, &copy).await;
         } else {
-            local
-                .sql(&copy)
-                .await
-                .expect("plan")
-                .collect()
-                .await
-                .expect("write");
+            one_process_answer(&local, &copy).await;
         }
     }
     let written = std::fs::read_to_string(dir.path().join("cluster.csv")).expect("read");
@@ -1297,13 +1291,7 @@ async fn grouping_sets_of_no_columns_return_their_rows() {
             let ones = if sql.contains("k < 0") { 0 } else { 100_000 };
             assert_eq!(summed, ones * expected as i64, "{sql}");
         } else {
-            let expected = local
-                .sql(sql)
-                .await
-                .expect("plan")
-                .collect()
-                .await
-                .expect("run");
+            let expected = one_process_answer(&local, sql).await;
             assert_eq!(rendered(&batches), rendered(&expected), "{sql}");
         }
     }
@@ -1574,6 +1562,16 @@ async fn prepared_statements_sent_as_text_run_in_their_session() {
         .expect("prepare");
     let counted = text("EXECUTE below(1000)").await.expect("execute");
     assert_eq!(int64s(&counted, 0), vec![1000]);
+    text("PREPARE copied(BIGINT) AS INSERT INTO facts VALUES ($1)")
+        .await
+        .expect("prepare a write");
+    let write = text("EXECUTE copied(1)")
+        .await
+        .expect_err("a prepared write");
+    assert!(
+        write.to_string().contains("prepared queries only"),
+        "{write}"
+    );
     text("DEALLOCATE below").await.expect("deallocate");
     let gone = text("EXECUTE below(1000)").await.expect_err("deallocated");
     assert!(gone.to_string().contains("does not exist"), "{gone}");

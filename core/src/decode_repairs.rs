@@ -154,6 +154,10 @@ fn lost_in_encoding(plan: &Arc<dyn ExecutionPlan>) -> Option<Node> {
     })
 }
 
+/// The most grouping sets of no columns an aggregate is decoded with;
+/// a statement would have to repeat `()` as often.
+const MAX_GROUPING_SETS: u32 = 4096;
+
 /// The decoded aggregate `aggregate` with `sets` grouping sets of no columns.
 pub fn with_empty_grouping_sets(
     aggregate: &Arc<dyn ExecutionPlan>,
@@ -168,6 +172,13 @@ pub fn with_empty_grouping_sets(
                 aggregate.name()
             ))
         })?;
+    // The count comes off the wire: a corrupted one must not allocate without bound.
+    if sets.sets > MAX_GROUPING_SETS {
+        return Err(DataFusionError::Plan(format!(
+            "an aggregate of {} grouping sets; at most {MAX_GROUPING_SETS} are decoded",
+            sets.sets
+        )));
+    }
     let grouping = PhysicalGroupBy::new(vec![], vec![], vec![vec![]; sets.sets as usize], true);
     let repaired = AggregateExec::try_new(
         *decoded.mode(),

@@ -43,8 +43,10 @@ fn enforce_single_rows(plan: LogicalPlan) -> Result<LogicalPlan> {
     plan.transform_up_with_subqueries(|node| {
         node.map_expressions(|expr| {
             expr.transform_up(|expr| match expr {
+                // A subquery of several columns is DataFusion's error to give.
                 Expr::ScalarSubquery(subquery)
                     if subquery.outer_ref_columns.is_empty()
+                        && subquery.subquery.schema().fields().len() == 1
                         && !returns_at_most_one_row(&subquery.subquery) =>
                 {
                     Ok(Transformed::yes(Expr::ScalarSubquery(single_row(
@@ -91,14 +93,21 @@ fn precompute_subqueries(plan: LogicalPlan) -> Result<LogicalPlan> {
         if subqueries.is_empty() {
             return Ok(Transformed::no(node));
         }
+        let input = node.inputs()[0].clone();
+        // Names that no column of the input has (a plan analyzed again may
+        // hold those of the first time).
         let names: Vec<String> = subqueries
             .iter()
             .map(|_| {
-                precomputed += 1;
-                format!("{PRECOMPUTED}_{precomputed}")
+                loop {
+                    precomputed += 1;
+                    let name = format!("{PRECOMPUTED}_{precomputed}");
+                    if !input.schema().has_column_with_unqualified_name(&name) {
+                        break name;
+                    }
+                }
             })
             .collect();
-        let input = node.inputs()[0].clone();
         let values = subqueries
             .iter()
             .zip(&names)
@@ -281,6 +290,9 @@ mod tests {
             "SELECT a, sum(b + (SELECT max(a) FROM t)) OVER (ORDER BY a) AS running, \
              row_number() OVER () AS n FROM t ORDER BY a",
             "SELECT (SELECT sum(b + (SELECT min(a) FROM t)) FROM t) AS nested",
+            // A column that has the name the first precomputed value would take.
+            "SELECT sum(x + (SELECT max(a) FROM t)) AS s \
+             FROM (SELECT a AS x, b AS __quiver_scalar_sq_1 FROM t) u",
         ] {
             let plain = SessionContext::new();
             plain

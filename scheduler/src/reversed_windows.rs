@@ -7,23 +7,28 @@
 //! `is_reversed` flag that negates its offset. datafusion-proto 55 drops the
 //! flag, so executors looked the other way: `lead` returned the previous
 //! row. Before a plan is cut into stages, a reversed `lag` or `lead` becomes
-//! the other function, unreversed, which reads the same row. A reversed
-//! `nth_value` (counted from the frame's end) has no such equivalent and is
-//! refused. The flag has no accessor; its `Debug` form shows it.
+//! the other function, and a reversed `nth_value(x, n)` (the flag counts
+//! from the frame's end) becomes `nth_value(x, -n)`, both unreversed, which
+//! read the same row. A reversed `first_value` or `last_value` never reads
+//! the flag (it swaps the function instead) and stays as it is. The flag
+//! has no accessor; its `Debug` form, whose last fields it and
+//! `ignore_nulls` are, shows it.
 
 use std::sync::Arc;
 
+use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::functions_window::lead_lag::{lag_udwf, lead_udwf};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::window::{StandardWindowExpr, WindowExpr};
 use datafusion::physical_plan::windows::{
     BoundedWindowAggExec, WindowAggExec, WindowUDFExpr, create_udwf_window_expr,
 };
 use datafusion::physical_plan::{Distribution, ExecutionPlan};
 
-/// `plan` with each reversed `lag` or `lead` written unreversed; an error
-/// for a reversed `nth_value`.
+/// `plan` with each reversed `lag`, `lead` or `nth_value` written unreversed.
 pub fn unreverse_window_functions(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|node| {
         // A window that may not be repartitioned needs its input whole.
@@ -59,7 +64,42 @@ pub fn unreverse_window_functions(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dy
     .map(|transformed| transformed.data)
 }
 
-/// `exprs` with their reversed `lag` and `lead` swapped, or `None` if none is reversed.
+/// Whether `function` is evaluated in reverse. Its `Debug` form ends with
+/// `is_reversed: ..., ignore_nulls: ... }`; the last match is the field, not
+/// a literal or a column name that happens to hold the words.
+fn is_reversed(function: &WindowUDFExpr) -> bool {
+    format!("{function:?}")
+        .rsplit_once(", is_reversed: ")
+        .is_some_and(|(_, flag)| flag.starts_with("true, ignore_nulls: "))
+}
+
+/// The literal `n` of `nth_value(x, n)`, negated.
+fn negated(n: &Arc<dyn PhysicalExpr>, window: &str) -> Result<Arc<dyn PhysicalExpr>> {
+    let value = n
+        .downcast_ref::<Literal>()
+        .and_then(|literal| match literal.value() {
+            ScalarValue::Int64(Some(n)) => Some(*n),
+            ScalarValue::Int32(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::Int16(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::Int8(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::UInt64(Some(n)) => i64::try_from(*n).ok(),
+            ScalarValue::UInt32(Some(n)) => Some(i64::from(*n)),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            DataFusionError::NotImplemented(format!(
+                "{window} is evaluated over the reverse of its order, which the cluster can \
+                 run only with an integer literal n"
+            ))
+        })?;
+    let negated = value
+        .checked_neg()
+        .ok_or_else(|| DataFusionError::Execution(format!("{window}: n is out of range")))?;
+    Ok(Arc::new(Literal::new(ScalarValue::Int64(Some(negated)))))
+}
+
+/// `exprs` with their reversed `lag`, `lead` and `nth_value` unreversed, or
+/// `None` if none is reversed.
 fn unreversed(
     exprs: &[Arc<dyn WindowExpr>],
     input: &Arc<dyn ExecutionPlan>,
@@ -78,27 +118,25 @@ fn unreversed(
             else {
                 return Ok(Arc::clone(expr));
             };
-            if !format!("{function:?}").contains("is_reversed: true") {
+            if !is_reversed(function) {
                 return Ok(Arc::clone(expr));
             }
-            let swapped = match function.fun().name() {
+            let mut args = function.args().to_vec();
+            let unreversed = match function.fun().name() {
                 "lag" => lead_udwf(),
                 "lead" => lag_udwf(),
-                name => {
-                    return Err(DataFusionError::NotImplemented(format!(
-                        "{name} over the reverse of another window's order cannot run on the \
-                         cluster yet (here: {}): write the windows of the query with the same \
-                         ORDER BY direction",
-                        expr.name()
-                    )));
+                "nth_value" => {
+                    args[1] = negated(&args[1], expr.name())?;
+                    Arc::clone(function.fun())
                 }
+                _ => return Ok(Arc::clone(expr)),
             };
             changed = true;
             // IGNORE NULLS on window functions is refused before planning
             // (`unencodable.rs`), so it is never set here.
             let function = create_udwf_window_expr(
-                &swapped,
-                function.args(),
+                &unreversed,
+                &args,
                 &input.schema(),
                 expr.name().to_owned(),
                 false,
