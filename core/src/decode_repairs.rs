@@ -34,7 +34,7 @@ use datafusion::datasource::file_format::csv::CsvSink;
 use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
 use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, FileSink};
-use datafusion::datasource::sink::DataSinkExec;
+use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
@@ -83,12 +83,7 @@ impl PhysicalProtoConverterExtension for StagePlanConverter {
                 .into_iter()
                 .map(|child| self.execution_plan_to_proto(child, codec))
                 .collect::<Result<_>>()?;
-            PhysicalPlanNode {
-                physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
-                    node: buf,
-                    inputs,
-                })),
-            }
+            extension_node(buf, inputs)
         } else {
             PhysicalPlanNode::try_from_physical_plan_with_converter(Arc::clone(plan), codec, self)?
         };
@@ -96,12 +91,7 @@ impl PhysicalProtoConverterExtension for StagePlanConverter {
             return Ok(encoded);
         };
         let node = QuiverPlanNode { node: Some(lost) };
-        Ok(PhysicalPlanNode {
-            physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
-                node: node.encode_to_vec(),
-                inputs: vec![encoded],
-            })),
-        })
+        Ok(extension_node(node.encode_to_vec(), vec![encoded]))
     }
 
     fn proto_to_physical_expr(
@@ -119,6 +109,16 @@ impl PhysicalProtoConverterExtension for StagePlanConverter {
         codec: &dyn PhysicalExtensionCodec,
     ) -> Result<PhysicalExprNode> {
         serialize_physical_expr_with_converter(expr, codec, self)
+    }
+}
+
+/// An extension node of Quiver's, encoded as `node`, over `inputs`.
+fn extension_node(node: Vec<u8>, inputs: Vec<PhysicalPlanNode>) -> PhysicalPlanNode {
+    PhysicalPlanNode {
+        physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
+            node,
+            inputs,
+        })),
     }
 }
 
@@ -218,11 +218,19 @@ pub fn with_parquet_sink_metadata(
             write.name()
         )));
     };
-    Ok(Arc::new(DataSinkExec::new(
-        Arc::clone(decoded.input()),
+    Ok(through(
+        decoded,
         Arc::new(with_key_value_metadata(sink, entries)),
-        decoded.sort_order().clone(),
-    )))
+    ))
+}
+
+/// `write` writing through `sink` instead.
+fn through(write: &DataSinkExec, sink: Arc<dyn DataSink>) -> Arc<dyn ExecutionPlan> {
+    Arc::new(DataSinkExec::new(
+        Arc::clone(write.input()),
+        sink,
+        write.sort_order().clone(),
+    ))
 }
 
 /// The file scan configuration of `plan`, if it is a file scan.
@@ -270,11 +278,7 @@ pub fn repair_decoded(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
                 ..options.clone()
             },
         );
-        Ok(Transformed::yes(Arc::new(DataSinkExec::new(
-            Arc::clone(write.input()),
-            Arc::new(repaired),
-            write.sort_order().clone(),
-        )) as Arc<dyn ExecutionPlan>))
+        Ok(Transformed::yes(through(write, Arc::new(repaired))))
     })
     .map(|transformed| transformed.data)
 }

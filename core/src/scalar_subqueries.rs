@@ -64,8 +64,9 @@ fn enforce_single_rows(plan: LogicalPlan) -> Result<LogicalPlan> {
 /// aggregate or a window.
 const PRECOMPUTED: &str = "__quiver_scalar_sq";
 
-/// `plan` with the scalar subqueries in the arguments of aggregates and
-/// windows computed by a projection below them, where DataFusion's
+/// `plan` with the scalar subqueries in the expressions of aggregates and
+/// windows (arguments, `GROUP BY`, `PARTITION BY`, `ORDER BY`) computed by
+/// a projection below them, where DataFusion's
 /// optimizer turns them into joins; it does so in projections and filters
 /// only, and its physical planner refuses the rest. Each expression keeps
 /// its name. Subqueries inside grouping sets are left where they are.

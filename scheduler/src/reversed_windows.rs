@@ -32,11 +32,12 @@ use datafusion::physical_plan::{Distribution, ExecutionPlan};
 pub fn unreverse_window_functions(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|node| {
         // A window that may not be repartitioned needs its input whole.
-        let can_repartition = node
-            .input_distribution_requirements()
-            .into_per_child()
-            .first()
-            .is_some_and(|required| !matches!(required, Distribution::SinglePartition));
+        let can_repartition = || {
+            node.input_distribution_requirements()
+                .into_per_child()
+                .first()
+                .is_some_and(|required| !matches!(required, Distribution::SinglePartition))
+        };
         if let Some(window) = node.downcast_ref::<BoundedWindowAggExec>()
             && let Some(exprs) = unreversed(window.window_expr(), window.input())?
         {
@@ -44,7 +45,7 @@ pub fn unreverse_window_functions(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dy
                 exprs,
                 Arc::clone(window.input()),
                 window.input_order_mode.clone(),
-                can_repartition,
+                can_repartition(),
             )?;
             return Ok(Transformed::yes(
                 Arc::new(rewritten) as Arc<dyn ExecutionPlan>
@@ -54,7 +55,7 @@ pub fn unreverse_window_functions(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dy
             && let Some(exprs) = unreversed(window.window_expr(), window.input())?
         {
             let rewritten =
-                WindowAggExec::try_new(exprs, Arc::clone(window.input()), can_repartition)?;
+                WindowAggExec::try_new(exprs, Arc::clone(window.input()), can_repartition())?;
             return Ok(Transformed::yes(
                 Arc::new(rewritten) as Arc<dyn ExecutionPlan>
             ));
