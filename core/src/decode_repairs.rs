@@ -377,6 +377,19 @@ mod tests {
         )?;
         let decoded = decode_physical_plan(&bytes, &context.task_ctx())?;
         assert_eq!(grouping_sets(&decoded), grouping_sets(&plan));
+
+        // A corrupted count is refused, not allocated.
+        let mut aggregate = None;
+        decoded.apply(|node| {
+            if node.downcast_ref::<AggregateExec>().is_some() {
+                aggregate = Some(Arc::clone(node));
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })?;
+        let corrupted = EmptyGroupingSetsNode { sets: u32::MAX };
+        let error = with_empty_grouping_sets(&aggregate.expect("an aggregate"), &corrupted)
+            .expect_err("too many sets");
+        assert!(error.to_string().contains("at most 4096"), "{error}");
         Ok(())
     }
 
