@@ -1298,6 +1298,37 @@ async fn grouping_sets_of_no_columns_return_their_rows() {
     cluster.shutdown().await;
 }
 
+/// Several `count(DISTINCT ...)` over structs and lists count as in one
+/// process. DataFusion's own count measured each shuffled struct as the
+/// whole message it came in, and asked the memory pool for hundreds of GB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distinct_counts_of_nested_values_answer_as_in_one_process() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = SessionContext::new();
+    table_of_two_files(&context, &local, dir.path(), "labelled", |part| {
+        let first = part * 2_000;
+        format!(
+            "SELECT CAST(value AS INT) AS a, 's' || CAST(value % 7 AS VARCHAR) AS b \
+             FROM generate_series({first}, {})",
+            first + 1_999
+        )
+    })
+    .await;
+    for sql in [
+        "SELECT count(DISTINCT (a, b)) AS pairs, count(DISTINCT b) AS labels FROM labelled",
+        "SELECT count(DISTINCT [a % 100, 1]) AS lists, count(DISTINCT (b, a % 3)) AS pairs, \
+         count(*) AS n FROM labelled",
+        "SELECT b, count(DISTINCT struct(a % 50, b)) AS pairs, count(DISTINCT a % 5) AS fifths \
+         FROM labelled GROUP BY b ORDER BY b",
+    ] {
+        let batches = query(&context, sql).await;
+        let expected = one_process_answer(&local, sql).await;
+        assert_eq!(rendered(&batches), rendered(&expected), "{sql}");
+    }
+    cluster.shutdown().await;
+}
+
 /// A cluster with `facts` and `dims` (in the returned folder) whose
 /// session broadcasts no join side estimated over 64 KiB, at planning time
 /// or at run time.

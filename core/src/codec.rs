@@ -458,7 +458,8 @@ pub fn decode_physical_plan(bytes: &[u8], context: &TaskContext) -> Result<Arc<d
             &QuiverPhysicalCodec,
         )
     })?;
-    crate::decode_repairs::repair_decoded(plan)
+    let plan = crate::decode_repairs::repair_decoded(plan)?;
+    crate::distinct_counts::with_compact_distinct_counts(plan)
 }
 
 /// Decodes a client-built logical plan, with the same guarantees as
