@@ -1160,8 +1160,9 @@ async fn windows_of_opposite_orders_answer_as_in_one_process() {
 /// CSV written by executors holds dates, times and timestamps as written in
 /// one process (the encoding of plans once turned their unset formats into
 /// empty ones, and every such value into an empty field), Parquet files keep
-/// their key-value metadata, and gzip CSV and JSON files, which Quiver
-/// writes, read back (the encoding once dropped both).
+/// their key-value metadata, CSV and JSON files keep their format of zoned
+/// timestamps and compression level, and gzip CSV and JSON files, which
+/// Quiver writes, read back (the encoding once dropped all of these).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn csv_and_json_files_keep_their_values_and_compression() {
     let (cluster, context) = cluster().await;
@@ -1186,6 +1187,33 @@ async fn csv_and_json_files_keep_their_values_and_compression() {
         std::fs::read_to_string(dir.path().join("local.csv")).expect("read")
     );
     assert!(written.contains("2024-01-02,"), "{written}");
+
+    // The format of zoned timestamps and the compression level, which the
+    // encoding of plans once dropped: the files equal DataFusion's, byte
+    // for byte (gzip records the level in its header).
+    let zoned = "SELECT 1 AS x, arrow_cast(TIMESTAMP '2024-01-02 03:04:05', \
+                 'Timestamp(Nanosecond, Some(\"+02:00\"))') AS tz";
+    for (format, options) in [
+        ("CSV", "'format.timestamp_tz_format' '%d/%m/%Y %H:%M %z', "),
+        ("JSON", ""),
+    ] {
+        let mut written = Vec::new();
+        for engine in ["cluster", "local"] {
+            let path = dir.path().join(format!("{engine}-zoned.{format}.gz"));
+            let copy = format!(
+                "COPY ({zoned}) TO '{}' STORED AS {format} OPTIONS ({options}\
+                 'format.compression' 'gzip', 'format.compression_level' '1')",
+                path.display()
+            );
+            if engine == "cluster" {
+                query(&context, &copy).await;
+            } else {
+                one_process_answer(&local, &copy).await;
+            }
+            written.push(std::fs::read(&path).expect("read"));
+        }
+        assert_eq!(written[0], written[1], "{format}");
+    }
 
     // Parquet key-value metadata, in a single file and in a folder's files.
     for target in ["single.parquet", "folder/"] {

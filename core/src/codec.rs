@@ -223,6 +223,10 @@ impl PhysicalExtensionCodec for QuiverPhysicalCodec {
                     metadata.entries,
                 )
             }
+            Some(Node::FileSinkOptions(lost)) => crate::decode_repairs::with_file_sink_options(
+                single_input(inputs, "sink options")?,
+                lost,
+            ),
             Some(Node::WorkTable(read)) => Ok(Arc::new(WorkTableExec::new(
                 read.name,
                 schema_from_bytes(&read.schema)?,

@@ -21,6 +21,9 @@
 //!   in the sinks of its distributed writes, and DataFusion's own sink (a
 //!   single-file `COPY`) gets it the same way as a compression
 //!   ([`with_key_value_metadata`]).
+//! - A CSV sink's format of timestamps with a time zone, and a CSV or JSON
+//!   sink's compression level, are not encoded, so files were written with
+//!   the defaults. They travel the same way ([`with_file_sink_options`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use datafusion::common::parsers::CompressionTypeVariant;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::file_format::csv::CsvSink;
 use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
+use datafusion::datasource::file_format::json::JsonSink;
 use datafusion::datasource::file_format::parquet::ParquetSink;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, FileSink};
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
@@ -50,8 +54,8 @@ use datafusion_proto::protobuf::{
 };
 use prost::Message;
 use quiver_proto::{
-    EmptyGroupingSetsNode, ParquetMetadataNode, QuiverPlanNode, ScanCompressionNode,
-    quiver_plan_node::Node,
+    EmptyGroupingSetsNode, FileSinkOptionsNode, ParquetMetadataNode, QuiverPlanNode,
+    ScanCompressionNode, quiver_plan_node::Node,
 };
 
 /// Encodes stage plans as datafusion-proto's default converter does, but
@@ -133,11 +137,22 @@ fn lost_in_encoding(plan: &Arc<dyn ExecutionPlan>) -> Option<Node> {
             })
         });
     }
-    if let Some(sink) = plan
-        .downcast_ref::<DataSinkExec>()
-        .and_then(|write| write.sink().downcast_ref::<ParquetSink>())
-    {
-        let entries: HashMap<String, String> = sink
+    if let Some(write) = plan.downcast_ref::<DataSinkExec>() {
+        return lost_sink_options(write.sink());
+    }
+    let grouping = plan.downcast_ref::<AggregateExec>()?.group_expr();
+    (!grouping.is_single() && grouping.is_empty()).then(|| {
+        Node::EmptyGroupingSets(EmptyGroupingSetsNode {
+            sets: grouping.groups().len() as u32,
+        })
+    })
+}
+
+/// What datafusion-proto would not encode of the options of DataFusion's
+/// own sink `sink`, as the node that carries them.
+fn lost_sink_options(sink: &dyn DataSink) -> Option<Node> {
+    if let Some(parquet) = sink.downcast_ref::<ParquetSink>() {
+        let entries: HashMap<String, String> = parquet
             .parquet_options()
             .key_value_metadata
             .iter()
@@ -146,12 +161,25 @@ fn lost_in_encoding(plan: &Arc<dyn ExecutionPlan>) -> Option<Node> {
         return (!entries.is_empty())
             .then_some(Node::ParquetMetadata(ParquetMetadataNode { entries }));
     }
-    let grouping = plan.downcast_ref::<AggregateExec>()?.group_expr();
-    (!grouping.is_single() && grouping.is_empty()).then(|| {
-        Node::EmptyGroupingSets(EmptyGroupingSetsNode {
-            sets: grouping.groups().len() as u32,
-        })
-    })
+    let lost = if let Some(csv) = sink.downcast_ref::<CsvSink>() {
+        let options = csv.writer_options();
+        FileSinkOptionsNode {
+            timestamp_tz_format: options
+                .writer_options
+                .timestamp_tz_format()
+                .map(str::to_owned),
+            compression_level: options.compression_level,
+        }
+    } else {
+        FileSinkOptionsNode {
+            timestamp_tz_format: None,
+            compression_level: sink
+                .downcast_ref::<JsonSink>()?
+                .writer_options()
+                .compression_level,
+        }
+    };
+    (lost != FileSinkOptionsNode::default()).then_some(Node::FileSinkOptions(lost))
 }
 
 /// The most grouping sets of no columns an aggregate is decoded with;
@@ -222,6 +250,35 @@ pub fn with_parquet_sink_metadata(
         decoded,
         Arc::new(with_key_value_metadata(sink, entries)),
     ))
+}
+
+/// The decoded write `write`, through DataFusion's CSV or JSON sink, with
+/// the options in `lost` that the encoding dropped.
+pub fn with_file_sink_options(
+    write: &Arc<dyn ExecutionPlan>,
+    lost: FileSinkOptionsNode,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let decoded = write.downcast_ref::<DataSinkExec>().ok_or_else(|| {
+        DataFusionError::Internal(format!("sink options name no write but {}", write.name()))
+    })?;
+    let sink = decoded.sink();
+    let repaired: Arc<dyn DataSink> = if let Some(csv) = sink.downcast_ref::<CsvSink>() {
+        let mut options = csv.writer_options().clone();
+        if let Some(format) = lost.timestamp_tz_format {
+            options.writer_options = options.writer_options.with_timestamp_tz_format(format);
+        }
+        options.compression_level = lost.compression_level.or(options.compression_level);
+        Arc::new(CsvSink::new(csv.config().clone(), options))
+    } else if let Some(json) = sink.downcast_ref::<JsonSink>() {
+        let mut options = json.writer_options().clone();
+        options.compression_level = lost.compression_level.or(options.compression_level);
+        Arc::new(JsonSink::new(json.config().clone(), options))
+    } else {
+        return Err(DataFusionError::Internal(
+            "sink options name no CSV or JSON sink".to_owned(),
+        ));
+    };
+    Ok(through(decoded, repaired))
 }
 
 /// `write` writing through `sink` instead.
@@ -390,6 +447,57 @@ mod tests {
         let error = with_empty_grouping_sets(&aggregate.expect("an aggregate"), &corrupted)
             .expect_err("too many sets");
         assert!(error.to_string().contains("at most 4096"), "{error}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn options_of_csv_and_json_sinks_survive_the_encoding() -> Result<()> {
+        let context = SessionContext::new();
+        let folder = tempfile::tempdir().expect("temporary folder");
+        for (format, options) in [("CSV", "'format.timestamp_tz_format' '%z', "), ("JSON", "")] {
+            let copy = format!(
+                "COPY (SELECT 1 AS x) TO '{}/out.{format}.gz' STORED AS {format} OPTIONS \
+                 ({options}'format.compression' 'gzip', 'format.compression_level' '3')",
+                folder.path().display()
+            );
+            let plan = context.sql(&copy).await?.create_physical_plan().await?;
+            let bytes = physical_plan_to_bytes_with_proto_converter(
+                plan,
+                &QuiverPhysicalCodec,
+                &StagePlanConverter,
+            )?;
+            let decoded = decode_physical_plan(&bytes, &context.task_ctx())?;
+            let sink = decoded
+                .downcast_ref::<DataSinkExec>()
+                .expect("a write")
+                .sink();
+            let (level, zoned) = match sink.downcast_ref::<CsvSink>() {
+                Some(csv) => {
+                    let options = csv.writer_options();
+                    (
+                        options.compression_level,
+                        options.writer_options.timestamp_tz_format(),
+                    )
+                }
+                None => {
+                    let json = sink.downcast_ref::<JsonSink>().expect("a JSON sink");
+                    (json.writer_options().compression_level, None)
+                }
+            };
+            assert_eq!(level, Some(3), "{format}");
+            assert_eq!(zoned, (format == "CSV").then_some("%z"), "{format}");
+        }
+
+        // Only a write through DataFusion's CSV or JSON sink takes them.
+        let scan: Arc<dyn ExecutionPlan> = Arc::new(
+            datafusion::physical_plan::empty::EmptyExec::new(Arc::new(Schema::empty())),
+        );
+        let error =
+            with_file_sink_options(&scan, FileSinkOptionsNode::default()).expect_err("not a write");
+        assert!(
+            error.to_string().contains("no write but EmptyExec"),
+            "{error}"
+        );
         Ok(())
     }
 
