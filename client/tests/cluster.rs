@@ -990,7 +990,8 @@ async fn window_clauses_that_executors_would_not_see_are_refused() {
 /// An uncorrelated scalar subquery that returns several rows fails the
 /// statement, as in one process, also when each of its tasks reads one row;
 /// with one row or none it gives that row's value or null. Subqueries in an
-/// aggregate's arguments run too.
+/// aggregate's arguments run too. Both hold whether the subqueries run first
+/// or, as a setting allows, are planned as joins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scalar_subquery_of_several_rows_fails_the_statement() {
     let (cluster, context) = cluster().await;
@@ -1001,44 +1002,54 @@ async fn a_scalar_subquery_of_several_rows_fails_the_statement() {
         format!("SELECT CAST({part} AS BIGINT) AS k, CAST({part} * 10 AS BIGINT) AS v")
     })
     .await;
-    for several in [
-        "SELECT k, (SELECT v FROM pairs) AS v FROM pairs",
-        "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k >= 0)",
-    ] {
-        let error = failure(&context, several).await;
-        assert!(error.contains("more than one row"), "{several}: {error}");
+    // Run first (DataFusion's default), and planned as joins.
+    for physical in [true, false] {
+        query(
+            &context,
+            &format!(
+                "SET datafusion.optimizer.enable_physical_uncorrelated_scalar_subquery = {physical}"
+            ),
+        )
+        .await;
+        for several in [
+            "SELECT k, (SELECT v FROM pairs) AS v FROM pairs",
+            "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k >= 0)",
+        ] {
+            let error = failure(&context, several).await;
+            assert!(error.contains("more than one row"), "{several}: {error}");
+        }
+        let one = query(
+            &context,
+            "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k = 1)",
+        )
+        .await;
+        assert_eq!(int64s(&one, 0), vec![1]);
+        let none = query(
+            &context,
+            "SELECT k, (SELECT v FROM pairs WHERE k = 5) IS NULL AS empty FROM pairs ORDER BY k",
+        )
+        .await;
+        assert_eq!(int64s(&none, 0), vec![0, 1]);
+        assert_eq!(
+            rendered(&none).matches("true").count(),
+            2,
+            "{}",
+            rendered(&none)
+        );
+        // In an aggregate's arguments, where DataFusion's optimizer leaves them.
+        let summed = query(
+            &context,
+            "SELECT sum(k + (SELECT max(v) FROM pairs)) AS s, \
+             count(*) FILTER (WHERE v > (SELECT min(v) FROM pairs)) AS c FROM pairs",
+        )
+        .await;
+        assert_eq!(
+            (int64s(&summed, 0), int64s(&summed, 1)),
+            (vec![21], vec![1])
+        );
+        let error = failure(&context, "SELECT sum((SELECT v FROM pairs)) FROM pairs").await;
+        assert!(error.contains("more than one row"), "{error}");
     }
-    let one = query(
-        &context,
-        "SELECT k FROM pairs WHERE v = (SELECT v FROM pairs WHERE k = 1)",
-    )
-    .await;
-    assert_eq!(int64s(&one, 0), vec![1]);
-    let none = query(
-        &context,
-        "SELECT k, (SELECT v FROM pairs WHERE k = 5) IS NULL AS empty FROM pairs ORDER BY k",
-    )
-    .await;
-    assert_eq!(int64s(&none, 0), vec![0, 1]);
-    assert_eq!(
-        rendered(&none).matches("true").count(),
-        2,
-        "{}",
-        rendered(&none)
-    );
-    // In an aggregate's arguments, where DataFusion's optimizer leaves them.
-    let summed = query(
-        &context,
-        "SELECT sum(k + (SELECT max(v) FROM pairs)) AS s, \
-         count(*) FILTER (WHERE v > (SELECT min(v) FROM pairs)) AS c FROM pairs",
-    )
-    .await;
-    assert_eq!(
-        (int64s(&summed, 0), int64s(&summed, 1)),
-        (vec![21], vec![1])
-    );
-    let error = failure(&context, "SELECT sum((SELECT v FROM pairs)) FROM pairs").await;
-    assert!(error.contains("more than one row"), "{error}");
     cluster.shutdown().await;
 }
 
@@ -1323,6 +1334,64 @@ async fn grouping_sets_of_no_columns_return_their_rows() {
             assert_eq!(rendered(&batches), rendered(&expected), "{sql}");
         }
     }
+    cluster.shutdown().await;
+}
+
+/// An uncorrelated scalar subquery runs first, in stages of its own, and a
+/// task that reads its value gets it before it scans: a scan filtered by it
+/// prunes by it, as in one process. The keys above the largest but ten are
+/// all in the second of two files; the first is not read. An incremental
+/// load, which appends the rows above the table's largest key, runs the
+/// same way, and its commit waits for nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scalar_subqueries_run_first_and_prune_the_scans_that_read_them() {
+    let (cluster, context) = cluster().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_facts_and_dims(&context, dir.path()).await;
+    let last_ten = "SELECT count(*) AS n FROM facts WHERE k > (SELECT max(k) - 10 FROM dims)";
+    assert_eq!(int64s(&query(&context, last_ten).await, 0), vec![10]);
+    let analyzed = explain_analyze(&context, last_ten).await;
+    let scan = analyzed
+        .lines()
+        .find(|line| line.contains("DataSourceExec") && line.contains("scalar_subquery"))
+        .unwrap_or_else(|| panic!("a scan filtered by the subquery: {analyzed}"));
+    let scanned: u64 = scan
+        .split("output_rows=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|rows| rows.parse().ok())
+        .unwrap_or_else(|| panic!("the scan's rows: {scan}"));
+    assert!(scanned < 50_000, "{scanned} rows scanned: {analyzed}");
+
+    let target = dir.path().join("target");
+    query(
+        &context,
+        &format!(
+            "CREATE EXTERNAL TABLE target (k BIGINT) STORED AS PARQUET LOCATION '{}/'",
+            target.display()
+        ),
+    )
+    .await;
+    let load = "INSERT INTO target SELECT k FROM facts \
+                WHERE k > (SELECT coalesce(max(k), -1) FROM target)";
+    query(&context, &format!("{load} AND k < 60000")).await;
+    query(&context, load).await;
+    query(&context, load).await;
+    let loaded = query(
+        &context,
+        "SELECT count(*) AS n, count(DISTINCT k) AS keys, max(k) AS top FROM target",
+    )
+    .await;
+    assert_eq!(
+        rendered(&loaded),
+        rendered(
+            &query(
+                &context,
+                "SELECT count(*) AS n, count(DISTINCT k) AS keys, max(k) AS top FROM facts",
+            )
+            .await
+        )
+    );
     cluster.shutdown().await;
 }
 

@@ -44,8 +44,6 @@ impl ConfigExtension for QuiverOptions {
 ///   which does not work across stages that run in different processes;
 /// - file-scan work stealing lets one partition read its siblings' files, but a
 ///   task runs only its own partition, so it would read every file;
-/// - a `ScalarSubqueryExec` feeds its result to expressions elsewhere in the
-///   plan, which may land in another stage; the subquery is planned as a join;
 /// - a partitioned join writes both of its sides through a shuffle, while a
 ///   broadcast (`CollectLeft`) join only ships its small build side, and its
 ///   probe side stays in the stage that scans it. DataFusion's thresholds are
@@ -56,10 +54,6 @@ impl ConfigExtension for QuiverOptions {
 const DISTRIBUTED_DEFAULTS: &[(&str, &str)] = &[
     (
         "datafusion.execution.enable_file_stream_work_stealing",
-        "false",
-    ),
-    (
-        "datafusion.optimizer.enable_physical_uncorrelated_scalar_subquery",
         "false",
     ),
     (

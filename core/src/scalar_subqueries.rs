@@ -1,15 +1,19 @@
 //! [`SingleRowSubqueries`]: uncorrelated scalar subqueries that fail, as
 //! SQL requires, when they return more than one row.
 //!
-//! Quiver lets DataFusion plan such a subquery as a join with the outer
-//! query (see [`crate::config`]), and a join would repeat each outer row
-//! once per subquery row. This analyzer rule, which runs before DataFusion's
-//! optimizer turns subqueries into joins, wraps each such subquery that may
-//! return several rows in an aggregate of [`single_value`]: one row, its
-//! value, or an error at a second row. Subqueries that return at most one
-//! row by their shape (an aggregate without `GROUP BY`, `LIMIT 1`) are left
-//! as they are. Clients and the scheduler both run it: a client optimizes
-//! the plans of its `DataFrame`s before it sends them.
+//! Quiver runs such a subquery as DataFusion does, with `ScalarSubqueryExec`
+//! (cut into stages by the scheduler), which fails at a second row itself.
+//! With `datafusion.optimizer.enable_physical_uncorrelated_scalar_subquery`
+//! off, DataFusion's optimizer plans it as a join with the outer query
+//! instead, and a join would repeat each outer row once per subquery row.
+//! Then this analyzer rule, which runs before that optimizer, wraps each
+//! such subquery that may return several rows in an aggregate of
+//! [`single_value`]: one row, its value, or an error at a second row.
+//! Subqueries that return at most one row by their shape (an aggregate
+//! without `GROUP BY`, `LIMIT 1`) are left as they are. It also computes
+//! subqueries in aggregates and windows below them, which that optimizer
+//! refuses. Clients and the scheduler both run it: a client optimizes the
+//! plans of its `DataFrame`s before it sends them.
 
 use std::sync::Arc;
 
@@ -28,7 +32,13 @@ use crate::single_value::single_value;
 pub struct SingleRowSubqueries;
 
 impl AnalyzerRule for SingleRowSubqueries {
-    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
+    fn analyze(&self, plan: LogicalPlan, config: &ConfigOptions) -> Result<LogicalPlan> {
+        if config
+            .optimizer
+            .enable_physical_uncorrelated_scalar_subquery
+        {
+            return Ok(plan);
+        }
         enforce_single_rows(precompute_subqueries(plan)?)
     }
 
@@ -209,10 +219,15 @@ mod tests {
 
     use super::*;
 
-    /// A context with Quiver's settings, which plan scalar subqueries as
+    /// A context with Quiver's settings, planning scalar subqueries as
     /// joins, and a table `t(a, b)` of two rows.
     async fn context() -> Result<SessionContext> {
-        let context = SessionContext::new_with_config(default_session_config());
+        let mut config = default_session_config();
+        config
+            .options_mut()
+            .optimizer
+            .enable_physical_uncorrelated_scalar_subquery = false;
+        let context = SessionContext::new_with_config(config);
         context
             .sql("CREATE TABLE t (a INT, b INT) AS VALUES (1, 10), (2, 20)")
             .await?;

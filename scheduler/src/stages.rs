@@ -9,6 +9,13 @@
 //!   so the merge or coalesce runs in the next stage over all of them.
 //! - What remains above the last cut is the final stage; its map outputs are the
 //!   job's result.
+//! - An uncorrelated scalar subquery (DataFusion's `ScalarSubqueryExec`, which
+//!   runs its subqueries before its input and hands their values to the
+//!   input's expressions) is cut apart: each subquery becomes a stage of its
+//!   own, and every stage cut from the input that reads one of their values
+//!   runs under a `ScalarSubqueryExec` that reads them from those stages. A
+//!   task so knows the values before it scans, and a scan filtered by one
+//!   prunes files and row groups by it, as in one process.
 //!
 //! Every stage plan has a [`ShuffleWriterExec`] at its root. Stage ids start at 1
 //! and inputs always have smaller ids than the stages that read them.
@@ -16,9 +23,13 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use datafusion::error::Result;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::physical_planning_context::ScalarSubqueryResults;
+use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::scalar_subquery::{ScalarSubqueryExec, ScalarSubqueryLink};
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, displayable,
@@ -91,9 +102,10 @@ pub fn split_into_stages(
     let mut splitter = StageSplitter {
         job_id,
         stages: Vec::new(),
+        subqueries: None,
     };
     let root = splitter.cut(plan)?;
-    splitter.add_stage(root, None);
+    splitter.add_stage(root, None)?;
     Ok(splitter.stages)
 }
 
@@ -120,10 +132,59 @@ pub fn display_stages(stages: &[StagePlan]) -> String {
 struct StageSplitter<'a> {
     job_id: &'a str,
     stages: Vec<StagePlan>,
+    /// The scalar subqueries of the plan being cut, read from their stages,
+    /// and the container of their values; see [`Self::cut_scalar_subqueries`].
+    subqueries: Option<ScalarSubqueries>,
+}
+
+/// A `ScalarSubqueryExec`'s subqueries, each read from the stage that runs
+/// it, and the container that the expressions reading them share.
+#[derive(Clone)]
+struct ScalarSubqueries {
+    links: Vec<ScalarSubqueryLink>,
+    results: ScalarSubqueryResults,
+}
+
+impl ScalarSubqueries {
+    /// `plan` running these subqueries first, if any of its expressions
+    /// reads one of their values.
+    fn over(&self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if !reads_values_of(&plan, &self.results)? {
+            return Ok(plan);
+        }
+        Ok(Arc::new(ScalarSubqueryExec::new(
+            plan,
+            self.links.clone(),
+            self.results.clone(),
+        )))
+    }
+}
+
+/// Whether an expression of `plan` reads a value from `results`.
+fn reads_values_of(plan: &Arc<dyn ExecutionPlan>, results: &ScalarSubqueryResults) -> Result<bool> {
+    let mut reads = false;
+    plan.apply(|node| {
+        node.apply_expressions(&mut |expr| {
+            expr.apply(|expr| {
+                reads = expr
+                    .downcast_ref::<ScalarSubqueryExpr>()
+                    .is_some_and(|read| ScalarSubqueryResults::ptr_eq(read.results(), results));
+                Ok(if reads {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            })
+        })
+    })?;
+    Ok(reads)
 }
 
 impl StageSplitter<'_> {
     fn cut(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some(subqueries) = plan.downcast_ref::<ScalarSubqueryExec>() {
+            return self.cut_scalar_subqueries(subqueries);
+        }
         if plan.is::<RecursiveQueryExec>() {
             // Its recursive term reads the previous iteration's rows from a
             // work table in the memory of the task that runs it: it stays
@@ -150,7 +211,8 @@ impl StageSplitter<'_> {
                     Partitioning::Hash(exprs, _) => Some(exprs.clone()),
                     _ => None,
                 };
-                let stage_id = self.add_stage(Arc::clone(repartition.input()), Some(partitioning));
+                let stage_id =
+                    self.add_stage(Arc::clone(repartition.input()), Some(partitioning))?;
                 let reader = ShuffleReaderExec::new(
                     self.job_id,
                     stage_id,
@@ -173,7 +235,7 @@ impl StageSplitter<'_> {
             let count = child.output_partitioning().partition_count();
             if count > 1 {
                 let eq_properties = child.equivalence_properties().clone();
-                let stage_id = self.add_stage(child, None);
+                let stage_id = self.add_stage(child, None)?;
                 let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
                     self.job_id,
                     stage_id,
@@ -187,11 +249,59 @@ impl StageSplitter<'_> {
         Ok(plan)
     }
 
+    /// Cuts each subquery of `plan` into stages of its own, then `plan`'s
+    /// input, whose stages that read a subquery's value run the subqueries
+    /// (read from their stages) first. DataFusion plans one such node, at the
+    /// root, for a query's own subqueries; a subquery's own subqueries are in
+    /// its plan.
+    fn cut_scalar_subqueries(
+        &mut self,
+        plan: &ScalarSubqueryExec,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let links = plan
+            .subqueries()
+            .iter()
+            .map(|subquery| {
+                let root = self.cut(Arc::clone(&subquery.plan))?;
+                let count = root.output_partitioning().partition_count();
+                let eq_properties = root.equivalence_properties().clone();
+                let stage_id = self.add_stage(root, None)?;
+                let reader = ShuffleReaderExec::new(
+                    self.job_id,
+                    stage_id,
+                    ReadMode::PerMap,
+                    count,
+                    eq_properties,
+                );
+                Ok(ScalarSubqueryLink {
+                    plan: Arc::new(reader),
+                    index: subquery.index,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let subqueries = ScalarSubqueries {
+            links,
+            results: plan.results().clone(),
+        };
+        if self.subqueries.replace(subqueries.clone()).is_some() {
+            return Err(DataFusionError::NotImplemented(
+                "scalar subqueries planned inside a query's input, below its own".to_owned(),
+            ));
+        }
+        let input = self.cut(Arc::clone(plan.input()));
+        self.subqueries = None;
+        subqueries.over(input?)
+    }
+
     fn add_stage(
         &mut self,
         input: Arc<dyn ExecutionPlan>,
         partitioning: Option<Partitioning>,
-    ) -> u32 {
+    ) -> Result<u32> {
+        let input = match &self.subqueries {
+            Some(subqueries) => subqueries.over(input)?,
+            None => input,
+        };
         let stage_id = self.stages.len() as u32 + 1;
         let mut inputs = Vec::new();
         collect_reader_stages(&input, &mut inputs);
@@ -205,7 +315,7 @@ impl StageSplitter<'_> {
             )),
             inputs,
         });
-        stage_id
+        Ok(stage_id)
     }
 }
 
