@@ -166,14 +166,12 @@ fn reads_values_of(plan: &Arc<dyn ExecutionPlan>, results: &ScalarSubqueryResult
     plan.apply(|node| {
         node.apply_expressions(&mut |expr| {
             expr.apply(|expr| {
-                reads = expr
-                    .downcast_ref::<ScalarSubqueryExpr>()
-                    .is_some_and(|read| ScalarSubqueryResults::ptr_eq(read.results(), results));
-                Ok(if reads {
-                    TreeNodeRecursion::Stop
-                } else {
-                    TreeNodeRecursion::Continue
-                })
+                let read = expr.downcast_ref::<ScalarSubqueryExpr>();
+                if read.is_some_and(|read| ScalarSubqueryResults::ptr_eq(read.results(), results)) {
+                    reads = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
             })
         })
     })?;
@@ -285,7 +283,9 @@ impl StageSplitter<'_> {
         };
         if self.subqueries.replace(subqueries.clone()).is_some() {
             return Err(DataFusionError::NotImplemented(
-                "scalar subqueries planned inside a query's input, below its own".to_owned(),
+                "a plan whose scalar subqueries are run in two places of its input, one \
+                 below the other"
+                    .to_owned(),
             ));
         }
         let input = self.cut(Arc::clone(plan.input()));
@@ -328,5 +328,75 @@ pub(crate) fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec
     }
     for child in plan.children() {
         collect_reader_stages(child, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+    use quiver_core::config::default_session_config;
+
+    use super::*;
+
+    /// The stages of `sql` over `t(k)`, keys 0 to 99 in two Parquet files.
+    async fn stages_of(sql: &str) -> Result<Vec<StagePlan>> {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let context = SessionContext::new_with_config(default_session_config());
+        for (file, first) in [("a.parquet", 0), ("b.parquet", 50)] {
+            let path = folder.path().join(file);
+            let copy = format!(
+                "COPY (SELECT value AS k FROM range({first}, {})) TO '{}' STORED AS PARQUET",
+                first + 50,
+                path.display()
+            );
+            context.sql(&copy).await?.collect().await?;
+        }
+        let folder_url = folder.path().to_str().expect("a path");
+        context
+            .register_parquet("t", folder_url, ParquetReadOptions::default())
+            .await?;
+        let plan = context.sql(sql).await?.create_physical_plan().await?;
+        split_into_stages("job", plan, 2)
+    }
+
+    /// The stages that run scalar subqueries before their own plan, and the
+    /// stages they read the values from.
+    fn readers_of_values(stages: &[StagePlan]) -> Vec<(u32, Vec<u32>)> {
+        stages
+            .iter()
+            .filter_map(|stage| {
+                let subqueries = stage.plan.input().downcast_ref::<ScalarSubqueryExec>()?;
+                let mut read = Vec::new();
+                for link in subqueries.subqueries() {
+                    collect_reader_stages(&link.plan, &mut read);
+                }
+                Some((stage.stage_id, read))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_scalar_subquery_runs_in_stages_that_its_readers_wait_for() -> Result<()> {
+        let stages =
+            stages_of("SELECT count(*) FROM t WHERE k > (SELECT max(k) - 10 FROM t)").await?;
+        let shown = display_stages(&stages);
+        // The scan stage filters by the value; the final count reads none.
+        let readers = readers_of_values(&stages);
+        assert_eq!(readers.len(), 1, "{shown}");
+        let (scan_stage, subquery_stages) = &readers[0];
+        assert_eq!(subquery_stages.len(), 1, "{shown}");
+        let scan = stages.iter().find(|stage| stage.stage_id == *scan_stage);
+        let scan = scan.expect("the scan stage");
+        assert!(scan.inputs.contains(&subquery_stages[0]), "{shown}");
+        assert!(subquery_stages[0] < *scan_stage, "{shown}");
+        assert!(shown.contains("DataSourceExec"), "{shown}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_query_without_scalar_subqueries_keeps_its_stages() -> Result<()> {
+        let stages = stages_of("SELECT count(*) FROM t WHERE k > 10").await?;
+        assert!(readers_of_values(&stages).is_empty());
+        Ok(())
     }
 }
