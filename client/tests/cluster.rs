@@ -1396,10 +1396,11 @@ async fn scalar_subqueries_run_first_and_prune_the_scans_that_read_them() {
 }
 
 /// Several `count(DISTINCT ...)` over structs and lists count as in one
-/// process. DataFusion's own count measured each shuffled struct as the
-/// whole message it came in, and asked the memory pool for hundreds of GB.
+/// process, and ordered `array_agg`s of them collect as in one process.
+/// DataFusion's own count measured each shuffled struct as the whole
+/// message it came in, and asked the memory pool for hundreds of GB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn distinct_counts_of_nested_values_answer_as_in_one_process() {
+async fn aggregates_of_nested_values_answer_as_in_one_process() {
     let (cluster, context) = cluster().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let local = SessionContext::new();
@@ -1418,6 +1419,10 @@ async fn distinct_counts_of_nested_values_answer_as_in_one_process() {
          count(*) AS n FROM labelled",
         "SELECT b, count(DISTINCT struct(a % 50, b)) AS pairs, count(DISTINCT a % 5) AS fifths \
          FROM labelled GROUP BY b ORDER BY b",
+        "SELECT b, array_agg(struct(a, b) ORDER BY a DESC) AS pairs FROM labelled \
+         WHERE a % 10 = 0 GROUP BY b ORDER BY b",
+        "SELECT cardinality(array_agg([a, a % 3] ORDER BY b, a)) AS n, \
+         array_agg(a ORDER BY struct(b, -a)) AS keys FROM labelled WHERE a < 300",
     ] {
         let batches = query(&context, sql).await;
         let expected = one_process_answer(&local, sql).await;

@@ -463,7 +463,7 @@ pub fn decode_physical_plan(bytes: &[u8], context: &TaskContext) -> Result<Arc<d
         )
     })?;
     let plan = crate::decode_repairs::repair_decoded(plan)?;
-    crate::distinct_counts::with_compact_distinct_counts(plan)
+    crate::nested_aggregates::with_measured_nested_aggregates(plan)
 }
 
 /// Decodes a client-built logical plan, with the same guarantees as

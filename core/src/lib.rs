@@ -7,7 +7,7 @@
 //! - [`codec`]: the datafusion-proto extension codecs for Quiver's operators and
 //!   for tables named by a client.
 //! - [`decode_repairs`]: what datafusion-proto changes in stage plans, put back on executors.
-//! - [`distinct_counts`]: `count(DISTINCT x)` of nested values, measured per value on executors.
+//! - [`nested_aggregates`]: aggregates of nested values, measured per value on executors.
 //! - [`ipc`]: Arrow schema <-> bytes helpers used on the wire.
 //! - [`metrics`]: operator metrics on the wire, summed over tasks, for `EXPLAIN ANALYZE`.
 //! - [`guard`]: decoding untrusted bytes without panicking.
@@ -25,12 +25,12 @@
 pub mod codec;
 pub mod config;
 pub mod decode_repairs;
-pub mod distinct_counts;
 pub mod error;
 pub mod guard;
 pub mod ipc;
 pub mod lease;
 pub mod metrics;
+pub mod nested_aggregates;
 pub mod net;
 pub mod operators;
 pub mod process;
