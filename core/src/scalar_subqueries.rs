@@ -10,10 +10,13 @@
 //! such subquery that may return several rows in an aggregate of
 //! [`single_value`]: one row, its value, or an error at a second row.
 //! Subqueries that return at most one row by their shape (an aggregate
-//! without `GROUP BY`, `LIMIT 1`) are left as they are. It also computes
-//! subqueries in aggregates and windows below them, which that optimizer
-//! refuses. Clients and the scheduler both run it: a client optimizes the
-//! plans of its `DataFrame`s before it sends them.
+//! without `GROUP BY`, `LIMIT 1`) are left as they are. With the setting on
+//! or off, it computes subqueries in aggregates and windows in a projection
+//! below them: that optimizer refuses them there, and a window partitioned
+//! by one would hash its rows on the subquery itself, in a shuffle whose
+//! expressions executors decode without the subquery's value. Clients and
+//! the scheduler both run it: a client optimizes the plans of its
+//! `DataFrame`s before it sends them.
 
 use std::sync::Arc;
 
@@ -33,13 +36,17 @@ pub struct SingleRowSubqueries;
 
 impl AnalyzerRule for SingleRowSubqueries {
     fn analyze(&self, plan: LogicalPlan, config: &ConfigOptions) -> Result<LogicalPlan> {
+        // Computed below, a subquery in a window's `PARTITION BY` is a column
+        // by the time the plan hashes rows on it: a shuffle's partitioning
+        // expressions are decoded where no subquery's value is at hand.
+        let plan = precompute_subqueries(plan)?;
         if config
             .optimizer
             .enable_physical_uncorrelated_scalar_subquery
         {
             return Ok(plan);
         }
-        enforce_single_rows(precompute_subqueries(plan)?)
+        enforce_single_rows(plan)
     }
 
     fn name(&self) -> &str {

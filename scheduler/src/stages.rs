@@ -26,6 +26,7 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::physical_planning_context::ScalarSubqueryResults;
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -160,6 +161,12 @@ impl ScalarSubqueries {
     }
 }
 
+/// Whether `expr` reads the value of any scalar subquery.
+fn reads_a_subquery_value(expr: &Arc<dyn PhysicalExpr>) -> bool {
+    expr.exists(|expr| Ok(expr.downcast_ref::<ScalarSubqueryExpr>().is_some()))
+        .unwrap_or(true)
+}
+
 /// Whether an expression of `plan` reads a value from `results`.
 fn reads_values_of(plan: &Arc<dyn ExecutionPlan>, results: &ScalarSubqueryResults) -> Result<bool> {
     let mut reads = false;
@@ -209,6 +216,15 @@ impl StageSplitter<'_> {
                     Partitioning::Hash(exprs, _) => Some(exprs.clone()),
                     _ => None,
                 };
+                if hashed_on.iter().flatten().any(reads_a_subquery_value) {
+                    // Executors decode a shuffle's partitioning where no
+                    // subquery's value is at hand.
+                    return Err(DataFusionError::NotImplemented(
+                        "rows shuffled on an expression of a scalar subquery's value; compute \
+                         the expression in a subquery of its own first"
+                            .to_owned(),
+                    ));
+                }
                 let stage_id =
                     self.add_stage(Arc::clone(repartition.input()), Some(partitioning))?;
                 let reader = ShuffleReaderExec::new(
